@@ -1,0 +1,44 @@
+"""The ``gmlp`` command line: argument parsing and dispatch only; the work lives in :mod:`gmlp.train`.
+
+Each sub-module of this package registers its sub-commands through ``register(subparsers)`` and sets a
+``func`` default that takes the parsed ``argparse.Namespace``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+# Modules registering sub-commands, in help order.
+_COMMAND_MODULES = ("gmlp.cli.vision",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``gmlp`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="gmlp", description="gMLP / aMLP models, training pipelines and tools (Pay Attention to MLPs)."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gmlp`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Weight import from the peers: timm's gMLP and lucidrains' g-mlp-pytorch.
+
+Both functions map the source's parameter names to ours (``blocks.N.{norm,fc1,sgu.norm,sgu.proj,
+tiny_attn.qkv,tiny_attn.out,fc2}``); converted models reproduce the source's outputs exactly when built with
+the source's LayerNorm epsilons (timm: 1e-6 for block/final norms and 1e-5 in the gate, which are our
+defaults; g-mlp-pytorch: 1e-5 everywhere).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .utils.io import CheckpointError
+
+__all__ = ["detect_format", "from_timm", "from_g_mlp_pytorch", "to_gmlp"]
+
+_TIMM_BLOCK = {
+    "norm": "norm",
+    "mlp_channels.fc1": "fc1",
+    "mlp_channels.gate.norm": "sgu.norm",
+    "mlp_channels.gate.proj": "sgu.proj",
+    "mlp_channels.fc2": "fc2",
+}
+
+_LUCID_BLOCK = {
+    "proj_in.0": "fc1",
+    "attn.to_qkv": "tiny_attn.qkv",
+    "attn.to_out": "tiny_attn.out",
+    "sgu.norm": "sgu.norm",
+    "proj_out": "fc2",
+}
+
+
+def detect_format(state_dict: dict[str, torch.Tensor]) -> str:
+    """``"gmlp"``, ``"timm"`` or ``"g_mlp_pytorch"``, from characteristic keys.
+
+    Raises:
+        CheckpointError: the keys match none of the known layouts.
+    """
+    keys = set(state_dict)
+    if any(k.startswith("blocks.") and ".mlp_channels." in k for k in keys):
+        return "timm"
+    if any(re.match(r"layers\.\d+\.fn\.", k) for k in keys):
+        return "g_mlp_pytorch"
+    if any(re.match(r"blocks\.\d+\.(fc1|sgu)\.", k) for k in keys) or any(k.startswith("gmlp.") for k in keys):
+        return "gmlp"
+    raise CheckpointError(f"unrecognised checkpoint layout; first keys: {sorted(keys)[:5]}")
+
+
+def _unknown(keys: list[str], source: str) -> CheckpointError:
+    return CheckpointError(f"{source} checkpoint has keys this converter does not know: {keys[:5]}")
+
+
+def from_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a timm ``gmlp_*`` state dict (``MlpMixer`` with ``SpatialGatingBlock``) to ours."""
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state_dict.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+        if m and m.group(2) in _TIMM_BLOCK:
+            out[f"blocks.{m.group(1)}.{_TIMM_BLOCK[m.group(2)]}.{m.group(3)}"] = value
+        elif re.fullmatch(r"(stem\.proj|norm|head)\.(weight|bias)", key):
+            out[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise _unknown(unknown, "timm")
+    return out
+
+
+def from_g_mlp_pytorch(state_dict: dict[str, torch.Tensor], in_chans: int = 3) -> dict[str, torch.Tensor]:
+    """Convert a g-mlp-pytorch ``gMLPVision`` or ``gMLP`` state dict to ours.
+
+    Vision: the linear patch stem ``to_patch_embed.1`` (input order ``c p1 p2``) becomes the conv stem
+    ``stem.proj``; ``to_logits.0``/``.2`` become ``norm``/``head``. Language: ``to_embed`` becomes
+    ``embed.weight``, ``to_logits.0``/``.1`` become ``norm``/``lm_head``. The SGU ``weight`` (heads, n, n)
+    and ``bias`` (heads, n) lose their heads axis when there is one head. Circulant checkpoints
+    (``circulant_pos_x``) are refused: that mode is not a Toeplitz W (see docs). ``in_chans`` gives the
+    image channels of a vision checkpoint (not stored in it).
+    """
+    if any("circulant_pos" in k for k in state_dict):
+        raise CheckpointError(
+            "g-mlp-pytorch checkpoint uses circulant_matrix=True, which builds a lower-triangular (causal) "
+            "matrix scaled by position vectors, not a Toeplitz W; it cannot be converted faithfully"
+        )
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    vision = any(k.startswith("to_patch_embed.") for k in state_dict)
+    for key, value in state_dict.items():
+        m = re.fullmatch(r"layers\.(\d+)\.fn\.fn\.(?:fn\.)?sgu\.(weight|bias)", key)
+        if m:
+            out[f"blocks.{m.group(1)}.sgu.proj.{m.group(2)}"] = value[0] if value.shape[0] == 1 else value
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.fn\.(norm|fn\.(?:fn\.)?(.+))\.(weight|bias)", key)
+        if m:
+            i, inner, param = m.group(1), m.group(3), m.group(4)
+            if inner is None:
+                out[f"blocks.{i}.norm.{param}"] = value
+            elif inner in _LUCID_BLOCK:
+                out[f"blocks.{i}.{_LUCID_BLOCK[inner]}.{param}"] = value
+            else:
+                unknown.append(key)
+            continue
+        m = re.fullmatch(r"(to_patch_embed\.1|to_logits\.\d|to_embed)\.(weight|bias)", key)
+        if not m:
+            unknown.append(key)
+            continue
+        module, param = m.groups()
+        if module == "to_patch_embed.1":
+            if param == "weight":
+                dim, flat = value.shape
+                p = round((flat / in_chans) ** 0.5)
+                if p * p * in_chans != flat:
+                    raise CheckpointError(
+                        f"to_patch_embed.1.weight {tuple(value.shape)} does not fit in_chans={in_chans} "
+                        f"square patches; pass the source model's in_chans"
+                    )
+                value = value.reshape(dim, in_chans, p, p)
+            out[f"stem.proj.{param}"] = value
+        elif module == "to_embed":
+            out["embed.weight"] = value
+        elif module == "to_logits.0":
+            out[f"norm.{param}"] = value
+        else:  # to_logits.1 (language head) or to_logits.2 (vision head after the mean pool)
+            out[f"{'head' if vision else 'lm_head'}.{param}"] = value
+    if unknown:
+        raise _unknown(unknown, "g-mlp-pytorch")
+    return out
+
+
+def to_gmlp(state_dict: dict[str, torch.Tensor], in_chans: int = 3) -> dict[str, torch.Tensor]:
+    """Convert any supported layout to ours (ours passes through unchanged)."""
+    fmt = detect_format(state_dict)
+    if fmt == "timm":
+        return from_timm(state_dict)
+    if fmt == "g_mlp_pytorch":
+        return from_g_mlp_pytorch(state_dict, in_chans=in_chans)
+    return dict(state_dict)

@@ -1,0 +1,7 @@
+"""Model families: vision (timm-style registry) and text (transformers-style, in :mod:`gmlp.models.text`)."""
+
+from . import vision
+from .registry import create_model, is_model, list_models, register_model
+from .vision import GMLPVision
+
+__all__ = ["GMLPVision", "create_model", "is_model", "list_models", "register_model", "vision"]

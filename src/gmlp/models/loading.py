@@ -1,0 +1,104 @@
+"""Loading checkpoints into models: format conversion, resolution change, clear mismatch errors."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..convert import to_gmlp
+from ..nn.resample import resample_spatial_bias, resample_spatial_weight
+from ..utils.io import CheckpointError, load_state_dict_file, save_state_dict_file
+
+__all__ = ["load_pretrained", "load_state_dict_checked", "save_model"]
+
+
+def _grid_from(metadata: dict[str, str], n: int) -> tuple[int, int]:
+    if "grid_size" in metadata:
+        h, w = (int(v) for v in metadata["grid_size"].split(","))
+        if h * w == n:
+            return h, w
+    side = math.isqrt(n)
+    if side * side != n:
+        raise CheckpointError(
+            f"checkpoint spatial weights are for {n} tokens, which is not a square grid, and the checkpoint "
+            f"does not record its grid_size"
+        )
+    return side, side
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(strict=True)``, but with an error that names the offending keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {missing[:5]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[:5]})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches (first: {mismatched[:5]})")
+        raise CheckpointError("checkpoint does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint file (ours, timm's or g-mlp-pytorch's) into a vision model.
+
+    - timm / g-mlp-pytorch layouts are converted (:mod:`gmlp.convert`);
+    - spatial weights made for another patch grid are resampled to the model's grid
+      (:func:`gmlp.nn.resample_spatial_weight`), so a 224 px checkpoint loads into a 256 px model;
+    - a classifier head with another number of classes is dropped (the model keeps its fresh head), with
+      a warning, as timm does when ``num_classes`` differs.
+
+    Raises:
+        FileNotFoundError, CheckpointError: unreadable file, or keys/shapes that do not fit.
+    """
+    state, metadata = load_state_dict_file(path)
+    state = to_gmlp(state, in_chans=getattr(model, "in_chans", 3))
+    grid = getattr(model, "grid_size", None)
+    if grid is not None:
+        n_model = grid[0] * grid[1]
+        for key in [k for k in state if k.endswith("sgu.proj.weight")]:
+            n_ckpt = state[key].shape[-1]
+            if n_ckpt == n_model:
+                continue
+            old = _grid_from(metadata, n_ckpt)
+            state[key] = resample_spatial_weight(state[key], old, grid)
+            bias_key = key[: -len("weight")] + "bias"
+            if bias_key in state:
+                state[bias_key] = resample_spatial_bias(state[bias_key], old, grid)
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear) and "head.weight" in state and state["head.weight"].shape != head.weight.shape:
+        warnings.warn(
+            f"checkpoint head has {state['head.weight'].shape[0]} classes, the model {head.out_features}: "
+            f"keeping the model's freshly initialised head",
+            stacklevel=3,
+        )
+        state["head.weight"], state["head.bias"] = head.weight.detach().clone(), head.bias.detach().clone()
+    elif not isinstance(head, nn.Linear):
+        state.pop("head.weight", None)
+        state.pop("head.bias", None)
+    load_state_dict_checked(model, state)
+
+
+def save_model(model: nn.Module, path: str | Path) -> None:
+    """Save a vision model's weights as safetensors (atomically), recording its architecture and grid."""
+    metadata = {"format": "gmlp"}
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    if "architecture" in cfg:
+        metadata["architecture"] = str(cfg["architecture"])
+    grid = getattr(model, "grid_size", None)
+    if grid is not None:
+        metadata["grid_size"] = f"{grid[0]},{grid[1]}"
+    save_state_dict_file(model.state_dict(), path, metadata)

@@ -1,0 +1,52 @@
+"""Input validation shared by the layers: clear errors instead of shape errors from deep inside."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_tokens", "check_mask"]
+
+
+def check_tokens(x: torch.Tensor, dim: int, max_len: int | None, name: str = "x") -> None:
+    """Check a token-major activation ``(seq, batch, dim)``.
+
+    Raises:
+        ValueError: if ``x`` is not 3-D, its channel count is not ``dim`` or its length exceeds ``max_len``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(
+            f"{name} must have shape (seq_len, batch, {dim}) (token-major), got shape {tuple(x.shape)}"
+        )
+    if x.shape[-1] != dim:
+        raise ValueError(f"{name} must have {dim} channels in its last dimension, got shape {tuple(x.shape)}")
+    if max_len is not None and x.shape[0] > max_len:
+        raise ValueError(
+            f"{name} has sequence length {x.shape[0]}, longer than the configured seq_len={max_len}; "
+            f"build the layer with a larger seq_len or truncate the input"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has sequence length 0; at least one token is needed")
+
+
+def check_mask(mask: torch.Tensor | None, batch: int, seq_len: int, name: str = "mask") -> torch.Tensor | None:
+    """Validate a per-sample padding mask and return it as a bool tensor of shape ``(batch, seq_len)``.
+
+    ``True`` (or 1) marks a real token, ``False`` (or 0) a padding token, as in Hugging Face's
+    ``attention_mask``. Integer and bool tensors are accepted; floats are refused because a float mask is
+    ambiguous (additive bias or 0/1 flags).
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({batch}, {seq_len}), got {type(mask).__name__}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(
+            f"{name} must be a bool or integer tensor (1/True = real token, 0/False = padding), got dtype {mask.dtype}"
+        )
+    if tuple(mask.shape) != (batch, seq_len):
+        raise ValueError(f"{name} must have shape (batch, seq_len) = ({batch}, {seq_len}), got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    return mask

@@ -1,0 +1,60 @@
+"""Tiny attention of aMLP (Liu et al. 2021, section 4.3): one small head whose output is added to the gate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_mask, check_tokens
+
+__all__ = ["TinyAttention"]
+
+
+class TinyAttention(nn.Module):
+    """Single-head attention of size ``attn_dim`` on the block's normalized input.
+
+    ``q, k, v = x @ W_qkv`` (no bias), ``softmax(q k^T / sqrt(attn_dim)) v``, then an output projection
+    ``attn_dim -> out_dim`` with bias. Runs through :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    Masks: a padded key is never attended to; with ``causal=True`` no query attends to a later key. Every
+    query may always attend to itself, so a fully padded row never produces NaN.
+
+    Args:
+        dim: input channels (``d_model``).
+        attn_dim: size of the single head (64 for aMLP-base, 128 for aMLP-large).
+        out_dim: output channels (the gate width, ``d_ffn // 2``).
+        causal: forbid attention to later tokens.
+    """
+
+    def __init__(self, dim: int, attn_dim: int, out_dim: int, *, causal: bool = False) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("attn_dim", attn_dim), ("out_dim", out_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.dim = dim
+        self.attn_dim = attn_dim
+        self.causal = causal
+        self.qkv = nn.Linear(dim, 3 * attn_dim, bias=False)
+        self.out = nn.Linear(attn_dim, out_dim)
+
+    def extra_repr(self) -> str:
+        return f"attn_dim={self.attn_dim}, causal={self.causal}"
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (seq, batch, dim) token-major; ``mask`` (batch, seq), True/1 = real token."""
+        check_tokens(x, self.dim, None, "x")
+        n, batch, _ = x.shape
+        mask = check_mask(mask, batch, n)
+        if mask is not None:  # padded keys/values are zeroed too, so not even NaN/inf padding can leak
+            x = x.masked_fill(~mask.t().unsqueeze(-1), 0.0)
+        q, k, v = self.qkv(x).transpose(0, 1).unsqueeze(1).chunk(3, dim=-1)  # each (batch, 1, n, attn_dim)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            keep = mask[:, None, None, :]
+            eye = torch.eye(n, dtype=torch.bool, device=x.device)
+            if self.causal:
+                keep = keep & torch.ones(n, n, dtype=torch.bool, device=x.device).tril_()
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | eye)
+        return self.out(out.squeeze(1).transpose(0, 1))

@@ -1,0 +1,111 @@
+"""The gMLP block: pre-LayerNorm residual around channel projection, spatial gating and output projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_mask, check_tokens
+from .attention import TinyAttention
+from .sgu import SpatialGatingUnit
+
+__all__ = ["DropPath", "GMLPBlock", "drop_path"]
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool, batch_dim: int = 1) -> torch.Tensor:
+    """Per-sample stochastic depth: zero a residual branch for a random subset of samples, rescale the rest.
+
+    ``batch_dim`` is 1 for the token-major layout used in :mod:`gmlp.nn`.
+    """
+    if p == 0.0 or not training:
+        return x
+    shape = [1] * x.dim()
+    shape[batch_dim] = x.shape[batch_dim]
+    keep = x.new_empty(shape).bernoulli_(1.0 - p)
+    return x * keep.div_(1.0 - p)
+
+
+class DropPath(nn.Module):
+    """Module form of :func:`drop_path` (survival probability ``1 - p``)."""
+
+    def __init__(self, p: float = 0.0, batch_dim: int = 1) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability p must be in [0, 1), got {p}")
+        self.p = p
+        self.batch_dim = batch_dim
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.p, self.training, self.batch_dim)
+
+
+class GMLPBlock(nn.Module):
+    """One gMLP (or aMLP) block, token-major ``(seq, batch, dim)``.
+
+    ``x + drop_path(dropout(fc2(s(GELU(fc1(norm(x)))))))`` with ``s`` the :class:`SpatialGatingUnit`;
+    with ``attn_dim`` set (aMLP) a :class:`TinyAttention` on ``norm(x)`` is added to the gate.
+
+    Args:
+        dim: model width ``d_model``.
+        dim_ffn: hidden width ``d_ffn`` (must be even for the SGU).
+        seq_len: the largest number of tokens.
+        variant: gating function, see :data:`gmlp.nn.VARIANTS`.
+        toeplitz, causal, heads, init_std: see :class:`gmlp.nn.TokenProjection`.
+        attn_dim: size of the tiny attention head (None = gMLP).
+        drop_path: stochastic depth probability of this block (per sample).
+        dropout: dropout on the block output before the residual sum.
+        norm_eps: epsilon of the block's pre-LayerNorm (1e-6, as timm).
+        sgu_norm_eps: epsilon of the gate LayerNorm (1e-5, as timm and g-mlp-pytorch).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_ffn: int,
+        seq_len: int,
+        *,
+        variant: str = "sgu",
+        toeplitz: bool = False,
+        causal: bool = False,
+        heads: int = 1,
+        attn_dim: int | None = None,
+        drop_path: float = 0.0,
+        dropout: float = 0.0,
+        norm_eps: float = 1e-6,
+        sgu_norm_eps: float = 1e-5,
+        init_std: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not isinstance(dim_ffn, int) or dim_ffn < 1:
+            raise ValueError(f"dim_ffn must be a positive int, got {dim_ffn!r}")
+        self.dim = dim
+        self.seq_len = seq_len
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.fc1 = nn.Linear(dim, dim_ffn)
+        self.sgu = SpatialGatingUnit(
+            dim_ffn, seq_len, variant=variant, toeplitz=toeplitz, causal=causal, heads=heads,
+            norm_eps=sgu_norm_eps, init_std=init_std,
+        )
+        if attn_dim is not None and variant == "none":
+            raise ValueError("attn_dim (tiny attention) needs a gate; it cannot be used with variant='none'")
+        self.tiny_attn = (
+            TinyAttention(dim, attn_dim, self.sgu.gate_dim, causal=causal) if attn_dim is not None else None
+        )
+        self.fc2 = nn.Linear(self.sgu.out_features, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (seq, batch, dim); ``mask`` optional (batch, seq), True/1 = real token."""
+        check_tokens(x, self.dim, self.seq_len, "x")
+        mask = check_mask(mask, x.shape[1], x.shape[0])
+        h = self.norm(x)
+        gate_bias = self.tiny_attn(h, mask) if self.tiny_attn is not None else None
+        z = self.sgu(F.gelu(self.fc1(h)), mask, gate_bias)
+        return x + self.drop_path(self.dropout(self.fc2(z)))

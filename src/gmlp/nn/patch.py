@@ -1,0 +1,61 @@
+"""Patch embedding for vision models: non-overlapping patches -> token-major tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["PatchEmbed", "to_2tuple"]
+
+
+def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    """``7 -> (7, 7)``; a pair is checked and returned as a tuple."""
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+class PatchEmbed(nn.Module):
+    """Conv ``patch x patch`` stride ``patch`` stem; returns tokens ``(grid_h * grid_w, batch, dim)``.
+
+    Tokens are in row-major grid order (the order of timm's ``flatten(2)``). The parameter names
+    (``proj.weight``, ``proj.bias``) match timm's ``stem.proj``.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.img_size = to_2tuple(img_size, "img_size")
+        self.patch_size = to_2tuple(patch_size, "patch_size")
+        if any(i % p for i, p in zip(self.img_size, self.patch_size)):
+            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (batch, in_chans, H, W) -> tokens (num_patches, batch, dim), contiguous."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"images must have shape (batch, {self.in_chans}, H, W), got {shape}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"images must have {self.in_chans} channels, got {x.shape[1]} (shape {tuple(x.shape)})"
+            )
+        if tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"images must be {self.img_size[0]}x{self.img_size[1]} pixels for this model, got "
+                f"{x.shape[2]}x{x.shape[3]}. gMLP's spatial weights are tied to the token grid: build the model "
+                f"for the new size, e.g. create_model(name, img_size={x.shape[2]}, pretrained=...), which "
+                f"resamples W from the checkpoint's grid (gmlp.nn.resample_spatial_weight)"
+            )
+        return self.proj(x).flatten(2).permute(2, 0, 1).contiguous()

@@ -1,0 +1,208 @@
+"""Spatial gating: the token-mixing core of gMLP (Liu et al. 2021, section 2).
+
+Layout: every layer in :mod:`gmlp.nn` works on **token-major** activations ``(seq_len, batch, channels)``
+(the layout of ``torch.nn.MultiheadAttention`` with ``batch_first=False``). In this layout the token-axis
+projection ``g = W z + b`` of a whole batch is ONE matrix product ``W @ z.view(n, batch * channels)`` with
+no transposes or copies of the activations; channel projections (``fc1``/``fc2``) and LayerNorm work on
+the last axis unchanged.
+
+Padding masks are ``(batch, seq_len)`` bool/int tensors with ``True``/1 for real tokens (the Hugging Face
+``attention_mask`` convention). Padded positions are zeroed (with ``masked_fill``, so even NaN/inf in the
+padding cannot leak) before the token mixing, so they influence no real token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._checks import check_mask, check_tokens
+
+__all__ = ["VARIANTS", "TokenProjection", "SpatialGatingUnit"]
+
+#: Variants of the gating function s(Z) from the paper's ablation (Table 3), with f(Z) = W LayerNorm(Z) + b.
+VARIANTS: dict[str, str] = {
+    "none": "s(Z) = Z (plain FFN, no token mixing)",
+    "linear": "s(Z) = f(Z)",
+    "additive": "s(Z) = Z + f(Z)",
+    "multiplicative": "s(Z) = Z * f(Z)",
+    "sgu": "s(Z) = Z1 * f(Z2), Z split in halves along channels (spatial gating unit)",
+}
+
+
+class TokenProjection(nn.Module):
+    """Token-axis linear projection ``g[i] = sum_j W[i, j] z[j] + b[i]`` shared by all channels.
+
+    Args:
+        seq_len: the largest number of tokens ``n``. Shorter inputs of length ``m`` use the leading
+            ``m x m`` block of W and ``b[:m]``.
+        toeplitz: constrain W to be Toeplitz, ``W[i, j] = w[i - j]``, stored as ``2n - 1`` parameters
+            (``weight[k]`` holds the offset ``i - j = k - (n - 1)``).
+        causal: zero every ``W[i, j]`` with ``j > i``: output ``i`` depends on no later token (exactly).
+        heads: number of channel groups, each with its own W and b (the channels are split into ``heads``
+            contiguous groups).
+        init_std: W is initialised from N(0, init_std) (near zero, as the paper requires for stability;
+            the default 1e-6 is timm's choice), b to ones, so the gate starts as the identity gate.
+
+    Parameter shapes (``heads == 1``): ``weight`` (n, n) or (2n-1,) for Toeplitz, ``bias`` (n,);
+    with ``heads > 1`` a leading ``heads`` axis is added to both.
+    """
+
+    def __init__(
+        self,
+        seq_len: int,
+        *,
+        toeplitz: bool = False,
+        causal: bool = False,
+        heads: int = 1,
+        init_std: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+        if not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"heads must be a positive int, got {heads!r}")
+        self.seq_len = seq_len
+        self.toeplitz = toeplitz
+        self.causal = causal
+        self.heads = heads
+        self.init_std = init_std
+        w_shape: tuple[int, ...] = (2 * seq_len - 1,) if toeplitz else (seq_len, seq_len)
+        b_shape: tuple[int, ...] = (seq_len,)
+        if heads > 1:
+            w_shape, b_shape = (heads, *w_shape), (heads, *b_shape)
+        self.weight = nn.Parameter(torch.empty(w_shape))
+        self.bias = nn.Parameter(torch.empty(b_shape))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """W ~ N(0, init_std), b = 1 (the paper's near-identity gate)."""
+        nn.init.normal_(self.weight, std=self.init_std)
+        nn.init.ones_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"seq_len={self.seq_len}, toeplitz={self.toeplitz}, causal={self.causal}, heads={self.heads}"
+
+    def matrix(self, n: int | None = None) -> torch.Tensor:
+        """The dense token-mixing matrix for ``n`` tokens: ``(n, n)``, or ``(heads, n, n)``.
+
+        Toeplitz weights are expanded, and the causal mask applied, so this is exactly the W the layer uses.
+        """
+        n = self.seq_len if n is None else n
+        if not 1 <= n <= self.seq_len:
+            raise ValueError(f"n must be in [1, seq_len={self.seq_len}], got {n}")
+        device = self.weight.device
+        if self.toeplitz:
+            pos = torch.arange(n, device=device)
+            offsets = pos[:, None] - pos[None, :] + (self.seq_len - 1)
+            w = self.weight[..., offsets]
+        else:
+            w = self.weight[..., :n, :n]
+        if self.causal:
+            keep = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+            w = torch.where(keep, w, w.new_zeros(()))
+        return w
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mix tokens of ``z`` (seq, batch, channels); ``mask`` (batch, seq) marks real tokens."""
+        n, batch, channels = z.shape
+        if self.heads > 1 and channels % self.heads:
+            raise ValueError(f"channels ({channels}) must be divisible by heads ({self.heads})")
+        if mask is not None:
+            z = z.masked_fill(~mask.t().unsqueeze(-1), 0.0)
+        w = self.matrix(n).to(z.dtype)
+        b = self.bias[..., :n].to(z.dtype)
+        if self.heads == 1:
+            out = torch.addmm(b.unsqueeze(1), w, z.reshape(n, batch * channels))
+            return out.view(n, batch, channels)
+        zh = z.reshape(n, batch, self.heads, channels // self.heads)
+        out = torch.einsum("hij,jbhc->ibhc", w, zh) + b.t()[:, None, :, None]
+        return out.reshape(n, batch, channels)
+
+
+class SpatialGatingUnit(nn.Module):
+    """The spatial gating unit s(Z) and the paper's ablation variants of it.
+
+    For ``variant="sgu"`` (the paper's choice): ``Z1, Z2 = split(Z)`` (first half = multiplicative bypass,
+    second half = gate input), ``s(Z) = Z1 * (W LayerNorm(Z2) + b)``, output width ``dim // 2``.
+    The other variants (``linear``, ``additive``, ``multiplicative``, ``none``) keep the width ``dim``;
+    see :data:`VARIANTS`.
+
+    Args:
+        dim: input channels (``d_ffn``); must be even for ``"sgu"``.
+        seq_len: the largest number of tokens.
+        variant: one of :data:`VARIANTS`.
+        toeplitz, causal, heads, init_std: see :class:`TokenProjection`.
+        norm_eps: epsilon of the gate LayerNorm (1e-5, torch's default, as in timm and g-mlp-pytorch).
+
+    Attributes:
+        out_features: width of the output (``dim // 2`` for ``"sgu"``, else ``dim``).
+        gate_dim: width of the gate ``f(.)`` (what a tiny attention adds to).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        seq_len: int,
+        *,
+        variant: str = "sgu",
+        toeplitz: bool = False,
+        causal: bool = False,
+        heads: int = 1,
+        norm_eps: float = 1e-5,
+        init_std: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+        if variant == "sgu" and dim % 2:
+            raise ValueError(f"dim (d_ffn) must be even for the split SGU, got {dim}")
+        self.dim = dim
+        self.seq_len = seq_len
+        self.variant = variant
+        self.gate_dim = dim // 2 if variant == "sgu" else dim
+        self.out_features = self.gate_dim
+        if heads < 1 or self.gate_dim % heads:
+            raise ValueError(f"heads ({heads}) must be a positive divisor of the gate width ({self.gate_dim})")
+        if variant == "none":
+            self.norm = None
+            self.proj = None
+        else:
+            self.norm = nn.LayerNorm(self.gate_dim, eps=norm_eps)
+            self.proj = TokenProjection(seq_len, toeplitz=toeplitz, causal=causal, heads=heads, init_std=init_std)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, variant={self.variant!r}"
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        gate_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Apply s(.) to ``z`` (seq, batch, dim).
+
+        Args:
+            z: token-major activations.
+            mask: optional ``(batch, seq)`` padding mask, True/1 = real token.
+            gate_bias: optional tensor added to the gate after the token projection (the tiny-attention
+                output of aMLP), shape ``(seq, batch, gate_dim)``.
+        """
+        check_tokens(z, self.dim, self.seq_len, "z")
+        mask = check_mask(mask, z.shape[1], z.shape[0])
+        if self.variant == "none":
+            if gate_bias is not None:
+                raise ValueError("variant 'none' has no gate: gate_bias (tiny attention) is not supported")
+            return z
+        if self.variant == "sgu":
+            z1, z2 = z[..., : self.gate_dim], z[..., self.gate_dim :]
+        else:
+            z1 = z2 = z
+        gate = self.proj(self.norm(z2), mask)
+        if gate_bias is not None:
+            gate = gate + gate_bias
+        if self.variant == "linear":
+            return gate
+        if self.variant == "additive":
+            return z1 + gate
+        return z1 * gate
