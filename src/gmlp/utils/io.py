@@ -50,8 +50,15 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
 def save_state_dict_file(
     state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write ``state_dict`` as safetensors, atomically (tensors are made contiguous CPU copies)."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    """Write ``state_dict`` as safetensors, atomically (contiguous CPU tensors; tied weights stored twice)."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        t = value.detach().to("cpu").contiguous()
+        if t.data_ptr() in seen:  # tied weights share storage, which safetensors refuses: store a copy
+            t = t.clone()
+        seen.add(t.data_ptr())
+        tensors[key] = t
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 

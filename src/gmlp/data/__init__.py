@@ -1,0 +1,1 @@
+"""Datasets: offline defaults (Fashion-MNIST, scikit-learn digits, text corpora) and standard sources."""

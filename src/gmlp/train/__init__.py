@@ -1,0 +1,1 @@
+"""Training pipelines (vision, text) and the checkpointing they share."""

@@ -1,0 +1,158 @@
+"""Training checkpoints: written atomically, resumed without losing completed steps.
+
+Layout of a run directory::
+
+    RUN/checkpoints/step-00001200/model.safetensors   model weights (safetensors)
+    RUN/checkpoints/step-00001200/optimizer.pt        optimizer (+ scheduler, scaler) state, tensors only
+    RUN/checkpoints/step-00001200/state.json          step, epoch, config, RNG seed, metrics
+    RUN/checkpoints/latest.json                        {"tag": "step-00001200"}
+
+A checkpoint directory is filled under a temporary name, fsynced, then renamed into place, and only then
+does ``latest.json`` (itself replaced atomically) point to it. A process killed at any moment leaves the
+previous checkpoint intact and ``latest.json`` pointing at a complete one. Older checkpoints beyond
+``keep_last`` are pruned after the new one is in place; the one ``latest.json`` names is never deleted.
+This is the one place checkpoints are written: the vision and text pipelines both call it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..utils.io import CheckpointError, atomic_write, load_state_dict_file, save_state_dict_file
+
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "write_json_atomic"]
+
+_LATEST = "latest.json"
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns."""
+
+    path: Path
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    state: dict[str, Any]
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    state: dict[str, Any],
+    *,
+    keep_last: int = 2,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write checkpoint ``step-{step:08d}`` under ``run_dir/checkpoints`` atomically and point latest at it.
+
+    Args:
+        run_dir: the run directory.
+        step: the number of completed optimizer steps (the checkpoint's name).
+        model_state: model ``state_dict()`` (saved as safetensors).
+        optimizer_state: anything ``torch.load(weights_only=True)`` can read back (optimizer, scheduler
+            and grad-scaler state dicts).
+        state: JSON-serialisable training state (``step`` is added).
+        keep_last: how many checkpoints to keep (>= 1).
+        metadata: string metadata stored in the safetensors header.
+
+    Returns:
+        The checkpoint directory.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tag = f"step-{step:08d}"
+    final = root / tag
+    tmp = Path(tempfile.mkdtemp(prefix=f".{tag}.", suffix=".tmp", dir=root))
+    try:
+        save_state_dict_file(model_state, tmp / "model.safetensors", metadata)
+        with atomic_write(tmp / "optimizer.pt") as f:
+            torch.save(optimizer_state, f)
+        write_json_atomic(tmp / "state.json", {**state, "step": step})
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. after a resume): swap it out
+            old = root / f".{tag}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_json_atomic(root / _LATEST, {"tag": tag, "step": step})
+    _prune(root, keep_last, keep=tag)
+    return final
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    tags = sorted(p.name for p in root.glob("step-*") if p.is_dir())
+    for tag in tags[:-keep_last]:
+        if tag != keep:
+            shutil.rmtree(root / tag, ignore_errors=True)
+    for stale in root.glob(".step-*"):  # temporaries of runs killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The directory of the newest complete checkpoint of a run, or None if it has none."""
+    root = Path(run_dir) / "checkpoints"
+    latest = root / _LATEST
+    if not latest.is_file():
+        return None
+    try:
+        tag = json.loads(latest.read_text())["tag"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"{latest} is corrupt: {err}") from err
+    path = root / tag
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"{latest} names {tag}, but {path} is missing or incomplete")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a checkpoint directory, or the latest checkpoint of a run directory.
+
+    Raises:
+        FileNotFoundError: nothing to resume from.
+        CheckpointError: the checkpoint is incomplete or corrupt.
+    """
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {str(path)!r} (expected {path}/checkpoints/{_LATEST})")
+        path = found
+    model, _ = load_state_dict_file(path / "model.safetensors")
+    try:
+        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, RuntimeError, EOFError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: {err}") from err
+    return Checkpoint(path=path, model=model, optimizer=optimizer, state=state)
