@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,9 +56,10 @@ def save_state_dict_file(
     seen: set[int] = set()
     for key, value in state_dict.items():
         t = value.detach().to("cpu").contiguous()
-        if t.data_ptr() in seen:  # tied weights share storage, which safetensors refuses: store a copy
+        storage = t.untyped_storage().data_ptr()
+        if storage in seen:  # tied/overlapping views share storage, which safetensors refuses: store a copy
             t = t.clone()
-        seen.add(t.data_ptr())
+        seen.add(t.untyped_storage().data_ptr())
         tensors[key] = t
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -66,7 +68,7 @@ def save_state_dict_file(
 def _guarded(path: Path, what: str, fn: Callable[[], object]) -> object:
     try:
         return fn()
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as err:
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"cannot read {what} checkpoint {str(path)!r}: it is truncated or corrupt ({err})") from err
 
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the linter and the test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+VENV=${GMLP_VENV:-.venv}
+"$VENV/bin/ruff" check src tests benchmarks
+"$VENV/bin/python" -m pytest -q "$@"

@@ -1,0 +1,134 @@
+"""Offline image datasets held as uint8 tensors: Fashion-MNIST (default) and scikit-learn's digits.
+
+Both load into memory as ``(N, 1, H, W)`` uint8 images and ``(N,)`` int64 labels; training reads batches
+straight from these tensors (no per-sample Python work), which keeps a 2-core CPU busy with the model.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "ImageSplit",
+    "fashion_mnist_root",
+    "load_digits_split",
+    "load_fashion_mnist",
+    "load_image_dataset",
+    "read_idx",
+]
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+_DEFAULT_FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass
+class ImageSplit:
+    """Images ``(N, C, H, W)`` uint8 and labels ``(N,)`` int64, with the class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dim() != 4 or self.images.dtype != torch.uint8:
+            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+        if len(self.images) == 0:
+            raise ValueError("the dataset split is empty")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int | None) -> ImageSplit:
+        """The first ``n`` samples (all if None)."""
+        if n is None or n >= len(self):
+            return self
+        if n < 1:
+            raise ValueError(f"subset size must be >= 1, got {n}")
+        return ImageSplit(self.images[:n], self.labels[:n], self.classes)
+
+
+def read_idx(path: str | Path) -> torch.Tensor:
+    """Read an IDX file (``.gz`` or plain) as a uint8 tensor of the shape its header declares."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise ValueError(f"cannot read IDX file {str(path)!r}: {err}") from err
+    if len(data) < 4:
+        raise ValueError(f"IDX file {str(path)!r} is truncated (no header)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{str(path)!r} is not a uint8 IDX file (magic {data[:4].hex()})")
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = header + int(torch.tensor(dims).prod().item())
+    if len(data) != expected:
+        raise ValueError(f"IDX file {str(path)!r} has {len(data)} bytes, expected {expected} for shape {dims}")
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims)
+
+
+def fashion_mnist_root(root: str | Path | None = None) -> Path:
+    """Where the Fashion-MNIST IDX files are: ``root``, ``$GMLP_FASHION_MNIST``, or Debian's location."""
+    return Path(root or os.environ.get("GMLP_FASHION_MNIST") or _DEFAULT_FASHION_ROOT)
+
+
+def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> ImageSplit:
+    """Fashion-MNIST ``"train"`` (60,000) or ``"test"`` (10,000) split from the IDX files.
+
+    The files come from Debian's ``dataset-fashion-mnist`` package (``scripts/setup.sh`` installs it).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    base = fashion_mnist_root(root)
+    prefix = "train" if split == "train" else "t10k"
+    img_path = base / f"{prefix}-images-idx3-ubyte.gz"
+    lbl_path = base / f"{prefix}-labels-idx1-ubyte.gz"
+    for p in (img_path, lbl_path):
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"Fashion-MNIST file {str(p)!r} not found; install it with "
+                f"`apt-get install dataset-fashion-mnist` (scripts/setup.sh does) or pass data_root"
+            )
+    images, labels = read_idx(img_path), read_idx(lbl_path)
+    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST {split}: images {tuple(images.shape)} and labels {tuple(labels.shape)} disagree")
+    return ImageSplit(images.unsqueeze(1).contiguous(), labels.long(), FASHION_MNIST_CLASSES)
+
+
+def load_digits_split(split: str = "train", test_size: int = 297, seed: int = 0) -> ImageSplit:
+    """scikit-learn's bundled 8x8 digits (1,797 images, no download), as a fixed seeded train/test split.
+
+    Pixel values 0..16 are scaled to 0..255.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).mul(255.0 / 16.0).round().clamp(0, 255).to(torch.uint8)
+    labels = torch.from_numpy(digits.target).long()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    idx = order[:test_size] if split == "test" else order[test_size:]
+    return ImageSplit(images[idx].unsqueeze(1).contiguous(), labels[idx], tuple(str(i) for i in range(10)))
+
+
+def load_image_dataset(name: str, split: str, root: str | Path | None = None) -> ImageSplit:
+    """Load an offline image dataset by name: ``"fashion_mnist"`` or ``"digits"``."""
+    if name == "fashion_mnist":
+        return load_fashion_mnist(split, root)
+    if name == "digits":
+        return load_digits_split(split)
+    raise ValueError(f"unknown dataset {name!r}; expected 'fashion_mnist' or 'digits'")

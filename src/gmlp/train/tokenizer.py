@@ -1,0 +1,166 @@
+"""Train a WordPiece or Unigram tokenizer (HF ``tokenizers``) and save it as a ``PreTrainedTokenizerFast``.
+
+The special tokens are ``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]`` 3, ``[MASK]`` 4 (the ids
+:class:`gmlp.models.text.GMLPConfig` assumes by default), and the post-processor is BERT's:
+``[CLS] A [SEP]`` for one text and ``[CLS] A [SEP] B [SEP]`` with token types 0/1 for pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SPECIAL_TOKENS", "TOKENIZER_KINDS", "load_tokenizer", "train_tokenizer", "train_tokenizer_command"]
+
+#: Special tokens in id order.
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+TOKENIZER_KINDS: tuple[str, ...] = ("wordpiece", "unigram")
+
+
+def _batches(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    *,
+    kind: str = "wordpiece",
+    vocab_size: int = 8192,
+    lowercase: bool = True,
+    min_frequency: int = 2,
+    model_max_length: int = 512,
+    length: int | None = None,
+    show_progress: bool = False,
+) -> Any:
+    """Train a tokenizer on ``texts`` and wrap it in a ``transformers.PreTrainedTokenizerFast``.
+
+    Args:
+        texts: training texts (any iterable; consumed once).
+        kind: ``"wordpiece"`` (BERT normaliser and pre-tokeniser, ``##`` continuation pieces) or
+            ``"unigram"`` (SentencePiece-style, ``▁`` word starts, as the paper's 32K vocabulary).
+        vocab_size: target vocabulary size, special tokens included (a small corpus may give fewer).
+        lowercase: lowercase (and strip accents) before tokenising.
+        min_frequency: WordPiece: the least frequency of a merged piece.
+        model_max_length: recorded in the tokenizer (the model's ``max_position_embeddings``).
+        length: number of texts, for the progress bar only.
+        show_progress: show the trainer's progress bar.
+
+    Raises:
+        ValueError: unknown ``kind``, a vocabulary smaller than the special tokens, or an empty corpus.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(TOKENIZER_KINDS)}")
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be larger than the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+    specials = list(SPECIAL_TOKENS)
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=lowercase, strip_accents=lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        trainer: Any = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=show_progress
+        )
+    else:
+        tok = Tokenizer(models.Unigram())
+        steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+        tok.normalizer = normalizers.Sequence(steps)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=specials, unk_token="[UNK]", show_progress=show_progress
+        )
+    seen = 0
+
+    def counted() -> Iterator[list[str]]:
+        nonlocal seen
+        for batch in _batches(texts):
+            seen += len(batch)
+            yield batch
+
+    tok.train_from_iterator(counted(), trainer=trainer, length=length)
+    if seen == 0:
+        raise ValueError("cannot train a tokenizer on an empty corpus")
+    ids = {t: tok.token_to_id(t) for t in specials}
+    if [ids[t] for t in specials] != list(range(len(specials))):
+        raise RuntimeError(f"special tokens got unexpected ids: {ids}")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
+        padding_side="right",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """Load a tokenizer saved with ``save_pretrained`` (a local folder; nothing is downloaded).
+
+    Raises:
+        FileNotFoundError: the folder does not exist or holds no tokenizer.
+        ValueError: the tokenizer lacks one of the special tokens MLM and classification need.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"no tokenizer in {str(path)!r} (expected tokenizer.json from save_pretrained)")
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    missing = [n for n in ("cls_token", "sep_token", "pad_token", "mask_token") if getattr(tok, n, None) is None]
+    if missing:
+        raise ValueError(f"tokenizer in {str(path)!r} has no {', '.join(missing)}")
+    return tok
+
+
+def train_tokenizer_command(
+    output: str | Path,
+    *,
+    corpus: Sequence[str] | str | None = None,
+    kind: str = "wordpiece",
+    vocab_size: int = 8192,
+    lowercase: bool = True,
+    min_frequency: int = 2,
+    model_max_length: int = 512,
+    valid_fraction: float = 0.01,
+    max_documents: int | None = None,
+    max_chars: int | None = None,
+    text_column: str = "text",
+) -> Any:
+    """Train a tokenizer on the training split of a corpus and ``save_pretrained`` it to ``output``.
+
+    Only the training split is used, so the held-out perplexity of a model using it stays honest.
+    Returns the tokenizer.
+    """
+    from ..data.text import load_text_splits
+
+    splits = load_text_splits(
+        corpus, valid_fraction=valid_fraction, max_documents=max_documents, max_chars=max_chars,
+        text_column=text_column,
+    )
+    tok = train_tokenizer(
+        splits.train, kind=kind, vocab_size=vocab_size, lowercase=lowercase, min_frequency=min_frequency,
+        model_max_length=model_max_length, length=len(splits.train),
+    )
+    Path(output).mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(output))
+    return tok

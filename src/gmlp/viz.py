@@ -1,0 +1,168 @@
+"""Plots: the learned spatial weights W (the paper's figures) and training curves.
+
+Works on any checkpoint holding ``...blocks.N.sgu.proj.weight``: a vision ``model.safetensors``, a training
+checkpoint directory, or a transformers ``save_pretrained`` directory of a text model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from .utils.io import CheckpointError, load_state_dict_file
+
+__all__ = ["spatial_weights", "plot_spatial", "plot_metrics"]
+
+_KEY = re.compile(r"(?:.*\.)?blocks\.(\d+)\.sgu\.proj\.weight")
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.is_dir() and not (path / "model.safetensors").is_file() and (path / "checkpoints").is_dir():
+        from .train.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in {str(path)!r}")
+        path = latest
+    return load_state_dict_file(path)
+
+
+def _spatial_from_state(state: dict[str, torch.Tensor], source: Path) -> dict[int, torch.Tensor]:
+    out: dict[int, torch.Tensor] = {}
+    for key, value in state.items():
+        m = _KEY.fullmatch(key)
+        if not m:
+            continue
+        w = value.float()
+        if w.dim() == 1 or (w.dim() == 2 and w.shape[0] != w.shape[1]):  # Toeplitz: (2n-1,) or (heads, 2n-1)
+            w = w if w.dim() == 1 else w[0]
+            n = (w.shape[0] + 1) // 2
+            pos = torch.arange(n)
+            w = w[pos[:, None] - pos[None, :] + n - 1]
+        elif w.dim() == 3:
+            w = w[0]
+        out[int(m.group(1))] = w
+    if not out:
+        raise CheckpointError(f"{str(source)!r} holds no spatial gating weights (no '...blocks.N.sgu.proj.weight')")
+    return dict(sorted(out.items()))
+
+
+def spatial_weights(path: str | Path) -> dict[int, torch.Tensor]:
+    """The dense token-mixing matrices ``{layer: W (n, n)}`` of a checkpoint (Toeplitz weights expanded;
+    with several heads, the first head)."""
+    state, _ = _read(Path(path))
+    return _spatial_from_state(state, Path(path))
+
+
+def _grid(path: Path, metadata: dict[str, str], n: int) -> tuple[int, int] | None:
+    """The patch grid of a vision checkpoint (from its metadata, else a square), None for text models."""
+    if "grid_size" in metadata:
+        h, w = (int(v) for v in metadata["grid_size"].split(","))
+        return h, w
+    if path.is_dir() and (path / "config.json").is_file():
+        return None  # a transformers (text) model directory
+    side = math.isqrt(n)
+    return (side, side) if side * side == n else None
+
+
+def plot_spatial(
+    path: str | Path,
+    output: str | Path,
+    layers: list[int] | None = None,
+    rows: int = 6,
+    text: bool | None = None,
+) -> Path:
+    """Draw rows of the learned W of chosen layers to a PNG.
+
+    Vision (``text=False``; the default when the token count is a square grid and the checkpoint is not a
+    transformers directory): each shown row (one output token, spread over the grid) is reshaped to the
+    patch grid, as in the paper's Figure 3. Text: each row is drawn as a 1-D filter over the relative
+    position ``j - i``, as in the paper's MLM figure.
+
+    Args:
+        path: checkpoint file or directory.
+        output: PNG path to write.
+        layers: block indices to draw (default: up to 6 spread over the depth).
+        rows: rows (output tokens) per layer.
+        text: force the text (True) or vision (False) layout.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    state, metadata = _read(path)
+    weights = _spatial_from_state(state, path)
+    available = list(weights)
+    if layers is None:
+        step = max(1, len(available) // 6)
+        layers = available[::step][:6]
+    bad = [i for i in layers if i not in weights]
+    if bad:
+        raise ValueError(f"layers {bad} not in the checkpoint; it has blocks {available[0]}..{available[-1]}")
+    n = weights[layers[0]].shape[0]
+    grid = None if text else _grid(path, metadata, n)
+    if text is False and grid is None:
+        raise ValueError(f"{n} tokens do not form a square grid; pass text=True")
+    token_rows = torch.linspace(0, n - 1, rows).round().long().tolist()
+    if grid is not None:
+        fig, axes = plt.subplots(len(layers), rows, figsize=(1.6 * rows, 1.6 * len(layers)), squeeze=False)
+        for r, layer in enumerate(layers):
+            for c, i in enumerate(token_rows):
+                ax = axes[r][c]
+                img = weights[layer][i].reshape(grid)
+                lim = float(img.abs().max()) or 1.0
+                ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_ylabel(f"layer {layer}")
+                if r == 0:
+                    ax.set_title(f"token {i}", fontsize=8)
+        fig.suptitle("Rows of the learned spatial weights W, reshaped to the patch grid")
+    else:
+        fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.8 * len(layers)), squeeze=False)
+        for r, layer in enumerate(layers):
+            ax = axes[r][0]
+            for i in token_rows:
+                ax.plot(torch.arange(n) - i, weights[layer][i], lw=0.8, label=f"row {i}")
+            ax.axvline(0, color="grey", lw=0.5)
+            ax.set_ylabel(f"layer {layer}")
+        axes[-1][0].set_xlabel("relative position j - i")
+        axes[0][0].legend(fontsize=6, ncol=min(rows, 6))
+        fig.suptitle("Rows of the learned spatial weights W as 1-D filters")
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output
+
+
+def plot_metrics(metrics: str | Path, output: str | Path) -> Path:
+    """Plot every numeric series of a ``metrics.jsonl`` file against ``step`` (one panel each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{str(metrics)!r} holds no records")
+    keys = [k for k in records[0] if k not in ("step", "epoch") and isinstance(records[0][k], (int, float))]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2 * len(keys)), squeeze=False, sharex=True)
+    steps = [r["step"] for r in records]
+    for ax, key in zip(axes[:, 0], keys):
+        ax.plot(steps, [r.get(key) for r in records], marker="o", ms=3)
+        ax.set_ylabel(key, fontsize=8)
+    axes[-1][0].set_xlabel("step")
+    fig.tight_layout()
+    output = Path(output)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output

@@ -1,0 +1,98 @@
+"""End-to-end tests of ``gmlp train`` on tiny offline data (scikit-learn digits; Fashion-MNIST if installed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmlp import create_model
+from gmlp.cli import main
+from gmlp.data.images import fashion_mnist_root
+from gmlp.train.checkpoint import latest_checkpoint, load_checkpoint
+from gmlp.train.vision import VisionTrainConfig, train_vision
+from gmlp.utils.io import load_state_dict_file
+
+TINY = dict(model="gmlp_micro4_28", dataset="digits", batch_size=64, epochs=2, warmup_steps=4, augment=False,
+            progress=False, train_subset=320, test_subset=128, threads=1)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_state_dict_file(path)[0]
+
+
+def test_cli_trains_end_to_end_and_checkpoint_loads_bit_exactly(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    rc = main(["train", "--model", "gmlp_micro4_28", "--dataset", "digits", "--epochs", "2", "--batch-size", "64",
+               "--warmup-steps", "4", "--no-augment", "--no-progress", "--output", str(out), "--train-subset", "320"])
+    assert rc == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in records)
+    assert records[-1]["step"] == 2 * (320 // 64)
+    ckpt_dir = latest_checkpoint(out)
+    assert ckpt_dir is not None and ckpt_dir.name == f"step-{records[-1]['step']:08d}"
+    final = _weights(out / "model.safetensors")
+    ckpt = load_checkpoint(out)
+    assert final.keys() == ckpt.model.keys()
+    assert all(torch.equal(final[k], ckpt.model[k]) for k in final)
+    model = create_model("gmlp_micro4_28", img_size=8, in_chans=1, num_classes=10,
+                         pretrained=out / "model.safetensors")
+    assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
+
+
+def test_training_learns_on_digits(tmp_path: Path) -> None:
+    cfg = VisionTrainConfig(**{**TINY, "epochs": 6, "train_subset": None, "test_subset": None, "lr": 3e-3},
+                            output=str(tmp_path / "run"))
+    result = train_vision(cfg)
+    assert result["test_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> None:
+    full = train_vision(VisionTrainConfig(**TINY, output=str(tmp_path / "full")))
+    part = VisionTrainConfig(**{**TINY, "checkpoint_every": 3}, max_steps=7, output=str(tmp_path / "resumed"))
+    train_vision(part)  # stops mid-epoch 2 (5 steps per epoch), as if killed after step 7
+    assert load_checkpoint(tmp_path / "resumed").state["step"] == 7
+    resumed = train_vision(VisionTrainConfig(**{**TINY, "checkpoint_every": 3}, output=str(tmp_path / "resumed")),
+                           resume=True)
+    assert resumed["step"] == full["step"] == 10
+    a, b = _weights(tmp_path / "full" / "model.safetensors"), _weights(tmp_path / "resumed" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
+    records = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
+    train_vision(VisionTrainConfig(**{**TINY, "epochs": 1}, output=str(tmp_path / "run")))
+    with pytest.raises(ValueError, match="batch_size=64 \\(now 32\\)"):
+        train_vision(VisionTrainConfig(**{**TINY, "epochs": 1, "batch_size": 32}, output=str(tmp_path / "run")),
+                     resume=True)
+
+
+def test_resume_without_checkpoint_says_so(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_vision(VisionTrainConfig(**TINY, output=str(tmp_path / "empty")), resume=True)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [({"model": "resnet50"}, "unknown model 'resnet50'"), ({"batch_size": 0}, "batch_size must be >= 1"),
+     ({"lr": -1.0}, "lr must be > 0"), ({"label_smoothing": 1.0}, "label_smoothing"),
+     ({"dataset": "cifar"}, "unknown dataset 'cifar'"), ({"batch_size": 4096}, "larger than the training set")],
+)
+def test_bad_settings_raise_clear_errors(tmp_path: Path, override: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        train_vision(VisionTrainConfig(**{**TINY, **override}, output=str(tmp_path / "run")))
+
+
+@pytest.mark.skipif(not (fashion_mnist_root() / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist; scripts/setup.sh does)")
+def test_default_dataset_runs_on_a_subset(tmp_path: Path) -> None:
+    cfg = VisionTrainConfig(epochs=1, train_subset=512, test_subset=500, progress=False, threads=1,
+                            output=str(tmp_path / "fm"), warmup_steps=2)
+    result = train_vision(cfg)
+    assert result["step"] == 4 and 0.0 <= result["test_accuracy"] <= 1.0
