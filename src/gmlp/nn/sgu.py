@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.toeplitz import toeplitz_mix_fft
 from ._checks import check_mask, check_tokens
 
 __all__ = ["VARIANTS", "TokenProjection", "SpatialGatingUnit"]
@@ -43,6 +44,11 @@ class TokenProjection(nn.Module):
             contiguous groups).
         init_std: W is initialised from N(0, init_std) (near zero, as the paper requires for stability;
             the default 1e-6 is timm's choice), b to ones, so the gate starts as the identity gate.
+        fft_threshold: for Toeplitz W, mix by FFT (:func:`gmlp.kernels.toeplitz_mix_fft`, O(n log n))
+            when the input has at least this many tokens; None = always the dense GEMM. Equal results up
+            to float rounding; ``benchmarks/toeplitz_crossover.py`` measures where it pays. Causal layers
+            always take the dense path: FFT rounding would leave ~1e-7 dependence on later tokens, and
+            causality here is exact.
 
     Parameter shapes (``heads == 1``): ``weight`` (n, n) or (2n-1,) for Toeplitz, ``bias`` (n,);
     with ``heads > 1`` a leading ``heads`` axis is added to both.
@@ -56,6 +62,7 @@ class TokenProjection(nn.Module):
         causal: bool = False,
         heads: int = 1,
         init_std: float = 1e-6,
+        fft_threshold: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(seq_len, int) or seq_len < 1:
@@ -67,6 +74,9 @@ class TokenProjection(nn.Module):
         self.causal = causal
         self.heads = heads
         self.init_std = init_std
+        if fft_threshold is not None and not toeplitz:
+            raise ValueError("fft_threshold needs toeplitz=True (the FFT path computes Toeplitz mixing only)")
+        self.fft_threshold = fft_threshold
         w_shape: tuple[int, ...] = (2 * seq_len - 1,) if toeplitz else (seq_len, seq_len)
         b_shape: tuple[int, ...] = (seq_len,)
         if heads > 1:
@@ -110,8 +120,13 @@ class TokenProjection(nn.Module):
             raise ValueError(f"channels ({channels}) must be divisible by heads ({self.heads})")
         if mask is not None:
             z = z.masked_fill(~mask.t().unsqueeze(-1), 0.0)
-        w = self.matrix(n).to(z.dtype)
         b = self.bias[..., :n].to(z.dtype)
+        if self.fft_threshold is not None and not self.causal and n >= self.fft_threshold:
+            out = toeplitz_mix_fft(self.weight, z, self.seq_len, self.causal)
+            if self.heads == 1:
+                return out + b[:, None, None]
+            return (out.view(n, batch, self.heads, -1) + b.t()[:, None, :, None]).view(n, batch, channels)
+        w = self.matrix(n).to(z.dtype)
         if self.heads == 1:
             out = torch.addmm(b.unsqueeze(1), w, z.reshape(n, batch * channels))
             return out.view(n, batch, channels)
@@ -163,13 +178,17 @@ class SpatialGatingUnit(nn.Module):
         self.gate_dim = dim // 2 if variant == "sgu" else dim
         self.out_features = self.gate_dim
         if heads < 1 or self.gate_dim % heads:
-            raise ValueError(f"heads ({heads}) must be a positive divisor of the gate width ({self.gate_dim})")
+            raise ValueError(
+                f"heads ({heads}) must be a positive divisor of the gate width ({self.gate_dim})"
+            )
         if variant == "none":
             self.norm = None
             self.proj = None
         else:
             self.norm = nn.LayerNorm(self.gate_dim, eps=norm_eps)
-            self.proj = TokenProjection(seq_len, toeplitz=toeplitz, causal=causal, heads=heads, init_std=init_std)
+            self.proj = TokenProjection(
+                seq_len, toeplitz=toeplitz, causal=causal, heads=heads, init_std=init_std
+            )
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, variant={self.variant!r}"
@@ -195,7 +214,7 @@ class SpatialGatingUnit(nn.Module):
                 raise ValueError("variant 'none' has no gate: gate_bias (tiny attention) is not supported")
             return z
         if self.variant == "sgu":
-            z1, z2 = z[..., : self.gate_dim], z[..., self.gate_dim :]
+            z1, z2 = z.chunk(2, dim=-1)  # one split: its backward is a single cat, no zero-fill
         else:
             z1 = z2 = z
         gate = self.proj(self.norm(z2), mask)

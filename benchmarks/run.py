@@ -1,0 +1,321 @@
+"""Side-by-side throughput benchmark: gmlp vs timm gMLP, g-mlp-pytorch, timm ViT and transformers BERT.
+
+One process, one dtype, one thread count and one allocator setting for every model; models are timed
+in interleaved rounds (A B C A B C ...) so that drift of the machine hits all of them alike, and the
+median of the rounds is reported. FLOPs are counted once per model with ``torch.utils.flop_counter``.
+
+    python benchmarks/run.py --suite cpu            # the quick CPU suite (2 cores: ~5 minutes)
+    python benchmarks/run.py --suite gpu            # one GPU, bf16 autocast, sized for ~10 minutes
+    python benchmarks/run.py --suite smoke          # tiny sizes, a few seconds (used by the tests)
+
+Prints a markdown table and writes ``--json`` with every number, the machine and the versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from gmlp.utils.malloc import tune_malloc  # noqa: E402
+
+
+@dataclass
+class Case:
+    """One model in one mode: ``build`` makes the model, ``inputs`` a batch, ``loss`` a training loss."""
+
+    name: str
+    family: str  # what it is compared within ("vision" or "text")
+    build: Callable[[], nn.Module]
+    inputs: Callable[[torch.device], tuple[Any, ...]]
+    loss: Callable[[Any], torch.Tensor] = field(default=lambda out: out.float().square().mean())
+
+
+@dataclass
+class Result:
+    name: str
+    family: str
+    mode: str
+    batch: int
+    samples_per_s: float
+    ms_per_step: float
+    gflop_per_sample: float
+    achieved_tflops: float
+    peak_mem_mib: float | None
+    rounds: list[float]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model builders. Vision: gMLP-S/16 (or B/16 on GPU), same config in every implementation.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def timm_gmlp(dim: int, depth: int, img: int, patch: int) -> nn.Module:
+    """timm's gMLP (MlpMixer with SpatialGatingBlock/GatedMlp, as its gmlp_* factories build it)."""
+    from timm.layers import GatedMlp
+    from timm.models.mlp_mixer import MlpMixer, SpatialGatingBlock
+
+    return MlpMixer(img_size=img, patch_size=patch, num_blocks=depth, embed_dim=dim, mlp_ratio=6,
+                    block_layer=SpatialGatingBlock, mlp_layer=GatedMlp)
+
+
+def vision_cases(size: str, batch: int, img: int = 224, patch: int = 16) -> list[Case]:
+    import timm
+    from g_mlp_pytorch import gMLPVision
+
+    from gmlp import create_model
+
+    dims = {"ti": (128, 30), "s": (256, 30), "b": (512, 30), "smoke": (32, 2)}[size]
+    dim, depth = dims
+    timm_name = f"gmlp_{'s' if size == 'smoke' else size}16_224"
+    vit = {"ti": "vit_tiny_patch16_224", "s": "vit_small_patch16_224", "b": "vit_base_patch16_224",
+           "smoke": "vit_tiny_patch16_224"}[size]
+    over = {"embed_dim": dim, "depth": depth, "img_size": img, "patch_size": patch}
+
+    def images(device: torch.device) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, 3, img, img, device=device),)
+
+    ce = lambda out: F.cross_entropy(out.float(), torch.zeros(out.shape[0], dtype=torch.long, device=out.device))
+    return [
+        Case(f"gmlp {timm_name}", "vision", lambda: create_model(timm_name, **over), images, ce),
+        Case(f"timm {timm_name}", "vision",
+             lambda: timm_gmlp(dim, depth, img, patch), images, ce),
+        Case("g-mlp-pytorch gMLPVision", "vision",
+             lambda: gMLPVision(image_size=img, patch_size=patch, num_classes=1000, dim=dim, depth=depth, ff_mult=6),
+             images, ce),
+        Case(f"timm {vit}", "vision",
+             lambda: timm.create_model(vit, img_size=img, **({"depth": 2} if size == "smoke" else {})), images, ce),
+    ]
+
+
+def text_cases(layers: int, dim: int, ffn: int, seq: int, batch: int, vocab: int = 30522) -> list[Case]:
+    from g_mlp_pytorch import gMLP
+    from transformers import BertConfig, BertForMaskedLM
+
+    def tokens(device: torch.device) -> tuple[torch.Tensor, ...]:
+        return (torch.randint(0, vocab, (batch, seq), device=device),)
+
+    def mlm_loss(out: Any) -> torch.Tensor:
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits.float().logsumexp(-1).mean()
+
+    cases = []
+    try:
+        from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
+
+        cfg = GMLPConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=ffn, num_hidden_layers=layers,
+                         max_position_embeddings=seq, toeplitz=True)
+        cases.append(Case("gmlp GMLPForMaskedLM", "text", lambda: GMLPForMaskedLM(cfg), tokens, mlm_loss))
+    except ImportError:  # the text models are optional in this benchmark
+        pass
+    cases.append(Case("g-mlp-pytorch gMLP", "text",
+                      lambda: gMLP(num_tokens=vocab, dim=dim, depth=layers, seq_len=seq, ff_mult=ffn // dim),
+                      tokens, mlm_loss))
+    bert_layers = max(1, round(layers / 4))  # BERT-base: 12 layers of 768 vs gMLP-base 48 of 512
+    bert = BertConfig(vocab_size=vocab, hidden_size=max(64, dim * 3 // 2), num_hidden_layers=bert_layers,
+                      num_attention_heads=max(1, dim * 3 // 2 // 64), intermediate_size=dim * 6,
+                      max_position_embeddings=seq, attn_implementation="sdpa")
+    cases.append(Case("transformers BertForMaskedLM", "text", lambda: BertForMaskedLM(bert), tokens, mlm_loss))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def count_flops(model: nn.Module, inputs: tuple[Any, ...]) -> float:
+    """Forward FLOPs of one call (matrix products, convolutions, attention) via FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return float(counter.get_total_flops())
+
+
+def run_cases(cases: list[Case], mode: str, device: torch.device, dtype: str, rounds: int, steps: int,
+              warmup: int, compile_model: bool = False) -> list[Result]:
+    """Time every case in ``mode`` ("infer" or "train") in interleaved rounds; returns one Result each."""
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16"
+                else contextlib.nullcontext())
+    states = []
+    for case in cases:
+        torch.manual_seed(0)
+        model = case.build().to(device)
+        inputs = case.inputs(device)
+        with autocast:
+            flops = count_flops(model.eval(), inputs) / inputs[0].shape[0]
+        if mode == "train":
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        else:
+            model.eval()
+            opt = None
+        fn = torch.compile(model, fullgraph=False) if compile_model else model
+
+        def step(fn: Callable = fn, inputs: tuple = inputs, opt: Any = opt, case: Case = case) -> None:
+            if opt is None:
+                with torch.no_grad(), autocast:
+                    fn(*inputs)
+            else:
+                with autocast:
+                    loss = case.loss(fn(*inputs))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        states.append((case, model, inputs, step, flops))
+    times: dict[str, list[float]] = {c.name: [] for c in cases}
+    peak: dict[str, float | None] = {c.name: None for c in cases}
+    for case, _, _, step, _ in states:  # warm-up (and memory peak on GPU)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak[case.name] = torch.cuda.max_memory_allocated() / 2**20
+    for _ in range(rounds):
+        for case, _, _, step, _ in states:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[case.name].append((time.perf_counter() - t0) / steps)
+    results = []
+    for case, _, inputs, _, flops in states:
+        batch = inputs[0].shape[0]
+        med = statistics.median(times[case.name])
+        factor = 1.0 if mode == "infer" else 3.0  # backward ~ 2x forward
+        results.append(Result(case.name, case.family, mode, batch, batch / med, med * 1e3, flops / 1e9,
+                              flops * factor * batch / med / 1e12, peak[case.name], times[case.name]))
+    del states
+    gc.collect()
+    return results
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """Measured dense matrix-product rate in TFLOP/s (the machine's practical peak for this dtype)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import timm
+    import transformers
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+        "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    info["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info["loadavg_before"] = os.getloadavg()[0]
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def table(results: list[Result]) -> str:
+    """Markdown table; ratios are against each peer of the same family and mode."""
+    lines = ["| model | mode | batch | samples/s | ms/step | GFLOP/sample (fwd) | TFLOP/s | peak MiB | gmlp speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ours = next((o for o in results if o.family == r.family and o.mode == r.mode and o.name.startswith("gmlp")),
+                    None)
+        ratio = f"{ours.samples_per_s / r.samples_per_s:.2f}x" if ours and ours is not r else "-"
+        mem = f"{r.peak_mem_mib:.0f}" if r.peak_mem_mib is not None else "-"
+        lines.append(f"| {r.name} | {r.mode} | {r.batch} | {r.samples_per_s:.1f} | {r.ms_per_step:.0f} | "
+                     f"{r.gflop_per_sample:.2f} | {r.achieved_tflops:.3f} | {mem} | {ratio} |")
+    return "\n".join(lines)
+
+
+SUITES: dict[str, dict[str, Any]] = {
+    # 2-core CPU, fp32: gMLP-S/16 vs peers at batch 32 (inference) / 16 (training); a small LM.
+    "cpu": {"device": "cpu", "dtype": "fp32", "vision": ("s", 32, 16), "text": (6, 256, 1536, 128, 8, 8),
+            "rounds": 5, "steps": 1, "warmup": 1},
+    # one GPU, bf16 autocast: gMLP-B/16 at batch 256 and gMLP-base-shaped MLM (48 x 512, seq 512, batch 32).
+    "gpu": {"device": "cuda", "dtype": "bf16", "vision": ("b", 256, 256), "text": (48, 512, 3072, 512, 32, 32),
+            "rounds": 5, "steps": 5, "warmup": 3},
+    "smoke": {"device": "cpu", "dtype": "fp32", "vision": ("smoke", 2, 2), "text": (2, 32, 64, 16, 2, 2),
+              "rounds": 1, "steps": 1, "warmup": 1},
+}
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="cpu")
+    parser.add_argument("--only", choices=("vision", "text"), default=None, help="run one family")
+    parser.add_argument("--modes", default="infer,train", help="comma-separated: infer,train")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write all numbers here")
+    parser.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc's default allocator settings")
+    args = parser.parse_args(argv)
+    suite = SUITES[args.suite]
+    if not args.no_malloc_tuning:
+        tune_malloc()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(suite["device"])
+    info = machine_info(device)
+    info["malloc_tuned"] = not args.no_malloc_tuning
+    info["gemm_tflops_fp32" if suite["dtype"] == "fp32" else "gemm_tflops_bf16"] = gemm_rate(
+        device, torch.float32 if suite["dtype"] == "fp32" else torch.bfloat16)
+    print(json.dumps(info))
+    results: list[Result] = []
+    for mode in args.modes.split(","):
+        if args.only in (None, "vision"):
+            size, b_inf, b_train = suite["vision"]
+            cases = vision_cases(size, b_inf if mode == "infer" else b_train, **({"img": 32, "patch": 8}
+                                                                                if args.suite == "smoke" else {}))
+            results += run_cases(cases, mode, device, suite["dtype"], suite["rounds"], suite["steps"],
+                                 suite["warmup"], args.compile)
+        if args.only in (None, "text"):
+            layers, dim, ffn, seq, b_inf, b_train = suite["text"]
+            cases = text_cases(layers, dim, ffn, seq, b_inf if mode == "infer" else b_train,
+                               vocab=1000 if args.suite == "smoke" else 30522)
+            results += run_cases(cases, mode, device, suite["dtype"], suite["rounds"], suite["steps"],
+                                 suite["warmup"], args.compile)
+    info["loadavg_after"] = os.getloadavg()[0]
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "suite": args.suite, "compile": args.compile,
+                                               "results": [asdict(r) for r in results]}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Where does FFT Toeplitz mixing beat the dense GEMM? Times both paths of TokenProjection side by side.
+
+    python benchmarks/toeplitz_crossover.py                 # CPU, fp32
+    python benchmarks/toeplitz_crossover.py --device cuda   # one GPU
+
+Prints, per sequence length, forward and forward+backward milliseconds of each path and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from gmlp.nn import TokenProjection  # noqa: E402
+from gmlp.utils.malloc import tune_malloc  # noqa: E402
+
+
+def _time(fn, device: torch.device, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lengths", default="64,128,256,512,1024,2048,4096")
+    parser.add_argument("--columns", type=int, default=4096, help="batch * channels mixed per token")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args(argv)
+    tune_malloc()
+    device = torch.device(args.device)
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"columns {args.columns}")
+    print("| n | dense fwd ms | fft fwd ms | fwd speed-up | dense fwd+bwd ms | fft fwd+bwd ms | fwd+bwd speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for n in (int(v) for v in args.lengths.split(",")):
+        dense = TokenProjection(n, toeplitz=True).to(device)
+        fft = TokenProjection(n, toeplitz=True, fft_threshold=1).to(device)
+        fft.load_state_dict(dense.state_dict())
+        z = torch.randn(n, 1, args.columns, device=device, requires_grad=True)
+        rows = []
+        for layer in (dense, fft):
+            with torch.no_grad():
+                fwd = _time(lambda layer=layer: layer(z), device, args.reps)
+            both = _time(lambda layer=layer: layer(z).sum().backward(), device, args.reps)
+            rows.append((fwd, both))
+        (df, db), (ff, fb) = rows
+        print(f"| {n} | {df:.2f} | {ff:.2f} | {df / ff:.2f}x | {db:.2f} | {fb:.2f} | {db / fb:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
