@@ -1,5 +1,6 @@
 """Fast paths behind the :mod:`gmlp.nn` modules, each with the plain reference path it is tested against."""
 
+from .sgu_triton import gelu_split_layernorm, gelu_split_layernorm_reference, triton_available
 from .toeplitz import toeplitz_mix_fft
 
-__all__ = ["toeplitz_mix_fft"]
+__all__ = ["gelu_split_layernorm", "gelu_split_layernorm_reference", "toeplitz_mix_fft", "triton_available"]

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.sgu_triton import gelu_split_layernorm
 from ._checks import check_mask, check_tokens
 from .attention import TinyAttention
 from .sgu import SpatialGatingUnit
@@ -107,5 +108,12 @@ class GMLPBlock(nn.Module):
         mask = check_mask(mask, x.shape[1], x.shape[0])
         h = self.norm(x)
         gate_bias = self.tiny_attn(h, mask) if self.tiny_attn is not None else None
-        z = self.sgu(F.gelu(self.fc1(h)), mask, gate_bias)
+        u = self.fc1(h)
+        if self.sgu.variant == "sgu":
+            # GELU + split + gate LayerNorm: one fused Triton kernel on CUDA, the plain ops elsewhere
+            norm = self.sgu.norm
+            z1, z2n = gelu_split_layernorm(u, norm.weight, norm.bias, norm.eps)
+            z = self.sgu.forward_normalized(z1, z2n, mask, gate_bias)
+        else:
+            z = self.sgu(F.gelu(u), mask, gate_bias)
         return x + self.drop_path(self.dropout(self.fc2(z)))

@@ -213,11 +213,23 @@ class SpatialGatingUnit(nn.Module):
             if gate_bias is not None:
                 raise ValueError("variant 'none' has no gate: gate_bias (tiny attention) is not supported")
             return z
-        if self.variant == "sgu":
-            z1, z2 = z.chunk(2, dim=-1)  # one split: its backward is a single cat, no zero-fill
-        else:
-            z1 = z2 = z
-        gate = self.proj(self.norm(z2), mask)
+        z1, z2 = z.chunk(2, dim=-1) if self.variant == "sgu" else (z, z)  # chunk: backward is one cat
+        return self.forward_normalized(z1, self.norm(z2), mask, gate_bias)
+
+    def forward_normalized(
+        self,
+        z1: torch.Tensor,
+        z2n: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        gate_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The gating after the gate LayerNorm: ``s = combine(z1, proj(z2n) + gate_bias)``.
+
+        For callers that compute the split and the LayerNorm themselves (the fused kernel of
+        :class:`gmlp.nn.GMLPBlock`); ``z1`` is the bypass (the whole ``Z`` for the non-split variants) and
+        ``z2n = norm(z2)``. Inputs are trusted: :meth:`forward` validates; ``mask`` must be a bool tensor.
+        """
+        gate = self.proj(z2n, mask)
         if gate_bias is not None:
             gate = gate + gate_bias
         if self.variant == "linear":

@@ -1,0 +1,171 @@
+"""Fused GELU + split + gate LayerNorm for the SGU, as Triton kernels with forward and backward.
+
+In a gMLP block the channel projection's output ``u`` (rows = tokens x batch, ``2C`` channels) goes
+through GELU, is split into the bypass ``z1 = a[:, :C]`` and the gate input ``a[:, C:]``, and the gate
+input is LayerNorm-ed. Unfused that is three passes over memory plus a strided copy for the split; the
+kernel reads ``u`` once and writes ``z1`` and the normalised gate ``z2n`` once (statistics in float32).
+The backward kernel recomputes GELU from ``u`` (nothing but ``u`` and two floats per row are saved) and
+produces ``du`` plus per-program partial sums for the LayerNorm weight and bias gradients.
+
+:func:`gelu_split_layernorm_reference` is the plain PyTorch path it is tested against (on CPU with
+``TRITON_INTERPRET=1``). :func:`gelu_split_layernorm` picks the kernel on CUDA when Triton is available.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["gelu_split_layernorm", "gelu_split_layernorm_reference", "triton_available"]
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    _HAS_TRITON = False
+
+
+def triton_available() -> bool:
+    """True if the Triton package imports (kernels then run on CUDA, or on CPU under TRITON_INTERPRET=1)."""
+    return _HAS_TRITON
+
+
+def gelu_split_layernorm_reference(
+    u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference path: ``a = GELU(u)``; ``z1, z2 = a.chunk(2, -1)``; returns ``(z1, LayerNorm(z2))``."""
+    z1, z2 = F.gelu(u).chunk(2, dim=-1)
+    return z1, F.layer_norm(z2, (z2.shape[-1],), weight, bias, eps)
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _gelu(x):
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+    @triton.jit
+    def _gelu_grad(x):
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+        return cdf + x * pdf
+
+    @triton.jit
+    def _fwd_kernel(U, Z1, Z2, W, B, Mean, Rstd, C, eps, BLOCK_C: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_C)
+        valid = cols < C
+        base = row.to(tl.int64) * 2 * C
+        u1 = tl.load(U + base + cols, mask=valid, other=0.0).to(tl.float32)
+        u2 = tl.load(U + base + C + cols, mask=valid, other=0.0).to(tl.float32)
+        a2 = _gelu(u2)
+        mean = tl.sum(a2, axis=0) / C
+        diff = tl.where(valid, a2 - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
+        w = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=valid, other=0.0).to(tl.float32)
+        out = row.to(tl.int64) * C
+        tl.store(Z1 + out + cols, _gelu(u1).to(Z1.dtype.element_ty), mask=valid)
+        tl.store(Z2 + out + cols, (diff * rstd * w + b).to(Z2.dtype.element_ty), mask=valid)
+        tl.store(Mean + row, mean)
+        tl.store(Rstd + row, rstd)
+
+    @triton.jit
+    def _bwd_kernel(U, DZ1, DZ2, W, Mean, Rstd, DU, DW, DB, R, C, ROWS_PER_PROG, BLOCK_C: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_C)
+        valid = cols < C
+        w = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        start = pid * ROWS_PER_PROG
+        for r in range(0, ROWS_PER_PROG):
+            row = start + r
+            if row < R:
+                base = row.to(tl.int64) * 2 * C
+                out = row.to(tl.int64) * C
+                u1 = tl.load(U + base + cols, mask=valid, other=0.0).to(tl.float32)
+                u2 = tl.load(U + base + C + cols, mask=valid, other=0.0).to(tl.float32)
+                dz1 = tl.load(DZ1 + out + cols, mask=valid, other=0.0).to(tl.float32)
+                dz2 = tl.load(DZ2 + out + cols, mask=valid, other=0.0).to(tl.float32)
+                mean = tl.load(Mean + row)
+                rstd = tl.load(Rstd + row)
+                xhat = tl.where(valid, (_gelu(u2) - mean) * rstd, 0.0)
+                dy = dz2 * w
+                c1 = tl.sum(dy * xhat, axis=0) / C
+                c2 = tl.sum(dy, axis=0) / C
+                da2 = (dy - xhat * c1 - c2) * rstd
+                tl.store(DU + base + cols, (dz1 * _gelu_grad(u1)).to(DU.dtype.element_ty), mask=valid)
+                tl.store(DU + base + C + cols, (da2 * _gelu_grad(u2)).to(DU.dtype.element_ty), mask=valid)
+                dw_acc += dz2 * xhat
+                db_acc += dz2
+        tl.store(DW + pid * C + cols, dw_acc, mask=valid)
+        tl.store(DB + pid * C + cols, db_acc, mask=valid)
+
+
+def _block_c(c: int) -> int:
+    return max(16, 1 << (c - 1).bit_length())
+
+
+class _GeluSplitLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):  # type: ignore[override]
+        shape = u.shape
+        u2d = u.reshape(-1, shape[-1]).contiguous()
+        rows, width = u2d.shape
+        c = width // 2
+        z1 = torch.empty(rows, c, dtype=u.dtype, device=u.device)
+        z2 = torch.empty_like(z1)
+        mean = torch.empty(rows, dtype=torch.float32, device=u.device)
+        rstd = torch.empty_like(mean)
+        _fwd_kernel[(rows,)](u2d, z1, z2, weight, bias, mean, rstd, c, eps, BLOCK_C=_block_c(c))
+        ctx.save_for_backward(u2d, weight, mean, rstd)
+        ctx.shape = shape
+        return z1.view(*shape[:-1], c), z2.view(*shape[:-1], c)
+
+    @staticmethod
+    def backward(ctx, dz1: torch.Tensor, dz2: torch.Tensor):  # type: ignore[override]
+        u2d, weight, mean, rstd = ctx.saved_tensors
+        rows, width = u2d.shape
+        c = width // 2
+        dz1 = dz1.reshape(rows, c).contiguous()
+        dz2 = dz2.reshape(rows, c).contiguous()
+        du = torch.empty_like(u2d)
+        rows_per_prog = max(1, math.ceil(rows / 1024))
+        progs = math.ceil(rows / rows_per_prog)
+        dw = torch.empty(progs, c, dtype=torch.float32, device=u2d.device)
+        db = torch.empty_like(dw)
+        _bwd_kernel[(progs,)](u2d, dz1, dz2, weight, mean, rstd, du, dw, db, rows, c, rows_per_prog,
+                              BLOCK_C=_block_c(c))
+        return du.view(ctx.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None
+
+
+def gelu_split_layernorm(
+    u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, use_triton: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z1, LayerNorm(z2))`` with ``z1, z2 = GELU(u).chunk(2, -1)``: fused Triton kernel or reference.
+
+    Args:
+        u: pre-activation of the channel projection, ``(..., 2C)``.
+        weight, bias: the gate LayerNorm's affine parameters ``(C,)``.
+        eps: the gate LayerNorm's epsilon.
+        use_triton: force the kernel (True) or the reference (False); None = the kernel on CUDA when
+            Triton is available, ``GMLP_DISABLE_TRITON`` is not ``1`` and no torch.compile is tracing.
+    """
+    if use_triton is None:
+        use_triton = (
+            _HAS_TRITON
+            and u.is_cuda
+            and os.environ.get("GMLP_DISABLE_TRITON") != "1"
+            and not torch.compiler.is_compiling()  # under torch.compile, inductor fuses the reference ops
+        )
+    if use_triton:
+        if not _HAS_TRITON:
+            raise RuntimeError("use_triton=True but the triton package is not installed")
+        return _GeluSplitLayerNorm.apply(u, weight, bias, eps)
+    return gelu_split_layernorm_reference(u, weight, bias, eps)
