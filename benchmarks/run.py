@@ -71,8 +71,15 @@ def timm_gmlp(dim: int, depth: int, img: int, patch: int) -> nn.Module:
     from timm.layers import GatedMlp
     from timm.models.mlp_mixer import MlpMixer, SpatialGatingBlock
 
-    return MlpMixer(img_size=img, patch_size=patch, num_blocks=depth, embed_dim=dim, mlp_ratio=6,
-                    block_layer=SpatialGatingBlock, mlp_layer=GatedMlp)
+    return MlpMixer(
+        img_size=img,
+        patch_size=patch,
+        num_blocks=depth,
+        embed_dim=dim,
+        mlp_ratio=6,
+        block_layer=SpatialGatingBlock,
+        mlp_layer=GatedMlp,
+    )
 
 
 def vision_cases(size: str, batch: int, img: int = 224, patch: int = 16) -> list[Case]:
@@ -84,23 +91,39 @@ def vision_cases(size: str, batch: int, img: int = 224, patch: int = 16) -> list
     dims = {"ti": (128, 30), "s": (256, 30), "b": (512, 30), "smoke": (32, 2)}[size]
     dim, depth = dims
     timm_name = f"gmlp_{'s' if size == 'smoke' else size}16_224"
-    vit = {"ti": "vit_tiny_patch16_224", "s": "vit_small_patch16_224", "b": "vit_base_patch16_224",
-           "smoke": "vit_tiny_patch16_224"}[size]
+    vit = {
+        "ti": "vit_tiny_patch16_224",
+        "s": "vit_small_patch16_224",
+        "b": "vit_base_patch16_224",
+        "smoke": "vit_tiny_patch16_224",
+    }[size]
     over = {"embed_dim": dim, "depth": depth, "img_size": img, "patch_size": patch}
 
     def images(device: torch.device) -> tuple[torch.Tensor, ...]:
         return (torch.randn(batch, 3, img, img, device=device),)
 
-    ce = lambda out: F.cross_entropy(out.float(), torch.zeros(out.shape[0], dtype=torch.long, device=out.device))
+    ce = lambda out: F.cross_entropy(
+        out.float(), torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
+    )
     return [
         Case(f"gmlp {timm_name}", "vision", lambda: create_model(timm_name, **over), images, ce),
-        Case(f"timm {timm_name}", "vision",
-             lambda: timm_gmlp(dim, depth, img, patch), images, ce),
-        Case("g-mlp-pytorch gMLPVision", "vision",
-             lambda: gMLPVision(image_size=img, patch_size=patch, num_classes=1000, dim=dim, depth=depth, ff_mult=6),
-             images, ce),
-        Case(f"timm {vit}", "vision",
-             lambda: timm.create_model(vit, img_size=img, **({"depth": 2} if size == "smoke" else {})), images, ce),
+        Case(f"timm {timm_name}", "vision", lambda: timm_gmlp(dim, depth, img, patch), images, ce),
+        Case(
+            "g-mlp-pytorch gMLPVision",
+            "vision",
+            lambda: gMLPVision(
+                image_size=img, patch_size=patch, num_classes=1000, dim=dim, depth=depth, ff_mult=6
+            ),
+            images,
+            ce,
+        ),
+        Case(
+            f"timm {vit}",
+            "vision",
+            lambda: timm.create_model(vit, img_size=img, **({"depth": 2} if size == "smoke" else {})),
+            images,
+            ce,
+        ),
     ]
 
 
@@ -119,19 +142,39 @@ def text_cases(layers: int, dim: int, ffn: int, seq: int, batch: int, vocab: int
     try:
         from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
 
-        cfg = GMLPConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=ffn, num_hidden_layers=layers,
-                         max_position_embeddings=seq, toeplitz=True)
+        cfg = GMLPConfig(
+            vocab_size=vocab,
+            hidden_size=dim,
+            intermediate_size=ffn,
+            num_hidden_layers=layers,
+            max_position_embeddings=seq,
+            toeplitz=True,
+        )
         cases.append(Case("gmlp GMLPForMaskedLM", "text", lambda: GMLPForMaskedLM(cfg), tokens, mlm_loss))
     except ImportError:  # the text models are optional in this benchmark
         pass
-    cases.append(Case("g-mlp-pytorch gMLP", "text",
-                      lambda: gMLP(num_tokens=vocab, dim=dim, depth=layers, seq_len=seq, ff_mult=ffn // dim),
-                      tokens, mlm_loss))
+    cases.append(
+        Case(
+            "g-mlp-pytorch gMLP",
+            "text",
+            lambda: gMLP(num_tokens=vocab, dim=dim, depth=layers, seq_len=seq, ff_mult=ffn // dim),
+            tokens,
+            mlm_loss,
+        )
+    )
     bert_layers = max(1, round(layers / 4))  # BERT-base: 12 layers of 768 vs gMLP-base 48 of 512
-    bert = BertConfig(vocab_size=vocab, hidden_size=max(64, dim * 3 // 2), num_hidden_layers=bert_layers,
-                      num_attention_heads=max(1, dim * 3 // 2 // 64), intermediate_size=dim * 6,
-                      max_position_embeddings=seq, attn_implementation="sdpa")
-    cases.append(Case("transformers BertForMaskedLM", "text", lambda: BertForMaskedLM(bert), tokens, mlm_loss))
+    bert = BertConfig(
+        vocab_size=vocab,
+        hidden_size=max(64, dim * 3 // 2),
+        num_hidden_layers=bert_layers,
+        num_attention_heads=max(1, dim * 3 // 2 // 64),
+        intermediate_size=dim * 6,
+        max_position_embeddings=seq,
+        attn_implementation="sdpa",
+    )
+    cases.append(
+        Case("transformers BertForMaskedLM", "text", lambda: BertForMaskedLM(bert), tokens, mlm_loss)
+    )
     return cases
 
 
@@ -147,11 +190,20 @@ def count_flops(model: nn.Module, inputs: tuple[Any, ...]) -> float:
     return float(counter.get_total_flops())
 
 
-def run_cases(cases: list[Case], mode: str, device: torch.device, dtype: str, rounds: int, steps: int,
-              warmup: int, compile_model: bool = False) -> list[Result]:
+def run_cases(
+    cases: list[Case],
+    mode: str,
+    device: torch.device,
+    dtype: str,
+    rounds: int,
+    steps: int,
+    warmup: int,
+    compile_model: bool = False,
+) -> list[Result]:
     """Time every case in ``mode`` ("infer" or "train") in interleaved rounds; returns one Result each."""
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+    )
     states = []
     for case in cases:
         torch.manual_seed(0)
@@ -205,8 +257,20 @@ def run_cases(cases: list[Case], mode: str, device: torch.device, dtype: str, ro
         batch = inputs[0].shape[0]
         med = statistics.median(times[case.name])
         factor = 1.0 if mode == "infer" else 3.0  # backward ~ 2x forward
-        results.append(Result(case.name, case.family, mode, batch, batch / med, med * 1e3, flops / 1e9,
-                              flops * factor * batch / med / 1e12, peak[case.name], times[case.name]))
+        results.append(
+            Result(
+                case.name,
+                case.family,
+                mode,
+                batch,
+                batch / med,
+                med * 1e3,
+                flops / 1e9,
+                flops * factor * batch / med / 1e12,
+                peak[case.name],
+                times[case.name],
+            )
+        )
     del states
     gc.collect()
     return results
@@ -232,9 +296,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     import transformers
 
     info: dict[str, Any] = {
-        "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-        "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -250,39 +318,71 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 def table(results: list[Result]) -> str:
     """Markdown table; ratios are against each peer of the same family and mode."""
-    lines = ["| model | mode | batch | samples/s | ms/step | GFLOP/sample (fwd) | TFLOP/s | peak MiB | gmlp speed-up |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | mode | batch | samples/s | ms/step | GFLOP/sample (fwd) | TFLOP/s | peak MiB "
+        "| gmlp speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        ours = next((o for o in results if o.family == r.family and o.mode == r.mode and o.name.startswith("gmlp")),
-                    None)
+        ours = next(
+            (o for o in results if o.family == r.family and o.mode == r.mode and o.name.startswith("gmlp")),
+            None,
+        )
         ratio = f"{ours.samples_per_s / r.samples_per_s:.2f}x" if ours and ours is not r else "-"
         mem = f"{r.peak_mem_mib:.0f}" if r.peak_mem_mib is not None else "-"
-        lines.append(f"| {r.name} | {r.mode} | {r.batch} | {r.samples_per_s:.1f} | {r.ms_per_step:.0f} | "
-                     f"{r.gflop_per_sample:.2f} | {r.achieved_tflops:.3f} | {mem} | {ratio} |")
+        lines.append(
+            f"| {r.name} | {r.mode} | {r.batch} | {r.samples_per_s:.1f} | {r.ms_per_step:.0f} | "
+            f"{r.gflop_per_sample:.2f} | {r.achieved_tflops:.3f} | {mem} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
 SUITES: dict[str, dict[str, Any]] = {
     # 2-core CPU, fp32: gMLP-S/16 vs peers at batch 32 (inference) / 16 (training); a small LM.
-    "cpu": {"device": "cpu", "dtype": "fp32", "vision": ("s", 32, 16), "text": (6, 256, 1536, 128, 8, 8),
-            "rounds": 5, "steps": 1, "warmup": 1},
+    "cpu": {
+        "device": "cpu",
+        "dtype": "fp32",
+        "vision": ("s", 32, 16),
+        "text": (6, 256, 1536, 128, 8, 8),
+        "rounds": 5,
+        "steps": 1,
+        "warmup": 1,
+    },
     # one GPU, bf16 autocast: gMLP-B/16 at batch 256 and gMLP-base-shaped MLM (48 x 512, seq 512, batch 32).
-    "gpu": {"device": "cuda", "dtype": "bf16", "vision": ("b", 256, 256), "text": (48, 512, 3072, 512, 32, 32),
-            "rounds": 5, "steps": 5, "warmup": 3},
-    "smoke": {"device": "cpu", "dtype": "fp32", "vision": ("smoke", 2, 2), "text": (2, 32, 64, 16, 2, 2),
-              "rounds": 1, "steps": 1, "warmup": 1},
+    "gpu": {
+        "device": "cuda",
+        "dtype": "bf16",
+        "vision": ("b", 256, 256),
+        "text": (48, 512, 3072, 512, 32, 32),
+        "rounds": 5,
+        "steps": 5,
+        "warmup": 3,
+    },
+    "smoke": {
+        "device": "cpu",
+        "dtype": "fp32",
+        "vision": ("smoke", 2, 2),
+        "text": (2, 32, 64, 16, 2, 2),
+        "rounds": 1,
+        "steps": 1,
+        "warmup": 1,
+    },
 }
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--suite", choices=sorted(SUITES), default="cpu")
     parser.add_argument("--only", choices=("vision", "text"), default=None, help="run one family")
     parser.add_argument("--modes", default="infer,train", help="comma-separated: infer,train")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write all numbers here")
-    parser.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc's default allocator settings")
+    parser.add_argument(
+        "--no-malloc-tuning", action="store_true", help="keep glibc's default allocator settings"
+    )
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
     if not args.no_malloc_tuning:
@@ -293,27 +393,62 @@ def main(argv: list[str] | None = None) -> list[Result]:
     info = machine_info(device)
     info["malloc_tuned"] = not args.no_malloc_tuning
     info["gemm_tflops_fp32" if suite["dtype"] == "fp32" else "gemm_tflops_bf16"] = gemm_rate(
-        device, torch.float32 if suite["dtype"] == "fp32" else torch.bfloat16)
+        device, torch.float32 if suite["dtype"] == "fp32" else torch.bfloat16
+    )
     print(json.dumps(info))
     results: list[Result] = []
     for mode in args.modes.split(","):
         if args.only in (None, "vision"):
             size, b_inf, b_train = suite["vision"]
-            cases = vision_cases(size, b_inf if mode == "infer" else b_train, **({"img": 32, "patch": 8}
-                                                                                if args.suite == "smoke" else {}))
-            results += run_cases(cases, mode, device, suite["dtype"], suite["rounds"], suite["steps"],
-                                 suite["warmup"], args.compile)
+            cases = vision_cases(
+                size,
+                b_inf if mode == "infer" else b_train,
+                **({"img": 32, "patch": 8} if args.suite == "smoke" else {}),
+            )
+            results += run_cases(
+                cases,
+                mode,
+                device,
+                suite["dtype"],
+                suite["rounds"],
+                suite["steps"],
+                suite["warmup"],
+                args.compile,
+            )
         if args.only in (None, "text"):
             layers, dim, ffn, seq, b_inf, b_train = suite["text"]
-            cases = text_cases(layers, dim, ffn, seq, b_inf if mode == "infer" else b_train,
-                               vocab=1000 if args.suite == "smoke" else 30522)
-            results += run_cases(cases, mode, device, suite["dtype"], suite["rounds"], suite["steps"],
-                                 suite["warmup"], args.compile)
+            cases = text_cases(
+                layers,
+                dim,
+                ffn,
+                seq,
+                b_inf if mode == "infer" else b_train,
+                vocab=1000 if args.suite == "smoke" else 30522,
+            )
+            results += run_cases(
+                cases,
+                mode,
+                device,
+                suite["dtype"],
+                suite["rounds"],
+                suite["steps"],
+                suite["warmup"],
+                args.compile,
+            )
     info["loadavg_after"] = os.getloadavg()[0]
     print(table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "suite": args.suite, "compile": args.compile,
-                                               "results": [asdict(r) for r in results]}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "suite": args.suite,
+                    "compile": args.compile,
+                    "results": [asdict(r) for r in results],
+                },
+                indent=2,
+            )
+        )
     return results
 
 

@@ -37,7 +37,9 @@ def _time(fn, device: torch.device, reps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lengths", default="64,128,256,512,1024,2048,4096")
     parser.add_argument("--columns", type=int, default=4096, help="batch * channels mixed per token")
@@ -45,9 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     tune_malloc()
     device = torch.device(args.device)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"columns {args.columns}")
-    print("| n | dense fwd ms | fft fwd ms | fwd speed-up | dense fwd+bwd ms | fft fwd+bwd ms | fwd+bwd speed-up |")
+    print(
+        f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"columns {args.columns}"
+    )
+    print(
+        "| n | dense fwd ms | fft fwd ms | fwd speed-up | dense fwd+bwd ms | fft fwd+bwd ms "
+        "| fwd+bwd speed-up |"
+    )
     print("|---|---|---|---|---|---|---|")
     for n in (int(v) for v in args.lengths.split(",")):
         dense = TokenProjection(n, toeplitz=True).to(device)
@@ -57,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for layer in (dense, fft):
             with torch.no_grad():
-                fwd = _time(lambda layer=layer: layer(z), device, args.reps)
-            both = _time(lambda layer=layer: layer(z).sum().backward(), device, args.reps)
+                fwd = _time(lambda layer=layer, z=z: layer(z), device, args.reps)
+            both = _time(lambda layer=layer, z=z: layer(z).sum().backward(), device, args.reps)
             rows.append((fwd, both))
         (df, db), (ff, fb) = rows
         print(f"| {n} | {df:.2f} | {ff:.2f} | {df / ff:.2f}x | {db:.2f} | {fb:.2f} | {db / fb:.2f}x |")

@@ -26,16 +26,31 @@ def test_vision_checkpoint_plots_and_weights_round_trip(tmp_path: Path) -> None:
     weights = spatial_weights(tmp_path / "model.safetensors")
     assert list(weights) == [0, 1, 2, 3]
     assert torch.equal(weights[2], model.blocks[2].sgu.proj.weight.detach())
-    assert main(["plot-spatial", str(tmp_path / "model.safetensors"), "-o", str(tmp_path / "w.png"),
-                 "--layers", "0,3", "--rows", "3"]) == 0
+    assert (
+        main(
+            [
+                "plot-spatial",
+                str(tmp_path / "model.safetensors"),
+                "-o",
+                str(tmp_path / "w.png"),
+                "--layers",
+                "0,3",
+                "--rows",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert _is_png(tmp_path / "w.png")
 
 
 def test_toeplitz_weights_are_expanded_for_text_plots(tmp_path: Path) -> None:
     n = 5
     w = torch.arange(2 * n - 1, dtype=torch.float32)
-    save_state_dict_file({"gmlp.blocks.0.sgu.proj.weight": w, "gmlp.blocks.0.sgu.proj.bias": torch.ones(n)},
-                         tmp_path / "model.safetensors")
+    save_state_dict_file(
+        {"gmlp.blocks.0.sgu.proj.weight": w, "gmlp.blocks.0.sgu.proj.bias": torch.ones(n)},
+        tmp_path / "model.safetensors",
+    )
     (tmp_path / "config.json").write_text("{}")
     dense = spatial_weights(tmp_path)[0]
     i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
@@ -57,6 +72,8 @@ def test_unknown_layer_is_named(tmp_path: Path) -> None:
 
 
 def test_plot_metrics(tmp_path: Path) -> None:
-    lines = [{"epoch": e, "step": 10 * e, "train_loss": 1.0 / e, "test_accuracy": 0.5 + e / 10} for e in (1, 2, 3)]
+    lines = [
+        {"epoch": e, "step": 10 * e, "train_loss": 1.0 / e, "test_accuracy": 0.5 + e / 10} for e in (1, 2, 3)
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert _is_png(plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "m.png"))

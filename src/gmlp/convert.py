@@ -44,7 +44,8 @@ def detect_format(state_dict: dict[str, torch.Tensor]) -> str:
         return "timm"
     if any(re.match(r"layers\.\d+\.fn\.", k) for k in keys):
         return "g_mlp_pytorch"
-    if any(re.match(r"blocks\.\d+\.(fc1|sgu)\.", k) for k in keys) or any(k.startswith("gmlp.") for k in keys):
+    ours = any(re.match(r"blocks\.\d+\.(fc1|sgu)\.", k) for k in keys)
+    if ours or any(k.startswith("gmlp.") for k in keys):
         return "gmlp"
     raise CheckpointError(f"unrecognised checkpoint layout; first keys: {sorted(keys)[:5]}")
 

@@ -47,7 +47,9 @@ def _spatial_from_state(state: dict[str, torch.Tensor], source: Path) -> dict[in
             w = w[0]
         out[int(m.group(1))] = w
     if not out:
-        raise CheckpointError(f"{str(source)!r} holds no spatial gating weights (no '...blocks.N.sgu.proj.weight')")
+        raise CheckpointError(
+            f"{str(source)!r} holds no spatial gating weights (no '...blocks.N.sgu.proj.weight')"
+        )
     return dict(sorted(out.items()))
 
 
@@ -157,7 +159,7 @@ def plot_metrics(metrics: str | Path, output: str | Path) -> Path:
     keys = [k for k in records[0] if k not in ("step", "epoch") and isinstance(records[0][k], (int, float))]
     fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2 * len(keys)), squeeze=False, sharex=True)
     steps = [r["step"] for r in records]
-    for ax, key in zip(axes[:, 0], keys):
+    for ax, key in zip(axes[:, 0], keys, strict=True):
         ax.plot(steps, [r.get(key) for r in records], marker="o", ms=3)
         ax.set_ylabel(key, fontsize=8)
     axes[-1][0].set_xlabel("step")

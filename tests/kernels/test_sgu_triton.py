@@ -26,11 +26,16 @@ pytestmark = pytest.mark.skipif(
 
 
 def _grads(outs: tuple[torch.Tensor, ...], inputs: list[torch.Tensor], seeds: tuple[torch.Tensor, ...]):
-    return torch.autograd.grad(sum((o * s).sum() for o, s in zip(outs, seeds)), inputs)
+    return torch.autograd.grad(sum((o * s).sum() for o, s in zip(outs, seeds, strict=True)), inputs)
 
 
 @settings(max_examples=12, deadline=None)
-@given(rows=st.integers(1, 9), half=st.integers(1, 40), lead=st.sampled_from([(), (2,)]), seed=st.integers(0, 999))
+@given(
+    rows=st.integers(1, 9),
+    half=st.integers(1, 40),
+    lead=st.sampled_from([(), (2,)]),
+    seed=st.integers(0, 999),
+)
 def test_kernel_matches_reference(rows: int, half: int, lead: tuple[int, ...], seed: int) -> None:
     torch.manual_seed(seed)
     u = (2 * torch.randn(*lead, rows, 2 * half, device=DEVICE)).requires_grad_()
@@ -38,11 +43,11 @@ def test_kernel_matches_reference(rows: int, half: int, lead: tuple[int, ...], s
     b = torch.randn(half, device=DEVICE, requires_grad=True)
     fused = gelu_split_layernorm(u, w, b, 1e-5, use_triton=True)
     ref = gelu_split_layernorm_reference(u, w, b, 1e-5)
-    for f, r in zip(fused, ref):
+    for f, r in zip(fused, ref, strict=True):
         assert f.shape == r.shape
         torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
     seeds = tuple(torch.randn_like(r) for r in ref)
-    for gf, gr in zip(_grads(fused, [u, w, b], seeds), _grads(ref, [u, w, b], seeds)):
+    for gf, gr in zip(_grads(fused, [u, w, b], seeds), _grads(ref, [u, w, b], seeds), strict=True):
         torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-4)
 
 
@@ -56,8 +61,9 @@ def test_block_through_the_fused_kernel_equals_reference_block(monkeypatch: pyte
     mask[2, 7:] = False
     ref = block(x, mask)
     (g_ref,) = torch.autograd.grad(ref.sum(), x)
-    monkeypatch.setattr(block_module, "gelu_split_layernorm",
-                        functools.partial(gelu_split_layernorm, use_triton=True))
+    monkeypatch.setattr(
+        block_module, "gelu_split_layernorm", functools.partial(gelu_split_layernorm, use_triton=True)
+    )
     fused = block(x, mask)
     (g_fused,) = torch.autograd.grad(fused.sum(), x)
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)

@@ -21,10 +21,17 @@ def _pair(seq_len: int, heads: int, causal: bool) -> tuple[TokenProjection, Toke
 
 
 @settings(max_examples=25, deadline=None)
-@given(seq_len=st.integers(1, 40), frac=st.floats(0.05, 1.0), heads=st.sampled_from([1, 2, 4]),
-       causal=st.just(False), batch=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_fft_path_matches_dense_forward_and_grad(seq_len: int, frac: float, heads: int, causal: bool,
-                                                 batch: int, seed: int) -> None:
+@given(
+    seq_len=st.integers(1, 40),
+    frac=st.floats(0.05, 1.0),
+    heads=st.sampled_from([1, 2, 4]),
+    causal=st.just(False),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_fft_path_matches_dense_forward_and_grad(
+    seq_len: int, frac: float, heads: int, causal: bool, batch: int, seed: int
+) -> None:
     torch.manual_seed(seed)
     n = max(1, round(frac * seq_len))
     dense, fft = _pair(seq_len, heads, causal)
@@ -37,7 +44,7 @@ def test_fft_path_matches_dense_forward_and_grad(seq_len: int, frac: float, head
     g = torch.randn_like(y_ref)
     grads_ref = torch.autograd.grad((y_ref * g).sum(), [z, dense.weight, dense.bias])
     grads_fft = torch.autograd.grad((y_fft * g).sum(), [z, fft.weight, fft.bias])
-    for a, b in zip(grads_fft, grads_ref):
+    for a, b in zip(grads_fft, grads_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * (b.abs().max().item() + 1.0))
 
 

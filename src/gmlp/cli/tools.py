@@ -11,7 +11,9 @@ def _layers(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--layers must be comma-separated block indices, got {text!r}") from err
+        raise argparse.ArgumentTypeError(
+            f"--layers must be comma-separated block indices, got {text!r}"
+        ) from err
 
 
 def _plot_spatial(args: argparse.Namespace) -> int:
@@ -33,12 +35,20 @@ def _plot_metrics(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``plot-spatial`` and ``plot-metrics``."""
     p = sub.add_parser("plot-spatial", help="draw the learned spatial weights W of a checkpoint to a PNG")
-    p.add_argument("checkpoint", help="model.safetensors, a run or checkpoint directory, or a save_pretrained dir")
+    p.add_argument(
+        "checkpoint", help="model.safetensors, a run or checkpoint directory, or a save_pretrained dir"
+    )
     p.add_argument("--output", "-o", default="spatial_weights.png", help="PNG to write")
-    p.add_argument("--layers", type=_layers, default=None, help="comma-separated block indices (default: spread)")
+    p.add_argument(
+        "--layers", type=_layers, default=None, help="comma-separated block indices (default: spread)"
+    )
     p.add_argument("--rows", type=int, default=6, help="rows (output tokens) of W per layer")
-    p.add_argument("--kind", choices=("auto", "vision", "text"), default="auto",
-                   help="vision: rows as patch-grid images; text: rows as 1-D filters")
+    p.add_argument(
+        "--kind",
+        choices=("auto", "vision", "text"),
+        default="auto",
+        help="vision: rows as patch-grid images; text: rows as 1-D filters",
+    )
     p.set_defaults(func=_plot_spatial)
 
     m = sub.add_parser("plot-metrics", help="plot the curves of a metrics.jsonl file to a PNG")

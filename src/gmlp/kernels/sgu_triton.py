@@ -140,8 +140,9 @@ class _GeluSplitLayerNorm(torch.autograd.Function):
         progs = math.ceil(rows / rows_per_prog)
         dw = torch.empty(progs, c, dtype=torch.float32, device=u2d.device)
         db = torch.empty_like(dw)
-        _bwd_kernel[(progs,)](u2d, dz1, dz2, weight, mean, rstd, du, dw, db, rows, c, rows_per_prog,
-                              BLOCK_C=_block_c(c))
+        _bwd_kernel[(progs,)](
+            u2d, dz1, dz2, weight, mean, rstd, du, dw, db, rows, c, rows_per_prog, BLOCK_C=_block_c(c)
+        )
         return du.view(ctx.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None
 
 

@@ -25,11 +25,14 @@ def _fft_size(n: int) -> int:
         size += 1
 
 
-def toeplitz_mix_fft(weight: torch.Tensor, z: torch.Tensor, seq_len: int, causal: bool = False) -> torch.Tensor:
+def toeplitz_mix_fft(
+    weight: torch.Tensor, z: torch.Tensor, seq_len: int, causal: bool = False
+) -> torch.Tensor:
     """Apply the Toeplitz token mixing of ``weight`` to token-major ``z`` via FFT (no bias).
 
     Args:
-        weight: ``(2 * seq_len - 1,)`` or ``(heads, 2 * seq_len - 1)``; ``weight[k]`` is offset ``k - (seq_len-1)``.
+        weight: ``(2 * seq_len - 1,)`` or ``(heads, 2 * seq_len - 1)``; ``weight[k]`` holds the
+            offset ``k - (seq_len - 1)``.
         z: ``(n, batch, channels)`` with ``n <= seq_len``; with heads, channels split into ``heads`` groups.
         seq_len: the layer's configured length (locates offset 0 in ``weight``).
         causal: drop the offsets ``i - j < 0`` (no dependence on later tokens).
@@ -44,13 +47,14 @@ def toeplitz_mix_fft(weight: torch.Tensor, z: torch.Tensor, seq_len: int, causal
     if causal:
         kernel = torch.cat([torch.zeros_like(kernel[..., : n - 1]), kernel[..., n - 1 :]], dim=-1)
     size = _fft_size(n)
+    work = torch.promote_types(z.dtype, torch.float32)  # float64 stays float64; half types go up
     # circular layout: offset k >= 0 at index k, offset k < 0 at index size + k
-    h = torch.zeros(*kernel.shape[:-1], size, dtype=torch.float32, device=z.device)
-    h[..., :n] = kernel[..., n - 1 :].float()
+    h = torch.zeros(*kernel.shape[:-1], size, dtype=work, device=z.device)
+    h[..., :n] = kernel[..., n - 1 :].to(work)
     if n > 1:
-        h[..., size - (n - 1) :] = kernel[..., : n - 1].float()
+        h[..., size - (n - 1) :] = kernel[..., : n - 1].to(work)
     h_f = torch.fft.rfft(h, dim=-1)  # (..., size // 2 + 1)
-    zf = torch.fft.rfft(z.float(), n=size, dim=0)  # (size // 2 + 1, batch, channels)
+    zf = torch.fft.rfft(z.to(work), n=size, dim=0)  # (size // 2 + 1, batch, channels)
     if heads == 1:
         out = zf * h_f[:, None, None]
     else:

@@ -69,17 +69,23 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     grid = getattr(model, "grid_size", None)
     if grid is not None:
         n_model = grid[0] * grid[1]
+        same_grid = metadata.get("grid_size", f"{grid[0]},{grid[1]}") == f"{grid[0]},{grid[1]}"
         for key in [k for k in state if k.endswith("sgu.proj.weight")]:
             n_ckpt = state[key].shape[-1]
-            if n_ckpt == n_model:
-                continue
+            if n_ckpt == n_model and same_grid:
+                continue  # (a recorded grid with as many tokens but another shape is resampled)
             old = _grid_from(metadata, n_ckpt)
             state[key] = resample_spatial_weight(state[key], old, grid)
             bias_key = key[: -len("weight")] + "bias"
             if bias_key in state:
                 state[bias_key] = resample_spatial_bias(state[bias_key], old, grid)
     head = getattr(model, "head", None)
-    if isinstance(head, nn.Linear) and "head.weight" in state and state["head.weight"].shape != head.weight.shape:
+    if (
+        isinstance(head, nn.Linear)
+        and "head.weight" in state
+        and state["head.weight"].dim() == 2
+        and state["head.weight"].shape[0] != head.out_features
+    ):  # another number of classes (a head of another width is a mismatch, reported below)
         warnings.warn(
             f"checkpoint head has {state['head.weight'].shape[0]} classes, the model {head.out_features}: "
             f"keeping the model's freshly initialised head",

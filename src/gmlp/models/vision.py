@@ -99,8 +99,17 @@ class GMLPVision(nn.Module):
         n = self.stem.num_patches
         self.blocks = nn.ModuleList(
             GMLPBlock(
-                embed_dim, dim_ffn, n, variant=variant, heads=heads, attn_dim=attn_dim, drop_path=p,
-                dropout=proj_drop_rate, norm_eps=norm_eps, sgu_norm_eps=sgu_norm_eps, init_std=init_std,
+                embed_dim,
+                dim_ffn,
+                n,
+                variant=variant,
+                heads=heads,
+                attn_dim=attn_dim,
+                drop_path=p,
+                dropout=proj_drop_rate,
+                norm_eps=norm_eps,
+                sgu_norm_eps=sgu_norm_eps,
+                init_std=init_std,
             )
             for p in drop_path_rates(drop_path_rate, depth, drop_path_schedule)
         )
@@ -110,6 +119,7 @@ class GMLPVision(nn.Module):
         cfg = dict(_DEFAULT_CFG)
         cfg.update(pretrained_cfg or {})
         cfg["input_size"] = (in_chans, *self.img_size)
+        cfg["num_classes"] = num_classes
         self.pretrained_cfg = cfg
         self.init_weights()
 
@@ -165,9 +175,9 @@ class GMLPVision(nn.Module):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        device = self.norm.weight.device
+        device, dtype = self.norm.weight.device, self.norm.weight.dtype
         if num_classes > 0:
-            self.head = nn.Linear(self.embed_dim, num_classes, device=device)
+            self.head = nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         else:
@@ -257,8 +267,9 @@ def gmlp_nano4_28(**kwargs: Any) -> GMLPVision:
     return _create(
         "gmlp_nano4_28",
         _FASHION_MNIST_CFG,
-        **_defaults(kwargs, img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6,
-                    mlp_ratio=4),
+        **_defaults(
+            kwargs, img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6, mlp_ratio=4
+        ),
     )
 
 
@@ -268,8 +279,7 @@ def gmlp_micro4_28(**kwargs: Any) -> GMLPVision:
     return _create(
         "gmlp_micro4_28",
         _FASHION_MNIST_CFG,
-        **_defaults(kwargs, img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4,
-                    mlp_ratio=4),
+        **_defaults(
+            kwargs, img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, mlp_ratio=4
+        ),
     )
-
-

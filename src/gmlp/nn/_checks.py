@@ -30,7 +30,9 @@ def check_tokens(x: torch.Tensor, dim: int, max_len: int | None, name: str = "x"
         raise ValueError(f"{name} has sequence length 0; at least one token is needed")
 
 
-def check_mask(mask: torch.Tensor | None, batch: int, seq_len: int, name: str = "mask") -> torch.Tensor | None:
+def check_mask(
+    mask: torch.Tensor | None, batch: int, seq_len: int, name: str = "mask"
+) -> torch.Tensor | None:
     """Validate a per-sample padding mask and return it as a bool tensor of shape ``(batch, seq_len)``.
 
     ``True`` (or 1) marks a real token, ``False`` (or 0) a padding token, as in Hugging Face's
@@ -40,13 +42,18 @@ def check_mask(mask: torch.Tensor | None, batch: int, seq_len: int, name: str = 
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape ({batch}, {seq_len}), got {type(mask).__name__}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape ({batch}, {seq_len}), got {type(mask).__name__}"
+        )
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         raise TypeError(
-            f"{name} must be a bool or integer tensor (1/True = real token, 0/False = padding), got dtype {mask.dtype}"
+            f"{name} must be a bool or integer tensor (1/True = real token, 0/False = padding), "
+            f"got dtype {mask.dtype}"
         )
     if tuple(mask.shape) != (batch, seq_len):
-        raise ValueError(f"{name} must have shape (batch, seq_len) = ({batch}, {seq_len}), got {tuple(mask.shape)}")
+        raise ValueError(
+            f"{name} must have shape (batch, seq_len) = ({batch}, {seq_len}), got {tuple(mask.shape)}"
+        )
     if mask.dtype != torch.bool:
         mask = mask != 0
     return mask

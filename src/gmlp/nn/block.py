@@ -90,8 +90,14 @@ class GMLPBlock(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.fc1 = nn.Linear(dim, dim_ffn)
         self.sgu = SpatialGatingUnit(
-            dim_ffn, seq_len, variant=variant, toeplitz=toeplitz, causal=causal, heads=heads,
-            norm_eps=sgu_norm_eps, init_std=init_std,
+            dim_ffn,
+            seq_len,
+            variant=variant,
+            toeplitz=toeplitz,
+            causal=causal,
+            heads=heads,
+            norm_eps=sgu_norm_eps,
+            init_std=init_std,
         )
         if attn_dim is not None and variant == "none":
             raise ValueError("attn_dim (tiny attention) needs a gate; it cannot be used with variant='none'")

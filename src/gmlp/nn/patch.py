@@ -35,7 +35,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.img_size = to_2tuple(img_size, "img_size")
         self.patch_size = to_2tuple(patch_size, "patch_size")
-        if any(i % p for i, p in zip(self.img_size, self.patch_size)):
+        if any(i % p for i, p in zip(self.img_size, self.patch_size, strict=True)):
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -52,10 +52,12 @@ class PatchEmbed(nn.Module):
                 f"images must have {self.in_chans} channels, got {x.shape[1]} (shape {tuple(x.shape)})"
             )
         if tuple(x.shape[2:]) != self.img_size:
+            h, w = x.shape[2], x.shape[3]
+            size = h if h == w else (h, w)
             raise ValueError(
-                f"images must be {self.img_size[0]}x{self.img_size[1]} pixels for this model, got "
-                f"{x.shape[2]}x{x.shape[3]}. gMLP's spatial weights are tied to the token grid: build the model "
-                f"for the new size, e.g. create_model(name, img_size={x.shape[2]}, pretrained=...), which "
-                f"resamples W from the checkpoint's grid (gmlp.nn.resample_spatial_weight)"
+                f"images must be {self.img_size[0]}x{self.img_size[1]} pixels for this model, got {h}x{w}. "
+                f"gMLP's spatial weights are tied to the token grid: build the model for the new size, e.g. "
+                f"create_model(name, img_size={size}, pretrained=...), which resamples W from the "
+                f"checkpoint's grid (gmlp.nn.resample_spatial_weight)"
             )
         return self.proj(x).flatten(2).permute(2, 0, 1).contiguous()

@@ -22,7 +22,9 @@ __all__ = ["resample_spatial_weight", "resample_spatial_bias"]
 def _resample_last2(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """Interpolate the last two axes of ``x`` to ``size`` (leading axes are flattened into a batch)."""
     lead = x.shape[:-2]
-    flat = x.reshape(-1, 1, *x.shape[-2:]).float()
+    flat = x.reshape(-1, 1, *x.shape[-2:])
+    if flat.dtype != torch.float64:  # interpolate in float32 at least (half types), never below the input
+        flat = flat.float()
     kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     out = F.interpolate(flat, size=size, mode=mode, **kwargs)
     return out.reshape(*lead, *size)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = ["CheckpointError", "atomic_write", "load_state_dict_file", "save_state_dict_file"]
@@ -68,8 +66,11 @@ def save_state_dict_file(
 def _guarded(path: Path, what: str, fn: Callable[[], object]) -> object:
     try:
         return fn()
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        raise CheckpointError(f"cannot read {what} checkpoint {str(path)!r}: it is truncated or corrupt ({err})") from err
+    except Exception as err:  # corrupt bytes fail the readers in many ways (UnpicklingError, IndexError, ...)
+        raise CheckpointError(
+            f"cannot read {what} checkpoint {str(path)!r}: it is truncated or corrupt "
+            f"({type(err).__name__}: {err})"
+        ) from err
 
 
 def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -107,7 +108,8 @@ def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
             if key in state and isinstance(state[key], dict):
                 state = state[key]
                 break
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    tensors_only = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    if not tensors_only or not state:
         raise CheckpointError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}

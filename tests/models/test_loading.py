@@ -1,0 +1,223 @@
+"""Loading checkpoints into vision models: round trip, resolution change, head changes, clear errors."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import gmlp
+from gmlp import CheckpointError
+from gmlp.models.loading import load_pretrained, load_state_dict_checked, save_model
+from gmlp.nn import resample_spatial_bias, resample_spatial_weight
+
+MICRO = dict(embed_dim=16, depth=2, mlp_ratio=2)  # gmlp_micro4_28 made smaller still: patch 4, 1 channel
+
+
+def micro(img_size=56, **kwargs):
+    """gmlp_micro4_28 at ``img_size`` (56 px -> 14x14 tokens) with random weights everywhere."""
+    model = gmlp.create_model("gmlp_micro4_28", img_size=img_size, **{**MICRO, **kwargs})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    model = micro()
+    save_model(model, tmp_path / "m.safetensors")
+    path = tmp_path / "m.safetensors"
+    loaded = gmlp.create_model("gmlp_micro4_28", img_size=56, pretrained=path, **MICRO).eval()
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+    x = torch.randn(2, 1, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    # a directory holding model.safetensors works too
+    (tmp_path / "dir").mkdir()
+    save_model(model, tmp_path / "dir" / "model.safetensors")
+    load_pretrained(micro(), tmp_path / "dir")
+
+
+def test_save_model_records_architecture_and_grid(tmp_path: Path) -> None:
+    from gmlp.utils.io import load_state_dict_file
+
+    save_model(micro(img_size=(56, 28)), tmp_path / "m.safetensors")
+    _, metadata = load_state_dict_file(tmp_path / "m.safetensors")
+    assert metadata["architecture"] == "gmlp_micro4_28"
+    assert metadata["grid_size"] == "14,7"
+    assert metadata["format"] == "gmlp"
+
+
+# ---------------------------------------------------------------------------------------------------
+# resolution change (issue item 9)
+
+
+def test_14x14_checkpoint_loads_into_a_larger_model(tmp_path: Path) -> None:
+    small = micro(img_size=56)  # 14x14 grid
+    assert small.grid_size == (14, 14)
+    save_model(small, tmp_path / "m14.safetensors")
+    path = tmp_path / "m14.safetensors"
+    big = gmlp.create_model("gmlp_micro4_28", img_size=64, pretrained=path, **MICRO).eval()
+    assert big.grid_size == (16, 16)
+    old = small.state_dict()
+    for name, value in big.state_dict().items():
+        if name.endswith("sgu.proj.weight"):
+            assert value.shape == (256, 256)
+            torch.testing.assert_close(value, resample_spatial_weight(old[name], 14, 16))
+        elif name.endswith("sgu.proj.bias"):
+            torch.testing.assert_close(value, resample_spatial_bias(old[name], 14, 16))
+        else:
+            assert torch.equal(value, old[name]), name
+    with torch.no_grad():
+        out = big(torch.randn(2, 1, 64, 64))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_same_size_load_does_not_resample(tmp_path: Path) -> None:
+    model = micro()
+    save_model(model, tmp_path / "m.safetensors")
+    other = micro()
+    load_pretrained(other, tmp_path / "m.safetensors")
+    assert torch.equal(other.blocks[0].sgu.proj.weight, model.blocks[0].sgu.proj.weight)
+
+
+def test_non_square_grid_uses_recorded_grid(tmp_path: Path) -> None:
+    model = micro(img_size=(56, 28))  # 14 x 7 tokens
+    save_model(model, tmp_path / "m.safetensors")
+    path = tmp_path / "m.safetensors"
+    big = gmlp.create_model("gmlp_micro4_28", img_size=(64, 32), pretrained=path, **MICRO)
+    torch.testing.assert_close(
+        big.blocks[1].sgu.proj.weight.detach(),
+        resample_spatial_weight(model.blocks[1].sgu.proj.weight.detach(), (14, 7), (16, 8)),
+    )
+    # without the recorded grid (a bare .pth), 98 tokens is not a square grid: a clear error
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    with pytest.raises(CheckpointError, match=r"98 tokens.*not a square grid"):
+        gmlp.create_model("gmlp_micro4_28", img_size=(64, 32), pretrained=tmp_path / "bare.pth", **MICRO)
+
+
+def test_same_token_count_other_grid_shape_is_resampled(tmp_path: Path) -> None:
+    """14x7 and 7x14 grids both have 98 tokens: the recorded grid, not the count, decides."""
+    model = micro(img_size=(56, 28))
+    save_model(model, tmp_path / "m.safetensors")
+    path = tmp_path / "m.safetensors"
+    other = gmlp.create_model("gmlp_micro4_28", img_size=(28, 56), pretrained=path, **MICRO)
+    torch.testing.assert_close(
+        other.blocks[0].sgu.proj.weight.detach(),
+        resample_spatial_weight(model.blocks[0].sgu.proj.weight.detach(), (14, 7), (7, 14)),
+    )
+
+
+def test_heads_checkpoint_resamples_each_head(tmp_path: Path) -> None:
+    model = micro(img_size=28, heads=2)
+    save_model(model, tmp_path / "m.safetensors")
+    path = tmp_path / "m.safetensors"
+    big = gmlp.create_model("gmlp_micro4_28", img_size=36, heads=2, pretrained=path, **MICRO)
+    assert big.blocks[0].sgu.proj.weight.shape == (2, 81, 81)
+    assert big.blocks[0].sgu.proj.bias.shape == (2, 81)
+
+
+# ---------------------------------------------------------------------------------------------------
+# heads with another number of classes
+
+
+def test_other_number_of_classes_keeps_fresh_head_with_warning(tmp_path: Path) -> None:
+    model = micro()
+    save_model(model, tmp_path / "m.safetensors")
+    with pytest.warns(UserWarning, match="10 classes.*3"):
+        other = gmlp.create_model("gmlp_micro4_28", img_size=56, num_classes=3,
+                                  pretrained=tmp_path / "m.safetensors", **MICRO)
+    assert torch.all(other.head.weight == 0)  # fresh (zero-initialised) head
+    assert torch.equal(other.blocks[1].fc2.weight, model.blocks[1].fc2.weight)
+
+
+def test_headless_model_loads_checkpoint_with_head(tmp_path: Path) -> None:
+    model = micro()
+    save_model(model, tmp_path / "m.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        headless = gmlp.create_model("gmlp_micro4_28", img_size=56, num_classes=0,
+                                     pretrained=tmp_path / "m.safetensors", **MICRO).eval()
+    x = torch.randn(1, 1, 56, 56)
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(headless(x), pooled)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad checkpoints (issue item 11)
+
+
+def test_missing_keys_are_named(tmp_path: Path) -> None:
+    save_model(micro(), tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing keys.*blocks\.2\.") as err:
+        gmlp.create_model("gmlp_micro4_28", img_size=56, pretrained=tmp_path / "m.safetensors",
+                          **{**MICRO, "depth": 3})
+    assert "blocks.2.fc1.weight" in str(err.value) or "blocks.2.norm.weight" in str(err.value)
+
+
+def test_unexpected_keys_are_named(tmp_path: Path) -> None:
+    save_model(micro(), tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected keys.*blocks\.1\."):
+        gmlp.create_model("gmlp_micro4_28", img_size=56, pretrained=tmp_path / "m.safetensors",
+                          **{**MICRO, "depth": 1})
+
+
+def test_shape_mismatches_are_named(tmp_path: Path) -> None:
+    save_model(micro(), tmp_path / "m.safetensors")
+    message = r"shape mismatches.*stem\.proj\.weight: checkpoint \(16, 1, 4, 4\) vs model \(24, 1, 4, 4\)"
+    with pytest.raises(CheckpointError, match=message):
+        gmlp.create_model("gmlp_micro4_28", img_size=56, pretrained=tmp_path / "m.safetensors",
+                          **{**MICRO, "embed_dim": 24})
+
+
+def test_head_of_another_width_is_a_shape_mismatch_not_a_class_change(tmp_path: Path) -> None:
+    """Same number of classes, another feature width: the head is reported, not silently replaced."""
+    from gmlp.utils.io import save_state_dict_file
+
+    state = micro().state_dict()
+    state["head.weight"] = torch.zeros(10, 24)
+    save_state_dict_file(state, tmp_path / "m.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError, match=r"head\.weight: checkpoint \(10, 24\) vs model \(10, 16\)"):
+            load_pretrained(micro(), tmp_path / "m.safetensors")
+
+
+def test_load_state_dict_checked_leaves_model_untouched_on_error() -> None:
+    model = micro()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    state["blocks.0.fc1.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.fc1\.weight"):
+        load_state_dict_checked(model, state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_missing_file() -> None:
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        gmlp.create_model("gmlp_micro4_28", pretrained="/nonexistent/nope.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_truncated_checkpoints(tmp_path: Path, suffix: str) -> None:
+    model = micro()
+    path = tmp_path / f"m{suffix}"
+    if suffix == ".safetensors":
+        save_model(model, path)
+    else:
+        torch.save(model.state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        gmlp.create_model("gmlp_micro4_28", img_size=56, pretrained=path, **MICRO)
+
+
+def test_corrupt_pth(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(CheckpointError, match="garbage.pth"):
+        gmlp.create_model("gmlp_micro4_28", pretrained=path)
