@@ -1,0 +1,48 @@
+"""gMLP / aMLP language models for Hugging Face ``transformers`` (paper sections 4-5).
+
+Importing this package registers the ``"gmlp"`` model type with ``AutoConfig``, ``AutoModel``,
+``AutoModelForMaskedLM``, ``AutoModelForSequenceClassification``, ``AutoModelForQuestionAnswering`` and
+``AutoModelForCausalLM``, so ``AutoModelForMaskedLM.from_pretrained(path)`` works on a saved gMLP.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+)
+
+from .configuration_gmlp import PRESETS, GMLPConfig
+from .modeling_gmlp import (
+    GMLPForCausalLM,
+    GMLPForMaskedLM,
+    GMLPForQuestionAnswering,
+    GMLPForSequenceClassification,
+    GMLPModel,
+    GMLPPreTrainedModel,
+    from_g_mlp_pytorch_lm,
+)
+
+__all__ = [
+    "PRESETS",
+    "GMLPConfig",
+    "GMLPForCausalLM",
+    "GMLPForMaskedLM",
+    "GMLPForQuestionAnswering",
+    "GMLPForSequenceClassification",
+    "GMLPModel",
+    "GMLPPreTrainedModel",
+    "from_g_mlp_pytorch_lm",
+]
+
+AutoConfig.register(GMLPConfig.model_type, GMLPConfig, exist_ok=True)
+for _auto, _model in (
+    (AutoModel, GMLPModel),
+    (AutoModelForMaskedLM, GMLPForMaskedLM),
+    (AutoModelForSequenceClassification, GMLPForSequenceClassification),
+    (AutoModelForQuestionAnswering, GMLPForQuestionAnswering),
+    (AutoModelForCausalLM, GMLPForCausalLM),
+):
+    _auto.register(GMLPConfig, _model, exist_ok=True)

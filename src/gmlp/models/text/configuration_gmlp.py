@@ -1,0 +1,246 @@
+"""Configuration of the gMLP / aMLP language models (Liu et al. 2021, sections 4-5), Hugging Face style.
+
+``GMLPConfig`` is a :class:`transformers.PretrainedConfig` with ``model_type = "gmlp"``. It works with
+transformers 4.45+ and 5.x (it uses the classic ``__init__`` form that both accept).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from ...nn import VARIANTS
+
+__all__ = ["GMLPConfig", "PRESETS"]
+
+#: The paper's language models (Table 5; the ablation model of Tables 3/4). All: vocabulary 32,000,
+#: n = 512 tokens, Toeplitz W, input embedding tied to the output layer. ``params`` is the count the spec
+#: reproduces from the paper's formula (blocks + tied embedding; heads and final norm add a little).
+PRESETS: dict[str, dict[str, Any]] = {
+    "gmlp-base": {"num_hidden_layers": 48, "hidden_size": 512, "intermediate_size": 3072, "params": 130.07e6},
+    "amlp-base": {
+        "num_hidden_layers": 36, "hidden_size": 512, "intermediate_size": 3072, "tiny_attn_size": 64,
+        "params": 108.78e6,
+    },
+    "gmlp-large": {
+        "num_hidden_layers": 96, "hidden_size": 768, "intermediate_size": 3072, "params": 365.27e6,
+    },
+    "amlp-large": {
+        "num_hidden_layers": 72, "hidden_size": 768, "intermediate_size": 3072, "tiny_attn_size": 128,
+        "params": 315.60e6,
+    },
+    "gmlp-xlarge": {
+        "num_hidden_layers": 144, "hidden_size": 1024, "intermediate_size": 4096, "params": 940.58e6,
+    },
+    "gmlp-ablation": {
+        "num_hidden_layers": 36, "hidden_size": 512, "intermediate_size": 3072, "params": 101.65e6,
+    },
+}
+
+_PRESET_COMMON: dict[str, Any] = {
+    "vocab_size": 32000,
+    "max_position_embeddings": 512,
+    "toeplitz": True,
+    "tie_word_embeddings": True,
+}
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _probability(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+
+
+def _positive_float(name: str, value: Any, allow_zero: bool = False) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (value >= 0 if allow_zero else value > 0):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} float, got {value!r}")
+
+
+class GMLPConfig(PretrainedConfig):
+    r"""Configuration of :class:`~gmlp.models.text.GMLPModel` and its task heads.
+
+    The defaults are gMLP-base (paper Table 5): 48 blocks, ``d_model`` 512, ``d_ffn`` 3072, n = 512,
+    Toeplitz W, 32,000-token vocabulary, tied input/output embedding. Use :meth:`from_preset` for the other
+    published sizes.
+
+    Args:
+        vocab_size: number of token ids.
+        hidden_size: ``d_model``, the width of the residual stream.
+        intermediate_size: ``d_ffn``, the width after the channel projection U (must be even for the SGU).
+        num_hidden_layers: number of gMLP blocks.
+        max_position_embeddings: ``n``, the largest number of tokens; the spatial W is n x n (or 2n-1
+            Toeplitz entries) and b has n entries. There are no position embeddings: position lives in W.
+        toeplitz: constrain W to be Toeplitz (``W[i, j] = w[i - j]``), as in all of the paper's NLP runs.
+        tiny_attn_size: size of the single tiny-attention head (aMLP: 64 for base, 128 for large);
+            None = plain gMLP.
+        causal: causal token mixing (W masked to its lower triangle, causal tiny attention). Forced on by
+            :class:`~gmlp.models.text.GMLPForCausalLM`.
+        sgu_variant: gating function, one of :data:`gmlp.nn.VARIANTS` (``"sgu"`` is the paper's choice;
+            the others are its Table 3 ablations).
+        sgu_heads: number of channel groups of the SGU, each with its own W and b (g-mlp-pytorch's ``heads``).
+        hidden_dropout_prob: dropout on the embeddings and on each block's output.
+        classifier_dropout: dropout in the sequence-classification head (None = ``hidden_dropout_prob``).
+        drop_path_rate: stochastic-depth probability of the blocks.
+        drop_path_schedule: ``"uniform"`` (every block) or ``"linear"`` (0 at the first block to the rate at
+            the last).
+        layer_norm_eps: epsilon of the block pre-norms and of the final LayerNorm.
+        sgu_norm_eps: epsilon of the LayerNorm inside the SGU (1e-5 as timm and g-mlp-pytorch).
+        initializer_range: std of the normal init of Linear and Embedding weights.
+        spatial_init_std: std of the near-zero normal init of W (b starts at 1), see the paper's section 2.
+        type_vocab_size: number of token types (segments) for sentence pairs; 0 = no token-type embedding.
+        tie_word_embeddings: share the input embedding with the output layer (MLM decoder / LM head).
+        pad_token_id, cls_token_id, sep_token_id, mask_token_id, bos_token_id, eos_token_id: special token
+            ids, recorded for tokenizers, pipelines and ``generate``; None = not defined.
+        **kwargs: the usual :class:`~transformers.PretrainedConfig` arguments (``num_labels``,
+            ``id2label``, ``problem_type``, ...).
+
+    Raises:
+        ValueError: an argument is out of range; the message names it, its value and what is expected.
+    """
+
+    model_type = "gmlp"
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 512,
+        intermediate_size: int = 3072,
+        num_hidden_layers: int = 48,
+        max_position_embeddings: int = 512,
+        toeplitz: bool = True,
+        tiny_attn_size: int | None = None,
+        causal: bool = False,
+        sgu_variant: str = "sgu",
+        sgu_heads: int = 1,
+        hidden_dropout_prob: float = 0.0,
+        classifier_dropout: float | None = None,
+        drop_path_rate: float = 0.0,
+        drop_path_schedule: str = "uniform",
+        layer_norm_eps: float = 1e-6,
+        sgu_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        spatial_init_std: float = 1e-6,
+        type_vocab_size: int = 2,
+        tie_word_embeddings: bool = True,
+        pad_token_id: int | None = 0,
+        cls_token_id: int | None = 2,
+        sep_token_id: int | None = 3,
+        mask_token_id: int | None = 4,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        _positive_int("vocab_size", vocab_size)
+        _positive_int("hidden_size", hidden_size)
+        _positive_int("intermediate_size", intermediate_size)
+        _positive_int("num_hidden_layers", num_hidden_layers)
+        _positive_int("max_position_embeddings", max_position_embeddings)
+        _positive_int("sgu_heads", sgu_heads)
+        if sgu_variant not in VARIANTS:
+            raise ValueError(f"sgu_variant must be one of {sorted(VARIANTS)}, got {sgu_variant!r}")
+        if sgu_variant == "sgu" and intermediate_size % 2:
+            raise ValueError(
+                f"intermediate_size must be even with sgu_variant='sgu' (it is split into two halves), "
+                f"got {intermediate_size}"
+            )
+        gate_dim = intermediate_size // 2 if sgu_variant == "sgu" else intermediate_size
+        if sgu_variant != "none" and gate_dim % sgu_heads:
+            raise ValueError(
+                f"sgu_heads must divide the gate width ({gate_dim} channels for intermediate_size="
+                f"{intermediate_size}, sgu_variant={sgu_variant!r}), got {sgu_heads}"
+            )
+        if tiny_attn_size is not None:
+            _positive_int("tiny_attn_size", tiny_attn_size)
+            if sgu_variant == "none":
+                raise ValueError(
+                    "tiny_attn_size needs a gate to add to; it cannot be used with sgu_variant='none'"
+                )
+        flags = (("toeplitz", toeplitz), ("causal", causal), ("tie_word_embeddings", tie_word_embeddings))
+        for name, value in flags:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+        _probability("hidden_dropout_prob", hidden_dropout_prob)
+        if classifier_dropout is not None:
+            _probability("classifier_dropout", classifier_dropout)
+        _probability("drop_path_rate", drop_path_rate)
+        if drop_path_schedule not in ("uniform", "linear"):
+            raise ValueError(f"drop_path_schedule must be 'uniform' or 'linear', got {drop_path_schedule!r}")
+        _positive_float("layer_norm_eps", layer_norm_eps)
+        _positive_float("sgu_norm_eps", sgu_norm_eps)
+        _positive_float("initializer_range", initializer_range, allow_zero=True)
+        _positive_float("spatial_init_std", spatial_init_std, allow_zero=True)
+        if isinstance(type_vocab_size, bool) or not isinstance(type_vocab_size, int) or type_vocab_size < 0:
+            raise ValueError(
+                f"type_vocab_size must be an int >= 0 (0 = no token types), got {type_vocab_size!r}"
+            )
+        for name, value in (
+            ("pad_token_id", pad_token_id), ("cls_token_id", cls_token_id), ("sep_token_id", sep_token_id),
+            ("mask_token_id", mask_token_id), ("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value < vocab_size):
+                raise ValueError(
+                    f"{name} must be None or an int in [0, vocab_size={vocab_size}), got {value!r}"
+                )
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.max_position_embeddings = max_position_embeddings
+        self.toeplitz = toeplitz
+        self.tiny_attn_size = tiny_attn_size
+        self.causal = causal
+        self.sgu_variant = sgu_variant
+        self.sgu_heads = sgu_heads
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.classifier_dropout = classifier_dropout
+        self.drop_path_rate = drop_path_rate
+        self.drop_path_schedule = drop_path_schedule
+        self.layer_norm_eps = layer_norm_eps
+        self.sgu_norm_eps = sgu_norm_eps
+        self.initializer_range = initializer_range
+        self.spatial_init_std = spatial_init_std
+        self.type_vocab_size = type_vocab_size
+        self.cls_token_id = cls_token_id
+        self.sep_token_id = sep_token_id
+        self.mask_token_id = mask_token_id
+        # transformers 4.x sets these from its own keyword arguments (and would overwrite attributes set
+        # here), 5.x stores them as extra attributes: passing them on works for both.
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    @property
+    def gate_dim(self) -> int:
+        """Width of the gate (``d_ffn / 2`` for the SGU, ``d_ffn`` for the other variants)."""
+        return self.intermediate_size // 2 if self.sgu_variant == "sgu" else self.intermediate_size
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GMLPConfig:
+        """The configuration of one of the paper's models, optionally with overrides.
+
+        Args:
+            name: one of ``gmlp-base``, ``amlp-base``, ``gmlp-large``, ``amlp-large``, ``gmlp-xlarge``,
+                ``gmlp-ablation`` (see :data:`PRESETS`).
+            **overrides: any :class:`GMLPConfig` argument (``max_position_embeddings=128``,
+                ``num_labels=3``, ...).
+
+        Raises:
+            ValueError: unknown preset name (the message lists the known ones).
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        kwargs = {**_PRESET_COMMON, **{k: v for k, v in PRESETS[name].items() if k != "params"}, **overrides}
+        return cls(**kwargs)

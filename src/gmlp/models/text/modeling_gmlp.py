@@ -1,0 +1,671 @@
+"""gMLP / aMLP language models (Liu et al. 2021, sections 4-5) as Hugging Face ``transformers`` models.
+
+Classes: :class:`GMLPModel` (embeddings, blocks, final LayerNorm), :class:`GMLPForMaskedLM`,
+:class:`GMLPForSequenceClassification`, :class:`GMLPForQuestionAnswering` and :class:`GMLPForCausalLM`.
+They are registered with the ``Auto*`` classes when :mod:`gmlp.models.text` is imported.
+
+Parameter names are flat: ``gmlp.embed``, ``gmlp.token_type_embed``,
+``gmlp.blocks.N.{norm,fc1,sgu.norm,sgu.proj,tiny_attn.qkv,tiny_attn.out,fc2}``, ``gmlp.norm``, then the head
+(``decoder``, ``lm_head``, ``pooler``/``classifier``, ``qa_outputs``).
+
+Layout: inside the stack the activations are token-major ``(seq, batch, dim)`` (see :mod:`gmlp.nn.sgu`);
+the model transposes once after the embedding and once at the end, so every output is batch-major.
+
+Padding: ``attention_mask`` (1 = real token, 0 = padding) removes the padded tokens from the sequence.
+Real tokens are moved to the front (in order) before the blocks and moved back afterwards, and the blocks
+zero padded positions before any token mixing. So the outputs at real tokens are exactly those of the
+sequence with its padding deleted, wherever the padding is (right, left or in between) and whatever its
+token ids. Outputs at padded positions are unspecified.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers import PreTrainedModel
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    CausalLMOutput,
+    MaskedLMOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+)
+from transformers.utils import logging
+
+from ...convert import detect_format, from_g_mlp_pytorch
+from ...nn import GMLPBlock, TokenProjection
+from ...utils.io import CheckpointError
+from ..vision import drop_path_rates
+from .configuration_gmlp import GMLPConfig
+
+try:  # transformers 5: init functions that skip weights already loaded by from_pretrained
+    from transformers import initialization as _init
+except ImportError:  # transformers 4: from_pretrained skips fully loaded modules itself
+    _init = nn.init
+
+__all__ = [
+    "GMLPForCausalLM",
+    "GMLPForMaskedLM",
+    "GMLPForQuestionAnswering",
+    "GMLPForSequenceClassification",
+    "GMLPModel",
+    "GMLPPreTrainedModel",
+    "from_g_mlp_pytorch_lm",
+]
+
+logger = logging.get_logger(__name__)
+
+# transformers 5 declares tied weights as {target: source}; 4.x as a list of the tied (target) keys and ties
+# through get_output_embeddings()/get_input_embeddings().
+_TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def _tied_keys(target: str) -> dict[str, str] | list[str]:
+    return {target: "gmlp.embed.weight"} if _TRANSFORMERS_V5 else [target]
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces: skip the data-dependent checks and mask shortcuts then."""
+    return torch.compiler.is_compiling()
+
+
+def _describe(value: Any) -> str:
+    """Shape of a tensor (for error messages), else the value's type."""
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` token-major (seq, batch, dim); ``index`` (batch, seq): ``out[i, b] = x[index[b, i], b]``."""
+    return torch.gather(x, 0, index.t().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class GMLPPreTrainedModel(PreTrainedModel):
+    """Base class of the gMLP text models: config class, weight init, sequence-length resizing."""
+
+    config_class = GMLPConfig
+    base_model_prefix = "gmlp"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GMLPBlock"]
+    # The losses are means over the batch; Trainer scales them for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Linear/Embedding weights ~ N(0, initializer_range), biases 0; LayerNorm 1/0; spatial W ~
+        N(0, spatial_init_std) and b = 1 (:meth:`gmlp.nn.TokenProjection.reset_parameters`)."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            _init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                _init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            _init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            _init.ones_(module.weight)
+            _init.zeros_(module.bias)
+        elif isinstance(module, TokenProjection):
+            # Under from_pretrained (transformers 5) torch's init functions are guarded, so this re-draws
+            # only weights that were missing from the checkpoint.
+            module.reset_parameters()
+
+    def resize_sequence_length(self, new_len: int) -> None:
+        """Cut a model built for ``n = max_position_embeddings`` tokens to ``new_len = m <= n`` tokens.
+
+        Each spatial projection keeps exactly what an ``m``-token input uses: a Toeplitz W keeps the
+        offsets ``-(m-1) .. m-1`` (its central ``2m - 1`` entries), a full W its leading ``m x m`` block,
+        and b keeps ``b[:m]``. So the resized model gives the same outputs as the original on every input of
+        at most ``m`` tokens, with a smaller W (``2m - 1`` instead of ``2n - 1`` entries, or ``m x m``
+        instead of ``n x n``). ``config.max_position_embeddings`` becomes ``m``.
+
+        The parameters are replaced by new tensors: build the optimizer after resizing.
+
+        Raises:
+            ValueError: ``new_len`` is not an int in ``[1, max_position_embeddings]``.
+        """
+        n = self.config.max_position_embeddings
+        if isinstance(new_len, bool) or not isinstance(new_len, int) or not 1 <= new_len <= n:
+            raise ValueError(
+                f"new_len must be an int in [1, max_position_embeddings={n}] (only shortening is supported), "
+                f"got {new_len!r}"
+            )
+        base = getattr(self, self.base_model_prefix, self)
+        m = new_len
+        for block in base.blocks:
+            proj = block.sgu.proj
+            if proj is not None:
+                with torch.no_grad():
+                    w = proj.weight[..., n - m : n + m - 1] if proj.toeplitz else proj.weight[..., :m, :m]
+                    b = proj.bias[..., :m]
+                    grad_w, grad_b = proj.weight.requires_grad, proj.bias.requires_grad
+                    proj.weight = nn.Parameter(w.contiguous().clone(), requires_grad=grad_w)
+                    proj.bias = nn.Parameter(b.contiguous().clone(), requires_grad=grad_b)
+                proj.seq_len = m
+            block.sgu.seq_len = m
+            block.seq_len = m
+        self.config.max_position_embeddings = m
+
+
+class GMLPModel(GMLPPreTrainedModel):
+    """The bare gMLP encoder (or causal decoder): embeddings, gMLP blocks, final LayerNorm.
+
+    Word embedding ``embed`` plus an optional token-type embedding ``token_type_embed`` (no position
+    embeddings: position is carried by the spatial W), dropout, ``num_hidden_layers``
+    :class:`gmlp.nn.GMLPBlock` and a final LayerNorm. See the module docstring for how ``attention_mask``
+    is applied.
+    """
+
+    def __init__(self, config: GMLPConfig) -> None:
+        super().__init__(config)
+        d = config.hidden_size
+        self.embed = nn.Embedding(config.vocab_size, d)
+        types = config.type_vocab_size
+        self.token_type_embed = nn.Embedding(types, d) if types > 0 else None
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.blocks = nn.ModuleList(
+            GMLPBlock(
+                d, config.intermediate_size, config.max_position_embeddings,
+                variant=config.sgu_variant, toeplitz=config.toeplitz, causal=config.causal,
+                heads=config.sgu_heads, attn_dim=config.tiny_attn_size, drop_path=p,
+                dropout=config.hidden_dropout_prob, norm_eps=config.layer_norm_eps,
+                sgu_norm_eps=config.sgu_norm_eps, init_std=config.spatial_init_std,
+            )
+            for p in drop_path_rates(
+                config.drop_path_rate, config.num_hidden_layers, config.drop_path_schedule
+            )
+        )
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed = value
+
+    # -- input checks --------------------------------------------------------------------------------
+    def _check_inputs(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+    ) -> tuple[int, int, torch.Tensor | None]:
+        """Validate the inputs; return ``(batch, seq_len, mask)`` with ``mask`` bool or None."""
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if (
+                not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
+                or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool
+            ):
+                raise ValueError(
+                    "input_ids must be an integer tensor of shape (batch, seq_len), "
+                    f"got {_describe(input_ids)}"
+                )
+            batch, n = input_ids.shape
+        else:
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or (
+                inputs_embeds.shape[-1] != cfg.hidden_size
+            ):
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch, seq_len, hidden_size={cfg.hidden_size}), "
+                    f"got {_describe(inputs_embeds)}"
+                )
+            batch, n = inputs_embeds.shape[:2]
+        if n == 0:
+            raise ValueError("the input has sequence length 0; at least one token is needed")
+        if n > cfg.max_position_embeddings:
+            raise ValueError(
+                f"the input has sequence length {n}, longer than max_position_embeddings="
+                f"{cfg.max_position_embeddings} (the size of the spatial W); truncate the input "
+                f"(tokenizer(..., truncation=True, max_length={cfg.max_position_embeddings}))"
+            )
+        checking = not _compiling()
+        if input_ids is not None and checking:
+            bad = (input_ids < 0) | (input_ids >= cfg.vocab_size)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"input_ids contains token id {int(input_ids[bad][0])} outside "
+                    f"[0, vocab_size={cfg.vocab_size})"
+                )
+        mask = None
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, n):
+                raise ValueError(
+                    f"attention_mask must have shape (batch, seq_len) = ({batch}, {n}) like the input, "
+                    f"got {_describe(attention_mask)}"
+                )
+            floating = attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex
+            if checking and floating and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                raise ValueError(
+                    "attention_mask must hold 0 (padding) and 1 (real token) only; a float mask with other "
+                    "values (an additive bias?) is not supported"
+                )
+            mask = attention_mask != 0
+        if token_type_ids is not None:
+            if (
+                not isinstance(token_type_ids, torch.Tensor) or tuple(token_type_ids.shape) != (batch, n)
+                or token_type_ids.dtype.is_floating_point
+            ):
+                raise ValueError(
+                    f"token_type_ids must be an integer tensor of shape (batch, seq_len) = ({batch}, {n}), "
+                    f"got {_describe(token_type_ids)}"
+                )
+            if checking:
+                size = cfg.type_vocab_size
+                bad = (token_type_ids < 0) | (token_type_ids >= max(size, 1))
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"token_type_ids contains type {int(token_type_ids[bad][0])} outside [0, "
+                        f"type_vocab_size={size})" + (" (the model has no token types)" if size == 0 else "")
+                    )
+        return batch, n, mask
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutput | tuple[torch.Tensor, ...]:
+        """Encode a batch.
+
+        Args:
+            input_ids: ``(batch, seq_len)`` token ids in ``[0, vocab_size)``,
+                ``seq_len <= max_position_embeddings``.
+            attention_mask: ``(batch, seq_len)``, 1 = real token, 0 = padding (bool, int, or float 0/1).
+            token_type_ids: ``(batch, seq_len)`` segment ids in ``[0, type_vocab_size)``; None = all 0.
+            inputs_embeds: ``(batch, seq_len, hidden_size)`` instead of ``input_ids``.
+            output_hidden_states: also return the input of every block and the final output
+                (``num_hidden_layers + 1`` tensors; the last one is ``last_hidden_state``).
+            return_dict: return a :class:`~transformers.modeling_outputs.BaseModelOutput` (default) or a
+                tuple.
+
+        Returns:
+            ``last_hidden_state`` ``(batch, seq_len, hidden_size)`` after the final LayerNorm.
+
+        Raises:
+            ValueError: bad shapes, token or type ids out of range, sequence longer than
+                ``max_position_embeddings``.
+        """
+        cfg = self.config
+        if output_hidden_states is None:
+            output_hidden_states = cfg.output_hidden_states
+        return_dict = return_dict if return_dict is not None else cfg.return_dict
+        _, _, mask = self._check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
+
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.token_type_embed is not None:
+            if token_type_ids is None:
+                x = x + self.token_type_embed.weight[0]
+            else:
+                x = x + self.token_type_embed(token_type_ids)
+        x = self.dropout(x)
+        h = x.transpose(0, 1).contiguous()  # token-major (seq, batch, dim) through the whole stack
+
+        inverse = None
+        if mask is not None:
+            # Eager mode looks at the mask (one host sync) to skip work; torch.compile always takes the
+            # general path, which needs no data-dependent branch.
+            eager = not _compiling()
+            if eager and bool(mask.all()):
+                mask = None
+            elif not eager or bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+                # A real token after a pad (left or inner padding): move the real tokens to the front, in
+                # order, so that each keeps the position it has in the unpadded sequence.
+                order = torch.argsort((~mask).to(torch.int32), dim=1, stable=True)
+                inverse = torch.argsort(order, dim=1)
+                mask = torch.gather(mask, 1, order)
+                h = _gather_tokens(h, order)
+
+        def to_batch_major(t: torch.Tensor) -> torch.Tensor:
+            if inverse is not None:
+                t = _gather_tokens(t, inverse)
+            return t.transpose(0, 1).contiguous()
+
+        hidden_states: tuple[torch.Tensor, ...] | None = () if output_hidden_states else None
+        for block in self.blocks:
+            if hidden_states is not None:
+                hidden_states += (to_batch_major(h),)
+            if self.gradient_checkpointing and self.training:
+                h = self._gradient_checkpointing_func(block.__call__, h, mask)
+            else:
+                h = block(h, mask)
+        h = to_batch_major(self.norm(h))
+        if hidden_states is not None:
+            hidden_states += (h,)
+        if not return_dict:
+            return tuple(t for t in (h, hidden_states) if t is not None)
+        return BaseModelOutput(last_hidden_state=h, hidden_states=hidden_states)
+
+
+def _as_tuple(output: Any, return_dict: bool) -> Any:
+    return output if return_dict else output.to_tuple()
+
+
+class GMLPForMaskedLM(GMLPPreTrainedModel):
+    """gMLP with the masked-language-modelling head of the paper: final hidden states -> ``decoder``
+    (Linear with bias, weight tied to the input embedding when ``tie_word_embeddings``)."""
+
+    _tied_weights_keys = _tied_keys("decoder.weight")
+
+    def __init__(self, config: GMLPConfig) -> None:
+        super().__init__(config)
+        if config.causal:
+            logger.warning("GMLPForMaskedLM built with causal=True: each token only sees earlier tokens")
+        self.gmlp = GMLPModel(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.decoder = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MaskedLMOutput | tuple[torch.Tensor, ...]:
+        """Logits ``(batch, seq_len, vocab_size)``; with ``labels`` (``(batch, seq_len)``, -100 = not
+        predicted) also the mean cross-entropy over the predicted tokens. Other arguments:
+        :meth:`GMLPModel.forward`."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
+        logits = self.decoder(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device))
+        output = MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return _as_tuple(output, return_dict)
+
+
+class GMLPForSequenceClassification(GMLPPreTrainedModel):
+    """Sentence (pair) classification or regression from the first real token (the ``<cls>`` token):
+    ``classifier(dropout(tanh(pooler(dropout(h_cls)))))``. ``num_labels == 1`` is regression (MSE);
+    otherwise the loss follows ``config.problem_type`` as in transformers (single-label cross-entropy for
+    integer labels, multi-label BCE for float labels)."""
+
+    def __init__(self, config: GMLPConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.gmlp = GMLPModel(config)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutput | tuple[torch.Tensor, ...]:
+        """Logits ``(batch, num_labels)``; with ``labels`` also the loss. Other arguments:
+        :meth:`GMLPModel.forward`. The pooled token is the first one with ``attention_mask == 1``."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
+        h = out.last_hidden_state
+        if attention_mask is None:
+            first = h[:, 0]
+        else:
+            index = (attention_mask != 0).to(torch.int32).argmax(dim=1)  # first real token (left padding too)
+            first = h[torch.arange(h.shape[0], device=h.device), index.to(h.device)]
+        pooled = torch.tanh(self.pooler(self.dropout(first)))
+        logits = self.classifier(self.dropout(pooled))
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            if self.config.problem_type is None:
+                if self.num_labels == 1:
+                    self.config.problem_type = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    self.config.problem_type = "single_label_classification"
+                else:
+                    self.config.problem_type = "multi_label_classification"
+            if self.config.problem_type == "regression":
+                if self.num_labels == 1:
+                    loss = MSELoss()(logits.squeeze(-1), labels.squeeze(-1).to(logits.dtype))
+                else:
+                    loss = MSELoss()(logits, labels.to(logits.dtype))
+            elif self.config.problem_type == "single_label_classification":
+                loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
+            else:
+                loss = BCEWithLogitsLoss()(logits, labels.to(logits.dtype))
+        return _as_tuple(
+            SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states), return_dict
+        )
+
+
+class GMLPForQuestionAnswering(GMLPPreTrainedModel):
+    """Extractive question answering (SQuAD): a Linear layer maps each final hidden state to a start and
+    an end logit. With ``start_positions``/``end_positions`` the loss is the mean of the two cross-entropies
+    (positions outside the sequence are ignored, as in BERT)."""
+
+    def __init__(self, config: GMLPConfig) -> None:
+        super().__init__(config)
+        self.gmlp = GMLPModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> QuestionAnsweringModelOutput | tuple[torch.Tensor, ...]:
+        """``start_logits`` and ``end_logits`` ``(batch, seq_len)``; with both position tensors
+        (``(batch,)``) also the loss. Other arguments: :meth:`GMLPModel.forward`."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
+        start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(dim=-1)
+        start_logits, end_logits = start_logits.contiguous(), end_logits.contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.shape[1]
+            start = start_positions.reshape(-1).clamp(0, ignored).to(start_logits.device)
+            end = end_positions.reshape(-1).clamp(0, ignored).to(end_logits.device)
+            loss_fct = CrossEntropyLoss(ignore_index=ignored)
+            loss = (loss_fct(start_logits, start) + loss_fct(end_logits, end)) / 2
+        return _as_tuple(
+            QuestionAnsweringModelOutput(
+                loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=out.hidden_states
+            ),
+            return_dict,
+        )
+
+
+# Keyword arguments that generate() (4.x or 5.x) or Trainer may pass and that a cache-free gMLP ignores.
+_IGNORED_GENERATION_KWARGS = frozenset(
+    {"use_cache", "past_key_values", "cache", "cache_position", "position_ids", "output_attentions",
+     "logits_to_keep", "num_logits_to_keep", "num_items_in_batch"}
+)
+
+
+class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
+    """Autoregressive gMLP language model: causal blocks (W masked to its lower triangle, causal tiny
+    attention), final LayerNorm and ``lm_head`` (Linear with bias; weight tied to the input embedding when
+    ``tie_word_embeddings``). ``config.causal`` is forced to True.
+
+    ``generate()`` works without a key/value cache: every step re-runs the model on the whole prefix (the
+    token mixing of gMLP has no cache in this implementation), so sequences can grow up to
+    ``max_position_embeddings`` tokens. Left-padded batches are fine (see the module docstring).
+    """
+
+    _tied_weights_keys = _tied_keys("lm_head.weight")
+
+    def __init__(self, config: GMLPConfig) -> None:
+        if not config.causal:
+            logger.warning("GMLPForCausalLM needs causal token mixing: setting config.causal = True")
+            config.causal = True
+        super().__init__(config)
+        self.gmlp = GMLPModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:  # no key/value cache: generate() must not build one
+        return False
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The whole prefix at every step (no cache). Generation starts from ``input_ids`` only
+        (``generate(inputs_embeds=...)`` is refused by transformers, as this method takes no embeddings)."""
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and token_type_ids.shape == input_ids.shape:
+            inputs["token_type_ids"] = token_type_ids
+        return inputs
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutput | tuple[torch.Tensor, ...]:
+        """Next-token logits ``(batch, seq_len, vocab_size)``; with ``labels`` (``(batch, seq_len)``, usually
+        ``input_ids``; -100 = ignored) also the mean cross-entropy of predicting ``labels[:, t + 1]`` from
+        position ``t``. Other arguments: :meth:`GMLPModel.forward`; the cache-related keyword arguments of
+        ``generate()`` (``use_cache``, ``past_key_values``, ``position_ids``, ...) are accepted and ignored.
+
+        Raises:
+            TypeError: an unknown keyword argument.
+            ValueError: ``output_attentions=True`` (gMLP has no attention maps to return) or bad inputs.
+        """
+        unknown = sorted(set(kwargs) - _IGNORED_GENERATION_KWARGS)
+        if unknown:
+            raise TypeError(f"GMLPForCausalLM.forward() got unexpected keyword arguments {unknown}")
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions=True is not supported: gMLP has no attention maps to return")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
+        logits = self.lm_head(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            shifted = logits[:, :-1]
+            loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1))
+        output = CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return _as_tuple(output, return_dict)
+
+    @classmethod
+    def from_g_mlp_pytorch(
+        cls, source: nn.Module | dict[str, torch.Tensor], **config_overrides: Any
+    ) -> GMLPForCausalLM:
+        """Build a causal LM from a g-mlp-pytorch ``gMLP(num_tokens=..., causal=True)`` model or state dict.
+
+        The config is inferred from the weight shapes (vocabulary, width, depth, ``d_ffn``, n, tiny attention,
+        SGU heads) with g-mlp-pytorch's choices: full (not Toeplitz) W, LayerNorm epsilon 1e-5 everywhere,
+        untied ``lm_head`` with bias, no token types. ``config_overrides`` are passed to :class:`GMLPConfig`.
+        The converted model gives the source's logits.
+
+        Raises:
+            ValueError: ``source`` is a module that is not causal, shifts tokens or has a gate activation
+                (none of which can be expressed here; a state dict cannot tell, so check it yourself).
+            CheckpointError: the weights are not those of a g-mlp-pytorch language model.
+        """
+        if isinstance(source, nn.Module):
+            for name, module in source.named_modules():
+                if hasattr(module, "causal") and not module.causal:
+                    raise ValueError(f"the g-mlp-pytorch model is not causal ({name}.causal is False)")
+                if getattr(module, "shifts", (0,)) != (0,):
+                    raise ValueError(f"token shifting ({name}.shifts={module.shifts}) is not supported")
+                if hasattr(module, "act") and not isinstance(module.act, nn.Identity):
+                    raise ValueError(f"a gate activation ({name}.act={module.act}) is not supported")
+            state_dict = source.state_dict()
+        else:
+            state_dict = source
+        sd = from_g_mlp_pytorch_lm(state_dict)
+        vocab, dim = sd["gmlp.embed.weight"].shape
+        depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("gmlp.blocks."))
+        proj_w = sd["gmlp.blocks.0.sgu.proj.weight"]
+        qkv = sd.get("gmlp.blocks.0.tiny_attn.qkv.weight")
+        kwargs: dict[str, Any] = {
+            "vocab_size": vocab, "hidden_size": dim, "num_hidden_layers": depth,
+            "intermediate_size": sd["gmlp.blocks.0.fc1.weight"].shape[0],
+            "max_position_embeddings": sd["gmlp.blocks.0.sgu.proj.bias"].shape[-1],
+            "sgu_heads": proj_w.shape[0] if proj_w.dim() == 3 else 1,
+            "tiny_attn_size": qkv.shape[0] // 3 if qkv is not None else None,
+            "toeplitz": False, "causal": True, "layer_norm_eps": 1e-5, "sgu_norm_eps": 1e-5,
+            "tie_word_embeddings": False, "type_vocab_size": 0,
+            "pad_token_id": None, "cls_token_id": None, "sep_token_id": None, "mask_token_id": None,
+        }
+        kwargs.update(config_overrides)
+        model = cls(GMLPConfig(**kwargs))
+        model.load_state_dict(sd, strict=True)
+        return model
+
+
+def from_g_mlp_pytorch_lm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a g-mlp-pytorch ``gMLP`` language-model state dict to :class:`GMLPForCausalLM` keys.
+
+    Accepts the raw g-mlp-pytorch state dict (``to_embed``, ``layers.N.fn...``, ``to_logits``) or the output
+    of :func:`gmlp.convert.from_g_mlp_pytorch` (``embed``, ``blocks.N...``, ``norm``, ``lm_head``).
+    Keys become ``gmlp.embed.weight``, ``gmlp.blocks.N...``, ``gmlp.norm.*`` and ``lm_head.*``. Load the
+    result into a ``GMLPForCausalLM`` built with ``toeplitz=False, layer_norm_eps=1e-5, sgu_norm_eps=1e-5,
+    tie_word_embeddings=False, type_vocab_size=0`` and the source's sizes (or use
+    :meth:`GMLPForCausalLM.from_g_mlp_pytorch`, which does all of it).
+
+    Raises:
+        CheckpointError: unknown keys, or not a language model (vision checkpoint, no embedding).
+    """
+    if detect_format(state_dict) == "g_mlp_pytorch":
+        state_dict = from_g_mlp_pytorch(state_dict)
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state_dict.items():
+        if key.startswith(("embed.", "blocks.", "norm.")):
+            out[f"gmlp.{key}"] = value
+        elif key.startswith("lm_head."):
+            out[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"not a g-mlp-pytorch language model; keys without a place: {unknown[:5]}")
+    for needed in ("gmlp.embed.weight", "lm_head.weight", "gmlp.norm.weight"):
+        if needed not in out:
+            raise CheckpointError(f"not a g-mlp-pytorch language model: {needed} is missing")
+    return out
