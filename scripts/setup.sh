@@ -20,7 +20,6 @@ apt_install() {  # apt_install PKG...: install the packages that are missing
 
 if [ "${GMLP_SKIP_DATA:-0}" != "1" ]; then
   apt_install dataset-fashion-mnist
-  if [ -f scripts/fetch_text_data.sh ]; then bash scripts/fetch_text_data.sh; fi
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -33,4 +32,7 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
   "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
 "$VENV/bin/python" -m pip install -q -e ".[test]"
+if [ "${GMLP_SKIP_DATA:-0}" != "1" ]; then  # offline text corpora and the tweet-sentiment set
+  PYTHON="$VENV/bin/python" bash scripts/fetch_text_data.sh
+fi
 echo "setup: ready ($("$VENV/bin/python" -c 'import torch, gmlp; print("torch", torch.__version__, "gmlp", gmlp.__version__)'))"

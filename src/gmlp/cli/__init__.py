@@ -14,7 +14,7 @@ from collections.abc import Sequence
 __all__ = ["build_parser", "main"]
 
 # Modules registering sub-commands, in help order.
-_COMMAND_MODULES = ("gmlp.cli.vision", "gmlp.cli.tools")
+_COMMAND_MODULES = ("gmlp.cli.vision", "gmlp.cli.tools", "gmlp.cli.text")
 
 
 def build_parser() -> argparse.ArgumentParser:

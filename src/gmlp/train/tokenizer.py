@@ -11,7 +11,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SPECIAL_TOKENS", "TOKENIZER_KINDS", "load_tokenizer", "train_tokenizer", "train_tokenizer_command"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "TOKENIZER_KINDS",
+    "load_tokenizer",
+    "train_tokenizer",
+    "train_tokenizer_command",
+]
 
 #: Special tokens in id order.
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -62,15 +68,22 @@ def train_tokenizer(
     if kind not in TOKENIZER_KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(TOKENIZER_KINDS)}")
     if vocab_size <= len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be larger than the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be larger than the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}"
+        )
     specials = list(SPECIAL_TOKENS)
     if kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=lowercase, strip_accents=lowercase)
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, lowercase=lowercase, strip_accents=lowercase
+        )
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
         trainer: Any = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=show_progress
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=specials,
+            show_progress=show_progress,
         )
     else:
         tok = Tokenizer(models.Unigram())
@@ -124,9 +137,13 @@ def load_tokenizer(path: str | Path) -> Any:
 
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"no tokenizer in {str(path)!r} (expected tokenizer.json from save_pretrained)")
+        raise FileNotFoundError(
+            f"no tokenizer in {str(path)!r} (expected tokenizer.json from save_pretrained)"
+        )
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    missing = [n for n in ("cls_token", "sep_token", "pad_token", "mask_token") if getattr(tok, n, None) is None]
+    missing = [
+        n for n in ("cls_token", "sep_token", "pad_token", "mask_token") if getattr(tok, n, None) is None
+    ]
     if missing:
         raise ValueError(f"tokenizer in {str(path)!r} has no {', '.join(missing)}")
     return tok
@@ -154,12 +171,20 @@ def train_tokenizer_command(
     from ..data.text import load_text_splits
 
     splits = load_text_splits(
-        corpus, valid_fraction=valid_fraction, max_documents=max_documents, max_chars=max_chars,
+        corpus,
+        valid_fraction=valid_fraction,
+        max_documents=max_documents,
+        max_chars=max_chars,
         text_column=text_column,
     )
     tok = train_tokenizer(
-        splits.train, kind=kind, vocab_size=vocab_size, lowercase=lowercase, min_frequency=min_frequency,
-        model_max_length=model_max_length, length=len(splits.train),
+        splits.train,
+        kind=kind,
+        vocab_size=vocab_size,
+        lowercase=lowercase,
+        min_frequency=min_frequency,
+        model_max_length=model_max_length,
+        length=len(splits.train),
     )
     Path(output).mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(output))

@@ -1,0 +1,289 @@
+"""``gmlp tokenizer``, ``gmlp pretrain`` and ``gmlp finetune``: text sub-commands (parsing only).
+
+Every option has an offline default: ``gmlp pretrain`` trains a small gMLP on the offline corpus,
+``gmlp finetune`` a classifier on the offline tweet-sentiment set. The work lives in
+:mod:`gmlp.train.text` and :mod:`gmlp.train.tokenizer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+__all__ = ["register"]
+
+_B = argparse.BooleanOptionalAction
+
+
+def _add_model_arguments(p: argparse.ArgumentParser, *, dropout: float) -> None:
+    g = p.add_argument_group("model (when built from scratch)")
+    g.add_argument(
+        "--arch",
+        choices=("gmlp", "amlp", "bert"),
+        default="gmlp",
+        help="gMLP, aMLP (gMLP + tiny attention) or the BERT baseline (default: gmlp)",
+    )
+    g.add_argument(
+        "--preset",
+        default=None,
+        help="a paper size for gmlp/amlp: gmlp-base, amlp-base, gmlp-large, amlp-large, gmlp-xlarge, "
+        "gmlp-ablation (overrides --layers/--hidden/--ffn/--tiny-attn)",
+    )
+    g.add_argument("--layers", type=int, default=4, help="number of blocks (default: 4)")
+    g.add_argument("--hidden", type=int, default=128, help="d_model (default: 128)")
+    g.add_argument("--ffn", type=int, default=768, help="d_ffn (default: 768 = 6 x d_model as in the paper)")
+    g.add_argument(
+        "--seq-len",
+        type=int,
+        default=128,
+        help="tokens per sequence = max_position_embeddings of a new model (default: 128)",
+    )
+    g.add_argument(
+        "--tiny-attn",
+        type=int,
+        default=None,
+        help="aMLP tiny-attention size (default: 64 for d_model >= 256, else d_model/4)",
+    )
+    g.add_argument(
+        "--sgu-variant",
+        default="sgu",
+        choices=("sgu", "multiplicative", "additive", "linear", "none"),
+        help="gating function s(Z) (paper Table 3; default: sgu)",
+    )
+    g.add_argument(
+        "--toeplitz", action=_B, default=True, help="Toeplitz W (default: on, as the paper's NLP runs)"
+    )
+    g.add_argument("--heads", type=int, default=None, help="BERT attention heads (default: d_model / 64)")
+    g.add_argument("--dropout", type=float, default=dropout, help=f"hidden dropout (default: {dropout})")
+    g.add_argument(
+        "--model-vocab-size",
+        type=int,
+        default=None,
+        help="the model's vocab_size (default: the tokenizer's size; must not be smaller)",
+    )
+
+
+def _add_train_arguments(
+    p: argparse.ArgumentParser, *, output: str, batch: int, lr: float, warmup: float, save_every: int
+) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--output", "-o", default=output, help=f"run folder (default: {output})")
+    g.add_argument(
+        "--batch-size", type=int, default=batch, help=f"per-process micro-batch (default: {batch})"
+    )
+    g.add_argument(
+        "--grad-accum", type=int, default=1, help="gradient-accumulation micro-batches (default: 1)"
+    )
+    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr})")
+    g.add_argument(
+        "--warmup",
+        type=float,
+        default=warmup,
+        help=f"linear warmup: a fraction of the steps if < 1, else a step count (default: {warmup})",
+    )
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-6)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip, 0 = off (default: 1.0)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the init, data order, masks and dropout")
+    g.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto = bf16 autocast on a CUDA GPU that supports it, else fp32; bf16 forces it (CPU too)",
+    )
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument(
+        "--log-every", type=int, default=20, help="training-loss records every N steps (default: 20)"
+    )
+    g.add_argument(
+        "--save-every",
+        type=int,
+        default=save_every,
+        help=f"checkpoint every N steps, 0 = only at the end (default: {save_every})",
+    )
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default: 2)")
+    g.add_argument(
+        "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
+    )
+    g.add_argument("--overwrite", action="store_true", help="discard a previous run in --output")
+    g.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=None,
+        help="stop (with a checkpoint) after N steps of this invocation, for time-limited jobs",
+    )
+    g.add_argument("--progress", action=_B, default=True, help="progress bar (default: on)")
+    t = p.add_argument_group("tokenizer")
+    t.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a saved tokenizer folder (default: train one into OUTPUT/tokenizer)",
+    )
+    t.add_argument("--tokenizer-kind", choices=("wordpiece", "unigram"), default="wordpiece")
+    t.add_argument("--vocab-size", type=int, default=8192, help="size of a trained tokenizer (default: 8192)")
+
+
+def _config(cls: type, args: argparse.Namespace) -> Any:
+    from ..train.text import config_from_namespace
+
+    cfg = config_from_namespace(cls, args)
+    if getattr(cfg, "clip_grad", None) == 0:
+        cfg.clip_grad = None
+    return cfg
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from ..train.tokenizer import train_tokenizer_command
+
+    tok = train_tokenizer_command(
+        args.output,
+        corpus=args.corpus,
+        kind=args.kind,
+        vocab_size=args.vocab_size,
+        lowercase=args.lowercase,
+        min_frequency=args.min_frequency,
+        model_max_length=args.model_max_length,
+        valid_fraction=args.valid_fraction,
+        max_documents=args.max_documents,
+        max_chars=args.max_chars,
+        text_column=args.text_column,
+    )
+    print(f"saved a {args.kind} tokenizer with {len(tok)} tokens to {args.output}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from ..train.text import PretrainConfig, pretrain
+
+    result = pretrain(_config(PretrainConfig, args))
+    if not result.get("main_process", True):
+        return 0
+    val = result.get("validation") or {}
+    ppl = f", held-out perplexity {val['perplexity']:.3f}" if "perplexity" in val else ""
+    state = "done" if result["completed"] else "stopped"
+    print(f"{state} at step {result['step']}{ppl}; outputs in {args.output}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from ..train.text import FinetuneConfig, finetune
+
+    result = finetune(_config(FinetuneConfig, args))
+    if not result.get("main_process", True):
+        return 0
+    state = "done" if result["completed"] else "stopped"
+    print(f"{state} at step {result['step']}; outputs in {args.output}")
+    if result.get("test"):
+        print("test: " + json.dumps({k: v for k, v in result["test"].items() if k != "step"}))
+    return 0
+
+
+def _add_corpus_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("corpus")
+    g.add_argument(
+        "--corpus",
+        nargs="+",
+        default=["offline"],
+        help="sources: offline (= pydocs wordnet austen mobydick), books, a text file or folder, a "
+        ".json/.jsonl/.csv/.parquet file, hf:NAME[:CONFIG] (default: offline)",
+    )
+    g.add_argument("--text-column", default="text", help="text column of table / HF sources (default: text)")
+    g.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.01,
+        help="held-out fraction of documents, by text hash (default: 0.01)",
+    )
+    g.add_argument("--max-documents", type=int, default=None, help="read at most N documents")
+    g.add_argument("--max-chars", type=int, default=None, help="read about N characters at most")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``tokenizer``, ``pretrain`` and ``finetune``."""
+    tok = sub.add_parser(
+        "tokenizer",
+        help="train a WordPiece/Unigram tokenizer on a corpus (default: the offline corpus)",
+        description="Train a tokenizer with HF tokenizers and save it (PreTrainedTokenizerFast, [CLS]/[SEP]/"
+        "[MASK]/[PAD]/[UNK], BERT-style pairs) with save_pretrained.",
+    )
+    tok.add_argument(
+        "--output", "-o", default="runs/tokenizer", help="folder to save to (default: runs/tokenizer)"
+    )
+    tok.add_argument("--kind", choices=("wordpiece", "unigram"), default="wordpiece")
+    tok.add_argument("--vocab-size", type=int, default=8192, help="default: 8192 (the paper: 32000)")
+    tok.add_argument("--lowercase", action=_B, default=True, help="lowercase and strip accents (default: on)")
+    tok.add_argument("--min-frequency", type=int, default=2)
+    tok.add_argument("--model-max-length", type=int, default=512)
+    _add_corpus_arguments(tok)
+    tok.set_defaults(func=_tokenizer)
+
+    pre = sub.add_parser(
+        "pretrain",
+        help="masked-language-model pretraining (default: small gMLP, offline corpus)",
+        description="MLM pretraining (BERT masking 15% with 80/10/10, packed sequences, AdamW + warmup/"
+        "linear "
+        "decay, held-out perplexity, resumable checkpoints). Multi-GPU: accelerate launch -m gmlp "
+        "pretrain ...",
+    )
+    _add_model_arguments(pre, dropout=0.0)
+    _add_train_arguments(pre, output="runs/pretrain", batch=32, lr=7e-4, warmup=0.06, save_every=200)
+    _add_corpus_arguments(pre)
+    g = pre.add_argument_group("pretraining")
+    g.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
+    g.add_argument("--mlm-probability", type=float, default=0.15)
+    g.add_argument(
+        "--eval-every", type=int, default=200, help="held-out perplexity every N steps (default: 200)"
+    )
+    g.add_argument(
+        "--eval-batches", type=int, default=20, help="held-out batches per evaluation (default: 20)"
+    )
+    g.add_argument("--init-from", default=None, help="start from a save_pretrained MLM folder")
+    g.add_argument(
+        "--tokenizer-sample-chars",
+        type=int,
+        default=5_000_000,
+        help="train a new tokenizer on an even sample of about N characters (default: 5e6)",
+    )
+    pre.set_defaults(func=_pretrain)
+
+    fin = sub.add_parser(
+        "finetune",
+        help="finetune on classification or SQuAD-format QA (default: offline tweet sentiment)",
+        description="Finetune a pretrained folder (--model) or a new model on sentence (pair) "
+        "classification / "
+        "regression (GLUE-style files, hf:glue:NAME, offline tweets) or span QA (SQuAD JSON).",
+    )
+    _add_model_arguments(fin, dropout=0.1)
+    _add_train_arguments(fin, output="runs/finetune", batch=32, lr=1e-4, warmup=0.1, save_every=0)
+    g = fin.add_argument_group("task")
+    g.add_argument("--task", choices=("classification", "qa"), default="classification")
+    g.add_argument(
+        "--model", default=None, help="pretrained folder, e.g. runs/pretrain/final (default: new model)"
+    )
+    g.add_argument(
+        "--data",
+        default=None,
+        help="classification: tweets (default), tweets-binary, a file, a folder with train/dev/test "
+        "files, hf:NAME[:CONFIG]; qa: a SQuAD JSON file, a folder, hf:squad",
+    )
+    g.add_argument("--train-file", default=None)
+    g.add_argument("--validation-file", default=None)
+    g.add_argument("--test-file", default=None)
+    g.add_argument("--text-column", default="sentence")
+    g.add_argument("--text-pair-column", default=None, help="second sentence of pair tasks (e.g. hypothesis)")
+    g.add_argument("--label-column", default="label")
+    g.add_argument("--num-labels", type=int, default=None, help="default: from the data; 1 = regression")
+    g.add_argument("--epochs", type=float, default=3.0)
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--max-train-examples", type=int, default=None, help="use the first N training examples")
+    g.add_argument("--max-eval-examples", type=int, default=None, help="use the first N dev / test examples")
+    g.add_argument("--doc-stride", type=int, default=None, help="QA window overlap (default: seq_len / 4)")
+    g.add_argument("--max-query-length", type=int, default=64)
+    g.add_argument("--max-answer-length", type=int, default=30)
+    g.add_argument("--n-best", type=int, default=20)
+    g.add_argument("--null-threshold", type=float, default=0.0, help="SQuAD v2 no-answer threshold")
+    fin.set_defaults(func=_finetune)

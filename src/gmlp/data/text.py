@@ -1,0 +1,481 @@
+"""Text corpora for masked-language-model pretraining: offline defaults and standard sources.
+
+Offline sources (fetched by ``scripts/fetch_text_data.sh``; see ``docs/text_training.md``):
+
+=============  ==============================================================================================
+``pydocs``     Debian ``python3.11-doc``: the 497 ``.rst.txt`` sources of the Python docs (one document each)
+``wordnet``    Debian ``wordnet-base``: 117,659 glosses of ``data.{noun,verb,adj,adv}`` (one document each)
+``austen``     Debian ``r-cran-janeaustenr`` (unpacked, not installed): Austen's six novels, one document per
+               chapter, read from the R lazy-load database with the ``rdata`` package
+``mobydick``   Debian ``r-cran-tokenizers`` (unpacked, not installed): Moby Dick, one document per chapter
+=============  ==============================================================================================
+
+``offline`` names all four, ``books`` the last two. Other sources: a text file (split into paragraphs at
+blank lines) or a folder of them (``*.txt``, ``*.text``, ``*.md``, ``*.rst``, searched recursively), a
+``.json``/``.jsonl``/``.csv``/``.parquet`` file read with HF ``datasets`` (its ``text`` column), and
+``hf:NAME`` or ``hf:NAME:CONFIG`` for a dataset of the Hugging Face hub (needs internet).
+
+The held-out split is deterministic: a document is held out when the hash of its text falls below
+``valid_fraction`` (so it does not depend on the order, the number of sources or the machine).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import os
+import re
+import struct
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "OFFLINE_SOURCES",
+    "SOURCE_ALIASES",
+    "TextDataError",
+    "TextDocument",
+    "TextSplits",
+    "data_home",
+    "heldout_bucket",
+    "iter_austen",
+    "iter_documents",
+    "iter_hf_text",
+    "iter_moby_dick",
+    "iter_python_docs",
+    "iter_text_path",
+    "iter_wordnet_glosses",
+    "load_text_splits",
+    "missing_offline_sources",
+    "pack_sequences",
+    "read_r_lazyload",
+    "read_text_file",
+    "resolve_sources",
+    "split_documents",
+]
+
+#: The offline corpora, in the order they are read.
+OFFLINE_SOURCES: tuple[str, ...] = ("pydocs", "wordnet", "austen", "mobydick")
+#: Names standing for several sources.
+SOURCE_ALIASES: dict[str, tuple[str, ...]] = {"offline": OFFLINE_SOURCES, "books": ("austen", "mobydick")}
+
+PYTHON_DOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")
+WORDNET_DIR = Path("/usr/share/wordnet")
+_TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
+_TABLE_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_FETCH_HINT = "run scripts/fetch_text_data.sh (it installs/downloads the offline text data)"
+
+
+class TextDataError(ValueError):
+    """A text source is unusable: empty, not UTF-8, missing a column, unknown name..."""
+
+
+@dataclass(frozen=True)
+class TextDocument:
+    """One document: the unit of the held-out split."""
+
+    source: str
+    name: str
+    text: str
+
+
+@dataclass
+class TextSplits:
+    """Training and held-out documents (texts only) and where they came from."""
+
+    train: list[str]
+    validation: list[str]
+    sources: list[str] = field(default_factory=list)
+
+
+def data_home() -> Path:
+    """The data cache: ``$GMLP_DATA`` or ``~/.cache/gmlp``."""
+    return Path(os.environ.get("GMLP_DATA") or Path.home() / ".cache" / "gmlp")
+
+
+def _r_data_dir(deb: str, package: str) -> Path:
+    return data_home() / "text" / "deb" / deb / "usr" / "lib" / "R" / "site-library" / package / "data"
+
+
+def _source_path(name: str) -> Path:
+    return {
+        "pydocs": PYTHON_DOCS_DIR,
+        "wordnet": WORDNET_DIR / "data.noun",
+        "austen": _r_data_dir("r-cran-janeaustenr", "janeaustenr") / "Rdata.rdx",
+        "mobydick": _r_data_dir("r-cran-tokenizers", "tokenizers") / "Rdata.rdx",
+    }[name]
+
+
+def missing_offline_sources(names: Iterable[str] = OFFLINE_SOURCES) -> list[str]:
+    """The offline sources among ``names`` whose files are absent on this machine."""
+    return [n for n in names if not _source_path(n).exists()]
+
+
+def _require(name: str) -> None:
+    if missing_offline_sources([name]):
+        raise FileNotFoundError(
+            f"offline text source {name!r} is not available ({_source_path(name)} is missing); {_FETCH_HINT}"
+        )
+
+
+def read_text_file(path: str | Path) -> str:
+    """Read a UTF-8 text file (a BOM is dropped), with errors that name the file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        TextDataError: the file is empty (or only whitespace) or is not valid UTF-8.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {str(path)!r}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise TextDataError(
+            f"{str(path)!r} is not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+            f"convert it first, e.g. `iconv -f latin1 -t utf-8`"
+        ) from err
+    if not text.strip():
+        raise TextDataError(f"text file {str(path)!r} is empty")
+    return text
+
+
+def _paragraphs(text: str) -> list[str]:
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+# --- offline sources -------------------------------------------------------------------------------------
+
+
+def iter_python_docs(root: str | Path | None = None) -> Iterator[TextDocument]:
+    """The Python documentation sources (``*.rst.txt``), one document per file, in sorted order."""
+    root = Path(root) if root is not None else PYTHON_DOCS_DIR
+    if root == PYTHON_DOCS_DIR:
+        _require("pydocs")
+    for path in sorted(root.rglob("*.rst.txt")):
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        if text:
+            yield TextDocument("pydocs", str(path.relative_to(root)), text)
+
+
+def iter_wordnet_glosses(root: str | Path | None = None) -> Iterator[TextDocument]:
+    """WordNet glosses: the text after the first ``|`` of each data line (license lines start with spaces)."""
+    root = Path(root) if root is not None else WORDNET_DIR
+    if root == WORDNET_DIR:
+        _require("wordnet")
+    for pos in ("noun", "verb", "adj", "adv"):
+        path = root / f"data.{pos}"
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  ") or "|" not in line:
+                    continue
+                offset, _, gloss = line.partition("|")
+                gloss = gloss.strip()
+                if gloss:
+                    yield TextDocument("wordnet", f"{pos}:{offset.split(' ', 1)[0]}", gloss)
+
+
+def read_r_lazyload(rdx: str | Path) -> dict[str, Any]:
+    """Read every object of an R lazy-load database (``NAME.rdx`` index + ``NAME.rdb`` records).
+
+    The index is a gzip'd R serialization of ``list(variables = list(NAME = c(offset, length)), ...)``;
+    each record is a 4-byte big-endian length followed by a zlib stream (or, for bzip2/xz databases,
+    a type byte and the compressed stream) holding the R serialization of one object. Objects are
+    converted with the ``rdata`` package (character vectors become numpy string arrays).
+    """
+    import rdata
+
+    rdx = Path(rdx)
+    rdb = rdx.with_suffix(".rdb")
+
+    def parse(data: bytes) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rdata warns "Unknown file type: assumed RDS" on bare streams
+            return rdata.conversion.convert(rdata.parser.parse_data(data, expand_altrep=True))
+
+    raw = rdx.read_bytes()
+    index = parse(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else zlib.decompress(raw[4:]))
+    blob = rdb.read_bytes()
+    out: dict[str, Any] = {}
+    for name, (offset, length) in index["variables"].items():
+        record = blob[int(offset) : int(offset) + int(length)]
+        (size,) = struct.unpack(">I", record[:4])
+        body = record[4:]
+        kind = body[:1]
+        if kind == b"Z":
+            import lzma
+
+            data = lzma.decompress(body[1:])
+        elif kind == b"2":
+            import bz2
+
+            data = bz2.decompress(body[1:])
+        elif kind == b"0":
+            data = body[1:]
+        else:
+            data = zlib.decompress(body)
+        if len(data) != size:
+            raise TextDataError(f"{rdb}: record {name!r} is corrupt ({len(data)} bytes, expected {size})")
+        out[str(name)] = parse(data)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _read_r_lazyload_at(rdx: str, stamp: tuple[int, int]) -> dict[str, Any]:
+    return read_r_lazyload(rdx)
+
+
+def _read_r_cached(rdx: Path) -> dict[str, Any]:
+    """:func:`read_r_lazyload`, cached while the files are unchanged (parsing Austen takes ~1 s)."""
+    st = Path(rdx).with_suffix(".rdb").stat()
+    return _read_r_lazyload_at(str(rdx), (st.st_mtime_ns, st.st_size))
+
+
+_CHAPTER = re.compile(r"(?im)^[ \t]*(chapter[ \t]+(?:[ivxlc]+|\d+)\b.*|epilogue[ \t]*)$")
+
+
+def _chapters(book: str, text: str) -> Iterator[TextDocument]:
+    marks = [m.start() for m in _CHAPTER.finditer(text)]
+    bounds = [0, *marks, len(text)] if marks and marks[0] > 0 else [*(marks or [0]), len(text)]
+    for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        chunk = "\n\n".join(_paragraphs(text[a:b]))
+        if chunk:
+            yield TextDocument(book.split(":")[0], f"{book}:{k:03d}", chunk)
+
+
+def iter_austen(data_dir: str | Path | None = None) -> Iterator[TextDocument]:
+    """Jane Austen's six novels (``janeaustenr``), one document per chapter."""
+    rdx = Path(data_dir) / "Rdata.rdx" if data_dir is not None else _source_path("austen")
+    if data_dir is None:
+        _require("austen")
+    for title, lines in sorted(_read_r_cached(rdx).items()):
+        yield from _chapters(f"austen:{title}", "\n".join(str(x) for x in lines))
+
+
+def iter_moby_dick(data_dir: str | Path | None = None) -> Iterator[TextDocument]:
+    """Moby Dick (``tokenizers`` R package), Project Gutenberg header and licence removed, one document per
+    chapter."""
+    rdx = Path(data_dir) / "Rdata.rdx" if data_dir is not None else _source_path("mobydick")
+    if data_dir is None:
+        _require("mobydick")
+    text = "\n".join(str(x) for x in _read_r_cached(rdx)["mobydick"]).lstrip("\ufeff")
+    text = text.replace("\r\n", "\n")
+    start = re.search(r"(?m)^\*\*\* ?START OF.*$", text)
+    end = re.search(r"(?m)^\*\*\* ?END OF.*$", text)
+    text = text[start.end() if start else 0 : end.start() if end else len(text)]
+    yield from _chapters("mobydick:mobydick", text)
+
+
+# --- user sources ----------------------------------------------------------------------------------------
+
+
+def iter_text_path(path: str | Path) -> Iterator[TextDocument]:
+    """Documents of a local text file (its blank-line separated paragraphs) or of a folder of text files.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        TextDataError: a file is empty or not UTF-8; a folder holds no text file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(_TEXT_SUFFIXES))
+        if not files:
+            raise TextDataError(f"folder {str(path)!r} holds no text files ({', '.join(_TEXT_SUFFIXES)})")
+        for file in files:
+            for k, para in enumerate(_paragraphs(read_text_file(file))):
+                yield TextDocument(str(path), f"{file.relative_to(path)}:{k}", para)
+    elif path.is_file():
+        for k, para in enumerate(_paragraphs(read_text_file(path))):
+            yield TextDocument(str(path), f"{path.name}:{k}", para)
+    else:
+        raise FileNotFoundError(f"text source not found: {str(path)!r} is neither a file nor a folder")
+
+
+def iter_hf_text(
+    name: str, config: str | None = None, *, split: str = "train", text_column: str = "text", **kwargs: Any
+) -> Iterator[TextDocument]:
+    """Rows of a HF ``datasets`` dataset (hub name, or a builder such as ``"json"`` with ``data_files=``).
+
+    Raises:
+        TextDataError: the dataset has no ``text_column`` (the message lists its columns).
+    """
+    from datasets import load_dataset
+
+    ds = load_dataset(name, config, split=split, **kwargs)
+    if text_column not in ds.column_names:
+        raise TextDataError(
+            f"dataset {name!r} has no column {text_column!r}; available columns: {', '.join(ds.column_names)}"
+        )
+    label = kwargs.get("data_files", name)
+    for k, text in enumerate(ds[text_column]):
+        if text is not None and str(text).strip():
+            yield TextDocument(str(label), str(k), str(text).strip())
+
+
+def resolve_sources(sources: str | Sequence[str] | None) -> list[str]:
+    """Expand aliases (``offline``, ``books``) and comma-separated lists into a list of source names."""
+    if sources is None:
+        sources = ["offline"]
+    if isinstance(sources, str):
+        sources = [sources]
+    out: list[str] = []
+    for spec in sources:
+        for part in (p.strip() for p in str(spec).split(",")):
+            if part:
+                out.extend(SOURCE_ALIASES.get(part, (part,)))
+    if not out:
+        raise TextDataError("no text source given")
+    return out
+
+
+def iter_documents(
+    sources: str | Sequence[str] | None = None, *, text_column: str = "text"
+) -> Iterator[TextDocument]:
+    """The documents of each source in turn (see the module docstring for the source names)."""
+    for source in resolve_sources(sources):
+        if source == "pydocs":
+            yield from iter_python_docs()
+        elif source == "wordnet":
+            yield from iter_wordnet_glosses()
+        elif source == "austen":
+            yield from iter_austen()
+        elif source == "mobydick":
+            yield from iter_moby_dick()
+        elif source.startswith("hf:"):
+            name, _, config = source[3:].partition(":")
+            yield from iter_hf_text(name, config or None, text_column=text_column)
+        else:
+            path = Path(source).expanduser()
+            suffix = path.suffix.lower()
+            if suffix in _TABLE_SUFFIXES and path.is_file():
+                yield from iter_hf_text(
+                    _TABLE_SUFFIXES[suffix], data_files=str(path), text_column=text_column, split="train"
+                )
+            elif path.exists():
+                yield from iter_text_path(path)
+            else:
+                known = ", ".join([*OFFLINE_SOURCES, *SOURCE_ALIASES])
+                raise FileNotFoundError(
+                    f"text source {source!r} is neither a known corpus ({known}), 'hf:NAME[:CONFIG]', nor an "
+                    f"existing file or folder"
+                )
+
+
+def heldout_bucket(text: str) -> float:
+    """A deterministic number in [0, 1) from the document's text (blake2b): held out if < valid_fraction."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def split_documents(docs: Iterable[TextDocument | str], valid_fraction: float) -> tuple[list[str], list[str]]:
+    """Split documents into (train, validation) texts by :func:`heldout_bucket`.
+
+    With ``valid_fraction > 0`` and at least two documents, the validation split is never empty: if no
+    document falls below the threshold, the one with the smallest bucket is held out.
+    """
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    texts = [d.text if isinstance(d, TextDocument) else d for d in docs]
+    buckets = [heldout_bucket(t) for t in texts]
+    held = [b < valid_fraction for b in buckets]
+    if valid_fraction > 0 and not any(held) and len(texts) >= 2:
+        held[min(range(len(texts)), key=buckets.__getitem__)] = True
+    train = [t for t, h in zip(texts, held, strict=True) if not h]
+    valid = [t for t, h in zip(texts, held, strict=True) if h]
+    return train, valid
+
+
+def load_text_splits(
+    sources: str | Sequence[str] | None = None,
+    *,
+    valid_fraction: float = 0.01,
+    max_documents: int | None = None,
+    max_chars: int | None = None,
+    text_column: str = "text",
+) -> TextSplits:
+    """Read the sources and split them into training and held-out texts.
+
+    Args:
+        sources: source names / paths (see the module docstring); default ``offline``.
+        valid_fraction: expected fraction of documents held out (deterministic, by text hash).
+        max_documents: stop after this many documents (all sources together).
+        max_chars: stop once this many characters have been read.
+        text_column: the text column of table / HF sources.
+
+    Raises:
+        FileNotFoundError: a source is missing (offline data not fetched, path absent).
+        TextDataError: a source is empty or unreadable, or nothing was read.
+    """
+    names = resolve_sources(sources)
+    docs: list[TextDocument] = []
+    chars = 0
+    for doc in iter_documents(names, text_column=text_column):
+        if (max_documents is not None and len(docs) >= max_documents) or (
+            max_chars is not None and chars >= max_chars
+        ):
+            break
+        docs.append(doc)
+        chars += len(doc.text)
+    if not docs:
+        raise TextDataError(f"no text read from {', '.join(names)}")
+    train, valid = split_documents(docs, valid_fraction)
+    return TextSplits(train=train, validation=valid, sources=names)
+
+
+def pack_sequences(
+    token_ids: Iterable[Sequence[int] | np.ndarray],
+    seq_len: int,
+    *,
+    cls_id: int,
+    sep_id: int,
+    pad_id: int,
+    drop_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack tokenized documents into ``[CLS] ... [SEP]`` blocks of exactly ``seq_len`` tokens.
+
+    Documents are concatenated with ``[SEP]`` between them and cut into pieces of ``seq_len - 2`` tokens;
+    the last, shorter piece is right-padded with ``pad_id`` (its attention mask is 0 there) unless
+    ``drop_last``.
+
+    Returns:
+        ``(input_ids, attention_mask)``, both int64 of shape ``[num_blocks, seq_len]``.
+    """
+    if seq_len < 3:
+        raise ValueError(f"seq_len must be >= 3 (room for [CLS], a token and [SEP]), got {seq_len}")
+    parts: list[np.ndarray] = []
+    sep = np.array([sep_id], dtype=np.int64)
+    for ids in token_ids:
+        if len(ids) == 0:
+            continue
+        if parts:
+            parts.append(sep)
+        parts.append(np.asarray(ids, dtype=np.int64))
+    stream = torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.long)
+    body = seq_len - 2
+    n_full, rest = divmod(len(stream), body)
+    n = n_full + (1 if rest and not drop_last else 0)
+    input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, seq_len), dtype=torch.long)
+    if n == 0:
+        return input_ids, mask
+    flat = stream[: n_full * body].view(n_full, body)
+    input_ids[:n_full, 0] = cls_id
+    input_ids[:n_full, 1:-1] = flat
+    input_ids[:n_full, -1] = sep_id
+    mask[:n_full] = 1
+    if n > n_full:
+        tail = stream[n_full * body :]
+        input_ids[-1, 0] = cls_id
+        input_ids[-1, 1 : 1 + rest] = tail
+        input_ids[-1, 1 + rest] = sep_id
+        mask[-1, : rest + 2] = 1
+    return input_ids, mask

