@@ -1,4 +1,4 @@
-"""End-to-end tests of ``gmlp train`` on tiny offline data (scikit-learn digits; Fashion-MNIST if installed)."""
+"""End-to-end tests of ``gmlp train`` on tiny offline data (scikit-learn digits; Fashion-MNIST if there)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_cli_trains_end_to_end_and_checkpoint_loads_bit_exactly(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    rc = main(["train", "--model", "gmlp_micro4_28", "--dataset", "digits", "--epochs", "2", "--batch-size", "64",
-               "--warmup-steps", "4", "--no-augment", "--no-progress", "--output", str(out), "--train-subset", "320"])
+    rc = main(["train", "--model", "gmlp_micro4_28", "--dataset", "digits", "--epochs", "2", "--batch-size",
+               "64", "--warmup-steps", "4", "--no-augment", "--no-progress", "--output", str(out),
+               "--train-subset", "320"])
     assert rc == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
@@ -55,10 +56,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> N
     part = VisionTrainConfig(**{**TINY, "checkpoint_every": 3}, max_steps=7, output=str(tmp_path / "resumed"))
     train_vision(part)  # stops mid-epoch 2 (5 steps per epoch), as if killed after step 7
     assert load_checkpoint(tmp_path / "resumed").state["step"] == 7
-    resumed = train_vision(VisionTrainConfig(**{**TINY, "checkpoint_every": 3}, output=str(tmp_path / "resumed")),
-                           resume=True)
+    resumed = train_vision(
+        VisionTrainConfig(**{**TINY, "checkpoint_every": 3}, output=str(tmp_path / "resumed")), resume=True
+    )
     assert resumed["step"] == full["step"] == 10
-    a, b = _weights(tmp_path / "full" / "model.safetensors"), _weights(tmp_path / "resumed" / "model.safetensors")
+    a = _weights(tmp_path / "full" / "model.safetensors")
+    b = _weights(tmp_path / "resumed" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
@@ -69,8 +72,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> N
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     train_vision(VisionTrainConfig(**{**TINY, "epochs": 1}, output=str(tmp_path / "run")))
     with pytest.raises(ValueError, match="batch_size=64 \\(now 32\\)"):
-        train_vision(VisionTrainConfig(**{**TINY, "epochs": 1, "batch_size": 32}, output=str(tmp_path / "run")),
-                     resume=True)
+        other = VisionTrainConfig(**{**TINY, "epochs": 1, "batch_size": 32}, output=str(tmp_path / "run"))
+        train_vision(other, resume=True)
 
 
 def test_resume_without_checkpoint_says_so(tmp_path: Path) -> None:
@@ -82,7 +85,8 @@ def test_resume_without_checkpoint_says_so(tmp_path: Path) -> None:
     ("override", "message"),
     [({"model": "resnet50"}, "unknown model 'resnet50'"), ({"batch_size": 0}, "batch_size must be >= 1"),
      ({"lr": -1.0}, "lr must be > 0"), ({"label_smoothing": 1.0}, "label_smoothing"),
-     ({"dataset": "cifar"}, "unknown dataset 'cifar'"), ({"batch_size": 4096}, "larger than the training set")],
+     ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
+     ({"batch_size": 4096}, "larger than the training set")],
 )
 def test_bad_settings_raise_clear_errors(tmp_path: Path, override: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -90,7 +94,7 @@ def test_bad_settings_raise_clear_errors(tmp_path: Path, override: dict, message
 
 
 @pytest.mark.skipif(not (fashion_mnist_root() / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist; scripts/setup.sh does)")
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_default_dataset_runs_on_a_subset(tmp_path: Path) -> None:
     cfg = VisionTrainConfig(epochs=1, train_subset=512, test_subset=500, progress=False, threads=1,
                             output=str(tmp_path / "fm"), warmup_steps=2)

@@ -1,66 +1,242 @@
-"""``gmlp train`` and ``gmlp info``: vision sub-commands (parsing only)."""
+"""``gmlp train``, ``gmlp eval``, ``gmlp info``, ``gmlp export``, ``gmlp compare-vit``: vision sub-commands
+(parsing only; the work lives in :mod:`gmlp.train` and :mod:`gmlp.export`)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import types
+import typing
+from typing import Any
 
 __all__ = ["register"]
 
 
+def _parse_kwargs(text: str) -> dict[str, Any]:
+    """``'{"depth": 2}'`` (JSON) or ``depth=2,embed_dim=64`` (values parsed as JSON where possible)."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {err}") from err
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError("expected a JSON object")
+        return value
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, raw = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {part!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+_METAVARS = {"betas": ("BETA1", "BETA2"), "crop_scale": ("MIN", "MAX")}
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One ``--flag`` per field of a config dataclass, typed and defaulted from it."""
-    for field in dataclasses.fields(config_cls):
-        flag = "--" + field.name.replace("_", "-")
-        default = field.default
-        if field.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif field.name == "betas":
-            parser.add_argument(flag, type=float, nargs=2, default=default, metavar=("BETA1", "BETA2"))
+    """One ``--flag`` per field of a config dataclass. Flags default to "not given" (argparse.SUPPRESS) so
+    that a recipe file's values apply unless a flag overrides them; the help shows the built-in default."""
+    from ..train.recipe import setting_types
+
+    types_ = setting_types(config_cls)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = types_[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_ = f"(default: {default})"
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in args if a is not type(None))
+            args = typing.get_args(tp)
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_)
+        elif typing.get_origin(tp) is tuple:
+            nargs = "+" if len(args) == 2 and args[1] is Ellipsis else len(args)
+            metavar = _METAVARS.get(f.name, f.name.upper())
+            parser.add_argument(flag, type=float, nargs=nargs, default=argparse.SUPPRESS, help=help_,
+                                metavar=metavar)
+        elif typing.get_origin(tp) is dict:
+            parser.add_argument(flag, type=_parse_kwargs, default=argparse.SUPPRESS,
+                                help=f"JSON object or KEY=VALUE,... {help_}")
         else:
-            kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
-            parser.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
+            kind = tp if tp in (int, float) else str
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_)
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from ..train.recipe import load_recipe, merge_settings
+    from ..train.vision import VisionTrainConfig
+
+    names = {f.name for f in dataclasses.fields(VisionTrainConfig)}
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    file_settings = load_recipe(args.config, VisionTrainConfig) if args.config else {}
+    return merge_settings(VisionTrainConfig, file_settings, flags)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..train.vision import VisionTrainConfig, train_vision
+    from ..train.vision import train_vision
 
-    names = {f.name for f in dataclasses.fields(VisionTrainConfig)}
-    config = VisionTrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    if isinstance(config.betas, list):
-        config.betas = tuple(config.betas)
+    config = _train_config(args)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(config))), sort_keys=False), end="")
+        return 0
     result = train_vision(config, resume=args.resume)
-    print(f"done: {result.get('step')} steps, test accuracy {result.get('test_accuracy', float('nan')):.4f}, "
-          f"outputs in {config.output}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        accuracy = result.get("test_accuracy", float("nan"))
+        print(f"done: {result.get('step')} steps, test accuracy {accuracy:.4f}, outputs in {config.output}")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ..models import create_model, list_models
+    from ..models import list_models
 
     if args.model is None:
         print("\n".join(list_models()))
         return 0
-    model = create_model(args.model)
-    params = sum(p.numel() for p in model.parameters())
-    cfg = model.pretrained_cfg
-    print(f"{args.model}: {params:,} parameters, input {cfg['input_size']}, {len(model.blocks)} blocks, "
-          f"width {model.embed_dim}, tokens {model.stem.num_patches}")
+    from ..train.vision_tools import model_info
+
+    info = model_info(
+        args.model, img_size=args.img_size, in_chans=args.in_chans, num_classes=args.num_classes,
+        throughput=args.throughput, batch_size=args.batch_size, device=args.device,
+        model_kwargs=args.model_kwargs,
+    )
+    print(info["summary"])
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from ..train.vision_tools import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint, model=args.model, dataset=args.dataset, data_root=args.data_root, split=args.split,
+        img_size=args.img_size, batch_size=args.batch_size, workers=args.workers, device=args.device,
+        subset=args.subset, strict_images=args.strict_images, model_kwargs=args.model_kwargs,
+        ema=args.ema,
+    )
+    line = (f"{result['model']} on {result['dataset']} [{result['split']}]: top-1 {result['top1']:.4f}  "
+            f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  ({result['count']} images")
+    if result.get("skipped_images"):
+        line += f", {result['skipped_images']} corrupt skipped"
+    print(line + ")")
+    if args.json:
+        from ..train.checkpoint import write_json_atomic
+
+        write_json_atomic(args.json, result)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, model=args.model, img_size=args.img_size,
+                            in_chans=args.in_chans, num_classes=args.num_classes, opset=args.opset,
+                            verify=args.verify, model_kwargs=args.model_kwargs)
+    print(f"wrote {out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from ..train.compare import run_comparison
+
+    table = run_comparison(
+        args.output, config=args.config, dataset=args.dataset, epochs=args.epochs, gmlp_model=args.model,
+        vit_depth=args.vit_depth, vit_heads=args.vit_heads, train_subset=args.train_subset,
+        test_subset=args.test_subset, threads=args.threads, progress=args.progress,
+        batch_size=args.batch_size,
+    )
+    print(table)
+    return 0
+
+
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="model.safetensors, a training run or checkpoint directory, or a timm "
+                                      "checkpoint (.pth/.bin/.safetensors, converted on the fly)")
+    p.add_argument("--model", help="model name (default: the run's config.json)")
+    p.add_argument("--img-size", type=int, help="input size (default: the run's, else the model's)")
+    p.add_argument("--model-kwargs", type=_parse_kwargs, default=None,
+                   help="extra model constructor arguments (JSON or KEY=VALUE,...)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``train`` and ``info``."""
+    """Add ``train``, ``eval``, ``info``, ``export`` and ``compare-vit``."""
     from ..train.vision import VisionTrainConfig
 
     train = sub.add_parser(
         "train", help="train a vision gMLP (default: Fashion-MNIST, offline)",
-        description="Train an image classifier. Defaults reach >= 89%% Fashion-MNIST test accuracy on 2 CPU cores.",
+        description="Train an image classifier. Defaults reach >= 89%% Fashion-MNIST test accuracy on 2 CPU "
+                    "cores. Settings come from the flags, else the --config recipe file, else the defaults. "
+                    "Multi-process: torchrun --nproc_per_node=N -m gmlp train ... (--batch-size is global).",
     )
+    train.add_argument("--config", metavar="FILE", help="YAML recipe (e.g. recipes/imagenet_gmlp_s.yaml)")
     _add_config_arguments(train, VisionTrainConfig)
-    train.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --output from its last checkpoint")
+    train.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
     train.set_defaults(func=_train)
 
-    info = sub.add_parser("info", help="list models, or show one model's size")
-    info.add_argument("model", nargs="?", help="model name (omit to list all)")
+    ev = sub.add_parser("eval", help="top-1/top-5 accuracy of a checkpoint on a dataset (timm preprocessing)")
+    _checkpoint_args(ev)
+    ev.add_argument("--dataset", help="fashion_mnist, digits, imagefolder or hf (default: the run's)")
+    ev.add_argument("--data-root", help="dataset directory, or a hub name / path for hf")
+    ev.add_argument("--split", help="split to evaluate (default: test / val / validation)")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                    help="DataLoader worker processes")
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--subset", type=int, help="evaluate the first N images only")
+    ev.add_argument("--strict-images", action="store_true",
+                    help="fail on a corrupt image instead of skipping it")
+    ev.add_argument("--ema", action="store_true", help="evaluate the run's model_ema.safetensors")
+    ev.add_argument("--json", help="also write the result to this JSON file")
+    ev.set_defaults(func=_eval)
+
+    info = sub.add_parser("info", help="list models, or show one model's size, GMACs and speed")
+    info.add_argument("model", nargs="?", help="model name (omit to list all; timm:NAME for a timm model)")
+    info.add_argument("--img-size", type=int)
+    info.add_argument("--in-chans", type=int)
+    info.add_argument("--num-classes", type=int)
+    info.add_argument("--model-kwargs", type=_parse_kwargs, default=None)
+    info.add_argument("--throughput", action="store_true", help="also measure inference images/second")
+    info.add_argument("--batch-size", type=int, default=32, help="batch of the throughput measurement")
+    info.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     info.set_defaults(func=_info)
+
+    ex = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch axis)")
+    _checkpoint_args(ex)
+    ex.add_argument("--output", "-o", default="model.onnx", help="ONNX file to write")
+    ex.add_argument("--in-chans", type=int)
+    ex.add_argument("--num-classes", type=int)
+    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                    help="compare onnxruntime's outputs with PyTorch's (if onnxruntime is installed)")
+    ex.set_defaults(func=_export)
+
+    cmp_ = sub.add_parser(
+        "compare-vit", help="train gMLP and a parameter-matched DeiT-style ViT (one recipe); write a table",
+        description="Paper-style comparison on small images: the same recipe and epoch budget for a gMLP "
+                    "and a timm ViT sized to the same parameter count; writes results.md, metrics and "
+                    "spatial plots.",
+    )
+    cmp_.add_argument("--output", "-o", default="runs/compare_vit")
+    cmp_.add_argument("--config", help="recipe for both runs (default: the gmlp train defaults)")
+    cmp_.add_argument("--dataset", default=None, help="override the recipe's dataset (e.g. digits)")
+    cmp_.add_argument("--model", default=None, help="gMLP model (default: the recipe's)")
+    cmp_.add_argument("--epochs", type=int, default=None)
+    cmp_.add_argument("--batch-size", type=int, default=None)
+    cmp_.add_argument("--vit-depth", type=int, default=None, help="ViT depth (default: the gMLP's)")
+    cmp_.add_argument("--vit-heads", type=int, default=4)
+    cmp_.add_argument("--train-subset", type=int, default=None)
+    cmp_.add_argument("--test-subset", type=int, default=None)
+    cmp_.add_argument("--threads", type=int, default=None)
+    cmp_.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    cmp_.set_defaults(func=_compare)

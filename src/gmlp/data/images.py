@@ -40,9 +40,12 @@ class ImageSplit:
 
     def __post_init__(self) -> None:
         if self.images.dim() != 4 or self.images.dtype != torch.uint8:
-            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {self.images.dtype} {tuple(self.images.shape)}")
+            got = f"{self.images.dtype} {tuple(self.images.shape)}"
+            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {got}")
         if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+            raise ValueError(
+                f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}"
+            )
         if len(self.images) == 0:
             raise ValueError("the dataset split is empty")
 
@@ -76,7 +79,9 @@ def read_idx(path: str | Path) -> torch.Tensor:
     dims = struct.unpack(f">{ndim}I", data[4:header])
     expected = header + int(torch.tensor(dims).prod().item())
     if len(data) != expected:
-        raise ValueError(f"IDX file {str(path)!r} has {len(data)} bytes, expected {expected} for shape {dims}")
+        raise ValueError(
+            f"IDX file {str(path)!r} has {len(data)} bytes, expected {expected} for shape {dims}"
+        )
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims)
 
 
@@ -104,7 +109,9 @@ def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> 
             )
     images, labels = read_idx(img_path), read_idx(lbl_path)
     if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
-        raise ValueError(f"Fashion-MNIST {split}: images {tuple(images.shape)} and labels {tuple(labels.shape)} disagree")
+        raise ValueError(
+            f"Fashion-MNIST {split}: images {tuple(images.shape)} and labels {tuple(labels.shape)} disagree"
+        )
     return ImageSplit(images.unsqueeze(1).contiguous(), labels.long(), FASHION_MNIST_CLASSES)
 
 

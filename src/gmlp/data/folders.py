@@ -1,0 +1,310 @@
+"""Image datasets read through PIL: ImageFolder trees, Hugging Face ``datasets``, and the offline tensors.
+
+Each source gives random access to ``(PIL image, label)``; :class:`TransformedImages` applies a timm
+transform (``timm.data.create_transform``) and seeds it per sample, so augmentation is the same whichever
+worker process loads the sample and however the run was interrupted. Unreadable (corrupt) images are
+skipped and counted by :func:`collate_skipping`, or raise :class:`CorruptImageError` naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .images import ImageSplit
+
+__all__ = [
+    "CorruptImageError",
+    "FolderSource",
+    "HFSource",
+    "ImageSource",
+    "TensorSource",
+    "TransformedImages",
+    "collate_skipping",
+    "hf_source",
+    "image_folder_source",
+    "resolve_split",
+]
+
+
+class CorruptImageError(ValueError):
+    """An image file cannot be decoded."""
+
+
+class ImageSource:
+    """Random access to labelled images: ``len``, ``load(i)`` (a PIL image), ``labels``, ``classes``."""
+
+    classes: tuple[str, ...]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        return f"sample {index}"
+
+
+def _open_image(opener: Callable[[], Any]) -> Any:
+    from PIL import Image
+
+    img = opener()
+    img.load()  # decode now: a truncated or corrupt file fails here, not later inside a transform
+    return img if isinstance(img, Image.Image) else Image.open(img)
+
+
+class FolderSource(ImageSource):
+    """Files ``ROOT/SPLIT/CLASS/**/IMAGE``: the ``torchvision.datasets.ImageFolder`` layout."""
+
+    def __init__(self, samples: list[tuple[str, int]], classes: Sequence[str], root: Path) -> None:
+        self.samples = samples
+        self.labels = [label for _, label in samples]
+        self.classes = tuple(classes)
+        self.root = root
+
+    def load(self, index: int) -> Any:
+        from PIL import Image
+
+        return _open_image(lambda: Image.open(self.samples[index][0]))
+
+    def describe(self, index: int) -> str:
+        return repr(self.samples[index][0])
+
+
+def resolve_split(available: Sequence[str], wanted: str | None, candidates: Sequence[str], where: str) -> str:
+    """``wanted`` if given (and present), else the first of ``candidates`` present; error naming ``where``."""
+    if wanted is not None:
+        if wanted not in available:
+            found = ", ".join(available) or "nothing"
+            raise FileNotFoundError(f"{where} has no split {wanted!r} (found: {found})")
+        return wanted
+    for name in candidates:
+        if name in available:
+            return name
+    found = ", ".join(available) or "nothing"
+    wanted_names = ", ".join(map(repr, candidates))
+    raise FileNotFoundError(f"{where} has none of the splits {wanted_names} (found: {found})")
+
+
+def image_folder_source(
+    root: str | Path,
+    split: str | None,
+    class_names: Sequence[str] | None = None,
+    *,
+    candidates: Sequence[str] = (),
+) -> FolderSource:
+    """The images of ``root/split`` (one sub-folder per class, as torchvision's ImageFolder).
+
+    Args:
+        root: the dataset directory holding the split folders (e.g. ``train/`` and ``val/``).
+        split: the split folder, or None for the first of ``candidates`` that exists.
+        class_names: the training classes, to give a validation split the training label numbering (its
+            classes must be among them); None = this split's own sorted class folders.
+
+    Raises:
+        FileNotFoundError: ``root`` or the split folder is missing, or a class folder holds no image.
+        ValueError: the split has a class the training split lacks.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"image folder {str(root)!r} does not exist (expected {root}/train/<class>/*.jpg)"
+        )
+    splits = sorted(p.name for p in root.iterdir() if p.is_dir())
+    split = resolve_split(splits, split, candidates, f"image folder {str(root)!r}")
+    base = root / split
+    try:
+        classes, _ = find_classes(str(base))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"image folder {str(base)!r} has no class sub-folders ({err})") from err
+    if class_names is not None:
+        unknown = sorted(set(classes) - set(class_names))
+        if unknown:
+            raise ValueError(f"{str(base)!r} has classes the training split lacks: {unknown[:10]}")
+        class_to_idx = {c: i for i, c in enumerate(class_names)}
+    else:
+        class_to_idx = {c: i for i, c in enumerate(classes)}
+        class_names = classes
+    samples = make_dataset(str(base), {c: class_to_idx[c] for c in classes}, extensions=IMG_EXTENSIONS,
+                           allow_empty=True)
+    counts = {c: 0 for c in classes}
+    for _, label in samples:
+        counts[class_names[label]] += 1
+    empty = [c for c, k in counts.items() if k == 0]
+    if empty:
+        raise FileNotFoundError(
+            f"class folder {str(base / empty[0])!r} holds no images ({len(empty)} empty class folders; "
+            f"extensions read: {', '.join(IMG_EXTENSIONS)})"
+        )
+    return FolderSource(samples, class_names, base)
+
+
+class HFSource(ImageSource):
+    """A Hugging Face ``datasets.Dataset`` with an image column (decoded here: bad images can be skipped)."""
+
+    def __init__(self, ds: Any, image_key: str, labels: list[int], classes: Sequence[str], name: str) -> None:
+        self.ds, self.image_key, self.labels, self.name = ds, image_key, labels, name
+        self.classes = tuple(classes)
+
+    def load(self, index: int) -> Any:
+        from PIL import Image
+
+        item = self.ds[index][self.image_key]
+        if isinstance(item, Image.Image):
+            return _open_image(lambda: item)
+        if isinstance(item, dict) and item.get("bytes"):
+            return _open_image(lambda: Image.open(io.BytesIO(item["bytes"])))
+        if isinstance(item, dict) and item.get("path"):
+            return _open_image(lambda: Image.open(item["path"]))
+        raise CorruptImageError(f"{self.describe(index)} holds no image bytes or path")
+
+    def describe(self, index: int) -> str:
+        return f"row {index} of {self.name}"
+
+
+def _load_hf(name_or_path: str, split: str | None, candidates: Sequence[str]) -> tuple[Any, str]:
+    import datasets
+
+    path = Path(name_or_path)
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))  # a save_to_disk directory
+        if isinstance(loaded, datasets.DatasetDict):
+            name = resolve_split(list(loaded), split, candidates, f"dataset {name_or_path!r}")
+            return loaded[name], name
+        return loaded, split or "train"
+    if not path.exists() and name_or_path.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"dataset directory {name_or_path!r} does not exist")
+    # a hub name, or a local directory of data files (parquet, arrow, an imagefolder tree, ...)
+    available = list(datasets.get_dataset_split_names(name_or_path))
+    name = resolve_split(available, split, candidates, f"dataset {name_or_path!r}")
+    return datasets.load_dataset(name_or_path, split=name), name
+
+
+def hf_source(
+    name_or_path: str,
+    split: str | None,
+    *,
+    image_key: str | None = None,
+    label_key: str | None = None,
+    class_names: Sequence[str] | None = None,
+    candidates: Sequence[str] = (),
+) -> HFSource:
+    """An image-classification split of a Hugging Face dataset: a hub name, a local data directory, or a
+    ``save_to_disk`` directory (read with ``datasets.load_from_disk``).
+
+    The image column is the one of feature type ``Image`` (else ``image``/``img``), the label column the
+    ``ClassLabel`` one (else ``label``/``labels``); ``image_key``/``label_key`` choose them explicitly.
+    """
+    import datasets
+
+    ds, split_name = _load_hf(name_or_path, split, candidates)
+    features = ds.features
+    if image_key is None:
+        image_key = next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+        image_key = image_key or next((k for k in ("image", "img") if k in features), None)
+    if image_key is None or image_key not in features:
+        raise ValueError(f"dataset {name_or_path!r}: no image column in {list(features)}; pass image_key")
+    if label_key is None:
+        label_key = next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+        label_key = label_key or next((k for k in ("label", "labels") if k in features), None)
+    if label_key is None or label_key not in features:
+        raise ValueError(f"dataset {name_or_path!r}: no label column in {list(features)}; pass label_key")
+    if isinstance(features[image_key], datasets.Image):
+        ds = ds.cast_column(image_key, datasets.Image(decode=False))
+    labels = [int(v) for v in ds[label_key]]
+    if len(labels) == 0:
+        raise ValueError(f"dataset {name_or_path!r} split {split_name!r} is empty")
+    feature = features[label_key]
+    if class_names is None:
+        if isinstance(feature, datasets.ClassLabel):
+            class_names = list(feature.names)
+        else:
+            class_names = [str(i) for i in range(max(labels) + 1)]
+    bad = [v for v in labels if not 0 <= v < len(class_names)]
+    if bad:
+        raise ValueError(
+            f"dataset {name_or_path!r} split {split_name!r}: label {bad[0]} outside [0, {len(class_names)})"
+        )
+    return HFSource(ds, image_key, labels, class_names, f"{name_or_path} [{split_name}]")
+
+
+class TensorSource(ImageSource):
+    """An in-memory :class:`~gmlp.data.images.ImageSplit` served as PIL images (for PIL augmentation)."""
+
+    def __init__(self, split: ImageSplit) -> None:
+        self.split = split
+        self.labels = split.labels.tolist()
+        self.classes = split.classes
+
+    def load(self, index: int) -> Any:
+        from PIL import Image
+
+        img = self.split.images[index]
+        if img.shape[0] == 1:
+            return Image.fromarray(img[0].numpy(), "L")
+        return Image.fromarray(img.permute(1, 2, 0).numpy(), "RGB")
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class TransformedImages(Dataset):
+    """``source`` images converted to ``mode`` ("L" or "RGB") and transformed.
+
+    Items are addressed by an index or an ``(index, seed)`` pair; with a seed, Python's, NumPy's and
+    torch's generators are seeded before the transform runs. A corrupt image gives ``None`` (skipped by
+    :func:`collate_skipping`) or, with ``strict``, raises :class:`CorruptImageError` naming the file.
+    """
+
+    def __init__(
+        self, source: ImageSource, transform: Callable[[Any], torch.Tensor], mode: str, strict: bool = False
+    ) -> None:
+        if mode not in ("L", "RGB"):
+            raise ValueError(f"mode must be 'L' or 'RGB', got {mode!r}")
+        self.source, self.transform, self.mode, self.strict = source, transform, mode, strict
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        try:
+            img = self.source.load(index)
+            img = img.convert(self.mode)
+        except CorruptImageError:
+            if self.strict:
+                raise
+            return None
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
+            if self.strict:
+                raise CorruptImageError(
+                    f"corrupt image {self.source.describe(index)}: {type(err).__name__}: {err} "
+                    f"(run without --strict-images to skip and count such files)"
+                ) from err
+            return None
+        if seed is not None:
+            _seed_all(seed)
+        return self.transform(img), self.source.labels[index]
+
+
+def collate_skipping(batch: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack the readable samples; returns ``(images, labels, number of skipped corrupt samples)``."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.long), skipped

@@ -1,0 +1,113 @@
+"""ONNX export of vision models (``gmlp export``), with a dynamic batch axis and an onnxruntime check.
+
+The graph takes ``images`` ``(batch, C, H, W)`` float32, already normalised with the model's
+``pretrained_cfg`` mean/std, and returns ``logits`` ``(batch, num_classes)``. The image size is fixed (the
+spatial weights W are made for one patch grid; export a model built at another size for other inputs).
+Needs ``onnx`` and ``onnxscript`` (torch's exporter); the check needs ``onnxruntime``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["export_checkpoint", "export_onnx", "verify_onnx"]
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, int], *,
+                opset: int | None = None) -> Path:
+    """Write ``model`` (in eval mode) to ``path`` as ONNX with a dynamic batch axis; returns the path.
+
+    Raises:
+        ImportError: the exporter's dependencies (``onnx``, ``onnxscript``) are missing.
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"ONNX export needs the onnx and onnxscript packages (pip install onnx onnxscript): {err}"
+        ) from err
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    example = torch.randn(2, *input_size)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
+            dynamic_shapes=({0: batch},), opset_version=opset, external_data=False, verbose=False,
+        )
+        program.save(str(path))
+    finally:
+        model.train(was_training)
+    return path
+
+
+def verify_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, int],
+                batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4) -> float:
+    """Largest |onnxruntime - PyTorch| over random batches of ``batch_sizes``; raises if above ``atol``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model.eval()
+    worst = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for b in batch_sizes:
+        x = torch.randn(b, *input_size, generator=gen)
+        with torch.no_grad():
+            expected = model(x).float().numpy()
+        got = session.run(["logits"], {"images": x.numpy()})[0]
+        if got.shape != expected.shape:
+            raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch {expected.shape} for batch {b}")
+        worst = max(worst, float(abs(got - expected).max()))
+    if worst > atol:
+        raise RuntimeError(f"ONNX outputs differ from PyTorch's by {worst:.3g} (> {atol:g})")
+    return worst
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    model: str | None = None,
+    img_size: int | None = None,
+    in_chans: int | None = None,
+    num_classes: int | None = None,
+    opset: int | None = None,
+    verify: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Path:
+    """Load a checkpoint (see :func:`gmlp.train.vision_tools.resolve_checkpoint`) and export it to ONNX.
+
+    Model name, image size, channels and classes come from the arguments, else the run's ``config.json``,
+    else the weights. With ``verify`` (and onnxruntime installed) the outputs are compared with PyTorch's.
+    """
+    from .train.vision import build_model, model_input_size
+    from .train.vision_tools import checkpoint_shapes, resolve_checkpoint
+
+    weights, run = resolve_checkpoint(checkpoint)
+    run = run or {}
+    name = model or run.get("model")
+    if name is None:
+        raise ValueError(f"{str(checkpoint)!r} is not a training run: pass --model NAME")
+    shapes = checkpoint_shapes(weights) if not name.startswith("timm:") else {}
+    kwargs = dict(model_kwargs if model_kwargs is not None else (run.get("model_kwargs") or {}))
+    explicit = {"img_size": img_size or shapes.get("img_size") or run.get("img_size"),
+                "in_chans": in_chans or shapes.get("in_chans"),
+                "num_classes": num_classes or shapes.get("num_classes")}
+    net = build_model(name, pretrained=weights,
+                      **{**kwargs, **{k: v for k, v in explicit.items() if v is not None}}).eval()
+    input_size = model_input_size(net)
+    out = export_onnx(net, output, input_size, opset=opset)
+    if verify:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return out
+        verify_onnx(net, out, input_size)
+    return out

@@ -1,0 +1,140 @@
+"""Training recipes: YAML files of settings, checked against a config dataclass.
+
+A recipe file maps setting names (the dataclass's field names, ``lr``, ``batch_size``, ...; dashes are
+accepted for underscores) to values. :func:`load_recipe` refuses unknown keys and values of the wrong type
+with an error naming the file and the key. :func:`merge_settings` layers the sources: explicit command-line
+flags over the file over the dataclass defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RecipeError", "coerce_setting", "load_recipe", "merge_settings", "setting_types"]
+
+
+class RecipeError(ValueError):
+    """A recipe file is unreadable, or holds an unknown key or a value of the wrong type."""
+
+
+def setting_types(config_cls: type) -> dict[str, Any]:
+    """``{field name: resolved type annotation}`` of a config dataclass."""
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} " + "/".join(_type_name(a) for a in args)
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce_setting(name: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against (and minimally converted to) type ``tp``; ValueError names ``name``.
+
+    Conversions: an int is accepted for a float; a list of the right length for a tuple. A bool is never
+    accepted for a number, and a number never for a string (YAML ``1e-3`` without a dot reads as a string,
+    so ``lr: 1e-3`` is accepted for a float).
+    """
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return coerce_setting(name, value, option)
+            except ValueError as err:
+                errors.append(err)
+        raise ValueError(f"{name!r} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)) and value:
+            return tuple(coerce_setting(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            pairs = enumerate(zip(value, args, strict=True))
+            return tuple(coerce_setting(f"{name}[{i}]", v, a) for i, (v, a) in pairs)
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+    else:  # pragma: no cover - a field type this checker does not know
+        return value
+    raise ValueError(f"{name!r} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def load_recipe(path: str | Path, config_cls: type) -> dict[str, Any]:
+    """Read a YAML recipe and check it against ``config_cls``; returns ``{field: value}``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        RecipeError: not YAML, not a mapping, an unknown key, or a value of the wrong type.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file not found: {str(path)!r}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of setting: value, got {type(raw).__name__}")
+    types_ = setting_types(config_cls)
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in types_:
+            close = difflib.get_close_matches(name, list(types_), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{path}: unknown key {key!r}{hint}; known keys: {', '.join(sorted(types_))}")
+        try:
+            out[name] = coerce_setting(name, value, types_[name])
+        except ValueError as err:
+            raise RecipeError(f"{path}: key {err}") from err
+    return out
+
+
+def merge_settings(config_cls: type, file_settings: dict[str, Any], flags: dict[str, Any]) -> Any:
+    """A ``config_cls`` from its defaults, overridden by ``file_settings``, overridden by ``flags``."""
+    types_ = setting_types(config_cls)
+    merged = {**file_settings}
+    for name, value in flags.items():
+        if name in types_:
+            merged[name] = coerce_setting(name, value, types_[name])
+    return config_cls(**merged)

@@ -1,0 +1,281 @@
+"""``gmlp eval`` and ``gmlp info``: accuracy of a checkpoint on a dataset; size, GMACs and speed of a model.
+
+Checkpoints are found from a file or a run directory (:func:`resolve_checkpoint`); a training run's
+``config.json`` supplies the model name, dataset and settings it was trained with. The input channels,
+number of classes and image size are read from the weights themselves when not given, so a checkpoint
+made for 8x8 grey digits loads into ``gmlp_micro4_28`` without flags. timm checkpoints are converted on the
+fly (``gmlp.create_model(name, pretrained=path)``) and evaluated with timm's preprocessing (resize to
+``size / crop_pct``, centre crop, the model's mean/std and interpolation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..utils.io import CheckpointError, load_state_dict_file
+from .checkpoint import latest_checkpoint
+from .distributed import DistEnv, _pick_device
+
+__all__ = ["checkpoint_shapes", "count_macs", "evaluate_checkpoint", "measure_throughput", "model_info",
+           "resolve_checkpoint"]
+
+
+def _run_config(path: Path) -> dict[str, Any] | None:
+    """A vision training run's settings (``config.json`` with ``model`` and ``dataset``), else None."""
+    if path.is_file():
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if isinstance(cfg, dict) and "model" in cfg and "dataset" in cfg:
+            return cfg
+    return None
+
+
+def resolve_checkpoint(path: str | Path, ema: bool = False) -> tuple[Path, dict[str, Any] | None]:
+    """``(weights file, training settings or None)`` for a weights file, a run directory or a checkpoint
+    directory. ``ema`` picks a run's ``model_ema.safetensors``."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {str(p)!r}")
+    name = "model_ema.safetensors" if ema else "model.safetensors"
+    if p.is_file():
+        if ema:
+            raise ValueError("--ema needs a run directory (holding model_ema.safetensors), not a file")
+        return p, _run_config(p.parent / "config.json")
+    if (p / name).is_file():
+        cfg = _run_config(p / "config.json")
+        if cfg is None and (p / "state.json").is_file():  # a checkpoint directory
+            cfg = json.loads((p / "state.json").read_text()).get("config")
+        return p / name, cfg
+    if ema:
+        raise FileNotFoundError(f"{str(p)!r} holds no {name} (was the run trained with --ema?)")
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise FileNotFoundError(f"{str(p)!r} holds neither model.safetensors nor checkpoints/")
+    return latest / "model.safetensors", json.loads((latest / "state.json").read_text()).get("config")
+
+
+def checkpoint_shapes(path: str | Path) -> dict[str, Any]:
+    """What the weights say about the model: ``in_chans``, ``num_classes``, ``img_size`` (if knowable)."""
+    from ..convert import to_gmlp
+
+    state, metadata = load_state_dict_file(path)
+    try:
+        state = to_gmlp(state)
+    except CheckpointError:
+        return {}  # not a gMLP layout (a timm ViT, ...): nothing to infer
+    out: dict[str, Any] = {}
+    stem = state.get("stem.proj.weight")
+    if stem is not None and stem.dim() == 4:
+        out["in_chans"] = stem.shape[1]
+        patch = stem.shape[2:]
+        proj = next((v for k, v in state.items() if k.endswith("sgu.proj.weight")), None)
+        if "grid_size" in metadata:
+            gh, gw = (int(v) for v in metadata["grid_size"].split(","))
+            out["img_size"] = (gh * patch[0], gw * patch[1])
+        elif proj is not None and proj.dim() == 2 and proj.shape[0] == proj.shape[1]:
+            side = math.isqrt(proj.shape[-1])
+            if side * side == proj.shape[-1]:
+                out["img_size"] = (side * patch[0], side * patch[1])
+    head = state.get("head.weight")
+    if head is not None and head.dim() == 2:
+        out["num_classes"] = head.shape[0]
+    return out
+
+
+def _load_for_eval(name: str, weights: Path, num_classes: int, img_size: Any, in_chans: int | None,
+                   model_kwargs: dict[str, Any]) -> nn.Module:
+    from .vision import build_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explicit = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
+        model = build_model(name, pretrained=weights,
+                            **{**model_kwargs, **{k: v for k, v in explicit.items() if v is not None}})
+    for w in caught:
+        if "freshly initialised head" in str(w.message):
+            raise ValueError(f"{weights}: {w.message}; evaluation needs the checkpoint's own head (the "
+                             f"dataset has {num_classes} classes)")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model.eval()
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    model: str | None = None,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    split: str | None = None,
+    img_size: int | None = None,
+    batch_size: int = 256,
+    workers: int = 4,
+    device: str = "auto",
+    subset: int | None = None,
+    strict_images: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+    ema: bool = False,
+) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy and mean cross-entropy of a checkpoint on a dataset split.
+
+    Unset arguments come from the run's ``config.json`` when the checkpoint belongs to a training run.
+    """
+    from ..data import folders
+    from ..data.images import load_image_dataset
+    from .vision import (
+        TENSOR_DATASETS,
+        _evaluate_tensors,
+        eval_loader,
+        model_input_size,
+        norm_stats,
+        pil_transforms,
+    )
+
+    weights, run = resolve_checkpoint(checkpoint, ema=ema)
+    run = run or {}
+    name = model or run.get("model")
+    if name is None:
+        raise ValueError(f"{str(checkpoint)!r} is not a training run: pass --model NAME")
+    dataset = dataset or run.get("dataset") or "fashion_mnist"
+    same_data = dataset == run.get("dataset")
+    data_root = data_root or (run.get("data_root") if same_data else None)
+    kwargs = dict(model_kwargs if model_kwargs is not None else (run.get("model_kwargs") or {}))
+    mean = run.get("mean") if same_data else None
+    std = run.get("std") if same_data else None
+    shapes = checkpoint_shapes(weights) if not name.startswith("timm:") else {}
+    dev = _pick_device(device, 0)
+    env = DistEnv(device=dev)
+
+    if dataset in TENSOR_DATASETS:
+        test = load_image_dataset(dataset, split or "test", data_root).subset(subset)
+        _, chans, h, w = test.images.shape
+        net = _load_for_eval(name, weights, len(test.classes), (h, w), chans, kwargs).to(dev)
+        mean_t, std_t = norm_stats(net, chans, mean, std)
+        m, s = (torch.tensor(v, device=dev).view(1, -1, 1, 1) for v in (mean_t, std_t))
+        result = _evaluate_tensors(net, test, batch_size, m, s, dev, "auto", env)
+        split_name = split or "test"
+    elif dataset in ("imagefolder", "hf"):
+        if not data_root:
+            raise ValueError(f"dataset {dataset!r} needs --data-root")
+        candidates = ("val", "validation", "test")
+        if dataset == "imagefolder":
+            root = Path(data_root)
+            classes = None
+            if split != "train" and (root / "train").is_dir():  # number the classes as training did
+                from torchvision.datasets.folder import find_classes
+
+                classes = find_classes(str(root / "train"))[0]
+            source = folders.image_folder_source(root, split, classes, candidates=candidates)
+            split_name = source.root.name
+        else:
+            source = folders.hf_source(data_root, split, candidates=("validation", "val", "test"),
+                                       image_key=run.get("image_key"), label_key=run.get("label_key"))
+            split_name = source.name.rsplit("[", 1)[-1].rstrip("]")
+        source = _subset(source, subset)
+        size = img_size or run.get("img_size") or shapes.get("img_size")
+        net = _load_for_eval(name, weights, len(source.classes), size, shapes.get("in_chans"), kwargs).to(dev)
+        chans = model_input_size(net)[0]
+        mean_t, std_t = norm_stats(net, chans, mean, std)
+        from .vision import VisionTrainConfig
+
+        _, eval_tf = pil_transforms(net, VisionTrainConfig(), mean_t, std_t)
+        pin = dev.type == "cuda"
+        loader = eval_loader(source, eval_tf, chans, batch_size, workers, strict_images, None, pin)
+        from .vision import evaluate_loader
+
+        result = evaluate_loader(net, loader, dev, "auto", None)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; expected fashion_mnist, digits, imagefolder or hf")
+    return {"model": name, "checkpoint": str(weights), "dataset": dataset, "split": str(split_name),
+            "top1": result["accuracy"], "top5": result["top5"], "loss": result["loss"],
+            "count": result["count"],
+            **({"skipped_images": result["skipped_images"]} if "skipped_images" in result else {})}
+
+
+def _subset(source: Any, n: int | None) -> Any:
+    if n is not None and n < len(source):
+        source.labels = source.labels[:n]
+    return source
+
+
+# --- info ----------------------------------------------------------------------------------------------
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of one forward pass on one image (torch.utils.flop_counter: matmuls and
+    convolutions; FLOPs = 2 x MACs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, *input_size, device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+@torch.no_grad()
+def measure_throughput(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 32,
+                       seconds: float = 3.0, device: torch.device | None = None) -> float:
+    """Inference images per second (eval mode; bf16 autocast on CUDA) over about ``seconds``."""
+    from .vision import _autocast
+
+    device = device or next(model.parameters()).device
+    model.eval()
+    x = torch.randn(batch_size, *input_size, device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with _autocast(device, "auto"):
+        for _ in range(2):
+            model(x)
+        sync()
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds or n < 3:
+            model(x)
+            n += 1
+        sync()
+    return n * batch_size / (time.perf_counter() - start)
+
+
+def model_info(name: str, *, img_size: int | None = None, in_chans: int | None = None,
+               num_classes: int | None = None, throughput: bool = False, batch_size: int = 32,
+               device: str = "auto", model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parameters, GMACs per image and (optionally) inference throughput of a model; ``summary`` is a text."""
+    from .vision import build_model, model_input_size
+
+    explicit = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
+    given = {k: v for k, v in explicit.items() if v is not None}
+    model = build_model(name, **{**(model_kwargs or {}), **given})
+    params = sum(p.numel() for p in model.parameters())
+    input_size = model_input_size(model)
+    macs = count_macs(model, input_size)
+    info: dict[str, Any] = {"model": name, "params": params, "input_size": input_size, "gmacs": macs / 1e9,
+                            "gflops": 2 * macs / 1e9}
+    lines = [f"{name}: {params:,} parameters, input {input_size}, {macs / 1e9:.3f} GMACs "
+             f"({2 * macs / 1e9:.3f} GFLOPs) per image"]
+    if hasattr(model, "blocks") and hasattr(model, "embed_dim"):
+        tokens = getattr(getattr(model, "stem", None), "num_patches", None)
+        tokens_text = f", tokens {tokens}" if tokens else ""
+        lines.append(f"  {len(model.blocks)} blocks, width {model.embed_dim}{tokens_text}")
+    if throughput:
+        dev = _pick_device(device, 0)
+        model.to(dev)
+        ips = measure_throughput(model, input_size, batch_size, device=dev)
+        info["throughput"] = ips
+        lines.append(f"  throughput {ips:,.1f} images/s (batch {batch_size}, {dev})")
+    info["summary"] = "\n".join(lines)
+    return info
+

@@ -1,0 +1,147 @@
+"""``gmlp eval`` (our runs and converted timm checkpoints, timm preprocessing), ``gmlp info`` (parameters,
+GMACs, throughput) and ``gmlp export`` (ONNX with a dynamic batch axis, equal to PyTorch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gmlp.cli import main
+from gmlp.train.checkpoint import latest_checkpoint
+from gmlp.train.vision import VisionTrainConfig, train_vision
+from gmlp.train.vision_tools import evaluate_checkpoint, measure_throughput, model_info
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "run"
+    train_vision(
+        VisionTrainConfig(
+            model="gmlp_micro4_28",
+            dataset="digits",
+            batch_size=64,
+            epochs=1,
+            warmup_steps=2,
+            progress=False,
+            train_subset=320,
+            threads=1,
+            ema=True,
+            tensorboard=False,
+            plot=False,
+            output=str(out),
+        )
+    )
+    return out
+
+
+def test_eval_of_a_run_reproduces_its_test_metrics(
+    digits_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    last = json.loads((digits_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert main(["eval", str(digits_run), "--json", str(tmp_path / "r.json")]) == 0
+    assert "top-1" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["top1"] == pytest.approx(last["test_accuracy"]) and result["count"] == 297
+    assert result["loss"] == pytest.approx(last["test_loss"], rel=1e-5)
+    ema = evaluate_checkpoint(digits_run, ema=True)
+    assert ema["top1"] == pytest.approx(last["ema_test_accuracy"])
+    # a bare weights file needs --model; the shapes (8x8, 1 channel, 10 classes) come from the weights
+    bare = evaluate_checkpoint(
+        latest_checkpoint(digits_run) / "model.safetensors", model="gmlp_micro4_28", dataset="digits"
+    )
+    assert bare["top1"] == pytest.approx(last["test_accuracy"])
+    with pytest.raises(ValueError, match="pass --model"):
+        evaluate_checkpoint(
+            _copy(digits_run / "model.safetensors", tmp_path / "w.safetensors"), dataset="digits"
+        )
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+def test_eval_of_a_timm_checkpoint_matches_timm(tmp_path: Path) -> None:
+    import timm
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "data" / "val" / f"k{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 44, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / "val" / f"k{c}" / f"{i}.png"
+            )
+    torch.manual_seed(0)
+    from timm.models.mlp_mixer import GatedMlp, MlpMixer, SpatialGatingBlock
+
+    # timm's gmlp_ti16_224 architecture, 2 blocks deep, for 32 px images and 3 classes
+    ref = MlpMixer(
+        num_classes=3,
+        img_size=32,
+        patch_size=16,
+        num_blocks=2,
+        embed_dim=128,
+        mlp_ratio=6,
+        block_layer=SpatialGatingBlock,
+        mlp_layer=GatedMlp,
+    ).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+    torch.save(ref.state_dict(), tmp_path / "timm_gmlp.pth")
+
+    ours = evaluate_checkpoint(
+        tmp_path / "timm_gmlp.pth",
+        model="gmlp_ti16_224",
+        dataset="imagefolder",
+        data_root=str(tmp_path / "data"),
+        model_kwargs={"depth": 2},
+        workers=0,
+    )
+    cfg = timm.models.get_pretrained_cfg("gmlp_ti16_224").to_dict()  # bicubic, crop 0.875, mean = std = 0.5
+    tf = create_transform(**resolve_data_config({"input_size": (3, 32, 32)}, pretrained_cfg=cfg))
+    files = sorted((tmp_path / "data" / "val").glob("*/*.png"))
+    x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+    y = torch.tensor([int(f.parent.name[1:]) for f in files])
+    with torch.no_grad():
+        logits = ref(x)
+    assert ours["count"] == 9
+    assert ours["top1"] == pytest.approx((logits.argmax(-1) == y).float().mean().item())
+    assert ours["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-4)
+
+
+def test_info_counts_parameters_and_macs(capsys: pytest.CaptureFixture) -> None:
+    info = model_info("gmlp_ti16_224")
+    assert info["params"] == 5_867_328
+    assert info["gmacs"] == pytest.approx(1.34, rel=0.02)  # paper Table 1 (matmuls and convolutions)
+    assert main(["info", "gmlp_micro4_28"]) == 0
+    assert "GMACs" in capsys.readouterr().out
+    from gmlp import create_model
+
+    assert measure_throughput(create_model("gmlp_micro4_28"), (1, 28, 28), batch_size=4, seconds=0.05) > 0
+
+
+def test_onnx_export_matches_pytorch(digits_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnx + onnxscript")
+    ort = pytest.importorskip("onnxruntime", reason="the check needs onnxruntime")
+    from gmlp import create_model
+
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(digits_run), "-o", str(out)]) == 0
+    model = create_model(
+        "gmlp_micro4_28", img_size=8, in_chans=1, num_classes=10, pretrained=digits_run / "model.safetensors"
+    ).eval()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.randn(batch, 1, 8, 8)
+        got = session.run(None, {"images": x.numpy()})[0]
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert got.shape == (batch, 10)
+        assert np.abs(got - expected).max() <= 1e-4

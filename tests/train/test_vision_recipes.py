@@ -1,0 +1,104 @@
+"""Recipe files: the shipped recipes, flag > file > default precedence, clear errors for bad files."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gmlp.cli import main
+from gmlp.train.recipe import RecipeError, load_recipe
+from gmlp.train.vision import VisionTrainConfig
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def test_fashion_mnist_recipe_equals_the_defaults() -> None:
+    assert (
+        VisionTrainConfig(**load_recipe(RECIPES / "fashion_mnist.yaml", VisionTrainConfig))
+        == VisionTrainConfig()
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "model", "drop_path"),
+    [("ti", "gmlp_ti16_224", 0.0), ("s", "gmlp_s16_224", 0.05), ("b", "gmlp_b16_224", 0.2)],
+)
+def test_imagenet_recipes_hold_the_paper_settings(size: str, model: str, drop_path: float) -> None:
+    settings = load_recipe(RECIPES / f"imagenet_gmlp_{size}.yaml", VisionTrainConfig)
+    cfg = VisionTrainConfig(**{**settings, "data_root": "/data/imagenet"})
+    cfg.validate()
+    paper = dict(
+        model=model,
+        dataset="imagefolder",
+        epochs=300,
+        batch_size=4096,
+        lr=1e-3,
+        warmup_steps=10_000,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        weight_decay=0.05,
+        grad_clip=1.0,
+        mixup=0.8,
+        cutmix=1.0,
+        mixup_switch_prob=0.5,
+        mixup_prob=1.0,
+        label_smoothing=0.1,
+        reprob=0.0,
+        ema=False,
+        drop_rate=0.0,
+        drop_path_rate=drop_path,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        img_size=224,
+    )
+    assert {k: getattr(cfg, k) for k in paper} == paper
+
+
+def _printed(capsys: pytest.CaptureFixture, argv: list[str]) -> dict:
+    assert main(argv) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_flag_beats_file_beats_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 1e-2\nepochs: 3\nbetas: [0.8, 0.9]\nmodel-kwargs: {depth: 2}\n")
+    got = _printed(
+        capsys, ["train", "--config", str(recipe), "--epochs", "1", "--no-augment", "--print-config"]
+    )
+    assert got["lr"] == 0.01 and got["epochs"] == 1 and got["augment"] is False
+    assert got["betas"] == [0.8, 0.9] and got["model_kwargs"] == {"depth": 2}
+    assert got["batch_size"] == VisionTrainConfig().batch_size
+    got = _printed(
+        capsys, ["train", "--print-config", "--mean", "0.5", "--model-kwargs", 'depth=3,variant="sgu"']
+    )
+    assert got["mean"] == [0.5] and got["model_kwargs"] == {"depth": 3, "variant": "sgu"}
+    assert (
+        dataclasses.asdict(VisionTrainConfig())["lr"] == _printed(capsys, ["train", "--print-config"])["lr"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lrr: 0.1\n", "unknown key 'lrr' \\(did you mean 'lr'\\?\\)"),
+        ("batch_size: big\n", "batch_size.*must be int, got str"),
+        ("batch_size: 3.5\n", "batch_size.*must be int"),
+        ("augment: 1\n", "augment.*must be bool"),
+        ("betas: [0.9]\n", "betas.*list of 2"),
+        ("lr: [1]\n", "'lr' must be float"),
+        ("- lr\n", "must be a mapping"),
+        ("lr: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_recipe_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe, VisionTrainConfig)
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="recipe file not found"):
+        main(["train", "--config", str(tmp_path / "nope.yaml")])
