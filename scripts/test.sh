@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${GMLP_VENV:-.venv}
 "$VENV/bin/ruff" check src tests benchmarks
-"$VENV/bin/python" -m pytest -q "$@"
+"$VENV/bin/python" -m pytest -q -n "${GMLP_TEST_WORKERS:-2}" "$@"

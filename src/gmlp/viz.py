@@ -117,8 +117,8 @@ def plot_spatial(
         for r, layer in enumerate(layers):
             for c, i in enumerate(token_rows):
                 ax = axes[r][c]
-                img = weights[layer][i].reshape(grid)
-                lim = float(img.abs().max()) or 1.0
+                img = weights[layer][i].reshape(grid).numpy()
+                lim = float(abs(img).max()) or 1.0
                 ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim)
                 ax.set_xticks([])
                 ax.set_yticks([])
@@ -132,7 +132,7 @@ def plot_spatial(
         for r, layer in enumerate(layers):
             ax = axes[r][0]
             for i in token_rows:
-                ax.plot(torch.arange(n) - i, weights[layer][i], lw=0.8, label=f"row {i}")
+                ax.plot((torch.arange(n) - i).numpy(), weights[layer][i].numpy(), lw=0.8, label=f"row {i}")
             ax.axvline(0, color="grey", lw=0.5)
             ax.set_ylabel(f"layer {layer}")
         axes[-1][0].set_xlabel("relative position j - i")
