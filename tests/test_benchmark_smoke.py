@@ -1,0 +1,42 @@
+"""The benchmark harness runs end to end at tiny sizes (so it does not rot between real runs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"benchmarks_{name}"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_side_by_side_suite_smoke(tmp_path: Path) -> None:
+    run = _load("run")
+    out = tmp_path / "r.json"
+    results = run.main(["--suite", "smoke", "--modes", "infer", "--json", str(out)])
+    names = {r.name for r in results}
+    assert any(n.startswith("gmlp ") for n in names) and any(n.startswith("timm ") for n in names)
+    assert any(n.startswith("g-mlp-pytorch") for n in names) and any("Bert" in n for n in names)
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch"] and all(r["samples_per_s"] > 0 for r in data["results"])
+    # the same model config in every gMLP implementation: equal FLOPs per sample
+    vision = [r for r in data["results"] if r["family"] == "vision" and "vit" not in r["name"]]
+    assert len({round(r["gflop_per_sample"], 6) for r in vision}) == 1
+
+
+def test_toeplitz_crossover_smoke(capsys) -> None:
+    _load("toeplitz_crossover").main(["--lengths", "8,16", "--columns", "4", "--reps", "1"])
+    rows = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| 8 ") or line.startswith("| 16 ")
+    ]
+    assert len(rows) == 2
