@@ -61,11 +61,15 @@ def test_block_through_the_fused_kernel_equals_reference_block(monkeypatch: pyte
     mask[2, 7:] = False
     ref = block(x, mask)
     (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    calls: list[int] = []
+    kernel = functools.partial(gelu_split_layernorm, use_triton=True)
+    monkeypatch.setattr(block_module, "triton_enabled", lambda x: True)
     monkeypatch.setattr(
-        block_module, "gelu_split_layernorm", functools.partial(gelu_split_layernorm, use_triton=True)
+        block_module, "gelu_split_layernorm", lambda *a, **k: calls.append(1) or kernel(*a, **k)
     )
     fused = block(x, mask)
     (g_fused,) = torch.autograd.grad(fused.sum(), x)
+    assert calls, "the block did not take the fused kernel"
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_fused, g_ref, rtol=1e-4, atol=1e-4)
 

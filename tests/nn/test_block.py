@@ -76,6 +76,38 @@ def test_block_formula_matches_hand_computation() -> None:
     torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@given(
+    dim=st.integers(1, 12),
+    half=st.integers(1, 12),
+    n=st.integers(1, 7),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+)
+def test_split_fc1_fast_path_equals_one_gemm_and_chunk(
+    dim: int, half: int, n: int, batch: int, seed: int
+) -> None:
+    """Off CUDA the block runs fc1 as two GEMMs on the halves of its weight: outputs and every gradient
+    equal the reference ``chunk(GELU(fc1(h)))`` formulation."""
+    torch.manual_seed(seed)
+    block = randomize_(GMLPBlock(dim, 2 * half, n))
+    x = torch.randn(n, batch, dim, requires_grad=True)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        h = block.norm(x)
+        z1, z2 = F.gelu(block.fc1(h)).chunk(2, dim=-1)
+        return x + block.fc2(block.sgu.forward_normalized(z1, block.sgu.norm(z2)))
+
+    params = [x, *block.parameters()]
+    seed_grad = torch.randn(n, batch, dim)
+    fast = block(x)
+    ref = reference(x)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    g_fast = torch.autograd.grad((fast * seed_grad).sum(), params)
+    g_ref = torch.autograd.grad((ref * seed_grad).sum(), params)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_amlp_block_adds_tiny_attention_of_normalized_input_to_gate() -> None:
     block = make("block", attn_dim=4)
     x = torch.randn(6, 2, 8)

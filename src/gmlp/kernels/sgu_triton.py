@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gelu_split_layernorm", "gelu_split_layernorm_reference", "triton_available"]
+__all__ = ["gelu_split_layernorm", "gelu_split_layernorm_reference", "triton_available", "triton_enabled"]
 
 try:
     import triton
@@ -146,6 +146,18 @@ class _GeluSplitLayerNorm(torch.autograd.Function):
         return du.view(ctx.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None
 
 
+def triton_enabled(x: torch.Tensor) -> bool:
+    """Whether :func:`gelu_split_layernorm` takes the Triton kernel for ``x`` by default: on CUDA, with
+    Triton installed, ``GMLP_DISABLE_TRITON`` not ``1`` and no torch.compile tracing (inductor then fuses
+    the reference ops itself)."""
+    return (
+        _HAS_TRITON
+        and x.is_cuda
+        and os.environ.get("GMLP_DISABLE_TRITON") != "1"
+        and not torch.compiler.is_compiling()
+    )
+
+
 def gelu_split_layernorm(
     u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, use_triton: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,12 +171,7 @@ def gelu_split_layernorm(
             Triton is available, ``GMLP_DISABLE_TRITON`` is not ``1`` and no torch.compile is tracing.
     """
     if use_triton is None:
-        use_triton = (
-            _HAS_TRITON
-            and u.is_cuda
-            and os.environ.get("GMLP_DISABLE_TRITON") != "1"
-            and not torch.compiler.is_compiling()  # under torch.compile, inductor fuses the reference ops
-        )
+        use_triton = triton_enabled(u)
     if use_triton:
         if not _HAS_TRITON:
             raise RuntimeError("use_triton=True but the triton package is not installed")

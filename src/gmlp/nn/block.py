@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.sgu_triton import gelu_split_layernorm
+from ..kernels.sgu_triton import gelu_split_layernorm, triton_enabled
 from ._checks import check_mask, check_tokens
 from .attention import TinyAttention
 from .sgu import SpatialGatingUnit
@@ -114,12 +114,24 @@ class GMLPBlock(nn.Module):
         mask = check_mask(mask, x.shape[1], x.shape[0])
         h = self.norm(x)
         gate_bias = self.tiny_attn(h, mask) if self.tiny_attn is not None else None
-        u = self.fc1(h)
         if self.sgu.variant == "sgu":
-            # GELU + split + gate LayerNorm: one fused Triton kernel on CUDA, the plain ops elsewhere
-            norm = self.sgu.norm
-            z1, z2n = gelu_split_layernorm(u, norm.weight, norm.bias, norm.eps)
-            z = self.sgu.forward_normalized(z1, z2n, mask, gate_bias)
+            z = self.sgu.forward_normalized(*self._split_gelu_norm(h), mask, gate_bias)
         else:
-            z = self.sgu(F.gelu(u), mask, gate_bias)
+            z = self.sgu(F.gelu(self.fc1(h)), mask, gate_bias)
         return x + self.drop_path(self.dropout(self.fc2(z)))
+
+    def _split_gelu_norm(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z1, LayerNorm(z2)`` with ``z1, z2 = GELU(fc1(h)).chunk(2, -1)``.
+
+        On CUDA with Triton: one ``fc1`` GEMM and the fused GELU+split+LayerNorm kernel. Elsewhere ``fc1``
+        runs as two GEMMs on the two halves of its weight, so ``z1`` and ``z2`` come out contiguous: the
+        LayerNorm, the gating product and their backward then need no layout copies and no ``cat``
+        (``fc1`` keeps one ``(d_ffn, dim)`` weight, so checkpoints are unchanged).
+        """
+        norm = self.sgu.norm
+        if triton_enabled(h):
+            return gelu_split_layernorm(self.fc1(h), norm.weight, norm.bias, norm.eps, use_triton=True)
+        c = self.sgu.gate_dim
+        w, b = self.fc1.weight, self.fc1.bias
+        z1 = F.gelu(F.linear(h, w[:c], b[:c]))
+        return z1, norm(F.gelu(F.linear(h, w[c:], b[c:])))
