@@ -563,3 +563,37 @@ def test_finetune_offline_tweets_slice(tmp_path: Path) -> None:
     assert test["count"] == 16
     cfg = json.loads((run / "final" / "config.json").read_text())
     assert cfg["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+
+
+@pytest.mark.parametrize("flag", ["--grad-checkpointing", pytest.param("--compile", marks=pytest.mark.slow)])
+def test_memory_and_speed_options_train_like_eager(
+    tmp_path: Path, corpus: Path, flag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--grad-checkpointing (recomputed blocks) and --compile (inductor) reach the plain run's weights."""
+    if "gmlp" not in ARCHS:
+        pytest.skip("gmlp.models.text not importable")
+    arch = "gmlp"
+    import gmlp.nn.block as block_module
+
+    calls: list[int] = []
+    forward = block_module.GMLPBlock.forward
+    counted = lambda *a, **k: calls.append(1) or forward(*a, **k)  # noqa: E731
+    monkeypatch.setattr(block_module.GMLPBlock, "forward", counted)
+    tok = tmp_path / "tok"
+    assert main(["tokenizer", "--corpus", str(corpus), "--output", str(tok), "--vocab-size", "150"]) == 0
+
+    def run(name: str, *extra: str) -> Path:
+        out = tmp_path / name
+        args = ["pretrain", "--corpus", str(corpus), "--output", str(out), "--arch", arch, "--steps", "3",
+                "--tokenizer", str(tok), "--dropout", "0", *TINY, *extra]
+        assert main(args) == 0
+        return out
+
+    plain = _weights(run("plain"))
+    plain_calls, calls[:] = len(calls), []
+    other = _weights(run("other", flag))
+    if flag == "--grad-checkpointing":  # every block ran again in backward (3 steps x 2 layers more)
+        assert len(calls) == plain_calls + 3 * 2
+    assert plain.keys() == other.keys()
+    for key, value in plain.items():
+        torch.testing.assert_close(other[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -116,6 +116,16 @@ def _add_train_arguments(
         help="stop (with a checkpoint) after N steps of this invocation, for time-limited jobs",
     )
     g.add_argument("--progress", action=_B, default=True, help="progress bar (default: on)")
+    g.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute each block's activations in backward: less memory, ~30%% more compute",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (inductor; the first steps pay the compile time)",
+    )
     t = p.add_argument_group("tokenizer")
     t.add_argument(
         "--tokenizer",

@@ -110,6 +110,8 @@ class _TrainOptions:
     tokenizer: str | None = None
     tokenizer_kind: str = "wordpiece"
     vocab_size: int = 8192
+    grad_checkpointing: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -549,11 +551,14 @@ def _train_loop(
     micro-batch, ``evaluate(model, step)`` the metrics logged when ``eval_due(step)``."""
     from tqdm.auto import tqdm
 
+    if opts.grad_checkpointing:
+        model.gradient_checkpointing_enable()  # recompute each block in backward: activations O(1 block)
     optimizer = torch.optim.AdamW(
         _param_groups(model, opts.weight_decay),
         lr=opts.lr,
         betas=(opts.adam_beta1, opts.adam_beta2),
         eps=opts.adam_eps,
+        fused=accelerator.device.type == "cuda",  # one kernel for the whole update on GPU
     )
     scheduler = linear_schedule(optimizer, _warmup_steps(opts.warmup, total_steps), total_steps)
     start = 0
@@ -570,6 +575,8 @@ def _train_loop(
         if accelerator.is_main_process:
             print(f"[gmlp] resumed from {ckpt.path} (step {start}/{total_steps})", file=sys.stderr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if opts.compile:
+        model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
     model.train()
 
     def save(step: int) -> None:
