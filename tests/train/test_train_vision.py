@@ -100,3 +100,27 @@ def test_default_dataset_runs_on_a_subset(tmp_path: Path) -> None:
                             output=str(tmp_path / "fm"), warmup_steps=2)
     result = train_vision(cfg)
     assert result["step"] == 4 and 0.0 <= result["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("option", ["grad_checkpointing", pytest.param("compile", marks=pytest.mark.slow)])
+def test_memory_and_speed_options_train_like_eager(
+    tmp_path: Path, option: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grad_checkpointing (blocks recomputed in backward) and compile (inductor) reach the plain weights."""
+    import gmlp.nn.block as block_module
+
+    calls: list[int] = []
+    forward = block_module.GMLPBlock.forward
+    counted = lambda *a, **k: calls.append(1) or forward(*a, **k)  # noqa: E731
+    monkeypatch.setattr(block_module.GMLPBlock, "forward", counted)
+    settings = {**TINY, "epochs": 1, "train_subset": 192, "test_subset": 64}  # 3 steps, one evaluation
+    train_vision(VisionTrainConfig(**settings, output=str(tmp_path / "plain")))
+    plain_calls, calls[:] = len(calls), []
+    train_vision(VisionTrainConfig(**settings, **{option: True}, output=str(tmp_path / "other")))
+    if option == "grad_checkpointing":  # each of the 4 blocks ran twice in each of the 3 training steps
+        assert len(calls) == plain_calls + 3 * 4
+    a = _weights(tmp_path / "plain" / "model.safetensors")
+    b = _weights(tmp_path / "other" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -1,20 +1,38 @@
-"""``torchrun --nproc_per_node=2 -m gmlp train`` (DDP, gloo on CPU) equals one process with the same global
-batch."""
+"""Several ``gmlp train`` processes (``torchrun``, gloo on CPU): DDP and FSDP give the weights of one process
+with the same global batch, and a run killed or stopped part way resumes to the uninterrupted result.
+
+The 2-process runs are expensive (~15 s each on 2 cores), so the uninterrupted runs are made once per test
+session (shared by the pytest-xdist workers through a file lock) and compared against by several tests.
+Every launch has a timeout after which the whole process tree is killed: a collective out of step (the
+failure mode of FSDP when processes run different numbers of forward passes) fails the test, not the suite.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
+from gmlp.cli import main
 from gmlp.train.checkpoint import load_checkpoint
-from gmlp.train.vision import VisionTrainConfig, train_vision
+from gmlp.train.distributed import fsdp_units
+from gmlp.train.vision import VisionTrainConfig, _check_fingerprint, _fingerprint
 from gmlp.utils.io import load_state_dict_file
 
+# 4 steps per epoch, 8 in all; grad clip 0.4 is below most gradient norms of these steps, so it acts. The
+# 97 test images make shares of 49 and 48: 4 and 3 evaluation batches of 16, which FSDP must even out
 ARGS = [
     "--model",
     "gmlp_micro4_28",
@@ -29,55 +47,315 @@ ARGS = [
     "--train-subset",
     "256",
     "--test-subset",
-    "96",
+    "97",
+    "--eval-batch-size",
+    "16",
+    "--grad-clip",
+    "0.4",
     "--no-progress",
     "--threads",
     "1",
     "--no-tensorboard",
     "--no-plot",
 ]
+# FSDP with 2 accumulation micro-steps, checkpoints mid-epoch (steps 3 and 6) and at epoch ends (4 and 8)
+FSDP_ARGS = [*ARGS, "--strategy", "fsdp", "--grad-accum-steps", "2", "--checkpoint-every", "3",
+             "--keep-last", "4"]
+TIMEOUT = 240  # seconds per launch; a normal one takes ~15 s
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def test_two_processes_match_one_process(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "gmlp",
-        "train",
-        *ARGS,
-        "--output",
-        str(tmp_path / "ddp"),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("done:") == 1  # only rank 0 reports (and writes)
+def _torchrun_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gmlp",
+            "train", *args]
 
-    single = VisionTrainConfig(
-        model="gmlp_micro4_28",
-        dataset="digits",
-        epochs=2,
-        batch_size=64,
-        warmup_steps=2,
-        train_subset=256,
-        test_subset=96,
-        progress=False,
-        threads=1,
-        tensorboard=False,
-        plot=False,
-        output=str(tmp_path / "single"),
-    )
-    result = train_vision(single)
-    a = load_state_dict_file(tmp_path / "ddp" / "model.safetensors")[0]
-    b = load_state_dict_file(tmp_path / "single" / "model.safetensors")[0]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
-    ddp_records = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in ddp_records] == [1, 2]
-    assert abs(ddp_records[-1]["test_accuracy"] - result["test_accuracy"]) <= 1 / 96
-    assert abs(ddp_records[-1]["train_loss"] - result["train_loss"]) < 1e-4
-    assert load_checkpoint(tmp_path / "ddp").state["fingerprint"]["world_size"] == 2
+
+def _descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (torchrun starts its workers in sessions of their own, so killing its
+    process group would not reach them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and everything below it, all at once (as a node failure would)."""
+    for p in [pid, *_descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Launch 2 processes; their output is also kept in ``cwd/torchrun-N.log``."""
+    proc = subprocess.Popen(_torchrun_cmd(args), env=ENV, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {TIMEOUT}s (processes out of step?)\n"
+                    f"{out[-3000:]}{err[-6000:]}")
+    n = len(list(cwd.glob("torchrun-*.log")))
+    (cwd / f"torchrun-{n}.log").write_text(f"{args}\nexit {proc.returncode}\n{out}\n--- stderr\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _output(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def _shared(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """``make(run_dir)`` once per test session, also across pytest-xdist workers; returns ``run_dir``."""
+    root = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above the per-worker ones
+    run = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run / ".complete").exists():
+            shutil.rmtree(run, ignore_errors=True)
+            run.mkdir()
+            make(run)
+            (run / ".complete").touch()
+    return run
+
+
+def _torchrun_into(args: list[str]) -> Callable[[Path], None]:
+    def make(run: Path) -> None:
+        proc = _torchrun([*args, "--output", str(run)], run)
+        (run / "stdout.txt").write_text(proc.stdout)
+        assert proc.returncode == 0, _output(proc)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 processes, DDP, uninterrupted."""
+    return _shared(tmp_path_factory, "ddp", _torchrun_into(ARGS))
+
+
+@pytest.fixture(scope="session")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 processes, FSDP, 2 accumulation micro-steps, uninterrupted."""
+    return _shared(tmp_path_factory, "fsdp", _torchrun_into(FSDP_ARGS))
+
+
+@pytest.fixture(scope="session")
+def single_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1 process, same global batch."""
+
+    def make(run: Path) -> None:
+        assert main(["train", *ARGS, "--output", str(run)]) == 0
+
+    return _shared(tmp_path_factory, "single", make)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_state_dict_file(run / "model.safetensors")[0]
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+
+
+def _records(run: Path) -> list[dict]:
+    """metrics.jsonl without the timings."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "epoch_seconds"} for x in lines]
+
+
+def _assert_same_records(a: Path, b: Path, tol: float) -> None:
+    ra, rb = _records(a), _records(b)
+    assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb] == [1, 2]
+    for x, y in zip(ra, rb, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=0, abs=tol), (k, x, y)
+
+
+def _latest_step(run: Path) -> int:
+    try:
+        return json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return -1
+
+
+# --- equal results ---------------------------------------------------------------------------------------
+
+
+def test_two_processes_match_one_process(ddp_run: Path, single_run: Path) -> None:
+    assert (ddp_run / "stdout.txt").read_text().count("done:") == 1  # only rank 0 reports (and writes)
+    _assert_same_weights(ddp_run, single_run, atol=1e-5)
+    ddp, single = _records(ddp_run), _records(single_run)
+    assert [r["epoch"] for r in ddp] == [1, 2]
+    assert abs(ddp[-1]["test_accuracy"] - single[-1]["test_accuracy"]) <= 1 / 97
+    assert abs(ddp[-1]["train_loss"] - single[-1]["train_loss"]) < 1e-4
+    fp = load_checkpoint(ddp_run).state["fingerprint"]
+    assert fp["world_size"] == 2 and fp["strategy"] == "ddp"
+
+
+def test_fsdp_matches_ddp_and_one_process(fsdp_run: Path, ddp_run: Path, single_run: Path) -> None:
+    # FSDP (sharded weights, 2 accumulation micro-steps, grad clipping on DTensor shards) = DDP = 1 process
+    _assert_same_weights(fsdp_run, single_run, atol=1e-5)
+    _assert_same_weights(fsdp_run, ddp_run, atol=1e-5)
+    _assert_same_records(fsdp_run, ddp_run, tol=1e-4)
+    assert (fsdp_run / "stdout.txt").read_text().count("done:") == 1
+    # the checkpoint holds the full model, like a DDP or single-process one, and is usable by gmlp eval
+    ckpt = load_checkpoint(fsdp_run)
+    assert ckpt.state["step"] == 8
+    assert ckpt.state["fingerprint"]["strategy"] == "fsdp"
+    single = _weights(single_run)
+    assert {k: v.shape for k, v in ckpt.model.items()} == {k: v.shape for k, v in single.items()}
+    for k, v in ckpt.model.items():
+        torch.testing.assert_close(v, _weights(fsdp_run)[k], rtol=0, atol=0, msg=k)
+    state = ckpt.optimizer["optimizer"]["state"]  # full (unsharded) moments, keyed by parameter name
+    assert state["blocks.0.fc1.weight"]["exp_avg"].shape == single["blocks.0.fc1.weight"].shape
+    assert main(["eval", str(fsdp_run), "--workers", "0", "--device", "cpu"]) == 0
+
+
+# --- resume ----------------------------------------------------------------------------------------------
+
+
+def test_ddp_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, ddp_run: Path) -> None:
+    # torchrun and both workers SIGKILLed at once mid-epoch (checkpoints every step), then --resume
+    run = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_torchrun_cmd([*ARGS, "--checkpoint-every", "1", "--output", str(run)]),
+                                env=ENV, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while _latest_step(run) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + log.read_text()[-3000:]
+        _kill_tree(proc.pid)
+    finally:
+        _kill_tree(proc.pid)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    step = load_checkpoint(run).state["step"]
+    assert 2 <= step < 8, step
+
+    resumed = _torchrun([*ARGS, "--output", str(run), "--resume"], tmp_path)
+    assert resumed.returncode == 0, _output(resumed)
+    _assert_same_weights(run, ddp_run, atol=1e-6)
+    _assert_same_records(run, ddp_run, tol=1e-9)
+
+
+def test_fsdp_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, fsdp_run: Path) -> None:
+    # the FSDP run as a run stopped after its step-6 checkpoint would have left it (latest.json names step 6,
+    # no step 8, no final model), resumed: full weights loaded before sharding, full optimizer state sharded
+    run = tmp_path / "stopped"
+    shutil.copytree(fsdp_run, run)
+    shutil.rmtree(run / "checkpoints" / "step-00000008")
+    (run / "model.safetensors").unlink()
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"tag": "step-00000006", "step": 6}))
+    assert load_checkpoint(run).state["step"] == 6
+
+    resumed = _torchrun([*FSDP_ARGS, "--output", str(run), "--resume"], tmp_path)
+    assert resumed.returncode == 0, _output(resumed)
+    _assert_same_weights(run, fsdp_run, atol=1e-6)
+    _assert_same_records(run, fsdp_run, tol=1e-9)
+
+
+def test_resuming_ddp_checkpoint_as_fsdp_is_refused(tmp_path: Path, ddp_run: Path) -> None:
+    run = tmp_path / "ddp"
+    shutil.copytree(ddp_run, run)
+    proc = _torchrun([*ARGS, "--strategy", "fsdp", "--output", str(run), "--resume"], tmp_path)
+    assert proc.returncode != 0
+    assert "strategy='ddp' (now 'fsdp')" in proc.stderr, proc.stderr[-3000:]
+    assert "resume with --strategy ddp" in proc.stderr
+    # and the other way round (checked without launching processes)
+    config = VisionTrainConfig(model="gmlp_micro4_28", dataset="digits", epochs=2, batch_size=64,
+                               train_subset=256)
+    fsdp_fp = _fingerprint(dataclasses.replace(config, strategy="fsdp"), 2)
+    with pytest.raises(ValueError, match=r"strategy='fsdp' \(now 'ddp'\).*resume with --strategy fsdp"):
+        _check_fingerprint(fsdp_fp, _fingerprint(config, 2), run)
+
+
+# --- settings and helpers (no processes launched) ----------------------------------------------------------
+
+
+def test_strategy_setting(tmp_path: Path) -> None:
+    from gmlp.cli import build_parser
+    from gmlp.cli.vision import _train_config
+
+    assert VisionTrainConfig().strategy == "ddp"
+    assert _train_config(build_parser().parse_args(["train", "--strategy", "fsdp"])).strategy == "fsdp"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("strategy: fsdp\nbatch_size: 32\n")
+    assert _train_config(build_parser().parse_args(["train", "--config", str(recipe)])).strategy == "fsdp"
+    with pytest.raises(ValueError, match=r"strategy must be one of ddp, fsdp, got 'zero3'"):
+        VisionTrainConfig(strategy="zero3").validate()
+    with pytest.raises(ValueError, match=r"ema=True is not supported with strategy='fsdp'"):
+        VisionTrainConfig(strategy="fsdp", ema=True).validate()
+    VisionTrainConfig(strategy="fsdp").validate()
+    # one process trains the plain model whatever the strategy; old multi-process checkpoints were DDP
+    assert "strategy" not in _fingerprint(VisionTrainConfig(strategy="fsdp"), 1)
+    old = {k: v for k, v in _fingerprint(VisionTrainConfig(), 2).items() if k != "strategy"}
+    _check_fingerprint(old, _fingerprint(VisionTrainConfig(), 2), tmp_path)
+
+
+class _Counting(torch.nn.Module):
+    """A 3-class classifier of 1x4x4 images that counts its forward passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_chans, self.img_size = 1, (4, 4)
+        self.fc = torch.nn.Linear(16, 3)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(x.flatten(1))
+
+
+def test_evaluation_keeps_processes_in_lockstep(monkeypatch: pytest.MonkeyPatch) -> None:
+    # process 1 of 2 runs as many forward passes as process 0 (the larger share), batches of only corrupt
+    # images included: with FSDP each pass is a collective all-gather, so a missing one hangs the others
+    from gmlp.data.images import ImageSplit
+    from gmlp.train import vision
+    from gmlp.train.distributed import DistEnv
+
+    monkeypatch.setattr(vision, "all_reduce_sum", lambda env, values: list(values))
+    env = DistEnv(rank=1, world_size=2)
+    model = _Counting()
+    data = ImageSplit(torch.zeros(97, 1, 4, 4, dtype=torch.uint8), torch.zeros(97, dtype=torch.long),
+                      ("a", "b", "c"))
+    zero, one = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    result = vision._evaluate_tensors(model, data, 16, zero, one, torch.device("cpu"), "fp32", env)
+    assert result["count"] == 48 and model.calls == 4  # 49 images on process 0: 4 batches of 16
+
+    monkeypatch.setattr(vision, "all_reduce_max", lambda env, value: 4)  # process 0 has 4 batches
+    model.calls = 0
+    empty = (torch.zeros(0, 1, 4, 4), torch.zeros(0, dtype=torch.long), 2)
+    loader = [(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), 0), empty]
+    result = vision.evaluate_loader(model, loader, torch.device("cpu"), "fp32", env)
+    assert result["count"] == 2 and result["skipped_images"] == 2 and model.calls == 4
+
+
+def test_fsdp_units() -> None:
+    import timm
+
+    from gmlp.models import create_model
+
+    gmlp = create_model("gmlp_micro4_28", num_classes=10)
+    assert fsdp_units(gmlp) == list(gmlp.blocks)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    assert fsdp_units(vit) == list(vit.blocks)
+    assert fsdp_units(torch.nn.Linear(2, 2)) == []  # the root alone is sharded

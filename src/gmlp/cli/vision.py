@@ -38,6 +38,14 @@ def _parse_kwargs(text: str) -> dict[str, Any]:
 
 
 _METAVARS = {"betas": ("BETA1", "BETA2"), "crop_scale": ("MIN", "MAX")}
+_HELP = {
+    "strategy": "with several processes: ddp (replicate the model) or fsdp (shard it, FSDP2)",
+    "grad_checkpointing": "recompute each block in backward: less activation memory, ~1/3 more compute",
+    "compile": "torch.compile the model (inductor); the first steps pay the compile time",
+    "precision": "auto (bf16 autocast on a CUDA GPU that has it, else fp32), fp32 or bf16",
+    "device": "auto, cpu or cuda",
+    "grad_accum_steps": "micro-steps per optimizer step (the global batch stays batch_size)",
+}
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
@@ -50,7 +58,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> 
         flag = "--" + f.name.replace("_", "-")
         tp = types_[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"(default: {default})"
+        help_ = f"{_HELP[f.name]} (default: {default})" if f.name in _HELP else f"(default: {default})"
         args = typing.get_args(tp)
         if typing.get_origin(tp) in (typing.Union, types.UnionType):
             tp = next(a for a in args if a is not type(None))

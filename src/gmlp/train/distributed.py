@@ -3,18 +3,41 @@
 ``torchrun --nproc_per_node=N -m gmlp train ...`` (or ``accelerate launch``) sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed` reads them and starts a
 ``gloo`` (CPU) or ``nccl`` (CUDA) process group. Without them everything runs in one process.
+
+Two ways to spread a model over the processes (``gmlp train --strategy``): ``ddp`` (every process holds the
+whole model, gradients are all-reduced; the caller wraps the model in ``DistributedDataParallel``) and
+``fsdp`` (:func:`shard_model`: FSDP2 ``fully_shard``, every process holds 1/N of each parameter, gradient
+and optimizer state). With FSDP, :func:`full_state_dicts` gathers the whole (unsharded) model and optimizer
+state on process 0 for checkpoints, and :func:`load_full_optimizer_state` shards a full optimizer state back.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistEnv", "all_reduce_sum", "assert_in_sync", "barrier", "init_distributed", "shutdown"]
+__all__ = [
+    "STRATEGIES",
+    "DistEnv",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "assert_in_sync",
+    "barrier",
+    "fsdp_units",
+    "full_model_state_dict",
+    "full_state_dicts",
+    "init_distributed",
+    "load_full_optimizer_state",
+    "shard_model",
+    "shutdown",
+]
+
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -87,6 +110,15 @@ def all_reduce_sum(env: DistEnv, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(env: DistEnv, value: float) -> float:
+    """The largest ``value`` over all processes (identity in one process)."""
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def assert_in_sync(env: DistEnv, model: nn.Module, atol: float = 0.0) -> None:
     """Raise RuntimeError if the parameters differ across processes (compares per-tensor sums)."""
     if not env.distributed:
@@ -98,3 +130,81 @@ def assert_in_sync(env: DistEnv, model: nn.Module, atol: float = 0.0) -> None:
     worst = max((g - gathered[0]).abs().max().item() for g in gathered)
     if worst > atol:
         raise RuntimeError(f"model replicas diverged across processes (parameter sums differ by {worst:g})")
+
+
+# --- FSDP (FSDP2, ``torch.distributed.fsdp.fully_shard``) -------------------------------------------------
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The sub-modules sharded (and all-gathered) one at a time: the transformer blocks.
+
+    gMLP blocks (``gmlp.nn.GMLPBlock``) wherever they are; else the entries of a ``model.blocks``
+    ``ModuleList``/``Sequential`` (timm's convention: ViT, Mixer, ...); else none (the root module alone is
+    sharded, all its parameters gathered at once).
+    """
+    from ..nn import GMLPBlock
+
+    units = [m for m in model.modules() if isinstance(m, GMLPBlock) and m is not model]
+    if units:
+        return units
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        return [b for b in blocks if any(True for _ in b.parameters())]
+    return []
+
+
+def shard_model(model: nn.Module, env: DistEnv) -> nn.Module:
+    """Shard ``model`` in place over all processes with FSDP2: each of :func:`fsdp_units`, then the root.
+
+    Every process must hold the same full weights on entry; process 0's are broadcast first to make sure
+    (as DistributedDataParallel does). Parameters become ``DTensor`` shards (dim 0 split over processes),
+    all-gathered around each unit's forward and backward and resharded after them
+    (``reshard_after_forward=True``); gradients are reduce-scattered (averaged). Create the optimizer after
+    this call: it must see the sharded parameters.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    for unit in fsdp_units(model):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    return model
+
+
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) state dict of an FSDP model on process 0, on the CPU; ``{}`` on the others.
+
+    A collective: every process must call it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """``(model, optimizer)`` full state dicts of an FSDP model on process 0 (``({}, {})`` elsewhere).
+
+    The optimizer state is keyed by parameter name (``torch.distributed.checkpoint`` format), not by index as
+    ``optimizer.state_dict()`` is. A collective: every process must call it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model_state = full_model_state_dict(model)
+    return model_state, get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a :func:`full_state_dicts` optimizer state into the optimizer of a sharded model.
+
+    Every process passes the full state (each reads the checkpoint) and keeps its own shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

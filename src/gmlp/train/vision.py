@@ -11,8 +11,10 @@ Two input pipelines:
 
 On the batch, both pipelines can apply timm's ``Mixup``/CutMix (with ``SoftTargetCrossEntropy``) and
 ``RandomErasing``; timm's ``ModelEmaV3`` keeps an optional weight average that is evaluated alongside.
-``batch_size`` is the *global* batch of one optimizer step, split over ``torchrun`` processes (DDP) and
-``grad_accum_steps`` micro-steps (:mod:`gmlp.data.sampling`).
+``batch_size`` is the *global* batch of one optimizer step, split over ``torchrun`` processes and
+``grad_accum_steps`` micro-steps (:mod:`gmlp.data.sampling`). Several processes replicate the model
+(``strategy="ddp"``: DistributedDataParallel) or shard it (``strategy="fsdp"``: FSDP2 ``fully_shard`` per
+block); checkpoints hold the full model either way.
 
 Determinism: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)`` and every random choice
 inside step ``s`` (augmentation, mixup, erasing, dropout, stochastic depth) is seeded by ``(seed, s)`` (and
@@ -44,7 +46,19 @@ from ..models import create_model, list_models
 from ..models.loading import save_model
 from ..utils.malloc import tune_malloc
 from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
-from .distributed import DistEnv, all_reduce_sum, assert_in_sync, init_distributed, shutdown
+from .distributed import (
+    STRATEGIES,
+    DistEnv,
+    all_reduce_max,
+    all_reduce_sum,
+    assert_in_sync,
+    full_model_state_dict,
+    full_state_dicts,
+    init_distributed,
+    load_full_optimizer_state,
+    shard_model,
+    shutdown,
+)
 
 __all__ = ["TENSOR_DATASETS", "VisionTrainConfig", "build_model", "evaluate", "train_vision"]
 
@@ -119,6 +133,9 @@ class VisionTrainConfig:
     ema_decay: float = 0.9998
     ema_warmup: bool = False
     # -- hardware and logging -------------------------------------------------------------------------------
+    strategy: str = "ddp"
+    grad_checkpointing: bool = False
+    compile: bool = False
     device: str = "auto"
     precision: str = "auto"
     log_every: int = 10
@@ -167,10 +184,15 @@ class VisionTrainConfig:
             raise ValueError(f"ema_decay must be < 1, got {self.ema_decay}")
         choices = {"drop_path_schedule": ("uniform", "linear"), "mixup_mode": ("batch", "pair", "elem"),
                    "remode": ("const", "rand", "pixel"), "device": ("auto", "cpu", "cuda"),
-                   "precision": ("auto", "fp32", "bf16")}
+                   "precision": ("auto", "fp32", "bf16"), "strategy": STRATEGIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.ema and self.strategy == "fsdp":
+            raise ValueError(
+                "ema=True is not supported with strategy='fsdp' (the EMA copy would be a second, unsharded "
+                "model on every process); use strategy='ddp' or turn ema off"
+            )
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must be 0 < min <= max <= 1, got {self.crop_scale}")
         policies = ("rand", "augmix", "original", "v0", "3a")
@@ -350,7 +372,13 @@ def _evaluate_tensors(
     tally = _Tally()
     rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
     images, labels = data.images[rank::world], data.labels[rank::world]
-    for start in range(0, len(labels), batch_size):
+    # every process runs as many forward passes as the one with the largest share: FSDP all-gathers weights
+    # (and DDP may sync buffers) in each, so a process that stopped early would leave the others hanging
+    largest = -(-len(data.labels) // world)
+    for start in range(0, largest, batch_size):
+        if start >= len(labels):
+            _stand_in_forward(model, device, precision, images.shape[1:])
+            continue
         x = _normalize(images[start : start + batch_size].to(device), mean, std)
         with _autocast(device, precision):
             logits = model(x)
@@ -366,15 +394,38 @@ def evaluate_loader(model: nn.Module, loader: Any, device: torch.device, precisi
     was_training = model.training
     model.eval()
     tally = _Tally()
+    # with several processes, each runs the same number of forward passes (see _evaluate_tensors): batches
+    # of only corrupt images and the batches a smaller share lacks become zero-weight stand-in passes
+    lockstep = env is not None and env.distributed
+    rounds = int(all_reduce_max(env, len(loader))) if lockstep else len(loader)
     for x, y, skipped in loader:
         tally.skipped += skipped
         if len(y) == 0:
+            if lockstep:
+                _stand_in_forward(model, device, precision)
             continue
         with _autocast(device, precision):
             logits = model(x.to(device, non_blocking=True))
         tally.add(logits, y.to(device))
+    for _ in range(rounds - len(loader)):
+        _stand_in_forward(model, device, precision)
     model.train(was_training)
     return tally.result(env)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (an FSDP model is its own module)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _stand_in_forward(model: nn.Module, device: torch.device, precision: str,
+                      shape: tuple[int, ...] | torch.Size | None = None) -> None:
+    """One forward pass on a blank image whose output is discarded: keeps processes in lock-step."""
+    shape = tuple(shape) if shape is not None else model_input_size(_unwrap(model))
+    with _autocast(device, precision):
+        model(torch.zeros(1, *shape, device=device))
 
 
 def evaluate(model: nn.Module, data: ImageSplit, batch_size: int = 500) -> dict[str, float]:
@@ -501,14 +552,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
         tmp.write_text("".join(line + "\n" for line in kept))
 
 
-_FINGERPRINT_DEFAULTS: dict[str, Any] = {"world_size": 1, "grad_accum_steps": 1, "model_kwargs": {}}
+_FINGERPRINT_DEFAULTS: dict[str, Any] = {"world_size": 1, "grad_accum_steps": 1, "model_kwargs": {},
+                                         "strategy": "ddp"}
 
 
 def _fingerprint(config: VisionTrainConfig, world_size: int) -> dict[str, Any]:
-    return {"model": config.model, "dataset": config.dataset, "batch_size": config.batch_size,
-            "train_subset": config.train_subset, "epochs": config.epochs, "seed": config.seed,
-            "world_size": world_size, "grad_accum_steps": config.grad_accum_steps,
-            "model_kwargs": config.model_kwargs}
+    fp = {"model": config.model, "dataset": config.dataset, "batch_size": config.batch_size,
+          "train_subset": config.train_subset, "epochs": config.epochs, "seed": config.seed,
+          "world_size": world_size, "grad_accum_steps": config.grad_accum_steps,
+          "model_kwargs": config.model_kwargs}
+    if world_size > 1:  # one process trains the plain model whatever the strategy
+        fp["strategy"] = config.strategy
+    return fp
 
 
 def _check_fingerprint(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
@@ -522,6 +577,10 @@ def _check_fingerprint(saved: dict[str, Any], now: dict[str, Any], path: Path) -
     if "world_size" in diff:
         hints.append(f"it was written by {diff['world_size'][0]} process(es) and this run has "
                      f"{diff['world_size'][1]} (world size); relaunch with the same --nproc_per_node")
+    if "strategy" in diff:
+        old, new = diff["strategy"]
+        hints.append(f"it was written by a --strategy {old} run and this run uses --strategy {new} (their "
+                     f"optimizer states are stored differently); resume with --strategy {old}")
     raise ValueError(
         f"cannot resume from {path}: it was made with different settings "
         + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in diff.items())
@@ -550,6 +609,20 @@ def _tensorboard(config: VisionTrainConfig, out: Path, purge_step: int | None) -
             raise ImportError(msg) from None
         return None
     return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
+
+
+class _WithState:
+    """A model's attributes (``pretrained_cfg``, ``grid_size``) with a given ``state_dict()``: lets
+    ``save_model`` write an FSDP model's gathered full state."""
+
+    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        self._model, self._state = model, state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
 
 
 def train_vision(config: VisionTrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -597,6 +670,24 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
     mean_t, std_t = norm_stats(model, chans, config.mean, config.std)
     mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean_t, std_t))
     params = sum(p.numel() for p in model.parameters())
+    fsdp = env.distributed and config.strategy == "fsdp"
+    if config.grad_checkpointing:  # recompute each block in backward: activation memory of ~one block
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"grad_checkpointing: model {config.model!r} has no set_grad_checkpointing()")
+        model.set_grad_checkpointing(True)
+
+    step, loss_sum, loss_count, skipped_total = 0, 0.0, 0, 0
+    fingerprint = _fingerprint(config, env.world_size)
+    metrics_path = out / "metrics.jsonl"
+    ckpt = None
+    if resume:  # the weights go in before FSDP shards them; the optimizer state after it is built
+        ckpt = load_checkpoint(out)
+        _check_fingerprint(ckpt.state.get("fingerprint", {}), fingerprint, ckpt.path)
+        from ..models.loading import load_state_dict_checked
+
+        load_state_dict_checked(model, ckpt.model)
+    if fsdp:  # in place: the parameters become DTensor shards, so before the optimizer sees them
+        shard_model(model, env)
 
     plan = StepBatches(data.num_train, config.batch_size, config.seed, 0, 0, rank=env.rank,
                        world_size=env.world_size, accum_steps=config.grad_accum_steps)
@@ -642,16 +733,11 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         return F.cross_entropy(logits.float() if logits.dtype != torch.float32 else logits, y,
                                label_smoothing=config.label_smoothing)
 
-    step, loss_sum, loss_count, skipped_total = 0, 0.0, 0, 0
-    fingerprint = _fingerprint(config, env.world_size)
-    metrics_path = out / "metrics.jsonl"
-    if resume:
-        ckpt = load_checkpoint(out)
-        _check_fingerprint(ckpt.state.get("fingerprint", {}), fingerprint, ckpt.path)
-        from ..models.loading import load_state_dict_checked
-
-        load_state_dict_checked(model, ckpt.model)
-        optimizer.load_state_dict(ckpt.optimizer["optimizer"])
+    if ckpt is not None:
+        if fsdp:
+            load_full_optimizer_state(model, optimizer, ckpt.optimizer["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt.optimizer["optimizer"])
         if ema is not None:
             if "ema" not in ckpt.optimizer:
                 raise ValueError(f"cannot resume from {ckpt.path} with ema: it holds no EMA weights")
@@ -661,16 +747,19 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         skipped_total = ckpt.state.get("skipped_images", 0) if main else 0
         if main:
             _truncate_metrics(metrics_path, step)
+        ckpt = None  # the full optimizer state in host memory is no longer needed
     elif main and metrics_path.exists():
         metrics_path.unlink()
     if main:
         write_json_atomic(out / "config.json", dataclasses.asdict(config))
 
-    raw_model = model
-    if env.distributed:
+    raw_model = model  # with FSDP the sharded model itself (fully_shard works in place)
+    if env.distributed and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        model.compile()  # in place (also through DDP/FSDP): state_dict keys and checkpoints stay plain
 
     stop_at = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
     plan.start_step, plan.stop_step = step, stop_at
@@ -703,15 +792,19 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
 
     def checkpoint() -> None:
         total_loss, total_skipped = all_reduce_sum(env, [loss_sum, skipped_total])
+        if fsdp:  # gathered from all processes onto process 0: the same full-model checkpoint as DDP writes
+            model_state, optimizer_state = full_state_dicts(model, optimizer)
         if not main:
             return
+        if not fsdp:
+            model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
         state = {"fingerprint": fingerprint, "loss_sum": total_loss, "loss_count": loss_count,
                  "skipped_images": int(total_skipped), "epoch": step // steps_per_epoch,
                  "config": dataclasses.asdict(config)}
-        opt_state: dict[str, Any] = {"optimizer": optimizer.state_dict()}
+        opt_state: dict[str, Any] = {"optimizer": optimizer_state}
         if ema is not None:
             opt_state["ema"] = ema.module.state_dict()
-        save_checkpoint(out, step, raw_model.state_dict(), opt_state, state, keep_last=config.keep_last,
+        save_checkpoint(out, step, model_state, opt_state, state, keep_last=config.keep_last,
                         metadata={"architecture": config.model})
 
     last_metrics: dict[str, Any] = {}
@@ -763,8 +856,12 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
             _seed_all(_micro_seed(sseed, env.rank, m))
             if mixup_fn is not None and len(y) % 2:  # a skipped corrupt image left an odd batch
                 x, y = x[:-1], y[:-1]
-            sync = m == config.grad_accum_steps - 1 or not env.distributed
-            ctx = contextlib.nullcontext() if sync else model.no_sync()
+            sync = m == config.grad_accum_steps - 1 or not env.distributed  # reduce gradients now?
+            if fsdp:
+                model.set_requires_gradient_sync(sync)
+                ctx = contextlib.nullcontext()
+            else:
+                ctx = contextlib.nullcontext() if sync else model.no_sync()
             try:
                 with ctx:
                     if len(y) == 0:  # every image of this micro-batch was corrupt: a zero-weight stand-in
@@ -809,7 +906,8 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         if step % steps_per_epoch == 0:  # epoch finished
             flush_loss()
             total_loss, total_skipped = all_reduce_sum(env, [loss_sum, skipped_total])
-            assert_in_sync(env, raw_model)
+            if not fsdp:  # FSDP processes hold different shards, no replicas to compare
+                assert_in_sync(env, raw_model)
             test = run_eval(model)
             last_metrics = {
                 "epoch": step // steps_per_epoch, "step": step,
@@ -846,8 +944,10 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
             checkpoint()
     if bar is not None:
         bar.close()
+    final_state = full_model_state_dict(model) if fsdp else None  # every process takes part
     if main:
-        save_model(raw_model, out / "model.safetensors")
+        save_model(raw_model if final_state is None else _WithState(raw_model, final_state),
+                   out / "model.safetensors")
         if ema is not None:
             save_model(ema.module, out / "model_ema.safetensors")
         if writer is not None:
