@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -39,12 +40,16 @@ def test_compare_on_digits_writes_a_results_table(tmp_path: Path, capsys: pytest
                 "64",
                 "--threads",
                 "1",
+                "--seed",
+                "3",
                 "--no-progress",
             ]
         )
         == 0
     )
     text = (out / "results.md").read_text()
+    assert "seed 3" in text.splitlines()[0]
+    assert all(json.loads((out / run / "config.json").read_text())["seed"] == 3 for run in ("gmlp", "vit"))
     rows = [line for line in text.splitlines() if line.startswith("| gMLP") or line.startswith("| ViT")]
     assert len(rows) == 2, text
     params = [int(row.split("|")[3].replace(",", "")) for row in rows]

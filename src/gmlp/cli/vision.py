@@ -160,7 +160,7 @@ def _compare(args: argparse.Namespace) -> int:
         args.output, config=args.config, dataset=args.dataset, epochs=args.epochs, gmlp_model=args.model,
         vit_depth=args.vit_depth, vit_heads=args.vit_heads, train_subset=args.train_subset,
         test_subset=args.test_subset, threads=args.threads, progress=args.progress,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, seed=args.seed,
     )
     print(table)
     return 0
@@ -246,5 +246,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--train-subset", type=int, default=None)
     cmp_.add_argument("--test-subset", type=int, default=None)
     cmp_.add_argument("--threads", type=int, default=None)
+    cmp_.add_argument("--seed", type=int, default=None,
+                      help="seed of both runs (init, data order, augmentation; default: the recipe's)")
     cmp_.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     cmp_.set_defaults(func=_compare)

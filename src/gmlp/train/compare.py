@@ -105,13 +105,14 @@ def run_comparison(
     threads: int | None = None,
     progress: bool = True,
     batch_size: int | None = None,
+    seed: int | None = None,
 ) -> str:
     """Train the gMLP and the parameter-matched ViT; write ``results.md`` and plots; return the table."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     settings = load_recipe(config, VisionTrainConfig) if config else {}
     overrides = {"dataset": dataset, "epochs": epochs, "model": gmlp_model, "train_subset": train_subset,
-                 "test_subset": test_subset, "threads": threads, "batch_size": batch_size}
+                 "test_subset": test_subset, "threads": threads, "batch_size": batch_size, "seed": seed}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     settings["progress"] = progress
     base = VisionTrainConfig(**settings)
@@ -169,7 +170,8 @@ def run_comparison(
     recipe = {k: v for k, v in dataclasses.asdict(gmlp_cfg).items()
               if k not in ("output", "progress", "model", "model_kwargs")}
     text = (
-        f"# gMLP vs ViT on {gmlp_cfg.dataset} (same recipe, {gmlp_cfg.epochs} epoch(s))\n\n{table}\n\n"
+        f"# gMLP vs ViT on {gmlp_cfg.dataset} (same recipe, {gmlp_cfg.epochs} epoch(s), seed {gmlp_cfg.seed})"
+        f"\n\n{table}\n\n"
         f"ViT parameters matched to the gMLP's ({vit_params:,} vs {_count(gmlp_net):,}). "
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.\n\n"
         + (f"![spatial weights]({spatial.name})  " if spatial else "")
