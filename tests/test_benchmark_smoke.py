@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,3 +44,16 @@ def test_toeplitz_crossover_smoke(capsys) -> None:
         if line.startswith("| 8 ") or line.startswith("| 16 ")
     ]
     assert len(rows) == 2
+
+
+@pytest.mark.slow
+def test_gpu_checks_dry_run_on_cpu(capsys: pytest.CaptureFixture) -> None:
+    """The prepared GPU correctness script runs (kernels in Triton's interpreter) and every check passes."""
+    from gmlp.kernels import triton_available
+
+    if not triton_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert _load("gpu_checks").main(["--device", device, "--small"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "8/8 checks passed" in out
