@@ -11,7 +11,7 @@ import torch
 from gmlp import create_model, save_model
 from gmlp.cli import main
 from gmlp.utils.io import CheckpointError, save_state_dict_file
-from gmlp.viz import plot_metrics, plot_spatial, spatial_weights
+from gmlp.viz import plot_metrics, plot_spatial, spatial_locality, spatial_weights
 
 
 def _is_png(path: Path) -> bool:
@@ -77,3 +77,27 @@ def test_plot_metrics(tmp_path: Path) -> None:
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert _is_png(plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "m.png"))
+
+
+def test_spatial_locality_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Identity W: distance 0; uniform W: the uniform reference; nearest-neighbour W: exactly 1."""
+    model = create_model("gmlp_micro4_28")  # 7 x 7 grid, 4 blocks
+    n, side = 49, 7
+    pos = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(n, 2)
+    manhattan = (pos[:, None] - pos[None]).abs().sum(-1)
+    with torch.no_grad():
+        model.blocks[0].sgu.proj.weight.copy_(torch.eye(n))
+        model.blocks[1].sgu.proj.weight.fill_(-0.5)
+        model.blocks[2].sgu.proj.weight.copy_((manhattan == 1).float() * torch.randn(n, n).abs().add(0.1))
+    save_model(model, tmp_path / "model.safetensors")
+    distance, uniform = spatial_locality(tmp_path / "model.safetensors")
+    cells = pos.double()
+    expected_uniform = torch.cdist(cells, cells).mean().item()  # mean distance of two random cells
+    assert uniform == pytest.approx(expected_uniform) and 3.5 < uniform < 3.7
+    assert distance[0] == pytest.approx(0.0)
+    assert distance[1] == pytest.approx(uniform)
+    assert distance[2] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="h \\* w = 49"):
+        spatial_locality(tmp_path / "model.safetensors", grid=(5, 5))
+    assert main(["plot-spatial", str(tmp_path / "model.safetensors"), "-o", str(tmp_path / "w.png")]) == 0
+    assert "0: 0.00" in capsys.readouterr().out

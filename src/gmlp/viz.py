@@ -15,7 +15,7 @@ import torch
 
 from .utils.io import CheckpointError, load_state_dict_file
 
-__all__ = ["spatial_weights", "plot_spatial", "plot_metrics"]
+__all__ = ["spatial_weights", "spatial_locality", "plot_spatial", "plot_metrics"]
 
 _KEY = re.compile(r"(?:.*\.)?blocks\.(\d+)\.sgu\.proj\.weight")
 
@@ -58,6 +58,42 @@ def spatial_weights(path: str | Path) -> dict[int, torch.Tensor]:
     with several heads, the first head)."""
     state, _ = _read(Path(path))
     return _spatial_from_state(state, Path(path))
+
+
+def _grid_distances(grid: tuple[int, int]) -> torch.Tensor:
+    """Euclidean distances between the cells of an ``h x w`` patch grid, ``(h*w, h*w)``, row-major."""
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], dim=1).double()
+    return torch.cdist(pos, pos)
+
+
+def spatial_locality(
+    path: str | Path, grid: tuple[int, int] | None = None
+) -> tuple[dict[int, float], float]:
+    """How local the learned token mixing of a vision checkpoint is.
+
+    For each layer: the mean, over output tokens ``i``, of the ``|W[i, j]|``-weighted mean grid distance
+    between ``i`` and its inputs ``j`` (0 = each token mixes only itself; the value for uniform weights is
+    returned alongside as the no-locality reference). Returns ``({layer: distance}, uniform_distance)``.
+
+    Args:
+        path: checkpoint file or directory (as :func:`plot_spatial`).
+        grid: the ``(h, w)`` patch grid; default: the checkpoint's metadata, else a square.
+    """
+    path = Path(path)
+    state, metadata = _read(path)
+    weights = _spatial_from_state(state, path)
+    n = next(iter(weights.values())).shape[0]
+    grid = grid if grid is not None else _grid(path, metadata, n)
+    if grid is None or grid[0] * grid[1] != n:
+        raise ValueError(f"grid must be (h, w) with h * w = {n} tokens, got {grid}")
+    dist = _grid_distances(grid)
+    out = {}
+    for layer, w in weights.items():
+        a = w.double().abs()
+        out[layer] = float(((a * dist).sum(1) / a.sum(1).clamp_min(1e-30)).mean())
+    return out, float(dist.mean())
 
 
 def _grid(path: Path, metadata: dict[str, str], n: int) -> tuple[int, int] | None:

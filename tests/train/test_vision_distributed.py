@@ -195,6 +195,14 @@ def _latest_step(run: Path) -> int:
         return -1
 
 
+def _resume_and_compare(args: list[str], run: Path, reference: Path, cwd: Path) -> None:
+    """Relaunch ``run`` with --resume; it must end with the weights and metrics of ``reference``."""
+    resumed = _torchrun([*args, "--output", str(run), "--resume"], cwd)
+    assert resumed.returncode == 0, _output(resumed)
+    _assert_same_weights(run, reference, atol=1e-6)
+    _assert_same_records(run, reference, tol=1e-9)
+
+
 # --- equal results ---------------------------------------------------------------------------------------
 
 
@@ -251,10 +259,7 @@ def test_ddp_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, ddp_run: P
     step = load_checkpoint(run).state["step"]
     assert 2 <= step < 8, step
 
-    resumed = _torchrun([*ARGS, "--output", str(run), "--resume"], tmp_path)
-    assert resumed.returncode == 0, _output(resumed)
-    _assert_same_weights(run, ddp_run, atol=1e-6)
-    _assert_same_records(run, ddp_run, tol=1e-9)
+    _resume_and_compare(ARGS, run, ddp_run, tmp_path)
 
 
 def test_fsdp_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, fsdp_run: Path) -> None:
@@ -267,10 +272,7 @@ def test_fsdp_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, fsdp_run: Pa
     (run / "checkpoints" / "latest.json").write_text(json.dumps({"tag": "step-00000006", "step": 6}))
     assert load_checkpoint(run).state["step"] == 6
 
-    resumed = _torchrun([*FSDP_ARGS, "--output", str(run), "--resume"], tmp_path)
-    assert resumed.returncode == 0, _output(resumed)
-    _assert_same_weights(run, fsdp_run, atol=1e-6)
-    _assert_same_records(run, fsdp_run, tol=1e-9)
+    _resume_and_compare(FSDP_ARGS, run, fsdp_run, tmp_path)
 
 
 def test_resuming_ddp_checkpoint_as_fsdp_is_refused(tmp_path: Path, ddp_run: Path) -> None:

@@ -17,11 +17,18 @@ def _layers(text: str) -> list[int]:
 
 
 def _plot_spatial(args: argparse.Namespace) -> int:
-    from ..viz import plot_spatial
+    from ..viz import plot_spatial, spatial_locality
 
     text = {"auto": None, "text": True, "vision": False}[args.kind]
     out = plot_spatial(args.checkpoint, args.output, layers=args.layers, rows=args.rows, text=text)
     print(f"wrote {out}")
+    if text is not True:
+        try:
+            distance, uniform = spatial_locality(args.checkpoint)
+        except ValueError:  # not a patch grid (a text model): no 2-D locality
+            return 0
+        print(f"|W|-weighted mean grid distance per layer (uniform weights: {uniform:.2f}): "
+              + ", ".join(f"{layer}: {d:.2f}" for layer, d in distance.items()))
     return 0
 
 
