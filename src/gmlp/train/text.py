@@ -552,7 +552,9 @@ def _train_loop(
     from tqdm.auto import tqdm
 
     if opts.grad_checkpointing:
-        model.gradient_checkpointing_enable()  # recompute each block in backward: activations O(1 block)
+        # recompute each block in backward (activations of about one block); transformers >= 5.x renamed it
+        enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+        enable()
     optimizer = torch.optim.AdamW(
         _param_groups(model, opts.weight_decay),
         lr=opts.lr,
