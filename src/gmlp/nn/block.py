@@ -55,7 +55,7 @@ class GMLPBlock(nn.Module):
         dim_ffn: hidden width ``d_ffn`` (must be even for the SGU).
         seq_len: the largest number of tokens.
         variant: gating function, see :data:`gmlp.nn.VARIANTS`.
-        toeplitz, causal, heads, init_std: see :class:`gmlp.nn.TokenProjection`.
+        toeplitz, causal, heads, init_std, fft_threshold: see :class:`gmlp.nn.TokenProjection`.
         attn_dim: size of the tiny attention head (None = gMLP).
         drop_path: stochastic depth probability of this block (per sample).
         dropout: dropout on the block output before the residual sum.
@@ -79,6 +79,7 @@ class GMLPBlock(nn.Module):
         norm_eps: float = 1e-6,
         sgu_norm_eps: float = 1e-5,
         init_std: float = 1e-6,
+        fft_threshold: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
@@ -98,6 +99,7 @@ class GMLPBlock(nn.Module):
             heads=heads,
             norm_eps=sgu_norm_eps,
             init_std=init_std,
+            fft_threshold=fft_threshold,
         )
         if attn_dim is not None and variant == "none":
             raise ValueError("attn_dim (tiny attention) needs a gate; it cannot be used with variant='none'")

@@ -147,7 +147,7 @@ class SpatialGatingUnit(nn.Module):
         dim: input channels (``d_ffn``); must be even for ``"sgu"``.
         seq_len: the largest number of tokens.
         variant: one of :data:`VARIANTS`.
-        toeplitz, causal, heads, init_std: see :class:`TokenProjection`.
+        toeplitz, causal, heads, init_std, fft_threshold: see :class:`TokenProjection`.
         norm_eps: epsilon of the gate LayerNorm (1e-5, torch's default, as in timm and g-mlp-pytorch).
 
     Attributes:
@@ -166,6 +166,7 @@ class SpatialGatingUnit(nn.Module):
         heads: int = 1,
         norm_eps: float = 1e-5,
         init_std: float = 1e-6,
+        fft_threshold: int | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -187,7 +188,8 @@ class SpatialGatingUnit(nn.Module):
         else:
             self.norm = nn.LayerNorm(self.gate_dim, eps=norm_eps)
             self.proj = TokenProjection(
-                seq_len, toeplitz=toeplitz, causal=causal, heads=heads, init_std=init_std
+                seq_len, toeplitz=toeplitz, causal=causal, heads=heads, init_std=init_std,
+                fft_threshold=fft_threshold,
             )
 
     def extra_repr(self) -> str:

@@ -100,6 +100,8 @@ def test_defaults_are_gmlp_base() -> None:
         ({"spatial_init_std": -1.0}, r"spatial_init_std must be a non-negative float, got -1.0"),
         ({"type_vocab_size": -1}, r"type_vocab_size must be an int >= 0 .*got -1"),
         ({"toeplitz": "yes"}, r"toeplitz must be a bool, got 'yes'"),
+        ({"spatial_fft_threshold": 0}, r"spatial_fft_threshold must be a positive int, got 0"),
+        ({"spatial_fft_threshold": 64, "toeplitz": False}, r"spatial_fft_threshold .*needs toeplitz=True"),
         ({"vocab_size": 10, "mask_token_id": 10},
          r"mask_token_id must be None or an int in \[0, vocab_size=10\), got 10"),
         ({"pad_token_id": -1}, r"pad_token_id must be None or an int in \[0, vocab_size=32000\), got -1"),

@@ -503,3 +503,32 @@ def test_from_g_mlp_pytorch_refuses_what_it_cannot_express() -> None:
     vision = g_mlp_pytorch.gMLPVision(image_size=8, patch_size=4, num_classes=3, dim=16, depth=1)
     with pytest.raises(CheckpointError, match="not a g-mlp-pytorch language model"):
         from_g_mlp_pytorch_lm(vision.state_dict())
+
+
+@settings(max_examples=8, deadline=None)
+@given(lengths=st.lists(st.integers(1, SEQ), min_size=1, max_size=3), seed=st.integers(0, 999))
+def test_fft_token_mixing_model_equals_dense(lengths: list[int], seed: int) -> None:
+    """spatial_fft_threshold=1 (every layer mixes by FFT) gives the dense model's outputs and gradients,
+    padded batches included; causal models keep the exact dense path."""
+    dense = build("mlm", seed)
+    fft = GMLPForMaskedLM(tiny_config(spatial_fft_threshold=1)).eval()
+    fft.load_state_dict(dense.state_dict())
+    assert all(m.fft_threshold == 1 for m in fft.modules() if isinstance(m, TokenProjection))
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (len(lengths), SEQ), generator=gen)
+    mask = torch.arange(SEQ)[None, :] < torch.tensor(lengths)[:, None]
+    a = fft(ids, attention_mask=mask).logits
+    b = dense(ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[mask], b[mask], rtol=1e-4, atol=1e-4)
+    ga = torch.autograd.grad(a[mask].square().sum(), list(fft.parameters()), allow_unused=True)
+    gb = torch.autograd.grad(b[mask].square().sum(), list(dense.parameters()), allow_unused=True)
+    for x, y in zip(ga, gb, strict=True):
+        if x is None or y is None:
+            assert x is None and y is None
+            continue
+        scale = y.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(x / scale, y / scale, rtol=1e-4, atol=1e-4)
+    causal = build("causal", seed, spatial_fft_threshold=1)
+    emb = causal.get_input_embeddings()(ids[:1]).detach().requires_grad_()
+    (g,) = torch.autograd.grad(causal(inputs_embeds=emb).logits[0, 3].sum(), emb)
+    assert g[0, 4:].abs().max() == 0  # exactly: causal layers never take the FFT path

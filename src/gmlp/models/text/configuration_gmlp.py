@@ -94,6 +94,9 @@ class GMLPConfig(PretrainedConfig):
         sgu_norm_eps: epsilon of the LayerNorm inside the SGU (1e-5 as timm and g-mlp-pytorch).
         initializer_range: std of the normal init of Linear and Embedding weights.
         spatial_init_std: std of the near-zero normal init of W (b starts at 1), see the paper's section 2.
+        spatial_fft_threshold: mix tokens by FFT instead of the dense GEMM from this many tokens on
+            (Toeplitz W only; causal models always stay dense). None = always dense. On the 2-core CPU it
+            pays from ~2,000 tokens in training (benchmarks/RESULTS.md); equal results to float rounding.
         type_vocab_size: number of token types (segments) for sentence pairs; 0 = no token-type embedding.
         tie_word_embeddings: share the input embedding with the output layer (MLM decoder / LM head).
         pad_token_id, cls_token_id, sep_token_id, mask_token_id, bos_token_id, eos_token_id: special token
@@ -127,6 +130,7 @@ class GMLPConfig(PretrainedConfig):
         sgu_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
         spatial_init_std: float = 1e-6,
+        spatial_fft_threshold: int | None = None,
         type_vocab_size: int = 2,
         tie_word_embeddings: bool = True,
         pad_token_id: int | None = 0,
@@ -176,6 +180,13 @@ class GMLPConfig(PretrainedConfig):
         _positive_float("sgu_norm_eps", sgu_norm_eps)
         _positive_float("initializer_range", initializer_range, allow_zero=True)
         _positive_float("spatial_init_std", spatial_init_std, allow_zero=True)
+        if spatial_fft_threshold is not None:
+            _positive_int("spatial_fft_threshold", spatial_fft_threshold)
+            if not toeplitz:
+                raise ValueError(
+                    f"spatial_fft_threshold (FFT token mixing) needs toeplitz=True, got "
+                    f"spatial_fft_threshold={spatial_fft_threshold} with toeplitz=False"
+                )
         if isinstance(type_vocab_size, bool) or not isinstance(type_vocab_size, int) or type_vocab_size < 0:
             raise ValueError(
                 f"type_vocab_size must be an int >= 0 (0 = no token types), got {type_vocab_size!r}"
@@ -208,6 +219,7 @@ class GMLPConfig(PretrainedConfig):
         self.sgu_norm_eps = sgu_norm_eps
         self.initializer_range = initializer_range
         self.spatial_init_std = spatial_init_std
+        self.spatial_fft_threshold = spatial_fft_threshold
         self.type_vocab_size = type_vocab_size
         self.cls_token_id = cls_token_id
         self.sep_token_id = sep_token_id

@@ -174,6 +174,7 @@ class GMLPModel(GMLPPreTrainedModel):
                 heads=config.sgu_heads, attn_dim=config.tiny_attn_size, drop_path=p,
                 dropout=config.hidden_dropout_prob, norm_eps=config.layer_norm_eps,
                 sgu_norm_eps=config.sgu_norm_eps, init_std=config.spatial_init_std,
+                fft_threshold=getattr(config, "spatial_fft_threshold", None),
             )
             for p in drop_path_rates(
                 config.drop_path_rate, config.num_hidden_layers, config.drop_path_schedule
