@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
 # Without a GPU, Triton kernels run in Triton's interpreter; the switch is read when a kernel is defined,
 # so it must be set before anything imports gmlp (and with it triton).
@@ -96,3 +97,15 @@ def dependence():
 def assert_causal():
     """Exact causality / padding-independence check on a dependence tensor, see :func:`_assert_causal`."""
     return _assert_causal
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``inductor`` compile real C++ kernels (torch.compile's CPU backend): skip them, saying
+    why, on a machine without a C++ compiler rather than fail."""
+    if any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        return
+    skip = pytest.mark.skip(reason="torch.compile's CPU backend (inductor) needs a C++ compiler (g++, $CXX)")
+    for item in items:
+        if "inductor" in item.keywords:
+            item.add_marker(skip)
+

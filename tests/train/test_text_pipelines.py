@@ -565,7 +565,10 @@ def test_finetune_offline_tweets_slice(tmp_path: Path) -> None:
     assert cfg["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
 
 
-@pytest.mark.parametrize("flag", ["--grad-checkpointing", pytest.param("--compile", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "flag",
+    ["--grad-checkpointing", pytest.param("--compile", marks=[pytest.mark.slow, pytest.mark.inductor])],
+)
 def test_memory_and_speed_options_train_like_eager(
     tmp_path: Path, corpus: Path, flag: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -102,7 +102,9 @@ def test_default_dataset_runs_on_a_subset(tmp_path: Path) -> None:
     assert result["step"] == 4 and 0.0 <= result["test_accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("option", ["grad_checkpointing", pytest.param("compile", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "option", ["grad_checkpointing", pytest.param("compile", marks=[pytest.mark.slow, pytest.mark.inductor])]
+)
 def test_memory_and_speed_options_train_like_eager(
     tmp_path: Path, option: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
