@@ -275,6 +275,15 @@ def test_fsdp_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, fsdp_run: Pa
     _resume_and_compare(FSDP_ARGS, run, fsdp_run, tmp_path)
 
 
+def test_fsdp_with_grad_checkpointing_equals_plain_fsdp(tmp_path: Path, fsdp_run: Path) -> None:
+    # activation checkpointing inside FSDP units: the blocks are recomputed in backward, weights unchanged
+    run = tmp_path / "ckpt"
+    proc = _torchrun([*FSDP_ARGS, "--grad-checkpointing", "--output", str(run)], tmp_path)
+    assert proc.returncode == 0, _output(proc)
+    _assert_same_weights(run, fsdp_run, atol=1e-6)
+    _assert_same_records(run, fsdp_run, tol=1e-6)
+
+
 def test_resuming_ddp_checkpoint_as_fsdp_is_refused(tmp_path: Path, ddp_run: Path) -> None:
     run = tmp_path / "ddp"
     shutil.copytree(ddp_run, run)
