@@ -13,6 +13,7 @@ state on process 0 for checkpoints, and :func:`load_full_optimizer_state` shards
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -91,8 +92,15 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
 
 def shutdown(env: DistEnv) -> None:
-    """Destroy the process group if :func:`init_distributed` created it."""
+    """Destroy the process group if :func:`init_distributed` created it.
+
+    Objects that still hold the group (a DistributedDataParallel reducer or FSDP state kept alive by a
+    reference cycle) are collected first: otherwise they die during interpreter shutdown, and a gloo worker
+    thread destroyed then aborts the process ("terminate called without an active exception", SIGABRT)
+    after the run itself has finished.
+    """
     if env.owns_group and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
