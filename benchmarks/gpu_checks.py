@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -54,8 +54,15 @@ def check_kernel(device: torch.device, rows: int, half: int, dtype: torch.dtype)
         _close(a / scale, c / scale, gtol, gtol, f"{name} ({dtype}, relative to max {scale:.3g})")
 
 
-def _with_kernel(enabled: bool) -> Callable[[torch.Tensor], bool]:
-    return lambda x: enabled
+def _both_paths() -> Iterator[bool]:
+    """Yield True (blocks take the Triton kernel), then False (plain ops); restores the default after."""
+    saved = block_module.triton_enabled
+    try:
+        for enabled in (True, False):
+            block_module.triton_enabled = lambda x, enabled=enabled: enabled
+            yield enabled
+    finally:
+        block_module.triton_enabled = saved
 
 
 def check_block(device: torch.device, dim: int, ffn: int, n: int, batch: int) -> None:
@@ -64,15 +71,10 @@ def check_block(device: torch.device, dim: int, ffn: int, n: int, batch: int) ->
     torch.nn.init.normal_(block.sgu.proj.weight, std=0.05)
     x = torch.randn(n, batch, dim, device=device, requires_grad=True)
     outs, grads = [], []
-    saved = block_module.triton_enabled
-    try:
-        for enabled in (True, False):
-            block_module.triton_enabled = _with_kernel(enabled)
-            y = block(x)
-            outs.append(y)
-            grads.append(torch.autograd.grad(y.square().sum(), [x, *block.parameters()]))
-    finally:
-        block_module.triton_enabled = saved
+    for _ in _both_paths():
+        y = block(x)
+        outs.append(y)
+        grads.append(torch.autograd.grad(y.square().sum(), [x, *block.parameters()]))
     _close(outs[0], outs[1], 1e-4, 1e-4, "block output")
     for i, (a, b) in enumerate(zip(*grads, strict=True)):
         scale = b.abs().max().item() + 1e-6
@@ -102,16 +104,11 @@ def check_model_step(device: torch.device, small: bool) -> None:
     x = torch.randn(batch, kwargs.get("in_chans", 3), img, img, device=device)
     y = torch.randint(0, model.num_classes, (batch,), device=device)
     results = []
-    saved = block_module.triton_enabled
-    try:
-        for enabled in (True, False):
-            block_module.triton_enabled = _with_kernel(enabled)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-            grads = torch.autograd.grad(loss, list(model.parameters()))
-            results.append((loss.detach(), torch.cat([g.float().flatten() for g in grads])))
-    finally:
-        block_module.triton_enabled = saved
+    for _ in _both_paths():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append((loss.detach(), torch.cat([g.float().flatten() for g in grads])))
     (la, ga), (lb, gb) = results
     _close(la, lb, 2e-2, 2e-2, "bf16 loss")
     cos = torch.nn.functional.cosine_similarity(ga, gb, dim=0).item()

@@ -98,8 +98,11 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     load_state_dict_checked(model, state)
 
 
-def save_model(model: nn.Module, path: str | Path) -> None:
-    """Save a vision model's weights as safetensors (atomically), recording its architecture and grid."""
+def save_model(model: nn.Module, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save a vision model's weights as safetensors (atomically), recording its architecture and grid.
+
+    ``state_dict`` replaces ``model.state_dict()`` (e.g. the gathered full state of an FSDP-sharded model).
+    """
     metadata = {"format": "gmlp"}
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     if "architecture" in cfg:
@@ -107,4 +110,4 @@ def save_model(model: nn.Module, path: str | Path) -> None:
     grid = getattr(model, "grid_size", None)
     if grid is not None:
         metadata["grid_size"] = f"{grid[0]},{grid[1]}"
-    save_state_dict_file(model.state_dict(), path, metadata)
+    save_state_dict_file(model.state_dict() if state_dict is None else state_dict, path, metadata)

@@ -611,20 +611,6 @@ def _tensorboard(config: VisionTrainConfig, out: Path, purge_step: int | None) -
     return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 
 
-class _WithState:
-    """A model's attributes (``pretrained_cfg``, ``grid_size``) with a given ``state_dict()``: lets
-    ``save_model`` write an FSDP model's gathered full state."""
-
-    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        self._model, self._state = model, state
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._state
-
-
 def train_vision(config: VisionTrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train an image classifier as configured; returns the final test metrics and run facts.
 
@@ -946,8 +932,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         bar.close()
     final_state = full_model_state_dict(model) if fsdp else None  # every process takes part
     if main:
-        save_model(raw_model if final_state is None else _WithState(raw_model, final_state),
-                   out / "model.safetensors")
+        save_model(raw_model, out / "model.safetensors", state_dict=final_state)
         if ema is not None:
             save_model(ema.module, out / "model_ema.safetensors")
         if writer is not None:
