@@ -120,8 +120,14 @@ def check_text_properties(device: torch.device) -> None:
     """Causal LM: d out[i] / d in[j] == 0 for j > i; MLM: padded batch == unpadded run at the real tokens."""
     from gmlp.models.text import GMLPConfig, GMLPForCausalLM, GMLPForMaskedLM
 
-    cfg = dict(vocab_size=101, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-               max_position_embeddings=24, tiny_attn_size=16)
+    cfg = dict(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        max_position_embeddings=24,
+        tiny_attn_size=16,
+    )
     torch.manual_seed(0)
     lm = GMLPForCausalLM(GMLPConfig(**cfg, causal=True)).to(device).eval()
     emb = lm.get_input_embeddings()(torch.randint(0, 101, (1, 24), device=device)).detach().requires_grad_()
@@ -159,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     checks: list[tuple[str, Callable[[], None]]] = []
     for rows, half in kernel_cases:
         for dtype in (torch.float32, torch.bfloat16):
-            checks.append((f"triton kernel rows={rows} C={half} {dtype}",
-                           lambda r=rows, h=half, d=dtype: check_kernel(device, r, h, d)))
+            checks.append(
+                (
+                    f"triton kernel rows={rows} C={half} {dtype}",
+                    lambda r=rows, h=half, d=dtype: check_kernel(device, r, h, d),
+                )
+            )
     checks += [
         ("block: kernel path == plain ops", lambda: check_block(device, *block_case)),
         ("FFT Toeplitz == dense GEMM", lambda: check_fft(device, *fft_case)),
@@ -175,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # report every check, then fail at the end
             failed += 1
             print(f"FAIL  {name}\n{traceback.format_exc()}", flush=True)
-    print(f"{len(checks) - failed}/{len(checks)} checks passed on {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(
+        f"{len(checks) - failed}/{len(checks)} checks passed on {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
     return 1 if failed else 0
 
 

@@ -82,7 +82,9 @@ def timm_gmlp(dim: int, depth: int, img: int, patch: int) -> nn.Module:
     )
 
 
-def vision_cases(size: str, batch: int, img: int = 224, patch: int = 16) -> list[Case]:
+def vision_cases(
+    size: str, batch: int, img: int = 224, patch: int = 16, ablate_triton: bool = False
+) -> list[Case]:
     import timm
     from g_mlp_pytorch import gMLPVision
 
@@ -105,8 +107,13 @@ def vision_cases(size: str, batch: int, img: int = 224, patch: int = 16) -> list
     ce = lambda out: F.cross_entropy(
         out.float(), torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
     )
+    ours = [Case(f"gmlp {timm_name}", "vision", lambda: create_model(timm_name, **over), images, ce)]
+    if ablate_triton:
+        ours.append(
+            Case(f"gmlp {timm_name} (plain ops)", "vision", lambda: NoTriton(ours[0].build()), images, ce)
+        )
     return [
-        Case(f"gmlp {timm_name}", "vision", lambda: create_model(timm_name, **over), images, ce),
+        *ours,
         Case(f"timm {timm_name}", "vision", lambda: timm_gmlp(dim, depth, img, patch), images, ce),
         Case(
             "g-mlp-pytorch gMLPVision",
@@ -127,7 +134,15 @@ def vision_cases(size: str, batch: int, img: int = 224, patch: int = 16) -> list
     ]
 
 
-def text_cases(layers: int, dim: int, ffn: int, seq: int, batch: int, vocab: int = 30522) -> list[Case]:
+def text_cases(
+    layers: int,
+    dim: int,
+    ffn: int,
+    seq: int,
+    batch: int,
+    vocab: int = 30522,
+    ablate_triton: bool = False,
+) -> list[Case]:
     from g_mlp_pytorch import gMLP
     from transformers import BertConfig, BertForMaskedLM
 
@@ -151,6 +166,16 @@ def text_cases(layers: int, dim: int, ffn: int, seq: int, batch: int, vocab: int
             toeplitz=True,
         )
         cases.append(Case("gmlp GMLPForMaskedLM", "text", lambda: GMLPForMaskedLM(cfg), tokens, mlm_loss))
+        if ablate_triton:
+            cases.append(
+                Case(
+                    "gmlp GMLPForMaskedLM (plain ops)",
+                    "text",
+                    lambda: NoTriton(GMLPForMaskedLM(cfg)),
+                    tokens,
+                    mlm_loss,
+                )
+            )
     except ImportError:  # the text models are optional in this benchmark
         pass
     cases.append(
@@ -190,6 +215,52 @@ def count_flops(model: nn.Module, inputs: tuple[Any, ...]) -> float:
     return float(counter.get_total_flops())
 
 
+def resident_bytes(*objects: Any) -> int:
+    """Bytes of the distinct tensors held by modules (parameters, gradients, buffers), optimizers
+    (their state) and tuples of inputs: what one case keeps allocated between its steps."""
+    seen: dict[int, int] = {}
+
+    def add(t: Any) -> None:
+        if isinstance(t, torch.Tensor):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for obj in objects:
+        if isinstance(obj, nn.Module):
+            for p in obj.parameters():
+                add(p)
+                add(p.grad)
+            for b in obj.buffers():
+                add(b)
+        elif isinstance(obj, torch.optim.Optimizer):
+            for state in obj.state.values():
+                for v in state.values():
+                    add(v)
+        elif isinstance(obj, tuple | list):
+            for t in obj:
+                add(t)
+    return sum(seen.values())
+
+
+class NoTriton(nn.Module):
+    """Runs the wrapped gmlp model with ``GMLP_DISABLE_TRITON=1`` (plain PyTorch ops on CUDA): an ablation
+    of the fused kernel inside the same benchmark process."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any) -> Any:
+        saved = os.environ.get("GMLP_DISABLE_TRITON")
+        os.environ["GMLP_DISABLE_TRITON"] = "1"
+        try:
+            return self.model(*args)
+        finally:
+            if saved is None:
+                del os.environ["GMLP_DISABLE_TRITON"]
+            else:
+                os.environ["GMLP_DISABLE_TRITON"] = saved
+
+
 def run_cases(
     cases: list[Case],
     mode: str,
@@ -217,7 +288,8 @@ def run_cases(
         else:
             model.eval()
             opt = None
-        fn = torch.compile(model, fullgraph=False) if compile_model else model
+        # ours must capture whole (no graph breaks); the peers compile as their users would
+        fn = torch.compile(model, fullgraph=case.name.startswith("gmlp")) if compile_model else model
 
         def step(fn: Callable = fn, inputs: tuple = inputs, opt: Any = opt, case: Case = case) -> None:
             if opt is None:
@@ -230,10 +302,10 @@ def run_cases(
                 loss.backward()
                 opt.step()
 
-        states.append((case, model, inputs, step, flops))
+        states.append((case, model, inputs, step, flops, opt))
     times: dict[str, list[float]] = {c.name: [] for c in cases}
     peak: dict[str, float | None] = {c.name: None for c in cases}
-    for case, _, _, step, _ in states:  # warm-up (and memory peak on GPU)
+    for i, (case, _, _, step, _, _) in enumerate(states):  # warm-up (and memory peak on GPU)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -241,9 +313,11 @@ def run_cases(
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-            peak[case.name] = torch.cuda.max_memory_allocated() / 2**20
+            # the other cases' models, optimizer states and inputs stay allocated meanwhile: not this one's
+            others = resident_bytes(*(x for j, st in enumerate(states) if j != i for x in st[1:3] + st[5:]))
+            peak[case.name] = (torch.cuda.max_memory_allocated() - others) / 2**20
     for _ in range(rounds):
-        for case, _, _, step, _ in states:
+        for case, _, _, step, _, _ in states:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -253,7 +327,7 @@ def run_cases(
                 torch.cuda.synchronize()
             times[case.name].append((time.perf_counter() - t0) / steps)
     results = []
-    for case, _, inputs, _, flops in states:
+    for case, _, inputs, _, flops, _ in states:
         batch = inputs[0].shape[0]
         med = statistics.median(times[case.name])
         factor = 1.0 if mode == "infer" else 3.0  # backward ~ 2x forward
@@ -378,6 +452,16 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--only", choices=("vision", "text"), default=None, help="run one family")
     parser.add_argument("--modes", default="infer,train", help="comma-separated: infer,train")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated name fragments: time only the models whose name contains one of them",
+    )
+    parser.add_argument(
+        "--no-ablation",
+        action="store_true",
+        help="on CUDA, skip the extra 'gmlp (plain ops)' cases (the Triton kernel switched off)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write all numbers here")
     parser.add_argument(
@@ -396,14 +480,26 @@ def main(argv: list[str] | None = None) -> list[Result]:
         device, torch.float32 if suite["dtype"] == "fp32" else torch.bfloat16
     )
     print(json.dumps(info))
+    # the plain-ops ablation matters on CUDA (the only place the kernel runs); smoke runs it to test the code
+    ablate = (device.type == "cuda" or args.suite == "smoke") and not (args.no_ablation or args.compile)
+
+    def chosen(cases: list[Case]) -> list[Case]:
+        if not args.models:
+            return cases
+        parts = [m.strip() for m in args.models.split(",") if m.strip()]
+        return [c for c in cases if any(m in c.name for m in parts)]
+
     results: list[Result] = []
     for mode in args.modes.split(","):
         if args.only in (None, "vision"):
             size, b_inf, b_train = suite["vision"]
-            cases = vision_cases(
-                size,
-                b_inf if mode == "infer" else b_train,
-                **({"img": 32, "patch": 8} if args.suite == "smoke" else {}),
+            cases = chosen(
+                vision_cases(
+                    size,
+                    b_inf if mode == "infer" else b_train,
+                    ablate_triton=ablate,
+                    **({"img": 32, "patch": 8} if args.suite == "smoke" else {}),
+                )
             )
             results += run_cases(
                 cases,
@@ -417,13 +513,16 @@ def main(argv: list[str] | None = None) -> list[Result]:
             )
         if args.only in (None, "text"):
             layers, dim, ffn, seq, b_inf, b_train = suite["text"]
-            cases = text_cases(
-                layers,
-                dim,
-                ffn,
-                seq,
-                b_inf if mode == "infer" else b_train,
-                vocab=1000 if args.suite == "smoke" else 30522,
+            cases = chosen(
+                text_cases(
+                    layers,
+                    dim,
+                    ffn,
+                    seq,
+                    b_inf if mode == "infer" else b_train,
+                    vocab=1000 if args.suite == "smoke" else 30522,
+                    ablate_triton=ablate,
+                )
             )
             results += run_cases(
                 cases,

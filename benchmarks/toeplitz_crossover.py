@@ -44,12 +44,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", default="64,128,256,512,1024,2048,4096")
     parser.add_argument("--columns", type=int, default=4096, help="batch * channels mixed per token")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="activation dtype (the dense path multiplies in it; the FFT path works in float32)",
+    )
     args = parser.parse_args(argv)
     tune_malloc()
     device = torch.device(args.device)
     print(
         f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"columns {args.columns}"
+        f"columns {args.columns}, {args.dtype}"
     )
     print(
         "| n | dense fwd ms | fft fwd ms | fwd speed-up | dense fwd+bwd ms | fft fwd+bwd ms "
@@ -60,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         dense = TokenProjection(n, toeplitz=True).to(device)
         fft = TokenProjection(n, toeplitz=True, fft_threshold=1).to(device)
         fft.load_state_dict(dense.state_dict())
-        z = torch.randn(n, 1, args.columns, device=device, requires_grad=True)
+        z = torch.randn(n, 1, args.columns, device=device, dtype=getattr(torch, args.dtype))
+        z.requires_grad_()
         rows = []
         for layer in (dense, fft):
             with torch.no_grad():

@@ -57,3 +57,37 @@ def test_gpu_checks_dry_run_on_cpu(capsys: pytest.CaptureFixture) -> None:
     assert _load("gpu_checks").main(["--device", device, "--small"]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and "8/8 checks passed" in out
+
+
+def test_model_filter_and_plain_ops_ablation(tmp_path: Path) -> None:
+    """--models keeps only the named models; the smoke suite adds the Triton-off ablation of ours."""
+    run = _load("run")
+    results = run.main(["--suite", "smoke", "--only", "vision", "--modes", "infer", "--models", "gmlp gmlp"])
+    names = [r.name for r in results]
+    assert names == ["gmlp gmlp_s16_224", "gmlp gmlp_s16_224 (plain ops)"]
+    results = run.main(
+        ["--suite", "smoke", "--only", "vision", "--modes", "infer", "--models", "vit", "--no-ablation"]
+    )
+    assert [r.name for r in results] == ["timm vit_tiny_patch16_224"]
+
+
+def test_resident_bytes_counts_each_storage_once() -> None:
+    """Parameters, gradients and optimizer state are counted; a tensor shared twice counts once."""
+    run = _load("run")
+    model = torch.nn.Linear(8, 4)  # 36 float32 parameters
+    x = torch.randn(2, 8)
+    assert run.resident_bytes(model) == 36 * 4
+    opt = torch.optim.AdamW(model.parameters())
+    model(x).sum().backward()
+    opt.step()
+    params_grads = 2 * 36 * 4
+    moments = 2 * 36 * 4
+    steps = sum(s["step"].untyped_storage().nbytes() for s in opt.state.values())
+    assert run.resident_bytes(model, opt, (x, x)) == params_grads + moments + steps + x.numel() * 4
+
+
+def test_profile_step_smoke(capsys: pytest.CaptureFixture) -> None:
+    """The profile script runs and reports a per-step time and category shares for both models."""
+    _load("profile_step").main(["--device", "cpu", "--size", "smoke", "--batch", "2", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert out.count("ms of cpu time per step") == 2 and "matrix products" in out

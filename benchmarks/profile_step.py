@@ -1,0 +1,114 @@
+"""Where one training step's time goes: torch.profiler over a few steps of gmlp's and timm's gMLP.
+
+    python benchmarks/profile_step.py --device cuda --size b --batch 256      # on the GPU (bf16 autocast)
+    python benchmarks/profile_step.py --device cpu --size smoke --batch 2     # dry run (the tests do this)
+
+For each model prints the share of device time in matrix products, the Triton kernel, normalisation,
+elementwise work and copies, then the top kernels by total time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from run import timm_gmlp  # noqa: E402
+
+from gmlp import create_model  # noqa: E402
+
+SIZES = {"s": (256, 30, 224, 16), "b": (512, 30, 224, 16), "smoke": (32, 2, 32, 8)}
+CATEGORIES = (  # first match wins; matched against the lower-cased kernel / operator name
+    ("triton (ours)", ("_fwd_kernel", "_bwd_kernel")),
+    ("matrix products", ("gemm", "matmul", "mm", "cutlass", "sm90", "cublas", "addmm", "linear", "conv")),
+    ("norm", ("layer_norm", "layernorm", "norm")),
+    ("copies", ("copy", "cat", "contiguous", "transpose", "clone")),
+    ("optimizer", ("adam", "multi_tensor", "optimizer")),
+    ("elementwise", ("elementwise", "gelu", "mul", "add", "vectorized", "reduce", "fill", "where")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for label, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return label
+    return "other"
+
+
+def profile_model(name: str, model: torch.nn.Module, x: torch.Tensor, steps: int, top: int) -> None:
+    device = x.device
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    target = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+
+    def step() -> None:
+        with autocast:
+            loss = F.cross_entropy(model(x).float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    if device.type == "cuda":  # device kernels only (operators would count their kernels twice)
+        rows = [(e.key, e.self_device_time_total) for e in events if e.self_device_time_total > 0]
+    else:
+        rows = [(e.key, e.self_cpu_time_total) for e in events if e.self_cpu_time_total > 0]
+    total = sum(t for _, t in rows) or 1.0
+    shares: dict[str, float] = {}
+    for key, t in rows:
+        shares[category(key)] = shares.get(category(key), 0.0) + t
+    print(f"\n## {name}: {total / steps / 1e3:.1f} ms of {device.type} time per step")
+    print(" | ".join(f"{k} {v / total:.0%}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])))
+    print("| kernel | ms/step | share | category |\n|---|---|---|---|")
+    for key, t in sorted(rows, key=lambda r: -r[1])[:top]:
+        print(f"| {key[:90]} | {t / steps / 1e3:.2f} | {t / total:.1%} | {category(key)} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", choices=sorted(SIZES), default="b")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dim, depth, img, patch = SIZES[args.size]
+    timm_name = f"gmlp_{'s' if args.size == 'smoke' else args.size}16_224"
+    over = {"embed_dim": dim, "depth": depth, "img_size": img, "patch_size": patch}
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, img, img, device=device)
+    for name, build in (
+        (f"gmlp {timm_name}", lambda: create_model(timm_name, **over)),
+        (f"timm {timm_name}", lambda: timm_gmlp(dim, depth, img, patch)),
+    ):
+        model = build().to(device).train()
+        profile_model(name, model, x, args.steps, args.top)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
