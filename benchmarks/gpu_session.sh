@@ -7,16 +7,21 @@
 # There:        bash benchmarks/gpu_session.sh    (device tool: carry [".whl", ".fm"], timeout_s 560)
 # Dry run here: DRY=1 bash benchmarks/gpu_session.sh      (CPU, tiny sizes, Triton interpreter; no compile)
 #
-# Writes to $OUT (the device tool's return folder) or runs/gpu, in order of importance, so that whatever a
-# time limit cuts off is the least important: checks.txt (card, versions, correctness), suite.txt +
-# gpu.json (benchmarks/run.py --suite gpu: every model, eager, with the plain-ops ablation),
-# profile.txt (where a gMLP-B training step's time goes, ours and timm's; then FFT vs GEMM Toeplitz
-# mixing), train.txt (`gmlp train`, one short epoch on the device, if Fashion-MNIST's files were carried in
-# .fm/), compile.txt + gpu-compile.json (gMLP-B training, ours and timm's, torch.compile). 7 files: the
-# device tool returns at most 8.
+# STEPS picks steps (default: all, in this order); COMPILE_FAMILY=vision|text picks what `compile` times.
+# Writes to $OUT (the device tool's return folder) or runs/gpu, most important first, so that whatever a
+# time limit cuts off is the least important (the device tool returns at most 8 files):
+#   checks     checks.txt: card, versions, correctness of every fast path (benchmarks/gpu_checks.py)
+#   sweep      sweep.txt: launch configurations of the fused kernels timed and checked; the best is used
+#              by the steps after it (benchmarks/kernel_sweep.py)
+#   suite      suite.txt + gpu.json: every model and peer, eager, with the plain-ops ablation (run.py)
+#   profile    profile.txt: where a training step's time goes (gMLP-B ours and timm's, our MLM)
+#   train      train.txt: `gmlp train`, one short epoch on the device (needs .fm/)
+#   crossover  appended to profile.txt: FFT vs GEMM Toeplitz mixing, bf16
+#   compile    compile.txt + gpu-compile.json: training under torch.compile, ours (fullgraph) vs the peer
 # Each step has its own time limit so that one stuck step cannot eat the session.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
+STEPS=${STEPS:-checks sweep suite profile train crossover compile}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -24,31 +29,59 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+TMP=${TMPDIR:-/tmp}
 if [ "${DRY:-0}" = 1 ]; then
     export TRITON_INTERPRET=1
-    dev=cpu; suite=smoke; subset=256; small=--small; prof="--size smoke --batch 2"; cross="16,32 --columns 8 --reps 1 --dtype bfloat16"
+    dev=cpu; suite=smoke; subset=256; small=--small; prof="--size smoke --batch 2 --text 2,32,64,16,2"
+    cross="16,32 --columns 8 --reps 1 --dtype bfloat16"; shapes="--shapes 9x24 --reps 1"
 else
-    dev=cuda; suite=gpu; subset=20000; small=; prof="--size b --batch 256"; cross="128,256,512,1024,2048,4096 --columns 65536 --dtype bfloat16"
+    dev=cuda; suite=gpu; subset=20000; small=; prof="--size b --batch 256 --text 48,512,3072,512,32"
+    cross="128,256,512,1024,2048,4096 --columns 65536 --dtype bfloat16"; shapes=
 fi
-{
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
-    $PY -c "import sys, torch, triton, timm, transformers; print(sys.version.split()[0], torch.__version__, \
-triton.__version__, timm.__version__, transformers.__version__)" 2>&1
-    uptime
-    timeout 120 $PY benchmarks/gpu_checks.py --device $dev $small 2>&1
-} | tee "$OUT/checks.txt"
-checks=$(grep -c '^FAIL' "$OUT/checks.txt")
-timeout 240 $PY benchmarks/run.py --suite $suite --json "$OUT/gpu.json" 2>&1 | tee "$OUT/suite.txt"
-timeout 60 $PY benchmarks/profile_step.py --device $dev $prof 2>&1 | grep -v '^USDT' | tee "$OUT/profile.txt"
+has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+checks=0
+if has checks; then
+    {
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+        $PY -c "import sys, torch, triton, timm, transformers; print(sys.version.split()[0], \
+torch.__version__, triton.__version__, timm.__version__, transformers.__version__)" 2>&1
+        uptime
+        timeout 120 $PY benchmarks/gpu_checks.py --device $dev $small 2>&1
+    } | tee "$OUT/checks.txt"
+    checks=$(grep -c '^FAIL' "$OUT/checks.txt")
+fi
+best='{}'
+if has sweep; then
+    # shellcheck disable=SC2086
+    timeout 120 $PY benchmarks/kernel_sweep.py --device $dev $shapes --best-json "$TMP/best.json" 2>&1 \
+        | tee "$OUT/sweep.txt"
+    [ -s "$TMP/best.json" ] && best=$(cat "$TMP/best.json")
+fi
+if has suite; then
+    timeout 240 $PY benchmarks/run.py --suite $suite --triton-config "$best" --json "$OUT/gpu.json" 2>&1 \
+        | tee "$OUT/suite.txt"
+fi
+if has profile; then
+    # shellcheck disable=SC2086
+    timeout 90 $PY benchmarks/profile_step.py --device $dev $prof --triton-config "$best" 2>&1 \
+        | grep -v '^USDT' | tee "$OUT/profile.txt"
+fi
 # the main job's training loop on the device (bf16 autocast, fused AdamW, checkpoints, evaluation), short
-if [ -d .fm ]; then
+if has train && [ -d .fm ]; then
     timeout 90 $PY -m gmlp train --data-root .fm --device $dev --epochs 1 --train-subset $subset \
-        --test-subset 2000 --output "${TMPDIR:-/tmp}/gmlp-gpu-train" --no-progress 2>&1 | tee "$OUT/train.txt"
+        --test-subset 2000 --output "$TMP/gmlp-gpu-train" --no-progress 2>&1 | tee "$OUT/train.txt"
 fi
-# shellcheck disable=SC2086
-timeout 45 $PY benchmarks/toeplitz_crossover.py --device $dev --lengths $cross 2>&1 | tee -a "$OUT/profile.txt"
-if [ "${DRY:-0}" != 1 ]; then
-    timeout 200 $PY benchmarks/run.py --suite gpu --only vision --modes train --compile \
-        --models "gmlp gmlp_b16_224,timm gmlp_b16_224" --json "$OUT/gpu-compile.json" 2>&1 | tee "$OUT/compile.txt"
+if has crossover; then
+    # shellcheck disable=SC2086
+    timeout 45 $PY benchmarks/toeplitz_crossover.py --device $dev --lengths $cross 2>&1 | tee -a "$OUT/profile.txt"
+fi
+if has compile && [ "${DRY:-0}" != 1 ]; then
+    if [ "${COMPILE_FAMILY:-vision}" = text ]; then
+        only=text; models="gmlp GMLPForMaskedLM,g-mlp-pytorch"
+    else
+        only=vision; models="gmlp gmlp_b16_224,timm gmlp_b16_224"
+    fi
+    timeout 200 $PY benchmarks/run.py --suite gpu --only $only --modes train --compile --models "$models" \
+        --json "$OUT/gpu-compile.json" 2>&1 | tee "$OUT/compile.txt"
 fi
 [ "$checks" = 0 ]

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +31,23 @@ from gmlp import create_model  # noqa: E402
 SIZES = {"s": (256, 30, 224, 16), "b": (512, 30, 224, 16), "smoke": (32, 2, 32, 8)}
 CATEGORIES = (  # first match wins; matched against the lower-cased kernel / operator name
     ("triton (ours)", ("_fwd_kernel", "_bwd_kernel")),
-    ("matrix products", ("gemm", "matmul", "mm", "cutlass", "sm90", "cublas", "addmm", "linear", "conv")),
-    ("norm", ("layer_norm", "layernorm", "norm")),
+    ("norm", ("layer_norm", "layernorm", "gammabeta")),
+    (
+        "matrix products",
+        (
+            "gemm",
+            "cutlass",
+            "nvjet",
+            "xmma",
+            "cublas",
+            "aten::mm",
+            "addmm",
+            "bmm",
+            "matmul",
+            "linear",
+            "conv",
+        ),
+    ),
     ("copies", ("copy", "cat", "contiguous", "transpose", "clone")),
     ("optimizer", ("adam", "multi_tensor", "optimizer")),
     ("elementwise", ("elementwise", "gelu", "mul", "add", "vectorized", "reduce", "fill", "where")),
@@ -44,17 +62,27 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile_model(name: str, model: torch.nn.Module, x: torch.Tensor, steps: int, top: int) -> None:
+def profile_model(
+    name: str,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    steps: int,
+    top: int,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> None:
+    """Profile ``steps`` training steps (bf16 autocast and fused AdamW on CUDA) after three warm-ups."""
     device = x.device
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
     target = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+    if loss_fn is None:
+        loss_fn = lambda out: F.cross_entropy(out.float(), target)  # noqa: E731
 
     def step() -> None:
         with autocast:
-            loss = F.cross_entropy(model(x).float(), target)
+            loss = loss_fn(model(x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -69,7 +97,11 @@ def profile_model(name: str, model: torch.nn.Module, x: torch.Tensor, steps: int
             torch.cuda.synchronize()
     events = prof.key_averages()
     if device.type == "cuda":  # device kernels only (operators would count their kernels twice)
-        rows = [(e.key, e.self_device_time_total) for e in events if e.self_device_time_total > 0]
+        rows = [
+            (e.key, e.self_device_time_total)
+            for e in events
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
+        ]
     else:
         rows = [(e.key, e.self_cpu_time_total) for e in events if e.self_cpu_time_total > 0]
     total = sum(t for _, t in rows) or 1.0
@@ -92,7 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--triton-config", default=None, help="JSON launch parameters of the fused kernels")
+    parser.add_argument(
+        "--text",
+        default=None,
+        metavar="LAYERS,DIM,FFN,SEQ,BATCH",
+        help="also profile gmlp's masked LM of this shape (the GPU suite's: 48,512,3072,512,32)",
+    )
     args = parser.parse_args(argv)
+    if args.triton_config:
+        from gmlp.kernels import sgu_triton
+
+        sgu_triton.set_launch_config(**json.loads(args.triton_config))
     device = torch.device(args.device)
     dim, depth, img, patch = SIZES[args.size]
     timm_name = f"gmlp_{'s' if args.size == 'smoke' else args.size}16_224"
@@ -108,6 +151,22 @@ def main(argv: list[str] | None = None) -> None:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.text:
+        from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
+
+        layers, width, ffn, seq, batch = (int(v) for v in args.text.split(","))
+        cfg = GMLPConfig(
+            vocab_size=30522,
+            hidden_size=width,
+            intermediate_size=ffn,
+            num_hidden_layers=layers,
+            max_position_embeddings=seq,
+            toeplitz=True,
+        )
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+        model = GMLPForMaskedLM(cfg).to(device).train()
+        loss = lambda out: out.logits.float().logsumexp(-1).mean()  # noqa: E731  (as benchmarks/run.py)
+        profile_model("gmlp GMLPForMaskedLM", model, ids, args.steps, args.top, loss)
 
 
 if __name__ == "__main__":

@@ -463,6 +463,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
         help="on CUDA, skip the extra 'gmlp (plain ops)' cases (the Triton kernel switched off)",
     )
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--triton-config",
+        default=None,
+        help="JSON launch parameters of the fused kernels (e.g. benchmarks/kernel_sweep.py's best)",
+    )
     parser.add_argument("--json", default=None, help="write all numbers here")
     parser.add_argument(
         "--no-malloc-tuning", action="store_true", help="keep glibc's default allocator settings"
@@ -475,6 +480,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
         torch.set_num_threads(args.threads)
     device = torch.device(suite["device"])
     info = machine_info(device)
+    if args.triton_config:
+        from dataclasses import asdict as as_dict
+
+        from gmlp.kernels import sgu_triton
+
+        info["triton_config"] = as_dict(sgu_triton.set_launch_config(**json.loads(args.triton_config)))
     info["malloc_tuned"] = not args.no_malloc_tuning
     info["gemm_tflops_fp32" if suite["dtype"] == "fp32" else "gemm_tflops_bf16"] = gemm_rate(
         device, torch.float32 if suite["dtype"] == "fp32" else torch.bfloat16

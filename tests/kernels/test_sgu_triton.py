@@ -6,6 +6,7 @@ TRITON_INTERPRET=1 before anything imports triton when CUDA is unavailable.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -80,3 +81,45 @@ def test_reference_is_used_off_cuda() -> None:
     z1, z2 = gelu_split_layernorm(u, w, b, 1e-5)
     r1, r2 = gelu_split_layernorm_reference(u, w, b, 1e-5)
     assert torch.equal(z1, r1) and torch.equal(z2, r2)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"fwd_rows": 4, "fwd_warps": 8, "bwd_warps": 8, "bwd_programs_per_sm": 1},
+        {"fwd_rows": 2, "fwd_warps": 4, "bwd_warps": 4, "bwd_programs_per_sm": 3},
+        {"fwd_rows": 8, "bwd_programs_per_sm": 64},
+    ],
+)
+def test_every_launch_configuration_matches_reference(config: dict[str, int]) -> None:
+    """Multi-row forward programs and any backward split of the rows (ragged last run included)."""
+    from gmlp.kernels import sgu_triton
+
+    torch.manual_seed(1)
+    u = (2 * torch.randn(13, 2 * 24, device=DEVICE)).requires_grad_()
+    w = torch.randn(24, device=DEVICE, requires_grad=True)
+    b = torch.randn(24, device=DEVICE, requires_grad=True)
+    saved = dataclasses.asdict(sgu_triton.launch_config)
+    try:
+        sgu_triton.set_launch_config(**config)
+        fused = gelu_split_layernorm(u, w, b, 1e-5, use_triton=True)
+        seeds = tuple(torch.randn_like(f) for f in fused)
+        grads = _grads(fused, [u, w, b], seeds)
+    finally:
+        sgu_triton.set_launch_config(**saved)
+    ref = gelu_split_layernorm_reference(u, w, b, 1e-5)
+    for f, r in zip(fused, ref, strict=True):
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
+    for gf, gr in zip(grads, _grads(ref, [u, w, b], seeds), strict=True):
+        torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-4)
+
+
+def test_launch_configuration_is_validated() -> None:
+    from gmlp.kernels import sgu_triton
+
+    with pytest.raises(TypeError, match="unknown launch parameter 'warps'"):
+        sgu_triton.set_launch_config(warps=4)
+    with pytest.raises(ValueError, match="fwd_rows must be a power of two, got 3"):
+        sgu_triton.set_launch_config(fwd_rows=3)
+    with pytest.raises(ValueError, match="bwd_warps must be a positive int or None, got 0"):
+        sgu_triton.set_launch_config(bwd_warps=0)

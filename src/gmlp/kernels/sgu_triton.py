@@ -15,11 +15,20 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gelu_split_layernorm", "gelu_split_layernorm_reference", "triton_available", "triton_enabled"]
+__all__ = [
+    "LaunchConfig",
+    "gelu_split_layernorm",
+    "gelu_split_layernorm_reference",
+    "launch_config",
+    "set_launch_config",
+    "triton_available",
+    "triton_enabled",
+]
 
 try:
     import triton
@@ -56,60 +65,116 @@ if _HAS_TRITON:
         return cdf + x * pdf
 
     @triton.jit
-    def _fwd_kernel(U, Z1, Z2, W, B, Mean, Rstd, C, eps, BLOCK_C: tl.constexpr):
-        row = tl.program_id(0)
+    def _fwd_kernel(U, Z1, Z2, W, B, Mean, Rstd, R, C, eps, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        # ROWS rows per program, one row of 2C inputs per tile row; statistics in float32
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_C)
-        valid = cols < C
-        base = row.to(tl.int64) * 2 * C
-        u1 = tl.load(U + base + cols, mask=valid, other=0.0).to(tl.float32)
-        u2 = tl.load(U + base + C + cols, mask=valid, other=0.0).to(tl.float32)
+        rvalid = rows < R
+        valid = rvalid[:, None] & (cols < C)[None, :]
+        base = rows.to(tl.int64)[:, None] * 2 * C + cols[None, :]
+        u1 = tl.load(U + base, mask=valid, other=0.0).to(tl.float32)
+        u2 = tl.load(U + base + C, mask=valid, other=0.0).to(tl.float32)
         a2 = _gelu(u2)
-        mean = tl.sum(a2, axis=0) / C
-        diff = tl.where(valid, a2 - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
-        w = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
-        b = tl.load(B + cols, mask=valid, other=0.0).to(tl.float32)
-        out = row.to(tl.int64) * C
-        tl.store(Z1 + out + cols, _gelu(u1).to(Z1.dtype.element_ty), mask=valid)
-        tl.store(Z2 + out + cols, (diff * rstd * w + b).to(Z2.dtype.element_ty), mask=valid)
-        tl.store(Mean + row, mean)
-        tl.store(Rstd + row, rstd)
+        mean = tl.sum(a2, axis=1) / C
+        diff = tl.where(valid, a2 - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
+        w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=cols < C, other=0.0).to(tl.float32)
+        out = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        tl.store(Z1 + out, _gelu(u1).to(Z1.dtype.element_ty), mask=valid)
+        z2 = diff * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(Z2 + out, z2.to(Z2.dtype.element_ty), mask=valid)
+        tl.store(Mean + rows, mean, mask=rvalid)
+        tl.store(Rstd + rows, rstd, mask=rvalid)
 
     @triton.jit
     def _bwd_kernel(U, DZ1, DZ2, W, Mean, Rstd, DU, DW, DB, R, C, ROWS_PER_PROG, BLOCK_C: tl.constexpr):
+        # a contiguous run of ROWS_PER_PROG rows per program; the loop has no branch (rows past R are
+        # masked), and the LayerNorm weight/bias gradients leave as one partial sum per program
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
-        valid = cols < C
-        w = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
+        cvalid = cols < C
+        w = tl.load(W + cols, mask=cvalid, other=0.0).to(tl.float32)
         dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         start = pid * ROWS_PER_PROG
         for r in range(0, ROWS_PER_PROG):
             row = start + r
-            if row < R:
-                base = row.to(tl.int64) * 2 * C
-                out = row.to(tl.int64) * C
-                u1 = tl.load(U + base + cols, mask=valid, other=0.0).to(tl.float32)
-                u2 = tl.load(U + base + C + cols, mask=valid, other=0.0).to(tl.float32)
-                dz1 = tl.load(DZ1 + out + cols, mask=valid, other=0.0).to(tl.float32)
-                dz2 = tl.load(DZ2 + out + cols, mask=valid, other=0.0).to(tl.float32)
-                mean = tl.load(Mean + row)
-                rstd = tl.load(Rstd + row)
-                xhat = tl.where(valid, (_gelu(u2) - mean) * rstd, 0.0)
-                dy = dz2 * w
-                c1 = tl.sum(dy * xhat, axis=0) / C
-                c2 = tl.sum(dy, axis=0) / C
-                da2 = (dy - xhat * c1 - c2) * rstd
-                tl.store(DU + base + cols, (dz1 * _gelu_grad(u1)).to(DU.dtype.element_ty), mask=valid)
-                tl.store(DU + base + C + cols, (da2 * _gelu_grad(u2)).to(DU.dtype.element_ty), mask=valid)
-                dw_acc += dz2 * xhat
-                db_acc += dz2
-        tl.store(DW + pid * C + cols, dw_acc, mask=valid)
-        tl.store(DB + pid * C + cols, db_acc, mask=valid)
+            rvalid = row < R
+            valid = cvalid & rvalid
+            base = row.to(tl.int64) * 2 * C
+            out = row.to(tl.int64) * C
+            u1 = tl.load(U + base + cols, mask=valid, other=0.0).to(tl.float32)
+            u2 = tl.load(U + base + C + cols, mask=valid, other=0.0).to(tl.float32)
+            dz1 = tl.load(DZ1 + out + cols, mask=valid, other=0.0).to(tl.float32)
+            dz2 = tl.load(DZ2 + out + cols, mask=valid, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + row, mask=rvalid, other=0.0)
+            rstd = tl.load(Rstd + row, mask=rvalid, other=0.0)
+            xhat = tl.where(valid, (_gelu(u2) - mean) * rstd, 0.0)
+            dy = dz2 * w
+            c1 = tl.sum(dy * xhat, axis=0) / C
+            c2 = tl.sum(dy, axis=0) / C
+            da2 = (dy - xhat * c1 - c2) * rstd
+            tl.store(DU + base + cols, (dz1 * _gelu_grad(u1)).to(DU.dtype.element_ty), mask=valid)
+            tl.store(DU + base + C + cols, (da2 * _gelu_grad(u2)).to(DU.dtype.element_ty), mask=valid)
+            dw_acc += dz2 * xhat
+            db_acc += dz2
+        tl.store(DW + pid * C + cols, dw_acc, mask=cvalid)
+        tl.store(DB + pid * C + cols, db_acc, mask=cvalid)
 
 
 def _block_c(c: int) -> int:
     return max(16, 1 << (c - 1).bit_length())
+
+
+@dataclass
+class LaunchConfig:
+    """Launch parameters of the fused kernels (``None`` = the built-in choice for the row width).
+
+    Attributes:
+        fwd_rows: rows per forward program (a power of two).
+        fwd_warps: warps per forward program.
+        bwd_warps: warps per backward program.
+        bwd_programs_per_sm: backward programs per multiprocessor; each program takes a contiguous run of
+            rows and leaves one partial sum of the LayerNorm weight/bias gradients.
+    """
+
+    fwd_rows: int | None = None
+    fwd_warps: int | None = None
+    bwd_warps: int | None = None
+    bwd_programs_per_sm: int | None = None
+
+
+launch_config = LaunchConfig()
+
+
+def set_launch_config(**kwargs: int | None) -> LaunchConfig:
+    """Override launch parameters of the fused kernels (for tuning, e.g. ``benchmarks/kernel_sweep.py``).
+
+    Unknown names raise ``TypeError``; values must be positive ints (``fwd_rows`` a power of two) or None.
+    Returns the configuration now in force.
+    """
+    for name, value in kwargs.items():
+        if name not in LaunchConfig.__dataclass_fields__:
+            known = ", ".join(LaunchConfig.__dataclass_fields__)
+            raise TypeError(f"unknown launch parameter {name!r}; expected one of: {known}")
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"launch parameter {name} must be a positive int or None, got {value!r}")
+        if name == "fwd_rows" and value is not None and value & (value - 1):
+            raise ValueError(f"launch parameter fwd_rows must be a power of two, got {value}")
+        setattr(launch_config, name, value)
+    return launch_config
+
+
+def _warps(block_c: int) -> int:
+    """Default warps for a row of ``block_c`` columns: about 8 columns per thread, 4 to 16 warps."""
+    return min(16, max(4, block_c // 256))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter on CPU: any small number
 
 
 class _GeluSplitLayerNorm(torch.autograd.Function):
@@ -123,7 +188,12 @@ class _GeluSplitLayerNorm(torch.autograd.Function):
         z2 = torch.empty_like(z1)
         mean = torch.empty(rows, dtype=torch.float32, device=u.device)
         rstd = torch.empty_like(mean)
-        _fwd_kernel[(rows,)](u2d, z1, z2, weight, bias, mean, rstd, c, eps, BLOCK_C=_block_c(c))
+        block_c = _block_c(c)
+        per = launch_config.fwd_rows or 1
+        _fwd_kernel[(triton.cdiv(rows, per),)](
+            u2d, z1, z2, weight, bias, mean, rstd, rows, c, eps, ROWS=per, BLOCK_C=block_c,
+            num_warps=launch_config.fwd_warps or _warps(block_c * per),
+        )  # fmt: skip
         ctx.save_for_backward(u2d, weight, mean, rstd)
         ctx.shape = shape
         return z1.view(*shape[:-1], c), z2.view(*shape[:-1], c)
@@ -136,13 +206,16 @@ class _GeluSplitLayerNorm(torch.autograd.Function):
         dz1 = dz1.reshape(rows, c).contiguous()
         dz2 = dz2.reshape(rows, c).contiguous()
         du = torch.empty_like(u2d)
-        rows_per_prog = max(1, math.ceil(rows / 1024))
+        block_c = _block_c(c)
+        target = _sm_count(u2d.device) * (launch_config.bwd_programs_per_sm or 8)
+        rows_per_prog = max(1, math.ceil(rows / target))
         progs = math.ceil(rows / rows_per_prog)
         dw = torch.empty(progs, c, dtype=torch.float32, device=u2d.device)
         db = torch.empty_like(dw)
         _bwd_kernel[(progs,)](
-            u2d, dz1, dz2, weight, mean, rstd, du, dw, db, rows, c, rows_per_prog, BLOCK_C=_block_c(c)
-        )
+            u2d, dz1, dz2, weight, mean, rstd, du, dw, db, rows, c, rows_per_prog, BLOCK_C=block_c,
+            num_warps=launch_config.bwd_warps or _warps(block_c),
+        )  # fmt: skip
         return du.view(ctx.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None
 
 

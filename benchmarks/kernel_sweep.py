@@ -1,0 +1,163 @@
+"""Tune the fused GELU+split+LayerNorm kernels: time every launch configuration at the real shapes.
+
+    python benchmarks/kernel_sweep.py --best-json best.json          # on the GPU
+    TRITON_INTERPRET=1 python benchmarks/kernel_sweep.py --device cpu --shapes 9x24 --reps 1   # dry run
+
+For each shape (rows x C, bf16) times the forward and the backward kernel of every configuration of
+:class:`gmlp.kernels.sgu_triton.LaunchConfig` in the grid below, next to the plain PyTorch ops, checks
+each configuration's outputs and gradients against the float32 reference, and prints the achieved
+memory bandwidth. The best forward and backward settings (least total time over the shapes) go to
+``--best-json``, in the form ``benchmarks/run.py --triton-config`` takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from gmlp.kernels import (  # noqa: E402
+    gelu_split_layernorm,
+    gelu_split_layernorm_reference,
+    sgu_triton,  # noqa: E402
+)
+
+FWD_GRID = {"fwd_rows": (1, 2, 4), "fwd_warps": (4, 8, 16)}
+BWD_GRID = {"bwd_warps": (4, 8, 16), "bwd_programs_per_sm": (2, 4, 8, 16, 32)}
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _grid(grid: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def sweep_shape(
+    rows: int, c: int, device: torch.device, reps: int
+) -> tuple[dict[str, float], dict[str, float], float, float, list[str]]:
+    """Returns forward and backward milliseconds per configuration (keyed by its JSON), the plain ops'
+    forward and backward milliseconds, and a list of configurations whose results were wrong."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    u = (2 * torch.randn(rows, 2 * c, device=device)).to(dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(c, device=device)).to(dtype).requires_grad_()
+    b = (0.1 * torch.randn(c, device=device)).to(dtype).requires_grad_()
+    seeds = [torch.randn(rows, c, device=device, dtype=dtype) for _ in range(2)]
+    leaves = [t.detach().float().requires_grad_() for t in (u, w, b)]
+    ref_out = gelu_split_layernorm_reference(*leaves, 1e-5)
+    ref_grads = torch.autograd.grad(ref_out, leaves, [s.float() for s in seeds])
+    bad: list[str] = []
+
+    def check(key: str, outs: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor, ...]) -> None:
+        for got, want in zip((*outs, *grads), (*ref_out, *ref_grads), strict=True):
+            scale = want.abs().max().item() + 1e-6
+            if (got.float() - want).abs().max().item() / scale > 5e-2:
+                bad.append(key)
+                return
+
+    fwd: dict[str, float] = {}
+    bwd: dict[str, float] = {}
+    saved = {k: getattr(sgu_triton.launch_config, k) for k in sgu_triton.LaunchConfig.__dataclass_fields__}
+    try:
+        for config in _grid(FWD_GRID):
+            sgu_triton.set_launch_config(**config)
+            key = json.dumps(config)
+            with torch.no_grad():
+                fwd[key] = _time_ms(
+                    lambda: gelu_split_layernorm(u, w, b, 1e-5, use_triton=True), device, reps
+                )
+            outs = gelu_split_layernorm(u, w, b, 1e-5, use_triton=True)
+            check(key, outs, torch.autograd.grad(outs, [u, w, b], seeds))
+        sgu_triton.set_launch_config(**saved)
+        outs = gelu_split_layernorm(u, w, b, 1e-5, use_triton=True)
+        for config in _grid(BWD_GRID):
+            sgu_triton.set_launch_config(**config)
+            key = json.dumps(config)
+            bwd[key] = _time_ms(
+                lambda: torch.autograd.grad(outs, [u, w, b], seeds, retain_graph=True), device, reps
+            )
+            check(key, outs, torch.autograd.grad(outs, [u, w, b], seeds, retain_graph=True))
+    finally:
+        sgu_triton.set_launch_config(**saved)
+    with torch.no_grad():
+        plain_f = _time_ms(lambda: gelu_split_layernorm(u, w, b, 1e-5, use_triton=False), device, reps)
+    plain_out = gelu_split_layernorm(u, w, b, 1e-5, use_triton=False)
+    plain_b = _time_ms(
+        lambda: torch.autograd.grad(plain_out, [u, w, b], seeds, retain_graph=True), device, reps
+    )
+    return fwd, bwd, plain_f, plain_b, bad
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--shapes",
+        default="50176x1536,16384x1536",
+        help="rows x C, comma-separated (defaults: gMLP-B/16 at batch 256; the MLM at 32 x 512)",
+    )
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--best-json", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    totals_f: dict[str, float] = {}
+    totals_b: dict[str, float] = {}
+    wrong: set[str] = set()
+    for shape in args.shapes.split(","):
+        rows, c = (int(v) for v in shape.split("x"))
+        fwd, bwd, plain_f, plain_b, bad = sweep_shape(rows, c, device, args.reps)
+        wrong.update(bad)
+        gb_f = rows * c * 2 * (2 + 2) / 1e9  # read u (2C), write z1 and z2n (C each); bf16
+        gb_b = rows * c * 2 * (2 + 1 + 1 + 2) / 1e9  # read u, dz1, dz2; write du
+        print(f"\n## {rows} x {c} (bf16): plain ops forward {plain_f:.3f} ms, backward {plain_b:.3f} ms")
+        print("| pass | configuration | ms | GB/s | vs plain ops |\n|---|---|---|---|---|")
+        for label, table, gb, plain, totals in (
+            ("fwd", fwd, gb_f, plain_f, totals_f),
+            ("bwd", bwd, gb_b, plain_b, totals_b),
+        ):
+            for key, ms in sorted(table.items(), key=lambda kv: kv[1]):
+                totals[key] = totals.get(key, 0.0) + ms
+                flag = " WRONG" if key in bad else ""
+                print(f"| {label} | {key}{flag} | {ms:.3f} | {gb / ms * 1e3:.0f} | {plain / ms:.2f}x |")
+    best: dict[str, int] = {}
+    for totals in (totals_f, totals_b):
+        ok = {k: v for k, v in totals.items() if k not in wrong}
+        if ok:
+            best.update(json.loads(min(ok, key=ok.__getitem__)))
+    print(f"\nbest (least total time over the shapes): {json.dumps(best)}")
+    if wrong:
+        print(f"WRONG results (excluded): {sorted(wrong)}")
+    if args.best_json:
+        Path(args.best_json).write_text(json.dumps(best))
+    return best
+
+
+if __name__ == "__main__":
+    main()
