@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -91,3 +92,24 @@ def test_profile_step_smoke(capsys: pytest.CaptureFixture) -> None:
     _load("profile_step").main(["--device", "cpu", "--size", "smoke", "--batch", "2", "--steps", "1"])
     out = capsys.readouterr().out
     assert out.count("ms of cpu time per step") == 2 and "matrix products" in out
+
+
+def test_kernel_sweep_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Every launch configuration is timed and checked against the reference; the best is written."""
+    from gmlp.kernels import sgu_triton, triton_available
+
+    if not triton_available() or (
+        not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
+        pytest.skip("needs triton (on CPU with TRITON_INTERPRET=1, which tests/conftest.py sets)")
+    before = dataclasses.asdict(sgu_triton.launch_config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    best_file = tmp_path / "best.json"
+    sweep = _load("kernel_sweep")
+    best = sweep.main(["--device", device, "--shapes", "9x24", "--reps", "1", "--best-json", str(best_file)])
+    out = capsys.readouterr().out
+    assert "WRONG" not in out
+    n_configs = len(sweep._grid(sweep.FWD_GRID)) + len(sweep._grid(sweep.BWD_GRID))
+    assert sum(line.startswith(("| fwd |", "| bwd |")) for line in out.splitlines()) == n_configs
+    assert json.loads(best_file.read_text()) == best and set(best) == set(before)
+    assert dataclasses.asdict(sgu_triton.launch_config) == before  # the sweep restores the configuration

@@ -68,6 +68,21 @@ def test_toeplitz_matrix_depends_only_on_offset(heads: int) -> None:
     assert torch.unique(w[0]).numel() == 2 * n - 1
 
 
+@given(n=st.integers(1, 9), m=st.integers(1, 9), heads=st.sampled_from([1, 3]), seed=st.integers(0, 99))
+def test_toeplitz_weight_gradient_is_the_sum_of_its_diagonal(n: int, m: int, heads: int, seed: int) -> None:
+    """d/d weight[k] of sum(G * W) is the sum of G over the diagonal i - j = k - (n - 1), for any length."""
+    m = min(m, n)
+    torch.manual_seed(seed)
+    proj = TokenProjection(n, toeplitz=True, heads=heads)
+    g = torch.randn(heads, m, m)
+    (grad,) = torch.autograd.grad((proj.matrix(m).reshape(heads, m, m) * g).sum(), proj.weight)
+    expected = torch.zeros(heads, 2 * n - 1)
+    for i in range(m):
+        for j in range(m):
+            expected[:, i - j + n - 1] += g[:, i, j]
+    torch.testing.assert_close(grad.reshape(heads, -1), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("heads", [1, 2, 4])
 @pytest.mark.parametrize("n", [1, 5, 16])
 def test_toeplitz_parameter_count(n: int, heads: int) -> None:
@@ -78,10 +93,16 @@ def test_toeplitz_parameter_count(n: int, heads: int) -> None:
     assert full.weight.numel() == heads * n * n
 
 
-@given(n=st.integers(1, 9), m=st.integers(1, 9), heads=st.sampled_from([1, 2]), toeplitz=st.booleans(),
-       causal=st.booleans())
-def test_matrix_for_shorter_input_is_leading_block(n: int, m: int, heads: int, toeplitz: bool,
-                                                   causal: bool) -> None:
+@given(
+    n=st.integers(1, 9),
+    m=st.integers(1, 9),
+    heads=st.sampled_from([1, 2]),
+    toeplitz=st.booleans(),
+    causal=st.booleans(),
+)
+def test_matrix_for_shorter_input_is_leading_block(
+    n: int, m: int, heads: int, toeplitz: bool, causal: bool
+) -> None:
     m = min(m, n)
     torch.manual_seed(n * 100 + m)
     proj = randomize_(TokenProjection(n, toeplitz=toeplitz, causal=causal, heads=heads))
@@ -175,8 +196,9 @@ def test_init_is_near_identity_gate() -> None:
     masked=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_causal_gradients_are_exactly_zero(dependence, assert_causal, n, batch, heads, toeplitz, layer,
-                                           masked, seed) -> None:
+def test_causal_gradients_are_exactly_zero(
+    dependence, assert_causal, n, batch, heads, toeplitz, layer, masked, seed
+) -> None:
     torch.manual_seed(seed)
     dim = 8
     if layer == "projection":
@@ -222,8 +244,9 @@ def test_causal_accepts_any_length_up_to_seq_len() -> None:
     mask_dtype=st.sampled_from(MASK_DTYPES),
     seed=st.integers(0, 2**16),
 )
-def test_sgu_padding_equals_unpadded_run(lengths, extra, heads, toeplitz, causal, variant, pad_kind,
-                                         mask_dtype, seed) -> None:
+def test_sgu_padding_equals_unpadded_run(
+    lengths, extra, heads, toeplitz, causal, variant, pad_kind, mask_dtype, seed
+) -> None:
     torch.manual_seed(seed)
     dim = 8
     n = max(lengths) + extra
@@ -419,7 +442,6 @@ def test_bad_seq_len() -> None:
 def test_gate_bias_refused_for_variant_none() -> None:
     with pytest.raises(ValueError, match="none"):
         SpatialGatingUnit(8, 4, variant="none")(torch.randn(4, 1, 8), gate_bias=torch.randn(4, 1, 8))
-
 
 
 @pytest.mark.parametrize("heads", [1, 2])

@@ -131,6 +131,10 @@ def _block_c(c: int) -> int:
 class LaunchConfig:
     """Launch parameters of the fused kernels (``None`` = the built-in choice for the row width).
 
+    The built-in choice (one row per forward program, 4 warps for rows up to 2048 columns, 32 backward
+    programs per multiprocessor) is the fastest total of ``benchmarks/kernel_sweep.py`` on an H200 at the
+    gMLP-B/16 and gMLP-base MLM shapes; other cards or widths may prefer others.
+
     Attributes:
         fwd_rows: rows per forward program (a power of two).
         fwd_warps: warps per forward program.
@@ -167,8 +171,9 @@ def set_launch_config(**kwargs: int | None) -> LaunchConfig:
 
 
 def _warps(block_c: int) -> int:
-    """Default warps for a row of ``block_c`` columns: about 8 columns per thread, 4 to 16 warps."""
-    return min(16, max(4, block_c // 256))
+    """Default warps for a row of ``block_c`` columns: 4 up to 2048 columns (best of the sweep on an H200
+    at C = 1536, see benchmarks/RESULTS.md), then 4 more per 2048 columns, at most 16."""
+    return min(16, max(4, block_c // 512))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -207,7 +212,7 @@ class _GeluSplitLayerNorm(torch.autograd.Function):
         dz2 = dz2.reshape(rows, c).contiguous()
         du = torch.empty_like(u2d)
         block_c = _block_c(c)
-        target = _sm_count(u2d.device) * (launch_config.bwd_programs_per_sm or 8)
+        target = _sm_count(u2d.device) * (launch_config.bwd_programs_per_sm or 32)
         rows_per_prog = max(1, math.ceil(rows / target))
         progs = math.ceil(rows / rows_per_prog)
         dw = torch.empty(progs, c, dtype=torch.float32, device=u2d.device)

@@ -103,9 +103,10 @@ class TokenProjection(nn.Module):
             raise ValueError(f"n must be in [1, seq_len={self.seq_len}], got {n}")
         device = self.weight.device
         if self.toeplitz:
-            pos = torch.arange(n, device=device)
-            offsets = pos[:, None] - pos[None, :] + (self.seq_len - 1)
-            w = self.weight[..., offsets]
+            # W[i, j] = weight[i - j + L - 1]: rows L-n .. L-1 of the sliding windows of the weight,
+            # reversed. A view plus one flip; its backward sums the windows (no scatter from an index).
+            start = self.seq_len - n
+            w = self.weight.unfold(-1, n, 1)[..., start : start + n, :].flip(-1)
         else:
             w = self.weight[..., :n, :n]
         if self.causal:
