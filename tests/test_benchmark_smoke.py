@@ -113,3 +113,31 @@ def test_kernel_sweep_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert sum(line.startswith(("| fwd |", "| bwd |")) for line in out.splitlines()) == n_configs
     assert json.loads(best_file.read_text()) == best and set(best) == set(before)
     assert dataclasses.asdict(sgu_triton.launch_config) == before  # the sweep restores the configuration
+
+
+@pytest.mark.slow
+def test_gpu_session_script_dry_run(tmp_path: Path) -> None:
+    """benchmarks/gpu_session.sh end to end on CPU (DRY=1): every step runs and writes its file."""
+    import subprocess
+
+    from gmlp.kernels import triton_available
+
+    if not triton_available():
+        pytest.skip("needs triton (the dry run uses its interpreter)")
+    env = {**os.environ, "DRY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    env["STEPS"] = "checks sweep suite profile crossover"  # train needs the carried .fm/ data
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_session.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"checks.txt", "sweep.txt", "suite.txt", "gpu.json", "profile.txt"} <= files
+    assert "checks passed on cpu" in (tmp_path / "checks.txt").read_text()
+    profile = (tmp_path / "profile.txt").read_text()
+    assert "ms of cpu time per step" in profile and "fft fwd ms" in profile  # profile, then the crossover
+    assert json.loads((tmp_path / "gpu.json").read_text())["machine"]["triton_config"]
