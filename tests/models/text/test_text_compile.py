@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmlp.models.text import GMLPConfig, GMLPForCausalLM, GMLPForMaskedLM, GMLPForSequenceClassification
+from gmlp.models.text import (
+    GMLPConfig,
+    GMLPForCausalLM,
+    GMLPForMaskedLM,
+    GMLPForQuestionAnswering,
+    GMLPForSequenceClassification,
+    GMLPModel,
+)
 
 
 def _config(**kw) -> GMLPConfig:
@@ -44,6 +51,26 @@ def test_text_model_compiles_fullgraph_right_padded(cls, kw) -> None:
     torch.testing.assert_close(out, ref)
     model.train()
     compiled(input_ids=ids, attention_mask=mask).logits.sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("cls", "outputs"),
+    [(GMLPModel, ("last_hidden_state",)), (GMLPForQuestionAnswering, ("start_logits", "end_logits"))],
+)
+def test_base_model_and_qa_head_compile_fullgraph(cls, outputs: tuple[str, ...]) -> None:
+    """The models whose outputs are not ``logits``: same values compiled, and they train."""
+    model = cls(_config(tiny_attn_size=8)).eval()
+    ids = torch.randint(1, 40, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, 8:] = 0
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ref, out = model(input_ids=ids, attention_mask=mask), compiled(input_ids=ids, attention_mask=mask)
+    for name in outputs:
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name))
+    model.train()
+    out = compiled(input_ids=ids, attention_mask=mask)
+    sum(getattr(out, name).sum() for name in outputs).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_left_padding_compiles_fullgraph_and_matches_eager() -> None:
