@@ -123,3 +123,60 @@ def test_launch_configuration_is_validated() -> None:
         sgu_triton.set_launch_config(fwd_rows=3)
     with pytest.raises(ValueError, match="bwd_warps must be a positive int or None, got 0"):
         sgu_triton.set_launch_config(bwd_warps=0)
+
+
+def _through_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Route every GMLPBlock through the fused kernel (also on CPU, in the interpreter); count the calls."""
+    calls: list[int] = []
+    kernel = functools.partial(gelu_split_layernorm, use_triton=True)
+    monkeypatch.setattr(block_module, "triton_enabled", lambda x: True)
+    monkeypatch.setattr(
+        block_module, "gelu_split_layernorm", lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    )
+    return calls
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 999), position=st.integers(0, 10))
+def test_causal_lm_through_the_kernel_never_sees_the_future(seed: int, position: int) -> None:
+    """d logits[i] / d embeddings[j] is exactly 0 for every j > i with the fused kernel in every block."""
+    from gmlp.models.text import GMLPConfig, GMLPForCausalLM
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = _through_kernel(monkeypatch)
+        torch.manual_seed(seed)
+        cfg = GMLPConfig(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         max_position_embeddings=12, causal=True, tiny_attn_size=8)  # fmt: skip
+        model = GMLPForCausalLM(cfg).to(DEVICE).eval()
+        for block in model.gmlp.blocks:  # a large W so that any leak would show
+            torch.nn.init.normal_(block.sgu.proj.weight, std=0.2)
+        ids = torch.randint(0, 30, (2, 11), device=DEVICE)
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        logits = model(inputs_embeds=emb).logits
+        (grad,) = torch.autograd.grad(logits[:, position].sum(), emb)
+    assert calls, "the blocks did not take the fused kernel"
+    future, past = grad[:, position + 1 :], grad[:, : position + 1]
+    assert future.numel() == 0 or future.abs().max().item() == 0.0
+    assert past.abs().max().item() > 0.0
+
+
+def test_padded_batch_through_the_kernel_equals_unpadded_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right-padded MLM batch with the fused kernel == each sequence alone, at the real tokens."""
+    from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
+
+    calls = _through_kernel(monkeypatch)
+    torch.manual_seed(0)
+    cfg = GMLPConfig(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                     max_position_embeddings=12, tiny_attn_size=8)  # fmt: skip
+    model = GMLPForMaskedLM(cfg).to(DEVICE).eval()
+    lengths = (12, 7, 3)
+    ids = torch.randint(1, 30, (3, 12), device=DEVICE)
+    mask = torch.zeros(3, 12, dtype=torch.long, device=DEVICE)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        for row, n in enumerate(lengths):
+            alone = model(ids[row : row + 1, :n]).logits
+            torch.testing.assert_close(padded[row : row + 1, :n], alone, rtol=1e-5, atol=1e-5)
+    assert calls
