@@ -23,12 +23,20 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_state_dict_file(path)[0]
 
 
-def test_cli_trains_end_to_end_and_checkpoint_loads_bit_exactly(tmp_path: Path) -> None:
+def test_cli_trains_end_to_end_and_checkpoint_loads_bit_exactly(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "run"
     rc = main(["train", "--model", "gmlp_micro4_28", "--dataset", "digits", "--epochs", "2", "--batch-size",
                "64", "--warmup-steps", "4", "--no-augment", "--no-progress", "--output", str(out),
                "--train-subset", "320"])
     assert rc == 0
+    printed = capsys.readouterr().out.splitlines()
+    # the first line says what the run uses; the last one the final accuracy
+    params = sum(p.numel() for p in create_model("gmlp_micro4_28", img_size=8, in_chans=1).parameters())
+    assert printed[0] == (f"training gmlp_micro4_28 ({params:,} parameters) on cpu x 1 process(es), fp32, "
+                          "AdamW, 5 steps/epoch")
+    assert printed[-1].startswith("done: 10 steps, test accuracy 0.")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in records)
@@ -126,3 +134,12 @@ def test_memory_and_speed_options_train_like_eager(
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_cli_stopped_mid_epoch_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["train", "--model", "gmlp_micro4_28", "--dataset", "digits", "--epochs", "1", "--batch-size",
+               "64", "--no-augment", "--no-progress", "--output", str(tmp_path / "run"),
+               "--train-subset", "320", "--max-steps", "2"])
+    assert rc == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"done: 2 steps, not evaluated (stopped mid-epoch), outputs in {tmp_path / 'run'}"

@@ -100,8 +100,9 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     result = train_vision(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        accuracy = result.get("test_accuracy", float("nan"))
-        print(f"done: {result.get('step')} steps, test accuracy {accuracy:.4f}, outputs in {config.output}")
+        accuracy = result.get("test_accuracy")
+        scored = "not evaluated (stopped mid-epoch)" if accuracy is None else f"test accuracy {accuracy:.4f}"
+        print(f"done: {result.get('step')} steps, {scored}, outputs in {config.output}")
     return 0
 
 

@@ -688,6 +688,12 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         opt_kwargs["fused"] = True
     optimizer = create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay,
                                     **opt_kwargs)
+    if main:  # one line that says what this run really uses (device, precision, optimizer, processes)
+        amp = "bf16 autocast" if isinstance(_autocast(device, config.precision), torch.autocast) else "fp32"
+        params = sum(p.numel() for p in model.parameters())
+        print(f"training {config.model} ({params:,} parameters) on {device} x {env.world_size} process(es), "
+              f"{amp}, {'fused ' if opt_kwargs.get('fused') else ''}AdamW, {steps_per_epoch} steps/epoch",
+              flush=True)
     warmup_lr = config.warmup_lr if config.warmup_lr is not None else config.lr * 1e-3
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=config.min_lr,
                                   warmup_t=config.warmup_steps, warmup_lr_init=warmup_lr, t_in_epochs=False)
