@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -82,7 +83,7 @@ def sweep_shape(
 
     fwd: dict[str, float] = {}
     bwd: dict[str, float] = {}
-    saved = {k: getattr(sgu_triton.launch_config, k) for k in sgu_triton.LaunchConfig.__dataclass_fields__}
+    saved = asdict(sgu_triton.launch_config)
     try:
         for config in _grid(FWD_GRID):
             sgu_triton.set_launch_config(**config)

@@ -481,11 +481,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     device = torch.device(suite["device"])
     info = machine_info(device)
     if args.triton_config:
-        from dataclasses import asdict as as_dict
-
         from gmlp.kernels import sgu_triton
 
-        info["triton_config"] = as_dict(sgu_triton.set_launch_config(**json.loads(args.triton_config)))
+        info["triton_config"] = asdict(sgu_triton.set_launch_config(**json.loads(args.triton_config)))
     info["malloc_tuned"] = not args.no_malloc_tuning
     info["gemm_tflops_fp32" if suite["dtype"] == "fp32" else "gemm_tflops_bf16"] = gemm_rate(
         device, torch.float32 if suite["dtype"] == "fp32" else torch.bfloat16

@@ -52,6 +52,17 @@ def test_kernel_matches_reference(rows: int, half: int, lead: tuple[int, ...], s
         torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-4)
 
 
+def _through_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Route every GMLPBlock through the fused kernel (also on CPU, in the interpreter); count the calls."""
+    calls: list[int] = []
+    kernel = functools.partial(gelu_split_layernorm, use_triton=True)
+    monkeypatch.setattr(block_module, "triton_enabled", lambda x: True)
+    monkeypatch.setattr(
+        block_module, "gelu_split_layernorm", lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    )
+    return calls
+
+
 def test_block_through_the_fused_kernel_equals_reference_block(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     block = GMLPBlock(16, 48, 10, attn_dim=8).to(DEVICE)
@@ -62,12 +73,7 @@ def test_block_through_the_fused_kernel_equals_reference_block(monkeypatch: pyte
     mask[2, 7:] = False
     ref = block(x, mask)
     (g_ref,) = torch.autograd.grad(ref.sum(), x)
-    calls: list[int] = []
-    kernel = functools.partial(gelu_split_layernorm, use_triton=True)
-    monkeypatch.setattr(block_module, "triton_enabled", lambda x: True)
-    monkeypatch.setattr(
-        block_module, "gelu_split_layernorm", lambda *a, **k: calls.append(1) or kernel(*a, **k)
-    )
+    calls = _through_kernel(monkeypatch)
     fused = block(x, mask)
     (g_fused,) = torch.autograd.grad(fused.sum(), x)
     assert calls, "the block did not take the fused kernel"
@@ -123,17 +129,6 @@ def test_launch_configuration_is_validated() -> None:
         sgu_triton.set_launch_config(fwd_rows=3)
     with pytest.raises(ValueError, match="bwd_warps must be a positive int or None, got 0"):
         sgu_triton.set_launch_config(bwd_warps=0)
-
-
-def _through_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Route every GMLPBlock through the fused kernel (also on CPU, in the interpreter); count the calls."""
-    calls: list[int] = []
-    kernel = functools.partial(gelu_split_layernorm, use_triton=True)
-    monkeypatch.setattr(block_module, "triton_enabled", lambda x: True)
-    monkeypatch.setattr(
-        block_module, "gelu_split_layernorm", lambda *a, **k: calls.append(1) or kernel(*a, **k)
-    )
-    return calls
 
 
 @settings(max_examples=6, deadline=None)
