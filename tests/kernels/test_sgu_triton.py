@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,7 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gmlp.nn.block as block_module
-from gmlp.kernels import gelu_split_layernorm, gelu_split_layernorm_reference, triton_available
+from gmlp.kernels import (
+    gelu_split_layernorm,
+    gelu_split_layernorm_reference,
+    spatial_gating,
+    spatial_gating_reference,
+    triton_available,
+)
 from gmlp.nn import GMLPBlock
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,33 +59,138 @@ def test_kernel_matches_reference(rows: int, half: int, lead: tuple[int, ...], s
         torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-4)
 
 
-def _through_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Route every GMLPBlock through the fused kernel (also on CPU, in the interpreter); count the calls."""
+def _through_kernel(monkeypatch: pytest.MonkeyPatch, fused: bool = True) -> list[int]:
+    """Route every GMLPBlock through the Triton kernels (also on CPU, in the interpreter); count the calls.
+
+    ``fused``: the whole-gating kernels (:func:`spatial_gating`, the default on CUDA) or the
+    GELU+split+LayerNorm kernel with plain gating ops (``GMLP_DISABLE_FUSED_GATING=1``)."""
     calls: list[int] = []
-    kernel = functools.partial(gelu_split_layernorm, use_triton=True)
     monkeypatch.setattr(block_module, "triton_enabled", lambda x: True)
-    monkeypatch.setattr(
-        block_module, "gelu_split_layernorm", lambda *a, **k: calls.append(1) or kernel(*a, **k)
-    )
+    monkeypatch.setattr(block_module, "fused_gating_enabled", lambda: fused)
+    for name, fn in (("gelu_split_layernorm", gelu_split_layernorm), ("spatial_gating", spatial_gating)):
+        kernel = functools.partial(fn, use_triton=True)
+        monkeypatch.setattr(block_module, name, lambda *a, _k=kernel, **k: calls.append(1) or _k(*a, **k))
     return calls
 
 
-def test_block_through_the_fused_kernel_equals_reference_block(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-gating", "split-kernel"])
+@pytest.mark.parametrize("toeplitz,causal", [(False, False), (True, True)])
+def test_block_through_the_kernels_equals_reference_block(
+    monkeypatch: pytest.MonkeyPatch, fused: bool, toeplitz: bool, causal: bool
+) -> None:
     torch.manual_seed(0)
-    block = GMLPBlock(16, 48, 10, attn_dim=8).to(DEVICE)
+    block = GMLPBlock(16, 48, 10, attn_dim=8, toeplitz=toeplitz, causal=causal).to(DEVICE)
     torch.nn.init.normal_(block.sgu.proj.weight, std=0.1)
     torch.nn.init.normal_(block.sgu.norm.weight)
     x = torch.randn(10, 3, 16, device=DEVICE, requires_grad=True)
     mask = torch.ones(3, 10, dtype=torch.bool, device=DEVICE)
     mask[2, 7:] = False
+    params = [x, *block.parameters()]
     ref = block(x, mask)
-    (g_ref,) = torch.autograd.grad(ref.sum(), x)
-    calls = _through_kernel(monkeypatch)
-    fused = block(x, mask)
-    (g_fused,) = torch.autograd.grad(fused.sum(), x)
-    assert calls, "the block did not take the fused kernel"
+    g_ref = torch.autograd.grad(ref.square().sum(), params)
+    calls = _through_kernel(monkeypatch, fused)
+    out = block(x, mask)
+    g_out = torch.autograd.grad(out.square().sum(), params)
+    assert calls, "the block did not take the kernels"
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_out, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(1, 19),
+    batch=st.integers(1, 3),
+    half=st.integers(1, 24),
+    padded=st.booleans(),
+    with_gate_bias=st.booleans(),
+    seed=st.integers(0, 999),
+)
+def test_fused_gating_matches_reference(
+    n: int, batch: int, half: int, padded: bool, with_gate_bias: bool, seed: int
+) -> None:
+    """spatial_gating's kernels == the plain ops, forward and every gradient, at token counts that are
+    and are not multiples of the 8-row padding, with and without a padding mask and a gate bias."""
+    torch.manual_seed(seed)
+    u = (2 * torch.randn(n, batch, 2 * half, device=DEVICE)).requires_grad_()
+    norm_w = torch.randn(half, device=DEVICE, requires_grad=True)
+    norm_b = torch.randn(half, device=DEVICE, requires_grad=True)
+    w = (0.3 * torch.randn(n, n, device=DEVICE)).requires_grad_()
+    b = torch.randn(n, device=DEVICE, requires_grad=True)
+    leaves = [u, norm_w, norm_b, w, b]
+    gate_bias = None
+    if with_gate_bias:
+        gate_bias = torch.randn(n, batch, half, device=DEVICE, requires_grad=True)
+        leaves.append(gate_bias)
+    mask = None
+    if padded:
+        mask = torch.rand(batch, n, device=DEVICE) > 0.3
+    args = (u, norm_w, norm_b, 1e-5, w, b, mask, gate_bias)
+    fused = spatial_gating(*args, use_triton=True)
+    ref = spatial_gating_reference(*args)
+    assert fused.shape == ref.shape == (n, batch, half)
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g_fused, g_ref, rtol=1e-4, atol=1e-4)
+    seed_grad = torch.randn_like(ref)
+    got = torch.autograd.grad((fused * seed_grad).sum(), leaves)
+    want = torch.autograd.grad((ref * seed_grad).sum(), leaves)
+    for a, c in zip(got, want, strict=True):
+        assert a.shape == c.shape and a.dtype == c.dtype
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_gating_ignores_garbage_in_padded_tokens() -> None:
+    """NaN and inf in the padded tokens' gate inputs (and huge bypass values) change no real token's output,
+    nor any parameter's gradient."""
+    torch.manual_seed(3)
+    n, batch, half = 9, 2, 8
+    mask = torch.ones(batch, n, dtype=torch.bool, device=DEVICE)
+    mask[1, 5:] = False
+    u = torch.randn(n, batch, 2 * half, device=DEVICE)
+    dirty = u.clone()
+    dirty[5:, 1, :half] = 1e30
+    dirty[5:7, 1, half:] = float("nan")
+    dirty[7:, 1, half:] = float("inf")
+    params = [torch.randn(half, device=DEVICE), torch.randn(half, device=DEVICE),
+              0.3 * torch.randn(n, n, device=DEVICE), torch.randn(n, device=DEVICE)]  # fmt: skip
+    outs, grads = [], []
+    for x in (u, dirty):
+        leaves = [p.clone().requires_grad_() for p in params]
+        y = spatial_gating(x, leaves[0], leaves[1], 1e-5, leaves[2], leaves[3], mask, use_triton=True)
+        real = y.masked_fill(~mask.t().unsqueeze(-1), 0.0)  # the loss sees real tokens only
+        outs.append(real)
+        grads.append(torch.autograd.grad(real.square().sum(), leaves))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for clean, messy in zip(*grads, strict=True):
+        torch.testing.assert_close(messy, clean, rtol=0, atol=0)
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_fused_gating_saves_one_activation_fewer_for_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bypass GELU(u1) is recomputed, not stored: a block saves at least one (tokens x batch x C)
+    activation less than through the split kernel with plain gating."""
+    torch.manual_seed(0)
+    n, batch, dim, ffn = 16, 8, 32, 128
+    block = GMLPBlock(dim, ffn, n).to(DEVICE)
+    x = torch.randn(n, batch, dim, device=DEVICE, requires_grad=True)
+    saved = {}
+    for fused in (True, False):
+        _through_kernel(monkeypatch, fused)
+        saved[fused] = _saved_bytes(lambda: block(x))
+    activation = n * batch * (ffn // 2) * x.element_size()
+    assert saved[True] <= saved[False] - activation, saved
 
 
 def test_reference_is_used_off_cuda() -> None:
@@ -155,15 +267,20 @@ def test_causal_lm_through_the_kernel_never_sees_the_future(seed: int, position:
     assert past.abs().max().item() > 0.0
 
 
-def test_padded_batch_through_the_kernel_equals_unpadded_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Right-padded MLM batch with the fused kernel == each sequence alone, at the real tokens."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-gating", "split-kernel"])
+def test_padded_batch_through_the_kernel_equals_unpadded_runs(
+    monkeypatch: pytest.MonkeyPatch, fused: bool
+) -> None:
+    """Right-padded MLM batch with the fused kernels == each sequence alone, at the real tokens."""
     from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
 
-    calls = _through_kernel(monkeypatch)
+    calls = _through_kernel(monkeypatch, fused)
     torch.manual_seed(0)
     cfg = GMLPConfig(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                      max_position_embeddings=12, tiny_attn_size=8)  # fmt: skip
     model = GMLPForMaskedLM(cfg).to(DEVICE).eval()
+    for block in model.gmlp.blocks:  # a large W so that any leak would show
+        torch.nn.init.normal_(block.sgu.proj.weight, std=0.2)
     lengths = (12, 7, 3)
     ids = torch.randint(1, 30, (3, 12), device=DEVICE)
     mask = torch.zeros(3, 12, dtype=torch.long, device=DEVICE)

@@ -1,6 +1,19 @@
 """Fast paths behind the :mod:`gmlp.nn` modules, each with the plain reference path it is tested against."""
 
-from .sgu_triton import gelu_split_layernorm, gelu_split_layernorm_reference, triton_available
+from .sgu_triton import (
+    gelu_split_layernorm,
+    gelu_split_layernorm_reference,
+    spatial_gating,
+    spatial_gating_reference,
+    triton_available,
+)
 from .toeplitz import toeplitz_mix_fft
 
-__all__ = ["gelu_split_layernorm", "gelu_split_layernorm_reference", "toeplitz_mix_fft", "triton_available"]
+__all__ = [
+    "gelu_split_layernorm",
+    "gelu_split_layernorm_reference",
+    "spatial_gating",
+    "spatial_gating_reference",
+    "toeplitz_mix_fft",
+    "triton_available",
+]

@@ -1,14 +1,18 @@
-"""Fused GELU + split + gate LayerNorm for the SGU, as Triton kernels with forward and backward.
+"""Fused Triton kernels for the SGU: GELU + split + gate LayerNorm, and the whole gating around the GEMM.
 
 In a gMLP block the channel projection's output ``u`` (rows = tokens x batch, ``2C`` channels) goes
-through GELU, is split into the bypass ``z1 = a[:, :C]`` and the gate input ``a[:, C:]``, and the gate
-input is LayerNorm-ed. Unfused that is three passes over memory plus a strided copy for the split; the
-kernel reads ``u`` once and writes ``z1`` and the normalised gate ``z2n`` once (statistics in float32).
-The backward kernel recomputes GELU from ``u`` (nothing but ``u`` and two floats per row are saved) and
-produces ``du`` plus per-program partial sums for the LayerNorm weight and bias gradients.
+through GELU, is split into the bypass ``z1 = a[:, :C]`` and the gate input ``a[:, C:]``, the gate input
+is LayerNorm-ed, mixed along tokens (``W z2n + b``) and multiplied into the bypass.
 
-:func:`gelu_split_layernorm_reference` is the plain PyTorch path it is tested against (on CPU with
-``TRITON_INTERPRET=1``). :func:`gelu_split_layernorm` picks the kernel on CUDA when Triton is available.
+- :func:`gelu_split_layernorm`: reads ``u`` once and writes ``z1`` and the normalised gate ``z2n`` once
+  (statistics in float32). Its backward recomputes GELU from ``u`` (nothing but ``u`` and two floats per
+  row are saved) and produces ``du`` plus per-program partial sums for the LayerNorm weight and bias.
+- :func:`spatial_gating`: the whole unit after ``fc1``. ``z1`` is never written (the gating kernel
+  recomputes GELU(u1)), the token-mixing GEMM runs on zero-padded, 16-byte aligned sizes, and the
+  backward gating kernel writes the bypass half of ``du`` and the gate gradient in one pass.
+
+Each has a plain PyTorch reference (``*_reference``) it is tested against (on CPU with
+``TRITON_INTERPRET=1``); the kernels are picked on CUDA when Triton is available (:func:`triton_enabled`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ __all__ = [
     "LaunchConfig",
     "gelu_split_layernorm",
     "gelu_split_layernorm_reference",
+    "fused_gating_enabled",
     "launch_config",
     "set_launch_config",
+    "spatial_gating",
+    "spatial_gating_reference",
     "triton_available",
     "triton_enabled",
 ]
@@ -65,14 +72,17 @@ if _HAS_TRITON:
         return cdf + x * pdf
 
     @triton.jit
-    def _fwd_kernel(U, Z1, Z2, W, B, Mean, Rstd, R, C, eps, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-        # ROWS rows per program, one row of 2C inputs per tile row; statistics in float32
+    def _fwd_kernel(
+        U, Z1, Z2, W, B, Keep, Mean, Rstd, R, C, eps,
+        ROWS: tl.constexpr, BLOCK_C: tl.constexpr, WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr,
+    ):  # fmt: skip
+        # ROWS rows per program, one row of 2C inputs per tile row; statistics in float32. Without Z1 only
+        # the gate half is read; with Keep, rows whose keep is 0 (padding) get a normalised gate of 0.
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_C)
         rvalid = rows < R
         valid = rvalid[:, None] & (cols < C)[None, :]
         base = rows.to(tl.int64)[:, None] * 2 * C + cols[None, :]
-        u1 = tl.load(U + base, mask=valid, other=0.0).to(tl.float32)
         u2 = tl.load(U + base + C, mask=valid, other=0.0).to(tl.float32)
         a2 = _gelu(u2)
         mean = tl.sum(a2, axis=1) / C
@@ -81,16 +91,25 @@ if _HAS_TRITON:
         w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=cols < C, other=0.0).to(tl.float32)
         out = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        tl.store(Z1 + out, _gelu(u1).to(Z1.dtype.element_ty), mask=valid)
+        if WITH_Z1:
+            u1 = tl.load(U + base, mask=valid, other=0.0).to(tl.float32)
+            tl.store(Z1 + out, _gelu(u1).to(Z1.dtype.element_ty), mask=valid)
         z2 = diff * rstd[:, None] * w[None, :] + b[None, :]
+        if HAS_KEEP:
+            keep = tl.load(Keep + rows, mask=rvalid, other=0.0)
+            z2 = tl.where((keep != 0)[:, None], z2, 0.0)
         tl.store(Z2 + out, z2.to(Z2.dtype.element_ty), mask=valid)
         tl.store(Mean + rows, mean, mask=rvalid)
         tl.store(Rstd + rows, rstd, mask=rvalid)
 
     @triton.jit
-    def _bwd_kernel(U, DZ1, DZ2, W, Mean, Rstd, DU, DW, DB, R, C, ROWS_PER_PROG, BLOCK_C: tl.constexpr):
+    def _bwd_kernel(
+        U, DZ1, DZ2, W, Keep, Mean, Rstd, DU, DW, DB, R, C, ROWS_PER_PROG,
+        BLOCK_C: tl.constexpr, WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr,
+    ):  # fmt: skip
         # a contiguous run of ROWS_PER_PROG rows per program; the loop has no branch (rows past R are
-        # masked), and the LayerNorm weight/bias gradients leave as one partial sum per program
+        # masked), and the LayerNorm weight/bias gradients leave as one partial sum per program. Rows whose
+        # keep is 0 (padding) get a zero gate-half gradient and add nothing to the weight/bias gradients.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         cvalid = cols < C
@@ -101,26 +120,56 @@ if _HAS_TRITON:
         for r in range(0, ROWS_PER_PROG):
             row = start + r
             rvalid = row < R
+            rkeep = rvalid
+            if HAS_KEEP:
+                rkeep = rvalid & (tl.load(Keep + row, mask=rvalid, other=0.0) != 0)
             valid = cvalid & rvalid
+            kvalid = cvalid & rkeep
             base = row.to(tl.int64) * 2 * C
             out = row.to(tl.int64) * C
-            u1 = tl.load(U + base + cols, mask=valid, other=0.0).to(tl.float32)
-            u2 = tl.load(U + base + C + cols, mask=valid, other=0.0).to(tl.float32)
-            dz1 = tl.load(DZ1 + out + cols, mask=valid, other=0.0).to(tl.float32)
-            dz2 = tl.load(DZ2 + out + cols, mask=valid, other=0.0).to(tl.float32)
-            mean = tl.load(Mean + row, mask=rvalid, other=0.0)
-            rstd = tl.load(Rstd + row, mask=rvalid, other=0.0)
-            xhat = tl.where(valid, (_gelu(u2) - mean) * rstd, 0.0)
+            u2 = tl.load(U + base + C + cols, mask=kvalid, other=0.0).to(tl.float32)
+            dz2 = tl.load(DZ2 + out + cols, mask=kvalid, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + row, mask=rkeep, other=0.0)
+            rstd = tl.load(Rstd + row, mask=rkeep, other=0.0)
+            xhat = tl.where(kvalid, (_gelu(u2) - mean) * rstd, 0.0)
             dy = dz2 * w
             c1 = tl.sum(dy * xhat, axis=0) / C
             c2 = tl.sum(dy, axis=0) / C
-            da2 = (dy - xhat * c1 - c2) * rstd
-            tl.store(DU + base + cols, (dz1 * _gelu_grad(u1)).to(DU.dtype.element_ty), mask=valid)
-            tl.store(DU + base + C + cols, (da2 * _gelu_grad(u2)).to(DU.dtype.element_ty), mask=valid)
+            du2 = tl.where(kvalid, (dy - xhat * c1 - c2) * rstd * _gelu_grad(u2), 0.0)
+            tl.store(DU + base + C + cols, du2.to(DU.dtype.element_ty), mask=valid)
+            if WITH_Z1:
+                u1 = tl.load(U + base + cols, mask=valid, other=0.0).to(tl.float32)
+                dz1 = tl.load(DZ1 + out + cols, mask=valid, other=0.0).to(tl.float32)
+                tl.store(DU + base + cols, (dz1 * _gelu_grad(u1)).to(DU.dtype.element_ty), mask=valid)
             dw_acc += dz2 * xhat
             db_acc += dz2
         tl.store(DW + pid * C + cols, dw_acc, mask=cvalid)
         tl.store(DB + pid * C + cols, db_acc, mask=cvalid)
+
+    @triton.jit
+    def _gate_fwd_kernel(U, G, S, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        # s = GELU(u1) * gate: the bypass half z1 = GELU(u1) is never written to memory
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_C)
+        valid = (rows < R)[:, None] & (cols < C)[None, :]
+        out = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        u1 = tl.load(U + rows.to(tl.int64)[:, None] * 2 * C + cols[None, :], mask=valid, other=0.0)
+        g = tl.load(G + out, mask=valid, other=0.0).to(tl.float32)
+        tl.store(S + out, (_gelu(u1.to(tl.float32)) * g).to(S.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _gate_bwd_kernel(U, G, DS, DU, DG, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        # du1 = ds * gate * GELU'(u1) into the bypass half of du; dgate = ds * GELU(u1)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_C)
+        valid = (rows < R)[:, None] & (cols < C)[None, :]
+        out = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        wide = rows.to(tl.int64)[:, None] * 2 * C + cols[None, :]
+        u1 = tl.load(U + wide, mask=valid, other=0.0).to(tl.float32)
+        g = tl.load(G + out, mask=valid, other=0.0).to(tl.float32)
+        ds = tl.load(DS + out, mask=valid, other=0.0).to(tl.float32)
+        tl.store(DU + wide, (ds * g * _gelu_grad(u1)).to(DU.dtype.element_ty), mask=valid)
+        tl.store(DG + out, (ds * _gelu(u1)).to(DG.dtype.element_ty), mask=valid)
 
 
 def _block_c(c: int) -> int:
@@ -182,23 +231,75 @@ def _sm_count(device: torch.device) -> int:
     return 8  # the interpreter on CPU: any small number
 
 
+def _ln_forward(
+    u2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    z2: torch.Tensor,
+    z1: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: ``LayerNorm(GELU(u2))`` into ``z2`` (and ``GELU(u1)`` into ``z1`` if
+    given) for the rows of ``u2d``; ``z2`` may have more rows (they are left alone). Returns mean, rstd."""
+    rows, width = u2d.shape
+    c = width // 2
+    mean = torch.empty(rows, dtype=torch.float32, device=u2d.device)
+    rstd = torch.empty_like(mean)
+    block_c = _block_c(c)
+    per = launch_config.fwd_rows or 1
+    _fwd_kernel[(triton.cdiv(rows, per),)](
+        u2d, z2 if z1 is None else z1, z2, weight, bias, mean if keep is None else keep, mean, rstd, rows, c,
+        eps, ROWS=per, BLOCK_C=block_c, WITH_Z1=z1 is not None, HAS_KEEP=keep is not None,
+        num_warps=launch_config.fwd_warps or _warps(block_c * per),
+    )  # fmt: skip
+    return mean, rstd
+
+
+def _ln_backward(
+    u2d: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dz2: torch.Tensor,
+    du: torch.Tensor,
+    dz1: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: the gate half of ``du`` (and the bypass half if ``dz1`` is given) from
+    the rows of ``dz2``; returns the LayerNorm weight and bias gradients (in the weight's dtype)."""
+    rows, width = u2d.shape
+    c = width // 2
+    block_c = _block_c(c)
+    target = _sm_count(u2d.device) * (launch_config.bwd_programs_per_sm or 32)
+    rows_per_prog = max(1, math.ceil(rows / target))
+    progs = math.ceil(rows / rows_per_prog)
+    dw = torch.empty(progs, c, dtype=torch.float32, device=u2d.device)
+    db = torch.empty_like(dw)
+    _bwd_kernel[(progs,)](
+        u2d, dz2 if dz1 is None else dz1, dz2, weight, mean if keep is None else keep, mean, rstd, du, dw, db,
+        rows, c, rows_per_prog, BLOCK_C=block_c, WITH_Z1=dz1 is not None, HAS_KEEP=keep is not None,
+        num_warps=launch_config.bwd_warps or _warps(block_c),
+    )  # fmt: skip
+    return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+def _row_grid(rows: int, c: int) -> tuple[tuple[int], int, int, int]:
+    """Grid, rows per program, block width and warps of the row-wise elementwise (gating) kernels."""
+    block_c = _block_c(c)
+    per = launch_config.fwd_rows or 1
+    return (triton.cdiv(rows, per),), per, block_c, launch_config.fwd_warps or _warps(block_c * per)
+
+
 class _GeluSplitLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):  # type: ignore[override]
         shape = u.shape
         u2d = u.reshape(-1, shape[-1]).contiguous()
-        rows, width = u2d.shape
-        c = width // 2
-        z1 = torch.empty(rows, c, dtype=u.dtype, device=u.device)
+        c = shape[-1] // 2
+        z1 = u2d.new_empty(u2d.shape[0], c)
         z2 = torch.empty_like(z1)
-        mean = torch.empty(rows, dtype=torch.float32, device=u.device)
-        rstd = torch.empty_like(mean)
-        block_c = _block_c(c)
-        per = launch_config.fwd_rows or 1
-        _fwd_kernel[(triton.cdiv(rows, per),)](
-            u2d, z1, z2, weight, bias, mean, rstd, rows, c, eps, ROWS=per, BLOCK_C=block_c,
-            num_warps=launch_config.fwd_warps or _warps(block_c * per),
-        )  # fmt: skip
+        mean, rstd = _ln_forward(u2d, weight, bias, eps, z2, z1=z1)
         ctx.save_for_backward(u2d, weight, mean, rstd)
         ctx.shape = shape
         return z1.view(*shape[:-1], c), z2.view(*shape[:-1], c)
@@ -207,21 +308,86 @@ class _GeluSplitLayerNorm(torch.autograd.Function):
     def backward(ctx, dz1: torch.Tensor, dz2: torch.Tensor):  # type: ignore[override]
         u2d, weight, mean, rstd = ctx.saved_tensors
         rows, width = u2d.shape
-        c = width // 2
-        dz1 = dz1.reshape(rows, c).contiguous()
-        dz2 = dz2.reshape(rows, c).contiguous()
+        dz1 = dz1.reshape(rows, width // 2).contiguous()
+        dz2 = dz2.reshape(rows, width // 2).contiguous()
         du = torch.empty_like(u2d)
-        block_c = _block_c(c)
-        target = _sm_count(u2d.device) * (launch_config.bwd_programs_per_sm or 32)
-        rows_per_prog = max(1, math.ceil(rows / target))
-        progs = math.ceil(rows / rows_per_prog)
-        dw = torch.empty(progs, c, dtype=torch.float32, device=u2d.device)
-        db = torch.empty_like(dw)
-        _bwd_kernel[(progs,)](
-            u2d, dz1, dz2, weight, mean, rstd, du, dw, db, rows, c, rows_per_prog, BLOCK_C=block_c,
-            num_warps=launch_config.bwd_warps or _warps(block_c),
-        )  # fmt: skip
-        return du.view(ctx.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None
+        dw, db = _ln_backward(u2d, weight, mean, rstd, dz2, du, dz1=dz1)
+        return du.view(ctx.shape), dw, db, None
+
+
+def _padded(n: int) -> int:
+    """``n`` rounded up to a multiple of 8, so token-mixing GEMM sizes and row strides are 16-byte aligned
+    in 16-bit dtypes. The H200 profile in benchmarks/RESULTS.md shows the unpadded 196-token GEMMs of
+    gMLP-B/16 running in cuBLAS's ``align2`` fallback kernels, the usual result of unaligned sizes."""
+    return -(-n // 8) * 8
+
+
+class _SpatialGating(torch.autograd.Function):
+    """``GELU(u1) * (W LayerNorm(GELU(u2)) + b [+ gate_bias])`` for token-major ``u`` (n, batch, 2C).
+
+    Forward: the LayerNorm kernel reads only the gate half and writes the normalised gate into a buffer of
+    ``n_pad`` token rows (rows past n are zero), the token mixing is one ``(n_pad, n_pad) @ (n_pad, batch*C)``
+    GEMM with a zero-padded W, and the gating kernel multiplies GELU(u1) (recomputed, never stored) by the
+    gate. Saved for backward: u, the normalised gate, the gate and the padded W.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        u: torch.Tensor,
+        norm_weight: torch.Tensor,
+        norm_bias: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        keep: torch.Tensor | None,
+        gate_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        n, batch, width = u.shape
+        c = width // 2
+        n_pad = _padded(n)
+        u2d = u.reshape(n * batch, width).contiguous()
+        with torch.autocast(u.device.type, enabled=False):
+            z2n = u2d.new_empty(n_pad, batch * c)
+            z2n[n:].zero_()
+            mean, rstd = _ln_forward(u2d, norm_weight, norm_bias, eps, z2n, keep=keep)
+            w_pad = u2d.new_zeros(n_pad, n_pad)
+            w_pad[:n, :n] = weight
+            b_pad = u2d.new_zeros(n_pad, 1)
+            b_pad[:n, 0] = bias
+            gate = torch.addmm(b_pad, w_pad, z2n)[:n]
+            if gate_bias is not None:
+                gate += gate_bias.reshape(n, batch * c)
+            s = u2d.new_empty(n * batch, c)
+            grid, per, block_c, warps = _row_grid(n * batch, c)
+            _gate_fwd_kernel[grid](u2d, gate, s, n * batch, c, ROWS=per, BLOCK_C=block_c, num_warps=warps)
+        ctx.save_for_backward(u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate)
+        ctx.dims = (n, batch, c)
+        ctx.gate_bias_dtype = None if gate_bias is None else gate_bias.dtype
+        return s.view(n, batch, c)
+
+    @staticmethod
+    def backward(ctx, ds: torch.Tensor):  # type: ignore[override]
+        u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate = ctx.saved_tensors
+        n, batch, c = ctx.dims
+        rows = n * batch
+        with torch.autocast(u2d.device.type, enabled=False):
+            ds = ds.reshape(rows, c).contiguous()
+            du = torch.empty_like(u2d)
+            dgate = u2d.new_empty(z2n.shape)
+            dgate[n:].zero_()
+            grid, per, block_c, warps = _row_grid(rows, c)
+            _gate_bwd_kernel[grid](
+                u2d, gate, ds, du, dgate, rows, c, ROWS=per, BLOCK_C=block_c, num_warps=warps
+            )
+            dweight = torch.mm(dgate, z2n.t())[:n, :n] if ctx.needs_input_grad[4] else None
+            dbias = dgate[:n].sum(1) if ctx.needs_input_grad[5] else None
+            dz2n = torch.mm(w_pad.t(), dgate)
+            dnw, dnb = _ln_backward(u2d, norm_weight, mean, rstd, dz2n, du, keep=keep)
+        dgate_bias = None
+        if ctx.gate_bias_dtype is not None and ctx.needs_input_grad[7]:
+            dgate_bias = dgate[:n].view(n, batch, c).to(ctx.gate_bias_dtype)
+        return du.view(n, batch, 2 * c), dnw, dnb, None, dweight, dbias, None, dgate_bias
 
 
 def triton_enabled(x: torch.Tensor) -> bool:
@@ -234,6 +400,13 @@ def triton_enabled(x: torch.Tensor) -> bool:
         and os.environ.get("GMLP_DISABLE_TRITON") != "1"
         and not torch.compiler.is_compiling()
     )
+
+
+def fused_gating_enabled() -> bool:
+    """Whether blocks that take the Triton kernels use :func:`spatial_gating` (the default) rather than
+    :func:`gelu_split_layernorm` plus plain gating ops: ``GMLP_DISABLE_FUSED_GATING=1`` switches it off
+    (an ablation for ``benchmarks/run.py``)."""
+    return os.environ.get("GMLP_DISABLE_FUSED_GATING") != "1"
 
 
 def gelu_split_layernorm(
@@ -255,3 +428,69 @@ def gelu_split_layernorm(
             raise RuntimeError("use_triton=True but the triton package is not installed")
         return _GeluSplitLayerNorm.apply(u, weight, bias, eps)
     return gelu_split_layernorm_reference(u, weight, bias, eps)
+
+
+def spatial_gating_reference(
+    u: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference path of the whole SGU after ``fc1``, token-major ``u`` (n, batch, 2C):
+    ``z1, z2 = GELU(u).chunk(2, -1)``, ``gate = W LayerNorm(z2) + b`` (padded tokens zeroed before the
+    mixing) ``+ gate_bias``; returns ``z1 * gate`` (n, batch, C). ``weight`` is the dense (n, n) W."""
+    n, batch, width = u.shape
+    z1, z2n = gelu_split_layernorm_reference(u, norm_weight, norm_bias, eps)
+    if mask is not None:
+        z2n = z2n.masked_fill(~mask.t().unsqueeze(-1), 0.0)
+    gate = torch.addmm(bias.unsqueeze(1), weight, z2n.reshape(n, -1)).view(n, batch, width // 2)
+    if gate_bias is not None:
+        gate = gate + gate_bias
+    return z1 * gate
+
+
+def spatial_gating(
+    u: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
+    """The spatial gating unit from the channel projection's output ``u`` on: fused kernels or reference.
+
+    ``GELU(u1) * (W LayerNorm(GELU(u2)) + b + gate_bias)`` with ``u1, u2 = u.chunk(2, -1)``. The fused path
+    (:class:`_SpatialGating`) never writes ``GELU(u1)`` to memory, runs the token mixing as one GEMM with
+    16-byte aligned sizes, and saves one activation tensor fewer for backward than the unfused ops.
+
+    Args:
+        u: ``fc1`` output, token-major ``(n, batch, 2C)``, in the compute dtype.
+        norm_weight, norm_bias, eps: the gate LayerNorm.
+        weight: the dense token-mixing matrix ``(n, n)`` (Toeplitz expansion and causal mask applied, e.g.
+            :meth:`gmlp.nn.TokenProjection.matrix`); ``bias``: ``(n,)``. Cast to ``u``'s dtype here.
+        mask: optional ``(batch, n)`` bool padding mask, True = real token (validated by the caller).
+        gate_bias: optional ``(n, batch, C)`` added to the gate (aMLP's tiny attention).
+        use_triton: force the kernels (True) or the reference (False); None = :func:`triton_enabled`.
+    """
+    if use_triton is None:
+        use_triton = triton_enabled(u)
+    if not use_triton:
+        return spatial_gating_reference(u, norm_weight, norm_bias, eps, weight, bias, mask, gate_bias)
+    if not _HAS_TRITON:
+        raise RuntimeError("use_triton=True but the triton package is not installed")
+    if u.dim() != 3 or u.shape[-1] % 2 or weight.shape != (u.shape[0], u.shape[0]):
+        raise ValueError(
+            f"spatial_gating expects u (n, batch, 2C) and weight (n, n); got u {tuple(u.shape)}, "
+            f"weight {tuple(weight.shape)}"
+        )
+    keep = None if mask is None else mask.t().reshape(-1).to(torch.float32)
+    return _SpatialGating.apply(
+        u, norm_weight, norm_bias, eps, weight.to(u.dtype), bias.to(u.dtype), keep, gate_bias
+    )

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.sgu_triton import gelu_split_layernorm, triton_enabled
+from ..kernels.sgu_triton import fused_gating_enabled, gelu_split_layernorm, spatial_gating, triton_enabled
 from ._checks import check_mask, check_tokens
 from .attention import TinyAttention
 from .sgu import SpatialGatingUnit
@@ -117,10 +117,30 @@ class GMLPBlock(nn.Module):
         h = self.norm(x)
         gate_bias = self.tiny_attn(h, mask) if self.tiny_attn is not None else None
         if self.sgu.variant == "sgu":
-            z = self.sgu.forward_normalized(*self._split_gelu_norm(h), mask, gate_bias)
+            z = self._spatial_gating(h, mask, gate_bias)
         else:
             z = self.sgu(F.gelu(self.fc1(h)), mask, gate_bias)
         return x + self.drop_path(self.dropout(self.fc2(z)))
+
+    def _spatial_gating(
+        self, h: torch.Tensor, mask: torch.Tensor | None, gate_bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The split SGU from the normalised block input ``h`` on.
+
+        On CUDA with Triton (one head, dense-GEMM token mixing): ``fc1`` and
+        :func:`gmlp.kernels.spatial_gating`, the whole gating in two fused kernels around one aligned GEMM
+        per direction. Otherwise :meth:`_split_gelu_norm` and the gating of
+        :meth:`SpatialGatingUnit.forward_normalized`.
+        """
+        sgu, n = self.sgu, h.shape[0]
+        proj = sgu.proj
+        if triton_enabled(h) and fused_gating_enabled() and proj.heads == 1 and not proj.uses_fft(n):
+            norm = sgu.norm
+            return spatial_gating(
+                self.fc1(h), norm.weight, norm.bias, norm.eps, proj.matrix(n), proj.bias[:n], mask, gate_bias,
+                use_triton=True,
+            )  # fmt: skip
+        return sgu.forward_normalized(*self._split_gelu_norm(h), mask, gate_bias)
 
     def _split_gelu_norm(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``z1, LayerNorm(z2)`` with ``z1, z2 = GELU(fc1(h)).chunk(2, -1)``.

@@ -114,6 +114,10 @@ class TokenProjection(nn.Module):
             w = torch.where(keep, w, w.new_zeros(()))
         return w
 
+    def uses_fft(self, n: int) -> bool:
+        """Whether an input of ``n`` tokens is mixed by FFT (Toeplitz, not causal, ``n >= fft_threshold``)."""
+        return self.fft_threshold is not None and not self.causal and n >= self.fft_threshold
+
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mix tokens of ``z`` (seq, batch, channels); ``mask`` (batch, seq) marks real tokens."""
         n, batch, channels = z.shape
@@ -122,7 +126,7 @@ class TokenProjection(nn.Module):
         if mask is not None:
             z = z.masked_fill(~mask.t().unsqueeze(-1), 0.0)
         b = self.bias[..., :n].to(z.dtype)
-        if self.fft_threshold is not None and not self.causal and n >= self.fft_threshold:
+        if self.uses_fft(n):
             out = toeplitz_mix_fft(self.weight, z, self.seq_len, self.causal)
             if self.heads == 1:
                 return out + b[:, None, None]
