@@ -4,10 +4,12 @@
     TRITON_INTERPRET=1 python benchmarks/gpu_checks.py --device cpu --small   # dry run here (tests do this)
 
 Checks, each against the plain reference path with fresh random inputs, forward and gradients:
-the fused Triton GELU+split+LayerNorm kernel (fp32 and bf16), a GMLPBlock through the kernel vs through
-the plain ops, the FFT Toeplitz path vs the dense GEMM, a whole gMLP-S/16 training step under bf16 autocast
-(kernel vs plain ops), causality (gradients of earlier outputs w.r.t. later tokens are exactly zero) and
-padding invariance of the text model on the device. Prints one line per check; exits 1 if any fails.
+the fused Triton GELU+split+LayerNorm kernel (fp32 and bf16), the fused whole-gating kernels
+(``spatial_gating``, fp32 and bf16, with a padding mask and a causal W), a GMLPBlock through either kernel
+path vs through the plain ops, the FFT Toeplitz path vs the dense GEMM, a whole gMLP-S/16 training step
+under bf16 autocast (each kernel path vs plain ops), causality (gradients of earlier outputs w.r.t. later
+tokens are exactly zero) and padding invariance of the text model on the device. Prints one line per
+check; exits 1 if any fails.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import gmlp.nn.block as block_module  # noqa: E402
-from gmlp.kernels import gelu_split_layernorm, gelu_split_layernorm_reference  # noqa: E402
+from gmlp.kernels import (  # noqa: E402
+    gelu_split_layernorm,
+    gelu_split_layernorm_reference,
+    spatial_gating,
+    spatial_gating_reference,
+)
 from gmlp.nn import GMLPBlock, TokenProjection  # noqa: E402
 
 
@@ -54,31 +61,65 @@ def check_kernel(device: torch.device, rows: int, half: int, dtype: torch.dtype)
         _close(a / scale, c / scale, gtol, gtol, f"{name} ({dtype}, relative to max {scale:.3g})")
 
 
-def _both_paths() -> Iterator[bool]:
-    """Yield True (blocks take the Triton kernel), then False (plain ops); restores the default after."""
-    saved = block_module.triton_enabled
+def check_gating(
+    device: torch.device, n: int, batch: int, half: int, dtype: torch.dtype, padded: bool
+) -> None:
+    """Fused spatial_gating == the fp32 reference: output and the gradients of every input. ``padded``
+    adds a padding mask and a causal (lower-triangular) W."""
+    u = (2 * torch.randn(n, batch, 2 * half, device=device)).to(dtype).requires_grad_()
+    w = 0.5 * torch.randn(n, n, device=device) / n**0.5
+    mask = None
+    if padded:
+        w = w.tril()
+        mask = torch.ones(batch, n, dtype=torch.bool, device=device)
+        mask[0, n // 2 :] = False
+    params = [1 + 0.1 * torch.randn(half, device=device), 0.1 * torch.randn(half, device=device), w,
+              1 + 0.1 * torch.randn(n, device=device)]  # fmt: skip
+    params = [p.requires_grad_() for p in params]
+    fused = spatial_gating(u, params[0], params[1], 1e-5, params[2], params[3], mask, use_triton=True)
+    leaves = [t.detach().float().requires_grad_() for t in (u, *params)]
+    ref = spatial_gating_reference(leaves[0], leaves[1], leaves[2], 1e-5, leaves[3], leaves[4], mask)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    scale = ref.abs().max().item()
+    _close(fused / scale, ref / scale, tol, tol, f"gating output ({dtype}, relative to max {scale:.3g})")
+    seed = torch.randn_like(ref)
+    got = torch.autograd.grad((fused.float() * seed).sum(), [u, *params])
+    want = torch.autograd.grad((ref * seed).sum(), leaves)
+    gtol = 1e-3 if dtype == torch.float32 else 5e-2
+    for name, a, c in zip(("du", "dnorm_weight", "dnorm_bias", "dW", "db"), got, want, strict=True):
+        scale = c.abs().max().item() + 1e-6
+        _close(a / scale, c / scale, gtol, gtol, f"{name} ({dtype}, relative to max {scale:.3g})")
+
+
+PATHS = ("fused gating", "split kernel", "plain ops")
+
+
+def _paths() -> Iterator[str]:
+    """Yield each of PATHS with GMLPBlock routed through it; restores the defaults after."""
+    saved = block_module.triton_enabled, block_module.fused_gating_enabled
     try:
-        for enabled in (True, False):
-            block_module.triton_enabled = lambda x, enabled=enabled: enabled
-            yield enabled
+        for path in PATHS:
+            block_module.triton_enabled = lambda x, on=path != "plain ops": on
+            block_module.fused_gating_enabled = lambda on=path == "fused gating": on
+            yield path
     finally:
-        block_module.triton_enabled = saved
+        block_module.triton_enabled, block_module.fused_gating_enabled = saved
 
 
 def check_block(device: torch.device, dim: int, ffn: int, n: int, batch: int) -> None:
-    """A block through the Triton kernel == the same block through the plain ops (fp32)."""
+    """A block through either kernel path == the same block through the plain ops (fp32)."""
     block = GMLPBlock(dim, ffn, n, attn_dim=32).to(device)
     torch.nn.init.normal_(block.sgu.proj.weight, std=0.05)
     x = torch.randn(n, batch, dim, device=device, requires_grad=True)
-    outs, grads = [], []
-    for _ in _both_paths():
-        y = block(x)
-        outs.append(y)
-        grads.append(torch.autograd.grad(y.square().sum(), [x, *block.parameters()]))
-    _close(outs[0], outs[1], 1e-4, 1e-4, "block output")
-    for i, (a, b) in enumerate(zip(*grads, strict=True)):
-        scale = b.abs().max().item() + 1e-6
-        _close(a / scale, b / scale, 1e-3, 1e-3, f"block gradient {i}")
+    outs, grads = {}, {}
+    for path in _paths():
+        outs[path] = block(x)
+        grads[path] = torch.autograd.grad(outs[path].square().sum(), [x, *block.parameters()])
+    for path in PATHS[:2]:
+        _close(outs[path], outs["plain ops"], 1e-4, 1e-4, f"block output ({path})")
+        for i, (a, b) in enumerate(zip(grads[path], grads["plain ops"], strict=True)):
+            scale = b.abs().max().item() + 1e-6
+            _close(a / scale, b / scale, 1e-3, 1e-3, f"block gradient {i} ({path})")
 
 
 def check_fft(device: torch.device, n: int, columns: int) -> None:
@@ -94,7 +135,7 @@ def check_fft(device: torch.device, n: int, columns: int) -> None:
 
 
 def check_model_step(device: torch.device, small: bool) -> None:
-    """One bf16-autocast training step of a vision gMLP: kernel path vs plain ops, loss and gradients."""
+    """One bf16-autocast training step of a vision gMLP: each kernel path vs plain ops, loss and gradients."""
     from gmlp import create_model
 
     name, img, batch = ("gmlp_micro4_28", 28, 4) if small else ("gmlp_s16_224", 224, 16)
@@ -103,17 +144,19 @@ def check_model_step(device: torch.device, small: bool) -> None:
     model = create_model(name, **kwargs).to(device)
     x = torch.randn(batch, kwargs.get("in_chans", 3), img, img, device=device)
     y = torch.randint(0, model.num_classes, (batch,), device=device)
-    results = []
-    for _ in _both_paths():
+    results = {}
+    for path in _paths():
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         grads = torch.autograd.grad(loss, list(model.parameters()))
-        results.append((loss.detach(), torch.cat([g.float().flatten() for g in grads])))
-    (la, ga), (lb, gb) = results
-    _close(la, lb, 2e-2, 2e-2, "bf16 loss")
-    cos = torch.nn.functional.cosine_similarity(ga, gb, dim=0).item()
-    if cos < 0.99:
-        raise AssertionError(f"bf16 gradients: cosine similarity {cos:.4f} < 0.99")
+        results[path] = (loss.detach(), torch.cat([g.float().flatten() for g in grads]))
+    lb, gb = results["plain ops"]
+    for path in PATHS[:2]:
+        la, ga = results[path]
+        _close(la, lb, 2e-2, 2e-2, f"bf16 loss ({path})")
+        cos = torch.nn.functional.cosine_similarity(ga, gb, dim=0).item()
+        if cos < 0.99:
+            raise AssertionError(f"bf16 gradients ({path}): cosine similarity {cos:.4f} < 0.99")
 
 
 def check_text_properties(device: torch.device) -> None:
@@ -158,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     if args.small:
         kernel_cases = [(5, 24), (3, 40)]
+        gating_cases = [(12, 2, 24, False), (9, 3, 40, True)]
         block_case, fft_case = (32, 64, 12, 2), (40, 64)
     else:
         kernel_cases = [(4096, 768), (1000, 1536), (7, 3072)]
+        gating_cases = [(196, 8, 1536, False), (512, 4, 1536, True)]
         block_case, fft_case = (256, 1536, 196, 8), (1024, 8192)
     checks: list[tuple[str, Callable[[], None]]] = []
     for rows, half in kernel_cases:
@@ -171,10 +216,18 @@ def main(argv: list[str] | None = None) -> int:
                     lambda r=rows, h=half, d=dtype: check_kernel(device, r, h, d),
                 )
             )
+    for n, batch, half, padded in gating_cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            checks.append(
+                (
+                    f"fused gating n={n} batch={batch} C={half} {'masked causal ' * padded}{dtype}",
+                    lambda a=(n, batch, half, dtype, padded): check_gating(device, *a),
+                )
+            )
     checks += [
-        ("block: kernel path == plain ops", lambda: check_block(device, *block_case)),
+        ("block: each kernel path == plain ops", lambda: check_block(device, *block_case)),
         ("FFT Toeplitz == dense GEMM", lambda: check_fft(device, *fft_case)),
-        ("bf16 training step: kernel path == plain ops", lambda: check_model_step(device, args.small)),
+        ("bf16 training step: each kernel path == plain ops", lambda: check_model_step(device, args.small)),
         ("text: causality and padding on device", lambda: check_text_properties(device)),
     ]
     failed = 0

@@ -12,8 +12,10 @@
 # time limit cuts off is the least important (the device tool returns at most 8 files):
 #   checks     checks.txt: card, versions, correctness of every fast path (benchmarks/gpu_checks.py)
 #   sweep      sweep.txt: launch configurations of the fused kernels timed and checked; the best is used
-#              by the steps after it (benchmarks/kernel_sweep.py)
-#   suite      suite.txt + gpu.json: every model and peer, eager, with the plain-ops ablation (run.py)
+#              by the steps after it; then the whole gating fused vs split kernel vs plain ops
+#              (benchmarks/kernel_sweep.py)
+#   suite      suite.txt + gpu.json: every model and peer, eager, with the split-kernel and plain-ops
+#              ablations of ours (run.py)
 #   profile    profile.txt: where a training step's time goes (gMLP-B ours and timm's, our MLM)
 #   train      train.txt: `gmlp train`, one short epoch on the device (needs .fm/)
 #   crossover  appended to profile.txt: FFT vs GEMM Toeplitz mixing, bf16
@@ -33,7 +35,7 @@ TMP=${TMPDIR:-/tmp}
 if [ "${DRY:-0}" = 1 ]; then
     export TRITON_INTERPRET=1
     dev=cpu; suite=smoke; subset=256; small=--small; prof="--size smoke --batch 2 --text 2,32,64,16,2"
-    cross="16,32 --columns 8 --reps 1 --dtype bfloat16"; shapes="--shapes 9x24 --reps 1"
+    cross="16,32 --columns 8 --reps 1 --dtype bfloat16"; shapes="--shapes 9x24 --gating-shapes 12x2x24 --reps 1"
 else
     dev=cuda; suite=gpu; subset=20000; small=; prof="--size b --batch 256 --text 48,512,3072,512,32"
     cross="128,256,512,1024,2048,4096 --columns 65536 --dtype bfloat16"; shapes=
@@ -53,12 +55,12 @@ fi
 best='{}'
 if has sweep; then
     # shellcheck disable=SC2086
-    timeout 120 $PY benchmarks/kernel_sweep.py --device $dev $shapes --best-json "$TMP/best.json" 2>&1 \
+    timeout 150 $PY benchmarks/kernel_sweep.py --device $dev $shapes --best-json "$TMP/best.json" 2>&1 \
         | tee "$OUT/sweep.txt"
     [ -s "$TMP/best.json" ] && best=$(cat "$TMP/best.json")
 fi
 if has suite; then
-    timeout 240 $PY benchmarks/run.py --suite $suite --triton-config "$best" --json "$OUT/gpu.json" 2>&1 \
+    timeout 300 $PY benchmarks/run.py --suite $suite --triton-config "$best" --json "$OUT/gpu.json" 2>&1 \
         | tee "$OUT/suite.txt"
 fi
 if has profile; then

@@ -1,13 +1,19 @@
 """Tune the fused GELU+split+LayerNorm kernels: time every launch configuration at the real shapes.
 
     python benchmarks/kernel_sweep.py --best-json best.json          # on the GPU
-    TRITON_INTERPRET=1 python benchmarks/kernel_sweep.py --device cpu --shapes 9x24 --reps 1   # dry run
+    TRITON_INTERPRET=1 python benchmarks/kernel_sweep.py --device cpu --shapes 9x24 \
+        --gating-shapes 12x2x24 --reps 1                             # dry run
 
 For each shape (rows x C, bf16) times the forward and the backward kernel of every configuration of
 :class:`gmlp.kernels.sgu_triton.LaunchConfig` in the grid below, next to the plain PyTorch ops, checks
 each configuration's outputs and gradients against the float32 reference, and prints the achieved
 memory bandwidth. The best forward and backward settings (least total time over the shapes) go to
 ``--best-json``, in the form ``benchmarks/run.py --triton-config`` takes.
+
+Then, at each ``--gating-shapes`` (tokens x batch x C, bf16), the whole gating after ``fc1`` three ways,
+forward and forward+backward: the fused :func:`gmlp.kernels.spatial_gating` (the default on CUDA), the
+GELU+split+LayerNorm kernel followed by plain gating ops (``GMLP_DISABLE_FUSED_GATING=1``), and plain ops
+only; each checked against the float32 reference.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from gmlp.kernels import (  # noqa: E402
     gelu_split_layernorm,
     gelu_split_layernorm_reference,
     sgu_triton,  # noqa: E402
+    spatial_gating,
+    spatial_gating_reference,
 )
 
 FWD_GRID = {"fwd_rows": (1, 2, 4), "fwd_warps": (4, 8, 16)}
@@ -114,6 +122,52 @@ def sweep_shape(
     return fwd, bwd, plain_f, plain_b, bad
 
 
+def _split_kernel_gating(
+    u: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor, w: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """The unfused-gating path: GELU+split+LayerNorm kernel, then the token GEMM and product in plain ops."""
+    z1, z2n = gelu_split_layernorm(u, nw, nb, 1e-5, use_triton=True)
+    gate = torch.addmm(b.to(u.dtype).unsqueeze(1), w.to(u.dtype), z2n.reshape(u.shape[0], -1))
+    return z1 * gate.view_as(z1)
+
+
+def time_gating(n: int, batch: int, c: int, device: torch.device, reps: int) -> list[str]:
+    """Markdown rows: forward and forward+backward milliseconds of the three gating paths at one shape."""
+    torch.manual_seed(0)
+    u = (2 * torch.randn(n, batch, 2 * c, device=device)).to(torch.bfloat16).requires_grad_()
+    params = [1 + 0.1 * torch.randn(c, device=device), 0.1 * torch.randn(c, device=device),
+              torch.randn(n, n, device=device) / n**0.5, 1 + 0.1 * torch.randn(n, device=device)]  # fmt: skip
+    params = [p.requires_grad_() for p in params]
+    nw, nb, w, b = params
+    leaves = [t.detach().float().requires_grad_() for t in (u, *params)]
+    seed = torch.randn(n, batch, c, device=device)
+    ref = spatial_gating_reference(leaves[0], leaves[1], leaves[2], 1e-5, leaves[3], leaves[4])
+    ref_grads = torch.autograd.grad(ref, leaves, seed)
+    paths = {
+        "fused gating": lambda: spatial_gating(u, nw, nb, 1e-5, w, b, use_triton=True),
+        "split kernel + plain gating": lambda: _split_kernel_gating(u, nw, nb, w, b),
+        "plain ops": lambda: spatial_gating(u, nw, nb, 1e-5, w, b, use_triton=False),
+    }
+    seed16 = seed.to(torch.bfloat16)
+    rows, base = [], None
+    for name, fn in paths.items():
+        out = fn()
+        got = (out, *torch.autograd.grad(out, [u, *params], seed16))
+        error = max(
+            ((g.float() - r).abs().max() / (r.abs().max() + 1e-6)).item()
+            for g, r in zip(got, (ref, *ref_grads), strict=True)
+        )
+        with torch.no_grad():
+            fwd = _time_ms(fn, device, reps)
+        both = _time_ms(lambda fn=fn: torch.autograd.grad(fn(), [u, *params], seed16), device, reps)
+        base = base or both
+        flag = " WRONG" if error > 5e-2 else ""
+        rows.append(
+            f"| {n}x{batch}x{c} | {name}{flag} | {fwd:.3f} | {both:.3f} | {both / base:.2f}x | {error:.1e} |"
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, int]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -123,6 +177,11 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         "--shapes",
         default="50176x1536,16384x1536",
         help="rows x C, comma-separated (defaults: gMLP-B/16 at batch 256; the MLM at 32 x 512)",
+    )
+    parser.add_argument(
+        "--gating-shapes",
+        default="196x256x1536,512x32x1536",
+        help="tokens x batch x C for the gating comparison (defaults: gMLP-B/16 at 256; the MLM at 32)",
     )
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--best-json", default=None)
@@ -157,6 +216,13 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         print(f"WRONG results (excluded): {sorted(wrong)}")
     if args.best_json:
         Path(args.best_json).write_text(json.dumps(best))
+    if args.gating_shapes:
+        print("\n## The whole gating after fc1 (bf16, default launch settings)")
+        print("| tokens x batch x C | path | fwd ms | fwd+bwd ms | fwd+bwd time vs fused | max rel. error |")
+        print("|---|---|---|---|---|---|")
+        for shape in args.gating_shapes.split(","):
+            n, batch, c = (int(v) for v in shape.split("x"))
+            print("\n".join(time_gating(n, batch, c, device, args.reps)), flush=True)
     return best
 
 

@@ -109,9 +109,7 @@ def vision_cases(
     )
     ours = [Case(f"gmlp {timm_name}", "vision", lambda: create_model(timm_name, **over), images, ce)]
     if ablate_triton:
-        ours.append(
-            Case(f"gmlp {timm_name} (plain ops)", "vision", lambda: NoTriton(ours[0].build()), images, ce)
-        )
+        ours += ablations(ours[0])
     return [
         *ours,
         Case(f"timm {timm_name}", "vision", lambda: timm_gmlp(dim, depth, img, patch), images, ce),
@@ -167,15 +165,7 @@ def text_cases(
         )
         cases.append(Case("gmlp GMLPForMaskedLM", "text", lambda: GMLPForMaskedLM(cfg), tokens, mlm_loss))
         if ablate_triton:
-            cases.append(
-                Case(
-                    "gmlp GMLPForMaskedLM (plain ops)",
-                    "text",
-                    lambda: NoTriton(GMLPForMaskedLM(cfg)),
-                    tokens,
-                    mlm_loss,
-                )
-            )
+            cases += ablations(cases[0])
     except ImportError:  # the text models are optional in this benchmark
         pass
     cases.append(
@@ -241,24 +231,42 @@ def resident_bytes(*objects: Any) -> int:
     return sum(seen.values())
 
 
-class NoTriton(nn.Module):
-    """Runs the wrapped gmlp model with ``GMLP_DISABLE_TRITON=1`` (plain PyTorch ops on CUDA): an ablation
-    of the fused kernel inside the same benchmark process."""
+#: Ablations of our fast paths, each run as an extra case of the same model in the same process:
+#: label -> the environment switch that turns the path off.
+ABLATIONS = {
+    "split kernel": "GMLP_DISABLE_FUSED_GATING",  # GELU+split+LayerNorm kernel, gating in plain ops
+    "plain ops": "GMLP_DISABLE_TRITON",  # no Triton kernel at all
+}
 
-    def __init__(self, model: nn.Module) -> None:
+
+class Ablated(nn.Module):
+    """Runs the wrapped gmlp model's forward with the environment variable ``switch`` set to ``1`` (the
+    path choice is made in the forward; backward follows the graph it built)."""
+
+    def __init__(self, model: nn.Module, switch: str) -> None:
         super().__init__()
         self.model = model
+        self.switch = switch
 
     def forward(self, *args: Any) -> Any:
-        saved = os.environ.get("GMLP_DISABLE_TRITON")
-        os.environ["GMLP_DISABLE_TRITON"] = "1"
+        saved = os.environ.get(self.switch)
+        os.environ[self.switch] = "1"
         try:
             return self.model(*args)
         finally:
             if saved is None:
-                del os.environ["GMLP_DISABLE_TRITON"]
+                del os.environ[self.switch]
             else:
-                os.environ["GMLP_DISABLE_TRITON"] = saved
+                os.environ[self.switch] = saved
+
+
+def ablations(case: Case) -> list[Case]:
+    """One extra case per entry of :data:`ABLATIONS`: ``case``'s model with that fast path switched off."""
+    return [
+        Case(f"{case.name} ({label})", case.family, lambda s=switch: Ablated(case.build(), s), case.inputs,
+             case.loss)  # fmt: skip
+        for label, switch in ABLATIONS.items()
+    ]
 
 
 def run_cases(
@@ -460,7 +468,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument(
         "--no-ablation",
         action="store_true",
-        help="on CUDA, skip the extra 'gmlp (plain ops)' cases (the Triton kernel switched off)",
+        help="on CUDA, skip the extra ablation cases of ours ('split kernel': fused gating off; "
+        "'plain ops': every Triton kernel off)",
     )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(

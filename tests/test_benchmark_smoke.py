@@ -57,15 +57,15 @@ def test_gpu_checks_dry_run_on_cpu(capsys: pytest.CaptureFixture) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert _load("gpu_checks").main(["--device", device, "--small"]) == 0
     out = capsys.readouterr().out
-    assert "FAIL" not in out and "8/8 checks passed" in out
+    assert "FAIL" not in out and "12/12 checks passed" in out
 
 
 def test_model_filter_and_plain_ops_ablation(tmp_path: Path) -> None:
-    """--models keeps only the named models; the smoke suite adds the Triton-off ablation of ours."""
+    """--models keeps only the named models; the smoke suite adds the two kernel ablations of ours."""
     run = _load("run")
     results = run.main(["--suite", "smoke", "--only", "vision", "--modes", "infer", "--models", "gmlp gmlp"])
     names = [r.name for r in results]
-    assert names == ["gmlp gmlp_s16_224", "gmlp gmlp_s16_224 (plain ops)"]
+    assert names == ["gmlp gmlp_s16_224", "gmlp gmlp_s16_224 (split kernel)", "gmlp gmlp_s16_224 (plain ops)"]
     results = run.main(
         ["--suite", "smoke", "--only", "vision", "--modes", "infer", "--models", "vit", "--no-ablation"]
     )
@@ -95,7 +95,8 @@ def test_profile_step_smoke(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_kernel_sweep_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Every launch configuration is timed and checked against the reference; the best is written."""
+    """Every launch configuration is timed and checked against the reference; the best is written; the
+    three gating paths are timed and checked."""
     from gmlp.kernels import sgu_triton, triton_available
 
     if not triton_available() or (
@@ -106,9 +107,14 @@ def test_kernel_sweep_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     best_file = tmp_path / "best.json"
     sweep = _load("kernel_sweep")
-    best = sweep.main(["--device", device, "--shapes", "9x24", "--reps", "1", "--best-json", str(best_file)])
+    best = sweep.main(
+        ["--device", device, "--shapes", "9x24", "--gating-shapes", "12x2x24,7x3x16", "--reps", "1",
+         "--best-json", str(best_file)]
+    )  # fmt: skip
     out = capsys.readouterr().out
     assert "WRONG" not in out
+    gating = [line for line in out.splitlines() if line.startswith(("| 12x2x24 |", "| 7x3x16 |"))]
+    assert len(gating) == 6  # three paths at each of the two shapes, all checked against the reference
     n_configs = len(sweep._grid(sweep.FWD_GRID)) + len(sweep._grid(sweep.BWD_GRID))
     assert sum(line.startswith(("| fwd |", "| bwd |")) for line in out.splitlines()) == n_configs
     assert json.loads(best_file.read_text()) == best and set(best) == set(before)

@@ -158,8 +158,9 @@ if _HAS_TRITON:
         tl.store(S + out, (_gelu(u1.to(tl.float32)) * g).to(S.dtype.element_ty), mask=valid)
 
     @triton.jit
-    def _gate_bwd_kernel(U, G, DS, DU, DG, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-        # du1 = ds * gate * GELU'(u1) into the bypass half of du; dgate = ds * GELU(u1)
+    def _gate_bwd_kernel(U, G, DS, DU, DG, DGSUM, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        # du1 = ds * gate * GELU'(u1) into the bypass half of du; dgate = ds * GELU(u1), and its row sums
+        # in float32 (the token bias gradient sums these over the batch: no second pass over dgate)
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_C)
         valid = (rows < R)[:, None] & (cols < C)[None, :]
@@ -169,7 +170,9 @@ if _HAS_TRITON:
         g = tl.load(G + out, mask=valid, other=0.0).to(tl.float32)
         ds = tl.load(DS + out, mask=valid, other=0.0).to(tl.float32)
         tl.store(DU + wide, (ds * g * _gelu_grad(u1)).to(DU.dtype.element_ty), mask=valid)
-        tl.store(DG + out, (ds * _gelu(u1)).to(DG.dtype.element_ty), mask=valid)
+        dg = ds * _gelu(u1)
+        tl.store(DG + out, dg.to(DG.dtype.element_ty), mask=valid)
+        tl.store(DGSUM + rows, tl.sum(dg, axis=1), mask=rows < R)
 
 
 def _block_c(c: int) -> int:
@@ -328,7 +331,9 @@ class _SpatialGating(torch.autograd.Function):
     Forward: the LayerNorm kernel reads only the gate half and writes the normalised gate into a buffer of
     ``n_pad`` token rows (rows past n are zero), the token mixing is one ``(n_pad, n_pad) @ (n_pad, batch*C)``
     GEMM with a zero-padded W, and the gating kernel multiplies GELU(u1) (recomputed, never stored) by the
-    gate. Saved for backward: u, the normalised gate, the gate and the padded W.
+    gate. Saved for backward: u, the normalised gate, the gate and the padded W. Backward: the gating
+    kernel writes the bypass half of du, the gate gradient and its row sums (for the token bias), two GEMMs
+    give dW and the gradient of the normalised gate, and the LayerNorm kernel writes the gate half of du.
     """
 
     @staticmethod
@@ -376,12 +381,13 @@ class _SpatialGating(torch.autograd.Function):
             du = torch.empty_like(u2d)
             dgate = u2d.new_empty(z2n.shape)
             dgate[n:].zero_()
+            row_sums = torch.empty(rows, dtype=torch.float32, device=u2d.device)
             grid, per, block_c, warps = _row_grid(rows, c)
             _gate_bwd_kernel[grid](
-                u2d, gate, ds, du, dgate, rows, c, ROWS=per, BLOCK_C=block_c, num_warps=warps
+                u2d, gate, ds, du, dgate, row_sums, rows, c, ROWS=per, BLOCK_C=block_c, num_warps=warps
             )
             dweight = torch.mm(dgate, z2n.t())[:n, :n] if ctx.needs_input_grad[4] else None
-            dbias = dgate[:n].sum(1) if ctx.needs_input_grad[5] else None
+            dbias = row_sums.view(n, batch).sum(1).to(u2d.dtype) if ctx.needs_input_grad[5] else None
             dz2n = torch.mm(w_pad.t(), dgate)
             dnw, dnb = _ln_backward(u2d, norm_weight, mean, rstd, dz2n, du, keep=keep)
         dgate_bias = None
@@ -481,6 +487,7 @@ def spatial_gating(
     """
     if use_triton is None:
         use_triton = triton_enabled(u)
+    weight, bias = weight.to(u.dtype), bias.to(u.dtype)
     if not use_triton:
         return spatial_gating_reference(u, norm_weight, norm_bias, eps, weight, bias, mask, gate_bias)
     if not _HAS_TRITON:
@@ -491,6 +498,4 @@ def spatial_gating(
             f"weight {tuple(weight.shape)}"
         )
     keep = None if mask is None else mask.t().reshape(-1).to(torch.float32)
-    return _SpatialGating.apply(
-        u, norm_weight, norm_bias, eps, weight.to(u.dtype), bias.to(u.dtype), keep, gate_bias
-    )
+    return _SpatialGating.apply(u, norm_weight, norm_bias, eps, weight, bias, keep, gate_bias)
