@@ -4,12 +4,12 @@
     TRITON_INTERPRET=1 python benchmarks/gpu_checks.py --device cpu --small   # dry run here (tests do this)
 
 Checks, each against the plain reference path with fresh random inputs, forward and gradients:
-the fused Triton GELU+split+LayerNorm kernel (fp32 and bf16), the fused whole-gating kernels
-(``spatial_gating``, fp32 and bf16, with a padding mask and a causal W), a GMLPBlock through either kernel
-path vs through the plain ops, the FFT Toeplitz path vs the dense GEMM, a whole gMLP-S/16 training step
-under bf16 autocast (each kernel path vs plain ops), causality (gradients of earlier outputs w.r.t. later
-tokens are exactly zero) and padding invariance of the text model on the device. Prints one line per
-check; exits 1 if any fails.
+the fused Triton GELU+split+LayerNorm kernel (fp32 and bf16), the compute-dtype LayerNorm kernels, the
+fused whole-gating kernels (``spatial_gating``, fp32 and bf16, with a padding mask and a causal W), a
+GMLPBlock through either kernel path vs through the plain ops, the FFT Toeplitz path vs the dense GEMM, a
+whole gMLP-S/16 training step under bf16 autocast (each kernel path vs plain ops), causality (gradients
+of earlier outputs w.r.t. later tokens are exactly zero) and padding invariance of the text model on the
+device. Prints one line per check; exits 1 if any fails.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import gmlp.nn.block as block_module  # noqa: E402
 from gmlp.kernels import (  # noqa: E402
     gelu_split_layernorm,
     gelu_split_layernorm_reference,
+    layer_norm,
+    layer_norm_reference,
     spatial_gating,
     spatial_gating_reference,
 )
@@ -89,6 +91,24 @@ def check_gating(
     for name, a, c in zip(("du", "dnorm_weight", "dnorm_bias", "dW", "db"), got, want, strict=True):
         scale = c.abs().max().item() + 1e-6
         _close(a / scale, c / scale, gtol, gtol, f"{name} ({dtype}, relative to max {scale:.3g})")
+
+
+def check_norm(device: torch.device, rows: int, dim: int) -> None:
+    """Compute-dtype LayerNorm (float32 in, bf16 out) == F.layer_norm + cast; gradients in float32."""
+    x = (3 * torch.randn(rows, dim, device=device) + 1).requires_grad_()
+    w = (1 + 0.1 * torch.randn(dim, device=device)).requires_grad_()
+    b = (0.1 * torch.randn(dim, device=device)).requires_grad_()
+    got = layer_norm(x, w, b, 1e-6, torch.bfloat16)
+    want = layer_norm_reference(x, w, b, 1e-6, torch.float32)
+    if got.dtype != torch.bfloat16:
+        raise AssertionError(f"layer_norm output dtype {got.dtype}, expected bfloat16")
+    _close(got, want, 1e-2, 1e-2, "layer_norm output (bf16)")
+    seed = torch.randn(rows, dim, device=device).bfloat16().float()  # the bf16 output's gradient is bf16
+    grads = torch.autograd.grad((got.float() * seed).sum(), [x, w, b])
+    ref = torch.autograd.grad((want * seed).sum(), [x, w, b])
+    for name, a, c in zip(("dx", "dweight", "dbias"), grads, ref, strict=True):
+        scale = c.abs().max().item() + 1e-6
+        _close(a / scale, c / scale, 1e-3, 1e-3, f"layer_norm {name} (relative to max {scale:.3g})")
 
 
 PATHS = ("fused gating", "split kernel", "plain ops")
@@ -202,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.small:
         kernel_cases = [(5, 24), (3, 40)]
         gating_cases = [(12, 2, 24, False), (9, 3, 40, True)]
-        block_case, fft_case = (32, 64, 12, 2), (40, 64)
+        block_case, fft_case, norm_case = (32, 64, 12, 2), (40, 64), (37, 48)
     else:
         kernel_cases = [(4096, 768), (1000, 1536), (7, 3072)]
         gating_cases = [(196, 8, 1536, False), (512, 4, 1536, True)]
-        block_case, fft_case = (256, 1536, 196, 8), (1024, 8192)
+        block_case, fft_case, norm_case = (256, 1536, 196, 8), (1024, 8192), (50176, 512)
     checks: list[tuple[str, Callable[[], None]]] = []
     for rows, half in kernel_cases:
         for dtype in (torch.float32, torch.bfloat16):
@@ -225,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
     checks += [
+        (f"layer_norm fp32 -> bf16 {norm_case}", lambda: check_norm(device, *norm_case)),
         ("block: each kernel path == plain ops", lambda: check_block(device, *block_case)),
         ("FFT Toeplitz == dense GEMM", lambda: check_fft(device, *fft_case)),
         ("bf16 training step: each kernel path == plain ops", lambda: check_model_step(device, args.small)),

@@ -48,7 +48,7 @@ if has checks; then
         $PY -c "import sys, torch, triton, timm, transformers; print(sys.version.split()[0], \
 torch.__version__, triton.__version__, timm.__version__, transformers.__version__)" 2>&1
         uptime
-        timeout 120 $PY benchmarks/gpu_checks.py --device $dev $small 2>&1
+        timeout 180 $PY benchmarks/gpu_checks.py --device $dev $small 2>&1
     } | tee "$OUT/checks.txt"
     checks=$(grep -c '^FAIL' "$OUT/checks.txt")
 fi

@@ -1,5 +1,6 @@
 """Fast paths behind the :mod:`gmlp.nn` modules, each with the plain reference path it is tested against."""
 
+from .norm_triton import layer_norm, layer_norm_reference
 from .sgu_triton import (
     gelu_split_layernorm,
     gelu_split_layernorm_reference,
@@ -12,6 +13,8 @@ from .toeplitz import toeplitz_mix_fft
 __all__ = [
     "gelu_split_layernorm",
     "gelu_split_layernorm_reference",
+    "layer_norm",
+    "layer_norm_reference",
     "spatial_gating",
     "spatial_gating_reference",
     "toeplitz_mix_fft",

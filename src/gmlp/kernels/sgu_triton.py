@@ -409,9 +409,10 @@ def triton_enabled(x: torch.Tensor) -> bool:
 
 
 def fused_gating_enabled() -> bool:
-    """Whether blocks that take the Triton kernels use :func:`spatial_gating` (the default) rather than
-    :func:`gelu_split_layernorm` plus plain gating ops: ``GMLP_DISABLE_FUSED_GATING=1`` switches it off
-    (an ablation for ``benchmarks/run.py``)."""
+    """Whether blocks that take the Triton kernels use :func:`spatial_gating` and the compute-dtype pre-norm
+    (:func:`gmlp.kernels.layer_norm`), the default, rather than :func:`gelu_split_layernorm` with plain
+    gating ops and ``nn.LayerNorm`` (the third session's path): ``GMLP_DISABLE_FUSED_GATING=1`` switches
+    them off (an ablation for ``benchmarks/run.py``)."""
     return os.environ.get("GMLP_DISABLE_FUSED_GATING") != "1"
 
 

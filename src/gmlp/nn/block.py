@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.norm_triton import layer_norm
 from ..kernels.sgu_triton import fused_gating_enabled, gelu_split_layernorm, spatial_gating, triton_enabled
 from ._checks import check_mask, check_tokens
 from .attention import TinyAttention
@@ -114,13 +115,24 @@ class GMLPBlock(nn.Module):
         """``x`` (seq, batch, dim); ``mask`` optional (batch, seq), True/1 = real token."""
         check_tokens(x, self.dim, self.seq_len, "x")
         mask = check_mask(mask, x.shape[1], x.shape[0])
-        h = self.norm(x)
+        h = self._pre_norm(x)
         gate_bias = self.tiny_attn(h, mask) if self.tiny_attn is not None else None
         if self.sgu.variant == "sgu":
             z = self._spatial_gating(h, mask, gate_bias)
         else:
             z = self.sgu(F.gelu(self.fc1(h)), mask, gate_bias)
         return x + self.drop_path(self.dropout(self.fc2(z)))
+
+    def _pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """``norm(x)``; on CUDA with Triton (and the fused gating on) one kernel each way that writes the
+        output in the autocast dtype directly (no float32 output and cast) and reduces the weight/bias
+        gradients inside the backward kernel (:func:`gmlp.kernels.layer_norm`)."""
+        if triton_enabled(x) and fused_gating_enabled():
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            norm = self.norm
+            return layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype=dtype, use_triton=True)
+        return self.norm(x)
 
     def _spatial_gating(
         self, h: torch.Tensor, mask: torch.Tensor | None, gate_bias: torch.Tensor | None

@@ -1,0 +1,151 @@
+"""LayerNorm that writes its output in the compute dtype: one Triton kernel each way, for a block's pre-norm.
+
+Under bf16 autocast, ``torch.nn.LayerNorm`` runs in float32 on the float32 residual stream and writes a
+float32 output, which every consumer (``fc1``, the tiny attention) then casts to bf16; in backward the
+bf16 gradients are cast back and the weight/bias gradients take a separate column-reduction kernel.
+:func:`layer_norm` instead writes ``LayerNorm(x)`` straight in ``out_dtype`` (statistics in float32, the
+same values the cast would give) and its backward produces ``dx`` in ``x``'s dtype together with
+per-program partial sums of the weight and bias gradients, in one pass over ``x`` and ``dy``.
+
+:func:`layer_norm_reference` is the plain path it is tested against (on CPU with ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .sgu_triton import _HAS_TRITON, _block_c, _sm_count, _warps, launch_config
+
+__all__ = ["layer_norm", "layer_norm_reference"]
+
+if _HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _norm_fwd_kernel(X, Y, W, B, Mean, Rstd, R, D, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        rvalid = rows < R
+        valid = rvalid[:, None] & (cols < D)[None, :]
+        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        x = tl.load(X + offs, mask=valid, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / D
+        diff = tl.where(valid, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
+        w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=cols < D, other=0.0).to(tl.float32)
+        y = diff * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=valid)
+        tl.store(Mean + rows, mean, mask=rvalid)
+        tl.store(Rstd + rows, rstd, mask=rvalid)
+
+    @triton.jit
+    def _norm_bwd_kernel(X, DY, W, Mean, Rstd, DX, DW, DB, R, D, ROWS_PER_PROG, BLOCK_D: tl.constexpr):
+        # a contiguous run of rows per program; weight/bias gradients leave as one partial sum per program
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_D)
+        cvalid = cols < D
+        w = tl.load(W + cols, mask=cvalid, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        start = pid * ROWS_PER_PROG
+        for r in range(0, ROWS_PER_PROG):
+            row = start + r
+            rvalid = row < R
+            valid = cvalid & rvalid
+            offs = row.to(tl.int64) * D + cols
+            x = tl.load(X + offs, mask=valid, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offs, mask=valid, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + row, mask=rvalid, other=0.0)
+            rstd = tl.load(Rstd + row, mask=rvalid, other=0.0)
+            xhat = tl.where(valid, (x - mean) * rstd, 0.0)
+            dyw = dy * w
+            c1 = tl.sum(dyw * xhat, axis=0) / D
+            c2 = tl.sum(dyw, axis=0) / D
+            dx = (dyw - xhat * c1 - c2) * rstd
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=valid)
+            dw_acc += dy * xhat
+            db_acc += dy
+        tl.store(DW + pid * D + cols, dw_acc, mask=cvalid)
+        tl.store(DB + pid * D + cols, db_acc, mask=cvalid)
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, out_dtype):  # type: ignore[override]
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1]).contiguous()
+        rows, d = x2d.shape
+        y = torch.empty(rows, d, dtype=out_dtype, device=x.device)
+        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        block_d = _block_c(d)
+        per = launch_config.fwd_rows or 1
+        _norm_fwd_kernel[(triton.cdiv(rows, per),)](
+            x2d, y, weight, bias, mean, rstd, rows, d, eps, ROWS=per, BLOCK_D=block_d,
+            num_warps=launch_config.fwd_warps or _warps(block_d * per),
+        )  # fmt: skip
+        ctx.save_for_backward(x2d, weight, mean, rstd)
+        ctx.shape = shape
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x2d, weight, mean, rstd = ctx.saved_tensors
+        rows, d = x2d.shape
+        dy = dy.reshape(rows, d).contiguous()
+        dx = torch.empty_like(x2d)
+        block_d = _block_c(d)
+        target = _sm_count(x2d.device) * (launch_config.bwd_programs_per_sm or 32)
+        rows_per_prog = max(1, math.ceil(rows / target))
+        progs = math.ceil(rows / rows_per_prog)
+        dw = torch.empty(progs, d, dtype=torch.float32, device=x2d.device)
+        db = torch.empty_like(dw)
+        _norm_bwd_kernel[(progs,)](
+            x2d, dy, weight, mean, rstd, dx, dw, db, rows, d, rows_per_prog, BLOCK_D=block_d,
+            num_warps=launch_config.bwd_warps or _warps(block_d),
+        )  # fmt: skip
+        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None
+
+
+def layer_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Reference path: ``F.layer_norm`` in ``x``'s dtype, then cast to ``out_dtype``."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(out_dtype)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+    use_triton: bool = True,
+) -> torch.Tensor:
+    """LayerNorm over the last axis of ``x``, written in ``out_dtype`` (default: ``x``'s dtype).
+
+    Args:
+        x: input ``(..., D)``; statistics are computed in float32 whatever its dtype.
+        weight, bias: affine parameters ``(D,)``.
+        eps: added to the variance.
+        out_dtype: dtype of the output (e.g. the autocast dtype); the gradient w.r.t. ``x`` comes back in
+            ``x``'s dtype.
+        use_triton: the Triton kernels (True) or :func:`layer_norm_reference` (False).
+    """
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if not use_triton:
+        return layer_norm_reference(x, weight, bias, eps, out_dtype)
+    if not _HAS_TRITON:
+        raise RuntimeError("use_triton=True but the triton package is not installed")
+    if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
+        raise ValueError(
+            f"layer_norm: weight and bias must have shape ({x.shape[-1]},) for x of shape {tuple(x.shape)}, "
+            f"got {tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    with torch.autocast(x.device.type, enabled=False):
+        return _LayerNorm.apply(x, weight, bias, eps, out_dtype)

@@ -1,0 +1,84 @@
+"""The compute-dtype LayerNorm kernels equal F.layer_norm + cast (forward and gradients).
+
+On a machine without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton when CUDA is unavailable).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gmlp.kernels import layer_norm, layer_norm_reference, triton_available
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    not triton_available() or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs triton, and on CPU TRITON_INTERPRET=1 set before triton is imported (tests/conftest.py)",
+)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    lead=st.sampled_from([(1,), (7,), (3, 5)]),
+    dim=st.integers(1, 70),
+    bf16_out=st.booleans(),
+    seed=st.integers(0, 999),
+)
+def test_layer_norm_matches_reference(lead: tuple[int, ...], dim: int, bf16_out: bool, seed: int) -> None:
+    """Output within one rounding of the cast reference; gradients of x, weight and bias (in x's dtype)."""
+    torch.manual_seed(seed)
+    out_dtype = torch.bfloat16 if bf16_out else torch.float32
+    x = (3 * torch.randn(*lead, dim, device=DEVICE) + 1).requires_grad_()
+    w = torch.randn(dim, device=DEVICE, requires_grad=True)
+    b = torch.randn(dim, device=DEVICE, requires_grad=True)
+    got = layer_norm(x, w, b, 1e-6, out_dtype)
+    want = layer_norm_reference(x, w, b, 1e-6, out_dtype)
+    assert got.dtype == want.dtype == out_dtype and got.shape == want.shape
+    tol = 1e-5 if out_dtype == torch.float32 else 1e-2  # bf16: the two may round to neighbours
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    seed_grad = torch.randn(got.shape, device=DEVICE)
+    grads = torch.autograd.grad((got.float() * seed_grad).sum(), [x, w, b])
+    ref_grads = torch.autograd.grad((want.float() * seed_grad).sum(), [x, w, b])
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_ignores_autocast_and_checks_shapes() -> None:
+    x = torch.randn(4, 8, device=DEVICE)
+    w, b = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = layer_norm(x, w, b, 1e-5, torch.bfloat16)
+    torch.testing.assert_close(y, layer_norm_reference(x, w, b, 1e-5, torch.bfloat16), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match=r"weight and bias must have shape \(8,\)"):
+        layer_norm(x, torch.ones(7, device=DEVICE), b, 1e-5)
+
+
+def test_block_pre_norm_writes_the_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the kernels, a block's pre-norm output is already in the autocast dtype, and the block's
+    output and gradients match the plain path under the same autocast."""
+    import gmlp.nn.block as block_module
+    from gmlp.nn import GMLPBlock
+
+    torch.manual_seed(0)
+    block = GMLPBlock(16, 32, 9).to(DEVICE)
+    torch.nn.init.normal_(block.sgu.proj.weight, std=0.2)
+    x = torch.randn(9, 2, 16, device=DEVICE, requires_grad=True)
+    results = []
+    for through_kernels in (False, True):
+        monkeypatch.setattr(block_module, "triton_enabled", lambda t, on=through_kernels: on)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            if through_kernels:
+                assert block._pre_norm(x).dtype == torch.bfloat16
+            y = block(x)
+        results.append((y.float(), torch.autograd.grad(y.float().square().sum(), [x, *block.parameters()])))
+    (y_ref, g_ref), (y_fused, g_fused) = results
+    torch.testing.assert_close(y_fused, y_ref, rtol=3e-2, atol=3e-2)
+    for a, c in zip(g_fused, g_ref, strict=True):
+        cos = torch.nn.functional.cosine_similarity(a.flatten().float(), c.flatten().float(), dim=0)
+        assert cos > 0.99
