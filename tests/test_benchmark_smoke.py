@@ -147,3 +147,22 @@ def test_gpu_session_script_dry_run(tmp_path: Path) -> None:
     profile = (tmp_path / "profile.txt").read_text()
     assert "ms of cpu time per step" in profile and "fft fwd ms" in profile  # profile, then the crossover
     assert json.loads((tmp_path / "gpu.json").read_text())["machine"]["triton_config"]
+
+
+def test_saved_bytes_orders_the_kernel_paths() -> None:
+    """The fused gating keeps fewer bytes for backward than the split kernel, which keeps fewer than plain
+    ops; the script restores the block's routing afterwards."""
+    from gmlp.kernels import triton_available
+
+    if not triton_available() or (
+        not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
+        pytest.skip("needs triton (on CPU with TRITON_INTERPRET=1, which tests/conftest.py sets)")
+    import gmlp.nn.block as block_module
+
+    before = block_module.triton_enabled, block_module.fused_gating_enabled
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = _load("saved_bytes").main(["--device", device, "--dim", "32", "--ffn", "192", "--tokens", "12",
+                                     "--batch", "4"])  # fmt: skip
+    assert out["fused gating"] < out["split kernel"] < out["plain ops"]
+    assert (block_module.triton_enabled, block_module.fused_gating_enabled) == before
