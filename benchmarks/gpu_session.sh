@@ -10,7 +10,8 @@
 # STEPS picks steps (default: all, in this order); COMPILE_FAMILY=vision|text picks what `compile` times.
 # Writes to $OUT (the device tool's return folder) or runs/gpu, most important first, so that whatever a
 # time limit cuts off is the least important (the device tool returns at most 8 files):
-#   checks     checks.txt: card, versions, correctness of every fast path (benchmarks/gpu_checks.py)
+#   checks     checks.txt: card, versions, correctness of every fast path (benchmarks/gpu_checks.py), and
+#              the bytes a gMLP-B block saves for backward on each kernel path (saved_bytes.py)
 #   sweep      sweep.txt: launch configurations of the fused kernels timed and checked; the best is used
 #              by the steps after it; then the whole gating fused vs split kernel vs plain ops
 #              (benchmarks/kernel_sweep.py)
@@ -36,9 +37,11 @@ if [ "${DRY:-0}" = 1 ]; then
     export TRITON_INTERPRET=1
     dev=cpu; suite=smoke; subset=256; small=--small; prof="--size smoke --batch 2 --text 2,32,64,16,2"
     cross="16,32 --columns 8 --reps 1 --dtype bfloat16"; shapes="--shapes 9x24 --gating-shapes 12x2x24 --reps 1"
+    saved="--dim 32 --ffn 192 --tokens 12 --batch 4 --bf16"
 else
     dev=cuda; suite=gpu; subset=20000; small=; prof="--size b --batch 256 --text 48,512,3072,512,32"
     cross="128,256,512,1024,2048,4096 --columns 65536 --dtype bfloat16"; shapes=
+    saved="--batch 256 --bf16"
 fi
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 checks=0
@@ -49,6 +52,8 @@ if has checks; then
 torch.__version__, triton.__version__, timm.__version__, transformers.__version__)" 2>&1
         uptime
         timeout 180 $PY benchmarks/gpu_checks.py --device $dev $small 2>&1
+        # shellcheck disable=SC2086
+        timeout 60 $PY benchmarks/saved_bytes.py --device $dev $saved 2>&1
     } | tee "$OUT/checks.txt"
     checks=$(grep -c '^FAIL' "$OUT/checks.txt")
 fi

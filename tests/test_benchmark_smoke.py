@@ -143,7 +143,8 @@ def test_gpu_session_script_dry_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = {p.name for p in tmp_path.iterdir()}
     assert {"checks.txt", "sweep.txt", "suite.txt", "gpu.json", "profile.txt"} <= files
-    assert "checks passed on cpu" in (tmp_path / "checks.txt").read_text()
+    checks = (tmp_path / "checks.txt").read_text()
+    assert "checks passed on cpu" in checks and " fused gating: " in checks
     profile = (tmp_path / "profile.txt").read_text()
     assert "ms of cpu time per step" in profile and "fft fwd ms" in profile  # profile, then the crossover
     assert json.loads((tmp_path / "gpu.json").read_text())["machine"]["triton_config"]
