@@ -114,7 +114,8 @@ def test_kernel_sweep_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     out = capsys.readouterr().out
     assert "WRONG" not in out
     gating = [line for line in out.splitlines() if line.startswith(("| 12x2x24 |", "| 7x3x16 |"))]
-    assert len(gating) == 6  # three paths at each of the two shapes, all checked against the reference
+    # at each of the two shapes: the fused path at every gating tile, the split kernel and plain ops
+    assert len(gating) == 2 * (len(sweep._grid(sweep.GATE_GRID)) + 2)
     n_configs = len(sweep._grid(sweep.FWD_GRID)) + len(sweep._grid(sweep.BWD_GRID))
     assert sum(line.startswith(("| fwd |", "| bwd |")) for line in out.splitlines()) == n_configs
     assert json.loads(best_file.read_text()) == best and set(best) == set(before)

@@ -232,6 +232,41 @@ def test_every_launch_configuration_matches_reference(config: dict[str, int]) ->
         torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"gate_cols": 8, "gate_rows": 2},
+        {"gate_cols": 16, "gate_rows": 4},
+        {"gate_cols": 1024, "gate_rows": 1},
+    ],
+)
+def test_every_gating_tile_matches_reference(config: dict[str, int]) -> None:
+    """Column-tiled gating kernels (ragged last tile, rows past the end) == the plain ops, with a mask."""
+    from gmlp.kernels import sgu_triton
+
+    torch.manual_seed(2)
+    n, batch, half = 7, 3, 20
+    leaves = [(2 * torch.randn(n, batch, 2 * half, device=DEVICE)).requires_grad_(),
+              torch.randn(half, device=DEVICE, requires_grad=True),
+              torch.randn(half, device=DEVICE, requires_grad=True),
+              (0.3 * torch.randn(n, n, device=DEVICE)).requires_grad_(),
+              torch.randn(n, device=DEVICE, requires_grad=True)]  # fmt: skip
+    mask = torch.ones(batch, n, dtype=torch.bool, device=DEVICE)
+    mask[1, 4:] = False
+    saved = dataclasses.asdict(sgu_triton.launch_config)
+    try:
+        sgu_triton.set_launch_config(**config)
+        fused = spatial_gating(*leaves[:3], 1e-5, *leaves[3:], mask, use_triton=True)
+        seed = torch.randn_like(fused)
+        got = torch.autograd.grad((fused * seed).sum(), leaves)
+    finally:
+        sgu_triton.set_launch_config(**saved)
+    ref = spatial_gating_reference(*leaves[:3], 1e-5, *leaves[3:], mask)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    for a, c in zip(got, torch.autograd.grad((ref * seed).sum(), leaves), strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+
+
 def test_launch_configuration_is_validated() -> None:
     from gmlp.kernels import sgu_triton
 
@@ -239,6 +274,8 @@ def test_launch_configuration_is_validated() -> None:
         sgu_triton.set_launch_config(warps=4)
     with pytest.raises(ValueError, match="fwd_rows must be a power of two, got 3"):
         sgu_triton.set_launch_config(fwd_rows=3)
+    with pytest.raises(ValueError, match="gate_cols must be a power of two, got 96"):
+        sgu_triton.set_launch_config(gate_cols=96)
     with pytest.raises(ValueError, match="bwd_warps must be a positive int or None, got 0"):
         sgu_triton.set_launch_config(bwd_warps=0)
 

@@ -148,9 +148,9 @@ if _HAS_TRITON:
 
     @triton.jit
     def _gate_fwd_kernel(U, G, S, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-        # s = GELU(u1) * gate: the bypass half z1 = GELU(u1) is never written to memory
+        # s = GELU(u1) * gate on a ROWS x BLOCK_C tile: the bypass half z1 = GELU(u1) is never stored
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_C)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         valid = (rows < R)[:, None] & (cols < C)[None, :]
         out = rows.to(tl.int64)[:, None] * C + cols[None, :]
         u1 = tl.load(U + rows.to(tl.int64)[:, None] * 2 * C + cols[None, :], mask=valid, other=0.0)
@@ -159,10 +159,11 @@ if _HAS_TRITON:
 
     @triton.jit
     def _gate_bwd_kernel(U, G, DS, DU, DG, DGSUM, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-        # du1 = ds * gate * GELU'(u1) into the bypass half of du; dgate = ds * GELU(u1), and its row sums
-        # in float32 (the token bias gradient sums these over the batch: no second pass over dgate)
+        # du1 = ds * gate * GELU'(u1) into the bypass half of du; dgate = ds * GELU(u1), and the tile's row
+        # sums of it in float32, one per (row, column tile) (the token bias gradient sums these over the
+        # batch: no second pass over dgate)
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_C)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         valid = (rows < R)[:, None] & (cols < C)[None, :]
         out = rows.to(tl.int64)[:, None] * C + cols[None, :]
         wide = rows.to(tl.int64)[:, None] * 2 * C + cols[None, :]
@@ -172,7 +173,7 @@ if _HAS_TRITON:
         tl.store(DU + wide, (ds * g * _gelu_grad(u1)).to(DU.dtype.element_ty), mask=valid)
         dg = ds * _gelu(u1)
         tl.store(DG + out, dg.to(DG.dtype.element_ty), mask=valid)
-        tl.store(DGSUM + rows, tl.sum(dg, axis=1), mask=rows < R)
+        tl.store(DGSUM + rows * tl.num_programs(1) + tl.program_id(1), tl.sum(dg, axis=1), mask=rows < R)
 
 
 def _block_c(c: int) -> int:
@@ -193,12 +194,18 @@ class LaunchConfig:
         bwd_warps: warps per backward program.
         bwd_programs_per_sm: backward programs per multiprocessor; each program takes a contiguous run of
             rows and leaves one partial sum of the LayerNorm weight/bias gradients.
+        gate_rows: rows per program of the elementwise gating kernels of :func:`spatial_gating` (a power of
+            two; None = ``fwd_rows``).
+        gate_cols: columns per gating program (a power of two; None = the whole row in one program). Not
+            yet tuned on a GPU: ``benchmarks/kernel_sweep.py`` times a grid of both.
     """
 
     fwd_rows: int | None = None
     fwd_warps: int | None = None
     bwd_warps: int | None = None
     bwd_programs_per_sm: int | None = None
+    gate_rows: int | None = None
+    gate_cols: int | None = None
 
 
 launch_config = LaunchConfig()
@@ -207,7 +214,8 @@ launch_config = LaunchConfig()
 def set_launch_config(**kwargs: int | None) -> LaunchConfig:
     """Override launch parameters of the fused kernels (for tuning, e.g. ``benchmarks/kernel_sweep.py``).
 
-    Unknown names raise ``TypeError``; values must be positive ints (``fwd_rows`` a power of two) or None.
+    Unknown names raise ``TypeError``; values must be positive ints (``fwd_rows``, ``gate_rows`` and
+    ``gate_cols`` powers of two) or None.
     Returns the configuration now in force.
     """
     for name, value in kwargs.items():
@@ -216,8 +224,8 @@ def set_launch_config(**kwargs: int | None) -> LaunchConfig:
             raise TypeError(f"unknown launch parameter {name!r}; expected one of: {known}")
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"launch parameter {name} must be a positive int or None, got {value!r}")
-        if name == "fwd_rows" and value is not None and value & (value - 1):
-            raise ValueError(f"launch parameter fwd_rows must be a power of two, got {value}")
+        if name in ("fwd_rows", "gate_rows", "gate_cols") and value is not None and value & (value - 1):
+            raise ValueError(f"launch parameter {name} must be a power of two, got {value}")
         setattr(launch_config, name, value)
     return launch_config
 
@@ -287,11 +295,12 @@ def _ln_backward(
     return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 
 
-def _row_grid(rows: int, c: int) -> tuple[tuple[int], int, int, int]:
-    """Grid, rows per program, block width and warps of the row-wise elementwise (gating) kernels."""
-    block_c = _block_c(c)
-    per = launch_config.fwd_rows or 1
-    return (triton.cdiv(rows, per),), per, block_c, launch_config.fwd_warps or _warps(block_c * per)
+def _gate_grid(rows: int, c: int) -> tuple[tuple[int, int], int, int, int]:
+    """Grid (row tiles x column tiles), rows and columns per program, and warps of the gating kernels."""
+    block_c = min(launch_config.gate_cols or _block_c(c), _block_c(c))
+    per = launch_config.gate_rows or launch_config.fwd_rows or 1
+    grid = (triton.cdiv(rows, per), triton.cdiv(c, block_c))
+    return grid, per, block_c, launch_config.fwd_warps or _warps(block_c * per)
 
 
 class _GeluSplitLayerNorm(torch.autograd.Function):
@@ -364,7 +373,7 @@ class _SpatialGating(torch.autograd.Function):
             if gate_bias is not None:
                 gate += gate_bias.reshape(n, batch * c)
             s = u2d.new_empty(n * batch, c)
-            grid, per, block_c, warps = _row_grid(n * batch, c)
+            grid, per, block_c, warps = _gate_grid(n * batch, c)
             _gate_fwd_kernel[grid](u2d, gate, s, n * batch, c, ROWS=per, BLOCK_C=block_c, num_warps=warps)
         ctx.save_for_backward(u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate)
         ctx.dims = (n, batch, c)
@@ -381,13 +390,13 @@ class _SpatialGating(torch.autograd.Function):
             du = torch.empty_like(u2d)
             dgate = u2d.new_empty(z2n.shape)
             dgate[n:].zero_()
-            row_sums = torch.empty(rows, dtype=torch.float32, device=u2d.device)
-            grid, per, block_c, warps = _row_grid(rows, c)
+            grid, per, block_c, warps = _gate_grid(rows, c)
+            row_sums = torch.empty(rows, grid[1], dtype=torch.float32, device=u2d.device)
             _gate_bwd_kernel[grid](
                 u2d, gate, ds, du, dgate, row_sums, rows, c, ROWS=per, BLOCK_C=block_c, num_warps=warps
             )
             dweight = torch.mm(dgate, z2n.t())[:n, :n] if ctx.needs_input_grad[4] else None
-            dbias = row_sums.view(n, batch).sum(1).to(u2d.dtype) if ctx.needs_input_grad[5] else None
+            dbias = row_sums.view(n, -1).sum(1).to(u2d.dtype) if ctx.needs_input_grad[5] else None
             dz2n = torch.mm(w_pad.t(), dgate)
             dnw, dnb = _ln_backward(u2d, norm_weight, mean, rstd, dz2n, du, keep=keep)
         dgate_bias = None
