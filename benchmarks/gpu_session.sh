@@ -60,7 +60,7 @@ fi
 best='{}'
 if has sweep; then
     # shellcheck disable=SC2086
-    timeout 150 $PY benchmarks/kernel_sweep.py --device $dev $shapes --best-json "$TMP/best.json" 2>&1 \
+    timeout 180 $PY benchmarks/kernel_sweep.py --device $dev $shapes --best-json "$TMP/best.json" 2>&1 \
         | tee "$OUT/sweep.txt"
     [ -s "$TMP/best.json" ] && best=$(cat "$TMP/best.json")
 fi
