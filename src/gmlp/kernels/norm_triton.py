@@ -12,12 +12,10 @@ per-program partial sums of the weight and bias gradients, in one pass over ``x`
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from .sgu_triton import _HAS_TRITON, _block_c, _sm_count, _warps, launch_config
+from .sgu_triton import _HAS_TRITON, _block_c, _bwd_split, _warps, launch_config
 
 __all__ = ["layer_norm", "layer_norm_reference"]
 
@@ -100,9 +98,7 @@ class _LayerNorm(torch.autograd.Function):
         dy = dy.reshape(rows, d).contiguous()
         dx = torch.empty_like(x2d)
         block_d = _block_c(d)
-        target = _sm_count(x2d.device) * (launch_config.bwd_programs_per_sm or 32)
-        rows_per_prog = max(1, math.ceil(rows / target))
-        progs = math.ceil(rows / rows_per_prog)
+        rows_per_prog, progs = _bwd_split(rows, x2d.device)
         dw = torch.empty(progs, d, dtype=torch.float32, device=x2d.device)
         db = torch.empty_like(dw)
         _norm_bwd_kernel[(progs,)](

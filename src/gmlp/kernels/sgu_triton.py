@@ -242,6 +242,14 @@ def _sm_count(device: torch.device) -> int:
     return 8  # the interpreter on CPU: any small number
 
 
+def _bwd_split(rows: int, device: torch.device) -> tuple[int, int]:
+    """Rows per backward program and the number of programs: about ``bwd_programs_per_sm`` programs per
+    multiprocessor, each over a contiguous run of rows (one partial sum of the weight gradients each)."""
+    target = _sm_count(device) * (launch_config.bwd_programs_per_sm or 32)
+    rows_per_prog = max(1, math.ceil(rows / target))
+    return rows_per_prog, math.ceil(rows / rows_per_prog)
+
+
 def _ln_forward(
     u2d: torch.Tensor,
     weight: torch.Tensor,
@@ -282,9 +290,7 @@ def _ln_backward(
     rows, width = u2d.shape
     c = width // 2
     block_c = _block_c(c)
-    target = _sm_count(u2d.device) * (launch_config.bwd_programs_per_sm or 32)
-    rows_per_prog = max(1, math.ceil(rows / target))
-    progs = math.ceil(rows / rows_per_prog)
+    rows_per_prog, progs = _bwd_split(rows, u2d.device)
     dw = torch.empty(progs, c, dtype=torch.float32, device=u2d.device)
     db = torch.empty_like(dw)
     _bwd_kernel[(progs,)](
