@@ -22,6 +22,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -279,17 +280,24 @@ def run_cases(
     warmup: int,
     compile_model: bool = False,
 ) -> list[Result]:
-    """Time every case in ``mode`` ("infer" or "train") in interleaved rounds; returns one Result each."""
+    """Time every case in ``mode`` ("infer" or "train") in interleaved rounds; returns one Result each.
+
+    A case that raises while it is built or warmed up is reported (a ``FAILED`` line) and left out, so
+    that one broken path cannot cost the other cases' numbers on a scarce machine."""
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
     )
     states = []
     for case in cases:
         torch.manual_seed(0)
-        model = case.build().to(device)
-        inputs = case.inputs(device)
-        with autocast:
-            flops = count_flops(model.eval(), inputs) / inputs[0].shape[0]
+        try:
+            model = case.build().to(device)
+            inputs = case.inputs(device)
+            with autocast:
+                flops = count_flops(model.eval(), inputs) / inputs[0].shape[0]
+        except Exception as err:  # report it and go on with the other cases
+            _report_failure(case, mode, err)
+            continue
         if mode == "train":
             model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -313,17 +321,26 @@ def run_cases(
         states.append((case, model, inputs, step, flops, opt))
     times: dict[str, list[float]] = {c.name: [] for c in cases}
     peak: dict[str, float | None] = {c.name: None for c in cases}
+    failed = []
     for i, (case, _, _, step, _, _) in enumerate(states):  # warm-up (and memory peak on GPU)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(warmup):
-            step()
+        try:
+            for _ in range(warmup):
+                step()
+        except Exception as err:  # report it and go on with the other cases
+            _report_failure(case, mode, err)
+            failed.append(i)
+            continue
         if device.type == "cuda":
             torch.cuda.synchronize()
             # the other cases' models, optimizer states and inputs stay allocated meanwhile: not this one's
             others = resident_bytes(*(x for j, st in enumerate(states) if j != i for x in st[1:3] + st[5:]))
             peak[case.name] = (torch.cuda.max_memory_allocated() - others) / 2**20
+    states = [st for i, st in enumerate(states) if i not in failed]
+    if failed and device.type == "cuda":
+        torch.cuda.empty_cache()
     for _ in range(rounds):
         for case, _, _, step, _, _ in states:
             if device.type == "cuda":
@@ -356,6 +373,11 @@ def run_cases(
     del states
     gc.collect()
     return results
+
+
+def _report_failure(case: Case, mode: str, err: BaseException) -> None:
+    print(f"FAILED {case.name} ({mode}): {type(err).__name__}: {err}".splitlines()[0], flush=True)
+    traceback.print_exception(err, file=sys.stderr)
 
 
 def gemm_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:

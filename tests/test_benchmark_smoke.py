@@ -168,3 +168,29 @@ def test_saved_bytes_orders_the_kernel_paths() -> None:
                                      "--batch", "4"])  # fmt: skip
     assert out["fused gating"] < out["split kernel"] < out["plain ops"]
     assert (block_module.triton_enabled, block_module.fused_gating_enabled) == before
+
+
+def test_a_failing_case_is_reported_and_left_out(capsys: pytest.CaptureFixture) -> None:
+    """A case that raises when built or in its warm-up steps costs only its own row."""
+    run = _load("run")
+
+    class TrainBreaks(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                raise RuntimeError("kernel exploded")
+            return super().forward(x)
+
+    def cannot_build() -> torch.nn.Module:
+        raise ImportError("no such peer")
+
+    inputs = lambda device: (torch.randn(3, 4, device=device),)
+    cases = [
+        run.Case("broken in training", "vision", lambda: TrainBreaks(4, 2), inputs),
+        run.Case("unbuildable", "vision", cannot_build, inputs),
+        run.Case("fine", "vision", lambda: torch.nn.Linear(4, 2), inputs),
+    ]
+    results = run.run_cases(cases, "train", torch.device("cpu"), "fp32", rounds=2, steps=1, warmup=1)
+    assert [r.name for r in results] == ["fine"]
+    out = capsys.readouterr().out
+    assert "FAILED broken in training (train): RuntimeError: kernel exploded" in out
+    assert "FAILED unbuildable (train): ImportError: no such peer" in out
