@@ -17,6 +17,9 @@ import torch.nn.functional as F
 
 from .sgu_triton import _HAS_TRITON, _block_c, _bwd_split, _warps, launch_config
 
+if _HAS_TRITON:
+    from .sgu_triton import _ln_input_grad, _ln_rows
+
 __all__ = ["layer_norm", "layer_norm_reference"]
 
 if _HAS_TRITON:
@@ -31,9 +34,7 @@ if _HAS_TRITON:
         valid = rvalid[:, None] & (cols < D)[None, :]
         offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
         x = tl.load(X + offs, mask=valid, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / D
-        diff = tl.where(valid, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
+        mean, diff, rstd = _ln_rows(x, valid, D, eps)
         w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=cols < D, other=0.0).to(tl.float32)
         y = diff * rstd[:, None] * w[None, :] + b[None, :]
@@ -61,10 +62,7 @@ if _HAS_TRITON:
             mean = tl.load(Mean + row, mask=rvalid, other=0.0)
             rstd = tl.load(Rstd + row, mask=rvalid, other=0.0)
             xhat = tl.where(valid, (x - mean) * rstd, 0.0)
-            dyw = dy * w
-            c1 = tl.sum(dyw * xhat, axis=0) / D
-            c2 = tl.sum(dyw, axis=0) / D
-            dx = (dyw - xhat * c1 - c2) * rstd
+            dx = _ln_input_grad(dy * w, xhat, rstd, D)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=valid)
             dw_acc += dy * xhat
             db_acc += dy

@@ -72,6 +72,20 @@ if _HAS_TRITON:
         return cdf + x * pdf
 
     @triton.jit
+    def _ln_rows(x, valid, n, eps):
+        # LayerNorm statistics of each row of a (rows, block) tile: mean, centred values (0 off mask), rstd
+        mean = tl.sum(x, axis=1) / n
+        diff = tl.where(valid, x - mean[:, None], 0.0)
+        return mean, diff, 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / n + eps)
+
+    @triton.jit
+    def _ln_input_grad(dyw, xhat, rstd, n):
+        # gradient w.r.t. one row's LayerNorm input from dyw = dy * weight and xhat = (x - mean) * rstd
+        c1 = tl.sum(dyw * xhat, axis=0) / n
+        c2 = tl.sum(dyw, axis=0) / n
+        return (dyw - xhat * c1 - c2) * rstd
+
+    @triton.jit
     def _fwd_kernel(
         U, Z1, Z2, W, B, Keep, Mean, Rstd, R, C, eps,
         ROWS: tl.constexpr, BLOCK_C: tl.constexpr, WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr,
@@ -84,10 +98,7 @@ if _HAS_TRITON:
         valid = rvalid[:, None] & (cols < C)[None, :]
         base = rows.to(tl.int64)[:, None] * 2 * C + cols[None, :]
         u2 = tl.load(U + base + C, mask=valid, other=0.0).to(tl.float32)
-        a2 = _gelu(u2)
-        mean = tl.sum(a2, axis=1) / C
-        diff = tl.where(valid, a2 - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
+        mean, diff, rstd = _ln_rows(_gelu(u2), valid, C, eps)
         w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=cols < C, other=0.0).to(tl.float32)
         out = rows.to(tl.int64)[:, None] * C + cols[None, :]
@@ -132,10 +143,7 @@ if _HAS_TRITON:
             mean = tl.load(Mean + row, mask=rkeep, other=0.0)
             rstd = tl.load(Rstd + row, mask=rkeep, other=0.0)
             xhat = tl.where(kvalid, (_gelu(u2) - mean) * rstd, 0.0)
-            dy = dz2 * w
-            c1 = tl.sum(dy * xhat, axis=0) / C
-            c2 = tl.sum(dy, axis=0) / C
-            du2 = tl.where(kvalid, (dy - xhat * c1 - c2) * rstd * _gelu_grad(u2), 0.0)
+            du2 = tl.where(kvalid, _ln_input_grad(dz2 * w, xhat, rstd, C) * _gelu_grad(u2), 0.0)
             tl.store(DU + base + C + cols, du2.to(DU.dtype.element_ty), mask=valid)
             if WITH_Z1:
                 u1 = tl.load(U + base + cols, mask=valid, other=0.0).to(tl.float32)
