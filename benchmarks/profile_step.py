@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from run import timm_gmlp  # noqa: E402
+from run import MaskedLMStep, timm_gmlp  # noqa: E402
 
 from gmlp import create_model  # noqa: E402
 
@@ -64,15 +64,17 @@ def category(name: str) -> str:
 
 def profile_model(
     name: str,
-    model: torch.nn.Module,
+    model: Callable[[torch.Tensor], Any],
     x: torch.Tensor,
     steps: int,
     top: int,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    params: torch.nn.Module | None = None,
 ) -> None:
-    """Profile ``steps`` training steps (bf16 autocast and fused AdamW on CUDA) after three warm-ups."""
+    """Profile ``steps`` training steps (bf16 autocast and fused AdamW on CUDA) after three warm-ups.
+    ``model`` may be any callable when ``params`` holds the parameters to train."""
     device = x.device
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW((params or model).parameters(), lr=1e-4, fused=device.type == "cuda")
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
@@ -162,11 +164,13 @@ def main(argv: list[str] | None = None) -> None:
             num_hidden_layers=layers,
             max_position_embeddings=seq,
             toeplitz=True,
+            sparse_prediction=True,  # as `gmlp pretrain` trains it
         )
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
-        model = GMLPForMaskedLM(cfg).to(device).train()
-        loss = lambda out: out.logits.float().logsumexp(-1).mean()  # noqa: E731  (as benchmarks/run.py)
-        profile_model("gmlp GMLPForMaskedLM", model, ids, args.steps, args.top, loss)
+        labels = torch.where(torch.rand(batch, seq, device=device) < 0.15, ids, -100)
+        model = MaskedLMStep(GMLPForMaskedLM(cfg), internal=True).to(device).train()
+        name = "gmlp GMLPForMaskedLM (sparse prediction)"
+        profile_model(name, lambda x: model(x, labels), ids, args.steps, args.top, lambda loss: loss, model)
 
 
 if __name__ == "__main__":

@@ -89,9 +89,12 @@ def test_resident_bytes_counts_each_storage_once() -> None:
 
 def test_profile_step_smoke(capsys: pytest.CaptureFixture) -> None:
     """The profile script runs and reports a per-step time and category shares for both models."""
-    _load("profile_step").main(["--device", "cpu", "--size", "smoke", "--batch", "2", "--steps", "1"])
+    _load("profile_step").main(
+        ["--device", "cpu", "--size", "smoke", "--batch", "2", "--steps", "1", "--text", "2,32,64,16,2"]
+    )
     out = capsys.readouterr().out
-    assert out.count("ms of cpu time per step") == 2 and "matrix products" in out
+    assert out.count("ms of cpu time per step") == 3 and "matrix products" in out
+    assert "GMLPForMaskedLM (sparse prediction)" in out
 
 
 def test_kernel_sweep_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -194,3 +197,30 @@ def test_a_failing_case_is_reported_and_left_out(capsys: pytest.CaptureFixture) 
     out = capsys.readouterr().out
     assert "FAILED broken in training (train): RuntimeError: kernel exploded" in out
     assert "FAILED unbuildable (train): ImportError: no such peer" in out
+
+
+def test_mlm_cases_time_one_loss_and_the_table_shows_our_fastest_row() -> None:
+    """Every MLM case trains on the same labelled tokens; ours with sparse prediction computes the same loss
+    as the dense head + cross-entropy the peers use; the table compares peers with our fastest row too."""
+    run = _load("run")
+    cases = {c.name: c for c in run.text_cases(2, 32, 64, 16, 3, vocab=100)}
+    dense, sparse = cases["gmlp GMLPForMaskedLM"], cases["gmlp GMLPForMaskedLM (sparse prediction)"]
+    assert set(cases) >= {"g-mlp-pytorch gMLP", "transformers BertForMaskedLM"}
+    inputs = dense.inputs(torch.device("cpu"))
+    labels = inputs[1]
+    assert (labels != -100).any() and (labels == -100).any()
+    torch.manual_seed(0)
+    a = dense.build()
+    torch.manual_seed(0)
+    b = sparse.build()
+    torch.testing.assert_close(sparse.loss(b(*inputs)), dense.loss(a(*inputs)))
+    with torch.no_grad():  # inference: the logits
+        assert a(*inputs).shape == b(*inputs).shape == (3, 16, 100)
+    assert "sparse" not in " ".join(c.name for c in run.text_cases(2, 32, 64, 16, 3, vocab=100, sparse=False))
+
+    def result(name: str, rate: float):
+        return run.Result(name, "text", "train", 8, rate, 1.0, 1.0, 1.0, None, [1.0])
+
+    rows = run.table([result("gmlp A", 2.0), result("gmlp A (sparse prediction)", 6.0), result("peer", 1.0)])
+    assert rows.splitlines()[-1].endswith("| peer | train | 8 | 1.0 | 1 | 1.00 | 1.000 | - | 2.00x | 6.00x |")
+    assert rows.splitlines()[-2].endswith("| 0.33x | - |")  # our rows: against our default only

@@ -298,6 +298,33 @@ def test_resume_equals_uninterrupted(tmp_path: Path, corpus: Path, monkeypatch: 
         ]
 
 
+def test_sparse_prediction_pretrains_like_dense(tmp_path: Path, corpus: Path) -> None:
+    """The default sparse MLM decoder gives the dense run's losses, perplexities and weights (to float
+    rounding), and the saved model returns dense logits again."""
+    if "gmlp" not in ARCHS:
+        pytest.skip("gmlp.models.text not importable")
+    from transformers import AutoModelForMaskedLM
+
+    tok = tmp_path / "tok"
+    assert main(["tokenizer", "--corpus", str(corpus), "--output", str(tok), "--vocab-size", "150"]) == 0
+    sparse, dense = tmp_path / "sparse", tmp_path / "dense"
+    assert main(_pretrain_args(corpus, sparse, "--arch", "gmlp")) == 0
+    assert main(_pretrain_args(corpus, dense, "--arch", "gmlp", "--no-sparse-prediction")) == 0
+    a, b = _records(sparse), _records(dense)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    assert any(r["split"] == "validation" for r in a)
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "perplexity", "masked_accuracy"):
+            if key in rb:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4), (ra, rb)
+    for key, value in _weights(dense).items():
+        torch.testing.assert_close(_weights(sparse)[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    model = AutoModelForMaskedLM.from_pretrained(str(sparse / "final"))
+    assert model.config.sparse_prediction is False
+    ids = torch.randint(5, 150, (2, 8))
+    assert model(input_ids=ids, labels=ids).logits.shape == (2, 8, 150)
+
+
 @pytest.mark.skipif(
     bool(missing_offline_sources(["austen"])),
     reason="offline text data absent; run scripts/fetch_text_data.sh",

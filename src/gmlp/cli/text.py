@@ -245,6 +245,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
     g.add_argument("--mlm-probability", type=float, default=0.15)
     g.add_argument(
+        "--sparse-prediction",
+        action=_B,
+        default=True,
+        help="gMLP/aMLP: run the MLM decoder on the masked tokens only (same loss, much less work; the "
+        "saved model still returns dense logits; default: on)",
+    )
+    g.add_argument(
         "--eval-every", type=int, default=200, help="held-out perplexity every N steps (default: 200)"
     )
     g.add_argument(

@@ -127,6 +127,7 @@ class PretrainConfig(ModelOptions, _TrainOptions):
     tokenizer_sample_chars: int | None = 5_000_000
     steps: int = 2000
     mlm_probability: float = 0.15
+    sparse_prediction: bool = True
     eval_every: int = 200
     eval_batches: int = 20
     init_from: str | None = None
@@ -832,6 +833,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         model = AutoModelForMaskedLM.from_config(config)
     if accelerator.is_main_process:
         config.save_pretrained(str(out))
+    # the decoder on the masked tokens only (gMLP/aMLP): same loss, most of the decoder's work saved
+    sparse = cfg.sparse_prediction and hasattr(model.config, "sparse_prediction")
+    if hasattr(model.config, "sparse_prediction"):
+        model.config.sparse_prediction = sparse
     specials = sorted({i for i in special.values() if i is not None})
     vocab_size = len(tokenizer)
 
@@ -860,12 +865,12 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         for b in range(accelerator.process_index, n_batches, accelerator.num_processes):
             batch = masked(valid_ids[b * bs : (b + 1) * bs], step_seed(cfg.seed, "valid", b))
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"]
+            with accelerator.autocast():  # sparse prediction: the logits of the masked tokens only
+                logits = model(**batch).logits if sparse else model(**{**batch, "labels": None}).logits
             sel = labels != -100
             if sel.any():
-                lg = logits[sel].float()
+                lg = (logits if sparse else logits[sel]).float()
                 nll += F.cross_entropy(lg, labels[sel], reduction="sum").double()
                 correct += (lg.argmax(-1) == labels[sel]).sum().double()
                 count += sel.sum().double()
@@ -904,6 +909,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         desc="pretrain",
         tokens_per_batch=lambda b: int(b["attention_mask"].sum().item()),
     )
+    if sparse:  # the saved model returns dense logits, as a masked LM is expected to
+        accelerator.unwrap_model(result.model).config.sparse_prediction = False
     final = _save_final(accelerator, result.model, tokenizer, out) if result.completed else None
     if accelerator.is_main_process and final is not None:
         print(f"[gmlp] saved {final}", file=sys.stderr)

@@ -99,6 +99,12 @@ class GMLPConfig(PretrainedConfig):
             pays from ~2,000 tokens in training (benchmarks/RESULTS.md); equal results to float rounding.
         type_vocab_size: number of token types (segments) for sentence pairs; 0 = no token-type embedding.
         tie_word_embeddings: share the input embedding with the output layer (MLM decoder / LM head).
+        sparse_prediction: :class:`~gmlp.models.text.GMLPForMaskedLM` given ``labels`` runs its decoder on
+            the labelled (masked) tokens only and returns their logits, ``(num_labelled, vocab_size)`` in
+            row-major ``(batch, seq)`` order, instead of ``(batch, seq_len, vocab_size)``; the loss and every
+            gradient are those of the dense head. It saves most of the decoder's work and the full-vocabulary
+            logits' memory in MLM pretraining (ModernBERT's option of the same name). Without ``labels`` the
+            logits are always dense.
         pad_token_id, cls_token_id, sep_token_id, mask_token_id, bos_token_id, eos_token_id: special token
             ids, recorded for tokenizers, pipelines and ``generate``; None = not defined.
         **kwargs: the usual :class:`~transformers.PretrainedConfig` arguments (``num_labels``,
@@ -133,6 +139,7 @@ class GMLPConfig(PretrainedConfig):
         spatial_fft_threshold: int | None = None,
         type_vocab_size: int = 2,
         tie_word_embeddings: bool = True,
+        sparse_prediction: bool = False,
         pad_token_id: int | None = 0,
         cls_token_id: int | None = 2,
         sep_token_id: int | None = 3,
@@ -166,7 +173,10 @@ class GMLPConfig(PretrainedConfig):
                 raise ValueError(
                     "tiny_attn_size needs a gate to add to; it cannot be used with sgu_variant='none'"
                 )
-        flags = (("toeplitz", toeplitz), ("causal", causal), ("tie_word_embeddings", tie_word_embeddings))
+        flags = (
+            ("toeplitz", toeplitz), ("causal", causal), ("tie_word_embeddings", tie_word_embeddings),
+            ("sparse_prediction", sparse_prediction),
+        )  # fmt: skip
         for name, value in flags:
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
@@ -224,6 +234,7 @@ class GMLPConfig(PretrainedConfig):
         self.cls_token_id = cls_token_id
         self.sep_token_id = sep_token_id
         self.mask_token_id = mask_token_id
+        self.sparse_prediction = sparse_prediction
         # transformers 4.x sets these from its own keyword arguments (and would overwrite attributes set
         # here), 5.x stores them as extra attributes: passing them on works for both.
         super().__init__(

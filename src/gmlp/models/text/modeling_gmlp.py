@@ -80,6 +80,25 @@ def _describe(value: Any) -> str:
     return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
+def _check_labels(labels: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """``labels`` as an integer ``(batch, seq_len)`` tensor on ``hidden``'s device (``hidden`` is
+    ``(batch, seq_len, dim)``); a clear error otherwise."""
+    shape = tuple(hidden.shape[:2])
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.dtype.is_floating_point
+        or labels.dtype.is_complex
+        or labels.dtype == torch.bool
+        or tuple(labels.shape) != shape
+    ):
+        got = f"{_describe(labels)} {labels.dtype}" if isinstance(labels, torch.Tensor) else _describe(labels)
+        raise ValueError(
+            f"labels must be an integer tensor of shape (batch, seq_len) = {shape} like the input ids "
+            f"(-100 = no prediction), got {got}"
+        )
+    return labels.to(hidden.device)
+
+
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x`` token-major (seq, batch, dim); ``index`` (batch, seq): ``out[i, b] = x[index[b, i], b]``."""
     return torch.gather(x, 0, index.t().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -386,14 +405,26 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
         return_dict: bool | None = None,
     ) -> MaskedLMOutput | tuple[torch.Tensor, ...]:
         """Logits ``(batch, seq_len, vocab_size)``; with ``labels`` (``(batch, seq_len)``, -100 = not
-        predicted) also the mean cross-entropy over the predicted tokens. Other arguments:
-        :meth:`GMLPModel.forward`."""
+        predicted) also the mean cross-entropy over the predicted tokens. With ``config.sparse_prediction``
+        and ``labels``, the logits are those of the predicted tokens only, ``(num_predicted, vocab_size)``
+        in row-major ``(batch, seq)`` order (``logits_dense[labels != -100]``), the loss unchanged. Other
+        arguments: :meth:`GMLPModel.forward`.
+
+        Raises:
+            ValueError: ``labels`` is not an integer tensor of the input ids' shape, or bad inputs.
+        """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
-        logits = self.decoder(out.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device))
+        hidden, loss = out.last_hidden_state, None
+        if labels is None:
+            logits = self.decoder(hidden)
+        else:
+            labels = _check_labels(labels, hidden)
+            if self.config.sparse_prediction:  # decoder on the labelled tokens only
+                keep = labels != -100
+                hidden, labels = hidden[keep], labels[keep]
+            logits = self.decoder(hidden)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         output = MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return _as_tuple(output, return_dict)
 
@@ -586,7 +617,7 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         logits = self.lm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
-            labels = labels.to(logits.device)
+            labels = _check_labels(labels, logits)
             shifted = logits[:, :-1]
             loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1))
         output = CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
