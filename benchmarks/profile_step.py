@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from run import MaskedLMStep, timm_gmlp  # noqa: E402
 
 from gmlp import create_model  # noqa: E402
+from gmlp.train.optim import fused_adamw  # noqa: E402
 
 SIZES = {"s": (256, 30, 224, 16), "b": (512, 30, 224, 16), "smoke": (32, 2, 32, 8)}
 CATEGORIES = (  # first match wins; matched against the lower-cased kernel / operator name
@@ -74,7 +75,7 @@ def profile_model(
     """Profile ``steps`` training steps (bf16 autocast and fused AdamW on CUDA) after three warm-ups.
     ``model`` may be any callable when ``params`` holds the parameters to train."""
     device = x.device
-    opt = torch.optim.AdamW((params or model).parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW((params or model).parameters(), lr=1e-4, fused=fused_adamw(device))
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )

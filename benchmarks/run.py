@@ -35,6 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from gmlp.train.optim import fused_adamw  # noqa: E402
 from gmlp.utils.malloc import tune_malloc  # noqa: E402
 
 
@@ -335,7 +336,7 @@ def run_cases(
             continue
         if mode == "train":
             model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw(device))
         else:
             model.eval()
             opt = None

@@ -224,3 +224,9 @@ def test_mlm_cases_time_one_loss_and_the_table_shows_our_fastest_row() -> None:
     rows = run.table([result("gmlp A", 2.0), result("gmlp A (sparse prediction)", 6.0), result("peer", 1.0)])
     assert rows.splitlines()[-1].endswith("| peer | train | 8 | 1.0 | 1 | 1.00 | 1.000 | - | 2.00x | 6.00x |")
     assert rows.splitlines()[-2].endswith("| 0.33x | - |")  # our rows: against our default only
+
+
+def test_optimizer_step_smoke(capsys: pytest.CaptureFixture) -> None:
+    times = _load("optimizer_step").main(["--model", "gmlp_micro4_28", "--reps", "1"])
+    assert set(times) == {"default", "foreach", "for-loop", "fused"} and all(t > 0 for t in times.values())
+    assert "fused" in capsys.readouterr().out

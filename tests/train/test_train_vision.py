@@ -35,7 +35,7 @@ def test_cli_trains_end_to_end_and_checkpoint_loads_bit_exactly(
     # the first line says what the run uses; the last one the final accuracy
     params = sum(p.numel() for p in create_model("gmlp_micro4_28", img_size=8, in_chans=1).parameters())
     assert printed[0] == (f"training gmlp_micro4_28 ({params:,} parameters) on cpu x 1 process(es), fp32, "
-                          "AdamW, 5 steps/epoch")
+                          "fused AdamW, 5 steps/epoch")
     assert printed[-1].startswith("done: 10 steps, test accuracy 0.")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]

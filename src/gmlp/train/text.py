@@ -39,6 +39,7 @@ from torch import nn
 
 from ..data.text import TextDataError, load_text_splits, pack_sequences
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .optim import fused_adamw
 
 __all__ = [
     "ARCHS",
@@ -561,7 +562,7 @@ def _train_loop(
         lr=opts.lr,
         betas=(opts.adam_beta1, opts.adam_beta2),
         eps=opts.adam_eps,
-        fused=accelerator.device.type == "cuda",  # one kernel for the whole update on GPU
+        fused=fused_adamw(accelerator.device),  # one kernel for the whole update
     )
     scheduler = linear_schedule(optimizer, _warmup_steps(opts.warmup, total_steps), total_steps)
     start = 0

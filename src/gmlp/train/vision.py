@@ -683,8 +683,10 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
+    from .optim import fused_adamw
+
     opt_kwargs: dict[str, Any] = {"betas": config.betas, "eps": config.eps}
-    if device.type == "cuda":
+    if fused_adamw(device, sharded=fsdp):
         opt_kwargs["fused"] = True
     optimizer = create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay,
                                     **opt_kwargs)

@@ -1,0 +1,18 @@
+"""The optimizer choice shared by the training commands and the benchmarks."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["fused_adamw"]
+
+
+def fused_adamw(device: torch.device | str, sharded: bool = False) -> bool:
+    """Whether AdamW should run fused (one kernel for the whole update) on ``device``.
+
+    On CUDA, always. On the CPU too (torch >= 2.4 has a fused CPU kernel): there it is 2-3x
+    faster than the default for-each update (benchmarks/RESULTS.md). ``sharded`` (FSDP's DTensor parameters)
+    keeps the default on the CPU.
+    """
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and not sharded)
