@@ -560,6 +560,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(json.dumps(info))
     # the plain-ops ablation matters on CUDA (the only place the kernel runs); smoke runs it to test the code
     ablate = (device.type == "cuda" or args.suite == "smoke") and not (args.no_ablation or args.compile)
+    if args.compile:  # the sparse-prediction MLM selects its labelled tokens: a data-dependent shape
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
 
     def chosen(cases: list[Case]) -> list[Case]:
         if not args.models:
