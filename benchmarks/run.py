@@ -86,7 +86,7 @@ def timm_gmlp(dim: int, depth: int, img: int, patch: int) -> nn.Module:
 
 
 def vision_cases(
-    size: str, batch: int, img: int = 224, patch: int = 16, ablate_triton: bool = False
+    size: str, batch: int, img: int = 224, patch: int = 16, ablate: tuple[str, ...] = ()
 ) -> list[Case]:
     import timm
     from g_mlp_pytorch import gMLPVision
@@ -111,8 +111,7 @@ def vision_cases(
         out.float(), torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
     )
     ours = [Case(f"gmlp {timm_name}", "vision", lambda: create_model(timm_name, **over), images, ce)]
-    if ablate_triton:
-        ours += ablations(ours[0])
+    ours += ablations(ours[0], ablate)
     return [
         *ours,
         Case(f"timm {timm_name}", "vision", lambda: timm_gmlp(dim, depth, img, patch), images, ce),
@@ -163,7 +162,7 @@ def text_cases(
     seq: int,
     batch: int,
     vocab: int = 30522,
-    ablate_triton: bool = False,
+    ablate: tuple[str, ...] = (),
     sparse: bool = True,
     mlm_probability: float = 0.15,
 ) -> list[Case]:
@@ -199,8 +198,7 @@ def text_cases(
         if sparse:
             name = "gmlp GMLPForMaskedLM (sparse prediction)"
             cases.append(Case(name, "text", lambda: ours(sparse_prediction=True), tokens, loss))
-        if ablate_triton:
-            cases += ablations(cases[0])
+        cases += ablations(cases[0], ablate)
     except ImportError:  # the text models are optional in this benchmark
         pass
     cases.append(
@@ -269,41 +267,51 @@ def resident_bytes(*objects: Any) -> int:
 
 
 #: Ablations of our fast paths, each run as an extra case of the same model in the same process:
-#: label -> the environment switch that turns the path off.
+#: label -> the environment switches that turn the path off.
 ABLATIONS = {
-    "split kernel": "GMLP_DISABLE_FUSED_GATING",  # GELU+split+LayerNorm kernel, gating in plain ops
-    "plain ops": "GMLP_DISABLE_TRITON",  # no Triton kernel at all
+    "split kernel": ("GMLP_DISABLE_FUSED_GATING",),  # CUDA: GELU+split+LayerNorm kernel, gating in plain ops
+    # no fast path at all: no Triton kernel (CUDA), no oneDNN epilogue fusion (CPU inference)
+    "plain ops": ("GMLP_DISABLE_TRITON", "GMLP_DISABLE_CPU_FUSION"),
 }
 
 
 class Ablated(nn.Module):
-    """Runs the wrapped gmlp model's forward with the environment variable ``switch`` set to ``1`` (the
+    """Runs the wrapped gmlp model's forward with the environment variables ``switches`` set to ``1`` (the
     path choice is made in the forward; backward follows the graph it built)."""
 
-    def __init__(self, model: nn.Module, switch: str) -> None:
+    def __init__(self, model: nn.Module, switches: tuple[str, ...]) -> None:
         super().__init__()
         self.model = model
-        self.switch = switch
+        self.switches = switches
 
     def forward(self, *args: Any) -> Any:
-        saved = os.environ.get(self.switch)
-        os.environ[self.switch] = "1"
+        saved = {name: os.environ.get(name) for name in self.switches}
+        os.environ.update(dict.fromkeys(self.switches, "1"))
         try:
             return self.model(*args)
         finally:
-            if saved is None:
-                del os.environ[self.switch]
-            else:
-                os.environ[self.switch] = saved
+            for name, value in saved.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
 
 
-def ablations(case: Case) -> list[Case]:
-    """One extra case per entry of :data:`ABLATIONS`: ``case``'s model with that fast path switched off."""
+def ablations(case: Case, labels: tuple[str, ...] = tuple(ABLATIONS)) -> list[Case]:
+    """One extra case per label of :data:`ABLATIONS`: ``case``'s model with that fast path switched off."""
     return [
-        Case(f"{case.name} ({label})", case.family, lambda s=switch: Ablated(case.build(), s), case.inputs,
-             case.loss)  # fmt: skip
-        for label, switch in ABLATIONS.items()
+        Case(f"{case.name} ({label})", case.family, lambda s=ABLATIONS[label]: Ablated(case.build(), s),
+             case.inputs, case.loss)  # fmt: skip
+        for label in labels
     ]
+
+
+def ablation_labels(device: torch.device, mode: str, suite: str) -> tuple[str, ...]:
+    """The ablations worth timing: on CUDA both; on the CPU "plain ops" in inference (the only place its
+    fast path runs); the smoke suite runs both to test the code."""
+    if device.type == "cuda" or suite == "smoke":
+        return tuple(ABLATIONS)
+    return ("plain ops",) if mode == "infer" else ()
 
 
 def run_cases(
@@ -528,8 +536,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument(
         "--no-ablation",
         action="store_true",
-        help="on CUDA, skip the extra ablation cases of ours ('split kernel': fused gating off; "
-        "'plain ops': every Triton kernel off)",
+        help="skip the extra ablation cases of ours ('split kernel', CUDA: fused gating off; 'plain ops': "
+        "every Triton kernel off on CUDA, the oneDNN epilogue fusion off in CPU inference)",
     )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -558,8 +566,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         device, torch.float32 if suite["dtype"] == "fp32" else torch.bfloat16
     )
     print(json.dumps(info))
-    # the plain-ops ablation matters on CUDA (the only place the kernel runs); smoke runs it to test the code
-    ablate = (device.type == "cuda" or args.suite == "smoke") and not (args.no_ablation or args.compile)
+    ablate = not (args.no_ablation or args.compile)
     if args.compile:  # the sparse-prediction MLM selects its labelled tokens: a data-dependent shape
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
 
@@ -577,7 +584,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 vision_cases(
                     size,
                     b_inf if mode == "infer" else b_train,
-                    ablate_triton=ablate,
+                    ablate=ablation_labels(device, mode, args.suite) if ablate else (),
                     **({"img": 32, "patch": 8} if args.suite == "smoke" else {}),
                 )
             )
@@ -601,7 +608,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     seq,
                     b_inf if mode == "infer" else b_train,
                     vocab=1000 if args.suite == "smoke" else 30522,
-                    ablate_triton=ablate,
+                    ablate=ablation_labels(device, mode, args.suite) if ablate else (),
                     sparse=mode == "train",
                 )
             )

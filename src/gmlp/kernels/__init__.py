@@ -1,5 +1,12 @@
 """Fast paths behind the :mod:`gmlp.nn` modules, each with the plain reference path it is tested against."""
 
+from .cpu_linear import (
+    apply_linear,
+    cpu_fusion_enabled,
+    fused_linear,
+    fused_linear_reference,
+    is_plain_linear,
+)
 from .norm_triton import layer_norm, layer_norm_reference
 from .sgu_triton import (
     gelu_split_layernorm,
@@ -11,8 +18,13 @@ from .sgu_triton import (
 from .toeplitz import toeplitz_mix_fft
 
 __all__ = [
+    "apply_linear",
+    "cpu_fusion_enabled",
+    "fused_linear",
+    "fused_linear_reference",
     "gelu_split_layernorm",
     "gelu_split_layernorm_reference",
+    "is_plain_linear",
     "layer_norm",
     "layer_norm_reference",
     "spatial_gating",

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.cpu_linear import apply_linear, fused_linear, is_plain_linear
 from ..kernels.norm_triton import layer_norm
 from ..kernels.sgu_triton import fused_gating_enabled, gelu_split_layernorm, spatial_gating, triton_enabled
 from ._checks import check_mask, check_tokens
@@ -120,8 +121,9 @@ class GMLPBlock(nn.Module):
         if self.sgu.variant == "sgu":
             z = self._spatial_gating(h, mask, gate_bias)
         else:
-            z = self.sgu(F.gelu(self.fc1(h)), mask, gate_bias)
-        return x + self.drop_path(self.dropout(self.fc2(z)))
+            z = self.sgu(apply_linear(self.fc1, h, "gelu"), mask, gate_bias)
+        return x + self.drop_path(self.dropout(apply_linear(self.fc2, z)))
+
 
     def _pre_norm(self, x: torch.Tensor) -> torch.Tensor:
         """``norm(x)``; on CUDA with Triton (and the fused gating on) one kernel each way that writes the
@@ -166,6 +168,10 @@ class GMLPBlock(nn.Module):
         if triton_enabled(h):
             return gelu_split_layernorm(self.fc1(h), norm.weight, norm.bias, norm.eps, use_triton=True)
         c = self.sgu.gate_dim
+        if not is_plain_linear(self.fc1):  # a wrapped fc1 (hooks, LoRA, ...) must run as a whole
+            z1, z2 = F.gelu(self.fc1(h)).chunk(2, dim=-1)
+            return z1, norm(z2)
         w, b = self.fc1.weight, self.fc1.bias
-        z1 = F.gelu(F.linear(h, w[:c], b[:c]))
-        return z1, norm(F.gelu(F.linear(h, w[c:], b[c:])))
+        z1 = fused_linear(h, w[:c], None if b is None else b[:c], "gelu")
+        return z1, norm(fused_linear(h, w[c:], None if b is None else b[c:], "gelu"))
+

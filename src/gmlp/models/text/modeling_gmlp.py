@@ -39,6 +39,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import logging
 
 from ...convert import detect_format, from_g_mlp_pytorch
+from ...kernels.cpu_linear import apply_linear
 from ...nn import GMLPBlock, TokenProjection
 from ...utils.io import CheckpointError
 from ..vision import drop_path_rates
@@ -417,13 +418,13 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
         out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
         hidden, loss = out.last_hidden_state, None
         if labels is None:
-            logits = self.decoder(hidden)
+            logits = apply_linear(self.decoder, hidden)
         else:
             labels = _check_labels(labels, hidden)
             if self.config.sparse_prediction:  # decoder on the labelled tokens only
                 keep = labels != -100
                 hidden, labels = hidden[keep], labels[keep]
-            logits = self.decoder(hidden)
+            logits = apply_linear(self.decoder, hidden)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         output = MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return _as_tuple(output, return_dict)
@@ -614,7 +615,7 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
             raise ValueError("output_attentions=True is not supported: gMLP has no attention maps to return")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
-        logits = self.lm_head(out.last_hidden_state)
+        logits = apply_linear(self.lm_head, out.last_hidden_state)
         loss = None
         if labels is not None:
             labels = _check_labels(labels, logits)
