@@ -210,6 +210,30 @@ def check_text_properties(device: torch.device) -> None:
     _close(a, b, 1e-4, 1e-4, "padding invariance")
 
 
+def check_sparse_prediction(device: torch.device) -> None:
+    """MLM with ``sparse_prediction``: the dense head's loss and gradients, its logits at labelled tokens."""
+    from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
+
+    cfg = dict(vocab_size=1001, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+               max_position_embeddings=32)  # fmt: skip
+    ids = torch.randint(5, 1001, (4, 32), device=device)
+    labels = torch.where(torch.rand(4, 32, device=device) < 0.15, ids, -100)
+    labels[0, 0] = ids[0, 0]
+    outs, grads = [], []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = GMLPForMaskedLM(GMLPConfig(**cfg, sparse_prediction=sparse)).to(device)
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        outs.append(out)
+        grads.append([p.grad for p in model.parameters()])
+    keep = labels != -100
+    _close(outs[1].logits, outs[0].logits[keep], 1e-4, 1e-4, "sparse logits")
+    _close(outs[1].loss, outs[0].loss, 1e-5, 1e-5, "sparse loss")
+    for a, b in zip(*grads, strict=True):
+        _close(b, a, 1e-4, 1e-6, "sparse gradients")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -250,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         ("FFT Toeplitz == dense GEMM", lambda: check_fft(device, *fft_case)),
         ("bf16 training step: each kernel path == plain ops", lambda: check_model_step(device, args.small)),
         ("text: causality and padding on device", lambda: check_text_properties(device)),
+        ("MLM sparse prediction == dense head", lambda: check_sparse_prediction(device)),
     ]
     failed = 0
     for name, fn in checks:

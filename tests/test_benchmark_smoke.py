@@ -57,7 +57,7 @@ def test_gpu_checks_dry_run_on_cpu(capsys: pytest.CaptureFixture) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert _load("gpu_checks").main(["--device", device, "--small"]) == 0
     out = capsys.readouterr().out
-    assert "FAIL" not in out and "13/13 checks passed" in out
+    assert "FAIL" not in out and "14/14 checks passed" in out
 
 
 def test_model_filter_and_plain_ops_ablation(tmp_path: Path) -> None:
