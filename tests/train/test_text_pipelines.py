@@ -298,7 +298,9 @@ def test_resume_equals_uninterrupted(tmp_path: Path, corpus: Path, monkeypatch: 
         ]
 
 
-def test_sparse_prediction_pretrains_like_dense(tmp_path: Path, corpus: Path) -> None:
+def test_sparse_prediction_pretrains_like_dense(
+    tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture
+) -> None:
     """The default sparse MLM decoder gives the dense run's losses, perplexities and weights (to float
     rounding), and the saved model returns dense logits again."""
     if "gmlp" not in ARCHS:
@@ -308,8 +310,12 @@ def test_sparse_prediction_pretrains_like_dense(tmp_path: Path, corpus: Path) ->
     tok = tmp_path / "tok"
     assert main(["tokenizer", "--corpus", str(corpus), "--output", str(tok), "--vocab-size", "150"]) == 0
     sparse, dense = tmp_path / "sparse", tmp_path / "dense"
+    capsys.readouterr()
     assert main(_pretrain_args(corpus, sparse, "--arch", "gmlp")) == 0
+    line = "[gmlp] MLM decoder on the masked tokens only (sparse prediction); fused AdamW"
+    assert line in capsys.readouterr().err
     assert main(_pretrain_args(corpus, dense, "--arch", "gmlp", "--no-sparse-prediction")) == 0
+    assert "[gmlp] MLM decoder on every token; fused AdamW" in capsys.readouterr().err
     a, b = _records(sparse), _records(dense)
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     assert any(r["split"] == "validation" for r in a)

@@ -838,6 +838,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     sparse = cfg.sparse_prediction and hasattr(model.config, "sparse_prediction")
     if hasattr(model.config, "sparse_prediction"):
         model.config.sparse_prediction = sparse
+    if accelerator.is_main_process:
+        where = "the masked tokens only (sparse prediction)" if sparse else "every token"
+        adamw = "fused AdamW" if fused_adamw(accelerator.device) else "AdamW"
+        print(f"[gmlp] MLM decoder on {where}; {adamw}", file=sys.stderr)
     specials = sorted({i for i in special.values() if i is not None})
     vocab_size = len(tokenizer)
 
