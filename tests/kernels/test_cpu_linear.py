@@ -142,3 +142,15 @@ def test_text_inference_matches_plain_ops_with_padding(monkeypatch: pytest.Monke
         want = model(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_traced_and_exported_graphs_keep_portable_ops() -> None:
+    """torch.jit.trace and torch.export (the two ONNX exporters' front ends) see F.linear, not oneDNN."""
+    model = create_model("gmlp_micro4_28", img_size=8, in_chans=1).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+        exported = torch.export.export(model, (x,))
+    assert "mkldnn" not in str(traced.inlined_graph) and "linear" in str(traced.inlined_graph)
+    assert "mkldnn" not in str(exported.graph) and "linear" in str(exported.graph)

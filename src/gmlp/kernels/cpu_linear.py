@@ -8,9 +8,9 @@ adds the bias and applies the GELU while the output tile is still in registers. 
 used here it also runs the product itself faster than the BLAS call (benchmarks/RESULTS.md).
 
 The fast path is taken only where autograd is not recording (inference: ``torch.no_grad`` /
-``torch.inference_mode``), for float32 CPU tensors outside autocast and torch.compile tracing, with oneDNN
-available and enabled and ``GMLP_DISABLE_CPU_FUSION`` not ``1``. Everywhere else :func:`fused_linear`
-runs :func:`fused_linear_reference`, the plain ops it is tested against.
+``torch.inference_mode``), for float32 CPU tensors outside autocast, torch.compile / torch.export and
+``torch.jit.trace``, with oneDNN available and enabled and ``GMLP_DISABLE_CPU_FUSION`` not ``1``. Everywhere
+else :func:`fused_linear` runs :func:`fused_linear_reference`, the plain ops it is tested against.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def cpu_fusion_enabled(x: torch.Tensor, weight: torch.Tensor) -> bool:
     module docstring for the conditions)."""
     return (
         not torch.compiler.is_compiling()  # first: inductor fuses for itself (and shapes may be symbolic)
+        and not torch.jit.is_tracing()  # traced graphs (TorchScript ONNX export) keep portable ops
         and os.environ.get("GMLP_DISABLE_CPU_FUSION") != "1"
         and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.enabled
