@@ -145,6 +145,7 @@ def test_text_inference_matches_plain_ops_with_padding(monkeypatch: pytest.Monke
 
 
 @needs_onednn
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace:FutureWarning")
 def test_traced_and_exported_graphs_keep_portable_ops() -> None:
     """torch.jit.trace and torch.export (the two ONNX exporters' front ends) see F.linear, not oneDNN."""
     model = create_model("gmlp_micro4_28", img_size=8, in_chans=1).eval()
