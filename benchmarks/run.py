@@ -529,6 +529,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--modes", default="infer,train", help="comma-separated: infer,train")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="override the suite's precision (bf16 = bf16 autocast for every model; CPUs with native bf16)",
+    )
+    parser.add_argument(
         "--models",
         default=None,
         help="comma-separated name fragments: time only the models whose name contains one of them",
@@ -550,7 +556,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "--no-malloc-tuning", action="store_true", help="keep glibc's default allocator settings"
     )
     args = parser.parse_args(argv)
-    suite = SUITES[args.suite]
+    suite = dict(SUITES[args.suite])
+    if args.dtype:
+        suite["dtype"] = args.dtype
     if not args.no_malloc_tuning:
         tune_malloc()
     if args.threads:
@@ -630,6 +638,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 {
                     "machine": info,
                     "suite": args.suite,
+                    "dtype": suite["dtype"],
                     "compile": args.compile,
                     "results": [asdict(r) for r in results],
                 },

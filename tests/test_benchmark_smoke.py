@@ -230,3 +230,13 @@ def test_optimizer_step_smoke(capsys: pytest.CaptureFixture) -> None:
     times = _load("optimizer_step").main(["--model", "gmlp_micro4_28", "--reps", "1"])
     assert set(times) == {"default", "foreach", "for-loop", "fused"} and all(t > 0 for t in times.values())
     assert "fused" in capsys.readouterr().out
+
+
+def test_dtype_override_runs_every_model_in_bf16_autocast(tmp_path: Path) -> None:
+    run = _load("run")
+    out = tmp_path / "bf16.json"
+    run.main(["--suite", "smoke", "--dtype", "bf16", "--only", "vision", "--modes", "train", "--models",
+              "gmlp gmlp,timm gmlp", "--no-ablation", "--json", str(out)])  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["dtype"] == "bf16" and "gemm_tflops_bf16" in data["machine"]
+    assert [r["name"] for r in data["results"]] == ["gmlp gmlp_s16_224", "timm gmlp_s16_224"]
