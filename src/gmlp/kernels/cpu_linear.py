@@ -112,7 +112,6 @@ def fused_linear(
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-
 def is_plain_linear(module: nn.Module) -> bool:
     """Whether ``module`` is exactly ``nn.Linear`` with no forward hooks (its own or global): then its
     weight and bias may be used directly (split into halves, fused with a GELU) without changing what the

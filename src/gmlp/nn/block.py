@@ -124,7 +124,6 @@ class GMLPBlock(nn.Module):
             z = self.sgu(apply_linear(self.fc1, h, "gelu"), mask, gate_bias)
         return x + self.drop_path(self.dropout(apply_linear(self.fc2, z)))
 
-
     def _pre_norm(self, x: torch.Tensor) -> torch.Tensor:
         """``norm(x)``; on CUDA with Triton (and the fused gating on) one kernel each way that writes the
         output in the autocast dtype directly (no float32 output and cast) and reduces the weight/bias
@@ -174,4 +173,3 @@ class GMLPBlock(nn.Module):
         w, b = self.fc1.weight, self.fc1.bias
         z1 = fused_linear(h, w[:c], None if b is None else b[:c], "gelu")
         return z1, norm(fused_linear(h, w[c:], None if b is None else b[c:], "gelu"))
-
