@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.cpu_linear import apply_linear
 from ._checks import check_mask, check_tokens
 
 __all__ = ["TinyAttention"]
@@ -48,7 +49,8 @@ class TinyAttention(nn.Module):
         mask = check_mask(mask, batch, n)
         if mask is not None:  # padded keys/values are zeroed too, so not even NaN/inf padding can leak
             x = x.masked_fill(~mask.t().unsqueeze(-1), 0.0)
-        q, k, v = self.qkv(x).transpose(0, 1).unsqueeze(1).chunk(3, dim=-1)  # each (batch, 1, n, attn_dim)
+        qkv = apply_linear(self.qkv, x).transpose(0, 1).unsqueeze(1)
+        q, k, v = qkv.chunk(3, dim=-1)  # each (batch, 1, n, attn_dim)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
@@ -57,4 +59,4 @@ class TinyAttention(nn.Module):
             if self.causal:
                 keep = keep & torch.ones(n, n, dtype=torch.bool, device=x.device).tril_()
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | eye)
-        return self.out(out.squeeze(1).transpose(0, 1))
+        return apply_linear(self.out, out.squeeze(1).transpose(0, 1))
