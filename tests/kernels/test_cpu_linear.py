@@ -1,5 +1,6 @@
-"""The CPU inference fast path (oneDNN matmul with bias and GELU epilogues) equals F.linear (+ F.gelu), is
-taken only where autograd is not recording, and never bypasses a wrapped or hooked projection."""
+"""The CPU fast path (oneDNN matmuls; bias and GELU epilogues in inference) equals F.linear (+ F.gelu) and
+addmm, forward and gradients, switches off where it must, and never bypasses a wrapped or hooked
+projection."""
 
 from __future__ import annotations
 
@@ -9,79 +10,162 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from gmlp import create_model
-from gmlp.kernels import cpu_fusion_enabled, cpu_linear, fused_linear, fused_linear_reference
+from gmlp.kernels import (
+    cpu_fusion_enabled,
+    cpu_linear,
+    fused_linear,
+    fused_linear_reference,
+    token_mix,
+    token_mix_reference,
+)
 from gmlp.nn import GMLPBlock
 
 needs_onednn = pytest.mark.skipif(not cpu_linear._HAS_ONEDNN_LINEAR, reason="torch without oneDNN linear")
 
 
+def _f64(t: torch.Tensor | None, grad: bool) -> torch.Tensor | None:
+    return None if t is None else t.detach().double().requires_grad_(grad)
+
+
 @needs_onednn
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     lead=st.sampled_from([(1,), (5,), (3, 4), (2, 1, 3)]),
     fan_in=st.integers(1, 70),
     fan_out=st.integers(1, 70),
     bias=st.booleans(),
     gelu=st.booleans(),
+    needs=st.sampled_from(["none", "all", "x", "weights"]),
     seed=st.integers(0, 999),
 )
-def test_onednn_linear_equals_the_reference(lead, fan_in, fan_out, bias, gelu, seed) -> None:
+def test_onednn_linear_equals_the_reference(lead, fan_in, fan_out, bias, gelu, needs, seed) -> None:
+    """The output and, where autograd records, the gradients of x, weight and bias that require one."""
     torch.manual_seed(seed)
     x = 2 * torch.randn(*lead, fan_in)
     w = torch.randn(fan_out, fan_in) / fan_in**0.5
     b = torch.randn(fan_out) if bias else None
+    wants = {"none": (), "all": ("x", "w", "b"), "x": ("x",), "weights": ("w", "b")}[needs]
+    leaves = {"x": x, "w": w, "b": b}
+    for name in wants:
+        if leaves[name] is not None:
+            leaves[name].requires_grad_()
     act = "gelu" if gelu else None
-    with torch.no_grad():
-        got = fused_linear(x, w, b, act, use_onednn=True)
-    want = fused_linear_reference(x.double(), w.double(), None if b is None else b.double(), act)
+    got = fused_linear(x, w, b, act, use_onednn=True)
+    ref_leaves = {k: _f64(v, v is not None and v.requires_grad) for k, v in leaves.items()}
+    want = fused_linear_reference(ref_leaves["x"], ref_leaves["w"], ref_leaves["b"], act)
     assert got.shape == (*lead, fan_out) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    names = [k for k, v in leaves.items() if v is not None and v.requires_grad]
+    if names:
+        cot = torch.randn(*lead, fan_out, dtype=torch.float64)
+        grads = torch.autograd.grad((got.double() * cot).sum(), [leaves[k] for k in names])
+        refs = torch.autograd.grad((want * cot).sum(), [ref_leaves[k] for k in names])
+        for name, g, r in zip(names, grads, refs, strict=True):
+            torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4, msg=name)
 
 
 @needs_onednn
-def test_the_fast_path_is_for_inference_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    x, w = torch.randn(4, 8), torch.randn(6, 8)
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 30), columns=st.integers(1, 50), seed=st.integers(0, 999), grad=st.booleans())
+def test_token_mix_equals_addmm(n: int, columns: int, seed: int, grad: bool) -> None:
+    """``W @ Z + b`` and, in training, the gradients of W, Z and b; W may be a strided view (as the Toeplitz
+    expansion is)."""
+    torch.manual_seed(seed)
+    base = torch.randn(n, 2 * n, requires_grad=grad)
+    w = base[:, ::2]
+    z = torch.randn(n, columns, requires_grad=grad)
+    b = torch.randn(n, requires_grad=grad)
+    got = token_mix(w, z, b)
+    ref_in = [_f64(t, grad) for t in (w, z, b)]
+    want = token_mix_reference(*ref_in)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    if grad:
+        cot = torch.randn(n, columns, dtype=torch.float64)
+        grads = torch.autograd.grad((got.double() * cot).sum(), (w, z, b))
+        refs = torch.autograd.grad((want * cot).sum(), ref_in)
+        for g, r in zip(grads, refs, strict=True):
+            torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_double_backward_works_through_the_fast_path() -> None:
+    """create_graph=True: the backward runs differentiable ops, so second derivatives match the reference."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True), torch.randn(4)
+    wt, z, bt = torch.randn(5, 5, requires_grad=True), torch.randn(5, 7, requires_grad=True), torch.randn(5)
+    results = []
+    for fast in (True, False):
+        y = fused_linear(x, w, b, "gelu", use_onednn=fast)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        (gw,) = torch.autograd.grad(gx.square().sum(), w)
+        mix = token_mix(wt, z, bt) if fast else token_mix_reference(wt, z, bt)
+        (gz,) = torch.autograd.grad(mix.square().sum(), z, create_graph=True)
+        (gwt,) = torch.autograd.grad(gz.square().sum(), wt)
+        results.append((gw, gwt))
+    for a, r in zip(*results, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_when_the_fast_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, w = torch.randn(4, 8), torch.randn(6, 8, requires_grad=True)
+    assert cpu_fusion_enabled(x, w)  # training
     with torch.no_grad():
-        assert cpu_fusion_enabled(x, w)
-        assert not cpu_fusion_enabled(x.double(), w.double())
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not cpu_fusion_enabled(x, w)
-        monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", "1")
+        assert cpu_fusion_enabled(x, w)  # and inference
+    assert not cpu_fusion_enabled(x.double(), w.double())
+    assert not cpu_fusion_enabled(x[:0], w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not cpu_fusion_enabled(x, w)
-        monkeypatch.delenv("GMLP_DISABLE_CPU_FUSION")
-    assert cpu_fusion_enabled(x, w)  # nothing requires grad: nothing to record
-    assert not cpu_fusion_enabled(x, w.requires_grad_())
-    with torch.inference_mode():
-        assert cpu_fusion_enabled(x, w)
-    with pytest.raises(ValueError, match=r"use_onednn=True needs .* autograd recording True"):
-        fused_linear(x, w, None, use_onednn=True)
+    with FlopCounterMode(display=False):  # dispatch modes see plain aten ops (the FLOPs get counted)
+        assert not cpu_fusion_enabled(x, w)
+    monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", "1")
+    assert not cpu_fusion_enabled(x, w)
+    monkeypatch.delenv("GMLP_DISABLE_CPU_FUSION")
+    with pytest.raises(ValueError, match=r"use_onednn=True needs non-empty float32 CPU tensors"):
+        fused_linear(x.double(), w.double(), None, use_onednn=True)
     with pytest.raises(ValueError, match=r"activation must be None or 'gelu', got 'relu'"):
         fused_linear(x, w, None, "relu")
-    w.detach_()
     assert fused_linear(x[:0], w, None).shape == (0, 6)  # empty input: the reference path
+    # torch.func transforms get plain ops (the oneDNN functions have no vmap rule)
+    got = torch.func.grad(lambda v: fused_linear(x, v, None, "gelu").sum())(w.detach())
+    want = torch.func.grad(lambda v: fused_linear_reference(x, v, None, "gelu").sum())(w.detach())
+    torch.testing.assert_close(got, want)
 
 
 @needs_onednn
-def test_model_inference_takes_the_fast_path_and_matches_plain_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_takes_the_fast_path_and_matches_plain_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inference outputs, and in training every parameter gradient, as with plain ops; no reference op
+    runs while the fast path is on."""
     torch.manual_seed(0)
-    model = create_model("gmlp_micro4_28", img_size=8, in_chans=1).eval()
+    model = create_model("gmlp_micro4_28", img_size=8, in_chans=1).eval()  # eval: no stochastic depth
     x = torch.randn(3, 1, 8, 8)
-    monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", "1")
     with torch.no_grad():
-        want = model.forward_features(x)
+        cot = torch.randn_like(model.forward_features(x))
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            out = model.forward_features(x)
+        model.zero_grad()
+        (model.forward_features(x) * cot).sum().backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", "1")
+    want_out, want_grads = run()
     monkeypatch.delenv("GMLP_DISABLE_CPU_FUSION")
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the reference ran where the oneDNN path should")
+        raise AssertionError("a reference op ran where the oneDNN path should")
 
     monkeypatch.setattr(cpu_linear, "fused_linear_reference", refuse)
-    with torch.no_grad():
-        got = model.forward_features(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(AssertionError, match="the reference ran"):  # training records: plain ops
-        model.forward_features(x)
+    monkeypatch.setattr(cpu_linear, "token_mix_reference", refuse)
+    got_out, got_grads = run()
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys() and "blocks.0.sgu.proj.weight" in got_grads
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 class _Scaled(nn.Linear):

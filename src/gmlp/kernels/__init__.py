@@ -6,6 +6,8 @@ from .cpu_linear import (
     fused_linear,
     fused_linear_reference,
     is_plain_linear,
+    token_mix,
+    token_mix_reference,
 )
 from .norm_triton import layer_norm, layer_norm_reference
 from .sgu_triton import (
@@ -29,6 +31,8 @@ __all__ = [
     "layer_norm_reference",
     "spatial_gating",
     "spatial_gating_reference",
+    "token_mix",
+    "token_mix_reference",
     "toeplitz_mix_fft",
     "triton_available",
 ]

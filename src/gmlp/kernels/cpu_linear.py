@@ -1,28 +1,47 @@
-"""CPU inference fast path for the channel projections: one oneDNN matmul with the bias (and GELU) in its
-epilogue.
+"""CPU fast path for the matrix products of a gMLP block: oneDNN matmuls, with the bias (and GELU) in the
+epilogue where autograd does not need the pre-activation.
 
-On the CPU, ``F.linear`` runs as BLAS ``addmm``, which first writes the broadcast bias into its output and
-then accumulates the product onto it, and a GELU after it is one more pass over the activation. oneDNN's
-matmul (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU backend uses for the same fusion)
-adds the bias and applies the GELU while the output tile is still in registers. On the 2-core AMD EPYC
-used here it also runs the product itself faster than the BLAS call (benchmarks/RESULTS.md).
+On the CPU, ``F.linear`` and ``torch.addmm`` run as BLAS calls; ``addmm`` first writes the broadcast bias
+into its output, and a GELU after it is one more pass over the activation. oneDNN's matmul
+(``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU backend uses for the same fusion) adds the
+bias and applies the GELU while the output tile is still in registers, and on the 2-core AMD EPYC used
+here it also runs these shapes faster than the BLAS call: the channel projections by 1.1-1.4x, the
+token-mixing products (K = n = 196) by about 1.3x (benchmarks/RESULTS.md).
 
-The fast path is taken only where autograd is not recording (inference: ``torch.no_grad`` /
-``torch.inference_mode``), for float32 CPU tensors outside autocast, torch.compile / torch.export and
-``torch.jit.trace``, with oneDNN available and enabled and ``GMLP_DISABLE_CPU_FUSION`` not ``1``. Everywhere
-else :func:`fused_linear` runs :func:`fused_linear_reference`, the plain ops it is tested against.
+* Inference (autograd not recording): :func:`fused_linear` is one oneDNN call with bias and GELU fused.
+* Training: :func:`fused_linear` is an autograd function whose forward is the oneDNN product with the bias
+  in its epilogue (the GELU stays a separate op: its backward needs the pre-activation) and whose
+  backward computes the input gradient with oneDNN and the weight gradient with BLAS (which is the faster
+  of the two for that transposed product). :func:`token_mix` does the same for ``W @ Z + b``.
+* A double backward (``create_graph=True``) takes differentiable plain ops in the backward, so it works
+  as with ``F.linear``.
+
+The fast path is taken for float32 CPU tensors outside autocast, torch.compile / torch.export,
+``torch.jit.trace``, torch.func transforms and Python dispatch modes (``FlopCounterMode``, fake tensors),
+with oneDNN available and enabled and ``GMLP_DISABLE_CPU_FUSION`` not ``1``. Everywhere else the functions
+run their ``*_reference``, the plain ops they are tested against.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_state
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["apply_linear", "cpu_fusion_enabled", "fused_linear", "fused_linear_reference", "is_plain_linear"]
+__all__ = [
+    "apply_linear",
+    "cpu_fusion_enabled",
+    "fused_linear",
+    "fused_linear_reference",
+    "is_plain_linear",
+    "token_mix",
+    "token_mix_reference",
+]
 
 ACTIVATIONS = (None, "gelu")
 
@@ -37,28 +56,98 @@ def _onednn_linear_available() -> bool:
 _HAS_ONEDNN_LINEAR = _onednn_linear_available()
 
 
-def _can_run(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The hard requirements of the oneDNN path: the op, float32 CPU tensors, autograd not recording."""
-    return (
-        _HAS_ONEDNN_LINEAR
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and x.numel() > 0
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+def _mm(
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, attr: str = "none"
+) -> torch.Tensor:
+    """``attr(a @ b.T + bias)`` as one oneDNN matmul (``attr``: "none" or "gelu")."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, attr, [], "none" if attr == "gelu" else "")
+
+
+def _can_run(*tensors: torch.Tensor) -> bool:
+    """The hard requirements of the oneDNN path: the op, non-empty float32 CPU tensors, no torch.func
+    transform wrapping them."""
+    return _HAS_ONEDNN_LINEAR and all(
+        t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and t.numel() > 0
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        for t in tensors
     )
 
 
-def cpu_fusion_enabled(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`fused_linear` takes the oneDNN path for ``x`` and ``weight`` by default (see the
+def cpu_fusion_enabled(*tensors: torch.Tensor) -> bool:
+    """Whether the functions of this module take the oneDNN path for ``tensors`` by default (see the
     module docstring for the conditions)."""
     return (
         not torch.compiler.is_compiling()  # first: inductor fuses for itself (and shapes may be symbolic)
         and not torch.jit.is_tracing()  # traced graphs (TorchScript ONNX export) keep portable ops
+        and _get_current_dispatch_mode() is None  # FLOP counters, fake tensors: they see plain aten ops
         and os.environ.get("GMLP_DISABLE_CPU_FUSION") != "1"
         and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.enabled
-        and _can_run(x, weight)
+        and _can_run(*tensors)
     )
+
+
+def _recording(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _Linear(torch.autograd.Function):
+    """``x @ weight.T + bias`` for 2-D ``x``: oneDNN forward (bias in the epilogue), oneDNN input gradient,
+    BLAS weight gradient; plain differentiable ops in a double backward."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _mm(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops
+            dx = grad @ weight if need_x else None
+            dw = grad.t() @ x if need_w else None
+        else:
+            dx = _mm(grad, weight.t()) if need_x else None
+            dw = torch.mm(grad.t(), x) if need_w else None
+        db = grad.sum(0) if need_b and ctx.has_bias else None
+        return dx, dw, db
+
+
+class _TokenMix(torch.autograd.Function):
+    """``w @ z + b[:, None]`` (``w`` (n, n), ``z`` (n, columns)): oneDNN products forward and for both
+    gradients; plain differentiable ops in a double backward."""
+
+    @staticmethod
+    def forward(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _mm(w, z.t()).add_(b.unsqueeze(1))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        w, z, _ = inputs
+        ctx.save_for_backward(w, z)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w, z = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_w, need_z, need_b = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops
+            dw = grad @ z.t() if need_w else None
+            dz = w.t() @ grad if need_z else None
+        else:
+            dw = _mm(grad, z) if need_w else None
+            dz = _mm(w.t().contiguous(), grad.t()) if need_z else None
+        db = grad.sum(1) if need_b else None
+        return dw, dz, db
 
 
 def fused_linear_reference(
@@ -83,33 +172,51 @@ def fused_linear(
         weight: ``(out_features, in_features)``.
         bias: ``(out_features,)`` or None.
         activation: None or ``"gelu"`` (exact GELU, as ``F.gelu``).
-        use_onednn: True takes the oneDNN path wherever it can run (float32 CPU tensors, autograd not
-            recording), whatever the switches of :func:`cpu_fusion_enabled`; False the reference; None
-            (default) picks it by :func:`cpu_fusion_enabled`.
+        use_onednn: True takes the oneDNN path wherever it can run (non-empty float32 CPU tensors), whatever
+            the switches of :func:`cpu_fusion_enabled`; False the reference; None (default) picks it by
+            :func:`cpu_fusion_enabled`.
 
     Raises:
         ValueError: ``activation`` is not one of None, ``"gelu"``, or ``use_onednn=True`` where the oneDNN
-            path cannot run (autograd recording, not float32 on the CPU, oneDNN missing).
+            path cannot run.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
+    tensors = (x, weight) if bias is None else (x, weight, bias)
     if use_onednn is None:
-        use_onednn = cpu_fusion_enabled(x, weight)
-    elif use_onednn and not _can_run(x, weight):
-        recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        use_onednn = cpu_fusion_enabled(*tensors)
+    elif use_onednn and not _can_run(*tensors):
         raise ValueError(
-            "use_onednn=True needs float32 CPU tensors, no autograd recording (torch.no_grad) and a torch "
-            f"built with oneDNN; got x {x.dtype} on {x.device}, weight {weight.dtype}, autograd recording "
-            f"{recording}, oneDNN linear {'available' if _HAS_ONEDNN_LINEAR else 'missing'}"
+            "use_onednn=True needs non-empty float32 CPU tensors and a torch built with oneDNN; got x "
+            f"{tuple(x.shape)} {x.dtype} on {x.device}, weight {weight.dtype}, oneDNN linear "
+            f"{'available' if _HAS_ONEDNN_LINEAR else 'missing'}"
         )
     if not use_onednn:
         return fused_linear_reference(x, weight, bias, activation)
-    attr, algorithm = ("gelu", "none") if activation == "gelu" else ("none", "")
+    x2 = x.reshape(-1, x.shape[-1])
+    weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    out = torch.ops.mkldnn._linear_pointwise(
-        x.reshape(-1, x.shape[-1]), weight.contiguous(), bias, attr, [], algorithm
-    )
-    return out.view(*x.shape[:-1], weight.shape[0])
+    if _recording(x, weight, bias):  # the GELU's backward needs the pre-activation: not fused
+        y = _Linear.apply(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return F.gelu(y) if activation == "gelu" else y
+    return _mm(x2, weight, bias, activation or "none").view(*x.shape[:-1], weight.shape[0])
+
+
+def token_mix_reference(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``w @ z + b[:, None]`` with ``torch.addmm``."""
+    return torch.addmm(b.unsqueeze(1), w, z)
+
+
+def token_mix(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The token mixing ``w @ z + b[:, None]`` of a dense ``(n, n)`` W over ``z`` ``(n, columns)`` (all
+    tokens of a batch side by side): oneDNN products where :func:`cpu_fusion_enabled`, else
+    :func:`token_mix_reference`."""
+    if not cpu_fusion_enabled(w, z, b):
+        return token_mix_reference(w, z, b)
+    w, z = w.contiguous(), z.contiguous()
+    if _recording(w, z, b):
+        return _TokenMix.apply(w, z, b)
+    return _mm(w, z.t()).add_(b.unsqueeze(1))
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -126,9 +233,8 @@ def is_plain_linear(module: nn.Module) -> bool:
 
 
 def apply_linear(fc: nn.Module, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
-    """``activation(fc(x))``: through :func:`fused_linear` when ``fc`` :func:`is_plain_linear` (on the CPU
-    without autograd recording, one oneDNN matmul with the bias and GELU in its epilogue), else by calling
-    the module."""
+    """``activation(fc(x))``: through :func:`fused_linear` when ``fc`` :func:`is_plain_linear`, else by
+    calling the module."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
     if not is_plain_linear(fc):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.cpu_linear import token_mix
 from ..kernels.toeplitz import toeplitz_mix_fft
 from ._checks import check_mask, check_tokens
 
@@ -133,7 +134,7 @@ class TokenProjection(nn.Module):
             return (out.view(n, batch, self.heads, -1) + b.t()[:, None, :, None]).view(n, batch, channels)
         w = self.matrix(n).to(z.dtype)
         if self.heads == 1:
-            out = torch.addmm(b.unsqueeze(1), w, z.reshape(n, batch * channels))
+            out = token_mix(w, z.reshape(n, batch * channels), b)  # oneDNN on the CPU, else addmm
             return out.view(n, batch, channels)
         zh = z.reshape(n, batch, self.heads, channels // self.heads)
         out = torch.einsum("hij,jbhc->ibhc", w, zh) + b.t()[:, None, :, None]
