@@ -240,3 +240,10 @@ def test_dtype_override_runs_every_model_in_bf16_autocast(tmp_path: Path) -> Non
     data = json.loads(out.read_text())
     assert data["dtype"] == "bf16" and "gemm_tflops_bf16" in data["machine"]
     assert [r["name"] for r in data["results"]] == ["gmlp gmlp_s16_224", "timm gmlp_s16_224"]
+
+
+def test_cpu_matmul_smoke(capsys: pytest.CaptureFixture) -> None:
+    args = ["--dim", "8", "--ffn", "16", "--tokens", "4", "--batch", "2", "--reps", "1"]
+    rows = _load("cpu_matmul").main(args)
+    assert len(rows) == 9 and all(blas > 0 and dnn > 0 for _, blas, dnn in rows)
+    assert "| token mixing weight gradient |" in capsys.readouterr().out

@@ -5,8 +5,8 @@ On the CPU, ``F.linear`` and ``torch.addmm`` run as BLAS calls; ``addmm`` first 
 into its output, and a GELU after it is one more pass over the activation. oneDNN's matmul
 (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU backend uses for the same fusion) adds the
 bias and applies the GELU while the output tile is still in registers, and on the 2-core AMD EPYC used
-here it also runs these shapes faster than the BLAS call: the channel projections by 1.1-1.4x, the
-token-mixing products (K = n = 196) by about 1.3x (benchmarks/RESULTS.md).
+here it also runs these shapes faster than the BLAS call: the channel projections by 1.1-1.6x, the
+token-mixing products (K = n = 196) by about 1.3x (`benchmarks/cpu_matmul.py`, benchmarks/RESULTS.md).
 
 * Inference (autograd not recording): :func:`fused_linear` is one oneDNN call with bias and GELU fused.
 * Training: :func:`fused_linear` is an autograd function whose forward is the oneDNN product with the bias
