@@ -123,8 +123,8 @@ class _Linear(torch.autograd.Function):
 
 
 class _TokenMix(torch.autograd.Function):
-    """``w @ z + b[:, None]`` (``w`` (n, n), ``z`` (n, columns)): oneDNN products forward and for both
-    gradients; plain differentiable ops in a double backward."""
+    """``w @ z + b[:, None]`` (``w`` (n, n), ``z`` (n, columns)): oneDNN forward and ``z`` gradient, BLAS
+    ``w`` gradient; plain differentiable ops in a double backward."""
 
     @staticmethod
     def forward(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -144,7 +144,7 @@ class _TokenMix(torch.autograd.Function):
             dw = grad @ z.t() if need_w else None
             dz = w.t() @ grad if need_z else None
         else:
-            dw = _mm(grad, z) if need_w else None
+            dw = torch.mm(grad, z.t()) if need_w else None
             dz = _mm(w.t().contiguous(), grad.t()) if need_z else None
         db = grad.sum(1) if need_b else None
         return dw, dz, db
