@@ -243,6 +243,10 @@ def test_dtype_override_runs_every_model_in_bf16_autocast(tmp_path: Path) -> Non
 
 
 def test_cpu_matmul_smoke(capsys: pytest.CaptureFixture) -> None:
+    from gmlp.kernels import cpu_linear
+
+    if not cpu_linear._HAS_ONEDNN_LINEAR:
+        pytest.skip("torch without oneDNN linear")
     args = ["--dim", "8", "--ffn", "16", "--tokens", "4", "--batch", "2", "--reps", "1"]
     rows = _load("cpu_matmul").main(args)
     assert len(rows) == 9 and all(blas > 0 and dnn > 0 for _, blas, dnn in rows)
