@@ -17,6 +17,8 @@
 #              (benchmarks/kernel_sweep.py)
 #   suite      suite.txt + gpu.json: every model and peer, eager, with the split-kernel and plain-ops
 #              ablations of ours (run.py)
+#   block      block.txt: one block on each kernel path at the vision and MLM shapes, with device and host
+#              profiles (benchmarks/block_paths.py)
 #   profile    profile.txt: where a training step's time goes (gMLP-B ours and timm's, our MLM)
 #   train      train.txt: `gmlp train`, one short epoch on the device (needs .fm/)
 #   crossover  appended to profile.txt: FFT vs GEMM Toeplitz mixing, bf16
@@ -24,7 +26,7 @@
 # Each step has its own time limit so that one stuck step cannot eat the session.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
-STEPS=${STEPS:-checks sweep suite profile train crossover compile}
+STEPS=${STEPS:-checks sweep suite block profile train crossover compile}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -37,10 +39,11 @@ if [ "${DRY:-0}" = 1 ]; then
     export TRITON_INTERPRET=1
     dev=cpu; suite=smoke; subset=256; small=--small; prof="--size smoke --batch 2 --text 2,32,64,16,2"
     cross="16,32 --columns 8 --reps 1 --dtype bfloat16"; shapes="--shapes 9x24 --gating-shapes 12x2x24 --reps 1"
+    block="--shapes 12x2x32x192x1 --reps 1 --top 3"
     saved="--dim 32 --ffn 192 --tokens 12 --batch 4 --bf16"
 else
     dev=cuda; suite=gpu; subset=20000; small=; prof="--size b --batch 256 --text 48,512,3072,512,32"
-    cross="128,256,512,1024,2048,4096 --columns 65536 --dtype bfloat16"; shapes=
+    cross="128,256,512,1024,2048,4096 --columns 65536 --dtype bfloat16"; shapes=; block=
     saved="--batch 256 --bf16"
 fi
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -67,6 +70,11 @@ fi
 if has suite; then
     timeout 300 $PY benchmarks/run.py --suite $suite --triton-config "$best" --json "$OUT/gpu.json" 2>&1 \
         | tee "$OUT/suite.txt"
+fi
+if has block; then
+    # shellcheck disable=SC2086
+    timeout 120 $PY benchmarks/block_paths.py --device $dev $block --triton-config "$best" 2>&1 \
+        | grep -v '^USDT' | tee "$OUT/block.txt"
 fi
 if has profile; then
     # shellcheck disable=SC2086

@@ -133,6 +133,14 @@ def _split_kernel_gating(
     return z1 * gate.view_as(z1)
 
 
+def _plain_gating(
+    u: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor, w: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """The reference ops as a model runs them: under bf16 autocast (float32 parameters, bf16 ``u``)."""
+    with torch.autocast(u.device.type, dtype=torch.bfloat16):
+        return spatial_gating(u, nw, nb, 1e-5, w, b, use_triton=False)
+
+
 def time_gating(
     n: int, batch: int, c: int, device: torch.device, reps: int, totals: dict[str, float], wrong: set[str]
 ) -> list[str]:
@@ -154,7 +162,7 @@ def time_gating(
     ]
     paths += [
         ("split kernel + plain gating", lambda: _split_kernel_gating(u, nw, nb, w, b), None),
-        ("plain ops", lambda: spatial_gating(u, nw, nb, 1e-5, w, b, use_triton=False), None),
+        ("plain ops", lambda: _plain_gating(u, nw, nb, w, b), None),
     ]
     seed16 = seed.to(torch.bfloat16)
     rows, base = [], None

@@ -267,8 +267,10 @@ def resident_bytes(*objects: Any) -> int:
 
 
 #: Ablations of our fast paths, each run as an extra case of the same model in the same process:
-#: label -> the environment switches that turn the path off.
+#: label -> the environment variables set to ``1`` for it.
 ABLATIONS = {
+    # CUDA: the fused gating at every size (the default takes it from GMLP_FUSED_GATING_MIN_ELEMENTS on)
+    "fused gating": ("GMLP_FUSED_GATING_MIN_ELEMENTS",),
     "split kernel": ("GMLP_DISABLE_FUSED_GATING",),  # CUDA: GELU+split+LayerNorm kernel, gating in plain ops
     # no fast path at all: no Triton kernel (CUDA), no oneDNN epilogue fusion (CPU inference)
     "plain ops": ("GMLP_DISABLE_TRITON", "GMLP_DISABLE_CPU_FUSION"),

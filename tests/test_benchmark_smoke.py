@@ -61,15 +61,28 @@ def test_gpu_checks_dry_run_on_cpu(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_model_filter_and_plain_ops_ablation(tmp_path: Path) -> None:
-    """--models keeps only the named models; the smoke suite adds the two kernel ablations of ours."""
+    """--models keeps only the named models; the smoke suite adds the three kernel-path cases of ours."""
     run = _load("run")
     results = run.main(["--suite", "smoke", "--only", "vision", "--modes", "infer", "--models", "gmlp gmlp"])
     names = [r.name for r in results]
-    assert names == ["gmlp gmlp_s16_224", "gmlp gmlp_s16_224 (split kernel)", "gmlp gmlp_s16_224 (plain ops)"]
+    assert names == ["gmlp gmlp_s16_224"] + [
+        f"gmlp gmlp_s16_224 ({label})" for label in ("fused gating", "split kernel", "plain ops")
+    ]
     results = run.main(
         ["--suite", "smoke", "--only", "vision", "--modes", "infer", "--models", "vit", "--no-ablation"]
     )
     assert [r.name for r in results] == ["timm vit_tiny_patch16_224"]
+
+
+def test_block_paths_smoke(capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/block_paths.py times and profiles one block on each path (the kernels themselves only
+    run on CUDA; on the CPU every path is the plain one, which still exercises the script)."""
+    _load("block_paths").main(["--device", "cpu", "--shapes", "12x2x32x192x1", "--reps", "1", "--top", "2",
+                               "--configs", '{"bwd_warps": 8}'])  # fmt: skip
+    out = capsys.readouterr().out
+    for row in ("| fused gating |", "| split kernel |", "| plain ops |", '| fused gating {"bwd_warps": 8} |'):
+        assert row in out
+    assert out.count("top kernels of forward+backward") == 3
 
 
 def test_resident_bytes_counts_each_storage_once() -> None:

@@ -69,12 +69,13 @@ def test_block_pre_norm_writes_the_autocast_dtype(monkeypatch: pytest.MonkeyPatc
     block = GMLPBlock(16, 32, 9).to(DEVICE)
     torch.nn.init.normal_(block.sgu.proj.weight, std=0.2)
     x = torch.randn(9, 2, 16, device=DEVICE, requires_grad=True)
+    monkeypatch.setenv("GMLP_FUSED_GATING_MIN_ELEMENTS", "0")  # this tiny block too
     results = []
     for through_kernels in (False, True):
         monkeypatch.setattr(block_module, "triton_enabled", lambda t, on=through_kernels: on)
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             if through_kernels:
-                assert block._pre_norm(x).dtype == torch.bfloat16
+                assert block._pre_norm(x, fused=True).dtype == torch.bfloat16
             y = block(x)
         results.append((y.float(), torch.autograd.grad(y.float().square().sum(), [x, *block.parameters()])))
     (y_ref, g_ref), (y_fused, g_fused) = results

@@ -28,7 +28,9 @@ __all__ = [
     "LaunchConfig",
     "gelu_split_layernorm",
     "gelu_split_layernorm_reference",
+    "FUSED_GATING_MIN_ELEMENTS",
     "fused_gating_enabled",
+    "fused_gating_min_elements",
     "launch_config",
     "set_launch_config",
     "spatial_gating",
@@ -431,12 +433,43 @@ def triton_enabled(x: torch.Tensor) -> bool:
     )
 
 
-def fused_gating_enabled() -> bool:
-    """Whether blocks that take the Triton kernels use :func:`spatial_gating` and the compute-dtype pre-norm
-    (:func:`gmlp.kernels.layer_norm`), the default, rather than :func:`gelu_split_layernorm` with plain
-    gating ops and ``nn.LayerNorm`` (the third session's path): ``GMLP_DISABLE_FUSED_GATING=1`` switches
-    them off (an ablation for ``benchmarks/run.py``)."""
-    return os.environ.get("GMLP_DISABLE_FUSED_GATING") != "1"
+#: Default of ``GMLP_FUSED_GATING_MIN_ELEMENTS``: the smallest ``fc1`` output (tokens x batch x d_ffn) that
+#: takes the fused gating. Measured on an H200 (benchmarks/RESULTS.md, sixth session): at 5.0e7 (the
+#: gMLP-base MLM, 512 tokens x 32) the step is bound by the host's kernel launches and the fused path, with
+#: more launch work per block, trained 0.70-0.84x as fast as the split kernel; at 1.54e8 (gMLP-B/16, 196
+#: tokens x 256) it trained 1.37x as fast. The crossover lies between; this default sits between the two.
+FUSED_GATING_MIN_ELEMENTS = 100_000_000
+
+
+def fused_gating_min_elements() -> int:
+    """The threshold of :func:`fused_gating_enabled`: ``GMLP_FUSED_GATING_MIN_ELEMENTS`` (a non-negative
+    int; 0 = always fused) or :data:`FUSED_GATING_MIN_ELEMENTS`."""
+    raw = os.environ.get("GMLP_FUSED_GATING_MIN_ELEMENTS")
+    if raw is None or raw == "":
+        return FUSED_GATING_MIN_ELEMENTS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"GMLP_FUSED_GATING_MIN_ELEMENTS must be a non-negative int, got {raw!r}")
+    return value
+
+
+def fused_gating_enabled(elements: int | None = None) -> bool:
+    """Whether a block that takes the Triton kernels uses :func:`spatial_gating` and the compute-dtype
+    pre-norm (:func:`gmlp.kernels.layer_norm`) rather than :func:`gelu_split_layernorm` with plain gating
+    ops and ``nn.LayerNorm`` (the split kernel).
+
+    Args:
+        elements: the size of the block's ``fc1`` output (tokens x batch x d_ffn). The fused path saves
+            device time and memory but spends more host time per block; it is taken from
+            :func:`fused_gating_min_elements` elements on (None = any size). ``GMLP_DISABLE_FUSED_GATING=1``
+            switches it off at every size (an ablation for ``benchmarks/run.py``).
+    """
+    if os.environ.get("GMLP_DISABLE_FUSED_GATING") == "1":
+        return False
+    return elements is None or elements >= fused_gating_min_elements()
 
 
 def gelu_split_layernorm(

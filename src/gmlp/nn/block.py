@@ -116,19 +116,20 @@ class GMLPBlock(nn.Module):
         """``x`` (seq, batch, dim); ``mask`` optional (batch, seq), True/1 = real token."""
         check_tokens(x, self.dim, self.seq_len, "x")
         mask = check_mask(mask, x.shape[1], x.shape[0])
-        h = self._pre_norm(x)
+        fused = triton_enabled(x) and fused_gating_enabled(x.shape[0] * x.shape[1] * self.fc1.out_features)
+        h = self._pre_norm(x, fused)
         gate_bias = self.tiny_attn(h, mask) if self.tiny_attn is not None else None
         if self.sgu.variant == "sgu":
-            z = self._spatial_gating(h, mask, gate_bias)
+            z = self._spatial_gating(h, mask, gate_bias, fused)
         else:
             z = self.sgu(apply_linear(self.fc1, h, "gelu"), mask, gate_bias)
         return x + self.drop_path(self.dropout(apply_linear(self.fc2, z)))
 
-    def _pre_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """``norm(x)``; on CUDA with Triton (and the fused gating on) one kernel each way that writes the
-        output in the autocast dtype directly (no float32 output and cast) and reduces the weight/bias
-        gradients inside the backward kernel (:func:`gmlp.kernels.layer_norm`)."""
-        if triton_enabled(x) and fused_gating_enabled():
+    def _pre_norm(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """``norm(x)``; with ``fused`` (CUDA, Triton, the fused gating taken: see :meth:`forward`) one kernel
+        each way that writes the output in the autocast dtype directly (no float32 output and cast) and
+        reduces the weight/bias gradients inside the backward kernel (:func:`gmlp.kernels.layer_norm`)."""
+        if fused:
             device = x.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
             norm = self.norm
@@ -136,18 +137,19 @@ class GMLPBlock(nn.Module):
         return self.norm(x)
 
     def _spatial_gating(
-        self, h: torch.Tensor, mask: torch.Tensor | None, gate_bias: torch.Tensor | None
+        self, h: torch.Tensor, mask: torch.Tensor | None, gate_bias: torch.Tensor | None, fused: bool = False
     ) -> torch.Tensor:
         """The split SGU from the normalised block input ``h`` on.
 
-        On CUDA with Triton (one head, dense-GEMM token mixing): ``fc1`` and
-        :func:`gmlp.kernels.spatial_gating`, the whole gating in two fused kernels around one aligned GEMM
-        per direction. Otherwise :meth:`_split_gelu_norm` and the gating of
+        With ``fused`` (CUDA, Triton, an ``fc1`` output of at least
+        :func:`gmlp.kernels.sgu_triton.fused_gating_min_elements` elements), one head and dense-GEMM token
+        mixing: ``fc1`` and :func:`gmlp.kernels.spatial_gating`, the whole gating in two fused kernels around
+        one aligned GEMM per direction. Otherwise :meth:`_split_gelu_norm` and the gating of
         :meth:`SpatialGatingUnit.forward_normalized`.
         """
         sgu, n = self.sgu, h.shape[0]
         proj = sgu.proj
-        if triton_enabled(h) and fused_gating_enabled() and proj.heads == 1 and not proj.uses_fft(n):
+        if fused and proj.heads == 1 and not proj.uses_fft(n):
             norm = sgu.norm
             return spatial_gating(
                 self.fc1(h), norm.weight, norm.bias, norm.eps, proj.matrix(n), proj.bias[:n], mask, gate_bias,

@@ -1,0 +1,146 @@
+"""One gMLP block, forward and forward+backward, on each kernel path, at the suite's shapes; and where the
+block's device time goes on each path (torch.profiler, top kernels).
+
+    python benchmarks/block_paths.py --device cuda                      # bf16 autocast, the H200 shapes
+    python benchmarks/block_paths.py --device cpu --shapes 12x2x32x192x1 --reps 1 --top 3  # dry run
+
+Paths: "fused gating" (``GMLP_FUSED_GATING_MIN_ELEMENTS=0``: at any size), "split kernel"
+(``GMLP_DISABLE_FUSED_GATING=1``), "plain ops" (``GMLP_DISABLE_TRITON=1``); ``--configs`` adds the fused path
+under other launch configurations. The profiles list device kernels and the host operators: the MLM block
+is bound by the host (see benchmarks/RESULTS.md). A shape
+is ``tokens x batch x dim x d_ffn x toeplitz`` (toeplitz 0/1): the defaults are a gMLP-B/16 block at batch
+256 and a gMLP-base MLM block at 32 x 512 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from kernel_sweep import _time_ms  # noqa: E402
+from profile_step import category  # noqa: E402
+
+from gmlp.kernels import sgu_triton  # noqa: E402
+from gmlp.nn import GMLPBlock  # noqa: E402
+
+PATHS = {
+    "fused gating": {"GMLP_FUSED_GATING_MIN_ELEMENTS": "0"},
+    "split kernel": {"GMLP_DISABLE_FUSED_GATING": "1"},
+    "plain ops": {"GMLP_DISABLE_TRITON": "1"},
+}
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _step(block: GMLPBlock, x: torch.Tensor, grad: torch.Tensor, backward: bool) -> Callable[[], None]:
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda)
+
+    def run() -> None:
+        with autocast:
+            out = block(x)
+        if backward:
+            out.backward(grad)
+
+    return run
+
+
+def _profile(fn: Callable[[], None], device: torch.device, top: int) -> list[str]:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    if device.type == "cuda":
+        cuda = torch.autograd.DeviceType.CUDA
+        rows = [(e.key, e.self_device_time_total) for e in prof.key_averages()
+                if e.device_type == cuda and e.self_device_time_total > 0]  # fmt: skip
+    else:
+        rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(t for _, t in rows) or 1.0
+    lines = [f"device busy {total / 3e3:.3f} ms per step", "| kernel | ms/step | share | category |",
+             "|---|---|---|---|"]  # fmt: skip
+    for key, t in sorted(rows, key=lambda r: -r[1])[:top]:
+        lines.append(f"| {key[:90]} | {t / 3e3:.3f} | {t / total:.1%} | {category(key)} |")
+    if device.type == "cuda":  # the host side: what keeps the CPU busy between launches
+        host = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        busy = sum(e.self_cpu_time_total for e in host)
+        lines += [f"\nhost busy {busy / 3e3:.3f} ms per step; top host operators by self time",
+                  "| operator | calls/step | host ms/step |", "|---|---|---|"]  # fmt: skip
+        for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:top]:
+            lines.append(f"| {e.key[:90]} | {e.count / 3:.0f} | {e.self_cpu_time_total / 3e3:.3f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shapes", default="196x256x512x3072x0,512x32x512x3072x1,512x32x512x3072x0")
+    parser.add_argument("--configs", default="", help="';'-separated JSON launch configurations to add")
+    parser.add_argument("--triton-config", default=None, help="JSON launch parameters for every path")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--top", type=int, default=12, help="kernels listed per profile (0 = no profile)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    configs = [json.loads(c) for c in args.configs.split(";") if c.strip()]
+    if args.triton_config:
+        sgu_triton.set_launch_config(**json.loads(args.triton_config))
+    default = asdict(sgu_triton.launch_config)
+    for shape in args.shapes.split(","):
+        n, batch, dim, ffn, toeplitz = (int(v) for v in shape.split("x"))
+        torch.manual_seed(0)
+        block = GMLPBlock(dim, ffn, n, toeplitz=bool(toeplitz)).to(device)
+        x = torch.randn(n, batch, dim, device=device, requires_grad=True)
+        grad = torch.randn(n, batch, dim, device=device)
+        print(f"\n## block {n} tokens x batch {batch}, dim {dim}, d_ffn {ffn}, toeplitz={bool(toeplitz)}")
+        print("| path | fwd ms | fwd+bwd ms | fwd+bwd vs fused |\n|---|---|---|---|")
+        cases = [(name, env, None) for name, env in PATHS.items()]
+        cases += [(f"fused gating {json.dumps(c)}", PATHS["fused gating"], c) for c in configs]
+        base = None
+        profiles = []
+        for name, env, config in cases:
+            try:
+                sgu_triton.set_launch_config(**(config or {}))
+                with _env(env):
+                    with torch.no_grad():
+                        fwd = _time_ms(_step(block, x, grad, False), device, args.reps)
+                    both = _time_ms(_step(block, x, grad, True), device, args.reps)
+                    if args.top and config is None:
+                        profiles.append((name, _profile(_step(block, x, grad, True), device, args.top)))
+            finally:
+                sgu_triton.set_launch_config(**default)
+            base = base or both
+            print(f"| {name} | {fwd:.3f} | {both:.3f} | {both / base:.2f}x |", flush=True)
+        for name, lines in profiles:
+            print(f"\n### {name}: top kernels of forward+backward\n" + "\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
