@@ -150,12 +150,15 @@ def test_fused_gating_threshold_setting(monkeypatch: pytest.MonkeyPatch) -> None
     with_gate_bias=st.booleans(),
     seed=st.integers(0, 999),
 )
-@example(n=18, batch=1, half=1, padded=False, with_gate_bias=False, seed=1)  # failed a float32 reference
+@example(n=18, batch=1, half=1, padded=False, with_gate_bias=False, seed=1)  # ill-conditioned LayerNorm
+@example(n=4, batch=3, half=2, padded=False, with_gate_bias=False, seed=14)
+@example(n=16, batch=2, half=5, padded=True, with_gate_bias=True, seed=3)  # aligned: no padded copies
 def test_fused_gating_matches_reference(
     n: int, batch: int, half: int, padded: bool, with_gate_bias: bool, seed: int
 ) -> None:
     """spatial_gating's kernels == the plain ops, forward and every gradient, at token counts that are
-    and are not multiples of the 8-row padding, with and without a padding mask and a gate bias."""
+    and are not multiples of the 8-row padding (aligned counts skip the padded copies), with and without a
+    padding mask and a gate bias."""
     torch.manual_seed(seed)
     u = (2 * torch.randn(n, batch, 2 * half, device=DEVICE)).requires_grad_()
     norm_w = torch.randn(half, device=DEVICE, requires_grad=True)
@@ -170,22 +173,28 @@ def test_fused_gating_matches_reference(
     mask = None
     if padded:
         mask = torch.rand(batch, n, device=DEVICE) > 0.3
-    fused = spatial_gating(u, norm_w, norm_b, 1e-5, w, b, mask, gate_bias, use_triton=True)
-    # the reference in float64: with one channel (half=1) the LayerNorm's input gradient is exactly zero,
-    # which the kernel returns, while a float32 reference's rounding, times 1/sqrt(eps), exceeds 1e-4
+    args = (norm_w, norm_b, 1e-5, w, b, mask)
+    fused = spatial_gating(u, *args, gate_bias, use_triton=True)
+    plain = spatial_gating_reference(u, *args, gate_bias)  # the float32 plain ops
+    # and the float64 truth: with few channels the gate LayerNorm is ill-conditioned (one channel: its
+    # input gradient is exactly zero, which the kernel returns, while float32 rounding times
+    # 1/sqrt(eps) is not), so the kernel must match the truth to 1e-4 or be as close as the plain ops
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     u64, nw64, nb64, w64, b64 = leaves64[:5]
-    ref = spatial_gating_reference(
+    truth = spatial_gating_reference(
         u64, nw64, nb64, 1e-5, w64, b64, mask, leaves64[5] if with_gate_bias else None
     )
-    assert fused.shape == ref.shape == (n, batch, half) and fused.dtype == u.dtype
-    torch.testing.assert_close(fused, ref.float(), rtol=1e-5, atol=1e-5)
+    assert fused.shape == truth.shape == (n, batch, half) and fused.dtype == u.dtype
     seed_grad = torch.randn_like(fused)
-    got = torch.autograd.grad((fused * seed_grad).sum(), leaves)
-    want = torch.autograd.grad((ref * seed_grad.double()).sum(), leaves64)
-    for a, c in zip(got, want, strict=True):
+    got = (fused, *torch.autograd.grad((fused * seed_grad).sum(), leaves))
+    base = (plain, *torch.autograd.grad((plain * seed_grad).sum(), leaves))
+    want = (truth, *torch.autograd.grad((truth * seed_grad.double()).sum(), leaves64))
+    for i, (a, p, c) in enumerate(zip(got, base, want, strict=True)):
         assert a.shape == c.shape and a.dtype == torch.float32
-        torch.testing.assert_close(a, c.float(), rtol=1e-4, atol=1e-4)
+        tol = 1e-5 if i == 0 else 1e-4
+        if not torch.allclose(a.double(), c, rtol=tol, atol=tol):
+            err, err_plain = (a.double() - c).abs().max().item(), (p.double() - c).abs().max().item()
+            assert err <= 2 * err_plain, f"tensor {i}: kernel error {err:.3g}, plain ops {err_plain:.3g}"
 
 
 def test_fused_gating_ignores_garbage_in_padded_tokens() -> None:

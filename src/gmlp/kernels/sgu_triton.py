@@ -379,13 +379,18 @@ class _SpatialGating(torch.autograd.Function):
         u2d = u.reshape(n * batch, width).contiguous()
         with torch.autocast(u.device.type, enabled=False):
             z2n = u2d.new_empty(n_pad, batch * c)
-            z2n[n:].zero_()
             mean, rstd = _ln_forward(u2d, norm_weight, norm_bias, eps, z2n, keep=keep)
-            w_pad = u2d.new_zeros(n_pad, n_pad)
-            w_pad[:n, :n] = weight
-            b_pad = u2d.new_zeros(n_pad, 1)
-            b_pad[:n, 0] = bias
-            gate = torch.addmm(b_pad, w_pad, z2n)[:n]
+            if n_pad == n:  # already aligned: no padded copies (fewer launches for the host to issue)
+                w_pad, b_pad = weight.contiguous(), bias.unsqueeze(1)
+            else:
+                z2n[n:].zero_()
+                w_pad = u2d.new_zeros(n_pad, n_pad)
+                w_pad[:n, :n] = weight
+                b_pad = u2d.new_zeros(n_pad, 1)
+                b_pad[:n, 0] = bias
+            gate = torch.addmm(b_pad, w_pad, z2n)
+            if n_pad != n:
+                gate = gate[:n]
             if gate_bias is not None:
                 gate += gate_bias.reshape(n, batch * c)
             s = u2d.new_empty(n * batch, c)
@@ -405,13 +410,18 @@ class _SpatialGating(torch.autograd.Function):
             ds = ds.reshape(rows, c).contiguous()
             du = torch.empty_like(u2d)
             dgate = u2d.new_empty(z2n.shape)
-            dgate[n:].zero_()
+            if z2n.shape[0] != n:
+                dgate[n:].zero_()
             grid, per, block_c, warps = _gate_grid(rows, c)
             row_sums = torch.empty(rows, grid[1], dtype=torch.float32, device=u2d.device)
             _gate_bwd_kernel[grid](
                 u2d, gate, ds, du, dgate, row_sums, rows, c, ROWS=per, BLOCK_C=block_c, num_warps=warps
             )
-            dweight = torch.mm(dgate, z2n.t())[:n, :n] if ctx.needs_input_grad[4] else None
+            dweight = None
+            if ctx.needs_input_grad[4]:
+                dweight = torch.mm(dgate, z2n.t())
+                if z2n.shape[0] != n:
+                    dweight = dweight[:n, :n]
             dbias = row_sums.view(n, -1).sum(1).to(u2d.dtype) if ctx.needs_input_grad[5] else None
             dz2n = torch.mm(w_pad.t(), dgate)
             dnw, dnb = _ln_backward(u2d, norm_weight, mean, rstd, dz2n, du, keep=keep)
