@@ -142,6 +142,43 @@ def check_block(device: torch.device, dim: int, ffn: int, n: int, batch: int) ->
             _close(a / scale, b / scale, 1e-3, 1e-3, f"block gradient {i} ({path})")
 
 
+def check_compiled_kernels(device: torch.device, dim: int, ffn: int, n: int, batch: int, small: bool) -> None:
+    """A block compiled (fullgraph; inductor on CUDA, aot_eager for the dry run) with the fused gating kept
+    as custom ops == the eager block, in bf16 autocast: output and every gradient."""
+    import os
+
+    block = GMLPBlock(dim, ffn, n, attn_dim=32).to(device)
+    torch.nn.init.normal_(block.sgu.proj.weight, std=0.05)
+    x = torch.randn(n, batch, dim, device=device, requires_grad=True)
+    params = [x, *block.parameters()]
+
+    def run(fn: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = fn(x)
+        return out.float(), torch.autograd.grad(out.float().square().sum(), params)
+
+    ref, g_ref = run(block)
+    saved = os.environ.get("GMLP_TRITON_UNDER_COMPILE"), block_module.compiled_kernels_enabled
+    os.environ["GMLP_TRITON_UNDER_COMPILE"] = "1"
+    if small:  # no CUDA in the dry run: route the block as if it were
+        block_module.compiled_kernels_enabled = lambda t: torch.compiler.is_compiling()
+    try:
+        torch._dynamo.reset()
+        backend = "aot_eager" if small else "inductor"
+        out, grads = run(torch.compile(block, backend=backend, fullgraph=True))
+    finally:
+        torch._dynamo.reset()
+        block_module.compiled_kernels_enabled = saved[1]
+        if saved[0] is None:
+            del os.environ["GMLP_TRITON_UNDER_COMPILE"]
+        else:
+            os.environ["GMLP_TRITON_UNDER_COMPILE"] = saved[0]
+    _close(out, ref, 2e-2, 2e-2, "compiled block output")
+    for i, (a, b) in enumerate(zip(grads, g_ref, strict=True)):
+        scale = b.abs().max().item() + 1e-6
+        _close(a / scale, b / scale, 2e-2, 2e-2, f"compiled block gradient {i}")
+
+
 def check_fft(device: torch.device, n: int, columns: int) -> None:
     dense = TokenProjection(n, toeplitz=True).to(device)
     torch.nn.init.normal_(dense.weight, std=0.05)
@@ -271,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     checks += [
         (f"layer_norm fp32 -> bf16 {norm_case}", lambda: check_norm(device, *norm_case)),
         ("block: each kernel path == plain ops", lambda: check_block(device, *block_case)),
+        (
+            "compiled block, kernels kept == eager",
+            lambda: check_compiled_kernels(device, *block_case, args.small),
+        ),
         ("FFT Toeplitz == dense GEMM", lambda: check_fft(device, *fft_case)),
         ("bf16 training step: each kernel path == plain ops", lambda: check_model_step(device, args.small)),
         ("text: causality and padding on device", lambda: check_text_properties(device)),

@@ -57,7 +57,7 @@ def test_gpu_checks_dry_run_on_cpu(capsys: pytest.CaptureFixture) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert _load("gpu_checks").main(["--device", device, "--small"]) == 0
     out = capsys.readouterr().out
-    assert "FAIL" not in out and "14/14 checks passed" in out
+    assert "FAIL" not in out and "15/15 checks passed" in out
 
 
 def test_model_filter_and_plain_ops_ablation(tmp_path: Path) -> None:
@@ -72,6 +72,29 @@ def test_model_filter_and_plain_ops_ablation(tmp_path: Path) -> None:
         ["--suite", "smoke", "--only", "vision", "--modes", "infer", "--models", "vit", "--no-ablation"]
     )
     assert [r.name for r in results] == ["timm vit_tiny_patch16_224"]
+
+
+def test_compiled_suite_times_the_kernels_kept_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compile times ours plain-compiled and with the fused gating kept inside the graph ("kernels
+    kept", its switch set around the compiled model, so while it is traced); aot_eager keeps this quick."""
+    import functools
+
+    import gmlp.nn.block as block_module
+
+    run = _load("run")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    traced: list[tuple[str | None, bool]] = []
+
+    def spy(t: torch.Tensor) -> bool:  # runs (inlined) while each block is traced
+        traced.append((os.environ.get("GMLP_TRITON_UNDER_COMPILE"), torch.compiler.is_compiling()))
+        return False  # no CUDA here: the plain ops either way
+
+    monkeypatch.setattr(block_module, "compiled_kernels_enabled", spy)
+    results = run.main(["--suite", "smoke", "--only", "vision", "--modes", "train", "--compile", "--models",
+                        "gmlp gmlp"])  # fmt: skip
+    assert [r.name for r in results] == ["gmlp gmlp_s16_224", "gmlp gmlp_s16_224 (kernels kept)"]
+    assert {("1", True), (None, True)} <= set(traced)
+    assert "GMLP_TRITON_UNDER_COMPILE" not in os.environ
 
 
 def test_block_paths_smoke(capsys: pytest.CaptureFixture) -> None:

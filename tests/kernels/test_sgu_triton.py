@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import gmlp.nn.block as block_module
 from gmlp.kernels import (
@@ -73,11 +74,9 @@ def _through_kernel(monkeypatch: pytest.MonkeyPatch, fused: bool = True) -> list
     return calls
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-gating", "split-kernel"])
-@pytest.mark.parametrize("toeplitz,causal", [(False, False), (True, True)])
-def test_block_through_the_kernels_equals_reference_block(
-    monkeypatch: pytest.MonkeyPatch, fused: bool, toeplitz: bool, causal: bool
-) -> None:
+def _masked_block_case(toeplitz: bool, causal: bool = False) -> tuple:
+    """A block with a tiny attention, a large W and a random gate LayerNorm weight, a padded batch of 3 x 10
+    tokens, and the plain path's output and gradients: (block, x, mask, params, out, grads)."""
     torch.manual_seed(0)
     block = GMLPBlock(16, 48, 10, attn_dim=8, toeplitz=toeplitz, causal=causal).to(DEVICE)
     torch.nn.init.normal_(block.sgu.proj.weight, std=0.1)
@@ -87,7 +86,15 @@ def test_block_through_the_kernels_equals_reference_block(
     mask[2, 7:] = False
     params = [x, *block.parameters()]
     ref = block(x, mask)
-    g_ref = torch.autograd.grad(ref.square().sum(), params)
+    return block, x, mask, params, ref, torch.autograd.grad(ref.square().sum(), params)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-gating", "split-kernel"])
+@pytest.mark.parametrize("toeplitz,causal", [(False, False), (True, True)])
+def test_block_through_the_kernels_equals_reference_block(
+    monkeypatch: pytest.MonkeyPatch, fused: bool, toeplitz: bool, causal: bool
+) -> None:
+    block, x, mask, params, ref, g_ref = _masked_block_case(toeplitz=toeplitz, causal=causal)
     calls = _through_kernel(monkeypatch, fused)
     out = block(x, mask)
     g_out = torch.autograd.grad(out.square().sum(), params)
@@ -414,3 +421,89 @@ def test_gradient_checkpointing_through_the_kernels(monkeypatch: pytest.MonkeyPa
     assert calls
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [8, 10])  # aligned, and padded to 16
+def test_custom_ops_pass_opcheck(n: int) -> None:
+    """The compile-time form of the fused gating (``gmlp::spatial_gating_fwd`` with its registered
+    backward op): schema, fake tensors, autograd registration and AOT dispatch, via torch's own checker."""
+    torch.manual_seed(0)
+    batch, half = 2, 3
+    u = torch.randn(n, batch, 2 * half, device=DEVICE, requires_grad=True)
+    norm = [torch.randn(half, device=DEVICE, requires_grad=True) for _ in range(2)]
+    w = torch.randn(n, n, device=DEVICE, requires_grad=True)
+    b = torch.randn(n, device=DEVICE, requires_grad=True)
+    keep = (torch.rand(batch, n, device=DEVICE) > 0.3).t().reshape(-1).float()
+    gate_bias = torch.randn(n, batch, half, device=DEVICE, requires_grad=True)
+    for extra in ((None, None), (keep, gate_bias)):
+        args = (u, *norm, 1e-5, w, b, *extra)
+        torch.library.opcheck(torch.ops.gmlp.spatial_gating_fwd, args)
+        # inductor asserts that real outputs have the fake kernels' strides (opcheck does not)
+        s, mean, rstd, z2n, gate = torch.ops.gmlp.spatial_gating_fwd(*args)
+        bwd_args = (torch.randn_like(s), u, norm[0], mean, rstd, extra[0], z2n, w, gate)
+        for op, op_args in (
+            (torch.ops.gmlp.spatial_gating_fwd, args),
+            (torch.ops.gmlp.spatial_gating_bwd, bwd_args),
+        ):
+            real = op(*op_args)
+            with FakeTensorMode() as mode:
+                fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in op_args))
+            for r, f in zip(real, fake, strict=True):
+                assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), op
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.inductor)])
+def test_compiled_block_keeps_the_fused_gating_as_custom_ops(
+    monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """With the kernels kept under torch.compile (GMLP_TRITON_UNDER_COMPILE=1 on CUDA; forced here), a
+    block compiles whole (fullgraph), its graph calls the custom op, and outputs and every gradient equal
+    the plain block's, with a padding mask and a tiny attention."""
+    block, x, mask, params, ref, g_ref = _masked_block_case(toeplitz=True)
+
+    graphs: list[str] = []
+
+    def recording(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., object]:
+        graphs.append(gm.code)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    monkeypatch.setattr(block_module, "compiled_kernels_enabled", lambda t: torch.compiler.is_compiling())
+    torch._dynamo.reset()
+    out = torch.compile(block, backend=recording, fullgraph=True)(x, mask)
+    g_out = torch.autograd.grad(out.square().sum(), params)
+    torch._dynamo.reset()
+    assert len(graphs) == 1 and "gmlp.spatial_gating_fwd" in graphs[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, c in zip(g_out, g_ref, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_keeps_kernels_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels stay under torch.compile only while tracing, with GMLP_TRITON_UNDER_COMPILE=1, without
+    either disabling switch, and (compiled_kernels_enabled) only for CUDA tensors."""
+    from gmlp.kernels.sgu_triton import _kernels_under_compile_requested, compiled_kernels_enabled
+
+    seen: list[tuple[bool, bool]] = []
+
+    def probe(t: torch.Tensor) -> torch.Tensor:
+        seen.append((_kernels_under_compile_requested(), compiled_kernels_enabled(t.cpu())))
+        return t + 1
+
+    def traced(env: dict[str, str]) -> tuple[bool, bool]:
+        with monkeypatch.context() as m:
+            for k in ("GMLP_TRITON_UNDER_COMPILE", "GMLP_DISABLE_TRITON", "GMLP_DISABLE_FUSED_GATING"):
+                m.delenv(k, raising=False)
+            for k, v in env.items():
+                m.setenv(k, v)
+            torch._dynamo.reset()
+            torch.compile(probe, backend="eager", fullgraph=True)(torch.zeros(2))
+            torch._dynamo.reset()
+        return seen.pop()
+
+    opt_in = {"GMLP_TRITON_UNDER_COMPILE": "1"}
+    assert traced(opt_in) == (True, False)  # a CPU tensor never takes the kernels
+    assert traced({}) == (False, False)
+    assert traced({**opt_in, "GMLP_DISABLE_TRITON": "1"}) == (False, False)
+    assert traced({**opt_in, "GMLP_DISABLE_FUSED_GATING": "1"}) == (False, False)
+    monkeypatch.setenv("GMLP_TRITON_UNDER_COMPILE", "1")
+    assert not _kernels_under_compile_requested()  # not tracing

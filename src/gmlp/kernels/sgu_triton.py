@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "LaunchConfig",
+    "compiled_kernels_enabled",
     "gelu_split_layernorm",
     "gelu_split_layernorm_reference",
     "FUSED_GATING_MIN_ELEMENTS",
@@ -350,6 +351,84 @@ def _padded(n: int) -> int:
     return -(-n // 8) * 8
 
 
+def _gating_forward(
+    u: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    keep: torch.Tensor | None,
+    gate_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """The fused forward (see :class:`_SpatialGating`): returns ``s`` (n, batch, C) and what the backward
+    needs: ``u2d``, ``mean``, ``rstd``, ``z2n``, ``w_pad``, ``gate``."""
+    n, batch, width = u.shape
+    c = width // 2
+    n_pad = _padded(n)
+    u2d = u.reshape(n * batch, width).contiguous()
+    with torch.autocast(u.device.type, enabled=False):
+        z2n = u2d.new_empty(n_pad, batch * c)
+        mean, rstd = _ln_forward(u2d, norm_weight, norm_bias, eps, z2n, keep=keep)
+        if n_pad == n:  # already aligned: no padded copies (fewer launches for the host to issue)
+            w_pad, b_pad = weight.contiguous(), bias.unsqueeze(1)
+        else:
+            z2n[n:].zero_()
+            w_pad = u2d.new_zeros(n_pad, n_pad)
+            w_pad[:n, :n] = weight
+            b_pad = u2d.new_zeros(n_pad, 1)
+            b_pad[:n, 0] = bias
+        gate = torch.addmm(b_pad, w_pad, z2n)
+        if n_pad != n:
+            gate = gate[:n]
+        if gate_bias is not None:
+            gate += gate_bias.reshape(n, batch * c)
+        s = u2d.new_empty(n * batch, c)
+        grid, per, block_c, warps = _gate_grid(n * batch, c)
+        _gate_fwd_kernel[grid](u2d, gate, s, n * batch, c, ROWS=per, BLOCK_C=block_c, num_warps=warps)
+    return s.view(n, batch, c), u2d, mean, rstd, z2n, w_pad, gate
+
+
+def _gating_backward(
+    ds: torch.Tensor,
+    u2d: torch.Tensor,
+    norm_weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    keep: torch.Tensor | None,
+    z2n: torch.Tensor,
+    w_pad: torch.Tensor,
+    gate: torch.Tensor,
+    n: int,
+    need_dweight: bool = True,
+    need_dbias: bool = True,
+) -> tuple[torch.Tensor | None, ...]:
+    """The fused backward (see :class:`_SpatialGating`): ``du`` (rows, 2C), the gate LayerNorm's weight and
+    bias gradients, ``dweight`` (n, n), ``dbias`` (n,) and the gate gradient ``dgate`` (n, batch*C)."""
+    rows, width = u2d.shape
+    c = width // 2
+    with torch.autocast(u2d.device.type, enabled=False):
+        ds = ds.reshape(rows, c).contiguous()
+        du = torch.empty_like(u2d)
+        dgate = u2d.new_empty(z2n.shape)
+        if z2n.shape[0] != n:
+            dgate[n:].zero_()
+        grid, per, block_c, warps = _gate_grid(rows, c)
+        row_sums = torch.empty(rows, grid[1], dtype=torch.float32, device=u2d.device)
+        _gate_bwd_kernel[grid](
+            u2d, gate, ds, du, dgate, row_sums, rows, c, ROWS=per, BLOCK_C=block_c, num_warps=warps
+        )
+        dweight = None
+        if need_dweight:
+            dweight = torch.mm(dgate, z2n.t())
+            if z2n.shape[0] != n:
+                dweight = dweight[:n, :n]
+        dbias = row_sums.view(n, -1).sum(1).to(u2d.dtype) if need_dbias else None
+        dz2n = torch.mm(w_pad.t(), dgate)
+        dnw, dnb = _ln_backward(u2d, norm_weight, mean, rstd, dz2n, du, keep=keep)
+    return du, dnw, dnb, dweight, dbias, dgate[:n]
+
+
 class _SpatialGating(torch.autograd.Function):
     """``GELU(u1) * (W LayerNorm(GELU(u2)) + b [+ gate_bias])`` for token-major ``u`` (n, batch, 2C).
 
@@ -359,76 +438,109 @@ class _SpatialGating(torch.autograd.Function):
     gate. Saved for backward: u, the normalised gate, the gate and the padded W. Backward: the gating
     kernel writes the bypass half of du, the gate gradient and its row sums (for the token bias), two GEMMs
     give dW and the gradient of the normalised gate, and the LayerNorm kernel writes the gate half of du.
+    Under torch.compile the same two halves run as the custom ops ``gmlp::spatial_gating_fwd`` / ``_bwd``.
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        u: torch.Tensor,
-        norm_weight: torch.Tensor,
-        norm_bias: torch.Tensor,
-        eps: float,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        keep: torch.Tensor | None,
-        gate_bias: torch.Tensor | None,
-    ) -> torch.Tensor:
-        n, batch, width = u.shape
-        c = width // 2
-        n_pad = _padded(n)
-        u2d = u.reshape(n * batch, width).contiguous()
-        with torch.autocast(u.device.type, enabled=False):
-            z2n = u2d.new_empty(n_pad, batch * c)
-            mean, rstd = _ln_forward(u2d, norm_weight, norm_bias, eps, z2n, keep=keep)
-            if n_pad == n:  # already aligned: no padded copies (fewer launches for the host to issue)
-                w_pad, b_pad = weight.contiguous(), bias.unsqueeze(1)
-            else:
-                z2n[n:].zero_()
-                w_pad = u2d.new_zeros(n_pad, n_pad)
-                w_pad[:n, :n] = weight
-                b_pad = u2d.new_zeros(n_pad, 1)
-                b_pad[:n, 0] = bias
-            gate = torch.addmm(b_pad, w_pad, z2n)
-            if n_pad != n:
-                gate = gate[:n]
-            if gate_bias is not None:
-                gate += gate_bias.reshape(n, batch * c)
-            s = u2d.new_empty(n * batch, c)
-            grid, per, block_c, warps = _gate_grid(n * batch, c)
-            _gate_fwd_kernel[grid](u2d, gate, s, n * batch, c, ROWS=per, BLOCK_C=block_c, num_warps=warps)
+    def forward(ctx, *args: torch.Tensor | float | None) -> torch.Tensor:  # type: ignore[override]
+        """``args``: those of :func:`_gating_forward`."""
+        s, u2d, mean, rstd, z2n, w_pad, gate = _gating_forward(*args)  # type: ignore[arg-type]
+        norm_weight, keep, gate_bias = args[1], args[6], args[7]
         ctx.save_for_backward(u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate)
-        ctx.dims = (n, batch, c)
-        ctx.gate_bias_dtype = None if gate_bias is None else gate_bias.dtype
-        return s.view(n, batch, c)
+        ctx.gate_bias_dtype = None if gate_bias is None else gate_bias.dtype  # type: ignore[union-attr]
+        return s
 
     @staticmethod
     def backward(ctx, ds: torch.Tensor):  # type: ignore[override]
         u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate = ctx.saved_tensors
-        n, batch, c = ctx.dims
-        rows = n * batch
-        with torch.autocast(u2d.device.type, enabled=False):
-            ds = ds.reshape(rows, c).contiguous()
-            du = torch.empty_like(u2d)
-            dgate = u2d.new_empty(z2n.shape)
-            if z2n.shape[0] != n:
-                dgate[n:].zero_()
-            grid, per, block_c, warps = _gate_grid(rows, c)
-            row_sums = torch.empty(rows, grid[1], dtype=torch.float32, device=u2d.device)
-            _gate_bwd_kernel[grid](
-                u2d, gate, ds, du, dgate, row_sums, rows, c, ROWS=per, BLOCK_C=block_c, num_warps=warps
-            )
-            dweight = None
-            if ctx.needs_input_grad[4]:
-                dweight = torch.mm(dgate, z2n.t())
-                if z2n.shape[0] != n:
-                    dweight = dweight[:n, :n]
-            dbias = row_sums.view(n, -1).sum(1).to(u2d.dtype) if ctx.needs_input_grad[5] else None
-            dz2n = torch.mm(w_pad.t(), dgate)
-            dnw, dnb = _ln_backward(u2d, norm_weight, mean, rstd, dz2n, du, keep=keep)
+        n = gate.shape[0]
+        du, dnw, dnb, dweight, dbias, dgate = _gating_backward(
+            ds, u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate, n,
+            ctx.needs_input_grad[4], ctx.needs_input_grad[5],
+        )  # fmt: skip
         dgate_bias = None
         if ctx.gate_bias_dtype is not None and ctx.needs_input_grad[7]:
-            dgate_bias = dgate[:n].view(n, batch, c).to(ctx.gate_bias_dtype)
-        return du.view(n, batch, 2 * c), dnw, dnb, None, dweight, dbias, None, dgate_bias
+            dgate_bias = dgate.view(ds.shape).to(ctx.gate_bias_dtype)
+        return du.view(*ds.shape[:2], -1), dnw, dnb, None, dweight, dbias, None, dgate_bias
+
+
+@torch.library.custom_op("gmlp::spatial_gating_fwd", mutates_args=())
+def _spatial_gating_fwd_op(
+    u: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    keep: torch.Tensor | None,
+    gate_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`spatial_gating`'s fused forward as an opaque op for torch.compile: ``s`` and, for the
+    backward op, ``mean``, ``rstd``, ``z2n`` and ``gate`` (new tensors, none aliasing an input)."""
+    out = _gating_forward(u, norm_weight, norm_bias, eps, weight, bias, keep, gate_bias)
+    s, mean, rstd, z2n, gate = out[0], out[2], out[3], out[4], out[6]
+    return s, mean, rstd, z2n, gate
+
+
+@_spatial_gating_fwd_op.register_fake
+def _(u, norm_weight, norm_bias, eps, weight, bias, keep, gate_bias):  # noqa: ANN001, ANN202
+    n, batch, width = u.shape
+    c = width // 2
+    stats = u.new_empty(n * batch, dtype=torch.float32)
+    return (u.new_empty(n, batch, c), stats, torch.empty_like(stats), u.new_empty(_padded(n), batch * c),
+            u.new_empty(n, batch * c))  # fmt: skip
+
+
+@torch.library.custom_op("gmlp::spatial_gating_bwd", mutates_args=())
+def _spatial_gating_bwd_op(
+    ds: torch.Tensor,
+    u: torch.Tensor,
+    norm_weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    keep: torch.Tensor | None,
+    z2n: torch.Tensor,
+    weight: torch.Tensor,
+    gate: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`spatial_gating`'s fused backward as an opaque op: ``du``, the gate LayerNorm's weight and bias
+    gradients, ``dweight``, ``dbias`` and ``dgate`` (for a gate bias)."""
+    n, batch, width = u.shape
+    n_pad = z2n.shape[0]
+    w_pad = weight if n_pad == n else F.pad(weight, (0, n_pad - n, 0, n_pad - n))
+    du, dnw, dnb, dweight, dbias, dgate = _gating_backward(
+        ds, u.reshape(n * batch, width), norm_weight, mean, rstd, keep, z2n, w_pad.contiguous(), gate, n
+    )
+    # dweight is a slice of the padded product when n is not aligned: contiguous, as the fake promises
+    return du.view(n, batch, width), dnw, dnb, dweight.contiguous(), dbias, dgate  # type: ignore[union-attr,return-value]
+
+
+@_spatial_gating_bwd_op.register_fake
+def _(ds, u, norm_weight, mean, rstd, keep, z2n, weight, gate):  # noqa: ANN001, ANN202
+    n = u.shape[0]
+    return (torch.empty_like(u), torch.empty_like(norm_weight), torch.empty_like(norm_weight),
+            u.new_empty(n, n), u.new_empty(n), torch.empty_like(gate))  # fmt: skip
+
+
+def _spatial_gating_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    u, norm_weight, _, _, weight, _, keep, gate_bias = inputs
+    _, mean, rstd, z2n, gate = output
+    ctx.save_for_backward(u, norm_weight, mean, rstd, keep, z2n, weight, gate)
+    ctx.gate_bias_dtype = None if gate_bias is None else gate_bias.dtype
+
+
+def _spatial_gating_op_backward(ctx, ds, *_):  # noqa: ANN001, ANN202
+    u, norm_weight, mean, rstd, keep, z2n, weight, gate = ctx.saved_tensors
+    du, dnw, dnb, dweight, dbias, dgate = torch.ops.gmlp.spatial_gating_bwd(
+        ds, u, norm_weight, mean, rstd, keep, z2n, weight, gate
+    )
+    dgate_bias = None if ctx.gate_bias_dtype is None else dgate.view(ds.shape).to(ctx.gate_bias_dtype)
+    return du, dnw, dnb, None, dweight, dbias, None, dgate_bias
+
+
+torch.library.register_autograd(
+    "gmlp::spatial_gating_fwd", _spatial_gating_op_backward, setup_context=_spatial_gating_setup
+)
 
 
 def triton_enabled(x: torch.Tensor) -> bool:
@@ -440,6 +552,24 @@ def triton_enabled(x: torch.Tensor) -> bool:
         and x.is_cuda
         and os.environ.get("GMLP_DISABLE_TRITON") != "1"
         and not torch.compiler.is_compiling()
+    )
+
+
+def compiled_kernels_enabled(x: torch.Tensor) -> bool:
+    """Whether a block that torch.compile is tracing keeps the fused gating, as the opaque custom ops
+    ``gmlp::spatial_gating_fwd`` / ``_bwd`` that inductor fuses around (otherwise it traces the reference
+    ops and generates its own kernels). Opt-in, ``GMLP_TRITON_UNDER_COMPILE=1``, until timed on a GPU; on
+    CUDA with Triton, and not with ``GMLP_DISABLE_TRITON=1`` or ``GMLP_DISABLE_FUSED_GATING=1``."""
+    return _HAS_TRITON and x.is_cuda and _kernels_under_compile_requested()
+
+
+def _kernels_under_compile_requested() -> bool:
+    """The device-independent half of :func:`compiled_kernels_enabled`: tracing, opted in, not disabled."""
+    return (
+        torch.compiler.is_compiling()
+        and os.environ.get("GMLP_TRITON_UNDER_COMPILE") == "1"
+        and os.environ.get("GMLP_DISABLE_TRITON") != "1"
+        and os.environ.get("GMLP_DISABLE_FUSED_GATING") != "1"
     )
 
 
@@ -565,4 +695,7 @@ def spatial_gating(
             f"weight {tuple(weight.shape)}"
         )
     keep = None if mask is None else mask.t().reshape(-1).to(torch.float32)
-    return _SpatialGating.apply(u, norm_weight, norm_bias, eps, weight, bias, keep, gate_bias)
+    args = (u, norm_weight, norm_bias, eps, weight, bias, keep, gate_bias)
+    if torch.compiler.is_compiling():  # opaque custom ops: inductor fuses around them
+        return torch.ops.gmlp.spatial_gating_fwd(*args)[0]
+    return _SpatialGating.apply(*args)

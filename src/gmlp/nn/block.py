@@ -8,7 +8,13 @@ from torch import nn
 
 from ..kernels.cpu_linear import apply_linear, fused_linear, is_plain_linear
 from ..kernels.norm_triton import layer_norm
-from ..kernels.sgu_triton import fused_gating_enabled, gelu_split_layernorm, spatial_gating, triton_enabled
+from ..kernels.sgu_triton import (
+    compiled_kernels_enabled,
+    fused_gating_enabled,
+    gelu_split_layernorm,
+    spatial_gating,
+    triton_enabled,
+)
 from ._checks import check_mask, check_tokens
 from .attention import TinyAttention
 from .sgu import SpatialGatingUnit
@@ -120,7 +126,7 @@ class GMLPBlock(nn.Module):
         h = self._pre_norm(x, fused)
         gate_bias = self.tiny_attn(h, mask) if self.tiny_attn is not None else None
         if self.sgu.variant == "sgu":
-            z = self._spatial_gating(h, mask, gate_bias, fused)
+            z = self._spatial_gating(h, mask, gate_bias, fused or compiled_kernels_enabled(x))
         else:
             z = self.sgu(apply_linear(self.fc1, h, "gelu"), mask, gate_bias)
         return x + self.drop_path(self.dropout(apply_linear(self.fc2, z)))
@@ -142,7 +148,8 @@ class GMLPBlock(nn.Module):
         """The split SGU from the normalised block input ``h`` on.
 
         With ``fused`` (CUDA, Triton, an ``fc1`` output of at least
-        :func:`gmlp.kernels.sgu_triton.fused_gating_min_elements` elements), one head and dense-GEMM token
+        :func:`gmlp.kernels.sgu_triton.fused_gating_min_elements` elements; under torch.compile, see
+        :func:`gmlp.kernels.sgu_triton.compiled_kernels_enabled`), one head and dense-GEMM token
         mixing: ``fc1`` and :func:`gmlp.kernels.spatial_gating`, the whole gating in two fused kernels around
         one aligned GEMM per direction. Otherwise :meth:`_split_gelu_norm` and the gating of
         :meth:`SpatialGatingUnit.forward_normalized`.
