@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The one prepared GPU session (about 8 minutes on one H100/H200): correctness first, then every timing.
+# The prepared GPU session on one H100/H200: correctness first, then every timing.
 #
 # Here (once):  python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                   --implementation cp --platform manylinux2014_x86_64 -d .whl g-mlp-pytorch==0.1.5
 #               mkdir -p .fm && cp /usr/share/datasets/fashion-mnist/*.gz .fm/      (both git-ignored)
 # There:        bash benchmarks/gpu_session.sh    (device tool: carry [".whl", ".fm"], timeout_s 560)
+# All steps take more than one 10-minute call (sixth session: checks+suite+profile+train+compile took
+# 376 s on an H200, before the block step and the "kernels kept" compile row). Within a 15-minute budget:
+#   call 1: STEPS="checks suite block profile train" (timeout_s ~450)
+#   call 2: STEPS="compile sweep" (timeout_s ~300), right after, on the still-warm machine
 # Dry run here: DRY=1 bash benchmarks/gpu_session.sh      (CPU, tiny sizes, Triton interpreter; no compile)
 #
 # STEPS picks steps (default: all, in this order); COMPILE_FAMILY=vision|text picks what `compile` times.
