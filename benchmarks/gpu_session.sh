@@ -44,11 +44,12 @@ if [ "${DRY:-0}" = 1 ]; then
     export TRITON_INTERPRET=1
     dev=cpu; suite=smoke; subset=256; small=--small; prof="--size smoke --batch 2 --text 2,32,64,16,2"
     cross="16,32 --columns 8 --reps 1 --dtype bfloat16"; shapes="--shapes 9x24 --gating-shapes 12x2x24 --reps 1"
-    block="--shapes 12x2x32x192x1 --reps 1 --top 3"
+    block="--shapes 12x2x32x192x1 --reps 1 --top 3"; crossing="--shapes 12x4x32x192x1 --reps 1"
     saved="--dim 32 --ffn 192 --tokens 12 --batch 4 --bf16"
 else
     dev=cuda; suite=gpu; subset=20000; small=; prof="--size b --batch 256 --text 48,512,3072,512,32"
     cross="128,256,512,1024,2048,4096 --columns 65536 --dtype bfloat16"; shapes=; block=
+    crossing="--shapes 512x48x512x3072x1,512x64x512x3072x1,512x96x512x3072x1,196x96x512x3072x0,196x128x512x3072x0"
     saved="--batch 256 --bf16"
 fi
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -80,6 +81,10 @@ if has block; then
     # shellcheck disable=SC2086
     timeout 120 $PY benchmarks/block_paths.py --device $dev $block --triton-config "$best" 2>&1 \
         | grep -v '^USDT' | tee "$OUT/block.txt"
+    # where the fused gating starts to win (GMLP_FUSED_GATING_MIN_ELEMENTS): more batch sizes, no profiles
+    # shellcheck disable=SC2086
+    timeout 90 $PY benchmarks/block_paths.py --device $dev $crossing --top 0 --triton-config "$best" 2>&1 \
+        | grep -v '^USDT' | tee -a "$OUT/block.txt"
 fi
 if has profile; then
     # shellcheck disable=SC2086
