@@ -15,11 +15,9 @@ is ``tokens x batch x dim x d_ffn x toeplitz`` (toeplitz 0/1): the defaults are 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from kernel_sweep import _time_ms  # noqa: E402
-from profile_step import category  # noqa: E402
+from profile_step import category, time_rows  # noqa: E402
+from run import environment  # noqa: E402
 
 from gmlp.kernels import sgu_triton  # noqa: E402
 from gmlp.nn import GMLPBlock  # noqa: E402
@@ -40,20 +39,6 @@ PATHS = {
     "split kernel": {"GMLP_DISABLE_FUSED_GATING": "1"},
     "plain ops": {"GMLP_DISABLE_TRITON": "1"},
 }
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _step(block: GMLPBlock, x: torch.Tensor, grad: torch.Tensor, backward: bool) -> Callable[[], None]:
@@ -76,12 +61,7 @@ def _profile(fn: Callable[[], None], device: torch.device, top: int) -> list[str
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    if device.type == "cuda":
-        cuda = torch.autograd.DeviceType.CUDA
-        rows = [(e.key, e.self_device_time_total) for e in prof.key_averages()
-                if e.device_type == cuda and e.self_device_time_total > 0]  # fmt: skip
-    else:
-        rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    rows = time_rows(prof, device)
     total = sum(t for _, t in rows) or 1.0
     lines = [f"device busy {total / 3e3:.3f} ms per step", "| kernel | ms/step | share | category |",
              "|---|---|---|---|"]  # fmt: skip
@@ -129,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, env, config in cases:
             try:
                 sgu_triton.set_launch_config(**(config or {}))
-                with _env(env):
+                with environment(env):
                     with torch.no_grad():
                         fwd = _time_ms(_step(block, x, grad, False), device, args.reps)
                     both = _time_ms(_step(block, x, grad, True), device, args.reps)

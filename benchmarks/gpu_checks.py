@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import gmlp.nn.block as block_module  # noqa: E402
@@ -145,7 +146,7 @@ def check_block(device: torch.device, dim: int, ffn: int, n: int, batch: int) ->
 def check_compiled_kernels(device: torch.device, dim: int, ffn: int, n: int, batch: int, small: bool) -> None:
     """A block compiled (fullgraph; inductor on CUDA, aot_eager for the dry run) with the fused gating kept
     as custom ops == the eager block, in bf16 autocast: output and every gradient."""
-    import os
+    from run import environment
 
     block = GMLPBlock(dim, ffn, n, attn_dim=32).to(device)
     torch.nn.init.normal_(block.sgu.proj.weight, std=0.05)
@@ -158,21 +159,17 @@ def check_compiled_kernels(device: torch.device, dim: int, ffn: int, n: int, bat
         return out.float(), torch.autograd.grad(out.float().square().sum(), params)
 
     ref, g_ref = run(block)
-    saved = os.environ.get("GMLP_TRITON_UNDER_COMPILE"), block_module.compiled_kernels_enabled
-    os.environ["GMLP_TRITON_UNDER_COMPILE"] = "1"
+    saved = block_module.compiled_kernels_enabled
     if small:  # no CUDA in the dry run: route the block as if it were
         block_module.compiled_kernels_enabled = lambda t: torch.compiler.is_compiling()
     try:
         torch._dynamo.reset()
         backend = "aot_eager" if small else "inductor"
-        out, grads = run(torch.compile(block, backend=backend, fullgraph=True))
+        with environment({"GMLP_TRITON_UNDER_COMPILE": "1"}):
+            out, grads = run(torch.compile(block, backend=backend, fullgraph=True))
     finally:
         torch._dynamo.reset()
-        block_module.compiled_kernels_enabled = saved[1]
-        if saved[0] is None:
-            del os.environ["GMLP_TRITON_UNDER_COMPILE"]
-        else:
-            os.environ["GMLP_TRITON_UNDER_COMPILE"] = saved[0]
+        block_module.compiled_kernels_enabled = saved
     _close(out, ref, 2e-2, 2e-2, "compiled block output")
     for i, (a, b) in enumerate(zip(grads, g_ref, strict=True)):
         scale = b.abs().max().item() + 1e-6

@@ -63,6 +63,17 @@ def category(name: str) -> str:
     return "other"
 
 
+def time_rows(prof: profile, device: torch.device) -> list[tuple[str, float]]:
+    """(name, microseconds) per kernel: device kernels only on CUDA (operators would count their kernels
+    twice), operators' self time on the CPU."""
+    events = prof.key_averages()
+    if device.type == "cuda":
+        cuda = torch.autograd.DeviceType.CUDA
+        return [(e.key, e.self_device_time_total) for e in events
+                if e.device_type == cuda and e.self_device_time_total > 0]  # fmt: skip
+    return [(e.key, e.self_cpu_time_total) for e in events if e.self_cpu_time_total > 0]
+
+
 def profile_model(
     name: str,
     model: Callable[[torch.Tensor], Any],
@@ -98,15 +109,7 @@ def profile_model(
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    events = prof.key_averages()
-    if device.type == "cuda":  # device kernels only (operators would count their kernels twice)
-        rows = [
-            (e.key, e.self_device_time_total)
-            for e in events
-            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
-        ]
-    else:
-        rows = [(e.key, e.self_cpu_time_total) for e in events if e.self_cpu_time_total > 0]
+    rows = time_rows(prof, device)
     total = sum(t for _, t in rows) or 1.0
     shares: dict[str, float] = {}
     for key, t in rows:

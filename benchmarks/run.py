@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,6 +279,21 @@ ABLATIONS = {
 }
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set the environment variables ``values`` for the duration of the block; restore them after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class Ablated(nn.Module):
     """Runs the wrapped gmlp model's forward with the environment variables ``switches`` set to ``1`` (the
     path choice is made in the forward; backward follows the graph it built)."""
@@ -289,16 +304,8 @@ class Ablated(nn.Module):
         self.switches = switches
 
     def forward(self, *args: Any) -> Any:
-        saved = {name: os.environ.get(name) for name in self.switches}
-        os.environ.update(dict.fromkeys(self.switches, "1"))
-        try:
+        with environment(dict.fromkeys(self.switches, "1")):
             return self.model(*args)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    del os.environ[name]
-                else:
-                    os.environ[name] = value
 
 
 def ablations(case: Case, labels: tuple[str, ...] = tuple(ABLATIONS)) -> list[Case]:
