@@ -9,7 +9,8 @@ fused whole-gating kernels (``spatial_gating``, fp32 and bf16, with a padding ma
 GMLPBlock through either kernel path vs through the plain ops, the FFT Toeplitz path vs the dense GEMM, a
 whole gMLP-S/16 training step under bf16 autocast (each kernel path vs plain ops), causality (gradients
 of earlier outputs w.r.t. later tokens are exactly zero) and padding invariance of the text model on the
-device. Prints one line per check; exits 1 if any fails.
+device, and (CUDA only) a training step captured as a CUDA graph against the same steps run eagerly.
+Prints one line per check; exits 1 if any fails.
 """
 
 from __future__ import annotations
@@ -268,6 +269,54 @@ def check_sparse_prediction(device: torch.device) -> None:
         _close(b, a, 1e-4, 1e-6, "sparse gradients")
 
 
+def check_cuda_graph_step(device: torch.device) -> None:
+    """CUDAGraphStep == eager training: a padded MLM batch with sparse prediction (dense inside the graph),
+    bf16 autocast, a learning-rate schedule; per-step losses and the final parameters."""
+    from gmlp.kernels.sgu_triton import prefer_fused_gating
+    from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
+    from gmlp.train.cuda_graph import CUDAGraphStep
+
+    cfg = GMLPConfig(vocab_size=1001, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                     max_position_embeddings=32, sparse_prediction=True, hidden_dropout_prob=0.0)  # fmt: skip
+    batches = []
+    for _ in range(7):
+        ids = torch.randint(5, 1001, (4, 32), device=device)
+        mask = torch.ones(4, 32, dtype=torch.long, device=device)
+        mask[1, 20:] = 0
+        labels = torch.where((torch.rand(4, 32, device=device) < 0.3) & (mask == 1), ids, -100)
+        batches.append((ids, mask, labels))
+    losses, params = [], []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = GMLPForMaskedLM(cfg).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.7**step)
+
+        def loss_fn(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, model=model) -> torch.Tensor:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+        step = CUDAGraphStep(loss_fn, opt, warmup_steps=2) if graphed else None
+        run = []
+        for batch in batches:
+            if step is not None:
+                run.append(step(*batch).float())
+            else:
+                with prefer_fused_gating():
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_fn(*batch)
+                    loss.backward()
+                    opt.step()
+                run.append(loss.detach().float())
+            sched.step()
+        if step is not None and not step.captured:
+            raise AssertionError("CUDAGraphStep never captured")
+        losses.append(torch.stack(run))
+        params.append(torch.cat([p.detach().float().flatten() for p in model.parameters()]))
+    _close(losses[1], losses[0], 2e-3, 2e-3, "graphed losses")
+    _close(params[1], params[0], 1e-3, 1e-4, "graphed parameters after 7 steps")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -314,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         ("text: causality and padding on device", lambda: check_text_properties(device)),
         ("MLM sparse prediction == dense head", lambda: check_sparse_prediction(device)),
     ]
+    if device.type == "cuda":  # CUDA graphs exist on CUDA only
+        checks.append(("CUDA graph training step == eager steps", lambda: check_cuda_graph_step(device)))
     failed = 0
     for name, fn in checks:
         try:

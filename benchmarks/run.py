@@ -35,6 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from gmlp.train.cuda_graph import CUDAGraphStep  # noqa: E402
 from gmlp.train.optim import fused_adamw  # noqa: E402
 from gmlp.utils.malloc import tune_malloc  # noqa: E402
 
@@ -48,6 +49,7 @@ class Case:
     build: Callable[[], nn.Module]
     inputs: Callable[[torch.device], tuple[Any, ...]]
     loss: Callable[[Any], torch.Tensor] = field(default=lambda out: out.float().square().mean())
+    graphed: bool = False  # train as one CUDA graph per step (gmlp.train.cuda_graph.CUDAGraphStep)
 
 
 @dataclass
@@ -317,6 +319,16 @@ def ablations(case: Case, labels: tuple[str, ...] = tuple(ABLATIONS)) -> list[Ca
     ]
 
 
+def graphed(cases: list[Case], names: tuple[str, ...]) -> list[Case]:
+    """A "(CUDA graph)" copy of each case named in ``names`` (ours and the peers alike): its training step
+    captured once and replayed (:class:`gmlp.train.cuda_graph.CUDAGraphStep`)."""
+    return [
+        Case(f"{c.name} (CUDA graph)", c.family, c.build, c.inputs, c.loss, graphed=True)
+        for c in cases
+        if c.name in names
+    ]
+
+
 def ablation_labels(device: torch.device, mode: str, suite: str, compiled: bool = False) -> tuple[str, ...]:
     """The ablations worth timing. Compiled: "kernels kept" on CUDA (the smoke suite too, to test the code).
     Eager: the kernel paths on CUDA; on the CPU "plain ops" in inference (the only place its fast path
@@ -370,6 +382,20 @@ def run_cases(
             fn = torch.compile(inner, fullgraph=case.name.startswith("gmlp"))
             if isinstance(model, Ablated):
                 fn = Ablated(fn, model.switches)
+
+        if case.graphed:
+            if opt is None or device.type != "cuda":
+                raise ValueError(f"{case.name}: CUDA graph cases train on CUDA only")
+
+            def loss_of(*batch: Any, fn: Callable = fn, case: Case = case) -> torch.Tensor:
+                with autocast:
+                    return case.loss(fn(*batch))
+
+            # warm-up steps below: two eager, the third captures (and replays) the step
+            graph_step = CUDAGraphStep(loss_of, opt, warmup_steps=max(1, warmup - 1))
+            step = lambda graph_step=graph_step, inputs=inputs: graph_step(*inputs)
+            states.append((case, model, inputs, step, flops, opt))
+            continue
 
         def step(fn: Callable = fn, inputs: tuple = inputs, opt: Any = opt, case: Case = case) -> None:
             if opt is None:
@@ -565,6 +591,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
         help="skip the extra ablation cases of ours ('split kernel', CUDA: fused gating off; 'plain ops': "
         "every Triton kernel off on CUDA, the oneDNN epilogue fusion off in CPU inference)",
     )
+    parser.add_argument(
+        "--no-cuda-graph",
+        action="store_true",
+        help="skip the '(CUDA graph)' training cases (on CUDA: ours and each peer, the whole step captured "
+        "once and replayed)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--triton-config",
@@ -604,6 +636,21 @@ def main(argv: list[str] | None = None) -> list[Result]:
         parts = [m.strip() for m in args.models.split(",") if m.strip()]
         return [c for c in cases if any(m in c.name for m in parts)]
 
+    graphs = device.type == "cuda" and not args.compile and not args.no_cuda_graph
+
+    def run_family(cases: list[Case], mode: str) -> list[Result]:
+        """The eager cases interleaved; then, training on CUDA, each "(CUDA graph)" case on its own (a
+        captured graph holds its activation memory for good: several at once would not fit)."""
+        timing = (suite["rounds"], suite["steps"], suite["warmup"])
+        out = run_cases(cases, mode, device, suite["dtype"], *timing, args.compile)
+        if graphs and mode == "train":
+            peers = tuple(c.name for c in cases if not c.name.startswith("gmlp") and not c.graphed)
+            ours = tuple(c.name for c in cases if c.name.startswith("gmlp"))[:1]
+            for case in graphed(cases, ours + peers):
+                out += run_cases([case], mode, device, suite["dtype"], *timing)
+                torch.cuda.empty_cache()
+        return out
+
     results: list[Result] = []
     for mode in args.modes.split(","):
         if args.only in (None, "vision"):
@@ -616,16 +663,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     **({"img": 32, "patch": 8} if args.suite == "smoke" else {}),
                 )
             )
-            results += run_cases(
-                cases,
-                mode,
-                device,
-                suite["dtype"],
-                suite["rounds"],
-                suite["steps"],
-                suite["warmup"],
-                args.compile,
-            )
+            results += run_family(cases, mode)
         if args.only in (None, "text"):
             layers, dim, ffn, seq, b_inf, b_train = suite["text"]
             cases = chosen(
@@ -640,16 +678,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     sparse=mode == "train",
                 )
             )
-            results += run_cases(
-                cases,
-                mode,
-                device,
-                suite["dtype"],
-                suite["rounds"],
-                suite["steps"],
-                suite["warmup"],
-                args.compile,
-            )
+            results += run_family(cases, mode)
     info["loadavg_after"] = os.getloadavg()[0]
     print(table(results))
     if args.json:

@@ -129,6 +129,7 @@ def test_fused_gating_threshold_setting(monkeypatch: pytest.MonkeyPatch) -> None
         FUSED_GATING_MIN_ELEMENTS,
         fused_gating_enabled,
         fused_gating_min_elements,
+        prefer_fused_gating,
     )
 
     monkeypatch.delenv("GMLP_FUSED_GATING_MIN_ELEMENTS", raising=False)
@@ -142,6 +143,16 @@ def test_fused_gating_threshold_setting(monkeypatch: pytest.MonkeyPatch) -> None
     assert fused_gating_enabled(1)
     monkeypatch.setenv("GMLP_DISABLE_FUSED_GATING", "1")
     assert not fused_gating_enabled(10**12) and not fused_gating_enabled()
+    monkeypatch.delenv("GMLP_DISABLE_FUSED_GATING")
+    monkeypatch.setenv("GMLP_FUSED_GATING_MIN_ELEMENTS", "100")
+    with prefer_fused_gating():  # e.g. a CUDA graph: every size, nested blocks too
+        with prefer_fused_gating():
+            assert fused_gating_enabled(1)
+        assert fused_gating_enabled(1)
+        monkeypatch.setenv("GMLP_DISABLE_FUSED_GATING", "1")
+        assert not fused_gating_enabled(1)  # the ablation switch still wins
+        monkeypatch.delenv("GMLP_DISABLE_FUSED_GATING")
+    assert not fused_gating_enabled(1)
     for bad in ("-1", "1e8", "many"):
         monkeypatch.setenv("GMLP_FUSED_GATING_MIN_ELEMENTS", bad)
         with pytest.raises(ValueError, match="GMLP_FUSED_GATING_MIN_ELEMENTS must be a non-negative int"):

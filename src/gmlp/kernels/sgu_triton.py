@@ -17,8 +17,10 @@ Each has a plain PyTorch reference (``*_reference``) it is tested against (on CP
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,7 @@ __all__ = [
     "fused_gating_enabled",
     "fused_gating_min_elements",
     "launch_config",
+    "prefer_fused_gating",
     "set_launch_config",
     "spatial_gating",
     "spatial_gating_reference",
@@ -596,6 +599,23 @@ def fused_gating_min_elements() -> int:
     return value
 
 
+_prefer_fused = 0  # nesting depth of prefer_fused_gating()
+
+
+@contextlib.contextmanager
+def prefer_fused_gating() -> Iterator[None]:
+    """Inside this block, :func:`fused_gating_enabled` says yes at every size (``GMLP_DISABLE_FUSED_GATING=1``
+    still switches it off): for steps whose host launch cost does not count, such as a step replayed as a
+    CUDA graph (:class:`gmlp.train.cuda_graph.CUDAGraphStep` runs its warm-up steps and its capture in it,
+    so that the kernels it captures are those its warm-up compiled). Capture alone also says yes."""
+    global _prefer_fused
+    _prefer_fused += 1
+    try:
+        yield
+    finally:
+        _prefer_fused -= 1
+
+
 def fused_gating_enabled(elements: int | None = None) -> bool:
     """Whether a block that takes the Triton kernels uses :func:`spatial_gating` and the compute-dtype
     pre-norm (:func:`gmlp.kernels.layer_norm`) rather than :func:`gelu_split_layernorm` with plain gating
@@ -605,11 +625,17 @@ def fused_gating_enabled(elements: int | None = None) -> bool:
         elements: the size of the block's ``fc1`` output (tokens x batch x d_ffn). The fused path saves
             device time and memory but spends more host time per block; it is taken from
             :func:`fused_gating_min_elements` elements on (None = any size). ``GMLP_DISABLE_FUSED_GATING=1``
-            switches it off at every size (an ablation for ``benchmarks/run.py``).
+            switches it off at every size (an ablation for ``benchmarks/run.py``). Inside
+            :func:`prefer_fused_gating`, or while a CUDA graph is being captured (a replay has no host
+            launch cost), every size takes it.
     """
     if os.environ.get("GMLP_DISABLE_FUSED_GATING") == "1":
         return False
-    return elements is None or elements >= fused_gating_min_elements()
+    if elements is None or _prefer_fused:
+        return True
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return True
+    return elements >= fused_gating_min_elements()
 
 
 def gelu_split_layernorm(

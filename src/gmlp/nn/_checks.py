@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_tokens", "check_mask"]
+__all__ = ["capturing", "check_tokens", "check_mask", "host_checks_enabled"]
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on the current stream of ``t``'s device (CUDA only)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def host_checks_enabled(t: torch.Tensor) -> bool:
+    """Whether a check that reads tensor values back to the host may run on ``t``: not while torch.compile
+    traces (it would break the graph) nor while a CUDA graph is captured (a host sync aborts the capture)."""
+    return not torch.compiler.is_compiling() and not capturing(t)
 
 
 def check_tokens(x: torch.Tensor, dim: int, max_len: int | None, name: str = "x") -> None:

@@ -41,6 +41,7 @@ from transformers.utils import logging
 from ...convert import detect_format, from_g_mlp_pytorch
 from ...kernels.cpu_linear import apply_linear
 from ...nn import GMLPBlock, TokenProjection
+from ...nn._checks import capturing, host_checks_enabled
 from ...utils.io import CheckpointError
 from ..vision import drop_path_rates
 from .configuration_gmlp import GMLPConfig
@@ -69,11 +70,6 @@ _TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
 
 def _tied_keys(target: str) -> dict[str, str] | list[str]:
     return {target: "gmlp.embed.weight"} if _TRANSFORMERS_V5 else [target]
-
-
-def _compiling() -> bool:
-    """True while torch.compile traces: skip the data-dependent checks and mask shortcuts then."""
-    return torch.compiler.is_compiling()
 
 
 def _describe(value: Any) -> str:
@@ -249,7 +245,7 @@ class GMLPModel(GMLPPreTrainedModel):
                 f"{cfg.max_position_embeddings} (the size of the spatial W); truncate the input "
                 f"(tokenizer(..., truncation=True, max_length={cfg.max_position_embeddings}))"
             )
-        checking = not _compiling()
+        checking = host_checks_enabled(input_ids if input_ids is not None else inputs_embeds)
         if input_ids is not None and checking:
             bad = (input_ids < 0) | (input_ids >= cfg.vocab_size)
             if bool(bad.any()):
@@ -337,9 +333,9 @@ class GMLPModel(GMLPPreTrainedModel):
 
         inverse = None
         if mask is not None:
-            # Eager mode looks at the mask (one host sync) to skip work; torch.compile always takes the
-            # general path, which needs no data-dependent branch.
-            eager = not _compiling()
+            # Eager mode looks at the mask (one host sync) to skip work; torch.compile and CUDA graph
+            # capture always take the general path, which needs no data-dependent branch.
+            eager = host_checks_enabled(mask)
             if eager and bool(mask.all()):
                 mask = None
             elif not eager or bool((mask[:, 1:] & ~mask[:, :-1]).any()):
@@ -408,7 +404,8 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
         """Logits ``(batch, seq_len, vocab_size)``; with ``labels`` (``(batch, seq_len)``, -100 = not
         predicted) also the mean cross-entropy over the predicted tokens. With ``config.sparse_prediction``
         and ``labels``, the logits are those of the predicted tokens only, ``(num_predicted, vocab_size)``
-        in row-major ``(batch, seq)`` order (``logits_dense[labels != -100]``), the loss unchanged. Other
+        in row-major ``(batch, seq)`` order (``logits_dense[labels != -100]``), the loss unchanged; while a
+        CUDA graph is captured (:class:`gmlp.train.cuda_graph.CUDAGraphStep`) the logits stay dense. Other
         arguments: :meth:`GMLPModel.forward`.
 
         Raises:
@@ -421,7 +418,8 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
             logits = apply_linear(self.decoder, hidden)
         else:
             labels = _check_labels(labels, hidden)
-            if self.config.sparse_prediction:  # decoder on the labelled tokens only
+            # decoder on the labelled tokens only (a data-dependent shape: not inside a CUDA graph)
+            if self.config.sparse_prediction and not capturing(labels):
                 keep = labels != -100
                 hidden, labels = hidden[keep], labels[keep]
             logits = apply_linear(self.decoder, hidden)

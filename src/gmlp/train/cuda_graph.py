@@ -1,0 +1,190 @@
+"""A whole training step (forward, loss, backward, optimizer update) captured once as a CUDA graph.
+
+A deep gMLP at a small batch, such as the 48-block gMLP-base MLM at batch 32, is bound by the host: the
+GPU finishes each of the thousands of small kernels of a step before Python and the dispatcher have issued
+the next one (benchmarks/RESULTS.md, sixth session: the device was busy 1.2-1.9 ms of a 3.1-4.1 ms MLM
+block). A CUDA graph replays the whole step with one launch, so the step takes the device time alone.
+
+    step = CUDAGraphStep(lambda x, y: F.cross_entropy(model(x), y), optimizer)
+    for x, y in loader:               # every batch of the same shape and dtype
+        loss = step(x, y)             # a real optimizer step, also the warm-up steps
+
+The first ``warmup_steps`` calls run eagerly (on a side stream, as capture requires); the next call
+captures the step and replays it, and every later call copies its batch into the captured input buffers
+and replays. Each call is exactly one optimizer step on its own batch: nothing runs twice.
+
+Requirements (checked, each with a clear error): CUDA tensors of a fixed shape and dtype, an optimizer
+whose parameter groups can be captured (``capturable=True``; :func:`make_capturable` switches it on and
+turns the learning rates into device tensors, so that a scheduler's changes reach the replays), and a
+step with no host synchronisation (``.item()``, boolean indexing). The gMLP models skip their
+data-dependent input checks while a graph is being captured, and the blocks take the fused gating kernels
+(under a graph the host's launch cost, which made the split kernel faster at small sizes, is gone).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..kernels.sgu_triton import prefer_fused_gating
+
+__all__ = ["CUDAGraphStep", "make_capturable"]
+
+
+def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Prepare ``optimizer`` (in place) for capture: ``capturable=True`` in every group and each float
+    learning rate replaced by a one-element tensor on its parameters' device (a replay reads the tensor, so
+    ``param_group["lr"]`` changes made by a torch or timm scheduler take effect; a float would stay frozen
+    at its value at capture). Returns the optimizer.
+
+    Raises:
+        ValueError: the optimizer has no ``capturable`` option (e.g. SGD with momentum in old torch).
+    """
+    for group in optimizer.param_groups:
+        if "capturable" not in group:
+            raise ValueError(
+                f"optimizer {type(optimizer).__name__} has no 'capturable' option, so its step cannot be "
+                "captured in a CUDA graph; use torch.optim.AdamW (fused=True or foreach=True)"
+            )
+        group["capturable"] = True
+        lr = group["lr"]
+        if not isinstance(lr, torch.Tensor):
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+    return optimizer
+
+
+def _describe(batch: Sequence[torch.Tensor]) -> str:
+    return ", ".join(f"{tuple(t.shape)} {t.dtype} on {t.device}" for t in batch)
+
+
+class CUDAGraphStep:
+    """One training step, captured as a CUDA graph after ``warmup_steps`` eager steps, then replayed.
+
+    Args:
+        loss_fn: ``loss_fn(*batch) -> loss``: the forward and the loss (with autocast inside, if wanted),
+            a scalar tensor. It must not synchronise with the host.
+        optimizer: the optimizer of the parameters ``loss_fn`` trains; made capturable with
+            :func:`make_capturable` (in place).
+        warmup_steps: eager steps before the capture (at least 1: the first step allocates the optimizer
+            state, compiles the Triton kernels and picks the cuBLAS algorithms).
+        max_grad_norm: clip the gradient norm to this before the update (None = no clipping); the norm is
+            computed on the device, as part of the graph.
+
+    Calling it with a batch (CUDA tensors, the same shapes and dtypes at every call) runs one optimizer
+    step and returns the loss, a new one-element tensor (not the captured buffer, which the next replay
+    overwrites).
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        *,
+        warmup_steps: int = 3,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        if not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        self.loss_fn = loss_fn
+        self.optimizer = make_capturable(optimizer)
+        self._lrs = [group["lr"] for group in optimizer.param_groups]
+        self.warmup_steps = warmup_steps
+        self.max_grad_norm = max_grad_norm
+        self.steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._inputs: tuple[torch.Tensor, ...] = ()
+        self._loss: torch.Tensor | None = None
+        self._stream: torch.cuda.Stream | None = None
+
+    @property
+    def captured(self) -> bool:
+        """Whether the step has been captured (later calls replay it)."""
+        return self.graph is not None
+
+    def _sync_lrs(self) -> None:
+        """Keep each group's learning rate in the tensor the graph reads: a scheduler that assigns a new
+        value (timm's do; torch's fill the tensor in place) has it copied in and the tensor put back."""
+        for group, lr in zip(self.optimizer.param_groups, self._lrs, strict=True):
+            value = group["lr"]
+            if value is not lr:
+                if isinstance(value, torch.Tensor):
+                    lr.copy_(value)
+                else:
+                    lr.fill_(float(value))
+                group["lr"] = lr
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(*batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a one-element loss tensor, got {got}")
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self._params(), self.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        return loss.detach()
+
+    def _check(self, batch: tuple[torch.Tensor, ...]) -> None:
+        if not batch or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in batch):
+            kinds = ", ".join(
+                f"{t.device}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch
+            )
+            raise ValueError(
+                f"CUDAGraphStep takes a batch of CUDA tensors (CUDA graphs exist only on CUDA), got: "
+                f"{kinds or 'no arguments'}"
+            )
+        if self.graph is not None:
+            same = len(batch) == len(self._inputs) and all(
+                t.shape == s.shape and t.dtype == s.dtype and t.device == s.device
+                for t, s in zip(batch, self._inputs, strict=False)
+            )
+            if not same:
+                raise ValueError(
+                    f"a captured CUDAGraphStep replays fixed shapes: expected a batch of "
+                    f"{_describe(self._inputs)}, got {_describe(batch)} (drop the last partial batch, "
+                    f"e.g. DataLoader(drop_last=True), or pad it)"
+                )
+
+    def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on ``batch``; returns its loss."""
+        self._check(batch)
+        self._sync_lrs()
+        if self.graph is not None:
+            for static, t in zip(self._inputs, batch, strict=True):
+                static.copy_(t, non_blocking=True)
+            self.graph.replay()
+            self.steps += 1
+            return self._loss.clone()  # type: ignore[union-attr]
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=batch[0].device)
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with warnings.catch_warnings(), prefer_fused_gating():
+            # capturable=True warns when it runs uncaptured: expected for the warm-up steps
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            if self.steps < self.warmup_steps:
+                with torch.cuda.stream(stream):
+                    loss = self._step(batch)
+                torch.cuda.current_stream().wait_stream(stream)
+                loss.record_stream(torch.cuda.current_stream())
+                self.steps += 1
+                return loss
+            self._inputs = tuple(t.clone() for t in batch)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.optimizer.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                self._loss = self._step(self._inputs)
+        self.graph = graph
+        graph.replay()  # capture records the step without running it
+        self.steps += 1
+        return self._loss.clone()

@@ -1,0 +1,91 @@
+"""CUDAGraphStep: what can be checked without a GPU (argument and input errors, make_capturable, the
+models' capture-time behaviour). The capture itself runs in benchmarks/gpu_checks.py on the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gmlp.models.text import GMLPConfig, GMLPForMaskedLM, modeling_gmlp
+from gmlp.nn import _checks
+from gmlp.train.cuda_graph import CUDAGraphStep, make_capturable
+
+
+def _adamw() -> torch.optim.AdamW:
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=0.5)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+def test_make_capturable_turns_lr_into_a_tensor_that_schedulers_update_in_place() -> None:
+    opt = make_capturable(_adamw())
+    group = opt.param_groups[0]
+    assert group["capturable"] is True
+    lr = group["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.item() == 0.5
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1**step)
+    sched.step()
+    assert group["lr"] is lr and lr.item() == pytest.approx(0.05)  # the tensor a graph would read
+
+
+def test_graph_step_copies_an_assigned_lr_into_the_captured_tensor() -> None:
+    # timm's schedulers assign a float: the step puts the value into the tensor and the tensor back
+    step = CUDAGraphStep(lambda x: x.sum(), _adamw())
+    group = step.optimizer.param_groups[0]
+    lr = group["lr"]
+    group["lr"] = 0.25
+    step._sync_lrs()
+    assert group["lr"] is lr and lr.item() == 0.25
+
+
+def test_make_capturable_refuses_optimizers_without_capture_support() -> None:
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    with pytest.raises(ValueError, match="SGD has no 'capturable' option"):
+        make_capturable(sgd)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"warmup_steps": 0}, "warmup_steps must be an int >= 1, got 0"),
+     ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0 or None, got 0.0")],
+)  # fmt: skip
+def test_graph_step_argument_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CUDAGraphStep(lambda x: x.sum(), _adamw(), **kwargs)
+
+
+def test_graph_step_refuses_cpu_batches_by_name() -> None:
+    step = CUDAGraphStep(lambda x: x.sum(), _adamw())
+    with pytest.raises(ValueError, match="takes a batch of CUDA tensors.*got: cpu"):
+        step(torch.zeros(2))
+    with pytest.raises(ValueError, match="got: no arguments"):
+        step()
+    assert step.steps == 0 and not step.captured
+
+
+def test_mlm_skips_host_reads_while_capturing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under capture (simulated on the CPU) the MLM reads no value back to the host (no ``.any()``/
+    ``.all()``, no boolean indexing of the sparse prediction) and its loss equals the eager one."""
+    torch.manual_seed(0)
+    cfg = GMLPConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                     max_position_embeddings=12, sparse_prediction=True)  # fmt: skip
+    model = GMLPForMaskedLM(cfg).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 9:] = 0
+    labels = torch.where(torch.rand(2, 12) < 0.5, ids, -100)
+    labels[0, 9:] = -100
+    labels[1, 0] = ids[1, 0]
+    eager = model(input_ids=ids, attention_mask=mask, labels=labels)
+    capturing = lambda t: True  # noqa: E731
+    monkeypatch.setattr(_checks, "capturing", capturing)
+    monkeypatch.setattr(modeling_gmlp, "capturing", capturing)
+
+    def no_host_read(self: torch.Tensor) -> bool:
+        raise AssertionError("a host read while capturing")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_host_read)
+    graphed = model(input_ids=ids, attention_mask=mask, labels=labels)
+    monkeypatch.undo()
+    assert graphed.logits.shape == (2, 12, 50)  # dense logits: no data-dependent shape
+    torch.testing.assert_close(graphed.loss, eager.loss)
+    torch.testing.assert_close(graphed.logits[labels != -100], eager.logits)
