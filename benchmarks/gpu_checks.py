@@ -271,10 +271,11 @@ def check_sparse_prediction(device: torch.device) -> None:
 
 def check_cuda_graph_step(device: torch.device) -> None:
     """CUDAGraphStep == eager training: a padded MLM batch with sparse prediction (dense inside the graph),
-    bf16 autocast, a learning-rate schedule; per-step losses and the final parameters."""
+    bf16 autocast, a learning-rate schedule; per-step losses and the final parameters. Then
+    CUDAGraphInference == eager inference of the trained model, batch after batch."""
     from gmlp.kernels.sgu_triton import prefer_fused_gating
     from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
-    from gmlp.train.cuda_graph import CUDAGraphStep
+    from gmlp.train.cuda_graph import CUDAGraphInference, CUDAGraphStep
 
     cfg = GMLPConfig(vocab_size=1001, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
                      max_position_embeddings=32, sparse_prediction=True, hidden_dropout_prob=0.0)  # fmt: skip
@@ -315,6 +316,15 @@ def check_cuda_graph_step(device: torch.device) -> None:
         params.append(torch.cat([p.detach().float().flatten() for p in model.parameters()]))
     _close(losses[1], losses[0], 2e-3, 2e-3, "graphed losses")
     _close(params[1], params[0], 1e-3, 1e-4, "graphed parameters after 7 steps")
+    model.eval()  # the graphed model: inference replayed on new batches == eager
+    forward = CUDAGraphInference(lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits)
+    for ids, mask, _ in batches:
+        graphed_logits = forward(ids, mask).clone()
+        with torch.no_grad():
+            eager_logits = model(input_ids=ids, attention_mask=mask).logits
+        _close(graphed_logits, eager_logits, 1e-4, 1e-4, "graphed logits")
+    if not forward.captured:
+        raise AssertionError("CUDAGraphInference never captured")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         ("MLM sparse prediction == dense head", lambda: check_sparse_prediction(device)),
     ]
     if device.type == "cuda":  # CUDA graphs exist on CUDA only
-        checks.append(("CUDA graph training step == eager steps", lambda: check_cuda_graph_step(device)))
+        checks.append(("CUDA graph training and inference == eager", lambda: check_cuda_graph_step(device)))
     failed = 0
     for name, fn in checks:
         try:

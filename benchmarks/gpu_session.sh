@@ -6,9 +6,10 @@
 #               mkdir -p .fm && cp /usr/share/datasets/fashion-mnist/*.gz .fm/      (both git-ignored)
 # There:        bash benchmarks/gpu_session.sh    (device tool: carry [".whl", ".fm"], timeout_s 560)
 # All steps take more than one 10-minute call (sixth session: checks+suite+profile+train+compile took
-# 376 s on an H200, before the block step and the "kernels kept" compile row). Within a 15-minute budget:
-#   call 1: STEPS="checks suite block profile train" (timeout_s ~450)
-#   call 2: STEPS="compile sweep" (timeout_s ~300), right after, on the still-warm machine
+# 376 s on an H200, before the block step, the "kernels kept" compile row and the "(CUDA graph)" rows).
+# Within a 15-minute budget:
+#   call 1: STEPS="checks suite" (timeout_s ~520)
+#   call 2: STEPS="compile block" (timeout_s ~330), right after, on the still-warm machine
 # Dry run here: DRY=1 bash benchmarks/gpu_session.sh      (CPU, tiny sizes, Triton interpreter; no compile)
 #
 # STEPS picks steps (default: all, in this order); COMPILE_FAMILY=vision|text picks what `compile` times.
@@ -19,8 +20,8 @@
 #   sweep      sweep.txt: launch configurations of the fused kernels timed and checked; the best is used
 #              by the steps after it; then the whole gating fused vs split kernel vs plain ops
 #              (benchmarks/kernel_sweep.py)
-#   suite      suite.txt + gpu.json: every model and peer, eager, with the split-kernel and plain-ops
-#              ablations of ours (run.py)
+#   suite      suite.txt + gpu.json: every model and peer, eager, with the kernel-path ablations of ours,
+#              then each model (ours and every peer) with its step captured as a CUDA graph (run.py)
 #   block      block.txt: one block on each kernel path at the vision and MLM shapes, with device and host
 #              profiles (benchmarks/block_paths.py)
 #   profile    profile.txt: where a training step's time goes (gMLP-B ours and timm's, our MLM)
@@ -74,7 +75,7 @@ if has sweep; then
     [ -s "$TMP/best.json" ] && best=$(cat "$TMP/best.json")
 fi
 if has suite; then
-    timeout 300 $PY benchmarks/run.py --suite $suite --triton-config "$best" --json "$OUT/gpu.json" 2>&1 \
+    timeout 420 $PY benchmarks/run.py --suite $suite --triton-config "$best" --json "$OUT/gpu.json" 2>&1 \
         | tee "$OUT/suite.txt"
 fi
 if has block; then

@@ -35,7 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gmlp.train.cuda_graph import CUDAGraphStep  # noqa: E402
+from gmlp.train.cuda_graph import CUDAGraphInference, CUDAGraphStep  # noqa: E402
 from gmlp.train.optim import fused_adamw  # noqa: E402
 from gmlp.utils.malloc import tune_malloc  # noqa: E402
 
@@ -49,7 +49,7 @@ class Case:
     build: Callable[[], nn.Module]
     inputs: Callable[[torch.device], tuple[Any, ...]]
     loss: Callable[[Any], torch.Tensor] = field(default=lambda out: out.float().square().mean())
-    graphed: bool = False  # train as one CUDA graph per step (gmlp.train.cuda_graph.CUDAGraphStep)
+    graphed: bool = False  # one CUDA graph per step (CUDAGraphStep / CUDAGraphInference)
 
 
 @dataclass
@@ -321,7 +321,7 @@ def ablations(case: Case, labels: tuple[str, ...] = tuple(ABLATIONS)) -> list[Ca
 
 def graphed(cases: list[Case], names: tuple[str, ...]) -> list[Case]:
     """A "(CUDA graph)" copy of each case named in ``names`` (ours and the peers alike): its training step
-    captured once and replayed (:class:`gmlp.train.cuda_graph.CUDAGraphStep`)."""
+    or its inference forward captured once and replayed (:mod:`gmlp.train.cuda_graph`)."""
     return [
         Case(f"{c.name} (CUDA graph)", c.family, c.build, c.inputs, c.loss, graphed=True)
         for c in cases
@@ -383,17 +383,19 @@ def run_cases(
             if isinstance(model, Ablated):
                 fn = Ablated(fn, model.switches)
 
-        if case.graphed:
-            if opt is None or device.type != "cuda":
-                raise ValueError(f"{case.name}: CUDA graph cases train on CUDA only")
+        if case.graphed:  # the warm-up calls below: eager ones, then the capture (and a replay)
+            if device.type != "cuda":
+                raise ValueError(f"{case.name}: CUDA graph cases run on CUDA only")
 
-            def loss_of(*batch: Any, fn: Callable = fn, case: Case = case) -> torch.Tensor:
+            def run(*batch: Any, fn: Callable = fn, case: Case = case, train: bool = opt is not None) -> Any:
                 with autocast:
-                    return case.loss(fn(*batch))
+                    return case.loss(fn(*batch)) if train else fn(*batch)
 
-            # warm-up steps below: two eager, the third captures (and replays) the step
-            graph_step = CUDAGraphStep(loss_of, opt, warmup_steps=max(1, warmup - 1))
-            step = lambda graph_step=graph_step, inputs=inputs: graph_step(*inputs)
+            warm = max(1, warmup - 1)
+            graphed_fn: Callable = CUDAGraphInference(run, warmup_steps=warm)
+            if opt is not None:
+                graphed_fn = CUDAGraphStep(run, opt, warmup_steps=warm)
+            step = lambda graphed_fn=graphed_fn, inputs=inputs: graphed_fn(*inputs)
             states.append((case, model, inputs, step, flops, opt))
             continue
 
@@ -594,8 +596,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument(
         "--no-cuda-graph",
         action="store_true",
-        help="skip the '(CUDA graph)' training cases (on CUDA: ours and each peer, the whole step captured "
-        "once and replayed)",
+        help="skip the '(CUDA graph)' cases (on CUDA: ours and each peer, the whole training step or "
+        "inference forward captured once and replayed)",
+    )
+    parser.add_argument(
+        "--graphs-only", action="store_true", help="time only the '(CUDA graph)' cases (CUDA)"
     )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -639,11 +644,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
     graphs = device.type == "cuda" and not args.compile and not args.no_cuda_graph
 
     def run_family(cases: list[Case], mode: str) -> list[Result]:
-        """The eager cases interleaved; then, training on CUDA, each "(CUDA graph)" case on its own (a
-        captured graph holds its activation memory for good: several at once would not fit)."""
+        """The eager cases interleaved; then, on CUDA, each "(CUDA graph)" case on its own (a captured
+        training step holds its activation memory for good: several at once would not fit)."""
         timing = (suite["rounds"], suite["steps"], suite["warmup"])
-        out = run_cases(cases, mode, device, suite["dtype"], *timing, args.compile)
-        if graphs and mode == "train":
+        out = []
+        if not args.graphs_only:
+            out = run_cases(cases, mode, device, suite["dtype"], *timing, args.compile)
+        if graphs:
             peers = tuple(c.name for c in cases if not c.name.startswith("gmlp") and not c.graphed)
             ours = tuple(c.name for c in cases if c.name.startswith("gmlp"))[:1]
             for case in graphed(cases, ours + peers):

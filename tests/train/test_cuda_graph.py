@@ -8,7 +8,7 @@ import torch
 
 from gmlp.models.text import GMLPConfig, GMLPForMaskedLM, modeling_gmlp
 from gmlp.nn import _checks
-from gmlp.train.cuda_graph import CUDAGraphStep, make_capturable
+from gmlp.train.cuda_graph import CUDAGraphInference, CUDAGraphStep, make_capturable
 
 
 def _adamw() -> torch.optim.AdamW:
@@ -89,3 +89,12 @@ def test_mlm_skips_host_reads_while_capturing(monkeypatch: pytest.MonkeyPatch) -
     assert graphed.logits.shape == (2, 12, 50)  # dense logits: no data-dependent shape
     torch.testing.assert_close(graphed.loss, eager.loss)
     torch.testing.assert_close(graphed.logits[labels != -100], eager.logits)
+
+
+def test_graph_inference_errors() -> None:
+    with pytest.raises(ValueError, match="warmup_steps must be an int >= 1, got 0"):
+        CUDAGraphInference(lambda x: x, warmup_steps=0)
+    forward = CUDAGraphInference(lambda x: x)
+    with pytest.raises(ValueError, match="CUDAGraphInference takes a batch of CUDA tensors.*got: cpu, int"):
+        forward(torch.zeros(2), 3)
+    assert not forward.captured

@@ -30,7 +30,7 @@ import torch
 
 from ..kernels.sgu_triton import prefer_fused_gating
 
-__all__ = ["CUDAGraphStep", "make_capturable"]
+__all__ = ["CUDAGraphInference", "CUDAGraphStep", "make_capturable"]
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -58,6 +58,29 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 def _describe(batch: Sequence[torch.Tensor]) -> str:
     return ", ".join(f"{tuple(t.shape)} {t.dtype} on {t.device}" for t in batch)
+
+
+def _check_batch(
+    batch: tuple[torch.Tensor, ...], captured: tuple[torch.Tensor, ...] | None, who: str
+) -> None:
+    """A batch of CUDA tensors; once captured, of the captured shapes, dtypes and devices."""
+    if not batch or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in batch):
+        kinds = ", ".join(f"{t.device}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch)
+        raise ValueError(
+            f"{who} takes a batch of CUDA tensors (CUDA graphs exist only on CUDA), got: "
+            f"{kinds or 'no arguments'}"
+        )
+    if captured is not None:
+        same = len(batch) == len(captured) and all(
+            t.shape == s.shape and t.dtype == s.dtype and t.device == s.device
+            for t, s in zip(batch, captured, strict=False)
+        )
+        if not same:
+            raise ValueError(
+                f"a captured {who} replays fixed shapes: expected a batch of {_describe(captured)}, got "
+                f"{_describe(batch)} (drop the last partial batch, e.g. DataLoader(drop_last=True), or "
+                "pad it)"
+            )
 
 
 class CUDAGraphStep:
@@ -133,30 +156,9 @@ class CUDAGraphStep:
         self.optimizer.step()
         return loss.detach()
 
-    def _check(self, batch: tuple[torch.Tensor, ...]) -> None:
-        if not batch or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in batch):
-            kinds = ", ".join(
-                f"{t.device}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch
-            )
-            raise ValueError(
-                f"CUDAGraphStep takes a batch of CUDA tensors (CUDA graphs exist only on CUDA), got: "
-                f"{kinds or 'no arguments'}"
-            )
-        if self.graph is not None:
-            same = len(batch) == len(self._inputs) and all(
-                t.shape == s.shape and t.dtype == s.dtype and t.device == s.device
-                for t, s in zip(batch, self._inputs, strict=False)
-            )
-            if not same:
-                raise ValueError(
-                    f"a captured CUDAGraphStep replays fixed shapes: expected a batch of "
-                    f"{_describe(self._inputs)}, got {_describe(batch)} (drop the last partial batch, "
-                    f"e.g. DataLoader(drop_last=True), or pad it)"
-                )
-
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
         """One optimizer step on ``batch``; returns its loss."""
-        self._check(batch)
+        _check_batch(batch, self._inputs if self.graph is not None else None, "CUDAGraphStep")
         self._sync_lrs()
         if self.graph is not None:
             for static, t in zip(self._inputs, batch, strict=True):
@@ -188,3 +190,57 @@ class CUDAGraphStep:
         graph.replay()  # capture records the step without running it
         self.steps += 1
         return self._loss.clone()
+
+
+class CUDAGraphInference:
+    """``fn(*batch)`` without gradients, captured as a CUDA graph after ``warmup_steps`` eager calls, then
+    replayed: inference at a fixed batch shape with one launch per call.
+
+    Args:
+        fn: the forward (with autocast inside, if wanted); returns a tensor or a structure of tensors.
+        warmup_steps: eager calls before the capture (at least 1).
+
+    Calling it with a batch (CUDA tensors, fixed shapes and dtypes) returns ``fn``'s output. After the
+    capture that output is the graph's own buffers, overwritten by the next call: copy what you keep.
+    """
+
+    def __init__(self, fn: Callable[..., object], *, warmup_steps: int = 2) -> None:
+        if not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+        self.fn = fn
+        self.warmup_steps = warmup_steps
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._inputs: tuple[torch.Tensor, ...] = ()
+        self._output: object = None
+
+    @property
+    def captured(self) -> bool:
+        """Whether the forward has been captured (later calls replay it)."""
+        return self.graph is not None
+
+    @torch.no_grad()
+    def __call__(self, *batch: torch.Tensor) -> object:
+        """``fn(*batch)``; see the class notes on the returned buffers."""
+        _check_batch(batch, self._inputs if self.graph is not None else None, "CUDAGraphInference")
+        self.calls += 1
+        if self.graph is not None:
+            for static, t in zip(self._inputs, batch, strict=True):
+                static.copy_(t, non_blocking=True)
+            self.graph.replay()
+            return self._output
+        with prefer_fused_gating():
+            if self.calls <= self.warmup_steps:
+                stream = torch.cuda.Stream(device=batch[0].device)
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    out = self.fn(*batch)
+                torch.cuda.current_stream().wait_stream(stream)
+                return out
+            self._inputs = tuple(t.clone() for t in batch)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._output = self.fn(*self._inputs)
+        self.graph = graph
+        graph.replay()
+        return self._output
