@@ -349,6 +349,7 @@ def run_cases(
     steps: int,
     warmup: int,
     compile_model: bool = False,
+    compile_mode: str | None = None,
 ) -> list[Result]:
     """Time every case in ``mode`` ("infer" or "train") in interleaved rounds; returns one Result each.
 
@@ -379,7 +380,7 @@ def run_cases(
         fn = model
         if compile_model:
             inner = model.model if isinstance(model, Ablated) else model
-            fn = torch.compile(inner, fullgraph=case.name.startswith("gmlp"))
+            fn = torch.compile(inner, fullgraph=case.name.startswith("gmlp"), mode=compile_mode)
             if isinstance(model, Ablated):
                 fn = Ablated(fn, model.switches)
 
@@ -577,6 +578,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--modes", default="infer,train", help="comma-separated: infer,train")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode, e.g. reduce-overhead (inductor's own CUDA graphs); default: the default",
+    )
+    parser.add_argument("--no-sparse", action="store_true", help="skip the sparse-prediction MLM case")
+    parser.add_argument(
         "--dtype",
         choices=("fp32", "bf16"),
         default=None,
@@ -649,7 +656,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         timing = (suite["rounds"], suite["steps"], suite["warmup"])
         out = []
         if not args.graphs_only:
-            out = run_cases(cases, mode, device, suite["dtype"], *timing, args.compile)
+            out = run_cases(cases, mode, device, suite["dtype"], *timing, args.compile, args.compile_mode)
         if graphs:
             peers = tuple(c.name for c in cases if not c.name.startswith("gmlp") and not c.graphed)
             ours = tuple(c.name for c in cases if c.name.startswith("gmlp"))[:1]
@@ -682,7 +689,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     b_inf if mode == "infer" else b_train,
                     vocab=1000 if args.suite == "smoke" else 30522,
                     ablate=ablation_labels(device, mode, args.suite, args.compile) if ablate else (),
-                    sparse=mode == "train",
+                    sparse=mode == "train" and not args.no_sparse,
                 )
             )
             results += run_family(cases, mode)

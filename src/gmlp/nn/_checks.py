@@ -8,8 +8,9 @@ __all__ = ["capturing", "check_tokens", "check_mask", "host_checks_enabled"]
 
 
 def capturing(t: torch.Tensor) -> bool:
-    """True while a CUDA graph is being captured on the current stream of ``t``'s device (CUDA only)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+    """True while a CUDA graph is being captured on the current stream of ``t``'s device (CUDA only; never
+    while torch.compile traces, which has its own CUDA graphs and must not see this host query)."""
+    return not torch.compiler.is_compiling() and t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def host_checks_enabled(t: torch.Tensor) -> bool:
