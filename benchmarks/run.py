@@ -249,7 +249,9 @@ def resident_bytes(*objects: Any) -> int:
 
     def add(t: Any) -> None:
         if isinstance(t, torch.Tensor):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            # a gradient in inductor's CUDA-graph pool (reduce-overhead) may refuse access: not counted
+            with contextlib.suppress(RuntimeError):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
 
     for obj in objects:
         if isinstance(obj, nn.Module):
@@ -401,6 +403,8 @@ def run_cases(
             continue
 
         def step(fn: Callable = fn, inputs: tuple = inputs, opt: Any = opt, case: Case = case) -> None:
+            if compile_mode == "reduce-overhead":  # inductor's CUDA graphs: a new step begins
+                torch.compiler.cudagraph_mark_step_begin()
             if opt is None:
                 with torch.no_grad(), autocast:
                     fn(*inputs)
