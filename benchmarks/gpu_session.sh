@@ -12,7 +12,10 @@
 #   call 2: STEPS="compile block" (timeout_s ~330), right after, on the still-warm machine
 # Dry run here: DRY=1 bash benchmarks/gpu_session.sh      (CPU, tiny sizes, Triton interpreter; no compile)
 #
-# STEPS picks steps (default: all, in this order); COMPILE_FAMILY=vision|text picks what `compile` times.
+# STEPS picks steps (default: all, in this order); COMPILE_FAMILY=vision|text picks what `compile` times;
+# COMPILE_GRAPHS=1 adds each compiled model with its step captured as a CUDA graph (one more compile each:
+# with COMPILE_FAMILY=text about 4-5 minutes; not yet run). Seventh session: calls 1 and 2 below, then
+# STEPS=compile COMPILE_FAMILY=text (181 s), 15 minutes in all with the machine's start.
 # Writes to $OUT (the device tool's return folder) or runs/gpu, most important first, so that whatever a
 # time limit cuts off is the least important (the device tool returns at most 8 files):
 #   checks     checks.txt: card, versions, correctness of every fast path (benchmarks/gpu_checks.py), and
@@ -28,7 +31,8 @@
 #   train      train.txt: `gmlp train`, one short epoch on the device (needs .fm/)
 #   crossover  appended to profile.txt: FFT vs GEMM Toeplitz mixing, bf16
 #   compile    compile.txt + gpu-compile.json: training under torch.compile, ours (fullgraph; and with the
-#              fused gating kept as custom ops, "kernels kept") vs the peer
+#              fused gating kept as custom ops, "kernels kept") vs the peer; COMPILE_GRAPHS=1: also as
+#              CUDA graphs
 # Each step has its own time limit so that one stuck step cannot eat the session.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
@@ -107,7 +111,9 @@ if has compile && [ "${DRY:-0}" != 1 ]; then
     else
         only=vision; models="gmlp gmlp_b16_224,timm gmlp_b16_224"
     fi
+    graphs=; [ "${COMPILE_GRAPHS:-0}" = 1 ] && graphs=--graphs-under-compile
+    # shellcheck disable=SC2086
     timeout 260 $PY benchmarks/run.py --suite gpu --only $only --modes train --compile --models "$models" \
-        --json "$OUT/gpu-compile.json" 2>&1 | tee "$OUT/compile.txt"
+        $graphs --json "$OUT/gpu-compile.json" 2>&1 | tee "$OUT/compile.txt"
 fi
 [ "$checks" = 0 ]

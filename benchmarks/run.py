@@ -613,6 +613,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument(
         "--graphs-only", action="store_true", help="time only the '(CUDA graph)' cases (CUDA)"
     )
+    parser.add_argument(
+        "--graphs-under-compile",
+        action="store_true",
+        help="with --compile: also capture each compiled model's step as a CUDA graph (CUDAGraphStep)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--triton-config",
@@ -652,20 +657,25 @@ def main(argv: list[str] | None = None) -> list[Result]:
         parts = [m.strip() for m in args.models.split(",") if m.strip()]
         return [c for c in cases if any(m in c.name for m in parts)]
 
-    graphs = device.type == "cuda" and not args.compile and not args.no_cuda_graph
+    # with --compile the graphed cases cost a compile each: only on request, and never inside inductor's own
+    # CUDA graphs (reduce-overhead)
+    graphs = device.type == "cuda" and not args.no_cuda_graph and (
+        not args.compile or (args.graphs_under_compile and args.compile_mode != "reduce-overhead")
+    )
 
     def run_family(cases: list[Case], mode: str) -> list[Result]:
         """The eager cases interleaved; then, on CUDA, each "(CUDA graph)" case on its own (a captured
         training step holds its activation memory for good: several at once would not fit)."""
         timing = (suite["rounds"], suite["steps"], suite["warmup"])
+        compiled = (args.compile, args.compile_mode)
         out = []
         if not args.graphs_only:
-            out = run_cases(cases, mode, device, suite["dtype"], *timing, args.compile, args.compile_mode)
+            out = run_cases(cases, mode, device, suite["dtype"], *timing, *compiled)
         if graphs:
             peers = tuple(c.name for c in cases if not c.name.startswith("gmlp") and not c.graphed)
             ours = tuple(c.name for c in cases if c.name.startswith("gmlp"))[:1]
             for case in graphed(cases, ours + peers):
-                out += run_cases([case], mode, device, suite["dtype"], *timing)
+                out += run_cases([case], mode, device, suite["dtype"], *timing, *compiled)
                 torch.cuda.empty_cache()
         return out
 

@@ -3,6 +3,8 @@ models' capture-time behaviour). The capture itself runs in benchmarks/gpu_check
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -98,3 +100,20 @@ def test_graph_inference_errors() -> None:
     with pytest.raises(ValueError, match="CUDAGraphInference takes a batch of CUDA tensors.*got: cpu, int"):
         forward(torch.zeros(2), 3)
     assert not forward.captured
+
+
+def test_capturing_is_not_queried_under_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo cannot trace ``torch.cuda.is_current_stream_capturing`` (a graph break on CUDA, which the
+    CPU compile tests never reach): under compile the check answers False without asking."""
+    cuda_like = SimpleNamespace(is_cuda=True)
+
+    def asked() -> bool:
+        raise AssertionError("is_current_stream_capturing queried under torch.compile")
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", asked)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not _checks.capturing(cuda_like)  # type: ignore[arg-type]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _checks.capturing(cuda_like)  # type: ignore[arg-type]
+    assert not _checks.host_checks_enabled(cuda_like)  # type: ignore[arg-type]
