@@ -284,6 +284,8 @@ def test_reference_is_used_off_cuda() -> None:
         {"fwd_rows": 4, "fwd_warps": 8, "bwd_warps": 8, "bwd_programs_per_sm": 1},
         {"fwd_rows": 2, "fwd_warps": 4, "bwd_warps": 4, "bwd_programs_per_sm": 3},
         {"fwd_rows": 8, "bwd_programs_per_sm": 64},
+        {"bwd_programs_per_sm": 1, "bwd_prefetch": 1},  # 2 rows a program, the last run ragged
+        {"bwd_programs_per_sm": 64, "bwd_prefetch": 1},  # one row a program: the prefetch is all masked
     ],
 )
 def test_every_launch_configuration_matches_reference(config: dict[str, int]) -> None:
@@ -315,6 +317,7 @@ def test_every_launch_configuration_matches_reference(config: dict[str, int]) ->
         {"gate_cols": 8, "gate_rows": 2},
         {"gate_cols": 16, "gate_rows": 4},
         {"gate_cols": 1024, "gate_rows": 1},
+        {"gate_cols": 16, "gate_rows": 4, "bwd_prefetch": 1, "bwd_programs_per_sm": 1},  # padded rows
     ],
 )
 def test_every_gating_tile_matches_reference(config: dict[str, int]) -> None:

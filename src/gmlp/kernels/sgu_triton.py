@@ -120,13 +120,39 @@ if _HAS_TRITON:
         tl.store(Rstd + rows, rstd, mask=rvalid)
 
     @triton.jit
+    def _bwd_row(U, DZ1, DZ2, Keep, Mean, Rstd, row, end, C, cols, cvalid,
+                 WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr):  # fmt: skip
+        # the loads of one backward row (all masked off when row >= end): u2, dz2, mean, rstd, u1, dz1,
+        # and whether the row is real (rvalid) and kept (rkeep; padding rows are not)
+        rvalid = row < end
+        rkeep = rvalid
+        if HAS_KEEP:
+            rkeep = rvalid & (tl.load(Keep + row, mask=rvalid, other=0.0) != 0)
+        kvalid = cvalid & rkeep
+        base = row.to(tl.int64) * 2 * C
+        out = row.to(tl.int64) * C
+        u2 = tl.load(U + base + C + cols, mask=kvalid, other=0.0).to(tl.float32)
+        dz2 = tl.load(DZ2 + out + cols, mask=kvalid, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + row, mask=rkeep, other=0.0)
+        rstd = tl.load(Rstd + row, mask=rkeep, other=0.0)
+        u1 = u2
+        dz1 = dz2
+        if WITH_Z1:
+            valid = cvalid & rvalid
+            u1 = tl.load(U + base + cols, mask=valid, other=0.0).to(tl.float32)
+            dz1 = tl.load(DZ1 + out + cols, mask=valid, other=0.0).to(tl.float32)
+        return u2, dz2, mean, rstd, u1, dz1, rvalid, rkeep
+
+    @triton.jit
     def _bwd_kernel(
         U, DZ1, DZ2, W, Keep, Mean, Rstd, DU, DW, DB, R, C, ROWS_PER_PROG,
-        BLOCK_C: tl.constexpr, WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr,
+        BLOCK_C: tl.constexpr, WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr, PREFETCH: tl.constexpr,
     ):  # fmt: skip
         # a contiguous run of ROWS_PER_PROG rows per program; the loop has no branch (rows past R are
         # masked), and the LayerNorm weight/bias gradients leave as one partial sum per program. Rows whose
         # keep is 0 (padding) get a zero gate-half gradient and add nothing to the weight/bias gradients.
+        # PREFETCH: the next row's loads are issued before this row's reductions and stores, so that each
+        # program keeps a row of loads in flight (more memory parallelism, twice the load registers).
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         cvalid = cols < C
@@ -134,26 +160,31 @@ if _HAS_TRITON:
         dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         start = pid * ROWS_PER_PROG
+        end = tl.minimum(start + ROWS_PER_PROG, R)
+        if PREFETCH:
+            n_u2, n_dz2, n_mean, n_rstd, n_u1, n_dz1, n_rvalid, n_rkeep = _bwd_row(
+                U, DZ1, DZ2, Keep, Mean, Rstd, start, end, C, cols, cvalid, WITH_Z1, HAS_KEEP
+            )
         for r in range(0, ROWS_PER_PROG):
             row = start + r
-            rvalid = row < R
-            rkeep = rvalid
-            if HAS_KEEP:
-                rkeep = rvalid & (tl.load(Keep + row, mask=rvalid, other=0.0) != 0)
-            valid = cvalid & rvalid
+            if PREFETCH:
+                u2, dz2, mean, rstd, u1, dz1, rvalid, rkeep = (
+                    n_u2, n_dz2, n_mean, n_rstd, n_u1, n_dz1, n_rvalid, n_rkeep
+                )
+                n_u2, n_dz2, n_mean, n_rstd, n_u1, n_dz1, n_rvalid, n_rkeep = _bwd_row(
+                    U, DZ1, DZ2, Keep, Mean, Rstd, row + 1, end, C, cols, cvalid, WITH_Z1, HAS_KEEP
+                )
+            else:
+                u2, dz2, mean, rstd, u1, dz1, rvalid, rkeep = _bwd_row(
+                    U, DZ1, DZ2, Keep, Mean, Rstd, row, end, C, cols, cvalid, WITH_Z1, HAS_KEEP
+                )
             kvalid = cvalid & rkeep
+            valid = cvalid & rvalid
             base = row.to(tl.int64) * 2 * C
-            out = row.to(tl.int64) * C
-            u2 = tl.load(U + base + C + cols, mask=kvalid, other=0.0).to(tl.float32)
-            dz2 = tl.load(DZ2 + out + cols, mask=kvalid, other=0.0).to(tl.float32)
-            mean = tl.load(Mean + row, mask=rkeep, other=0.0)
-            rstd = tl.load(Rstd + row, mask=rkeep, other=0.0)
             xhat = tl.where(kvalid, (_gelu(u2) - mean) * rstd, 0.0)
             du2 = tl.where(kvalid, _ln_input_grad(dz2 * w, xhat, rstd, C) * _gelu_grad(u2), 0.0)
             tl.store(DU + base + C + cols, du2.to(DU.dtype.element_ty), mask=valid)
             if WITH_Z1:
-                u1 = tl.load(U + base + cols, mask=valid, other=0.0).to(tl.float32)
-                dz1 = tl.load(DZ1 + out + cols, mask=valid, other=0.0).to(tl.float32)
                 tl.store(DU + base + cols, (dz1 * _gelu_grad(u1)).to(DU.dtype.element_ty), mask=valid)
             dw_acc += dz2 * xhat
             db_acc += dz2
@@ -212,6 +243,9 @@ class LaunchConfig:
             two; None = ``fwd_rows``).
         gate_cols: columns per gating program (a power of two; None = the whole row in one program). Not
             yet tuned on a GPU: ``benchmarks/kernel_sweep.py`` times a grid of both.
+        bwd_prefetch: 1 = the backward loop issues the next row's loads before it reduces and stores the
+            current one (None or 0 = one row at a time, the timed default). Not yet timed on a GPU;
+            ``kernel_sweep.py`` sweeps it.
     """
 
     fwd_rows: int | None = None
@@ -220,6 +254,7 @@ class LaunchConfig:
     bwd_programs_per_sm: int | None = None
     gate_rows: int | None = None
     gate_cols: int | None = None
+    bwd_prefetch: int | None = None
 
 
 launch_config = LaunchConfig()
@@ -310,7 +345,7 @@ def _ln_backward(
     _bwd_kernel[(progs,)](
         u2d, dz2 if dz1 is None else dz1, dz2, weight, mean if keep is None else keep, mean, rstd, du, dw, db,
         rows, c, rows_per_prog, BLOCK_C=block_c, WITH_Z1=dz1 is not None, HAS_KEEP=keep is not None,
-        num_warps=launch_config.bwd_warps or _warps(block_c),
+        PREFETCH=bool(launch_config.bwd_prefetch), num_warps=launch_config.bwd_warps or _warps(block_c),
     )  # fmt: skip
     return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 
