@@ -41,7 +41,7 @@ from gmlp.kernels import (  # noqa: E402
     spatial_gating_reference,
 )
 
-FWD_GRID = {"fwd_rows": (1, 2, 4), "fwd_warps": (4, 8, 16)}
+FWD_GRID = {"fwd_rows": (1, 2, 4), "fwd_warps": (4, 8, 16), "fwd_programs_per_sm": (None, 8, 32)}
 BWD_GRID = {"bwd_warps": (4, 8, 16), "bwd_programs_per_sm": (4, 8, 16, 32), "bwd_prefetch": (None, 1)}
 GATE_GRID: dict[str, tuple[int | None, ...]] = {"gate_rows": (1, 4), "gate_cols": (None, 256, 512)}
 

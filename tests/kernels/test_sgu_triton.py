@@ -286,6 +286,7 @@ def test_reference_is_used_off_cuda() -> None:
         {"fwd_rows": 8, "bwd_programs_per_sm": 64},
         {"bwd_programs_per_sm": 1, "bwd_prefetch": 1},  # 2 rows a program, the last run ragged
         {"bwd_programs_per_sm": 64, "bwd_prefetch": 1},  # one row a program: the prefetch is all masked
+        {"fwd_rows": 1, "fwd_programs_per_sm": 1},  # 13 one-row tiles, 8 "SMs": 2 a program, ragged
     ],
 )
 def test_every_launch_configuration_matches_reference(config: dict[str, int]) -> None:
@@ -318,6 +319,7 @@ def test_every_launch_configuration_matches_reference(config: dict[str, int]) ->
         {"gate_cols": 16, "gate_rows": 4},
         {"gate_cols": 1024, "gate_rows": 1},
         {"gate_cols": 16, "gate_rows": 4, "bwd_prefetch": 1, "bwd_programs_per_sm": 1},  # padded rows
+        {"fwd_programs_per_sm": 1, "fwd_rows": 1},  # forward loops over 3 rows a program
     ],
 )
 def test_every_gating_tile_matches_reference(config: dict[str, int]) -> None:

@@ -93,31 +93,33 @@ if _HAS_TRITON:
 
     @triton.jit
     def _fwd_kernel(
-        U, Z1, Z2, W, B, Keep, Mean, Rstd, R, C, eps,
+        U, Z1, Z2, W, B, Keep, Mean, Rstd, R, C, eps, TILES_PER_PROG,
         ROWS: tl.constexpr, BLOCK_C: tl.constexpr, WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr,
     ):  # fmt: skip
-        # ROWS rows per program, one row of 2C inputs per tile row; statistics in float32. Without Z1 only
-        # the gate half is read; with Keep, rows whose keep is 0 (padding) get a normalised gate of 0.
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        # TILES_PER_PROG consecutive tiles of ROWS rows per program (the LayerNorm weight and bias loaded
+        # once), one row of 2C inputs per tile row; statistics in float32. Without Z1 only the gate half is
+        # read; with Keep, rows whose keep is 0 (padding) get a normalised gate of 0.
         cols = tl.arange(0, BLOCK_C)
-        rvalid = rows < R
-        valid = rvalid[:, None] & (cols < C)[None, :]
-        base = rows.to(tl.int64)[:, None] * 2 * C + cols[None, :]
-        u2 = tl.load(U + base + C, mask=valid, other=0.0).to(tl.float32)
-        mean, diff, rstd = _ln_rows(_gelu(u2), valid, C, eps)
         w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=cols < C, other=0.0).to(tl.float32)
-        out = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        if WITH_Z1:
-            u1 = tl.load(U + base, mask=valid, other=0.0).to(tl.float32)
-            tl.store(Z1 + out, _gelu(u1).to(Z1.dtype.element_ty), mask=valid)
-        z2 = diff * rstd[:, None] * w[None, :] + b[None, :]
-        if HAS_KEEP:
-            keep = tl.load(Keep + rows, mask=rvalid, other=0.0)
-            z2 = tl.where((keep != 0)[:, None], z2, 0.0)
-        tl.store(Z2 + out, z2.to(Z2.dtype.element_ty), mask=valid)
-        tl.store(Mean + rows, mean, mask=rvalid)
-        tl.store(Rstd + rows, rstd, mask=rvalid)
+        for t in range(0, TILES_PER_PROG):
+            rows = (tl.program_id(0) * TILES_PER_PROG + t) * ROWS + tl.arange(0, ROWS)
+            rvalid = rows < R
+            valid = rvalid[:, None] & (cols < C)[None, :]
+            base = rows.to(tl.int64)[:, None] * 2 * C + cols[None, :]
+            u2 = tl.load(U + base + C, mask=valid, other=0.0).to(tl.float32)
+            mean, diff, rstd = _ln_rows(_gelu(u2), valid, C, eps)
+            out = rows.to(tl.int64)[:, None] * C + cols[None, :]
+            if WITH_Z1:
+                u1 = tl.load(U + base, mask=valid, other=0.0).to(tl.float32)
+                tl.store(Z1 + out, _gelu(u1).to(Z1.dtype.element_ty), mask=valid)
+            z2 = diff * rstd[:, None] * w[None, :] + b[None, :]
+            if HAS_KEEP:
+                keep = tl.load(Keep + rows, mask=rvalid, other=0.0)
+                z2 = tl.where((keep != 0)[:, None], z2, 0.0)
+            tl.store(Z2 + out, z2.to(Z2.dtype.element_ty), mask=valid)
+            tl.store(Mean + rows, mean, mask=rvalid)
+            tl.store(Rstd + rows, rstd, mask=rvalid)
 
     @triton.jit
     def _bwd_row(U, DZ1, DZ2, Keep, Mean, Rstd, row, end, C, cols, cvalid,
@@ -246,6 +248,9 @@ class LaunchConfig:
         bwd_prefetch: 1 = the backward loop issues the next row's loads before it reduces and stores the
             current one (None or 0 = one row at a time, the timed default). Not yet timed on a GPU;
             ``kernel_sweep.py`` sweeps it.
+        fwd_programs_per_sm: forward programs per multiprocessor, each looping over a run of row tiles
+            with the LayerNorm weight and bias loaded once (None = one tile per program, the timed
+            default). Not yet timed on a GPU; ``kernel_sweep.py`` sweeps it.
     """
 
     fwd_rows: int | None = None
@@ -255,6 +260,7 @@ class LaunchConfig:
     gate_rows: int | None = None
     gate_cols: int | None = None
     bwd_prefetch: int | None = None
+    fwd_programs_per_sm: int | None = None
 
 
 launch_config = LaunchConfig()
@@ -316,9 +322,13 @@ def _ln_forward(
     rstd = torch.empty_like(mean)
     block_c = _block_c(c)
     per = launch_config.fwd_rows or 1
-    _fwd_kernel[(triton.cdiv(rows, per),)](
+    tiles = triton.cdiv(rows, per)
+    per_prog = 1  # tiles per program
+    if launch_config.fwd_programs_per_sm:
+        per_prog = max(1, math.ceil(tiles / (_sm_count(u2d.device) * launch_config.fwd_programs_per_sm)))
+    _fwd_kernel[(triton.cdiv(tiles, per_prog),)](
         u2d, z2 if z1 is None else z1, z2, weight, bias, mean if keep is None else keep, mean, rstd, rows, c,
-        eps, ROWS=per, BLOCK_C=block_c, WITH_Z1=z1 is not None, HAS_KEEP=keep is not None,
+        eps, per_prog, ROWS=per, BLOCK_C=block_c, WITH_Z1=z1 is not None, HAS_KEEP=keep is not None,
         num_warps=launch_config.fwd_warps or _warps(block_c * per),
     )  # fmt: skip
     return mean, rstd
