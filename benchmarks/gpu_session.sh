@@ -5,17 +5,18 @@
 #                   --implementation cp --platform manylinux2014_x86_64 -d .whl g-mlp-pytorch==0.1.5
 #               mkdir -p .fm && cp /usr/share/datasets/fashion-mnist/*.gz .fm/      (both git-ignored)
 # There:        bash benchmarks/gpu_session.sh    (device tool: carry [".whl", ".fm"], timeout_s 560)
-# All steps take more than one 10-minute call (sixth session: checks+suite+profile+train+compile took
-# 376 s on an H200, before the block step, the "kernels kept" compile row and the "(CUDA graph)" rows).
-# Within a 15-minute budget:
-#   call 1: STEPS="checks suite" (timeout_s ~520)
-#   call 2: STEPS="compile block" (timeout_s ~330), right after, on the still-warm machine
+# All steps take more than one 10-minute call. Seventh session on an H200: STEPS="checks suite" 252 s
+# (with the "(CUDA graph)" rows), STEPS="compile block" 152 s, STEPS=compile COMPILE_FAMILY=text 181 s:
+# 15 minutes in all with the machine's start. Next, within a 15-minute budget:
+#   call 1: STEPS="checks sweep suite" (timeout_s ~520): the sweep times the untimed launch options
+#           (bwd_prefetch, fwd_programs_per_sm) and the suite runs on its best
+#   call 2: STEPS=compile COMPILE_FAMILY=text COMPILE_GRAPHS=1 (timeout_s ~330), right after, on the
+#           still-warm machine: the MLM compiled, and compiled + CUDA graph
 # Dry run here: DRY=1 bash benchmarks/gpu_session.sh      (CPU, tiny sizes, Triton interpreter; no compile)
 #
 # STEPS picks steps (default: all, in this order); COMPILE_FAMILY=vision|text picks what `compile` times;
-# COMPILE_GRAPHS=1 adds each compiled model with its step captured as a CUDA graph (one more compile each:
-# with COMPILE_FAMILY=text about 4-5 minutes; not yet run). Seventh session: calls 1 and 2 below, then
-# STEPS=compile COMPILE_FAMILY=text (181 s), 15 minutes in all with the machine's start.
+# COMPILE_GRAPHS=1 adds each compiled model with its step captured as a CUDA graph (one more compile each;
+# not yet run).
 # Writes to $OUT (the device tool's return folder) or runs/gpu, most important first, so that whatever a
 # time limit cuts off is the least important (the device tool returns at most 8 files):
 #   checks     checks.txt: card, versions, correctness of every fast path (benchmarks/gpu_checks.py), and
