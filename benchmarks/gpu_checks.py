@@ -327,6 +327,32 @@ def check_cuda_graph_step(device: torch.device) -> None:
         raise AssertionError("CUDAGraphInference never captured")
 
 
+def check_cuda_graph_capture_error(device: torch.device) -> None:
+    """A step that reads a value back to the host cannot be captured: CUDAGraphStep says why (run last: a
+    failed capture may leave the process's CUDA state unusable for later checks)."""
+    from gmlp.train.cuda_graph import CUDAGraphStep
+
+    layer = torch.nn.Linear(4, 1).to(device)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3, fused=True)
+
+    def syncing(x: torch.Tensor) -> torch.Tensor:
+        loss = layer(x).square().mean()
+        if loss.item() < 0:  # a host read: fine eagerly, not inside a capture
+            raise AssertionError("unreachable")
+        return loss
+
+    step = CUDAGraphStep(syncing, opt, warmup_steps=1)
+    x = torch.randn(8, 4, device=device)
+    step(x)  # eager warm-up
+    try:
+        step(x)
+    except RuntimeError as err:
+        if "must not synchronise with the host" not in str(err):
+            raise AssertionError(f"unclear capture error: {err}") from err
+    else:
+        raise AssertionError("a step with .item() was captured without an error")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -375,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if device.type == "cuda":  # CUDA graphs exist on CUDA only
         checks.append(("CUDA graph training and inference == eager", lambda: check_cuda_graph_step(device)))
+        checks.append(
+            ("CUDA graph capture of a syncing step: a clear error", lambda: check_cuda_graph_capture_error(device))
+        )
     failed = 0
     for name, fn in checks:
         try:

@@ -56,6 +56,13 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
+_CAPTURE_FAILED = (
+    "capturing the {what} as a CUDA graph failed (the original error is chained below). A captured step must "
+    "not synchronise with the host: no .item()/.tolist()/print of tensors, no boolean-mask indexing or "
+    "other data-dependent shapes, no CPU tensors created from GPU values"
+)
+
+
 def _describe(batch: Sequence[torch.Tensor]) -> str:
     return ", ".join(f"{tuple(t.shape)} {t.dtype} on {t.device}" for t in batch)
 
@@ -184,8 +191,11 @@ class CUDAGraphStep:
             torch.cuda.current_stream().wait_stream(stream)
             self.optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                self._loss = self._step(self._inputs)
+            try:
+                with torch.cuda.graph(graph, stream=stream):
+                    self._loss = self._step(self._inputs)
+            except RuntimeError as err:
+                raise RuntimeError(_CAPTURE_FAILED.format(what="training step")) from err
         self.graph = graph
         graph.replay()  # capture records the step without running it
         self.steps += 1
@@ -239,8 +249,11 @@ class CUDAGraphInference:
                 return out
             self._inputs = tuple(t.clone() for t in batch)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._output = self.fn(*self._inputs)
+            try:
+                with torch.cuda.graph(graph):
+                    self._output = self.fn(*self._inputs)
+            except RuntimeError as err:
+                raise RuntimeError(_CAPTURE_FAILED.format(what="forward")) from err
         self.graph = graph
         graph.replay()
         return self._output
