@@ -400,10 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         ("MLM sparse prediction == dense head", lambda: check_sparse_prediction(device)),
     ]
     if device.type == "cuda":  # CUDA graphs exist on CUDA only
-        checks.append(("CUDA graph training and inference == eager", lambda: check_cuda_graph_step(device)))
-        checks.append(
-            ("CUDA graph capture of a syncing step: a clear error", lambda: check_cuda_graph_capture_error(device))
-        )
+        checks += [
+            ("CUDA graph training and inference == eager", lambda: check_cuda_graph_step(device)),
+            ("CUDA graph of a syncing step: a clear error", lambda: check_cuda_graph_capture_error(device)),
+        ]
     failed = 0
     for name, fn in checks:
         try:
