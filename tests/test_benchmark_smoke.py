@@ -97,6 +97,25 @@ def test_compiled_suite_times_the_kernels_kept_row(monkeypatch: pytest.MonkeyPat
     assert "GMLP_TRITON_UNDER_COMPILE" not in os.environ
 
 
+def test_compile_mode_reaches_torch_compile_and_each_step_is_marked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compile-mode goes to torch.compile; with reduce-overhead (inductor's CUDA graphs) every timed and
+    warm-up step first calls torch.compiler.cudagraph_mark_step_begin (the seventh session's crash)."""
+    run = _load("run")
+    modes: list[str | None] = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: modes.append(kw.get("mode")) or model)
+    marks: list[int] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    args = ["--suite", "smoke", "--only", "text", "--modes", "train", "--compile"]
+    args += ["--models", "g-mlp-pytorch"]
+    results = run.main([*args, "--compile-mode", "reduce-overhead"])
+    assert [r.name for r in results] == ["g-mlp-pytorch gMLP"] and modes == ["reduce-overhead"]
+    suite = run.SUITES["smoke"]
+    assert len(marks) == suite["warmup"] + suite["rounds"] * suite["steps"]
+    modes.clear()
+    run.main(args)  # the default mode: no marks
+    assert modes == [None] and len(marks) == suite["warmup"] + suite["rounds"] * suite["steps"]
+
+
 def test_block_paths_smoke(capsys: pytest.CaptureFixture) -> None:
     """benchmarks/block_paths.py times and profiles one block on each path (the kernels themselves only
     run on CUDA; on the CPU every path is the plain one, which still exercises the script)."""
