@@ -13,6 +13,9 @@ The first ``warmup_steps`` calls run eagerly (on a side stream, as capture requi
 captures the step and replays it, and every later call copies its batch into the captured input buffers
 and replays. Each call is exactly one optimizer step on its own batch: nothing runs twice.
 
+Tested in one process on one GPU (``benchmarks/gpu_checks.py``); DDP/FSDP inside a captured step and
+gradient accumulation over several micro-batches are not supported.
+
 Requirements (checked, each with a clear error): CUDA tensors of a fixed shape and dtype, an optimizer
 whose parameter groups can be captured (``capturable=True``; :func:`make_capturable` switches it on and
 turns the learning rates into device tensors, so that a scheduler's changes reach the replays), and a
