@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -70,30 +71,85 @@ def _describe(batch: Sequence[torch.Tensor]) -> str:
     return ", ".join(f"{tuple(t.shape)} {t.dtype} on {t.device}" for t in batch)
 
 
-def _check_batch(
-    batch: tuple[torch.Tensor, ...], captured: tuple[torch.Tensor, ...] | None, who: str
-) -> None:
-    """A batch of CUDA tensors; once captured, of the captured shapes, dtypes and devices."""
-    if not batch or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in batch):
-        kinds = ", ".join(f"{t.device}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch)
-        raise ValueError(
-            f"{who} takes a batch of CUDA tensors (CUDA graphs exist only on CUDA), got: "
-            f"{kinds or 'no arguments'}"
-        )
-    if captured is not None:
-        same = len(batch) == len(captured) and all(
-            t.shape == s.shape and t.dtype == s.dtype and t.device == s.device
-            for t, s in zip(batch, captured, strict=False)
-        )
-        if not same:
-            raise ValueError(
-                f"a captured {who} replays fixed shapes: expected a batch of {_describe(captured)}, got "
-                f"{_describe(batch)} (drop the last partial batch, e.g. DataLoader(drop_last=True), or "
-                "pad it)"
+class _Graphed:
+    """What both graphed callables share: eager warm-up calls on a side stream, the capture, the replay,
+    and the checks on each batch (CUDA tensors; once captured, the captured shapes, dtypes, devices)."""
+
+    def __init__(self, warmup_steps: int) -> None:
+        if not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+        self.warmup_steps = warmup_steps
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._inputs: tuple[torch.Tensor, ...] = ()
+        self._stream: torch.cuda.Stream | None = None
+
+    @property
+    def captured(self) -> bool:
+        """Whether the call has been captured (later calls replay it)."""
+        return self.graph is not None
+
+    def _check(self, batch: tuple[torch.Tensor, ...]) -> None:
+        who = type(self).__name__
+        if not batch or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in batch):
+            kinds = ", ".join(
+                f"{t.device}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch
             )
+            raise ValueError(
+                f"{who} takes a batch of CUDA tensors (CUDA graphs exist only on CUDA), got: "
+                f"{kinds or 'no arguments'}"
+            )
+        if self.graph is not None:
+            captured = self._inputs
+            same = len(batch) == len(captured) and all(
+                t.shape == s.shape and t.dtype == s.dtype and t.device == s.device
+                for t, s in zip(batch, captured, strict=False)
+            )
+            if not same:
+                raise ValueError(
+                    f"a captured {who} replays fixed shapes: expected a batch of {_describe(captured)}, got "
+                    f"{_describe(batch)} (drop the last partial batch, e.g. DataLoader(drop_last=True), or "
+                    "pad it)"
+                )
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The warm-up and capture stream, made to wait for the work queued so far."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        self._stream.wait_stream(torch.cuda.current_stream())
+        return self._stream
+
+    def _eager(self, body: Callable[[tuple[torch.Tensor, ...]], Any], batch: tuple[torch.Tensor, ...]) -> Any:
+        """A warm-up call: ``body(batch)`` on the side stream (as capture requires), then back in order."""
+        with torch.cuda.stream(self._side_stream(batch[0].device)):
+            out = body(batch)
+        torch.cuda.current_stream().wait_stream(self._stream)  # type: ignore[arg-type]
+        return out
+
+    def _capture(
+        self,
+        body: Callable[[tuple[torch.Tensor, ...]], Any],
+        what: str,
+        stream: torch.cuda.Stream | None = None,
+    ) -> Any:
+        """Capture ``body`` on the input buffers (``self._inputs``), then replay it once (capture records
+        without running); returns what ``body`` returned, the graph's output buffers."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                out = body(self._inputs)
+        except RuntimeError as err:
+            raise RuntimeError(_CAPTURE_FAILED.format(what=what)) from err
+        self.graph = graph
+        graph.replay()
+        return out
+
+    def _replay(self, batch: tuple[torch.Tensor, ...]) -> None:
+        for static, t in zip(self._inputs, batch, strict=True):
+            static.copy_(t, non_blocking=True)
+        self.graph.replay()  # type: ignore[union-attr]
 
 
-class CUDAGraphStep:
+class CUDAGraphStep(_Graphed):
     """One training step, captured as a CUDA graph after ``warmup_steps`` eager steps, then replayed.
 
     Args:
@@ -119,25 +175,15 @@ class CUDAGraphStep:
         warmup_steps: int = 3,
         max_grad_norm: float | None = None,
     ) -> None:
-        if not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+        super().__init__(warmup_steps)
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
         self.loss_fn = loss_fn
         self.optimizer = make_capturable(optimizer)
         self._lrs = [group["lr"] for group in optimizer.param_groups]
-        self.warmup_steps = warmup_steps
         self.max_grad_norm = max_grad_norm
         self.steps = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self._inputs: tuple[torch.Tensor, ...] = ()
         self._loss: torch.Tensor | None = None
-        self._stream: torch.cuda.Stream | None = None
-
-    @property
-    def captured(self) -> bool:
-        """Whether the step has been captured (later calls replay it)."""
-        return self.graph is not None
 
     def _sync_lrs(self) -> None:
         """Keep each group's learning rate in the tensor the graph reads: a scheduler that assigns a new
@@ -168,44 +214,29 @@ class CUDAGraphStep:
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
         """One optimizer step on ``batch``; returns its loss."""
-        _check_batch(batch, self._inputs if self.graph is not None else None, "CUDAGraphStep")
+        self._check(batch)
         self._sync_lrs()
         if self.graph is not None:
-            for static, t in zip(self._inputs, batch, strict=True):
-                static.copy_(t, non_blocking=True)
-            self.graph.replay()
-            self.steps += 1
-            return self._loss.clone()  # type: ignore[union-attr]
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=batch[0].device)
-        stream = self._stream
-        stream.wait_stream(torch.cuda.current_stream())
-        with warnings.catch_warnings(), prefer_fused_gating():
-            # capturable=True warns when it runs uncaptured: expected for the warm-up steps
-            warnings.filterwarnings("ignore", message=".*capturable=True.*")
-            if self.steps < self.warmup_steps:
-                with torch.cuda.stream(stream):
-                    loss = self._step(batch)
+            self._replay(batch)
+        else:
+            with warnings.catch_warnings(), prefer_fused_gating():
+                # capturable=True warns when it runs uncaptured: expected for the warm-up steps
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                if self.steps < self.warmup_steps:
+                    loss = self._eager(self._step, batch)
+                    loss.record_stream(torch.cuda.current_stream())
+                    self.steps += 1
+                    return loss
+                stream = self._side_stream(batch[0].device)
+                self._inputs = tuple(t.clone() for t in batch)
                 torch.cuda.current_stream().wait_stream(stream)
-                loss.record_stream(torch.cuda.current_stream())
-                self.steps += 1
-                return loss
-            self._inputs = tuple(t.clone() for t in batch)
-            torch.cuda.current_stream().wait_stream(stream)
-            self.optimizer.zero_grad(set_to_none=True)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph, stream=stream):
-                    self._loss = self._step(self._inputs)
-            except RuntimeError as err:
-                raise RuntimeError(_CAPTURE_FAILED.format(what="training step")) from err
-        self.graph = graph
-        graph.replay()  # capture records the step without running it
+                self.optimizer.zero_grad(set_to_none=True)
+                self._loss = self._capture(self._step, "training step", stream)
         self.steps += 1
-        return self._loss.clone()
+        return self._loss.clone()  # type: ignore[union-attr]
 
 
-class CUDAGraphInference:
+class CUDAGraphInference(_Graphed):
     """``fn(*batch)`` without gradients, captured as a CUDA graph after ``warmup_steps`` eager calls, then
     replayed: inference at a fixed batch shape with one launch per call.
 
@@ -218,45 +249,23 @@ class CUDAGraphInference:
     """
 
     def __init__(self, fn: Callable[..., object], *, warmup_steps: int = 2) -> None:
-        if not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+        super().__init__(warmup_steps)
         self.fn = fn
-        self.warmup_steps = warmup_steps
         self.calls = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self._inputs: tuple[torch.Tensor, ...] = ()
         self._output: object = None
-
-    @property
-    def captured(self) -> bool:
-        """Whether the forward has been captured (later calls replay it)."""
-        return self.graph is not None
 
     @torch.no_grad()
     def __call__(self, *batch: torch.Tensor) -> object:
         """``fn(*batch)``; see the class notes on the returned buffers."""
-        _check_batch(batch, self._inputs if self.graph is not None else None, "CUDAGraphInference")
+        self._check(batch)
         self.calls += 1
         if self.graph is not None:
-            for static, t in zip(self._inputs, batch, strict=True):
-                static.copy_(t, non_blocking=True)
-            self.graph.replay()
+            self._replay(batch)
             return self._output
+        run = lambda inputs: self.fn(*inputs)  # noqa: E731
         with prefer_fused_gating():
             if self.calls <= self.warmup_steps:
-                stream = torch.cuda.Stream(device=batch[0].device)
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    out = self.fn(*batch)
-                torch.cuda.current_stream().wait_stream(stream)
-                return out
+                return self._eager(run, batch)
             self._inputs = tuple(t.clone() for t in batch)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    self._output = self.fn(*self._inputs)
-            except RuntimeError as err:
-                raise RuntimeError(_CAPTURE_FAILED.format(what="forward")) from err
-        self.graph = graph
-        graph.replay()
+            self._output = self._capture(run, "forward")
         return self._output
