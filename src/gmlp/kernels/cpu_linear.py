@@ -66,13 +66,15 @@ def _mm(
 def _can_run(*tensors: torch.Tensor) -> bool:
     """The hard requirements of the oneDNN path: the op, non-empty float32 CPU tensors, no torch.func
     transform wrapping them."""
-    return _HAS_ONEDNN_LINEAR and all(
-        t.device.type == "cpu"
-        and t.dtype == torch.float32
-        and t.numel() > 0
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-        for t in tensors
-    )
+    if not _HAS_ONEDNN_LINEAR:
+        return False
+    for t in tensors:  # a plain loop: this runs for every projection; host time counts on small models
+        if not t.is_cpu or t.dtype is not torch.float32 or t.numel() == 0 or _is_functorch_wrapped(t):
+            return False
+    return True
+
+
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def cpu_fusion_enabled(*tensors: torch.Tensor) -> bool:
@@ -80,6 +82,7 @@ def cpu_fusion_enabled(*tensors: torch.Tensor) -> bool:
     module docstring for the conditions)."""
     return (
         not torch.compiler.is_compiling()  # first: inductor fuses for itself (and shapes may be symbolic)
+        and tensors[0].is_cpu  # then the cheapest test, which ends it at once for CUDA tensors
         and not torch.jit.is_tracing()  # traced graphs (TorchScript ONNX export) keep portable ops
         and _get_current_dispatch_mode() is None  # FLOP counters, fake tensors: they see plain aten ops
         and os.environ.get("GMLP_DISABLE_CPU_FUSION") != "1"
@@ -98,14 +101,10 @@ class _Linear(torch.autograd.Function):
     BLAS weight gradient; plain differentiable ops in a double backward."""
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _mm(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        x, weight, bias = inputs
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        return _mm(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -127,13 +126,9 @@ class _TokenMix(torch.autograd.Function):
     ``w`` gradient; plain differentiable ops in a double backward."""
 
     @staticmethod
-    def forward(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return _mm(w, z.t()).add_(b.unsqueeze(1))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        w, z, _ = inputs
+    def forward(ctx: Any, w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(w, z)
+        return _mm(w, z.t()).add_(b.unsqueeze(1))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
