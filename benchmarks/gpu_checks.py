@@ -269,16 +269,18 @@ def check_sparse_prediction(device: torch.device) -> None:
         _close(b, a, 1e-4, 1e-6, "sparse gradients")
 
 
-def check_cuda_graph_step(device: torch.device) -> None:
-    """CUDAGraphStep == eager training: a padded MLM batch with sparse prediction (dense inside the graph),
-    bf16 autocast, a learning-rate schedule; per-step losses and the final parameters. Then
-    CUDAGraphInference == eager inference of the trained model, batch after batch."""
+def check_cuda_graph_step(device: torch.device, per_seq: int | None = None) -> None:
+    """CUDAGraphStep == eager training: a padded MLM batch with sparse prediction (dense inside the graph;
+    with ``per_seq``, ``max_predictions_per_seq``: sparse inside it too), bf16 autocast, a learning-rate
+    schedule; per-step losses and the final parameters. Then CUDAGraphInference == eager inference of the
+    trained model, batch after batch."""
     from gmlp.kernels.sgu_triton import prefer_fused_gating
     from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
     from gmlp.train.cuda_graph import CUDAGraphInference, CUDAGraphStep
 
     cfg = GMLPConfig(vocab_size=1001, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                     max_position_embeddings=32, sparse_prediction=True, hidden_dropout_prob=0.0)  # fmt: skip
+                     max_position_embeddings=32, sparse_prediction=True, hidden_dropout_prob=0.0,
+                     max_predictions_per_seq=per_seq)  # fmt: skip
     batches = []
     for _ in range(7):
         ids = torch.randint(5, 1001, (4, 32), device=device)
@@ -402,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":  # CUDA graphs exist on CUDA only
         checks += [
             ("CUDA graph training and inference == eager", lambda: check_cuda_graph_step(device)),
+            (
+                "CUDA graph training, static sparse prediction == eager",
+                lambda: check_cuda_graph_step(device, per_seq=24),
+            ),
             ("CUDA graph of a syncing step: a clear error", lambda: check_cuda_graph_capture_error(device)),
         ]
     failed = 0

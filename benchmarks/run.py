@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -167,9 +168,12 @@ def text_cases(
     ablate: tuple[str, ...] = (),
     sparse: bool = True,
     mlm_probability: float = 0.15,
+    static_sparse: bool = False,
 ) -> list[Case]:
     """MLM cases: every model trains on the same tokens with the same 15% of them labelled; ``sparse``
-    adds ours with ``sparse_prediction`` (the decoder on the labelled tokens only; train mode)."""
+    adds ours with ``sparse_prediction`` (the decoder on the labelled tokens only; train mode);
+    ``static_sparse`` adds ours with ``max_predictions_per_seq`` (twice the expected number of labelled
+    tokens: a fixed shape, so it also runs as a CUDA graph)."""
     from g_mlp_pytorch import gMLP
     from transformers import BertConfig, BertForMaskedLM
 
@@ -184,7 +188,7 @@ def text_cases(
     try:
         from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
 
-        def ours(sparse_prediction: bool = False) -> nn.Module:
+        def ours(sparse_prediction: bool = False, per_seq: int | None = None) -> nn.Module:
             cfg = GMLPConfig(
                 vocab_size=vocab,
                 hidden_size=dim,
@@ -193,6 +197,7 @@ def text_cases(
                 max_position_embeddings=seq,
                 toeplitz=True,
                 sparse_prediction=sparse_prediction,
+                max_predictions_per_seq=per_seq,
             )
             return MaskedLMStep(GMLPForMaskedLM(cfg), internal=sparse_prediction)
 
@@ -200,6 +205,10 @@ def text_cases(
         if sparse:
             name = "gmlp GMLPForMaskedLM (sparse prediction)"
             cases.append(Case(name, "text", lambda: ours(sparse_prediction=True), tokens, loss))
+        if static_sparse:
+            per_seq = min(seq, math.ceil(2 * mlm_probability * seq))
+            name = f"gmlp GMLPForMaskedLM (sparse prediction, static {per_seq}/seq)"
+            cases.append(Case(name, "text", lambda: ours(True, per_seq), tokens, loss))
         cases += ablations(cases[0], ablate)
     except ImportError:  # the text models are optional in this benchmark
         pass
@@ -674,6 +683,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         if graphs:
             peers = tuple(c.name for c in cases if not c.name.startswith("gmlp") and not c.graphed)
             ours = tuple(c.name for c in cases if c.name.startswith("gmlp"))[:1]
+            ours += tuple(c.name for c in cases if "static" in c.name)  # the sparse MLM that a graph can hold
             for case in graphed(cases, ours + peers):
                 out += run_cases([case], mode, device, suite["dtype"], *timing, *compiled)
                 torch.cuda.empty_cache()
@@ -704,6 +714,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     vocab=1000 if args.suite == "smoke" else 30522,
                     ablate=ablation_labels(device, mode, args.suite, args.compile) if ablate else (),
                     sparse=mode == "train" and not args.no_sparse,
+                    static_sparse=mode == "train" and not args.no_sparse and device.type == "cuda",
                 )
             )
             results += run_family(cases, mode)

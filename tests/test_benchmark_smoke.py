@@ -258,8 +258,9 @@ def test_mlm_cases_time_one_loss_and_the_table_shows_our_fastest_row() -> None:
     """Every MLM case trains on the same labelled tokens; ours with sparse prediction computes the same loss
     as the dense head + cross-entropy the peers use; the table compares peers with our fastest row too."""
     run = _load("run")
-    cases = {c.name: c for c in run.text_cases(2, 32, 64, 16, 3, vocab=100)}
+    cases = {c.name: c for c in run.text_cases(2, 32, 64, 16, 3, vocab=100, static_sparse=True)}
     dense, sparse = cases["gmlp GMLPForMaskedLM"], cases["gmlp GMLPForMaskedLM (sparse prediction)"]
+    static = cases["gmlp GMLPForMaskedLM (sparse prediction, static 5/seq)"]  # 2 x 15% of 16 tokens
     assert set(cases) >= {"g-mlp-pytorch gMLP", "transformers BertForMaskedLM"}
     inputs = dense.inputs(torch.device("cpu"))
     labels = inputs[1]
@@ -268,10 +269,14 @@ def test_mlm_cases_time_one_loss_and_the_table_shows_our_fastest_row() -> None:
     a = dense.build()
     torch.manual_seed(0)
     b = sparse.build()
+    torch.manual_seed(0)
+    c = static.build()
     torch.testing.assert_close(sparse.loss(b(*inputs)), dense.loss(a(*inputs)))
+    torch.testing.assert_close(static.loss(c(*inputs)), dense.loss(a(*inputs)))
     with torch.no_grad():  # inference: the logits
         assert a(*inputs).shape == b(*inputs).shape == (3, 16, 100)
     assert "sparse" not in " ".join(c.name for c in run.text_cases(2, 32, 64, 16, 3, vocab=100, sparse=False))
+    assert not any("static" in c.name for c in run.text_cases(2, 32, 64, 16, 3, vocab=100))  # CUDA only
 
     def result(name: str, rate: float):
         return run.Result(name, "text", "train", 8, rate, 1.0, 1.0, 1.0, None, [1.0])

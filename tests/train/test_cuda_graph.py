@@ -93,6 +93,38 @@ def test_mlm_skips_host_reads_while_capturing(monkeypatch: pytest.MonkeyPatch) -
     torch.testing.assert_close(graphed.logits[labels != -100], eager.logits)
 
 
+def test_static_sparse_prediction_runs_sparse_while_capturing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``max_predictions_per_seq`` the sparse decoder stays sparse under (simulated) capture, with no
+    host read; its loss equals the eager one, and a batch whose labels do not fit gives NaN."""
+    torch.manual_seed(0)
+    cfg = GMLPConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                     max_position_embeddings=12, sparse_prediction=True,
+                     max_predictions_per_seq=5)  # fmt: skip
+    model = GMLPForMaskedLM(cfg).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    labels = torch.full((2, 12), -100)
+    labels[0, [1, 4, 7]] = ids[0, [1, 4, 7]]
+    labels[1, :5] = ids[1, :5]
+    eager = model(input_ids=ids, labels=labels)
+    capturing = lambda t: True  # noqa: E731
+    monkeypatch.setattr(_checks, "capturing", capturing)
+    monkeypatch.setattr(modeling_gmlp, "capturing", capturing)
+
+    def no_host_read(self: torch.Tensor) -> bool:
+        raise AssertionError("a host read while capturing")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_host_read)
+    monkeypatch.setattr(torch.Tensor, "__int__", no_host_read)
+    graphed = model(input_ids=ids, labels=labels)
+    labels[1, 5] = ids[1, 5]  # 6 labelled tokens in sequence 1: one would be left out
+    overflowing = model(input_ids=ids, labels=labels)
+    monkeypatch.undo()
+    assert graphed.logits.shape == (2 * 5, 50)  # sparse, and the same shape for every batch
+    torch.testing.assert_close(graphed.loss, eager.loss)
+    torch.testing.assert_close(graphed.logits, eager.logits)
+    assert torch.isnan(overflowing.loss)
+
+
 def test_graph_inference_errors() -> None:
     with pytest.raises(ValueError, match="warmup_steps must be an int >= 1, got 0"):
         CUDAGraphInference(lambda x: x, warmup_steps=0)

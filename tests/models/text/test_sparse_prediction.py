@@ -119,3 +119,83 @@ def test_sparse_prediction_compiles_fullgraph_and_trains() -> None:
     out.loss.backward()
     for name, grad in _grads(eager).items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+
+
+# --- max_predictions_per_seq: a static number of predicted rows per sequence --------------------------------
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 4), seq=st.integers(2, SEQ), rate=st.floats(0.0, 1.0),
+       slack=st.integers(0, 3))  # fmt: skip
+def test_static_sparse_prediction_gives_the_dense_loss_gradients_and_logits(seed, batch, seq, rate, slack):
+    ids, mask, labels = _batch(seed, batch, seq, rate)
+    keep = labels != -100
+    per_seq = int(keep.sum(1).max()) + slack  # the tightest bound that fits, or a looser one
+    dense, static = _model(False), _model(True, max_predictions_per_seq=per_seq)
+    out_d = dense(input_ids=ids, attention_mask=mask, labels=labels)
+    out_s = static(input_ids=ids, attention_mask=mask, labels=labels)
+    k = min(per_seq, seq)
+    assert out_s.logits.shape == (batch * k, VOCAB)
+    rows = out_s.logits.view(batch, k, VOCAB)
+    for b in range(batch):  # each sequence's block starts with its labelled tokens, in order
+        count = int(keep[b].sum())
+        torch.testing.assert_close(rows[b, :count], out_d.logits[b][keep[b]], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out_s.loss, out_d.loss, rtol=1e-12, atol=1e-12)
+    out_d.loss.backward()
+    out_s.loss.backward()
+    gd, gs = _grads(dense), _grads(static)
+    assert gd.keys() == gs.keys()
+    for name in gd:
+        torch.testing.assert_close(gs[name], gd[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_static_sparse_prediction_refuses_a_sequence_with_too_many_labels() -> None:
+    ids, mask, labels = _batch(1, 3, SEQ, 0.0)
+    labels[2, :5] = ids[2, :5]
+    model = _model(True, max_predictions_per_seq=4)
+    with pytest.raises(ValueError, match=r"labels: sequence 2 has 5 labelled tokens .* more than "
+                       r"max_predictions_per_seq=4"):  # fmt: skip
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    labels[2, 4] = -100  # 4 fit
+    assert torch.isfinite(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+
+
+def test_static_sparse_prediction_compiles_fullgraph_and_poisons_an_unchecked_overflow() -> None:
+    """Under torch.compile no count is read back: the loss equals the eager one, and a batch with more
+    labelled tokens than fit gives NaN (never a loss over a silently shortened set of tokens)."""
+    torch._dynamo.reset()
+    eager, model = (_model(True, max_predictions_per_seq=6).float() for _ in range(2))
+    ids, mask, labels = _batch(3, 3, SEQ, 0.3)
+    labels[:, 6:] = -100
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ref = eager(input_ids=ids, attention_mask=mask, labels=labels)
+    out = compiled(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss)
+    ref.loss.backward()
+    out.loss.backward()
+    for name, grad in _grads(eager).items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+    labels[1, :8] = ids[1, :8]  # 8 labelled tokens in sequence 1, more than 6
+    assert torch.isnan(compiled(input_ids=ids, attention_mask=mask, labels=labels).loss)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparse_prediction": True, "max_predictions_per_seq": 0},
+         "max_predictions_per_seq must be a positive int, got 0"),
+        ({"sparse_prediction": True, "max_predictions_per_seq": 2.5},
+         "max_predictions_per_seq must be a positive int, got 2.5"),
+        ({"max_predictions_per_seq": 20}, "max_predictions_per_seq needs sparse_prediction=True, got "
+         "max_predictions_per_seq=20 with sparse_prediction=False"),
+    ],
+)  # fmt: skip
+def test_max_predictions_per_seq_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GMLPConfig(**kwargs)
+
+
+def test_max_predictions_per_seq_is_saved_with_the_config(tmp_path) -> None:
+    _model(True, max_predictions_per_seq=7).save_pretrained(tmp_path)
+    assert GMLPForMaskedLM.from_pretrained(tmp_path).config.max_predictions_per_seq == 7
+    assert GMLPConfig().max_predictions_per_seq is None

@@ -105,6 +105,16 @@ class GMLPConfig(PretrainedConfig):
             gradient are those of the dense head. It saves most of the decoder's work and the full-vocabulary
             logits' memory in MLM pretraining (ModernBERT's option of the same name). Without ``labels`` the
             logits are always dense.
+        max_predictions_per_seq: with ``sparse_prediction``, gather a fixed ``max_predictions_per_seq``
+            rows per sequence instead of exactly the labelled ones (BERT's setting of the same name): the
+            labelled tokens of each sequence in order, then unlabelled filler rows that the loss ignores.
+            The shapes then no longer depend on the labels, so the sparse decoder also runs inside a CUDA
+            graph (:class:`~gmlp.train.cuda_graph.CUDAGraphStep`) and under torch.compile without dynamic
+            shapes; the logits are ``(batch * min(max_predictions_per_seq, seq_len), vocab_size)``. A
+            sequence with more labelled tokens raises a ``ValueError``; where the count cannot be read
+            back (during a CUDA graph capture or under torch.compile) such a batch gives a NaN loss
+            instead of a silently wrong one. None (default) = the labelled tokens exactly (a
+            data-dependent shape).
         pad_token_id, cls_token_id, sep_token_id, mask_token_id, bos_token_id, eos_token_id: special token
             ids, recorded for tokenizers, pipelines and ``generate``; None = not defined.
         **kwargs: the usual :class:`~transformers.PretrainedConfig` arguments (``num_labels``,
@@ -140,6 +150,7 @@ class GMLPConfig(PretrainedConfig):
         type_vocab_size: int = 2,
         tie_word_embeddings: bool = True,
         sparse_prediction: bool = False,
+        max_predictions_per_seq: int | None = None,
         pad_token_id: int | None = 0,
         cls_token_id: int | None = 2,
         sep_token_id: int | None = 3,
@@ -180,6 +191,13 @@ class GMLPConfig(PretrainedConfig):
         for name, value in flags:
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
+        if max_predictions_per_seq is not None:
+            _positive_int("max_predictions_per_seq", max_predictions_per_seq)
+            if not sparse_prediction:
+                raise ValueError(
+                    f"max_predictions_per_seq needs sparse_prediction=True, got max_predictions_per_seq="
+                    f"{max_predictions_per_seq} with sparse_prediction=False"
+                )
         _probability("hidden_dropout_prob", hidden_dropout_prob)
         if classifier_dropout is not None:
             _probability("classifier_dropout", classifier_dropout)
@@ -235,6 +253,7 @@ class GMLPConfig(PretrainedConfig):
         self.sep_token_id = sep_token_id
         self.mask_token_id = mask_token_id
         self.sparse_prediction = sparse_prediction
+        self.max_predictions_per_seq = max_predictions_per_seq
         # transformers 4.x sets these from its own keyword arguments (and would overwrite attributes set
         # here), 5.x stores them as extra attributes: passing them on works for both.
         super().__init__(

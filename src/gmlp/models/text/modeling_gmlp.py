@@ -101,6 +101,38 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 0, index.t().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def _select_predictions(
+    hidden: torch.Tensor, labels: torch.Tensor, per_seq: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The static-shape sparse prediction of ``GMLPConfig.max_predictions_per_seq``: from ``hidden``
+    ``(batch, seq, dim)`` and ``labels`` ``(batch, seq)``, ``k = min(per_seq, seq)`` rows per sequence, its
+    labelled tokens first in order and then unlabelled ones (label -100, ignored by the loss), as
+    ``(batch * k, dim)`` and ``(batch * k,)``.
+
+    The third value is None where the labelled counts were checked on the host (a ``ValueError`` if a
+    sequence has more than ``per_seq``); during a CUDA graph capture or under torch.compile, where no value
+    may be read back, it is a bool tensor that is True if labelled tokens were left out.
+    """
+    k = min(per_seq, labels.shape[1])
+    keep = labels != -100
+    # a stable sort of "unlabelled" puts each row's labelled positions first, in order
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]
+    picked = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    picked_labels = labels.gather(1, order)
+    counts = keep.sum(dim=1)
+    overflow = None
+    if host_checks_enabled(labels):
+        worst = int(counts.argmax())
+        if int(counts[worst]) > k:
+            raise ValueError(
+                f"labels: sequence {worst} has {int(counts[worst])} labelled tokens (labels != -100), more "
+                f"than max_predictions_per_seq={per_seq} of the config allows; raise it or label fewer tokens"
+            )
+    else:
+        overflow = (counts > k).any()
+    return picked.reshape(-1, hidden.shape[-1]), picked_labels.reshape(-1), overflow
+
+
 class GMLPPreTrainedModel(PreTrainedModel):
     """Base class of the gMLP text models: config class, weight init, sequence-length resizing."""
 
@@ -405,11 +437,14 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
         predicted) also the mean cross-entropy over the predicted tokens. With ``config.sparse_prediction``
         and ``labels``, the logits are those of the predicted tokens only, ``(num_predicted, vocab_size)``
         in row-major ``(batch, seq)`` order (``logits_dense[labels != -100]``), the loss unchanged; while a
-        CUDA graph is captured (:class:`gmlp.train.cuda_graph.CUDAGraphStep`) the logits stay dense. Other
-        arguments: :meth:`GMLPModel.forward`.
+        CUDA graph is captured (:class:`gmlp.train.cuda_graph.CUDAGraphStep`) the logits stay dense. With
+        ``config.max_predictions_per_seq`` also set, ``max_predictions_per_seq`` rows per sequence
+        (``(batch * min(max_predictions_per_seq, seq_len), vocab_size)``: its labelled tokens in order,
+        then filler rows), on every path, CUDA graphs included. Other arguments: :meth:`GMLPModel.forward`.
 
         Raises:
-            ValueError: ``labels`` is not an integer tensor of the input ids' shape, or bad inputs.
+            ValueError: ``labels`` is not an integer tensor of the input ids' shape, a sequence has more
+                labelled tokens than ``config.max_predictions_per_seq``, or bad inputs.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
@@ -418,12 +453,17 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
             logits = apply_linear(self.decoder, hidden)
         else:
             labels = _check_labels(labels, hidden)
-            # decoder on the labelled tokens only (a data-dependent shape: not inside a CUDA graph)
-            if self.config.sparse_prediction and not capturing(labels):
+            overflow, per_seq = None, self.config.max_predictions_per_seq
+            if self.config.sparse_prediction and per_seq is not None:
+                hidden, labels, overflow = _select_predictions(hidden, labels, per_seq)
+            elif self.config.sparse_prediction and not capturing(labels):
+                # the labelled tokens exactly (a data-dependent shape: not inside a CUDA graph)
                 keep = labels != -100
                 hidden, labels = hidden[keep], labels[keep]
             logits = apply_linear(self.decoder, hidden)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            if overflow is not None:  # labelled tokens were left out and nobody could check: no silent loss
+                loss = torch.where(overflow, torch.full_like(loss, float("nan")), loss)
         output = MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return _as_tuple(output, return_dict)
 
