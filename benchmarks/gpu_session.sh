@@ -8,8 +8,10 @@
 # All steps take more than one 10-minute call. Seventh session on an H200: STEPS="checks suite" 252 s
 # (with the "(CUDA graph)" rows), STEPS="compile block" 152 s, STEPS=compile COMPILE_FAMILY=text 181 s:
 # 15 minutes in all with the machine's start. Next, within a 15-minute budget:
-#   call 1: STEPS="checks sweep suite" (timeout_s ~520): the sweep times the untimed launch options
-#           (bwd_prefetch, fwd_programs_per_sm) and the suite runs on its best
+#   call 1: STEPS="checks sweep suite" (timeout_s ~540): the sweep times the untimed launch options
+#           (bwd_prefetch, fwd_programs_per_sm) and the suite runs on its best; new since the seventh
+#           session (eighth, not yet run on a GPU): the MLM with max_predictions_per_seq (static sparse
+#           prediction) eager and as a CUDA graph, and its graphed-training check (20 checks)
 #   call 2: STEPS=compile COMPILE_FAMILY=text COMPILE_GRAPHS=1 (timeout_s ~330), right after, on the
 #           still-warm machine: the MLM compiled, and compiled + CUDA graph
 # Dry run here: DRY=1 bash benchmarks/gpu_session.sh      (CPU, tiny sizes, Triton interpreter; no compile)
