@@ -3,8 +3,11 @@ chooses between), forward, input gradient and weight gradient, at a model's shap
 
     python benchmarks/cpu_matmul.py                    # gMLP-S/16 at batch 16: d 256, d_ffn 1536, n 196
     python benchmarks/cpu_matmul.py --dim 512 --ffn 3072
+    python benchmarks/cpu_matmul.py --small            # small projections: where oneDNN's host cost wins
 
-Prints each product's median time over ``--reps`` calls (after one warm-up) and GFLOP/s both ways.
+Prints each product's median time over ``--reps`` calls (after one warm-up) and GFLOP/s both ways. With
+``--small``: projections from 1e5 to 4e8 FLOPs, plain and with the GELU (which oneDNN fuses in
+inference), microseconds per call both ways; this sets ``gmlp.kernels.cpu_linear.ONEDNN_MIN_FLOPS``.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gmlp.utils.malloc import tune_malloc  # noqa: E402
 
 
-def _time(fn: Callable[[], torch.Tensor], reps: int) -> float:
+def _time(fn: Callable[[], torch.Tensor], reps: int, inner: int = 1) -> float:
+    """Median seconds per call over ``reps`` rounds of ``inner`` calls (after one warm-up call)."""
     fn()
     rounds = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
-        rounds.append(time.perf_counter() - t0)
+        for _ in range(inner):
+            fn()
+        rounds.append((time.perf_counter() - t0) / inner)
     return statistics.median(rounds)
 
 
@@ -54,6 +59,40 @@ def _projection_rows(label: str, m: int, fan_in: int, fan_out: int) -> list[Row]
     ]
 
 
+SMALL_SHAPES = (
+    (32, 16, 96), (256, 16, 96), (32, 64, 384), (1024, 16, 96), (4096, 16, 96), (128, 128, 384),
+    (32, 256, 768), (256, 64, 384), (128, 256, 768), (1024, 64, 384), (256, 256, 768), (1024, 256, 768),
+)  # fmt: skip
+
+
+def small(reps: int) -> list[tuple[str, float, float]]:
+    """oneDNN vs BLAS on small projections (rows, in, out), plain and with the GELU, alternating calls
+    (inference: no gradients)."""
+    from gmlp.kernels.cpu_linear import fused_linear
+
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, median of {reps} alternating rounds of 20 calls")
+    print("| rows x in -> out | FLOPs | op | BLAS us | oneDNN us | oneDNN speed-up |")
+    print("|---|---|---|---|---|---|")
+    out = []
+    for m, fan_in, fan_out in SMALL_SHAPES:
+        x, w, b = torch.randn(m, fan_in), torch.randn(fan_out, fan_in), torch.randn(fan_out)
+        flops = 2 * m * fan_in * fan_out
+        for op, act in (("linear", None), ("linear + GELU", "gelu")):
+            # the library's own two paths, in inference (where oneDNN also fuses the GELU)
+            blas = lambda x=x, w=w, b=b, act=act: fused_linear(x, w, b, act, use_onednn=False)
+            dnn = lambda x=x, w=w, b=b, act=act: fused_linear(x, w, b, act, use_onednn=True)
+            t_blas, t_dnn = [], []
+            for _ in range(reps):  # alternate, so that drift of the machine hits both alike
+                t_blas.append(_time(blas, 1, 20))
+                t_dnn.append(_time(dnn, 1, 20))
+            tb, td = statistics.median(t_blas) * 1e6, statistics.median(t_dnn) * 1e6
+            shape = f"{m} x {fan_in} -> {fan_out}"
+            print(f"| {shape} | {flops:.1e} | {op} | {tb:.1f} | {td:.1f} | {tb / td:.2f}x |")
+            out.append((f"{shape} {op}", tb, td))
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -63,9 +102,13 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     parser.add_argument("--tokens", type=int, default=196)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--small", action="store_true", help="small projections (the oneDNN size threshold)")
     args = parser.parse_args(argv)
     tune_malloc()
     torch.manual_seed(0)
+    if args.small:
+        with torch.no_grad():
+            return small(args.reps)
     m, half, n = args.tokens * args.batch, args.ffn // 2, args.tokens
     rows = _projection_rows("fc1 half", m, args.dim, half) + _projection_rows("fc2", m, half, args.dim)
     cols = m * half // n

@@ -8,6 +8,7 @@ median of the rounds is reported. FLOPs are counted once per model and mode with
     python benchmarks/run.py --suite cpu            # the quick CPU suite (2 cores: ~5 minutes)
     python benchmarks/run.py --suite gpu            # one GPU, bf16 autocast, sized for ~10 minutes
     python benchmarks/run.py --suite smoke          # tiny sizes, a few seconds (used by the tests)
+    python benchmarks/run.py --suite host --only text --threads 1   # host time per step (48 tiny layers)
 
 Prints a markdown table and writes ``--json`` with every number, the machine and the versions.
 """
@@ -570,6 +571,17 @@ SUITES: dict[str, dict[str, Any]] = {
         "steps": 5,
         "warmup": 3,
     },
+    # tiny widths at gMLP-base's depth (48 layers): what is left of a step is host time (Python, dispatch,
+    # autograd), the cost that bounds small-block steps on a GPU; best with --threads 1
+    "host": {
+        "device": "cpu",
+        "dtype": "fp32",
+        "vision": ("smoke", 2, 2),
+        "text": (48, 16, 96, 16, 2, 2),
+        "rounds": 15,
+        "steps": 3,
+        "warmup": 2,
+    },
     "smoke": {
         "device": "cpu",
         "dtype": "fp32",
@@ -698,7 +710,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     size,
                     b_inf if mode == "infer" else b_train,
                     ablate=ablation_labels(device, mode, args.suite, args.compile) if ablate else (),
-                    **({"img": 32, "patch": 8} if args.suite == "smoke" else {}),
+                    **({"img": 32, "patch": 8} if args.suite in ("smoke", "host") else {}),
                 )
             )
             results += run_family(cases, mode)
@@ -711,7 +723,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     ffn,
                     seq,
                     b_inf if mode == "infer" else b_train,
-                    vocab=1000 if args.suite == "smoke" else 30522,
+                    vocab=1000 if args.suite in ("smoke", "host") else 30522,
                     ablate=ablation_labels(device, mode, args.suite, args.compile) if ablate else (),
                     sparse=mode == "train" and not args.no_sparse,
                     static_sparse=mode == "train" and not args.no_sparse and device.type == "cuda",

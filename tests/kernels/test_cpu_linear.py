@@ -239,3 +239,33 @@ def test_traced_and_exported_graphs_keep_portable_ops() -> None:
         exported = torch.export.export(model, (x,))
     assert "mkldnn" not in str(traced.inlined_graph) and "linear" in str(traced.inlined_graph)
     assert "mkldnn" not in str(exported.graph) and "linear" in str(exported.graph)
+
+
+@needs_onednn
+def test_small_products_take_blas_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below ``ONEDNN_MIN_FLOPS`` (host cost beats oneDNN's faster kernel) the default is the reference;
+    from it on, oneDNN. ``use_onednn=True`` still forces it. (The suite runs with the threshold at 0.)"""
+    monkeypatch.setattr(cpu_linear, "ONEDNN_MIN_FLOPS", 2 * 4 * 8 * 6)  # exactly x (4, 8) @ w (8 -> 6)
+    calls = []
+    monkeypatch.setattr(
+        cpu_linear, "_mm", lambda *a: calls.append(a) or torch.zeros(a[0].shape[0], a[1].shape[0])
+    )
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    fused_linear(x[:3], w, None)
+    assert calls == []
+    fused_linear(x[:3], w, None, use_onednn=True)
+    fused_linear(x, w, None)
+    assert len(calls) == 2
+    wt, z, b = torch.randn(4, 4), torch.randn(4, 11), torch.randn(4)  # 2 * 4 * 44 = 352 < 384
+    torch.testing.assert_close(token_mix(wt, z, b), token_mix_reference(wt, z, b))
+    assert len(calls) == 2
+    token_mix(wt, torch.randn(4, 12), b)  # 384
+    assert len(calls) == 3
+
+
+def test_a_bad_threshold_in_the_environment_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GMLP_ONEDNN_MIN_FLOPS", "lots")
+    with pytest.raises(ValueError, match=r"GMLP_ONEDNN_MIN_FLOPS must be a number of FLOPs, got 'lots'"):
+        cpu_linear._min_flops_from_env()
+    monkeypatch.setenv("GMLP_ONEDNN_MIN_FLOPS", "5e6")
+    assert cpu_linear._min_flops_from_env() == 5e6

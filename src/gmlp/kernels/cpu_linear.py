@@ -55,6 +55,33 @@ def _onednn_linear_available() -> bool:
 
 _HAS_ONEDNN_LINEAR = _onednn_linear_available()
 
+#: The smallest product (FLOPs, ``2 * rows * in * out``) that takes the oneDNN path by default. A oneDNN
+#: call through this module costs some 25 us more host time than a BLAS one; on the 2-core CPU, products
+#: of 1.3e7 FLOPs ran level (0.89-1.04x) and of 5e7 or more faster on oneDNN (1.05-1.29x), smaller ones up to
+#: 5x slower (`benchmarks/cpu_matmul.py --small`, benchmarks/RESULTS.md, eighth session). The gMLP-S/16 and
+#: main-job products (1e8 FLOPs and up) are not affected. ``GMLP_ONEDNN_MIN_FLOPS`` overrides it at import
+#: (the test suite sets 0 so that its tiny models run the fast path).
+ONEDNN_MIN_FLOPS = 2.5e7
+
+
+def _min_flops_from_env() -> float:
+    value = os.environ.get("GMLP_ONEDNN_MIN_FLOPS", "")
+    if not value:
+        return ONEDNN_MIN_FLOPS
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"GMLP_ONEDNN_MIN_FLOPS must be a number of FLOPs, got {value!r}") from None
+
+
+ONEDNN_MIN_FLOPS = _min_flops_from_env()
+
+
+def _big_enough(flops: int) -> bool:
+    """Whether a product of ``flops`` takes the oneDNN path (never asked under torch.compile, where shapes
+    may be symbolic and the path is off anyway)."""
+    return not torch.compiler.is_compiling() and flops >= ONEDNN_MIN_FLOPS
+
 
 def _mm(
     a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, attr: str = "none"
@@ -169,7 +196,7 @@ def fused_linear(
         activation: None or ``"gelu"`` (exact GELU, as ``F.gelu``).
         use_onednn: True takes the oneDNN path wherever it can run (non-empty float32 CPU tensors), whatever
             the switches of :func:`cpu_fusion_enabled`; False the reference; None (default) picks it by
-            :func:`cpu_fusion_enabled`.
+            :func:`cpu_fusion_enabled`, for products of at least :data:`ONEDNN_MIN_FLOPS`.
 
     Raises:
         ValueError: ``activation`` is not one of None, ``"gelu"``, or ``use_onednn=True`` where the oneDNN
@@ -179,7 +206,7 @@ def fused_linear(
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if use_onednn is None:
-        use_onednn = cpu_fusion_enabled(*tensors)
+        use_onednn = _big_enough(2 * x.numel() * weight.shape[0]) and cpu_fusion_enabled(*tensors)
     elif use_onednn and not _can_run(*tensors):
         raise ValueError(
             "use_onednn=True needs non-empty float32 CPU tensors and a torch built with oneDNN; got x "
@@ -204,9 +231,9 @@ def token_mix_reference(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> to
 
 def token_mix(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The token mixing ``w @ z + b[:, None]`` of a dense ``(n, n)`` W over ``z`` ``(n, columns)`` (all
-    tokens of a batch side by side): oneDNN products where :func:`cpu_fusion_enabled`, else
-    :func:`token_mix_reference`."""
-    if not cpu_fusion_enabled(w, z, b):
+    tokens of a batch side by side): oneDNN products where :func:`cpu_fusion_enabled` and the product has
+    at least :data:`ONEDNN_MIN_FLOPS`, else :func:`token_mix_reference`."""
+    if not (_big_enough(2 * w.shape[0] * z.numel()) and cpu_fusion_enabled(w, z, b)):
         return token_mix_reference(w, z, b)
     w, z = w.contiguous(), z.contiguous()
     if _recording(w, z, b):
