@@ -16,6 +16,7 @@ Prints one line per check; exits 1 if any fails.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -113,19 +114,28 @@ def check_norm(device: torch.device, rows: int, dim: int) -> None:
         _close(a / scale, c / scale, 1e-3, 1e-3, f"layer_norm {name} (relative to max {scale:.3g})")
 
 
-PATHS = ("fused gating", "split kernel", "plain ops")
+PATHS = ("fused gating", "fc1 bias folded", "split kernel", "plain ops")
+KERNEL_PATHS = PATHS[:-1]  # each checked against "plain ops"
 
 
 def _paths() -> Iterator[str]:
-    """Yield each of PATHS with GMLPBlock routed through it; restores the defaults after."""
+    """Yield each of PATHS with GMLPBlock routed through it ("fc1 bias folded": the fused gating with
+    ``GMLP_FOLD_FC1_BIAS=1``); restores the defaults after."""
     saved = block_module.triton_enabled, block_module.fused_gating_enabled
+    folded = os.environ.pop("GMLP_FOLD_FC1_BIAS", None)
     try:
         for path in PATHS:
             block_module.triton_enabled = lambda x, on=path != "plain ops": on
-            block_module.fused_gating_enabled = lambda *_, on=path == "fused gating": on
+            block_module.fused_gating_enabled = lambda *_, on=path in ("fused gating", "fc1 bias folded"): on
+            if path == "fc1 bias folded":
+                os.environ["GMLP_FOLD_FC1_BIAS"] = "1"
             yield path
+            os.environ.pop("GMLP_FOLD_FC1_BIAS", None)
     finally:
         block_module.triton_enabled, block_module.fused_gating_enabled = saved
+        os.environ.pop("GMLP_FOLD_FC1_BIAS", None)
+        if folded is not None:
+            os.environ["GMLP_FOLD_FC1_BIAS"] = folded
 
 
 def check_block(device: torch.device, dim: int, ffn: int, n: int, batch: int) -> None:
@@ -137,7 +147,7 @@ def check_block(device: torch.device, dim: int, ffn: int, n: int, batch: int) ->
     for path in _paths():
         outs[path] = block(x)
         grads[path] = torch.autograd.grad(outs[path].square().sum(), [x, *block.parameters()])
-    for path in PATHS[:2]:
+    for path in KERNEL_PATHS:
         _close(outs[path], outs["plain ops"], 1e-4, 1e-4, f"block output ({path})")
         for i, (a, b) in enumerate(zip(grads[path], grads["plain ops"], strict=True)):
             scale = b.abs().max().item() + 1e-6
@@ -206,7 +216,7 @@ def check_model_step(device: torch.device, small: bool) -> None:
         grads = torch.autograd.grad(loss, list(model.parameters()))
         results[path] = (loss.detach(), torch.cat([g.float().flatten() for g in grads]))
     lb, gb = results["plain ops"]
-    for path in PATHS[:2]:
+    for path in KERNEL_PATHS:
         la, ga = results[path]
         _close(la, lb, 2e-2, 2e-2, f"bf16 loss ({path})")
         cos = torch.nn.functional.cosine_similarity(ga, gb, dim=0).item()

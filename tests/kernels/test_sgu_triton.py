@@ -322,8 +322,10 @@ def test_every_launch_configuration_matches_reference(config: dict[str, int]) ->
         {"fwd_programs_per_sm": 1, "fwd_rows": 1},  # forward loops over 3 rows a program
     ],
 )
-def test_every_gating_tile_matches_reference(config: dict[str, int]) -> None:
-    """Column-tiled gating kernels (ragged last tile, rows past the end) == the plain ops, with a mask."""
+@pytest.mark.parametrize("fold", [False, True], ids=["", "fc1-bias-folded"])
+def test_every_gating_tile_matches_reference(config: dict[str, int], fold: bool) -> None:
+    """Column-tiled gating kernels (ragged last tile, rows past the end) == the plain ops, with a mask;
+    ``fold``: ``u`` without fc1's bias, which the kernels add on load and whose gradient they reduce."""
     from gmlp.kernels import sgu_triton
 
     torch.manual_seed(2)
@@ -332,21 +334,98 @@ def test_every_gating_tile_matches_reference(config: dict[str, int]) -> None:
               torch.randn(half, device=DEVICE, requires_grad=True),
               torch.randn(half, device=DEVICE, requires_grad=True),
               (0.3 * torch.randn(n, n, device=DEVICE)).requires_grad_(),
-              torch.randn(n, device=DEVICE, requires_grad=True)]  # fmt: skip
+              torch.randn(n, device=DEVICE, requires_grad=True),
+              torch.randn(2 * half, device=DEVICE, requires_grad=True)]  # fmt: skip
+    if not fold:
+        leaves = leaves[:5]
+    u_bias = leaves[5] if fold else None
     mask = torch.ones(batch, n, dtype=torch.bool, device=DEVICE)
     mask[1, 4:] = False
     saved = dataclasses.asdict(sgu_triton.launch_config)
     try:
         sgu_triton.set_launch_config(**config)
-        fused = spatial_gating(*leaves[:3], 1e-5, *leaves[3:], mask, use_triton=True)
+        fused = spatial_gating(*leaves[:3], 1e-5, *leaves[3:5], mask, use_triton=True, u_bias=u_bias)
         seed = torch.randn_like(fused)
         got = torch.autograd.grad((fused * seed).sum(), leaves)
     finally:
         sgu_triton.set_launch_config(**saved)
-    ref = spatial_gating_reference(*leaves[:3], 1e-5, *leaves[3:], mask)
+    u_ref = leaves[0] if u_bias is None else leaves[0] + u_bias
+    ref = spatial_gating_reference(u_ref, *leaves[1:3], 1e-5, *leaves[3:5], mask)
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
     for a, c in zip(got, torch.autograd.grad((ref * seed).sum(), leaves), strict=True):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    n=st.integers(1, 19),
+    batch=st.integers(1, 3),
+    half=st.integers(4, 24),
+    padded=st.booleans(),
+    with_gate_bias=st.booleans(),
+    seed=st.integers(0, 999),
+)
+def test_folded_fc1_bias_matches_reference(
+    n: int, batch: int, half: int, padded: bool, with_gate_bias: bool, seed: int
+) -> None:
+    """``u_bias``: the kernels add fc1's bias on load and reduce its gradient in the backward kernels; the
+    output and every gradient (the bias's included) equal the plain ops on ``u + u_bias`` (float64 truth)."""
+    torch.manual_seed(seed)
+    leaves = [(2 * torch.randn(n, batch, 2 * half, device=DEVICE)).requires_grad_(),
+              torch.randn(half, device=DEVICE, requires_grad=True),
+              torch.randn(half, device=DEVICE, requires_grad=True),
+              (0.3 * torch.randn(n, n, device=DEVICE)).requires_grad_(),
+              torch.randn(n, device=DEVICE, requires_grad=True),
+              torch.randn(2 * half, device=DEVICE, requires_grad=True)]  # fmt: skip
+    if with_gate_bias:
+        leaves.append(torch.randn(n, batch, half, device=DEVICE, requires_grad=True))
+    mask = torch.rand(batch, n, device=DEVICE) > 0.3 if padded else None
+
+    def run(ls: list[torch.Tensor], fused: bool) -> torch.Tensor:
+        u, nw, nb, w, b, ub = ls[:6]
+        gate_bias = ls[6] if with_gate_bias else None
+        if fused:
+            return spatial_gating(u, nw, nb, 1e-5, w, b, mask, gate_bias, use_triton=True, u_bias=ub)
+        return spatial_gating_reference(u + ub, nw, nb, 1e-5, w, b, mask, gate_bias)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    got, truth = run(leaves, True), run(leaves64, False)
+    seed_grad = torch.randn_like(got)
+    g_got = torch.autograd.grad((got * seed_grad).sum(), leaves)
+    g_truth = torch.autograd.grad((truth * seed_grad.double()).sum(), leaves64)
+    torch.testing.assert_close(got.double(), truth, rtol=1e-5, atol=1e-5)
+    for i, (a, c) in enumerate(zip(g_got, g_truth, strict=True)):
+        torch.testing.assert_close(a.double(), c, rtol=1e-4, atol=1e-4, msg=f"gradient {i}")
+
+
+def test_block_folds_fc1_bias_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``GMLP_FOLD_FC1_BIAS=1``: a block on the fused gating path runs fc1 without its bias and hands the
+    bias to the kernels; output and every gradient as the plain block."""
+    block, x, mask, params, ref, g_ref = _masked_block_case(toeplitz=True)
+    _through_kernel(monkeypatch)
+    seen: list[object] = []
+    kernel = block_module.spatial_gating
+    spy = lambda *a, **k: seen.append(k["u_bias"]) or kernel(*a, **k)  # noqa: E731
+    monkeypatch.setattr(block_module, "spatial_gating", spy)
+    monkeypatch.setenv("GMLP_FOLD_FC1_BIAS", "1")
+    out = block(x, mask)
+    assert len(seen) == 1 and seen[0] is block.fc1.bias
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(out.square().sum(), params), g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    monkeypatch.delenv("GMLP_FOLD_FC1_BIAS")
+    block(x, mask)
+    assert seen[1] is None  # off by default
+
+
+def test_folded_bias_of_the_wrong_shape_is_named() -> None:
+    u = torch.randn(4, 2, 6, device=DEVICE)
+    args = (torch.ones(3, device=DEVICE), torch.zeros(3, device=DEVICE), 1e-5, torch.eye(4, device=DEVICE),
+            torch.zeros(4, device=DEVICE))  # fmt: skip
+    with pytest.raises(ValueError, match=r"u_bias must have shape \(6,\) like u's last dimension, got \(3,"):
+        spatial_gating(u, *args, use_triton=True, u_bias=torch.zeros(3, device=DEVICE))
+    plain = spatial_gating(u, *args, use_triton=False, u_bias=torch.ones(6, device=DEVICE))
+    torch.testing.assert_close(plain, spatial_gating_reference(u + 1, *args))
 
 
 def test_launch_configuration_is_validated() -> None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 __all__ = [
     "LaunchConfig",
     "compiled_kernels_enabled",
+    "fold_fc1_bias_enabled",
     "gelu_split_layernorm",
     "gelu_split_layernorm_reference",
     "FUSED_GATING_MIN_ELEMENTS",
@@ -93,25 +94,36 @@ if _HAS_TRITON:
 
     @triton.jit
     def _fwd_kernel(
-        U, Z1, Z2, W, B, Keep, Mean, Rstd, R, C, eps, TILES_PER_PROG,
+        U, UB, Z1, Z2, W, B, Keep, Mean, Rstd, R, C, eps, TILES_PER_PROG,
         ROWS: tl.constexpr, BLOCK_C: tl.constexpr, WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr,
+        HAS_UB: tl.constexpr,
     ):  # fmt: skip
         # TILES_PER_PROG consecutive tiles of ROWS rows per program (the LayerNorm weight and bias loaded
         # once), one row of 2C inputs per tile row; statistics in float32. Without Z1 only the gate half is
-        # read; with Keep, rows whose keep is 0 (padding) get a normalised gate of 0.
+        # read; with Keep, rows whose keep is 0 (padding) get a normalised gate of 0. With UB (the channel
+        # projection's bias, 2C), u is read without its bias and the bias is added on load.
         cols = tl.arange(0, BLOCK_C)
         w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=cols < C, other=0.0).to(tl.float32)
+        ub1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        ub2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        if HAS_UB:
+            ub1 = tl.load(UB + cols, mask=cols < C, other=0.0).to(tl.float32)
+            ub2 = tl.load(UB + C + cols, mask=cols < C, other=0.0).to(tl.float32)
         for t in range(0, TILES_PER_PROG):
             rows = (tl.program_id(0) * TILES_PER_PROG + t) * ROWS + tl.arange(0, ROWS)
             rvalid = rows < R
             valid = rvalid[:, None] & (cols < C)[None, :]
             base = rows.to(tl.int64)[:, None] * 2 * C + cols[None, :]
             u2 = tl.load(U + base + C, mask=valid, other=0.0).to(tl.float32)
+            if HAS_UB:
+                u2 += ub2[None, :]
             mean, diff, rstd = _ln_rows(_gelu(u2), valid, C, eps)
             out = rows.to(tl.int64)[:, None] * C + cols[None, :]
             if WITH_Z1:
                 u1 = tl.load(U + base, mask=valid, other=0.0).to(tl.float32)
+                if HAS_UB:
+                    u1 += ub1[None, :]
                 tl.store(Z1 + out, _gelu(u1).to(Z1.dtype.element_ty), mask=valid)
             z2 = diff * rstd[:, None] * w[None, :] + b[None, :]
             if HAS_KEEP:
@@ -122,8 +134,8 @@ if _HAS_TRITON:
             tl.store(Rstd + rows, rstd, mask=rvalid)
 
     @triton.jit
-    def _bwd_row(U, DZ1, DZ2, Keep, Mean, Rstd, row, end, C, cols, cvalid,
-                 WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr):  # fmt: skip
+    def _bwd_row(U, DZ1, DZ2, Keep, Mean, Rstd, row, end, C, cols, cvalid, ub1, ub2,
+                 WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_UB: tl.constexpr):  # fmt: skip
         # the loads of one backward row (all masked off when row >= end): u2, dz2, mean, rstd, u1, dz1,
         # and whether the row is real (rvalid) and kept (rkeep; padding rows are not)
         rvalid = row < end
@@ -134,6 +146,8 @@ if _HAS_TRITON:
         base = row.to(tl.int64) * 2 * C
         out = row.to(tl.int64) * C
         u2 = tl.load(U + base + C + cols, mask=kvalid, other=0.0).to(tl.float32)
+        if HAS_UB:
+            u2 += ub2
         dz2 = tl.load(DZ2 + out + cols, mask=kvalid, other=0.0).to(tl.float32)
         mean = tl.load(Mean + row, mask=rkeep, other=0.0)
         rstd = tl.load(Rstd + row, mask=rkeep, other=0.0)
@@ -142,30 +156,43 @@ if _HAS_TRITON:
         if WITH_Z1:
             valid = cvalid & rvalid
             u1 = tl.load(U + base + cols, mask=valid, other=0.0).to(tl.float32)
+            if HAS_UB:
+                u1 += ub1
             dz1 = tl.load(DZ1 + out + cols, mask=valid, other=0.0).to(tl.float32)
         return u2, dz2, mean, rstd, u1, dz1, rvalid, rkeep
 
     @triton.jit
     def _bwd_kernel(
-        U, DZ1, DZ2, W, Keep, Mean, Rstd, DU, DW, DB, R, C, ROWS_PER_PROG,
+        U, UB, DZ1, DZ2, W, Keep, Mean, Rstd, DU, DW, DB, DUB, R, C, ROWS_PER_PROG,
         BLOCK_C: tl.constexpr, WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr, PREFETCH: tl.constexpr,
+        HAS_UB: tl.constexpr,
     ):  # fmt: skip
         # a contiguous run of ROWS_PER_PROG rows per program; the loop has no branch (rows past R are
         # masked), and the LayerNorm weight/bias gradients leave as one partial sum per program. Rows whose
         # keep is 0 (padding) get a zero gate-half gradient and add nothing to the weight/bias gradients.
         # PREFETCH: the next row's loads are issued before this row's reductions and stores, so that each
         # program keeps a row of loads in flight (more memory parallelism, twice the load registers).
+        # HAS_UB: u is read without the channel projection's bias UB (2C), added on load, and the program's
+        # partial sums of du (the bias gradient: the gate half, and the bypass half with Z1) go to DUB.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         cvalid = cols < C
         w = tl.load(W + cols, mask=cvalid, other=0.0).to(tl.float32)
         dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        dub1_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        dub2_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        ub1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        ub2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        if HAS_UB:
+            ub1 = tl.load(UB + cols, mask=cvalid, other=0.0).to(tl.float32)
+            ub2 = tl.load(UB + C + cols, mask=cvalid, other=0.0).to(tl.float32)
         start = pid * ROWS_PER_PROG
         end = tl.minimum(start + ROWS_PER_PROG, R)
         if PREFETCH:
             n_u2, n_dz2, n_mean, n_rstd, n_u1, n_dz1, n_rvalid, n_rkeep = _bwd_row(
-                U, DZ1, DZ2, Keep, Mean, Rstd, start, end, C, cols, cvalid, WITH_Z1, HAS_KEEP
+                U, DZ1, DZ2, Keep, Mean, Rstd, start, end, C, cols, cvalid, ub1, ub2,
+                WITH_Z1, HAS_KEEP, HAS_UB,
             )
         for r in range(0, ROWS_PER_PROG):
             row = start + r
@@ -174,50 +201,74 @@ if _HAS_TRITON:
                     n_u2, n_dz2, n_mean, n_rstd, n_u1, n_dz1, n_rvalid, n_rkeep
                 )
                 n_u2, n_dz2, n_mean, n_rstd, n_u1, n_dz1, n_rvalid, n_rkeep = _bwd_row(
-                    U, DZ1, DZ2, Keep, Mean, Rstd, row + 1, end, C, cols, cvalid, WITH_Z1, HAS_KEEP
+                    U, DZ1, DZ2, Keep, Mean, Rstd, row + 1, end, C, cols, cvalid, ub1, ub2,
+                    WITH_Z1, HAS_KEEP, HAS_UB,
                 )
             else:
                 u2, dz2, mean, rstd, u1, dz1, rvalid, rkeep = _bwd_row(
-                    U, DZ1, DZ2, Keep, Mean, Rstd, row, end, C, cols, cvalid, WITH_Z1, HAS_KEEP
+                    U, DZ1, DZ2, Keep, Mean, Rstd, row, end, C, cols, cvalid, ub1, ub2,
+                    WITH_Z1, HAS_KEEP, HAS_UB,
                 )
             kvalid = cvalid & rkeep
             valid = cvalid & rvalid
             base = row.to(tl.int64) * 2 * C
             xhat = tl.where(kvalid, (_gelu(u2) - mean) * rstd, 0.0)
             du2 = tl.where(kvalid, _ln_input_grad(dz2 * w, xhat, rstd, C) * _gelu_grad(u2), 0.0)
-            tl.store(DU + base + C + cols, du2.to(DU.dtype.element_ty), mask=valid)
+            du2 = du2.to(DU.dtype.element_ty)
+            tl.store(DU + base + C + cols, du2, mask=valid)
             if WITH_Z1:
-                tl.store(DU + base + cols, (dz1 * _gelu_grad(u1)).to(DU.dtype.element_ty), mask=valid)
+                du1 = tl.where(valid, dz1 * _gelu_grad(u1), 0.0).to(DU.dtype.element_ty)
+                tl.store(DU + base + cols, du1, mask=valid)
+                dub1_acc += du1.to(tl.float32)
+            dub2_acc += du2.to(tl.float32)
             dw_acc += dz2 * xhat
             db_acc += dz2
         tl.store(DW + pid * C + cols, dw_acc, mask=cvalid)
         tl.store(DB + pid * C + cols, db_acc, mask=cvalid)
+        if HAS_UB:  # the bias gradient sums the gradient as stored (rounded to du's dtype), as autograd does
+            tl.store(DUB + pid * 2 * C + cols, dub1_acc, mask=cvalid)
+            tl.store(DUB + pid * 2 * C + C + cols, dub2_acc, mask=cvalid)
 
     @triton.jit
-    def _gate_fwd_kernel(U, G, S, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _gate_fwd_kernel(
+        U, UB, G, S, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_UB: tl.constexpr
+    ):  # fmt: skip
         # s = GELU(u1) * gate on a ROWS x BLOCK_C tile: the bypass half z1 = GELU(u1) is never stored
+        # (HAS_UB: u1 is read without the channel projection's bias, added on load)
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         valid = (rows < R)[:, None] & (cols < C)[None, :]
         out = rows.to(tl.int64)[:, None] * C + cols[None, :]
         u1 = tl.load(U + rows.to(tl.int64)[:, None] * 2 * C + cols[None, :], mask=valid, other=0.0)
+        u1 = u1.to(tl.float32)
+        if HAS_UB:
+            u1 += tl.load(UB + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
         g = tl.load(G + out, mask=valid, other=0.0).to(tl.float32)
-        tl.store(S + out, (_gelu(u1.to(tl.float32)) * g).to(S.dtype.element_ty), mask=valid)
+        tl.store(S + out, (_gelu(u1) * g).to(S.dtype.element_ty), mask=valid)
 
     @triton.jit
-    def _gate_bwd_kernel(U, G, DS, DU, DG, DGSUM, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _gate_bwd_kernel(
+        U, UB, G, DS, DU, DG, DGSUM, DUB, R, C,
+        ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_UB: tl.constexpr,
+    ):  # fmt: skip
         # du1 = ds * gate * GELU'(u1) into the bypass half of du; dgate = ds * GELU(u1), and the tile's row
         # sums of it in float32, one per (row, column tile) (the token bias gradient sums these over the
-        # batch: no second pass over dgate)
+        # batch: no second pass over dgate). HAS_UB: u1 is read without the channel projection's bias
+        # (added on load), and the tile's column sums of du1 (its bias gradient) go to DUB, one per row tile.
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         valid = (rows < R)[:, None] & (cols < C)[None, :]
         out = rows.to(tl.int64)[:, None] * C + cols[None, :]
         wide = rows.to(tl.int64)[:, None] * 2 * C + cols[None, :]
         u1 = tl.load(U + wide, mask=valid, other=0.0).to(tl.float32)
+        if HAS_UB:
+            u1 += tl.load(UB + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
         g = tl.load(G + out, mask=valid, other=0.0).to(tl.float32)
         ds = tl.load(DS + out, mask=valid, other=0.0).to(tl.float32)
-        tl.store(DU + wide, (ds * g * _gelu_grad(u1)).to(DU.dtype.element_ty), mask=valid)
+        du1 = (ds * g * _gelu_grad(u1)).to(DU.dtype.element_ty)
+        tl.store(DU + wide, du1, mask=valid)
+        if HAS_UB:
+            tl.store(DUB + tl.program_id(0) * C + cols, tl.sum(du1.to(tl.float32), axis=0), mask=cols < C)
         dg = ds * _gelu(u1)
         tl.store(DG + out, dg.to(DG.dtype.element_ty), mask=valid)
         tl.store(DGSUM + rows * tl.num_programs(1) + tl.program_id(1), tl.sum(dg, axis=1), mask=rows < R)
@@ -313,9 +364,11 @@ def _ln_forward(
     z2: torch.Tensor,
     z1: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
+    u_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: ``LayerNorm(GELU(u2))`` into ``z2`` (and ``GELU(u1)`` into ``z1`` if
-    given) for the rows of ``u2d``; ``z2`` may have more rows (they are left alone). Returns mean, rstd."""
+    given) for the rows of ``u2d`` (plus ``u_bias``, 2C, added on load, if given); ``z2`` may have more
+    rows (they are left alone). Returns mean, rstd."""
     rows, width = u2d.shape
     c = width // 2
     mean = torch.empty(rows, dtype=torch.float32, device=u2d.device)
@@ -327,8 +380,9 @@ def _ln_forward(
     if launch_config.fwd_programs_per_sm:
         per_prog = max(1, math.ceil(tiles / (_sm_count(u2d.device) * launch_config.fwd_programs_per_sm)))
     _fwd_kernel[(triton.cdiv(tiles, per_prog),)](
-        u2d, z2 if z1 is None else z1, z2, weight, bias, mean if keep is None else keep, mean, rstd, rows, c,
-        eps, per_prog, ROWS=per, BLOCK_C=block_c, WITH_Z1=z1 is not None, HAS_KEEP=keep is not None,
+        u2d, weight if u_bias is None else u_bias, z2 if z1 is None else z1, z2, weight, bias,
+        mean if keep is None else keep, mean, rstd, rows, c, eps, per_prog, ROWS=per, BLOCK_C=block_c,
+        WITH_Z1=z1 is not None, HAS_KEEP=keep is not None, HAS_UB=u_bias is not None,
         num_warps=launch_config.fwd_warps or _warps(block_c * per),
     )  # fmt: skip
     return mean, rstd
@@ -343,21 +397,27 @@ def _ln_backward(
     du: torch.Tensor,
     dz1: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    u_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the backward kernel: the gate half of ``du`` (and the bypass half if ``dz1`` is given) from
-    the rows of ``dz2``; returns the LayerNorm weight and bias gradients (in the weight's dtype)."""
+    the rows of ``dz2``; returns the LayerNorm weight and bias gradients (in the weight's dtype) and, with
+    ``u_bias`` (2C, added to ``u2d`` on load), the float32 column sums of the ``du`` it wrote (2C; the
+    bypass half is zero without ``dz1``), else None."""
     rows, width = u2d.shape
     c = width // 2
     block_c = _block_c(c)
     rows_per_prog, progs = _bwd_split(rows, u2d.device)
     dw = torch.empty(progs, c, dtype=torch.float32, device=u2d.device)
     db = torch.empty_like(dw)
+    dub = None if u_bias is None else torch.empty(progs, 2 * c, dtype=torch.float32, device=u2d.device)
     _bwd_kernel[(progs,)](
-        u2d, dz2 if dz1 is None else dz1, dz2, weight, mean if keep is None else keep, mean, rstd, du, dw, db,
-        rows, c, rows_per_prog, BLOCK_C=block_c, WITH_Z1=dz1 is not None, HAS_KEEP=keep is not None,
-        PREFETCH=bool(launch_config.bwd_prefetch), num_warps=launch_config.bwd_warps or _warps(block_c),
+        u2d, weight if u_bias is None else u_bias, dz2 if dz1 is None else dz1, dz2, weight,
+        mean if keep is None else keep, mean, rstd, du, dw, db, dw if dub is None else dub, rows, c,
+        rows_per_prog, BLOCK_C=block_c, WITH_Z1=dz1 is not None, HAS_KEEP=keep is not None,
+        PREFETCH=bool(launch_config.bwd_prefetch), HAS_UB=u_bias is not None,
+        num_warps=launch_config.bwd_warps or _warps(block_c),
     )  # fmt: skip
-    return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+    return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None if dub is None else dub.sum(0)
 
 
 def _gate_grid(rows: int, c: int) -> tuple[tuple[int, int], int, int, int]:
@@ -388,7 +448,7 @@ class _GeluSplitLayerNorm(torch.autograd.Function):
         dz1 = dz1.reshape(rows, width // 2).contiguous()
         dz2 = dz2.reshape(rows, width // 2).contiguous()
         du = torch.empty_like(u2d)
-        dw, db = _ln_backward(u2d, weight, mean, rstd, dz2, du, dz1=dz1)
+        dw, db, _ = _ln_backward(u2d, weight, mean, rstd, dz2, du, dz1=dz1)
         return du.view(ctx.shape), dw, db, None
 
 
@@ -408,16 +468,18 @@ def _gating_forward(
     bias: torch.Tensor,
     keep: torch.Tensor | None,
     gate_bias: torch.Tensor | None,
+    u_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The fused forward (see :class:`_SpatialGating`): returns ``s`` (n, batch, C) and what the backward
-    needs: ``u2d``, ``mean``, ``rstd``, ``z2n``, ``w_pad``, ``gate``."""
+    needs: ``u2d``, ``mean``, ``rstd``, ``z2n``, ``w_pad``, ``gate``. ``u_bias`` (2C): the channel
+    projection's bias, which ``u`` does not contain yet; the kernels add it on load."""
     n, batch, width = u.shape
     c = width // 2
     n_pad = _padded(n)
     u2d = u.reshape(n * batch, width).contiguous()
     with torch.autocast(u.device.type, enabled=False):
         z2n = u2d.new_empty(n_pad, batch * c)
-        mean, rstd = _ln_forward(u2d, norm_weight, norm_bias, eps, z2n, keep=keep)
+        mean, rstd = _ln_forward(u2d, norm_weight, norm_bias, eps, z2n, keep=keep, u_bias=u_bias)
         if n_pad == n:  # already aligned: no padded copies (fewer launches for the host to issue)
             w_pad, b_pad = weight.contiguous(), bias.unsqueeze(1)
         else:
@@ -433,7 +495,10 @@ def _gating_forward(
             gate += gate_bias.reshape(n, batch * c)
         s = u2d.new_empty(n * batch, c)
         grid, per, block_c, warps = _gate_grid(n * batch, c)
-        _gate_fwd_kernel[grid](u2d, gate, s, n * batch, c, ROWS=per, BLOCK_C=block_c, num_warps=warps)
+        _gate_fwd_kernel[grid](
+            u2d, gate if u_bias is None else u_bias, gate, s, n * batch, c, ROWS=per, BLOCK_C=block_c,
+            HAS_UB=u_bias is not None, num_warps=warps,
+        )  # fmt: skip
     return s.view(n, batch, c), u2d, mean, rstd, z2n, w_pad, gate
 
 
@@ -450,9 +515,12 @@ def _gating_backward(
     n: int,
     need_dweight: bool = True,
     need_dbias: bool = True,
+    u_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """The fused backward (see :class:`_SpatialGating`): ``du`` (rows, 2C), the gate LayerNorm's weight and
-    bias gradients, ``dweight`` (n, n), ``dbias`` (n,) and the gate gradient ``dgate`` (n, batch*C)."""
+    bias gradients, ``dweight`` (n, n), ``dbias`` (n,), the gate gradient ``dgate`` (n, batch*C) and, with
+    ``u_bias`` (the channel projection's bias, added on load), its gradient (2C, the column sums of
+    ``du``, reduced inside the two kernels), else None."""
     rows, width = u2d.shape
     c = width // 2
     with torch.autocast(u2d.device.type, enabled=False):
@@ -463,9 +531,12 @@ def _gating_backward(
             dgate[n:].zero_()
         grid, per, block_c, warps = _gate_grid(rows, c)
         row_sums = torch.empty(rows, grid[1], dtype=torch.float32, device=u2d.device)
+        dub1 = None if u_bias is None else torch.empty(grid[0], c, dtype=torch.float32, device=u2d.device)
         _gate_bwd_kernel[grid](
-            u2d, gate, ds, du, dgate, row_sums, rows, c, ROWS=per, BLOCK_C=block_c, num_warps=warps
-        )
+            u2d, gate if u_bias is None else u_bias, gate, ds, du, dgate, row_sums,
+            row_sums if dub1 is None else dub1, rows, c, ROWS=per, BLOCK_C=block_c, HAS_UB=u_bias is not None,
+            num_warps=warps,
+        )  # fmt: skip
         dweight = None
         if need_dweight:
             dweight = torch.mm(dgate, z2n.t())
@@ -473,8 +544,12 @@ def _gating_backward(
                 dweight = dweight[:n, :n]
         dbias = row_sums.view(n, -1).sum(1).to(u2d.dtype) if need_dbias else None
         dz2n = torch.mm(w_pad.t(), dgate)
-        dnw, dnb = _ln_backward(u2d, norm_weight, mean, rstd, dz2n, du, keep=keep)
-    return du, dnw, dnb, dweight, dbias, dgate[:n]
+        dnw, dnb, dub = _ln_backward(u2d, norm_weight, mean, rstd, dz2n, du, keep=keep, u_bias=u_bias)
+        du_bias = None
+        if dub is not None and dub1 is not None and u_bias is not None:  # the bypass half from the gating
+            dub[:c] = dub1.sum(0)
+            du_bias = dub.to(u_bias.dtype)
+    return du, dnw, dnb, dweight, dbias, dgate[:n], du_bias
 
 
 class _SpatialGating(torch.autograd.Function):
@@ -494,22 +569,25 @@ class _SpatialGating(torch.autograd.Function):
         """``args``: those of :func:`_gating_forward`."""
         s, u2d, mean, rstd, z2n, w_pad, gate = _gating_forward(*args)  # type: ignore[arg-type]
         norm_weight, keep, gate_bias = args[1], args[6], args[7]
-        ctx.save_for_backward(u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate)
+        u_bias = args[8] if len(args) > 8 else None
+        ctx.save_for_backward(u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate, u_bias)
         ctx.gate_bias_dtype = None if gate_bias is None else gate_bias.dtype  # type: ignore[union-attr]
+        ctx.with_u_bias = len(args) > 8
         return s
 
     @staticmethod
     def backward(ctx, ds: torch.Tensor):  # type: ignore[override]
-        u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate = ctx.saved_tensors
+        u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate, u_bias = ctx.saved_tensors
         n = gate.shape[0]
-        du, dnw, dnb, dweight, dbias, dgate = _gating_backward(
+        du, dnw, dnb, dweight, dbias, dgate, du_bias = _gating_backward(
             ds, u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate, n,
-            ctx.needs_input_grad[4], ctx.needs_input_grad[5],
+            ctx.needs_input_grad[4], ctx.needs_input_grad[5], u_bias,
         )  # fmt: skip
         dgate_bias = None
         if ctx.gate_bias_dtype is not None and ctx.needs_input_grad[7]:
             dgate_bias = dgate.view(ds.shape).to(ctx.gate_bias_dtype)
-        return du.view(*ds.shape[:2], -1), dnw, dnb, None, dweight, dbias, None, dgate_bias
+        grads = (du.view(*ds.shape[:2], -1), dnw, dnb, None, dweight, dbias, None, dgate_bias)
+        return (*grads, du_bias) if ctx.with_u_bias else grads
 
 
 @torch.library.custom_op("gmlp::spatial_gating_fwd", mutates_args=())
@@ -556,7 +634,7 @@ def _spatial_gating_bwd_op(
     n, batch, width = u.shape
     n_pad = z2n.shape[0]
     w_pad = weight if n_pad == n else F.pad(weight, (0, n_pad - n, 0, n_pad - n))
-    du, dnw, dnb, dweight, dbias, dgate = _gating_backward(
+    du, dnw, dnb, dweight, dbias, dgate, _ = _gating_backward(
         ds, u.reshape(n * batch, width), norm_weight, mean, rstd, keep, z2n, w_pad.contiguous(), gate, n
     )
     # dweight is a slice of the padded product when n is not aligned: contiguous, as the fake promises
@@ -685,6 +763,15 @@ def fused_gating_enabled(elements: int | None = None) -> bool:
     return elements >= fused_gating_min_elements()
 
 
+def fold_fc1_bias_enabled() -> bool:
+    """Whether a block on the fused gating path hands ``fc1``'s bias to :func:`spatial_gating` (``u_bias``)
+    instead of adding it in the ``fc1`` GEMM: the kernels then add it on load and reduce its gradient inside
+    the backward kernels, which saves autograd's separate reduction over the ``fc1`` output gradient (a bf16
+    sum that took 4.4 ms of an 89 ms gMLP-B/16 step in the H200 profile of benchmarks/RESULTS.md). Opt-in,
+    ``GMLP_FOLD_FC1_BIAS=1``, until it is timed on a GPU (tested on the CPU with the Triton interpreter)."""
+    return os.environ.get("GMLP_FOLD_FC1_BIAS") == "1"
+
+
 def gelu_split_layernorm(
     u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, use_triton: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -739,6 +826,7 @@ def spatial_gating(
     mask: torch.Tensor | None = None,
     gate_bias: torch.Tensor | None = None,
     use_triton: bool | None = None,
+    u_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The spatial gating unit from the channel projection's output ``u`` on: fused kernels or reference.
 
@@ -754,10 +842,20 @@ def spatial_gating(
         mask: optional ``(batch, n)`` bool padding mask, True = real token (validated by the caller).
         gate_bias: optional ``(n, batch, C)`` added to the gate (aMLP's tiny attention).
         use_triton: force the kernels (True) or the reference (False); None = :func:`triton_enabled`.
+        u_bias: optional ``(2C,)`` bias of the channel projection, not yet added to ``u`` (``u`` is then
+            ``x @ fc1.weight.T``): the fused kernels add it on load and reduce its gradient inside the
+            backward kernels, so autograd runs no separate bias-gradient reduction over ``du``
+            (:func:`fold_fc1_bias_enabled`). Elsewhere it is added to ``u`` first.
     """
     if use_triton is None:
         use_triton = triton_enabled(u)
     weight, bias = weight.to(u.dtype), bias.to(u.dtype)
+    if u_bias is not None and u_bias.shape != (u.shape[-1],):
+        raise ValueError(
+            f"u_bias must have shape ({u.shape[-1]},) like u's last dimension, got {tuple(u_bias.shape)}"
+        )
+    if u_bias is not None and (not use_triton or torch.compiler.is_compiling()):
+        u, u_bias = u + u_bias.to(u.dtype), None  # the bias as the projection would have added it
     if not use_triton:
         return spatial_gating_reference(u, norm_weight, norm_bias, eps, weight, bias, mask, gate_bias)
     if not _HAS_TRITON:
@@ -771,4 +869,4 @@ def spatial_gating(
     args = (u, norm_weight, norm_bias, eps, weight, bias, keep, gate_bias)
     if torch.compiler.is_compiling():  # opaque custom ops: inductor fuses around them
         return torch.ops.gmlp.spatial_gating_fwd(*args)[0]
-    return _SpatialGating.apply(*args)
+    return _SpatialGating.apply(*args) if u_bias is None else _SpatialGating.apply(*args, u_bias)

@@ -10,6 +10,7 @@ from ..kernels.cpu_linear import apply_linear, fused_linear, is_plain_linear
 from ..kernels.norm_triton import layer_norm
 from ..kernels.sgu_triton import (
     compiled_kernels_enabled,
+    fold_fc1_bias_enabled,
     fused_gating_enabled,
     gelu_split_layernorm,
     spatial_gating,
@@ -157,10 +158,13 @@ class GMLPBlock(nn.Module):
         sgu, n = self.sgu, h.shape[0]
         proj = sgu.proj
         if fused and proj.heads == 1 and not proj.uses_fft(n):
-            norm = sgu.norm
+            norm, fc1 = sgu.norm, self.fc1
+            u, u_bias = None, None
+            if fold_fc1_bias_enabled() and fc1.bias is not None and is_plain_linear(fc1):
+                u, u_bias = F.linear(h, fc1.weight), fc1.bias  # the kernels add the bias and reduce its grad
             return spatial_gating(
-                self.fc1(h), norm.weight, norm.bias, norm.eps, proj.matrix(n), proj.bias[:n], mask, gate_bias,
-                use_triton=True,
+                fc1(h) if u is None else u, norm.weight, norm.bias, norm.eps, proj.matrix(n), proj.bias[:n],
+                mask, gate_bias, use_triton=True, u_bias=u_bias,
             )  # fmt: skip
         return sgu.forward_normalized(*self._split_gelu_norm(h), mask, gate_bias)
 
