@@ -11,7 +11,9 @@
 #   call 1: STEPS="checks sweep suite" (timeout_s ~540): the sweep times the untimed launch options
 #           (bwd_prefetch, fwd_programs_per_sm) and the suite runs on its best; new since the seventh
 #           session (eighth, not yet run on a GPU): the MLM with max_predictions_per_seq (static sparse
-#           prediction) eager and as a CUDA graph, and its graphed-training check (20 checks)
+#           prediction) eager and as a CUDA graph, and its graphed-training check (20 checks); the
+#           "(fc1 bias folded)" training row (GMLP_FOLD_FC1_BIAS=1) and its path in the block and
+#           model-step checks. If it wins, make it the default.
 #   call 2: STEPS=compile COMPILE_FAMILY=text COMPILE_GRAPHS=1 (timeout_s ~330), right after, on the
 #           still-warm machine: the MLM compiled, and compiled + CUDA graph
 # Dry run here: DRY=1 bash benchmarks/gpu_session.sh      (CPU, tiny sizes, Triton interpreter; no compile)
