@@ -114,20 +114,22 @@ def check_norm(device: torch.device, rows: int, dim: int) -> None:
         _close(a / scale, c / scale, 1e-3, 1e-3, f"layer_norm {name} (relative to max {scale:.3g})")
 
 
-PATHS = ("fused gating", "fc1 bias folded", "split kernel", "plain ops")
+PATHS = ("fused gating", "fused gating, fc1 bias folded", "split kernel", "split kernel, fc1 bias folded",
+         "plain ops")  # fmt: skip
 KERNEL_PATHS = PATHS[:-1]  # each checked against "plain ops"
 
 
 def _paths() -> Iterator[str]:
-    """Yield each of PATHS with GMLPBlock routed through it ("fc1 bias folded": the fused gating with
+    """Yield each of PATHS with GMLPBlock routed through it ("fc1 bias folded": with
     ``GMLP_FOLD_FC1_BIAS=1``); restores the defaults after."""
     saved = block_module.triton_enabled, block_module.fused_gating_enabled
     folded = os.environ.pop("GMLP_FOLD_FC1_BIAS", None)
     try:
         for path in PATHS:
+            fused = path.startswith("fused gating")
             block_module.triton_enabled = lambda x, on=path != "plain ops": on
-            block_module.fused_gating_enabled = lambda *_, on=path in ("fused gating", "fc1 bias folded"): on
-            if path == "fc1 bias folded":
+            block_module.fused_gating_enabled = lambda *_, on=fused: on
+            if path.endswith("fc1 bias folded"):
                 os.environ["GMLP_FOLD_FC1_BIAS"] = "1"
             yield path
             os.environ.pop("GMLP_FOLD_FC1_BIAS", None)

@@ -289,26 +289,33 @@ def test_reference_is_used_off_cuda() -> None:
         {"fwd_rows": 1, "fwd_programs_per_sm": 1},  # 13 one-row tiles, 8 "SMs": 2 a program, ragged
     ],
 )
-def test_every_launch_configuration_matches_reference(config: dict[str, int]) -> None:
-    """Multi-row forward programs and any backward split of the rows (ragged last run included)."""
+@pytest.mark.parametrize("fold", [False, True], ids=["", "fc1-bias-folded"])
+def test_every_launch_configuration_matches_reference(config: dict[str, int], fold: bool) -> None:
+    """Multi-row forward programs and any backward split of the rows (ragged last run included); ``fold``:
+    ``u`` without fc1's bias, added and its gradient reduced in the kernels."""
     from gmlp.kernels import sgu_triton
 
     torch.manual_seed(1)
     u = (2 * torch.randn(13, 2 * 24, device=DEVICE)).requires_grad_()
     w = torch.randn(24, device=DEVICE, requires_grad=True)
     b = torch.randn(24, device=DEVICE, requires_grad=True)
+    leaves = [u, w, b]
+    u_bias = None
+    if fold:
+        u_bias = torch.randn(2 * 24, device=DEVICE, requires_grad=True)
+        leaves.append(u_bias)
     saved = dataclasses.asdict(sgu_triton.launch_config)
     try:
         sgu_triton.set_launch_config(**config)
-        fused = gelu_split_layernorm(u, w, b, 1e-5, use_triton=True)
+        fused = gelu_split_layernorm(u, w, b, 1e-5, use_triton=True, u_bias=u_bias)
         seeds = tuple(torch.randn_like(f) for f in fused)
-        grads = _grads(fused, [u, w, b], seeds)
+        grads = _grads(fused, leaves, seeds)
     finally:
         sgu_triton.set_launch_config(**saved)
-    ref = gelu_split_layernorm_reference(u, w, b, 1e-5)
+    ref = gelu_split_layernorm_reference(u if u_bias is None else u + u_bias, w, b, 1e-5)
     for f, r in zip(fused, ref, strict=True):
         torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
-    for gf, gr in zip(grads, _grads(ref, [u, w, b], seeds), strict=True):
+    for gf, gr in zip(grads, _grads(ref, leaves, seeds), strict=True):
         torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-4)
 
 
@@ -398,15 +405,17 @@ def test_folded_fc1_bias_matches_reference(
         torch.testing.assert_close(a.double(), c, rtol=1e-4, atol=1e-4, msg=f"gradient {i}")
 
 
-def test_block_folds_fc1_bias_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``GMLP_FOLD_FC1_BIAS=1``: a block on the fused gating path runs fc1 without its bias and hands the
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-gating", "split-kernel"])
+def test_block_folds_fc1_bias_on_request(monkeypatch: pytest.MonkeyPatch, fused: bool) -> None:
+    """``GMLP_FOLD_FC1_BIAS=1``: a block on either kernel path runs fc1 without its bias and hands the
     bias to the kernels; output and every gradient as the plain block."""
     block, x, mask, params, ref, g_ref = _masked_block_case(toeplitz=True)
-    _through_kernel(monkeypatch)
+    _through_kernel(monkeypatch, fused)
     seen: list[object] = []
-    kernel = block_module.spatial_gating
+    name = "spatial_gating" if fused else "gelu_split_layernorm"
+    kernel = getattr(block_module, name)
     spy = lambda *a, **k: seen.append(k["u_bias"]) or kernel(*a, **k)  # noqa: E731
-    monkeypatch.setattr(block_module, "spatial_gating", spy)
+    monkeypatch.setattr(block_module, name, spy)
     monkeypatch.setenv("GMLP_FOLD_FC1_BIAS", "1")
     out = block(x, mask)
     assert len(seen) == 1 and seen[0] is block.fc1.bias
@@ -426,6 +435,8 @@ def test_folded_bias_of_the_wrong_shape_is_named() -> None:
         spatial_gating(u, *args, use_triton=True, u_bias=torch.zeros(3, device=DEVICE))
     plain = spatial_gating(u, *args, use_triton=False, u_bias=torch.ones(6, device=DEVICE))
     torch.testing.assert_close(plain, spatial_gating_reference(u + 1, *args))
+    with pytest.raises(ValueError, match=r"u_bias must have shape \(6,\) like u's last .*, got \(6, 1"):
+        gelu_split_layernorm(u, *args[:3], use_triton=True, u_bias=torch.zeros(6, 1, device=DEVICE))
 
 
 def test_launch_configuration_is_validated() -> None:

@@ -430,26 +430,30 @@ def _gate_grid(rows: int, c: int) -> tuple[tuple[int, int], int, int, int]:
 
 class _GeluSplitLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):  # type: ignore[override]
+    def forward(ctx, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *u_bias):  # type: ignore[override]
+        """``u_bias``: nothing, or the channel projection's bias (2C), which ``u`` does not contain yet."""
         shape = u.shape
         u2d = u.reshape(-1, shape[-1]).contiguous()
         c = shape[-1] // 2
         z1 = u2d.new_empty(u2d.shape[0], c)
         z2 = torch.empty_like(z1)
-        mean, rstd = _ln_forward(u2d, weight, bias, eps, z2, z1=z1)
-        ctx.save_for_backward(u2d, weight, mean, rstd)
+        ub = u_bias[0] if u_bias else None
+        mean, rstd = _ln_forward(u2d, weight, bias, eps, z2, z1=z1, u_bias=ub)
+        ctx.save_for_backward(u2d, weight, mean, rstd, ub)
         ctx.shape = shape
+        ctx.with_u_bias = bool(u_bias)
         return z1.view(*shape[:-1], c), z2.view(*shape[:-1], c)
 
     @staticmethod
     def backward(ctx, dz1: torch.Tensor, dz2: torch.Tensor):  # type: ignore[override]
-        u2d, weight, mean, rstd = ctx.saved_tensors
+        u2d, weight, mean, rstd, ub = ctx.saved_tensors
         rows, width = u2d.shape
         dz1 = dz1.reshape(rows, width // 2).contiguous()
         dz2 = dz2.reshape(rows, width // 2).contiguous()
         du = torch.empty_like(u2d)
-        dw, db, _ = _ln_backward(u2d, weight, mean, rstd, dz2, du, dz1=dz1)
-        return du.view(ctx.shape), dw, db, None
+        dw, db, dub = _ln_backward(u2d, weight, mean, rstd, dz2, du, dz1=dz1, u_bias=ub)
+        grads = (du.view(ctx.shape), dw, db, None)
+        return (*grads, dub.to(ub.dtype)) if ctx.with_u_bias else grads
 
 
 def _padded(n: int) -> int:
@@ -764,16 +768,22 @@ def fused_gating_enabled(elements: int | None = None) -> bool:
 
 
 def fold_fc1_bias_enabled() -> bool:
-    """Whether a block on the fused gating path hands ``fc1``'s bias to :func:`spatial_gating` (``u_bias``)
-    instead of adding it in the ``fc1`` GEMM: the kernels then add it on load and reduce its gradient inside
-    the backward kernels, which saves autograd's separate reduction over the ``fc1`` output gradient (a bf16
-    sum that took 4.4 ms of an 89 ms gMLP-B/16 step in the H200 profile of benchmarks/RESULTS.md). Opt-in,
-    ``GMLP_FOLD_FC1_BIAS=1``, until it is timed on a GPU (tested on the CPU with the Triton interpreter)."""
+    """Whether a block on a Triton path hands ``fc1``'s bias to :func:`spatial_gating` or
+    :func:`gelu_split_layernorm` (``u_bias``) instead of adding it in the ``fc1`` GEMM: the kernels then add
+    it on load and reduce its gradient inside the backward kernels, which saves autograd's separate
+    reduction over the ``fc1`` output gradient (a bf16 sum that took 4.4 ms of an 89 ms gMLP-B/16 step in
+    the H200 profile of benchmarks/RESULTS.md). Opt-in, ``GMLP_FOLD_FC1_BIAS=1``, until it is timed on a
+    GPU (tested on the CPU with the Triton interpreter)."""
     return os.environ.get("GMLP_FOLD_FC1_BIAS") == "1"
 
 
 def gelu_split_layernorm(
-    u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, use_triton: bool | None = None
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    use_triton: bool | None = None,
+    u_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z1, LayerNorm(z2))`` with ``z1, z2 = GELU(u).chunk(2, -1)``: fused Triton kernel or reference.
 
@@ -783,14 +793,23 @@ def gelu_split_layernorm(
         eps: the gate LayerNorm's epsilon.
         use_triton: force the kernel (True) or the reference (False); None = the kernel on CUDA when
             Triton is available, ``GMLP_DISABLE_TRITON`` is not ``1`` and no torch.compile is tracing.
+        u_bias: optional ``(2C,)`` bias of the channel projection, not yet added to ``u``: the kernel adds
+            it on load and reduces its gradient in its backward (:func:`fold_fc1_bias_enabled`); the
+            reference adds it to ``u`` first.
     """
     if use_triton is None:
         use_triton = triton_enabled(u)
+    if u_bias is not None and u_bias.shape != (u.shape[-1],):
+        raise ValueError(
+            f"u_bias must have shape ({u.shape[-1]},) like u's last dimension, got {tuple(u_bias.shape)}"
+        )
     if use_triton:
         if not _HAS_TRITON:
             raise RuntimeError("use_triton=True but the triton package is not installed")
+        if u_bias is not None:
+            return _GeluSplitLayerNorm.apply(u, weight, bias, eps, u_bias)
         return _GeluSplitLayerNorm.apply(u, weight, bias, eps)
-    return gelu_split_layernorm_reference(u, weight, bias, eps)
+    return gelu_split_layernorm_reference(u if u_bias is None else u + u_bias.to(u.dtype), weight, bias, eps)
 
 
 def spatial_gating_reference(

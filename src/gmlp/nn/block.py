@@ -176,9 +176,12 @@ class GMLPBlock(nn.Module):
         LayerNorm, the gating product and their backward then need no layout copies and no ``cat``
         (``fc1`` keeps one ``(d_ffn, dim)`` weight, so checkpoints are unchanged).
         """
-        norm = self.sgu.norm
+        norm, fc1 = self.sgu.norm, self.fc1
         if triton_enabled(h):
-            return gelu_split_layernorm(self.fc1(h), norm.weight, norm.bias, norm.eps, use_triton=True)
+            fold = fold_fc1_bias_enabled() and fc1.bias is not None and is_plain_linear(fc1)
+            u = F.linear(h, fc1.weight) if fold else fc1(h)  # fold: the kernel adds the bias, sums its grad
+            u_bias = fc1.bias if fold else None
+            return gelu_split_layernorm(u, norm.weight, norm.bias, norm.eps, use_triton=True, u_bias=u_bias)
         c = self.sgu.gate_dim
         if not is_plain_linear(self.fc1):  # a wrapped fc1 (hooks, LoRA, ...) must run as a whole
             z1, z2 = F.gelu(self.fc1(h)).chunk(2, dim=-1)
