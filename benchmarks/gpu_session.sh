@@ -14,8 +14,10 @@
 #           prediction) eager and as a CUDA graph, and its graphed-training check (20 checks); the
 #           "(fc1 bias folded)" training row (GMLP_FOLD_FC1_BIAS=1) and its path in the block and
 #           model-step checks. If it wins, make it the default.
-#   call 2: STEPS=compile COMPILE_FAMILY=text COMPILE_GRAPHS=1 (timeout_s ~330), right after, on the
-#           still-warm machine: the MLM compiled, and compiled + CUDA graph
+#           Estimate: 250 s (seventh session's checks + suite) + up to 180 s of sweep + ~80 s of new rows.
+#   call 2: only if `status` still leaves >= 6 minutes after call 1 (the machine's start takes 2-3 of
+#           the 15): STEPS=compile COMPILE_FAMILY=text COMPILE_GRAPHS=1 (timeout_s ~330), right after, on
+#           the still-warm machine: the MLM compiled, and compiled + CUDA graph
 # Dry run here: DRY=1 bash benchmarks/gpu_session.sh      (CPU, tiny sizes, Triton interpreter; no compile)
 #
 # STEPS picks steps (default: all, in this order); COMPILE_FAMILY=vision|text picks what `compile` times;
