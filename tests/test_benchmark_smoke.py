@@ -74,6 +74,21 @@ def test_model_filter_and_plain_ops_ablation(tmp_path: Path) -> None:
     assert [r.name for r in results] == ["timm vit_tiny_patch16_224"]
 
 
+def test_host_suite_and_the_folded_bias_row() -> None:
+    """``--suite host``: 48 tiny layers, ours and the peer; the folded-bias ablation: training rows only."""
+    run = _load("run")
+    results = run.main(["--suite", "host", "--only", "text", "--modes", "train", "--threads", "1",
+                        "--models", "gmlp GMLPForMaskedLM,g-mlp-pytorch", "--no-ablation"])  # fmt: skip
+    assert [r.name for r in results] == [
+        "gmlp GMLPForMaskedLM", "gmlp GMLPForMaskedLM (sparse prediction)", "g-mlp-pytorch gMLP"
+    ]  # fmt: skip
+    assert all(r.samples_per_s > 0 and len(r.rounds) == 15 for r in results)
+    cpu = torch.device("cpu")
+    assert "fc1 bias folded" in run.ablation_labels(cpu, "train", "smoke")
+    assert "fc1 bias folded" not in run.ablation_labels(cpu, "infer", "smoke")
+    assert run.ablation_labels(cpu, "train", "host") == ()
+
+
 def test_compiled_suite_times_the_kernels_kept_row(monkeypatch: pytest.MonkeyPatch) -> None:
     """--compile times ours plain-compiled and with the fused gating kept inside the graph ("kernels
     kept", its switch set around the compiled model, so while it is traced); aot_eager keeps this quick."""
