@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
         ("token mixing forward", lambda: torch.addmm(bt[:, None], wt, z), lambda: _onednn(wt, z.t()), macs),
         ("token mixing input gradient", lambda: wt.t() @ dv, lambda: _onednn(wt.t().contiguous(), dv.t()),
          macs),
-        ("token mixing weight gradient", lambda: dv @ z.t(), lambda: _onednn(dv, z), macs),
+        ("token mixing weight gradient", lambda: dv @ z.t(), lambda: _onednn(dv, z), macs),  # oneDNN used
     ]  # fmt: skip
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {m} rows, median of {args.reps}")
     print("| product | BLAS GFLOP/s | oneDNN GFLOP/s | oneDNN speed-up |\n|---|---|---|---|")
