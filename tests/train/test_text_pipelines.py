@@ -331,6 +331,26 @@ def test_sparse_prediction_pretrains_like_dense(
     assert model(input_ids=ids, labels=ids).logits.shape == (2, 8, 150)
 
 
+def test_pretrain_from_a_model_with_a_static_prediction_count(tmp_path: Path, corpus: Path) -> None:
+    """An --init-from model saved with ``max_predictions_per_seq`` pretrains on the exact labelled tokens
+    (the evaluation reads their logits), and its final save loads again."""
+    if "gmlp" not in ARCHS:
+        pytest.skip("gmlp.models.text not importable")
+    from transformers import AutoModelForMaskedLM
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(_pretrain_args(corpus, first, "--arch", "gmlp")) == 0
+    config_file = first / "final" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(sparse_prediction=True, max_predictions_per_seq=1)  # far fewer than 15% of a block
+    config_file.write_text(json.dumps(config))
+    args = _pretrain_args(corpus, second, "--arch", "gmlp", "--init-from", str(first / "final"))
+    assert main(args) == 0
+    assert any(r["split"] == "validation" and r["masked_tokens"] > 0 for r in _records(second))
+    model = AutoModelForMaskedLM.from_pretrained(str(second / "final"))
+    assert model.config.sparse_prediction is False and model.config.max_predictions_per_seq is None
+
+
 @pytest.mark.skipif(
     bool(missing_offline_sources(["austen"])),
     reason="offline text data absent; run scripts/fetch_text_data.sh",

@@ -838,6 +838,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     sparse = cfg.sparse_prediction and hasattr(model.config, "sparse_prediction")
     if hasattr(model.config, "sparse_prediction"):
         model.config.sparse_prediction = sparse
+        # the exact labelled tokens (a static count, for CUDA graphs, would add filler rows to the logits
+        # that the evaluation below reads; an initial model may carry one)
+        model.config.max_predictions_per_seq = None
     if accelerator.is_main_process:
         where = "the masked tokens only (sparse prediction)" if sparse else "every token"
         adamw = "fused AdamW" if fused_adamw(accelerator.device) else "AdamW"
