@@ -338,6 +338,8 @@ def test_pretrain_from_a_model_with_a_static_prediction_count(tmp_path: Path, co
         pytest.skip("gmlp.models.text not importable")
     from transformers import AutoModelForMaskedLM
 
+    tok = tmp_path / "tok"
+    assert main(["tokenizer", "--corpus", str(corpus), "--output", str(tok), "--vocab-size", "150"]) == 0
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(_pretrain_args(corpus, first, "--arch", "gmlp")) == 0
     config_file = first / "final" / "config.json"
