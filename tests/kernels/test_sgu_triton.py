@@ -319,6 +319,17 @@ def test_every_launch_configuration_matches_reference(config: dict[str, int], fo
         torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-4)
 
 
+def _gating_leaves(n: int, batch: int, half: int) -> list[torch.Tensor]:
+    """Random leaves of a gating call: ``u`` (n, batch, 2C), the gate LayerNorm's weight and bias, a dense
+    W (n, n), its bias (n,) and an fc1 bias (2C,) to fold."""
+    return [(2 * torch.randn(n, batch, 2 * half, device=DEVICE)).requires_grad_(),
+            torch.randn(half, device=DEVICE, requires_grad=True),
+            torch.randn(half, device=DEVICE, requires_grad=True),
+            (0.3 * torch.randn(n, n, device=DEVICE)).requires_grad_(),
+            torch.randn(n, device=DEVICE, requires_grad=True),
+            torch.randn(2 * half, device=DEVICE, requires_grad=True)]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -337,12 +348,7 @@ def test_every_gating_tile_matches_reference(config: dict[str, int], fold: bool)
 
     torch.manual_seed(2)
     n, batch, half = 7, 3, 20
-    leaves = [(2 * torch.randn(n, batch, 2 * half, device=DEVICE)).requires_grad_(),
-              torch.randn(half, device=DEVICE, requires_grad=True),
-              torch.randn(half, device=DEVICE, requires_grad=True),
-              (0.3 * torch.randn(n, n, device=DEVICE)).requires_grad_(),
-              torch.randn(n, device=DEVICE, requires_grad=True),
-              torch.randn(2 * half, device=DEVICE, requires_grad=True)]  # fmt: skip
+    leaves = _gating_leaves(n, batch, half)
     if not fold:
         leaves = leaves[:5]
     u_bias = leaves[5] if fold else None
@@ -378,12 +384,7 @@ def test_folded_fc1_bias_matches_reference(
     """``u_bias``: the kernels add fc1's bias on load and reduce its gradient in the backward kernels; the
     output and every gradient (the bias's included) equal the plain ops on ``u + u_bias`` (float64 truth)."""
     torch.manual_seed(seed)
-    leaves = [(2 * torch.randn(n, batch, 2 * half, device=DEVICE)).requires_grad_(),
-              torch.randn(half, device=DEVICE, requires_grad=True),
-              torch.randn(half, device=DEVICE, requires_grad=True),
-              (0.3 * torch.randn(n, n, device=DEVICE)).requires_grad_(),
-              torch.randn(n, device=DEVICE, requires_grad=True),
-              torch.randn(2 * half, device=DEVICE, requires_grad=True)]  # fmt: skip
+    leaves = _gating_leaves(n, batch, half)
     if with_gate_bias:
         leaves.append(torch.randn(n, batch, half, device=DEVICE, requires_grad=True))
     mask = torch.rand(batch, n, device=DEVICE) > 0.3 if padded else None

@@ -64,6 +64,20 @@ def test_graph_step_refuses_cpu_batches_by_name() -> None:
     assert step.steps == 0 and not step.captured
 
 
+def _simulate_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the models see a CUDA graph capture on the CPU, and fail on any value read back to the host
+    (``bool(t)``, ``int(t)``) until ``monkeypatch.undo()``."""
+    capturing = lambda t: True  # noqa: E731
+    monkeypatch.setattr(_checks, "capturing", capturing)
+    monkeypatch.setattr(modeling_gmlp, "capturing", capturing)
+
+    def no_host_read(self: torch.Tensor) -> bool:
+        raise AssertionError("a host read while capturing")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_host_read)
+    monkeypatch.setattr(torch.Tensor, "__int__", no_host_read)
+
+
 def test_mlm_skips_host_reads_while_capturing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under capture (simulated on the CPU) the MLM reads no value back to the host (no ``.any()``/
     ``.all()``, no boolean indexing of the sparse prediction) and its loss equals the eager one."""
@@ -78,14 +92,7 @@ def test_mlm_skips_host_reads_while_capturing(monkeypatch: pytest.MonkeyPatch) -
     labels[0, 9:] = -100
     labels[1, 0] = ids[1, 0]
     eager = model(input_ids=ids, attention_mask=mask, labels=labels)
-    capturing = lambda t: True  # noqa: E731
-    monkeypatch.setattr(_checks, "capturing", capturing)
-    monkeypatch.setattr(modeling_gmlp, "capturing", capturing)
-
-    def no_host_read(self: torch.Tensor) -> bool:
-        raise AssertionError("a host read while capturing")
-
-    monkeypatch.setattr(torch.Tensor, "__bool__", no_host_read)
+    _simulate_capture(monkeypatch)
     graphed = model(input_ids=ids, attention_mask=mask, labels=labels)
     monkeypatch.undo()
     assert graphed.logits.shape == (2, 12, 50)  # dense logits: no data-dependent shape
@@ -106,15 +113,7 @@ def test_static_sparse_prediction_runs_sparse_while_capturing(monkeypatch: pytes
     labels[0, [1, 4, 7]] = ids[0, [1, 4, 7]]
     labels[1, :5] = ids[1, :5]
     eager = model(input_ids=ids, labels=labels)
-    capturing = lambda t: True  # noqa: E731
-    monkeypatch.setattr(_checks, "capturing", capturing)
-    monkeypatch.setattr(modeling_gmlp, "capturing", capturing)
-
-    def no_host_read(self: torch.Tensor) -> bool:
-        raise AssertionError("a host read while capturing")
-
-    monkeypatch.setattr(torch.Tensor, "__bool__", no_host_read)
-    monkeypatch.setattr(torch.Tensor, "__int__", no_host_read)
+    _simulate_capture(monkeypatch)
     graphed = model(input_ids=ids, labels=labels)
     labels[1, 5] = ids[1, 5]  # 6 labelled tokens in sequence 1: one would be left out
     overflowing = model(input_ids=ids, labels=labels)

@@ -63,13 +63,13 @@ _HAS_ONEDNN_LINEAR = _onednn_linear_available()
 #: 5x slower (`benchmarks/cpu_matmul.py --small`, benchmarks/RESULTS.md, eighth session). The gMLP-S/16 and
 #: main-job products (1e8 FLOPs and up) are not affected. ``GMLP_ONEDNN_MIN_FLOPS`` overrides it at import
 #: (the test suite sets 0 so that its tiny models run the fast path).
-ONEDNN_MIN_FLOPS = 2.5e7
+_DEFAULT_ONEDNN_MIN_FLOPS = 2.5e7
 
 
 def _min_flops_from_env() -> float:
     value = os.environ.get("GMLP_ONEDNN_MIN_FLOPS", "")
     if not value:
-        return ONEDNN_MIN_FLOPS
+        return _DEFAULT_ONEDNN_MIN_FLOPS
     try:
         return float(value)
     except ValueError:

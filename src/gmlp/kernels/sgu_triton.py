@@ -550,9 +550,9 @@ def _gating_backward(
         dz2n = torch.mm(w_pad.t(), dgate)
         dnw, dnb, dub = _ln_backward(u2d, norm_weight, mean, rstd, dz2n, du, keep=keep, u_bias=u_bias)
         du_bias = None
-        if dub is not None and dub1 is not None and u_bias is not None:  # the bypass half from the gating
+        if dub is not None and dub1 is not None:  # (both given with u_bias) the bypass half from the gating
             dub[:c] = dub1.sum(0)
-            du_bias = dub.to(u_bias.dtype)
+            du_bias = dub.to(u_bias.dtype)  # type: ignore[union-attr]
     return du, dnw, dnb, dweight, dbias, dgate[:n], du_bias
 
 

@@ -158,15 +158,22 @@ class GMLPBlock(nn.Module):
         sgu, n = self.sgu, h.shape[0]
         proj = sgu.proj
         if fused and proj.heads == 1 and not proj.uses_fft(n):
-            norm, fc1 = sgu.norm, self.fc1
-            u, u_bias = None, None
-            if fold_fc1_bias_enabled() and fc1.bias is not None and is_plain_linear(fc1):
-                u, u_bias = F.linear(h, fc1.weight), fc1.bias  # the kernels add the bias and reduce its grad
+            norm = sgu.norm
+            u, u_bias = self._fc1_for_kernels(h)
             return spatial_gating(
-                fc1(h) if u is None else u, norm.weight, norm.bias, norm.eps, proj.matrix(n), proj.bias[:n],
-                mask, gate_bias, use_triton=True, u_bias=u_bias,
+                u, norm.weight, norm.bias, norm.eps, proj.matrix(n), proj.bias[:n], mask, gate_bias,
+                use_triton=True, u_bias=u_bias,
             )  # fmt: skip
         return sgu.forward_normalized(*self._split_gelu_norm(h), mask, gate_bias)
+
+    def _fc1_for_kernels(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``fc1(h)`` and None for the Triton kernels; with :func:`fold_fc1_bias_enabled` (and a plain
+        ``nn.Linear`` with a bias) ``h @ fc1.weight.T`` and the bias, which the kernels add on load and
+        whose gradient they reduce themselves."""
+        fc1 = self.fc1
+        if fold_fc1_bias_enabled() and fc1.bias is not None and is_plain_linear(fc1):
+            return F.linear(h, fc1.weight), fc1.bias
+        return fc1(h), None
 
     def _split_gelu_norm(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``z1, LayerNorm(z2)`` with ``z1, z2 = GELU(fc1(h)).chunk(2, -1)``.
@@ -176,11 +183,9 @@ class GMLPBlock(nn.Module):
         LayerNorm, the gating product and their backward then need no layout copies and no ``cat``
         (``fc1`` keeps one ``(d_ffn, dim)`` weight, so checkpoints are unchanged).
         """
-        norm, fc1 = self.sgu.norm, self.fc1
+        norm = self.sgu.norm
         if triton_enabled(h):
-            fold = fold_fc1_bias_enabled() and fc1.bias is not None and is_plain_linear(fc1)
-            u = F.linear(h, fc1.weight) if fold else fc1(h)  # fold: the kernel adds the bias, sums its grad
-            u_bias = fc1.bias if fold else None
+            u, u_bias = self._fc1_for_kernels(h)
             return gelu_split_layernorm(u, norm.weight, norm.bias, norm.eps, use_triton=True, u_bias=u_bias)
         c = self.sgu.gate_dim
         if not is_plain_linear(self.fc1):  # a wrapped fc1 (hooks, LoRA, ...) must run as a whole

@@ -107,10 +107,10 @@ def test_bad_labels_get_a_clear_error(cls, sparse, labels, got) -> None:
         cls(cfg)(input_ids=ids, labels=labels)
 
 
-def test_sparse_prediction_compiles_fullgraph_and_trains() -> None:
-    torch._dynamo.reset()
-    eager, model = _model(True).float(), _model(True).float()
-    ids, mask, labels = _batch(3, 3, SEQ, 0.3)
+def _compiled_equals_eager(eager: torch.nn.Module, model: torch.nn.Module, *batch: torch.Tensor):
+    """``model`` compiled (fullgraph, aot_eager) gives ``eager``'s loss and parameter gradients on
+    ``batch`` = (ids, mask, labels); returns the compiled model."""
+    ids, mask, labels = batch
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     ref = eager(input_ids=ids, attention_mask=mask, labels=labels)
     out = compiled(input_ids=ids, attention_mask=mask, labels=labels)
@@ -119,6 +119,14 @@ def test_sparse_prediction_compiles_fullgraph_and_trains() -> None:
     out.loss.backward()
     for name, grad in _grads(eager).items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+    return compiled
+
+
+def test_sparse_prediction_compiles_fullgraph_and_trains() -> None:
+    torch._dynamo.reset()
+    eager, model = _model(True).float(), _model(True).float()
+    ids, mask, labels = _batch(3, 3, SEQ, 0.3)
+    _compiled_equals_eager(eager, model, ids, mask, labels)
 
 
 # --- max_predictions_per_seq: a static number of predicted rows per sequence --------------------------------
@@ -167,14 +175,7 @@ def test_static_sparse_prediction_compiles_fullgraph_and_poisons_an_unchecked_ov
     eager, model = (_model(True, max_predictions_per_seq=6).float() for _ in range(2))
     ids, mask, labels = _batch(3, 3, SEQ, 0.3)
     labels[:, 6:] = -100
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    ref = eager(input_ids=ids, attention_mask=mask, labels=labels)
-    out = compiled(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(out.loss, ref.loss)
-    ref.loss.backward()
-    out.loss.backward()
-    for name, grad in _grads(eager).items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+    compiled = _compiled_equals_eager(eager, model, ids, mask, labels)
     labels[1, :8] = ids[1, :8]  # 8 labelled tokens in sequence 1, more than 6
     assert torch.isnan(compiled(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
