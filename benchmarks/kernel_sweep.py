@@ -41,7 +41,15 @@ from gmlp.kernels import (  # noqa: E402
     spatial_gating_reference,
 )
 
-FWD_GRID = {"fwd_rows": (1, 2, 4), "fwd_warps": (4, 8, 16), "fwd_programs_per_sm": (None, 8, 32)}
+# fwd_warps 16 was the slowest or near it at every forward setting of the sixth session's H200 sweep
+# (benchmarks/RESULTS.md); its place goes to fwd_prefetch, which only a looping program (fwd_programs_per_sm
+# set) uses
+FWD_GRID = {
+    "fwd_rows": (1, 2, 4),
+    "fwd_warps": (4, 8),
+    "fwd_programs_per_sm": (None, 8, 32),
+    "fwd_prefetch": (None, 1),
+}
 BWD_GRID = {"bwd_warps": (4, 8, 16), "bwd_programs_per_sm": (4, 8, 16, 32), "bwd_prefetch": (None, 1)}
 GATE_GRID: dict[str, tuple[int | None, ...]] = {"gate_rows": (1, 4), "gate_cols": (None, 256, 512)}
 
@@ -66,6 +74,11 @@ def _time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float
 
 def _grid(grid: dict[str, tuple[int, ...]]) -> list[dict[str, int]]:
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def _fwd_configs() -> list[dict[str, int]]:
+    """FWD_GRID without the prefetch settings of one-tile programs (the same kernel as without)."""
+    return [c for c in _grid(FWD_GRID) if not (c["fwd_prefetch"] and c["fwd_programs_per_sm"] is None)]
 
 
 def sweep_shape(
@@ -95,7 +108,7 @@ def sweep_shape(
     bwd: dict[str, float] = {}
     saved = asdict(sgu_triton.launch_config)
     try:
-        for config in _grid(FWD_GRID):
+        for config in _fwd_configs():
             sgu_triton.set_launch_config(**config)
             key = json.dumps(config)
             with torch.no_grad():

@@ -4,7 +4,10 @@
     python benchmarks/profile_step.py --device cpu --size smoke --batch 2     # dry run (the tests do this)
 
 For each model prints the share of device time in matrix products, the Triton kernel, normalisation,
-elementwise work and copies, then the top kernels by total time.
+elementwise work and copies, then the top kernels by total time (long CUDA kernel names shortened to
+their head and the functors they name, so that two ``elementwise_kernel`` instances can be told apart),
+then the operators that launched the most device time, with their input shapes (on the CPU: the
+operators' own time): which ``copy_`` of which tensor a copy kernel comes from.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +32,7 @@ from run import MaskedLMStep, timm_gmlp  # noqa: E402
 
 from gmlp import create_model  # noqa: E402
 from gmlp.train.optim import fused_adamw  # noqa: E402
+from gmlp.utils.malloc import tune_malloc  # noqa: E402
 
 SIZES = {"s": (256, 30, 224, 16), "b": (512, 30, 224, 16), "smoke": (32, 2, 32, 8)}
 CATEGORIES = (  # first match wins; matched against the lower-cased kernel / operator name
@@ -61,6 +66,41 @@ def category(name: str) -> str:
         if any(k in low for k in keys):
             return label
     return "other"
+
+
+_TAGS = re.compile(r"\w*(?:[Ff]unctor|KernelImpl|Kernel\w*Template|ReduceOp|func_wrapper|_kernel)\w*")
+
+
+def short_name(name: str, width: int = 90) -> str:
+    """``name`` if it fits in ``width`` characters, else its head and the functor / kernel names found in
+    it (CUDA kernel names are templates whose telling part comes last)."""
+    if len(name) <= width:
+        return name
+    tags = list(dict.fromkeys(t for t in _TAGS.findall(name) if t not in ("elementwise_kernel",)))
+    short = f"{name[:40]}.. [{', '.join(tags)}]" if tags else name
+    return short if len(short) <= 2 * width else short[: 2 * width - 2] + ".."
+
+
+def op_rows(prof: profile, device: torch.device) -> list[tuple[str, str, int, float]]:
+    """(operator, input shapes, calls, microseconds) per operator and input shapes (the profile must record
+    shapes): on CUDA the device time of the kernels each operator launched itself, on the CPU its self
+    time."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        t = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        if t > 0:
+            rows.append((e.key, str(e.input_shapes), e.count, t))
+    return rows
+
+
+def print_op_rows(prof: profile, device: torch.device, steps: int, top: int) -> None:
+    """The ``top`` rows of :func:`op_rows` as a table, per step."""
+    what = "device" if device.type == "cuda" else "cpu"
+    print(f"| operator | input shapes | calls/step | {what} ms/step |\n|---|---|---|---|")
+    for key, shapes, count, t in sorted(op_rows(prof, device), key=lambda r: -r[3])[:top]:
+        print(f"| {key} | {short_name(shapes, 120)} | {count / steps:.0f} | {t / steps / 1e3:.2f} |")
 
 
 def time_rows(prof: profile, device: torch.device) -> list[tuple[str, float]]:
@@ -104,7 +144,7 @@ def profile_model(
     for _ in range(3):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             step()
         if device.type == "cuda":
@@ -118,7 +158,9 @@ def profile_model(
     print(" | ".join(f"{k} {v / total:.0%}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])))
     print("| kernel | ms/step | share | category |\n|---|---|---|---|")
     for key, t in sorted(rows, key=lambda r: -r[1])[:top]:
-        print(f"| {key[:90]} | {t / steps / 1e3:.2f} | {t / total:.1%} | {category(key)} |")
+        print(f"| {short_name(key)} | {t / steps / 1e3:.2f} | {t / total:.1%} | {category(key)} |")
+    print(f"\nOperators by {device.type} time, with input shapes:")
+    print_op_rows(prof, device, steps, top)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
 
         sgu_triton.set_launch_config(**json.loads(args.triton_config))
     device = torch.device(args.device)
+    if device.type == "cpu":
+        tune_malloc()  # as run.py and the training commands do
     dim, depth, img, patch = SIZES[args.size]
     timm_name = f"gmlp_{'s' if args.size == 'smoke' else args.size}16_224"
     over = {"embed_dim": dim, "depth": depth, "img_size": img, "patch_size": patch}

@@ -132,14 +132,31 @@ def test_compile_mode_reaches_torch_compile_and_each_step_is_marked(monkeypatch:
 
 
 def test_block_paths_smoke(capsys: pytest.CaptureFixture) -> None:
-    """benchmarks/block_paths.py times and profiles one block on each path (the kernels themselves only
-    run on CUDA; on the CPU every path is the plain one, which still exercises the script)."""
+    """benchmarks/block_paths.py times and profiles one block on each CPU path and timm's block of the same
+    shape, with the time in matrix products and their rate (the CUDA paths need a GPU)."""
     _load("block_paths").main(["--device", "cpu", "--shapes", "12x2x32x192x1", "--reps", "1", "--top", "2",
-                               "--configs", '{"bwd_warps": 8}'])  # fmt: skip
+                               "--peers"])  # fmt: skip
     out = capsys.readouterr().out
-    for row in ("| fused gating |", "| split kernel |", "| plain ops |", '| fused gating {"bwd_warps": 8} |'):
+    for row in ("| oneDNN |", "| plain ops |", "| timm block |"):
         assert row in out
     assert out.count("top kernels of forward+backward") == 3
+    assert out.count("GFLOP/s)") == 3
+
+
+@pytest.mark.parametrize("shape", [(12, 2, 32, 192), (7, 3, 16, 64)])
+def test_block_paths_product_flops_match_flop_counter(shape: tuple[int, int, int, int]) -> None:
+    """The product FLOPs block_paths.py divides by are those torch's FLOP counter sees in a block's
+    forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gmlp.nn import GMLPBlock
+
+    n, batch, dim, ffn = shape
+    block = GMLPBlock(dim, ffn, n)
+    x = torch.randn(n, batch, dim, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        block(x).sum().backward()
+    assert _load("block_paths").product_flops(n, batch, dim, ffn) == counter.get_total_flops()
 
 
 def test_resident_bytes_counts_each_storage_once() -> None:
@@ -189,7 +206,7 @@ def test_kernel_sweep_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     gating = [line for line in out.splitlines() if line.startswith(("| 12x2x24 |", "| 7x3x16 |"))]
     # at each of the two shapes: the fused path at every gating tile, the split kernel and plain ops
     assert len(gating) == 2 * (len(sweep._grid(sweep.GATE_GRID)) + 2)
-    n_configs = len(sweep._grid(sweep.FWD_GRID)) + len(sweep._grid(sweep.BWD_GRID))
+    n_configs = len(sweep._fwd_configs()) + len(sweep._grid(sweep.BWD_GRID))
     assert sum(line.startswith(("| fwd |", "| bwd |")) for line in out.splitlines()) == n_configs
     assert json.loads(best_file.read_text()) == best and set(best) == set(before)
     assert dataclasses.asdict(sgu_triton.launch_config) == before  # the sweep restores the configuration

@@ -287,6 +287,7 @@ def test_reference_is_used_off_cuda() -> None:
         {"bwd_programs_per_sm": 1, "bwd_prefetch": 1},  # 2 rows a program, the last run ragged
         {"bwd_programs_per_sm": 64, "bwd_prefetch": 1},  # one row a program: the prefetch is all masked
         {"fwd_rows": 1, "fwd_programs_per_sm": 1},  # 13 one-row tiles, 8 "SMs": 2 a program, ragged
+        {"fwd_rows": 1, "fwd_programs_per_sm": 1, "fwd_prefetch": 1},  # the same, next tile loaded early
     ],
 )
 @pytest.mark.parametrize("fold", [False, True], ids=["", "fc1-bias-folded"])
@@ -338,6 +339,7 @@ def _gating_leaves(n: int, batch: int, half: int) -> list[torch.Tensor]:
         {"gate_cols": 1024, "gate_rows": 1},
         {"gate_cols": 16, "gate_rows": 4, "bwd_prefetch": 1, "bwd_programs_per_sm": 1},  # padded rows
         {"fwd_programs_per_sm": 1, "fwd_rows": 1},  # forward loops over 3 rows a program
+        {"fwd_programs_per_sm": 1, "fwd_rows": 1, "fwd_prefetch": 1},  # ... loading the next one early
     ],
 )
 @pytest.mark.parametrize("fold", [False, True], ids=["", "fc1-bias-folded"])

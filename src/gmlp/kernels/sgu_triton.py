@@ -93,15 +93,29 @@ if _HAS_TRITON:
         return (dyw - xhat * c1 - c2) * rstd
 
     @triton.jit
+    def _fwd_loads(U, rows, R, C, cols, WITH_Z1: tl.constexpr):
+        # the raw loads of one forward tile (rows past R masked off): the gate half u2, and the bypass half
+        # u1 with Z1 (else u2 again)
+        valid = (rows < R)[:, None] & (cols < C)[None, :]
+        base = rows.to(tl.int64)[:, None] * 2 * C + cols[None, :]
+        u2 = tl.load(U + base + C, mask=valid, other=0.0)
+        u1 = u2
+        if WITH_Z1:
+            u1 = tl.load(U + base, mask=valid, other=0.0)
+        return u2, u1
+
+    @triton.jit
     def _fwd_kernel(
         U, UB, Z1, Z2, W, B, Keep, Mean, Rstd, R, C, eps, TILES_PER_PROG,
         ROWS: tl.constexpr, BLOCK_C: tl.constexpr, WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr,
-        HAS_UB: tl.constexpr,
+        HAS_UB: tl.constexpr, PREFETCH: tl.constexpr,
     ):  # fmt: skip
         # TILES_PER_PROG consecutive tiles of ROWS rows per program (the LayerNorm weight and bias loaded
         # once), one row of 2C inputs per tile row; statistics in float32. Without Z1 only the gate half is
         # read; with Keep, rows whose keep is 0 (padding) get a normalised gate of 0. With UB (the channel
-        # projection's bias, 2C), u is read without its bias and the bias is added on load.
+        # projection's bias, 2C), u is read without its bias and the bias is added on load. PREFETCH: the
+        # next tile's loads are issued before this tile's GELU, statistics and stores, so that a program
+        # keeps a tile of loads in flight while it computes (as the backward's PREFETCH).
         cols = tl.arange(0, BLOCK_C)
         w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=cols < C, other=0.0).to(tl.float32)
@@ -110,18 +124,27 @@ if _HAS_TRITON:
         if HAS_UB:
             ub1 = tl.load(UB + cols, mask=cols < C, other=0.0).to(tl.float32)
             ub2 = tl.load(UB + C + cols, mask=cols < C, other=0.0).to(tl.float32)
+        first = tl.program_id(0) * TILES_PER_PROG
+        if PREFETCH:
+            n_u2, n_u1 = _fwd_loads(U, first * ROWS + tl.arange(0, ROWS), R, C, cols, WITH_Z1)
         for t in range(0, TILES_PER_PROG):
-            rows = (tl.program_id(0) * TILES_PER_PROG + t) * ROWS + tl.arange(0, ROWS)
+            rows = (first + t) * ROWS + tl.arange(0, ROWS)
+            if PREFETCH:
+                u2, u1 = n_u2, n_u1
+                # the next tile of this program; past its last tile every row is masked off (row R)
+                later = tl.where(t + 1 < TILES_PER_PROG, rows + ROWS, R)
+                n_u2, n_u1 = _fwd_loads(U, later, R, C, cols, WITH_Z1)
+            else:
+                u2, u1 = _fwd_loads(U, rows, R, C, cols, WITH_Z1)
             rvalid = rows < R
             valid = rvalid[:, None] & (cols < C)[None, :]
-            base = rows.to(tl.int64)[:, None] * 2 * C + cols[None, :]
-            u2 = tl.load(U + base + C, mask=valid, other=0.0).to(tl.float32)
+            u2 = u2.to(tl.float32)
             if HAS_UB:
                 u2 += ub2[None, :]
             mean, diff, rstd = _ln_rows(_gelu(u2), valid, C, eps)
             out = rows.to(tl.int64)[:, None] * C + cols[None, :]
             if WITH_Z1:
-                u1 = tl.load(U + base, mask=valid, other=0.0).to(tl.float32)
+                u1 = u1.to(tl.float32)
                 if HAS_UB:
                     u1 += ub1[None, :]
                 tl.store(Z1 + out, _gelu(u1).to(Z1.dtype.element_ty), mask=valid)
@@ -302,6 +325,9 @@ class LaunchConfig:
         fwd_programs_per_sm: forward programs per multiprocessor, each looping over a run of row tiles
             with the LayerNorm weight and bias loaded once (None = one tile per program, the timed
             default). Not yet timed on a GPU; ``kernel_sweep.py`` sweeps it.
+        fwd_prefetch: 1 = that loop issues the next tile's loads before it computes and stores the
+            current one (None or 0 = one tile at a time). Only a program with more than one tile (set
+            ``fwd_programs_per_sm``) has a next tile. Not yet timed on a GPU; ``kernel_sweep.py`` sweeps it.
     """
 
     fwd_rows: int | None = None
@@ -312,6 +338,7 @@ class LaunchConfig:
     gate_cols: int | None = None
     bwd_prefetch: int | None = None
     fwd_programs_per_sm: int | None = None
+    fwd_prefetch: int | None = None
 
 
 launch_config = LaunchConfig()
@@ -383,6 +410,7 @@ def _ln_forward(
         u2d, weight if u_bias is None else u_bias, z2 if z1 is None else z1, z2, weight, bias,
         mean if keep is None else keep, mean, rstd, rows, c, eps, per_prog, ROWS=per, BLOCK_C=block_c,
         WITH_Z1=z1 is not None, HAS_KEEP=keep is not None, HAS_UB=u_bias is not None,
+        PREFETCH=bool(launch_config.fwd_prefetch) and per_prog > 1,
         num_warps=launch_config.fwd_warps or _warps(block_c * per),
     )  # fmt: skip
     return mean, rstd
