@@ -9,8 +9,8 @@
 # (with the "(CUDA graph)" rows), STEPS="compile block" 152 s, STEPS=compile COMPILE_FAMILY=text 181 s:
 # 15 minutes in all with the machine's start. Next, within a 15-minute budget:
 #   call 1: STEPS="checks sweep suite" (timeout_s ~540): the sweep times the untimed launch options
-#           (bwd_prefetch, fwd_programs_per_sm, and the ninth session's fwd_prefetch) and the suite runs
-#           on its best; new since the seventh
+#           (bwd_prefetch, fwd_programs_per_sm, and the ninth session's fwd_prefetch and ln_split) and
+#           the suite runs on its best; new since the seventh
 #           session (eighth, not yet run on a GPU): the MLM with max_predictions_per_seq (static sparse
 #           prediction) eager and as a CUDA graph, and its graphed-training check (20 checks); the
 #           "(fc1 bias folded)" training row (GMLP_FOLD_FC1_BIAS=1) and its path in the block and

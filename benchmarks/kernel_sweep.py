@@ -7,7 +7,8 @@
 For each shape (rows x C, bf16) times the forward and the backward kernel of every configuration of
 :class:`gmlp.kernels.sgu_triton.LaunchConfig` in the grid below, next to the plain PyTorch ops, checks
 each configuration's outputs and gradients against the float32 reference, and prints the achieved
-memory bandwidth. The best forward and backward settings (least total time over the shapes) go to
+memory bandwidth. Then the best forward and the best backward settings (least total time over the shapes)
+are timed again with and without ``ln_split`` (rows in two power-of-two pieces). The best of all go to
 ``--best-json``, in the form ``benchmarks/run.py --triton-config`` takes.
 
 Then, at each ``--gating-shapes`` (tokens x batch x C, bf16), the whole gating after ``fc1`` three ways,
@@ -82,10 +83,16 @@ def _fwd_configs() -> list[dict[str, int]]:
 
 
 def sweep_shape(
-    rows: int, c: int, device: torch.device, reps: int
+    rows: int,
+    c: int,
+    device: torch.device,
+    reps: int,
+    fwd_configs: list[dict[str, int | None]],
+    bwd_configs: list[dict[str, int | None]],
 ) -> tuple[dict[str, float], dict[str, float], float, float, list[str]]:
-    """Returns forward and backward milliseconds per configuration (keyed by its JSON), the plain ops'
-    forward and backward milliseconds, and a list of configurations whose results were wrong."""
+    """Times ``fwd_configs`` on the forward kernel and ``bwd_configs`` on the backward kernel. Returns
+    forward and backward milliseconds per configuration (keyed by its JSON), the plain ops' forward and
+    backward milliseconds, and a list of configurations whose results were wrong."""
     torch.manual_seed(0)
     dtype = torch.bfloat16
     u = (2 * torch.randn(rows, 2 * c, device=device)).to(dtype).requires_grad_()
@@ -108,7 +115,7 @@ def sweep_shape(
     bwd: dict[str, float] = {}
     saved = asdict(sgu_triton.launch_config)
     try:
-        for config in _fwd_configs():
+        for config in fwd_configs:
             sgu_triton.set_launch_config(**config)
             key = json.dumps(config)
             with torch.no_grad():
@@ -119,7 +126,7 @@ def sweep_shape(
             check(key, outs, torch.autograd.grad(outs, [u, w, b], seeds))
         sgu_triton.set_launch_config(**saved)
         outs = gelu_split_layernorm(u, w, b, 1e-5, use_triton=True)
-        for config in _grid(BWD_GRID):
+        for config in bwd_configs:
             sgu_triton.set_launch_config(**config)
             key = json.dumps(config)
             bwd[key] = _time_ms(
@@ -209,6 +216,61 @@ def time_gating(
     return rows
 
 
+def _print_table(
+    rows: int,
+    c: int,
+    fwd: dict[str, float],
+    bwd: dict[str, float],
+    plain_f: float,
+    plain_b: float,
+    bad: list[str],
+    totals_f: dict[str, float],
+    totals_b: dict[str, float],
+) -> None:
+    """One shape's configurations, fastest first, with the achieved bandwidth; adds each time to its
+    configuration's total over the shapes."""
+    gb_f = rows * c * 2 * (2 + 2) / 1e9  # read u (2C), write z1 and z2n (C each); bf16
+    gb_b = rows * c * 2 * (2 + 1 + 1 + 2) / 1e9  # read u, dz1, dz2; write du
+    print("| pass | configuration | ms | GB/s | vs plain ops |\n|---|---|---|---|---|")
+    for label, table, gb, plain, totals in (
+        ("fwd", fwd, gb_f, plain_f, totals_f),
+        ("bwd", bwd, gb_b, plain_b, totals_b),
+    ):
+        for key, ms in sorted(table.items(), key=lambda kv: kv[1]):
+            totals[key] = totals.get(key, 0.0) + ms
+            flag = " WRONG" if key in bad else ""
+            print(f"| {label} | {key}{flag} | {ms:.3f} | {gb / ms * 1e3:.0f} | {plain / ms:.2f}x |")
+
+
+def _with_split(
+    shapes: list[tuple[int, ...]],
+    device: torch.device,
+    reps: int,
+    best: dict[str, int | None],
+    wrong: set[str],
+) -> dict[str, int | None]:
+    """The best forward and backward settings timed again without and with ``ln_split``; returns
+    ``{"ln_split": ...}``: 1 where the split rows took less total time over the shapes in both passes
+    together (and were right), else None."""
+    f_best = {k: best.get(k) for k in FWD_GRID}
+    b_best = {k: best.get(k) for k in BWD_GRID}
+    totals: dict[int | None, float] = {None: 0.0, 1: 0.0}
+    for rows, c in shapes:
+        fwd_configs = [{**f_best, "ln_split": s} for s in (None, 1)]
+        bwd_configs = [{**b_best, "ln_split": s} for s in (None, 1)]
+        fwd, bwd, plain_f, plain_b, bad = sweep_shape(rows, c, device, reps, fwd_configs, bwd_configs)
+        wrong.update(bad)
+        print(f"\n## {rows} x {c}: the best settings with rows in one block and in two pieces (ln_split)")
+        _print_table(rows, c, fwd, bwd, plain_f, plain_b, bad, {}, {})
+        for split in (None, 1):
+            totals[split] += fwd[json.dumps({**f_best, "ln_split": split})]
+            totals[split] += bwd[json.dumps({**b_best, "ln_split": split})]
+    split_wrong = any(json.loads(key).get("ln_split") for key in wrong)
+    chosen = 1 if totals[1] < totals[None] and not split_wrong else None
+    print(f"\nln_split: {totals[None]:.3f} ms one block, {totals[1]:.3f} ms two pieces -> {chosen}")
+    return {"ln_split": chosen}
+
+
 def main(argv: list[str] | None = None) -> dict[str, int]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -231,27 +293,20 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     totals_f: dict[str, float] = {}
     totals_b: dict[str, float] = {}
     wrong: set[str] = set()
-    for shape in args.shapes.split(","):
-        rows, c = (int(v) for v in shape.split("x"))
-        fwd, bwd, plain_f, plain_b, bad = sweep_shape(rows, c, device, args.reps)
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+    for rows, c in shapes:
+        fwd, bwd, plain_f, plain_b, bad = sweep_shape(
+            rows, c, device, args.reps, _fwd_configs(), _grid(BWD_GRID)
+        )
         wrong.update(bad)
-        gb_f = rows * c * 2 * (2 + 2) / 1e9  # read u (2C), write z1 and z2n (C each); bf16
-        gb_b = rows * c * 2 * (2 + 1 + 1 + 2) / 1e9  # read u, dz1, dz2; write du
         print(f"\n## {rows} x {c} (bf16): plain ops forward {plain_f:.3f} ms, backward {plain_b:.3f} ms")
-        print("| pass | configuration | ms | GB/s | vs plain ops |\n|---|---|---|---|---|")
-        for label, table, gb, plain, totals in (
-            ("fwd", fwd, gb_f, plain_f, totals_f),
-            ("bwd", bwd, gb_b, plain_b, totals_b),
-        ):
-            for key, ms in sorted(table.items(), key=lambda kv: kv[1]):
-                totals[key] = totals.get(key, 0.0) + ms
-                flag = " WRONG" if key in bad else ""
-                print(f"| {label} | {key}{flag} | {ms:.3f} | {gb / ms * 1e3:.0f} | {plain / ms:.2f}x |")
-    best: dict[str, int] = {}
+        _print_table(rows, c, fwd, bwd, plain_f, plain_b, bad, totals_f, totals_b)
+    best: dict[str, int | None] = {}
     for totals in (totals_f, totals_b):
         ok = {k: v for k, v in totals.items() if k not in wrong}
         if ok:
             best.update(json.loads(min(ok, key=ok.__getitem__)))
+    best.update(_with_split(shapes, device, args.reps, best, wrong))
     if args.gating_shapes:
         print("\n## The whole gating after fc1 (bf16): fused at each gating tile, split kernel, plain ops")
         print("| tokens x batch x C | path | fwd ms | fwd+bwd ms | fwd+bwd vs first row | max rel. error |")

@@ -185,8 +185,8 @@ def test_profile_step_smoke(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_kernel_sweep_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Every launch configuration is timed and checked against the reference; the best is written; the
-    three gating paths are timed and checked."""
+    """Every launch configuration is timed and checked against the reference, and the best ones again with
+    rows in two pieces; the best is written; the three gating paths are timed and checked."""
     from gmlp.kernels import sgu_triton, triton_available
 
     if not triton_available() or (
@@ -206,10 +206,37 @@ def test_kernel_sweep_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     gating = [line for line in out.splitlines() if line.startswith(("| 12x2x24 |", "| 7x3x16 |"))]
     # at each of the two shapes: the fused path at every gating tile, the split kernel and plain ops
     assert len(gating) == 2 * (len(sweep._grid(sweep.GATE_GRID)) + 2)
-    n_configs = len(sweep._fwd_configs()) + len(sweep._grid(sweep.BWD_GRID))
+    # the grid, then the best forward and backward settings without and with ln_split (4 rows a shape)
+    n_configs = len(sweep._fwd_configs()) + len(sweep._grid(sweep.BWD_GRID)) + 4
     assert sum(line.startswith(("| fwd |", "| bwd |")) for line in out.splitlines()) == n_configs
+    assert "ln_split: " in out and best["ln_split"] in (None, 1)
     assert json.loads(best_file.read_text()) == best and set(best) == set(before)
     assert dataclasses.asdict(sgu_triton.launch_config) == before  # the sweep restores the configuration
+
+
+@pytest.mark.parametrize("c", [1536, 768])
+def test_rows_in_two_pieces_compile_to_less_work(c: int) -> None:
+    """benchmarks/ptx_count.py compiles the LayerNorm kernels for sm_90 (no GPU needed): with ``ln_split``
+    a row of 1536 (or 768) columns takes fewer instructions per thread than one padded power-of-two block,
+    forward and backward."""
+    import subprocess
+
+    from gmlp.kernels import triton_available
+
+    if not triton_available():
+        pytest.skip("needs triton")
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); import ptx_count; "
+        f"print(json.dumps(ptx_count.count_variants({c}, quick=True)))"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("forward", "backward"):
+        one, two = (r["instructions"] for r in rows if r["pass"] == name)
+        assert 0 < two < 0.9 * one, (name, one, two)
 
 
 @pytest.mark.slow

@@ -320,6 +320,56 @@ def test_every_launch_configuration_matches_reference(config: dict[str, int], fo
         torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("half", [24, 40, 48, 96])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"ln_split": 1},
+        {"ln_split": 1, "fwd_rows": 2, "fwd_programs_per_sm": 1, "fwd_prefetch": 1, "bwd_prefetch": 1,
+         "bwd_programs_per_sm": 1},
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("fold", [False, True], ids=["", "fc1-bias-folded"])
+def test_rows_in_two_pieces_match_reference(half: int, config: dict[str, int], fold: bool) -> None:
+    """``ln_split``: the LayerNorm kernels hold a row as two power-of-two pieces (24 -> 16 + 16 with half
+    the second piece masked, 40 -> 32 + 16 with 8 masked, 48 -> 32 + 16 exactly, 96 -> 64 + 32), alone and
+    with the prefetching loops, on the split kernel (both halves written) and on the fused gating (gate
+    half only, a padding mask): forward and every gradient equal the reference."""
+    from gmlp.kernels import sgu_triton
+
+    assert sgu_triton._row_pieces(half) == (sgu_triton._block_c(half), 0)  # off by default
+    torch.manual_seed(3)
+    n, batch = 7, 2
+    leaves = _gating_leaves(n, batch, half)
+    u, nw, nb = leaves[:3]
+    u_bias = leaves[5] if fold else None
+    mask = torch.ones(batch, n, dtype=torch.bool, device=DEVICE)
+    mask[0, 5:] = False
+    saved = dataclasses.asdict(sgu_triton.launch_config)
+    try:
+        sgu_triton.set_launch_config(**config)
+        first, second = sgu_triton._row_pieces(half)
+        assert second > 0 and first + second >= half > first
+        split = gelu_split_layernorm(u, nw, nb, 1e-5, use_triton=True, u_bias=u_bias)
+        seeds = tuple(torch.randn_like(t) for t in split)
+        wrt = leaves[:3] if u_bias is None else [*leaves[:3], u_bias]
+        split_grads = _grads(split, wrt, seeds)
+        gated = spatial_gating(u, nw, nb, 1e-5, *leaves[3:5], mask, use_triton=True, u_bias=u_bias)
+        seed = torch.randn_like(gated)
+        gated_grads = torch.autograd.grad((gated * seed).sum(), leaves[:5] if u_bias is None else leaves)
+    finally:
+        sgu_triton.set_launch_config(**saved)
+    u_ref = u if u_bias is None else u + u_bias
+    ref = gelu_split_layernorm_reference(u_ref, nw, nb, 1e-5)
+    for got, want in zip((*split, *split_grads), (*ref, *_grads(ref, wrt, seeds)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    ref_gated = spatial_gating_reference(u_ref, nw, nb, 1e-5, *leaves[3:5], mask)
+    ref_grads = torch.autograd.grad((ref_gated * seed).sum(), leaves[:5] if u_bias is None else leaves)
+    torch.testing.assert_close(gated, ref_gated, rtol=1e-5, atol=1e-5)
+    for a, c in zip(gated_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+
+
 def _gating_leaves(n: int, batch: int, half: int) -> list[torch.Tensor]:
     """Random leaves of a gating call: ``u`` (n, batch, 2C), the gate LayerNorm's weight and bias, a dense
     W (n, n), its bias (n,) and an fc1 bias (2C,) to fold."""

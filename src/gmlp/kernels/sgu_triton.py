@@ -94,8 +94,8 @@ if _HAS_TRITON:
 
     @triton.jit
     def _fwd_loads(U, rows, R, C, cols, WITH_Z1: tl.constexpr):
-        # the raw loads of one forward tile (rows past R masked off): the gate half u2, and the bypass half
-        # u1 with Z1 (else u2 again)
+        # the raw loads of one forward tile's columns ``cols`` (rows past R masked off): the gate half u2,
+        # and the bypass half u1 with Z1 (else u2 again)
         valid = (rows < R)[:, None] & (cols < C)[None, :]
         base = rows.to(tl.int64)[:, None] * 2 * C + cols[None, :]
         u2 = tl.load(U + base + C, mask=valid, other=0.0)
@@ -105,17 +105,40 @@ if _HAS_TRITON:
         return u2, u1
 
     @triton.jit
+    def _biased(u, ub, HAS_UB: tl.constexpr):
+        # a raw tile in float32, plus the channel projection's bias (a row of the tile's columns) with UB
+        x = u.to(tl.float32)
+        if HAS_UB:
+            x += ub[None, :]
+        return x
+
+    @triton.jit
+    def _fwd_stores(Z1, Z2, rows, R, C, cols, diff, rstd, w, b, kept, u1, ub1,
+                    WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_UB: tl.constexpr):  # fmt: skip
+        # one piece of a forward tile's outputs: the normalised gate (0 on rows not kept) and GELU(u1)
+        valid = (rows < R)[:, None] & (cols < C)[None, :]
+        out = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        if WITH_Z1:
+            tl.store(Z1 + out, _gelu(_biased(u1, ub1, HAS_UB)).to(Z1.dtype.element_ty), mask=valid)
+        z2 = diff * rstd[:, None] * w[None, :] + b[None, :]
+        if HAS_KEEP:
+            z2 = tl.where(kept[:, None], z2, 0.0)
+        tl.store(Z2 + out, z2.to(Z2.dtype.element_ty), mask=valid)
+
+    @triton.jit
     def _fwd_kernel(
         U, UB, Z1, Z2, W, B, Keep, Mean, Rstd, R, C, eps, TILES_PER_PROG,
-        ROWS: tl.constexpr, BLOCK_C: tl.constexpr, WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr,
-        HAS_UB: tl.constexpr, PREFETCH: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, WITH_Z1: tl.constexpr,
+        HAS_KEEP: tl.constexpr, HAS_UB: tl.constexpr, PREFETCH: tl.constexpr,
     ):  # fmt: skip
         # TILES_PER_PROG consecutive tiles of ROWS rows per program (the LayerNorm weight and bias loaded
         # once), one row of 2C inputs per tile row; statistics in float32. Without Z1 only the gate half is
         # read; with Keep, rows whose keep is 0 (padding) get a normalised gate of 0. With UB (the channel
         # projection's bias, 2C), u is read without its bias and the bias is added on load. PREFETCH: the
         # next tile's loads are issued before this tile's GELU, statistics and stores, so that a program
-        # keeps a tile of loads in flight while it computes (as the backward's PREFETCH).
+        # keeps a tile of loads in flight while it computes (as the backward's PREFETCH). BLOCK_B > 0: a
+        # row is held as two pieces, columns [0, BLOCK_C) and [BLOCK_C, BLOCK_C + BLOCK_B) (1024 + 512
+        # for C = 1536), so that no lanes compute GELU on the padding of one power-of-two block (2048).
         cols = tl.arange(0, BLOCK_C)
         w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=cols < C, other=0.0).to(tl.float32)
@@ -124,9 +147,20 @@ if _HAS_TRITON:
         if HAS_UB:
             ub1 = tl.load(UB + cols, mask=cols < C, other=0.0).to(tl.float32)
             ub2 = tl.load(UB + C + cols, mask=cols < C, other=0.0).to(tl.float32)
+        if BLOCK_B > 0:
+            cols_b = BLOCK_C + tl.arange(0, BLOCK_B)
+            w_b = tl.load(W + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
+            b_b = tl.load(B + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
+            ub1_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            ub2_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            if HAS_UB:
+                ub1_b = tl.load(UB + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
+                ub2_b = tl.load(UB + C + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
         first = tl.program_id(0) * TILES_PER_PROG
         if PREFETCH:
             n_u2, n_u1 = _fwd_loads(U, first * ROWS + tl.arange(0, ROWS), R, C, cols, WITH_Z1)
+            if BLOCK_B > 0:
+                n_u2_b, n_u1_b = _fwd_loads(U, first * ROWS + tl.arange(0, ROWS), R, C, cols_b, WITH_Z1)
         for t in range(0, TILES_PER_PROG):
             rows = (first + t) * ROWS + tl.arange(0, ROWS)
             if PREFETCH:
@@ -134,37 +168,55 @@ if _HAS_TRITON:
                 # the next tile of this program; past its last tile every row is masked off (row R)
                 later = tl.where(t + 1 < TILES_PER_PROG, rows + ROWS, R)
                 n_u2, n_u1 = _fwd_loads(U, later, R, C, cols, WITH_Z1)
+                if BLOCK_B > 0:
+                    u2_b, u1_b = n_u2_b, n_u1_b
+                    n_u2_b, n_u1_b = _fwd_loads(U, later, R, C, cols_b, WITH_Z1)
             else:
                 u2, u1 = _fwd_loads(U, rows, R, C, cols, WITH_Z1)
+                if BLOCK_B > 0:
+                    u2_b, u1_b = _fwd_loads(U, rows, R, C, cols_b, WITH_Z1)
             rvalid = rows < R
-            valid = rvalid[:, None] & (cols < C)[None, :]
-            u2 = u2.to(tl.float32)
-            if HAS_UB:
-                u2 += ub2[None, :]
-            mean, diff, rstd = _ln_rows(_gelu(u2), valid, C, eps)
-            out = rows.to(tl.int64)[:, None] * C + cols[None, :]
-            if WITH_Z1:
-                u1 = u1.to(tl.float32)
-                if HAS_UB:
-                    u1 += ub1[None, :]
-                tl.store(Z1 + out, _gelu(u1).to(Z1.dtype.element_ty), mask=valid)
-            z2 = diff * rstd[:, None] * w[None, :] + b[None, :]
+            # the LayerNorm statistics of GELU(u2) over the row's pieces (masked lanes hold GELU(0) = 0)
+            g = _gelu(_biased(u2, ub2, HAS_UB))
+            total = tl.sum(g, axis=1)
+            if BLOCK_B > 0:
+                g_b = _gelu(_biased(u2_b, ub2_b, HAS_UB))
+                total += tl.sum(g_b, axis=1)
+            mean = total / C
+            diff = tl.where(rvalid[:, None] & (cols < C)[None, :], g - mean[:, None], 0.0)
+            squares = tl.sum(diff * diff, axis=1)
+            if BLOCK_B > 0:
+                diff_b = tl.where(rvalid[:, None] & (cols_b < C)[None, :], g_b - mean[:, None], 0.0)
+                squares += tl.sum(diff_b * diff_b, axis=1)
+            rstd = 1.0 / tl.sqrt(squares / C + eps)
+            kept = rvalid
             if HAS_KEEP:
-                keep = tl.load(Keep + rows, mask=rvalid, other=0.0)
-                z2 = tl.where((keep != 0)[:, None], z2, 0.0)
-            tl.store(Z2 + out, z2.to(Z2.dtype.element_ty), mask=valid)
+                kept = tl.load(Keep + rows, mask=rvalid, other=0.0) != 0
+            _fwd_stores(Z1, Z2, rows, R, C, cols, diff, rstd, w, b, kept, u1, ub1, WITH_Z1, HAS_KEEP, HAS_UB)
+            if BLOCK_B > 0:
+                _fwd_stores(Z1, Z2, rows, R, C, cols_b, diff_b, rstd, w_b, b_b, kept, u1_b, ub1_b,
+                            WITH_Z1, HAS_KEEP, HAS_UB)  # fmt: skip
             tl.store(Mean + rows, mean, mask=rvalid)
             tl.store(Rstd + rows, rstd, mask=rvalid)
 
     @triton.jit
-    def _bwd_row(U, DZ1, DZ2, Keep, Mean, Rstd, row, end, C, cols, cvalid, ub1, ub2,
-                 WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_UB: tl.constexpr):  # fmt: skip
-        # the loads of one backward row (all masked off when row >= end): u2, dz2, mean, rstd, u1, dz1,
-        # and whether the row is real (rvalid) and kept (rkeep; padding rows are not)
+    def _bwd_row(Keep, Mean, Rstd, row, end, HAS_KEEP: tl.constexpr):
+        # one backward row's statistics (masked off when row >= end) and whether the row is real (rvalid)
+        # and kept (rkeep; padding rows are not)
         rvalid = row < end
         rkeep = rvalid
         if HAS_KEEP:
             rkeep = rvalid & (tl.load(Keep + row, mask=rvalid, other=0.0) != 0)
+        mean = tl.load(Mean + row, mask=rkeep, other=0.0)
+        rstd = tl.load(Rstd + row, mask=rkeep, other=0.0)
+        return mean, rstd, rvalid, rkeep
+
+    @triton.jit
+    def _bwd_loads(U, DZ1, DZ2, row, C, cols, rvalid, rkeep, ub1, ub2,
+                   WITH_Z1: tl.constexpr, HAS_UB: tl.constexpr):  # fmt: skip
+        # the loads of one backward row's columns ``cols`` in float32: u2 and dz2 (0 on rows not kept),
+        # u1 and dz1 with Z1 (else u2 and dz2 again); with UB the bias is added to u on load
+        cvalid = cols < C
         kvalid = cvalid & rkeep
         base = row.to(tl.int64) * 2 * C
         out = row.to(tl.int64) * C
@@ -172,8 +224,6 @@ if _HAS_TRITON:
         if HAS_UB:
             u2 += ub2
         dz2 = tl.load(DZ2 + out + cols, mask=kvalid, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + row, mask=rkeep, other=0.0)
-        rstd = tl.load(Rstd + row, mask=rkeep, other=0.0)
         u1 = u2
         dz1 = dz2
         if WITH_Z1:
@@ -182,13 +232,35 @@ if _HAS_TRITON:
             if HAS_UB:
                 u1 += ub1
             dz1 = tl.load(DZ1 + out + cols, mask=valid, other=0.0).to(tl.float32)
-        return u2, dz2, mean, rstd, u1, dz1, rvalid, rkeep
+        return u2, dz2, u1, dz1
+
+    @triton.jit
+    def _bwd_sums(u2, dz2, w, mean, rstd, kvalid):
+        # one piece of a row: xhat, dz2 * w, and its shares of the LayerNorm input gradient's two sums
+        xhat = tl.where(kvalid, (_gelu(u2) - mean) * rstd, 0.0)
+        dyw = dz2 * w
+        return xhat, dyw, tl.sum(dyw * xhat, axis=0), tl.sum(dyw, axis=0)
+
+    @triton.jit
+    def _bwd_stores(DU, row, C, cols, rvalid, kvalid, u2, u1, dz1, xhat, dyw, c1, c2, rstd,
+                    WITH_Z1: tl.constexpr):  # fmt: skip
+        # one piece of a row's du (the gate half; the bypass half with Z1), returned as stored, in float32
+        valid = (cols < C) & rvalid
+        base = row.to(tl.int64) * 2 * C
+        du2 = tl.where(kvalid, (dyw - xhat * c1 - c2) * rstd * _gelu_grad(u2), 0.0)
+        du2 = du2.to(DU.dtype.element_ty)
+        tl.store(DU + base + C + cols, du2, mask=valid)
+        du1 = du2
+        if WITH_Z1:
+            du1 = tl.where(valid, dz1 * _gelu_grad(u1), 0.0).to(DU.dtype.element_ty)
+            tl.store(DU + base + cols, du1, mask=valid)
+        return du2.to(tl.float32), du1.to(tl.float32)
 
     @triton.jit
     def _bwd_kernel(
         U, UB, DZ1, DZ2, W, Keep, Mean, Rstd, DU, DW, DB, DUB, R, C, ROWS_PER_PROG,
-        BLOCK_C: tl.constexpr, WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr, PREFETCH: tl.constexpr,
-        HAS_UB: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, WITH_Z1: tl.constexpr, HAS_KEEP: tl.constexpr,
+        PREFETCH: tl.constexpr, HAS_UB: tl.constexpr,
     ):  # fmt: skip
         # a contiguous run of ROWS_PER_PROG rows per program; the loop has no branch (rows past R are
         # masked), and the LayerNorm weight/bias gradients leave as one partial sum per program. Rows whose
@@ -197,10 +269,10 @@ if _HAS_TRITON:
         # program keeps a row of loads in flight (more memory parallelism, twice the load registers).
         # HAS_UB: u is read without the channel projection's bias UB (2C), added on load, and the program's
         # partial sums of du (the bias gradient: the gate half, and the bypass half with Z1) go to DUB.
+        # BLOCK_B > 0: a row in two pieces, as in the forward kernel.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
-        cvalid = cols < C
-        w = tl.load(W + cols, mask=cvalid, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
         dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         dub1_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -208,49 +280,89 @@ if _HAS_TRITON:
         ub1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
         ub2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
         if HAS_UB:
-            ub1 = tl.load(UB + cols, mask=cvalid, other=0.0).to(tl.float32)
-            ub2 = tl.load(UB + C + cols, mask=cvalid, other=0.0).to(tl.float32)
+            ub1 = tl.load(UB + cols, mask=cols < C, other=0.0).to(tl.float32)
+            ub2 = tl.load(UB + C + cols, mask=cols < C, other=0.0).to(tl.float32)
+        if BLOCK_B > 0:
+            cols_b = BLOCK_C + tl.arange(0, BLOCK_B)
+            w_b = tl.load(W + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
+            dw_acc_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            db_acc_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            dub1_acc_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            dub2_acc_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            ub1_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            ub2_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            if HAS_UB:
+                ub1_b = tl.load(UB + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
+                ub2_b = tl.load(UB + C + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
         start = pid * ROWS_PER_PROG
         end = tl.minimum(start + ROWS_PER_PROG, R)
         if PREFETCH:
-            n_u2, n_dz2, n_mean, n_rstd, n_u1, n_dz1, n_rvalid, n_rkeep = _bwd_row(
-                U, DZ1, DZ2, Keep, Mean, Rstd, start, end, C, cols, cvalid, ub1, ub2,
-                WITH_Z1, HAS_KEEP, HAS_UB,
+            n_mean, n_rstd, n_rvalid, n_rkeep = _bwd_row(Keep, Mean, Rstd, start, end, HAS_KEEP)
+            n_u2, n_dz2, n_u1, n_dz1 = _bwd_loads(
+                U, DZ1, DZ2, start, C, cols, n_rvalid, n_rkeep, ub1, ub2, WITH_Z1, HAS_UB
             )
+            if BLOCK_B > 0:
+                n_u2_b, n_dz2_b, n_u1_b, n_dz1_b = _bwd_loads(
+                    U, DZ1, DZ2, start, C, cols_b, n_rvalid, n_rkeep, ub1_b, ub2_b, WITH_Z1, HAS_UB
+                )
         for r in range(0, ROWS_PER_PROG):
             row = start + r
             if PREFETCH:
-                u2, dz2, mean, rstd, u1, dz1, rvalid, rkeep = (
-                    n_u2, n_dz2, n_mean, n_rstd, n_u1, n_dz1, n_rvalid, n_rkeep
+                mean, rstd, rvalid, rkeep = n_mean, n_rstd, n_rvalid, n_rkeep
+                u2, dz2, u1, dz1 = n_u2, n_dz2, n_u1, n_dz1
+                n_mean, n_rstd, n_rvalid, n_rkeep = _bwd_row(Keep, Mean, Rstd, row + 1, end, HAS_KEEP)
+                n_u2, n_dz2, n_u1, n_dz1 = _bwd_loads(
+                    U, DZ1, DZ2, row + 1, C, cols, n_rvalid, n_rkeep, ub1, ub2, WITH_Z1, HAS_UB
                 )
-                n_u2, n_dz2, n_mean, n_rstd, n_u1, n_dz1, n_rvalid, n_rkeep = _bwd_row(
-                    U, DZ1, DZ2, Keep, Mean, Rstd, row + 1, end, C, cols, cvalid, ub1, ub2,
-                    WITH_Z1, HAS_KEEP, HAS_UB,
-                )
+                if BLOCK_B > 0:
+                    u2_b, dz2_b, u1_b, dz1_b = n_u2_b, n_dz2_b, n_u1_b, n_dz1_b
+                    n_u2_b, n_dz2_b, n_u1_b, n_dz1_b = _bwd_loads(
+                        U, DZ1, DZ2, row + 1, C, cols_b, n_rvalid, n_rkeep, ub1_b, ub2_b, WITH_Z1, HAS_UB
+                    )
             else:
-                u2, dz2, mean, rstd, u1, dz1, rvalid, rkeep = _bwd_row(
-                    U, DZ1, DZ2, Keep, Mean, Rstd, row, end, C, cols, cvalid, ub1, ub2,
-                    WITH_Z1, HAS_KEEP, HAS_UB,
+                mean, rstd, rvalid, rkeep = _bwd_row(Keep, Mean, Rstd, row, end, HAS_KEEP)
+                u2, dz2, u1, dz1 = _bwd_loads(
+                    U, DZ1, DZ2, row, C, cols, rvalid, rkeep, ub1, ub2, WITH_Z1, HAS_UB
                 )
-            kvalid = cvalid & rkeep
-            valid = cvalid & rvalid
-            base = row.to(tl.int64) * 2 * C
-            xhat = tl.where(kvalid, (_gelu(u2) - mean) * rstd, 0.0)
-            du2 = tl.where(kvalid, _ln_input_grad(dz2 * w, xhat, rstd, C) * _gelu_grad(u2), 0.0)
-            du2 = du2.to(DU.dtype.element_ty)
-            tl.store(DU + base + C + cols, du2, mask=valid)
+                if BLOCK_B > 0:
+                    u2_b, dz2_b, u1_b, dz1_b = _bwd_loads(
+                        U, DZ1, DZ2, row, C, cols_b, rvalid, rkeep, ub1_b, ub2_b, WITH_Z1, HAS_UB
+                    )
+            kvalid = (cols < C) & rkeep
+            xhat, dyw, c1, c2 = _bwd_sums(u2, dz2, w, mean, rstd, kvalid)
+            if BLOCK_B > 0:
+                kvalid_b = (cols_b < C) & rkeep
+                xhat_b, dyw_b, c1_b, c2_b = _bwd_sums(u2_b, dz2_b, w_b, mean, rstd, kvalid_b)
+                c1 += c1_b
+                c2 += c2_b
+            c1 = c1 / C
+            c2 = c2 / C
+            du2, du1 = _bwd_stores(DU, row, C, cols, rvalid, kvalid, u2, u1, dz1, xhat, dyw, c1, c2, rstd,
+                                   WITH_Z1)  # fmt: skip
+            dub2_acc += du2
             if WITH_Z1:
-                du1 = tl.where(valid, dz1 * _gelu_grad(u1), 0.0).to(DU.dtype.element_ty)
-                tl.store(DU + base + cols, du1, mask=valid)
-                dub1_acc += du1.to(tl.float32)
-            dub2_acc += du2.to(tl.float32)
+                dub1_acc += du1
             dw_acc += dz2 * xhat
             db_acc += dz2
-        tl.store(DW + pid * C + cols, dw_acc, mask=cvalid)
-        tl.store(DB + pid * C + cols, db_acc, mask=cvalid)
+            if BLOCK_B > 0:
+                du2_b, du1_b = _bwd_stores(DU, row, C, cols_b, rvalid, kvalid_b, u2_b, u1_b, dz1_b, xhat_b,
+                                           dyw_b, c1, c2, rstd, WITH_Z1)  # fmt: skip
+                dub2_acc_b += du2_b
+                if WITH_Z1:
+                    dub1_acc_b += du1_b
+                dw_acc_b += dz2_b * xhat_b
+                db_acc_b += dz2_b
+        tl.store(DW + pid * C + cols, dw_acc, mask=cols < C)
+        tl.store(DB + pid * C + cols, db_acc, mask=cols < C)
         if HAS_UB:  # the bias gradient sums the gradient as stored (rounded to du's dtype), as autograd does
-            tl.store(DUB + pid * 2 * C + cols, dub1_acc, mask=cvalid)
-            tl.store(DUB + pid * 2 * C + C + cols, dub2_acc, mask=cvalid)
+            tl.store(DUB + pid * 2 * C + cols, dub1_acc, mask=cols < C)
+            tl.store(DUB + pid * 2 * C + C + cols, dub2_acc, mask=cols < C)
+        if BLOCK_B > 0:
+            tl.store(DW + pid * C + cols_b, dw_acc_b, mask=cols_b < C)
+            tl.store(DB + pid * C + cols_b, db_acc_b, mask=cols_b < C)
+            if HAS_UB:
+                tl.store(DUB + pid * 2 * C + cols_b, dub1_acc_b, mask=cols_b < C)
+                tl.store(DUB + pid * 2 * C + C + cols_b, dub2_acc_b, mask=cols_b < C)
 
     @triton.jit
     def _gate_fwd_kernel(
@@ -301,6 +413,18 @@ def _block_c(c: int) -> int:
     return max(16, 1 << (c - 1).bit_length())
 
 
+def _row_pieces(c: int) -> tuple[int, int]:
+    """The LayerNorm kernels' row blocks for a row of ``c`` columns: ``(BLOCK_C, BLOCK_B)``. One power-of-two
+    block and no second piece by default; with ``launch_config.ln_split`` and a ``c`` that is not a power of
+    two, the largest power of two below ``c`` and the rest rounded up to one (1536 -> 1024 + 512: no lanes
+    on padding, where one block would be 2048 wide)."""
+    whole = _block_c(c)
+    if not launch_config.ln_split or whole == c:
+        return whole, 0
+    first = whole // 2
+    return first, _block_c(c - first)
+
+
 @dataclass
 class LaunchConfig:
     """Launch parameters of the fused kernels (``None`` = the built-in choice for the row width).
@@ -328,6 +452,11 @@ class LaunchConfig:
         fwd_prefetch: 1 = that loop issues the next tile's loads before it computes and stores the
             current one (None or 0 = one tile at a time). Only a program with more than one tile (set
             ``fwd_programs_per_sm``) has a next tile. Not yet timed on a GPU; ``kernel_sweep.py`` sweeps it.
+        ln_split: 1 = the LayerNorm kernels (forward and backward) hold a row whose width is not a power of
+            two as two power-of-two pieces (1024 + 512 for the 1536 of gMLP-B and the MLM, 512 + 256 for
+            gMLP-S's 768) instead of one block padded to the next power of two, whose padding lanes
+            compute GELU and the LayerNorm like the others (a quarter of the work at these widths). Not yet
+            timed on a GPU; ``kernel_sweep.py`` sweeps it.
     """
 
     fwd_rows: int | None = None
@@ -339,6 +468,7 @@ class LaunchConfig:
     bwd_prefetch: int | None = None
     fwd_programs_per_sm: int | None = None
     fwd_prefetch: int | None = None
+    ln_split: int | None = None
 
 
 launch_config = LaunchConfig()
@@ -400,7 +530,7 @@ def _ln_forward(
     c = width // 2
     mean = torch.empty(rows, dtype=torch.float32, device=u2d.device)
     rstd = torch.empty_like(mean)
-    block_c = _block_c(c)
+    block_c, block_b = _row_pieces(c)
     per = launch_config.fwd_rows or 1
     tiles = triton.cdiv(rows, per)
     per_prog = 1  # tiles per program
@@ -409,9 +539,9 @@ def _ln_forward(
     _fwd_kernel[(triton.cdiv(tiles, per_prog),)](
         u2d, weight if u_bias is None else u_bias, z2 if z1 is None else z1, z2, weight, bias,
         mean if keep is None else keep, mean, rstd, rows, c, eps, per_prog, ROWS=per, BLOCK_C=block_c,
-        WITH_Z1=z1 is not None, HAS_KEEP=keep is not None, HAS_UB=u_bias is not None,
+        BLOCK_B=block_b, WITH_Z1=z1 is not None, HAS_KEEP=keep is not None, HAS_UB=u_bias is not None,
         PREFETCH=bool(launch_config.fwd_prefetch) and per_prog > 1,
-        num_warps=launch_config.fwd_warps or _warps(block_c * per),
+        num_warps=launch_config.fwd_warps or _warps(_block_c(c) * per),
     )  # fmt: skip
     return mean, rstd
 
@@ -433,7 +563,7 @@ def _ln_backward(
     bypass half is zero without ``dz1``), else None."""
     rows, width = u2d.shape
     c = width // 2
-    block_c = _block_c(c)
+    block_c, block_b = _row_pieces(c)
     rows_per_prog, progs = _bwd_split(rows, u2d.device)
     dw = torch.empty(progs, c, dtype=torch.float32, device=u2d.device)
     db = torch.empty_like(dw)
@@ -441,9 +571,9 @@ def _ln_backward(
     _bwd_kernel[(progs,)](
         u2d, weight if u_bias is None else u_bias, dz2 if dz1 is None else dz1, dz2, weight,
         mean if keep is None else keep, mean, rstd, du, dw, db, dw if dub is None else dub, rows, c,
-        rows_per_prog, BLOCK_C=block_c, WITH_Z1=dz1 is not None, HAS_KEEP=keep is not None,
+        rows_per_prog, BLOCK_C=block_c, BLOCK_B=block_b, WITH_Z1=dz1 is not None, HAS_KEEP=keep is not None,
         PREFETCH=bool(launch_config.bwd_prefetch), HAS_UB=u_bias is not None,
-        num_warps=launch_config.bwd_warps or _warps(block_c),
+        num_warps=launch_config.bwd_warps or _warps(_block_c(c)),
     )  # fmt: skip
     return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None if dub is None else dub.sum(0)
 

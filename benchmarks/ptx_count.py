@@ -1,0 +1,106 @@
+"""Instructions per thread of the fused LayerNorm kernels, compiled for a Hopper GPU (sm_90) without one.
+
+    TRITON_INTERPRET=0 python benchmarks/ptx_count.py            # every variant at C = 1536
+    TRITON_INTERPRET=0 python benchmarks/ptx_count.py --quick    # the default launch only (the tests)
+
+Compiles ``_fwd_kernel`` and ``_bwd_kernel`` of :mod:`gmlp.kernels.sgu_triton` to PTX with Triton's own
+compiler (no GPU or driver needed) for each row layout (one power-of-two block, or two pieces with
+``ln_split``), with and without the bypass half (the split kernel writes it, the fused gating does not) and
+with and without the prefetching loop, and counts the PTX instructions of one thread (``mov`` left out:
+most vanish in the machine code). A row's C real columns are spread over ``32 * warps`` threads, so the
+count divided by ``C / (32 * warps)`` is the work per real column, padding lanes' work included. This is
+the arithmetic side of the
+kernels' time, which the GPU profiles suggest does not overlap with their memory time
+(benchmarks/RESULTS.md, ninth session).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter replaces the kernels: nothing to compile
+    sys.exit("run with TRITON_INTERPRET=0 (the Triton interpreter has no compiler to count)")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from gmlp.kernels import sgu_triton  # noqa: E402
+
+_FWD_TYPES = {"U": "*bf16", "UB": "*bf16", "Z1": "*bf16", "Z2": "*bf16", "Keep": "*bf16", "W": "*fp32",
+              "B": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "R": "i32", "C": "i32", "eps": "fp32",
+              "TILES_PER_PROG": "i32"}  # fmt: skip
+_BWD_TYPES = {"U": "*bf16", "UB": "*bf16", "DZ1": "*bf16", "DZ2": "*bf16", "DU": "*bf16", "Keep": "*bf16",
+              "W": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "DW": "*fp32", "DB": "*fp32", "DUB": "*fp32",
+              "R": "i32", "C": "i32", "ROWS_PER_PROG": "i32"}  # fmt: skip
+
+
+def instructions(kernel: object, types: dict[str, str], constexprs: dict[str, object], warps: int) -> int:
+    """PTX instructions (``mov`` excluded) of ``kernel`` compiled for sm_90 with these constexprs."""
+    names = kernel.arg_names  # type: ignore[attr-defined]
+    signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+    count = 0
+    for line in ptx.splitlines():
+        word = line.strip().split()[0] if line.strip() else ""
+        if word.startswith("@"):  # a predicated instruction: the opcode follows the predicate
+            parts = line.split()
+            word = parts[1] if len(parts) > 1 else ""
+        if word and word[0].isalpha() and not word.endswith(":") and not word.startswith("mov"):
+            count += 1
+    return count
+
+
+def count_variants(c: int, quick: bool, warps: int = 4) -> list[dict[str, object]]:
+    """One row per variant: pass, layout, bypass half, prefetch, instructions, columns per thread."""
+    saved = sgu_triton.launch_config.ln_split
+    layouts = []
+    try:
+        for layout, split in (("one block", None), ("two pieces", 1)):
+            sgu_triton.set_launch_config(ln_split=split)
+            layouts.append((layout, sgu_triton._row_pieces(c)))
+    finally:
+        sgu_triton.set_launch_config(ln_split=saved)
+    rows = []
+    for (layout, (block, second)), z1, prefetch in itertools.product(
+        layouts, (False,) if quick else (False, True), (False,) if quick else (False, True)
+    ):
+        common = {"BLOCK_C": block, "BLOCK_B": second, "WITH_Z1": z1, "HAS_KEEP": False, "HAS_UB": False,
+                  "PREFETCH": prefetch}  # fmt: skip
+        real = c / (32 * warps)  # real columns per thread
+        for name, kernel, types, extra in (
+            ("forward", sgu_triton._fwd_kernel, _FWD_TYPES, {"ROWS": 1}),
+            ("backward", sgu_triton._bwd_kernel, _BWD_TYPES, {}),
+        ):
+            n = instructions(kernel, types, {**common, **extra}, warps)
+            rows.append({"pass": name, "layout": f"{layout} ({block}+{second})", "bypass": z1,
+                         "prefetch": prefetch, "instructions": n, "per_column": n / real})  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--c", type=int, default=1536, help="row width (half of d_ffn)")
+    parser.add_argument("--quick", action="store_true", help="default launch only (no bypass, no prefetch)")
+    args = parser.parse_args(argv)
+    rows = count_variants(args.c, args.quick)
+    print(f"triton {triton.__version__}, sm_90 PTX, C = {args.c}, 4 warps")
+    print("| pass | row layout | bypass half | prefetch | instructions / thread | per real column |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['pass']} | {r['layout']} | {r['bypass']} | {r['prefetch']} | {r['instructions']} | "
+              f"{r['per_column']:.1f} |")  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()
