@@ -52,7 +52,8 @@ FWD_GRID = {
     "fwd_prefetch": (None, 1),
 }
 BWD_GRID = {"bwd_warps": (4, 8, 16), "bwd_programs_per_sm": (4, 8, 16, 32), "bwd_prefetch": (None, 1)}
-GATE_GRID: dict[str, tuple[int | None, ...]] = {"gate_rows": (1, 4), "gate_cols": (None, 256, 512)}
+# gate_cols: 512 is the default (None); 2048 is the whole row at the suite's C = 1536
+GATE_GRID: dict[str, tuple[int | None, ...]] = {"gate_rows": (1, 4), "gate_cols": (256, 512, 2048)}
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:

@@ -381,6 +381,27 @@ def _gating_leaves(n: int, batch: int, half: int) -> list[torch.Tensor]:
             torch.randn(2 * half, device=DEVICE, requires_grad=True)]  # fmt: skip
 
 
+def test_gating_kernels_tile_rows_in_512_columns_by_default() -> None:
+    """The default gating tile is GATE_COLS (512) columns: a 1536-wide row in three programs, and a
+    520-wide one in two (the second with 8 real columns), equal to the reference with a padding mask."""
+    from gmlp.kernels import sgu_triton
+
+    assert sgu_triton.launch_config.gate_cols is None and sgu_triton.GATE_COLS == 512
+    grid, _, block_c, _ = sgu_triton._gate_grid(10, 1536)
+    assert grid == (10, 3) and block_c == 512
+    torch.manual_seed(4)
+    n, batch, half = 3, 2, 520
+    leaves = _gating_leaves(n, batch, half)[:5]
+    mask = torch.tensor([[True, True, False], [True, True, True]], device=DEVICE)
+    fused = spatial_gating(*leaves[:3], 1e-5, *leaves[3:5], mask, use_triton=True)
+    seed = torch.randn_like(fused)
+    got = torch.autograd.grad((fused * seed).sum(), leaves)
+    ref = spatial_gating_reference(*leaves[:3], 1e-5, *leaves[3:5], mask)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    for a, c in zip(got, torch.autograd.grad((ref * seed).sum(), leaves), strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "config",
     [

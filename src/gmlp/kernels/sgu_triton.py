@@ -33,6 +33,7 @@ __all__ = [
     "gelu_split_layernorm",
     "gelu_split_layernorm_reference",
     "FUSED_GATING_MIN_ELEMENTS",
+    "GATE_COLS",
     "fused_gating_enabled",
     "fused_gating_min_elements",
     "launch_config",
@@ -425,13 +426,19 @@ def _row_pieces(c: int) -> tuple[int, int]:
     return first, _block_c(c - first)
 
 
+#: Columns per program of the gating kernels by default (``LaunchConfig.gate_cols``): the best tile of the
+#: sixth session's H200 sweep (``benchmarks/results/gpu-h200-kernel-sweep-2026-11-27c.txt``).
+GATE_COLS = 512
+
+
 @dataclass
 class LaunchConfig:
     """Launch parameters of the fused kernels (``None`` = the built-in choice for the row width).
 
     The built-in choice (one row per forward program, 4 warps for rows up to 2048 columns, 32 backward
     programs per multiprocessor) is the fastest total of ``benchmarks/kernel_sweep.py`` on an H200 at the
-    gMLP-B/16 and gMLP-base MLM shapes; other cards or widths may prefer others.
+    gMLP-B/16 and gMLP-base MLM shapes, and the gating tile (one row by 512 columns) that of a later sweep
+    on the same card; other cards or widths may prefer others.
 
     Attributes:
         fwd_rows: rows per forward program (a power of two).
@@ -441,8 +448,11 @@ class LaunchConfig:
             rows and leaves one partial sum of the LayerNorm weight/bias gradients.
         gate_rows: rows per program of the elementwise gating kernels of :func:`spatial_gating` (a power of
             two; None = ``fwd_rows``).
-        gate_cols: columns per gating program (a power of two; None = the whole row in one program). Not
-            yet tuned on a GPU: ``benchmarks/kernel_sweep.py`` times a grid of both.
+        gate_cols: columns per gating program (a power of two, at most the row's padded width; None =
+            :data:`GATE_COLS`, 512). ``benchmarks/kernel_sweep.py`` times a grid of both. On an H200 (sixth
+            session, benchmarks/RESULTS.md) 512 columns took 0.89x the time of the whole row in one
+            program for the gating forward and backward at gMLP-B/16's 196 x 256 x 1536, and 0.99x at the
+            MLM's 512 x 32 x 1536; at C = 1536 it also leaves no lanes on padding (2048).
         bwd_prefetch: 1 = the backward loop issues the next row's loads before it reduces and stores the
             current one (None or 0 = one row at a time, the timed default). Not yet timed on a GPU;
             ``kernel_sweep.py`` sweeps it.
@@ -580,7 +590,7 @@ def _ln_backward(
 
 def _gate_grid(rows: int, c: int) -> tuple[tuple[int, int], int, int, int]:
     """Grid (row tiles x column tiles), rows and columns per program, and warps of the gating kernels."""
-    block_c = min(launch_config.gate_cols or _block_c(c), _block_c(c))
+    block_c = min(launch_config.gate_cols or GATE_COLS, _block_c(c))
     per = launch_config.gate_rows or launch_config.fwd_rows or 1
     grid = (triton.cdiv(rows, per), triton.cdiv(c, block_c))
     return grid, per, block_c, launch_config.fwd_warps or _warps(block_c * per)
