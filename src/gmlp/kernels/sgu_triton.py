@@ -94,6 +94,21 @@ if _HAS_TRITON:
         return (dyw - xhat * c1 - c2) * rstd
 
     @triton.jit
+    def _vec(P, cols, C):
+        # a float32 row vector of length C at ``cols`` (0 past C)
+        return tl.load(P + cols, mask=cols < C, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _bias_halves(UB, cols, C, HAS_UB: tl.constexpr):
+        # the channel projection's bias (2C) at ``cols`` of its bypass and gate halves; zeros without UB
+        ub1 = tl.zeros_like(cols).to(tl.float32)
+        ub2 = ub1
+        if HAS_UB:
+            ub1 = _vec(UB, cols, C)
+            ub2 = _vec(UB + C, cols, C)
+        return ub1, ub2
+
+    @triton.jit
     def _fwd_loads(U, rows, R, C, cols, WITH_Z1: tl.constexpr):
         # the raw loads of one forward tile's columns ``cols`` (rows past R masked off): the gate half u2,
         # and the bypass half u1 with Z1 (else u2 again)
@@ -141,22 +156,12 @@ if _HAS_TRITON:
         # row is held as two pieces, columns [0, BLOCK_C) and [BLOCK_C, BLOCK_C + BLOCK_B) (1024 + 512
         # for C = 1536), so that no lanes compute GELU on the padding of one power-of-two block (2048).
         cols = tl.arange(0, BLOCK_C)
-        w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
-        b = tl.load(B + cols, mask=cols < C, other=0.0).to(tl.float32)
-        ub1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        ub2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        if HAS_UB:
-            ub1 = tl.load(UB + cols, mask=cols < C, other=0.0).to(tl.float32)
-            ub2 = tl.load(UB + C + cols, mask=cols < C, other=0.0).to(tl.float32)
+        w, b = _vec(W, cols, C), _vec(B, cols, C)
+        ub1, ub2 = _bias_halves(UB, cols, C, HAS_UB)
         if BLOCK_B > 0:
             cols_b = BLOCK_C + tl.arange(0, BLOCK_B)
-            w_b = tl.load(W + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
-            b_b = tl.load(B + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
-            ub1_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
-            ub2_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
-            if HAS_UB:
-                ub1_b = tl.load(UB + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
-                ub2_b = tl.load(UB + C + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
+            w_b, b_b = _vec(W, cols_b, C), _vec(B, cols_b, C)
+            ub1_b, ub2_b = _bias_halves(UB, cols_b, C, HAS_UB)
         first = tl.program_id(0) * TILES_PER_PROG
         if PREFETCH:
             n_u2, n_u1 = _fwd_loads(U, first * ROWS + tl.arange(0, ROWS), R, C, cols, WITH_Z1)
@@ -273,28 +278,20 @@ if _HAS_TRITON:
         # BLOCK_B > 0: a row in two pieces, as in the forward kernel.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
-        w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
+        w = _vec(W, cols, C)
         dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         dub1_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         dub2_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        ub1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        ub2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        if HAS_UB:
-            ub1 = tl.load(UB + cols, mask=cols < C, other=0.0).to(tl.float32)
-            ub2 = tl.load(UB + C + cols, mask=cols < C, other=0.0).to(tl.float32)
+        ub1, ub2 = _bias_halves(UB, cols, C, HAS_UB)
         if BLOCK_B > 0:
             cols_b = BLOCK_C + tl.arange(0, BLOCK_B)
-            w_b = tl.load(W + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
+            w_b = _vec(W, cols_b, C)
             dw_acc_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
             db_acc_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
             dub1_acc_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
             dub2_acc_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
-            ub1_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
-            ub2_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
-            if HAS_UB:
-                ub1_b = tl.load(UB + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
-                ub2_b = tl.load(UB + C + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
+            ub1_b, ub2_b = _bias_halves(UB, cols_b, C, HAS_UB)
         start = pid * ROWS_PER_PROG
         end = tl.minimum(start + ROWS_PER_PROG, R)
         if PREFETCH:
