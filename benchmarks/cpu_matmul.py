@@ -4,10 +4,14 @@ chooses between), forward, input gradient and weight gradient, at a model's shap
     python benchmarks/cpu_matmul.py                    # gMLP-S/16 at batch 16: d 256, d_ffn 1536, n 196
     python benchmarks/cpu_matmul.py --dim 512 --ffn 3072
     python benchmarks/cpu_matmul.py --small            # small projections: where oneDNN's host cost wins
+    python benchmarks/cpu_matmul.py --weight-grad      # BLAS weight gradients: grad.T @ x vs (x.T @ grad).T
 
 Prints each product's median time over ``--reps`` calls (after one warm-up) and GFLOP/s both ways. With
 ``--small``: projections from 1e5 to 4e8 FLOPs, plain and with the GELU (which oneDNN fuses in
 inference), microseconds per call both ways; this sets ``gmlp.kernels.cpu_linear.ONEDNN_MIN_FLOPS``.
+With ``--weight-grad``: each projection's weight gradient as BLAS computes it with either side of the
+weight as the product's rows, best of ``--reps`` interleaved rounds (the orientation rule of
+``gmlp.kernels.cpu_linear._weight_grad``).
 """
 
 from __future__ import annotations
@@ -93,6 +97,27 @@ def small(reps: int) -> list[tuple[str, float, float]]:
     return out
 
 
+def weight_grad(m: int, projections: list[tuple[str, int, int]], reps: int) -> list[tuple[str, float, float]]:
+    """GFLOP/s of ``dy.T @ x`` (the weight's outputs as rows) and ``(x.T @ dy).T`` (its inputs as rows) for
+    each (name, fan_in, fan_out) over ``m`` rows, best of ``reps`` interleaved rounds of 3 calls."""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {m} rows, best of {reps} rounds")
+    print("| weight (out x in) | outputs as rows GFLOP/s | inputs as rows GFLOP/s | inputs as rows speed-up |"
+          "\n|---|---|---|---|")  # fmt: skip
+    out = []
+    for name, fan_in, fan_out in projections:
+        x, dy = torch.randn(m, fan_in), torch.randn(m, fan_out)
+        calls = (lambda x=x, dy=dy: dy.t() @ x, lambda x=x, dy=dy: (x.t() @ dy).t())
+        best = [float("inf"), float("inf")]
+        for _ in range(reps):  # interleaved, so that drift of the machine hits both alike
+            for i, call in enumerate(calls):
+                best[i] = min(best[i], _time(call, 1, 3))
+        gflop = 2 * m * fan_in * fan_out / 1e9
+        print(f"| {name} ({fan_out} x {fan_in}) | {gflop / best[0]:.0f} | {gflop / best[1]:.0f} | "
+              f"{best[0] / best[1]:.2f}x |")  # fmt: skip
+        out.append((name, gflop / best[0], gflop / best[1]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,6 +128,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--small", action="store_true", help="small projections (the oneDNN size threshold)")
+    parser.add_argument("--weight-grad", action="store_true", help="the two orientations of weight gradients")
     args = parser.parse_args(argv)
     tune_malloc()
     torch.manual_seed(0)
@@ -110,6 +136,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
         with torch.no_grad():
             return small(args.reps)
     m, half, n = args.tokens * args.batch, args.ffn // 2, args.tokens
+    if args.weight_grad:
+        return weight_grad(m, [("fc1 half", args.dim, half), ("fc2", half, args.dim)], args.reps)
     rows = _projection_rows("fc1 half", m, args.dim, half) + _projection_rows("fc2", m, half, args.dim)
     cols = m * half // n
     wt, z, bt, dv = torch.randn(n, n), torch.randn(n, cols), torch.randn(n), torch.randn(n, cols)

@@ -58,12 +58,12 @@ if [ "${DRY:-0}" = 1 ]; then
     dev=cpu; suite=smoke; subset=256; small=--small; prof="--size smoke --batch 2 --text 2,32,64,16,2"
     cross="16,32 --columns 8 --reps 1 --dtype bfloat16"; shapes="--shapes 9x24 --gating-shapes 12x2x24 --reps 1"
     block="--shapes 12x2x32x192x1 --reps 1 --top 3"; crossing="--shapes 12x4x32x192x1 --reps 1"
-    saved="--dim 32 --ffn 192 --tokens 12 --batch 4 --bf16"
+    saved="--dim 32 --ffn 192 --tokens 12 --batch 4 --bf16"; matrix="8,16 --reps 1"
 else
     dev=cuda; suite=gpu; subset=20000; small=; prof="--size b --batch 256 --text 48,512,3072,512,32"
     cross="128,256,512,1024,2048,4096 --columns 65536 --dtype bfloat16"; shapes=; block=
     crossing="--shapes 512x48x512x3072x1,512x64x512x3072x1,512x96x512x3072x1,196x96x512x3072x0,196x128x512x3072x0"
-    saved="--batch 256 --bf16"
+    saved="--batch 256 --bf16"; matrix="128,196,256,384,512 --reps 20"
 fi
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 checks=0
@@ -85,6 +85,10 @@ if has sweep; then
     timeout 180 $PY benchmarks/kernel_sweep.py --device $dev $shapes --best-json "$TMP/best.json" 2>&1 \
         | tee "$OUT/sweep.txt"
     [ -s "$TMP/best.json" ] && best=$(cat "$TMP/best.json")
+    # the Toeplitz W's two backwards (DIAGONAL_SUM_MIN_TOKENS, set from CPU timings; tenth session)
+    # shellcheck disable=SC2086
+    timeout 30 $PY benchmarks/toeplitz_crossover.py --device $dev --matrix --lengths $matrix 2>&1 \
+        | tee -a "$OUT/sweep.txt"
 fi
 if has suite; then
     timeout 420 $PY benchmarks/run.py --suite $suite --triton-config "$best" --json "$OUT/gpu.json" 2>&1 \

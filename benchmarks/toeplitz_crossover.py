@@ -2,8 +2,13 @@
 
     python benchmarks/toeplitz_crossover.py                 # CPU, fp32
     python benchmarks/toeplitz_crossover.py --device cuda   # one GPU
+    python benchmarks/toeplitz_crossover.py --matrix        # the W expansion's two backwards
 
-Prints, per sequence length, forward and forward+backward milliseconds of each path and the ratio.
+Prints, per sequence length, forward and forward+backward milliseconds of each path and the ratio. With
+``--matrix``: the forward and backward of the dense W's expansion from its diagonals
+(:func:`gmlp.kernels.toeplitz_matrix`), with the diagonal-sum backward against autograd's ``unfold``
+backward (the crossover behind :data:`gmlp.kernels.toeplitz.DIAGONAL_SUM_MIN_TOKENS`); each case the best
+of three interleaved rounds.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from gmlp.kernels.toeplitz import toeplitz_matrix  # noqa: E402
 from gmlp.nn import TokenProjection  # noqa: E402
 from gmlp.utils.malloc import tune_malloc  # noqa: E402
 
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         default="float32",
         help="activation dtype (the dense path multiplies in it; the FFT path works in float32)",
     )
+    parser.add_argument("--matrix", action="store_true", help="time the W expansion's backwards instead")
     args = parser.parse_args(argv)
     tune_malloc()
     device = torch.device(args.device)
@@ -57,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"columns {args.columns}, {args.dtype}"
     )
+    if args.matrix:
+        _matrix_rows([int(v) for v in args.lengths.split(",")], device, args.reps)
+        return
     print(
         "| n | dense fwd ms | fft fwd ms | fwd speed-up | dense fwd+bwd ms | fft fwd+bwd ms "
         "| fwd+bwd speed-up |"
@@ -76,6 +86,23 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((fwd, both))
         (df, db), (ff, fb) = rows
         print(f"| {n} | {df:.2f} | {ff:.2f} | {df / ff:.2f}x | {db:.2f} | {fb:.2f} | {db / fb:.2f}x |")
+
+
+def _matrix_rows(lengths: list[int], device: torch.device, reps: int) -> None:
+    """Forward+backward of the n x n Toeplitz W from its 2n - 1 weights: diagonal sums vs ``unfold``."""
+    print("| n | diagonal sums ms | unfold backward ms | speed-up |\n|---|---|---|---|")
+    for n in lengths:
+        weight = torch.randn(2 * n - 1, device=device, requires_grad=True)
+        grad = torch.randn(n, n, device=device)
+        best = {True: float("inf"), False: float("inf")}
+
+        def step(sums: bool, weight: torch.Tensor = weight, grad: torch.Tensor = grad, n: int = n) -> None:
+            torch.autograd.grad(toeplitz_matrix(weight, n, n, sums), weight, grad)
+
+        for _ in range(3):  # interleaved rounds: both see the same machine
+            for sums in best:
+                best[sums] = min(best[sums], _time(lambda sums=sums: step(sums), device, reps))
+        print(f"| {n} | {best[True]:.3f} | {best[False]:.3f} | {best[False] / best[True]:.2f}x |")
 
 
 if __name__ == "__main__":

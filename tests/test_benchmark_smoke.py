@@ -39,12 +39,14 @@ def test_side_by_side_suite_smoke(tmp_path: Path) -> None:
 
 def test_toeplitz_crossover_smoke(capsys) -> None:
     _load("toeplitz_crossover").main(["--lengths", "8,16", "--columns", "4", "--reps", "1"])
+    _load("toeplitz_crossover").main(["--matrix", "--lengths", "8,16", "--reps", "1"])
     rows = [
         line
         for line in capsys.readouterr().out.splitlines()
         if line.startswith("| 8 ") or line.startswith("| 16 ")
     ]
-    assert len(rows) == 2
+    assert len(rows) == 4  # two lengths, FFT crossover and matrix backwards
+    assert all(row.rstrip(" |").endswith("x") for row in rows)
 
 
 @pytest.mark.slow
@@ -263,6 +265,7 @@ def test_gpu_session_script_dry_run(tmp_path: Path) -> None:
     assert {"checks.txt", "sweep.txt", "suite.txt", "gpu.json", "profile.txt"} <= files
     checks = (tmp_path / "checks.txt").read_text()
     assert "checks passed on cpu" in checks and " fused gating: " in checks
+    assert "unfold backward ms" in (tmp_path / "sweep.txt").read_text()  # the Toeplitz W's backwards
     profile = (tmp_path / "profile.txt").read_text()
     assert "ms of cpu time per step" in profile and "fft fwd ms" in profile  # profile, then the crossover
     assert json.loads((tmp_path / "gpu.json").read_text())["machine"]["triton_config"]
@@ -373,3 +376,6 @@ def test_cpu_matmul_smoke(capsys: pytest.CaptureFixture) -> None:
     small = _load("cpu_matmul").main(["--small", "--reps", "1"])  # the oneDNN size-threshold table
     assert len(small) == 2 * 12 and all(blas > 0 and dnn > 0 for _, blas, dnn in small)
     assert "| 1024 x 256 -> 768 | 4.0e+08 | linear + GELU |" in capsys.readouterr().out
+    grads = _load("cpu_matmul").main([*args, "--weight-grad"])  # the weight-gradient orientation table
+    assert [name for name, _, _ in grads] == ["fc1 half", "fc2"] and all(a > 0 and b > 0 for _, a, b in grads)
+    assert "| fc2 (8 x 8) |" in capsys.readouterr().out

@@ -91,6 +91,25 @@ def test_token_mix_equals_addmm(n: int, columns: int, seed: int, grad: bool) -> 
 
 
 @needs_onednn
+@pytest.mark.parametrize(("fan_out", "fan_in"), [(24, 40), (40, 24), (16, 16)])
+def test_weight_gradient_of_either_orientation_trains_the_parameter(fan_out: int, fan_in: int) -> None:
+    """Weights with fewer outputs than inputs get their gradient as a transposed product: the parameter's
+    gradient has its shape, equals the reference, and an optimizer step and a second accumulation use it."""
+    torch.manual_seed(0)
+    fast, ref = torch.nn.Linear(fan_in, fan_out), torch.nn.Linear(fan_in, fan_out)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 7, fan_in)
+    for _ in range(2):  # the second backward accumulates into the stored gradient
+        fused_linear(x, fast.weight, fast.bias, use_onednn=True).square().sum().backward()
+        fused_linear_reference(x, ref.weight, ref.bias).square().sum().backward()
+    assert fast.weight.grad.shape == fast.weight.shape
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    for model in (fast, ref):
+        torch.optim.AdamW(model.parameters(), lr=0.1).step()
+    torch.testing.assert_close(fast.weight, ref.weight, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
 def test_double_backward_works_through_the_fast_path() -> None:
     """create_graph=True: the backward runs differentiable ops, so second derivatives match the reference."""
     torch.manual_seed(0)

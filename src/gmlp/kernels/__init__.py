@@ -17,7 +17,7 @@ from .sgu_triton import (
     spatial_gating_reference,
     triton_available,
 )
-from .toeplitz import toeplitz_mix_fft
+from .toeplitz import toeplitz_matrix, toeplitz_matrix_reference, toeplitz_mix_fft
 
 __all__ = [
     "apply_linear",
@@ -33,6 +33,8 @@ __all__ = [
     "spatial_gating_reference",
     "token_mix",
     "token_mix_reference",
+    "toeplitz_matrix",
+    "toeplitz_matrix_reference",
     "toeplitz_mix_fft",
     "triton_available",
 ]

@@ -12,9 +12,10 @@ token-mixing products (K = n = 196) by about 1.3x (`benchmarks/cpu_matmul.py`, b
 * Training: :func:`fused_linear` is an autograd function whose forward is the oneDNN product with the bias
   in its epilogue (the GELU stays a separate op: its backward needs the pre-activation) and whose
   backward computes the input gradient with oneDNN and the weight gradient with BLAS (which is the faster
-  of the two for that transposed product). :func:`token_mix` does the same for ``W @ Z + b``, except that
-  its weight gradient ``G @ Z.T`` runs on oneDNN too: 1.10-1.70x BLAS's speed at 49 to 512 tokens, level
-  (0.97-0.99x) at 196 (`benchmarks/cpu_matmul.py --tokens N`, benchmarks/RESULTS.md, eighth session).
+  of the two for that transposed product), oriented with the longer side of the weight as rows.
+  :func:`token_mix` does the same for ``W @ Z + b``, except that its weight gradient ``G @ Z.T`` runs on
+  oneDNN too: 1.10-1.70x BLAS's speed at 49 to 512 tokens, level (0.97-0.99x) at 196
+  (`benchmarks/cpu_matmul.py --tokens N`, benchmarks/RESULTS.md, eighth session).
 * A double backward (``create_graph=True``) takes differentiable plain ops in the backward, so it works
   as with ``F.linear``.
 
@@ -145,9 +146,21 @@ class _Linear(torch.autograd.Function):
             dw = grad.t() @ x if need_w else None
         else:
             dx = _mm(grad, weight.t()) if need_x else None
-            dw = torch.mm(grad.t(), x) if need_w else None
+            dw = _weight_grad(grad, x) if need_w else None
         db = grad.sum(0) if need_b and ctx.has_bias else None
         return dx, dw, db
+
+
+def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad.T @ x`` with BLAS, the longer side of the result as its rows: for a weight with fewer outputs
+    than inputs (``fc2``) as ``(x.T @ grad).T``. On the 2-core CPU that ran 1.03-1.07x faster for ``fc2``
+    (256 x 768 over 3,136 rows; 128 x 192 over 6,272) and 0.86-0.98x for the opposite shapes (``fc1``'s
+    halves), in interleaved timings (`benchmarks/cpu_matmul.py --weight-grad`, benchmarks/RESULTS.md, tenth
+    session). The transposed result is a view; autograd's accumulation gives the parameter a gradient of
+    its own layout."""
+    if grad.shape[1] < x.shape[1]:
+        return torch.mm(x.t(), grad).t()
+    return torch.mm(grad.t(), x)
 
 
 class _TokenMix(torch.autograd.Function):

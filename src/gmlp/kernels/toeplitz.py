@@ -1,15 +1,109 @@
-"""Toeplitz token mixing by FFT: ``g = W z`` with ``W[i, j] = w[i - j]`` in O(n log n) per channel.
+"""Toeplitz token mixing: the dense ``W`` from its ``2L - 1`` diagonals, and mixing by FFT.
 
-The dense path costs ``n^2`` multiply-adds per channel and runs as one GEMM; this path costs a few FFTs of
-length ``>= 2n - 1`` per channel. It wins at long sequences; ``benchmarks/toeplitz_crossover.py`` measures
-where, and :class:`gmlp.nn.TokenProjection` switches to it from ``fft_threshold`` tokens on.
+* :func:`toeplitz_matrix` expands the weight into the dense ``(n, n)`` W with ``W[i, j] = w[i - j]``. From
+  :data:`DIAGONAL_SUM_MIN_TOKENS` tokens on, its backward sums each diagonal of the gradient by one padded,
+  skewed view and one reduction. Autograd's own backward of the ``unfold`` view
+  (:func:`toeplitz_matrix_reference`) runs an ``unfold_backward`` kernel whose time grows fast with ``n``: it
+  took 2.8 ms of a 62 ms gMLP-base MLM step on an H200 (48 layers at n = 512, sixth session's profile,
+  benchmarks/RESULTS.md).
+* :func:`toeplitz_mix_fft`: the dense path costs ``n^2`` multiply-adds per channel and runs as one GEMM;
+  this path costs a few FFTs of length ``>= 2n - 1`` per channel. It wins at long sequences;
+  ``benchmarks/toeplitz_crossover.py`` measures where, and :class:`gmlp.nn.TokenProjection` switches to it
+  from ``fft_threshold`` tokens on.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-__all__ = ["toeplitz_mix_fft"]
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DIAGONAL_SUM_MIN_TOKENS", "toeplitz_matrix", "toeplitz_matrix_reference", "toeplitz_mix_fft"]
+
+#: From this many tokens on, :func:`toeplitz_matrix` takes the diagonal-sum backward. On the 2-core CPU the
+#: expansion's forward and backward ran 0.86x autograd's at 196 tokens, level at 256, 1.25x at 320 and 1.7x at
+#: 512 (`benchmarks/toeplitz_crossover.py --matrix`, benchmarks/RESULTS.md, tenth session); below, the
+#: Python of a custom autograd function costs more than it saves.
+DIAGONAL_SUM_MIN_TOKENS = 256
+
+
+def _check_lengths(weight: torch.Tensor, n: int, seq_len: int) -> None:
+    if weight.dim() < 1 or weight.shape[-1] != 2 * seq_len - 1:
+        raise ValueError(
+            f"weight must have 2 * seq_len - 1 = {2 * seq_len - 1} entries in its last axis, got shape "
+            f"{tuple(weight.shape)}"
+        )
+    if not 1 <= n <= seq_len:
+        raise ValueError(f"n must be in [1, seq_len={seq_len}], got {n}")
+
+
+def toeplitz_matrix_reference(weight: torch.Tensor, n: int, seq_len: int) -> torch.Tensor:
+    """``W[..., i, j] = weight[..., i - j + seq_len - 1]`` for ``i, j < n``: the windows of ``weight.unfold``
+    for rows ``seq_len - n .. seq_len - 1``, reversed (a view and one flip; autograd's backward)."""
+    _check_lengths(weight, n, seq_len)
+    start = seq_len - n
+    return weight.unfold(-1, n, 1)[..., start : start + n, :].flip(-1)
+
+
+def _diagonal_sums(grad: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``(..., 2 * seq_len - 1)``: entry ``k`` holds the sum of ``grad`` ``(..., n, n)`` over its diagonal
+    ``i - j = k - (seq_len - 1)`` (zero for the offsets that ``n < seq_len`` tokens do not reach).
+
+    Row ``i`` of ``grad``, padded by ``n - 1`` zeros on both sides to width ``3n - 2``, is read from column
+    ``i`` on (a view with row stride ``width + 1``): column ``c`` of that view holds offset
+    ``i - j = n - 1 - c`` in every row, so a sum over rows gives all diagonals at once, in reverse order."""
+    n = grad.shape[-1]
+    width = 3 * n - 2
+    padded = F.pad(grad, (n - 1, n - 1)).reshape(-1, n, width)
+    skewed = padded.as_strided((padded.shape[0], n, 2 * n - 1), (n * width, width + 1, 1))
+    sums = skewed.sum(1).flip(-1)  # offsets -(n - 1) .. n - 1
+    if n < seq_len:
+        sums = F.pad(sums, (seq_len - n, seq_len - n))
+    return sums.reshape(*grad.shape[:-2], 2 * seq_len - 1)
+
+
+class _ToeplitzMatrix(torch.autograd.Function):
+    """:func:`toeplitz_matrix_reference` forward; :func:`_diagonal_sums` backward (plain differentiable ops,
+    so a double backward works)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, n: int, seq_len: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.seq_len = seq_len
+        return toeplitz_matrix_reference(weight, n, seq_len)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        return _diagonal_sums(grad, ctx.seq_len), None, None
+
+
+def toeplitz_matrix(
+    weight: torch.Tensor, n: int, seq_len: int, diagonal_sums: bool | None = None
+) -> torch.Tensor:
+    """The dense Toeplitz token-mixing matrix ``(..., n, n)``, ``W[i, j] = weight[..., i - j + seq_len - 1]``.
+
+    Args:
+        weight: ``(2 * seq_len - 1,)`` or ``(heads, 2 * seq_len - 1)``; ``weight[k]`` holds the offset
+            ``k - (seq_len - 1)``.
+        n: tokens, ``1 <= n <= seq_len``.
+        seq_len: the layer's configured length.
+        diagonal_sums: True takes the diagonal-sum backward, False autograd's; None (default) takes it from
+            :data:`DIAGONAL_SUM_MIN_TOKENS` tokens on.
+
+    Equal to :func:`toeplitz_matrix_reference` in value and gradient. From :data:`DIAGONAL_SUM_MIN_TOKENS`
+    tokens on, the backward sums the gradient's diagonals in a few small kernels instead of autograd's
+    ``unfold_backward``.
+
+    Raises:
+        ValueError: ``weight`` does not have ``2 * seq_len - 1`` entries in its last axis, or ``n`` is out of
+            range.
+    """
+    if diagonal_sums is None:
+        diagonal_sums = n >= DIAGONAL_SUM_MIN_TOKENS
+    if not diagonal_sums:
+        return toeplitz_matrix_reference(weight, n, seq_len)
+    _check_lengths(weight, n, seq_len)
+    return _ToeplitzMatrix.apply(weight, n, seq_len)
 
 
 def _fft_size(n: int) -> int:

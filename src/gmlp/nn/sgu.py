@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..kernels.cpu_linear import token_mix
-from ..kernels.toeplitz import toeplitz_mix_fft
+from ..kernels.toeplitz import toeplitz_matrix, toeplitz_mix_fft
 from ._checks import check_mask, check_tokens
 
 __all__ = ["VARIANTS", "TokenProjection", "SpatialGatingUnit"]
@@ -103,13 +103,8 @@ class TokenProjection(nn.Module):
         if not 1 <= n <= self.seq_len:
             raise ValueError(f"n must be in [1, seq_len={self.seq_len}], got {n}")
         device = self.weight.device
-        if self.toeplitz:
-            # W[i, j] = weight[i - j + L - 1]: rows L-n .. L-1 of the sliding windows of the weight,
-            # reversed. A view plus one flip; its backward sums the windows (no scatter from an index).
-            start = self.seq_len - n
-            w = self.weight.unfold(-1, n, 1)[..., start : start + n, :].flip(-1)
-        else:
-            w = self.weight[..., :n, :n]
+        # Toeplitz: W[i, j] = weight[i - j + L - 1] (its backward sums the gradient's diagonals)
+        w = toeplitz_matrix(self.weight, n, self.seq_len) if self.toeplitz else self.weight[..., :n, :n]
         if self.causal:
             keep = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
             w = torch.where(keep, w, w.new_zeros(()))
