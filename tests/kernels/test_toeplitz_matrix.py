@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gmlp.kernels import toeplitz
 from gmlp.kernels.toeplitz import DIAGONAL_SUM_MIN_TOKENS, toeplitz_matrix, toeplitz_matrix_reference
 from gmlp.nn import TokenProjection
 
@@ -67,6 +68,26 @@ def test_default_backward_switches_at_the_threshold() -> None:
         (g,) = torch.autograd.grad(w, weight, grad)
         (g_ref,) = torch.autograd.grad(toeplitz_matrix_reference(weight, n, n), weight, grad)
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_inference_and_tracing_keep_the_plain_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a backward to run (no grad, a weight that needs none) and in torch.jit.trace the default is
+    the plain view (the custom function is never applied), equal in value."""
+    n = DIAGONAL_SUM_MIN_TOKENS
+    weight = _weight(n, None)
+    ref = toeplitz_matrix_reference(weight, n, n).detach()
+
+    def refuse(*args: object) -> torch.Tensor:
+        raise AssertionError("the diagonal-sum function was applied")
+
+    monkeypatch.setattr(toeplitz._ToeplitzMatrix, "apply", refuse)
+    with pytest.raises(AssertionError, match="was applied"):  # the spy works: training takes it
+        toeplitz_matrix(weight, n, n)
+    with torch.no_grad():
+        torch.testing.assert_close(toeplitz_matrix(weight, n, n), ref)
+    torch.testing.assert_close(toeplitz_matrix(weight.detach(), n, n), ref)
+    traced = torch.jit.trace(lambda w: toeplitz_matrix(w, n, n) * 2, (weight,))
+    torch.testing.assert_close(traced(weight), 2 * ref)
 
 
 def test_token_projection_takes_the_diagonal_sums_at_long_lengths() -> None:

@@ -88,7 +88,7 @@ def toeplitz_matrix(
         n: tokens, ``1 <= n <= seq_len``.
         seq_len: the layer's configured length.
         diagonal_sums: True takes the diagonal-sum backward, False autograd's; None (default) takes it from
-            :data:`DIAGONAL_SUM_MIN_TOKENS` tokens on.
+            :data:`DIAGONAL_SUM_MIN_TOKENS` tokens on, where autograd records and not in ``torch.jit.trace``.
 
     Equal to :func:`toeplitz_matrix_reference` in value and gradient. From :data:`DIAGONAL_SUM_MIN_TOKENS`
     tokens on, the backward sums the gradient's diagonals in a few small kernels instead of autograd's
@@ -98,8 +98,13 @@ def toeplitz_matrix(
         ValueError: ``weight`` does not have ``2 * seq_len - 1`` entries in its last axis, or ``n`` is out of
             range.
     """
-    if diagonal_sums is None:
-        diagonal_sums = n >= DIAGONAL_SUM_MIN_TOKENS
+    if diagonal_sums is None:  # only where a backward will run; traced graphs keep portable ops
+        diagonal_sums = (
+            n >= DIAGONAL_SUM_MIN_TOKENS
+            and torch.is_grad_enabled()
+            and weight.requires_grad
+            and not torch.jit.is_tracing()
+        )
     if not diagonal_sums:
         return toeplitz_matrix_reference(weight, n, seq_len)
     _check_lengths(weight, n, seq_len)
