@@ -38,8 +38,11 @@ from gmlp.kernels import sgu_triton  # noqa: E402
 from gmlp.nn import GMLPBlock  # noqa: E402
 from gmlp.utils.malloc import tune_malloc  # noqa: E402
 
+_FUSED = {"GMLP_FUSED_GATING_MIN_ELEMENTS": "0"}
 PATHS = {
-    "fused gating": {"GMLP_FUSED_GATING_MIN_ELEMENTS": "0"},
+    "fused gating": _FUSED,
+    "fused gating, fc1 bias folded": {**_FUSED, "GMLP_FOLD_FC1_BIAS": "1"},
+    "fused gating, residual grad fused": {**_FUSED, "GMLP_FUSE_RESIDUAL_GRAD": "1"},
     "split kernel": {"GMLP_DISABLE_FUSED_GATING": "1"},
     "plain ops": {"GMLP_DISABLE_TRITON": "1"},
 }

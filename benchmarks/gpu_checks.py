@@ -114,30 +114,34 @@ def check_norm(device: torch.device, rows: int, dim: int) -> None:
         _close(a / scale, c / scale, 1e-3, 1e-3, f"layer_norm {name} (relative to max {scale:.3g})")
 
 
-PATHS = ("fused gating", "fused gating, fc1 bias folded", "split kernel", "split kernel, fc1 bias folded",
-         "plain ops")  # fmt: skip
+PATHS = ("fused gating", "fused gating, fc1 bias folded", "fused gating, residual grad fused", "split kernel",
+         "split kernel, fc1 bias folded", "plain ops")  # fmt: skip
 KERNEL_PATHS = PATHS[:-1]  # each checked against "plain ops"
+_PATH_SWITCHES = {"fc1 bias folded": "GMLP_FOLD_FC1_BIAS", "residual grad fused": "GMLP_FUSE_RESIDUAL_GRAD"}
 
 
 def _paths() -> Iterator[str]:
-    """Yield each of PATHS with GMLPBlock routed through it ("fc1 bias folded": with
-    ``GMLP_FOLD_FC1_BIAS=1``); restores the defaults after."""
+    """Yield each of PATHS with GMLPBlock routed through it (", fc1 bias folded": with
+    ``GMLP_FOLD_FC1_BIAS=1``; ", residual grad fused": with ``GMLP_FUSE_RESIDUAL_GRAD=1``); restores the
+    defaults after."""
     saved = block_module.triton_enabled, block_module.fused_gating_enabled
-    folded = os.environ.pop("GMLP_FOLD_FC1_BIAS", None)
+    saved_env = {name: os.environ.pop(name, None) for name in _PATH_SWITCHES.values()}
     try:
         for path in PATHS:
             fused = path.startswith("fused gating")
             block_module.triton_enabled = lambda x, on=path != "plain ops": on
             block_module.fused_gating_enabled = lambda *_, on=fused: on
-            if path.endswith("fc1 bias folded"):
-                os.environ["GMLP_FOLD_FC1_BIAS"] = "1"
+            switches = [name for suffix, name in _PATH_SWITCHES.items() if path.endswith(suffix)]
+            os.environ.update(dict.fromkeys(switches, "1"))
             yield path
-            os.environ.pop("GMLP_FOLD_FC1_BIAS", None)
+            for name in switches:
+                os.environ.pop(name, None)
     finally:
         block_module.triton_enabled, block_module.fused_gating_enabled = saved
-        os.environ.pop("GMLP_FOLD_FC1_BIAS", None)
-        if folded is not None:
-            os.environ["GMLP_FOLD_FC1_BIAS"] = folded
+        for name, value in saved_env.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def check_block(device: torch.device, dim: int, ffn: int, n: int, batch: int) -> None:

@@ -3,6 +3,9 @@
     TRITON_INTERPRET=0 python benchmarks/ptx_count.py            # every variant at C = 1536
     TRITON_INTERPRET=0 python benchmarks/ptx_count.py --quick    # the default launch only (the tests)
 
+It also compiles the block pre-norm's backward kernel (:mod:`gmlp.kernels.norm_triton`) at ``--d`` columns,
+without and with the residual gradient added in (``return_residual``), bf16 activations.
+
 Compiles ``_fwd_kernel`` and ``_bwd_kernel`` of :mod:`gmlp.kernels.sgu_triton` to PTX with Triton's own
 compiler (no GPU or driver needed) for each row layout (one power-of-two block, or two pieces with
 ``ln_split``), with and without the bypass half (the split kernel writes it, the fused gating does not) and
@@ -31,7 +34,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from gmlp.kernels import sgu_triton  # noqa: E402
+from gmlp.kernels import norm_triton, sgu_triton  # noqa: E402
 
 _FWD_TYPES = {"U": "*bf16", "UB": "*bf16", "Z1": "*bf16", "Z2": "*bf16", "Keep": "*bf16", "W": "*fp32",
               "B": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "R": "i32", "C": "i32", "eps": "fp32",
@@ -39,6 +42,9 @@ _FWD_TYPES = {"U": "*bf16", "UB": "*bf16", "Z1": "*bf16", "Z2": "*bf16", "Keep":
 _BWD_TYPES = {"U": "*bf16", "UB": "*bf16", "DZ1": "*bf16", "DZ2": "*bf16", "DU": "*bf16", "Keep": "*bf16",
               "W": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "DW": "*fp32", "DB": "*fp32", "DUB": "*fp32",
               "R": "i32", "C": "i32", "ROWS_PER_PROG": "i32"}  # fmt: skip
+_NORM_BWD_TYPES = {"X": "*bf16", "DY": "*bf16", "DRES": "*bf16", "W": "*fp32", "Mean": "*fp32",
+                   "Rstd": "*fp32", "DX": "*bf16", "DW": "*fp32", "DB": "*fp32", "R": "i32", "D": "i32",
+                   "ROWS_PER_PROG": "i32"}  # fmt: skip
 
 
 def instructions(kernel: object, types: dict[str, str], constexprs: dict[str, object], warps: int) -> int:
@@ -85,12 +91,26 @@ def count_variants(c: int, quick: bool, warps: int = 4) -> list[dict[str, object
     return rows
 
 
+def count_pre_norm(d: int) -> list[dict[str, object]]:
+    """The pre-norm backward kernel at ``d`` columns and its default warps: without and with the residual
+    gradient (``HAS_RES``); one row each with its instructions per thread."""
+    block = sgu_triton._block_c(d)
+    warps = sgu_triton._warps(block)
+    return [
+        {"pass": "pre-norm backward", "residual": res, "warps": warps,
+         "instructions": instructions(norm_triton._norm_bwd_kernel, _NORM_BWD_TYPES,
+                                      {"BLOCK_D": block, "HAS_RES": res}, warps)}
+        for res in (False, True)
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--c", type=int, default=1536, help="row width (half of d_ffn)")
     parser.add_argument("--quick", action="store_true", help="default launch only (no bypass, no prefetch)")
+    parser.add_argument("--d", type=int, default=512, help="row width of the pre-norm (d_model)")
     args = parser.parse_args(argv)
     rows = count_variants(args.c, args.quick)
     print(f"triton {triton.__version__}, sm_90 PTX, C = {args.c}, 4 warps")
@@ -99,7 +119,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     for r in rows:
         print(f"| {r['pass']} | {r['layout']} | {r['bypass']} | {r['prefetch']} | {r['instructions']} | "
               f"{r['per_column']:.1f} |")  # fmt: skip
-    return rows
+    norm_rows = count_pre_norm(args.d)
+    print(f"\npre-norm backward, D = {args.d}, {norm_rows[0]['warps']} warps")
+    print("| residual gradient added | instructions / thread |")
+    print("|---|---|")
+    for r in norm_rows:
+        print(f"| {r['residual']} | {r['instructions']} |")
+    return rows + norm_rows
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ bf16 gradients are cast back and the weight/bias gradients take a separate colum
 same values the cast would give) and its backward produces ``dx`` in ``x``'s dtype together with
 per-program partial sums of the weight and bias gradients, in one pass over ``x`` and ``dy``.
 
+With ``return_residual=True`` it also hands back ``x`` itself for the block's residual sum
+(``h, x = layer_norm(x, ...); out = x + branch(h)``): ``x`` then has one consumer, this function, and its
+backward kernel adds the residual's gradient into ``dx`` as it writes it. Without it, autograd sums the
+two gradients of ``x`` (the residual's and the LayerNorm's) in a separate kernel that reads two
+activation-sized tensors and writes a third.
+
 :func:`layer_norm_reference` is the plain path it is tested against (on CPU with ``TRITON_INTERPRET=1``).
 """
 
@@ -43,8 +49,10 @@ if _HAS_TRITON:
         tl.store(Rstd + rows, rstd, mask=rvalid)
 
     @triton.jit
-    def _norm_bwd_kernel(X, DY, W, Mean, Rstd, DX, DW, DB, R, D, ROWS_PER_PROG, BLOCK_D: tl.constexpr):
-        # a contiguous run of rows per program; weight/bias gradients leave as one partial sum per program
+    def _norm_bwd_kernel(X, DY, DRES, W, Mean, Rstd, DX, DW, DB, R, D, ROWS_PER_PROG, BLOCK_D: tl.constexpr,
+                         HAS_RES: tl.constexpr):
+        # a contiguous run of rows per program; weight/bias gradients leave as one partial sum per program;
+        # HAS_RES: dx += DRES (the gradient of the residual x handed back by the forward)
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         cvalid = cols < D
@@ -63,6 +71,8 @@ if _HAS_TRITON:
             rstd = tl.load(Rstd + row, mask=rvalid, other=0.0)
             xhat = tl.where(valid, (x - mean) * rstd, 0.0)
             dx = _ln_input_grad(dy * w, xhat, rstd, D)
+            if HAS_RES:
+                dx += tl.load(DRES + offs, mask=valid, other=0.0).to(tl.float32)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=valid)
             dw_acc += dy * xhat
             db_acc += dy
@@ -72,7 +82,7 @@ if _HAS_TRITON:
 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, out_dtype):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, eps, out_dtype, return_residual):  # type: ignore[override]
         shape = x.shape
         x2d = x.reshape(-1, shape[-1]).contiguous()
         rows, d = x2d.shape
@@ -87,29 +97,36 @@ class _LayerNorm(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(x2d, weight, mean, rstd)
         ctx.shape = shape
-        return y.view(shape)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
+        # x returned as it is: autograd hands it out as a view whose gradient comes to backward's dres
+        return (y.view(shape), x) if return_residual else y.view(shape)
 
     @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
+    def backward(ctx, dy, dres=None):  # type: ignore[override]
         x2d, weight, mean, rstd = ctx.saved_tensors
         rows, d = x2d.shape
+        if dy is None:  # only the residual was used
+            return dres, None, None, None, None, None
         dy = dy.reshape(rows, d).contiguous()
+        if dres is not None:
+            dres = dres.reshape(rows, d).contiguous()
         dx = torch.empty_like(x2d)
         block_d = _block_c(d)
         rows_per_prog, progs = _bwd_split(rows, x2d.device)
         dw = torch.empty(progs, d, dtype=torch.float32, device=x2d.device)
         db = torch.empty_like(dw)
         _norm_bwd_kernel[(progs,)](
-            x2d, dy, weight, mean, rstd, dx, dw, db, rows, d, rows_per_prog, BLOCK_D=block_d,
-            num_warps=launch_config.bwd_warps or _warps(block_d),
+            x2d, dy, dy if dres is None else dres, weight, mean, rstd, dx, dw, db, rows, d, rows_per_prog,
+            BLOCK_D=block_d, HAS_RES=dres is not None, num_warps=launch_config.bwd_warps or _warps(block_d),
         )  # fmt: skip
-        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None
+        dw, db = dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+        return dx.view(ctx.shape), dw, db, None, None, None
 
 
 def layer_norm_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """Reference path: ``F.layer_norm`` in ``x``'s dtype, then cast to ``out_dtype``."""
+    """The reference path: ``F.layer_norm`` in ``x``'s dtype, then cast to ``out_dtype``."""
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(out_dtype)
 
 
@@ -120,7 +137,8 @@ def layer_norm(
     eps: float,
     out_dtype: torch.dtype | None = None,
     use_triton: bool = True,
-) -> torch.Tensor:
+    return_residual: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm over the last axis of ``x``, written in ``out_dtype`` (default: ``x``'s dtype).
 
     Args:
@@ -130,10 +148,14 @@ def layer_norm(
         out_dtype: dtype of the output (e.g. the autocast dtype); the gradient w.r.t. ``x`` comes back in
             ``x``'s dtype.
         use_triton: the Triton kernels (True) or :func:`layer_norm_reference` (False).
+        return_residual: return ``(LayerNorm(x), x)``, the second to be used in place of ``x`` for a
+            residual sum: on the Triton path its gradient is added to ``dx`` inside the backward kernel
+            (no separate add of the two gradients of ``x``). Values and gradients are those of using ``x``.
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if not use_triton:
-        return layer_norm_reference(x, weight, bias, eps, out_dtype)
+        y = layer_norm_reference(x, weight, bias, eps, out_dtype)
+        return (y, x) if return_residual else y
     if not _HAS_TRITON:
         raise RuntimeError("use_triton=True but the triton package is not installed")
     if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
@@ -142,4 +164,4 @@ def layer_norm(
             f"got {tuple(weight.shape)} and {tuple(bias.shape)}"
         )
     with torch.autocast(x.device.type, enabled=False):
-        return _LayerNorm.apply(x, weight, bias, eps, out_dtype)
+        return _LayerNorm.apply(x, weight, bias, eps, out_dtype, return_residual)

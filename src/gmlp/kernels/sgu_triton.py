@@ -942,6 +942,16 @@ def fold_fc1_bias_enabled() -> bool:
     return os.environ.get("GMLP_FOLD_FC1_BIAS") == "1"
 
 
+def fuse_residual_grad_enabled() -> bool:
+    """Whether a block on the fused-gating path takes its pre-norm from :func:`gmlp.kernels.layer_norm` with
+    ``return_residual=True``: the residual gradient is then added into the LayerNorm's input gradient inside
+    its backward kernel, instead of autograd summing the two gradients of the block input in a separate
+    kernel (reads two activation-sized tensors, writes a third: one per block of a training step). Opt-in,
+    ``GMLP_FUSE_RESIDUAL_GRAD=1``, until it is timed on a GPU (tested on the CPU with the Triton
+    interpreter)."""
+    return os.environ.get("GMLP_FUSE_RESIDUAL_GRAD") == "1"
+
+
 def gelu_split_layernorm(
     u: torch.Tensor,
     weight: torch.Tensor,

@@ -11,6 +11,7 @@ from ..kernels.norm_triton import layer_norm
 from ..kernels.sgu_triton import (
     compiled_kernels_enabled,
     fold_fc1_bias_enabled,
+    fuse_residual_grad_enabled,
     fused_gating_enabled,
     gelu_split_layernorm,
     spatial_gating,
@@ -124,7 +125,7 @@ class GMLPBlock(nn.Module):
         check_tokens(x, self.dim, self.seq_len, "x")
         mask = check_mask(mask, x.shape[1], x.shape[0])
         fused = triton_enabled(x) and fused_gating_enabled(x.shape[0] * x.shape[1] * self.fc1.out_features)
-        h = self._pre_norm(x, fused)
+        h, x = self._pre_norm(x, fused)
         gate_bias = self.tiny_attn(h, mask) if self.tiny_attn is not None else None
         if self.sgu.variant == "sgu":
             z = self._spatial_gating(h, mask, gate_bias, fused or compiled_kernels_enabled(x))
@@ -132,16 +133,21 @@ class GMLPBlock(nn.Module):
             z = self.sgu(apply_linear(self.fc1, h, "gelu"), mask, gate_bias)
         return x + self.drop_path(self.dropout(apply_linear(self.fc2, z)))
 
-    def _pre_norm(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        """``norm(x)``; with ``fused`` (CUDA, Triton, the fused gating taken: see :meth:`forward`) one kernel
-        each way that writes the output in the autocast dtype directly (no float32 output and cast) and
-        reduces the weight/bias gradients inside the backward kernel (:func:`gmlp.kernels.layer_norm`)."""
+    def _pre_norm(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``norm(x)`` and the ``x`` to add the branch to.
+
+        With ``fused`` (CUDA, Triton, the fused gating taken: see :meth:`forward`) one kernel each way that
+        writes the output in the autocast dtype directly (no float32 output and cast) and reduces the
+        weight/bias gradients inside the backward kernel (:func:`gmlp.kernels.layer_norm`); with
+        :func:`gmlp.kernels.sgu_triton.fuse_residual_grad_enabled` as well, the ``x`` returned is the one
+        that function hands back, so that its backward kernel also adds the residual's gradient."""
         if fused:
             device = x.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-            norm = self.norm
-            return layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype=dtype, use_triton=True)
-        return self.norm(x)
+            norm, fuse = self.norm, fuse_residual_grad_enabled()
+            out = layer_norm(x, norm.weight, norm.bias, norm.eps, dtype, True, return_residual=fuse)
+            return out if isinstance(out, tuple) else (out, x)
+        return self.norm(x), x
 
     def _spatial_gating(
         self, h: torch.Tensor, mask: torch.Tensor | None, gate_bias: torch.Tensor | None, fused: bool = False
