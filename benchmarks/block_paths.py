@@ -43,6 +43,7 @@ PATHS = {
     "fused gating": _FUSED,
     "fused gating, fc1 bias folded": {**_FUSED, "GMLP_FOLD_FC1_BIAS": "1"},
     "fused gating, residual grad fused": {**_FUSED, "GMLP_FUSE_RESIDUAL_GRAD": "1"},
+    "fused gating, token bias in GEMM": {**_FUSED, "GMLP_TOKEN_BIAS_IN_GEMM": "1"},
     "split kernel": {"GMLP_DISABLE_FUSED_GATING": "1"},
     "plain ops": {"GMLP_DISABLE_TRITON": "1"},
 }

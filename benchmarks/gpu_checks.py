@@ -114,16 +114,17 @@ def check_norm(device: torch.device, rows: int, dim: int) -> None:
         _close(a / scale, c / scale, 1e-3, 1e-3, f"layer_norm {name} (relative to max {scale:.3g})")
 
 
-PATHS = ("fused gating", "fused gating, fc1 bias folded", "fused gating, residual grad fused", "split kernel",
-         "split kernel, fc1 bias folded", "plain ops")  # fmt: skip
+PATHS = ("fused gating", "fused gating, fc1 bias folded", "fused gating, residual grad fused",
+         "fused gating, token bias in GEMM", "split kernel", "split kernel, fc1 bias folded",
+         "plain ops")  # fmt: skip
 KERNEL_PATHS = PATHS[:-1]  # each checked against "plain ops"
-_PATH_SWITCHES = {"fc1 bias folded": "GMLP_FOLD_FC1_BIAS", "residual grad fused": "GMLP_FUSE_RESIDUAL_GRAD"}
+_PATH_SWITCHES = {"fc1 bias folded": "GMLP_FOLD_FC1_BIAS", "residual grad fused": "GMLP_FUSE_RESIDUAL_GRAD",
+                  "token bias in GEMM": "GMLP_TOKEN_BIAS_IN_GEMM"}  # fmt: skip
 
 
 def _paths() -> Iterator[str]:
-    """Yield each of PATHS with GMLPBlock routed through it (", fc1 bias folded": with
-    ``GMLP_FOLD_FC1_BIAS=1``; ", residual grad fused": with ``GMLP_FUSE_RESIDUAL_GRAD=1``); restores the
-    defaults after."""
+    """Yield each of PATHS with GMLPBlock routed through it (a suffix of :data:`_PATH_SWITCHES`: with that
+    variable set to 1); restores the defaults after."""
     saved = block_module.triton_enabled, block_module.fused_gating_enabled
     saved_env = {name: os.environ.pop(name, None) for name in _PATH_SWITCHES.values()}
     try:

@@ -15,7 +15,9 @@
 #           prediction) eager and as a CUDA graph, and its graphed-training check (20 checks); the
 #           "(fc1 bias folded)" training row (GMLP_FOLD_FC1_BIAS=1) and its path in the block and
 #           model-step checks. If it wins, make it the default. Eleventh session: the "(residual grad
-#           fused)" vision training row (GMLP_FUSE_RESIDUAL_GRAD=1) and its block check, likewise.
+#           fused)" vision training row (GMLP_FUSE_RESIDUAL_GRAD=1) and its block check, likewise; and
+#           the "(token bias in GEMM)" vision rows (GMLP_TOKEN_BIAS_IN_GEMM=1), the old way of the new
+#           default (the token bias added in the gating kernels): if the default loses, revert it.
 #           Estimate: 250 s (seventh session's checks + suite) + up to 180 s of sweep + ~100 s of new rows.
 #   call 2: only if `status` still leaves >= 6 minutes after call 1 (the machine's start takes 2-3 of
 #           the 15): STEPS=compile COMPILE_FAMILY=text COMPILE_GRAPHS=1 (timeout_s ~330), right after, on

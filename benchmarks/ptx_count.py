@@ -4,7 +4,9 @@
     TRITON_INTERPRET=0 python benchmarks/ptx_count.py --quick    # the default launch only (the tests)
 
 It also compiles the block pre-norm's backward kernel (:mod:`gmlp.kernels.norm_triton`) at ``--d`` columns,
-without and with the residual gradient added in (``return_residual``), bf16 activations.
+without and with the residual gradient added in (``return_residual``), and the two gating kernels at their
+default tile without and with the token bias added on load (the default since the eleventh session), bf16
+activations.
 
 Compiles ``_fwd_kernel`` and ``_bwd_kernel`` of :mod:`gmlp.kernels.sgu_triton` to PTX with Triton's own
 compiler (no GPU or driver needed) for each row layout (one power-of-two block, or two pieces with
@@ -91,6 +93,28 @@ def count_variants(c: int, quick: bool, warps: int = 4) -> list[dict[str, object
     return rows
 
 
+_GATE_FWD_TYPES = {"U": "*bf16", "UB": "*bf16", "G": "*bf16", "TB": "*bf16", "S": "*bf16", "R": "i32",
+                   "C": "i32", "BATCH": "i32"}  # fmt: skip
+_GATE_BWD_TYPES = {"U": "*bf16", "UB": "*bf16", "G": "*bf16", "TB": "*bf16", "DS": "*bf16", "DU": "*bf16",
+                   "DG": "*bf16", "DGSUM": "*fp32", "DUB": "*fp32", "R": "i32", "C": "i32",
+                   "BATCH": "i32"}  # fmt: skip
+
+
+def count_gating(c: int) -> list[dict[str, object]]:
+    """The gating kernels at ``c`` columns with their default launch (one row per program): without and with
+    the token bias added on load (``HAS_TB``); one row each with its instructions per thread."""
+    _, per, block_c, warps = sgu_triton._gate_grid(1, c)
+    rows = []
+    kernels = (("gating forward", sgu_triton._gate_fwd_kernel, _GATE_FWD_TYPES),
+               ("gating backward", sgu_triton._gate_bwd_kernel, _GATE_BWD_TYPES))  # fmt: skip
+    for name, kernel, types in kernels:
+        for tb in (False, True):
+            constexprs = {"ROWS": per, "BLOCK_C": block_c, "HAS_UB": False, "HAS_TB": tb}
+            rows.append({"pass": name, "token_bias": tb, "warps": warps,
+                         "instructions": instructions(kernel, types, constexprs, warps)})  # fmt: skip
+    return rows
+
+
 def count_pre_norm(d: int) -> list[dict[str, object]]:
     """The pre-norm backward kernel at ``d`` columns and its default warps: without and with the residual
     gradient (``HAS_RES``); one row each with its instructions per thread."""
@@ -125,7 +149,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     print("|---|---|")
     for r in norm_rows:
         print(f"| {r['residual']} | {r['instructions']} |")
-    return rows + norm_rows
+    gate_rows = count_gating(args.c)
+    print(f"\ngating kernels, C = {args.c}, default tile, {gate_rows[0]['warps']} warps")
+    print("| pass | token bias added on load | instructions / thread |")
+    print("|---|---|---|")
+    for r in gate_rows:
+        print(f"| {r['pass']} | {r['token_bias']} | {r['instructions']} |")
+    return rows + norm_rows + gate_rows
 
 
 if __name__ == "__main__":

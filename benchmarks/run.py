@@ -294,12 +294,16 @@ ABLATIONS = {
     "fc1 bias folded": ("GMLP_FOLD_FC1_BIAS",),
     # CUDA training, fused gating: the residual's gradient added inside the pre-norm's backward kernel
     "residual grad fused": ("GMLP_FUSE_RESIDUAL_GRAD",),
+    # CUDA, fused gating: the token bias in the token-mixing addmm (a broadcast copy) as before, not in the
+    # gating kernels
+    "token bias in GEMM": ("GMLP_TOKEN_BIAS_IN_GEMM",),
 }
 
 
-#: Ablations left out of the text family: the MLM's eager step is below the fused gating's size threshold,
-#: where the pre-norm is ``nn.LayerNorm``, so the row would time the default path again.
-VISION_ONLY = ("residual grad fused",)
+#: Ablations left out of the text family: the MLM's eager step is below the fused gating's size threshold
+#: (the split kernel, plain gating ops, ``nn.LayerNorm`` pre-norm), so these rows would time the default
+#: path again.
+VISION_ONLY = ("residual grad fused", "token bias in GEMM")
 
 
 @contextlib.contextmanager

@@ -63,13 +63,13 @@ def test_gpu_checks_dry_run_on_cpu(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_model_filter_and_plain_ops_ablation(tmp_path: Path) -> None:
-    """--models keeps only the named models; the smoke suite adds the three kernel-path cases of ours."""
+    """--models keeps only the named models; the smoke suite adds the four inference kernel-path cases of
+    ours."""
     run = _load("run")
     results = run.main(["--suite", "smoke", "--only", "vision", "--modes", "infer", "--models", "gmlp gmlp"])
     names = [r.name for r in results]
-    assert names == ["gmlp gmlp_s16_224"] + [
-        f"gmlp gmlp_s16_224 ({label})" for label in ("fused gating", "split kernel", "plain ops")
-    ]
+    labels = ("fused gating", "split kernel", "plain ops", "token bias in GEMM")
+    assert names == ["gmlp gmlp_s16_224"] + [f"gmlp gmlp_s16_224 ({label})" for label in labels]
     results = run.main(
         ["--suite", "smoke", "--only", "vision", "--modes", "infer", "--models", "vit", "--no-ablation"]
     )
@@ -222,7 +222,8 @@ def test_kernel_sweep_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 def test_rows_in_two_pieces_compile_to_less_work(c: int) -> None:
     """benchmarks/ptx_count.py compiles the LayerNorm kernels for sm_90 (no GPU needed): with ``ln_split``
     a row of 1536 (or 768) columns takes fewer instructions per thread than one padded power-of-two block,
-    forward and backward; the pre-norm backward compiles with and without the residual gradient."""
+    forward and backward; the pre-norm backward compiles with and without the residual gradient, the gating
+    kernels with and without the token bias."""
     import subprocess
 
     from gmlp.kernels import triton_available
@@ -231,13 +232,14 @@ def test_rows_in_two_pieces_compile_to_less_work(c: int) -> None:
         pytest.skip("needs triton")
     code = (
         "import json, sys; sys.path.insert(0, 'benchmarks'); import ptx_count; "
-        f"print(json.dumps([ptx_count.count_variants({c}, quick=True), ptx_count.count_pre_norm({c // 2})]))"
+        f"print(json.dumps([ptx_count.count_variants({c}, quick=True), ptx_count.count_pre_norm({c // 2}), "
+        f"ptx_count.count_gating({c})]))"
     )
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows, norm_rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows, norm_rows, gate_rows = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in ("forward", "backward"):
         one, two = (r["instructions"] for r in rows if r["pass"] == name)
         # Triton 3.8: 0.80-0.88x of the one-block count; Triton 3.6 (torch 2.11): 0.91x forward at 768
@@ -245,6 +247,10 @@ def test_rows_in_two_pieces_compile_to_less_work(c: int) -> None:
     # the pre-norm backward compiles with the residual gradient added in, at a few more instructions
     plain, residual = (r["instructions"] for r in norm_rows)
     assert 0 < plain < residual < 1.2 * plain, (plain, residual)
+    # the gating kernels compile with the token bias added on load, also at a few more instructions
+    for name in ("gating forward", "gating backward"):
+        without, with_bias = (r["instructions"] for r in gate_rows if r["pass"] == name)
+        assert 0 < without < with_bias < 1.2 * without, (name, without, with_bias)
 
 
 @pytest.mark.slow

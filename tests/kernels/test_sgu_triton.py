@@ -270,6 +270,39 @@ def test_fused_gating_saves_one_activation_fewer_for_backward(monkeypatch: pytes
     assert saved[True] <= saved[False] - activation, saved
 
 
+@pytest.mark.parametrize("n", [8, 10])  # aligned, and padded to 16
+def test_token_bias_is_added_by_the_gating_kernels(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """By default the token-mixing GEMM of the fused gating runs without its bias (``torch.mm``, no
+    ``addmm``: on CUDA a per-row ``addmm`` bias is first copied over the whole output) and the gating
+    kernels add it on load, forward and backward. ``GMLP_TOKEN_BIAS_IN_GEMM=1`` (the ablation) takes
+    ``addmm`` again; both give the same output and gradients."""
+    torch.manual_seed(n)
+    batch, half = 3, 5
+    u = (2 * torch.randn(n, batch, 2 * half, device=DEVICE)).requires_grad_()
+    norm_w = torch.randn(half, device=DEVICE, requires_grad=True)
+    norm_b = torch.randn(half, device=DEVICE, requires_grad=True)
+    w = (0.3 * torch.randn(n, n, device=DEVICE)).requires_grad_()
+    b = (3 * torch.randn(n, device=DEVICE)).requires_grad_()  # far from the identity gate's ones
+    gate_bias = torch.randn(n, batch, half, device=DEVICE, requires_grad=True)
+    leaves = [u, norm_w, norm_b, w, b, gate_bias]
+    mask = torch.rand(batch, n, device=DEVICE) > 0.3
+    seed_grad = torch.randn(n, batch, half, device=DEVICE)
+    real_addmm = torch.addmm
+    results = []
+    for in_gemm in ("0", "1"):
+        monkeypatch.setenv("GMLP_TOKEN_BIAS_IN_GEMM", in_gemm)
+        calls: list[int] = []
+        monkeypatch.setattr(torch, "addmm", lambda *a, seen=calls, **k: seen.append(1) or real_addmm(*a, **k))
+        out = spatial_gating(u, norm_w, norm_b, 1e-5, w, b, mask, gate_bias, use_triton=True)
+        monkeypatch.setattr(torch, "addmm", real_addmm)
+        assert bool(calls) == (in_gemm == "1")
+        results.append((out, *torch.autograd.grad((out * seed_grad).sum(), leaves)))
+    reference = spatial_gating_reference(u, norm_w, norm_b, 1e-5, w, b, mask, gate_bias)
+    torch.testing.assert_close(results[0][0], reference, rtol=1e-5, atol=1e-5)
+    for a, c in zip(*results, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_is_used_off_cuda() -> None:
     u = torch.randn(3, 8)
     w, b = torch.ones(4), torch.zeros(4)
@@ -620,7 +653,7 @@ def test_custom_ops_pass_opcheck(n: int) -> None:
         torch.library.opcheck(torch.ops.gmlp.spatial_gating_fwd, args)
         # inductor asserts that real outputs have the fake kernels' strides (opcheck does not)
         s, mean, rstd, z2n, gate = torch.ops.gmlp.spatial_gating_fwd(*args)
-        bwd_args = (torch.randn_like(s), u, norm[0], mean, rstd, extra[0], z2n, w, gate)
+        bwd_args = (torch.randn_like(s), u, norm[0], mean, rstd, extra[0], z2n, w, b, gate)
         for op, op_args in (
             (torch.ops.gmlp.spatial_gating_fwd, args),
             (torch.ops.gmlp.spatial_gating_bwd, bwd_args),

@@ -363,11 +363,22 @@ if _HAS_TRITON:
                 tl.store(DUB + pid * 2 * C + C + cols_b, dub2_acc_b, mask=cols_b < C)
 
     @triton.jit
+    def _token_biased(G, TB, rows, R, out, valid, BATCH, HAS_TB: tl.constexpr):
+        # a gate tile in float32, plus (HAS_TB) the token bias of each row's token (row // BATCH): the
+        # token-mixing GEMM then runs without a bias, so no broadcast copy of it is written for the GEMM
+        g = tl.load(G + out, mask=valid, other=0.0).to(tl.float32)
+        if HAS_TB:
+            g += tl.load(TB + rows // BATCH, mask=rows < R, other=0.0).to(tl.float32)[:, None]
+        return g
+
+    @triton.jit
     def _gate_fwd_kernel(
-        U, UB, G, S, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_UB: tl.constexpr
+        U, UB, G, TB, S, R, C, BATCH,
+        ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_UB: tl.constexpr, HAS_TB: tl.constexpr,
     ):  # fmt: skip
         # s = GELU(u1) * gate on a ROWS x BLOCK_C tile: the bypass half z1 = GELU(u1) is never stored
-        # (HAS_UB: u1 is read without the channel projection's bias, added on load)
+        # (HAS_UB: u1 is read without the channel projection's bias, added on load; HAS_TB: the gate
+        # without the token bias, likewise)
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         valid = (rows < R)[:, None] & (cols < C)[None, :]
@@ -376,18 +387,19 @@ if _HAS_TRITON:
         u1 = u1.to(tl.float32)
         if HAS_UB:
             u1 += tl.load(UB + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
-        g = tl.load(G + out, mask=valid, other=0.0).to(tl.float32)
+        g = _token_biased(G, TB, rows, R, out, valid, BATCH, HAS_TB)
         tl.store(S + out, (_gelu(u1) * g).to(S.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _gate_bwd_kernel(
-        U, UB, G, DS, DU, DG, DGSUM, DUB, R, C,
-        ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_UB: tl.constexpr,
+        U, UB, G, TB, DS, DU, DG, DGSUM, DUB, R, C, BATCH,
+        ROWS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_UB: tl.constexpr, HAS_TB: tl.constexpr,
     ):  # fmt: skip
         # du1 = ds * gate * GELU'(u1) into the bypass half of du; dgate = ds * GELU(u1), and the tile's row
         # sums of it in float32, one per (row, column tile) (the token bias gradient sums these over the
         # batch: no second pass over dgate). HAS_UB: u1 is read without the channel projection's bias
         # (added on load), and the tile's column sums of du1 (its bias gradient) go to DUB, one per row tile.
+        # HAS_TB: the gate is read without the token bias (added on load, as in the forward).
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         valid = (rows < R)[:, None] & (cols < C)[None, :]
@@ -396,7 +408,7 @@ if _HAS_TRITON:
         u1 = tl.load(U + wide, mask=valid, other=0.0).to(tl.float32)
         if HAS_UB:
             u1 += tl.load(UB + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
-        g = tl.load(G + out, mask=valid, other=0.0).to(tl.float32)
+        g = _token_biased(G, TB, rows, R, out, valid, BATCH, HAS_TB)
         ds = tl.load(DS + out, mask=valid, other=0.0).to(tl.float32)
         du1 = (ds * g * _gelu_grad(u1)).to(DU.dtype.element_ty)
         tl.store(DU + wide, du1, mask=valid)
@@ -638,10 +650,17 @@ def _gating_forward(
     keep: torch.Tensor | None,
     gate_bias: torch.Tensor | None,
     u_bias: torch.Tensor | None = None,
+    bias_in_gemm: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The fused forward (see :class:`_SpatialGating`): returns ``s`` (n, batch, C) and what the backward
-    needs: ``u2d``, ``mean``, ``rstd``, ``z2n``, ``w_pad``, ``gate``. ``u_bias`` (2C): the channel
-    projection's bias, which ``u`` does not contain yet; the kernels add it on load."""
+    needs: ``u2d``, ``mean``, ``rstd``, ``z2n``, ``w_pad``, ``gate`` and ``token_bias``. ``u_bias`` (2C): the
+    channel projection's bias, which ``u`` does not contain yet; the kernels add it on load.
+
+    The token bias ``b`` is added by the gating kernels as they load the gate (``token_bias`` is then
+    ``bias``, and ``gate`` holds ``W z2n`` without it): the GEMM runs as a plain ``mm``. With
+    ``bias_in_gemm`` (:func:`token_bias_in_gemm_enabled`, an ablation) it is the GEMM's ``addmm`` input as
+    before, which on CUDA first writes the bias broadcast over all ``batch * C`` columns into the output
+    and then reads it back in the GEMM; ``token_bias`` is then None."""
     n, batch, width = u.shape
     c = width // 2
     n_pad = _padded(n)
@@ -650,14 +669,17 @@ def _gating_forward(
         z2n = u2d.new_empty(n_pad, batch * c)
         mean, rstd = _ln_forward(u2d, norm_weight, norm_bias, eps, z2n, keep=keep, u_bias=u_bias)
         if n_pad == n:  # already aligned: no padded copies (fewer launches for the host to issue)
-            w_pad, b_pad = weight.contiguous(), bias.unsqueeze(1)
+            w_pad = weight.contiguous()
         else:
             z2n[n:].zero_()
             w_pad = u2d.new_zeros(n_pad, n_pad)
             w_pad[:n, :n] = weight
-            b_pad = u2d.new_zeros(n_pad, 1)
-            b_pad[:n, 0] = bias
-        gate = torch.addmm(b_pad, w_pad, z2n)
+        token_bias = None if bias_in_gemm else bias.contiguous()
+        if bias_in_gemm:
+            b_pad = bias.unsqueeze(1) if n_pad == n else F.pad(bias, (0, n_pad - n)).unsqueeze(1)
+            gate = torch.addmm(b_pad, w_pad, z2n)
+        else:
+            gate = torch.mm(w_pad, z2n)
         if n_pad != n:
             gate = gate[:n]
         if gate_bias is not None:
@@ -665,10 +687,11 @@ def _gating_forward(
         s = u2d.new_empty(n * batch, c)
         grid, per, block_c, warps = _gate_grid(n * batch, c)
         _gate_fwd_kernel[grid](
-            u2d, gate if u_bias is None else u_bias, gate, s, n * batch, c, ROWS=per, BLOCK_C=block_c,
-            HAS_UB=u_bias is not None, num_warps=warps,
+            u2d, gate if u_bias is None else u_bias, gate, gate if token_bias is None else token_bias, s,
+            n * batch, c, batch, ROWS=per, BLOCK_C=block_c, HAS_UB=u_bias is not None,
+            HAS_TB=token_bias is not None, num_warps=warps,
         )  # fmt: skip
-    return s.view(n, batch, c), u2d, mean, rstd, z2n, w_pad, gate
+    return s.view(n, batch, c), u2d, mean, rstd, z2n, w_pad, gate, token_bias
 
 
 def _gating_backward(
@@ -685,11 +708,13 @@ def _gating_backward(
     need_dweight: bool = True,
     need_dbias: bool = True,
     u_bias: torch.Tensor | None = None,
+    token_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """The fused backward (see :class:`_SpatialGating`): ``du`` (rows, 2C), the gate LayerNorm's weight and
     bias gradients, ``dweight`` (n, n), ``dbias`` (n,), the gate gradient ``dgate`` (n, batch*C) and, with
     ``u_bias`` (the channel projection's bias, added on load), its gradient (2C, the column sums of
-    ``du``, reduced inside the two kernels), else None."""
+    ``du``, reduced inside the two kernels), else None. ``token_bias``: as returned by
+    :func:`_gating_forward` (the bias the gating kernel adds to ``gate`` on load, or None)."""
     rows, width = u2d.shape
     c = width // 2
     with torch.autocast(u2d.device.type, enabled=False):
@@ -702,9 +727,9 @@ def _gating_backward(
         row_sums = torch.empty(rows, grid[1], dtype=torch.float32, device=u2d.device)
         dub1 = None if u_bias is None else torch.empty(grid[0], c, dtype=torch.float32, device=u2d.device)
         _gate_bwd_kernel[grid](
-            u2d, gate if u_bias is None else u_bias, gate, ds, du, dgate, row_sums,
-            row_sums if dub1 is None else dub1, rows, c, ROWS=per, BLOCK_C=block_c, HAS_UB=u_bias is not None,
-            num_warps=warps,
+            u2d, gate if u_bias is None else u_bias, gate, gate if token_bias is None else token_bias, ds, du,
+            dgate, row_sums, row_sums if dub1 is None else dub1, rows, c, rows // n, ROWS=per,
+            BLOCK_C=block_c, HAS_UB=u_bias is not None, HAS_TB=token_bias is not None, num_warps=warps,
         )  # fmt: skip
         dweight = None
         if need_dweight:
@@ -736,21 +761,23 @@ class _SpatialGating(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args: torch.Tensor | float | None) -> torch.Tensor:  # type: ignore[override]
         """``args``: those of :func:`_gating_forward`."""
-        s, u2d, mean, rstd, z2n, w_pad, gate = _gating_forward(*args)  # type: ignore[arg-type]
-        norm_weight, keep, gate_bias = args[1], args[6], args[7]
         u_bias = args[8] if len(args) > 8 else None
-        ctx.save_for_backward(u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate, u_bias)
+        s, u2d, mean, rstd, z2n, w_pad, gate, token_bias = _gating_forward(
+            *args[:8], u_bias, token_bias_in_gemm_enabled()  # type: ignore[arg-type]
+        )
+        norm_weight, keep, gate_bias = args[1], args[6], args[7]
+        ctx.save_for_backward(u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate, u_bias, token_bias)
         ctx.gate_bias_dtype = None if gate_bias is None else gate_bias.dtype  # type: ignore[union-attr]
         ctx.with_u_bias = len(args) > 8
         return s
 
     @staticmethod
     def backward(ctx, ds: torch.Tensor):  # type: ignore[override]
-        u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate, u_bias = ctx.saved_tensors
+        u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate, u_bias, token_bias = ctx.saved_tensors
         n = gate.shape[0]
         du, dnw, dnb, dweight, dbias, dgate, du_bias = _gating_backward(
             ds, u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate, n,
-            ctx.needs_input_grad[4], ctx.needs_input_grad[5], u_bias,
+            ctx.needs_input_grad[4], ctx.needs_input_grad[5], u_bias, token_bias,
         )  # fmt: skip
         dgate_bias = None
         if ctx.gate_bias_dtype is not None and ctx.needs_input_grad[7]:
@@ -774,7 +801,7 @@ def _spatial_gating_fwd_op(
     backward op, ``mean``, ``rstd``, ``z2n`` and ``gate`` (new tensors, none aliasing an input)."""
     out = _gating_forward(u, norm_weight, norm_bias, eps, weight, bias, keep, gate_bias)
     s, mean, rstd, z2n, gate = out[0], out[2], out[3], out[4], out[6]
-    return s, mean, rstd, z2n, gate
+    return s, mean, rstd, z2n, gate  # gate without the token bias: the backward op adds it again
 
 
 @_spatial_gating_fwd_op.register_fake
@@ -796,38 +823,41 @@ def _spatial_gating_bwd_op(
     keep: torch.Tensor | None,
     z2n: torch.Tensor,
     weight: torch.Tensor,
+    bias: torch.Tensor,
     gate: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`spatial_gating`'s fused backward as an opaque op: ``du``, the gate LayerNorm's weight and bias
-    gradients, ``dweight``, ``dbias`` and ``dgate`` (for a gate bias)."""
+    gradients, ``dweight``, ``dbias`` and ``dgate`` (for a gate bias). ``gate`` is the forward op's (without
+    the token bias ``bias``, which the kernel adds on load)."""
     n, batch, width = u.shape
     n_pad = z2n.shape[0]
     w_pad = weight if n_pad == n else F.pad(weight, (0, n_pad - n, 0, n_pad - n))
     du, dnw, dnb, dweight, dbias, dgate, _ = _gating_backward(
-        ds, u.reshape(n * batch, width), norm_weight, mean, rstd, keep, z2n, w_pad.contiguous(), gate, n
+        ds, u.reshape(n * batch, width), norm_weight, mean, rstd, keep, z2n, w_pad.contiguous(), gate, n,
+        token_bias=bias.contiguous(),
     )
     # dweight is a slice of the padded product when n is not aligned: contiguous, as the fake promises
     return du.view(n, batch, width), dnw, dnb, dweight.contiguous(), dbias, dgate  # type: ignore[union-attr,return-value]
 
 
 @_spatial_gating_bwd_op.register_fake
-def _(ds, u, norm_weight, mean, rstd, keep, z2n, weight, gate):  # noqa: ANN001, ANN202
+def _(ds, u, norm_weight, mean, rstd, keep, z2n, weight, bias, gate):  # noqa: ANN001, ANN202
     n = u.shape[0]
     return (torch.empty_like(u), torch.empty_like(norm_weight), torch.empty_like(norm_weight),
             u.new_empty(n, n), u.new_empty(n), torch.empty_like(gate))  # fmt: skip
 
 
 def _spatial_gating_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    u, norm_weight, _, _, weight, _, keep, gate_bias = inputs
+    u, norm_weight, _, _, weight, bias, keep, gate_bias = inputs
     _, mean, rstd, z2n, gate = output
-    ctx.save_for_backward(u, norm_weight, mean, rstd, keep, z2n, weight, gate)
+    ctx.save_for_backward(u, norm_weight, mean, rstd, keep, z2n, weight, bias, gate)
     ctx.gate_bias_dtype = None if gate_bias is None else gate_bias.dtype
 
 
 def _spatial_gating_op_backward(ctx, ds, *_):  # noqa: ANN001, ANN202
-    u, norm_weight, mean, rstd, keep, z2n, weight, gate = ctx.saved_tensors
+    u, norm_weight, mean, rstd, keep, z2n, weight, bias, gate = ctx.saved_tensors
     du, dnw, dnb, dweight, dbias, dgate = torch.ops.gmlp.spatial_gating_bwd(
-        ds, u, norm_weight, mean, rstd, keep, z2n, weight, gate
+        ds, u, norm_weight, mean, rstd, keep, z2n, weight, bias, gate
     )
     dgate_bias = None if ctx.gate_bias_dtype is None else dgate.view(ds.shape).to(ctx.gate_bias_dtype)
     return du, dnw, dnb, None, dweight, dbias, None, dgate_bias
@@ -940,6 +970,16 @@ def fold_fc1_bias_enabled() -> bool:
     the H200 profile of benchmarks/RESULTS.md). Opt-in, ``GMLP_FOLD_FC1_BIAS=1``, until it is timed on a
     GPU (tested on the CPU with the Triton interpreter)."""
     return os.environ.get("GMLP_FOLD_FC1_BIAS") == "1"
+
+
+def token_bias_in_gemm_enabled() -> bool:
+    """Whether the eager fused gating adds the token bias in the token-mixing GEMM (``addmm``) rather than
+    in its gating kernels (the default). An ablation, ``GMLP_TOKEN_BIAS_IN_GEMM=1``: on CUDA, ``addmm``
+    with a per-row bias first copies the bias broadcast over the whole ``(n, batch * C)`` output and the
+    GEMM then reads it back; the H200 profiles of benchmarks/RESULTS.md show a strided copy kernel of
+    4.3 ms in an 89 ms gMLP-B/16 step and 2.0 ms in a 62 ms MLM step, in proportion to that output's
+    size. (Under torch.compile the kernels always add it.)"""
+    return os.environ.get("GMLP_TOKEN_BIAS_IN_GEMM") == "1"
 
 
 def fuse_residual_grad_enabled() -> bool:
