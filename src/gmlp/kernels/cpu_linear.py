@@ -6,7 +6,10 @@ into its output, and a GELU after it is one more pass over the activation. oneDN
 (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU backend uses for the same fusion) adds the
 bias and applies the GELU while the output tile is still in registers, and on the 2-core AMD EPYC used
 here it also runs these shapes faster than the BLAS call: the channel projections by 1.1-1.6x, the
-token-mixing products (K = n = 196) by about 1.3x (`benchmarks/cpu_matmul.py`, benchmarks/RESULTS.md).
+token-mixing products (K = n = 196) by about 1.3x (`benchmarks/cpu_matmul.py`, benchmarks/RESULTS.md). On
+the 2-core Intel Xeon of the twelfth session, where MKL's products are about twice as fast, the two are
+level on most of these shapes (0.98-1.07x; the token mixing's forward 1.17x, its weight gradient 0.83x),
+and whole blocks train at the same speed either way.
 
 * Inference (autograd not recording): :func:`fused_linear` is one oneDNN call with bias and GELU fused.
 * Training: :func:`fused_linear` is an autograd function whose forward is the oneDNN product with the bias
