@@ -144,18 +144,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         print(f"| {r['pass']} | {r['layout']} | {r['bypass']} | {r['prefetch']} | {r['instructions']} | "
               f"{r['per_column']:.1f} |")  # fmt: skip
     norm_rows = count_pre_norm(args.d)
-    print(f"\npre-norm backward, D = {args.d}, {norm_rows[0]['warps']} warps")
-    print("| residual gradient added | instructions / thread |")
-    print("|---|---|")
-    for r in norm_rows:
-        print(f"| {r['residual']} | {r['instructions']} |")
+    _print_table(f"pre-norm backward, D = {args.d}, {norm_rows[0]['warps']} warps",
+                 {"residual": "residual gradient added"}, norm_rows)  # fmt: skip
     gate_rows = count_gating(args.c)
-    print(f"\ngating kernels, C = {args.c}, default tile, {gate_rows[0]['warps']} warps")
-    print("| pass | token bias added on load | instructions / thread |")
-    print("|---|---|---|")
-    for r in gate_rows:
-        print(f"| {r['pass']} | {r['token_bias']} | {r['instructions']} |")
+    _print_table(f"gating kernels, C = {args.c}, default tile, {gate_rows[0]['warps']} warps",
+                 {"pass": "pass", "token_bias": "token bias added on load"}, gate_rows)  # fmt: skip
     return rows + norm_rows + gate_rows
+
+
+def _print_table(title: str, columns: dict[str, str], rows: list[dict[str, object]]) -> None:
+    """A markdown table of ``rows``: ``columns`` (key: heading), then the instructions per thread."""
+    print(f"\n{title}")
+    print("| " + " | ".join([*columns.values(), "instructions / thread"]) + " |")
+    print("|" + "---|" * (len(columns) + 1))
+    for r in rows:
+        print("| " + " | ".join(str(r[k]) for k in [*columns, "instructions"]) + " |")
 
 
 if __name__ == "__main__":
