@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.text import TextDataError, load_text_splits, pack_sequences
+from ..utils.malloc import tune_malloc
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .optim import fused_adamw
 
@@ -767,6 +768,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     with contextlib.suppress(ImportError):
         import gmlp.models.text  # noqa: F401  (Auto-class registration)
+    tune_malloc()  # the MLM's logits are far above glibc's mmap threshold (gmlp.utils.malloc)
     accelerator = _make_accelerator(cfg)
     out = Path(cfg.output)
     resume_from = _prepare_output(out, cfg, accelerator)
@@ -1120,6 +1122,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.task not in ("classification", "qa"):
         raise ValueError(f"task must be 'classification' or 'qa', got {cfg.task!r}")
     qa = cfg.task == "qa"
+    tune_malloc()
     accelerator = _make_accelerator(cfg)
     out = Path(cfg.output)
     resume_from = _prepare_output(out, cfg, accelerator)
