@@ -44,6 +44,7 @@ __all__ = [
     "cpu_fusion_enabled",
     "fused_linear",
     "fused_linear_reference",
+    "hookless",
     "is_plain_linear",
     "token_mix",
     "token_mix_reference",
@@ -259,17 +260,19 @@ def token_mix(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return _mm(w, z.t()).add_(b.unsqueeze(1))
 
 
+def hookless(*modules: nn.Module) -> bool:
+    """Whether none of ``modules`` has a forward hook or pre-hook, and no global one is registered: then no
+    hook can see or replace what they are given and return (nor keep a reference to it)."""
+    if _module_state._global_forward_hooks or _module_state._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def is_plain_linear(module: nn.Module) -> bool:
     """Whether ``module`` is exactly ``nn.Linear`` with no forward hooks (its own or global): then its
     weight and bias may be used directly (split into halves, fused with a GELU) without changing what the
     module computes. A subclass or a wrapper (a LoRA layer, a quantized linear) is not."""
-    return (
-        type(module) is nn.Linear
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and not _module_state._global_forward_hooks
-        and not _module_state._global_forward_pre_hooks
-    )
+    return type(module) is nn.Linear and hookless(module)
 
 
 def apply_linear(fc: nn.Module, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:

@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-from torch.nn.modules import module as _module_state
+
+from ..kernels.cpu_linear import _is_functorch_wrapped, hookless
 
 __all__ = ["hookless", "may_update_in_place"]
-
-_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-
-
-def hookless(*modules: nn.Module) -> bool:
-    """Whether none of ``modules`` has a forward hook or pre-hook, and no global one is registered: then no
-    hook can have kept a reference to (or replaced) what they returned."""
-    if _module_state._global_forward_hooks or _module_state._global_forward_pre_hooks:
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def may_update_in_place(out: torch.Tensor, other: torch.Tensor) -> bool:
     """Whether ``out.op_(other)`` may stand for ``out op other``. The caller guarantees that ``out`` is a
-    tensor it has just made and that nothing else refers to; this checks the rest: autograd records
-    neither (so it needs neither tensor's old value), the result keeps ``out``'s shape and dtype (no
-    broadcast to a larger shape, no type promotion, as under autocast), and no torch.compile trace or
-    torch.func transform is running (they keep the out-of-place op)."""
+    tensor it has just made and that nothing else refers to (see :func:`hookless`); this checks the rest:
+    autograd records neither (so it needs neither tensor's old value), the result keeps ``out``'s shape and
+    dtype (no broadcast to a larger shape, no type promotion, as under autocast), and no torch.compile trace
+    or torch.func transform is running (they keep the out-of-place op)."""
     return (
         not (torch.is_grad_enabled() and (out.requires_grad or other.requires_grad))
         and out.dtype == other.dtype
