@@ -5,8 +5,10 @@ chooses between), forward, input gradient and weight gradient, at a model's shap
     python benchmarks/cpu_matmul.py --dim 512 --ffn 3072
     python benchmarks/cpu_matmul.py --small            # small projections: where oneDNN's host cost wins
     python benchmarks/cpu_matmul.py --weight-grad      # BLAS weight gradients: grad.T @ x vs (x.T @ grad).T
+    python benchmarks/cpu_matmul.py --dtype bf16       # the same products in bf16 (aten's run on oneDNN too)
 
-Prints each product's median time over ``--reps`` calls (after one warm-up) and GFLOP/s both ways. With
+Prints each product's median time over ``--reps`` calls (after one warm-up) and GFLOP/s both ways (the
+token mixing's oneDNN forward with the bias added after it, as the library does). With
 ``--small``: projections from 1e5 to 4e8 FLOPs, plain and with the GELU (which oneDNN fuses in
 inference), microseconds per call both ways; this sets ``gmlp.kernels.cpu_linear.ONEDNN_MIN_FLOPS``.
 With ``--weight-grad``: each projection's weight gradient as BLAS computes it with either side of the
@@ -50,11 +52,13 @@ def _onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) 
 Row = tuple[str, Callable[[], torch.Tensor], Callable[[], torch.Tensor], int]
 
 
-def _projection_rows(label: str, m: int, fan_in: int, fan_out: int) -> list[Row]:
+def _projection_rows(
+    label: str, m: int, fan_in: int, fan_out: int, dtype: torch.dtype = torch.float32
+) -> list[Row]:
     """Forward, input gradient and weight gradient of an ``fan_in -> fan_out`` projection of ``m`` rows:
-    (name, BLAS call, oneDNN call, multiply-adds)."""
-    x, w, b = torch.randn(m, fan_in), torch.randn(fan_out, fan_in), torch.randn(fan_out)
-    dy = torch.randn(m, fan_out)
+    (name, aten call, oneDNN call, multiply-adds)."""
+    x, w, b, dy = (torch.randn(*shape, dtype=dtype) for shape in ((m, fan_in), (fan_out, fan_in), (fan_out,),
+                                                                  (m, fan_out)))  # fmt: skip
     macs = m * fan_in * fan_out
     return [
         (f"{label} forward", lambda: torch.addmm(b, x, w.t()), lambda: _onednn(x, w, b), macs),
@@ -97,15 +101,18 @@ def small(reps: int) -> list[tuple[str, float, float]]:
     return out
 
 
-def weight_grad(m: int, projections: list[tuple[str, int, int]], reps: int) -> list[tuple[str, float, float]]:
+def weight_grad(
+    m: int, projections: list[tuple[str, int, int]], reps: int, dtype: torch.dtype = torch.float32
+) -> list[tuple[str, float, float]]:
     """GFLOP/s of ``dy.T @ x`` (the weight's outputs as rows) and ``(x.T @ dy).T`` (its inputs as rows) for
     each (name, fan_in, fan_out) over ``m`` rows, best of ``reps`` interleaved rounds of 3 calls."""
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {m} rows, best of {reps} rounds")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, {m} rows, {dtype}, best of {reps} rounds")
     print("| weight (out x in) | outputs as rows GFLOP/s | inputs as rows GFLOP/s | inputs as rows speed-up |"
           "\n|---|---|---|---|")  # fmt: skip
     out = []
     for name, fan_in, fan_out in projections:
-        x, dy = torch.randn(m, fan_in), torch.randn(m, fan_out)
+        x, dy = torch.randn(m, fan_in, dtype=dtype), torch.randn(m, fan_out, dtype=dtype)
         calls = (lambda x=x, dy=dy: dy.t() @ x, lambda x=x, dy=dy: (x.t() @ dy).t())
         best = [float("inf"), float("inf")]
         for _ in range(reps):  # interleaved, so that drift of the machine hits both alike
@@ -129,6 +136,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--small", action="store_true", help="small projections (the oneDNN size threshold)")
     parser.add_argument("--weight-grad", action="store_true", help="the two orientations of weight gradients")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="of the products timed")
     args = parser.parse_args(argv)
     tune_malloc()
     torch.manual_seed(0)
@@ -136,22 +144,26 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
         with torch.no_grad():
             return small(args.reps)
     m, half, n = args.tokens * args.batch, args.ffn // 2, args.tokens
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.weight_grad:
-        return weight_grad(m, [("fc1 half", args.dim, half), ("fc2", half, args.dim)], args.reps)
-    rows = _projection_rows("fc1 half", m, args.dim, half) + _projection_rows("fc2", m, half, args.dim)
+        return weight_grad(m, [("fc1 half", args.dim, half), ("fc2", half, args.dim)], args.reps, dtype)
+    rows = _projection_rows("fc1 half", m, args.dim, half, dtype)
+    rows += _projection_rows("fc2", m, half, args.dim, dtype)
     cols = m * half // n
-    wt, z, bt, dv = torch.randn(n, n), torch.randn(n, cols), torch.randn(n), torch.randn(n, cols)
+    wt, z, bt, dv = (torch.randn(*shape, dtype=dtype) for shape in ((n, n), (n, cols), (n,), (n, cols)))
     macs = n * n * cols
     rows += [
-        ("token mixing forward", lambda: torch.addmm(bt[:, None], wt, z), lambda: _onednn(wt, z.t()), macs),
+        ("token mixing forward", lambda: torch.addmm(bt[:, None], wt, z),
+         lambda: _onednn(wt, z.t()).add_(bt[:, None]), macs),
         ("token mixing input gradient", lambda: wt.t() @ dv, lambda: _onednn(wt.t().contiguous(), dv.t()),
          macs),
         ("token mixing weight gradient", lambda: dv @ z.t(), lambda: _onednn(dv, z), macs),  # oneDNN used
     ]  # fmt: skip
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {m} rows, median of {args.reps}")
-    print("| product | BLAS GFLOP/s | oneDNN GFLOP/s | oneDNN speed-up |\n|---|---|---|---|")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {m} rows, {args.dtype}, median of "
+          f"{args.reps}; aten = BLAS in fp32, aten's own oneDNN calls in bf16")  # fmt: skip
+    print("| product | aten GFLOP/s | oneDNN GFLOP/s | oneDNN speed-up |\n|---|---|---|---|")
     out = []
-    for name, blas, dnn, count in rows:
+    for name, blas, dnn, count in rows:  # (aten's call in "blas")
         t_blas, t_dnn = _time(blas, args.reps), _time(dnn, args.reps)
         flops = 2 * count / 1e9
         print(f"| {name} | {flops / t_blas:.0f} | {flops / t_dnn:.0f} | {t_blas / t_dnn:.2f}x |")

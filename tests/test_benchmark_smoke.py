@@ -385,6 +385,9 @@ def test_cpu_matmul_smoke(capsys: pytest.CaptureFixture) -> None:
     rows = _load("cpu_matmul").main(args)
     assert len(rows) == 9 and all(blas > 0 and dnn > 0 for _, blas, dnn in rows)
     assert "| token mixing weight gradient |" in capsys.readouterr().out
+    if cpu_linear._HAS_ONEDNN_BF16:  # the same table in bf16
+        assert len(_load("cpu_matmul").main([*args, "--dtype", "bf16"])) == 9
+        assert ", bf16, median of 1" in capsys.readouterr().out
     small = _load("cpu_matmul").main(["--small", "--reps", "1"])  # the oneDNN size-threshold table
     assert len(small) == 2 * 12 and all(blas > 0 and dnn > 0 for _, blas, dnn in small)
     assert "| 1024 x 256 -> 768 | 4.0e+08 | linear + GELU |" in capsys.readouterr().out

@@ -24,6 +24,7 @@ from gmlp.kernels import (
 from gmlp.nn import GMLPBlock
 
 needs_onednn = pytest.mark.skipif(not cpu_linear._HAS_ONEDNN_LINEAR, reason="torch without oneDNN linear")
+needs_bf16 = pytest.mark.skipif(not cpu_linear._HAS_ONEDNN_BF16, reason="no oneDNN bf16 on this CPU")
 
 
 def _f64(t: torch.Tensor | None, grad: bool) -> torch.Tensor | None:
@@ -90,11 +91,40 @@ def test_token_mix_equals_addmm(n: int, columns: int, seed: int, grad: bool) -> 
             torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("short_rows", [False, True])
+def test_weight_gradient_orientation_rule(monkeypatch: pytest.MonkeyPatch, short_rows: bool) -> None:
+    """The product's rows are the weight's longer side in fp32 where measured so (AMD), its shorter side on
+    Intel CPUs and in bf16; a transposed product (it shows as a non-contiguous result) only for weights of
+    at most ``_TRANSPOSED_WEIGHT_GRAD_MAX_ELEMENTS`` over at least ``_TRANSPOSED_WEIGHT_GRAD_MIN_ROWS``."""
+    monkeypatch.setattr(cpu_linear, "_FP32_WEIGHT_GRAD_SHORT_ROWS", short_rows)
+    monkeypatch.setattr(cpu_linear, "_TRANSPOSED_WEIGHT_GRAD_MIN_ROWS", 7)
+    monkeypatch.setattr(cpu_linear, "_TRANSPOSED_WEIGHT_GRAD_MAX_ELEMENTS", 24 * 40)
+    for dtype in (torch.float32, torch.bfloat16):
+        short = short_rows or dtype is torch.bfloat16
+        shapes = ((7, 24, 40), (7, 40, 24), (6, 24, 40), (6, 40, 24), (7, 24, 41), (7, 41, 24))
+        for rows, fan_out, fan_in in shapes:
+            grad, x = torch.randn(rows, fan_out, dtype=dtype), torch.randn(rows, fan_in, dtype=dtype)
+            dw = cpu_linear._weight_grad(grad, x)
+            assert dw.shape == (fan_out, fan_in)
+            torch.testing.assert_close(dw.float(), grad.float().t() @ x.float(), rtol=0.02, atol=0.05)
+            product_rows = dw.shape[0] if dw.is_contiguous() else dw.shape[1]
+            if rows < 7 or fan_out * fan_in > 24 * 40:  # too few rows or too large a weight: as written
+                assert dw.is_contiguous(), (dtype, rows, fan_out, fan_in)
+            else:
+                want = min(fan_out, fan_in) if short else max(fan_out, fan_in)
+                assert product_rows == want, (dtype, fan_out)
+
+
 @needs_onednn
+@pytest.mark.parametrize("short_rows", [False, True])
 @pytest.mark.parametrize(("fan_out", "fan_in"), [(24, 40), (40, 24), (16, 16)])
-def test_weight_gradient_of_either_orientation_trains_the_parameter(fan_out: int, fan_in: int) -> None:
-    """Weights with fewer outputs than inputs get their gradient as a transposed product: the parameter's
-    gradient has its shape, equals the reference, and an optimizer step and a second accumulation use it."""
+def test_weight_gradient_of_either_orientation_trains_the_parameter(
+    monkeypatch: pytest.MonkeyPatch, fan_out: int, fan_in: int, short_rows: bool
+) -> None:
+    """Weight gradients computed as a transposed product: the parameter's gradient has its shape, equals
+    the reference, and an optimizer step and a second accumulation use it."""
+    monkeypatch.setattr(cpu_linear, "_FP32_WEIGHT_GRAD_SHORT_ROWS", short_rows)
+    monkeypatch.setattr(cpu_linear, "_TRANSPOSED_WEIGHT_GRAD_MIN_ROWS", 1)
     torch.manual_seed(0)
     fast, ref = torch.nn.Linear(fan_in, fan_out), torch.nn.Linear(fan_in, fan_out)
     ref.load_state_dict(fast.state_dict())
@@ -136,7 +166,10 @@ def test_when_the_fast_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         assert cpu_fusion_enabled(x, w)  # and inference
     assert not cpu_fusion_enabled(x.double(), w.double())
     assert not cpu_fusion_enabled(x[:0], w)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products where oneDNN has bf16 on this CPU
+        assert cpu_fusion_enabled(x, w) == cpu_linear._HAS_ONEDNN_BF16
+        assert cpu_fusion_enabled(x.bfloat16(), w) == cpu_linear._HAS_ONEDNN_BF16
+    with torch.autocast("cpu", dtype=torch.float16):
         assert not cpu_fusion_enabled(x, w)
     with FlopCounterMode(display=False):  # dispatch modes see plain aten ops (the FLOPs get counted)
         assert not cpu_fusion_enabled(x, w)
@@ -152,6 +185,83 @@ def test_when_the_fast_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     got = torch.func.grad(lambda v: fused_linear(x, v, None, "gelu").sum())(w.detach())
     want = torch.func.grad(lambda v: fused_linear_reference(x, v, None, "gelu").sum())(w.detach())
     torch.testing.assert_close(got, want)
+
+
+_BF16 = 2.0**-8  # bf16's unit roundoff: 8 significant bits
+
+
+@needs_bf16
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    fan_in=st.integers(1, 96),
+    fan_out=st.integers(1, 96),
+    bias=st.booleans(),
+    gelu=st.booleans(),
+    bf16_input=st.booleans(),
+    seed=st.integers(0, 999),
+)
+def test_bf16_autocast_runs_the_products_in_bf16(rows, fan_in, fan_out, bias, gelu, bf16_input, seed) -> None:
+    """Under CPU bf16 autocast the fast path computes what autocast's ``F.linear`` (+ ``F.gelu``) does: a bf16
+    result of bf16 operands, within bf16 rounding of it (the fused epilogue rounds once, the reference
+    twice), and float32 gradients for float32 leaves within bf16 rounding of the reference's."""
+    torch.manual_seed(seed)
+    x = 2 * torch.randn(rows, fan_in, dtype=torch.bfloat16 if bf16_input else torch.float32)
+    x.requires_grad_()
+    w = (torch.randn(fan_out, fan_in) / fan_in**0.5).requires_grad_()
+    b = torch.randn(fan_out).requires_grad_() if bias else None
+    act = "gelu" if gelu else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            infer = fused_linear(x, w, b, act, use_onednn=True)
+        got = fused_linear(x, w, b, act, use_onednn=True)
+        want = fused_linear_reference(x, w, b, act)
+    assert infer.dtype == got.dtype == want.dtype == torch.bfloat16
+    # the products' operands are the same bf16 numbers, so the results differ by the bf16 rounding of the
+    # output (and, for the reference's GELU, of its input): a few units of bf16 roundoff at the output's scale
+    scale = want.float().abs().amax().item() + 1.0
+    for out in (infer, got):
+        torch.testing.assert_close(out.float(), want.float(), rtol=4 * _BF16, atol=4 * _BF16 * scale)
+    cot = torch.randn(rows, fan_out)
+    leaves = [t for t in (x, w, b) if t is not None]
+    grads = torch.autograd.grad((got.float() * cot).sum(), leaves)
+    refs = torch.autograd.grad((want.float() * cot).sum(), leaves)
+    for leaf, g, r in zip(leaves, grads, refs, strict=True):
+        assert g.dtype == r.dtype == leaf.dtype
+        g_scale = r.float().abs().amax().item() + 1.0
+        torch.testing.assert_close(g.float(), r.float(), rtol=8 * _BF16, atol=8 * _BF16 * g_scale)
+
+
+@needs_bf16
+def test_bf16_autocast_model_uses_bf16_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vision model under bf16 autocast sends its projections to oneDNN in bf16 and leaves the token mixing
+    to autocast's addmm; the features match plain ops under the same autocast within bf16 rounding."""
+    torch.manual_seed(0)
+    model = create_model("gmlp_micro4_28", img_size=8, in_chans=1).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", "1")
+        want = model.forward_features(x)
+        monkeypatch.delenv("GMLP_DISABLE_CPU_FUSION")
+        calls: list[torch.dtype] = []
+        real_mm = cpu_linear._mm
+        monkeypatch.setattr(cpu_linear, "_mm", lambda a, b, *r: calls.append(a.dtype) or real_mm(a, b, *r))
+        got = model.forward_features(x)
+    depth = len(model.blocks)
+    assert calls == [torch.bfloat16] * (3 * depth)  # fc1's two halves and fc2 per block; no token mixing
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+
+def test_bf16_autocast_without_onednn_bf16_takes_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU where oneDNN has no bf16, autocast runs as before, and forcing the path names why it can't."""
+    monkeypatch.setattr(cpu_linear, "_HAS_ONEDNN_BF16", False)
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_fusion_enabled(x, w)
+        assert fused_linear(x, w, None).dtype == torch.bfloat16  # autocast's F.linear
+        with pytest.raises(ValueError, match=r"bf16 autocast True, oneDNN bf16 missing"):
+            fused_linear(x, w, None, use_onednn=True)
 
 
 @needs_onednn

@@ -15,14 +15,20 @@ and whole blocks train at the same speed either way.
 * Training: :func:`fused_linear` is an autograd function whose forward is the oneDNN product with the bias
   in its epilogue (the GELU stays a separate op: its backward needs the pre-activation) and whose
   backward computes the input gradient with oneDNN and the weight gradient with BLAS (which is the faster
-  of the two for that transposed product), oriented with the longer side of the weight as rows.
+  of the two for that transposed product), in the orientation measured faster (:func:`_weight_grad`).
   :func:`token_mix` does the same for ``W @ Z + b``, except that its weight gradient ``G @ Z.T`` runs on
   oneDNN too: 1.10-1.70x BLAS's speed at 49 to 512 tokens, level (0.97-0.99x) at 196
   (`benchmarks/cpu_matmul.py --tokens N`, benchmarks/RESULTS.md, eighth session).
 * A double backward (``create_graph=True``) takes differentiable plain ops in the backward, so it works
   as with ``F.linear``.
+* Under CPU bf16 autocast, on a CPU where oneDNN has bf16 (AVX-512; AMX where present),
+  :func:`fused_linear` casts its operands to bf16 as autocast would for ``F.linear`` and returns a bf16
+  result, with the bias and GELU in the epilogue in inference. On the 2-core Intel Xeon (AMX) that made
+  gMLP-S/16 bf16 inference 1.06x faster than autocast's own ops. :func:`token_mix` leaves the token
+  mixing to autocast's ``addmm`` there (1.3x faster than oneDNN with the bias added after it).
 
-The fast path is taken for float32 CPU tensors outside autocast, torch.compile / torch.export,
+The fast path is taken for float32 CPU tensors (float32 or bf16 ones under bf16 autocast) outside other
+autocast dtypes, torch.compile / torch.export,
 ``torch.jit.trace``, torch.func transforms and Python dispatch modes (``FlopCounterMode``, fake tensors),
 with oneDNN available and enabled and ``GMLP_DISABLE_CPU_FUSION`` not ``1``. Everywhere else the functions
 run their ``*_reference``, the plain ops they are tested against.
@@ -62,6 +68,17 @@ def _onednn_linear_available() -> bool:
 
 _HAS_ONEDNN_LINEAR = _onednn_linear_available()
 
+
+def _onednn_bf16_available() -> bool:
+    try:
+        return _HAS_ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+#: Whether oneDNN runs bf16 products on this CPU (AVX-512 or newer; AMX where the CPU has it).
+_HAS_ONEDNN_BF16 = _onednn_bf16_available()
+
 #: The smallest product (FLOPs, ``2 * rows * in * out``) that takes the oneDNN path by default. A oneDNN
 #: call through this module costs some 25 us more host time than a BLAS one; on the 2-core CPU, products
 #: of 1.3e7 FLOPs ran level (0.89-1.04x) and of 5e7 or more faster on oneDNN (1.05-1.29x), smaller ones up to
@@ -97,13 +114,24 @@ def _mm(
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, attr, [], "none" if attr == "gelu" else "")
 
 
+def _autocast_bf16() -> bool:
+    """Whether CPU autocast is on with bfloat16: then the products of this module run in bf16, as
+    autocast would run ``F.linear``."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
+
+
 def _can_run(*tensors: torch.Tensor) -> bool:
-    """The hard requirements of the oneDNN path: the op, non-empty float32 CPU tensors, no torch.func
-    transform wrapping them."""
+    """The hard requirements of the oneDNN path: the op, non-empty float32 CPU tensors (under bf16 autocast
+    float32 or bf16 ones, and oneDNN with bf16 on this CPU), no torch.func transform wrapping them."""
     if not _HAS_ONEDNN_LINEAR:
         return False
+    bf16 = _autocast_bf16()
+    if bf16 and not _HAS_ONEDNN_BF16:
+        return False
     for t in tensors:  # a plain loop: this runs for every projection; host time counts on small models
-        if not t.is_cpu or t.dtype is not torch.float32 or t.numel() == 0 or _is_functorch_wrapped(t):
+        if not t.is_cpu or t.numel() == 0 or _is_functorch_wrapped(t):
+            return False
+        if t.dtype is not torch.float32 and not (bf16 and t.dtype is torch.bfloat16):
             return False
     return True
 
@@ -120,7 +148,7 @@ def cpu_fusion_enabled(*tensors: torch.Tensor) -> bool:
         and not torch.jit.is_tracing()  # traced graphs (TorchScript ONNX export) keep portable ops
         and _get_current_dispatch_mode() is None  # FLOP counters, fake tensors: they see plain aten ops
         and os.environ.get("GMLP_DISABLE_CPU_FUSION") != "1"
-        and not torch.is_autocast_enabled("cpu")
+        and (not torch.is_autocast_enabled("cpu") or _autocast_bf16())
         and torch.backends.mkldnn.enabled
         and _can_run(*tensors)
     )
@@ -131,8 +159,8 @@ def _recording(*tensors: torch.Tensor | None) -> bool:
 
 
 class _Linear(torch.autograd.Function):
-    """``x @ weight.T + bias`` for 2-D ``x``: oneDNN forward (bias in the epilogue), oneDNN input gradient,
-    BLAS weight gradient; plain differentiable ops in a double backward."""
+    """``x @ weight.T + bias`` for 2-D ``x``: oneDNN forward (bias in the epilogue), oneDNN input gradient
+    (aten's in bf16), aten weight gradient; plain differentiable ops in a double backward."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
@@ -149,20 +177,59 @@ class _Linear(torch.autograd.Function):
             dx = grad @ weight if need_x else None
             dw = grad.t() @ x if need_w else None
         else:
-            dx = _mm(grad, weight.t()) if need_x else None
+            # bf16: aten's own oneDNN call for the input gradient ran 1.04-1.2x faster than this one
+            # (`benchmarks/cpu_matmul.py --dtype bf16`, twelfth-session machine, thirteenth session)
+            if need_x:
+                dx = grad @ weight if grad.dtype is torch.bfloat16 else _mm(grad, weight.t())
+            else:
+                dx = None
             dw = _weight_grad(grad, x) if need_w else None
         db = grad.sum(0) if need_b and ctx.has_bias else None
         return dx, dw, db
 
 
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return "GenuineIntel" in f.read(4096)
+    except OSError:
+        return False
+
+
+#: Whether fp32 weight gradients put the shorter side of the weight as the product's rows (see
+#: :func:`_weight_grad`): on Intel CPUs; the longer side elsewhere.
+_FP32_WEIGHT_GRAD_SHORT_ROWS = _intel_cpu()
+#: Weight gradients are only computed as a transposed product (:func:`_weight_grad`) for weights of at most
+#: this many elements (the copy into the parameter's layout stays cheap) ...
+_TRANSPOSED_WEIGHT_GRAD_MAX_ELEMENTS = 1 << 20
+#: ... over at least this many rows: at ~0.7 ns per element for the copy and a 9% gain on a 350 GFLOP/s
+#: product, the break-even is about 1,400 rows.
+_TRANSPOSED_WEIGHT_GRAD_MIN_ROWS = 2048
+
+
 def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad.T @ x`` with BLAS, the longer side of the result as its rows: for a weight with fewer outputs
-    than inputs (``fc2``) as ``(x.T @ grad).T``. On the 2-core CPU that ran 1.03-1.07x faster for ``fc2``
-    (256 x 768 over 3,136 rows; 128 x 192 over 6,272) and 0.86-0.98x for the opposite shapes (``fc1``'s
-    halves), in interleaved timings (`benchmarks/cpu_matmul.py --weight-grad`, benchmarks/RESULTS.md, tenth
-    session). The transposed result is a view; autograd's accumulation gives the parameter a gradient of
-    its own layout."""
-    if grad.shape[1] < x.shape[1]:
+    """``grad.T @ x`` with aten, in the orientation measured faster: computed as ``(x.T @ grad).T`` when
+    that puts the preferred side of the weight as the product's rows. Interleaved timings of
+    `benchmarks/cpu_matmul.py --weight-grad` (benchmarks/RESULTS.md) over 3,136 rows, gMLP-S/16's ``fc2``
+    (256 x 768) and ``fc1`` halves (768 x 256):
+
+    * fp32 on the 2-core AMD EPYC (tenth session): the longer side as rows, 1.03-1.07x faster for ``fc2``
+      (and for 128 x 192 over 6,272 rows), 0.86-0.98x for the ``fc1`` halves.
+    * fp32 on the 2-core Intel Xeon (thirteenth session): the shorter side as rows, 1.08-1.10x for both.
+    * bf16 (aten's oneDNN call) on the Intel Xeon with AMX: the shorter side as rows, 1.5x for both.
+
+    So the shorter side in bf16 and on Intel CPUs, the longer side otherwise. The transposed result is a
+    view, which autograd's accumulation copies into the parameter's layout: 0.4-0.8 ns per element for
+    weights up to 2.4M elements, and for the MLM's decoder (30,522 x 256, tied to the embedding, whose
+    gradient it is added to) 44-50 ms per step, more than the product itself. So the product is only
+    transposed for weights of at most :data:`_TRANSPOSED_WEIGHT_GRAD_MAX_ELEMENTS` over at least
+    :data:`_TRANSPOSED_WEIGHT_GRAD_MIN_ROWS` rows, where a 9% faster product pays for the copy."""
+    out_features, in_features = grad.shape[1], x.shape[1]
+    if (
+        out_features * in_features <= _TRANSPOSED_WEIGHT_GRAD_MAX_ELEMENTS
+        and grad.shape[0] >= _TRANSPOSED_WEIGHT_GRAD_MIN_ROWS
+        and (out_features < in_features) != (grad.dtype is torch.bfloat16 or _FP32_WEIGHT_GRAD_SHORT_ROWS)
+    ):
         return torch.mm(x.t(), grad).t()
     return torch.mm(grad.t(), x)
 
@@ -228,12 +295,17 @@ def fused_linear(
         use_onednn = _big_enough(2 * x.numel() * weight.shape[0]) and cpu_fusion_enabled(*tensors)
     elif use_onednn and not _can_run(*tensors):
         raise ValueError(
-            "use_onednn=True needs non-empty float32 CPU tensors and a torch built with oneDNN; got x "
-            f"{tuple(x.shape)} {x.dtype} on {x.device}, weight {weight.dtype}, oneDNN linear "
-            f"{'available' if _HAS_ONEDNN_LINEAR else 'missing'}"
+            "use_onednn=True needs non-empty float32 CPU tensors (under bf16 autocast float32 or bf16 ones, "
+            f"and oneDNN bf16 on this CPU) and a torch built with oneDNN; got x {tuple(x.shape)} {x.dtype} "
+            f"on {x.device}, weight {weight.dtype}, oneDNN linear "
+            f"{'available' if _HAS_ONEDNN_LINEAR else 'missing'}, bf16 autocast {_autocast_bf16()}, oneDNN "
+            f"bf16 {'available' if _HAS_ONEDNN_BF16 else 'missing'}"
         )
     if not use_onednn:
         return fused_linear_reference(x, weight, bias, activation)
+    if _autocast_bf16():  # what autocast does for F.linear: every operand in bf16, a bf16 result
+        x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        bias = None if bias is None else bias.to(torch.bfloat16)
     x2 = x.reshape(-1, x.shape[-1])
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -252,7 +324,9 @@ def token_mix(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     """The token mixing ``w @ z + b[:, None]`` of a dense ``(n, n)`` W over ``z`` ``(n, columns)`` (all
     tokens of a batch side by side): oneDNN products where :func:`cpu_fusion_enabled` and the product has
     at least :data:`ONEDNN_MIN_FLOPS`, else :func:`token_mix_reference`."""
-    if not (_big_enough(2 * w.shape[0] * z.numel()) and cpu_fusion_enabled(w, z, b)):
+    if torch.is_autocast_enabled("cpu") or not (
+        _big_enough(2 * w.shape[0] * z.numel()) and cpu_fusion_enabled(w, z, b)
+    ):  # under bf16 autocast addmm stays (see the module docstring)
         return token_mix_reference(w, z, b)
     w, z = w.contiguous(), z.contiguous()
     if _recording(w, z, b):
