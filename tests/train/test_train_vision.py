@@ -59,6 +59,23 @@ def test_training_learns_on_digits(tmp_path: Path) -> None:
     assert result["test_accuracy"] > 0.5  # chance is 0.1
 
 
+def test_bf16_training_on_the_cpu_learns_through_the_bf16_fast_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``precision="bf16"`` on the CPU: autocast, the projections on oneDNN in bf16 (where the CPU has it),
+    and the model still learns."""
+    from gmlp.kernels import cpu_linear
+
+    dtypes: set[torch.dtype] = set()
+    real_mm = cpu_linear._mm
+    monkeypatch.setattr(cpu_linear, "_mm", lambda a, b, *r: dtypes.add(a.dtype) or real_mm(a, b, *r))
+    cfg = VisionTrainConfig(**{**TINY, "epochs": 6, "train_subset": None, "test_subset": None, "lr": 3e-3,
+                               "precision": "bf16"}, output=str(tmp_path / "run"))  # fmt: skip
+    result = train_vision(cfg)
+    assert result["test_accuracy"] > 0.5  # chance is 0.1
+    assert dtypes == ({torch.bfloat16} if cpu_linear._HAS_ONEDNN_BF16 else set())
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> None:
     full = train_vision(VisionTrainConfig(**TINY, output=str(tmp_path / "full")))
     part = VisionTrainConfig(**{**TINY, "checkpoint_every": 3}, max_steps=7, output=str(tmp_path / "resumed"))

@@ -24,8 +24,8 @@ and whole blocks train at the same speed either way.
 * Under CPU bf16 autocast, on a CPU where oneDNN has bf16 (AVX-512; AMX where present),
   :func:`fused_linear` casts its operands to bf16 as autocast would for ``F.linear`` and returns a bf16
   result, with the bias and GELU in the epilogue in inference. On the 2-core Intel Xeon (AMX) that made
-  gMLP-S/16 bf16 inference 1.06x faster than autocast's own ops. :func:`token_mix` leaves the token
-  mixing to autocast's ``addmm`` there (1.3x faster than oneDNN with the bias added after it).
+  gMLP-S/16 bf16 inference 1.04-1.07x faster than autocast's own ops. :func:`token_mix` leaves the token
+  mixing to autocast's ``addmm`` there (1.25-2x faster than oneDNN with the bias added after it).
 
 The fast path is taken for float32 CPU tensors (float32 or bf16 ones under bf16 autocast) outside other
 autocast dtypes, torch.compile / torch.export,
@@ -177,7 +177,7 @@ class _Linear(torch.autograd.Function):
             dx = grad @ weight if need_x else None
             dw = grad.t() @ x if need_w else None
         else:
-            # bf16: aten's own oneDNN call for the input gradient ran 1.04-1.2x faster than this one
+            # bf16: aten's own oneDNN call for the input gradient ran 1.03-1.45x faster than this one
             # (`benchmarks/cpu_matmul.py --dtype bf16`, twelfth-session machine, thirteenth session)
             if need_x:
                 dx = grad @ weight if grad.dtype is torch.bfloat16 else _mm(grad, weight.t())
