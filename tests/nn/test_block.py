@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from gmlp.kernels import cpu_linear
 from gmlp.nn import DropPath, GMLPBlock, drop_path
 
 
@@ -207,6 +208,44 @@ def test_pads_anywhere_do_not_leak(kind, n, batch, toeplitz, attn, seed) -> None
         out = model(torch.where(keep, x, garbage), mask.long())
         diff = (out - ref).abs()[mask.t()]
         assert diff.numel() == 0 or diff.max() <= 1e-5
+
+
+@pytest.mark.skipif(not cpu_linear._HAS_ONEDNN_BF16, reason="no oneDNN bf16 on this CPU")
+@given(
+    kind=st.sampled_from(["block", "stack"]),
+    lengths=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    extra=st.integers(1, 3),
+    toeplitz=st.booleans(),
+    attn=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bf16_autocast_fast_path_keeps_causality_and_padding(
+    dependence, assert_causal, kind, lengths, extra, toeplitz, attn, seed
+) -> None:
+    """Under CPU bf16 autocast the projections take the bf16 oneDNN path; a causal model still depends on
+    no later and no padded token (exactly), and a padded batch (pads full of NaN) gives each sample's
+    unpadded result within bf16 rounding."""
+    torch.manual_seed(seed)
+    n = max(lengths) + extra
+    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    x = torch.randn(n, len(lengths), 8)
+    calls: list[torch.dtype] = []
+    real_mm = cpu_linear._mm
+
+    def spy(a, b, *rest):
+        calls.append(a.dtype)
+        return real_mm(a, b, *rest)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_linear, "_mm", spy)
+        causal = make(kind, toeplitz=toeplitz, causal=True, attn_dim=4 if attn else None)
+        assert_causal(dependence(lambda v: causal(v, mask), x), mask)
+        model = make(kind, toeplitz=toeplitz, attn_dim=4 if attn else None)
+        out = model(torch.where(mask.t().unsqueeze(-1), x, float("nan")), mask)
+        for b, m in enumerate(lengths):
+            alone = model(x[:m, b : b + 1].clone())
+            torch.testing.assert_close(out[:m, b : b + 1].float(), alone.float(), atol=0.05, rtol=0.05)
+    assert calls and set(calls) == {torch.bfloat16}
 
 
 def test_pads_leak_without_mask() -> None:
