@@ -6,9 +6,11 @@ tests run few examples (``deadline=None``: timings on a loaded machine are meani
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+from collections.abc import Iterator
 
 # Without a GPU, Triton kernels run in Triton's interpreter; the switch is read when a kernel is defined,
 # so it must be set before anything imports gmlp (and with it triton).
@@ -100,6 +102,31 @@ def dependence():
 def assert_causal():
     """Exact causality / padding-independence check on a dependence tensor, see :func:`_assert_causal`."""
     return _assert_causal
+
+
+@contextlib.contextmanager
+def _recording_onednn_products() -> Iterator[list[torch.dtype]]:
+    """Inside: the dtype of the first operand of every oneDNN product of ``gmlp.kernels.cpu_linear``, in
+    call order (each product still runs)."""
+    from gmlp.kernels import cpu_linear
+
+    calls: list[torch.dtype] = []
+    real = cpu_linear._mm
+
+    def spy(a: torch.Tensor, b: torch.Tensor, *rest):
+        calls.append(a.dtype)
+        return real(a, b, *rest)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_linear, "_mm", spy)
+        yield calls
+
+
+@pytest.fixture(scope="session")
+def onednn_products():
+    """A context manager recording the oneDNN products made inside it, see
+    :func:`_recording_onednn_products` (session-scoped, so that hypothesis tests can use it too)."""
+    return _recording_onednn_products
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

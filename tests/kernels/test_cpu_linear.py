@@ -233,7 +233,7 @@ def test_bf16_autocast_runs_the_products_in_bf16(rows, fan_in, fan_out, bias, ge
 
 
 @needs_bf16
-def test_bf16_autocast_model_uses_bf16_products(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_autocast_model_uses_bf16_products(monkeypatch: pytest.MonkeyPatch, onednn_products) -> None:
     """A vision model under bf16 autocast sends its projections to oneDNN in bf16 and leaves the token mixing
     to autocast's addmm; the features match plain ops under the same autocast within bf16 rounding."""
     torch.manual_seed(0)
@@ -243,10 +243,8 @@ def test_bf16_autocast_model_uses_bf16_products(monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", "1")
         want = model.forward_features(x)
         monkeypatch.delenv("GMLP_DISABLE_CPU_FUSION")
-        calls: list[torch.dtype] = []
-        real_mm = cpu_linear._mm
-        monkeypatch.setattr(cpu_linear, "_mm", lambda a, b, *r: calls.append(a.dtype) or real_mm(a, b, *r))
-        got = model.forward_features(x)
+        with onednn_products() as calls:
+            got = model.forward_features(x)
     depth = len(model.blocks)
     assert calls == [torch.bfloat16] * (3 * depth)  # fc1's two halves and fc2 per block; no token mixing
     assert got.dtype == want.dtype

@@ -220,7 +220,7 @@ def test_pads_anywhere_do_not_leak(kind, n, batch, toeplitz, attn, seed) -> None
     seed=st.integers(0, 2**16),
 )
 def test_bf16_autocast_fast_path_keeps_causality_and_padding(
-    dependence, assert_causal, kind, lengths, extra, toeplitz, attn, seed
+    dependence, assert_causal, onednn_products, kind, lengths, extra, toeplitz, attn, seed
 ) -> None:
     """Under CPU bf16 autocast the projections take the bf16 oneDNN path; a causal model still depends on
     no later and no padded token (exactly), and a padded batch (pads full of NaN) gives each sample's
@@ -229,15 +229,7 @@ def test_bf16_autocast_fast_path_keeps_causality_and_padding(
     n = max(lengths) + extra
     mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
     x = torch.randn(n, len(lengths), 8)
-    calls: list[torch.dtype] = []
-    real_mm = cpu_linear._mm
-
-    def spy(a, b, *rest):
-        calls.append(a.dtype)
-        return real_mm(a, b, *rest)
-
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu_linear, "_mm", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16), onednn_products() as calls:
         causal = make(kind, toeplitz=toeplitz, causal=True, attn_dim=4 if attn else None)
         assert_causal(dependence(lambda v: causal(v, mask), x), mask)
         model = make(kind, toeplitz=toeplitz, attn_dim=4 if attn else None)

@@ -59,21 +59,17 @@ def test_training_learns_on_digits(tmp_path: Path) -> None:
     assert result["test_accuracy"] > 0.5  # chance is 0.1
 
 
-def test_bf16_training_on_the_cpu_learns_through_the_bf16_fast_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_bf16_training_on_the_cpu_learns_through_the_bf16_fast_path(tmp_path: Path, onednn_products) -> None:
     """``precision="bf16"`` on the CPU: autocast, the projections on oneDNN in bf16 (where the CPU has it),
     and the model still learns."""
     from gmlp.kernels import cpu_linear
 
-    dtypes: set[torch.dtype] = set()
-    real_mm = cpu_linear._mm
-    monkeypatch.setattr(cpu_linear, "_mm", lambda a, b, *r: dtypes.add(a.dtype) or real_mm(a, b, *r))
     cfg = VisionTrainConfig(**{**TINY, "epochs": 6, "train_subset": None, "test_subset": None, "lr": 3e-3,
                                "precision": "bf16"}, output=str(tmp_path / "run"))  # fmt: skip
-    result = train_vision(cfg)
+    with onednn_products() as calls:
+        result = train_vision(cfg)
     assert result["test_accuracy"] > 0.5  # chance is 0.1
-    assert dtypes == ({torch.bfloat16} if cpu_linear._HAS_ONEDNN_BF16 else set())
+    assert set(calls) == ({torch.bfloat16} if cpu_linear._HAS_ONEDNN_BF16 else set())
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> None:
