@@ -322,8 +322,8 @@ def token_mix_reference(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> to
 
 def token_mix(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The token mixing ``w @ z + b[:, None]`` of a dense ``(n, n)`` W over ``z`` ``(n, columns)`` (all
-    tokens of a batch side by side): oneDNN products where :func:`cpu_fusion_enabled` and the product has
-    at least :data:`ONEDNN_MIN_FLOPS`, else :func:`token_mix_reference`."""
+    tokens of a batch side by side): oneDNN products where :func:`cpu_fusion_enabled`, the product has at
+    least :data:`ONEDNN_MIN_FLOPS` and CPU autocast is off, else :func:`token_mix_reference`."""
     if torch.is_autocast_enabled("cpu") or not (
         _big_enough(2 * w.shape[0] * z.numel()) and cpu_fusion_enabled(w, z, b)
     ):  # under bf16 autocast addmm stays (see the module docstring)
