@@ -394,3 +394,39 @@ def test_cpu_matmul_smoke(capsys: pytest.CaptureFixture) -> None:
     grads = _load("cpu_matmul").main([*args, "--weight-grad"])  # the weight-gradient orientation table
     assert [name for name, _, _ in grads] == ["fc1 half", "fc2"] and all(a > 0 and b > 0 for _, a, b in grads)
     assert "| fc2 (8 x 8) |" in capsys.readouterr().out
+
+
+def test_elementwise_cost_takes_out_each_stage_and_puts_it_back(capsys: pytest.CaptureFixture) -> None:
+    """Each stage taken out changes the output (the patch takes effect), the backward still reaches both
+    projections of every block (the products stay), and the model is exactly itself again afterwards."""
+    cost = _load("elementwise_cost")
+    from gmlp import create_model
+    from gmlp.nn import GMLPBlock
+
+    torch.manual_seed(0)
+    model = create_model("gmlp_micro4_28").eval()
+    blocks = [m for m in model.modules() if isinstance(m, GMLPBlock)]
+    for block in blocks:  # a W that really mixes tokens, not the near-zero init
+        torch.nn.init.normal_(block.sgu.proj.weight, std=0.1)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        ref = model.forward_features(x)  # the logits start at zero: the head is zero-initialised
+    for stage in cost.STAGES:
+        with cost.without(model, stage):
+            with torch.no_grad():
+                assert not torch.allclose(model.forward_features(x), ref), stage
+            model.train()
+            model.zero_grad(set_to_none=True)
+            model.forward_features(x).square().sum().backward()
+            model.eval()
+            for block in blocks:  # both halves of fc1: the bypass z1 and the gate z2
+                c, grad = block.sgu.gate_dim, block.fc1.weight.grad
+                assert grad is not None and grad[:c].abs().sum() > 0 and grad[c:].abs().sum() > 0, stage
+                assert block.fc2.weight.grad is not None, stage
+        with torch.no_grad():
+            torch.testing.assert_close(model.forward_features(x), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="stage must be one of"), cost.without(model, "softmax"):
+        pass
+    cost.main(["--model", "gmlp_micro4_28", "--rounds", "1", "--infer-batch", "2", "--train-batch", "2"])
+    out = capsys.readouterr().out
+    assert out.count("| residual sum |") == 2 and "infer, batch 2" in out and "train, batch 2" in out
