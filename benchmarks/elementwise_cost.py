@@ -2,6 +2,7 @@
 
     python benchmarks/elementwise_cost.py           # gMLP-S/16: inference (batch 32), training (batch 16)
     python benchmarks/elementwise_cost.py --modes train --rounds 9
+    python benchmarks/elementwise_cost.py --dtype bf16     # under CPU bf16 autocast
 
 The whole model is timed as it is and with one stage taken out at a time (the pre-norm, the GELU, the gate
 LayerNorm, the token bias, the gating product, the residual sum), in interleaved rounds; the difference of
@@ -55,8 +56,8 @@ class _MixNoBias(torch.autograd.Function):
 
 
 def _mix_no_bias(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if not cpu_linear.cpu_fusion_enabled(w, z):
-        return w @ z
+    if torch.is_autocast_enabled("cpu") or not cpu_linear.cpu_fusion_enabled(w, z):
+        return w @ z  # where token_mix takes addmm (under CPU autocast too), mm
     w, z = w.contiguous(), z.contiguous()
     if torch.is_grad_enabled() and (w.requires_grad or z.requires_grad):
         return _MixNoBias.apply(w, z)
@@ -130,8 +131,9 @@ def without(model: nn.Module, stage: str | None) -> Iterator[None]:
             restore()
 
 
-def measure(model_name: str, mode: str, batch: int, rounds: int) -> dict[str, float]:
-    """Median seconds per step of the model as it is (key "none") and without each stage."""
+def measure(model_name: str, mode: str, batch: int, rounds: int, bf16: bool = False) -> dict[str, float]:
+    """Median seconds per step of the model as it is (key "none") and without each stage; ``bf16``: under
+    CPU bf16 autocast."""
     model = create_model(model_name)
     size = model.pretrained_cfg["input_size"]
     x = torch.randn(batch, *size)
@@ -141,12 +143,14 @@ def measure(model_name: str, mode: str, batch: int, rounds: int) -> dict[str, fl
 
         def step() -> None:
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
     else:
         model.eval()
 
         def step() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 model(x)
 
     variants: list[str | None] = [None, *STAGES]
@@ -172,20 +176,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--infer-batch", type=int, default=32)
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: CPU bf16 autocast")
     args = parser.parse_args(argv)
     tune_malloc()
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     depth = len([m for m in create_model(args.model).modules() if isinstance(m, block_module.GMLPBlock)])
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model} ({depth} blocks), fp32, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model} ({depth} blocks), "
+        f"{args.dtype}{' autocast' if args.dtype == 'bf16' else ''}, "
         f"oneDNN path {'on' if cpu_linear.cpu_fusion_enabled(torch.ones(1)) else 'off'}, median of "
         f"{args.rounds} interleaved rounds"
     )
     results = {}
     for mode in args.modes:
         batch = args.infer_batch if mode == "infer" else args.train_batch
-        t = measure(args.model, mode, batch, args.rounds)
+        t = measure(args.model, mode, batch, args.rounds, bf16=args.dtype == "bf16")
         base = t["none"]
         print(f"\n{mode}, batch {batch}: {base * 1e3:.1f} ms per step, {base * 1e3 / depth:.2f} ms per block")
         print("| stage taken out | ms per step | saved per block (ms) | share of the step |")

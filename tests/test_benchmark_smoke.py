@@ -430,3 +430,6 @@ def test_elementwise_cost_takes_out_each_stage_and_puts_it_back(capsys: pytest.C
     cost.main(["--model", "gmlp_micro4_28", "--rounds", "1", "--infer-batch", "2", "--train-batch", "2"])
     out = capsys.readouterr().out
     assert out.count("| residual sum |") == 2 and "infer, batch 2" in out and "train, batch 2" in out
+    cost.main(["--model", "gmlp_micro4_28", "--rounds", "1", "--modes", "train", "--dtype", "bf16"])
+    out = capsys.readouterr().out
+    assert "bf16 autocast" in out and out.count("| residual sum |") == 1

@@ -157,6 +157,26 @@ def test_autocast_keeps_the_out_of_place_dtype(monkeypatch: pytest.MonkeyPatch) 
     assert torch.equal(fast, slow)
 
 
+def test_bf16_on_the_cpu_stays_out_of_place(decisions: list[bool], monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 CPU tensors keep the out-of-place ops (faster there), under autocast and in a bf16 model,
+    with the same output as the plain ops; float16 still goes in place."""
+    assert not may_update_in_place(torch.randn(3, 4).bfloat16(), torch.randn(3, 4).bfloat16())
+    assert may_update_in_place(torch.randn(3, 4).half(), torch.randn(3, 4).half())
+    block = randomize_(GMLPBlock(8, 16, 10)).eval()
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(x)  # gating product on bf16 tensors, the residual sum promoted to float32
+    assert decisions == [False, False] and y.dtype == torch.float32
+    decisions.clear()
+    bf16_block = randomize_(GMLPBlock(8, 16, 10)).eval().bfloat16()
+    with torch.no_grad():
+        fast = bf16_block(x.bfloat16())
+    assert decisions == [False, False]
+    out_of_place(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(fast, bf16_block(x.bfloat16()))
+
+
 def test_may_update_in_place_refuses_broadcast_and_promotion() -> None:
     a = torch.randn(3, 4)
     assert may_update_in_place(a, torch.randn(3, 4))
