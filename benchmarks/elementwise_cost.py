@@ -1,4 +1,4 @@
-"""What each memory-bound stage of a gMLP block costs inside a whole model step on the CPU.
+"""What each elementwise stage of a gMLP block costs inside a whole model step on the CPU.
 
     python benchmarks/elementwise_cost.py           # gMLP-S/16: inference (batch 32), training (batch 16)
     python benchmarks/elementwise_cost.py --modes train --rounds 9
@@ -6,12 +6,14 @@
 
 The whole model is timed as it is and with one stage taken out at a time (the pre-norm, the GELU, the gate
 LayerNorm, the token bias, the gating product, the residual sum), in interleaved rounds; the difference of
-the medians, per layer, is that stage's marginal cost in context (cache and memory traffic of the real
-step included). Outputs with a stage taken out are not the model's: this times, it computes nothing
-useful. The products stay the same oneDNN/BLAS calls in every variant (the token mixing without its bias
-runs the same oneDNN products). On this 2-core CPU torch.profiler reported a training step 3x slower than
-it is, so these direct timings are what benchmarks/RESULTS.md quotes. Flushing denormals is switched on
-for every variant (a model without its norms can drift into them); the default model has none.
+the medians, per layer, is that stage's marginal cost in context (cache and memory traffic of the real step
+included). Outputs with a stage taken out are not the model's: this times, it computes nothing useful. The
+products stay the same oneDNN/BLAS calls in every variant (the token mixing without its bias runs the same
+oneDNN products; under bf16 autocast ``mm`` for autocast's ``addmm``). Under bf16 autocast, taking the
+residual sum out also leaves the next block a bf16 input instead of the float32 stream. On this 2-core CPU
+torch.profiler reported a training step 3x slower than it is, so these direct timings are what
+benchmarks/RESULTS.md quotes. Flushing denormals is switched on for every variant (a model without its norms
+can drift into them); the default model has none.
 """
 
 from __future__ import annotations
