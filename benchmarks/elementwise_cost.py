@@ -58,8 +58,10 @@ class _MixNoBias(torch.autograd.Function):
 
 
 def _mix_no_bias(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if torch.is_autocast_enabled("cpu") or not cpu_linear.cpu_fusion_enabled(w, z):
-        return w @ z  # where token_mix takes addmm (under CPU autocast too), mm
+    if torch.is_autocast_enabled("cpu") or not (
+        cpu_linear._big_enough(2 * w.shape[0] * z.numel()) and cpu_linear.cpu_fusion_enabled(w, z)
+    ):
+        return w @ z  # where token_mix takes addmm (under CPU autocast too, or for small products), mm
     w, z = w.contiguous(), z.contiguous()
     if torch.is_grad_enabled() and (w.requires_grad or z.requires_grad):
         return _MixNoBias.apply(w, z)
