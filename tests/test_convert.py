@@ -220,3 +220,23 @@ def test_our_format_passes_through() -> None:
     assert detect_format(sd) == "gmlp"
     out = to_gmlp(sd)
     assert out.keys() == sd.keys() and all(out[k] is sd[k] for k in sd)
+
+
+def test_converters_take_the_source_model_itself() -> None:
+    ref = timm_small()
+    assert detect_format(ref) == "timm"
+    from_module, from_dict = from_timm(ref), from_timm(ref.state_dict())
+    assert from_module.keys() == from_dict.keys()
+    assert all(torch.equal(from_module[k], from_dict[k]) for k in from_dict)
+    lucid = gMLP(num_tokens=20, dim=16, depth=1, seq_len=8)
+    assert to_gmlp(lucid).keys() == from_g_mlp_pytorch(lucid.state_dict()).keys()
+    with pytest.raises(TypeError, match="state_dict must be a mapping of names to tensors"):
+        from_timm(5)
+
+
+def test_a_malformed_g_mlp_pytorch_spatial_weight_is_named() -> None:
+    state = gMLP(num_tokens=20, dim=16, depth=1, seq_len=8).state_dict()
+    key = next(k for k in state if k.endswith("sgu.weight"))
+    state[key] = torch.tensor(1.0)
+    with pytest.raises(CheckpointError, match=r"sgu.weight has shape \(\); g-mlp-pytorch stores it as"):
+        from_g_mlp_pytorch(state)

@@ -9,8 +9,11 @@ defaults; g-mlp-pytorch: 1e-5 everywhere).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+from torch import nn
 
 from .utils.io import CheckpointError
 
@@ -33,13 +36,24 @@ _LUCID_BLOCK = {
 }
 
 
-def detect_format(state_dict: dict[str, torch.Tensor]) -> str:
-    """``"gmlp"``, ``"timm"`` or ``"g_mlp_pytorch"``, from characteristic keys.
+def _as_state_dict(source: Any) -> Mapping[str, torch.Tensor]:
+    """A state dict as given, or a module's ``state_dict()``; anything else is a TypeError."""
+    if isinstance(source, nn.Module):
+        return source.state_dict()
+    if not isinstance(source, Mapping):
+        kind = type(source).__name__
+        raise TypeError(f"state_dict must be a mapping of names to tensors (or a module), got {kind}")
+    return source
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor] | nn.Module) -> str:
+    """``"gmlp"``, ``"timm"`` or ``"g_mlp_pytorch"``, from characteristic keys (of a module's state dict, if
+    given a module).
 
     Raises:
         CheckpointError: the keys match none of the known layouts.
     """
-    keys = set(state_dict)
+    keys = set(_as_state_dict(state_dict))
     if any(k.startswith("blocks.") and ".mlp_channels." in k for k in keys):
         return "timm"
     if any(re.match(r"layers\.\d+\.fn\.", k) for k in keys):
@@ -54,11 +68,12 @@ def _unknown(keys: list[str], source: str) -> CheckpointError:
     return CheckpointError(f"{source} checkpoint has keys this converter does not know: {keys[:5]}")
 
 
-def from_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert a timm ``gmlp_*`` state dict (``MlpMixer`` with ``SpatialGatingBlock``) to ours."""
+def from_timm(state_dict: Mapping[str, torch.Tensor] | nn.Module) -> dict[str, torch.Tensor]:
+    """Convert a timm ``gmlp_*`` state dict (``MlpMixer`` with ``SpatialGatingBlock``), or the timm model
+    itself, to ours."""
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
-    for key, value in state_dict.items():
+    for key, value in _as_state_dict(state_dict).items():
         m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)
         if m and m.group(2) in _TIMM_BLOCK:
             out[f"blocks.{m.group(1)}.{_TIMM_BLOCK[m.group(2)]}.{m.group(3)}"] = value
@@ -71,8 +86,10 @@ def from_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_g_mlp_pytorch(state_dict: dict[str, torch.Tensor], in_chans: int = 3) -> dict[str, torch.Tensor]:
-    """Convert a g-mlp-pytorch ``gMLPVision`` or ``gMLP`` state dict to ours.
+def from_g_mlp_pytorch(
+    state_dict: Mapping[str, torch.Tensor] | nn.Module, in_chans: int = 3
+) -> dict[str, torch.Tensor]:
+    """Convert a g-mlp-pytorch ``gMLPVision`` or ``gMLP`` state dict (or the model itself) to ours.
 
     Vision: the linear patch stem ``to_patch_embed.1`` (input order ``c p1 p2``) becomes the conv stem
     ``stem.proj``; ``to_logits.0``/``.2`` become ``norm``/``head``. Language: ``to_embed`` becomes
@@ -81,6 +98,7 @@ def from_g_mlp_pytorch(state_dict: dict[str, torch.Tensor], in_chans: int = 3) -
     (``circulant_pos_x``) are refused: that mode is not a Toeplitz W (see docs). ``in_chans`` gives the
     image channels of a vision checkpoint (not stored in it).
     """
+    state_dict = _as_state_dict(state_dict)
     if any("circulant_pos" in k for k in state_dict):
         raise CheckpointError(
             "g-mlp-pytorch checkpoint uses circulant_matrix=True, which builds a lower-triangular (causal) "
@@ -92,6 +110,11 @@ def from_g_mlp_pytorch(state_dict: dict[str, torch.Tensor], in_chans: int = 3) -
     for key, value in state_dict.items():
         m = re.fullmatch(r"layers\.(\d+)\.fn\.fn\.(?:fn\.)?sgu\.(weight|bias)", key)
         if m:
+            if value.dim() < (3 if m.group(2) == "weight" else 2):
+                raise CheckpointError(
+                    f"{key} has shape {tuple(value.shape)}; g-mlp-pytorch stores it as "
+                    f"{'(heads, n, n)' if m.group(2) == 'weight' else '(heads, n)'}"
+                )
             out[f"blocks.{m.group(1)}.sgu.proj.{m.group(2)}"] = value[0] if value.shape[0] == 1 else value
             continue
         m = re.fullmatch(r"layers\.(\d+)\.fn\.(norm|fn\.(?:fn\.)?(.+))\.(weight|bias)", key)
@@ -131,8 +154,9 @@ def from_g_mlp_pytorch(state_dict: dict[str, torch.Tensor], in_chans: int = 3) -
     return out
 
 
-def to_gmlp(state_dict: dict[str, torch.Tensor], in_chans: int = 3) -> dict[str, torch.Tensor]:
-    """Convert any supported layout to ours (ours passes through unchanged)."""
+def to_gmlp(state_dict: Mapping[str, torch.Tensor] | nn.Module, in_chans: int = 3) -> dict[str, torch.Tensor]:
+    """Convert any supported layout (a state dict or a module) to ours (ours passes through unchanged)."""
+    state_dict = _as_state_dict(state_dict)
     fmt = detect_format(state_dict)
     if fmt == "timm":
         return from_timm(state_dict)

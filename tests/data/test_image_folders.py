@@ -149,3 +149,17 @@ def test_step_batches_shard_every_sample_exactly_once_and_resume() -> None:
     assert tail == per_rank[1][5 * accum :]
     with pytest.raises(ValueError, match="divisible by world_size x grad_accum_steps"):
         StepBatches(n, 10, 0, 0, 1, world_size=2, accum_steps=3)
+
+
+def test_hf_dataset_with_text_labels_names_the_row(tmp_path: Path) -> None:
+    import datasets
+
+    root = make_tree(tmp_path / "imgs", {"train": 2}, corrupt=False)
+    files = sorted((root / "train").glob("*/*.png"))
+    labels = ["0"] * (len(files) - 1) + ["cat"]  # integers as text are fine; a class name is not an index
+    datasets.Dataset.from_dict({"image": [str(f) for f in files], "label": labels}).save_to_disk(
+        str(tmp_path / "hf")
+    )
+    last = len(files) - 1
+    with pytest.raises(ValueError, match=f"column 'label' must hold class indices.*row {last} holds 'cat'"):
+        hf_source(str(tmp_path / "hf"), None, candidates=("train",))

@@ -82,3 +82,15 @@ def test_direct_call_matches_matrix() -> None:
     z = torch.randn(9, 2, 3)
     ref = torch.einsum("ij,jbc->ibc", p.matrix(9), z)
     torch.testing.assert_close(toeplitz_mix_fft(p.weight, z, 12), ref, rtol=0, atol=1e-5)
+
+
+def test_fft_mixing_checks_its_arguments() -> None:
+    z = torch.randn(8, 2, 4)
+    with pytest.raises(ValueError, match=r"2 \* seq_len - 1 = 15 entries in its last axis, got shape \(13"):
+        toeplitz_mix_fft(torch.randn(13), z, 8)  # would have read the wrong offsets
+    with pytest.raises(ValueError, match="z must have 1 to seq_len=8 tokens, got 9"):
+        toeplitz_mix_fft(torch.randn(15), torch.randn(9, 2, 4), 8)
+    with pytest.raises(ValueError, match=r"z must have shape \(n, batch, channels\)"):
+        toeplitz_mix_fft(torch.randn(15), torch.randn(8, 4), 8)
+    with pytest.raises(ValueError, match=r"z's channels \(4\) must be divisible by weight's heads \(3\)"):
+        toeplitz_mix_fft(torch.randn(3, 15), z, 8)

@@ -221,3 +221,36 @@ def test_corrupt_pth(tmp_path: Path) -> None:
     path.write_bytes(bytes(range(256)) * 8)
     with pytest.raises(CheckpointError, match="garbage.pth"):
         gmlp.create_model("gmlp_micro4_28", pretrained=path)
+
+
+def test_a_text_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
+
+    config = GMLPConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        max_position_embeddings=23)
+    text = GMLPForMaskedLM(config)
+    text.save_pretrained(tmp_path / "mlm")
+    with pytest.raises(CheckpointError, match="holds a text model"):
+        load_pretrained(micro(), tmp_path / "mlm" / "model.safetensors")
+
+
+def test_a_non_square_grid_without_metadata_is_read_with_a_warning(tmp_path: Path) -> None:
+    model = micro(img_size=(28, 32))  # 7 x 8 tokens
+    torch.save(model.state_dict(), tmp_path / "plain.pth")  # no grid recorded
+    fresh = micro(img_size=(28, 32))
+    with pytest.warns(UserWarning, match="does not record the patch grid"):
+        load_pretrained(fresh, tmp_path / "plain.pth")
+    assert torch.equal(fresh.blocks[0].sgu.proj.weight, model.blocks[0].sgu.proj.weight)
+    save_model(model, tmp_path / "ours.safetensors")  # records the grid: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_pretrained(micro(img_size=(28, 32)), tmp_path / "ours.safetensors")
+
+
+def test_resampling_refuses_integer_tensors_and_unknown_modes() -> None:
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor, got dtype torch.int64"):
+        resample_spatial_weight(torch.ones(4, 4, dtype=torch.long), 2, 3)
+    with pytest.raises(TypeError, match="bias must be a floating-point tensor"):
+        resample_spatial_bias(torch.ones(4, dtype=torch.long), 2, 3)
+    with pytest.raises(ValueError, match="mode must be 'bicubic', 'bilinear' or 'nearest', got 'area'"):
+        resample_spatial_bias(torch.ones(4), 2, 3, mode="area")

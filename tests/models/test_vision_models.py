@@ -269,3 +269,37 @@ def test_bad_constructor_arguments() -> None:
         small(img_size=18)
     with pytest.raises(ValueError, match="even"):
         small(embed_dim=5, mlp_ratio=1)
+
+
+def test_create_model_passes_the_gating_variant_through() -> None:
+    model = gmlp.create_model("gmlp_nano4_28", variant="linear", depth=1)
+    assert model.blocks[0].sgu.variant == "linear"
+    assert model.pretrained_cfg["architecture"] == "gmlp_nano4_28"
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"depth": 0}, ValueError, "depth must be an int >= 1, got 0"),
+        ({"depth": -2}, ValueError, "depth must be an int >= 1, got -2"),
+        ({"depth": 2.5}, ValueError, "depth must be an int >= 1, got 2.5"),
+        ({"embed_dim": 16.0}, ValueError, "embed_dim must be an int >= 1, got 16.0"),
+        ({"embed_dim": -8}, ValueError, "embed_dim must be an int >= 1, got -8"),
+        ({"in_chans": 0}, ValueError, "in_chans must be an int >= 1, got 0"),
+        ({"mlp_ratio": 0}, ValueError, r"mlp_ratio must be a number in \(0, inf\), got 0"),
+        ({"drop_rate": 1.0}, ValueError, r"drop_rate must be a number in \[0, 1\), got 1.0"),
+        ({"norm_eps": -1.0}, ValueError, r"norm_eps must be a number in \(0, inf\), got -1.0"),
+        ({"init_std": -1.0}, ValueError, r"init_std must be a number in \[0, inf\), got -1.0"),
+        ({"pretrained_cfg": 5}, TypeError, "pretrained_cfg must be a dict or None, got int"),
+    ],
+)
+def test_bad_model_arguments_are_named(kwargs: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        gmlp.create_model("gmlp_nano4_28", **kwargs)
+
+
+def test_raw_uint8_images_are_refused_clearly() -> None:
+    model = gmlp.create_model("gmlp_micro4_28")
+    with pytest.raises(TypeError, match="images must be a floating-point tensor"):
+        model(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))

@@ -222,7 +222,15 @@ def hf_source(
         raise ValueError(f"dataset {name_or_path!r}: no label column in {list(features)}; pass label_key")
     if isinstance(features[image_key], datasets.Image):
         ds = ds.cast_column(image_key, datasets.Image(decode=False))
-    labels = [int(v) for v in ds[label_key]]
+    labels = []
+    for row, value in enumerate(ds[label_key]):
+        try:
+            labels.append(int(value))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"dataset {name_or_path!r} split {split_name!r}: label column {label_key!r} must hold class "
+                f"indices (a ClassLabel or integers); row {row} holds {value!r}"
+            ) from None
     if len(labels) == 0:
         raise ValueError(f"dataset {name_or_path!r} split {split_name!r} is empty")
     feature = features[label_key]

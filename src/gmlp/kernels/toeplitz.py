@@ -138,9 +138,24 @@ def toeplitz_mix_fft(
 
     Returns:
         ``(n, batch, channels)``, equal to ``W[:n, :n] @ z`` up to FFT rounding.
+
+    Raises:
+        ValueError: ``weight`` is not ``(2 * seq_len - 1,)`` or ``(heads, 2 * seq_len - 1)``, ``z`` is not
+            3-D, has more than ``seq_len`` tokens or channels not divisible by ``heads``.
     """
+    if not isinstance(z, torch.Tensor) or z.dim() != 3:
+        got = f"shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"z must have shape (n, batch, channels) (token-major), got {got}")
+    if weight.dim() not in (1, 2):
+        shape = tuple(weight.shape)
+        raise ValueError(f"weight must be (2 * seq_len - 1,) or (heads, 2 * seq_len - 1), got shape {shape}")
     n, batch, channels = z.shape
+    if not 1 <= n <= seq_len:
+        raise ValueError(f"z must have 1 to seq_len={seq_len} tokens, got {n}")
+    _check_lengths(weight, n, seq_len)
     heads = 1 if weight.dim() == 1 else weight.shape[0]
+    if channels % heads:
+        raise ValueError(f"z's channels ({channels}) must be divisible by weight's heads ({heads})")
     centre = seq_len - 1
     kernel = weight[..., centre - (n - 1) : centre + n]  # offsets -(n-1) .. n-1
     if causal:

@@ -66,6 +66,12 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     """
     state, metadata = load_state_dict_file(path)
     state = to_gmlp(state, in_chans=getattr(model, "in_chans", 3))
+    text_keys = any(k.startswith("gmlp.") for k in state)
+    if text_keys and not any(k.startswith("gmlp.") for k in model.state_dict()):
+        raise CheckpointError(
+            f"{path} holds a text model (its keys start with 'gmlp.', as in GMLPForMaskedLM), not a vision "
+            f"model; load it with gmlp.models.text (e.g. GMLPModel.from_pretrained)"
+        )
     grid = getattr(model, "grid_size", None)
     if grid is not None:
         n_model = grid[0] * grid[1]
@@ -73,6 +79,14 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
         for key in [k for k in state if k.endswith("sgu.proj.weight")]:
             n_ckpt = state[key].shape[-1]
             if n_ckpt == n_model and same_grid:
+                if grid[0] != grid[1] and "grid_size" not in metadata:
+                    warnings.warn(
+                        f"{path} does not record the patch grid its spatial weights were made for; they are "
+                        f"read on the model's {grid[0]}x{grid[1]} grid (a checkpoint made for "
+                        f"{grid[1]}x{grid[0]} would need resampling: gmlp.nn.resample_spatial_weight)",
+                        stacklevel=3,
+                    )
+                    metadata = {**metadata, "grid_size": f"{grid[0]},{grid[1]}"}  # warn once
                 continue  # (a recorded grid with as many tokens but another shape is resampled)
             old = _grid_from(metadata, n_ckpt)
             state[key] = resample_spatial_weight(state[key], old, grid)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..nn import GMLPBlock, PatchEmbed
+from ..nn._checks import check_int, check_number
 from .registry import register_model
 
 __all__ = ["GMLPVision", "drop_path_rates"]
@@ -86,6 +87,13 @@ class GMLPVision(nn.Module):
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        check_int(embed_dim, "embed_dim")
+        check_int(depth, "depth")
+        check_number(mlp_ratio, "mlp_ratio", low_open=True)
+        for name, value in (("drop_rate", drop_rate), ("proj_drop_rate", proj_drop_rate)):
+            check_number(value, name, high=1.0)
+        if pretrained_cfg is not None and not isinstance(pretrained_cfg, dict):
+            raise TypeError(f"pretrained_cfg must be a dict or None, got {type(pretrained_cfg).__name__}")
         dim_ffn = int(round(mlp_ratio * embed_dim))
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -230,9 +238,14 @@ _FASHION_MNIST_CFG: dict[str, Any] = {
 }
 
 
-def _create(variant: str, cfg: dict[str, Any] | None = None, **kwargs: Any) -> GMLPVision:
-    pretrained_cfg = {**(cfg or {}), **kwargs.pop("pretrained_cfg", {})}
-    pretrained_cfg["architecture"] = variant
+def _create(arch: str, cfg: dict[str, Any] | None = None, **kwargs: Any) -> GMLPVision:
+    """``GMLPVision(**kwargs)`` with ``pretrained_cfg`` made of ``cfg``, the given one and the architecture
+    name (``arch``, not ``variant``: that is GMLPVision's gating-function argument)."""
+    given = kwargs.pop("pretrained_cfg", None) or {}
+    if not isinstance(given, dict):
+        raise TypeError(f"pretrained_cfg must be a dict or None, got {type(given).__name__}")
+    pretrained_cfg = {**(cfg or {}), **given}
+    pretrained_cfg["architecture"] = arch
     if "img_size" in kwargs:
         pretrained_cfg.pop("input_size", None)
     return GMLPVision(pretrained_cfg=pretrained_cfg, **kwargs)

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["capturing", "check_tokens", "check_mask", "host_checks_enabled"]
+__all__ = [
+    "capturing",
+    "check_flag",
+    "check_int",
+    "check_mask",
+    "check_number",
+    "check_tokens",
+    "host_checks_enabled",
+]
 
 
 def capturing(t: torch.Tensor) -> bool:
@@ -17,6 +27,36 @@ def host_checks_enabled(t: torch.Tensor) -> bool:
     """Whether a check that reads tensor values back to the host may run on ``t``: not while torch.compile
     traces (it would break the graph) nor while a CUDA graph is captured (a host sync aborts the capture)."""
     return not torch.compiler.is_compiling() and not capturing(t)
+
+
+def check_int(value: object, name: str, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_number(
+    value: object, name: str, low: float = 0.0, high: float = math.inf, low_open: bool = False,
+    high_open: bool = True,
+) -> float:
+    """``value`` if it is a real number (not a bool) in the interval from ``low`` to ``high`` (each end open
+    or closed as given), else a ValueError naming ``name`` and the interval."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def check_flag(value: object, name: str) -> bool:
+    """``value`` if it is a bool, else a TypeError naming ``name`` (a string such as ``"no"`` would be
+    truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_tokens(x: torch.Tensor, dim: int, max_len: int | None, name: str = "x") -> None:

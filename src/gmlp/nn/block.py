@@ -17,7 +17,7 @@ from ..kernels.sgu_triton import (
     spatial_gating,
     triton_enabled,
 )
-from ._checks import check_mask, check_tokens
+from ._checks import check_int, check_mask, check_number, check_tokens
 from ._inplace import hookless, may_update_in_place
 from .attention import TinyAttention
 from .sgu import SpatialGatingUnit
@@ -43,8 +43,7 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float = 0.0, batch_dim: int = 1) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"drop path probability p must be in [0, 1), got {p}")
+        check_number(p, "drop path probability p", high=1.0)
         self.p = p
         self.batch_dim = batch_dim
 
@@ -93,10 +92,10 @@ class GMLPBlock(nn.Module):
         fft_threshold: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if not isinstance(dim_ffn, int) or dim_ffn < 1:
-            raise ValueError(f"dim_ffn must be a positive int, got {dim_ffn!r}")
+        check_int(dim, "dim")
+        check_int(dim_ffn, "dim_ffn")
+        check_number(norm_eps, "norm_eps", low_open=True)
+        check_number(dropout, "dropout", high=1.0)
         self.dim = dim
         self.seq_len = seq_len
         self.norm = nn.LayerNorm(dim, eps=norm_eps)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._checks import check_int
+
 __all__ = ["PatchEmbed", "to_2tuple"]
 
 
@@ -13,7 +15,7 @@ def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     if isinstance(value, int):
         value = (value, value)
     value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+    if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
         raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
     return value  # type: ignore[return-value]
 
@@ -39,7 +41,8 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.in_chans = in_chans
+        self.in_chans = check_int(in_chans, "in_chans")
+        check_int(dim, "dim")
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +50,11 @@ class PatchEmbed(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"images must have shape (batch, {self.in_chans}, H, W), got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"images must be a floating-point tensor (normalised pixels), got dtype {x.dtype}; convert "
+                f"raw images first, e.g. (x.float() / 255 - mean) / std"
+            )
         if x.shape[1] != self.in_chans:
             raise ValueError(
                 f"images must have {self.in_chans} channels, got {x.shape[1]} (shape {tuple(x.shape)})"

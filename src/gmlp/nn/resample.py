@@ -30,6 +30,17 @@ def _resample_last2(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.
     return out.reshape(*lead, *size)
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in ("bicubic", "bilinear", "nearest"):
+        raise ValueError(f"mode must be 'bicubic', 'bilinear' or 'nearest', got {mode!r}")
+
+
+def _check_floating(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name} must be a floating-point tensor, got {got}")
+
+
 def resample_spatial_weight(
     weight: torch.Tensor,
     old_grid: int | tuple[int, int],
@@ -48,14 +59,14 @@ def resample_spatial_weight(
         ``(N, N)`` or ``(heads, N, N)`` with ``N = H * W``, in ``weight``'s dtype.
     """
     (h, w), (nh, nw) = to_2tuple(old_grid, "old_grid"), to_2tuple(new_grid, "new_grid")
+    _check_floating(weight, "weight")
     n = h * w
     if weight.dim() not in (2, 3) or tuple(weight.shape[-2:]) != (n, n):
         raise ValueError(
             f"weight must have shape (n, n) or (heads, n, n) with n = {h}*{w} = {n} for old_grid {(h, w)}, "
             f"got {tuple(weight.shape)}"
         )
-    if mode not in ("bicubic", "bilinear", "nearest"):
-        raise ValueError(f"mode must be 'bicubic', 'bilinear' or 'nearest', got {mode!r}")
+    _check_mode(mode)
     lead = weight.shape[:-2]
     field = weight.reshape(*lead, h, w, h, w)
     field = _resample_last2(field, (nh, nw), mode)  # input axes
@@ -74,6 +85,8 @@ def resample_spatial_bias(
 ) -> torch.Tensor:
     """Resample a per-token bias ``(n,)`` or ``(heads, n)`` as a 2-D map from ``old_grid`` to ``new_grid``."""
     (h, w), (nh, nw) = to_2tuple(old_grid, "old_grid"), to_2tuple(new_grid, "new_grid")
+    _check_floating(bias, "bias")
+    _check_mode(mode)
     if bias.dim() not in (1, 2) or bias.shape[-1] != h * w:
         raise ValueError(f"bias must have shape (n,) or (heads, n) with n = {h * w}, got {tuple(bias.shape)}")
     lead = bias.shape[:-1]

@@ -377,7 +377,7 @@ def test_dropout_is_active_in_training_only() -> None:
          r"token_type_ids contains type 2 outside \[0, type_vocab_size=2\)"),
         ({"input_ids": torch.ones(1, 5, dtype=torch.long),
           "token_type_ids": torch.zeros(1, 4, dtype=torch.long)},
-         r"token_type_ids must be an integer tensor of shape \(batch, seq_len\) = \(1, 5\)"),
+         r"token_type_ids must be an integer or bool tensor of shape \(batch, seq_len\) = \(1, 5\)"),
         ({"input_ids": torch.ones(5, dtype=torch.long)},
          r"input_ids must be an integer tensor of shape \(batch, seq_len\)"),
         ({"input_ids": torch.ones(1, 5)}, r"input_ids must be an integer tensor"),

@@ -14,6 +14,9 @@ from ...nn import VARIANTS
 
 __all__ = ["GMLPConfig", "PRESETS"]
 
+# The problem_type values of transformers' sequence-classification heads (None = inferred from the labels).
+_PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
 #: The paper's language models (Table 5; the ablation model of Tables 3/4). All: vocabulary 32,000,
 #: n = 512 tokens, Toeplitz W, input embedding tied to the output layer. ``params`` is the count the spec
 #: reproduces from the paper's formula (blocks + tied embedding; heads and final norm add a little).
@@ -61,6 +64,11 @@ def _positive_float(name: str, value: Any, allow_zero: bool = False) -> None:
     if not number or not (value >= 0 if allow_zero else value > 0):
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be a {kind} float, got {value!r}")
+
+
+def _check_problem_type(problem_type: Any) -> None:
+    if problem_type is not None and problem_type not in _PROBLEM_TYPES:
+        raise ValueError(f"problem_type must be None or one of {list(_PROBLEM_TYPES)}, got {problem_type!r}")
 
 
 class GMLPConfig(PretrainedConfig):
@@ -118,7 +126,9 @@ class GMLPConfig(PretrainedConfig):
         pad_token_id, cls_token_id, sep_token_id, mask_token_id, bos_token_id, eos_token_id: special token
             ids, recorded for tokenizers, pipelines and ``generate``; None = not defined.
         **kwargs: the usual :class:`~transformers.PretrainedConfig` arguments (``num_labels``,
-            ``id2label``, ``problem_type``, ...).
+            ``id2label``, ``problem_type``, ...). ``num_labels``, where given, must be a positive int
+            (transformers would turn ``-2`` into an empty label map); ``problem_type`` must be None or
+            one of ``"regression"``, ``"single_label_classification"``, ``"multi_label_classification"``.
 
     Raises:
         ValueError: an argument is out of range; the message names it, its value and what is expected.
@@ -165,6 +175,9 @@ class GMLPConfig(PretrainedConfig):
         _positive_int("num_hidden_layers", num_hidden_layers)
         _positive_int("max_position_embeddings", max_position_embeddings)
         _positive_int("sgu_heads", sgu_heads)
+        if "num_labels" in kwargs:  # PretrainedConfig derives id2label from it: check before it does
+            _positive_int("num_labels", kwargs["num_labels"])
+        _check_problem_type(kwargs.get("problem_type"))
         if sgu_variant not in VARIANTS:
             raise ValueError(f"sgu_variant must be one of {sorted(VARIANTS)}, got {sgu_variant!r}")
         if sgu_variant == "sgu" and intermediate_size % 2:

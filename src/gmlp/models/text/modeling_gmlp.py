@@ -20,6 +20,7 @@ token ids. Outputs at padded positions are unspecified.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ from ...nn import GMLPBlock, TokenProjection
 from ...nn._checks import capturing, host_checks_enabled
 from ...utils.io import CheckpointError
 from ..vision import drop_path_rates
-from .configuration_gmlp import GMLPConfig
+from .configuration_gmlp import GMLPConfig, _check_problem_type
 
 try:  # transformers 5: init functions that skip weights already loaded by from_pretrained
     from transformers import initialization as _init
@@ -73,27 +74,64 @@ def _tied_keys(target: str) -> dict[str, str] | list[str]:
 
 
 def _describe(value: Any) -> str:
-    """Shape of a tensor (for error messages), else the value's type."""
-    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+    """Shape and dtype of a tensor (for error messages), else the value's type."""
+    return f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def _check_labels(labels: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """``labels`` as an integer ``(batch, seq_len)`` tensor on ``hidden``'s device (``hidden`` is
-    ``(batch, seq_len, dim)``); a clear error otherwise."""
-    shape = tuple(hidden.shape[:2])
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.dtype.is_floating_point
-        or labels.dtype.is_complex
-        or labels.dtype == torch.bool
-        or tuple(labels.shape) != shape
-    ):
-        got = f"{_describe(labels)} {labels.dtype}" if isinstance(labels, torch.Tensor) else _describe(labels)
+def _is_integer(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds integer ids (bool does not: it holds flags)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _check_labels(
+    labels: Any,
+    shape: tuple[int, ...],
+    device: torch.device,
+    num_classes: int | None,
+    *,
+    name: str = "labels",
+    layout: str = "(batch, seq_len)",
+    classes: str = "vocab_size",
+    note: str = "like the input ids (-100 = no prediction)",
+) -> torch.Tensor:
+    """``labels`` (token, class or position ids) as an int64 tensor of shape ``shape`` on ``device``; a
+    clear ``ValueError`` naming ``name`` otherwise.
+
+    Any integer dtype is accepted and cast to int64 (the losses need it); bool, float and complex are
+    refused. Where ``shape`` is ``(batch,)``, a ``(batch, 1)`` column is accepted too. With
+    ``num_classes``, every label must be in ``[0, num_classes)`` or the ignore index -100; that check reads
+    the values back to the host, so (like the ``input_ids`` range check) it is skipped while torch.compile
+    traces or a CUDA graph is captured. ``layout`` (``shape`` in words), ``classes`` (the name of
+    ``num_classes``) and ``note`` only word the messages.
+    """
+    tensor = isinstance(labels, torch.Tensor)
+    column = tensor and len(shape) == 1 and tuple(labels.shape) == (*shape, 1)
+    if not tensor or not _is_integer(labels.dtype) or (tuple(labels.shape) != shape and not column):
+        accepted = f"{layout} = {shape}" + (" or (batch, 1)" if len(shape) == 1 else "")
         raise ValueError(
-            f"labels must be an integer tensor of shape (batch, seq_len) = {shape} like the input ids "
-            f"(-100 = no prediction), got {got}"
+            f"{name} must be an integer tensor of shape {accepted} {note}, got {_describe(labels)}"
         )
-    return labels.to(hidden.device)
+    labels = labels.reshape(shape).to(device=device, dtype=torch.long)
+    if num_classes is not None and host_checks_enabled(labels):
+        bad = (labels != -100) & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name} contains {int(labels[bad][0])} outside [0, {classes}={num_classes}) "
+                f"(-100, the ignore index, is the only value allowed outside)"
+            )
+    return labels
+
+
+def _labels_first(
+    labels: Any, input_ids: Any, inputs_embeds: Any, device: torch.device, num_classes: int
+) -> Any:
+    """Token ``labels`` checked (:func:`_check_labels`) before the model runs, against the shape of the
+    ids or embeddings: on a GPU the range check's read-back then waits for the previous step only, not for
+    this step's forward. Returned unchanged when the inputs are not tensors (the model reports those)."""
+    source = input_ids if input_ids is not None else inputs_embeds
+    if labels is None or not isinstance(source, torch.Tensor) or source.dim() < 2:
+        return labels
+    return _check_labels(labels, tuple(source.shape[:2]), device, num_classes)
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -245,20 +283,24 @@ class GMLPModel(GMLPPreTrainedModel):
         attention_mask: torch.Tensor | None,
         token_type_ids: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
-    ) -> tuple[int, int, torch.Tensor | None]:
-        """Validate the inputs; return ``(batch, seq_len, mask)`` with ``mask`` bool or None."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Validate the inputs; return ``(input_ids, token_type_ids, mask)``: the ids of an integer dtype
+        that ``nn.Embedding`` does not take (uint8, int8, int16, ...) or bool token types cast to int64,
+        ``mask`` bool or None."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
             if (
                 not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
-                or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool
+                or not _is_integer(input_ids.dtype)
             ):
                 raise ValueError(
                     "input_ids must be an integer tensor of shape (batch, seq_len), "
                     f"got {_describe(input_ids)}"
                 )
+            if input_ids.dtype not in (torch.int32, torch.int64):
+                input_ids = input_ids.long()
             batch, n = input_ids.shape
         else:
             if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or (
@@ -267,6 +309,15 @@ class GMLPModel(GMLPPreTrainedModel):
                 raise ValueError(
                     f"inputs_embeds must have shape (batch, seq_len, hidden_size={cfg.hidden_size}), "
                     f"got {_describe(inputs_embeds)}"
+                )
+            dtype, kind = self.embed.weight.dtype, inputs_embeds.device.type
+            if inputs_embeds.dtype != dtype and not (  # under autocast its dtype is fine too
+                torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+                and inputs_embeds.dtype == torch.get_autocast_dtype(kind)
+            ):
+                raise ValueError(
+                    f"inputs_embeds has dtype {inputs_embeds.dtype}, but the model's parameters are {dtype}; "
+                    f"convert one of them (inputs_embeds.to({dtype}) or model.to({inputs_embeds.dtype}))"
                 )
             batch, n = inputs_embeds.shape[:2]
         if n == 0:
@@ -302,12 +353,14 @@ class GMLPModel(GMLPPreTrainedModel):
         if token_type_ids is not None:
             if (
                 not isinstance(token_type_ids, torch.Tensor) or tuple(token_type_ids.shape) != (batch, n)
-                or token_type_ids.dtype.is_floating_point
+                or token_type_ids.dtype.is_floating_point or token_type_ids.dtype.is_complex
             ):
                 raise ValueError(
-                    f"token_type_ids must be an integer tensor of shape (batch, seq_len) = ({batch}, {n}), "
-                    f"got {_describe(token_type_ids)}"
+                    f"token_type_ids must be an integer or bool tensor of shape (batch, seq_len) = "
+                    f"({batch}, {n}), got {_describe(token_type_ids)}"
                 )
+            if token_type_ids.dtype not in (torch.int32, torch.int64):
+                token_type_ids = token_type_ids.long()
             if checking:
                 size = cfg.type_vocab_size
                 bad = (token_type_ids < 0) | (token_type_ids >= max(size, 1))
@@ -316,7 +369,7 @@ class GMLPModel(GMLPPreTrainedModel):
                         f"token_type_ids contains type {int(token_type_ids[bad][0])} outside [0, "
                         f"type_vocab_size={size})" + (" (the model has no token types)" if size == 0 else "")
                     )
-        return batch, n, mask
+        return input_ids, token_type_ids, mask
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(
@@ -332,10 +385,13 @@ class GMLPModel(GMLPPreTrainedModel):
 
         Args:
             input_ids: ``(batch, seq_len)`` token ids in ``[0, vocab_size)``,
-                ``seq_len <= max_position_embeddings``.
+                ``seq_len <= max_position_embeddings``; any integer dtype (uint8, int16, ... are cast to
+                int64).
             attention_mask: ``(batch, seq_len)``, 1 = real token, 0 = padding (bool, int, or float 0/1).
-            token_type_ids: ``(batch, seq_len)`` segment ids in ``[0, type_vocab_size)``; None = all 0.
-            inputs_embeds: ``(batch, seq_len, hidden_size)`` instead of ``input_ids``.
+            token_type_ids: ``(batch, seq_len)`` segment ids in ``[0, type_vocab_size)``, of any integer
+                dtype or bool; None = all 0.
+            inputs_embeds: ``(batch, seq_len, hidden_size)`` instead of ``input_ids``, of the dtype of the
+                model's parameters (or, under ``torch.autocast``, of the autocast dtype); no silent cast.
             output_hidden_states: also return the input of every block and the final output
                 (``num_hidden_layers + 1`` tensors; the last one is ``last_hidden_state``).
             return_dict: return a :class:`~transformers.modeling_outputs.BaseModelOutput` (default) or a
@@ -345,14 +401,16 @@ class GMLPModel(GMLPPreTrainedModel):
             ``last_hidden_state`` ``(batch, seq_len, hidden_size)`` after the final LayerNorm.
 
         Raises:
-            ValueError: bad shapes, token or type ids out of range, sequence longer than
-                ``max_position_embeddings``.
+            ValueError: bad shapes or dtypes (float ids, ``inputs_embeds`` of another dtype than the model),
+                token or type ids out of range, sequence longer than ``max_position_embeddings``.
         """
         cfg = self.config
         if output_hidden_states is None:
             output_hidden_states = cfg.output_hidden_states
         return_dict = return_dict if return_dict is not None else cfg.return_dict
-        _, _, mask = self._check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
+        input_ids, token_type_ids, mask = self._check_inputs(
+            input_ids, attention_mask, token_type_ids, inputs_embeds
+        )
 
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if self.token_type_embed is not None:
@@ -442,17 +500,22 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
         (``(batch * min(max_predictions_per_seq, seq_len), vocab_size)``: its labelled tokens in order,
         then filler rows), on every path, CUDA graphs included. Other arguments: :meth:`GMLPModel.forward`.
 
+        ``labels`` of any integer dtype are cast to int64.
+
         Raises:
-            ValueError: ``labels`` is not an integer tensor of the input ids' shape, a sequence has more
-                labelled tokens than ``config.max_predictions_per_seq``, or bad inputs.
+            ValueError: ``labels`` is not an integer tensor of the input ids' shape, a label is outside
+                ``[0, vocab_size)`` and not -100, a sequence has more labelled tokens than
+                ``config.max_predictions_per_seq``, or bad inputs.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        vocab = self.decoder.out_features
+        labels = _labels_first(labels, input_ids, inputs_embeds, self.decoder.weight.device, vocab)
         out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
         hidden, loss = out.last_hidden_state, None
         if labels is None:
             logits = apply_linear(self.decoder, hidden)
         else:
-            labels = _check_labels(labels, hidden)
+            labels = _check_labels(labels, tuple(hidden.shape[:2]), hidden.device, None)  # range: checked
             overflow, per_seq = None, self.config.max_predictions_per_seq
             if self.config.sparse_prediction and per_seq is not None:
                 hidden, labels, overflow = _select_predictions(hidden, labels, per_seq)
@@ -470,13 +533,40 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
 
 class GMLPForSequenceClassification(GMLPPreTrainedModel):
     """Sentence (pair) classification or regression from the first real token (the ``<cls>`` token):
-    ``classifier(dropout(tanh(pooler(dropout(h_cls)))))``. ``num_labels == 1`` is regression (MSE);
-    otherwise the loss follows ``config.problem_type`` as in transformers (single-label cross-entropy for
-    integer labels, multi-label BCE for float labels)."""
+    ``classifier(dropout(tanh(pooler(dropout(h_cls)))))``.
+
+    The loss follows ``config.problem_type`` as in transformers:
+
+    - ``"regression"`` (MSE): float (or integer) labels of shape ``(batch,)`` or ``(batch, 1)`` when
+      ``num_labels == 1``, ``(batch, num_labels)`` otherwise.
+    - ``"single_label_classification"`` (cross-entropy): class ids in ``[0, num_labels)`` of any integer
+      dtype (cast to int64), shape ``(batch,)`` or ``(batch, 1)``; -100 = example ignored.
+    - ``"multi_label_classification"`` (BCE with logits): targets in ``[0, 1]`` of shape
+      ``(batch, num_labels)``, float, integer or bool (cast to the logits' dtype).
+
+    When ``config.problem_type`` is None, the first call with labels infers it as transformers does
+    (``num_labels == 1``: regression; integer labels: single-label; float or bool labels: multi-label) and
+    stores it in ``config.problem_type``, so that it is saved with the model and pipelines apply the
+    matching activation. A later call with the other kind of labels is then refused with a ``ValueError``
+    that names ``config.problem_type`` (set it yourself to change it); it is never reinterpreted silently.
+    """
 
     def __init__(self, config: GMLPConfig) -> None:
         super().__init__(config)
-        self.num_labels = config.num_labels
+        num_labels = config.num_labels
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(
+                "GMLPForSequenceClassification needs config.num_labels >= 1 (1 = regression), "
+                f"got {num_labels}"
+            )
+        _check_problem_type(config.problem_type)
+        if config.problem_type == "single_label_classification" and num_labels == 1:
+            raise ValueError(
+                "config.problem_type='single_label_classification' needs num_labels >= 2, got num_labels=1 "
+                "(use num_labels=2 for binary classification, or problem_type='regression')"
+            )
+        self.num_labels = num_labels
+        self._inferred_problem_type: str | None = None  # what forward() stored in config.problem_type
         self.gmlp = GMLPModel(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
@@ -494,8 +584,15 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> SequenceClassifierOutput | tuple[torch.Tensor, ...]:
-        """Logits ``(batch, num_labels)``; with ``labels`` also the loss. Other arguments:
-        :meth:`GMLPModel.forward`. The pooled token is the first one with ``attention_mask == 1``."""
+        """Logits ``(batch, num_labels)``; with ``labels`` also the loss (see the class docstring for the
+        labels each ``problem_type`` takes). Other arguments: :meth:`GMLPModel.forward`. The pooled token
+        is the first one with ``attention_mask == 1``.
+
+        Raises:
+            ValueError: ``labels`` of the wrong type, shape or dtype for ``config.problem_type`` (the
+                message names it and where it came from), class ids outside ``[0, num_labels)`` other
+                than -100, multi-label targets outside ``[0, 1]``, or bad inputs.
+        """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
         h = out.last_hidden_state
@@ -506,29 +603,77 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
             first = h[torch.arange(h.shape[0], device=h.device), index.to(h.device)]
         pooled = torch.tanh(self.pooler(self.dropout(first)))
         logits = self.classifier(self.dropout(pooled))
-
-        loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            if self.config.problem_type is None:
-                if self.num_labels == 1:
-                    self.config.problem_type = "regression"
-                elif labels.dtype in (torch.long, torch.int):
-                    self.config.problem_type = "single_label_classification"
-                else:
-                    self.config.problem_type = "multi_label_classification"
-            if self.config.problem_type == "regression":
-                if self.num_labels == 1:
-                    loss = MSELoss()(logits.squeeze(-1), labels.squeeze(-1).to(logits.dtype))
-                else:
-                    loss = MSELoss()(logits, labels.to(logits.dtype))
-            elif self.config.problem_type == "single_label_classification":
-                loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
-            else:
-                loss = BCEWithLogitsLoss()(logits, labels.to(logits.dtype))
+        loss = None if labels is None else self._loss(logits, labels)
         return _as_tuple(
             SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states), return_dict
         )
+
+    def _loss(self, logits: torch.Tensor, labels: Any) -> torch.Tensor:
+        """The loss of ``logits`` ``(batch, num_labels)`` for ``labels``, after checking them against
+        ``config.problem_type`` (inferred and stored when None, see the class docstring)."""
+        batch, k = logits.shape
+        if not isinstance(labels, torch.Tensor):
+            raise ValueError(
+                "labels must be a torch.Tensor of shape (batch,) (class ids, or regression values) or "
+                f"(batch, num_labels) (multi-label targets), got {_describe(labels)}"
+            )
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            if k == 1:
+                problem_type, why = "regression", "num_labels=1 means regression"
+            elif _is_integer(labels.dtype):
+                problem_type, why = "single_label_classification", "integer labels mean single-label"
+            else:
+                problem_type, why = "multi_label_classification", "float or bool labels mean multi-label"
+            origin = f"inferred from these labels: {why}"
+        elif problem_type == self._inferred_problem_type:
+            origin = (
+                "inferred from the labels of an earlier call and kept, as in transformers; set "
+                "config.problem_type to change it"
+            )
+        else:
+            origin = "set in the config"
+        context = f"config.problem_type={problem_type!r} ({origin})"
+
+        if problem_type == "single_label_classification":
+            labels = _check_labels(
+                labels, (batch,), logits.device, k, layout="(batch,)", classes="num_labels",
+                note=f"of class ids (-100 = example ignored) for {context}",
+            )
+            loss = CrossEntropyLoss()(logits, labels)
+        else:
+            regression = problem_type == "regression"
+            column = regression and k == 1
+            shape = (batch,) if column else (batch, k)
+            dtype_ok = (
+                labels.dtype.is_floating_point or _is_integer(labels.dtype)
+                or (labels.dtype == torch.bool and not regression)
+            )
+            shape_ok = tuple(labels.shape) == shape or (column and tuple(labels.shape) == (batch, 1))
+            if not (dtype_ok and shape_ok):
+                accepted = f"(batch,) = {shape} or (batch, 1)" if column else f"(batch, num_labels) = {shape}"
+                what = "(integer labels are cast)" if regression else (
+                    "of 0/1 or probability targets (integer and bool labels are cast)"
+                )
+                raise ValueError(
+                    f"labels must be a float tensor of shape {accepted} {what} for {context}, "
+                    f"got {_describe(labels)}"
+                )
+            target = labels.reshape(shape).to(device=logits.device, dtype=logits.dtype)
+            if regression:
+                loss = MSELoss()(logits.reshape(shape), target)
+            else:
+                if host_checks_enabled(target):
+                    bad = (target < 0) | (target > 1)
+                    if bool(bad.any()):
+                        raise ValueError(
+                            f"labels contains {float(target[bad][0])} outside [0, 1]: multi-label targets "
+                            f"are 0/1 or probabilities ({context})"
+                        )
+                loss = BCEWithLogitsLoss()(logits, target)
+        if self.config.problem_type is None:  # only once the labels passed the checks
+            self.config.problem_type = self._inferred_problem_type = problem_type
+        return loss
 
 
 class GMLPForQuestionAnswering(GMLPPreTrainedModel):
@@ -553,17 +698,36 @@ class GMLPForQuestionAnswering(GMLPPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> QuestionAnsweringModelOutput | tuple[torch.Tensor, ...]:
-        """``start_logits`` and ``end_logits`` ``(batch, seq_len)``; with both position tensors
-        (``(batch,)``) also the loss. Other arguments: :meth:`GMLPModel.forward`."""
+        """``start_logits`` and ``end_logits`` ``(batch, seq_len)``; with both position tensors (token
+        indices of any integer dtype, shape ``(batch,)`` or ``(batch, 1)``) also the loss. Other arguments:
+        :meth:`GMLPModel.forward`.
+
+        Raises:
+            ValueError: only one of ``start_positions`` and ``end_positions`` given, a position tensor of
+                the wrong type, shape or dtype, or bad inputs.
+        """
+        if (start_positions is None) != (end_positions is None):
+            given, missing = (
+                ("start_positions", "end_positions") if end_positions is None
+                else ("end_positions", "start_positions")
+            )
+            raise ValueError(f"{given} was given without {missing}; pass both to get the loss, or neither")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(dim=-1)
         start_logits, end_logits = start_logits.contiguous(), end_logits.contiguous()
         loss = None
         if start_positions is not None and end_positions is not None:
-            ignored = start_logits.shape[1]
-            start = start_positions.reshape(-1).clamp(0, ignored).to(start_logits.device)
-            end = end_positions.reshape(-1).clamp(0, ignored).to(end_logits.device)
+            batch, ignored = start_logits.shape
+            start, end = (
+                _check_labels(
+                    positions, (batch,), start_logits.device, None, name=name, layout="(batch,)",
+                    note="of token indices (outside the sequence = example ignored)",
+                ).clamp(0, ignored)
+                for name, positions in (
+                    ("start_positions", start_positions), ("end_positions", end_positions)
+                )
+            )
             loss_fct = CrossEntropyLoss(ignore_index=ignored)
             loss = (loss_fct(start_logits, start) + loss_fct(end_logits, end)) / 2
         return _as_tuple(
@@ -584,7 +748,9 @@ _IGNORED_GENERATION_KWARGS = frozenset(
 class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
     """Autoregressive gMLP language model: causal blocks (W masked to its lower triangle, causal tiny
     attention), final LayerNorm and ``lm_head`` (Linear with bias; weight tied to the input embedding when
-    ``tie_word_embeddings``). ``config.causal`` is forced to True.
+    ``tie_word_embeddings``). The model always mixes tokens causally: given a config with
+    ``causal=False`` it uses a copy with ``causal=True`` (``model.config.causal`` is True, so it is saved
+    that way) and leaves the caller's config unchanged.
 
     ``generate()`` works without a key/value cache: every step re-runs the model on the whole prefix (the
     token mixing of gMLP has no cache in this implementation), so sequences can grow up to
@@ -595,7 +761,10 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: GMLPConfig) -> None:
         if not config.causal:
-            logger.warning("GMLPForCausalLM needs causal token mixing: setting config.causal = True")
+            logger.warning(
+                "GMLPForCausalLM needs causal token mixing: using a copy of the config with causal=True"
+            )
+            config = copy.deepcopy(config)  # the caller's config (maybe shared with other models) stays as is
             config.causal = True
         super().__init__(config)
         self.gmlp = GMLPModel(config)
@@ -639,12 +808,15 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutput | tuple[torch.Tensor, ...]:
         """Next-token logits ``(batch, seq_len, vocab_size)``; with ``labels`` (``(batch, seq_len)``, usually
         ``input_ids``; -100 = ignored) also the mean cross-entropy of predicting ``labels[:, t + 1]`` from
-        position ``t``. Other arguments: :meth:`GMLPModel.forward`; the cache-related keyword arguments of
-        ``generate()`` (``use_cache``, ``past_key_values``, ``position_ids``, ...) are accepted and ignored.
+        position ``t``; ``labels`` of any integer dtype are cast to int64. Other arguments:
+        :meth:`GMLPModel.forward`; the cache-related keyword arguments of ``generate()`` (``use_cache``,
+        ``past_key_values``, ``position_ids``, ...) are accepted and ignored.
 
         Raises:
             TypeError: an unknown keyword argument.
-            ValueError: ``output_attentions=True`` (gMLP has no attention maps to return) or bad inputs.
+            ValueError: ``output_attentions=True`` (gMLP has no attention maps to return), ``labels`` not an
+                integer tensor of the input ids' shape or with a label outside ``[0, vocab_size)`` other
+                than -100, or bad inputs.
         """
         unknown = sorted(set(kwargs) - _IGNORED_GENERATION_KWARGS)
         if unknown:
@@ -652,11 +824,13 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions=True is not supported: gMLP has no attention maps to return")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        vocab = self.lm_head.out_features
+        labels = _labels_first(labels, input_ids, inputs_embeds, self.lm_head.weight.device, vocab)
         out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
         logits = apply_linear(self.lm_head, out.last_hidden_state)
         loss = None
         if labels is not None:
-            labels = _check_labels(labels, logits)
+            labels = _check_labels(labels, tuple(logits.shape[:2]), logits.device, None)  # range: checked
             shifted = logits[:, :-1]
             loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1))
         output = CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
