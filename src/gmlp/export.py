@@ -23,9 +23,13 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
 
     Raises:
         ImportError: the exporter's dependencies (``onnx``, ``onnxscript``) are missing.
+        ValueError: ``opset`` is given and the file could not be written in it (the exporter falls back to
+            its own opset with only a log message; the file is then removed).
     """
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 1):
+        raise ValueError(f"opset must be a positive int, got {opset!r}")
     try:
-        import onnx  # noqa: F401
+        import onnx
         import onnxscript  # noqa: F401
     except ImportError as err:
         raise ImportError(
@@ -45,6 +49,15 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
         program.save(str(path))
     finally:
         model.train(was_training)
+    if opset is not None:
+        imports = onnx.load(str(path)).opset_import
+        written = next((o.version for o in imports if o.domain in ("", "ai.onnx")), None)
+        if written != opset:
+            path.unlink()
+            raise ValueError(
+                f"opset {opset}: the exporter could not convert the model to it (it wrote opset {written}); "
+                f"choose another opset or leave it unset"
+            )
     return path
 
 

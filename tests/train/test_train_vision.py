@@ -107,11 +107,33 @@ def test_resume_without_checkpoint_says_so(tmp_path: Path) -> None:
     [({"model": "resnet50"}, "unknown model 'resnet50'"), ({"batch_size": 0}, "batch_size must be >= 1"),
      ({"lr": -1.0}, "lr must be > 0"), ({"label_smoothing": 1.0}, "label_smoothing"),
      ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
-     ({"batch_size": 4096}, "larger than the training set")],
+     ({"batch_size": 4096}, "larger than the training set"),
+     ({"warmup_lr": -1.0}, "warmup_lr must be >= 0"), ({"min_lr": 0.1}, r"min_lr \(0.1\) must not exceed lr"),
+     ({"betas": (1.5, 0.999)}, r"betas must both be in \[0, 1\)"), ({"threads": 0}, "threads must be >= 1"),
+     ({"train_subset": 0}, "train_subset must be >= 1"), ({"img_size": 0}, "img_size must be >= 1"),
+     ({"img_size": 16}, "img_size 16: the digits images are 8x8 tensors"),
+     ({"model_kwargs": {"num_classes": 5}}, r"model_kwargs num_classes=5 \(the data gives 10\)"),
+     ({"model_kwargs": {"in_chans": 3}}, r"in_chans=3 \(the data gives 1\)"),
+     ({"model_kwargs": {"depth": -3}}, "depth must be an int >= 1")],
 )
 def test_bad_settings_raise_clear_errors(tmp_path: Path, override: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         train_vision(VisionTrainConfig(**{**TINY, **override}, output=str(tmp_path / "run")))
+
+
+def test_matching_model_kwargs_and_img_size_are_accepted(tmp_path: Path) -> None:
+    cfg = VisionTrainConfig(**{**TINY, "epochs": 1, "train_subset": 64, "test_subset": 64}, img_size=8,
+                            model_kwargs={"num_classes": 10, "in_chans": 1, "img_size": [8, 8]},
+                            output=str(tmp_path / "run"))
+    assert train_vision(cfg)["step"] == 1
+
+
+def test_cli_reports_a_bad_setting_as_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["train", "--dataset", "digits", "--warmup-lr", "-1", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip() == "gmlp train: error: warmup_lr must be >= 0, got -1.0"
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @pytest.mark.skipif(not (fashion_mnist_root() / "train-images-idx3-ubyte.gz").is_file(),

@@ -145,3 +145,28 @@ def test_onnx_export_matches_pytorch(digits_run: Path, tmp_path: Path) -> None:
             expected = model(x).numpy()
         assert got.shape == (batch, 10)
         assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_eval_and_info_refuse_bad_sizes_as_usage_errors(
+    digits_run: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["eval", str(digits_run), "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "gmlp eval: error: batch_size must be >= 1, got 0"
+    assert main(["eval", str(digits_run), "--subset", "0"]) == 2
+    assert "subset must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["eval", str(digits_run), "--img-size", "16"]) == 2  # digits are 8x8 tensors: not resized
+    assert "img_size 16: the digits images are 8x8 tensors" in capsys.readouterr().err
+    assert main(["info", "gmlp_micro4_28", "--throughput", "--batch-size", "0"]) == 2
+    assert "batch_size (of the throughput measurement) must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_onnx_export_refuses_an_opset_it_cannot_write(digits_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnx + onnxscript")
+    from gmlp.export import export_checkpoint
+
+    with pytest.raises(ValueError, match="opset must be a positive int, got 0"):
+        export_checkpoint(digits_run, tmp_path / "m.onnx", opset=0)
+    # the exporter falls back to its own opset with only a log message; the file would be mislabelled
+    with pytest.raises(ValueError, match="opset 1: the exporter could not convert the model to it"):
+        export_checkpoint(digits_run, tmp_path / "m.onnx", opset=1, verify=False)
+    assert not (tmp_path / "m.onnx").exists()

@@ -1,7 +1,8 @@
 """The ``gmlp`` command line: argument parsing and dispatch only; the work lives in :mod:`gmlp.train`.
 
 Each sub-module of this package registers its sub-commands through ``register(subparsers)`` and sets a
-``func`` default that takes the parsed ``argparse.Namespace``.
+``func`` default that takes the parsed ``argparse.Namespace``. A :class:`gmlp.train.recipe.ConfigError`
+(a setting the command cannot run with) is printed as ``gmlp COMMAND: error: ...`` with exit status 2.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+
+from ..train.recipe import ConfigError
 
 __all__ = ["build_parser", "main"]
 
@@ -37,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ConfigError as err:  # a bad setting: a usage error, as argparse reports its own (no traceback)
+        print(f"gmlp {args.command}: error: {err}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -207,8 +207,8 @@ def _add_corpus_arguments(p: argparse.ArgumentParser) -> None:
         default=0.01,
         help="held-out fraction of documents, by text hash (default: 0.01)",
     )
-    g.add_argument("--max-documents", type=int, default=None, help="read at most N documents")
-    g.add_argument("--max-chars", type=int, default=None, help="read about N characters at most")
+    g.add_argument("--max-documents", type=int, default=None, help="read at most N >= 1 documents")
+    g.add_argument("--max-chars", type=int, default=None, help="read about N >= 1 characters at most")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -225,8 +225,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     tok.add_argument("--kind", choices=("wordpiece", "unigram"), default="wordpiece")
     tok.add_argument("--vocab-size", type=int, default=8192, help="default: 8192 (the paper: 32000)")
     tok.add_argument("--lowercase", action=_B, default=True, help="lowercase and strip accents (default: on)")
-    tok.add_argument("--min-frequency", type=int, default=2)
-    tok.add_argument("--model-max-length", type=int, default=512)
+    tok.add_argument(
+        "--min-frequency", type=int, default=2, help="WordPiece: least count of a merged piece (default: 2)"
+    )
+    tok.add_argument(
+        "--model-max-length", type=int, default=512, help="recorded max sequence length, >= 1 (default: 512)"
+    )
     _add_corpus_arguments(tok)
     tok.set_defaults(func=_tokenizer)
 
@@ -252,12 +256,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "saved model still returns dense logits; default: on)",
     )
     g.add_argument(
-        "--eval-every", type=int, default=200, help="held-out perplexity every N steps (default: 200)"
+        "--eval-every",
+        type=int,
+        default=200,
+        help="held-out perplexity every N steps, 0 = only at the end (default: 200)",
     )
     g.add_argument(
-        "--eval-batches", type=int, default=20, help="held-out batches per evaluation (default: 20)"
+        "--eval-batches",
+        type=int,
+        default=20,
+        help="held-out batches per evaluation, 0 = no held-out evaluation (default: 20)",
     )
-    g.add_argument("--init-from", default=None, help="start from a save_pretrained MLM folder")
+    g.add_argument(
+        "--init-from", default=None, help="start from a local save_pretrained MLM folder (no download)"
+    )
     g.add_argument(
         "--tokenizer-sample-chars",
         type=int,
@@ -293,9 +305,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--text-pair-column", default=None, help="second sentence of pair tasks (e.g. hypothesis)")
     g.add_argument("--label-column", default="label")
     g.add_argument("--num-labels", type=int, default=None, help="default: from the data; 1 = regression")
-    g.add_argument("--epochs", type=float, default=3.0)
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument(
+        "--epochs", type=float, default=3.0, help="training epochs, may be fractional (default: 3)"
+    )
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps, overriding --epochs (default / 0 = train for --epochs)",
+    )
+    g.add_argument("--eval-batch-size", type=int, default=64, help="default: 64")
     g.add_argument("--max-train-examples", type=int, default=None, help="use the first N training examples")
     g.add_argument("--max-eval-examples", type=int, default=None, help="use the first N dev / test examples")
     g.add_argument("--doc-stride", type=int, default=None, help="QA window overlap (default: seq_len / 4)")

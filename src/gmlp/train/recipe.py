@@ -15,10 +15,15 @@ import typing
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RecipeError", "coerce_setting", "load_recipe", "merge_settings", "setting_types"]
+__all__ = ["ConfigError", "RecipeError", "coerce_setting", "load_recipe", "merge_settings", "setting_types"]
 
 
-class RecipeError(ValueError):
+class ConfigError(ValueError):
+    """A setting has a value a command cannot run with; the message names the setting. The ``gmlp``
+    command line reports it as a usage error (one line, exit status 2) instead of a traceback."""
+
+
+class RecipeError(ConfigError):
     """A recipe file is unreadable, or holds an unknown key or a value of the wrong type."""
 
 

@@ -41,6 +41,7 @@ from ..data.text import TextDataError, load_text_splits, pack_sequences
 from ..utils.malloc import tune_malloc
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .optim import fused_adamw
+from .recipe import ConfigError
 
 __all__ = [
     "ARCHS",
@@ -134,6 +135,25 @@ class PretrainConfig(ModelOptions, _TrainOptions):
     eval_batches: int = 20
     init_from: str | None = None
 
+    def validate(self) -> None:
+        """Raise :class:`~gmlp.train.recipe.ConfigError` (a ``ValueError``; also a ``FileNotFoundError``
+        for a missing folder) naming the flag of the first bad option; :func:`pretrain` calls it before it
+        creates, reads or builds anything."""
+        from .tokenizer import check_corpus_options
+
+        _validate_train_options(self)
+        _validate_model_options(self, from_scratch=not self.init_from)
+        check_corpus_options(
+            valid_fraction=self.valid_fraction, max_documents=self.max_documents, max_chars=self.max_chars
+        )
+        _require(self, ("steps",), lambda v: v >= 1, ">= 1")
+        _require(self, ("mlm_probability",), lambda v: 0 < v < 1, "in (0, 1)")
+        _require(self, ("eval_every",), lambda v: v >= 0, ">= 0 (0 = only at the end)")
+        _require(self, ("eval_batches",), lambda v: v >= 0, ">= 0 (0 = no held-out evaluation)")
+        _require(self, ("tokenizer_sample_chars",), lambda v: v >= 1, ">= 1", optional=True)
+        if self.init_from and not self.resume:  # a resumed run reads its own config (checked again there)
+            _check_model_folder("--init-from", self.init_from, hub_cache=True)
+
 
 @dataclass
 class FinetuneConfig(ModelOptions, _TrainOptions):
@@ -164,6 +184,157 @@ class FinetuneConfig(ModelOptions, _TrainOptions):
     save_every: int = 0
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`~gmlp.train.recipe.ConfigError` (a ``ValueError``; also a ``FileNotFoundError``
+        for a missing folder) naming the flag of the first bad option; :func:`finetune` calls it before it
+        creates, reads or builds anything.
+
+        ``steps`` None or 0 means: train for ``epochs`` (which may be fractional)."""
+        if self.task not in ("classification", "qa"):
+            raise ConfigError(f"--task must be classification or qa, got {self.task!r}")
+        _validate_train_options(self)
+        _validate_model_options(self, from_scratch=not self.model)
+        _require(self, ("epochs",), lambda v: 0 < v < math.inf, "> 0 and finite (may be fractional)")
+        _require(self, ("steps",), lambda v: v >= 0, ">= 0 (0 or unset = train for --epochs)", optional=True)
+        at_least_one = ("eval_batch_size", "max_query_length", "max_answer_length", "n_best")
+        _require(self, at_least_one, lambda v: v >= 1, ">= 1")
+        _require(
+            self,
+            ("max_train_examples", "max_eval_examples", "num_labels"),
+            lambda v: v >= 1,
+            ">= 1",
+            optional=True,
+        )
+        _require(self, ("doc_stride",), lambda v: v >= 0, ">= 0", optional=True)
+        if self.model:
+            _check_model_folder("--model", self.model)
+
+
+class _MissingFolderError(ConfigError, FileNotFoundError):
+    """A folder named by a flag (``--model``, ``--init-from``, ``--tokenizer``) is missing or incomplete."""
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a config field (``adam_beta1`` -> ``--adam-beta1``)."""
+    return "--" + name.replace("_", "-")
+
+
+def _require(
+    opts: Any, names: Sequence[str], ok: Callable[[Any], bool], expected: str, *, optional: bool = False
+) -> None:
+    """Raise ``ConfigError`` naming the flag of the first of ``names`` whose value fails ``ok`` (NaN fails
+    every comparison); with ``optional``, None (the flag left out) passes."""
+    for name in names:
+        value = getattr(opts, name)
+        if value is None and optional:
+            continue
+        if value is None or not ok(value):
+            raise ConfigError(f"{_flag(name)} must be {expected}, got {value}")
+
+
+def _validate_train_options(opts: _TrainOptions) -> None:
+    from .tokenizer import SPECIAL_TOKENS, TOKENIZER_KINDS
+
+    _require(opts, ("batch_size", "grad_accum", "log_every", "keep_last"), lambda v: v >= 1, ">= 1")
+    _require(opts, ("lr", "adam_eps"), lambda v: v > 0, "> 0")
+    _require(opts, ("weight_decay",), lambda v: v >= 0, ">= 0")
+    _require(opts, ("warmup",), lambda v: v >= 0, ">= 0 (a fraction of the steps if < 1, else a step count)")
+    _require(opts, ("save_every",), lambda v: v >= 0, ">= 0 (0 = only at the end)")
+    _require(opts, ("clip_grad",), lambda v: v >= 0, ">= 0 (0 = off)", optional=True)
+    _require(opts, ("adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)")
+    _require(opts, ("stop_after_steps",), lambda v: v >= 1, ">= 1", optional=True)
+    specials = len(SPECIAL_TOKENS)
+    _require(opts, ("vocab_size",), lambda v: v > specials, f"> {specials} (the special tokens)")
+    choices = {
+        "precision": ("auto", "bf16", "fp32", "no"),
+        "device": ("auto", "cpu", "cuda"),
+        "tokenizer_kind": TOKENIZER_KINDS,
+    }
+    for name, allowed in choices.items():
+        value = getattr(opts, name)
+        if value not in allowed:
+            raise ConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {value!r}")
+    if opts.tokenizer:
+        folder = Path(opts.tokenizer)
+        if not folder.is_dir():
+            raise _MissingFolderError(
+                f"--tokenizer {opts.tokenizer!r}: no such directory (expected a tokenizer saved with "
+                f"save_pretrained, e.g. by gmlp tokenizer)"
+            )
+        if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+            raise _MissingFolderError(
+                f"--tokenizer {opts.tokenizer!r} holds no tokenizer (expected tokenizer.json from "
+                f"save_pretrained)"
+            )
+
+
+def _validate_model_options(opts: ModelOptions, *, from_scratch: bool) -> None:
+    """The architecture options; their consistency only when the model is built from them
+    (``from_scratch``: not loaded from ``--model`` / ``--init-from``, which ignore them)."""
+    if opts.arch not in ARCHS:
+        raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {opts.arch!r}")
+    _require(opts, ("layers", "hidden", "ffn"), lambda v: v >= 1, ">= 1")
+    _require(opts, ("seq_len",), lambda v: v >= 3, ">= 3 (room for [CLS], a token and [SEP])")
+    _require(opts, ("tiny_attn", "heads", "model_vocab_size"), lambda v: v >= 1, ">= 1", optional=True)
+    _require(opts, ("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")
+    if not from_scratch:
+        return
+    if opts.arch == "bert":
+        if opts.preset:
+            raise ConfigError("--preset names a gMLP/aMLP model; for BERT give --layers/--hidden/--ffn")
+        if opts.tiny_attn is not None:
+            raise ConfigError(
+                "--tiny-attn sets aMLP's tiny attention: it needs --arch amlp, not --arch bert "
+                "(BERT's attention heads: --heads)"
+            )
+        if opts.heads is not None and opts.hidden % opts.heads:
+            raise ConfigError(f"--heads must divide --hidden {opts.hidden}, got {opts.heads}")
+        heads = opts.heads or max(1, opts.hidden // 64)
+        if opts.hidden % heads:
+            raise ConfigError(
+                f"--hidden {opts.hidden} is not divisible by the default --heads {heads} (--hidden / 64); "
+                f"give --heads"
+            )
+        return
+    if opts.heads is not None:
+        raise ConfigError(
+            f"--heads sets BERT's attention heads: it needs --arch bert, not --arch {opts.arch}"
+        )
+    if opts.preset:
+        from ..models.text import PRESETS
+
+        if opts.preset not in PRESETS:
+            raise ConfigError(f"--preset: unknown preset {opts.preset!r}; known: {', '.join(PRESETS)}")
+    elif opts.arch == "gmlp" and opts.tiny_attn:
+        raise ConfigError("--tiny-attn makes an aMLP: use --arch amlp")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether ``repo_id`` is a hub model in the local cache (``local_files_only`` can load it)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except (ImportError, ValueError):  # not a valid repo id (e.g. a path)
+        return False
+
+
+def _check_model_folder(flag: str, path: str, *, hub_cache: bool = False) -> None:
+    """Raise a ``ConfigError`` (also a ``FileNotFoundError``) naming ``flag`` unless ``path`` is a
+    ``save_pretrained`` folder (or, with ``hub_cache``, a hub model already in the local cache: nothing is
+    downloaded)."""
+    folder = Path(path)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise _MissingFolderError(f"{flag} {path!r} holds no config.json (a save_pretrained folder)")
+        return
+    if hub_cache and _in_hub_cache(path):
+        return
+    what = "a file, not a folder" if folder.exists() else "no such directory"
+    raise _MissingFolderError(
+        f"{flag} {path!r}: {what} (expected a save_pretrained folder; nothing is downloaded)"
+    )
 
 
 def config_from_namespace(cls: type, ns: Any) -> Any:
@@ -763,7 +934,11 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     Returns:
         ``{"step", "completed", "final" (path or None), "validation" (last held-out metrics)}``.
+
+    Raises:
+        ConfigError: a bad option (:meth:`PretrainConfig.validate`), before anything is read or written.
     """
+    cfg.validate()
     from transformers import AutoConfig, AutoModelForMaskedLM
 
     with contextlib.suppress(ImportError):
@@ -772,8 +947,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     accelerator = _make_accelerator(cfg)
     out = Path(cfg.output)
     resume_from = _prepare_output(out, cfg, accelerator)
-    if cfg.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
 
     splits = load_text_splits(
         cfg.corpus,
@@ -796,6 +969,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         config = AutoConfig.from_pretrained(str(out), local_files_only=True)
         init_from = None
     elif cfg.init_from:
+        _check_model_folder("--init-from", cfg.init_from, hub_cache=True)  # --resume without a checkpoint
         config = AutoConfig.from_pretrained(cfg.init_from, local_files_only=True)
         init_from = cfg.init_from
     else:
@@ -1112,15 +1286,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     Returns:
         ``{"step", "completed", "final", "validation", "test"}``.
+
+    Raises:
+        ConfigError: a bad option (:meth:`FinetuneConfig.validate`), before anything is read or written.
     """
+    cfg.validate()
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
     from ..data.sentiment import load_classification, load_qa
 
     with contextlib.suppress(ImportError):
         import gmlp.models.text  # noqa: F401  (Auto-class registration)
-    if cfg.task not in ("classification", "qa"):
-        raise ValueError(f"task must be 'classification' or 'qa', got {cfg.task!r}")
     qa = cfg.task == "qa"
     tune_malloc()
     accelerator = _make_accelerator(cfg)
@@ -1163,17 +1339,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             setattr(data, split, getattr(data, split)[:limit])
 
     if cfg.model:
-        model_dir = Path(cfg.model)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(
-                f"--model {str(model_dir)!r} holds no config.json (a save_pretrained folder)"
-            )
+        model_dir = Path(cfg.model)  # a save_pretrained folder (FinetuneConfig.validate)
         from .tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.tokenizer or model_dir)
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, **extra)
-        if not 0.0 <= cfg.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
         for name in (
             "hidden_dropout_prob",
             "attention_probs_dropout_prob",

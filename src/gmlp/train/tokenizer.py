@@ -11,9 +11,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .recipe import ConfigError
+
 __all__ = [
     "SPECIAL_TOKENS",
     "TOKENIZER_KINDS",
+    "check_corpus_options",
     "load_tokenizer",
     "train_tokenizer",
     "train_tokenizer_command",
@@ -22,6 +25,17 @@ __all__ = [
 #: Special tokens in id order.
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TOKENIZER_KINDS: tuple[str, ...] = ("wordpiece", "unigram")
+
+
+def check_corpus_options(*, valid_fraction: float, max_documents: int | None, max_chars: int | None) -> None:
+    """Raise :class:`~gmlp.train.recipe.ConfigError` naming the flag (``--valid-fraction``,
+    ``--max-documents``, ``--max-chars``) of the first bad corpus option (shared by ``gmlp tokenizer``
+    and ``gmlp pretrain``)."""
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ConfigError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
+    for flag, value in (("--max-documents", max_documents), ("--max-chars", max_chars)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1 (leave it out for no limit), got {value}")
 
 
 def _batches(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
@@ -60,7 +74,8 @@ def train_tokenizer(
         show_progress: show the trainer's progress bar.
 
     Raises:
-        ValueError: unknown ``kind``, a vocabulary smaller than the special tokens, or an empty corpus.
+        ValueError: unknown ``kind``, a vocabulary smaller than the special tokens, a negative
+            ``min_frequency``, a ``model_max_length`` below 1, or an empty corpus.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -71,6 +86,10 @@ def train_tokenizer(
         raise ValueError(
             f"vocab_size must be larger than the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}"
         )
+    if min_frequency < 0:
+        raise ValueError(f"min_frequency must be >= 0, got {min_frequency}")
+    if model_max_length < 1:
+        raise ValueError(f"model_max_length must be >= 1, got {model_max_length}")
     specials = list(SPECIAL_TOKENS)
     if kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
@@ -167,8 +186,25 @@ def train_tokenizer_command(
 
     Only the training split is used, so the held-out perplexity of a model using it stays honest.
     Returns the tokenizer.
+
+    Raises:
+        ConfigError: a bad option (a ``ValueError``), named by its ``gmlp tokenizer`` flag, before any
+            text is read.
     """
     from ..data.text import load_text_splits
+
+    if kind not in TOKENIZER_KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(TOKENIZER_KINDS)}, got {kind!r}")
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise ConfigError(
+            f"--vocab-size must be > {len(SPECIAL_TOKENS)} (the special tokens {' '.join(SPECIAL_TOKENS)}), "
+            f"got {vocab_size}"
+        )
+    if min_frequency < 0:
+        raise ConfigError(f"--min-frequency must be >= 0, got {min_frequency}")
+    if model_max_length < 1:
+        raise ConfigError(f"--model-max-length must be >= 1, got {model_max_length}")
+    check_corpus_options(valid_fraction=valid_fraction, max_documents=max_documents, max_chars=max_chars)
 
     splits = load_text_splits(
         corpus,

@@ -59,6 +59,7 @@ from .distributed import (
     shard_model,
     shutdown,
 )
+from .recipe import ConfigError
 
 __all__ = ["TENSOR_DATASETS", "VisionTrainConfig", "build_model", "evaluate", "train_vision"]
 
@@ -148,62 +149,72 @@ class VisionTrainConfig:
             import timm
 
             if not timm.is_model(self.model[5:]):
-                raise ValueError(f"model: unknown timm model {self.model[5:]!r}")
+                raise ConfigError(f"model: unknown timm model {self.model[5:]!r}")
         elif self.model not in list_models():
-            raise ValueError(
+            raise ConfigError(
                 f"model: unknown model {self.model!r}; known models: {', '.join(list_models())} "
                 f"(or timm:NAME for a timm model)"
             )
         if self.dataset not in TENSOR_DATASETS + PIL_DATASETS:
             known = ", ".join(TENSOR_DATASETS + PIL_DATASETS)
-            raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {known}")
+            raise ConfigError(f"unknown dataset {self.dataset!r}; expected one of {known}")
         if self.dataset in PIL_DATASETS and not self.data_root:
             what = "the folder with train/ and val/" if self.dataset == "imagefolder" else "a hub name/path"
-            raise ValueError(f"dataset {self.dataset!r} needs data_root (--data-root): {what}")
+            raise ConfigError(f"dataset {self.dataset!r} needs data_root (--data-root): {what}")
         positive = ("epochs", "batch_size", "eval_batch_size", "keep_last", "grad_accum_steps", "log_every",
                     "recount")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "eps", "ema_decay"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("min_lr", "weight_decay", "grad_clip", "warmup_steps", "checkpoint_every", "workers",
                      "mixup", "cutmix", "color_jitter"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("label_smoothing", "drop_path_rate", "drop_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("hflip", "mixup_prob", "mixup_switch_prob", "reprob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+            raise ConfigError(f"max_steps must be >= 0, got {self.max_steps}")
         if self.ema_decay >= 1:
-            raise ValueError(f"ema_decay must be < 1, got {self.ema_decay}")
+            raise ConfigError(f"ema_decay must be < 1, got {self.ema_decay}")
         choices = {"drop_path_schedule": ("uniform", "linear"), "mixup_mode": ("batch", "pair", "elem"),
                    "remode": ("const", "rand", "pixel"), "device": ("auto", "cpu", "cuda"),
                    "precision": ("auto", "fp32", "bf16"), "strategy": STRATEGIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.ema and self.strategy == "fsdp":
-            raise ValueError(
+            raise ConfigError(
                 "ema=True is not supported with strategy='fsdp' (the EMA copy would be a second, unsharded "
                 "model on every process); use strategy='ddp' or turn ema off"
             )
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must be 0 < min <= max <= 1, got {self.crop_scale}")
+            raise ConfigError(f"crop_scale must be 0 < min <= max <= 1, got {self.crop_scale}")
         policies = ("rand", "augmix", "original", "v0", "3a")
         if self.auto_augment is not None and not self.auto_augment.startswith(policies):
-            raise ValueError(
+            raise ConfigError(
                 f"auto_augment {self.auto_augment!r} is not a timm policy (e.g. rand-m9-mstd0.5-inc1)"
             )
         if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
-            raise ValueError(f"mean and std need the same length, got {self.mean} and {self.std}")
+            raise ConfigError(f"mean and std need the same length, got {self.mean} and {self.std}")
         if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be > 0, got {self.std}")
+            raise ConfigError(f"std must be > 0, got {self.std}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.warmup_lr is not None and self.warmup_lr < 0:
+            raise ConfigError(f"warmup_lr must be >= 0, got {self.warmup_lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas must both be in [0, 1), got {self.betas}")
+        for name in ("threads", "img_size", "train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 (or unset), got {value}")
 
     @property
     def uses_pil(self) -> bool:
@@ -627,6 +638,20 @@ def train_vision(config: VisionTrainConfig, resume: bool = False) -> dict[str, A
         shutdown(env)
 
 
+def _check_model_kwargs(model_kwargs: dict[str, Any], arch: dict[str, Any]) -> None:
+    """Refuse ``model_kwargs`` that contradict what the data sets (classes, image size, channels): the data's
+    values would silently win."""
+    def same(a: Any, b: Any) -> bool:
+        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+        return pair(a) == pair(b)
+
+    clashes = [f"{k}={model_kwargs[k]!r} (the data gives {v!r})" for k, v in arch.items()
+               if k in ("num_classes", "img_size", "in_chans") and k in model_kwargs
+               and not same(model_kwargs[k], v)]
+    if clashes:
+        raise ConfigError(f"model_kwargs {', '.join(clashes)}: the dataset sets these; leave them out")
+
+
 def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, Any]:  # noqa: C901
     tune_malloc()
     if config.threads:
@@ -647,9 +672,16 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
     arch: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": config.drop_path_rate,
                             "drop_path_schedule": config.drop_path_schedule, "drop_rate": config.drop_rate}
     if data.train_tensors is not None:  # in-memory images: the model takes their size and channels
+        if config.img_size is not None and (config.img_size,) * 2 != tuple(data.size):
+            raise ConfigError(
+                f"img_size {config.img_size}: the {config.dataset} images are {data.size[0]}x{data.size[1]} "
+                f"tensors, which this pipeline does not resize; leave img_size unset (or use an "
+                f"image-folder/hub dataset, whose images are resized to img_size)"
+            )
         arch.update(img_size=data.size, in_chans=data.chans)
     elif config.img_size is not None:
         arch["img_size"] = config.img_size
+    _check_model_kwargs(config.model_kwargs, arch)
     model = build_model(config.model, **{**config.model_kwargs, **arch})
     chans = model_input_size(model)[0]
     model.to(device)

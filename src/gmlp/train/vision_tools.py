@@ -128,7 +128,15 @@ def evaluate_checkpoint(
     """Top-1 / top-5 accuracy and mean cross-entropy of a checkpoint on a dataset split.
 
     Unset arguments come from the run's ``config.json`` when the checkpoint belongs to a training run.
+
+    Raises:
+        ConfigError: ``batch_size`` or ``subset`` below 1, ``workers`` below 0.
     """
+    from .recipe import ConfigError
+
+    for name, value, low in (("batch_size", batch_size, 1), ("subset", subset, 1), ("workers", workers, 0)):
+        if value is not None and value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
     from ..data import folders
     from ..data.images import load_image_dataset
     from .vision import (
@@ -158,6 +166,11 @@ def evaluate_checkpoint(
     if dataset in TENSOR_DATASETS:
         test = load_image_dataset(dataset, split or "test", data_root).subset(subset)
         _, chans, h, w = test.images.shape
+        if img_size is not None and (img_size, img_size) != (h, w):
+            raise ConfigError(
+                f"img_size {img_size}: the {dataset} images are {h}x{w} tensors, which are not resized; "
+                f"leave img_size unset"
+            )
         net = _load_for_eval(name, weights, len(test.classes), (h, w), chans, kwargs).to(dev)
         mean_t, std_t = norm_stats(net, chans, mean, std)
         m, s = (torch.tensor(v, device=dev).view(1, -1, 1, 1) for v in (mean_t, std_t))
@@ -254,7 +267,11 @@ def model_info(name: str, *, img_size: int | None = None, in_chans: int | None =
                num_classes: int | None = None, throughput: bool = False, batch_size: int = 32,
                device: str = "auto", model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Parameters, GMACs per image and (optionally) inference throughput of a model; ``summary`` is a text."""
+    from .recipe import ConfigError
     from .vision import build_model, model_input_size
+
+    if throughput and batch_size < 1:
+        raise ConfigError(f"batch_size (of the throughput measurement) must be >= 1, got {batch_size}")
 
     explicit = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
     given = {k: v for k, v in explicit.items() if v is not None}

@@ -1,0 +1,268 @@
+"""``gmlp tokenizer / pretrain / finetune`` refuse bad options up front, with a message naming the flag.
+
+A refused option is a :class:`gmlp.train.recipe.ConfigError`, which the command line reports as argparse
+does: ``gmlp COMMAND: error: ...`` on stderr, exit status 2, no traceback. Every check must run before the
+run folder, the accelerator, the data or the model exist: the data loaders and the accelerator are
+replaced by a stub that raises :class:`_Reached`, so a test whose value is not refused early fails at once
+instead of training.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import gmlp.data.sentiment as sentiment
+import gmlp.data.text as text_data
+from gmlp.cli import build_parser, main
+from gmlp.train import text as pipelines
+from gmlp.train.recipe import ConfigError
+
+
+class _Reached(Exception):
+    """The command got past option validation (to the data, the accelerator or the run folder)."""
+
+
+@pytest.fixture(autouse=True)
+def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    def reached(*args: object, **kwargs: object) -> None:
+        raise _Reached
+
+    monkeypatch.setattr(pipelines, "load_text_splits", reached)
+    monkeypatch.setattr(pipelines, "_make_accelerator", reached)
+    monkeypatch.setattr(pipelines, "_prepare_output", reached)
+    monkeypatch.setattr(text_data, "load_text_splits", reached)
+    monkeypatch.setattr(sentiment, "load_classification", reached)
+    monkeypatch.setattr(sentiment, "load_qa", reached)
+
+
+def _usage_error(argv: list[str], pattern: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``gmlp ARGV --output RUN`` in-process: exit status 2, a one-line ``gmlp COMMAND: error: ...``
+    matching ``pattern``, no traceback, and no run folder."""
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main([*argv, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"^gmlp {argv[0]}: error: {pattern}$", err, re.MULTILINE), err
+    assert "Traceback" not in err
+    assert not out.exists()
+    return err
+
+
+def _refused(
+    argv: list[str], flag: str, expected: str, got: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _usage_error(argv, rf"{re.escape(flag)}\b.*{expected}.*got {re.escape(got)}", tmp_path, capsys)
+
+
+def _ids(cases: list[tuple[list[str], str, str, str]]) -> list[str]:
+    return [" ".join(case[0]) for case in cases]
+
+
+PRETRAIN_BAD = [
+    (["--clip-grad", "-1"], "--clip-grad", ">= 0", "-1.0"),
+    (["--weight-decay", "-1"], "--weight-decay", ">= 0", "-1.0"),
+    (["--lr", "0"], "--lr", "> 0", "0.0"),
+    (["--lr", "-1"], "--lr", "> 0", "-1.0"),
+    (["--lr", "nan"], "--lr", "> 0", "nan"),
+    (["--log-every", "0"], "--log-every", ">= 1", "0"),
+    (["--save-every", "-1"], "--save-every", ">= 0", "-1"),
+    (["--stop-after-steps", "0"], "--stop-after-steps", ">= 1", "0"),
+    (["--stop-after-steps", "-1"], "--stop-after-steps", ">= 1", "-1"),
+    (["--keep-last", "0"], "--keep-last", ">= 1", "0"),
+    (["--batch-size", "0"], "--batch-size", ">= 1", "0"),
+    (["--grad-accum", "0"], "--grad-accum", ">= 1", "0"),
+    (["--warmup", "-1"], "--warmup", ">= 0", "-1.0"),
+    (["--adam-beta1", "2"], "--adam-beta1", r"in \[0, 1\)", "2.0"),
+    (["--adam-beta1", "-0.1"], "--adam-beta1", r"in \[0, 1\)", "-0.1"),
+    (["--adam-beta2", "1"], "--adam-beta2", r"in \[0, 1\)", "1.0"),
+    (["--adam-eps", "0"], "--adam-eps", "> 0", "0.0"),
+    (["--adam-eps", "-1"], "--adam-eps", "> 0", "-1.0"),
+    (["--vocab-size", "5"], "--vocab-size", "> 5", "5"),
+    (["--arch", "amlp", "--tiny-attn", "0"], "--tiny-attn", ">= 1", "0"),
+    (["--arch", "gmlp", "--tiny-attn", "0"], "--tiny-attn", ">= 1", "0"),
+    (["--arch", "amlp", "--tiny-attn", "-8"], "--tiny-attn", ">= 1", "-8"),
+    (["--arch", "bert", "--heads", "0"], "--heads", ">= 1", "0"),
+    (["--arch", "bert", "--heads", "-2"], "--heads", ">= 1", "-2"),
+    (["--arch", "bert", "--heads", "3"], "--heads", "divide --hidden 128", "3"),
+    (["--layers", "0"], "--layers", ">= 1", "0"),
+    (["--hidden", "0"], "--hidden", ">= 1", "0"),
+    (["--ffn", "-1"], "--ffn", ">= 1", "-1"),
+    (["--seq-len", "2"], "--seq-len", ">= 3", "2"),
+    (["--dropout", "1"], "--dropout", r"in \[0, 1\)", "1.0"),
+    (["--dropout", "-0.1"], "--dropout", r"in \[0, 1\)", "-0.1"),
+    (["--model-vocab-size", "0"], "--model-vocab-size", ">= 1", "0"),
+    (["--max-chars", "-1"], "--max-chars", ">= 1", "-1"),
+    (["--max-chars", "0"], "--max-chars", ">= 1", "0"),
+    (["--max-documents", "0"], "--max-documents", ">= 1", "0"),
+    (["--valid-fraction", "1"], "--valid-fraction", r"in \[0, 1\)", "1.0"),
+    (["--steps", "0"], "--steps", ">= 1", "0"),
+    (["--steps", "-5"], "--steps", ">= 1", "-5"),
+    (["--mlm-probability", "0"], "--mlm-probability", r"in \(0, 1\)", "0.0"),
+    (["--mlm-probability", "1.5"], "--mlm-probability", r"in \(0, 1\)", "1.5"),
+    (["--eval-every", "-1"], "--eval-every", ">= 0", "-1"),
+    (["--eval-batches", "-1"], "--eval-batches", ">= 0", "-1"),
+    (["--tokenizer-sample-chars", "0"], "--tokenizer-sample-chars", ">= 1", "0"),
+]
+
+
+@pytest.mark.parametrize(("argv", "flag", "expected", "got"), PRETRAIN_BAD, ids=_ids(PRETRAIN_BAD))
+def test_pretrain_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], flag: str, expected: str, got: str
+) -> None:
+    _refused(["pretrain", *argv], flag, expected, got, tmp_path, capsys)
+
+
+FINETUNE_BAD = [
+    (["--steps", "-1"], "--steps", ">= 0", "-1"),
+    (["--epochs", "0"], "--epochs", "> 0", "0.0"),
+    (["--epochs", "-1"], "--epochs", "> 0", "-1.0"),
+    (["--max-train-examples", "0"], "--max-train-examples", ">= 1", "0"),
+    (["--max-train-examples", "-3"], "--max-train-examples", ">= 1", "-3"),
+    (["--max-eval-examples", "0"], "--max-eval-examples", ">= 1", "0"),
+    (["--max-eval-examples", "-3"], "--max-eval-examples", ">= 1", "-3"),
+    (["--eval-batch-size", "0"], "--eval-batch-size", ">= 1", "0"),
+    (["--num-labels", "0"], "--num-labels", ">= 1", "0"),
+    (["--doc-stride", "-1"], "--doc-stride", ">= 0", "-1"),
+    (["--max-query-length", "0"], "--max-query-length", ">= 1", "0"),
+    (["--max-answer-length", "0"], "--max-answer-length", ">= 1", "0"),
+    (["--n-best", "0"], "--n-best", ">= 1", "0"),
+    (["--clip-grad", "-1"], "--clip-grad", ">= 0", "-1.0"),
+    (["--weight-decay", "-0.5"], "--weight-decay", ">= 0", "-0.5"),
+    (["--lr", "0"], "--lr", "> 0", "0.0"),
+    (["--adam-beta2", "1.5"], "--adam-beta2", r"in \[0, 1\)", "1.5"),
+    (["--adam-eps", "0"], "--adam-eps", "> 0", "0.0"),
+    (["--log-every", "0"], "--log-every", ">= 1", "0"),
+    (["--save-every", "-1"], "--save-every", ">= 0", "-1"),
+    (["--stop-after-steps", "0"], "--stop-after-steps", ">= 1", "0"),
+    (["--dropout", "1.5"], "--dropout", r"in \[0, 1\)", "1.5"),
+    (["--arch", "bert", "--heads", "0"], "--heads", ">= 1", "0"),
+    (["--arch", "amlp", "--tiny-attn", "0"], "--tiny-attn", ">= 1", "0"),
+]
+
+
+@pytest.mark.parametrize(("argv", "flag", "expected", "got"), FINETUNE_BAD, ids=_ids(FINETUNE_BAD))
+def test_finetune_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], flag: str, expected: str, got: str
+) -> None:
+    _refused(["finetune", *argv], flag, expected, got, tmp_path, capsys)
+
+
+TOKENIZER_BAD = [
+    (["--min-frequency", "-1"], "--min-frequency", ">= 0", "-1"),
+    (["--model-max-length", "0"], "--model-max-length", ">= 1", "0"),
+    (["--vocab-size", "3"], "--vocab-size", "> 5", "3"),
+    (["--max-chars", "0"], "--max-chars", ">= 1", "0"),
+    (["--max-documents", "-1"], "--max-documents", ">= 1", "-1"),
+    (["--valid-fraction", "-0.1"], "--valid-fraction", r"in \[0, 1\)", "-0.1"),
+]
+
+
+@pytest.mark.parametrize(("argv", "flag", "expected", "got"), TOKENIZER_BAD, ids=_ids(TOKENIZER_BAD))
+def test_tokenizer_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], flag: str, expected: str, got: str
+) -> None:
+    _refused(["tokenizer", *argv], flag, expected, got, tmp_path, capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pretrain", "--arch", "gmlp", "--heads", "4"],
+        ["pretrain", "--arch", "bert", "--tiny-attn", "16"],
+        ["finetune", "--arch", "amlp", "--heads", "2"],
+    ],
+    ids=lambda v: " ".join(v),
+)
+def test_architecture_options_of_another_arch_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """--heads is BERT's, --tiny-attn aMLP's: given with another --arch they were silently ignored."""
+    flag = "--heads" if "--heads" in argv else "--tiny-attn"
+    _usage_error(argv, rf"{flag} .*--arch.*", tmp_path, capsys)
+
+
+def test_unknown_preset_is_refused_before_the_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not pipelines.gmlp_available():
+        pytest.skip("gmlp.models.text not importable")
+    pattern = r"--preset: unknown preset 'gmlp-huge'; known: .*gmlp-base.*"
+    _usage_error(["pretrain", "--preset", "gmlp-huge"], pattern, tmp_path, capsys)
+
+
+def test_missing_init_from_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = str(tmp_path / "nonexistent")
+    pattern = rf"--init-from {re.escape(repr(missing))}: no such directory .*"
+    _usage_error(["pretrain", "--init-from", missing], pattern, tmp_path, capsys)
+    _usage_error(
+        ["pretrain", "--init-from", "/nonexistent"],
+        "--init-from '/nonexistent': no such directory .*",
+        tmp_path,
+        capsys,
+    )
+    (tmp_path / "empty").mkdir()
+    pattern = r"--init-from .*empty' holds no config.json .*"
+    _usage_error(["pretrain", "--init-from", str(tmp_path / "empty")], pattern, tmp_path, capsys)
+
+
+def test_missing_model_and_tokenizer_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = str(tmp_path / "nonexistent")
+    _usage_error(
+        ["finetune", "--model", missing], r"--model .*nonexistent': no such directory .*", tmp_path, capsys
+    )
+    (tmp_path / "empty").mkdir()
+    pattern = r"--model .*empty' holds no config.json .*"
+    _usage_error(["finetune", "--model", str(tmp_path / "empty")], pattern, tmp_path, capsys)
+    for command in ("pretrain", "finetune"):
+        pattern = r"--tokenizer .*nonexistent': no such directory .*"
+        _usage_error([command, "--tokenizer", missing], pattern, tmp_path, capsys)
+        pattern = r"--tokenizer .*empty' holds no tokenizer .*"
+        _usage_error([command, "--tokenizer", str(tmp_path / "empty")], pattern, tmp_path, capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pretrain", "--clip-grad", "0", "--save-every", "0", "--eval-every", "0", "--eval-batches", "0"],
+        ["pretrain", "--weight-decay", "0", "--warmup", "0", "--adam-beta1", "0", "--valid-fraction", "0"],
+        ["pretrain", "--arch", "amlp", "--tiny-attn", "16", "--max-chars", "1", "--max-documents", "1"],
+        ["pretrain", "--arch", "bert", "--heads", "4", "--hidden", "64"],
+        ["finetune", "--steps", "0", "--epochs", "0.5", "--clip-grad", "0", "--doc-stride", "0"],
+        ["finetune", "--max-train-examples", "1", "--max-eval-examples", "1", "--eval-batch-size", "1"],
+        ["tokenizer", "--min-frequency", "0", "--model-max-length", "1", "--vocab-size", "6"],
+    ],
+    ids=lambda v: " ".join(v),
+)
+def test_boundary_values_are_accepted(tmp_path: Path, argv: list[str]) -> None:
+    """The smallest meaningful values pass validation (and reach the data / accelerator stub)."""
+    with pytest.raises(_Reached):
+        main([*argv, "--output", str(tmp_path / "run")])
+
+
+def test_help_says_what_zero_means() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    finetune_help = sub.choices["finetune"].format_help()
+    assert re.search(r"--steps STEPS\s+optimizer steps.*0 .*--epochs", " ".join(finetune_help.split()))
+    pretrain_help = " ".join(sub.choices["pretrain"].format_help().split())
+    assert "--clip-grad CLIP_GRAD gradient-norm clip, 0 = off" in pretrain_help
+    assert re.search(r"--eval-every EVAL_EVERY .*0 = only at the end", pretrain_help)
+
+
+def test_config_validate_is_public(tmp_path: Path) -> None:
+    """Library users get the same checks (flags named as on the command line) as ConfigError, a ValueError;
+    a missing folder is a FileNotFoundError too."""
+    with pytest.raises(ConfigError, match="--lr must be > 0, got 0"):
+        pipelines.PretrainConfig(lr=0).validate()
+    with pytest.raises(ValueError, match=r"--epochs must be > 0.*, got -1"):
+        pipelines.FinetuneConfig(epochs=-1).validate()
+    with pytest.raises(FileNotFoundError, match="--model .*: no such directory"):
+        pipelines.FinetuneConfig(model=str(tmp_path / "nonexistent")).validate()
+    with pytest.raises(ConfigError, match="--max-chars must be >= 1"):
+        pipelines.pretrain(pipelines.PretrainConfig(max_chars=0, output=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+    pipelines.PretrainConfig().validate()
+    pipelines.FinetuneConfig().validate()
