@@ -303,3 +303,12 @@ def test_raw_uint8_images_are_refused_clearly() -> None:
     model = gmlp.create_model("gmlp_micro4_28")
     with pytest.raises(TypeError, match="images must be a floating-point tensor"):
         model(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+
+
+def test_forward_head_refuses_pooled_features() -> None:
+    model = small()
+    x = torch.randn(2, 3, 16, 16)
+    feats = model.forward_features(x)
+    assert torch.equal(model.forward_head(feats), model(x))
+    with pytest.raises(ValueError, match=r"takes token features \(batch, tokens, 16\).*\(2, 16\)"):
+        model.forward_head(feats.mean(1))

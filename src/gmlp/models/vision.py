@@ -206,7 +206,17 @@ class GMLPVision(nn.Module):
         return self._tokens(x).transpose(0, 1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Token features ``(B, tokens, dim)`` -> logits (or pooled features if ``pre_logits``)."""
+        """Token features ``(B, tokens, dim)`` -> logits (or pooled features if ``pre_logits``).
+
+        Raises:
+            ValueError: ``x`` is not ``(B, tokens, embed_dim)`` (e.g. already pooled features).
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"forward_head takes token features (batch, tokens, {self.embed_dim}) as forward_features "
+                f"returns them, got {got}"
+            )
         if self.global_pool == "avg":
             x = x.mean(dim=1)
         x = self.head_drop(x)
