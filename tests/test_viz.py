@@ -101,3 +101,130 @@ def test_spatial_locality_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture)
         spatial_locality(tmp_path / "model.safetensors", grid=(5, 5))
     assert main(["plot-spatial", str(tmp_path / "model.safetensors"), "-o", str(tmp_path / "w.png")]) == 0
     assert "0: 0.00" in capsys.readouterr().out
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch):
+    """The figures the plot functions draw (kept open by intercepting ``plt.close``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures: list = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    yield figures
+    monkeypatch.undo()
+    for fig in figures:
+        plt.close(fig)
+
+
+def _series(fig) -> dict[str, tuple[list, list]]:
+    """``{line label: (xs, ys)}`` of every line of a figure."""
+    return {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+        for ax in fig.axes
+        for line in ax.get_lines()
+    }
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_plot_metrics_separates_the_splits_of_a_pretrain_run(tmp_path: Path, drawn: list) -> None:
+    """As ``gmlp pretrain`` writes: train and validation records share "loss" but are separate lines, and the
+    validation-only metrics are drawn too."""
+    records = [
+        {"loss": 5.0, "lr": 1e-3, "split": "train", "step": 1, "steps_per_s": 3.0},
+        {"loss": 4.9, "lr": 9e-4, "split": "train", "step": 2, "steps_per_s": 3.0},
+        {"loss": 4.95, "masked_accuracy": 0.2, "perplexity": 141.0, "split": "validation", "step": 2},
+        {"loss": 4.8, "lr": 8e-4, "split": "train", "step": 3, "steps_per_s": 3.0},
+        {"loss": 4.85, "masked_accuracy": 0.25, "perplexity": 128.0, "split": "validation", "step": 3},
+    ]
+    _write_jsonl(tmp_path / "metrics.jsonl", records)
+    assert main(["plot-metrics", str(tmp_path / "metrics.jsonl"), "-o", str(tmp_path / "m.png")]) == 0
+    assert _is_png(tmp_path / "m.png")
+    series = _series(drawn[-1])
+    assert series["train loss"] == ([1, 2, 3], [5.0, 4.9, 4.8])
+    assert series["validation loss"] == ([2, 3], [4.95, 4.85])
+    assert series["validation perplexity"] == ([2, 3], [141.0, 128.0])
+    assert series["validation masked_accuracy"] == ([2, 3], [0.2, 0.25])
+    assert series["train lr"] == ([1, 2, 3], [1e-3, 9e-4, 8e-4])
+
+
+def test_plot_metrics_draws_finetune_scores_and_epoch_only_splits(tmp_path: Path, drawn: list) -> None:
+    """``gmlp finetune``'s validation scores (records with "epoch" and "step") and test scores are drawn; a
+    split whose records have no "step" is drawn against "epoch"."""
+    records = [
+        {"loss": 0.7, "lr": 1e-4, "split": "train", "step": 5},
+        {"accuracy": 0.5, "count": 18, "epoch": 1.0, "macro_f1": 0.3, "split": "validation", "step": 5},
+        {"loss": 0.6, "lr": 5e-5, "split": "train", "step": 10},
+        {"accuracy": 0.75, "count": 18, "epoch": 2.0, "macro_f1": 0.6, "split": "validation", "step": 10},
+        {"accuracy": 1.0, "count": 1, "macro_f1": 1.0, "split": "test", "step": 10},
+        {"epoch": 1, "loss": 0.65, "split": "extra"},
+        {"epoch": 2, "loss": 0.55, "split": "extra"},
+    ]
+    plot_metrics(_write_jsonl(tmp_path / "metrics.jsonl", records), tmp_path / "m.png")
+    series = _series(drawn[-1])
+    assert series["validation accuracy"] == ([5, 10], [0.5, 0.75])
+    assert series["validation macro_f1"] == ([5, 10], [0.3, 0.6])
+    assert series["test accuracy"] == ([10], [1.0])
+    assert series["train loss"] == ([5, 10], [0.7, 0.6])
+    assert series["extra loss"] == ([1, 2], [0.65, 0.55])
+    assert "validation epoch" not in series
+
+
+def test_plot_metrics_accepts_a_run_folder(tmp_path: Path, drawn: list) -> None:
+    """Records without "split" (the vision runs') keep one line per key; a run folder is read through its
+    metrics.jsonl; a folder without one gives a clear error."""
+    records = [{"epoch": e, "step": 10 * e, "train_loss": 1.0 / e, "test_accuracy": e / 4} for e in (1, 2)]
+    _write_jsonl(tmp_path / "metrics.jsonl", records)
+    assert _is_png(plot_metrics(tmp_path, tmp_path / "m.png"))
+    series = _series(drawn[-1])
+    assert series["train_loss"] == ([10, 20], [1.0, 0.5])
+    assert series["test_accuracy"] == ([10, 20], [0.25, 0.5])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="folder without a metrics.jsonl"):
+        plot_metrics(tmp_path / "empty", tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("n", [16, 64])
+def test_text_checkpoint_with_a_square_length_is_drawn_as_text(
+    tmp_path: Path, n: int, drawn: list, capsys: pytest.CaptureFixture
+) -> None:
+    """A text model's keys ("gmlp.blocks...") decide, not a square token count, even without config.json (a
+    bare weights file or a run's checkpoints/step-N folder)."""
+    state = {f"gmlp.blocks.{b}.sgu.proj.weight": torch.randn(2 * n - 1) for b in range(2)}
+    save_state_dict_file(state, tmp_path / "model.safetensors")
+    assert main(["plot-spatial", str(tmp_path / "model.safetensors"), "-o", str(tmp_path / "t.png")]) == 0
+    assert "grid distance" not in capsys.readouterr().out
+    assert "1-D filters" in drawn[-1]._suptitle.get_text()
+    with pytest.raises(ValueError, match="grid must be"):
+        spatial_locality(tmp_path / "model.safetensors")
+    # the vision layout of the same weights under vision keys is unchanged
+    save_state_dict_file(
+        {f"blocks.{b}.sgu.proj.weight": torch.randn(n, n) for b in range(2)}, tmp_path / "v.safetensors"
+    )
+    plot_spatial(tmp_path / "v.safetensors", tmp_path / "v.png")
+    assert "patch grid" in drawn[-1]._suptitle.get_text()
+
+
+def test_causal_text_model_plots_only_the_used_lower_triangle(tmp_path: Path, drawn: list) -> None:
+    n = 6
+    w = torch.randn(n, n)
+    save_state_dict_file({"gmlp.blocks.0.sgu.proj.weight": w}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gmlp", "causal": True}))
+    assert torch.equal(spatial_weights(tmp_path)[0], w.tril())
+    plot_spatial(tmp_path, tmp_path / "c.png", rows=n)
+    series = _series(drawn[-1])
+    for i in range(n):
+        xs, ys = series[f"row {i}"]
+        assert xs == list(range(-i, 1))
+        assert torch.allclose(torch.tensor(ys), w[i, : i + 1])
+    # not causal: every j is drawn
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gmlp", "causal": False}))
+    assert torch.equal(spatial_weights(tmp_path)[0], w)
+    plot_spatial(tmp_path, tmp_path / "c.png", rows=n)
+    assert _series(drawn[-1])["row 0"][0] == list(range(n))

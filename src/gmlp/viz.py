@@ -31,7 +31,28 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return load_state_dict_file(path)
 
 
-def _spatial_from_state(state: dict[str, torch.Tensor], source: Path) -> dict[int, torch.Tensor]:
+def _is_text(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict is a text model's: the transformers models keep their blocks under ``gmlp.``."""
+    return any(key.startswith("gmlp.") for key in state)
+
+
+def _is_causal(path: Path) -> bool:
+    """Whether the text model at ``path`` is causal, from the ``config.json`` beside it (in the folder of a
+    ``save_pretrained`` directory or weights file, or in the run folder of a ``checkpoints/step-N``)."""
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder, folder.parent.parent if folder.parent.name == "checkpoints" else None):
+        if candidate is not None and (candidate / "config.json").is_file():
+            try:
+                config = json.loads((candidate / "config.json").read_text())
+            except (OSError, ValueError):
+                return False
+            return isinstance(config, dict) and config.get("causal") is True
+    return False
+
+
+def _spatial_from_state(
+    state: dict[str, torch.Tensor], source: Path, causal: bool = False
+) -> dict[int, torch.Tensor]:
     out: dict[int, torch.Tensor] = {}
     for key, value in state.items():
         m = _KEY.fullmatch(key)
@@ -45,6 +66,8 @@ def _spatial_from_state(state: dict[str, torch.Tensor], source: Path) -> dict[in
             w = w[pos[:, None] - pos[None, :] + n - 1]
         elif w.dim() == 3:
             w = w[0]
+        if causal:  # the model uses only the lower triangle (as TokenProjection.matrix())
+            w = w.tril()
         out[int(m.group(1))] = w
     if not out:
         raise CheckpointError(
@@ -55,9 +78,10 @@ def _spatial_from_state(state: dict[str, torch.Tensor], source: Path) -> dict[in
 
 def spatial_weights(path: str | Path) -> dict[int, torch.Tensor]:
     """The dense token-mixing matrices ``{layer: W (n, n)}`` of a checkpoint (Toeplitz weights expanded;
-    with several heads, the first head)."""
-    state, _ = _read(Path(path))
-    return _spatial_from_state(state, Path(path))
+    with several heads, the first head; for a causal text model, masked to the lower triangle it uses)."""
+    path = Path(path)
+    state, _ = _read(path)
+    return _spatial_from_state(state, path, causal=_is_text(state) and _is_causal(path))
 
 
 def _grid_distances(grid: tuple[int, int]) -> torch.Tensor:
@@ -85,7 +109,7 @@ def spatial_locality(
     state, metadata = _read(path)
     weights = _spatial_from_state(state, path)
     n = next(iter(weights.values())).shape[0]
-    grid = grid if grid is not None else _grid(path, metadata, n)
+    grid = grid if grid is not None else _grid(path, metadata, n, state)
     if grid is None or grid[0] * grid[1] != n:
         raise ValueError(f"grid must be (h, w) with h * w = {n} tokens, got {grid}")
     dist = _grid_distances(grid)
@@ -96,8 +120,12 @@ def spatial_locality(
     return out, float(dist.mean())
 
 
-def _grid(path: Path, metadata: dict[str, str], n: int) -> tuple[int, int] | None:
+def _grid(
+    path: Path, metadata: dict[str, str], n: int, state: dict[str, torch.Tensor]
+) -> tuple[int, int] | None:
     """The patch grid of a vision checkpoint (from its metadata, else a square), None for text models."""
+    if _is_text(state):
+        return None  # a text model's keys start with "gmlp." (vision models': "blocks.")
     if "grid_size" in metadata:
         h, w = (int(v) for v in metadata["grid_size"].split(","))
         return h, w
@@ -117,9 +145,10 @@ def plot_spatial(
     """Draw rows of the learned W of chosen layers to a PNG.
 
     Vision (``text=False``; the default when the token count is a square grid and the checkpoint is not a
-    transformers directory): each shown row (one output token, spread over the grid) is reshaped to the
-    patch grid, as in the paper's Figure 3. Text: each row is drawn as a 1-D filter over the relative
-    position ``j - i``, as in the paper's MLM figure.
+    text model: its keys do not start with ``gmlp.`` and it is not a transformers directory): each shown row
+    (one output token, spread over the grid) is reshaped to the patch grid, as in the paper's Figure 3.
+    Text: each row is drawn as a 1-D filter over the relative position ``j - i``, as in the paper's MLM
+    figure (for a causal model, only the ``j <= i`` it uses).
 
     Args:
         path: checkpoint file or directory.
@@ -135,7 +164,8 @@ def plot_spatial(
 
     path = Path(path)
     state, metadata = _read(path)
-    weights = _spatial_from_state(state, path)
+    causal = _is_text(state) and _is_causal(path)
+    weights = _spatial_from_state(state, path, causal=causal)
     available = list(weights)
     if layers is None:
         step = max(1, len(available) // 6)
@@ -144,7 +174,7 @@ def plot_spatial(
     if bad:
         raise ValueError(f"layers {bad} not in the checkpoint; it has blocks {available[0]}..{available[-1]}")
     n = weights[layers[0]].shape[0]
-    grid = None if text else _grid(path, metadata, n)
+    grid = None if text else _grid(path, metadata, n, state)
     if text is False and grid is None:
         raise ValueError(f"{n} tokens do not form a square grid; pass text=True")
     token_rows = torch.linspace(0, n - 1, rows).round().long().tolist()
@@ -168,12 +198,14 @@ def plot_spatial(
         for r, layer in enumerate(layers):
             ax = axes[r][0]
             for i in token_rows:
-                ax.plot((torch.arange(n) - i).numpy(), weights[layer][i].numpy(), lw=0.8, label=f"row {i}")
+                used = i + 1 if causal else n  # a causal model mixes only tokens j <= i
+                ax.plot((torch.arange(used) - i).numpy(), weights[layer][i, :used].numpy(), lw=0.8,
+                        label=f"row {i}")
             ax.axvline(0, color="grey", lw=0.5)
             ax.set_ylabel(f"layer {layer}")
         axes[-1][0].set_xlabel("relative position j - i")
         axes[0][0].legend(fontsize=6, ncol=min(rows, 6))
-        fig.suptitle("Rows of the learned spatial weights W as 1-D filters")
+        fig.suptitle("Rows of the learned spatial weights W as 1-D filters" + (" (causal)" if causal else ""))
     fig.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -183,24 +215,63 @@ def plot_spatial(
 
 
 def plot_metrics(metrics: str | Path, output: str | Path) -> Path:
-    """Plot every numeric series of a ``metrics.jsonl`` file against ``step`` (one panel each)."""
+    """Plot every numeric series of a ``metrics.jsonl`` file (or of a run folder's) to a PNG, one panel per
+    metric.
+
+    Records are grouped by their ``"split"`` (the text runs' ``train``/``validation``/``test``; the vision
+    runs' records have none), and each metric of each split is its own line (e.g. ``validation loss``), drawn
+    against ``step``, or ``epoch`` where that split's records have no step.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    metrics = Path(metrics)
+    if metrics.is_dir():
+        if not (metrics / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{str(metrics)!r} is a folder without a metrics.jsonl")
+        metrics = metrics / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     if not records:
         raise ValueError(f"{str(metrics)!r} holds no records")
-    keys = [k for k in records[0] if k not in ("step", "epoch") and isinstance(records[0][k], (int, float))]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2 * len(keys)), squeeze=False, sharex=True)
-    steps = [r["step"] for r in records]
-    for ax, key in zip(axes[:, 0], keys, strict=True):
-        ax.plot(steps, [r.get(key) for r in records], marker="o", ms=3)
+    groups: dict[str | None, list[dict]] = {}
+    for record in records:
+        groups.setdefault(record.get("split"), []).append(record)
+
+    def numeric(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    # {metric: [(label, x key, xs, ys)]}, in order of first appearance
+    panels: dict[str, list[tuple[str, str, list[float], list[float]]]] = {}
+    for split, group in groups.items():
+        xkey = next((k for k in ("step", "epoch") if all(numeric(r.get(k)) for r in group)), None)
+        keys = dict.fromkeys(
+            k for r in group for k, v in r.items() if k not in ("step", "epoch") and numeric(v)
+        )
+        for key in keys:
+            points = [
+                (r[xkey] if xkey else i, r[key]) for i, r in enumerate(group) if numeric(r.get(key))
+            ]
+            label = key if split is None else f"{split} {key}"
+            panels.setdefault(key, []).append(
+                (label, xkey or "record", [x for x, _ in points], [y for _, y in points])
+            )
+    if not panels:
+        raise ValueError(f"{str(metrics)!r} holds no numeric metrics")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6, 2 * len(panels)), squeeze=False, sharex=True)
+    xkeys: dict[str, None] = {}
+    for ax, (key, series) in zip(axes[:, 0], panels.items(), strict=True):
+        for label, xkey, xs, ys in series:
+            ax.plot(xs, ys, marker="o", ms=3, label=label)
+            xkeys[xkey] = None
         ax.set_ylabel(key, fontsize=8)
-    axes[-1][0].set_xlabel("step")
+        if len(series) > 1 or series[0][0] != key:
+            ax.legend(fontsize=6)
+    axes[-1][0].set_xlabel(" / ".join(xkeys))
     fig.tight_layout()
     output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -178,3 +179,52 @@ def test_cli_stopped_mid_epoch_says_so(tmp_path: Path, capsys: pytest.CaptureFix
     assert rc == 0
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == f"done: 2 steps, not evaluated (stopped mid-epoch), outputs in {tmp_path / 'run'}"
+
+
+def test_a_new_run_never_mixes_with_the_run_already_in_its_folder(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = VisionTrainConfig(**{**TINY, "epochs": 1}, checkpoint_every=2, output=str(out))
+    train_vision(first)
+    old = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    with pytest.raises(ValueError, match="already holds a run .*pass --resume to continue it or --overwrite"):
+        train_vision(dataclasses.replace(first, lr=1e-3))
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == old  # untouched
+    again = dataclasses.replace(first, lr=1e-3, max_steps=2, overwrite=True)
+    assert train_vision(again)["step"] == 2
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-00000002"]  # the old ones gone
+    assert load_checkpoint(out).state["config"]["lr"] == 1e-3
+    assert not (out / "model_ema.safetensors").exists()
+
+
+def test_resume_keeps_ema_and_warns_of_changed_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    cfg = VisionTrainConfig(**TINY, ema=True, max_steps=3, output=str(out))
+    train_vision(cfg)
+    with pytest.raises(ValueError, match="holds EMA weights, which would be dropped; resume with --ema"):
+        train_vision(dataclasses.replace(cfg, ema=False, max_steps=None), resume=True)
+    capsys.readouterr()
+    result = train_vision(dataclasses.replace(cfg, max_steps=None, label_smoothing=0.2), resume=True)
+    err = capsys.readouterr().err
+    assert "warning: resuming" in err and "with changed settings (label_smoothing: 0.1 -> 0.2)" in err
+    assert result["step"] == 10 and "test_accuracy" in result
+
+
+def test_the_step_reported_is_the_step_reached(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = VisionTrainConfig(**TINY, max_steps=7, output=str(out))  # 5 steps an epoch: stops mid-epoch 2
+    result = train_vision(cfg)
+    assert result["step"] == 7 and "test_accuracy" not in result  # epoch 1's accuracy is not the end's
+    final = train_vision(dataclasses.replace(cfg, max_steps=None), resume=True)
+    assert final["step"] == 10 and 0.0 <= final["test_accuracy"] <= 1.0
+    again = train_vision(dataclasses.replace(cfg, max_steps=None), resume=True)  # already finished
+    assert again["step"] == 10 and again["test_accuracy"] == final["test_accuracy"]
+
+
+def test_resuming_a_folder_gmlp_train_did_not_write_is_refused(tmp_path: Path) -> None:
+    from gmlp.train.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "text", 4, {"w": torch.zeros(1)}, {}, {"step": 4})  # as a text run writes it
+    with pytest.raises(ValueError, match="gmlp train did not write it"):
+        train_vision(VisionTrainConfig(**TINY, output=str(tmp_path / "text")), resume=True)

@@ -58,7 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_plot_spatial)
 
-    m = sub.add_parser("plot-metrics", help="plot the curves of a metrics.jsonl file to a PNG")
-    m.add_argument("metrics", help="metrics.jsonl of a training run")
+    m = sub.add_parser(
+        "plot-metrics", help="plot the curves of a metrics.jsonl file (or run folder) to a PNG"
+    )
+    m.add_argument("metrics", help="metrics.jsonl of a training run, or the run folder holding it")
     m.add_argument("--output", "-o", default="metrics.png")
     m.set_defaults(func=_plot_metrics)

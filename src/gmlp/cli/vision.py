@@ -45,6 +45,8 @@ _HELP = {
     "precision": "auto (bf16 autocast on a CUDA GPU that has it, else fp32), fp32 or bf16",
     "device": "auto, cpu or cuda",
     "grad_accum_steps": "micro-steps per optimizer step (the global batch stays batch_size)",
+    "overwrite": "start a new run in an --output that holds one, removing the old run's checkpoints, metrics "
+                 "and weights (without it, such an --output is refused unless --resume is given)",
 }
 
 

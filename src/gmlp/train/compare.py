@@ -86,8 +86,10 @@ def _records(run: Path) -> list[dict[str, Any]]:
 def _train(config: VisionTrainConfig) -> None:
     out = Path(config.output)
     resume = latest_checkpoint(out) is not None
-    if resume and load_checkpoint(out).state.get("config") != dataclasses.asdict(config):
-        resume = False  # another comparison's run: start afresh
+    config = dataclasses.replace(config, overwrite=resume)  # without resume: replace the run that is there
+    if resume:
+        saved = dict(load_checkpoint(out).state.get("config") or {}, overwrite=True)
+        resume = saved == dataclasses.asdict(config)  # another comparison's run: start afresh
     train_vision(config, resume=resume)
 
 

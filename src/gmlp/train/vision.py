@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from ..data.sampling import StepBatches, step_seed
 from ..models import create_model, list_models
 from ..models.loading import save_model
 from ..utils.malloc import tune_malloc
-from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from .distributed import (
     STRATEGIES,
     DistEnv,
@@ -142,6 +143,7 @@ class VisionTrainConfig:
     log_every: int = 10
     tensorboard: bool | None = None
     plot: bool = True
+    overwrite: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -638,6 +640,48 @@ def train_vision(config: VisionTrainConfig, resume: bool = False) -> dict[str, A
         shutdown(env)
 
 
+#: What a run writes into its folder (``overwrite`` removes these, and nothing else).
+_RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "model.safetensors", "model_ema.safetensors",
+              "metrics.png", "tensorboard")
+
+
+def _start_fresh(out: Path, overwrite: bool, main: bool) -> None:
+    """Refuse to start a new run in a folder that holds one (its checkpoints would mix with the new run's:
+    a later ``--resume`` could continue the old run, ``keep_last`` prune the wrong ones), unless
+    ``overwrite``, which removes the old run's files first (process 0 only)."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"output {str(out)!r} already holds a run (checkpoint {ckpt.name}); pass --resume to continue it "
+            f"or --overwrite to start again"
+        )
+    if main:
+        for name in _RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+#: Settings that may change between a run and its resumption without changing what it computes.
+_RESUME_FREE = {"output", "progress", "log_every", "tensorboard", "plot", "checkpoint_every", "keep_last",
+                "max_steps", "device", "threads", "workers", "eval_batch_size", "overwrite", "strict_images",
+                "grad_checkpointing"}
+
+
+def _warn_changed_settings(saved: dict[str, Any], config: VisionTrainConfig, path: Path) -> None:
+    """Warn (stderr) when a resumed run is given settings other than those it was started with."""
+    now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as in the checkpoint
+    changed = sorted(k for k in saved if k not in _RESUME_FREE and k in now and saved[k] != now[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        print(f"warning: resuming {path} with changed settings ({diffs}); the result will differ from an "
+              f"uninterrupted run", file=sys.stderr, flush=True)
+
+
 def _check_model_kwargs(model_kwargs: dict[str, Any], arch: dict[str, Any]) -> None:
     """Refuse ``model_kwargs`` that contradict what the data sets (classes, image size, channels): the data's
     values would silently win."""
@@ -658,6 +702,8 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         torch.set_num_threads(config.threads)
     out = Path(config.output)
     main = env.is_main
+    if not resume:
+        _start_fresh(out, config.overwrite, main)
     if main:
         out.mkdir(parents=True, exist_ok=True)
     device = env.device
@@ -700,7 +746,19 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
     ckpt = None
     if resume:  # the weights go in before FSDP shards them; the optimizer state after it is built
         ckpt = load_checkpoint(out)
-        _check_fingerprint(ckpt.state.get("fingerprint", {}), fingerprint, ckpt.path)
+        if "fingerprint" not in ckpt.state:
+            raise ConfigError(
+                f"cannot resume from {ckpt.path}: gmlp train did not write it (it has no run fingerprint; a "
+                f"gmlp pretrain / finetune run?)"
+            )
+        _check_fingerprint(ckpt.state["fingerprint"], fingerprint, ckpt.path)
+        if "ema" in ckpt.optimizer and not config.ema:
+            raise ConfigError(
+                f"cannot resume from {ckpt.path} without ema: it holds EMA weights, which would be dropped; "
+                f"resume with --ema"
+            )
+        if main:
+            _warn_changed_settings(ckpt.state.get("config", {}), config, ckpt.path)
         from ..models.loading import load_state_dict_checked
 
         load_state_dict_checked(model, ckpt.model)
@@ -984,4 +1042,9 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
                 plot_metrics(metrics_path, out / "metrics.png")
             except ImportError as err:  # matplotlib missing: the run itself succeeded
                 print(f"note: no metrics.png ({err})", file=sys.stderr)
-    return {"step": step, "params": params, **last_metrics}
+    if not last_metrics and main and metrics_path.exists():  # resumed at the end: the run's last record
+        lines = metrics_path.read_text().splitlines()
+        last_metrics = json.loads(lines[-1]) if lines else {}
+    if last_metrics.get("step") != step:  # stopped mid-epoch: the last evaluation is of an earlier step
+        last_metrics = {}
+    return {**last_metrics, "step": step, "params": params}
