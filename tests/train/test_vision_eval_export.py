@@ -170,3 +170,15 @@ def test_onnx_export_refuses_an_opset_it_cannot_write(digits_run: Path, tmp_path
     with pytest.raises(ValueError, match="opset 1: the exporter could not convert the model to it"):
         export_checkpoint(digits_run, tmp_path / "m.onnx", opset=1, verify=False)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_weights_carry_the_normalisation_they_were_trained_with(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = train_vision(VisionTrainConfig(model="gmlp_micro4_28", dataset="digits", batch_size=64, epochs=1,
+                                            warmup_steps=2, augment=False, progress=False, threads=1,
+                                            train_subset=256, mean=(0.2,), std=(0.1,), output=str(out)))
+    for weights in (out / "model.safetensors", latest_checkpoint(out) / "model.safetensors"):
+        bare = evaluate_checkpoint(_copy(weights, tmp_path / "w.safetensors"), model="gmlp_micro4_28",
+                                   dataset="digits")  # no config.json beside it
+        assert bare["top1"] == pytest.approx(result["test_accuracy"])
+        assert bare["loss"] == pytest.approx(result["test_loss"], rel=1e-5)

@@ -207,3 +207,13 @@ def test_not_a_state_dict(tmp_path: Path, content) -> None:
 
 def test_checkpoint_error_is_a_value_error() -> None:
     assert issubclass(CheckpointError, ValueError)
+
+
+def test_a_sound_pickle_with_python_objects_is_not_called_corrupt(tmp_path: Path) -> None:
+    import argparse
+
+    path = tmp_path / "timm_train.pth.tar"  # what timm's train.py writes: weights plus its arguments
+    torch.save({"state_dict": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(CheckpointError, match="holds Python objects.*weights_only=True refuses") as info:
+        load_state_dict_file(path)
+    assert "corrupt" not in str(info.value)

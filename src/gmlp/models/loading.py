@@ -66,6 +66,11 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     """
     state, metadata = load_state_dict_file(path)
     state = to_gmlp(state, in_chans=getattr(model, "in_chans", 3))
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):  # the normalisation the weights were trained with (recorded by save_model)
+        for key in ("mean", "std"):
+            if key in metadata:
+                cfg[key] = tuple(float(v) for v in metadata[key].split(","))
     text_keys = any(k.startswith("gmlp.") for k in state)
     if text_keys and not any(k.startswith("gmlp.") for k in model.state_dict()):
         raise CheckpointError(
@@ -113,7 +118,8 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
 
 
 def save_model(model: nn.Module, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Save a vision model's weights as safetensors (atomically), recording its architecture and grid.
+    """Save a vision model's weights as safetensors (atomically), recording its architecture, grid and
+    input normalisation (``pretrained_cfg`` ``mean``/``std``, which :func:`load_pretrained` restores).
 
     ``state_dict`` replaces ``model.state_dict()`` (e.g. the gathered full state of an FSDP-sharded model).
     """
@@ -121,6 +127,9 @@ def save_model(model: nn.Module, path: str | Path, state_dict: dict[str, torch.T
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     if "architecture" in cfg:
         metadata["architecture"] = str(cfg["architecture"])
+    for key in ("mean", "std"):  # the input normalisation the weights were trained with
+        if cfg.get(key) is not None:
+            metadata[key] = ",".join(repr(float(v)) for v in cfg[key])
     grid = getattr(model, "grid_size", None)
     if grid is not None:
         metadata["grid_size"] = f"{grid[0]},{grid[1]}"

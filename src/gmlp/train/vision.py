@@ -888,8 +888,9 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         opt_state: dict[str, Any] = {"optimizer": optimizer_state}
         if ema is not None:
             opt_state["ema"] = ema.module.state_dict()
+        norm = {k: ",".join(repr(float(v)) for v in vals) for k, vals in (("mean", mean_t), ("std", std_t))}
         save_checkpoint(out, step, model_state, opt_state, state, keep_last=config.keep_last,
-                        metadata={"architecture": config.model})
+                        metadata={"architecture": config.model, **norm})
 
     last_metrics: dict[str, Any] = {}
     pending = torch.zeros((), dtype=torch.float64, device=device)  # losses not yet added to loss_sum
@@ -1030,6 +1031,9 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         bar.close()
     final_state = full_model_state_dict(model) if fsdp else None  # every process takes part
     if main:
+        for net in (raw_model, ema.module if ema is not None else None):  # record the run's normalisation
+            if net is not None and isinstance(getattr(net, "pretrained_cfg", None), dict):
+                net.pretrained_cfg = {**net.pretrained_cfg, "mean": mean_t, "std": std_t}
         save_model(raw_model, out / "model.safetensors", state_dict=final_state)
         if ema is not None:
             save_model(ema.module, out / "model_ema.safetensors")

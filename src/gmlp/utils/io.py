@@ -67,6 +67,13 @@ def _guarded(path: Path, what: str, fn: Callable[[], object]) -> object:
     try:
         return fn()
     except Exception as err:  # corrupt bytes fail the readers in many ways (UnpicklingError, IndexError, ...)
+        if "Weights only load failed" in str(err):  # a sound file holding objects besides tensors
+            raise CheckpointError(
+                f"cannot read torch checkpoint {str(path)!r} safely: besides tensors it holds Python objects "
+                f"(e.g. the argparse.Namespace of a timm train.py checkpoint), which loading with "
+                f"weights_only=True refuses. If you trust the file, save its weights alone: "
+                f"torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')"
+            ) from err
         raise CheckpointError(
             f"cannot read {what} checkpoint {str(path)!r}: it is truncated or corrupt "
             f"({type(err).__name__}: {err})"
