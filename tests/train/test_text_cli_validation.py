@@ -57,10 +57,6 @@ def _refused(
     _usage_error(argv, rf"{re.escape(flag)}\b.*{expected}.*got {re.escape(got)}", tmp_path, capsys)
 
 
-def _ids(cases: list[tuple[list[str], str, str, str]]) -> list[str]:
-    return [" ".join(case[0]) for case in cases]
-
-
 PRETRAIN_BAD = [
     (["--clip-grad", "-1"], "--clip-grad", ">= 0", "-1.0"),
     (["--weight-decay", "-1"], "--weight-decay", ">= 0", "-1.0"),
@@ -108,13 +104,6 @@ PRETRAIN_BAD = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "flag", "expected", "got"), PRETRAIN_BAD, ids=_ids(PRETRAIN_BAD))
-def test_pretrain_refuses(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], flag: str, expected: str, got: str
-) -> None:
-    _refused(["pretrain", *argv], flag, expected, got, tmp_path, capsys)
-
-
 FINETUNE_BAD = [
     (["--steps", "-1"], "--steps", ">= 0", "-1"),
     (["--epochs", "0"], "--epochs", "> 0", "0.0"),
@@ -143,13 +132,6 @@ FINETUNE_BAD = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "flag", "expected", "got"), FINETUNE_BAD, ids=_ids(FINETUNE_BAD))
-def test_finetune_refuses(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], flag: str, expected: str, got: str
-) -> None:
-    _refused(["finetune", *argv], flag, expected, got, tmp_path, capsys)
-
-
 TOKENIZER_BAD = [
     (["--min-frequency", "-1"], "--min-frequency", ">= 0", "-1"),
     (["--model-max-length", "0"], "--model-max-length", ">= 1", "0"),
@@ -160,11 +142,23 @@ TOKENIZER_BAD = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "flag", "expected", "got"), TOKENIZER_BAD, ids=_ids(TOKENIZER_BAD))
-def test_tokenizer_refuses(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], flag: str, expected: str, got: str
+COMMANDS_BAD = (("pretrain", PRETRAIN_BAD), ("finetune", FINETUNE_BAD), ("tokenizer", TOKENIZER_BAD))
+BAD = [(command, *case) for command, cases in COMMANDS_BAD for case in cases]
+
+
+@pytest.mark.parametrize(
+    ("command", "argv", "flag", "expected", "got"), BAD, ids=[f"{c[0]} {' '.join(c[1])}" for c in BAD]
+)
+def test_bad_options_are_refused(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    argv: list[str],
+    flag: str,
+    expected: str,
+    got: str,
 ) -> None:
-    _refused(["tokenizer", *argv], flag, expected, got, tmp_path, capsys)
+    _refused([command, *argv], flag, expected, got, tmp_path, capsys)
 
 
 @pytest.mark.parametrize(
