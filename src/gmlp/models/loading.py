@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from ..convert import to_gmlp
 from ..nn.resample import resample_spatial_bias, resample_spatial_weight
 from ..utils.io import CheckpointError, load_state_dict_file, save_state_dict_file
 
-__all__ = ["load_pretrained", "load_state_dict_checked", "save_model"]
+__all__ = ["load_pretrained", "load_state_dict_checked", "normalisation_metadata", "save_model"]
 
 
 def _grid_from(metadata: dict[str, str], n: int) -> tuple[int, int]:
@@ -81,17 +82,18 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     if grid is not None:
         n_model = grid[0] * grid[1]
         same_grid = metadata.get("grid_size", f"{grid[0]},{grid[1]}") == f"{grid[0]},{grid[1]}"
+        warn = grid[0] != grid[1] and "grid_size" not in metadata  # once, at the first spatial weight
         for key in [k for k in state if k.endswith("sgu.proj.weight")]:
             n_ckpt = state[key].shape[-1]
             if n_ckpt == n_model and same_grid:
-                if grid[0] != grid[1] and "grid_size" not in metadata:
+                if warn:
                     warnings.warn(
                         f"{path} does not record the patch grid its spatial weights were made for; they are "
                         f"read on the model's {grid[0]}x{grid[1]} grid (a checkpoint made for "
                         f"{grid[1]}x{grid[0]} would need resampling: gmlp.nn.resample_spatial_weight)",
                         stacklevel=3,
                     )
-                    metadata = {**metadata, "grid_size": f"{grid[0]},{grid[1]}"}  # warn once
+                    warn = False
                 continue  # (a recorded grid with as many tokens but another shape is resampled)
             old = _grid_from(metadata, n_ckpt)
             state[key] = resample_spatial_weight(state[key], old, grid)
@@ -117,6 +119,13 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     load_state_dict_checked(model, state)
 
 
+def normalisation_metadata(mean: Sequence[float] | None, std: Sequence[float] | None) -> dict[str, str]:
+    """The input normalisation the weights were trained with, as safetensors metadata (``"mean"``,
+    ``"std"``: comma-separated floats; :func:`load_pretrained` restores them into ``pretrained_cfg``)."""
+    pairs = (("mean", mean), ("std", std))
+    return {key: ",".join(repr(float(v)) for v in values) for key, values in pairs if values is not None}
+
+
 def save_model(model: nn.Module, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Save a vision model's weights as safetensors (atomically), recording its architecture, grid and
     input normalisation (``pretrained_cfg`` ``mean``/``std``, which :func:`load_pretrained` restores).
@@ -127,9 +136,7 @@ def save_model(model: nn.Module, path: str | Path, state_dict: dict[str, torch.T
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     if "architecture" in cfg:
         metadata["architecture"] = str(cfg["architecture"])
-    for key in ("mean", "std"):  # the input normalisation the weights were trained with
-        if cfg.get(key) is not None:
-            metadata[key] = ",".join(repr(float(v)) for v in cfg[key])
+    metadata.update(normalisation_metadata(cfg.get("mean"), cfg.get("std")))
     grid = getattr(model, "grid_size", None)
     if grid is not None:
         metadata["grid_size"] = f"{grid[0]},{grid[1]}"

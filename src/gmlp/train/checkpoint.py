@@ -28,7 +28,8 @@ import torch
 
 from ..utils.io import CheckpointError, atomic_write, load_state_dict_file, save_state_dict_file
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "write_json_atomic"]
+__all__ = ["Checkpoint", "latest_checkpoint", "load_checkpoint", "remove_run_files", "save_checkpoint",
+           "write_json_atomic"]
 
 _LATEST = "latest.json"
 
@@ -118,6 +119,17 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(root / tag, ignore_errors=True)
     for stale in root.glob(".step-*"):  # temporaries of runs killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove_run_files(run_dir: str | Path, names: tuple[str, ...]) -> None:
+    """Delete the files and folders ``names`` of a run folder (those missing are skipped): what a run
+    started again with ``--overwrite`` removes of the previous one, and nothing else."""
+    for name in names:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..data.text import TextDataError, load_text_splits, pack_sequences
 from ..utils.malloc import tune_malloc
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, remove_run_files, save_checkpoint
 from .optim import fused_adamw
 from .recipe import ConfigError
 
@@ -712,12 +712,7 @@ def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any, kind: str)
                 f"--overwrite to start again"
             )
         if accelerator.is_main_process:
-            for name in ("checkpoints", "final", "tokenizer", _METRICS, "config.json"):
-                p = out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            remove_run_files(out, ("checkpoints", "final", "tokenizer", _METRICS, "config.json"))
         accelerator.wait_for_everyone()
         ckpt = None
     if accelerator.is_main_process:

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import json
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,9 +43,15 @@ from tqdm.auto import tqdm
 from ..data.images import ImageSplit, load_image_dataset
 from ..data.sampling import StepBatches, step_seed
 from ..models import create_model, list_models
-from ..models.loading import save_model
+from ..models.loading import normalisation_metadata, save_model
 from ..utils.malloc import tune_malloc
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_run_files,
+    save_checkpoint,
+    write_json_atomic,
+)
 from .distributed import (
     STRATEGIES,
     DistEnv,
@@ -658,12 +663,7 @@ def _start_fresh(out: Path, overwrite: bool, main: bool) -> None:
             f"or --overwrite to start again"
         )
     if main:
-        for name in _RUN_FILES:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        remove_run_files(out, _RUN_FILES)
 
 
 #: Settings that may change between a run and its resumption without changing what it computes.
@@ -888,9 +888,8 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         opt_state: dict[str, Any] = {"optimizer": optimizer_state}
         if ema is not None:
             opt_state["ema"] = ema.module.state_dict()
-        norm = {k: ",".join(repr(float(v)) for v in vals) for k, vals in (("mean", mean_t), ("std", std_t))}
         save_checkpoint(out, step, model_state, opt_state, state, keep_last=config.keep_last,
-                        metadata={"architecture": config.model, **norm})
+                        metadata={"architecture": config.model, **normalisation_metadata(mean_t, std_t)})
 
     last_metrics: dict[str, Any] = {}
     pending = torch.zeros((), dtype=torch.float64, device=device)  # losses not yet added to loss_sum
