@@ -707,9 +707,9 @@ def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any, kind: str)
             )
     if ckpt is not None and not opts.resume:
         if not opts.overwrite:
-            raise FileExistsError(
-                f"{str(out)!r} already holds a run (checkpoint {ckpt.name}); pass --resume to continue it or "
-                f"--overwrite to start again"
+            raise ConfigError(
+                f"--output {str(out)!r} already holds a run (checkpoint {ckpt.name}); pass --resume to "
+                f"continue it or --overwrite to start again"
             )
         if accelerator.is_main_process:
             remove_run_files(out, ("checkpoints", "final", "tokenizer", _METRICS, "config.json"))
