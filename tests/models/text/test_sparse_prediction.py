@@ -177,6 +177,7 @@ def test_static_sparse_prediction_compiles_fullgraph_and_poisons_an_unchecked_ov
     labels[:, 6:] = -100
     compiled = _compiled_equals_eager(eager, model, ids, mask, labels)
     labels[1, :8] = ids[1, :8]  # 8 labelled tokens in sequence 1, more than 6
+    mask[1, :8] = 1  # real tokens (labels at padded positions are ignored)
     assert torch.isnan(compiled(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 

@@ -279,6 +279,28 @@ def test_generate_beam_search_and_sampling_run() -> None:
         model.generate(inputs_embeds=torch.randn(1, 3, 32), max_new_tokens=2)
 
 
+def test_generate_returns_hidden_states_and_refuses_attentions() -> None:
+    """generate(output_hidden_states=True) reaches the model (transformers 5 passes it through
+    prepare_inputs_for_generation): one tuple per step, equal to a forward on that step's prefix."""
+    model = _causal_model()
+    prompts, mask = torch.tensor([[2, 7, 9], [0, 2, 8]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
+    out = model.generate(prompts, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                         return_dict_in_generate=True, output_hidden_states=True)
+    assert len(out.hidden_states) == 3
+    for step, states in enumerate(out.hidden_states):
+        n = 3 + step
+        assert len(states) == model.config.num_hidden_layers + 1
+        step_mask = torch.cat([mask, torch.ones(2, step, dtype=mask.dtype)], dim=1)
+        with torch.no_grad():
+            expected = model(out.sequences[:, :n], attention_mask=step_mask).logits
+        real = step_mask.bool()
+        got = model.lm_head(states[-1])
+        torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        model.generate(prompts, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                       return_dict_in_generate=True, output_attentions=True)
+
+
 @pytest.mark.parametrize("cls", [GMLPForMaskedLM, GMLPForCausalLM])
 def test_resize_token_embeddings_keeps_tying(cls) -> None:
     model = randomize(cls(tiny_config(causal=cls is GMLPForCausalLM)))

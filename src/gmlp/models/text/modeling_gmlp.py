@@ -139,6 +139,20 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 0, index.t().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def _next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The causal LM's targets ``(batch, seq_len)`` for a padded batch, each row taken with its padding
+    deleted, as the model sees it: a real token's target is the label of the next real token (-100 after
+    the last one), padded positions get -100 (their outputs are unspecified) and labels at padded positions
+    are never targets. So a padded row (right, left or inner padding) has exactly the loss of the same row
+    unpadded.
+    """
+    ignore = torch.full_like(labels[:, :1], -100)
+    keep = (attention_mask != 0).to(labels.device)
+    order = torch.argsort((~keep).to(torch.int32), dim=1, stable=True)  # real tokens first, in order
+    compact = labels.gather(1, order).masked_fill(~keep.gather(1, order), -100)
+    return torch.empty_like(labels).scatter_(1, order, torch.cat([compact[:, 1:], ignore], dim=1))
+
+
 def _select_predictions(
     hidden: torch.Tensor, labels: torch.Tensor, per_seq: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -500,7 +514,8 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
         (``(batch * min(max_predictions_per_seq, seq_len), vocab_size)``: its labelled tokens in order,
         then filler rows), on every path, CUDA graphs included. Other arguments: :meth:`GMLPModel.forward`.
 
-        ``labels`` of any integer dtype are cast to int64.
+        ``labels`` of any integer dtype are cast to int64. Labels at padded positions
+        (``attention_mask == 0``) are ignored, like -100: the outputs there are unspecified.
 
         Raises:
             ValueError: ``labels`` is not an integer tensor of the input ids' shape, a label is outside
@@ -516,6 +531,8 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
             logits = apply_linear(self.decoder, hidden)
         else:
             labels = _check_labels(labels, tuple(hidden.shape[:2]), hidden.device, None)  # range: checked
+            if attention_mask is not None:  # outputs at padded positions are unspecified: never a target
+                labels = labels.masked_fill(attention_mask.to(labels.device) == 0, -100)
             overflow, per_seq = None, self.config.max_predictions_per_seq
             if self.config.sparse_prediction and per_seq is not None:
                 hidden, labels, overflow = _select_predictions(hidden, labels, per_seq)
@@ -699,12 +716,14 @@ class GMLPForQuestionAnswering(GMLPPreTrainedModel):
         return_dict: bool | None = None,
     ) -> QuestionAnsweringModelOutput | tuple[torch.Tensor, ...]:
         """``start_logits`` and ``end_logits`` ``(batch, seq_len)``; with both position tensors (token
-        indices of any integer dtype, shape ``(batch,)`` or ``(batch, 1)``) also the loss. Other arguments:
+        indices of any integer dtype, shape ``(batch,)`` or ``(batch, 1)``) also the loss. Padded positions
+        (``attention_mask == 0``) get the lowest logit of the dtype, so they are never an answer and take no
+        part in the loss (a padded row has the loss of the unpadded one). Other arguments:
         :meth:`GMLPModel.forward`.
 
         Raises:
             ValueError: only one of ``start_positions`` and ``end_positions`` given, a position tensor of
-                the wrong type, shape or dtype, or bad inputs.
+                the wrong type, shape or dtype, a position on a padded token, or bad inputs.
         """
         if (start_positions is None) != (end_positions is None):
             given, missing = (
@@ -715,6 +734,12 @@ class GMLPForQuestionAnswering(GMLPPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(dim=-1)
+        padded = None
+        if attention_mask is not None:  # a padded position is never an answer, nor in the loss's softmax
+            padded = attention_mask.to(start_logits.device) == 0
+            lowest = torch.finfo(start_logits.dtype).min
+            start_logits = start_logits.masked_fill(padded, lowest)
+            end_logits = end_logits.masked_fill(padded, lowest)
         start_logits, end_logits = start_logits.contiguous(), end_logits.contiguous()
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -728,6 +753,17 @@ class GMLPForQuestionAnswering(GMLPPreTrainedModel):
                     ("start_positions", start_positions), ("end_positions", end_positions)
                 )
             )
+            if padded is not None and host_checks_enabled(start):
+                for name, position in (("start_positions", start), ("end_positions", end)):
+                    inside = position.clamp(max=ignored - 1)[:, None]
+                    on_pad = (position < ignored) & padded.gather(1, inside)[:, 0]
+                    if bool(on_pad.any()):
+                        row = int(on_pad.to(torch.int32).argmax())
+                        raise ValueError(
+                            f"{name} of example {row} is {int(position[row])}, a padded position "
+                            f"(attention_mask == 0 there); an answer must lie on real tokens (an index >= "
+                            f"seq_len={ignored} means no answer and is ignored)"
+                        )
             loss_fct = CrossEntropyLoss(ignore_index=ignored)
             loss = (loss_fct(start_logits, start) + loss_fct(end_logits, end)) / 2
         return _as_tuple(
@@ -789,10 +825,15 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """The whole prefix at every step (no cache). Generation starts from ``input_ids`` only
-        (``generate(inputs_embeds=...)`` is refused by transformers, as this method takes no embeddings)."""
+        (``generate(inputs_embeds=...)`` is refused by transformers, as this method takes no embeddings).
+        ``output_hidden_states`` and ``output_attentions`` (which transformers 5 hands over here) are passed
+        on: hidden states are returned, attention maps refused by :meth:`forward`."""
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and token_type_ids.shape == input_ids.shape:
             inputs["token_type_ids"] = token_type_ids
+        for flag in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(flag) is not None:
+                inputs[flag] = kwargs[flag]
         return inputs
 
     def forward(
@@ -808,7 +849,10 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutput | tuple[torch.Tensor, ...]:
         """Next-token logits ``(batch, seq_len, vocab_size)``; with ``labels`` (``(batch, seq_len)``, usually
         ``input_ids``; -100 = ignored) also the mean cross-entropy of predicting ``labels[:, t + 1]`` from
-        position ``t``; ``labels`` of any integer dtype are cast to int64. Other arguments:
+        position ``t``; ``labels`` of any integer dtype are cast to int64. With ``attention_mask`` every row
+        is taken with its padding deleted, as the model sees it: a real token predicts the label of the
+        next *real* token, labels at padded positions are never targets and padded positions predict
+        nothing, so left- or inner-padded rows get exactly the loss of the unpadded rows. Other arguments:
         :meth:`GMLPModel.forward`; the cache-related keyword arguments of ``generate()`` (``use_cache``,
         ``past_key_values``, ``position_ids``, ...) are accepted and ignored.
 
@@ -831,8 +875,12 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             labels = _check_labels(labels, tuple(logits.shape[:2]), logits.device, None)  # range: checked
-            shifted = logits[:, :-1]
-            loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1))
+            if attention_mask is None:
+                shifted = logits[:, :-1]
+                loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1))
+            else:  # each row with its padding deleted (left and inner padding included)
+                targets = _next_token_targets(labels, attention_mask)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         output = CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return _as_tuple(output, return_dict)
 
