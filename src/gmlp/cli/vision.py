@@ -184,7 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     train = sub.add_parser(
         "train", help="train a vision gMLP (default: Fashion-MNIST, offline)",
-        description="Train an image classifier. Defaults reach >= 89%% Fashion-MNIST test accuracy on 2 CPU "
+        description="Train an image classifier. Defaults reach >= 89% Fashion-MNIST test accuracy on 2 CPU "
                     "cores. Settings come from the flags, else the --config recipe file, else the defaults. "
                     "Multi-process: torchrun --nproc_per_node=N -m gmlp train ... (--batch-size is global).",
     )
