@@ -84,3 +84,29 @@ def test_left_padding_compiles_fullgraph_and_matches_eager() -> None:
         compiled(input_ids=ids, attention_mask=mask).logits[real],
         model(input_ids=ids, attention_mask=mask).logits[real],
     )
+
+
+@pytest.mark.parametrize("cls", [GMLPForCausalLM, GMLPForMaskedLM, GMLPForQuestionAnswering])
+def test_padded_losses_compile_fullgraph_and_match_eager(cls) -> None:
+    """The losses that skip padded positions (causal LM targets, MLM labels, QA pad logits) capture
+    fullgraph too, with left padding, and give the eager loss and gradients."""
+    torch.manual_seed(0)
+    model = cls(_config(causal=cls is GMLPForCausalLM))
+    ids = torch.randint(1, 40, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    if cls is GMLPForQuestionAnswering:
+        targets = {"start_positions": torch.tensor([1, 4]), "end_positions": torch.tensor([2, 6])}
+    else:
+        targets = {"labels": ids.clone()}
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    losses, grads = [], []
+    for run in (model, compiled):
+        model.zero_grad()
+        loss = run(input_ids=ids, attention_mask=mask, **targets).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(losses[1], losses[0])
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, expected)
