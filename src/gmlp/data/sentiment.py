@@ -229,6 +229,11 @@ def _check_columns(records: list[dict[str, Any]], columns: Sequence[str], where:
 def _parse_label(value: Any, *, regression: bool, where: str) -> int | float | str:
     if isinstance(value, str):
         value = value.strip()
+        if not value:
+            raise TextDataError(
+                f"{where}: empty label; every record of a labelled split needs one (a test file without "
+                f"labels leaves the label column out)"
+            )
     if regression:
         try:
             return float(value)
@@ -326,6 +331,13 @@ def _finish_labels(
     labelled = [lab for split, rows in raw.items() for *_, lab in rows if lab is not None and split != "test"]
     train_labels = [lab for *_, lab in raw["train"] if lab is not None]
     if not regression and names is None and any(isinstance(lab, str) for lab in train_labels):
+        ids = [lab for lab in labelled if not isinstance(lab, str)]
+        if ids:  # an id would be taken as a class index while the names get indices of their own
+            name = next(lab for lab in train_labels if isinstance(lab, str))
+            raise TextDataError(
+                f"the label column mixes class ids (e.g. {ids[0]!r}) and label names (e.g. {name!r}); use "
+                f"one or the other, or pass the label names in class-id order"
+            )
         names = sorted({str(lab) for lab in train_labels})  # the label vocabulary is the training set's
     if regression:
         num_labels = 1

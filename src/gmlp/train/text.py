@@ -54,6 +54,7 @@ __all__ = [
     "gmlp_available",
     "linear_schedule",
     "mask_tokens",
+    "never_masked_ids",
     "postprocess_qa",
     "pretrain",
     "squad_exact_match",
@@ -500,6 +501,13 @@ def _special_ids(tokenizer: Any) -> dict[str, int]:
         "sep": tokenizer.sep_token_id,
         "mask": tokenizer.mask_token_id,
     }
+
+
+def never_masked_ids(tokenizer: Any) -> list[int]:
+    """The ids MLM pretraining never selects: every special token of ``tokenizer`` (``[PAD]``, ``[CLS]``,
+    ``[SEP]``, ``[MASK]`` and ``[UNK]``, as ``DataCollatorForLanguageModeling`` skips them)."""
+    ids = set(tokenizer.all_special_ids) | {i for i in _special_ids(tokenizer).values() if i is not None}
+    return sorted(ids)
 
 
 def _max_len(config: Any, requested: int) -> int:
@@ -1101,7 +1109,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         where = "the masked tokens only (sparse prediction)" if sparse else "every token"
         adamw = "fused AdamW" if fused_adamw(accelerator.device) else "AdamW"
         print(f"[gmlp] MLM decoder on {where}; {adamw}", file=sys.stderr)
-    specials = sorted({i for i in special.values() if i is not None})
+    specials = never_masked_ids(tokenizer)
     vocab_size = len(tokenizer)
 
     def masked(ids: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
