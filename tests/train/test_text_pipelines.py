@@ -147,6 +147,12 @@ def test_postprocess_qa_picks_best_span_across_windows() -> None:
     assert preds == {"q": "Ishmael"}
     null = postprocess_qa([ex], [0], offsets[:1], [[9.0, 1, 0, 2]], [[9.0, 0, 0, 2]], version_2=True)
     assert null == {"q": ""}
+    # null score 1, best span 2 + 2 = 4: the difference -3 against the threshold, as BERT's
+    # null_score_diff_threshold (empty when the difference exceeds it)
+    start, end = [[1.0, 0.0, 0.0, 2.0]], [[0.0, 0.0, 0.0, 2.0]]
+    for threshold, expected in ((0.0, "Ishmael"), (3.1, "Ishmael"), (-2.9, "Ishmael"), (-3.1, "")):
+        got = postprocess_qa([ex], [0], offsets[:1], start, end, version_2=True, null_threshold=threshold)
+        assert got == {"q": expected}, threshold
 
 
 # --- tokenizer ----------------------------------------------------------------------------------------------

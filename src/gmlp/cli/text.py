@@ -321,5 +321,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-query-length", type=int, default=64)
     g.add_argument("--max-answer-length", type=int, default=30)
     g.add_argument("--n-best", type=int, default=20)
-    g.add_argument("--null-threshold", type=float, default=0.0, help="SQuAD v2 no-answer threshold")
+    g.add_argument(
+        "--null-threshold", type=float, default=0.0,
+        help="SQuAD v2: answer empty when the no-answer score minus the best span's exceeds it (BERT's "
+             "null_score_diff_threshold; higher = fewer empty answers; default 0)",
+    )
     fin.set_defaults(func=_finetune)

@@ -1326,7 +1326,9 @@ def postprocess_qa(
 
     The best span (start <= end, length <= ``max_answer_length`` tokens, inside the context) over all
     windows of a question is taken; with ``version_2`` the empty answer wins when the ``[CLS]`` score
-    (minimum over windows) exceeds the best span's score minus ``null_threshold``.
+    (minimum over windows) minus the best span's score exceeds ``null_threshold``: the sign of BERT's
+    ``null_score_diff_threshold`` and of transformers' ``postprocess_qa_predictions``, so a threshold
+    tuned with either carries over (higher = fewer empty answers).
     """
     by_example: dict[int, list[int]] = {}
     for f, e in enumerate(example_index):
@@ -1349,7 +1351,7 @@ def postprocess_qa(
                     if score > best_score:
                         best_score = score
                         best_text = ex.context[offs[si][0] : offs[ei][1]]
-        if version_2 and null_score > best_score - null_threshold:
+        if version_2 and null_score - best_score > null_threshold:
             best_text = ""
         predictions[ex.id] = best_text
     return predictions
