@@ -104,6 +104,30 @@ def test_block_through_the_kernels_equals_reference_block(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("path", ["plain", "split-kernel", "fused-gating"])
+@pytest.mark.parametrize("hooked", ["norm", "sgu", "sgu.norm", "sgu.proj"])
+def test_hooks_on_the_block_s_modules_run_on_every_path(
+    monkeypatch: pytest.MonkeyPatch, path: str, hooked: str
+) -> None:
+    """A forward hook on the pre-norm, the SGU, its LayerNorm or its token projection runs once per call
+    and its change of the output counts, whichever path the block takes (the kernels use these modules'
+    parameters directly, so a hooked module is called instead): the block equals its modules called in
+    order."""
+    block, x, mask, *_ = _masked_block_case(toeplitz=False)
+    if path != "plain":
+        _through_kernel(monkeypatch, fused=path == "fused-gating")
+    calls: list[str] = []
+    module = block.get_submodule(hooked)
+    module.register_forward_hook(lambda m, args, out: calls.append(hooked) or out * 0.5)
+    out = block(x, mask)
+    assert calls == [hooked]
+    h = block.norm(x)
+    gate_bias = block.tiny_attn(h, mask)
+    expected = x + block.fc2(block.sgu(torch.nn.functional.gelu(block.fc1(h)), mask, gate_bias))
+    real = mask.t()  # outputs at padded tokens are unspecified
+    torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("threshold_offset,expect_fused", [(0, True), (1, False)])
 def test_block_takes_the_fused_gating_from_the_size_threshold_on(
     monkeypatch: pytest.MonkeyPatch, threshold_offset: int, expect_fused: bool

@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torch.nn.modules import module as _module_state
 
 from ..kernels.cpu_linear import _is_functorch_wrapped, hookless
 
-__all__ = ["hookless", "may_update_in_place"]
+__all__ = ["hookless", "may_update_in_place", "plain_call"]
+
+
+def plain_call(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether calling ``module`` runs exactly ``cls.forward``: no hook of any kind (its own or global), no
+    subclass or instance ``forward`` and no TorchScript trace, which is the condition of
+    ``nn.Module.__call__``'s own shortcut. A caller with validated inputs may then run the computation
+    another way (skip the checks, fuse it into a kernel with the module's parameters) without anyone being
+    able to tell; otherwise it must call the module."""
+    return type(module).forward is cls.forward and "forward" not in module.__dict__ and not (
+        torch._C._get_tracing_state()
+        or module._forward_hooks or module._forward_pre_hooks
+        or module._backward_hooks or module._backward_pre_hooks
+        or _module_state._global_forward_hooks or _module_state._global_forward_pre_hooks
+        or _module_state._global_backward_hooks or _module_state._global_backward_pre_hooks
+    )  # fmt: skip
 
 
 def may_update_in_place(out: torch.Tensor, other: torch.Tensor) -> bool:

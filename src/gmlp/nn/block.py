@@ -18,9 +18,9 @@ from ..kernels.sgu_triton import (
     triton_enabled,
 )
 from ._checks import check_int, check_mask, check_number, check_tokens
-from ._inplace import hookless, may_update_in_place
+from ._inplace import hookless, may_update_in_place, plain_call
 from .attention import TinyAttention
-from .sgu import SpatialGatingUnit
+from .sgu import SpatialGatingUnit, TokenProjection
 
 __all__ = ["DropPath", "GMLPBlock", "drop_path"]
 
@@ -125,11 +125,11 @@ class GMLPBlock(nn.Module):
         check_tokens(x, self.dim, self.seq_len, "x")
         mask = check_mask(mask, x.shape[1], x.shape[0])
         fused = triton_enabled(x) and fused_gating_enabled(x.shape[0] * x.shape[1] * self.fc1.out_features)
-        h, x = self._pre_norm(x, fused)
+        h, x = self._pre_norm(x, fused and plain_call(self.norm, nn.LayerNorm))
         gate_bias = self.tiny_attn(h, mask) if self.tiny_attn is not None else None
-        if self.sgu.variant == "sgu":
+        if self.sgu.variant == "sgu" and plain_call(self.sgu, SpatialGatingUnit):
             z = self._spatial_gating(h, mask, gate_bias, fused or compiled_kernels_enabled(x))
-        else:
+        else:  # other variants, or an SGU that a hook, a subclass or a patched forward must see called
             z = self.sgu(apply_linear(self.fc1, h, "gelu"), mask, gate_bias)
         return self._residual(x, z)
 
@@ -174,7 +174,10 @@ class GMLPBlock(nn.Module):
         """
         sgu, n = self.sgu, h.shape[0]
         proj = sgu.proj
-        if fused and proj.heads == 1 and not proj.uses_fft(n):
+        if (
+            fused and proj.heads == 1 and not proj.uses_fft(n)
+            and plain_call(proj, TokenProjection) and plain_call(sgu.norm, nn.LayerNorm)  # else: called
+        ):  # fmt: skip
             norm = sgu.norm
             u, u_bias = self._fc1_for_kernels(h)
             return spatial_gating(
@@ -201,7 +204,7 @@ class GMLPBlock(nn.Module):
         (``fc1`` keeps one ``(d_ffn, dim)`` weight, so checkpoints are unchanged).
         """
         norm = self.sgu.norm
-        if triton_enabled(h):
+        if triton_enabled(h) and plain_call(norm, nn.LayerNorm):  # else a hook or subclass sees norm called
             u, u_bias = self._fc1_for_kernels(h)
             return gelu_split_layernorm(u, norm.weight, norm.bias, norm.eps, use_triton=True, u_bias=u_bias)
         c = self.sgu.gate_dim

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module_state
 
 from ..kernels.cpu_linear import token_mix
 from ..kernels.toeplitz import toeplitz_matrix, toeplitz_mix_fft
 from ._checks import check_flag, check_int, check_mask, check_number, check_tokens
-from ._inplace import hookless, may_update_in_place
+from ._inplace import hookless, may_update_in_place, plain_call
 
 __all__ = ["VARIANTS", "TokenProjection", "SpatialGatingUnit"]
 
@@ -32,19 +31,6 @@ VARIANTS: dict[str, str] = {
     "multiplicative": "s(Z) = Z * f(Z)",
     "sgu": "s(Z) = Z1 * f(Z2), Z split in halves along channels (spatial gating unit)",
 }
-
-
-def _plain_call(proj: TokenProjection) -> bool:
-    """Whether calling ``proj`` runs exactly ``TokenProjection.forward``: no hook of any kind (its own or
-    global), no subclass or instance ``forward`` and no TorchScript trace, which is the condition of
-    ``nn.Module.__call__``'s own shortcut. A caller with validated inputs may then run
-    :meth:`TokenProjection.mix` and skip the checks (about 8 us of host time per call)."""
-    return type(proj).forward is TokenProjection.forward and "forward" not in proj.__dict__ and not (
-        torch._C._get_tracing_state()
-        or proj._forward_hooks or proj._forward_pre_hooks or proj._backward_hooks or proj._backward_pre_hooks
-        or _module_state._global_forward_hooks or _module_state._global_forward_pre_hooks
-        or _module_state._global_backward_hooks or _module_state._global_backward_pre_hooks
-    )  # fmt: skip
 
 
 class TokenProjection(nn.Module):
@@ -270,7 +256,7 @@ class SpatialGatingUnit(nn.Module):
         ``z2n = norm(z2)``. Inputs are trusted: :meth:`forward` validates; ``mask`` must be a bool tensor.
         """
         proj = self.proj
-        gate = proj.mix(z2n, mask) if _plain_call(proj) else proj(z2n, mask)
+        gate = proj.mix(z2n, mask) if plain_call(proj, TokenProjection) else proj(z2n, mask)
         if gate_bias is not None:
             gate = gate + gate_bias
         if self.variant == "linear":
