@@ -41,6 +41,29 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     load_pretrained(micro(), tmp_path / "dir")
 
 
+def test_create_model_takes_timm_s_pretrained_and_checkpoint_path(tmp_path: Path) -> None:
+    """pretrained=False is timm's "no weights"; checkpoint_path=PATH its local checkpoint; True (a download
+    in timm), an empty path or a path given both ways are refused with a message naming them."""
+    model = micro()
+    save_model(model, tmp_path / "m.safetensors")
+    x = torch.randn(2, 1, 56, 56)
+    path = tmp_path / "m.safetensors"
+    for weights in ({"pretrained": path}, {"checkpoint_path": str(path)}):
+        loaded = gmlp.create_model("gmlp_micro4_28", img_size=56, **weights, **MICRO).eval()
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    fresh = gmlp.create_model("gmlp_micro4_28", pretrained=False, **MICRO)
+    assert fresh.head.weight.abs().max() == 0  # timm's init: a zero head, not the checkpoint's
+    for kwargs, message in (
+        ({"pretrained": True}, r"pretrained=True would download hosted weights in timm"),
+        ({"pretrained": ""}, r"pretrained is an empty path"),
+        ({"checkpoint_path": ""}, r"checkpoint_path is an empty path"),
+        ({"pretrained": 3}, r"pretrained must be a path \(str or Path\), None or False; got 3"),
+        ({"pretrained": "a.pth", "checkpoint_path": "b.pth"}, r"both pretrained='a.pth' and checkpoint_"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            gmlp.create_model("gmlp_micro4_28", **kwargs, **MICRO)
+
+
 def test_save_model_records_architecture_and_grid(tmp_path: Path) -> None:
     from gmlp.utils.io import load_state_dict_file
 

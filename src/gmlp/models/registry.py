@@ -33,25 +33,60 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _MODEL_FNS if fnmatch.fnmatch(n, pattern))
 
 
-def create_model(name: str, pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
+def create_model(
+    name: str,
+    pretrained: bool | str | Path | None = None,
+    *,
+    checkpoint_path: str | Path | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """Build a registered model, optionally loading weights.
 
     Args:
         name: a name from :func:`list_models`.
         pretrained: path to a checkpoint: one of ours (``.safetensors``) or a timm / g-mlp-pytorch
             state dict (``.pth``, ``.bin``, ``.safetensors``), converted on the fly. If the model is built
-            for another image size than the checkpoint, the spatial weights are resampled.
+            for another image size than the checkpoint, the spatial weights are resampled. ``False`` or
+            None: no weights (random initialisation), as in timm. ``True`` is refused: timm would download
+            hosted weights, and gmlp has none to download.
+        checkpoint_path: timm's name for the same thing (a local checkpoint); give this or a path as
+            ``pretrained``, not both.
         **kwargs: overrides of the model's constructor arguments (``num_classes``, ``img_size``,
             ``drop_path_rate``, ...).
 
     Raises:
-        ValueError: unknown model name (the message lists the known ones).
+        ValueError: unknown model name (the message lists the known ones), ``pretrained=True``, an empty
+            path, a path given both ways, or a ``pretrained`` that is neither a bool nor a path.
     """
     if not isinstance(name, str) or name not in _MODEL_FNS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    path = _checkpoint_argument(pretrained, checkpoint_path)
     model = _MODEL_FNS[name](**kwargs)
-    if pretrained is not None:
+    if path is not None:
         from .loading import load_pretrained
 
-        load_pretrained(model, pretrained)
+        load_pretrained(model, path)
     return model
+
+
+def _checkpoint_argument(pretrained: Any, checkpoint_path: Any) -> str | Path | None:
+    """The checkpoint to load from ``create_model``'s ``pretrained`` and ``checkpoint_path``, or None."""
+    if pretrained is True:
+        raise ValueError(
+            "pretrained=True would download hosted weights in timm; gmlp has none to download: pass a "
+            "local checkpoint as pretrained=PATH or checkpoint_path=PATH (ours, timm's or g-mlp-pytorch's)"
+        )
+    paths = []
+    for arg, value in (("pretrained", pretrained), ("checkpoint_path", checkpoint_path)):
+        if value is None or value is False:
+            continue
+        if not isinstance(value, (str, Path)):
+            raise ValueError(f"{arg} must be a path (str or Path), None or False; got {value!r}")
+        if str(value) == "":
+            raise ValueError(f"{arg} is an empty path; pass None for no weights")
+        paths.append(value)
+    if len(paths) == 2:
+        raise ValueError(
+            f"both pretrained={str(paths[0])!r} and checkpoint_path={str(paths[1])!r} given; pass one"
+        )
+    return paths[0] if paths else None
