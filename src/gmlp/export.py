@@ -99,9 +99,13 @@ def export_checkpoint(
 
     Model name, image size, channels and classes come from the arguments, else the run's ``config.json``,
     else the weights. With ``verify`` (and onnxruntime installed) the outputs are compared with PyTorch's.
+
+    Raises:
+        ValueError: no model name, or a checkpoint whose head does not fit ``num_classes`` (the export would
+            carry a freshly initialised head).
     """
-    from .train.vision import build_model, model_input_size
-    from .train.vision_tools import checkpoint_shapes, resolve_checkpoint
+    from .train.vision import model_input_size
+    from .train.vision_tools import build_with_own_head, checkpoint_shapes, resolve_checkpoint
 
     weights, run = resolve_checkpoint(checkpoint)
     run = run or {}
@@ -113,8 +117,9 @@ def export_checkpoint(
     explicit = {"img_size": img_size or shapes.get("img_size") or run.get("img_size"),
                 "in_chans": in_chans or shapes.get("in_chans"),
                 "num_classes": num_classes or shapes.get("num_classes")}
-    net = build_model(name, pretrained=weights,
-                      **{**kwargs, **{k: v for k, v in explicit.items() if v is not None}}).eval()
+    why = "an exported model needs the checkpoint's own head (leave --num-classes out to take it)"
+    net = build_with_own_head(name, weights, why,
+                              **{**kwargs, **{k: v for k, v in explicit.items() if v is not None}}).eval()
     input_size = model_input_size(net)
     out = export_onnx(net, output, input_size, opset=opset)
     if verify:

@@ -182,3 +182,33 @@ def test_weights_carry_the_normalisation_they_were_trained_with(tmp_path: Path) 
                                    dataset="digits")  # no config.json beside it
         assert bare["top1"] == pytest.approx(result["test_accuracy"])
         assert bare["loss"] == pytest.approx(result["test_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("heads,channels", [(1, 3), (2, 3), (1, 1)])
+def test_checkpoint_shapes_reads_g_mlp_pytorch_files_of_any_heads_and_channels(
+    tmp_path: Path, heads: int, channels: int
+) -> None:
+    """What `gmlp eval` / `gmlp export` size the model from: a multi-head W (heads, n, n) gives the grid
+    too, and a 1-channel file (its patch embedding flattened) is read, not given up on."""
+    g_mlp_pytorch = pytest.importorskip("g_mlp_pytorch")
+    from gmlp.train.vision_tools import checkpoint_shapes
+
+    source = g_mlp_pytorch.gMLPVision(image_size=16, patch_size=4, num_classes=7, dim=32, depth=2,
+                                      heads=heads, ff_mult=2, channels=channels)
+    torch.save(source.state_dict(), tmp_path / "lucid.pth")
+    shapes = checkpoint_shapes(tmp_path / "lucid.pth")
+    assert shapes == {"in_chans": channels, "img_size": (16, 16), "num_classes": 7}
+
+
+def test_export_refuses_a_checkpoint_whose_head_does_not_fit(tmp_path: Path) -> None:
+    """A head that does not fit --num-classes would be freshly initialised (all-zero logits), and the ONNX
+    check would compare the file with that same broken model: refused, as `gmlp eval` does."""
+    from gmlp import create_model
+    from gmlp.export import export_checkpoint
+    from gmlp.models.loading import save_model
+
+    save_model(create_model("gmlp_micro4_28", num_classes=5), tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"an exported model needs the checkpoint's own head"):
+        export_checkpoint(tmp_path / "m.safetensors", tmp_path / "m.onnx", model="gmlp_micro4_28",
+                          num_classes=10)
+    assert not (tmp_path / "m.onnx").exists()

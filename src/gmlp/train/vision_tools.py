@@ -24,8 +24,10 @@ from ..utils.io import CheckpointError, load_state_dict_file
 from .checkpoint import latest_checkpoint
 from .distributed import DistEnv, _pick_device
 
-__all__ = ["checkpoint_shapes", "count_macs", "evaluate_checkpoint", "measure_throughput", "model_info",
-           "resolve_checkpoint"]
+__all__ = [
+    "build_with_own_head", "checkpoint_shapes", "count_macs", "evaluate_checkpoint", "measure_throughput",
+    "model_info", "resolve_checkpoint",
+]
 
 
 def _run_config(path: Path) -> dict[str, Any] | None:
@@ -65,14 +67,25 @@ def resolve_checkpoint(path: str | Path, ema: bool = False) -> tuple[Path, dict[
 
 
 def checkpoint_shapes(path: str | Path) -> dict[str, Any]:
-    """What the weights say about the model: ``in_chans``, ``num_classes``, ``img_size`` (if knowable)."""
+    """What the weights say about the model: ``in_chans``, ``num_classes``, ``img_size`` (if knowable).
+
+    g-mlp-pytorch files store the patch embedding flattened (``in_chans * p * p`` columns): they are read
+    as 3 channels, else as 1 (no width fits both). The grid comes from the file's recorded ``grid_size``,
+    else from a square token-mixing weight (``(n, n)``, or ``(heads, n, n)`` with several heads).
+    """
     from ..convert import to_gmlp
 
     state, metadata = load_state_dict_file(path)
-    try:
-        state = to_gmlp(state)
-    except CheckpointError:
+    converted = None
+    for channels in (3, 1):
+        try:
+            converted = to_gmlp(state, in_chans=channels)
+            break
+        except CheckpointError:
+            continue
+    if converted is None:
         return {}  # not a gMLP layout (a timm ViT, ...): nothing to infer
+    state = converted
     out: dict[str, Any] = {}
     stem = state.get("stem.proj.weight")
     if stem is not None and stem.dim() == 4:
@@ -82,7 +95,7 @@ def checkpoint_shapes(path: str | Path) -> dict[str, Any]:
         if "grid_size" in metadata:
             gh, gw = (int(v) for v in metadata["grid_size"].split(","))
             out["img_size"] = (gh * patch[0], gw * patch[1])
-        elif proj is not None and proj.dim() == 2 and proj.shape[0] == proj.shape[1]:
+        elif proj is not None and proj.dim() in (2, 3) and proj.shape[-1] == proj.shape[-2]:
             side = math.isqrt(proj.shape[-1])
             if side * side == proj.shape[-1]:
                 out["img_size"] = (side * patch[0], side * patch[1])
@@ -92,21 +105,28 @@ def checkpoint_shapes(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def _load_for_eval(name: str, weights: Path, num_classes: int, img_size: Any, in_chans: int | None,
-                   model_kwargs: dict[str, Any]) -> nn.Module:
+def build_with_own_head(name: str, weights: Path, why: str, **kwargs: Any) -> nn.Module:
+    """``build_model(name, pretrained=weights, **kwargs)``, refusing a checkpoint whose head does not fit the
+    model (loading would keep a freshly initialised head, whose outputs mean nothing): a ``ValueError``
+    whose message ends with ``why``. Other loading warnings pass through."""
     from .vision import build_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        explicit = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
-        model = build_model(name, pretrained=weights,
-                            **{**model_kwargs, **{k: v for k, v in explicit.items() if v is not None}})
+        model = build_model(name, pretrained=weights, **kwargs)
     for w in caught:
         if "freshly initialised head" in str(w.message):
-            raise ValueError(f"{weights}: {w.message}; evaluation needs the checkpoint's own head (the "
-                             f"dataset has {num_classes} classes)")
+            raise ValueError(f"{weights}: {w.message}; {why}")
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return model.eval()
+    return model
+
+
+def _load_for_eval(name: str, weights: Path, num_classes: int, img_size: Any, in_chans: int | None,
+                   model_kwargs: dict[str, Any]) -> nn.Module:
+    explicit = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
+    why = f"evaluation needs the checkpoint's own head (the dataset has {num_classes} classes)"
+    kwargs = {**model_kwargs, **{k: v for k, v in explicit.items() if v is not None}}
+    return build_with_own_head(name, weights, why, **kwargs).eval()
 
 
 def evaluate_checkpoint(
