@@ -268,6 +268,12 @@ def test_a_non_square_grid_without_metadata_is_read_with_a_warning(tmp_path: Pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_pretrained(micro(img_size=(28, 32)), tmp_path / "ours.safetensors")
+    # 64 tokens on a 16 x 4 grid: the warning names the square 8 x 8 grid a timm file would have
+    model = micro(img_size=(64, 16))
+    torch.save(model.state_dict(), tmp_path / "wide.pth")
+    expected = r"made for 8x8 \(timm and g-mlp-pytorch make square grids only\) or 4x16"
+    with pytest.warns(UserWarning, match=expected):
+        load_pretrained(micro(img_size=(64, 16)), tmp_path / "wide.pth")
 
 
 def test_resampling_refuses_integer_tensors_and_unknown_modes() -> None:

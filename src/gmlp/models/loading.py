@@ -87,9 +87,13 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
             n_ckpt = state[key].shape[-1]
             if n_ckpt == n_model and same_grid:
                 if warn:
+                    side = math.isqrt(n_model)
+                    square = f"{side}x{side} (timm and g-mlp-pytorch make square grids only) or " if (
+                        side * side == n_model
+                    ) else ""
                     warnings.warn(
                         f"{path} does not record the patch grid its spatial weights were made for; they are "
-                        f"read on the model's {grid[0]}x{grid[1]} grid (a checkpoint made for "
+                        f"read on the model's {grid[0]}x{grid[1]} grid (a checkpoint made for {square}"
                         f"{grid[1]}x{grid[0]} would need resampling: gmlp.nn.resample_spatial_weight)",
                         stacklevel=3,
                     )
