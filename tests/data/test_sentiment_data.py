@@ -193,7 +193,8 @@ def test_unknown_source(tmp_path: Path) -> None:
 def test_squad_fixture() -> None:
     questions = S.load_squad_json(FIXTURES / "squad_tiny.json")
     assert len(questions) == 9 and questions[0].answers == (("Herman Melville", 24),)
-    data = S.load_qa(train_file=FIXTURES / "squad_tiny.json")
+    with pytest.warns(UserWarning, match="no validation file: the validation and test scores are computed"):
+        data = S.load_qa(train_file=FIXTURES / "squad_tiny.json")
     assert data.validation == data.train == data.test and not data.version_2
 
 

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import random
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -602,6 +603,12 @@ def load_qa(
         raise FileNotFoundError(
             "question answering needs SQuAD data: --train-file/--validation-file JSON, a folder with "
             f"train*.json and dev*.json, or hf:squad (got {source!r})"
+        )
+    if dev is train:
+        warnings.warn(
+            "question answering with no validation file: the validation and test scores are computed on the "
+            "training questions (pass --validation-file, or a folder with train*.json and dev*.json)",
+            stacklevel=2,
         )
     version_2 = any(not e.answers for e in (*train, *dev))
     return QAData(train=train, validation=dev, test=test, version_2=version_2)
