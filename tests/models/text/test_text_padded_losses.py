@@ -11,7 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmlp.models.text import GMLPConfig, GMLPForCausalLM, GMLPForMaskedLM, GMLPForQuestionAnswering
+from gmlp.models.text import (
+    GMLPConfig,
+    GMLPForCausalLM,
+    GMLPForMaskedLM,
+    GMLPForQuestionAnswering,
+    GMLPForSequenceClassification,
+)
 from gmlp.nn import TokenProjection
 
 VOCAB, SEQ = 40, 16
@@ -120,3 +126,35 @@ def test_question_answering_positions_on_padding_raise() -> None:
     loss = model(rows, attention_mask=masks, start_positions=torch.tensor([2, 2]),
                  end_positions=torch.tensor([99, 4])).loss
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "inner"])
+def test_a_causal_classifier_pools_the_last_real_token(layout: str) -> None:
+    """In a causal model the first token sees only itself: the classifier pools the last real token (as
+    GPT-2's does), so the logits depend on the whole text and padding changes nothing."""
+    model = _model(GMLPForSequenceClassification, causal=True, num_labels=3)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, VOCAB, (6,), generator=gen)
+    other = ids.clone()
+    other[3:] = torch.randint(5, VOCAB, (3,), generator=gen)  # the same first tokens, another ending
+    expected = model(ids[None]).logits
+    assert not torch.allclose(model(other[None]).logits, expected)
+    row, mask = _padded(ids, layout)
+    torch.testing.assert_close(model(row, attention_mask=mask).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_trainer_label_smoothing_shifts_the_causal_lm_s_labels(tmp_path) -> None:
+    """transformers' Trainer computes a label-smoothed loss itself and shifts the labels only for the causal
+    LMs it knows: with gMLP registered there, a tiny smoothing gives the model's own (next-token) loss."""
+    from transformers import Trainer, TrainingArguments
+
+    model = _model(GMLPForCausalLM)
+    ids = torch.randint(5, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), label_smoothing_factor=1e-6, report_to=[], use_cpu=True
+    )
+    trainer = Trainer(model=model, args=args)
+    with torch.no_grad():
+        got = trainer.compute_loss(model, {"input_ids": ids, "labels": ids.clone()})
+        expected = model(ids, labels=ids).loss
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .configuration_gmlp import PRESETS, GMLPConfig
 from .modeling_gmlp import (
@@ -46,3 +47,8 @@ for _auto, _model in (
     (AutoModelForCausalLM, GMLPForCausalLM),
 ):
     _auto.register(GMLPConfig, _model, exist_ok=True)
+
+# transformers' Trainer shifts the labels of its own label-smoothed loss only for the causal LMs named in
+# this table (registering with AutoModelForCausalLM does not add to it): without the entry,
+# label_smoothing_factor > 0 would train GMLPForCausalLM to predict the current token
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(GMLPConfig.model_type, GMLPForCausalLM.__name__)

@@ -550,7 +550,9 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
 
 class GMLPForSequenceClassification(GMLPPreTrainedModel):
     """Sentence (pair) classification or regression from the first real token (the ``<cls>`` token):
-    ``classifier(dropout(tanh(pooler(dropout(h_cls)))))``.
+    ``classifier(dropout(tanh(pooler(dropout(h_cls)))))``. A causal model (``config.causal``, e.g. loaded
+    from a :class:`GMLPForCausalLM` checkpoint) pools the *last* real token instead, as GPT-2's classifier
+    does: there the first token sees only itself.
 
     The loss follows ``config.problem_type`` as in transformers:
 
@@ -603,7 +605,7 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
     ) -> SequenceClassifierOutput | tuple[torch.Tensor, ...]:
         """Logits ``(batch, num_labels)``; with ``labels`` also the loss (see the class docstring for the
         labels each ``problem_type`` takes). Other arguments: :meth:`GMLPModel.forward`. The pooled token
-        is the first one with ``attention_mask == 1``.
+        is the first one with ``attention_mask == 1`` (the last one in a causal model).
 
         Raises:
             ValueError: ``labels`` of the wrong type, shape or dtype for ``config.problem_type`` (the
@@ -613,12 +615,14 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
         h = out.last_hidden_state
+        causal = self.config.causal  # the last real token is the one that has seen the whole text
         if attention_mask is None:
-            first = h[:, 0]
+            token = h[:, -1] if causal else h[:, 0]
         else:
-            index = (attention_mask != 0).to(torch.int32).argmax(dim=1)  # first real token (left padding too)
-            first = h[torch.arange(h.shape[0], device=h.device), index.to(h.device)]
-        pooled = torch.tanh(self.pooler(self.dropout(first)))
+            real = (attention_mask != 0).to(torch.int32)  # first real token, or last (any padding)
+            index = real.shape[1] - 1 - real.flip(1).argmax(dim=1) if causal else real.argmax(dim=1)
+            token = h[torch.arange(h.shape[0], device=h.device), index.to(h.device)]
+        pooled = torch.tanh(self.pooler(self.dropout(token)))
         logits = self.classifier(self.dropout(pooled))
         loss = None if labels is None else self._loss(logits, labels)
         return _as_tuple(
