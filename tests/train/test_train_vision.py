@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,57 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path: Path) -> N
     assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
     records = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
+
+
+def test_a_stop_mid_epoch_saves_every_step_s_loss_when_losses_are_read_lazily(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the loop reads losses back every log_every steps only; a checkpoint (here: the --max-steps
+    stop) must still hold the sum of every step it counts, or the resumed epoch's train_loss is wrong."""
+    import gmlp.train.vision as vision_module
+
+    monkeypatch.setattr(vision_module, "_flush_losses_every_step", lambda device: False)  # as on CUDA
+    cfg = {**TINY, "log_every": 50}
+    train_vision(VisionTrainConfig(**cfg, output=str(tmp_path / "full")))
+    train_vision(VisionTrainConfig(**cfg, max_steps=7, output=str(tmp_path / "resumed")))
+    train_vision(VisionTrainConfig(**cfg, output=str(tmp_path / "resumed")), resume=True)
+    losses = [
+        [json.loads(x)["train_loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("full", "resumed")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--batch-size", "30", "--grad-accum-steps", "4"], r"batch_size \(30, .*\) must be divisible by "
+      r"processes x grad_accum_steps = 1 x 4 = 4"),
+     (["--batch-size", "12", "--grad-accum-steps", "4", "--mixup", "0.8"],
+      r"mixup/cutmix pair the images of a micro-batch, which must be even: .* = 3"),
+     (["--batch-size", "4096"], r"batch_size \(4096\) is larger than the training set \(1500 images\)")],
+)
+def test_batches_that_cannot_be_split_are_usage_errors_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str], message: str
+) -> None:
+    """An odd micro-batch with mixup lost a sample every step (a micro-batch of 1 trained on nothing)."""
+    rc = main(["train", "--dataset", "digits", "--model", "gmlp_micro4_28", *argv,
+               "--output", str(tmp_path / "run")])
+    assert rc == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_normalisation_of_the_wrong_length_and_a_run_shorter_than_warmup(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--mean with 2 values on 1-channel images was averaged silently; warmup longer than the run leaves the
+    learning rate below lr throughout: the first is refused, the second said."""
+    base = ["train", "--dataset", "digits", "--model", "gmlp_micro4_28", "--train-subset", "128",
+            "--test-subset", "64", "--batch-size", "64", "--epochs", "1", "--no-augment", "--no-progress"]
+    assert main([*base, "--mean", "0.1", "0.2", "--output", str(tmp_path / "a")]) == 2
+    assert "--mean has 2 values (0.1, 0.2); the images have 1 channel(s)" in capsys.readouterr().err
+    assert main([*base, "--output", str(tmp_path / "b")]) == 0
+    assert "warning: warmup_steps (200) >= the run's 2 optimizer steps" in capsys.readouterr().err
 
 
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:

@@ -281,12 +281,21 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 def norm_stats(model: nn.Module, chans: int, mean: Any = None, std: Any = None) -> tuple[tuple, tuple]:
-    """Normalisation mean/std: the given ones, else the model's pretrained_cfg (3 values averaged for 1
-    channel, 1 value repeated for 3)."""
+    """Normalisation mean/std: the given ones (one per channel, or one for all), else the model's
+    pretrained_cfg (3 values averaged for 1 channel, 1 value repeated for 3).
+
+    Raises:
+        ConfigError: a given mean or std with neither one value nor one per channel.
+    """
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     out = []
     for given, key in ((mean, "mean"), (std, "std")):
         values = tuple(given if given is not None else cfg.get(key, (0.5,) * chans))
+        if given is not None and len(values) not in (1, chans):
+            raise ConfigError(
+                f"--{key} has {len(values)} values {values}; the images have {chans} channel(s): give "
+                f"{chans} value(s) or one for all"
+            )
         if len(values) != chans:
             if chans == 1:
                 values = (sum(values) / len(values),)
@@ -696,23 +705,49 @@ def _check_model_kwargs(model_kwargs: dict[str, Any], arch: dict[str, Any]) -> N
         raise ConfigError(f"model_kwargs {', '.join(clashes)}: the dataset sets these; leave them out")
 
 
+def _flush_losses_every_step(device: torch.device) -> bool:
+    """Whether the training loop reads each step's loss back at once (on the CPU, where that costs
+    nothing) or only every ``log_every`` steps (on a GPU, where a read-back waits for the device)."""
+    return device.type == "cpu"
+
+
+def _check_batch_split(config: VisionTrainConfig, world_size: int) -> None:
+    """Refuse a global batch that does not split into equal micro-batches over the processes and
+    accumulation steps, or (with mixup/cutmix, which pair the samples of a batch) into even ones: timm's
+    Mixup needs an even batch, and an odd micro-batch would lose a sample every step (a micro-batch of 1
+    would train on nothing)."""
+    parts = world_size * config.grad_accum_steps
+    if config.batch_size % parts:
+        raise ConfigError(
+            f"batch_size ({config.batch_size}, the global batch per optimizer step) must be divisible by "
+            f"processes x grad_accum_steps = {world_size} x {config.grad_accum_steps} = {parts}"
+        )
+    micro = config.batch_size // parts
+    if (config.mixup > 0 or config.cutmix > 0) and micro % 2:
+        raise ConfigError(
+            f"mixup/cutmix pair the images of a micro-batch, which must be even: batch_size "
+            f"{config.batch_size} / (processes {world_size} x grad_accum_steps {config.grad_accum_steps}) = "
+            f"{micro}; change batch_size or grad_accum_steps, or turn mixup and cutmix off"
+        )
+
+
 def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, Any]:  # noqa: C901
     tune_malloc()
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.output)
     main = env.is_main
+    _check_batch_split(config, env.world_size)
+    data = load_data(config)  # before anything is written: a batch the data cannot fill is a usage error
+    if config.batch_size > data.num_train:
+        raise ConfigError(
+            f"batch_size ({config.batch_size}) is larger than the training set ({data.num_train} images)"
+        )
     if not resume:
         _start_fresh(out, config.overwrite, main)
     if main:
         out.mkdir(parents=True, exist_ok=True)
     device = env.device
-
-    data = load_data(config)
-    if config.batch_size > data.num_train:
-        raise ValueError(
-            f"batch_size ({config.batch_size}) is larger than the training set ({data.num_train})"
-        )
     num_classes = len(data.classes)
     torch.manual_seed(config.seed)
     arch: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": config.drop_path_rate,
@@ -787,6 +822,10 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
               f"{amp}, {'fused ' if opt_kwargs.get('fused') else ''}AdamW, {steps_per_epoch} steps/epoch",
               flush=True)
     warmup_lr = config.warmup_lr if config.warmup_lr is not None else config.lr * 1e-3
+    if main and config.warmup_steps >= total_steps:
+        print(f"warning: warmup_steps ({config.warmup_steps}) >= the run's {total_steps} optimizer steps: "
+              f"the learning rate never reaches lr ({config.lr:g}) and never decays; lower --warmup-steps",
+              file=sys.stderr, flush=True)
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=config.min_lr,
                                   warmup_t=config.warmup_steps, warmup_lr_init=warmup_lr, t_in_epochs=False)
     ema = None
@@ -875,6 +914,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
                                  config.precision, env)
 
     def checkpoint() -> None:
+        flush_loss()  # the saved loss sum must hold every step its count does (CUDA flushes lazily)
         total_loss, total_skipped = all_reduce_sum(env, [loss_sum, skipped_total])
         if fsdp:  # gathered from all processes onto process 0: the same full-model checkpoint as DDP writes
             model_state, optimizer_state = full_state_dicts(model, optimizer)
@@ -894,7 +934,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
     last_metrics: dict[str, Any] = {}
     pending = torch.zeros((), dtype=torch.float64, device=device)  # losses not yet added to loss_sum
     pending_count = 0
-    check_each_step = device.type == "cpu"
+    check_each_step = _flush_losses_every_step(device)
     model.train()
     bar = None
     epoch_start = time.perf_counter()
@@ -982,7 +1022,6 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
                 writer.add_scalar("train/loss", step_loss.item(), step)
                 writer.add_scalar("train/lr", lr, step)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step % steps_per_epoch:
-            flush_loss()
             checkpoint()
         if step % steps_per_epoch == 0 or step == stop_at:
             bar.close()
