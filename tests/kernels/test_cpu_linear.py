@@ -369,6 +369,36 @@ def test_traced_and_exported_graphs_keep_portable_ops() -> None:
 
 
 @needs_onednn
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace:FutureWarning")
+def test_a_model_traced_with_grad_on_passes_the_tracer_s_own_check() -> None:
+    """torch.jit.trace re-runs the model under no_grad to check its graph: the in-place inference path
+    must not take part while tracing, or the two graphs differ."""
+    model = create_model("gmlp_micro4_28", img_size=8, in_chans=1).eval()
+    x = torch.randn(2, 1, 8, 8)
+    traced = torch.jit.trace(model, x)  # check_trace=True by default
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x))
+
+
+@needs_onednn
+def test_forward_mode_ad_gets_the_reference_tangent() -> None:
+    """Dual tensors are neither functorch wrappers nor grad-requiring; the oneDNN op has no forward
+    derivative, so forward AD must take the plain ops (else the tangent is lost silently)."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    block = GMLPBlock(16, 48, 10).eval()
+    for p in block.parameters():
+        p.requires_grad_(False)
+    x, tangent = torch.randn(10, 3, 16), torch.randn(10, 3, 16)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(block(fwAD.make_dual(x, tangent))).tangent
+    _, want = torch.func.jvp(block, (x,), (tangent,))
+    assert got is not None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
 def test_small_products_take_blas_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """Below ``ONEDNN_MIN_FLOPS`` (host cost beats oneDNN's faster kernel) the default is the reference;
     from it on, oneDNN. ``use_onednn=True`` still forces it. (The suite runs with the threshold at 0.)"""

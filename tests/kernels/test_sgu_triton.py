@@ -128,6 +128,20 @@ def test_hooks_on_the_block_s_modules_run_on_every_path(
     torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-gating", "split-kernel"])
+def test_a_double_backward_through_the_kernels_raises(monkeypatch: pytest.MonkeyPatch, fused: bool) -> None:
+    """The kernels' backward is not differentiable: a gradient penalty (create_graph) through them raised
+    nothing and gave wrong second-order gradients; now it raises (GMLP_DISABLE_TRITON=1: plain ops)."""
+    torch.manual_seed(0)
+    block = GMLPBlock(16, 48, 10).to(DEVICE)  # no tiny attention: SDPA has no double backward on the CPU
+    x = torch.randn(10, 3, 16, device=DEVICE, requires_grad=True)
+    calls = _through_kernel(monkeypatch, fused)
+    (grad,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+    assert calls
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.square().sum().backward()
+
+
 @pytest.mark.parametrize("threshold_offset,expect_fused", [(0, True), (1, False)])
 def test_block_takes_the_fused_gating_from_the_size_threshold_on(
     monkeypatch: pytest.MonkeyPatch, threshold_offset: int, expect_fused: bool

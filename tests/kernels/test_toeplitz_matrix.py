@@ -90,6 +90,23 @@ def test_inference_and_tracing_keep_the_plain_view(monkeypatch: pytest.MonkeyPat
     torch.testing.assert_close(traced(weight), 2 * ref)
 
 
+def test_torch_func_transforms_work_at_long_lengths() -> None:
+    """torch.func (grad, vmap) cannot run the diagonal-sum function (no setup_context): from
+    DIAGONAL_SUM_MIN_TOKENS on it is skipped under a transform, and the gradients are autograd's."""
+    n = DIAGONAL_SUM_MIN_TOKENS
+    proj = TokenProjection(n, toeplitz=True).double()
+    x = torch.randn(n, 2, 3, dtype=torch.float64)
+    params = dict(proj.named_parameters())
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(proj, p, (x,)).square().sum()
+
+    got = torch.func.grad(loss)(params)
+    want = torch.autograd.grad(loss(params), list(params.values()))
+    for g, w in zip(got.values(), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_token_projection_takes_the_diagonal_sums_at_long_lengths() -> None:
     n = DIAGONAL_SUM_MIN_TOKENS
     proj = TokenProjection(n, toeplitz=True)

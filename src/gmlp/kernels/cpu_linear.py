@@ -28,9 +28,9 @@ and whole blocks train at the same speed either way.
   mixing to autocast's ``addmm`` there (1.25-2x faster than oneDNN with the bias added after it).
 
 The fast path is taken for float32 CPU tensors (float32 or bf16 ones under bf16 autocast) outside other
-autocast dtypes, torch.compile / torch.export,
-``torch.jit.trace``, torch.func transforms and Python dispatch modes (``FlopCounterMode``, fake tensors),
-with oneDNN available and enabled and ``GMLP_DISABLE_CPU_FUSION`` not ``1``. Everywhere else the functions
+autocast dtypes, torch.compile / torch.export, ``torch.jit.trace``, torch.func transforms, forward-mode AD
+and Python dispatch modes (``FlopCounterMode``, fake tensors), with oneDNN available and enabled and
+``GMLP_DISABLE_CPU_FUSION`` not ``1``. Everywhere else the functions
 run their ``*_reference``, the plain ops they are tested against.
 """
 
@@ -139,6 +139,12 @@ def _can_run(*tensors: torch.Tensor) -> bool:
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+def _forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open: dual tensors are neither functorch
+    wrappers nor grad-requiring, so this is the only sign that forward-mode derivatives must flow."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 def cpu_fusion_enabled(*tensors: torch.Tensor) -> bool:
     """Whether the functions of this module take the oneDNN path for ``tensors`` by default (see the
     module docstring for the conditions)."""
@@ -147,6 +153,7 @@ def cpu_fusion_enabled(*tensors: torch.Tensor) -> bool:
         and tensors[0].is_cpu  # then the cheapest test, which ends it at once for CUDA tensors
         and not torch.jit.is_tracing()  # traced graphs (TorchScript ONNX export) keep portable ops
         and _get_current_dispatch_mode() is None  # FLOP counters, fake tensors: they see plain aten ops
+        and not _forward_ad_active()  # the oneDNN op has no forward derivative: a tangent would be lost
         and os.environ.get("GMLP_DISABLE_CPU_FUSION") != "1"
         and (not torch.is_autocast_enabled("cpu") or _autocast_bf16())
         and torch.backends.mkldnn.enabled

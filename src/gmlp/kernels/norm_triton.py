@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .sgu_triton import _HAS_TRITON, _block_c, _bwd_split, _warps, launch_config
 
@@ -102,6 +103,7 @@ class _LayerNorm(torch.autograd.Function):
         return (y.view(shape), x) if return_residual else y.view(shape)
 
     @staticmethod
+    @once_differentiable  # Triton kernels: a double backward (create_graph) raises, never silently wrong
     def backward(ctx, dy, dres=None):  # type: ignore[override]
         x2d, weight, mean, rstd = ctx.saved_tensors
         rows, d = x2d.shape

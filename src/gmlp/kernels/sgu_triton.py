@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "LaunchConfig",
@@ -622,6 +623,7 @@ class _GeluSplitLayerNorm(torch.autograd.Function):
         return z1.view(*shape[:-1], c), z2.view(*shape[:-1], c)
 
     @staticmethod
+    @once_differentiable  # Triton kernels: a double backward (create_graph) raises, never silently wrong
     def backward(ctx, dz1: torch.Tensor, dz2: torch.Tensor):  # type: ignore[override]
         u2d, weight, mean, rstd, ub = ctx.saved_tensors
         rows, width = u2d.shape
@@ -772,6 +774,7 @@ class _SpatialGating(torch.autograd.Function):
         return s
 
     @staticmethod
+    @once_differentiable  # Triton kernels: a double backward (create_graph) raises, never silently wrong
     def backward(ctx, ds: torch.Tensor):  # type: ignore[override]
         u2d, norm_weight, mean, rstd, keep, z2n, w_pad, gate, u_bias, token_bias = ctx.saved_tensors
         n = gate.shape[0]

@@ -104,6 +104,8 @@ def toeplitz_matrix(
             and torch.is_grad_enabled()
             and weight.requires_grad
             and not torch.jit.is_tracing()
+            and not torch._C._are_functorch_transforms_active()  # grad/vmap/jacrev: need setup_context
+            and torch.autograd.forward_ad._current_level < 0  # forward AD: the function has no jvp
         )
     if not diagonal_sums:
         return toeplitz_matrix_reference(weight, n, seq_len)

@@ -31,14 +31,18 @@ def may_update_in_place(out: torch.Tensor, other: torch.Tensor) -> bool:
     tensor it has just made and that nothing else refers to (see :func:`hookless`); this checks the rest:
     autograd records neither (so it needs neither tensor's old value), the result keeps ``out``'s shape and
     dtype (no broadcast to a larger shape, no type promotion, as under autocast), it is not a bfloat16 CPU
-    tensor, and no torch.compile trace or torch.func transform is running (they keep the out-of-place op).
+    tensor, and no torch.compile or torch.jit trace or torch.func transform is running (they keep the
+    out-of-place op).
 
     On the CPU, aten's in-place ``mul_`` / ``add_`` on bfloat16 ran about 1.5x slower than the out-of-place
     op (0.86-0.91 against 0.58-0.63 ms over 4.8M values; float32 in place 1.6x faster, float16 level), and
     gMLP-S/16 bf16-autocast inference ran 1.02-1.07x faster with the gating product out of place (three
     interleaved A/Bs; benchmarks/RESULTS.md, fourteenth session)."""
     return (
-        not (torch.is_grad_enabled() and (out.requires_grad or other.requires_grad))
+        # first: torch.jit.trace re-traces under no_grad to check its graph, which must come out the same
+        # (even the tracer's value names, which reading the tensors' attributes here would change)
+        not torch.jit.is_tracing()
+        and not (torch.is_grad_enabled() and (out.requires_grad or other.requires_grad))
         and out.dtype == other.dtype
         and not (out.dtype is torch.bfloat16 and out.is_cpu)
         and out.shape == other.shape
