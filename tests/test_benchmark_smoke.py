@@ -37,6 +37,23 @@ def test_side_by_side_suite_smoke(tmp_path: Path) -> None:
     assert len({round(r["gflop_per_sample"], 6) for r in vision}) == 1
 
 
+def test_peers_are_run_like_ours_and_compared_run_the_same_way() -> None:
+    """BERT without dropout (no other model has any); a peer's "best gmlp speed-up" only from our rows run
+    the same way (graphed with graphed, eager with eager)."""
+    run = _load("run")
+    bert = next(c for c in run.text_cases(2, 32, 64, 16, 2, vocab=100) if "Bert" in c.name).build()
+    assert not [m for m in bert.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+
+    def row(name: str, rate: float):
+        return run.Result(name, "text", "train", 2, rate, 1.0, 1.0, 1.0, None, [1.0])
+
+    results = [row("gmlp A", 10.0), row("gmlp A (CUDA graph)", 40.0), row("peer", 5.0),
+               row("peer (CUDA graph)", 8.0)]
+    best = {line.split(" | ")[0].strip("| "): line.split(" | ")[-1].strip(" |")
+            for line in run.table(results).splitlines()[2:]}
+    assert best["peer"] == "2.00x" and best["peer (CUDA graph)"] == "5.00x"
+
+
 def test_toeplitz_crossover_smoke(capsys) -> None:
     _load("toeplitz_crossover").main(["--lengths", "8,16", "--columns", "4", "--reps", "1"])
     _load("toeplitz_crossover").main(["--matrix", "--lengths", "8,16", "--reps", "1"])
