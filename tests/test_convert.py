@@ -189,6 +189,14 @@ def test_g_mlp_pytorch_patch_stem_needs_the_right_in_chans() -> None:
     assert from_g_mlp_pytorch(ref.state_dict(), in_chans=1)["stem.proj.weight"].shape == (16, 1, 4, 4)
 
 
+def test_g_mlp_pytorch_rectangular_patches_are_refused() -> None:
+    """A 2 x 8 patch flattens to 16 = 4 x 4 values: read as a square patch it converted without an error
+    and gave other outputs. Given the model itself, the converter sees the patch shape and refuses."""
+    ref = gMLPVision(image_size=16, patch_size=(2, 8), num_classes=3, dim=16, depth=1)
+    with pytest.raises(CheckpointError, match=r"rectangular patches \(p1=2, p2=8\)"):
+        from_g_mlp_pytorch(ref)
+
+
 def test_g_mlp_pytorch_circulant_checkpoint_is_refused() -> None:
     ref = gMLP(num_tokens=20, dim=16, depth=1, seq_len=8, circulant_matrix=True)
     with pytest.raises(CheckpointError, match="circulant"):

@@ -96,8 +96,18 @@ def from_g_mlp_pytorch(
     ``embed.weight``, ``to_logits.0``/``.1`` become ``norm``/``lm_head``. The SGU ``weight`` (heads, n, n)
     and ``bias`` (heads, n) lose their heads axis when there is one head. Circulant checkpoints
     (``circulant_pos_x``) are refused: that mode is not a Toeplitz W (see docs). ``in_chans`` gives the
-    image channels of a vision checkpoint (not stored in it).
+    image channels of a vision checkpoint (not stored in it). Patches are taken as square (a bare state
+    dict does not record their shape); a model with rectangular patches is refused when it is passed
+    itself, as its flattened stem would otherwise be reshaped wrongly without an error.
     """
+    if isinstance(state_dict, nn.Module):
+        embed = getattr(state_dict, "to_patch_embed", None)
+        sizes = getattr(embed[0], "axes_lengths", None) if isinstance(embed, nn.Sequential) else None
+        if isinstance(sizes, dict) and sizes.get("p1", 0) != sizes.get("p2", 0):
+            raise CheckpointError(
+                f"g-mlp-pytorch model with rectangular patches (p1={sizes.get('p1')}, p2={sizes.get('p2')}): "
+                f"gmlp's patch stem takes square patches only"
+            )
     state_dict = _as_state_dict(state_dict)
     if any("circulant_pos" in k for k in state_dict):
         raise CheckpointError(

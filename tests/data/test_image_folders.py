@@ -14,6 +14,7 @@ from gmlp.data.folders import (
     collate_skipping,
     hf_source,
     image_folder_source,
+    subset_source,
 )
 from gmlp.data.sampling import StepBatches
 
@@ -67,6 +68,37 @@ def test_missing_or_empty_folders_name_the_folder(tmp_path: Path) -> None:
     (root / "train" / "class3").rmdir()
     with pytest.raises(FileNotFoundError, match="holds no images"):
         image_folder_source(root, "empty")
+
+
+def test_a_subset_of_a_folder_keeps_every_class(tmp_path: Path) -> None:
+    """An ImageFolder lists its files class by class: the first N held one class or two. A subset takes
+    samples at even steps, each still loading its own file."""
+    root = make_tree(tmp_path / "imgs", {"train": 10}, corrupt=False)
+    source = image_folder_source(root, "train")
+    sub = subset_source(source, 12)
+    assert len(sub) == 12 and sorted(set(sub.labels)) == [0, 1, 2]
+    assert [sub.labels.count(c) for c in range(3)] == [4, 4, 4]
+    for i, j in enumerate(sub.indices):
+        assert sub.describe(i) == source.describe(j) and sub.labels[i] == source.labels[j]
+    assert subset_source(source, 30) is source and subset_source(source, None) is source
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    """PIL's convert clips 16-bit values above 255 (a 16-bit photo came out almost white); they are scaled
+    to 8 bits, as the same picture saved in 8 bits reads."""
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 1, 12), (12, 1))
+    d = tmp_path / "imgs" / "train" / "a"
+    d.mkdir(parents=True)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(d / "deep.png")
+    Image.fromarray((ramp * 255).round().astype(np.uint8)).save(d / "flat.png")
+    source = image_folder_source(tmp_path / "imgs", "train")
+    assert source.load(0).mode.startswith("I")  # the 16-bit file really is 16-bit
+    for mode in ("L", "RGB"):
+        ds = TransformedImages(source, _to_tensor, mode)
+        deep, flat = ds[0][0], ds[1][0]
+        assert (deep - flat).abs().max() <= 1.0
 
 
 def test_corrupt_images_are_skipped_and_counted_or_raise(tmp_path: Path) -> None:

@@ -54,6 +54,52 @@ class ImageSource:
         return f"sample {index}"
 
 
+class SubsetSource(ImageSource):
+    """``n`` samples of ``source`` taken at even steps through it (``i * len // n``): an ImageFolder lists
+    its files class by class, so its first ``n`` would hold only the first class or two; even steps keep
+    every class in proportion, with no randomness."""
+
+    def __init__(self, source: ImageSource, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"subset size must be >= 1, got {n}")
+        self.source = source
+        self.indices = [i * len(source) // n for i in range(min(n, len(source)))]
+        self.labels = [source.labels[i] for i in self.indices]
+        self.classes = source.classes
+
+    def load(self, index: int) -> Any:
+        return self.source.load(self.indices[index])
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(self.indices[index])
+
+
+def subset_source(source: ImageSource, n: int | None) -> ImageSource:
+    """``source`` itself when ``n`` is None or covers it, else a :class:`SubsetSource` of ``n`` samples."""
+    if n is None or n >= len(source):
+        return source
+    return SubsetSource(source, n)
+
+
+def _to_8_bit(img: Any) -> Any:
+    """16-bit greyscale images (PIL modes ``I;16*``, ``I``) scaled to 8 bits: PIL's own ``convert`` clips
+    every value above 255, which turns a 16-bit photo almost white. Float images (mode ``F``) are refused:
+    their range is unknown."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "F":
+        raise CorruptImageError("a floating-point image (PIL mode F) has no known value range; save it as "
+                                "8- or 16-bit PNG/TIFF")
+    if not (mode.startswith("I;16") or mode == "I"):
+        return img
+    import numpy as np
+
+    arr = np.asarray(img).astype(np.float64)
+    top = 65535.0 if mode.startswith("I;16") or arr.max() <= 65535 else float(arr.max())
+    return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+
+
 def _open_image(opener: Callable[[], Any]) -> Any:
     from PIL import Image
 
@@ -292,7 +338,7 @@ class TransformedImages(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         try:
             img = self.source.load(index)
-            img = img.convert(self.mode)
+            img = _to_8_bit(img).convert(self.mode)
         except CorruptImageError:
             if self.strict:
                 raise

@@ -481,15 +481,6 @@ class _Data:
     test_source: Any = None
 
 
-def _subset_source(source: Any, n: int | None) -> Any:
-    if n is None or n >= len(source):
-        return source
-    if n < 1:
-        raise ValueError(f"subset size must be >= 1, got {n}")
-    source.labels = source.labels[:n]
-    return source
-
-
 def load_data(config: VisionTrainConfig, *, train: bool = True) -> _Data:
     """The train and test/validation data of ``config`` (the train split only if ``train``)."""
     from ..data import folders
@@ -511,8 +502,8 @@ def load_data(config: VisionTrainConfig, *, train: bool = True) -> _Data:
         train_src = folders.hf_source(config.data_root, config.train_split, candidates=("train",), **keys)
         test_src = folders.hf_source(config.data_root, config.val_split, class_names=train_src.classes,
                                      candidates=("validation", "val", "test"), **keys)
-    train_src = _subset_source(train_src, config.train_subset)
-    test_src = _subset_source(test_src, config.test_subset)
+    train_src = folders.subset_source(train_src, config.train_subset)
+    test_src = folders.subset_source(test_src, config.test_subset)
     return _Data(len(train_src), train_src.classes, train_source=train_src, test_source=test_src)
 
 

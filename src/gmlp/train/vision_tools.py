@@ -213,7 +213,7 @@ def evaluate_checkpoint(
             source = folders.hf_source(data_root, split, candidates=("validation", "val", "test"),
                                        image_key=run.get("image_key"), label_key=run.get("label_key"))
             split_name = source.name.rsplit("[", 1)[-1].rstrip("]")
-        source = _subset(source, subset)
+        source = folders.subset_source(source, subset)
         size = img_size or run.get("img_size") or shapes.get("img_size")
         net = _load_for_eval(name, weights, len(source.classes), size, shapes.get("in_chans"), kwargs).to(dev)
         chans = model_input_size(net)[0]
@@ -232,12 +232,6 @@ def evaluate_checkpoint(
             "top1": result["accuracy"], "top5": result["top5"], "loss": result["loss"],
             "count": result["count"],
             **({"skipped_images": result["skipped_images"]} if "skipped_images" in result else {})}
-
-
-def _subset(source: Any, n: int | None) -> Any:
-    if n is not None and n < len(source):
-        source.labels = source.labels[:n]
-    return source
 
 
 # --- info ----------------------------------------------------------------------------------------------
