@@ -82,9 +82,9 @@ def subset_source(source: ImageSource, n: int | None) -> ImageSource:
 
 
 def _to_8_bit(img: Any) -> Any:
-    """16-bit greyscale images (PIL modes ``I;16*``, ``I``) scaled to 8 bits: PIL's own ``convert`` clips
-    every value above 255, which turns a 16-bit photo almost white. Float images (mode ``F``) are refused:
-    their range is unknown."""
+    """16-bit greyscale images (PIL modes ``I;16*``, and ``I`` holding values above 255) scaled to 8 bits:
+    PIL's own ``convert`` clips every value above 255, which turns a 16-bit photo almost white. Float images
+    (mode ``F``) are refused: their range is unknown."""
     from PIL import Image
 
     mode = img.mode
@@ -96,6 +96,8 @@ def _to_8_bit(img: Any) -> Any:
     import numpy as np
 
     arr = np.asarray(img).astype(np.float64)
+    if mode == "I" and arr.max() <= 255:  # 32-bit storage of 8-bit values: PIL's convert keeps them right
+        return img
     top = 65535.0 if mode.startswith("I;16") or arr.max() <= 65535 else float(arr.max())
     return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
 
