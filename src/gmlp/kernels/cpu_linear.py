@@ -30,8 +30,8 @@ and whole blocks train at the same speed either way.
 The fast path is taken for float32 CPU tensors (float32 or bf16 ones under bf16 autocast) outside other
 autocast dtypes, torch.compile / torch.export, ``torch.jit.trace``, torch.func transforms, forward-mode AD
 and Python dispatch modes (``FlopCounterMode``, fake tensors), with oneDNN available and enabled and
-``GMLP_DISABLE_CPU_FUSION`` not ``1``. Everywhere else the functions
-run their ``*_reference``, the plain ops they are tested against.
+``GMLP_DISABLE_CPU_FUSION`` not ``1``. Everywhere else the functions run their ``*_reference``, the plain
+ops they are tested against.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def _can_run(*tensors: torch.Tensor) -> bool:
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def _forward_ad_active() -> bool:
+def forward_ad_active() -> bool:
     """Whether a ``torch.autograd.forward_ad.dual_level`` is open: dual tensors are neither functorch
     wrappers nor grad-requiring, so this is the only sign that forward-mode derivatives must flow."""
     return torch.autograd.forward_ad._current_level >= 0
@@ -153,7 +153,7 @@ def cpu_fusion_enabled(*tensors: torch.Tensor) -> bool:
         and tensors[0].is_cpu  # then the cheapest test, which ends it at once for CUDA tensors
         and not torch.jit.is_tracing()  # traced graphs (TorchScript ONNX export) keep portable ops
         and _get_current_dispatch_mode() is None  # FLOP counters, fake tensors: they see plain aten ops
-        and not _forward_ad_active()  # the oneDNN op has no forward derivative: a tangent would be lost
+        and not forward_ad_active()  # the oneDNN op has no forward derivative: a tangent would be lost
         and os.environ.get("GMLP_DISABLE_CPU_FUSION") != "1"
         and (not torch.is_autocast_enabled("cpu") or _autocast_bf16())
         and torch.backends.mkldnn.enabled

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .cpu_linear import forward_ad_active
+
 __all__ = ["DIAGONAL_SUM_MIN_TOKENS", "toeplitz_matrix", "toeplitz_matrix_reference", "toeplitz_mix_fft"]
 
 #: From this many tokens on, :func:`toeplitz_matrix` takes the diagonal-sum backward. On the 2-core CPU the
@@ -105,7 +107,7 @@ def toeplitz_matrix(
             and weight.requires_grad
             and not torch.jit.is_tracing()
             and not torch._C._are_functorch_transforms_active()  # grad/vmap/jacrev: need setup_context
-            and torch.autograd.forward_ad._current_level < 0  # forward AD: the function has no jvp
+            and not forward_ad_active()  # forward AD: the function has no jvp
         )
     if not diagonal_sums:
         return toeplitz_matrix_reference(weight, n, seq_len)
