@@ -47,7 +47,7 @@ PATHS = {
     "split kernel": {"GMLP_DISABLE_FUSED_GATING": "1"},
     "plain ops": {"GMLP_DISABLE_TRITON": "1"},
 }
-CPU_PATHS = {"oneDNN": {}, "plain ops": {"GMLP_DISABLE_CPU_FUSION": "1"}}
+CPU_PATHS = {"oneDNN": {"GMLP_DISABLE_CPU_FUSION": "0"}, "plain ops": {"GMLP_DISABLE_CPU_FUSION": "1"}}
 PEER = "timm block"
 
 

@@ -21,6 +21,9 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 # The CPU oneDNN path skips small products by default (host cost); the suite's models are tiny, and every
 # property test (padding, causality, parity) must run through the fast path too.
 os.environ["GMLP_ONEDNN_MIN_FLOPS"] = "0"
+# ... and on a CPU without AVX-512, where it is off by default (slower there), it is switched on for the same
+# reason; a run with GMLP_DISABLE_CPU_FUSION=1 tests the plain ops instead.
+os.environ.setdefault("GMLP_DISABLE_CPU_FUSION", "0")
 
 import numpy as np
 import pytest

@@ -175,7 +175,8 @@ def test_when_the_fast_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not cpu_fusion_enabled(x, w)
     monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", "1")
     assert not cpu_fusion_enabled(x, w)
-    monkeypatch.delenv("GMLP_DISABLE_CPU_FUSION")
+    monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", "0")
+    assert cpu_fusion_enabled(x, w)
     with pytest.raises(ValueError, match=r"use_onednn=True needs non-empty float32 CPU tensors"):
         fused_linear(x.double(), w.double(), None, use_onednn=True)
     with pytest.raises(ValueError, match=r"activation must be None or 'gelu', got 'relu'"):
@@ -242,13 +243,50 @@ def test_bf16_autocast_model_uses_bf16_products(monkeypatch: pytest.MonkeyPatch,
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", "1")
         want = model.forward_features(x)
-        monkeypatch.delenv("GMLP_DISABLE_CPU_FUSION")
+        monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", "0")
         with onednn_products() as calls:
             got = model.forward_features(x)
     depth = len(model.blocks)
     assert calls == [torch.bfloat16] * (3 * depth)  # fc1's two halves and fc2 per block; no token mixing
     assert got.dtype == want.dtype
     torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+
+@needs_onednn
+@pytest.mark.parametrize("avx512", [True, False])
+def test_default_follows_the_cpu(monkeypatch: pytest.MonkeyPatch, avx512: bool) -> None:
+    """Unset, the switch gives the CPU's default: every product on oneDNN with AVX-512; on an AVX2-only CPU,
+    where oneDNN's fp32 products ran slower than MKL's, only those into a vocabulary-wide output. ``0``
+    sends every product to oneDNN on either CPU, ``1`` none."""
+    monkeypatch.setattr(cpu_linear, "_ONEDNN_BY_DEFAULT", avx512)
+    calls = []
+
+    def spy(a: torch.Tensor, b: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(b.shape[0])
+        return torch.zeros(a.shape[0], b.shape[0])
+
+    monkeypatch.setattr(cpu_linear, "_mm", spy)
+    x = torch.randn(2, 8)
+    narrow, wide = torch.randn(6, 8), torch.randn(cpu_linear.WIDE_OUTPUT_FEATURES, 8)
+    w, z, b = torch.randn(4, 4), torch.randn(4, 5), torch.randn(4)  # the token mixing's _mm: 5 "outputs"
+    for setting, want in [(None, [6, wide.shape[0], 5] if avx512 else [wide.shape[0]]),
+                          ("0", [6, wide.shape[0], 5]), ("1", [])]:  # fmt: skip
+        if setting is None:
+            monkeypatch.delenv("GMLP_DISABLE_CPU_FUSION", raising=False)
+        else:
+            monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", setting)
+        calls.clear()
+        with torch.no_grad():
+            fused_linear(x, narrow, None)
+            fused_linear(x, wide, None)
+            token_mix(w, z, b)
+        assert calls == want, setting
+
+
+def test_avx512_detection_reads_atens_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    for capability, want in [("AVX512", True), ("AVX512_BF16", True), ("AVX2", False), ("DEFAULT", False)]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert cpu_linear._cpu_has_avx512() is want
 
 
 def test_bf16_autocast_without_onednn_bf16_takes_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -281,7 +319,7 @@ def test_model_takes_the_fast_path_and_matches_plain_ops(monkeypatch: pytest.Mon
 
     monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", "1")
     want_out, want_grads = run()
-    monkeypatch.delenv("GMLP_DISABLE_CPU_FUSION")
+    monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", "0")
 
     def refuse(*args, **kwargs):
         raise AssertionError("a reference op ran where the oneDNN path should")

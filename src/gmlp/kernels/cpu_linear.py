@@ -30,8 +30,10 @@ and whole blocks train at the same speed either way.
 The fast path is taken for float32 CPU tensors (float32 or bf16 ones under bf16 autocast) outside other
 autocast dtypes, torch.compile / torch.export, ``torch.jit.trace``, torch.func transforms, forward-mode AD
 and Python dispatch modes (``FlopCounterMode``, fake tensors), with oneDNN available and enabled and
-``GMLP_DISABLE_CPU_FUSION`` not ``1``. Everywhere else the functions run their ``*_reference``, the plain
-ops they are tested against.
+``GMLP_DISABLE_CPU_FUSION`` not ``1``. On a CPU without AVX-512, where oneDNN's fp32 products are slower
+than MKL's, only products into :data:`WIDE_OUTPUT_FEATURES` or more outputs (a vocabulary) take it by
+default; ``GMLP_DISABLE_CPU_FUSION=0`` sends every product there. Everywhere else the functions run their
+``*_reference``, the plain ops they are tested against.
 """
 
 from __future__ import annotations
@@ -78,6 +80,38 @@ def _onednn_bf16_available() -> bool:
 
 #: Whether oneDNN runs bf16 products on this CPU (AVX-512 or newer; AMX where the CPU has it).
 _HAS_ONEDNN_BF16 = _onednn_bf16_available()
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+#: Whether the oneDNN path is on by default on this CPU for every product: where ATen's kernels use
+#: AVX-512. On the three AVX-512 CPUs measured, gMLP-S/16 inference ran at 0.98-1.16x our plain ops with it;
+#: on a 2-core AMD EPYC with AVX2 only (eighteenth session) at 0.71-0.76x, and training steps at 0.89-0.90x:
+#: oneDNN's AVX2 fp32 products lose to MKL's there (the token mixing's forward 0.60-0.80x, the projections'
+#: 0.67-0.94x with the GELU fused) except for wide outputs (:data:`WIDE_OUTPUT_FEATURES`).
+_ONEDNN_BY_DEFAULT = _cpu_has_avx512()
+
+#: On a CPU without AVX-512, products with at least this many output features still take the oneDNN path:
+#: an MLM decoder or LM head over a vocabulary. On the AVX2 EPYC, 1,024 rows of 256 features into 30,522
+#: ran 1.4-2.2x faster on oneDNN (1.17x into 16,384, level into 4,096 and 8,192), and the CPU suite's MLM
+#: inferred 1.17-1.35x faster with the decoder alone on oneDNN than with plain ops (benchmarks/RESULTS.md).
+WIDE_OUTPUT_FEATURES = 16384
+
+
+def _prefers_onednn(out_features: int) -> bool:
+    """Whether this CPU runs a product with ``out_features`` outputs faster on oneDNN (see
+    :data:`_ONEDNN_BY_DEFAULT`), or ``GMLP_DISABLE_CPU_FUSION=0`` asks for oneDNN on any CPU."""
+    return (
+        _ONEDNN_BY_DEFAULT
+        or out_features >= WIDE_OUTPUT_FEATURES
+        or os.environ.get("GMLP_DISABLE_CPU_FUSION") == "0"
+    )
+
 
 #: The smallest product (FLOPs, ``2 * rows * in * out``) that takes the oneDNN path by default. A oneDNN
 #: call through this module costs some 25 us more host time than a BLAS one; on the 2-core CPU, products
@@ -289,7 +323,8 @@ def fused_linear(
         activation: None or ``"gelu"`` (exact GELU, as ``F.gelu``).
         use_onednn: True takes the oneDNN path wherever it can run (non-empty float32 CPU tensors), whatever
             the switches of :func:`cpu_fusion_enabled`; False the reference; None (default) picks it by
-            :func:`cpu_fusion_enabled`, for products of at least :data:`ONEDNN_MIN_FLOPS`.
+            :func:`cpu_fusion_enabled`, for products of at least :data:`ONEDNN_MIN_FLOPS` (on a CPU
+            without AVX-512 only into :data:`WIDE_OUTPUT_FEATURES` or more outputs).
 
     Raises:
         ValueError: ``activation`` is not one of None, ``"gelu"``, or ``use_onednn=True`` where the oneDNN
@@ -299,7 +334,11 @@ def fused_linear(
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if use_onednn is None:
-        use_onednn = _big_enough(2 * x.numel() * weight.shape[0]) and cpu_fusion_enabled(*tensors)
+        use_onednn = (
+            _big_enough(2 * x.numel() * weight.shape[0])
+            and cpu_fusion_enabled(*tensors)
+            and _prefers_onednn(weight.shape[0])
+        )
     elif use_onednn and not _can_run(*tensors):
         raise ValueError(
             "use_onednn=True needs non-empty float32 CPU tensors (under bf16 autocast float32 or bf16 ones, "
@@ -330,9 +369,12 @@ def token_mix_reference(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> to
 def token_mix(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The token mixing ``w @ z + b[:, None]`` of a dense ``(n, n)`` W over ``z`` ``(n, columns)`` (all
     tokens of a batch side by side): oneDNN products where :func:`cpu_fusion_enabled`, the product has at
-    least :data:`ONEDNN_MIN_FLOPS` and CPU autocast is off, else :func:`token_mix_reference`."""
+    least :data:`ONEDNN_MIN_FLOPS`, CPU autocast is off and the CPU has AVX-512 (or n is at least
+    :data:`WIDE_OUTPUT_FEATURES`, or ``GMLP_DISABLE_CPU_FUSION=0``), else :func:`token_mix_reference`."""
     if torch.is_autocast_enabled("cpu") or not (
-        _big_enough(2 * w.shape[0] * z.numel()) and cpu_fusion_enabled(w, z, b)
+        _big_enough(2 * w.shape[0] * z.numel())
+        and cpu_fusion_enabled(w, z, b)
+        and _prefers_onednn(w.shape[0])
     ):  # under bf16 autocast addmm stays (see the module docstring)
         return token_mix_reference(w, z, b)
     w, z = w.contiguous(), z.contiguous()
