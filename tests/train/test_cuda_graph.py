@@ -148,3 +148,55 @@ def test_capturing_is_not_queried_under_torch_compile(monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert _checks.capturing(cuda_like)  # type: ignore[arg-type]
     assert not _checks.host_checks_enabled(cuda_like)  # type: ignore[arg-type]
+
+
+def _scheduled_lrs(make_scheduler: object, graphed: bool) -> list[float]:
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=1.0)
+    step = CUDAGraphStep(lambda x: x.sum(), opt) if graphed else None
+    scheduler = make_scheduler(opt)  # type: ignore[operator]
+    lrs = []
+    for t in range(8):
+        scheduler.step_update(t)
+        if step is not None:
+            step._sync_lrs()  # what each call does before its eager step or its replay
+        lrs.append(float(opt.param_groups[0]["lr"]))
+    return lrs
+
+
+@pytest.mark.parametrize("kind", ["cosine", "step"])
+def test_timm_scheduler_made_after_the_graph_step_follows_its_schedule(kind: str) -> None:
+    # timm's schedulers keep the object in group["lr"] as their base value: that was the tensor each scheduled
+    # value is copied into, so the schedule compounded (cosine: 0.47 instead of 0.85 right after warm-up)
+    from timm.scheduler import CosineLRScheduler, StepLRScheduler
+
+    def make(opt: torch.optim.Optimizer) -> object:
+        if kind == "cosine":
+            return CosineLRScheduler(opt, t_initial=8, lr_min=0.0, warmup_t=2, warmup_lr_init=0.1,
+                                     t_in_epochs=False)
+        return StepLRScheduler(opt, decay_t=2, decay_rate=0.5, t_in_epochs=False)
+
+    assert _scheduled_lrs(make, graphed=True) == pytest.approx(_scheduled_lrs(make, graphed=False), rel=1e-6)
+
+
+def test_graph_step_refuses_settings_it_would_freeze() -> None:
+    # a replay keeps the captured betas / weight decay (only the lr is a live tensor): a schedule of betas
+    # (OneCycleLR's cycle_momentum) silently did nothing after the capture
+    from gmlp.train import cuda_graph
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=1.0, betas=(0.9, 0.99))
+    step = CUDAGraphStep(lambda x: x.sum(), opt)
+    opt.param_groups[0]["betas"] = (0.8, 0.99)  # before the capture: eager steps read it, fine
+    step._sync_lrs()
+    step._settings = cuda_graph._settings(opt.param_groups)  # what the capture records
+    opt.param_groups[0]["lr"] = 0.5  # the lr stays live
+    step._sync_lrs()
+    assert float(opt.param_groups[0]["lr"]) == 0.5
+    opt.param_groups[0]["betas"] = (0.85, 0.99)
+    opt.param_groups[0]["weight_decay"] = 0.0
+    with pytest.raises(RuntimeError, match=r"settings \['betas', 'weight_decay'\] changed after the CUDA"):
+        step._sync_lrs()
+    opt.param_groups[0]["betas"], opt.param_groups[0]["weight_decay"] = (0.8, 0.99), 0.01
+    step._sync_lrs()
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(RuntimeError, match=r"has 2 parameter groups, but had 1 when this CUDAGraphStep"):
+        step._sync_lrs()

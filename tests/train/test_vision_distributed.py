@@ -27,8 +27,9 @@ import pytest
 import torch
 
 from gmlp.cli import main
+from gmlp.train import distributed
 from gmlp.train.checkpoint import load_checkpoint
-from gmlp.train.distributed import fsdp_units
+from gmlp.train.distributed import DistEnv, assert_in_sync, fsdp_units
 from gmlp.train.vision import VisionTrainConfig, _check_fingerprint, _fingerprint
 from gmlp.utils.io import load_state_dict_file
 
@@ -381,3 +382,33 @@ def test_fsdp_units() -> None:
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
     assert fsdp_units(vit) == list(vit.blocks)
     assert fsdp_units(torch.nn.Linear(2, 2)) == []  # the root alone is sharded
+
+
+def _fake_gather(monkeypatch: pytest.MonkeyPatch, other: torch.Tensor | None) -> None:
+    """Two processes: this one's signature, and ``other`` (default: the same) from the second."""
+
+    def all_gather(out: list[torch.Tensor], sig: torch.Tensor) -> None:
+        out[0].copy_(sig)
+        out[1].copy_(sig if other is None else other)
+
+    monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
+
+
+def test_sync_check_catches_a_replica_with_nan_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = DistEnv(rank=0, world_size=2)
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(0.0)
+    sums = torch.tensor([4.0, 0.0], dtype=torch.float64)
+    _fake_gather(monkeypatch, torch.tensor([float("nan"), 0.0], dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="diverged"):  # NaN - 4 = NaN, and NaN > 0 is False: passed before
+        assert_in_sync(env, model)
+    _fake_gather(monkeypatch, sums + torch.tensor([0.0, 0.5], dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"differ by 0\.5"):
+        assert_in_sync(env, model)
+    _fake_gather(monkeypatch, None)
+    assert_in_sync(env, model)  # equal replicas pass
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    assert_in_sync(env, model)  # NaN on every replica alike is not a divergence

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from gmlp.cli import main
-from gmlp.train.recipe import RecipeError, load_recipe
+from gmlp.train.recipe import ConfigError, RecipeError, load_recipe, merge_settings
 from gmlp.train.vision import VisionTrainConfig
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -102,3 +102,41 @@ def test_bad_recipe_files_name_the_key(tmp_path: Path, text: str, message: str) 
 def test_missing_recipe_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="recipe file not found"):
         main(["train", "--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("grad_clip: nan", r"key 'grad_clip' must be a number, got 'nan' \(not a number\)"),
+     ("grad_clip: .nan", r"key 'grad_clip' must be a number, got nan \(not a number\)"),
+     ("mean: [0.5, .nan, 0.5]", r"key 'mean' must be list of float or null, got list \[0.5, nan, 0.5\]")],
+)  # fmt: skip
+def test_recipe_refuses_nan(tmp_path: Path, text: str, message: str) -> None:
+    # grad_clip NaN passed VisionTrainConfig.validate (NaN < 0 is False); `grad_clip > 0` turned clipping off
+    path = tmp_path / "r.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path, VisionTrainConfig)
+
+
+def test_flag_nan_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="'grad_clip' must be a number, got nan"):
+        merge_settings(VisionTrainConfig, {}, {"grad_clip": float("nan")})
+    assert merge_settings(VisionTrainConfig, {}, {"grad_clip": "1e-1"}).grad_clip == 0.1
+
+
+def test_recipe_refuses_a_setting_given_twice(tmp_path: Path) -> None:
+    # batch_size and batch-size are the same setting: the later one silently won
+    path = tmp_path / "r.yaml"
+    path.write_text("batch_size: 64\nbatch-size: 32\n")
+    message = "key 'batch-size' sets 'batch_size', already set by key 'batch_size'"
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path, VisionTrainConfig)
+
+
+@pytest.mark.parametrize("name", ["grad_clip", "mixup", "cutmix", "weight_decay", "warmup_lr", "ema_decay"])
+def test_config_built_in_python_refuses_nan(name: str) -> None:
+    # NaN < 0 is False: built directly (no recipe, no flag), a NaN grad_clip turned clipping silently off
+    with pytest.raises(ConfigError, match=rf"{name} must be"):
+        VisionTrainConfig(**{name: float("nan")}).validate()
+    with pytest.raises(ConfigError, match=r"std must be > 0"):
+        VisionTrainConfig(mean=(0.5,), std=(float("nan"),)).validate()

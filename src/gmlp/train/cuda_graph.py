@@ -41,7 +41,9 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Prepare ``optimizer`` (in place) for capture: ``capturable=True`` in every group and each float
     learning rate replaced by a one-element tensor on its parameters' device (a replay reads the tensor, so
     ``param_group["lr"]`` changes made by a torch or timm scheduler take effect; a float would stay frozen
-    at its value at capture). Returns the optimizer.
+    at its value at capture). Each group also gets an ``initial_lr`` (a copy of its lr) unless it has one,
+    so that a scheduler created after this call schedules from that value, not from the tensor the graph
+    reads. Returns the optimizer.
 
     Raises:
         ValueError: the optimizer has no ``capturable`` option (e.g. SGD with momentum in old torch).
@@ -54,6 +56,10 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             )
         group["capturable"] = True
         lr = group["lr"]
+        # a scheduler made after this call takes its base value from "initial_lr", which timm's set to the
+        # object in "lr" itself: without a copy of its own, its base would be the tensor each scheduled value
+        # is copied into (CUDAGraphStep), and the schedule would compound (the cosine scaling the last lr)
+        group.setdefault("initial_lr", lr.detach().clone() if isinstance(lr, torch.Tensor) else float(lr))
         if not isinstance(lr, torch.Tensor):
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
@@ -149,6 +155,30 @@ class _Graphed:
         self.graph.replay()  # type: ignore[union-attr]
 
 
+def _settings(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each parameter group's settings that a captured step freezes: all but its parameters and the
+    learning rate (and ``initial_lr``, a scheduler's bookkeeping)."""
+    return [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
+
+
+def _changed_settings(before: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[str]:
+    """The names of the settings that differ between ``before`` and ``now`` (a tensor counts as unchanged
+    only if it is the same tensor: one filled in place is read by the graph anyway)."""
+
+    def same(a: object, b: object) -> bool:
+        if a is b:
+            return True
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return False
+        return bool(a == b)
+
+    missing = object()
+    return sorted(
+        {k for old, new in zip(before, now, strict=True) for k in old.keys() | new.keys()
+         if not same(old.get(k, missing), new.get(k, missing))}
+    )  # fmt: skip
+
+
 class CUDAGraphStep(_Graphed):
     """One training step, captured as a CUDA graph after ``warmup_steps`` eager steps, then replayed.
 
@@ -184,11 +214,31 @@ class CUDAGraphStep(_Graphed):
         self.max_grad_norm = max_grad_norm
         self.steps = 0
         self._loss: torch.Tensor | None = None
+        self._settings: list[dict[str, Any]] | None = None  # the groups' other settings, from the capture
 
     def _sync_lrs(self) -> None:
         """Keep each group's learning rate in the tensor the graph reads: a scheduler that assigns a new
-        value (timm's do; torch's fill the tensor in place) has it copied in and the tensor put back."""
-        for group, lr in zip(self.optimizer.param_groups, self._lrs, strict=True):
+        value (timm's do; torch's fill the tensor in place) has it copied in and the tensor put back.
+
+        Raises:
+            RuntimeError: a parameter group was added or removed since this step was made, or, after the
+                capture, a setting other than the learning rate (betas, weight decay, eps, ...) changed:
+                the replays would silently keep the captured values.
+        """
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self._lrs):
+            raise RuntimeError(
+                f"the optimizer has {len(groups)} parameter groups, but had {len(self._lrs)} when this "
+                "CUDAGraphStep was made: make a new CUDAGraphStep after add_param_group"
+            )
+        changed = [] if self._settings is None else _changed_settings(self._settings, _settings(groups))
+        if changed:
+            raise RuntimeError(
+                f"optimizer settings {changed} changed after the CUDA graph was captured; the graph keeps "
+                "their captured values (only the learning rate stays live): make a new CUDAGraphStep, or "
+                "use the eager step for schedules of other settings (e.g. OneCycleLR's cycle_momentum)"
+            )
+        for group, lr in zip(groups, self._lrs, strict=True):
             value = group["lr"]
             if value is not lr:
                 if isinstance(value, torch.Tensor):
@@ -231,6 +281,7 @@ class CUDAGraphStep(_Graphed):
                 self._inputs = tuple(t.clone() for t in batch)
                 torch.cuda.current_stream().wait_stream(stream)
                 self.optimizer.zero_grad(set_to_none=True)
+                self._settings = _settings(self.optimizer.param_groups)
                 self._loss = self._capture(self._step, "training step", stream)
         self.steps += 1
         return self._loss.clone()  # type: ignore[union-attr]

@@ -128,14 +128,22 @@ def all_reduce_max(env: DistEnv, value: float) -> float:
 
 
 def assert_in_sync(env: DistEnv, model: nn.Module, atol: float = 0.0) -> None:
-    """Raise RuntimeError if the parameters differ across processes (compares per-tensor sums)."""
+    """Raise RuntimeError if the parameters differ across processes (compares per-tensor sums).
+
+    A sum that is NaN (or infinite) on some processes and not on others is a difference: a NaN compared
+    with ``>`` is never larger, so it must not reach the ``atol`` test as NaN."""
     if not env.distributed:
         return
     with torch.no_grad():
         sig = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(env.device)
     gathered = [torch.empty_like(sig) for _ in range(env.world_size)]
     dist.all_gather(gathered, sig)
-    worst = max((g - gathered[0]).abs().max().item() for g in gathered)
+    ref = gathered[0]
+    worst = 0.0
+    for g in gathered:
+        same = (g == ref) | (g.isnan() & ref.isnan())  # NaN == NaN and inf == inf count as agreeing
+        diff = torch.where(same, 0.0, (g - ref).abs().nan_to_num(nan=float("inf")))
+        worst = max(worst, diff.max().item())
     if worst > atol:
         raise RuntimeError(f"model replicas diverged across processes (parameter sums differ by {worst:g})")
 

@@ -8,8 +8,10 @@ flags over the file over the dataclass defaults.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -54,7 +56,8 @@ def coerce_setting(name: str, value: Any, tp: Any) -> Any:
 
     Conversions: an int is accepted for a float; a list of the right length for a tuple. A bool is never
     accepted for a number, and a number never for a string (YAML ``1e-3`` without a dot reads as a string,
-    so ``lr: 1e-3`` is accepted for a float).
+    so ``lr: 1e-3`` is accepted for a float). NaN is never accepted for a float (``nan``, ``.nan``): every
+    comparison with it is false, so a check such as ``grad_clip > 0`` would silently read it as "off".
     """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -75,13 +78,16 @@ def coerce_setting(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            if math.isnan(number):
+                raise ValueError(f"{name!r} must be a number, got {value!r} (not a number)")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -105,7 +111,8 @@ def load_recipe(path: str | Path, config_cls: type) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        RecipeError: not YAML, not a mapping, an unknown key, or a value of the wrong type.
+        RecipeError: not YAML, not a mapping, an unknown key, a setting given twice (``batch_size`` and
+            ``batch-size``), or a value of the wrong type.
     """
     import yaml
 
@@ -122,8 +129,12 @@ def load_recipe(path: str | Path, config_cls: type) -> dict[str, Any]:
         raise RecipeError(f"{path}: a recipe must be a mapping of setting: value, got {type(raw).__name__}")
     types_ = setting_types(config_cls)
     out: dict[str, Any] = {}
+    given_as: dict[str, Any] = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
+        if name in given_as:  # batch_size and batch-size: one would silently replace the other
+            raise RecipeError(f"{path}: key {key!r} sets {name!r}, already set by key {given_as[name]!r}")
+        given_as[name] = key
         if name not in types_:
             close = difflib.get_close_matches(name, list(types_), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -136,10 +147,17 @@ def load_recipe(path: str | Path, config_cls: type) -> dict[str, Any]:
 
 
 def merge_settings(config_cls: type, file_settings: dict[str, Any], flags: dict[str, Any]) -> Any:
-    """A ``config_cls`` from its defaults, overridden by ``file_settings``, overridden by ``flags``."""
+    """A ``config_cls`` from its defaults, overridden by ``file_settings``, overridden by ``flags``.
+
+    Raises:
+        ConfigError: a flag's value is not of its setting's type (``--grad-clip nan``), naming the setting.
+    """
     types_ = setting_types(config_cls)
     merged = {**file_settings}
     for name, value in flags.items():
         if name in types_:
-            merged[name] = coerce_setting(name, value, types_[name])
+            try:
+                merged[name] = coerce_setting(name, value, types_[name])
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
     return config_cls(**merged)

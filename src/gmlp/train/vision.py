@@ -178,7 +178,7 @@ class VisionTrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("min_lr", "weight_decay", "grad_clip", "warmup_steps", "checkpoint_every", "workers",
                      "mixup", "cutmix", "color_jitter"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # written so that NaN fails too
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("label_smoothing", "drop_path_rate", "drop_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -188,7 +188,7 @@ class VisionTrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0, got {self.max_steps}")
-        if self.ema_decay >= 1:
+        if not self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be < 1, got {self.ema_decay}")
         choices = {"drop_path_schedule": ("uniform", "linear"), "mixup_mode": ("batch", "pair", "elem"),
                    "remode": ("const", "rand", "pixel"), "device": ("auto", "cpu", "cuda"),
@@ -210,11 +210,11 @@ class VisionTrainConfig:
             )
         if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
             raise ConfigError(f"mean and std need the same length, got {self.mean} and {self.std}")
-        if self.std is not None and any(s <= 0 for s in self.std):
+        if self.std is not None and any(not s > 0 for s in self.std):
             raise ConfigError(f"std must be > 0, got {self.std}")
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.warmup_lr is not None and self.warmup_lr < 0:
+        if self.warmup_lr is not None and not self.warmup_lr >= 0:
             raise ConfigError(f"warmup_lr must be >= 0, got {self.warmup_lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must both be in [0, 1), got {self.betas}")
