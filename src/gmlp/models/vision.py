@@ -27,8 +27,7 @@ def drop_path_rates(rate: float, depth: int, schedule: str = "uniform") -> list[
     ``"uniform"``: every block drops with ``rate`` (the paper quotes one survival probability; timm does
     this). ``"linear"``: from 0 at the first block to ``rate`` at the last (DeiT/Swin style).
     """
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+    check_number(rate, "drop_path_rate", high=1.0)
     if schedule == "uniform":
         return [rate] * depth
     if schedule == "linear":
@@ -83,7 +82,7 @@ class GMLPVision(nn.Module):
         pretrained_cfg: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 0:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
@@ -176,7 +175,7 @@ class GMLPVision(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a fresh (zero-initialised) one for ``num_classes`` (0 = remove)."""
-        if not isinstance(num_classes, int) or num_classes < 0:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         if global_pool is not None:
             if global_pool not in ("avg", ""):

@@ -63,10 +63,14 @@ def check_tokens(x: torch.Tensor, dim: int, max_len: int | None, name: str = "x"
     """Check a token-major activation ``(seq, batch, dim)``.
 
     Raises:
+        TypeError: if ``x`` is not a floating-point tensor (integer activations would, for one, cast the
+            near-zero token-mixing W to zeros).
         ValueError: if ``x`` is not 3-D, its channel count is not ``dim`` or its length exceeds ``max_len``.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() != 3:
         raise ValueError(
             f"{name} must have shape (seq_len, batch, {dim}) (token-major), got shape {tuple(x.shape)}"

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.cpu_linear import apply_linear
-from ._checks import check_mask, check_tokens
+from ._checks import check_flag, check_mask, check_tokens
 
 __all__ = ["TinyAttention"]
 
@@ -31,11 +31,11 @@ class TinyAttention(nn.Module):
     def __init__(self, dim: int, attn_dim: int, out_dim: int, *, causal: bool = False) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("attn_dim", attn_dim), ("out_dim", out_dim)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.dim = dim
         self.attn_dim = attn_dim
-        self.causal = causal
+        self.causal = check_flag(causal, "causal")
         self.qkv = nn.Linear(dim, 3 * attn_dim, bias=False)
         self.out = nn.Linear(attn_dim, out_dim)
 

@@ -18,7 +18,7 @@ from ..kernels.sgu_triton import (
     triton_enabled,
 )
 from ._checks import check_int, check_mask, check_number, check_tokens
-from ._inplace import hookless, may_update_in_place, plain_call
+from ._inplace import may_update_in_place, plain_call
 from .attention import TinyAttention
 from .sgu import SpatialGatingUnit, TokenProjection
 
@@ -135,11 +135,15 @@ class GMLPBlock(nn.Module):
 
     def _residual(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``x + drop_path(dropout(fc2(z)))``. In inference, where dropout and drop path are identities,
-        with a plain ``fc2`` and no hooks on the three, ``fc2``'s fresh output takes ``x`` in place."""
+        with a plain ``fc2`` and no hooks on the three, ``fc2``'s fresh output takes ``x`` in place. A
+        dropout or drop path replaced by another module (``nn.Identity``, a subclass) is always called."""
         dropout, drop = self.dropout, self.drop_path
-        identity = (dropout.p == 0 or not dropout.training) and (drop.p == 0 or not drop.training)
         branch = apply_linear(self.fc2, z)
-        plain = identity and is_plain_linear(self.fc2) and hookless(dropout, drop)
+        plain = (
+            plain_call(dropout, nn.Dropout) and plain_call(drop, DropPath)
+            and (dropout.p == 0 or not dropout.training) and (drop.p == 0 or not drop.training)
+            and is_plain_linear(self.fc2)
+        )  # fmt: skip
         if plain and may_update_in_place(branch, x):
             return branch.add_(x)
         return x + drop(dropout(branch))

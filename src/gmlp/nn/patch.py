@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -10,14 +12,31 @@ from ._checks import check_int
 __all__ = ["PatchEmbed", "to_2tuple"]
 
 
+def _as_int(value: object) -> int | None:
+    """``value`` as an int if it is an integer other than a bool (numpy's included), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    """``7 -> (7, 7)``; a pair is checked and returned as a tuple."""
-    if isinstance(value, int):
-        value = (value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+    """``7 -> (7, 7)``; a pair is checked and returned as a tuple of ints (numpy's ints are taken).
+
+    Raises:
+        ValueError: ``value`` is neither a positive int nor a pair of them (a float, None, a bool, ...).
+    """
+    single = _as_int(value)
+    try:
+        items = (single, single) if single is not None else tuple(value)  # type: ignore[arg-type]
+    except TypeError:
+        items = ()
+    pair = [_as_int(v) for v in items]
+    if len(pair) != 2 or not all(v is not None and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    return value  # type: ignore[return-value]
+    return pair[0], pair[1]  # type: ignore[return-value]
 
 
 class PatchEmbed(nn.Module):

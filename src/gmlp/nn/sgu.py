@@ -19,7 +19,7 @@ from torch import nn
 from ..kernels.cpu_linear import token_mix
 from ..kernels.toeplitz import toeplitz_matrix, toeplitz_mix_fft
 from ._checks import check_flag, check_int, check_mask, check_number, check_tokens
-from ._inplace import hookless, may_update_in_place, plain_call
+from ._inplace import may_update_in_place, plain_call
 
 __all__ = ["VARIANTS", "TokenProjection", "SpatialGatingUnit"]
 
@@ -256,15 +256,17 @@ class SpatialGatingUnit(nn.Module):
         ``z2n = norm(z2)``. Inputs are trusted: :meth:`forward` validates; ``mask`` must be a bool tensor.
         """
         proj = self.proj
-        gate = proj.mix(z2n, mask) if plain_call(proj, TokenProjection) else proj(z2n, mask)
+        plain = plain_call(proj, TokenProjection)
+        gate = proj.mix(z2n, mask) if plain else proj(z2n, mask)
         if gate_bias is not None:
             gate = gate + gate_bias
         if self.variant == "linear":
             return gate
         # in inference the gate (a tensor proj has just made, with no hook holding it) takes z1 in place:
         # no new activation-sized buffer, and the gate's lines are still in cache (2-4% of a gMLP-S/16
-        # block's inference on the CPU, benchmarks/RESULTS.md, twelfth session)
-        in_place = hookless(self.proj) and may_update_in_place(gate, z1)
+        # block's inference on the CPU, benchmarks/RESULTS.md, twelfth session). Only a plain
+        # TokenProjection's: a subclass or a patched forward may keep what it returns
+        in_place = plain and may_update_in_place(gate, z1)
         if self.variant == "additive":
             return gate.add_(z1) if in_place else z1 + gate
         return gate.mul_(z1) if in_place else z1 * gate
