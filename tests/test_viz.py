@@ -10,6 +10,7 @@ import torch
 
 from gmlp import create_model, save_model
 from gmlp.cli import main
+from gmlp.train.checkpoint import save_checkpoint
 from gmlp.utils.io import CheckpointError, save_state_dict_file
 from gmlp.viz import plot_metrics, plot_spatial, spatial_locality, spatial_weights
 
@@ -228,3 +229,49 @@ def test_causal_text_model_plots_only_the_used_lower_triangle(tmp_path: Path, dr
     assert torch.equal(spatial_weights(tmp_path)[0], w)
     plot_spatial(tmp_path, tmp_path / "c.png", rows=n)
     assert _series(drawn[-1])["row 0"][0] == list(range(n))
+
+
+def test_vision_run_without_final_weights_is_drawn_on_its_patch_grid(tmp_path: Path) -> None:
+    """A vision run folder holding only checkpoints (an interrupted or running ``gmlp train``) has a
+    ``config.json`` of training settings, which is not a transformers (text) model's config."""
+    model = create_model("gmlp_micro4_28")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "gmlp_micro4_28", "dataset": "fashion_mnist"}))
+    save_checkpoint(run, 3, model.state_dict(), {}, {"config": {}})  # checkpoints record no grid_size
+    distance, uniform = spatial_locality(run)
+    assert list(distance) == [0, 1, 2, 3] and uniform > 0
+    assert plot_spatial(run, tmp_path / "w.png", text=False).is_file()
+
+
+def test_bare_causal_gmlp_model_plots_the_lower_triangle_it_uses(tmp_path: Path) -> None:
+    """A bare ``GMLPModel``'s keys have no ``gmlp.`` prefix: its config.json still makes it causal."""
+    from gmlp.models.text import GMLPConfig, GMLPModel
+
+    config = GMLPConfig(vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                        max_position_embeddings=9, causal=True, type_vocab_size=0)
+    model = GMLPModel(config)
+    with torch.no_grad():
+        model.blocks[0].sgu.proj.weight.normal_()
+    model.save_pretrained(str(tmp_path))
+    w = spatial_weights(tmp_path)[0]
+    assert torch.equal(w, model.blocks[0].sgu.proj.matrix().detach())
+    assert torch.equal(spatial_weights(tmp_path / "model.safetensors")[0], w)
+
+
+def test_plot_spatial_names_bad_rows_and_layers(tmp_path: Path) -> None:
+    state = {f"blocks.{b}.sgu.proj.weight": torch.randn(4, 4) for b in range(2)}
+    save_state_dict_file(state, tmp_path / "m.safetensors")
+    for rows in (0, -2):
+        with pytest.raises(ValueError, match=f"rows must be an int >= 1, got {rows}"):
+            plot_spatial(tmp_path / "m.safetensors", tmp_path / "x.png", rows=rows)
+    with pytest.raises(ValueError, match="layers is empty"):
+        plot_spatial(tmp_path / "m.safetensors", tmp_path / "x.png", layers=[])
+
+
+def test_vision_layout_of_a_text_model_says_why(tmp_path: Path) -> None:
+    n = 16  # a square token count: the refusal is not about the grid
+    state = {"gmlp.blocks.0.sgu.proj.weight": torch.randn(2 * n - 1)}
+    save_state_dict_file(state, tmp_path / "t.safetensors")
+    with pytest.raises(ValueError, match="the checkpoint is a text model; pass text=True"):
+        plot_spatial(tmp_path / "t.safetensors", tmp_path / "x.png", text=False)

@@ -63,21 +63,27 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
 
 def verify_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, int],
                 batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4) -> float:
-    """Largest |onnxruntime - PyTorch| over random batches of ``batch_sizes``; raises if above ``atol``."""
+    """Largest |onnxruntime - PyTorch| over random batches of ``batch_sizes``; raises if above ``atol``.
+
+    ``model`` (on the CPU) runs in eval mode; its training mode is restored afterwards."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    was_training = model.training
     model.eval()
     worst = 0.0
     gen = torch.Generator().manual_seed(0)
-    for b in batch_sizes:
-        x = torch.randn(b, *input_size, generator=gen)
-        with torch.no_grad():
-            expected = model(x).float().numpy()
-        got = session.run(["logits"], {"images": x.numpy()})[0]
-        if got.shape != expected.shape:
-            raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch {expected.shape} for batch {b}")
-        worst = max(worst, float(abs(got - expected).max()))
+    try:
+        for b in batch_sizes:
+            x = torch.randn(b, *input_size, generator=gen)
+            with torch.no_grad():
+                expected = model(x).float().numpy()
+            got = session.run(["logits"], {"images": x.numpy()})[0]
+            if got.shape != expected.shape:
+                raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch {expected.shape} for batch {b}")
+            worst = max(worst, float(abs(got - expected).max()))
+    finally:
+        model.train(was_training)
     if worst > atol:
         raise RuntimeError(f"ONNX outputs differ from PyTorch's by {worst:.3g} (> {atol:g})")
     return worst

@@ -36,18 +36,26 @@ def _is_text(state: dict[str, torch.Tensor]) -> bool:
     return any(key.startswith("gmlp.") for key in state)
 
 
-def _is_causal(path: Path) -> bool:
-    """Whether the text model at ``path`` is causal, from the ``config.json`` beside it (in the folder of a
-    ``save_pretrained`` directory or weights file, or in the run folder of a ``checkpoints/step-N``)."""
+def _model_config(path: Path) -> dict | None:
+    """The transformers ``config.json`` (one with a ``model_type``) beside the weights at ``path`` (in the
+    folder of a ``save_pretrained`` directory or weights file, or in the run folder of a
+    ``checkpoints/step-N``), else None (a vision run's ``config.json`` holds training settings instead)."""
     folder = path if path.is_dir() else path.parent
     for candidate in (folder, folder.parent.parent if folder.parent.name == "checkpoints" else None):
         if candidate is not None and (candidate / "config.json").is_file():
             try:
                 config = json.loads((candidate / "config.json").read_text())
             except (OSError, ValueError):
-                return False
-            return isinstance(config, dict) and config.get("causal") is True
-    return False
+                return None
+            return config if isinstance(config, dict) and "model_type" in config else None
+    return None
+
+
+def _is_causal(path: Path) -> bool:
+    """Whether the text model at ``path`` is causal, from its transformers ``config.json``
+    (:func:`_model_config`); a bare ``GMLPModel``'s keys lack the ``gmlp.`` prefix, so only this tells."""
+    config = _model_config(path)
+    return config is not None and config.get("causal") is True
 
 
 def _spatial_from_state(
@@ -81,7 +89,7 @@ def spatial_weights(path: str | Path) -> dict[int, torch.Tensor]:
     with several heads, the first head; for a causal text model, masked to the lower triangle it uses)."""
     path = Path(path)
     state, _ = _read(path)
-    return _spatial_from_state(state, path, causal=_is_text(state) and _is_causal(path))
+    return _spatial_from_state(state, path, causal=_is_causal(path))
 
 
 def _grid_distances(grid: tuple[int, int]) -> torch.Tensor:
@@ -129,8 +137,8 @@ def _grid(
     if "grid_size" in metadata:
         h, w = (int(v) for v in metadata["grid_size"].split(","))
         return h, w
-    if path.is_dir() and (path / "config.json").is_file():
-        return None  # a transformers (text) model directory
+    if _model_config(path) is not None:
+        return None  # a transformers (text) model, e.g. a bare GMLPModel (keys without "gmlp.")
     side = math.isqrt(n)
     return (side, side) if side * side == n else None
 
@@ -162,9 +170,13 @@ def plot_spatial(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+    if layers is not None and not layers:
+        raise ValueError("layers is empty: give at least one block index (or None for a spread)")
     path = Path(path)
     state, metadata = _read(path)
-    causal = _is_text(state) and _is_causal(path)
+    causal = _is_causal(path)
     weights = _spatial_from_state(state, path, causal=causal)
     available = list(weights)
     if layers is None:
@@ -176,7 +188,9 @@ def plot_spatial(
     n = weights[layers[0]].shape[0]
     grid = None if text else _grid(path, metadata, n, state)
     if text is False and grid is None:
-        raise ValueError(f"{n} tokens do not form a square grid; pass text=True")
+        text_model = _is_text(state) or _model_config(path) is not None
+        why = "the checkpoint is a text model" if text_model else f"{n} tokens do not form a square grid"
+        raise ValueError(f"{why}; pass text=True")
     token_rows = torch.linspace(0, n - 1, rows).round().long().tolist()
     if grid is not None:
         fig, axes = plt.subplots(len(layers), rows, figsize=(1.6 * rows, 1.6 * len(layers)), squeeze=False)

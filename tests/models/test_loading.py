@@ -283,3 +283,16 @@ def test_resampling_refuses_integer_tensors_and_unknown_modes() -> None:
         resample_spatial_bias(torch.ones(4, dtype=torch.long), 2, 3)
     with pytest.raises(ValueError, match="mode must be 'bicubic', 'bilinear' or 'nearest', got 'area'"):
         resample_spatial_bias(torch.ones(4), 2, 3, mode="area")
+
+
+def test_timm_model_weights_file_restores_its_normalisation(tmp_path: Path) -> None:
+    # a compare-vit ViT saved on its own: gmlp eval of that file normalised with timm's 0.5/0.5 before
+    from gmlp.train.vision import build_model, norm_stats
+
+    kwargs = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=16, depth=1, num_heads=2)
+    model = build_model("timm:vit_tiny_patch16_224", **kwargs)
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.286,), "std": (0.353,)}
+    save_model(model, tmp_path / "vit.safetensors")
+    again = build_model("timm:vit_tiny_patch16_224", pretrained=tmp_path / "vit.safetensors", **kwargs)
+    assert norm_stats(again, 1) == ((0.286,), (0.353,))
+    assert again.pretrained_cfg["architecture"] == "timm:vit_tiny_patch16_224"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,21 @@ def test_compare_on_digits_writes_a_results_table(tmp_path: Path, capsys: pytest
     assert (out / "spatial_weights.png").stat().st_size > 0
     assert (out / "gmlp" / "metrics.png").is_file() and (out / "vit" / "metrics.png").is_file()
     assert "test acc (final)" in capsys.readouterr().out
+
+
+def test_comparison_resumes_its_own_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings saved in a checkpoint went through JSON (tuples became lists); they still match."""
+    from gmlp.train import compare
+    from gmlp.train.vision import VisionTrainConfig
+
+    config = VisionTrainConfig(output=str(tmp_path / "gmlp"), mean=(0.5,), std=(0.25,))
+    saved = json.loads(json.dumps(dataclasses.asdict(config)))
+    calls: list[tuple[bool, bool]] = []
+    monkeypatch.setattr(compare, "latest_checkpoint", lambda out: Path(out) / "checkpoints" / "step-1")
+    checkpoint = types.SimpleNamespace(state={"config": saved})
+    monkeypatch.setattr(compare, "load_checkpoint", lambda out: checkpoint)
+    monkeypatch.setattr(compare, "train_vision", lambda cfg, resume: calls.append((resume, cfg.overwrite)))
+    compare._train(config)
+    assert calls[-1] == (True, True)
+    compare._train(dataclasses.replace(config, seed=config.seed + 1))  # another comparison's run
+    assert calls[-1] == (False, True)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from gmlp import create_model
 from gmlp.cli import main
 from gmlp.train.checkpoint import latest_checkpoint
 from gmlp.train.vision import VisionTrainConfig, train_vision
@@ -212,3 +213,15 @@ def test_export_refuses_a_checkpoint_whose_head_does_not_fit(tmp_path: Path) -> 
         export_checkpoint(tmp_path / "m.safetensors", tmp_path / "m.onnx", model="gmlp_micro4_28",
                           num_classes=10)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_verify_onnx_restores_training_mode(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from gmlp.export import export_onnx, verify_onnx
+
+    model = create_model("gmlp_micro4_28").train()
+    path = export_onnx(model, tmp_path / "m.onnx", (1, 28, 28))
+    assert verify_onnx(model, path, (1, 28, 28)) <= 1e-4
+    assert model.training

@@ -14,7 +14,13 @@ from ..convert import to_gmlp
 from ..nn.resample import resample_spatial_bias, resample_spatial_weight
 from ..utils.io import CheckpointError, load_state_dict_file, save_state_dict_file
 
-__all__ = ["load_pretrained", "load_state_dict_checked", "normalisation_metadata", "save_model"]
+__all__ = [
+    "load_pretrained",
+    "load_state_dict_checked",
+    "normalisation_metadata",
+    "restore_normalisation",
+    "save_model",
+]
 
 
 def _grid_from(metadata: dict[str, str], n: int) -> tuple[int, int]:
@@ -67,11 +73,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     """
     state, metadata = load_state_dict_file(path)
     state = to_gmlp(state, in_chans=getattr(model, "in_chans", 3))
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict):  # the normalisation the weights were trained with (recorded by save_model)
-        for key in ("mean", "std"):
-            if key in metadata:
-                cfg[key] = tuple(float(v) for v in metadata[key].split(","))
+    restore_normalisation(model, metadata)
     text_keys = any(k.startswith("gmlp.") for k in state)
     if text_keys and not any(k.startswith("gmlp.") for k in model.state_dict()):
         raise CheckpointError(
@@ -121,6 +123,16 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
         state.pop("head.weight", None)
         state.pop("head.bias", None)
     load_state_dict_checked(model, state)
+
+
+def restore_normalisation(model: nn.Module, metadata: dict[str, str]) -> None:
+    """Put the input normalisation recorded in a weights file's ``metadata`` (:func:`normalisation_metadata`)
+    into ``model.pretrained_cfg``, for gmlp and timm models alike."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        for key in ("mean", "std"):
+            if key in metadata:
+                cfg[key] = tuple(float(v) for v in metadata[key].split(","))
 
 
 def normalisation_metadata(mean: Sequence[float] | None, std: Sequence[float] | None) -> dict[str, str]:

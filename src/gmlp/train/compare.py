@@ -89,7 +89,8 @@ def _train(config: VisionTrainConfig) -> None:
     config = dataclasses.replace(config, overwrite=resume)  # without resume: replace the run that is there
     if resume:
         saved = dict(load_checkpoint(out).state.get("config") or {}, overwrite=True)
-        resume = saved == dataclasses.asdict(config)  # another comparison's run: start afresh
+        # the saved settings went through JSON (tuples came back as lists): compare them that way
+        resume = saved == json.loads(json.dumps(dataclasses.asdict(config)))  # another comparison's: afresh
     train_vision(config, resume=resume)
 
 

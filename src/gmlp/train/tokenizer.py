@@ -7,6 +7,7 @@ The special tokens are ``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]`` 3, ``[MA
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,9 @@ def train_tokenizer(
         texts: training texts (any iterable; consumed once).
         kind: ``"wordpiece"`` (BERT normaliser and pre-tokeniser, ``##`` continuation pieces) or
             ``"unigram"`` (SentencePiece-style, ``▁`` word starts, as the paper's 32K vocabulary).
-        vocab_size: target vocabulary size, special tokens included (a small corpus may give fewer).
+        vocab_size: target vocabulary size, special tokens included (a small corpus may give fewer; a
+            WordPiece vocabulary keeps every character of the corpus, so one with more distinct characters
+            gives more, with a warning).
         lowercase: lowercase (and strip accents) before tokenising.
         min_frequency: WordPiece: the least frequency of a merged piece.
         model_max_length: recorded in the tokenizer (the model's ``max_position_embeddings``).
@@ -74,12 +77,16 @@ def train_tokenizer(
         show_progress: show the trainer's progress bar.
 
     Raises:
-        ValueError: unknown ``kind``, a vocabulary smaller than the special tokens, a negative
-            ``min_frequency``, a ``model_max_length`` below 1, or an empty corpus.
+        TypeError: ``texts`` is a single string (it would be read one character per text).
+        ValueError: unknown ``kind``, a vocabulary smaller than the special tokens (or, for Unigram, than
+            the corpus's distinct characters), a negative ``min_frequency``, a ``model_max_length`` below 1,
+            or an empty corpus.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be an iterable of texts (e.g. a list of str), not a single string")
     if kind not in TOKENIZER_KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(TOKENIZER_KINDS)}")
     if vocab_size <= len(SPECIAL_TOKENS):
@@ -106,7 +113,9 @@ def train_tokenizer(
         )
     else:
         tok = Tokenizer(models.Unigram())
-        steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+        # lowercase also strips accents, as BERT's normaliser does for WordPiece (NFD, drop the marks, NFC)
+        strip = [normalizers.Lowercase(), normalizers.NFD(), normalizers.StripAccents(), normalizers.NFC()]
+        steps = [normalizers.NFKC()] + (strip if lowercase else [])
         tok.normalizer = normalizers.Sequence(steps)
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
@@ -121,9 +130,23 @@ def train_tokenizer(
             seen += len(batch)
             yield batch
 
-    tok.train_from_iterator(counted(), trainer=trainer, length=length)
+    try:
+        tok.train_from_iterator(counted(), trainer=trainer, length=length)
+    except Exception as err:  # tokenizers raises a bare Exception
+        if "not large enough to contain all chars" not in str(err):
+            raise
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for this corpus: a Unigram vocabulary must hold every "
+            f"distinct character of the corpus besides the {len(specials)} special tokens; raise vocab_size"
+        ) from err
     if seen == 0:
         raise ValueError("cannot train a tokenizer on an empty corpus")
+    if tok.get_vocab_size() > vocab_size:
+        warnings.warn(
+            f"the {kind} vocabulary has {tok.get_vocab_size()} tokens, more than vocab_size={vocab_size}: it "
+            f"keeps every distinct character of the corpus; raise vocab_size for any merged pieces",
+            stacklevel=2,
+        )
     ids = {t: tok.token_to_id(t) for t in specials}
     if [ids[t] for t in specials] != list(range(len(specials))):
         raise RuntimeError(f"special tokens got unexpected ids: {ids}")

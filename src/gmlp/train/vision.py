@@ -251,12 +251,14 @@ def build_model(name: str, pretrained: str | Path | None = None, **kwargs: Any) 
         if isinstance(size, (tuple, list)) and size[0] == size[1]:
             kwargs["img_size"] = size[0]
         model = timm.create_model(name[5:], pretrained=False, **kwargs)
+        model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name}
         if pretrained is not None:
-            from ..models.loading import load_state_dict_checked
+            from ..models.loading import load_state_dict_checked, restore_normalisation
             from ..utils.io import load_state_dict_file
 
-            load_state_dict_checked(model, load_state_dict_file(pretrained)[0])
-        model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name}
+            state, metadata = load_state_dict_file(pretrained)
+            load_state_dict_checked(model, state)
+            restore_normalisation(model, metadata)  # gmlp eval of a compare-vit ViT: its mean/std, not timm's
         return model
     return create_model(name, pretrained=pretrained, **kwargs)
 
