@@ -16,6 +16,7 @@ This is the one place checkpoints are written: the vision and text pipelines bot
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -143,6 +144,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     except (json.JSONDecodeError, KeyError) as err:
         raise CheckpointError(f"{latest} is corrupt: {err}") from err
     path = root / tag
+    swapped = root / f".{tag}.old"
+    if not path.exists() and (swapped / "state.json").is_file():
+        # killed while save_checkpoint swapped a re-save of this step in: the old one is complete
+        with contextlib.suppress(OSError):  # (another process may have put it back already)
+            os.replace(swapped, path)
     if not (path / "state.json").is_file():
         raise CheckpointError(f"{latest} names {tag}, but {path} is missing or incomplete")
     return path
@@ -161,10 +167,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {str(path)!r} (expected {path}/checkpoints/{_LATEST})")
         path = found
-    model, _ = load_state_dict_file(path / "model.safetensors")
+    try:
+        model, _ = load_state_dict_file(path / "model.safetensors")
+    except FileNotFoundError as err:  # a checkpoint without weights is incomplete, not absent
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {err}") from err
     try:
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         state = json.loads((path / "state.json").read_text())
-    except (OSError, RuntimeError, EOFError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: {err}") from err
+    except Exception as err:  # corrupt bytes fail torch.load in many ways (UnpicklingError, RuntimeError..)
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or corrupt: {type(err).__name__}: {str(err)[:200]}"
+        ) from err
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its state.json gives no step")
     return Checkpoint(path=path, model=model, optimizer=optimizer, state=state)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.text import TextDataError, load_text_splits, pack_sequences
+from ..utils.io import CheckpointError
 from ..utils.malloc import tune_malloc
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_run_files, save_checkpoint
 from .optim import fused_adamw
@@ -261,6 +262,8 @@ def _validate_train_options(opts: _TrainOptions) -> None:
         value = getattr(opts, name)
         if value not in allowed:
             raise ConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {value!r}")
+    if opts.device == "cuda" and not torch.cuda.is_available():  # accelerate would fall back to the CPU
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu (or auto)")
     if opts.tokenizer:
         folder = Path(opts.tokenizer)
         if not folder.is_dir():
@@ -582,7 +585,9 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> Any:
-    """Linear warmup from 0 over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+    """Linear warmup over ``warmup_steps`` (step ``s`` trains at ``(s + 1) / warmup_steps`` of the lr: the
+    first step at ``lr / warmup_steps``, not at 0 as transformers' schedule, whose first step is wasted),
+    then linear decay to 0 at ``total_steps``."""
     from torch.optim.lr_scheduler import LambdaLR
 
     def factor(step: int) -> float:
@@ -659,7 +664,8 @@ class _StopRequest:
 
 class _MetricsLog:
     """``metrics.jsonl`` (main process only). On resume, records after the checkpoint's step are dropped
-    (they are recomputed), so the file reads as one uninterrupted run."""
+    (they are recomputed), and so are test records (written after the last checkpoint, and written again
+    when a finished run is resumed), so the file reads as one uninterrupted run."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
         self.path = path
@@ -673,7 +679,8 @@ class _MetricsLog:
             kept = []
             for line in path.read_text().splitlines():
                 with contextlib.suppress(json.JSONDecodeError):
-                    if json.loads(line).get("step", 0) <= resume_step:
+                    record = json.loads(line)
+                    if record.get("step", 0) <= resume_step and record.get("split") != "test":
                         kept.append(line)
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(k + "\n" for k in kept))
@@ -702,6 +709,20 @@ def _run_kind(checkpoint: Path) -> str | None:
     return "vision" if "fingerprint" in state else None  # gmlp.train.vision's checkpoints
 
 
+def _resume_step(checkpoint: Path) -> int:
+    """The step of the checkpoint a run resumes from; a :class:`CheckpointError` when its state.json is
+    unreadable or names no step."""
+    try:
+        step = json.loads((checkpoint / "state.json").read_text())["step"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"checkpoint {str(checkpoint)!r} is truncated or corrupt: its state.json gives no step ({err!r})"
+        ) from err
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r}: its state.json gives step {step!r}")
+    return step
+
+
 def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any, kind: str) -> Path | None:
     """Create the run folder; return the checkpoint to resume from (or None). Refuses to mix runs, and to
     resume a run of another ``kind`` (before anything is written)."""
@@ -713,6 +734,7 @@ def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any, kind: str)
                 f"--output {str(out)!r} holds {_KINDS[held]} run, not {_KINDS[kind]} run: --resume continues "
                 f"a run of the same command (give another --output)"
             )
+        _resume_step(ckpt)  # an unreadable state.json: a clear error before anything is read
     if ckpt is not None and not opts.resume:
         if not opts.overwrite:
             raise ConfigError(
@@ -746,14 +768,19 @@ _RESUME_FREE = {
 }
 
 
-def _warn_changed_options(checkpoint: Path, opts: Any) -> None:
-    """Warn when a resumed run is given options other than those it was started with."""
+def _warn_changed_options(checkpoint: Path, opts: Any, world_size: int | None = None) -> None:
+    """Warn when a resumed run is given options other than those it was started with, or (``world_size``)
+    runs on another number of processes (the global batch and the data each step reads change)."""
     try:
-        saved = json.loads((checkpoint / "state.json").read_text()).get("options", {})
+        state = json.loads((checkpoint / "state.json").read_text())
     except (OSError, json.JSONDecodeError):
         return
+    saved = state.get("options", {})
     now = _jsonable(asdict(opts))
     changed = sorted(k for k in saved if k not in _RESUME_FREE and k in now and saved[k] != now[k])
+    if world_size is not None and state.get("world_size", world_size) != world_size:
+        saved, now = {**saved, "processes": state["world_size"]}, {**now, "processes": world_size}
+        changed.append("processes")
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
         print(
@@ -802,9 +829,15 @@ def _train_loop(
     metrics: _MetricsLog,
     desc: str,
     tokens_per_batch: Callable[[dict[str, torch.Tensor]], int] | None = None,
+    targets_per_batch: Callable[[dict[str, torch.Tensor]], int] | None = None,
 ) -> _LoopResult:
     """Run optimizer steps ``[start, total_steps)``; ``micro_batch(step, micro)`` gives this process's
-    micro-batch, ``evaluate(model, step)`` the metrics logged when ``eval_due(step)``."""
+    micro-batch, ``evaluate(model, step)`` the metrics logged when ``eval_due(step)``.
+
+    ``targets_per_batch(batch)`` counts the terms the model's (mean) loss averages over, when micro-batches
+    may hold different numbers of them (MLM: the masked tokens): each micro-batch's loss is then weighted
+    so that a step's gradient and logged loss are the mean over all of the step's terms (all micro-batches
+    and processes), as one large batch gives, not the mean of the micro-batches' means."""
     from tqdm.auto import tqdm
 
     if opts.grad_checkpointing:
@@ -821,15 +854,25 @@ def _train_loop(
     scheduler = linear_schedule(optimizer, _warmup_steps(opts.warmup, total_steps), total_steps)
     start = 0
     last_eval: dict[str, Any] = {}
+    restored_loss, restored_steps = 0.0, 0
     if resume_from is not None:
         if accelerator.is_main_process:
-            _warn_changed_options(resume_from, opts)
+            _warn_changed_options(resume_from, opts, accelerator.num_processes)
         ckpt = load_checkpoint(resume_from)
+        if not isinstance(ckpt.optimizer, dict) or not {"optimizer", "scheduler"} <= ckpt.optimizer.keys():
+            raise CheckpointError(
+                f"{ckpt.path / 'optimizer.pt'} holds no optimizer and scheduler state: not a checkpoint of "
+                f"gmlp pretrain / finetune"
+            )
         model.load_state_dict(ckpt.model)
         optimizer.load_state_dict(ckpt.optimizer["optimizer"])
         scheduler.load_state_dict(ckpt.optimizer["scheduler"])
         start = int(ckpt.state["step"])
         last_eval = dict(ckpt.state.get("last_eval", {}))
+        # the training-loss window logged next began before the checkpoint (a step not a multiple of
+        # --log-every): its record averages over the same steps as an uninterrupted run's
+        window = ckpt.state.get("log_window") or {}
+        restored_loss, restored_steps = float(window.get("loss_sum", 0.0)), int(window.get("steps", 0))
         if accelerator.is_main_process:
             print(f"[gmlp] resumed from {ckpt.path} (step {start}/{total_steps})", file=sys.stderr)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -839,13 +882,20 @@ def _train_loop(
 
     def save(step: int) -> None:
         state = accelerator.get_state_dict(model)
+        loss_sum = accelerator.reduce(window_loss.clone(), "mean").item()
         if accelerator.is_main_process:
             save_checkpoint(
                 opts.output,
                 step,
                 state,
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                {**run_state, "last_eval": last_eval, "total_steps": total_steps},
+                {
+                    **run_state,
+                    "last_eval": last_eval,
+                    "total_steps": total_steps,
+                    "log_window": {"loss_sum": loss_sum, "steps": loss_steps},
+                    "world_size": accelerator.num_processes,
+                },
                 keep_last=opts.keep_last,
             )
         accelerator.wait_for_everyone()
@@ -858,20 +908,35 @@ def _train_loop(
         disable=not (opts.progress and accelerator.is_main_process),
     )
     rank = accelerator.process_index
-    window_loss = torch.zeros((), device=accelerator.device)
+    window_loss = torch.full((), restored_loss, device=accelerator.device)
+    loss_steps = restored_steps  # the steps in window_loss (the speed counters below: this invocation's)
     window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
+    world = accelerator.num_processes
     done = start
     completed = True
     with _StopRequest() as stop:
         for step in range(start, total_steps):
-            for micro in range(opts.grad_accum):
-                cpu_batch = micro_batch(step, micro)
+            cpu_batches = [micro_batch(step, micro) for micro in range(opts.grad_accum)]
+            weights, has_targets = [1.0] * opts.grad_accum, True
+            if targets_per_batch is not None:
+                counts = [targets_per_batch(b) for b in cpu_batches]
+                total = float(sum(counts))
+                if world > 1:
+                    total = accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum").item()
+                # backward() divides by grad_accum and DDP averages over the processes: undo both
+                weights = [c * opts.grad_accum * world / total if total else 0.0 for c in counts]
+                has_targets = total > 0  # else no loss to log (a mean over nothing)
+            for micro, cpu_batch in enumerate(cpu_batches):
                 if tokens_per_batch is not None:
                     window_tokens += tokens_per_batch(cpu_batch)
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in cpu_batch.items()}
                 torch.manual_seed(step_seed(opts.seed, "dropout", step, rank, micro))
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
+                    if weights[micro] == 0.0:  # no targets: a NaN mean, adding nothing (backward still runs)
+                        loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)) * 0.0
+                    elif weights[micro] != 1.0:
+                        loss = loss * weights[micro]
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and opts.clip_grad:
                         accelerator.clip_grad_norm_(model.parameters(), opts.clip_grad)
@@ -881,9 +946,12 @@ def _train_loop(
             scheduler.step()
             done = step + 1
             window_steps += 1
+            loss_steps += has_targets
             bar.update(1)
             if done % max(1, opts.log_every) == 0 or done == total_steps:
-                mean_loss = accelerator.reduce(window_loss, "mean").item() / window_steps
+                mean_loss = math.nan  # (no step of the window had a target)
+                if loss_steps:
+                    mean_loss = accelerator.reduce(window_loss, "mean").item() / loss_steps
                 elapsed = time.perf_counter() - t0
                 record = {
                     "step": done,
@@ -898,6 +966,7 @@ def _train_loop(
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
                 window_loss.zero_()
                 window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
+                loss_steps = 0
             if eval_due(done):
                 model.eval()
                 with torch.no_grad():
@@ -947,6 +1016,19 @@ def _micro_indices(opts: _TrainOptions, accelerator: Any, n: int, step: int, mic
     return _sample_indices(opts.seed, n, offset, opts.batch_size)
 
 
+def _warn_unused_tokenizer_options(opts: _TrainOptions, source: str, accelerator: Any) -> None:
+    """Warn (main process) that ``--vocab-size`` / ``--tokenizer-kind``, given other than their defaults,
+    have no effect: the tokenizer is not trained but comes from ``source`` (``--tokenizer``, ...)."""
+    defaults = {f.name: f.default for f in fields(_TrainOptions)}
+    given = [_flag(n) for n in ("vocab_size", "tokenizer_kind") if getattr(opts, n) != defaults[n]]
+    if given and accelerator.is_main_process:
+        print(
+            f"[gmlp] warning: {' and '.join(given)} only apply to a tokenizer the command trains; the "
+            f"tokenizer comes from {source}, so they have no effect",
+            file=sys.stderr,
+        )
+
+
 def _load_or_train_tokenizer(
     opts: _TrainOptions,
     out: Path,
@@ -964,7 +1046,10 @@ def _load_or_train_tokenizer(
     from .tokenizer import load_tokenizer, train_tokenizer
 
     if opts.tokenizer:
+        _warn_unused_tokenizer_options(opts, "--tokenizer", accelerator)
         return load_tokenizer(opts.tokenizer)
+    if init_from and not reuse:
+        _warn_unused_tokenizer_options(opts, "--init-from", accelerator)
     tok_dir = out / "tokenizer"
     with accelerator.main_process_first():
         if accelerator.is_main_process and not (reuse and (tok_dir / "tokenizer.json").is_file()):
@@ -1164,7 +1249,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     metrics = _MetricsLog(
         out / _METRICS,
         accelerator.is_main_process,
-        None if resume_from is None else int(json.loads((resume_from / "state.json").read_text())["step"]),
+        None if resume_from is None else _resume_step(resume_from),
     )
     run_state = {"kind": "pretrain", "options": _jsonable(asdict(cfg)), "model_type": config.model_type}
     result = _train_loop(
@@ -1180,6 +1265,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         metrics=metrics,
         desc="pretrain",
         tokens_per_batch=lambda b: int(b["attention_mask"].sum().item()),
+        targets_per_batch=lambda b: int((b["labels"] != -100).sum().item()),  # the loss: mean over these
     )
     if sparse:  # the saved model returns dense logits, as a masked LM is expected to
         accelerator.unwrap_model(result.model).config.sparse_prediction = False
@@ -1432,6 +1518,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         model_dir = Path(cfg.model)  # a save_pretrained folder (FinetuneConfig.validate)
         from .tokenizer import load_tokenizer
 
+        _warn_unused_tokenizer_options(cfg, "--tokenizer" if cfg.tokenizer else "--model", accelerator)
         tokenizer = load_tokenizer(cfg.tokenizer or model_dir)
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, **extra)
         for name in (
@@ -1584,7 +1671,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     metrics = _MetricsLog(
         out / _METRICS,
         accelerator.is_main_process,
-        None if resume_from is None else int(json.loads((resume_from / "state.json").read_text())["step"]),
+        None if resume_from is None else _resume_step(resume_from),
     )
     run_state = {"kind": "finetune", "options": _jsonable(asdict(cfg)), "model_type": config.model_type}
     result = _train_loop(
