@@ -1,9 +1,10 @@
 """Side-by-side throughput benchmark: gmlp vs timm gMLP, g-mlp-pytorch, timm ViT and transformers BERT.
 
 One process, one dtype, one thread count and one allocator setting for every model; models are timed
-in interleaved rounds (A B C A B C ...) so that drift of the machine hits all of them alike, and the
-median of the rounds is reported. FLOPs are counted once per model and mode with ``torch.utils.flop_counter``
-(the forward of that mode; TFLOP/s counts backward as twice the forward).
+in interleaved rounds (A B C, B C A, C A B, ...) so that drift of the machine hits all of them alike and no
+model always runs first, and the median of the rounds is reported. FLOPs are counted once per model and
+mode with ``torch.utils.flop_counter`` (the forward of that mode; TFLOP/s counts backward as twice the
+forward).
 
     python benchmarks/run.py --suite cpu            # the quick CPU suite (2 cores: ~5 minutes)
     python benchmarks/run.py --suite gpu            # one GPU, bf16 autocast, sized for ~10 minutes
@@ -386,7 +387,8 @@ def run_cases(
     compile_model: bool = False,
     compile_mode: str | None = None,
 ) -> list[Result]:
-    """Time every case in ``mode`` ("infer" or "train") in interleaved rounds; returns one Result each.
+    """Time every case in ``mode`` ("infer" or "train") in interleaved rounds, each round in an order rotated
+    by one case; returns one Result each.
 
     A case that raises while it is built or warmed up is reported (a ``FAILED`` line) and left out, so
     that one broken path cannot cost the other cases' numbers on a scarce machine."""
@@ -471,8 +473,11 @@ def run_cases(
     states = [st for i, st in enumerate(states) if i not in failed]
     if failed and device.type == "cuda":
         torch.cuda.empty_cache()
-    for _ in range(rounds):
-        for case, _, _, step, _, _ in states:
+    for r in range(rounds):
+        # each round starts one case later, so no case always runs first (or right after the same case):
+        # with as many rounds as cases every case takes every position once
+        shift = r % max(1, len(states))
+        for case, _, _, step, _, _ in states[shift:] + states[:shift]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

@@ -450,3 +450,29 @@ def test_elementwise_cost_takes_out_each_stage_and_puts_it_back(capsys: pytest.C
     cost.main(["--model", "gmlp_micro4_28", "--rounds", "1", "--modes", "train", "--dtype", "bf16"])
     out = capsys.readouterr().out
     assert "bf16 autocast" in out and out.count("| residual sum |") == 1
+
+
+def test_rounds_rotate_the_order_of_the_cases() -> None:
+    """Each timed round starts one case later: no model always runs first (eighteenth session: with a fixed
+    order, our first-listed default case ran at 0.95x its "plain ops" ablation in two CPU-suite runs where
+    both ran the same code)."""
+    run = _load("run")
+    order: list[str] = []
+
+    class Named(torch.nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+            self.weight = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            order.append(self.name)
+            return x * self.weight
+
+    cases = [
+        run.Case(name, "vision", lambda name=name: Named(name), lambda device: (torch.ones(2, 1),))
+        for name in "ABC"
+    ]
+    results = run.run_cases(cases, "infer", torch.device("cpu"), "fp32", rounds=3, steps=1, warmup=1)
+    assert [r.name for r in results] == ["A", "B", "C"]
+    assert "".join(order[-9:]) == "ABCBCACAB"
