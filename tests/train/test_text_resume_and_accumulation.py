@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from text_corpus import SENTENCES, documents, write_corpus
 
 from gmlp.train import text as pipelines
 from gmlp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -19,23 +20,14 @@ from gmlp.train.text import FinetuneConfig, PretrainConfig, finetune, pretrain
 from gmlp.train.tokenizer import train_tokenizer
 from gmlp.utils.io import CheckpointError
 
-SENTENCES = [
-    "The whale swam past the ship and the sailors watched it go.",
-    "Emma walked to the village with her father in the morning.",
-    "A spatial gating unit mixes tokens with a learned matrix.",
-    "The captain hunted the white whale across the wide ocean.",
-    "Her sister wrote long letters about the dance and the weather.",
-    "Python functions take arguments and return values to callers.",
-]
 TINY = dict(layers=2, hidden=32, ffn=64, seq_len=32, batch_size=4, progress=False)
 ARCH = "gmlp" if pipelines.gmlp_available() else "bert"
 
 
 @pytest.fixture
 def corpus_and_tok(tmp_path: Path) -> tuple[Path, Path]:
-    corpus = tmp_path / "corpus.txt"
-    docs = [" ".join(SENTENCES[i:] + SENTENCES[:i]) for i in range(len(SENTENCES) * 2)]
-    corpus.write_text("\n\n".join(docs))
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    docs = documents()
     tok = tmp_path / "tok"  # one tokenizer for every run (WordPiece ties: huggingface/tokenizers#1794)
     train_tokenizer(docs, vocab_size=150, model_max_length=32).save_pretrained(str(tok))
     return corpus, tok
