@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmlp.data.images import fashion_mnist_root, load_digits_split, load_fashion_mnist, read_idx
+from gmlp.data.images import (
+    fashion_mnist_root,
+    load_digits_split,
+    load_fashion_mnist,
+    load_image_dataset,
+    read_idx,
+)
+from gmlp.data.sampling import StepBatches
 
 
 def _write_idx(path: Path, array: torch.Tensor) -> None:
@@ -59,3 +66,27 @@ def test_installed_fashion_mnist() -> None:
     test = load_fashion_mnist("test")
     assert test.images.shape == (10000, 1, 28, 28)
     assert torch.bincount(test.labels).tolist() == [1000] * 10
+
+
+def test_read_idx_truncated_header_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "x-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(struct.pack(">HBB", 0, 0x08, 3) + b"\x00\x00"))
+    with pytest.raises(ValueError, match="x-idx3-ubyte.gz.*truncated"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"world_size": 0}, "world_size"), ({"accum_steps": 0}, "accum_steps"),
+     ({"rank": 2, "world_size": 2}, "rank"), ({"rank": -1}, "rank")],
+)
+def test_step_batches_rejects_bad_sharding(kwargs: dict[str, int], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        list(StepBatches(8, 4, 0, 0, 1, **kwargs))
+
+
+def test_digits_refuses_a_data_root(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    with pytest.raises(ValueError, match="data_root"):
+        load_image_dataset("digits", "train", tmp_path)
+    assert len(load_image_dataset("digits", "test")) == 297

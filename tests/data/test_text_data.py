@@ -210,3 +210,20 @@ def test_offline_books() -> None:
     assert not any("Gutenberg" in d.text for d in moby[1:-1])
     s = T.load_text_splits("books", valid_fraction=0.05)
     assert 5 <= len(s.validation) <= 40 and s == T.load_text_splits("books", valid_fraction=0.05)
+
+
+def test_split_fallback_holds_out_every_copy_of_a_text() -> None:
+    # nothing falls below 1%: the fallback holds out the smallest-bucket text, "* * *", which appears twice
+    docs = ["alpha paragraph", "* * *", "beta paragraph", "* * *", "gamma"]
+    assert min(map(T.heldout_bucket, docs)) == T.heldout_bucket("* * *") > 0.01
+    train, valid = T.split_documents(docs, 0.01)
+    assert valid == ["* * *", "* * *"] and not set(train) & set(valid)
+    assert sorted(train + valid) == sorted(docs)
+    assert T.split_documents(["same", "same"], 0.01) == (["same", "same"], [])  # one text: none held out
+
+
+def test_split_never_holds_out_every_document() -> None:
+    docs = ["* * *", "hello world"]
+    assert all(T.heldout_bucket(d) < 0.9 for d in docs)
+    train, valid = T.split_documents(docs, 0.9)
+    assert train == ["hello world"] and valid == ["* * *"]  # the largest bucket stays for training

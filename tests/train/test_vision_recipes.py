@@ -140,3 +140,9 @@ def test_config_built_in_python_refuses_nan(name: str) -> None:
         VisionTrainConfig(**{name: float("nan")}).validate()
     with pytest.raises(ConfigError, match=r"std must be > 0"):
         VisionTrainConfig(mean=(0.5,), std=(float("nan"),)).validate()
+
+
+def test_digits_with_a_data_root_is_a_usage_error(tmp_path: Path) -> None:
+    # the data root was silently ignored: scikit-learn's bundled digits trained instead
+    with pytest.raises(ConfigError, match=r"dataset 'digits' takes no data_root \(--data-root\)"):
+        VisionTrainConfig(dataset="digits", data_root=str(tmp_path)).validate()

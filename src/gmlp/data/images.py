@@ -76,6 +76,8 @@ def read_idx(path: str | Path) -> torch.Tensor:
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{str(path)!r} is not a uint8 IDX file (magic {data[:4].hex()})")
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"IDX file {str(path)!r} is truncated ({len(data)} bytes, a {header}-byte header)")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     expected = header + int(torch.tensor(dims).prod().item())
     if len(data) != expected:
@@ -133,9 +135,14 @@ def load_digits_split(split: str = "train", test_size: int = 297, seed: int = 0)
 
 
 def load_image_dataset(name: str, split: str, root: str | Path | None = None) -> ImageSplit:
-    """Load an offline image dataset by name: ``"fashion_mnist"`` or ``"digits"``."""
+    """Load an offline image dataset by name: ``"fashion_mnist"`` or ``"digits"`` (which takes no ``root``:
+    scikit-learn's bundled copy is the only source, so a given ``root`` is an error, not ignored)."""
     if name == "fashion_mnist":
         return load_fashion_mnist(split, root)
     if name == "digits":
+        if root:
+            raise ValueError(
+                f"dataset 'digits' reads scikit-learn's bundled copy and takes no data_root; got {root}"
+            )
         return load_digits_split(split)
     raise ValueError(f"unknown dataset {name!r}; expected 'fashion_mnist' or 'digits'")

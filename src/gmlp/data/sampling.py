@@ -55,6 +55,11 @@ class StepBatches:
         world_size: int = 1,
         accum_steps: int = 1,
     ) -> None:
+        for name, value in (("world_size", world_size), ("accum_steps", accum_steps)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size - 1}] (world_size {world_size}), got {rank}")
         if batch_size < 1 or batch_size > num_samples:
             raise ValueError(f"batch_size must be in [1, {num_samples}] (the dataset size), got {batch_size}")
         parts = world_size * accum_steps

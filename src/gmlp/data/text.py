@@ -379,16 +379,22 @@ def heldout_bucket(text: str) -> float:
 def split_documents(docs: Iterable[TextDocument | str], valid_fraction: float) -> tuple[list[str], list[str]]:
     """Split documents into (train, validation) texts by :func:`heldout_bucket`.
 
-    With ``valid_fraction > 0`` and at least two documents, the validation split is never empty: if no
-    document falls below the threshold, the one with the smallest bucket is held out.
+    With ``valid_fraction > 0`` and at least two distinct texts, neither split is empty: if no document
+    falls below the threshold, the text with the smallest bucket is held out; if every one does, the text
+    with the largest bucket is kept for training. Copies of a text always land in the same split.
     """
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     texts = [d.text if isinstance(d, TextDocument) else d for d in docs]
     buckets = [heldout_bucket(t) for t in texts]
     held = [b < valid_fraction for b in buckets]
-    if valid_fraction > 0 and not any(held) and len(texts) >= 2:
-        held[min(range(len(texts)), key=buckets.__getitem__)] = True
+    if valid_fraction > 0 and len(set(texts)) >= 2:
+        if not any(held):  # every copy of the text with the smallest bucket (a copy in train would leak)
+            lowest = min(buckets)
+            held = [b == lowest for b in buckets]
+        elif all(held):
+            highest = max(buckets)
+            held = [b != highest for b in buckets]
     train = [t for t, h in zip(texts, held, strict=True) if not h]
     valid = [t for t, h in zip(texts, held, strict=True) if h]
     return train, valid

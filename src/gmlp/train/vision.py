@@ -168,6 +168,8 @@ class VisionTrainConfig:
         if self.dataset in PIL_DATASETS and not self.data_root:
             what = "the folder with train/ and val/" if self.dataset == "imagefolder" else "a hub name/path"
             raise ConfigError(f"dataset {self.dataset!r} needs data_root (--data-root): {what}")
+        if self.dataset == "digits" and self.data_root:  # scikit-learn's bundled copy: nothing to read there
+            raise ConfigError(f"dataset 'digits' takes no data_root (--data-root), got {self.data_root!r}")
         positive = ("epochs", "batch_size", "eval_batch_size", "keep_last", "grad_accum_steps", "log_every",
                     "recount")
         for name in positive:
