@@ -110,14 +110,15 @@ def export_checkpoint(
         ValueError: no model name, or a checkpoint whose head does not fit ``num_classes`` (the export would
             carry a freshly initialised head).
     """
+    from .train.recipe import ConfigError
     from .train.vision import model_input_size
     from .train.vision_tools import build_with_own_head, checkpoint_shapes, resolve_checkpoint
 
     weights, run = resolve_checkpoint(checkpoint)
     run = run or {}
     name = model or run.get("model")
-    if name is None:
-        raise ValueError(f"{str(checkpoint)!r} is not a training run: pass --model NAME")
+    if name is None:  # a ConfigError (a ValueError): a usage error of `gmlp export`
+        raise ConfigError(f"{str(checkpoint)!r} is not a training run: pass --model NAME")
     shapes = checkpoint_shapes(weights) if not name.startswith("timm:") else {}
     kwargs = dict(model_kwargs if model_kwargs is not None else (run.get("model_kwargs") or {}))
     explicit = {"img_size": img_size or shapes.get("img_size") or run.get("img_size"),

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from gmlp.cli import main
@@ -99,9 +100,12 @@ def test_bad_recipe_files_name_the_key(tmp_path: Path, text: str, message: str) 
         load_recipe(recipe, VisionTrainConfig)
 
 
-def test_missing_recipe_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="recipe file not found"):
-        main(["train", "--config", str(tmp_path / "nope.yaml")])
+def test_missing_recipe_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a missing input file is a one-line usage error of the command line (it was a traceback)
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "gmlp train: error: recipe file not found" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="recipe file not found"):  # the Python API still raises
+        load_recipe(tmp_path / "nope.yaml", VisionTrainConfig)
 
 
 @pytest.mark.parametrize(
@@ -146,3 +150,9 @@ def test_digits_with_a_data_root_is_a_usage_error(tmp_path: Path) -> None:
     # the data root was silently ignored: scikit-learn's bundled digits trained instead
     with pytest.raises(ConfigError, match=r"dataset 'digits' takes no data_root \(--data-root\)"):
         VisionTrainConfig(dataset="digits", data_root=str(tmp_path)).validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_usage_error() -> None:
+    with pytest.raises(ConfigError, match=r"device cuda \(--device\): no CUDA device is available"):
+        VisionTrainConfig(device="cuda").validate()

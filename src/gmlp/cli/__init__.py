@@ -33,14 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``gmlp`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``gmlp`` console script; with no argument it prints the help (exit status 2)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # argparse would print only "the following arguments are required: COMMAND"
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         result = args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except ConfigError as err:  # a bad setting: a usage error, as argparse reports its own (no traceback)
+    except (ConfigError, FileNotFoundError) as err:  # a bad setting or a missing input file (a recipe, a
+        # corpus, a checkpoint): a usage error, as argparse reports its own (no traceback)
         print(f"gmlp {args.command}: error: {err}", file=sys.stderr)
         return 2
     return int(result or 0)

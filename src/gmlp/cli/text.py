@@ -105,10 +105,11 @@ def _add_train_arguments(
         help=f"checkpoint every N steps, 0 = only at the end (default: {save_every})",
     )
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default: 2)")
-    g.add_argument(
+    fresh = g.add_mutually_exclusive_group()  # a resumed run would silently ignore --overwrite
+    fresh.add_argument(
         "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
     )
-    g.add_argument("--overwrite", action="store_true", help="discard a previous run in --output")
+    fresh.add_argument("--overwrite", action="store_true", help="discard a previous run in --output")
     g.add_argument(
         "--stop-after-steps",
         type=int,

@@ -3,22 +3,37 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from .vision import _positive_int
 
 __all__ = ["register"]
 
 
 def _layers(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        layers = [int(v) for v in text.split(",") if v.strip()]
     except ValueError as err:
         raise argparse.ArgumentTypeError(
             f"--layers must be comma-separated block indices, got {text!r}"
         ) from err
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"--layers must be block indices >= 0, got {text!r}")
+    return layers
+
+
+def _require_path(what: str, path: str) -> None:
+    """A missing input path as a usage error (``gmlp COMMAND: error: ...``), not a traceback."""
+    from ..train.recipe import ConfigError
+
+    if not Path(path).exists():
+        raise ConfigError(f"{what} not found: {path!r}")
 
 
 def _plot_spatial(args: argparse.Namespace) -> int:
     from ..viz import plot_spatial, spatial_locality
 
+    _require_path("checkpoint", args.checkpoint)
     text = {"auto": None, "text": True, "vision": False}[args.kind]
     out = plot_spatial(args.checkpoint, args.output, layers=args.layers, rows=args.rows, text=text)
     print(f"wrote {out}")
@@ -35,6 +50,7 @@ def _plot_spatial(args: argparse.Namespace) -> int:
 def _plot_metrics(args: argparse.Namespace) -> int:
     from ..viz import plot_metrics
 
+    _require_path("metrics", args.metrics)
     print(f"wrote {plot_metrics(args.metrics, args.output)}")
     return 0
 
@@ -49,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--layers", type=_layers, default=None, help="comma-separated block indices (default: spread)"
     )
-    p.add_argument("--rows", type=int, default=6, help="rows (output tokens) of W per layer")
+    p.add_argument("--rows", type=_positive_int, default=6, help="rows (output tokens) of W per layer")
     p.add_argument(
         "--kind",
         choices=("auto", "vision", "text"),

@@ -37,6 +37,17 @@ def _parse_kwargs(text: str) -> dict[str, Any]:
     return out
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 _METAVARS = {"betas": ("BETA1", "BETA2"), "crop_scale": ("MIN", "MAX")}
 _HELP = {
     "strategy": "with several processes: ddp (replicate the model) or fsdp (shard it, FSDP2)",
@@ -92,9 +103,16 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..train.recipe import ConfigError
     from ..train.vision import train_vision
 
     config = _train_config(args)
+    if args.resume and config.overwrite:  # train_vision would resume and silently ignore overwrite
+        raise ConfigError(
+            "--resume continues the run in --output, --overwrite removes it: give one of them (a recipe's "
+            "overwrite: true is undone by --no-overwrite)"
+        )
+    config.validate()  # --print-config too: printed settings are settings the run accepts
     if args.print_config:
         import yaml
 
@@ -173,7 +191,7 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="model.safetensors, a training run or checkpoint directory, or a timm "
                                       "checkpoint (.pth/.bin/.safetensors, converted on the fly)")
     p.add_argument("--model", help="model name (default: the run's config.json)")
-    p.add_argument("--img-size", type=int, help="input size (default: the run's, else the model's)")
+    p.add_argument("--img-size", type=_positive_int, help="input size (default: the run's, else the model's)")
     p.add_argument("--model-kwargs", type=_parse_kwargs, default=None,
                    help="extra model constructor arguments (JSON or KEY=VALUE,...)")
 
@@ -225,9 +243,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch axis)")
     _checkpoint_args(ex)
     ex.add_argument("--output", "-o", default="model.onnx", help="ONNX file to write")
-    ex.add_argument("--in-chans", type=int)
-    ex.add_argument("--num-classes", type=int)
-    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    # export_checkpoint reads 0 as "not given" (the checkpoint's value): refuse it here instead
+    ex.add_argument("--in-chans", type=_positive_int, help="input channels (default: the checkpoint's)")
+    ex.add_argument("--num-classes", type=_positive_int, help="classes (default: the checkpoint's head)")
+    ex.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default: the exporter's)")
     ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="compare onnxruntime's outputs with PyTorch's (if onnxruntime is installed)")
     ex.set_defaults(func=_export)
@@ -244,8 +263,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--model", default=None, help="gMLP model (default: the recipe's)")
     cmp_.add_argument("--epochs", type=int, default=None)
     cmp_.add_argument("--batch-size", type=int, default=None)
-    cmp_.add_argument("--vit-depth", type=int, default=None, help="ViT depth (default: the gMLP's)")
-    cmp_.add_argument("--vit-heads", type=int, default=4)
+    cmp_.add_argument("--vit-depth", type=_positive_int, default=None, help="ViT depth (default: the gMLP's)")
+    cmp_.add_argument("--vit-heads", type=_positive_int, default=4, help="ViT attention heads (default: 4)")
     cmp_.add_argument("--train-subset", type=int, default=None)
     cmp_.add_argument("--test-subset", type=int, default=None)
     cmp_.add_argument("--threads", type=int, default=None)

@@ -198,6 +198,8 @@ class VisionTrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda (--device): no CUDA device is available; use cpu (or auto)")
         if self.ema and self.strategy == "fsdp":
             raise ConfigError(
                 "ema=True is not supported with strategy='fsdp' (the EMA copy would be a second, unsharded "

@@ -23,11 +23,18 @@ from torch import nn
 from ..utils.io import CheckpointError, load_state_dict_file
 from .checkpoint import latest_checkpoint
 from .distributed import DistEnv, _pick_device
+from .recipe import ConfigError
 
 __all__ = [
     "build_with_own_head", "checkpoint_shapes", "count_macs", "evaluate_checkpoint", "measure_throughput",
     "model_info", "resolve_checkpoint",
 ]
+
+
+def _check_device(device: str) -> None:
+    """Refuse ``device='cuda'`` without a CUDA device with a :class:`ConfigError` naming ``--device``."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu (or auto)")
 
 
 def _run_config(path: Path) -> dict[str, Any] | None:
@@ -44,14 +51,19 @@ def _run_config(path: Path) -> dict[str, Any] | None:
 
 def resolve_checkpoint(path: str | Path, ema: bool = False) -> tuple[Path, dict[str, Any] | None]:
     """``(weights file, training settings or None)`` for a weights file, a run directory or a checkpoint
-    directory. ``ema`` picks a run's ``model_ema.safetensors``."""
+    directory. ``ema`` picks a run's ``model_ema.safetensors``.
+
+    Raises:
+        FileNotFoundError: no such path, or a directory without the weights.
+        ConfigError: ``ema`` with a file.
+    """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {str(p)!r}")
     name = "model_ema.safetensors" if ema else "model.safetensors"
     if p.is_file():
         if ema:
-            raise ValueError("--ema needs a run directory (holding model_ema.safetensors), not a file")
+            raise ConfigError("--ema needs a run directory (holding model_ema.safetensors), not a file")
         return p, _run_config(p.parent / "config.json")
     if (p / name).is_file():
         cfg = _run_config(p / "config.json")
@@ -147,41 +159,64 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Top-1 / top-5 accuracy and mean cross-entropy of a checkpoint on a dataset split.
 
-    Unset arguments come from the run's ``config.json`` when the checkpoint belongs to a training run.
+    Unset arguments come from the run's ``config.json`` when the checkpoint belongs to a training run. A
+    run that read Fashion-MNIST / digits through timm's PIL transforms (``auto_augment``) is evaluated
+    through them too (resize and centre crop by the model's ``crop_pct``), as its training evaluated it.
 
     Raises:
-        ConfigError: ``batch_size`` or ``subset`` below 1, ``workers`` below 0.
+        ConfigError: ``batch_size``, ``subset`` or ``img_size`` below 1, ``workers`` below 0, an unknown
+            dataset, no ``model`` for a checkpoint outside a training run, ``device='cuda'`` without CUDA.
+        FileNotFoundError: no such checkpoint.
     """
-    from .recipe import ConfigError
-
-    for name, value, low in (("batch_size", batch_size, 1), ("subset", subset, 1), ("workers", workers, 0)):
+    limits = (("batch_size", batch_size, 1), ("subset", subset, 1), ("workers", workers, 0),
+              ("img_size", img_size, 1))
+    for name, value, low in limits:
         if value is not None and value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
     from ..data import folders
     from ..data.images import load_image_dataset
     from .vision import (
+        PIL_DATASETS,
         TENSOR_DATASETS,
         _evaluate_tensors,
         eval_loader,
+        evaluate_loader,
         model_input_size,
         norm_stats,
         pil_transforms,
     )
 
+    _check_device(device)
     weights, run = resolve_checkpoint(checkpoint, ema=ema)
     run = run or {}
     name = model or run.get("model")
     if name is None:
-        raise ValueError(f"{str(checkpoint)!r} is not a training run: pass --model NAME")
+        raise ConfigError(f"{str(checkpoint)!r} is not a training run: pass --model NAME")
     dataset = dataset or run.get("dataset") or "fashion_mnist"
+    if dataset not in TENSOR_DATASETS + PIL_DATASETS:
+        known = ", ".join(TENSOR_DATASETS + PIL_DATASETS)
+        raise ConfigError(f"unknown dataset {dataset!r}; expected one of {known}")
     same_data = dataset == run.get("dataset")
     data_root = data_root or (run.get("data_root") if same_data else None)
+    if dataset in PIL_DATASETS and not data_root:
+        raise ConfigError(f"dataset {dataset!r} needs --data-root")
     kwargs = dict(model_kwargs if model_kwargs is not None else (run.get("model_kwargs") or {}))
     mean = run.get("mean") if same_data else None
     std = run.get("std") if same_data else None
     shapes = checkpoint_shapes(weights) if not name.startswith("timm:") else {}
     dev = _pick_device(device, 0)
     env = DistEnv(device=dev)
+
+    def evaluate_pil(net: nn.Module, source: Any) -> dict[str, float]:
+        """Top-1/top-5/loss of ``net`` through timm's eval transforms (the model's crop_pct, ...)."""
+        from .vision import VisionTrainConfig
+
+        chans = model_input_size(net)[0]
+        mean_t, std_t = norm_stats(net, chans, mean, std)
+        _, eval_tf = pil_transforms(net, VisionTrainConfig(), mean_t, std_t)
+        pin = dev.type == "cuda"
+        loader = eval_loader(source, eval_tf, chans, batch_size, workers, strict_images, None, pin)
+        return evaluate_loader(net, loader, dev, "auto", None)
 
     if dataset in TENSOR_DATASETS:
         test = load_image_dataset(dataset, split or "test", data_root).subset(subset)
@@ -192,13 +227,14 @@ def evaluate_checkpoint(
                 f"leave img_size unset"
             )
         net = _load_for_eval(name, weights, len(test.classes), (h, w), chans, kwargs).to(dev)
-        mean_t, std_t = norm_stats(net, chans, mean, std)
-        m, s = (torch.tensor(v, device=dev).view(1, -1, 1, 1) for v in (mean_t, std_t))
-        result = _evaluate_tensors(net, test, batch_size, m, s, dev, "auto", env)
+        if same_data and run.get("auto_augment") is not None:  # trained and evaluated through PIL transforms
+            result = evaluate_pil(net, folders.TensorSource(test))
+        else:
+            mean_t, std_t = norm_stats(net, chans, mean, std)
+            m, s = (torch.tensor(v, device=dev).view(1, -1, 1, 1) for v in (mean_t, std_t))
+            result = _evaluate_tensors(net, test, batch_size, m, s, dev, "auto", env)
         split_name = split or "test"
-    elif dataset in ("imagefolder", "hf"):
-        if not data_root:
-            raise ValueError(f"dataset {dataset!r} needs --data-root")
+    else:  # imagefolder or hf
         candidates = ("val", "validation", "test")
         if dataset == "imagefolder":
             root = Path(data_root)
@@ -216,18 +252,7 @@ def evaluate_checkpoint(
         source = folders.subset_source(source, subset)
         size = img_size or run.get("img_size") or shapes.get("img_size")
         net = _load_for_eval(name, weights, len(source.classes), size, shapes.get("in_chans"), kwargs).to(dev)
-        chans = model_input_size(net)[0]
-        mean_t, std_t = norm_stats(net, chans, mean, std)
-        from .vision import VisionTrainConfig
-
-        _, eval_tf = pil_transforms(net, VisionTrainConfig(), mean_t, std_t)
-        pin = dev.type == "cuda"
-        loader = eval_loader(source, eval_tf, chans, batch_size, workers, strict_images, None, pin)
-        from .vision import evaluate_loader
-
-        result = evaluate_loader(net, loader, dev, "auto", None)
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}; expected fashion_mnist, digits, imagefolder or hf")
+        result = evaluate_pil(net, source)
     return {"model": name, "checkpoint": str(weights), "dataset": dataset, "split": str(split_name),
             "top1": result["accuracy"], "top5": result["top5"], "loss": result["loss"],
             "count": result["count"],
@@ -280,12 +305,30 @@ def measure_throughput(model: nn.Module, input_size: tuple[int, int, int], batch
 def model_info(name: str, *, img_size: int | None = None, in_chans: int | None = None,
                num_classes: int | None = None, throughput: bool = False, batch_size: int = 32,
                device: str = "auto", model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Parameters, GMACs per image and (optionally) inference throughput of a model; ``summary`` is a text."""
-    from .recipe import ConfigError
+    """Parameters, GMACs per image and (optionally) inference throughput of a model; ``summary`` is a text.
+
+    Raises:
+        ConfigError: an unknown model, ``img_size`` / ``in_chans`` below 1, ``num_classes`` below 0, or
+            (with ``throughput``) ``batch_size`` below 1 or ``device='cuda'`` without CUDA.
+    """
+    from ..models import list_models
     from .vision import build_model, model_input_size
 
+    if name.startswith("timm:"):
+        import timm
+
+        if not timm.is_model(name[5:]):
+            raise ConfigError(f"unknown timm model {name[5:]!r}")
+    elif name not in list_models():
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())} (or timm:NAME)")
+    sizes = (("img_size", img_size, 1), ("in_chans", in_chans, 1), ("num_classes", num_classes, 0))
+    for arg, value, low in sizes:
+        if value is not None and value < low:
+            raise ConfigError(f"{arg} must be >= {low}, got {value}")
     if throughput and batch_size < 1:
         raise ConfigError(f"batch_size (of the throughput measurement) must be >= 1, got {batch_size}")
+    if throughput:
+        _check_device(device)
 
     explicit = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
     given = {k: v for k, v in explicit.items() if v is not None}

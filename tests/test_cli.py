@@ -1,0 +1,158 @@
+"""The ``gmlp`` command line: every bad input is a one-line usage error, contradictory flags are refused,
+and ``gmlp eval`` scores a run as its training did (eighteenth session: each test failed before its fix)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from gmlp.cli import main
+
+
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture, message: str) -> None:
+    """``gmlp ARGV`` exits with status 2 and one ``gmlp COMMAND: error: ...`` line holding ``message``."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"gmlp {argv[0]}: error: ") and "\n" not in err, err
+    assert message in err, err
+
+
+def _argparse_error(argv: list[str], capsys: pytest.CaptureFixture, message: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_subcommand_prints_the_help(capsys: pytest.CaptureFixture) -> None:
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: gmlp" in err and "compare-vit" in err and "finetune" in err
+
+
+def test_missing_inputs_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from gmlp.train.vision_tools import evaluate_checkpoint
+
+    nope = str(tmp_path / "nope")
+    _usage_error(["eval", nope], capsys, f"checkpoint not found: {nope!r}")
+    _usage_error(["export", nope], capsys, f"checkpoint not found: {nope!r}")
+    _usage_error(["plot-spatial", nope], capsys, f"checkpoint not found: {nope!r}")
+    _usage_error(["plot-metrics", nope], capsys, f"metrics not found: {nope!r}")
+    _usage_error(["eval", str(tmp_path)], capsys, "holds neither model.safetensors nor checkpoints/")
+    _usage_error(["eval", str(tmp_path), "--ema"], capsys, "holds no model_ema.safetensors")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):  # still a FileNotFoundError
+        evaluate_checkpoint(nope)
+
+
+def test_eval_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")  # never read: each error comes before the weights are loaded
+    _usage_error(["eval", str(weights)], capsys, "is not a training run: pass --model NAME")
+    _usage_error(["eval", str(weights), "--ema"], capsys, "--ema needs a run directory")
+    model = ["--model", "gmlp_micro4_28"]
+    _usage_error(["eval", str(weights), *model, "--dataset", "mnist"], capsys, "unknown dataset 'mnist'")
+    _usage_error(["eval", str(weights), *model, "--dataset", "imagefolder"], capsys, "needs --data-root")
+    _argparse_error(["eval", str(weights), *model, "--img-size", "0"], capsys, "--img-size: must be >= 1")
+    if not torch.cuda.is_available():
+        _usage_error(["eval", str(weights), *model, "--device", "cuda"], capsys, "--device cuda")
+
+
+def test_info_usage_errors(capsys: pytest.CaptureFixture) -> None:
+    _usage_error(["info", "gmlp_nope"], capsys, "unknown model 'gmlp_nope'")
+    _usage_error(["info", "timm:nope_vit"], capsys, "unknown timm model 'nope_vit'")
+    _usage_error(["info", "gmlp_micro4_28", "--img-size", "-1"], capsys, "img_size must be >= 1, got -1")
+    _usage_error(["info", "gmlp_micro4_28", "--in-chans", "0"], capsys, "in_chans must be >= 1, got 0")
+    _usage_error(["info", "gmlp_micro4_28", "--num-classes", "-1"], capsys, "num_classes must be >= 0")
+    if not torch.cuda.is_available():
+        _usage_error(["info", "gmlp_micro4_28", "--throughput", "--device", "cuda"], capsys, "--device cuda")
+
+
+def test_train_refuses_resume_with_overwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """train_vision resumes and ignores overwrite when given both: the command line refuses the pair."""
+    from gmlp.train import vision
+
+    calls: list[tuple[Any, bool]] = []
+    monkeypatch.setattr(vision, "train_vision", lambda cfg, resume: calls.append((cfg, resume)) or {})
+    out = ["--output", str(tmp_path)]
+    _usage_error(["train", *out, "--resume", "--overwrite"], capsys, "--resume")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("overwrite: true\n")
+    _usage_error(["train", *out, "--config", str(recipe), "--resume"], capsys, "--overwrite")
+    assert calls == []
+    assert main(["train", *out, "--config", str(recipe), "--resume", "--no-overwrite"]) == 0
+    assert calls[-1][1] is True and calls[-1][0].overwrite is False
+
+
+def test_print_config_refuses_settings_the_run_refuses(capsys: pytest.CaptureFixture) -> None:
+    _usage_error(["train", "--epochs", "0", "--print-config"], capsys, "epochs must be >= 1, got 0")
+    _usage_error(["train", "--dataset", "imagefolder", "--print-config"], capsys, "needs data_root")
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_text_commands_refuse_resume_with_overwrite(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A resumed text run ignores --overwrite (it only applies to a new run): the pair is refused."""
+    from gmlp.train import text
+
+    def fail(cfg: Any) -> None:
+        raise AssertionError(f"{command} ran with resume={cfg.resume}, overwrite={cfg.overwrite}")
+
+    monkeypatch.setattr(text, command, fail)
+    _argparse_error([command, "--resume", "--overwrite"], capsys, "not allowed with argument")
+
+
+def test_compare_vit_sizes(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """--vit-depth 0 used to fall back to the gMLP's depth silently; --vit-heads 0 crashed deep inside."""
+    from gmlp.train import compare
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(compare, "run_comparison", lambda output, **kw: seen.update(kw, output=output) or "t")
+    _argparse_error(["compare-vit", "--vit-depth", "0"], capsys, "--vit-depth: must be >= 1, got 0")
+    _argparse_error(["compare-vit", "--vit-heads", "0"], capsys, "--vit-heads: must be >= 1, got 0")
+    _argparse_error(["compare-vit", "--vit-heads", "x"], capsys, "--vit-heads: expected an int >= 1")
+    argv = ["compare-vit", "-o", "o", "--vit-depth", "3", "--vit-heads", "2", "--epochs", "1", "--seed", "5",
+            "--batch-size", "16", "--threads", "1", "--train-subset", "7", "--test-subset", "8",
+            "--no-progress", "--dataset", "digits", "--model", "gmlp_micro4_28", "--config", "c.yaml"]
+    assert main(argv) == 0
+    assert seen == {"output": "o", "config": "c.yaml", "dataset": "digits", "epochs": 1,
+                    "gmlp_model": "gmlp_micro4_28", "vit_depth": 3, "vit_heads": 2, "train_subset": 7,
+                    "test_subset": 8, "threads": 1, "progress": False, "batch_size": 16, "seed": 5}
+
+
+def test_export_sizes_must_be_positive(capsys: pytest.CaptureFixture) -> None:
+    """export_checkpoint reads --in-chans 0 / --num-classes 0 as "not given" and exported the checkpoint's."""
+    for flag in ("--in-chans", "--num-classes", "--img-size", "--opset"):
+        _argparse_error(["export", "x", flag, "0"], capsys, f"{flag}: must be >= 1, got 0")
+
+
+def test_plot_spatial_rows_and_layers(capsys: pytest.CaptureFixture) -> None:
+    _argparse_error(["plot-spatial", "x", "--rows", "0"], capsys, "--rows: must be >= 1, got 0")
+    _argparse_error(["plot-spatial", "x", "--layers", ","], capsys, "block indices >= 0")
+    _argparse_error(["plot-spatial", "x", "--layers", "0,-1"], capsys, "block indices >= 0")
+
+
+def test_eval_scores_a_pil_pipeline_run_as_its_training_did(tmp_path: Path) -> None:
+    """A digits run trained with --auto-augment is evaluated through timm's eval transforms (crop_pct
+    0.875 here: resize 8 -> 9, centre crop 8); gmlp eval used the raw tensors and reported other numbers."""
+    from gmlp.train.vision import VisionTrainConfig, train_vision
+    from gmlp.train.vision_tools import evaluate_checkpoint
+
+    out = tmp_path / "run"
+    config = VisionTrainConfig(
+        model="gmlp_ti16_224", model_kwargs={"patch_size": 2, "depth": 1, "embed_dim": 16}, dataset="digits",
+        auto_augment="rand-m7-mstd0.5", epochs=1, train_subset=128, batch_size=64, warmup_steps=1, workers=0,
+        output=str(out), progress=False, plot=False, tensorboard=False, lr=0.05,
+    )
+    train_vision(config)
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    result = evaluate_checkpoint(out, workers=0)
+    assert result["count"] == 297
+    assert result["top1"] == pytest.approx(last["test_accuracy"])
+    assert result["loss"] == pytest.approx(last["test_loss"], rel=1e-5)
