@@ -620,6 +620,8 @@ SUITES: dict[str, dict[str, Any]] = {
     "smoke": {
         "device": "cpu",
         "dtype": "fp32",
+        # a small GEMM probe: in bf16 on a CPU without native bf16 (AVX2 only) the 2048^3 one took 12 minutes
+        "probe": 256,
         "vision": ("smoke", 2, 2),
         "text": (2, 32, 64, 16, 2, 2),
         "rounds": 1,
@@ -700,7 +702,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         info["triton_config"] = asdict(sgu_triton.set_launch_config(**json.loads(args.triton_config)))
     info["malloc_tuned"] = not args.no_malloc_tuning
     info["gemm_tflops_fp32" if suite["dtype"] == "fp32" else "gemm_tflops_bf16"] = gemm_rate(
-        device, torch.float32 if suite["dtype"] == "fp32" else torch.bfloat16
+        device, torch.float32 if suite["dtype"] == "fp32" else torch.bfloat16, n=suite.get("probe", 2048)
     )
     print(json.dumps(info))
     ablate = not args.no_ablation
