@@ -92,8 +92,9 @@ def _cpu_has_avx512() -> bool:
 #: Whether the oneDNN path is on by default on this CPU for every product: where ATen's kernels use
 #: AVX-512. On the three AVX-512 CPUs measured, gMLP-S/16 inference ran at 0.98-1.16x our plain ops with it;
 #: on a 2-core AMD EPYC with AVX2 only (eighteenth session) at 0.71-0.76x, and training steps at 0.89-0.90x:
-#: oneDNN's AVX2 fp32 products lose to MKL's there (the token mixing's forward 0.60-0.80x, the projections'
-#: 0.67-0.94x with the GELU fused) except for wide outputs (:data:`WIDE_OUTPUT_FEATURES`).
+#: oneDNN's AVX2 fp32 products mostly lose to MKL's there (the token mixing's forward 0.60-0.80x, the
+#: projections' 0.64-1.16x, 0.69x for ``fc1``'s half with the GELU fused), except for wide outputs
+#: (:data:`WIDE_OUTPUT_FEATURES`).
 _ONEDNN_BY_DEFAULT = _cpu_has_avx512()
 
 #: On a CPU without AVX-512, products with at least this many output features still take the oneDNN path:
