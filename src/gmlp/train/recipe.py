@@ -17,7 +17,15 @@ import typing
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "RecipeError", "coerce_setting", "load_recipe", "merge_settings", "setting_types"]
+__all__ = [
+    "ConfigError",
+    "RecipeError",
+    "check_cuda_available",
+    "coerce_setting",
+    "load_recipe",
+    "merge_settings",
+    "setting_types",
+]
 
 
 class ConfigError(ValueError):
@@ -27,6 +35,15 @@ class ConfigError(ValueError):
 
 class RecipeError(ConfigError):
     """A recipe file is unreadable, or holds an unknown key or a value of the wrong type."""
+
+
+def check_cuda_available(device: str) -> None:
+    """Refuse ``--device cuda`` on a machine without a CUDA device (with a :class:`ConfigError`), before a
+    command silently falls back to the CPU or fails deep inside."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu (or auto)")
 
 
 def setting_types(config_cls: type) -> dict[str, Any]:

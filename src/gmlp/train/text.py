@@ -42,7 +42,7 @@ from ..utils.io import CheckpointError
 from ..utils.malloc import tune_malloc
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_run_files, save_checkpoint
 from .optim import fused_adamw
-from .recipe import ConfigError
+from .recipe import ConfigError, check_cuda_available
 
 __all__ = [
     "ARCHS",
@@ -262,8 +262,7 @@ def _validate_train_options(opts: _TrainOptions) -> None:
         value = getattr(opts, name)
         if value not in allowed:
             raise ConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {value!r}")
-    if opts.device == "cuda" and not torch.cuda.is_available():  # accelerate would fall back to the CPU
-        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu (or auto)")
+    check_cuda_available(opts.device)  # accelerate would fall back to the CPU
     if opts.tokenizer:
         folder = Path(opts.tokenizer)
         if not folder.is_dir():

@@ -23,18 +23,12 @@ from torch import nn
 from ..utils.io import CheckpointError, load_state_dict_file
 from .checkpoint import latest_checkpoint
 from .distributed import DistEnv, _pick_device
-from .recipe import ConfigError
+from .recipe import ConfigError, check_cuda_available
 
 __all__ = [
     "build_with_own_head", "checkpoint_shapes", "count_macs", "evaluate_checkpoint", "measure_throughput",
     "model_info", "resolve_checkpoint",
 ]
-
-
-def _check_device(device: str) -> None:
-    """Refuse ``device='cuda'`` without a CUDA device with a :class:`ConfigError` naming ``--device``."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu (or auto)")
 
 
 def _run_config(path: Path) -> dict[str, Any] | None:
@@ -186,7 +180,7 @@ def evaluate_checkpoint(
         pil_transforms,
     )
 
-    _check_device(device)
+    check_cuda_available(device)
     weights, run = resolve_checkpoint(checkpoint, ema=ema)
     run = run or {}
     name = model or run.get("model")
@@ -328,7 +322,7 @@ def model_info(name: str, *, img_size: int | None = None, in_chans: int | None =
     if throughput and batch_size < 1:
         raise ConfigError(f"batch_size (of the throughput measurement) must be >= 1, got {batch_size}")
     if throughput:
-        _check_device(device)
+        check_cuda_available(device)
 
     explicit = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
     given = {k: v for k, v in explicit.items() if v is not None}
