@@ -372,6 +372,69 @@ def test_wrapped_or_hooked_projections_are_not_bypassed(variant: str, grad: bool
     assert not torch.allclose(hooked, plain) and not torch.allclose(block(x), plain)
 
 
+@pytest.mark.parametrize("variant", ["sgu", "multiplicative"])
+def test_patched_forwards_and_backward_hooks_of_projections_are_honoured(variant: str) -> None:
+    """A forward set on the instance (accelerate's offloading hooks patch ``module.forward`` so) changes
+    the block's output as it changes the module's, and backward hooks on fc1/fc2 (own or global) run: the
+    modules are called, not bypassed by their weights."""
+    linear = nn.Linear(2, 2)
+    assert cpu_linear.is_plain_linear(linear)
+    linear.register_full_backward_hook(lambda *_: None)
+    assert not cpu_linear.is_plain_linear(linear)
+    torch.manual_seed(0)
+    block = GMLPBlock(16, 32, 6, variant=variant, init_std=0.5)
+    x = torch.randn(6, 2, 16, requires_grad=True)
+    calls: list[str] = []
+    handles = [
+        block.fc1.register_full_backward_pre_hook(lambda *_: calls.append("fc1")),
+        block.fc2.register_full_backward_hook(lambda *_: calls.append("fc2")),
+    ]
+    block(x).sum().backward()
+    assert sorted(calls) == ["fc1", "fc2"]
+    for handle in handles:
+        handle.remove()
+    calls.clear()
+    handle = nn.modules.module.register_module_full_backward_hook(
+        lambda m, *_: calls.append("fc2") if m is block.fc2 else None
+    )
+    try:
+        block(x).sum().backward()
+    finally:
+        handle.remove()
+    assert calls == ["fc2"]
+    with torch.no_grad():
+        plain = block(x)
+        fc2_forward = block.fc2.forward
+        block.fc2.forward = lambda z: 2 * fc2_forward(z)  # type: ignore[method-assign]
+        patched = block(x)
+        del block.fc2.forward
+    torch.testing.assert_close(patched - x, 2 * (plain - x), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("grad", [False, True])
+def test_shapes_outside_the_fast_path_behave_as_f_linear(grad: bool) -> None:
+    """Shapes the oneDNN product does not take as F.linear does go to the reference: a 0-d or (1, out)
+    bias broadcasts and a 1-D weight works as in F.linear (the oneDNN call gave a wrong result for the
+    0-d bias and 'could not create a primitive descriptor' for the others), mismatched sizes raise
+    F.linear's / addmm's error, and use_onednn=True names the shapes."""
+    x = torch.randn(5, 7, requires_grad=grad)
+    w = torch.randn(3, 7, requires_grad=grad)
+    for bias in (torch.randn(()), torch.randn(1), torch.randn(1, 3)):
+        want = fused_linear_reference(x, w, bias, "gelu")
+        torch.testing.assert_close(fused_linear(x, w, bias, "gelu"), want)
+    w1 = torch.randn(7)
+    torch.testing.assert_close(fused_linear(x, w1, None), F.linear(x, w1))
+    with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied \(5x6 and 7x3\)"):
+        fused_linear(torch.randn(5, 6), w, None)
+    with pytest.raises(ValueError, match=r"use_onednn=True needs x \(\.\.\., in_features\), .* \(5, 6\)"):
+        fused_linear(torch.randn(5, 6), w, None, use_onednn=True)
+    with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied \(4x4 and 5x6\)"):
+        token_mix(torch.randn(4, 4, requires_grad=grad), torch.randn(5, 6), torch.randn(4))
+    with pytest.raises(RuntimeError, match="mat2 must be a matrix"):
+        token_mix(torch.randn(4, 4), torch.randn(4), torch.randn(4))
+
+
 @needs_onednn
 @pytest.mark.parametrize("causal", [False, True])
 def test_text_inference_matches_plain_ops_with_padding(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:

@@ -108,6 +108,33 @@ def test_layer_norm_ignores_autocast_and_checks_shapes() -> None:
         layer_norm(x, torch.ones(7, device=DEVICE), b, 1e-5)
 
 
+@settings(max_examples=8, deadline=None)
+@given(
+    dim=st.integers(2, 40),
+    affine=st.sampled_from(["strided", "no-bias", "none"]),
+    seed=st.integers(0, 999),
+)
+def test_layer_norm_takes_strided_and_missing_affine_parameters(dim: int, affine: str, seed: int) -> None:
+    """A weight and bias that are strided views (every other entry of a longer vector) are read as the
+    vectors they are (the kernels read them as dense: a wrong output before), and None weight/bias (an
+    ``nn.LayerNorm`` without ``elementwise_affine`` or ``bias``) work as in ``F.layer_norm`` (an
+    AttributeError before); gradients of x and of the given parameters as the reference's."""
+    torch.manual_seed(seed)
+    x = (3 * torch.randn(2, 3, dim, device=DEVICE) + 1).requires_grad_()
+    w_full = torch.randn(2 * dim, device=DEVICE, requires_grad=True)
+    b_full = torch.randn(2 * dim, device=DEVICE, requires_grad=True)
+    w = None if affine == "none" else w_full[::2]
+    b = b_full[::2] if affine == "strided" else None
+    leaves = [x] + [t for t, used in ((w_full, w is not None), (b_full, b is not None)) if used]
+    got = layer_norm(x, w, b, 1e-6)
+    want = layer_norm_reference(x, w, b, 1e-6, x.dtype)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    seed_grad = torch.randn_like(want)
+    grads = torch.autograd.grad((got * seed_grad).sum(), leaves)
+    for g, r in zip(grads, torch.autograd.grad((want * seed_grad).sum(), leaves), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
 def test_block_pre_norm_writes_the_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     """Through the kernels, a block's pre-norm output is already in the autocast dtype, and the block's
     output and gradients match the plain path under the same autocast."""

@@ -584,6 +584,119 @@ def test_folded_bias_of_the_wrong_shape_is_named() -> None:
         gelu_split_layernorm(u, *args[:3], use_triton=True, u_bias=torch.zeros(6, 1, device=DEVICE))
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a strided view: every other entry of a vector twice as long (a leaf)."""
+    full = torch.zeros(2 * t.numel(), device=t.device)
+    full[::2] = t.detach()
+    return full.requires_grad_()
+
+
+@pytest.mark.parametrize("affine", ["strided", "no-bias", "none"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-gating", "split-kernel"])
+def test_strided_or_missing_norm_parameters_match_reference(fused: bool, affine: str) -> None:
+    """The gate LayerNorm's weight and bias (and a folded fc1 bias) given as strided views are read as the
+    vectors they are (the kernels read them as dense: wrong outputs before), and None weight/bias (an
+    ``nn.LayerNorm`` without ``elementwise_affine`` or ``bias``, which the block hands over) work as in
+    ``F.layer_norm`` (a crash before); outputs and gradients as the reference's."""
+    torch.manual_seed(0)
+    n, batch, half = 5, 2, 6
+    u = (2 * torch.randn(n, batch, 2 * half, device=DEVICE)).requires_grad_()
+    norm_w, norm_b = _strided(torch.randn(half, device=DEVICE)), _strided(torch.randn(half, device=DEVICE))
+    u_bias = _strided(torch.randn(2 * half, device=DEVICE))
+    leaves = [u, u_bias] + [norm_w] * (affine != "none") + [norm_b] * (affine == "strided")
+    nw = None if affine == "none" else norm_w[::2]
+    nb = norm_b[::2] if affine == "strided" else None
+    w = (0.3 * torch.randn(n, n, device=DEVICE)).requires_grad_()
+    b = torch.randn(n, device=DEVICE)
+    seeds = (torch.randn(n, batch, half, device=DEVICE), torch.randn(n, batch, half, device=DEVICE))
+    outs = []
+    for use_triton in (True, False):
+        if fused:
+            out: tuple[torch.Tensor, ...] = (
+                spatial_gating(u, nw, nb, 1e-5, w, b, use_triton=use_triton, u_bias=u_bias[::2]),
+            )
+        else:
+            out = gelu_split_layernorm(u, nw, nb, 1e-5, use_triton=use_triton, u_bias=u_bias[::2])
+        outs.append((out, _grads(out, leaves, seeds[: len(out)])))
+    (got, got_grads), (want, want_grads) = outs
+    for a, r in zip((*got, *got_grads), (*want, *want_grads), strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_arguments_of_the_kernels_are_named() -> None:
+    """Shapes the kernels would read past or misread (an odd u, LayerNorm parameters or a token bias of the
+    wrong length, a transposed mask with as many entries) raise a ValueError naming the argument, where the
+    kernels returned a result of the wrong values (or read out of bounds)."""
+    n, batch, half = 3, 2, 5
+    u = torch.randn(n, batch, 2 * half, device=DEVICE)
+    nw, nb = torch.ones(half, device=DEVICE), torch.zeros(half, device=DEVICE)
+    w, b = torch.eye(n, device=DEVICE), torch.zeros(n, device=DEVICE)
+    with pytest.raises(ValueError, match=r"u must have an even last dimension .*got shape \(4, 11\)"):
+        gelu_split_layernorm(torch.randn(4, 11, device=DEVICE), nw, nb, 1e-5, use_triton=True)
+    with pytest.raises(ValueError, match=r"gelu_split_layernorm: weight and bias must have shape \(5,\) .*"
+                       r"got \(6,\) and \(5,\)"):  # fmt: skip
+        gelu_split_layernorm(u, torch.ones(6, device=DEVICE), nb, 1e-5, use_triton=True)
+    with pytest.raises(ValueError, match=r"spatial_gating: norm_weight and norm_bias must have shape \(5,\)"):
+        spatial_gating(u, nw, torch.zeros(4, device=DEVICE), 1e-5, w, b, use_triton=True)
+    with pytest.raises(ValueError, match=r"spatial_gating: bias must have shape \(3,\) .*got \(4,\)"):
+        spatial_gating(u, nw, nb, 1e-5, w, torch.zeros(4, device=DEVICE), use_triton=True)
+    transposed = torch.ones(n, batch, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match=r"mask must have shape \(batch, n\) = \(2, 3\), got \(3, 2\)"):
+        spatial_gating(u, nw, nb, 1e-5, w, b, transposed, use_triton=True)
+    narrow = torch.zeros(n, batch, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"gate_bias must broadcast to \(n, batch, C\) = \(3, 2, 5\)"):
+        spatial_gating(u, nw, nb, 1e-5, w, b, gate_bias=narrow, use_triton=True)
+
+
+@pytest.mark.parametrize("batch", [0, 2])
+def test_broadcast_gate_bias_and_empty_batches_match_reference(batch: int) -> None:
+    """A gate bias that broadcasts to (n, batch, C) (one per token and channel, say), which the reference
+    adds by broadcasting, works on the kernels too (a reshape error before), with its gradient summed over
+    the broadcast; and an empty batch runs forward and backward (the backward's view raised before)."""
+    torch.manual_seed(0)
+    n, half = 5, 3
+    u = torch.randn(n, batch, 2 * half, device=DEVICE, requires_grad=True)
+    nw = torch.randn(half, device=DEVICE, requires_grad=True)
+    nb = torch.randn(half, device=DEVICE, requires_grad=True)
+    w = torch.randn(n, n, device=DEVICE, requires_grad=True)
+    b = torch.randn(n, device=DEVICE, requires_grad=True)
+    gate_bias = torch.randn(n, 1, half, device=DEVICE, requires_grad=True)
+    mask = torch.rand(batch, n, device=DEVICE) > 0.3
+    leaves = [u, nw, nb, w, b, gate_bias]
+    results = []
+    for use_triton in (True, False):
+        s = spatial_gating(u, nw, nb, 1e-5, w, b, mask, gate_bias, use_triton=use_triton)
+        results.append((s, *torch.autograd.grad(s.square().sum(), leaves)))
+    for a, r in zip(*results, strict=True):
+        assert a.shape == r.shape
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-gating", "split-kernel"])
+def test_block_with_layer_norms_without_affine_through_the_kernels(
+    monkeypatch: pytest.MonkeyPatch, fused: bool
+) -> None:
+    """A block whose pre-norm has no affine parameters and whose gate LayerNorm has no bias (plain
+    ``nn.LayerNorm`` modules, so the kernels take their parameters) equals the plain block."""
+    torch.manual_seed(0)
+    block = GMLPBlock(16, 32, 7).to(DEVICE)
+    block.norm = torch.nn.LayerNorm(16, elementwise_affine=False, device=DEVICE)
+    block.sgu.norm = torch.nn.LayerNorm(16, bias=False, device=DEVICE)
+    torch.nn.init.normal_(block.sgu.norm.weight)
+    torch.nn.init.normal_(block.sgu.proj.weight, std=0.2)
+    x = torch.randn(7, 2, 16, device=DEVICE, requires_grad=True)
+    params = [x, *block.parameters()]
+    ref = block(x)
+    g_ref = torch.autograd.grad(ref.square().sum(), params)
+    calls = _through_kernel(monkeypatch, fused)
+    out = block(x)
+    g_out = torch.autograd.grad(out.square().sum(), params)
+    assert calls
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(g_out, g_ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
 def test_launch_configuration_is_validated() -> None:
     from gmlp.kernels import sgu_triton
 

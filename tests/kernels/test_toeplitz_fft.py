@@ -94,3 +94,21 @@ def test_fft_mixing_checks_its_arguments() -> None:
         toeplitz_mix_fft(torch.randn(15), torch.randn(8, 4), 8)
     with pytest.raises(ValueError, match=r"z's channels \(4\) must be divisible by weight's heads \(3\)"):
         toeplitz_mix_fft(torch.randn(3, 15), z, 8)
+
+
+@pytest.mark.parametrize("shape", [(5, 0, 4), (5, 2, 0)], ids=["empty-batch", "no-channels"])
+@pytest.mark.parametrize("heads", [None, 2])
+def test_empty_inputs_mix_like_the_dense_path(shape: tuple[int, ...], heads: int | None) -> None:
+    """An empty batch (or no channels) gives the dense path's empty output and zero gradients, not the FFT
+    library's error for an empty transform; also through a TokenProjection past its fft_threshold."""
+    weight = torch.randn(*(() if heads is None else (heads,)), 15, requires_grad=True)
+    z = torch.randn(shape, requires_grad=True)
+    out = toeplitz_mix_fft(weight, z, 8)
+    assert out.shape == shape and out.dtype == z.dtype
+    out.sum().backward()
+    assert z.grad is not None and z.grad.shape == shape
+    assert weight.grad is not None and not weight.grad.any()
+    if shape[-1] % 2 == 0:  # through TokenProjection too, with one head and with two
+        dense, fft = _pair(8, heads or 1, causal=False)
+        x = torch.randn(shape)
+        torch.testing.assert_close(fft(x), dense(x))

@@ -196,6 +196,19 @@ def cpu_fusion_enabled(*tensors: torch.Tensor) -> bool:
     )
 
 
+def _linear_shapes_fit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the oneDNN product takes these shapes as ``F.linear`` would: ``x`` ``(..., in)``, ``weight``
+    ``(out, in)``, ``bias`` None or ``(out,)``. Others (a 1-D weight, a broadcast bias, mismatched sizes)
+    take the reference, which handles them or raises ``F.linear``'s own error (oneDNN's is a bare
+    "could not create a primitive descriptor", or, for a 0-d bias, a wrong result)."""
+    return (
+        weight.dim() == 2
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[1]
+        and (bias is None or bias.shape == weight.shape[:1])
+    )
+
+
 def _recording(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -329,16 +342,24 @@ def fused_linear(
 
     Raises:
         ValueError: ``activation`` is not one of None, ``"gelu"``, or ``use_onednn=True`` where the oneDNN
-            path cannot run.
+            path cannot run (or with shapes other than those above). Elsewhere, shapes that do not fit
+            raise ``F.linear``'s error.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if use_onednn is None:
         use_onednn = (
-            _big_enough(2 * x.numel() * weight.shape[0])
+            _linear_shapes_fit(x, weight, bias)
+            and _big_enough(2 * x.numel() * weight.shape[0])
             and cpu_fusion_enabled(*tensors)
             and _prefers_onednn(weight.shape[0])
+        )
+    elif use_onednn and not _linear_shapes_fit(x, weight, bias):
+        raise ValueError(
+            "use_onednn=True needs x (..., in_features), weight (out_features, in_features) and bias None or "
+            f"(out_features,); got x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
+            f"{None if bias is None else tuple(bias.shape)}"
         )
     elif use_onednn and not _can_run(*tensors):
         raise ValueError(
@@ -371,9 +392,15 @@ def token_mix(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     """The token mixing ``w @ z + b[:, None]`` of a dense ``(n, n)`` W over ``z`` ``(n, columns)`` (all
     tokens of a batch side by side): oneDNN products where :func:`cpu_fusion_enabled`, the product has at
     least :data:`ONEDNN_MIN_FLOPS`, CPU autocast is off and the CPU has AVX-512 (or n is at least
-    :data:`WIDE_OUTPUT_FEATURES`, or ``GMLP_DISABLE_CPU_FUSION=0``), else :func:`token_mix_reference`."""
+    :data:`WIDE_OUTPUT_FEATURES`, or ``GMLP_DISABLE_CPU_FUSION=0``), else :func:`token_mix_reference`
+    (also for shapes other than ``w`` ``(m, n)``, ``z`` ``(n, columns)``, ``b`` ``(m,)``, which then raise
+    ``torch.addmm``'s error rather than oneDNN's)."""
     if torch.is_autocast_enabled("cpu") or not (
-        _big_enough(2 * w.shape[0] * z.numel())
+        w.dim() == 2
+        and z.dim() == 2
+        and w.shape[1] == z.shape[0]
+        and b.shape == w.shape[:1]
+        and _big_enough(2 * w.shape[0] * z.numel())
         and cpu_fusion_enabled(w, z, b)
         and _prefers_onednn(w.shape[0])
     ):  # under bf16 autocast addmm stays (see the module docstring)
@@ -393,10 +420,18 @@ def hookless(*modules: nn.Module) -> bool:
 
 
 def is_plain_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is exactly ``nn.Linear`` with no forward hooks (its own or global): then its
-    weight and bias may be used directly (split into halves, fused with a GELU) without changing what the
-    module computes. A subclass or a wrapper (a LoRA layer, a quantized linear) is not."""
-    return type(module) is nn.Linear and hookless(module)
+    """Whether ``module`` is exactly ``nn.Linear``, with no forward or backward hooks (its own or global)
+    and no ``forward`` set on the instance: then its weight and bias may be used directly (split into
+    halves, fused with a GELU) without changing what calling the module would do. A subclass, a wrapper (a
+    LoRA layer, a quantized linear), a patched forward (accelerate's offloading hooks, say) or a module
+    with a backward hook (which only runs when the module is called) is not."""
+    return (
+        type(module) is nn.Linear
+        and hookless(module)
+        and "forward" not in module.__dict__
+        and not (module._backward_hooks or module._backward_pre_hooks)
+        and not (_module_state._global_backward_hooks or _module_state._global_backward_pre_hooks)
+    )
 
 
 def apply_linear(fc: nn.Module, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .sgu_triton import _HAS_TRITON, _block_c, _bwd_split, _warps, launch_config
+from .sgu_triton import _HAS_TRITON, _block_c, _bwd_split, _norm_affine, _warps, launch_config
 
 if _HAS_TRITON:
     from .sgu_triton import _ln_input_grad, _ln_rows
@@ -126,7 +126,11 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def layer_norm_reference(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """The reference path: ``F.layer_norm`` in ``x``'s dtype, then cast to ``out_dtype``."""
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(out_dtype)
@@ -134,8 +138,8 @@ def layer_norm_reference(
 
 def layer_norm(
     x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     eps: float,
     out_dtype: torch.dtype | None = None,
     use_triton: bool = True,
@@ -145,7 +149,8 @@ def layer_norm(
 
     Args:
         x: input ``(..., D)``; statistics are computed in float32 whatever its dtype.
-        weight, bias: affine parameters ``(D,)``.
+        weight, bias: affine parameters ``(D,)``, or None (as ``F.layer_norm``: an ``nn.LayerNorm`` without
+            ``elementwise_affine`` or without a bias).
         eps: added to the variance.
         out_dtype: dtype of the output (e.g. the autocast dtype); the gradient w.r.t. ``x`` comes back in
             ``x``'s dtype.
@@ -153,6 +158,9 @@ def layer_norm(
         return_residual: return ``(LayerNorm(x), x)``, the second to be used in place of ``x`` for a
             residual sum: on the Triton path its gradient is added to ``dx`` inside the backward kernel
             (no separate add of the two gradients of ``x``). Values and gradients are those of using ``x``.
+
+    Raises:
+        ValueError: (Triton path) ``weight`` or ``bias`` is not ``(D,)``.
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if not use_triton:
@@ -160,10 +168,6 @@ def layer_norm(
         return (y, x) if return_residual else y
     if not _HAS_TRITON:
         raise RuntimeError("use_triton=True but the triton package is not installed")
-    if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
-        raise ValueError(
-            f"layer_norm: weight and bias must have shape ({x.shape[-1]},) for x of shape {tuple(x.shape)}, "
-            f"got {tuple(weight.shape)} and {tuple(bias.shape)}"
-        )
+    weight, bias = _norm_affine(weight, bias, x.shape[-1], x, "layer_norm: x")
     with torch.autocast(x.device.type, enabled=False):
         return _LayerNorm.apply(x, weight, bias, eps, out_dtype, return_residual)

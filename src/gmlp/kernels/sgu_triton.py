@@ -642,6 +642,35 @@ def _padded(n: int) -> int:
     return -(-n // 8) * 8
 
 
+def _norm_affine(
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    c: int,
+    like: torch.Tensor,
+    what: str,
+    names: tuple[str, str] = ("weight", "bias"),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LayerNorm's weight and bias as the kernels read them: dense ``(c,)`` vectors (a strided view is
+    copied; the kernels index them as contiguous), ones and zeros for None (an ``nn.LayerNorm`` without
+    ``elementwise_affine`` or without a bias, as ``F.layer_norm`` takes them). ``what`` names the input
+    ``like`` in the error (e.g. ``"spatial_gating: u"``).
+
+    Raises:
+        ValueError: a given weight or bias is not ``(c,)``.
+    """
+    if weight is None:
+        weight = torch.ones(c, dtype=torch.float32, device=like.device)
+    if bias is None:
+        bias = torch.zeros(c, dtype=weight.dtype, device=like.device)
+    if weight.shape != (c,) or bias.shape != (c,):
+        fn, _, arg = what.partition(": ")
+        raise ValueError(
+            f"{fn}: {names[0]} and {names[1]} must have shape ({c},) for {arg} of shape {tuple(like.shape)}, "
+            f"got {tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    return weight.contiguous(), bias.contiguous()
+
+
 def _gating_forward(
     u: torch.Tensor,
     norm_weight: torch.Tensor,
@@ -785,7 +814,7 @@ class _SpatialGating(torch.autograd.Function):
         dgate_bias = None
         if ctx.gate_bias_dtype is not None and ctx.needs_input_grad[7]:
             dgate_bias = dgate.view(ds.shape).to(ctx.gate_bias_dtype)
-        grads = (du.view(*ds.shape[:2], -1), dnw, dnb, None, dweight, dbias, None, dgate_bias)
+        grads = (du.view(*ds.shape[:2], u2d.shape[1]), dnw, dnb, None, dweight, dbias, None, dgate_bias)
         return (*grads, du_bias) if ctx.with_u_bias else grads
 
 
@@ -997,8 +1026,8 @@ def fuse_residual_grad_enabled() -> bool:
 
 def gelu_split_layernorm(
     u: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     eps: float,
     use_triton: bool | None = None,
     u_bias: torch.Tensor | None = None,
@@ -1007,16 +1036,25 @@ def gelu_split_layernorm(
 
     Args:
         u: pre-activation of the channel projection, ``(..., 2C)``.
-        weight, bias: the gate LayerNorm's affine parameters ``(C,)``.
+        weight, bias: the gate LayerNorm's affine parameters ``(C,)``, or None (as ``F.layer_norm``: no
+            scale, no shift).
         eps: the gate LayerNorm's epsilon.
         use_triton: force the kernel (True) or the reference (False); None = the kernel on CUDA when
             Triton is available, ``GMLP_DISABLE_TRITON`` is not ``1`` and no torch.compile is tracing.
         u_bias: optional ``(2C,)`` bias of the channel projection, not yet added to ``u``: the kernel adds
             it on load and reduces its gradient in its backward (:func:`fold_fc1_bias_enabled`); the
             reference adds it to ``u`` first.
+
+    Raises:
+        ValueError: ``u``'s last dimension is not even, ``u_bias`` is not ``(2C,)``, or (kernel) ``weight``
+            or ``bias`` is not ``(C,)``.
     """
     if use_triton is None:
         use_triton = triton_enabled(u)
+    if u.dim() == 0 or u.shape[-1] % 2:
+        raise ValueError(
+            f"u must have an even last dimension (2C: the bypass and gate halves), got shape {tuple(u.shape)}"
+        )
     if u_bias is not None and u_bias.shape != (u.shape[-1],):
         raise ValueError(
             f"u_bias must have shape ({u.shape[-1]},) like u's last dimension, got {tuple(u_bias.shape)}"
@@ -1024,8 +1062,9 @@ def gelu_split_layernorm(
     if use_triton:
         if not _HAS_TRITON:
             raise RuntimeError("use_triton=True but the triton package is not installed")
+        weight, bias = _norm_affine(weight, bias, u.shape[-1] // 2, u, "gelu_split_layernorm: u")
         if u_bias is not None:
-            return _GeluSplitLayerNorm.apply(u, weight, bias, eps, u_bias)
+            return _GeluSplitLayerNorm.apply(u, weight, bias, eps, u_bias.contiguous())
         return _GeluSplitLayerNorm.apply(u, weight, bias, eps)
     return gelu_split_layernorm_reference(u if u_bias is None else u + u_bias.to(u.dtype), weight, bias, eps)
 
@@ -1055,8 +1094,8 @@ def spatial_gating_reference(
 
 def spatial_gating(
     u: torch.Tensor,
-    norm_weight: torch.Tensor,
-    norm_bias: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
     eps: float,
     weight: torch.Tensor,
     bias: torch.Tensor,
@@ -1073,16 +1112,24 @@ def spatial_gating(
 
     Args:
         u: ``fc1`` output, token-major ``(n, batch, 2C)``, in the compute dtype.
-        norm_weight, norm_bias, eps: the gate LayerNorm.
+        norm_weight, norm_bias, eps: the gate LayerNorm (``(C,)`` each, or None as in ``F.layer_norm``).
         weight: the dense token-mixing matrix ``(n, n)`` (Toeplitz expansion and causal mask applied, e.g.
             :meth:`gmlp.nn.TokenProjection.matrix`); ``bias``: ``(n,)``. Cast to ``u``'s dtype here.
-        mask: optional ``(batch, n)`` bool padding mask, True = real token (validated by the caller).
-        gate_bias: optional ``(n, batch, C)`` added to the gate (aMLP's tiny attention).
+        mask: optional ``(batch, n)`` bool padding mask, True = real token (its values are the caller's to
+            validate; the kernels check its shape).
+        gate_bias: optional ``(n, batch, C)`` (or a shape that broadcasts to it) added to the gate (aMLP's
+            tiny attention).
         use_triton: force the kernels (True) or the reference (False); None = :func:`triton_enabled`.
         u_bias: optional ``(2C,)`` bias of the channel projection, not yet added to ``u`` (``u`` is then
             ``x @ fc1.weight.T``): the fused kernels add it on load and reduce its gradient inside the
             backward kernels, so autograd runs no separate bias-gradient reduction over ``du``
             (:func:`fold_fc1_bias_enabled`). Elsewhere it is added to ``u`` first.
+
+    Raises:
+        ValueError: ``u_bias`` is not ``(2C,)``; on the kernel path also ``u`` is not ``(n, batch, 2C)``,
+            ``weight`` not ``(n, n)``, ``bias`` not ``(n,)``, ``norm_weight`` or ``norm_bias`` not ``(C,)``,
+            ``mask`` not ``(batch, n)`` or ``gate_bias`` does not broadcast to ``(n, batch, C)`` (the
+            reference path raises the plain ops' errors).
     """
     if use_triton is None:
         use_triton = triton_enabled(u)
@@ -1102,6 +1149,28 @@ def spatial_gating(
             f"spatial_gating expects u (n, batch, 2C) and weight (n, n); got u {tuple(u.shape)}, "
             f"weight {tuple(weight.shape)}"
         )
+    n, batch, width = u.shape
+    if bias.shape != (n,):
+        raise ValueError(
+            f"spatial_gating: bias must have shape ({n},) for u of {n} tokens, got {tuple(bias.shape)}"
+        )
+    norm_weight, norm_bias = _norm_affine(
+        norm_weight, norm_bias, width // 2, u, "spatial_gating: u", ("norm_weight", "norm_bias")
+    )
+    if mask is not None and mask.shape != (batch, n):
+        raise ValueError(
+            f"spatial_gating: mask must have shape (batch, n) = ({batch}, {n}), got {tuple(mask.shape)}"
+        )
+    if gate_bias is not None and gate_bias.shape != (n, batch, width // 2):
+        try:  # a broadcast gate bias, as the reference's ``gate + gate_bias`` takes it
+            gate_bias = gate_bias.expand(n, batch, width // 2)
+        except RuntimeError:
+            raise ValueError(
+                f"spatial_gating: gate_bias must broadcast to (n, batch, C) = ({n}, {batch}, {width // 2}), "
+                f"got {tuple(gate_bias.shape)}"
+            ) from None
+    if u_bias is not None:
+        u_bias = u_bias.contiguous()
     keep = None if mask is None else mask.t().reshape(-1).to(torch.float32)
     args = (u, norm_weight, norm_bias, eps, weight, bias, keep, gate_bias)
     if torch.compiler.is_compiling():  # opaque custom ops: inductor fuses around them

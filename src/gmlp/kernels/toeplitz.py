@@ -160,6 +160,8 @@ def toeplitz_mix_fft(
     heads = 1 if weight.dim() == 1 else weight.shape[0]
     if channels % heads:
         raise ValueError(f"z's channels ({channels}) must be divisible by weight's heads ({heads})")
+    if z.numel() == 0:  # an empty batch (or no channels): FFT libraries refuse empty transforms
+        return z * weight.sum().to(z.dtype)  # empty, on the graph of both inputs (zero gradients)
     centre = seq_len - 1
     kernel = weight[..., centre - (n - 1) : centre + n]  # offsets -(n-1) .. n-1
     if causal:

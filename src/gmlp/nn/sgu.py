@@ -75,7 +75,7 @@ class TokenProjection(nn.Module):
         if fft_threshold is not None and not toeplitz:
             raise ValueError("fft_threshold needs toeplitz=True (the FFT path computes Toeplitz mixing only)")
         if fft_threshold is not None:
-            check_int(fft_threshold, "fft_threshold")
+            fft_threshold = check_int(fft_threshold, "fft_threshold")
         self.fft_threshold = fft_threshold
         w_shape: tuple[int, ...] = (2 * seq_len - 1,) if toeplitz else (seq_len, seq_len)
         b_shape: tuple[int, ...] = (seq_len,)
@@ -139,7 +139,8 @@ class TokenProjection(nn.Module):
             out = toeplitz_mix_fft(self.weight, z, self.seq_len, self.causal)
             if self.heads == 1:
                 return out + b[:, None, None]
-            return (out.view(n, batch, self.heads, -1) + b.t()[:, None, :, None]).view(n, batch, channels)
+            out = out.view(n, batch, self.heads, channels // self.heads)  # explicit: batch may be 0
+            return (out + b.t()[:, None, :, None]).view(n, batch, channels)
         w = self.matrix(n).to(z.dtype)
         if self.heads == 1:
             out = token_mix(w, z.reshape(n, batch * channels), b)  # oneDNN on the CPU, else addmm
@@ -185,7 +186,7 @@ class SpatialGatingUnit(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
-        check_int(dim, "dim")
+        dim = check_int(dim, "dim")
         if variant == "sgu" and dim % 2:
             raise ValueError(f"dim (d_ffn) must be even for the split SGU, got {dim}")
         self.dim = dim
