@@ -195,6 +195,27 @@ def test_g_mlp_pytorch_rectangular_patches_are_refused() -> None:
     ref = gMLPVision(image_size=16, patch_size=(2, 8), num_classes=3, dim=16, depth=1)
     with pytest.raises(CheckpointError, match=r"rectangular patches \(p1=2, p2=8\)"):
         from_g_mlp_pytorch(ref)
+    with pytest.raises(CheckpointError, match=r"rectangular patches \(p1=2, p2=8\)"):
+        to_gmlp(ref)  # converted the module's state dict, without the module's checks
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"shift_tokens": 1}, r"token shifting \(layers\.0\.fn\.fn\.shifts=\(-1, 0, 1\)"),
+     ({"causal": True, "shift_tokens": 2}, r"token shifting .*shifts=\(0, 1, 2\)"),
+     ({"act": torch.nn.Tanh()}, r"gate activation \(layers\.0\.fn\.fn\.fn\.sgu\.act=Tanh\(\)\)")],
+    ids=["shift", "causal-shift", "tanh-gate"],
+)
+def test_g_mlp_pytorch_token_shift_and_gate_activation_are_refused(kwargs: dict, message: str) -> None:
+    """Neither is in the state dict and gmlp has neither: the module converted silently to a model with
+    other outputs. Given the module, the converter sees them and refuses (a plain or causal one converts)."""
+    ref = gMLP(num_tokens=20, dim=16, depth=2, seq_len=8, **kwargs)
+    with pytest.raises(CheckpointError, match=message):
+        from_g_mlp_pytorch(ref)
+    with pytest.raises(CheckpointError, match=message):
+        to_gmlp(ref)
+    plain = gMLP(num_tokens=20, dim=16, depth=2, seq_len=8, causal=kwargs.get("causal", False))
+    assert from_g_mlp_pytorch(plain).keys() == from_g_mlp_pytorch(plain.state_dict()).keys()
 
 
 def test_g_mlp_pytorch_circulant_checkpoint_is_refused() -> None:

@@ -98,7 +98,8 @@ def from_g_mlp_pytorch(
     (``circulant_pos_x``) are refused: that mode is not a Toeplitz W (see docs). ``in_chans`` gives the
     image channels of a vision checkpoint (not stored in it). Patches are taken as square (a bare state
     dict does not record their shape); a model with rectangular patches is refused when it is passed
-    itself, as its flattened stem would otherwise be reshaped wrongly without an error.
+    itself, as its flattened stem would otherwise be reshaped wrongly without an error. So are models
+    made with ``shift_tokens`` or a gate ``act`` (not stored in a state dict either; gmlp has neither).
     """
     if isinstance(state_dict, nn.Module):
         embed = getattr(state_dict, "to_patch_embed", None)
@@ -108,6 +109,18 @@ def from_g_mlp_pytorch(
                 f"g-mlp-pytorch model with rectangular patches (p1={sizes.get('p1')}, p2={sizes.get('p2')}): "
                 f"gmlp's patch stem takes square patches only"
             )
+        for name, module in state_dict.named_modules():
+            if getattr(module, "shifts", (0,)) not in ((0,), ()):
+                raise CheckpointError(
+                    f"g-mlp-pytorch model with token shifting ({name}.shifts={module.shifts}, from "
+                    f"shift_tokens): gmlp has no token shift, the converted model would give other outputs"
+                )
+            act = getattr(module, "act", None)
+            if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
+                raise CheckpointError(
+                    f"g-mlp-pytorch model with a gate activation ({name}.act={act}): gmlp's gate has none, "
+                    f"the converted model would give other outputs"
+                )
     state_dict = _as_state_dict(state_dict)
     if any("circulant_pos" in k for k in state_dict):
         raise CheckpointError(
@@ -165,11 +178,14 @@ def from_g_mlp_pytorch(
 
 
 def to_gmlp(state_dict: Mapping[str, torch.Tensor] | nn.Module, in_chans: int = 3) -> dict[str, torch.Tensor]:
-    """Convert any supported layout (a state dict or a module) to ours (ours passes through unchanged)."""
-    state_dict = _as_state_dict(state_dict)
+    """Convert any supported layout (a state dict or a module) to ours (ours passes through unchanged).
+
+    A g-mlp-pytorch module is converted with the checks that need the module itself (see
+    :func:`from_g_mlp_pytorch`)."""
+    source, state_dict = state_dict, _as_state_dict(state_dict)
     fmt = detect_format(state_dict)
     if fmt == "timm":
         return from_timm(state_dict)
     if fmt == "g_mlp_pytorch":
-        return from_g_mlp_pytorch(state_dict, in_chans=in_chans)
+        return from_g_mlp_pytorch(source if isinstance(source, nn.Module) else state_dict, in_chans=in_chans)
     return dict(state_dict)

@@ -23,11 +23,14 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
 
     Raises:
         ImportError: the exporter's dependencies (``onnx``, ``onnxscript``) are missing.
-        ValueError: ``opset`` is given and the file could not be written in it (the exporter falls back to
-            its own opset with only a log message; the file is then removed).
+        ValueError: ``input_size`` is not ``(channels, height, width)``; or ``opset`` is given and the file
+            could not be written in it (the exporter falls back to its own opset with only a log message;
+            the file is then removed). A model that refuses images of ``input_size`` (a gMLP built for
+            another size) raises its own error, before the exporter runs.
     """
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 1):
         raise ValueError(f"opset must be a positive int, got {opset!r}")
+    input_size = _check_input_size(input_size)
     try:
         import onnx
         import onnxscript  # noqa: F401
@@ -42,6 +45,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
     example = torch.randn(2, *input_size)
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
+        with torch.no_grad():  # the model's own error for an input it does not take, not the exporter's
+            model(example)
         program = torch.onnx.export(
             model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
             dynamic_shapes=({0: batch},), opset_version=opset, external_data=False, verbose=False,
@@ -59,6 +64,17 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
                 f"choose another opset or leave it unset"
             )
     return path
+
+
+def _check_input_size(input_size: object) -> tuple[int, int, int]:
+    """``input_size`` as a ``(channels, height, width)`` tuple of positive ints, else a ValueError."""
+    try:
+        size = tuple(input_size)  # type: ignore[arg-type]
+    except TypeError:
+        size = ()
+    if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise ValueError(f"input_size must be (channels, height, width), 3 positive ints; got {input_size!r}")
+    return size  # type: ignore[return-value]
 
 
 def verify_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, int],

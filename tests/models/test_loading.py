@@ -170,6 +170,36 @@ def test_headless_model_loads_checkpoint_with_head(tmp_path: Path) -> None:
         torch.testing.assert_close(headless(x), pooled)
 
 
+def test_headless_checkpoint_loads_into_a_model_with_a_head_with_warning(tmp_path: Path) -> None:
+    """A checkpoint saved with num_classes=0 (a feature extractor: ours or timm's) has 0 classes: the model
+    keeps its fresh head, as for any other class count (it failed with "2 missing keys")."""
+    features = micro(num_classes=0)
+    save_model(features, tmp_path / "m.safetensors")
+    torch.save(features.state_dict(), tmp_path / "m.pth")
+    for path in (tmp_path / "m.safetensors", tmp_path / "m.pth"):
+        with pytest.warns(UserWarning, match="has 0 classes, the model 10: keeping the model's freshly init"):
+            model = gmlp.create_model("gmlp_micro4_28", img_size=56, pretrained=path, **MICRO).eval()
+        assert torch.all(model.head.weight == 0)
+        x = torch.randn(2, 1, 56, 56)
+        with torch.no_grad():
+            torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
+                                       features(x))
+
+
+def test_a_failed_load_leaves_the_normalisation_as_it_was(tmp_path: Path) -> None:
+    model = micro()
+    model.pretrained_cfg["mean"], model.pretrained_cfg["std"] = (0.7,), (0.2,)
+    save_model(model, tmp_path / "m.safetensors")
+    other = micro(embed_dim=24)
+    before = dict(other.pretrained_cfg)
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_pretrained(other, tmp_path / "m.safetensors")
+    assert other.pretrained_cfg == before and other.pretrained_cfg["mean"] == (0.2860,)
+    fits = micro()
+    load_pretrained(fits, tmp_path / "m.safetensors")
+    assert fits.pretrained_cfg["mean"] == (0.7,) and fits.pretrained_cfg["std"] == (0.2,)
+
+
 # ---------------------------------------------------------------------------------------------------
 # bad checkpoints (issue item 11)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -312,3 +313,71 @@ def test_forward_head_refuses_pooled_features() -> None:
     assert torch.equal(model.forward_head(feats), model(x))
     with pytest.raises(ValueError, match=r"takes token features \(batch, tokens, 16\).*\(2, 16\)"):
         model.forward_head(feats.mean(1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# timm conventions: None arguments, list_models' arguments, default_cfg, numpy sizes
+
+
+def test_create_model_keeps_defaults_for_arguments_given_as_none() -> None:
+    """timm's create_model drops None kwargs (unset command-line options): img_size=None failed here."""
+    unset = dict(img_size=None, num_classes=None, drop_rate=None, drop_path_rate=None, global_pool=None)
+    model = gmlp.create_model("gmlp_micro4_28", **unset)
+    plain = gmlp.create_model("gmlp_micro4_28")
+    assert model.img_size == plain.img_size == (28, 28) and model.num_classes == 10
+    assert model.pretrained_cfg == plain.pretrained_cfg
+    assert [b.drop_path.p for b in model.blocks] == [b.drop_path.p for b in plain.blocks]
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_list_models_takes_timm_s_arguments() -> None:
+    from fnmatch import fnmatchcase
+
+    names = gmlp.list_models()
+    assert gmlp.list_models("") == gmlp.list_models("*") == names  # timm: "" is no filter
+    for include, exclude in [(["gmlp_s*", "gmlp_ti*"], ""), ("gmlp_*", ["*_b*", "*28"]), ("*4_28", "*nano*")]:
+        inc = [include] if isinstance(include, str) else include
+        exc = [exclude] if isinstance(exclude, str) and exclude else list(exclude or [])
+        expected = [n for n in names if any(fnmatchcase(n, f) for f in inc)]
+        expected = [n for n in expected if not any(fnmatchcase(n, f) for f in exc)]
+        assert gmlp.list_models(include, exclude_filters=exclude) == expected
+        assert gmlp.list_models(filter=include, exclude_filters=exclude) == expected
+    assert gmlp.list_models(["gmlp_s*", "gmlp_ti*"]) == ["gmlp_s16_224", "gmlp_ti16_224"]
+    assert gmlp.list_models(pretrained=True) == []  # no hosted weights
+    with pytest.raises(TypeError, match="filter must be a shell-style pattern"):
+        gmlp.list_models(3)
+
+
+def test_default_cfg_is_pretrained_cfg() -> None:
+    """timm models carry default_cfg, the older name of pretrained_cfg (scripts still read it)."""
+    model = gmlp.create_model("gmlp_micro4_28")
+    assert model.default_cfg is model.pretrained_cfg
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.1,)}
+    assert model.default_cfg["mean"] == (0.1,)
+    model.default_cfg = {**model.default_cfg, "std": (0.2,)}
+    assert model.pretrained_cfg["std"] == (0.2,)
+
+
+def test_numpy_integer_sizes_are_taken() -> None:
+    """np.int64 class counts (labels.max() + 1) were refused with "must be an int >= 0, got np.int64(5)",
+    although img_size/patch_size and timm take them."""
+    model = small(num_classes=np.int64(5), embed_dim=np.int64(16), depth=np.int32(2), in_chans=np.int64(1))
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 5)
+    assert type(model.num_classes) is int and model.pretrained_cfg["input_size"] == (1, 16, 16)
+    model.reset_classifier(np.int64(3))
+    assert model.num_classes == 3 and model(torch.randn(2, 1, 16, 16)).shape == (2, 3)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 0, got 2.0"):
+        model.reset_classifier(2.0)
+
+
+def test_export_onnx_names_a_bad_input_size(tmp_path) -> None:
+    """An input size the model does not take gave a page of torch.export text; an int a TypeError."""
+    pytest.importorskip("onnxscript")
+    from gmlp.export import export_onnx
+
+    model = gmlp.create_model("gmlp_micro4_28", depth=1)
+    with pytest.raises(ValueError, match=r"input_size must be \(channels, height, width\).*got 28"):
+        export_onnx(model, tmp_path / "m.onnx", 28)
+    with pytest.raises(ValueError, match=r"^images must be 28x28 pixels for this model, got 32x32"):
+        export_onnx(model, tmp_path / "m.onnx", (1, 32, 32))
+    assert model.training and not (tmp_path / "m.onnx").exists()

@@ -146,6 +146,9 @@ def test_numpy_integer_sizes_are_taken() -> None:
     assert all(type(v) is int for v in (*embed.img_size, *embed.patch_size))
     assert resample_spatial_weight(torch.randn(4, 4), np.int64(2), (3, np.int64(3))).shape == (9, 9)
     assert resample_spatial_bias(torch.randn(4), (np.int64(2), 2), 3).shape == (9,)
+    block = GMLPBlock(np.int64(8), np.int32(16), np.int64(4), fft_threshold=None)
+    assert type(block.dim) is int and type(block.sgu.dim) is int and type(block.sgu.proj.seq_len) is int
+    assert block(torch.randn(4, 2, 8)).shape == (4, 2, 8)
 
 
 def test_vision_num_classes_and_drop_path_rate_are_checked() -> None:

@@ -66,14 +66,16 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     - spatial weights made for another patch grid are resampled to the model's grid
       (:func:`gmlp.nn.resample_spatial_weight`), so a 224 px checkpoint loads into a 256 px model;
     - a classifier head with another number of classes is dropped (the model keeps its fresh head), with
-      a warning, as timm does when ``num_classes`` differs.
+      a warning, as timm does when ``num_classes`` differs; so is a checkpoint without a head (saved with
+      ``num_classes=0``) loaded into a model with one;
+    - the input normalisation recorded in the file goes into ``model.pretrained_cfg`` once the weights are
+      loaded (a load that fails leaves the model as it was).
 
     Raises:
         FileNotFoundError, CheckpointError: unreadable file, or keys/shapes that do not fit.
     """
     state, metadata = load_state_dict_file(path)
     state = to_gmlp(state, in_chans=getattr(model, "in_chans", 3))
-    restore_normalisation(model, metadata)
     text_keys = any(k.startswith("gmlp.") for k in state)
     if text_keys and not any(k.startswith("gmlp.") for k in model.state_dict()):
         raise CheckpointError(
@@ -107,15 +109,15 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
             if bias_key in state:
                 state[bias_key] = resample_spatial_bias(state[bias_key], old, grid)
     head = getattr(model, "head", None)
-    if (
-        isinstance(head, nn.Linear)
-        and "head.weight" in state
-        and state["head.weight"].dim() == 2
-        and state["head.weight"].shape[0] != head.out_features
-    ):  # another number of classes (a head of another width is a mismatch, reported below)
+    ckpt_head = state.get("head.weight")
+    classes = ckpt_head.shape[0] if ckpt_head is not None and ckpt_head.dim() == 2 else None
+    if ckpt_head is None and "head.bias" not in state and any(k.startswith("blocks.") for k in state):
+        classes = 0  # saved with num_classes=0 (a feature extractor)
+    if isinstance(head, nn.Linear) and classes is not None and classes != head.out_features:
+        # another number of classes, or none (a head of another width is a mismatch, reported below)
         warnings.warn(
-            f"checkpoint head has {state['head.weight'].shape[0]} classes, the model {head.out_features}: "
-            f"keeping the model's freshly initialised head",
+            f"checkpoint head has {classes} classes, the model {head.out_features}: keeping the model's "
+            f"freshly initialised head",
             stacklevel=3,
         )
         state["head.weight"], state["head.bias"] = head.weight.detach().clone(), head.bias.detach().clone()
@@ -123,6 +125,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
         state.pop("head.weight", None)
         state.pop("head.bias", None)
     load_state_dict_checked(model, state)
+    restore_normalisation(model, metadata)  # only once the weights are in: a failed load changes nothing
 
 
 def restore_normalisation(model: nn.Module, metadata: dict[str, str]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,37 @@ def is_model(name: str) -> bool:
     return name in _MODEL_FNS
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Sorted names of the registered models matching the shell-style ``pattern``."""
-    return sorted(n for n in _MODEL_FNS if fnmatch.fnmatch(n, pattern))
+def _patterns(value: Any, arg: str) -> list[str]:
+    """A shell-style pattern or an iterable of them as a list (empty for ``""`` or None), as in timm."""
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [value]
+    values = list(value) if isinstance(value, Iterable) else None
+    if values is not None and all(isinstance(v, str) for v in values):
+        return values
+    raise TypeError(f"{arg} must be a shell-style pattern (str) or a list of them, got {value!r}")
+
+
+def list_models(
+    filter: str | Iterable[str] = "",
+    pretrained: bool = False,
+    exclude_filters: str | Iterable[str] = "",
+) -> list[str]:
+    """Sorted names of the registered models, with timm's arguments.
+
+    Args:
+        filter: shell-style pattern(s) (``"gmlp_*16_224"``, or a list: a name matching any is listed);
+            ``""`` lists all.
+        pretrained: only models with hosted pretrained weights, as in timm: gmlp has none, so ``True``
+            gives an empty list (load local checkpoints with ``create_model(name, pretrained=PATH)``).
+        exclude_filters: pattern(s) of names to leave out.
+    """
+    include, exclude = _patterns(filter, "filter"), _patterns(exclude_filters, "exclude_filters")
+    if pretrained:
+        return []
+    names = [n for n in _MODEL_FNS if not include or any(fnmatch.fnmatchcase(n, f) for f in include)]
+    return sorted(n for n in names if not any(fnmatch.fnmatchcase(n, f) for f in exclude))
 
 
 def create_model(
@@ -52,7 +80,7 @@ def create_model(
         checkpoint_path: timm's name for the same thing (a local checkpoint); give this or a path as
             ``pretrained``, not both.
         **kwargs: overrides of the model's constructor arguments (``num_classes``, ``img_size``,
-            ``drop_path_rate``, ...).
+            ``drop_path_rate``, ...); as in timm, one given as None keeps the model's default.
 
     Raises:
         ValueError: unknown model name (the message lists the known ones), ``pretrained=True``, an empty
@@ -61,7 +89,8 @@ def create_model(
     if not isinstance(name, str) or name not in _MODEL_FNS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     path = _checkpoint_argument(pretrained, checkpoint_path)
-    model = _MODEL_FNS[name](**kwargs)
+    # as timm: arguments left at None (e.g. unset command-line options) keep the model's defaults
+    model = _MODEL_FNS[name](**{k: v for k, v in kwargs.items() if v is not None})
     if path is not None:
         from .loading import load_pretrained
 

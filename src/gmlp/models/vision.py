@@ -82,12 +82,11 @@ class GMLPVision(nn.Module):
         pretrained_cfg: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        num_classes = check_int(num_classes, "num_classes", 0)
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        check_int(embed_dim, "embed_dim")
-        check_int(depth, "depth")
+        embed_dim, depth = check_int(embed_dim, "embed_dim"), check_int(depth, "depth")
+        in_chans = check_int(in_chans, "in_chans")
         check_number(mlp_ratio, "mlp_ratio", low_open=True)
         for name, value in (("drop_rate", drop_rate), ("proj_drop_rate", proj_drop_rate)):
             check_number(value, name, high=1.0)
@@ -153,6 +152,15 @@ class GMLPVision(nn.Module):
                 module.reset_parameters()
 
     # -- timm model API -----------------------------------------------------------------------------
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of :attr:`pretrained_cfg` (the same dict)."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for layer-wise learning-rate decay (timm convention)."""
@@ -175,8 +183,7 @@ class GMLPVision(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a fresh (zero-initialised) one for ``num_classes`` (0 = remove)."""
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        num_classes = check_int(num_classes, "num_classes", 0)
         if global_pool is not None:
             if global_pool not in ("avg", ""):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")

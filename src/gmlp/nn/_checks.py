@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
 __all__ = [
+    "as_int",
     "capturing",
     "check_flag",
     "check_int",
@@ -29,11 +31,23 @@ def host_checks_enabled(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and not capturing(t)
 
 
+def as_int(value: object) -> int | None:
+    """``value`` as a Python int if it is an integer other than a bool (numpy's included), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 def check_int(value: object, name: str, minimum: int = 1) -> int:
-    """``value`` if it is an int (not a bool) of at least ``minimum``, else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as a Python int if it is an integer (numpy's taken, not a bool) of at least ``minimum``,
+    else a ValueError naming ``name``."""
+    index = as_int(value)
+    if index is None or index < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return index
 
 
 def check_number(

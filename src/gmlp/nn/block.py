@@ -92,8 +92,8 @@ class GMLPBlock(nn.Module):
         fft_threshold: int | None = None,
     ) -> None:
         super().__init__()
-        check_int(dim, "dim")
-        check_int(dim_ffn, "dim_ffn")
+        dim = check_int(dim, "dim")
+        dim_ffn = check_int(dim_ffn, "dim_ffn")
         check_number(norm_eps, "norm_eps", low_open=True)
         check_number(dropout, "dropout", high=1.0)
         self.dim = dim

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import nn
 
-from ._checks import check_int
+from ._checks import as_int, check_int
 
 __all__ = ["PatchEmbed", "to_2tuple"]
-
-
-def _as_int(value: object) -> int | None:
-    """``value`` as an int if it is an integer other than a bool (numpy's included), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError, RuntimeError):
-        return None
 
 
 def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -28,12 +16,12 @@ def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     Raises:
         ValueError: ``value`` is neither a positive int nor a pair of them (a float, None, a bool, ...).
     """
-    single = _as_int(value)
+    single = as_int(value)
     try:
         items = (single, single) if single is not None else tuple(value)  # type: ignore[arg-type]
     except TypeError:
         items = ()
-    pair = [_as_int(v) for v in items]
+    pair = [as_int(v) for v in items]
     if len(pair) != 2 or not all(v is not None and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
     return pair[0], pair[1]  # type: ignore[return-value]
@@ -60,8 +48,8 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.in_chans = check_int(in_chans, "in_chans")
-        check_int(dim, "dim")
+        self.in_chans = in_chans = check_int(in_chans, "in_chans")
+        dim = check_int(dim, "dim")
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
