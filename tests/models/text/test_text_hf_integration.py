@@ -262,8 +262,35 @@ def test_generate_up_to_max_position_embeddings() -> None:
     model = _causal_model()
     out = model.generate(torch.tensor([[2, 7]]), max_length=SEQ, do_sample=True, top_k=5)
     assert out.shape == (1, SEQ)
-    with pytest.raises(ValueError, match="longer than max_position_embeddings"):
+    with pytest.raises(ValueError, match=rf"more than max_position_embeddings={SEQ}"):
         model.generate(torch.tensor([[2, 7]]), max_length=SEQ + 2, do_sample=False)
+
+
+def test_generate_past_max_position_embeddings_names_the_length_arguments() -> None:
+    """Asking for more tokens than fit gets an error about generate's lengths, not the model's advice to
+    truncate the tokenizer's input."""
+    model = _causal_model()
+    with pytest.raises(ValueError, match=rf"generate\(\) reached {SEQ + 1} tokens .*max_position_embeddings="
+                       rf"{SEQ}.*max_new_tokens <= {SEQ} - prompt length"):  # fmt: skip
+        model.generate(torch.tensor([[2, 7, 9]]), max_new_tokens=SEQ, do_sample=False)
+
+
+def test_generate_passes_token_type_ids_on_and_refuses_a_wrong_shape() -> None:
+    """token_type_ids given to generate() reach every step (transformers extends them with the last type);
+    ones that do not match the prompt get forward()'s error instead of being dropped silently."""
+    model = _causal_model()
+    with torch.no_grad():
+        model.gmlp.token_type_embed.weight.normal_(0, 1, generator=torch.Generator().manual_seed(2))
+    prompt, types = torch.tensor([[2, 7, 9]]), torch.tensor([[0, 1, 1]])
+    out = model.generate(prompt, token_type_ids=types, max_new_tokens=4, do_sample=False)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            step_types = torch.cat([types, types[:, -1:].expand(1, ids.shape[1] - 3)], dim=1)
+            ids = torch.cat([ids, model(ids, token_type_ids=step_types).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, ids)
+    with pytest.raises(ValueError, match=r"token_type_ids must be .* = \(1, 3\), got \(1, 2\)"):
+        model.generate(prompt, token_type_ids=types[:, :2], max_new_tokens=2, do_sample=False)
 
 
 def test_generate_beam_search_and_sampling_run() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from gmlp.models.text import (
     GMLPConfig,
@@ -307,6 +307,53 @@ def test_config_label_defaults_and_round_trip_unchanged(tmp_path) -> None:
     assert GMLPConfig.from_pretrained(tmp_path, num_labels=4).num_labels == 4
     with pytest.raises(ValueError, match=r"num_labels must be a positive int, got 0"):
         GMLPConfig.from_pretrained(tmp_path, num_labels=0)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ({"hidden_dropout_prob": 1.5}, r"hidden_dropout_prob must be a float in \[0, 1\), got 1.5"),
+        ({"toeplitz": "no"}, r"toeplitz must be a bool, got 'no'"),
+        ({"sgu_variant": "bogus"}, r"sgu_variant must be one of .*got 'bogus'"),
+        ({"sgu_heads": 3}, r"sgu_heads must divide the gate width .*got 3"),
+        ({"pad_token_id": VOCAB}, rf"pad_token_id must be None or an int in \[0, vocab_size={VOCAB}\)"),
+        ({"max_predictions_per_seq": 4}, r"max_predictions_per_seq needs sparse_prediction=True"),
+        ({"problem_type": "regresion"}, r"problem_type must be None or one of .*got 'regresion'"),
+    ],
+)
+def test_from_pretrained_overrides_are_validated(tmp_path, override: dict, match: str) -> None:
+    """transformers sets from_pretrained's config overrides as attributes after building the config; here
+    they are checked like the constructor's arguments (a bad one used to be taken silently)."""
+    tiny_config(num_labels=3).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        GMLPConfig.from_pretrained(tmp_path, **override)
+    with pytest.raises(ValueError, match=match):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, **override)
+    config, unused = GMLPConfig.from_pretrained(
+        tmp_path, hidden_dropout_prob=0.25, sgu_heads=2, problem_type="regression", unknown_option=1,
+        return_unused_kwargs=True,
+    )  # valid overrides are applied as before; unknown ones still come back unused
+    assert (config.hidden_dropout_prob, config.sgu_heads, config.problem_type) == (0.25, 2, "regression")
+    assert unused == {"unknown_option": 1}
+
+
+def test_config_takes_a_list_of_eos_token_ids(tmp_path) -> None:
+    """eos_token_id may list several stop tokens, as in transformers' own configs (GPT-2, Llama, ...)."""
+    config = tiny_config(causal=True, eos_token_id=[5, 6])
+    config.save_pretrained(tmp_path)
+    assert GMLPConfig.from_pretrained(tmp_path).eos_token_id == [5, 6]
+    model = GMLPForCausalLM(config).eval()
+    assert model.generation_config.eos_token_id == [5, 6]
+    with torch.no_grad():  # a head that always predicts token 6: generation stops after it
+        model.lm_head.bias.copy_(torch.arange(VOCAB) == 6)
+        model.lm_head.bias.mul_(100)
+    out = model.generate(torch.tensor([[2, 7, 9]]), max_new_tokens=5, do_sample=False)
+    assert out.tolist() == [[2, 7, 9, 6]]
+    for bad in ([5, VOCAB], [], [5, True]):
+        with pytest.raises(ValueError, match=r"eos_token_id must be None or an int or a non-empty list"):
+            tiny_config(eos_token_id=bad)
+    with pytest.raises(ValueError, match=r"bos_token_id must be None or an int in"):
+        tiny_config(bos_token_id=[1])
 
 
 def test_classification_head_refuses_a_config_changed_to_bad_labels() -> None:

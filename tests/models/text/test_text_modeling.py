@@ -336,6 +336,34 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_activation_checkpointing_every_n_layers(every: int) -> None:
+    """transformers 5's activation_checkpointing_enable(every_n_layers=k) checkpoints blocks 0, k, 2k, ...
+    (it used to be ignored: every block was checkpointed), with unchanged gradients."""
+    model = build("mlm", num_hidden_layers=5, tiny_attn_size=8).train()
+    if not hasattr(model, "activation_checkpointing_enable"):
+        pytest.skip("every_n_layers needs transformers 5's activation_checkpointing_enable")
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model.activation_checkpointing_enable(every_n_layers=every)
+    checkpointed = []
+    run = model.gmlp._gradient_checkpointing_func
+
+    def spy(function, *args, **kwargs):
+        checkpointed.append(next(i for i, b in enumerate(model.gmlp.blocks) if b.__call__ == function))
+        return run(function, *args, **kwargs)
+
+    model.gmlp._gradient_checkpointing_func = spy
+    model(ids, labels=ids).loss.backward()
+    assert checkpointed == list(range(0, 5, every))
+    for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match=r"every_n_layers must be a positive int, got 0"):
+        model.activation_checkpointing_enable(every_n_layers=0)
+
+
 def test_weight_init() -> None:
     torch.manual_seed(0)
     model = GMLPForMaskedLM(tiny_config(hidden_size=64, intermediate_size=256, spatial_init_std=1e-6))

@@ -6,6 +6,7 @@ transformers 4.45+ and 5.x (it uses the classic ``__init__`` form that both acce
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -124,7 +125,8 @@ class GMLPConfig(PretrainedConfig):
             instead of a silently wrong one. None (default) = the labelled tokens exactly (a
             data-dependent shape).
         pad_token_id, cls_token_id, sep_token_id, mask_token_id, bos_token_id, eos_token_id: special token
-            ids, recorded for tokenizers, pipelines and ``generate``; None = not defined.
+            ids, recorded for tokenizers, pipelines and ``generate``; None = not defined. ``eos_token_id``
+            may also be a list of ids (several stop tokens for ``generate``), as in transformers' configs.
         **kwargs: the usual :class:`~transformers.PretrainedConfig` arguments (``num_labels``,
             ``id2label``, ``problem_type``, ...). ``num_labels``, where given, must be a positive int
             (transformers would turn ``-2`` into an empty label map); ``problem_type`` must be None or
@@ -132,6 +134,9 @@ class GMLPConfig(PretrainedConfig):
 
     Raises:
         ValueError: an argument is out of range; the message names it, its value and what is expected.
+            Overrides given to ``from_pretrained`` / ``from_dict`` (``GMLPConfig.from_pretrained(path,
+            hidden_dropout_prob=0.1)``, ``AutoModel.from_pretrained(path, sgu_heads=2)``) are checked the
+            same way.
     """
 
     model_type = "gmlp"
@@ -236,10 +241,15 @@ class GMLPConfig(PretrainedConfig):
             ("pad_token_id", pad_token_id), ("cls_token_id", cls_token_id), ("sep_token_id", sep_token_id),
             ("mask_token_id", mask_token_id), ("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
         ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or not 0 <= value < vocab_size):
+            # eos_token_id may list several stop tokens, as in every transformers config
+            several = name == "eos_token_id" and isinstance(value, (list, tuple)) and len(value) > 0
+            if value is not None and not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size
+                for v in (value if several else [value])
+            ):
+                kind = "an int or a non-empty list of ints" if name == "eos_token_id" else "an int"
                 raise ValueError(
-                    f"{name} must be None or an int in [0, vocab_size={vocab_size}), got {value!r}"
+                    f"{name} must be None or {kind} in [0, vocab_size={vocab_size}), got {value!r}"
                 )
 
         self.vocab_size = vocab_size
@@ -276,6 +286,20 @@ class GMLPConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """:meth:`transformers.PretrainedConfig.from_dict`, with the overrides in ``kwargs`` that are
+        :class:`GMLPConfig` arguments (or ``problem_type``) validated like the saved values.
+
+        transformers builds the config from ``config_dict`` and then *sets* the remaining ``kwargs`` as
+        attributes, which would skip every check of ``__init__``: here those overrides join
+        ``config_dict`` before the config is built (the same result for valid values). Other ``kwargs``
+        (``return_unused_kwargs``, model loading options, ...) are handled by transformers as usual.
+        """
+        own = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"} | {"problem_type"}
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
+        return super().from_dict({**config_dict, **overrides}, **kwargs)
 
     @property
     def gate_dim(self) -> int:

@@ -214,6 +214,23 @@ class GMLPPreTrainedModel(PreTrainedModel):
             # only weights that were missing from the checkpoint.
             module.reset_parameters()
 
+    def _set_gradient_checkpointing(self, *args: Any, **kwargs: Any) -> None:
+        """transformers' switch, plus its ``every_n_layers`` (transformers 5's
+        ``activation_checkpointing_enable(every_n_layers=k)``): only blocks 0, k, 2k, ... are checkpointed,
+        as transformers does for its own decoder layers (the blocks of :class:`GMLPModel` are not
+        transformers layers, so without this the setting would be ignored and every block checkpointed).
+
+        Raises:
+            ValueError: ``every_n_layers`` is not a positive int.
+        """
+        every = kwargs.get("every_n_layers", 1)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every_n_layers must be a positive int, got {every!r}")
+        super()._set_gradient_checkpointing(*args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, GMLPModel):
+                module.checkpoint_every_n_layers = every
+
     def resize_sequence_length(self, new_len: int) -> None:
         """Cut a model built for ``n = max_position_embeddings`` tokens to ``new_len = m <= n`` tokens.
 
@@ -282,6 +299,7 @@ class GMLPModel(GMLPPreTrainedModel):
         )
         self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
+        self.checkpoint_every_n_layers = 1  # checkpoint blocks 0, k, 2k, ... (transformers 5)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -456,10 +474,11 @@ class GMLPModel(GMLPPreTrainedModel):
             return t.transpose(0, 1).contiguous()
 
         hidden_states: tuple[torch.Tensor, ...] | None = () if output_hidden_states else None
-        for block in self.blocks:
+        checkpointing = self.gradient_checkpointing and self.training
+        for index, block in enumerate(self.blocks):
             if hidden_states is not None:
                 hidden_states += (to_batch_major(h),)
-            if self.gradient_checkpointing and self.training:
+            if checkpointing and index % self.checkpoint_every_n_layers == 0:
                 h = self._gradient_checkpointing_func(block.__call__, h, mask)
             else:
                 h = block(h, mask)
@@ -830,10 +849,25 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
     ) -> dict[str, Any]:
         """The whole prefix at every step (no cache). Generation starts from ``input_ids`` only
         (``generate(inputs_embeds=...)`` is refused by transformers, as this method takes no embeddings).
+        ``token_type_ids`` given to ``generate`` (extended by transformers with the last type at every step)
+        are passed on, so ones that do not match ``input_ids`` get :meth:`forward`'s error.
         ``output_hidden_states`` and ``output_attentions`` (which transformers 5 hands over here) are passed
-        on: hidden states are returned, attention maps refused by :meth:`forward`."""
+        on: hidden states are returned, attention maps refused by :meth:`forward`.
+
+        Raises:
+            ValueError: the sequence grew past ``max_position_embeddings`` (``max_new_tokens`` or
+                ``max_length`` too large for the prompt); the message says how many tokens fit.
+        """
+        n, length = self.config.max_position_embeddings, input_ids.shape[-1]
+        if length > n:  # the model's own error would advise truncating the tokenizer's input
+            raise ValueError(
+                f"generate() reached {length} tokens (prompt and generated tokens), more than "
+                f"max_position_embeddings={n}, the most this gMLP takes (its spatial W covers {n} tokens and "
+                f"there is no key/value cache to go beyond it): ask for at most {n} tokens in all, with "
+                f"max_length <= {n} or max_new_tokens <= {n} - prompt length"
+            )
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None and token_type_ids.shape == input_ids.shape:
+        if token_type_ids is not None:  # generate() extends them each step; a bad shape: forward() names it
             inputs["token_type_ids"] = token_type_ids
         for flag in ("output_hidden_states", "output_attentions"):
             if kwargs.get(flag) is not None:
