@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kernel_sweep import _time_ms  # noqa: E402
+from kernel_sweep import _positive, _shapes, _time_ms  # noqa: E402
 from profile_step import category, short_name, time_rows  # noqa: E402
 from run import environment  # noqa: E402
 
@@ -111,10 +111,14 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--shapes", default="196x256x512x3072x0,512x32x512x3072x1,512x32x512x3072x0")
+    parser.add_argument(
+        "--shapes",
+        type=_shapes(5, "tokens x batch x dim x d_ffn x toeplitz (0 or 1)", flag_last=True),
+        default="196x256x512x3072x0,512x32x512x3072x1,512x32x512x3072x0",
+    )
     parser.add_argument("--configs", default="", help="';'-separated JSON launch configurations to add")
     parser.add_argument("--triton-config", default=None, help="JSON launch parameters for every path")
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=_positive, default=20)
     parser.add_argument("--top", type=int, default=12, help="kernels listed per profile (0 = no profile)")
     parser.add_argument("--peers", action="store_true", help="add timm's gMLP block of the same shape")
     args = parser.parse_args(argv)
@@ -125,8 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.triton_config:
         sgu_triton.set_launch_config(**json.loads(args.triton_config))
     default = asdict(sgu_triton.launch_config)
-    for shape in args.shapes.split(","):
-        n, batch, dim, ffn, toeplitz = (int(v) for v in shape.split("x"))
+    for n, batch, dim, ffn, toeplitz in args.shapes:
         torch.manual_seed(0)
         block = GMLPBlock(dim, ffn, n, toeplitz=bool(toeplitz)).to(device)
         x = torch.randn(n, batch, dim, device=device, requires_grad=True)

@@ -59,9 +59,11 @@ class _MixNoBias(torch.autograd.Function):
 
 def _mix_no_bias(w: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled("cpu") or not (
-        cpu_linear._big_enough(2 * w.shape[0] * z.numel()) and cpu_linear.cpu_fusion_enabled(w, z)
-    ):
-        return w @ z  # where token_mix takes addmm (under CPU autocast too, or for small products), mm
+        cpu_linear._big_enough(2 * w.shape[0] * z.numel())
+        and cpu_linear.cpu_fusion_enabled(w, z)
+        and cpu_linear._prefers_onednn(w.shape[0])
+    ):  # token_mix's own conditions: where it takes addmm (CPU autocast, small products, no AVX-512), mm
+        return w @ z
     w, z = w.contiguous(), z.contiguous()
     if torch.is_grad_enabled() and (w.requires_grad or z.requires_grad):
         return _MixNoBias.apply(w, z)
@@ -171,15 +173,32 @@ def measure(model_name: str, mode: str, batch: int, rounds: int, bf16: bool = Fa
     return {k: statistics.median(t) for k, t in times.items()}
 
 
+def _onednn_path() -> str:
+    """Whether the products of the model take the oneDNN path, as :mod:`gmlp.kernels.cpu_linear` decides."""
+    if not cpu_linear.cpu_fusion_enabled(torch.ones(1)):
+        return "off"
+    if cpu_linear._prefers_onednn(1):
+        return "on"
+    return f"only into {cpu_linear.WIDE_OUTPUT_FEATURES}+ outputs (no AVX-512)"
+
+
+def _positive(text: str) -> int:
+    """argparse type: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="gmlp_s16_224")
     parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
-    parser.add_argument("--infer-batch", type=int, default=32)
-    parser.add_argument("--train-batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--infer-batch", type=_positive, default=32)
+    parser.add_argument("--train-batch", type=_positive, default=16)
+    parser.add_argument("--rounds", type=_positive, default=5)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: CPU bf16 autocast")
     args = parser.parse_args(argv)
     tune_malloc()
@@ -189,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model} ({depth} blocks), "
         f"{args.dtype}{' autocast' if args.dtype == 'bf16' else ''}, "
-        f"oneDNN path {'on' if cpu_linear.cpu_fusion_enabled(torch.ones(1)) else 'off'}, median of "
+        f"oneDNN path {_onednn_path()}, median of "
         f"{args.rounds} interleaved rounds"
     )
     results = {}

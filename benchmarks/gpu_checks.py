@@ -195,15 +195,22 @@ def check_compiled_kernels(device: torch.device, dim: int, ffn: int, n: int, bat
 
 
 def check_fft(device: torch.device, n: int, columns: int) -> None:
+    """The FFT Toeplitz mixing == the dense GEMM of the same W: output and the gradients of z, W and b."""
     dense = TokenProjection(n, toeplitz=True).to(device)
     torch.nn.init.normal_(dense.weight, std=0.05)
+    torch.nn.init.normal_(dense.bias, std=0.05)
     fft = TokenProjection(n, toeplitz=True, fft_threshold=1).to(device)
     fft.load_state_dict(dense.state_dict())
     z = torch.randn(n, 2, columns // 2, device=device, requires_grad=True)
     a, b = fft(z), dense(z)
     _close(a, b, 1e-4, 1e-4, "FFT mixing output")
-    ga, gb = torch.autograd.grad(a.sum(), z), torch.autograd.grad(b.sum(), z)
-    _close(ga[0], gb[0], 1e-3, 1e-3, "FFT mixing gradient")
+    seed = torch.randn_like(b)  # (a sum's all-ones seed would test the column sums of W only)
+    names = ["z"] + [name for name, _ in fft.named_parameters()]
+    got = torch.autograd.grad((a * seed).sum(), [z, *fft.parameters()])
+    want = torch.autograd.grad((b * seed).sum(), [z, *dense.parameters()])
+    for name, g, r in zip(names, got, want, strict=True):
+        scale = r.abs().max().item() + 1e-6
+        _close(g / scale, r / scale, 1e-3, 1e-3, f"FFT mixing d{name} (relative to max {scale:.3g})")
 
 
 def check_model_step(device: torch.device, small: bool) -> None:

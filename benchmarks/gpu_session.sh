@@ -81,9 +81,15 @@ torch.__version__, triton.__version__, timm.__version__, transformers.__version_
         timeout 60 $PY benchmarks/saved_bytes.py --device $dev $saved 2>&1
     } | tee "$OUT/checks.txt"
     checks=$(grep -c '^FAIL' "$OUT/checks.txt")
+    # a gpu_checks.py that crashed or ran out of time prints no FAIL line, nor its closing tally
+    if ! grep -q '^[0-9][0-9]*/[0-9][0-9]* checks passed' "$OUT/checks.txt"; then
+        echo "FAIL  gpu_checks.py did not finish (no 'N/M checks passed' line)" | tee -a "$OUT/checks.txt"
+        checks=$((checks + 1))
+    fi
 fi
 best='{}'
 if has sweep; then
+    rm -f "$TMP/best.json"  # a file left by an earlier sweep must not stand in for this one's
     # shellcheck disable=SC2086
     timeout 180 $PY benchmarks/kernel_sweep.py --device $dev $shapes --best-json "$TMP/best.json" 2>&1 \
         | tee "$OUT/sweep.txt"

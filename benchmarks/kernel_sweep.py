@@ -272,6 +272,32 @@ def _with_split(
     return {"ln_split": chosen}
 
 
+def _positive(text: str) -> int:
+    """argparse type: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _shape(text: str, fields: int, form: str, sep: str = "x", flag_last: bool = False) -> tuple[int, ...]:
+    """One shape of ``fields`` positive ints joined by ``sep`` (``flag_last``: the last one 0 or 1), for
+    argparse: a shape that is not raises ``ArgumentTypeError`` naming ``form``."""
+    try:
+        values = tuple(int(v) for v in text.split(sep))
+    except ValueError:
+        values = ()
+    sizes, last = (values[:-1], values[-1:]) if flag_last else (values, ())
+    if len(values) != fields or min(sizes, default=0) < 1 or any(v not in (0, 1) for v in last):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {form}")
+    return values
+
+
+def _shapes(fields: int, form: str, flag_last: bool = False) -> Callable[[str], list[tuple[int, ...]]]:
+    """argparse type: comma-separated shapes (:func:`_shape`); an empty string, none."""
+    return lambda text: [_shape(s, fields, form, flag_last=flag_last) for s in text.split(",") if s.strip()]
+
+
 def main(argv: list[str] | None = None) -> dict[str, int]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -279,22 +305,24 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser.add_argument("--device", default="cuda")
     parser.add_argument(
         "--shapes",
+        type=_shapes(2, "rows x C"),
         default="50176x1536,16384x1536",
         help="rows x C, comma-separated (defaults: gMLP-B/16 at batch 256; the MLM at 32 x 512)",
     )
     parser.add_argument(
         "--gating-shapes",
+        type=_shapes(3, "tokens x batch x C"),
         default="196x256x1536,512x32x1536",
         help="tokens x batch x C for the gating comparison (defaults: gMLP-B/16 at 256; the MLM at 32)",
     )
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=_positive, default=20)
     parser.add_argument("--best-json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     totals_f: dict[str, float] = {}
     totals_b: dict[str, float] = {}
     wrong: set[str] = set()
-    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+    shapes = args.shapes
     for rows, c in shapes:
         fwd, bwd, plain_f, plain_b, bad = sweep_shape(
             rows, c, device, args.reps, _fwd_configs(), _grid(BWD_GRID)
@@ -313,8 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         print("| tokens x batch x C | path | fwd ms | fwd+bwd ms | fwd+bwd vs first row | max rel. error |")
         print("|---|---|---|---|---|---|")
         gate_totals: dict[str, float] = {}
-        for shape in args.gating_shapes.split(","):
-            n, batch, c = (int(v) for v in shape.split("x"))
+        for n, batch, c in args.gating_shapes:
             print("\n".join(time_gating(n, batch, c, device, args.reps, gate_totals, wrong)), flush=True)
         ok = {k: v for k, v in gate_totals.items() if k not in wrong}
         if ok:

@@ -30,13 +30,21 @@ VARIANTS = {
 }
 
 
+def _positive(text: str) -> int:
+    """argparse type: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="gmlp_s16_224")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=_positive, default=10)
     args = parser.parse_args(argv)
     tune_malloc()
     device = torch.device(args.device)

@@ -28,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from kernel_sweep import _positive, _shape  # noqa: E402
 from run import MaskedLMStep, timm_gmlp  # noqa: E402
 
 from gmlp import create_model  # noqa: E402
@@ -169,13 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", choices=sorted(SIZES), default="b")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--batch", type=_positive, default=256)
+    parser.add_argument("--steps", type=_positive, default=2)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--triton-config", default=None, help="JSON launch parameters of the fused kernels")
     parser.add_argument(
         "--text",
         default=None,
+        type=lambda text: _shape(text, 5, "LAYERS,DIM,FFN,SEQ,BATCH (positive ints)", sep=","),
         metavar="LAYERS,DIM,FFN,SEQ,BATCH",
         help="also profile gmlp's masked LM of this shape (the GPU suite's: 48,512,3072,512,32)",
     )
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.text:
         from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
 
-        layers, width, ffn, seq, batch = (int(v) for v in args.text.split(","))
+        layers, width, ffn, seq, batch = args.text
         cfg = GMLPConfig(
             vocab_size=30522,
             hidden_size=width,

@@ -43,15 +43,23 @@ def saved_bytes(block: GMLPBlock, x: torch.Tensor, dtype: torch.dtype | None) ->
     return sum(storages.values())
 
 
+def _positive(text: str) -> int:
+    """argparse type: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict[str, int]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--ffn", type=int, default=3072)
-    parser.add_argument("--tokens", type=int, default=196)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dim", type=_positive, default=512)
+    parser.add_argument("--ffn", type=_positive, default=3072)
+    parser.add_argument("--tokens", type=_positive, default=196)
+    parser.add_argument("--batch", type=_positive, default=2)
     parser.add_argument("--bf16", action="store_true", help="under bf16 autocast (default: float32)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -42,14 +42,27 @@ def _time(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def _positive(text: str) -> int:
+    """argparse type: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _lengths(text: str) -> list[int]:
+    """argparse type: comma-separated sequence lengths of at least 1."""
+    return [_positive(v) for v in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--lengths", default="64,128,256,512,1024,2048,4096")
-    parser.add_argument("--columns", type=int, default=4096, help="batch * channels mixed per token")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--lengths", type=_lengths, default="64,128,256,512,1024,2048,4096")
+    parser.add_argument("--columns", type=_positive, default=4096, help="batch * channels mixed per token")
+    parser.add_argument("--reps", type=_positive, default=5)
     parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
@@ -65,14 +78,14 @@ def main(argv: list[str] | None = None) -> None:
         f"columns {args.columns}, {args.dtype}"
     )
     if args.matrix:
-        _matrix_rows([int(v) for v in args.lengths.split(",")], device, args.reps)
+        _matrix_rows(args.lengths, device, args.reps)
         return
     print(
         "| n | dense fwd ms | fft fwd ms | fwd speed-up | dense fwd+bwd ms | fft fwd+bwd ms "
         "| fwd+bwd speed-up |"
     )
     print("|---|---|---|---|---|---|---|")
-    for n in (int(v) for v in args.lengths.split(",")):
+    for n in args.lengths:
         dense = TokenProjection(n, toeplitz=True).to(device)
         fft = TokenProjection(n, toeplitz=True, fft_threshold=1).to(device)
         fft.load_state_dict(dense.state_dict())

@@ -476,3 +476,146 @@ def test_rounds_rotate_the_order_of_the_cases() -> None:
     results = run.run_cases(cases, "infer", torch.device("cpu"), "fp32", rounds=3, steps=1, warmup=1)
     assert [r.name for r in results] == ["A", "B", "C"]
     assert "".join(order[-9:]) == "ABCBCACAB"
+
+
+@pytest.mark.parametrize("avx512", [True, False])
+def test_elementwise_cost_keeps_the_token_mixing_products_without_its_bias(
+    monkeypatch: pytest.MonkeyPatch, avx512: bool
+) -> None:
+    """Taking the token bias out runs the very products the model runs (its docstring): also on a CPU
+    without AVX-512, where the model's token mixing stays on addmm (BLAS), not oneDNN."""
+    cost = _load("elementwise_cost")
+    from gmlp import create_model
+    from gmlp.kernels import cpu_linear
+
+    if not cpu_linear._HAS_ONEDNN_LINEAR:
+        pytest.skip("torch without oneDNN linear")
+    monkeypatch.delenv("GMLP_DISABLE_CPU_FUSION", raising=False)  # (the suite forces the oneDNN path)
+    monkeypatch.setattr(cpu_linear, "_ONEDNN_BY_DEFAULT", avx512)
+    calls: list[torch.Size] = []
+    mm = cpu_linear._mm
+    monkeypatch.setattr(cpu_linear, "_mm", lambda a, b, *more: calls.append(a.shape) or mm(a, b, *more))
+    torch.manual_seed(0)
+    model = create_model("gmlp_micro4_28").train()
+    x = torch.randn(2, 1, 28, 28)
+    counts = []
+    for stage in (None, "token bias"):
+        calls.clear()
+        with cost.without(model, stage):
+            model(x).sum().backward()
+        counts.append(len(calls))
+    assert counts[0] == counts[1], counts
+    assert (counts[0] > 0) == avx512  # oneDNN products with AVX-512, none without (this model is narrow)
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for python: each benchmark script does what $FAKE_<NAME> says (the tests below set it)
+case "$*" in
+  *gpu_checks.py*) printf '%b' "$FAKE_CHECKS"; exit "${FAKE_CHECKS_RC:-0}" ;;
+  *run.py*) echo "$@" > "$OUT/run-args.txt" ;;
+esac
+exit 0
+"""
+
+
+def _session(tmp_path: Path, steps: str, **fake: str) -> tuple[int, Path]:
+    """benchmarks/gpu_session.sh with a stand-in python (in a bare folder, so nothing real runs)."""
+    import subprocess
+
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    full = {**os.environ, "OUT": str(out), "PYTHON": str(python), "TMPDIR": str(tmp_path), "STEPS": steps}
+    full.update(fake)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], cwd=tmp_path, env=full,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return proc.returncode, out
+
+
+@pytest.mark.parametrize(
+    ("checks", "rc", "passed"),
+    [("PASS  a\\nPASS  b\\n2/2 checks passed on cuda\\n", 0, True),
+     ("PASS  a\\nFAIL  b\\n1/2 checks passed on cuda\\n", 0, False),
+     ("PASS  a\\nTraceback (most recent call last):\\nRuntimeError: CUDA error\\n", 1, False),  # crashed
+     ("PASS  a\\n", 124, False)],  # timed out
+    ids=["pass", "fail", "crash", "timeout"],
+)  # fmt: skip
+def test_gpu_session_fails_unless_the_checks_finish_and_pass(
+    tmp_path: Path, checks: str, rc: int, passed: bool
+) -> None:
+    """A gpu_checks.py that crashes or is cut off by its time limit prints no FAIL line: the session must
+    still end in failure, not report correct kernels."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("bash and coreutils' timeout")
+    code, out = _session(tmp_path, "checks", FAKE_CHECKS=checks, FAKE_CHECKS_RC=str(rc))
+    assert (code == 0) == passed, (code, (out / "checks.txt").read_text())
+    assert ("did not finish" in (out / "checks.txt").read_text()) == (rc != 0)
+
+
+def test_gpu_session_never_takes_an_earlier_sweeps_best(tmp_path: Path) -> None:
+    """A sweep that fails writes no best.json: the suite then runs the defaults, not a stale file's."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("bash and coreutils' timeout")
+    (tmp_path / "best.json").write_text('{"fwd_rows": 4}')  # an earlier session's
+    code, out = _session(tmp_path, "sweep suite")
+    assert code == 0
+    assert "--triton-config {} " in (out / "run-args.txt").read_text()
+
+
+@pytest.mark.parametrize("broken", ["weight", "bias", "z"])
+def test_gpu_checks_fft_check_catches_a_wrong_gradient(monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
+    """The FFT Toeplitz check compares every gradient (z, W, b) under a random seed: an FFT path whose value
+    is right but one gradient is 1.5x too large fails it."""
+    import gmlp.nn.sgu as sgu_module
+
+    checks = _load("gpu_checks")
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    checks.check_fft(device, 12, 16)  # the real FFT path passes
+    mix, plain_mix = sgu_module.toeplitz_mix_fft, sgu_module.TokenProjection.mix
+
+    def scaled(t: torch.Tensor) -> torch.Tensor:  # the same value, 1.5x the gradient
+        return t + 0.5 * (t - t.detach())
+
+    def wrong_mix(self: sgu_module.TokenProjection, z: torch.Tensor, mask: torch.Tensor | None = None):
+        if not self.uses_fft(z.shape[0]):  # the dense reference stays right
+            return plain_mix(self, z, mask)
+        weight, bias = self.weight, self.bias[: z.shape[0], None, None]
+        weight, z, bias = (scaled(t) if name == broken else t for name, t in
+                           (("weight", weight), ("z", z), ("bias", bias)))  # fmt: skip
+        return mix(weight, z, self.seq_len, self.causal) + bias
+
+    monkeypatch.setattr(sgu_module.TokenProjection, "mix", wrong_mix)
+    with pytest.raises(AssertionError, match=f"FFT mixing d{broken}"):
+        checks.check_fft(device, 12, 16)
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [("block_paths", ["--shapes", "12x2x32x192"], "--shapes: '12x2x32x192' is not tokens x batch x dim"),
+     ("block_paths", ["--shapes", "12x2x32x192x2"], "toeplitz \\(0 or 1\\)"),
+     ("block_paths", ["--reps", "0"], "--reps: must be at least 1, got 0"),
+     ("kernel_sweep", ["--shapes", "9"], "--shapes: '9' is not rows x C"),
+     ("kernel_sweep", ["--gating-shapes", "12x2x0"], "--gating-shapes: '12x2x0' is not tokens x batch x C"),
+     ("profile_step", ["--text", "2,32,64,16"], "--text: '2,32,64,16' is not LAYERS,DIM,FFN,SEQ,BATCH"),
+     ("profile_step", ["--steps", "0"], "--steps: must be at least 1"),
+     ("toeplitz_crossover", ["--lengths", "8,0"], "--lengths: must be at least 1, got 0"),
+     ("toeplitz_crossover", ["--reps", "0"], "--reps: must be at least 1"),
+     ("cpu_matmul", ["--reps", "0"], "--reps: must be at least 1"),
+     ("optimizer_step", ["--reps", "-1"], "--reps: must be at least 1"),
+     ("elementwise_cost", ["--rounds", "0"], "--rounds: must be at least 1"),
+     ("saved_bytes", ["--batch", "0"], "--batch: must be at least 1")],
+)  # fmt: skip
+def test_benchmark_arguments_are_checked_before_any_work(
+    capsys: pytest.CaptureFixture, script: str, args: list[str], message: str
+) -> None:
+    """A bad size or count is a usage error naming the argument, not a deep unpacking error, a
+    ZeroDivisionError or "no median for empty data" (profile_step's --text only after profiling the vision
+    models)."""
+    import re
+
+    with pytest.raises(SystemExit) as info:
+        _load(script).main(args)
+    assert info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -217,3 +217,89 @@ def test_a_sound_pickle_with_python_objects_is_not_called_corrupt(tmp_path: Path
     with pytest.raises(CheckpointError, match="holds Python objects.*weights_only=True refuses") as info:
         load_state_dict_file(path)
     assert "corrupt" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# permissions, formats told by content, wrapper prefixes, clear errors
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=oct)
+def test_written_files_get_the_umask_mode_and_keep_a_replaced_ones(tmp_path: Path, umask: int) -> None:
+    """As with a plain open(): 0666 less the umask (mkstemp's and safetensors' own 0600 must not stick)."""
+    import stat
+
+    from gmlp.train.checkpoint import save_checkpoint
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    old = os.umask(umask)
+    try:
+        save_state_dict_file({"a": torch.ones(2)}, tmp_path / "new.safetensors")
+        with atomic_write(tmp_path / "new.json") as tmp:
+            tmp.write_text("{}")
+        ckpt = save_checkpoint(tmp_path / "run", 3, {"w": torch.ones(2)}, {}, {})
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "new.safetensors", tmp_path / "new.json", ckpt / "model.safetensors",
+                 ckpt / "optimizer.pt", ckpt / "state.json", ckpt.parent / "latest.json"):  # fmt: skip
+        assert mode(path) == 0o666 & ~umask, (path.name, oct(mode(path)))
+    assert mode(ckpt) == 0o777 & ~umask == mode(ckpt.parent)
+    path = tmp_path / "shared.safetensors"
+    path.write_bytes(b"")
+    os.chmod(path, 0o664)
+    save_state_dict_file({"a": torch.ones(2)}, path)
+    assert mode(path) == 0o664
+
+
+def test_writing_onto_a_directory_names_it(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"'.*out'.* is a directory"):
+        save_state_dict_file({"a": torch.ones(2)}, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_saving_a_non_tensor_names_its_key(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"state_dict\['b'\].*str, not a tensor"):
+        save_state_dict_file({"a": torch.ones(2), "b": "text"}, tmp_path / "m.safetensors")  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_format_is_told_by_content_not_name(tmp_path: Path, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    state = {f"k{i}": torch.randn(int(torch.randint(1, 6, (1,), generator=g)), generator=g) for i in range(3)}
+    save_state_dict_file(state, tmp_path / "weights.bin", metadata={"m": "1"})  # safetensors, torch's name
+    torch.save(state, tmp_path / "weights.safetensors")  # the other way round
+    torch.save(state, tmp_path / "legacy", _use_new_zipfile_serialization=False)  # no suffix at all
+    for name, metadata in (("weights.bin", {"m": "1"}), ("weights.safetensors", {}), ("legacy", {})):
+        loaded, got = load_state_dict_file(tmp_path / name)
+        assert got == metadata and loaded.keys() == state.keys(), name
+        assert all(torch.equal(loaded[k], v) for k, v in state.items()), name
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_corrupt_pth_is_not_called_a_sound_file_with_objects(tmp_path: Path, seed: int) -> None:
+    """Bad bytes fail torch's weights-only unpickler too: they must not read as a trusted-file hint."""
+    bad = tmp_path / "random.pth"
+    bad.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(seed),
+                                  dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
+        load_state_dict_file(bad)
+    assert "Python objects" not in str(info.value) and "weights_only=False" not in str(info.value)
+
+
+@pytest.mark.parametrize("prefixes", [("_orig_mod.",), ("module.", "_orig_mod."), ("_orig_mod.", "module.")])
+def test_torch_compile_and_ddp_prefixes_are_removed(tmp_path: Path, prefixes: tuple[str, ...]) -> None:
+    """As timm's clean_state_dict: the state dict of a compiled (and/or DDP) model loads by its plain keys."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    prefix = "".join(prefixes)
+    torch.save({prefix + k: v for k, v in model.state_dict().items()}, tmp_path / "c.pth")
+    loaded, _ = load_state_dict_file(tmp_path / "c.pth")
+    assert loaded.keys() == model.state_dict().keys()
+    if prefixes == ("_orig_mod.",):  # the real thing
+        compiled = torch.compile(model)
+        assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+        save_state_dict_file(compiled.state_dict(), tmp_path / "c.safetensors")
+        loaded, _ = load_state_dict_file(tmp_path / "c.safetensors")
+        model.load_state_dict(loaded)

@@ -61,3 +61,79 @@ def test_users_mmap_max_is_left_alone() -> None:
     out = probe(MALLOC_MMAP_MAX_="65536")
     assert out["tuned"] is True
     assert out["mmapped_bytes"] >= 2**26, out
+
+
+def test_users_glibc_tunable_is_left_alone() -> None:
+    """GLIBC_TUNABLES=glibc.malloc.mmap_max=N is MALLOC_MMAP_MAX_=N under its modern name: it wins too."""
+    out = probe(GLIBC_TUNABLES="glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=65536")
+    assert out["tuned"] is True
+    assert out["mmapped_bytes"] >= 2**26, out
+
+
+class FakeLibc:
+    """Records the mallopt calls tune_malloc makes, as glibc would accept them."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, int] = {}
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls[param] = value
+        return 1
+
+
+@pytest.fixture
+def fake_libc(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
+    from gmlp.utils import malloc
+
+    libc = FakeLibc()
+    monkeypatch.setattr(malloc, "_done", False)
+    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda name: libc)
+    for key in [k for k in os.environ if k.startswith(("MALLOC_", "GMLP_NO_MALLOC", "GLIBC_TUNABLES"))]:
+        monkeypatch.delenv(key)
+    return libc
+
+
+@pytest.mark.parametrize(
+    ("env", "untouched"),
+    [({}, set()), ({"MALLOC_TRIM_THRESHOLD_": "0"}, {-1}), ({"MALLOC_MMAP_MAX_": "8"}, {-4}),
+     ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, {-1}),
+     ({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.mmap_max=8"}, {-4}),
+     ({"GLIBC_TUNABLES": "glibc.malloc.mmap_maxx=8"}, set())],
+    ids=["none", "trim-env", "mmap-max-env", "trim-tunable", "mmap-max-tunable", "other-tunable"],
+)  # fmt: skip
+def test_each_parameter_the_user_set_is_left_alone(
+    fake_libc: FakeLibc, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], untouched: set[int]
+) -> None:
+    from gmlp.utils.malloc import tune_malloc
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert tune_malloc(mmap_threshold=1 << 20, trim_threshold=1 << 29) is True
+    expected = {-3: 1 << 20, -1: 1 << 29, -4: 0}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_MMAP_MAX
+    assert fake_libc.calls == {k: v for k, v in expected.items() if k not in untouched}
+    fake_libc.calls.clear()
+    assert tune_malloc() is True and fake_libc.calls == {}  # once per process
+
+
+@pytest.mark.parametrize("env", [{"MALLOC_MMAP_THRESHOLD_": "1"}, {"GMLP_NO_MALLOC_TUNING": "1"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}])  # fmt: skip
+def test_a_users_mmap_threshold_or_opt_out_means_no_tuning(
+    fake_libc: FakeLibc, monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    from gmlp.utils.malloc import tune_malloc
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert tune_malloc() is False and fake_libc.calls == {}
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [({"trim_threshold": 4 << 30}, "trim_threshold"),
+                                              ({"mmap_threshold": -1}, "mmap_threshold"),
+                                              ({"mmap_threshold": 2.5e7}, "mmap_threshold")])  # fmt: skip
+def test_thresholds_mallopt_cannot_take_are_refused(fake_libc: FakeLibc, kwargs: dict, name: str) -> None:
+    """mallopt takes a C int: 4 GiB would reach glibc as 0 (trim on every free) through ctypes' masking."""
+    from gmlp.utils.malloc import tune_malloc
+
+    with pytest.raises(ValueError, match=rf"{name} must be an int in 0 \.\. 2147483647.*got"):
+        tune_malloc(**kwargs)
+    assert fake_libc.calls == {}

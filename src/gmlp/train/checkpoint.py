@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,7 @@ def save_checkpoint(
     final = root / tag
     tmp = Path(tempfile.mkdtemp(prefix=f".{tag}.", suffix=".tmp", dir=root))
     try:
+        os.chmod(tmp, stat.S_IMODE(root.stat().st_mode))  # mkdtemp's 0700 would stay on the checkpoint
         save_state_dict_file(model_state, tmp / "model.safetensors", metadata)
         with atomic_write(tmp / "optimizer.pt") as f:
             torch.save(optimizer_state, f)

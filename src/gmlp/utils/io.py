@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,27 +15,49 @@ from safetensors.torch import load_file, save_file
 __all__ = ["CheckpointError", "atomic_write", "load_state_dict_file", "save_state_dict_file"]
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile, wrapped in either order
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable, or its keys/shapes do not fit the model."""
 
 
+def _new_temp_file(path: Path) -> tuple[Path, int]:
+    """Create an empty file next to ``path``; return it and the mode a plain ``open(path, "w")`` gives.
+
+    (``tempfile.mkstemp`` makes it 0600 whatever the umask, as safetensors' own writer does.)
+    """
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
+        except FileExistsError:
+            continue
+        return tmp, stat.S_IMODE(os.stat(tmp).st_mode)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
 
-    A crash at any moment leaves either the old file or the new one, never a half-written file.
+    A crash at any moment leaves either the old file or the new one, never a half-written file. The new
+    file keeps the permissions of the one it replaces (a new one gets the umask's, as with ``open``).
+
+    Raises:
+        IsADirectoryError: ``path`` is a directory.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory, not a file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path, mode = _new_temp_file(path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        with contextlib.suppress(FileNotFoundError):  # keep the mode of the file being replaced
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        os.chmod(tmp_path, mode)  # (also where the body's writer made the file anew, 0600 as mkstemp does)
         os.replace(tmp_path, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -53,6 +76,8 @@ def save_state_dict_file(
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"cannot save state_dict[{key!r}]: it is a {type(value).__name__}, not a tensor")
         t = value.detach().to("cpu").contiguous()
         storage = t.untyped_storage().data_ptr()
         if storage in seen:  # tied/overlapping views share storage, which safetensors refuses: store a copy
@@ -67,7 +92,7 @@ def _guarded(path: Path, what: str, fn: Callable[[], object]) -> object:
     try:
         return fn()
     except Exception as err:  # corrupt bytes fail the readers in many ways (UnpicklingError, IndexError, ...)
-        if "Weights only load failed" in str(err):  # a sound file holding objects besides tensors
+        if "Unsupported global" in str(err):  # a sound file holding objects besides tensors (not bad bytes)
             raise CheckpointError(
                 f"cannot read torch checkpoint {str(path)!r} safely: besides tensors it holds Python objects "
                 f"(e.g. the argparse.Namespace of a timm train.py checkpoint), which loading with "
@@ -80,11 +105,25 @@ def _guarded(path: Path, what: str, fn: Callable[[], object]) -> object:
         ) from err
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` holds safetensors, told by its first bytes (a little-endian header size, then ``{``,
+    which neither torch's zip nor its pickles have there), or by its name where they show neither that nor a
+    torch file (a file truncated to a few bytes)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:] == b"{":
+        return True
+    if len(head) == 9 and head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a pickle
+        return False
+    return path.suffix == ".safetensors"
+
+
 def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a state dict from ``.safetensors`` (safe) or a torch pickle with ``weights_only=True``.
 
-    Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and DDP ``module.`` prefixes are removed.
-    A directory is read through its ``model.safetensors``.
+    The format is told by the file's first bytes, whatever its name. Common wrappers
+    (``{"state_dict": ...}``, ``{"model": ...}``), DDP ``module.`` and ``torch.compile`` ``_orig_mod.``
+    prefixes are removed. A directory is read through its ``model.safetensors``.
 
     Returns:
         ``(state_dict, metadata)``; metadata is the safetensors header metadata (empty for pickles).
@@ -99,7 +138,7 @@ def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
     metadata: dict[str, str] = {}
-    if path.suffix == ".safetensors":
+    if _is_safetensors(path):
         from safetensors import safe_open
 
         def read() -> dict[str, torch.Tensor]:
@@ -109,7 +148,12 @@ def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
 
         state = _guarded(path, "safetensors", read)
     else:
-        state = _guarded(path, "torch", lambda: torch.load(path, map_location="cpu", weights_only=True))
+
+        def read_torch() -> object:
+            with open(path, "rb") as f:  # (a file object: torch.load takes a ".safetensors" name for its own)
+                return torch.load(f, map_location="cpu", weights_only=True)
+
+        state = _guarded(path, "torch", read_torch)
     if isinstance(state, dict):
         for key in _WRAPPER_KEYS:
             if key in state and isinstance(state[key], dict):
@@ -118,6 +162,11 @@ def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     tensors_only = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
     if not tensors_only or not state:
         raise CheckpointError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                stripped = True
     return state, metadata

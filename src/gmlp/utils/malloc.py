@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import numbers
 import os
 
 __all__ = ["tune_malloc"]
@@ -26,7 +27,15 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit
+_INT_MAX = 2**31 - 1  # mallopt takes a C int (ctypes would silently wrap a larger value)
 _done = False
+
+
+def _user_set(env: str, tunable: str) -> bool:
+    """Whether the environment sets a malloc parameter (``MALLOC_X_``, or ``glibc.malloc.x`` in
+    ``GLIBC_TUNABLES``)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
+    return env in os.environ or any(t.split("=", 1)[0].strip() == f"glibc.malloc.{tunable}" for t in tunables)
 
 
 def tune_malloc(
@@ -36,19 +45,28 @@ def tune_malloc(
     per process. Returns False where glibc is not in use.
 
     Does nothing if the user already set ``MALLOC_MMAP_THRESHOLD_`` or ``GMLP_NO_MALLOC_TUNING=1``; leaves
-    the mmap count alone if ``MALLOC_MMAP_MAX_`` is set.
+    the trim threshold alone if ``MALLOC_TRIM_THRESHOLD_`` is set and the mmap count if ``MALLOC_MMAP_MAX_``
+    is set (each also when set as its ``GLIBC_TUNABLES`` alias, e.g. ``glibc.malloc.mmap_max``).
+
+    Raises:
+        ValueError: a threshold outside ``0 .. 2**31 - 1`` (what ``mallopt`` takes).
     """
     global _done
-    if _done or os.environ.get("GMLP_NO_MALLOC_TUNING") == "1" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= _INT_MAX:
+            raise ValueError(f"{name} must be an int in 0 .. {_INT_MAX} (bytes), got {value!r}")
+    opted_out = os.environ.get("GMLP_NO_MALLOC_TUNING") == "1"
+    if _done or opted_out or _user_set("MALLOC_MMAP_THRESHOLD_", "mmap_threshold"):
         return _done
     name = ctypes.util.find_library("c")
     if name is None:
         return False
     try:
         libc = ctypes.CDLL(name)
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1 and ok
-        if disable_mmap and "MALLOC_MMAP_MAX_" not in os.environ:
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+        if not _user_set("MALLOC_TRIM_THRESHOLD_", "trim_threshold"):
+            ok = libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1 and ok
+        if disable_mmap and not _user_set("MALLOC_MMAP_MAX_", "mmap_max"):
             ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and ok
     except (OSError, AttributeError):
         return False
