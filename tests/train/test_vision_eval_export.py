@@ -215,6 +215,26 @@ def test_export_refuses_a_checkpoint_whose_head_does_not_fit(tmp_path: Path) -> 
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_export_of_a_headless_checkpoint_keeps_it_headless(tmp_path: Path) -> None:
+    """Weights saved with num_classes=0 (a feature extractor) are sized as such: the export used to build the
+    model with its default 1,000-class head and refuse it as a head that does not fit."""
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnx + onnxscript")
+    ort = pytest.importorskip("onnxruntime", reason="the check needs onnxruntime")
+    from gmlp.export import export_checkpoint
+    from gmlp.models.loading import save_model
+    from gmlp.train.vision_tools import checkpoint_shapes
+
+    model = create_model("gmlp_micro4_28", num_classes=0).eval()
+    save_model(model, tmp_path / "m.safetensors")
+    assert checkpoint_shapes(tmp_path / "m.safetensors")["num_classes"] == 0
+    out = export_checkpoint(tmp_path / "m.safetensors", tmp_path / "m.onnx", model="gmlp_micro4_28",
+                            verify=False)
+    images = torch.randn(2, 1, 28, 28)
+    (features,) = ort.InferenceSession(str(out)).run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(features, model(images).numpy(), atol=1e-4)
+
+
 def test_verify_onnx_restores_training_mode(tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")

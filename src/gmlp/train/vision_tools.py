@@ -73,7 +73,8 @@ def resolve_checkpoint(path: str | Path, ema: bool = False) -> tuple[Path, dict[
 
 
 def checkpoint_shapes(path: str | Path) -> dict[str, Any]:
-    """What the weights say about the model: ``in_chans``, ``num_classes``, ``img_size`` (if knowable).
+    """What the weights say about the model: ``in_chans``, ``num_classes`` (0 for weights saved without a
+    head), ``img_size`` (if knowable).
 
     g-mlp-pytorch files store the patch embedding flattened (``in_chans * p * p`` columns): they are read
     as 3 channels, else as 1 (no width fits both). The grid comes from the file's recorded ``grid_size``,
@@ -108,6 +109,8 @@ def checkpoint_shapes(path: str | Path) -> dict[str, Any]:
     head = state.get("head.weight")
     if head is not None and head.dim() == 2:
         out["num_classes"] = head.shape[0]
+    elif "head.bias" not in state and any(k.startswith("blocks.") for k in state):
+        out["num_classes"] = 0  # saved without a head (num_classes=0): a feature extractor
     return out
 
 
