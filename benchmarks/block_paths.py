@@ -30,7 +30,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kernel_sweep import _positive, _shapes, _time_ms  # noqa: E402
+from cli_args import positive_int  # noqa: E402
+from kernel_sweep import _shapes, _time_ms  # noqa: E402
 from profile_step import category, short_name, time_rows  # noqa: E402
 from run import environment  # noqa: E402
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--configs", default="", help="';'-separated JSON launch configurations to add")
     parser.add_argument("--triton-config", default=None, help="JSON launch parameters for every path")
-    parser.add_argument("--reps", type=_positive, default=20)
+    parser.add_argument("--reps", type=positive_int, default=20)
     parser.add_argument("--top", type=int, default=12, help="kernels listed per profile (0 = no profile)")
     parser.add_argument("--peers", action="store_true", help="add timm's gMLP block of the same shape")
     args = parser.parse_args(argv)

@@ -27,7 +27,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cli_args import positive_int  # noqa: E402
 
 from gmlp.utils.malloc import tune_malloc  # noqa: E402
 
@@ -125,23 +128,15 @@ def weight_grad(
     return out
 
 
-def _positive(text: str) -> int:
-    """argparse type: an int of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dim", type=_positive, default=256)
-    parser.add_argument("--ffn", type=_positive, default=1536)
-    parser.add_argument("--tokens", type=_positive, default=196)
-    parser.add_argument("--batch", type=_positive, default=16)
-    parser.add_argument("--reps", type=_positive, default=9)
+    parser.add_argument("--dim", type=positive_int, default=256)
+    parser.add_argument("--ffn", type=positive_int, default=1536)
+    parser.add_argument("--tokens", type=positive_int, default=196)
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--reps", type=positive_int, default=9)
     parser.add_argument("--small", action="store_true", help="small projections (the oneDNN size threshold)")
     parser.add_argument("--weight-grad", action="store_true", help="the two orientations of weight gradients")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="of the products timed")

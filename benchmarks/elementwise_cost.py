@@ -31,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cli_args import positive_int  # noqa: E402
 
 import gmlp.nn.block as block_module  # noqa: E402
 import gmlp.nn.sgu as sgu_module  # noqa: E402
@@ -182,23 +185,15 @@ def _onednn_path() -> str:
     return f"only into {cpu_linear.WIDE_OUTPUT_FEATURES}+ outputs (no AVX-512)"
 
 
-def _positive(text: str) -> int:
-    """argparse type: an int of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="gmlp_s16_224")
     parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
-    parser.add_argument("--infer-batch", type=_positive, default=32)
-    parser.add_argument("--train-batch", type=_positive, default=16)
-    parser.add_argument("--rounds", type=_positive, default=5)
+    parser.add_argument("--infer-batch", type=positive_int, default=32)
+    parser.add_argument("--train-batch", type=positive_int, default=16)
+    parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: CPU bf16 autocast")
     args = parser.parse_args(argv)
     tune_malloc()

@@ -32,7 +32,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cli_args import positive_int  # noqa: E402
 
 from gmlp.kernels import (  # noqa: E402
     gelu_split_layernorm,
@@ -272,14 +275,6 @@ def _with_split(
     return {"ln_split": chosen}
 
 
-def _positive(text: str) -> int:
-    """argparse type: an int of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _shape(text: str, fields: int, form: str, sep: str = "x", flag_last: bool = False) -> tuple[int, ...]:
     """One shape of ``fields`` positive ints joined by ``sep`` (``flag_last``: the last one 0 or 1), for
     argparse: a shape that is not raises ``ArgumentTypeError`` naming ``form``."""
@@ -315,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         default="196x256x1536,512x32x1536",
         help="tokens x batch x C for the gating comparison (defaults: gMLP-B/16 at 256; the MLM at 32)",
     )
-    parser.add_argument("--reps", type=_positive, default=20)
+    parser.add_argument("--reps", type=positive_int, default=20)
     parser.add_argument("--best-json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)

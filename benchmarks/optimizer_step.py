@@ -3,7 +3,8 @@
     python benchmarks/optimizer_step.py                      # gMLP-S/16 parameters on the CPU
     python benchmarks/optimizer_step.py --device cuda --model gmlp_b16_224
 
-Prints the median of ``--reps`` steps (after one warm-up) per implementation and its speed-up over the
+The implementations step in interleaved rounds (the order rotated each round, so none always runs first);
+prints the median of ``--reps`` rounds (after one warm-up round) per implementation and its speed-up over the
 default; the gradients are random (the update's cost does not depend on them).
 """
 
@@ -17,7 +18,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cli_args import positive_int  # noqa: E402
 
 from gmlp import create_model  # noqa: E402
 from gmlp.utils.malloc import tune_malloc  # noqa: E402
@@ -30,40 +34,31 @@ VARIANTS = {
 }
 
 
-def _positive(text: str) -> int:
-    """argparse type: an int of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="gmlp_s16_224")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--reps", type=_positive, default=10)
+    parser.add_argument("--reps", type=positive_int, default=10)
     args = parser.parse_args(argv)
     tune_malloc()
     device = torch.device(args.device)
     params = list(create_model(args.model).to(device).parameters())
     for p in params:
         p.grad = torch.randn_like(p)
-    times = {}
-    for name, kw in VARIANTS.items():
-        opt = torch.optim.AdamW(params, lr=1e-4, **kw)
-        rounds = []
-        for _ in range(args.reps + 1):
+    optimizers = {name: torch.optim.AdamW(params, lr=1e-4, **kw) for name, kw in VARIANTS.items()}
+    names, samples = list(optimizers), {name: [] for name in optimizers}
+    for round_ in range(args.reps + 1):  # interleaved, the order rotated each round (as run.py)
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            opt.step()
+            optimizers[name].step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            rounds.append(time.perf_counter() - t0)
-        times[name] = statistics.median(rounds[1:]) * 1e3
+            samples[name].append(time.perf_counter() - t0)
+    times = {name: statistics.median(rounds[1:]) * 1e3 for name, rounds in samples.items()}
     count = sum(p.numel() for p in params)
     print(
         f"AdamW step over {args.model}'s {count / 1e6:.1f}M parameters on {device}, "

@@ -28,7 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kernel_sweep import _positive, _shape  # noqa: E402
+from cli_args import positive_int  # noqa: E402
+from kernel_sweep import _shape  # noqa: E402
 from run import MaskedLMStep, timm_gmlp  # noqa: E402
 
 from gmlp import create_model  # noqa: E402
@@ -170,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", choices=sorted(SIZES), default="b")
-    parser.add_argument("--batch", type=_positive, default=256)
-    parser.add_argument("--steps", type=_positive, default=2)
+    parser.add_argument("--batch", type=positive_int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=2)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--triton-config", default=None, help="JSON launch parameters of the fused kernels")
     parser.add_argument(

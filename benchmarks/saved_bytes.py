@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cli_args import positive_int  # noqa: E402
 
 import gmlp.nn.block as block_module  # noqa: E402
 from gmlp.nn import GMLPBlock  # noqa: E402
@@ -43,23 +46,15 @@ def saved_bytes(block: GMLPBlock, x: torch.Tensor, dtype: torch.dtype | None) ->
     return sum(storages.values())
 
 
-def _positive(text: str) -> int:
-    """argparse type: an int of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> dict[str, int]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dim", type=_positive, default=512)
-    parser.add_argument("--ffn", type=_positive, default=3072)
-    parser.add_argument("--tokens", type=_positive, default=196)
-    parser.add_argument("--batch", type=_positive, default=2)
+    parser.add_argument("--dim", type=positive_int, default=512)
+    parser.add_argument("--ffn", type=positive_int, default=3072)
+    parser.add_argument("--tokens", type=positive_int, default=196)
+    parser.add_argument("--batch", type=positive_int, default=2)
     parser.add_argument("--bf16", action="store_true", help="under bf16 autocast (default: float32)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cli_args import positive_int  # noqa: E402
 
 from gmlp.kernels.toeplitz import toeplitz_matrix  # noqa: E402
 from gmlp.nn import TokenProjection  # noqa: E402
@@ -42,17 +45,9 @@ def _time(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _positive(text: str) -> int:
-    """argparse type: an int of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _lengths(text: str) -> list[int]:
     """argparse type: comma-separated sequence lengths of at least 1."""
-    return [_positive(v) for v in text.split(",")]
+    return [positive_int(v) for v in text.split(",")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lengths", type=_lengths, default="64,128,256,512,1024,2048,4096")
-    parser.add_argument("--columns", type=_positive, default=4096, help="batch * channels mixed per token")
-    parser.add_argument("--reps", type=_positive, default=5)
+    parser.add_argument("--columns", type=positive_int, default=4096, help="batch * channels mixed per token")
+    parser.add_argument("--reps", type=positive_int, default=5)
     parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
