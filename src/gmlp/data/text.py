@@ -68,6 +68,8 @@ SOURCE_ALIASES: dict[str, tuple[str, ...]] = {"offline": OFFLINE_SOURCES, "books
 
 PYTHON_DOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")
 WORDNET_DIR = Path("/usr/share/wordnet")
+#: What the ``sources`` arguments take: a name or path, several of them, or None (``offline``).
+SourceSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 _TABLE_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _FETCH_HINT = "run scripts/fetch_text_data.sh (it installs/downloads the offline text data)"
@@ -306,11 +308,25 @@ def iter_hf_text(
     """Rows of a HF ``datasets`` dataset (hub name, or a builder such as ``"json"`` with ``data_files=``).
 
     Raises:
-        TextDataError: the dataset has no ``text_column`` (the message lists its columns).
+        TextDataError: the dataset has no ``text_column`` (the message lists its columns); a local
+            ``data_files`` file is empty or unreadable (the message names it).
     """
     from datasets import load_dataset
 
-    ds = load_dataset(name, config, split=split, **kwargs)
+    files = kwargs.get("data_files")
+    if isinstance(files, (str, os.PathLike)) and Path(files).is_file() and Path(files).stat().st_size == 0:
+        raise TextDataError(f"data file {str(files)!r} is empty")
+    try:
+        ds = load_dataset(name, config, split=split, **kwargs)
+    except Exception as err:
+        if files is None:  # a hub dataset: its own error (network, unknown name...)
+            raise
+        if "corresponds to no data" in str(err):
+            raise TextDataError(f"data file {str(files)!r} holds no rows") from err
+        reason = err.__cause__ or err
+        raise TextDataError(
+            f"cannot read {str(files)!r} as {name}: {type(reason).__name__}: {reason}"
+        ) from err
     if text_column not in ds.column_names:
         raise TextDataError(
             f"dataset {name!r} has no column {text_column!r}; available columns: {', '.join(ds.column_names)}"
@@ -321,11 +337,12 @@ def iter_hf_text(
             yield TextDocument(str(label), str(k), str(text).strip())
 
 
-def resolve_sources(sources: str | Sequence[str] | None) -> list[str]:
-    """Expand aliases (``offline``, ``books``) and comma-separated lists into a list of source names."""
+def resolve_sources(sources: SourceSpec) -> list[str]:
+    """Expand aliases (``offline``, ``books``) and comma-separated lists into a list of source names (a
+    ``pathlib.Path`` is taken as one source)."""
     if sources is None:
         sources = ["offline"]
-    if isinstance(sources, str):
+    if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     out: list[str] = []
     for spec in sources:
@@ -338,7 +355,7 @@ def resolve_sources(sources: str | Sequence[str] | None) -> list[str]:
 
 
 def iter_documents(
-    sources: str | Sequence[str] | None = None, *, text_column: str = "text"
+    sources: SourceSpec = None, *, text_column: str = "text"
 ) -> Iterator[TextDocument]:
     """The documents of each source in turn (see the module docstring for the source names)."""
     for source in resolve_sources(sources):
@@ -401,7 +418,7 @@ def split_documents(docs: Iterable[TextDocument | str], valid_fraction: float) -
 
 
 def load_text_splits(
-    sources: str | Sequence[str] | None = None,
+    sources: SourceSpec = None,
     *,
     valid_fraction: float = 0.01,
     max_documents: int | None = None,
@@ -454,17 +471,27 @@ def pack_sequences(
 
     Returns:
         ``(input_ids, attention_mask)``, both int64 of shape ``[num_blocks, seq_len]``.
+
+    Raises:
+        ValueError: ``seq_len`` is not an int >= 3, or a document is not a flat sequence of token ids.
     """
-    if seq_len < 3:
-        raise ValueError(f"seq_len must be >= 3 (room for [CLS], a token and [SEP]), got {seq_len}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 3:
+        raise ValueError(f"seq_len must be an int >= 3 (room for [CLS], a token and [SEP]), got {seq_len!r}")
+    seq_len = int(seq_len)
     parts: list[np.ndarray] = []
     sep = np.array([sep_id], dtype=np.int64)
-    for ids in token_ids:
-        if len(ids) == 0:
+    for k, ids in enumerate(token_ids):
+        doc = np.asarray(ids)
+        if doc.ndim != 1:
+            raise ValueError(
+                f"token_ids: document {k} has shape {doc.shape}; token_ids must hold one flat sequence of "
+                f"token ids per document (a list of lists, not one list of ids or a [1, n] batch)"
+            )
+        if len(doc) == 0:
             continue
         if parts:
             parts.append(sep)
-        parts.append(np.asarray(ids, dtype=np.int64))
+        parts.append(doc.astype(np.int64, copy=False))
     stream = torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.long)
     body = seq_len - 2
     n_full, rest = divmod(len(stream), body)
