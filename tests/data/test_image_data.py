@@ -51,6 +51,25 @@ def test_local_fashion_mnist_layout_and_missing_files(tmp_path: Path) -> None:
         load_fashion_mnist("validation", tmp_path)
 
 
+def test_unpacked_fashion_mnist_files_load_like_the_gzipped_ones(tmp_path: Path) -> None:
+    """read_idx reads plain IDX files, but load_fashion_mnist looked for the .gz names only: a folder of
+    unpacked files (torchvision's raw/, Kaggle's copy) was "not found"."""
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (4,), dtype=torch.uint8)
+    for folder, gzipped in ((tmp_path / "gz", True), (tmp_path / "plain", False)):
+        folder.mkdir()
+        for name, array in (("t10k-images-idx3-ubyte", images), ("t10k-labels-idx1-ubyte", labels)):
+            _write_idx(folder / f"{name}.gz", array)
+            if not gzipped:
+                (folder / name).write_bytes(gzip.decompress((folder / f"{name}.gz").read_bytes()))
+                (folder / f"{name}.gz").unlink()
+    a, b = load_fashion_mnist("test", tmp_path / "gz"), load_fashion_mnist("test", tmp_path / "plain")
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert torch.equal(b.images[:, 0], images) and b.labels.tolist() == labels.tolist()
+    with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte.gz' not found \(nor "):
+        load_fashion_mnist("train", tmp_path / "plain")
+
+
 def test_digits_split_is_fixed_and_disjoint() -> None:
     train, test = load_digits_split("train"), load_digits_split("test")
     assert len(train) + len(test) == 1797 and train.images.shape[1:] == (1, 8, 8)

@@ -174,6 +174,32 @@ def test_bad_settings_raise_clear_errors(tmp_path: Path, override: dict, message
         train_vision(VisionTrainConfig(**{**TINY, **override}, output=str(tmp_path / "run")))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [({"model_kwargs": {"drop_path_rate": 0.3}},
+      r"model_kwargs drop_path_rate=0.3: drop_path_rate is a setting of its own "
+      r"\(--drop-path-rate, now 0.0\)"),
+     ({"model_kwargs": {"drop_rate": 0.2}, "drop_rate": 0.1}, r"model_kwargs drop_rate=0.2: .*now 0.1"),
+     ({"model_kwargs": {"drop_path_schedule": "linear"}}, "model_kwargs drop_path_schedule='linear'"),
+     ({"crop_scale": (0.35, 1.0)}, r"crop_scale=\(0.35, 1.0\): a setting of timm's transforms, which the "
+                                   r"digits in-memory pipeline does not run .* add --auto-augment"),
+     ({"color_jitter": 0.0, "train_interpolation": "bilinear"}, "color_jitter=0.0, train_interpolation="),
+     ({"val_split": "train"}, "val_split='train': dataset 'digits' does not use this setting"),
+     ({"dataset": "imagefolder", "data_root": "x", "label_key": "y"},
+      "label_key='y': dataset 'imagefolder'")],
+)
+def test_settings_the_run_would_ignore_are_refused(override: dict, message: str) -> None:
+    """A model_kwargs drop_path_rate/drop_rate/drop_path_schedule was overridden by the setting of that
+    name (its default), and the timm-transform and split settings did nothing on the digits/Fashion-MNIST
+    tensors: all were silently ignored."""
+    with pytest.raises(ValueError, match=message):
+        VisionTrainConfig(**{**TINY, **override}).validate()
+    same = {"model_kwargs": {"drop_path_rate": 0.1}, "drop_path_rate": 0.1}  # the same value twice: fine
+    VisionTrainConfig(**{**TINY, **same}).validate()
+    VisionTrainConfig(**{**TINY, "crop_scale": [0.08, 1.0]}).validate()  # the default, as a recipe gives it
+    VisionTrainConfig(**{**TINY, "crop_scale": (0.35, 1.0), "auto_augment": "rand-m9"}).validate()  # PIL
+
+
 def test_matching_model_kwargs_and_img_size_are_accepted(tmp_path: Path) -> None:
     cfg = VisionTrainConfig(**{**TINY, "epochs": 1, "train_subset": 64, "test_subset": 64}, img_size=8,
                             model_kwargs={"num_classes": 10, "in_chans": 1, "img_size": [8, 8]},

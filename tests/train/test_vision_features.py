@@ -133,6 +133,26 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path) -> None:
     _assert_same(tmp_path / "one" / "model.safetensors", tmp_path / "four" / "model.safetensors", atol=1e-5)
 
 
+def test_accumulation_with_a_corrupt_image_matches_the_full_batch(tmp_path: Path) -> None:
+    """A skipped corrupt image leaves its micro-batch short; the step must still take the mean over the step's
+    readable images (as one micro-batch of the whole global batch does), not the mean of per-micro-batch
+    means, which weighed the other image of a short micro-batch twice as much."""
+    root = _tree(tmp_path / "imgs")
+    settings = dict(model="gmlp_micro4_28", model_kwargs={"in_chans": 3}, dataset="imagefolder",
+                    data_root=str(root), img_size=12, batch_size=4, epochs=2, warmup_steps=1, lr=3e-3,
+                    augment=False, progress=False, workers=0, eval_batch_size=6, threads=1, tensorboard=False,
+                    plot=False)
+    runs = {}
+    for accum in (1, 2, 4):
+        out = tmp_path / f"accum{accum}"
+        runs[accum] = train_vision(VisionTrainConfig(**settings, grad_accum_steps=accum, output=str(out)))
+    assert runs[1]["skipped_images"] >= 1  # the corrupt PNG was in a batch
+    for accum in (2, 4):
+        full, accumulated = (tmp_path / f"accum{k}" / "model.safetensors" for k in (1, accum))
+        _assert_same(full, accumulated, atol=1e-5)
+        assert runs[accum]["train_loss"] == pytest.approx(runs[1]["train_loss"], rel=1e-5)
+
+
 def test_out_of_memory_suggests_accumulation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import gmlp.train.vision as vision
 

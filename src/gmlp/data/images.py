@@ -95,21 +95,24 @@ def fashion_mnist_root(root: str | Path | None = None) -> Path:
 def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> ImageSplit:
     """Fashion-MNIST ``"train"`` (60,000) or ``"test"`` (10,000) split from the IDX files.
 
-    The files come from Debian's ``dataset-fashion-mnist`` package (``scripts/setup.sh`` installs it).
+    The files come from Debian's ``dataset-fashion-mnist`` package (``scripts/setup.sh`` installs it). They
+    are read gzipped (``train-images-idx3-ubyte.gz``, as distributed) or unpacked
+    (``train-images-idx3-ubyte``, as torchvision and Kaggle leave them).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     base = fashion_mnist_root(root)
     prefix = "train" if split == "train" else "t10k"
-    img_path = base / f"{prefix}-images-idx3-ubyte.gz"
-    lbl_path = base / f"{prefix}-labels-idx1-ubyte.gz"
-    for p in (img_path, lbl_path):
-        if not p.is_file():
+    paths = []
+    for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+        gz, plain = base / f"{name}.gz", base / name  # as distributed, or unpacked (read_idx reads both)
+        if not gz.is_file() and not plain.is_file():
             raise FileNotFoundError(
-                f"Fashion-MNIST file {str(p)!r} not found; install it with "
+                f"Fashion-MNIST file {str(gz)!r} not found (nor {plain.name}); install it with "
                 f"`apt-get install dataset-fashion-mnist` (scripts/setup.sh does) or pass data_root"
             )
-    images, labels = read_idx(img_path), read_idx(lbl_path)
+        paths.append(gz if gz.is_file() else plain)
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
         raise ValueError(
             f"Fashion-MNIST {split}: images {tuple(images.shape)} and labels {tuple(labels.shape)} disagree"

@@ -71,6 +71,13 @@ __all__ = ["TENSOR_DATASETS", "VisionTrainConfig", "build_model", "evaluate", "t
 
 TENSOR_DATASETS = ("fashion_mnist", "digits")
 PIL_DATASETS = ("imagefolder", "hf")
+#: Model constructor arguments that are settings of their own (a model_kwargs value would be overridden).
+_OWN_SETTINGS = ("drop_path_rate", "drop_path_schedule", "drop_rate")
+
+
+def _as_tuple(value: Any) -> Any:
+    """Lists as tuples (recipes and config.json give lists where the dataclass defaults are tuples)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclass
@@ -226,6 +233,38 @@ class VisionTrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 (or unset), got {value}")
+        for name in _OWN_SETTINGS:  # build_model gets the setting's value, not model_kwargs'
+            if name in self.model_kwargs and self.model_kwargs[name] != getattr(self, name):
+                raise ConfigError(
+                    f"model_kwargs {name}={self.model_kwargs[name]!r}: {name} is a setting of its own "
+                    f"(--{name.replace('_', '-')}, now {getattr(self, name)!r}), which the model is built "
+                    f"with; set it there and leave it out of model_kwargs"
+                )
+        self._check_unused_settings()
+
+    def _check_unused_settings(self) -> None:
+        """Refuse settings this run's data pipeline never reads (they would be silently ignored)."""
+        keys: tuple[str, ...] = ()
+        if self.dataset in TENSOR_DATASETS:  # read from their files, not by split name or column
+            keys = ("train_split", "val_split", "image_key", "label_key")
+        elif self.dataset == "imagefolder":
+            keys = ("image_key", "label_key")
+        unused = [n for n in keys if getattr(self, n) is not None]
+        if unused:
+            what = ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
+            raise ConfigError(f"{what}: dataset {self.dataset!r} does not use this setting; leave it unset")
+        if self.uses_pil:
+            return
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        unused = [n for n in ("crop_scale", "color_jitter", "train_interpolation")
+                  if _as_tuple(getattr(self, n)) != _as_tuple(defaults[n])]
+        if unused:
+            what = ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
+            raise ConfigError(
+                f"{what}: a setting of timm's transforms, which the {self.dataset} in-memory pipeline does "
+                f"not run (it shifts images by up to 2 pixels and flips them, --hflip); add --auto-augment "
+                f"to train through timm's transforms, or leave it unset"
+            )
 
     @property
     def uses_pil(self) -> bool:
@@ -932,6 +971,12 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
     pending = torch.zeros((), dtype=torch.float64, device=device)  # losses not yet added to loss_sum
     pending_count = 0
     check_each_step = _flush_losses_every_step(device)
+    # Corrupt images (PIL pipeline) leave micro-batches short. With one micro-batch per step the loss is the
+    # mean over its readable images already; with several (processes x accumulation steps) each image's loss
+    # is weighted by 1 / micro and the gradient rescaled to the mean over the step's readable images, as one
+    # step on the whole global batch gives (a mean per micro-batch weighed the images of short ones more).
+    micro = config.batch_size // (env.world_size * config.grad_accum_steps)
+    weigh_by_images = batches is not None and env.world_size * config.grad_accum_steps > 1
     model.train()
     bar = None
     epoch_start = time.perf_counter()
@@ -962,6 +1007,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
                 gen = torch.Generator().manual_seed(sseed)
                 aug = _shift_flip_params(len(global_idx), gen, 2, config.hflip)
         step_loss = torch.zeros((), device=device)
+        step_images = 0  # readable images of this process's micro-batches (corrupt ones are skipped)
         for m in range(config.grad_accum_steps):
             if batches is None:
                 pos = plan.positions(m)
@@ -996,10 +1042,24 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
                             x = erasing(x)
                         with _autocast(device, config.precision):
                             loss = criterion(model(x), y)
+                    if weigh_by_images and len(y) != micro:  # each image weighs as one of a full micro-batch
+                        loss = loss * (len(y) / micro)
                     (loss / config.grad_accum_steps if config.grad_accum_steps > 1 else loss).backward()
             except torch.OutOfMemoryError as err:
                 raise torch.OutOfMemoryError(_oom_message(err, step, len(y), config, env)) from err
             step_loss += loss.detach() / config.grad_accum_steps
+            step_images += len(y)
+        if weigh_by_images:  # the gradient is the sum over the step's images / batch_size: make it their mean
+            local = micro * config.grad_accum_steps
+            if 0 < step_images != local:
+                step_loss *= local / step_images
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if env.distributed:  # counted on the device and scaled by a tensor: no host sync each step
+                total = torch.full((), float(step_images), dtype=torch.float32, device=device)
+                torch.distributed.all_reduce(total)
+                torch._foreach_mul_(grads, config.batch_size / total.clamp(min=1.0))  # x 1.0 if none skipped
+            elif 0 < step_images != config.batch_size:
+                torch._foreach_mul_(grads, config.batch_size / step_images)
         if config.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
