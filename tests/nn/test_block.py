@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,7 +240,10 @@ def test_bf16_autocast_fast_path_keeps_causality_and_padding(
         for b, m in enumerate(lengths):
             alone = model(x[:m, b : b + 1].clone())
             torch.testing.assert_close(out[:m, b : b + 1].float(), alone.float(), atol=0.05, rtol=0.05)
-    assert calls and set(calls) == {torch.bfloat16}
+    if os.environ.get("GMLP_DISABLE_CPU_FUSION") == "1":  # the suite's plain-ops run: no oneDNN product
+        assert not calls
+    else:
+        assert calls and set(calls) == {torch.bfloat16}
 
 
 def test_pads_leak_without_mask() -> None:
@@ -321,3 +327,165 @@ def test_bad_constructor_arguments() -> None:
         GMLPBlock(8, 16, 4, variant="none", attn_dim=4)
     with pytest.raises(ValueError, match="'mixer'"):
         GMLPBlock(8, 16, 4, variant="mixer")
+
+
+# ---------------------------------------------------------------------------------------------------
+# faster must not mean different: every CPU path of a whole block against the plain ops
+
+
+def _with_cpu_fusion(fusion: bool, fn):
+    """``fn()`` with the oneDNN path forced on (``GMLP_DISABLE_CPU_FUSION=0``) or off (``=1``)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GMLP_DISABLE_CPU_FUSION", "0" if fusion else "1")
+        return fn()
+
+
+@pytest.mark.skipif(not cpu_linear._HAS_ONEDNN_LINEAR, reason="no oneDNN linear in this torch build")
+@given(
+    n=st.integers(1, 10),
+    batch=st.integers(1, 3),
+    toeplitz=st.booleans(),
+    causal=st.booleans(),
+    heads=st.sampled_from([1, 2]),
+    attn=st.booleans(),
+    masked=st.booleans(),
+    fft=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_every_cpu_path_equals_the_plain_ops(onednn_products, n, batch, toeplitz, causal, heads, attn, masked,
+                                             fft, seed) -> None:
+    """Any mix of the options (dense or Toeplitz W, the latter by GEMM or FFT, causal, heads, tiny attention,
+    a padding mask, inputs shorter than seq_len, batch 1): the oneDNN path gives the plain ops' output and
+    every gradient in training; and inference (no_grad, inference_mode, eval mode: oneDNN epilogues and
+    in-place ops) gives the same output on both paths, NaN in the pads reaching no real token."""
+    torch.manual_seed(seed)
+    model = make("stack", toeplitz=toeplitz, causal=causal, heads=heads, attn_dim=4 if attn else None,
+                 fft_threshold=1 if fft and toeplitz else None)  # fmt: skip
+    x = torch.randn(n, batch, 8)
+    mask = None
+    real = torch.ones(n, batch, dtype=torch.bool)
+    if masked:
+        mask = torch.rand(batch, n) > 0.3
+        real = mask.t()
+    seed_grad = torch.randn(n, batch, 8)
+    params = [p for p in model.parameters()]
+
+    def train_step() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        model.train()
+        xg = x.clone().requires_grad_(True)
+        out = model(xg, mask)
+        return out.detach(), torch.autograd.grad((out * seed_grad).sum(), [xg, *params])
+
+    def inference() -> list[torch.Tensor]:
+        nan_pads = torch.where(real.unsqueeze(-1), x, float("nan"))
+        outs = []
+        for mode in (torch.no_grad, torch.inference_mode):
+            for train in (True, False):  # dropout and drop path are 0: train mode is no different
+                model.train(train)
+                with mode():
+                    outs.append(model(nan_pads, mask).clone()[real])
+        return outs
+
+    with onednn_products() as calls:
+        fast, g_fast = _with_cpu_fusion(True, train_step)
+        fast_inference = _with_cpu_fusion(True, inference)
+    assert calls, "the oneDNN path was not taken"
+    with onednn_products() as calls:
+        ref, g_ref = _with_cpu_fusion(False, train_step)
+        ref_inference = _with_cpu_fusion(False, inference)
+    assert not calls, "GMLP_DISABLE_CPU_FUSION=1 still took the oneDNN path"
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for out in (*fast_inference, *ref_inference):
+        torch.testing.assert_close(out, ref[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_linear._HAS_ONEDNN_BF16, reason="no oneDNN bf16 on this CPU")
+@given(
+    n=st.integers(1, 8),
+    toeplitz=st.booleans(),
+    causal=st.booleans(),
+    heads=st.sampled_from([1, 2]),
+    attn=st.booleans(),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bf16_autocast_fast_path_equals_autocast_plain_ops(n, toeplitz, causal, heads, attn, masked,
+                                                           seed) -> None:
+    """Under CPU bf16 autocast the oneDNN bf16 path gives autocast's own ops' output (same dtype) and
+    gradients (same dtypes) within bf16 rounding, in training and in inference."""
+    torch.manual_seed(seed)
+    model = make("stack", toeplitz=toeplitz, causal=causal, heads=heads, attn_dim=4 if attn else None)
+    x = torch.randn(n, 2, 8)
+    mask = None
+    if masked:
+        mask = torch.rand(2, n) > 0.3
+        mask[:, 0] = True
+    real = torch.ones(n, 2, dtype=torch.bool) if mask is None else mask.t()
+    params = [p for p in model.parameters()]
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            xg = x.clone().requires_grad_(True)
+            out = model(xg, mask)
+            grads = torch.autograd.grad(out.float()[real].square().sum(), [xg, *params])
+            with torch.no_grad():
+                inferred = model(x, mask)
+        return out.detach(), inferred, grads
+
+    fast, fast_inferred, g_fast = _with_cpu_fusion(True, run)
+    ref, ref_inferred, g_ref = _with_cpu_fusion(False, run)
+    assert fast.dtype == ref.dtype and fast_inferred.dtype == ref_inferred.dtype
+    scale = ref[real].abs().max().item()
+    for a in (fast, fast_inferred, ref_inferred):
+        torch.testing.assert_close(a[real].float(), ref[real].float(), atol=0.03 * scale, rtol=0)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=0.05 * b.abs().max().item() + 1e-3, rtol=0)
+
+
+@given(
+    n=st.integers(2, 8),
+    batch=st.integers(1, 2),
+    toeplitz=st.booleans(),
+    heads=st.sampled_from([1, 2]),
+    attn=st.booleans(),
+    masked=st.booleans(),
+    fusion=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_causal_inference_never_sees_the_future(n, batch, toeplitz, heads, attn, masked, fusion,
+                                                seed) -> None:
+    """Inference paths (no_grad, inference_mode: oneDNN epilogues, in-place ops) that the gradient checks
+    above never run: replacing the tokens after t (real or padded) leaves outputs 0..t unchanged."""
+    torch.manual_seed(seed)
+    model = make("stack", causal=True, toeplitz=toeplitz, heads=heads, attn_dim=4 if attn else None).eval()
+    x = torch.randn(n, batch, 8)
+    mask = None
+    if masked:
+        mask = torch.rand(batch, n) > 0.3
+        mask[:, 0] = True
+    t = int(torch.randint(0, n - 1, ()))
+    other = x.clone()
+    other[t + 1 :] = torch.randn(n - t - 1, batch, 8) * 100
+
+    def run() -> list[torch.Tensor]:
+        outs = []
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                outs.append((model(x, mask).clone(), model(other, mask).clone()))
+        return outs
+
+    for a, b in _with_cpu_fusion(fusion, run):
+        torch.testing.assert_close(a[: t + 1], b[: t + 1], atol=1e-6, rtol=0)
+        assert (a[t + 1 :] - b[t + 1 :]).abs().max() > 1e-3  # the later outputs do see the change
+
+
+def test_numpy_integer_heads_and_attn_dim_are_taken() -> None:
+    """A block sized with numpy ints (heads, tiny attention) builds as with Python ints."""
+    block = GMLPBlock(np.int64(8), 16, np.int64(10), heads=np.int64(2), attn_dim=np.int32(4))
+    ref = GMLPBlock(8, 16, 10, heads=2, attn_dim=4)
+    ref.load_state_dict(randomize_(block).state_dict())
+    x = torch.randn(6, 2, 8)
+    torch.testing.assert_close(block(x), ref(x), atol=0, rtol=0)

@@ -149,6 +149,8 @@ def test_numpy_integer_sizes_are_taken() -> None:
     block = GMLPBlock(np.int64(8), np.int32(16), np.int64(4), fft_threshold=None)
     assert type(block.dim) is int and type(block.sgu.dim) is int and type(block.sgu.proj.seq_len) is int
     assert block(torch.randn(4, 2, 8)).shape == (4, 2, 8)
+    block = GMLPBlock(8, 16, 4, dropout=np.float32(0.25), drop_path=np.float64(0.5), norm_eps=np.float32(1))
+    assert block.dropout.p == 0.25 and type(block.drop_path.p) is float and block.drop_path.p == 0.5
 
 
 def test_vision_num_classes_and_drop_path_rate_are_checked() -> None:

@@ -5,6 +5,7 @@ Spatial weights are randomised (the near-zero init would make most of these chec
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -400,6 +401,21 @@ def test_heads_not_dividing_width() -> None:
         TokenProjection(4, heads=0)
     with pytest.raises(ValueError, match=r"channels \(10\).*heads \(4\)"):
         TokenProjection(4, heads=4)(torch.randn(4, 1, 10))
+
+
+@pytest.mark.parametrize("heads", [np.int64(2), np.int32(4), torch.tensor(2)])
+def test_numpy_integer_heads_are_taken(heads) -> None:
+    """A head count computed with numpy is an int, as every other size of the layers: it was refused with
+    "heads (2) must be a positive divisor of the gate width (4)", which it is."""
+    sgu = randomize_(SpatialGatingUnit(8, 4, heads=heads, toeplitz=True))
+    assert type(sgu.proj.heads) is int and sgu.proj.heads == int(heads)
+    assert sgu.proj.weight.shape == (int(heads), 7)
+    ref = SpatialGatingUnit(8, 4, heads=int(heads), toeplitz=True)
+    ref.load_state_dict(sgu.state_dict())
+    z = torch.randn(4, 2, 8)
+    torch.testing.assert_close(sgu(z), ref(z), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"heads \(3\)"):
+        SpatialGatingUnit(8, 4, heads=np.int64(3))
 
 
 def test_sequence_longer_than_seq_len() -> None:

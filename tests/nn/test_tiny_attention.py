@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -154,3 +155,15 @@ def test_bad_sizes_are_named(arg: str) -> None:
     kwargs = {"dim": 8, "attn_dim": 4, "out_dim": 6, arg: 0}
     with pytest.raises(ValueError, match=arg):
         TinyAttention(**kwargs)
+
+
+def test_numpy_integer_sizes_are_taken() -> None:
+    """Sizes computed with numpy are ints, as for the other layers (a GMLPBlock with a numpy ``attn_dim``
+    was refused with "attn_dim must be a positive int, got np.int64(4)"); they are stored as Python ints."""
+    attn = TinyAttention(np.int64(8), np.int32(4), np.int64(6))
+    assert (attn.dim, attn.attn_dim) == (8, 4) and type(attn.attn_dim) is int
+    assert attn.qkv.weight.shape == (12, 8) and attn.out.weight.shape == (6, 4)
+    x = torch.randn(5, 2, 8)
+    torch.testing.assert_close(randomize_(attn)(x), hand_attention(attn, x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attn_dim must be a positive int, got np.int64"):
+        TinyAttention(8, np.int64(0), 6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
@@ -56,7 +57,8 @@ def check_number(
 ) -> float:
     """``value`` if it is a real number (not a bool) in the interval from ``low`` to ``high`` (each end open
     or closed as given), else a ValueError naming ``name`` and the interval."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    # numbers.Real: numpy's floats and ints too
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.cpu_linear import apply_linear
-from ._checks import check_flag, check_mask, check_tokens
+from ._checks import as_int, check_flag, check_mask, check_tokens
 
 __all__ = ["TinyAttention"]
 
@@ -30,9 +30,13 @@ class TinyAttention(nn.Module):
 
     def __init__(self, dim: int, attn_dim: int, out_dim: int, *, causal: bool = False) -> None:
         super().__init__()
+        sizes: list[int] = []
         for name, value in (("dim", dim), ("attn_dim", attn_dim), ("out_dim", out_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            size = as_int(value)  # numpy ints are ints, as for the other layers' sizes
+            if size is None or size < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+            sizes.append(size)
+        dim, attn_dim, out_dim = sizes
         self.dim = dim
         self.attn_dim = attn_dim
         self.causal = check_flag(causal, "causal")

@@ -43,8 +43,7 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float = 0.0, batch_dim: int = 1) -> None:
         super().__init__()
-        check_number(p, "drop path probability p", high=1.0)
-        self.p = p
+        self.p = check_number(p, "drop path probability p", high=1.0)
         self.batch_dim = batch_dim
 
     def extra_repr(self) -> str:

@@ -8,7 +8,9 @@ the last axis unchanged.
 
 Padding masks are ``(batch, seq_len)`` bool/int tensors with ``True``/1 for real tokens (the Hugging Face
 ``attention_mask`` convention). Padded positions are zeroed (with ``masked_fill``, so even NaN/inf in the
-padding cannot leak) before the token mixing, so they influence no real token.
+padding cannot leak into a real token's output) before the token mixing, so they influence no real token.
+(In training, NaN/inf in padded inputs still make the gradients NaN, since the backward products multiply
+them by zero, as in any PyTorch or Hugging Face model: padding should hold finite values.)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 
 from ..kernels.cpu_linear import token_mix
 from ..kernels.toeplitz import toeplitz_matrix, toeplitz_mix_fft
-from ._checks import check_flag, check_int, check_mask, check_number, check_tokens
+from ._checks import as_int, check_flag, check_int, check_mask, check_number, check_tokens
 from ._inplace import may_update_in_place, plain_call
 
 __all__ = ["VARIANTS", "TokenProjection", "SpatialGatingUnit"]
@@ -195,10 +197,12 @@ class SpatialGatingUnit(nn.Module):
         self.variant = variant
         self.gate_dim = dim // 2 if variant == "sgu" else dim
         self.out_features = self.gate_dim
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or self.gate_dim % heads:
+        heads_int = as_int(heads)  # numpy ints are ints, as for the other sizes
+        if heads_int is None or heads_int < 1 or self.gate_dim % heads_int:
             raise ValueError(
                 f"heads ({heads}) must be a positive divisor of the gate width ({self.gate_dim})"
             )
+        heads = heads_int
         if variant == "none":
             self.norm = None
             self.proj = None

@@ -110,3 +110,28 @@ def test_padded_losses_compile_fullgraph_and_match_eager(cls) -> None:
     torch.testing.assert_close(losses[1], losses[0])
     for got, expected in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, expected)
+
+
+def test_compiled_model_gives_each_padded_row_its_unpadded_logits() -> None:
+    """Compiled MLM (two heads, tiny attention, FFT Toeplitz mixing from 4 tokens on): rows with left, right
+    and inner padding of different amounts give at their real tokens the eager logits of the row with its
+    padding deleted, and changing the pad ids changes none of them."""
+    torch.manual_seed(0)
+    model = GMLPForMaskedLM(_config(tiny_attn_size=8, sgu_heads=2, spatial_fft_threshold=4)).eval()
+    for block in model.gmlp.blocks:  # a large W, so that any leak would show
+        torch.nn.init.normal_(block.sgu.proj.weight, std=0.3)
+    ids = torch.randint(1, 40, (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[0, :4] = 0  # left
+    mask[1, 6:] = 0  # right
+    mask[2, 2:5] = 0  # inner
+    mask[2, 9:] = 0
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    logits = compiled(input_ids=ids, attention_mask=mask).logits
+    other = torch.where(mask.bool(), ids, torch.randint(1, 40, ids.shape))
+    torch.testing.assert_close(compiled(input_ids=other, attention_mask=mask).logits[mask.bool()],
+                               logits[mask.bool()])  # fmt: skip
+    for row in range(3):
+        real = mask[row].bool()
+        alone = model(input_ids=ids[row : row + 1, real]).logits[0]
+        torch.testing.assert_close(logits[row, real], alone, atol=1e-5, rtol=1e-5)
