@@ -107,6 +107,49 @@ def test_pretraining_never_masks_a_special_token_unk_included() -> None:
     assert (labels != -100).any()
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"mask_replace_prob": -0.1}, "mask_replace_prob"),
+        ({"mask_replace_prob": 1.5, "random_replace_prob": -0.6}, "mask_replace_prob"),
+        ({"random_replace_prob": -0.1}, "random_replace_prob"),
+        ({"mask_replace_prob": 0.8, "random_replace_prob": 0.3}, "mask_replace_prob \\+ random_replace_prob"),
+        ({"vocab_size": 0}, "vocab_size"),
+    ],
+)
+def test_mask_tokens_names_a_bad_argument(kwargs: dict, name: str) -> None:
+    args = {"mask_token_id": 4, "vocab_size": 100, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        mask_tokens(torch.randint(5, 100, (2, 8)), **args)
+
+
+@pytest.mark.parametrize(("mask_prob", "random_prob"), [(0.8, 0.1), (0.8, 0.2), (0.9, 0.1), (0.5, 0.5)])
+def test_mask_tokens_same_masks_whatever_the_default_dtype(mask_prob: float, random_prob: float) -> None:
+    """A seed gives one set of masks; a float64 default dtype neither changes them nor turns the rounded
+    ratio random / (1 - mask) = 1.0000000000000002 into an invalid Bernoulli probability."""
+    ids = torch.randint(5, 100, (16, 32))
+    ids[:, 0] = 2
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(3)
+        return mask_tokens(ids, mask_token_id=4, vocab_size=100, special_ids=[2], generator=g,
+                           mask_replace_prob=mask_prob, random_replace_prob=random_prob)
+
+    inputs, labels = run()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        inputs64, labels64 = run()
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(inputs64, inputs) and torch.equal(labels64, labels)
+    selected = labels != -100
+    assert torch.equal(labels[selected], ids[selected]) and not selected[:, 0].any()
+    if mask_prob + random_prob == 1.0:  # no selected token is left unchanged except by a random draw
+        kept = selected & (inputs == ids)
+        assert kept.sum() <= 0.05 * selected.sum()
+
+
 # --- SQuAD metric -------------------------------------------------------------------------------------------
 
 
@@ -143,6 +186,98 @@ def test_postprocess_qa_picks_best_span_across_windows() -> None:
     for threshold, expected in ((0.0, "Ishmael"), (3.1, "Ishmael"), (-2.9, "Ishmael"), (-3.1, "")):
         got = postprocess_qa([ex], [0], offsets[:1], start, end, version_2=True, null_threshold=threshold)
         assert got == {"q": expected}, threshold
+
+
+def test_squad_metrics_refuses_a_bare_string_as_gold_answers() -> None:
+    """A string is a sequence of strings: scored as its characters it gave 0 for a right answer."""
+    assert squad_metrics({"a": "Ahab"}, {"a": ["Ahab"]})["exact_match"] == 100.0
+    with pytest.raises(TypeError, match="'a'.*list of strings"):
+        squad_metrics({"a": "Ahab"}, {"a": "Ahab"})
+
+
+def test_postprocess_qa_limits_by_brute_force() -> None:
+    """The best span under n_best / max_answer_length, against a plain search over every span; limits
+    below 1 and features of unequal counts are refused by name."""
+    from gmlp.data.sentiment import QAExample
+
+    gen = torch.Generator().manual_seed(0)
+    context = " ".join(f"w{i}" for i in range(12))
+    ex = QAExample("q", "?", context, ())
+    offsets = [None, None] + [(m.start(), m.end()) for m in re.finditer(r"\S+", context)] + [None]
+    assert len(offsets) == 15
+    answered = 0
+    for _ in range(30):
+        s_log, e_log = torch.randn(len(offsets), generator=gen), torch.randn(len(offsets), generator=gen)
+        n_best, max_len = (int(torch.randint(1, hi, (1,), generator=gen)) for hi in (8, 5))
+        top_s, top_e = (t.argsort(descending=True)[:n_best].tolist() for t in (s_log, e_log))
+        spans = [
+            (float(s_log[i] + e_log[j]), context[offsets[i][0] : offsets[j][1]])
+            for i in top_s
+            for j in top_e
+            if offsets[i] and offsets[j] and i <= j < i + max_len
+        ]
+        want = max(spans)[1] if spans else ""
+        answered += bool(spans)
+        got = postprocess_qa([ex], [0], [offsets], [s_log.tolist()], [e_log.tolist()], n_best=n_best,
+                             max_answer_length=max_len)
+        assert got == {"q": want}
+    assert answered >= 10
+    for kwargs, name in (({"n_best": 0}, "n_best"), ({"max_answer_length": 0}, "max_answer_length")):
+        with pytest.raises(ValueError, match=name):
+            postprocess_qa([ex], [0], [offsets], [s_log.tolist()], [e_log.tolist()], **kwargs)
+    with pytest.raises(ValueError, match="one entry per feature"):
+        postprocess_qa([ex], [0, 0], [offsets], [s_log.tolist()], [e_log.tolist()])
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram"])
+@pytest.mark.parametrize("form", ["NFC", "NFD"])
+def test_qa_windows_cover_the_context_and_decode_the_exact_answer(kind: str, form: str) -> None:
+    """Every labelled window's gold span decodes, through its offsets, to the answer text exactly (no
+    SentencePiece leading space, no accent dropped from a word-final NFD letter); windows cover the
+    context; a window without the whole answer is labelled [CLS] (0, 0)."""
+    import unicodedata
+
+    from gmlp.data.sentiment import QAExample
+
+    words = ["Zoë", "met", "Renée", "at", "the", "café", "in", "Zürich", "🐋", "on", "Tuesday,", "near",
+             "Straße\u00a0Nord", "and", "東京", "station.", "naïve", "whale"]
+    words = [unicodedata.normalize(form, w) for w in words]
+    gen = torch.Generator().manual_seed(7)
+    examples = []
+    for n in range(6):
+        picked = [words[int(i)] for i in torch.randint(len(words), (24,), generator=gen)]
+        seps = [" " * int(k) for k in torch.randint(1, 4, (24,), generator=gen)]
+        a = int(torch.randint(len(picked), (1,), generator=gen))
+        b = min(len(picked), a + int(torch.randint(1, 4, (1,), generator=gen)))
+        start = sum(len(w) + len(sep) for w, sep in zip(picked[:a], seps[:a], strict=True))
+        answer = "".join(w + sep for w, sep in zip(picked[a:b], seps[a:b], strict=True)).rstrip()
+        context = "".join(w + sep for w, sep in zip(picked, seps, strict=True)).rstrip()
+        assert context[start : start + len(answer)] == answer
+        examples.append(QAExample(f"q{n}", "Who met whom where?", context, ((answer, start),)))
+    tok = train_tokenizer([e.context for e in examples] + ["Who met whom where?"], kind=kind,
+                          vocab_size=200, model_max_length=64)
+    feats = pipelines._qa_features(tok, examples, 48, 16, 16)
+    labelled = set()
+    covered: dict[int, set[int]] = {}
+    for k, ex_i in enumerate(feats.example_index):
+        ex, offsets = examples[ex_i], feats.offsets[k]
+        spans = [o for o in offsets if o is not None]
+        covered.setdefault(ex_i, set()).update(c for a, b in spans for c in range(a, b))
+        answer, char_start = ex.answers[0]
+        inside = spans[0][0] <= char_start and spans[-1][1] >= char_start + len(answer)
+        s, e = feats.start[k], feats.end[k]
+        if not inside:
+            assert (s, e) == (0, 0)
+            continue
+        labelled.add(ex_i)
+        logits = [[0.0] * len(offsets), [0.0] * len(offsets)]
+        logits[0][s] = logits[1][e] = 10.0
+        pred = postprocess_qa([ex], [0], [offsets], [logits[0]], [logits[1]])
+        assert pred == {ex.id: answer}
+    assert labelled == set(range(len(examples)))
+    for ex_i, ex in enumerate(examples):
+        missing = [c for c, ch in enumerate(ex.context) if not ch.isspace() and c not in covered[ex_i]]
+        assert not missing, [ex.context[c] for c in missing]
 
 
 # --- tokenizer ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import string
 import sys
 import threading
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -544,28 +545,42 @@ def mask_tokens(
 
     Returns:
         ``(inputs, labels)``: the corrupted ids and the targets (-100 where no prediction is made).
+
+    Raises:
+        ValueError: ``mlm_probability`` outside (0, 1), ``mask_replace_prob`` or ``random_replace_prob``
+            outside [0, 1] or summing to more than 1, or ``vocab_size`` below 1.
     """
     if not 0.0 < mlm_probability < 1.0:
         raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+    for name, p in (("mask_replace_prob", mask_replace_prob), ("random_replace_prob", random_replace_prob)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
     if mask_replace_prob + random_replace_prob > 1.0:
-        raise ValueError("mask_replace_prob + random_replace_prob must be <= 1")
+        raise ValueError(
+            f"mask_replace_prob + random_replace_prob must be <= 1, got {mask_replace_prob} + "
+            f"{random_replace_prob}"
+        )
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1 (random replacements are drawn from it), got {vocab_size}")
     labels = input_ids.clone()
     inputs = input_ids.clone()
-    prob = torch.full(inputs.shape, mlm_probability)
+
+    def full(p: float) -> torch.Tensor:
+        # float32 whatever the default dtype: the same masks for a seed, and a ratio rounded up
+        # (0.2 / (1 - 0.8) = 1.0000000000000002) stays a valid probability
+        return torch.full(inputs.shape, min(float(p), 1.0), dtype=torch.float32)
+
+    prob = full(mlm_probability)
     special = torch.zeros(inputs.shape, dtype=torch.bool)
     for sid in special_ids:
         special |= input_ids.cpu() == sid
     prob.masked_fill_(special, 0.0)
     selected = torch.bernoulli(prob, generator=generator).bool()
     labels[~selected.to(labels.device)] = -100
-    replaced = (
-        torch.bernoulli(torch.full(inputs.shape, mask_replace_prob), generator=generator).bool() & selected
-    )
+    replaced = torch.bernoulli(full(mask_replace_prob), generator=generator).bool() & selected
     inputs[replaced.to(inputs.device)] = mask_token_id
     rest = random_replace_prob / (1.0 - mask_replace_prob) if mask_replace_prob < 1.0 else 0.0
-    randomised = (
-        torch.bernoulli(torch.full(inputs.shape, rest), generator=generator).bool() & selected & ~replaced
-    )
+    randomised = torch.bernoulli(full(rest), generator=generator).bool() & selected & ~replaced
     words = torch.randint(vocab_size, inputs.shape, dtype=inputs.dtype, generator=generator)
     inputs[randomised.to(inputs.device)] = words[randomised].to(inputs.device)
     return inputs, labels
@@ -1322,6 +1337,8 @@ def squad_metrics(predictions: dict[str, str], references: dict[str, Sequence[st
 
     Raises:
         KeyError: a reference question has no prediction.
+        TypeError: a question's gold answers are one string instead of a sequence of strings (scored
+            as its characters they would give no match).
     """
     if not references:
         return {"exact_match": 0.0, "f1": 0.0, "count": 0}
@@ -1329,6 +1346,11 @@ def squad_metrics(predictions: dict[str, str], references: dict[str, Sequence[st
     for qid, golds in references.items():
         if qid not in predictions:
             raise KeyError(f"no prediction for question {qid!r}")
+        if isinstance(golds, str):
+            raise TypeError(
+                f"the gold answers of question {qid!r} must be a list of strings, got the string {golds!r} "
+                f"(pass [{golds!r}])"
+            )
         golds = [g for g in golds if squad_normalize(g)] or [""]
         em += max(squad_exact_match(predictions[qid], g) for g in golds)
         f1 += max(squad_f1(predictions[qid], g) for g in golds)
@@ -1358,6 +1380,20 @@ def _truncate_question(tokenizer: Any, question: str, max_tokens: int) -> str:
     return question[: enc["offset_mapping"][max_tokens - 1][1]]
 
 
+def _context_span(context: str, start: int, end: int) -> tuple[int, int]:
+    """A context token's characters ``context[start:end]`` without the whitespace around them (a
+    SentencePiece-style piece's span starts at the space before its word) and with the combining marks
+    that follow them (an accent-stripping normaliser leaves them out: NFD "cafe\u0301" would decode as
+    "cafe"), so that a decoded span is the context's text exactly."""
+    while start < end and context[start].isspace():
+        start += 1
+    while end > start and context[end - 1].isspace():
+        end -= 1
+    while start < end < len(context) and unicodedata.combining(context[end]):
+        end += 1
+    return start, end
+
+
 def _qa_features(
     tokenizer: Any, examples: Sequence[Any], max_len: int, stride: int, max_query: int
 ) -> _QAFeatures:
@@ -1373,11 +1409,12 @@ def _qa_features(
         padding=False,
     )
     feats = _QAFeatures([], [], [], [], [], [], [])
-    for i, offsets in enumerate(enc["offset_mapping"]):
+    for i, raw in enumerate(enc["offset_mapping"]):
         ex_i = enc["overflow_to_sample_mapping"][i]
         ex = examples[ex_i]
         seq = enc.sequence_ids(i)
         ctx = [k for k, s in enumerate(seq) if s == 1]
+        offsets = [_context_span(ex.context, *o) if s == 1 else (0, 0) for o, s in zip(raw, seq, strict=True)]
         start = end = 0  # [CLS]: no answer in this window
         if ex.answers and ctx:
             text, char_start = ex.answers[0]
@@ -1391,7 +1428,7 @@ def _qa_features(
         feats.start.append(start)
         feats.end.append(end)
         feats.example_index.append(ex_i)
-        feats.offsets.append([tuple(o) if s == 1 else None for o, s in zip(offsets, seq, strict=True)])
+        feats.offsets.append([o if s == 1 else None for o, s in zip(offsets, seq, strict=True)])
     return feats
 
 
@@ -1414,7 +1451,22 @@ def postprocess_qa(
     (minimum over windows) minus the best span's score exceeds ``null_threshold``: the sign of BERT's
     ``null_score_diff_threshold`` and of transformers' ``postprocess_qa_predictions``, so a threshold
     tuned with either carries over (higher = fewer empty answers).
+
+    Raises:
+        ValueError: ``n_best`` or ``max_answer_length`` below 1, or ``example_index``, ``offsets``,
+            ``start_logits`` and ``end_logits`` of different lengths (one entry per feature).
     """
+    for name, value in (("n_best", n_best), ("max_answer_length", max_answer_length)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    lengths = {
+        "example_index": len(example_index),
+        "offsets": len(offsets),
+        "start_logits": len(start_logits),
+        "end_logits": len(end_logits),
+    }
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"one entry per feature expected, got lengths {lengths}")
     by_example: dict[int, list[int]] = {}
     for f, e in enumerate(example_index):
         by_example.setdefault(e, []).append(f)
