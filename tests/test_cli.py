@@ -156,3 +156,43 @@ def test_eval_scores_a_pil_pipeline_run_as_its_training_did(tmp_path: Path) -> N
     assert result["count"] == 297
     assert result["top1"] == pytest.approx(last["test_accuracy"])
     assert result["loss"] == pytest.approx(last["test_loss"], rel=1e-5)
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _documented_commands() -> list[tuple[str, list[str]]]:
+    """Every ``gmlp ...`` command line in the bash blocks of README.md and docs/*.md (``.venv/bin/gmlp``,
+    ``torchrun ... -m gmlp`` and ``accelerate launch ... -m gmlp`` too), as ``(file, argv)``; a trailing
+    ``...`` (more flags of the reader's choice) is dropped."""
+    import re
+    import shlex
+
+    commands = []
+    for doc in [_ROOT / "README.md", *sorted((_ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                match = re.match(r"\s*(?:\S*/)?gmlp\s+(.*)", line) or re.search(r"\s-m gmlp\s+(.*)", line)
+                if match:
+                    argv = shlex.split(match.group(1), comments=True)
+                    commands.append((doc.name, argv[: argv.index("...")] if "..." in argv else argv))
+    return commands
+
+
+def test_documented_commands_parse(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The flags of every documented command exist with the documented spelling, and each documented ``gmlp
+    train`` command (its recipe file included) resolves to settings that --print-config accepts."""
+    from gmlp.cli import build_parser
+
+    commands = _documented_commands()
+    assert len(commands) >= 50, commands  # the README alone documents more than 30
+    parser = build_parser()
+    monkeypatch.chdir(_ROOT)  # the documented recipe paths are relative to the repository
+    for doc, argv in commands:
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{doc}: `gmlp {' '.join(argv)}` does not parse: {capsys.readouterr().err}")
+        if argv[0] == "train":
+            status = main([*argv, "--print-config"])
+            assert status == 0, f"{doc}: `gmlp {' '.join(argv)}`: {capsys.readouterr().err}"

@@ -325,3 +325,39 @@ def test_init_from_without_a_tokenizer_needs_tokenizer(
     argv = ["pretrain", "--init-from", str(model_folder), "--tokenizer", str(tok)]
     with pytest.raises(_Reached):
         main([*argv, "--output", str(tmp_path / "r")])
+
+
+def test_qa_doc_stride_that_leaves_no_context_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked with the other options (it was a traceback after the tokenizer had been trained and saved)."""
+    argv = ["finetune", "--task", "qa", "--train-file", str(tmp_path / "train.json"), "--doc-stride", "70"]
+    pattern = r"--doc-stride 70 is too large for --seq-len 128 \(question up to 64 tokens.*below 61"
+    _usage_error(argv, pattern, tmp_path, capsys)
+    with pytest.raises(_Reached):  # one below the limit
+        main([*argv[:-1], "60", "--output", str(tmp_path / "ok")])
+
+
+def test_seq_len_beyond_a_loaded_model_is_refused() -> None:
+    """A gMLP's W covers max_position_embeddings tokens: a longer --seq-len was silently cut to it."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(max_position_embeddings=128)
+    assert pipelines._max_len(config, 128) == 128 and pipelines._max_len(config, 64) == 64
+    with pytest.raises(ConfigError, match=r"--seq-len 384 is longer than the model's max_position_emb"):
+        pipelines._max_len(config, 384)
+
+
+def test_an_unusable_corpus_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TextDataError (an empty or undecodable corpus, ...): one line and exit status 2, no traceback."""
+
+    def unusable(*args: object, **kwargs: object) -> None:
+        raise text_data.TextDataError("corpus 'empty.txt' holds no text")
+
+    monkeypatch.setattr(pipelines, "pretrain", unusable)  # where reading the corpus fails
+    capsys.readouterr()
+    assert main(["pretrain", "--corpus", str(tmp_path / "empty.txt"), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "gmlp pretrain: error: corpus 'empty.txt' holds no text" in err and "Traceback" not in err

@@ -14,6 +14,7 @@ from gmlp import create_model
 from gmlp.cli import main
 from gmlp.data.images import fashion_mnist_root
 from gmlp.train.checkpoint import latest_checkpoint, load_checkpoint
+from gmlp.train.recipe import ConfigError
 from gmlp.train.vision import VisionTrainConfig, train_vision
 from gmlp.utils.io import load_state_dict_file
 
@@ -287,6 +288,15 @@ def test_resume_keeps_ema_and_warns_of_changed_settings(
     err = capsys.readouterr().err
     assert "warning: resuming" in err and "with changed settings (label_smoothing: 0.1 -> 0.2)" in err
     assert result["step"] == 10 and "test_accuracy" in result
+
+
+def test_resume_with_ema_of_a_run_without_is_a_config_error(tmp_path: Path) -> None:
+    """The other way round: a usage error naming the flag (a bare ValueError before: a CLI traceback)."""
+    out = tmp_path / "run"
+    cfg = VisionTrainConfig(**TINY, max_steps=2, output=str(out))
+    train_vision(cfg)
+    with pytest.raises(ConfigError, match="holds no EMA weights .*; resume without --ema"):
+        train_vision(dataclasses.replace(cfg, ema=True), resume=True)
 
 
 def test_the_step_reported_is_the_step_reached(tmp_path: Path) -> None:

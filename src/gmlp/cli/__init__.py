@@ -2,7 +2,8 @@
 
 Each sub-module of this package registers its sub-commands through ``register(subparsers)`` and sets a
 ``func`` default that takes the parsed ``argparse.Namespace``. A :class:`gmlp.train.recipe.ConfigError`
-(a setting the command cannot run with) is printed as ``gmlp COMMAND: error: ...`` with exit status 2.
+(a setting the command cannot run with), a missing input file or a :class:`gmlp.data.text.TextDataError` (an
+unusable corpus) is printed as ``gmlp COMMAND: error: ...`` with exit status 2.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ConfigError, FileNotFoundError) as err:  # a bad setting or a missing input file (a recipe, a
         # corpus, a checkpoint): a usage error, as argparse reports its own (no traceback)
+        print(f"gmlp {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # an unusable corpus (gmlp.data.text, imported only by the text commands)
+        text_data = sys.modules.get("gmlp.data.text")
+        if text_data is None or not isinstance(err, text_data.TextDataError):
+            raise
         print(f"gmlp {args.command}: error: {err}", file=sys.stderr)
         return 2
     return int(result or 0)

@@ -210,7 +210,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_config_arguments(train, VisionTrainConfig)
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output from its last checkpoint")
-    train.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved settings and exit (each checked, but not against the data)")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="top-1/top-5 accuracy of a checkpoint on a dataset (timm preprocessing)")

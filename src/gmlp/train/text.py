@@ -215,6 +215,8 @@ class FinetuneConfig(ModelOptions, _TrainOptions):
             optional=True,
         )
         _require(self, ("doc_stride",), lambda v: v >= 0, ">= 0", optional=True)
+        if self.task == "qa" and self.doc_stride is not None:  # (with --model: checked once it is read)
+            _check_doc_stride(self.doc_stride, self.seq_len, self.max_query_length)
         if self.model:
             _check_model_folder("--model", self.model)
 
@@ -514,7 +516,29 @@ def never_masked_ids(tokenizer: Any) -> list[int]:
 
 
 def _max_len(config: Any, requested: int) -> int:
-    return min(requested, int(config.max_position_embeddings))
+    """``--seq-len`` checked against the model's length: a gMLP's spatial W covers
+    ``max_position_embeddings`` tokens and cannot be extended, so a longer request is refused (it was
+    silently cut to the model's length)."""
+    n = int(config.max_position_embeddings)
+    if requested > n:
+        raise ConfigError(
+            f"--seq-len {requested} is longer than the model's max_position_embeddings={n} (its spatial W "
+            f"covers {n} tokens and cannot be extended): pass --seq-len {n} or less"
+        )
+    return requested
+
+
+def _check_doc_stride(stride: int, seq_len: int, max_query_length: int) -> tuple[int, int]:
+    """The QA window's stride and question length for ``seq_len`` tokens, or a ConfigError naming
+    ``--doc-stride`` (the window must hold the question, three special tokens and more context than the
+    stride)."""
+    max_query = min(max_query_length, seq_len // 2)
+    if stride >= seq_len - max_query - 3:
+        raise ConfigError(
+            f"--doc-stride {stride} is too large for --seq-len {seq_len} (question up to {max_query} tokens, "
+            f"3 special tokens): it must be below {seq_len - max_query - 3}"
+        )
+    return stride, max_query
 
 
 # --- masking, seeds, optimisation ------------------------------------------------------------------------
@@ -1035,10 +1059,11 @@ def _warn_unused_tokenizer_options(opts: _TrainOptions, source: str, accelerator
     have no effect: the tokenizer is not trained but comes from ``source`` (``--tokenizer``, ...)."""
     defaults = {f.name: f.default for f in fields(_TrainOptions)}
     given = [_flag(n) for n in ("vocab_size", "tokenizer_kind") if getattr(opts, n) != defaults[n]]
+    verb, pronoun = ("y", "they have") if len(given) > 1 else ("ies", "it has")
     if given and accelerator.is_main_process:
         print(
-            f"[gmlp] warning: {' and '.join(given)} only apply to a tokenizer the command trains; the "
-            f"tokenizer comes from {source}, so they have no effect",
+            f"[gmlp] warning: {' and '.join(given)} only appl{verb} to a tokenizer the command trains; the "
+            f"tokenizer comes from {source}, so {pronoun} no effect",
             file=sys.stderr,
         )
 
@@ -1596,11 +1621,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     # Features.
     if qa:
         stride = cfg.doc_stride if cfg.doc_stride is not None else max(1, max_len // 4)
-        max_query = min(cfg.max_query_length, max_len // 2)
-        if stride >= max_len - max_query - 3:
-            raise ValueError(
-                f"doc_stride {stride} is too large for seq_len {max_len} (question up to {max_query})"
-            )
+        stride, max_query = _check_doc_stride(stride, max_len, cfg.max_query_length)
         feats = {
             s: _qa_features(tokenizer, getattr(data, s), max_len, stride, max_query)
             for s in ("train", "validation", "test")

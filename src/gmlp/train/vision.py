@@ -828,6 +828,11 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
                 f"cannot resume from {ckpt.path} without ema: it holds EMA weights, which would be dropped; "
                 f"resume with --ema"
             )
+        if config.ema and "ema" not in ckpt.optimizer:
+            raise ConfigError(
+                f"cannot resume from {ckpt.path} with ema: it holds no EMA weights (the run was started "
+                f"without --ema); resume without --ema"
+            )
         if main:
             _warn_changed_settings(ckpt.state.get("config", {}), config, ckpt.path)
         from ..models.loading import load_state_dict_checked
@@ -897,9 +902,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
             load_full_optimizer_state(model, optimizer, ckpt.optimizer["optimizer"])
         else:
             optimizer.load_state_dict(ckpt.optimizer["optimizer"])
-        if ema is not None:
-            if "ema" not in ckpt.optimizer:
-                raise ValueError(f"cannot resume from {ckpt.path} with ema: it holds no EMA weights")
+        if ema is not None:  # (a checkpoint without EMA weights was refused above)
             ema.module.load_state_dict(ckpt.optimizer["ema"])
         step, loss_count = ckpt.state["step"], ckpt.state["loss_count"]
         loss_sum = ckpt.state["loss_sum"] if main else 0.0  # the checkpoint holds the sum over processes
