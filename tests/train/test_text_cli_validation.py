@@ -363,3 +363,18 @@ def test_an_unusable_corpus_is_a_usage_error(
     assert main(["pretrain", "--corpus", str(tmp_path / "empty.txt"), "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "gmlp pretrain: error: corpus 'empty.txt' holds no text" in err and "Traceback" not in err
+
+
+def test_resume_without_seq_len_is_not_a_changed_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--seq-len left out means the resumed model's own length: no "changed options" warning against a run
+    saved with an explicit length (or the old default, 128); a different explicit length still warns."""
+    import json
+
+    state = {"options": {**pipelines._jsonable(vars(pipelines.PretrainConfig())), "seq_len": 128}}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    pipelines._warn_changed_options(tmp_path, pipelines.PretrainConfig())
+    assert "changed options" not in capsys.readouterr().err
+    pipelines._warn_changed_options(tmp_path, pipelines.PretrainConfig(seq_len=64))
+    assert "seq_len: 128 -> 64" in capsys.readouterr().err

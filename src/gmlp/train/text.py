@@ -827,6 +827,8 @@ def _warn_changed_options(checkpoint: Path, opts: Any, world_size: int | None = 
         return
     saved = state.get("options", {})
     now = _jsonable(asdict(opts))
+    if now.get("seq_len") is None and "seq_len" in saved:  # left out: the resumed model's own length, which
+        now["seq_len"] = saved["seq_len"]  # is the run's (a run saved with the old default 128 says 128)
     changed = sorted(k for k in saved if k not in _RESUME_FREE and k in now and saved[k] != now[k])
     if world_size is not None and state.get("world_size", world_size) != world_size:
         saved, now = {**saved, "processes": state["world_size"]}, {**now, "processes": world_size}
