@@ -23,6 +23,8 @@ if [ "${GMLP_SKIP_DATA:-0}" != "1" ]; then
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
+  # Debian's own python3 ships venv/ensurepip in a separate package
+  "$PY" -c "import ensurepip, venv" >/dev/null 2>&1 || apt_install python3-venv
   echo "setup: creating $VENV"
   "$PY" -m venv "$VENV"
 fi
