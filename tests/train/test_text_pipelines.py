@@ -700,6 +700,7 @@ def test_finetune_from_pretrained_pair_classification(tmp_path: Path, corpus: Pa
     records = _records(run)
     dev = [r for r in records if r["split"] == "validation"]
     assert [r["epoch"] for r in dev] == [1.0, 2.0] and all(0 <= r["accuracy"] <= 1 for r in dev)
+    assert all(-1 <= r["mcc"] <= 1 and 0 <= r["macro_f1"] <= 1 for r in dev)
     test = json.loads((run / "test_metrics.json").read_text())
     assert test["count"] == 3 and "accuracy" in test
     cfg = json.loads((run / "final" / "config.json").read_text())
@@ -736,8 +737,9 @@ def test_finetune_regression_from_scratch(tmp_path: Path, arch: str) -> None:
         raise AssertionError(f"{name} in the JSON: not valid JSON for other readers")
 
     test = json.loads((run / "test_metrics.json").read_text(), parse_constant=strict)
-    assert "mse" in test and "pearson" in test
-    assert test["pearson"] is None or -1.0 <= test["pearson"] <= 1.0  # null where it is undefined
+    assert {"mse", "pearson", "spearman"} <= set(test)
+    for name in ("pearson", "spearman"):
+        assert test[name] is None or -1.0 <= test[name] <= 1.0  # null where it is undefined
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -52,6 +52,7 @@ __all__ = [
     "PretrainConfig",
     "build_model_config",
     "check_vocab",
+    "classification_metrics",
     "finetune",
     "gmlp_available",
     "linear_schedule",
@@ -59,6 +60,7 @@ __all__ = [
     "never_masked_ids",
     "postprocess_qa",
     "pretrain",
+    "regression_metrics",
     "squad_exact_match",
     "squad_f1",
     "squad_metrics",
@@ -1397,6 +1399,91 @@ def squad_metrics(predictions: dict[str, str], references: dict[str, Sequence[st
     return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n, "count": n}
 
 
+def classification_metrics(pred: torch.Tensor, gold: torch.Tensor, num_labels: int) -> dict[str, float]:
+    """Accuracy, macro-F1 and the Matthews correlation (``mcc``, GLUE's CoLA metric) of predicted class ids.
+
+    Macro-F1 averages over the classes that occur in ``pred`` or ``gold``. ``mcc`` is Gorodkin's
+    multi-class form (for two classes the usual phi coefficient), 0.0 where it is undefined (every
+    prediction or every label one class), as scikit-learn reports it.
+
+    Raises:
+        ValueError: ``pred`` and ``gold`` are not 1-d of one length, or hold ids outside
+            ``[0, num_labels)``.
+    """
+    if pred.dim() != 1 or gold.shape != pred.shape:
+        raise ValueError(
+            f"pred and gold must be 1-d class ids of one length, got shapes {tuple(pred.shape)} and "
+            f"{tuple(gold.shape)}"
+        )
+    pred, gold = pred.long(), gold.long()
+    for name, t in (("pred", pred), ("gold", gold)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_labels):
+            raise ValueError(
+                f"{name} must hold class ids in [0, {num_labels}), got {int(t.min())}..{int(t.max())}"
+            )
+    n = len(gold)
+    if n == 0:
+        return {"accuracy": 0.0, "macro_f1": 0.0, "mcc": 0.0}
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.float64)
+    confusion.index_put_((gold, pred), torch.ones(n, dtype=torch.float64), accumulate=True)
+    tp = confusion.diagonal()
+    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+    seen = (tp + fp + fn) > 0
+    f1 = (2 * tp / (2 * tp + fp + fn).clamp(min=1))[seen]
+    # Gorodkin's R_K: (c s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t)), t and p the true and predicted counts
+    t_k, p_k, c, s = confusion.sum(1), confusion.sum(0), float(tp.sum()), float(n)
+    denominator = math.sqrt(float((s * s - p_k @ p_k) * (s * s - t_k @ t_k)))
+    mcc = float(c * s - t_k @ p_k) / denominator if denominator > 0 else 0.0
+    return {"accuracy": c / s, "macro_f1": float(f1.mean()) if len(f1) else 0.0, "mcc": mcc}
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n of a 1-d tensor in float64, ties given the mean of their ranks (scipy's ``rankdata``)."""
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty(len(x), dtype=torch.float64)
+    ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
+    values, inverse = torch.unique(x, return_inverse=True)
+    sums = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
+    return (sums / counts)[inverse]
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Pearson's r in float64; None where it is undefined (fewer than two values, or one side constant)."""
+    if len(a) < 2:
+        return None
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    denominator = math.sqrt(float(a @ a) * float(b @ b))
+    r = float(a @ b) / denominator if denominator > 0 else math.nan
+    return max(-1.0, min(1.0, r)) if math.isfinite(r) else None
+
+
+def regression_metrics(pred: torch.Tensor, gold: torch.Tensor) -> dict[str, float | None]:
+    """Mean squared error and Pearson's and Spearman's correlations (GLUE's STS-B metrics) of 1-d predictions.
+
+    A value is None (null in JSON) where it is undefined: every value without examples, a correlation
+    with fewer than two examples, with constant predictions or labels, or with non-finite predictions
+    (a diverged model: its ``mse`` is then NaN or inf, as its loss would be).
+
+    Raises:
+        ValueError: ``pred`` and ``gold`` are not 1-d of one length, or ``gold`` holds non-finite values.
+    """
+    if pred.dim() != 1 or gold.shape != pred.shape:
+        raise ValueError(
+            f"pred and gold must be 1-d of one length, got shapes {tuple(pred.shape)} and {tuple(gold.shape)}"
+        )
+    bad = int((~torch.isfinite(gold)).sum())
+    if bad:
+        raise ValueError(f"gold must be finite, got {bad} non-finite values")
+    if len(gold) == 0:
+        return {"mse": None, "pearson": None, "spearman": None}
+    mse = float(((pred.double() - gold.double()) ** 2).mean())
+    if not bool(torch.isfinite(pred).all()):
+        return {"mse": mse, "pearson": None, "spearman": None}
+    pearson, spearman = _correlation(pred, gold), _correlation(_ranks(pred), _ranks(gold))
+    return {"mse": mse, "pearson": pearson, "spearman": spearman}
+
+
 # --- finetuning ------------------------------------------------------------------------------------------
 
 
@@ -1733,23 +1820,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         logits = torch.tensor([r[1] for r in results])
         labels = feats[split]["labels"]
         if data.num_labels == 1:
-            pred = logits.view(-1)
             gold = torch.tensor(labels, dtype=torch.float)
-            mse = float(((pred - gold) ** 2).mean())
-            pearson = float(torch.corrcoef(torch.stack([pred, gold]))[0, 1]) if len(gold) > 1 else math.nan
-            # undefined for constant predictions or labels, or one example: null (NaN is not valid JSON)
-            pearson = pearson if math.isfinite(pearson) else None
-            return {"split": split, "mse": mse, "pearson": pearson, "count": len(gold)}
-        pred = logits.argmax(-1)
+            return {"split": split, **regression_metrics(logits.view(-1), gold), "count": len(gold)}
         gold = torch.tensor(labels, dtype=torch.long)
-        acc = float((pred == gold).float().mean())
-        f1s = []
-        for c in range(data.num_labels):
-            tp = int(((pred == c) & (gold == c)).sum())
-            fp, fn = int(((pred == c) & (gold != c)).sum()), int(((pred != c) & (gold == c)).sum())
-            if tp + fp + fn:
-                f1s.append(2 * tp / (2 * tp + fp + fn))
-        return {"split": split, "accuracy": acc, "macro_f1": sum(f1s) / max(1, len(f1s)), "count": len(gold)}
+        metrics = classification_metrics(logits.argmax(-1), gold, data.num_labels)
+        return {"split": split, **metrics, "count": len(gold)}
 
     def evaluate(model: nn.Module, step: int) -> dict[str, Any]:
         return {"epoch": step / steps_per_epoch, **score(model, "validation")}
