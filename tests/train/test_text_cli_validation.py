@@ -378,3 +378,43 @@ def test_resume_without_seq_len_is_not_a_changed_option(
     assert "changed options" not in capsys.readouterr().err
     pipelines._warn_changed_options(tmp_path, pipelines.PretrainConfig(seq_len=64))
     assert "seq_len: 128 -> 64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["--preset", "gmlp-base", "--layers", "5"], r"--preset gmlp-base sets the .* leave --layers out .*"),
+        (["--preset", "amlp-base", "--hidden", "64", "--ffn", "256"], r".* leave --hidden, --ffn out .*"),
+        (["--preset", "gmlp-ablation", "--arch", "amlp"], r"--arch amlp: --preset gmlp-ablation has no .*"),
+        (["--preset", "gmlp-ablation", "--tiny-attn", "64"], r"--tiny-attn makes an aMLP: use --arch amlp"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_options_that_contradict_a_preset_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], pattern: str
+) -> None:
+    """A preset fixes the model's size; the options above were silently ignored with one."""
+    if not pipelines.gmlp_available():
+        pytest.skip("gmlp.models.text not importable")
+    _usage_error(["pretrain", *argv], pattern, tmp_path, capsys)
+
+
+def test_preset_keeps_the_ablation_options() -> None:
+    """--sgu-variant / --no-toeplitz / --tiny-attn apply to a preset model (Table 3's ablations use the
+    gmlp-ablation size); before, the preset's defaults silently replaced them."""
+    if not pipelines.gmlp_available():
+        pytest.skip("gmlp.models.text not importable")
+    special = {"pad": 0, "cls": 1, "sep": 2, "mask": 3}
+
+    def build(**kw: object) -> object:
+        opts = pipelines.ModelOptions(**kw)
+        pipelines._validate_model_options(opts, loaded_from=None)
+        return pipelines.build_model_config(opts, vocab_size=100, special_ids=special)
+
+    config = build(preset="gmlp-ablation", sgu_variant="additive", toeplitz=False)
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (36, 512, 3072)
+    assert config.sgu_variant == "additive" and config.toeplitz is False and config.tiny_attn_size is None
+    aMLP = build(preset="gmlp-ablation", arch="amlp", tiny_attn=64)
+    assert aMLP.tiny_attn_size == 64 and aMLP.num_hidden_layers == 36
+    assert build(preset="amlp-base").tiny_attn_size == 64
+    assert build(preset="amlp-large", arch="amlp", tiny_attn=32).tiny_attn_size == 32

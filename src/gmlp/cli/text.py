@@ -28,7 +28,8 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, dropout: float) -> None:
         "--preset",
         default=None,
         help="a paper size for gmlp/amlp: gmlp-base, amlp-base, gmlp-large, amlp-large, gmlp-xlarge, "
-        "gmlp-ablation (overrides --layers/--hidden/--ffn/--tiny-attn)",
+        "gmlp-ablation (sets --layers/--hidden/--ffn and the tiny attention; --sgu-variant, --no-toeplitz "
+        "and --tiny-attn with --arch amlp still apply)",
     )
     g.add_argument("--layers", type=int, default=4, help="number of blocks (default: 4)")
     g.add_argument("--hidden", type=int, default=128, help="d_model (default: 128)")

@@ -345,12 +345,40 @@ def _validate_model_options(
             f"--heads sets BERT's attention heads: it needs --arch bert, not --arch {opts.arch}"
         )
     if opts.preset:
-        from ..models.text import PRESETS
-
-        if opts.preset not in PRESETS:
-            raise ConfigError(f"--preset: unknown preset {opts.preset!r}; known: {', '.join(PRESETS)}")
+        try:
+            _preset_arch(opts)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     elif opts.arch == "gmlp" and opts.tiny_attn:
         raise ConfigError("--tiny-attn makes an aMLP: use --arch amlp")
+
+
+def _preset_arch(opts: ModelOptions) -> dict[str, Any]:
+    """The ``GMLPConfig`` arguments the options give a ``--preset`` model: its tiny attention (the preset's,
+    or ``--tiny-attn``), ``--sgu-variant`` and ``--no-toeplitz`` (Table 3's ablations use the
+    ``gmlp-ablation`` size). A ``ValueError`` for options that contradict the preset, which were silently
+    ignored before: its sizes (``--layers/--hidden/--ffn``), ``--arch amlp`` for a preset without tiny
+    attention (unless ``--tiny-attn`` adds it), ``--tiny-attn`` with ``--arch gmlp``."""
+    from ..models.text import PRESETS
+
+    if opts.preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {opts.preset!r}; known: {', '.join(PRESETS)}")
+    defaults = {f.name: f.default for f in fields(ModelOptions)}
+    sized = [_flag(name) for name in ("layers", "hidden", "ffn") if getattr(opts, name) != defaults[name]]
+    if sized:
+        raise ValueError(
+            f"--preset {opts.preset} sets the model's size: leave {', '.join(sized)} out (or give the sizes "
+            f"without --preset)"
+        )
+    if opts.arch == "gmlp" and opts.tiny_attn:
+        raise ValueError("--tiny-attn makes an aMLP: use --arch amlp")
+    tiny = opts.tiny_attn or PRESETS[opts.preset].get("tiny_attn_size")
+    if opts.arch == "amlp" and not tiny:
+        raise ValueError(
+            f"--arch amlp: --preset {opts.preset} has no tiny attention; use an amlp-* preset or add it "
+            f"with --tiny-attn (64 in the paper's base models)"
+        )
+    return {"tiny_attn_size": tiny, "sgu_variant": opts.sgu_variant, "toeplitz": opts.toeplitz}
 
 
 def _in_hub_cache(repo_id: str) -> bool:
@@ -464,11 +492,6 @@ def build_model_config(
             **extra,
         )
     models = _import_gmlp()
-    tiny = opts.tiny_attn
-    if opts.arch == "amlp" and not tiny:
-        tiny = 64 if opts.hidden >= 256 else max(8, opts.hidden // 4)
-    if opts.arch == "gmlp" and tiny and not opts.preset:
-        raise ValueError("--tiny-attn makes an aMLP: use --arch amlp")
     common = dict(
         vocab_size=vocab_size,
         max_position_embeddings=seq_len_of_new_model(opts),
@@ -480,13 +503,18 @@ def build_model_config(
         **extra,
     )
     if opts.preset:
-        return models.GMLPConfig.from_preset(opts.preset, **common)
+        return models.GMLPConfig.from_preset(opts.preset, **_preset_arch(opts), **common)
+    tiny = opts.tiny_attn
+    if opts.arch == "amlp" and not tiny:
+        tiny = 64 if opts.hidden >= 256 else max(8, opts.hidden // 4)
+    if opts.arch == "gmlp" and tiny:
+        raise ValueError("--tiny-attn makes an aMLP: use --arch amlp")
     return models.GMLPConfig(
         hidden_size=opts.hidden,
         intermediate_size=opts.ffn,
         num_hidden_layers=opts.layers,
         toeplitz=opts.toeplitz,
-        tiny_attn_size=tiny or None,
+        tiny_attn_size=tiny,
         sgu_variant=opts.sgu_variant,
         **common,
     )
