@@ -156,3 +156,20 @@ def test_digits_with_a_data_root_is_a_usage_error(tmp_path: Path) -> None:
 def test_device_cuda_without_cuda_is_a_usage_error() -> None:
     with pytest.raises(ConfigError, match=r"device cuda \(--device\): no CUDA device is available"):
         VisionTrainConfig(device="cuda").validate()
+
+
+def test_a_flag_of_an_optional_setting_unsets_the_recipe_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--auto-augment none` turns off a recipe's RandAugment (it was refused as "not a timm policy"), and
+    any optional setting reads none/null as None; other values keep their type checks."""
+    recipe = Path(__file__).parents[2] / "recipes" / "imagenet_gmlp_s.yaml"
+    argv = ["train", "--config", str(recipe), "--data-root", str(tmp_path), "--print-config"]
+    assert main([*argv, "--auto-augment", "none", "--max-steps", "NULL", "--warmup-lr", "None"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["auto_augment"] is None and printed["max_steps"] is None and printed["warmup_lr"] is None
+    assert main(argv) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["auto_augment"] == "rand-m9-mstd0.5-inc1"
+    with pytest.raises(SystemExit):
+        main([*argv, "--max-steps", "many"])
+    assert "argument --max-steps: invalid int value: 'many'" in capsys.readouterr().err

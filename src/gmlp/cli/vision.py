@@ -73,6 +73,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> 
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_ = f"{_HELP[f.name]} (default: {default})" if f.name in _HELP else f"(default: {default})"
         args = typing.get_args(tp)
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
         if typing.get_origin(tp) in (typing.Union, types.UnionType):
             tp = next(a for a in args if a is not type(None))
             args = typing.get_args(tp)
@@ -89,7 +90,19 @@ def _add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> 
                                 help=f"JSON object or KEY=VALUE,... {help_}")
         else:
             kind = tp if tp in (int, float) else str
+            if optional:  # `none` unsets a recipe's value (e.g. --auto-augment none)
+                kind, help_ = _or_none(kind), f"{help_}; none unsets it"
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_)
+
+
+def _or_none(kind: type) -> Any:
+    """An argparse ``type`` that reads ``none`` / ``null`` (any case) as None, anything else as ``kind``."""
+
+    def convert(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null") else kind(text)
+
+    convert.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return convert
 
 
 def _train_config(args: argparse.Namespace) -> Any:
