@@ -200,3 +200,54 @@ def test_graph_step_refuses_settings_it_would_freeze() -> None:
     opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
     with pytest.raises(RuntimeError, match=r"has 2 parameter groups, but had 1 when this CUDAGraphStep"):
         step._sync_lrs()
+
+
+def _eager_adamw_state() -> dict:
+    """The state of a plain (not capturable) AdamW after one step, as a run without graphs saves it."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p], lr=0.25, weight_decay=0.0)
+    p.grad = torch.ones(3)
+    opt.step()
+    return opt.state_dict()
+
+
+def test_optimizer_state_loaded_before_the_capture_is_made_capturable_again() -> None:
+    """``optimizer.load_state_dict`` (a resume) after the step was made put back the saved groups, with
+    ``capturable=False``: the warm-up ran uncapturable and a foreach AdamW's capture failed (its update reads
+    the step count back with ``.item()``) as if the loss synchronised with the host. Before the capture the
+    loaded state is now made capturable, its lr the tensor the graph reads."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=0.5, weight_decay=0.0)
+    step = CUDAGraphStep(lambda x: x.sum(), opt)
+    opt.load_state_dict(_eager_adamw_state())
+    assert opt.param_groups[0]["capturable"] is False  # what torch does
+    step._sync_lrs()  # what each call does first
+    group = opt.param_groups[0]
+    assert group["capturable"] is True
+    assert isinstance(group["lr"], torch.Tensor) and group["lr"] is step._lrs[0]
+    assert group["lr"].item() == 0.25  # the loaded lr
+    assert opt.state[group["params"][0]]["step"].item() == 1.0  # the loaded moments and count are kept
+    group["lr"] = 0.125  # a scheduler's value still reaches the tensor the graph will read
+    step._sync_lrs()
+    assert group["lr"] is step._lrs[0] and step._lrs[0].item() == 0.125
+
+
+def test_optimizer_state_loaded_after_the_capture_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the capture the graph updates the state tensors it captured: a loaded state (here one saved by
+    a graphed run, whose settings are the same) was silently never used, nor saved again."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=0.5, weight_decay=0.0)
+    step = CUDAGraphStep(lambda x: x.sum(), opt)
+    graphed_state = make_capturable(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=0.5,
+                                                      weight_decay=0.0)).state_dict()
+    monkeypatch.setattr(step, "graph", object())  # captured (simulated)
+    step._settings = _settings_of(opt)
+    step._sync_lrs()  # nothing changed: fine
+    opt.load_state_dict(graphed_state)
+    with pytest.raises(RuntimeError, match=r"optimizer's state was replaced \(optimizer.load_state_dict\?\) "
+                                           r"after the CUDA graph was captured.*the first 3 calls are eager"):
+        step._sync_lrs()
+
+
+def _settings_of(opt: torch.optim.Optimizer) -> list[dict]:
+    from gmlp.train import cuda_graph
+
+    return cuda_graph._settings(opt.param_groups)

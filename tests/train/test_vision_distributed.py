@@ -412,3 +412,42 @@ def test_sync_check_catches_a_replica_with_nan_weights(monkeypatch: pytest.Monke
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
     assert_in_sync(env, model)  # NaN on every replica alike is not a divergence
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [({"WORLD_SIZE": "2", "RANK": "x"}, "environment variable RANK must be an integer >= 0, got 'x'"),
+     ({"WORLD_SIZE": "two", "RANK": "0"},
+      "environment variable WORLD_SIZE must be an integer >= 1, got 'two'"),
+     ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE must be an integer >= 1, got '0'"),
+     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"},
+      "environment variable LOCAL_RANK must be an integer >= 0, got '-1'"),
+     ({"WORLD_SIZE": "2", "RANK": "2"}, r"environment variable RANK must be below WORLD_SIZE \(2\), got 2"),
+     ({"WORLD_SIZE": "2"}, "environment variable WORLD_SIZE is 2, but RANK is not set")],
+)  # fmt: skip
+def test_launcher_variables_are_checked_before_joining(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    """A malformed launcher variable is named (it was a bare "invalid literal for int()"), and a rank the
+    process group cannot have (RANK >= WORLD_SIZE, or RANK missing so that every process takes 0) is refused
+    before joining: such a process waited for the others for good."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def join(*args: object, **kwargs: object) -> None:
+        raise AssertionError("init_process_group reached: the process would wait for the others")
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", join)
+    with pytest.raises(ValueError, match=message):
+        distributed.init_distributed("cpu")
+
+
+def test_launcher_variables_of_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init_distributed("cpu") == DistEnv()
+    monkeypatch.setenv("WORLD_SIZE", " 1 ")
+    monkeypatch.setenv("RANK", "")
+    assert distributed.init_distributed("cpu") == DistEnv()

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -34,6 +36,7 @@ __all__ = ["Checkpoint", "latest_checkpoint", "load_checkpoint", "remove_run_fil
            "write_json_atomic"]
 
 _LATEST = "latest.json"
+_TAG = re.compile(r"step-(\d{8,})")  # what save_checkpoint names a checkpoint: step-{step:08d}
 
 
 @dataclass
@@ -85,8 +88,11 @@ def save_checkpoint(
     Returns:
         The checkpoint directory.
     """
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(f"step must be an int >= 0 (completed optimizer steps), got {step!r}")
+    if isinstance(keep_last, bool) or not isinstance(keep_last, numbers.Integral) or keep_last < 1:
+        raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+    step, keep_last = int(step), int(keep_last)  # (a NumPy integer would not go into state.json)
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tag = f"step-{step:08d}"
@@ -116,7 +122,9 @@ def save_checkpoint(
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:
-    tags = sorted(p.name for p in root.glob("step-*") if p.is_dir())
+    # by step, not by name: past 99,999,999 steps the names grow a digit ("step-100000000" < "step-99999999")
+    tags = sorted((p.name for p in root.glob("step-*") if p.is_dir() and _TAG.fullmatch(p.name)),
+                  key=lambda t: int(t[5:]))
     for tag in tags[:-keep_last]:
         if tag != keep:
             shutil.rmtree(root / tag, ignore_errors=True)
@@ -142,9 +150,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     if not latest.is_file():
         return None
     try:
-        tag = json.loads(latest.read_text())["tag"]
-    except (json.JSONDecodeError, KeyError) as err:
+        record = json.loads(latest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{latest} is corrupt: {err}") from err
+    tag = record.get("tag") if isinstance(record, dict) else None
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+        # (a tag is also never a path: "../x" would lead a resume out of the run folder)
+        raise CheckpointError(
+            f"{latest} is corrupt or foreign: expected {{\"tag\": \"step-NNNNNNNN\", ...}}, got "
+            f"{json.dumps(record)[:200]}"
+        )
     path = root / tag
     swapped = root / f".{tag}.old"
     if not path.exists() and (swapped / "state.json").is_file():
@@ -175,10 +190,25 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {err}") from err
     try:
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        state = json.loads((path / "state.json").read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: it has no optimizer.pt") from err
     except Exception as err:  # corrupt bytes fail torch.load in many ways (UnpicklingError, RuntimeError..)
+        if "Unsupported global" in str(err):  # sound, but not tensors alone: not a file these functions wrote
+            raise CheckpointError(
+                f"cannot read {str(path / 'optimizer.pt')!r} safely: besides tensors it holds Python "
+                f"objects, which loading with weights_only=True refuses (a checkpoint gmlp did not write?)"
+            ) from err
+        first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is truncated or corrupt: {type(err).__name__}: {str(err)[:200]}"
+            f"checkpoint {str(path)!r} is truncated or corrupt: its optimizer.pt does not load "
+            f"({type(err).__name__}: {first_line})"
+        ) from err
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or corrupt: its state.json does not load "
+            f"({type(err).__name__}: {err})"
         ) from err
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its state.json gives no step")

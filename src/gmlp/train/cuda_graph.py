@@ -43,7 +43,8 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     ``param_group["lr"]`` changes made by a torch or timm scheduler take effect; a float would stay frozen
     at its value at capture). Each group also gets an ``initial_lr`` (a copy of its lr) unless it has one,
     so that a scheduler created after this call schedules from that value, not from the tensor the graph
-    reads. Returns the optimizer.
+    reads. A ``step`` count already in the optimizer's state (one loaded from a run without capture) is
+    moved to its parameter's device, where a capturable update reads it. Returns the optimizer.
 
     Raises:
         ValueError: the optimizer has no ``capturable`` option (e.g. SGD with momentum in old torch).
@@ -63,6 +64,11 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         if not isinstance(lr, torch.Tensor):
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        for p in group["params"]:  # as load_state_dict places it for a capturable group
+            state = optimizer.state.get(p)
+            count = state.get("step") if state else None
+            if isinstance(count, torch.Tensor) and count.device != p.device:
+                state["step"] = count.to(device=p.device, dtype=torch.float32)  # type: ignore[index]
     return optimizer
 
 
@@ -211,6 +217,10 @@ class CUDAGraphStep(_Graphed):
         self.loss_fn = loss_fn
         self.optimizer = make_capturable(optimizer)
         self._lrs = [group["lr"] for group in optimizer.param_groups]
+        # load_state_dict() puts new group dicts (capturable as saved: often False) and new state tensors in
+        # place of these: before the capture they are made capturable again, after it the change is refused
+        self._groups = optimizer.param_groups
+        self._state = optimizer.state
         self.max_grad_norm = max_grad_norm
         self.steps = 0
         self._loss: torch.Tensor | None = None
@@ -220,12 +230,29 @@ class CUDAGraphStep(_Graphed):
         """Keep each group's learning rate in the tensor the graph reads: a scheduler that assigns a new
         value (timm's do; torch's fill the tensor in place) has it copied in and the tensor put back.
 
+        An optimizer state loaded (``optimizer.load_state_dict``) before the capture is made capturable
+        again, as :func:`make_capturable` made the one it replaced.
+
         Raises:
             RuntimeError: a parameter group was added or removed since this step was made, or, after the
-                capture, a setting other than the learning rate (betas, weight decay, eps, ...) changed:
-                the replays would silently keep the captured values.
+                capture, the optimizer state was replaced (``load_state_dict``) or a setting other than the
+                learning rate (betas, weight decay, eps, ...) changed: the replays would silently keep
+                updating the captured state with the captured values.
         """
-        groups = self.optimizer.param_groups
+        opt = self.optimizer
+        if opt.param_groups is not self._groups or opt.state is not self._state:
+            if self.graph is not None:
+                raise RuntimeError(
+                    "the optimizer's state was replaced (optimizer.load_state_dict?) after the CUDA graph "
+                    "was captured; the replays would go on updating the captured moments and step counts, "
+                    f"not the loaded ones: load it before the capture (the first {self.warmup_steps} calls "
+                    "are eager), or make a new CUDAGraphStep"
+                )
+            make_capturable(opt)  # (the loaded groups say capturable=False unless saved by a graphed run)
+            self._groups, self._state = opt.param_groups, opt.state
+            if len(self._groups) == len(self._lrs):
+                self._lrs = [group["lr"] for group in self._groups]
+        groups = opt.param_groups
         if len(groups) != len(self._lrs):
             raise RuntimeError(
                 f"the optimizer has {len(groups)} parameter groups, but had {len(self._lrs)} when this "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,11 +72,33 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def _env_int(name: str, default: int, least: int) -> int:
+    """The launcher's integer variable ``name`` (``default`` when unset), at least ``least``."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    value = int(raw) if re.fullmatch(r"\s*[+-]?[0-9]+\s*", raw) else None
+    if value is None or value < least:
+        raise ValueError(f"environment variable {name} must be an integer >= {least}, got {raw!r}")
+    return value
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
-    """Read the launcher's environment and join (or start) the process group; single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """Read the launcher's environment and join (or start) the process group; single process otherwise.
+
+    Raises:
+        ValueError: ``WORLD_SIZE``, ``RANK`` or ``LOCAL_RANK`` is not an integer, or ``RANK`` is missing
+            (with ``WORLD_SIZE`` > 1) or not below ``WORLD_SIZE``: such a process would wait for the others
+            for good.
+    """
+    world = _env_int("WORLD_SIZE", 1, least=1)
+    rank = _env_int("RANK", 0, least=0)
+    local_rank = _env_int("LOCAL_RANK", 0, least=0)
+    if world > 1 and not os.environ.get("RANK", "").strip():  # every process would take rank 0
+        raise ValueError(f"environment variable WORLD_SIZE is {world}, but RANK is not set (torchrun sets "
+                         "both)")
+    if world > 1 and rank >= world:
+        raise ValueError(f"environment variable RANK must be below WORLD_SIZE ({world}), got {rank}")
     dev = _pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
