@@ -134,3 +134,36 @@ def test_pruning_never_deletes_the_only_good_checkpoint(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path).model["w"][0].item() == 4
     with pytest.raises(ValueError, match="keep_last"):
         _save(tmp_path, 5, keep_last=0)
+
+
+def test_overwrite_removes_the_old_run_only_after_every_process_has_looked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under DDP every process reads latest.json while process 0 removes the old run for --overwrite: with
+    no barrier between, another process failed with FileNotFoundError (3 times in 200 under torchrun)."""
+    import gmlp.train.text as text
+    import gmlp.train.vision as vision
+    from gmlp.train.distributed import DistEnv
+
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {}, {})
+    calls: list[str] = []
+    real_latest = vision.latest_checkpoint
+    monkeypatch.setattr(vision, "latest_checkpoint", lambda out: calls.append("look") or real_latest(out))
+    monkeypatch.setattr(vision, "barrier", lambda env: calls.append("barrier"))
+    monkeypatch.setattr(vision, "remove_run_files", lambda out, names: calls.append("remove"))
+    env = DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    vision._start_fresh(tmp_path, True, env)
+    assert calls == ["look", "barrier", "remove", "barrier"]
+
+    class Accelerator:
+        is_main_process = True
+
+        def wait_for_everyone(self) -> None:
+            calls.append("barrier")
+
+    calls.clear()
+    monkeypatch.setattr(text, "latest_checkpoint", lambda out: calls.append("look") or real_latest(out))
+    monkeypatch.setattr(text, "remove_run_files", lambda out, names: calls.append("remove"))
+    opts = text.PretrainConfig(output=str(tmp_path), overwrite=True)
+    assert text._prepare_output(tmp_path, opts, Accelerator(), "pretrain") is None
+    assert calls[:3] == ["look", "barrier", "remove"]

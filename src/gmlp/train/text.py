@@ -807,6 +807,7 @@ def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any, kind: str)
     """Create the run folder; return the checkpoint to resume from (or None). Refuses to mix runs, and to
     resume a run of another ``kind`` (before anything is written)."""
     ckpt = latest_checkpoint(out)
+    accelerator.wait_for_everyone()  # before --overwrite removes what another process may still be reading
     if ckpt is not None and opts.resume:
         held = _run_kind(ckpt)
         if held is not None and held != kind:

@@ -58,6 +58,7 @@ from .distributed import (
     all_reduce_max,
     all_reduce_sum,
     assert_in_sync,
+    barrier,
     full_model_state_dict,
     full_state_dicts,
     init_distributed,
@@ -695,11 +696,13 @@ _RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "model.safetensors"
               "metrics.png", "tensorboard")
 
 
-def _start_fresh(out: Path, overwrite: bool, main: bool) -> None:
+def _start_fresh(out: Path, overwrite: bool, env: DistEnv) -> None:
     """Refuse to start a new run in a folder that holds one (its checkpoints would mix with the new run's:
     a later ``--resume`` could continue the old run, ``keep_last`` prune the wrong ones), unless
-    ``overwrite``, which removes the old run's files first (process 0 only)."""
+    ``overwrite``, which removes the old run's files first (process 0 only, once every process has looked:
+    one still reading ``latest.json`` while they went failed with ``FileNotFoundError``)."""
     ckpt = latest_checkpoint(out)
+    barrier(env)
     if ckpt is None:
         return
     if not overwrite:
@@ -707,8 +710,9 @@ def _start_fresh(out: Path, overwrite: bool, main: bool) -> None:
             f"output {str(out)!r} already holds a run (checkpoint {ckpt.name}); pass --resume to continue it "
             f"or --overwrite to start again"
         )
-    if main:
+    if env.is_main:
         remove_run_files(out, _RUN_FILES)
+    barrier(env)
 
 
 #: Settings that may change between a run and its resumption without changing what it computes.
@@ -780,7 +784,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
             f"batch_size ({config.batch_size}) is larger than the training set ({data.num_train} images)"
         )
     if not resume:
-        _start_fresh(out, config.overwrite, main)
+        _start_fresh(out, config.overwrite, env)
     if main:
         out.mkdir(parents=True, exist_ok=True)
     device = env.device
