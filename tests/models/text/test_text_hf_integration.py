@@ -306,9 +306,10 @@ def test_generate_beam_search_and_sampling_run() -> None:
         model.generate(inputs_embeds=torch.randn(1, 3, 32), max_new_tokens=2)
 
 
-def test_generate_returns_hidden_states_and_refuses_attentions() -> None:
+def test_generate_returns_hidden_states_and_attentions() -> None:
     """generate(output_hidden_states=True) reaches the model (transformers 5 passes it through
-    prepare_inputs_for_generation): one tuple per step, equal to a forward on that step's prefix."""
+    prepare_inputs_for_generation): one tuple per step, equal to a forward on that step's prefix. So does
+    output_attentions (aMLP's tiny attention maps); a gMLP without tiny attention refuses it."""
     model = _causal_model()
     prompts, mask = torch.tensor([[2, 7, 9], [0, 2, 8]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
     out = model.generate(prompts, attention_mask=mask, max_new_tokens=3, do_sample=False,
@@ -323,8 +324,21 @@ def test_generate_returns_hidden_states_and_refuses_attentions() -> None:
         real = step_mask.bool()
         got = model.lm_head(states[-1])
         torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
-        model.generate(prompts, attention_mask=mask, max_new_tokens=2, do_sample=False,
+    out = model.generate(prompts, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                         return_dict_in_generate=True, output_attentions=True)
+    assert len(out.attentions) == 2
+    for step, maps in enumerate(out.attentions):
+        n = 3 + step
+        assert len(maps) == model.config.num_hidden_layers
+        step_mask = torch.cat([mask, torch.ones(2, step, dtype=mask.dtype)], dim=1)
+        with torch.no_grad():
+            again = model(out.sequences[:, :n], attention_mask=step_mask, output_attentions=True)
+        for got, want in zip(maps, again.attentions, strict=True):
+            assert got.shape == (2, 1, n, n)
+            torch.testing.assert_close(got, want)
+    plain = randomize(GMLPForCausalLM(tiny_config(causal=True, tiny_attn_size=None)))
+    with pytest.raises(ValueError, match="output_attentions=True needs the tiny attention of aMLP"):
+        plain.generate(prompts, attention_mask=mask, max_new_tokens=2, do_sample=False,
                        return_dict_in_generate=True, output_attentions=True)
 
 

@@ -41,7 +41,7 @@ from transformers.utils import logging
 
 from ...convert import detect_format, from_g_mlp_pytorch
 from ...kernels.cpu_linear import apply_linear
-from ...nn import GMLPBlock, TokenProjection
+from ...nn import GMLPBlock, TinyAttention, TokenProjection
 from ...nn._checks import capturing, host_checks_enabled
 from ...utils.io import CheckpointError
 from ..vision import drop_path_rates
@@ -183,6 +183,84 @@ def _select_predictions(
     else:
         overflow = (counts > k).any()
     return picked.reshape(-1, hidden.shape[-1]), picked_labels.reshape(-1), overflow
+
+
+def _attention_probs(module: TinyAttention, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The attention probabilities ``(batch, 1, seq, seq)`` that ``module`` (a block's tiny attention) uses
+    on its input ``x`` (token-major ``(seq, batch, dim)``) and ``mask`` (``(batch, seq)`` bool or None):
+    ``softmax(q k^T / sqrt(attn_dim))`` with the masks of :class:`gmlp.nn.TinyAttention` (padded keys never
+    attended to, no later key when causal, every query always attends to itself)."""
+    n = x.shape[0]
+    if mask is not None:
+        x = x.masked_fill(~mask.t().unsqueeze(-1), 0.0)
+    q, k, _ = F.linear(x, module.qkv.weight).transpose(0, 1).chunk(3, dim=-1)  # each (batch, seq, attn)
+    scores = (q @ k.transpose(1, 2)) / module.attn_dim**0.5
+    allowed = torch.ones(n, n, dtype=torch.bool, device=x.device)
+    if module.causal:
+        allowed = allowed.tril()
+    if mask is not None:
+        allowed = (allowed & mask[:, None, :]) | torch.eye(n, dtype=torch.bool, device=x.device)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(scores.dtype).unsqueeze(1)
+
+
+def _check_position_ids(position_ids: Any, attention_mask: Any, shape: tuple[int, int]) -> None:
+    """Accept ``position_ids`` only where they say what the model does anyway; a ``ValueError`` otherwise.
+
+    gMLP has no position embeddings: a token's position is its place in its row with the padding deleted
+    (``attention_mask.cumsum(-1) - 1`` at real tokens, as ``generate()`` computes them; ``0 .. seq_len - 1``
+    without a mask). Other positions, such as packed rows whose positions restart inside a row
+    (``DataCollatorWithFlattening``), cannot be honoured and would otherwise be mixed silently into one
+    sequence. ``shape`` is the input's ``(batch, seq_len)``; ``(1, seq_len)`` position ids are broadcast.
+    The values are not read while torch.compile traces or a CUDA graph is captured.
+    """
+    if position_ids is None:
+        return
+    batch, n = shape
+    try:
+        fits = isinstance(position_ids, torch.Tensor) and torch.broadcast_shapes(
+            position_ids.shape, (batch, n)
+        ) == (batch, n)
+    except RuntimeError:
+        fits = False
+    if not fits or not _is_integer(position_ids.dtype) or position_ids.dim() != 2:
+        raise ValueError(
+            f"position_ids must be an integer tensor of shape (batch, seq_len) = ({batch}, {n}) or "
+            f"(1, {n}), got {_describe(position_ids)}"
+        )
+    if not host_checks_enabled(position_ids):
+        return
+    positions = position_ids.expand(batch, n)
+    if attention_mask is None:
+        real = torch.ones(batch, n, dtype=torch.bool, device=positions.device)
+    else:
+        real = (attention_mask != 0).to(positions.device)
+    implied = real.long().cumsum(dim=1) - 1
+    wrong = (positions != implied) & real
+    if bool(wrong.any()):
+        row, col = (int(i) for i in wrong.nonzero()[0])
+        raise ValueError(
+            f"position_ids[{row}, {col}] is {int(positions[row, col])}, but that token is at position "
+            f"{int(implied[row, col])} of its sequence (padding deleted). gMLP has no position embeddings (a "
+            f"token's position is its place in the row), so position_ids can only repeat those positions; "
+            f"packed sequences (positions restarting inside a row, as DataCollatorWithFlattening makes) "
+            f"are not supported: pad the batch and pass attention_mask instead"
+        )
+
+
+def _keep_positions(logits: torch.Tensor, logits_to_keep: Any) -> torch.Tensor:
+    """transformers' ``logits_to_keep`` applied to ``logits`` (or hidden states) ``(batch, seq_len, ...)``:
+    0 = every position, an int k = the last k positions, a 1-D integer tensor = those positions."""
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 1 and _is_integer(
+        logits_to_keep.dtype
+    ):
+        return logits[:, logits_to_keep.to(logits.device)]
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(
+            "logits_to_keep must be an int >= 0 (0 = all positions, k = the last k) or a 1-D integer tensor "
+            f"of positions, got {logits_to_keep!r}"
+        )
+    return logits if logits_to_keep == 0 else logits[:, -logits_to_keep:]
 
 
 class GMLPPreTrainedModel(PreTrainedModel):
@@ -412,6 +490,7 @@ class GMLPModel(GMLPPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> BaseModelOutput | tuple[torch.Tensor, ...]:
         """Encode a batch.
 
@@ -427,19 +506,34 @@ class GMLPModel(GMLPPreTrainedModel):
             output_hidden_states: also return the input of every block and the final output
                 (``num_hidden_layers + 1`` tensors; the last one is ``last_hidden_state``).
             return_dict: return a :class:`~transformers.modeling_outputs.BaseModelOutput` (default) or a
-                tuple.
+                tuple ``(last_hidden_state, hidden_states, attentions)`` without the ones not asked for.
+            output_attentions: also return the attention probabilities of the tiny attention of aMLP
+                (``tiny_attn_size`` set): one ``(batch, 1, seq_len, seq_len)`` tensor per block (one head),
+                query by key, in the input's positions. Padded keys get probability 0; rows of padded queries
+                are unspecified. None = ``config.output_attentions``.
 
         Returns:
             ``last_hidden_state`` ``(batch, seq_len, hidden_size)`` after the final LayerNorm.
 
         Raises:
             ValueError: bad shapes or dtypes (float ids, ``inputs_embeds`` of another dtype than the model),
-                token or type ids out of range, sequence longer than ``max_position_embeddings``.
+                token or type ids out of range, sequence longer than ``max_position_embeddings``,
+                ``output_attentions`` for a gMLP without tiny attention (it has no attention maps).
         """
         cfg = self.config
         if output_hidden_states is None:
             output_hidden_states = cfg.output_hidden_states
         return_dict = return_dict if return_dict is not None else cfg.return_dict
+        if output_attentions is None:
+            output_attentions = getattr(cfg, "output_attentions", False)
+        attentions: list[torch.Tensor] | None = None
+        if output_attentions:
+            if not any(block.tiny_attn is not None for block in self.blocks):
+                raise ValueError(
+                    "output_attentions=True needs the tiny attention of aMLP (config.tiny_attn_size set): a "
+                    "gMLP without it has no attention maps to return"
+                )
+            attentions = []
         input_ids, token_type_ids, mask = self._check_inputs(
             input_ids, attention_mask, token_type_ids, inputs_embeds
         )
@@ -473,21 +567,42 @@ class GMLPModel(GMLPPreTrainedModel):
                 t = _gather_tokens(t, inverse)
             return t.transpose(0, 1).contiguous()
 
+        hooks = []
+        if attentions is not None:  # read each tiny attention's input as the block passes it (this call only)
+
+            def record(module: TinyAttention, args: tuple[Any, ...], kwargs: dict[str, Any], _: Any) -> None:
+                block_mask = args[1] if len(args) > 1 else kwargs.get("mask")
+                probs = _attention_probs(module, args[0], block_mask)
+                if inverse is not None:  # back to the input's positions, queries and keys
+                    back = inverse[:, None, :, None].expand_as(probs)
+                    probs = probs.gather(2, back).gather(3, back.transpose(2, 3))
+                attentions.append(probs)
+
+            hooks = [
+                block.tiny_attn.register_forward_hook(record, with_kwargs=True)
+                for block in self.blocks
+                if block.tiny_attn is not None
+            ]
         hidden_states: tuple[torch.Tensor, ...] | None = () if output_hidden_states else None
         checkpointing = self.gradient_checkpointing and self.training
-        for index, block in enumerate(self.blocks):
-            if hidden_states is not None:
-                hidden_states += (to_batch_major(h),)
-            if checkpointing and index % self.checkpoint_every_n_layers == 0:
-                h = self._gradient_checkpointing_func(block.__call__, h, mask)
-            else:
-                h = block(h, mask)
+        try:
+            for index, block in enumerate(self.blocks):
+                if hidden_states is not None:
+                    hidden_states += (to_batch_major(h),)
+                if checkpointing and index % self.checkpoint_every_n_layers == 0:
+                    h = self._gradient_checkpointing_func(block.__call__, h, mask)
+                else:
+                    h = block(h, mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
         h = to_batch_major(self.norm(h))
         if hidden_states is not None:
             hidden_states += (h,)
+        maps = tuple(attentions) if attentions is not None else None
         if not return_dict:
-            return tuple(t for t in (h, hidden_states) if t is not None)
-        return BaseModelOutput(last_hidden_state=h, hidden_states=hidden_states)
+            return tuple(t for t in (h, hidden_states, maps) if t is not None)
+        return BaseModelOutput(last_hidden_state=h, hidden_states=hidden_states, attentions=maps)
 
 
 def _as_tuple(output: Any, return_dict: bool) -> Any:
@@ -523,6 +638,7 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> MaskedLMOutput | tuple[torch.Tensor, ...]:
         """Logits ``(batch, seq_len, vocab_size)``; with ``labels`` (``(batch, seq_len)``, -100 = not
         predicted) also the mean cross-entropy over the predicted tokens. With ``config.sparse_prediction``
@@ -544,7 +660,10 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         vocab = self.decoder.out_features
         labels = _labels_first(labels, input_ids, inputs_embeds, self.decoder.weight.device, vocab)
-        out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
+        out = self.gmlp(
+            input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True,
+            output_attentions=output_attentions,
+        )
         hidden, loss = out.last_hidden_state, None
         if labels is None:
             logits = apply_linear(self.decoder, hidden)
@@ -563,7 +682,9 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
             if overflow is not None:  # labelled tokens were left out and nobody could check: no silent loss
                 loss = torch.where(overflow, torch.full_like(loss, float("nan")), loss)
-        output = MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        output = MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
         return _as_tuple(output, return_dict)
 
 
@@ -621,6 +742,7 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> SequenceClassifierOutput | tuple[torch.Tensor, ...]:
         """Logits ``(batch, num_labels)``; with ``labels`` also the loss (see the class docstring for the
         labels each ``problem_type`` takes). Other arguments: :meth:`GMLPModel.forward`. The pooled token
@@ -632,7 +754,10 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
                 than -100, multi-label targets outside ``[0, 1]``, or bad inputs.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
+        out = self.gmlp(
+            input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True,
+            output_attentions=output_attentions,
+        )
         h = out.last_hidden_state
         causal = self.config.causal  # the last real token is the one that has seen the whole text
         if attention_mask is None:
@@ -645,7 +770,10 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
         logits = self.classifier(self.dropout(pooled))
         loss = None if labels is None else self._loss(logits, labels)
         return _as_tuple(
-            SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states), return_dict
+            SequenceClassifierOutput(
+                loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+            ),
+            return_dict,
         )
 
     def _loss(self, logits: torch.Tensor, labels: Any) -> torch.Tensor:
@@ -737,6 +865,7 @@ class GMLPForQuestionAnswering(GMLPPreTrainedModel):
         end_positions: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> QuestionAnsweringModelOutput | tuple[torch.Tensor, ...]:
         """``start_logits`` and ``end_logits`` ``(batch, seq_len)``; with both position tensors (token
         indices of any integer dtype, shape ``(batch,)`` or ``(batch, 1)``) also the loss. Padded positions
@@ -755,7 +884,10 @@ class GMLPForQuestionAnswering(GMLPPreTrainedModel):
             )
             raise ValueError(f"{given} was given without {missing}; pass both to get the loss, or neither")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
+        out = self.gmlp(
+            input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True,
+            output_attentions=output_attentions,
+        )
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(dim=-1)
         padded = None
         if attention_mask is not None:  # a padded position is never an answer, nor in the loss's softmax
@@ -791,16 +923,18 @@ class GMLPForQuestionAnswering(GMLPPreTrainedModel):
             loss = (loss_fct(start_logits, start) + loss_fct(end_logits, end)) / 2
         return _as_tuple(
             QuestionAnsweringModelOutput(
-                loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=out.hidden_states
+                loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=out.hidden_states,
+                attentions=out.attentions,
             ),
             return_dict,
         )
 
 
-# Keyword arguments that generate() (4.x or 5.x) or Trainer may pass and that a cache-free gMLP ignores.
+# Keyword arguments that generate() (4.x or 5.x) or Trainer may pass: the cache ones a cache-free gMLP
+# ignores; position_ids (checked to be the positions the model uses) and logits_to_keep (honoured).
 _IGNORED_GENERATION_KWARGS = frozenset(
-    {"use_cache", "past_key_values", "cache", "cache_position", "position_ids", "output_attentions",
-     "logits_to_keep", "num_logits_to_keep", "num_items_in_batch"}
+    {"use_cache", "past_key_values", "cache", "cache_position", "position_ids", "logits_to_keep",
+     "num_logits_to_keep", "num_items_in_batch"}
 )
 
 
@@ -852,7 +986,8 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         ``token_type_ids`` given to ``generate`` (extended by transformers with the last type at every step)
         are passed on, so ones that do not match ``input_ids`` get :meth:`forward`'s error.
         ``output_hidden_states`` and ``output_attentions`` (which transformers 5 hands over here) are passed
-        on: hidden states are returned, attention maps refused by :meth:`forward`.
+        on: hidden states are returned, and attention maps of aMLP's tiny attention (refused by
+        :meth:`forward` for a gMLP without it).
 
         Raises:
             ValueError: the sequence grew past ``max_position_embeddings`` (``max_new_tokens`` or
@@ -883,6 +1018,7 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutput | tuple[torch.Tensor, ...]:
         """Next-token logits ``(batch, seq_len, vocab_size)``; with ``labels`` (``(batch, seq_len)``, usually
@@ -891,25 +1027,41 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         is taken with its padding deleted, as the model sees it: a real token predicts the label of the
         next *real* token, labels at padded positions are never targets and padded positions predict
         nothing, so left- or inner-padded rows get exactly the loss of the unpadded rows. Other arguments:
-        :meth:`GMLPModel.forward`; the cache-related keyword arguments of ``generate()`` (``use_cache``,
-        ``past_key_values``, ``position_ids``, ...) are accepted and ignored.
+        :meth:`GMLPModel.forward`.
+
+        Keyword arguments of transformers' causal LMs: ``logits_to_keep`` (or ``num_logits_to_keep``) as
+        there: 0 = all positions, an int k = the logits of the last k positions only, a 1-D integer tensor =
+        those positions (the loss still covers every position). ``position_ids`` are accepted where they
+        are the positions the model uses anyway (``0 .. seq_len - 1`` in each row with its padding
+        deleted, what ``generate()`` computes) and refused otherwise: gMLP has no position embeddings, so
+        it cannot honour packed sequences (``DataCollatorWithFlattening``) or shifted positions. The cache
+        arguments (``use_cache``, ``past_key_values``, ``cache_position``) are accepted and ignored: there is
+        no cache, and the model always reads the whole sequence.
 
         Raises:
             TypeError: an unknown keyword argument.
-            ValueError: ``output_attentions=True`` (gMLP has no attention maps to return), ``labels`` not an
-                integer tensor of the input ids' shape or with a label outside ``[0, vocab_size)`` other
-                than -100, or bad inputs.
+            ValueError: ``output_attentions=True`` for a gMLP without tiny attention (no attention maps to
+                return), ``position_ids`` other than the positions above, a bad ``logits_to_keep``,
+                ``labels`` not an integer tensor of the input ids' shape or with a label outside
+                ``[0, vocab_size)`` other than -100, or bad inputs.
         """
         unknown = sorted(set(kwargs) - _IGNORED_GENERATION_KWARGS)
         if unknown:
             raise TypeError(f"GMLPForCausalLM.forward() got unexpected keyword arguments {unknown}")
-        if kwargs.get("output_attentions"):
-            raise ValueError("output_attentions=True is not supported: gMLP has no attention maps to return")
+        keep = kwargs.get("logits_to_keep", kwargs.get("num_logits_to_keep", 0))
+        keep = 0 if keep is None else keep
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         vocab = self.lm_head.out_features
         labels = _labels_first(labels, input_ids, inputs_embeds, self.lm_head.weight.device, vocab)
-        out = self.gmlp(input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True)
-        logits = apply_linear(self.lm_head, out.last_hidden_state)
+        out = self.gmlp(
+            input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True,
+            output_attentions=output_attentions,
+        )
+        hidden = out.last_hidden_state
+        _check_position_ids(kwargs.get("position_ids"), attention_mask, tuple(hidden.shape[:2]))
+        if labels is None:  # only the kept positions go through lm_head
+            hidden = _keep_positions(hidden, keep)
+        logits = apply_linear(self.lm_head, hidden)
         loss = None
         if labels is not None:
             labels = _check_labels(labels, tuple(logits.shape[:2]), logits.device, None)  # range: checked
@@ -919,7 +1071,10 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
             else:  # each row with its padding deleted (left and inner padding included)
                 targets = _next_token_targets(labels, attention_mask)
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        output = CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+            logits = _keep_positions(logits, keep)
+        output = CausalLMOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
         return _as_tuple(output, return_dict)
 
     @classmethod
