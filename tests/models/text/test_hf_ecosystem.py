@@ -18,6 +18,7 @@ from gmlp.models.text import (
     GMLPForMaskedLM,
     GMLPForQuestionAnswering,
     GMLPForSequenceClassification,
+    GMLPForTokenClassification,
     GMLPModel,
 )
 from gmlp.nn import TokenProjection
@@ -66,7 +67,8 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
     return model.eval()
 
-HEADS = [GMLPModel, GMLPForMaskedLM, GMLPForSequenceClassification, GMLPForQuestionAnswering, GMLPForCausalLM]
+HEADS = [GMLPModel, GMLPForMaskedLM, GMLPForSequenceClassification, GMLPForTokenClassification,
+         GMLPForQuestionAnswering, GMLPForCausalLM]  # fmt: skip
 
 
 def _model(cls: type, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -360,3 +362,72 @@ def test_trainer_trains_causal_lm(tmp_path) -> None:
     torch.manual_seed(0)
     model = GMLPForCausalLM(tiny_config(causal=True))
     _train(tmp_path, model, [tok(t) for t in TEXTS], DataCollatorForLanguageModeling(tok, mlm=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# token classification
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+def test_token_classification_is_padding_invariant_and_its_loss_ignores_pads(causal: bool) -> None:
+    """Left, right or inner padding changes no real token's logits; the loss is BERT's mean cross-entropy
+    over labelled real tokens, and labels put at padded positions are not targets."""
+    model = _model(GMLPForTokenClassification, num_labels=4, causal=causal)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, len(VOCAB), (1, 6), generator=gen)
+    labels = torch.randint(0, 4, (1, 6), generator=gen)
+    labels[0, 2] = -100
+    with torch.no_grad():
+        alone = model(ids, labels=labels)
+        for real in ([1] * 6 + [0] * 3, [0] * 3 + [1] * 6, [1, 1, 0, 0, 1, 1, 1, 1, 0]):
+            mask = torch.tensor([real])
+            padded_ids = torch.zeros(1, 9, dtype=torch.long)
+            padded_ids[mask.bool()] = ids[0]
+            padded_labels = torch.randint(0, 4, (1, 9), generator=gen)  # junk labels on the pads
+            padded_labels[mask.bool()] = labels[0]
+            out = model(padded_ids, attention_mask=mask, labels=padded_labels)
+            torch.testing.assert_close(out.logits[mask.bool()], alone.logits[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.loss, alone.loss, atol=1e-6, rtol=1e-5)
+    keep = labels[0] != -100
+    manual = torch.nn.functional.cross_entropy(alone.logits[0][keep], labels[0][keep])
+    torch.testing.assert_close(alone.loss, manual)
+
+
+def test_token_classification_names_bad_labels_and_sizes() -> None:
+    model = _model(GMLPForTokenClassification, num_labels=3)
+    ids = torch.randint(5, len(VOCAB), (2, 5))
+    with pytest.raises(ValueError, match=r"labels contains 3 outside \[0, vocab_size=3\)|labels contains 3"):
+        model(ids, labels=torch.full((2, 5), 3))
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor of shape \(batch, seq_len\)"):
+        model(ids, labels=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"needs config.num_labels >= 2, got 1"):
+        GMLPForTokenClassification(tiny_config(num_labels=1))
+
+
+def test_token_classification_auto_class_pipeline_and_trainer(tmp_path) -> None:
+    """AutoModelForTokenClassification loads the saved model with identical logits; the token-classification
+    pipeline tags each word; Trainer with DataCollatorForTokenClassification learns a word -> tag task."""
+    from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
+
+    tok = make_tokenizer()
+    tags = {w: i % 3 for i, w in enumerate(WORDS)}
+    data = []
+    for text in TEXTS:
+        enc = tok(text)
+        words = text.split()
+        enc["labels"] = [-100] + [tags[w] for w in words] + [-100]  # [CLS] and [SEP] are not tagged
+        data.append(dict(enc))
+    torch.manual_seed(0)
+    config = tiny_config(num_labels=3, id2label={0: "A", 1: "B", 2: "C"}, label2id={"A": 0, "B": 1, "C": 2})
+    model = GMLPForTokenClassification(config)
+    trainer = _train(tmp_path / "run", model, data, DataCollatorForTokenClassification(tok))
+    model = trainer.model.eval()
+    model.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    loaded = AutoModelForTokenClassification.from_pretrained(tmp_path / "saved").eval()
+    assert type(loaded) is GMLPForTokenClassification
+    ids = torch.tensor([tok("the cat sat on the mat")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    tagger = pipeline("token-classification", model=loaded, tokenizer=tok, device="cpu")
+    found = tagger("the big dog ran")
+    assert [t["word"] for t in found] == ["the", "big", "dog", "ran"]
+    assert all(t["entity"] in {"A", "B", "C"} for t in found)

@@ -1,8 +1,9 @@
 """gMLP / aMLP language models for Hugging Face ``transformers`` (paper sections 4-5).
 
 Importing this package registers the ``"gmlp"`` model type with ``AutoConfig``, ``AutoModel``,
-``AutoModelForMaskedLM``, ``AutoModelForSequenceClassification``, ``AutoModelForQuestionAnswering`` and
-``AutoModelForCausalLM``, so ``AutoModelForMaskedLM.from_pretrained(path)`` works on a saved gMLP.
+``AutoModelForMaskedLM``, ``AutoModelForSequenceClassification``, ``AutoModelForTokenClassification``,
+``AutoModelForQuestionAnswering`` and ``AutoModelForCausalLM``, so
+``AutoModelForMaskedLM.from_pretrained(path)`` works on a saved gMLP.
 """
 
 from transformers import (
@@ -12,6 +13,7 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -21,6 +23,7 @@ from .modeling_gmlp import (
     GMLPForMaskedLM,
     GMLPForQuestionAnswering,
     GMLPForSequenceClassification,
+    GMLPForTokenClassification,
     GMLPModel,
     GMLPPreTrainedModel,
     from_g_mlp_pytorch_lm,
@@ -33,6 +36,7 @@ __all__ = [
     "GMLPForMaskedLM",
     "GMLPForQuestionAnswering",
     "GMLPForSequenceClassification",
+    "GMLPForTokenClassification",
     "GMLPModel",
     "GMLPPreTrainedModel",
     "from_g_mlp_pytorch_lm",
@@ -43,6 +47,7 @@ for _auto, _model in (
     (AutoModel, GMLPModel),
     (AutoModelForMaskedLM, GMLPForMaskedLM),
     (AutoModelForSequenceClassification, GMLPForSequenceClassification),
+    (AutoModelForTokenClassification, GMLPForTokenClassification),
     (AutoModelForQuestionAnswering, GMLPForQuestionAnswering),
     (AutoModelForCausalLM, GMLPForCausalLM),
 ):

@@ -36,6 +36,7 @@ from transformers.modeling_outputs import (
     MaskedLMOutput,
     QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
+    TokenClassifierOutput,
 )
 from transformers.utils import logging
 
@@ -57,6 +58,7 @@ __all__ = [
     "GMLPForMaskedLM",
     "GMLPForQuestionAnswering",
     "GMLPForSequenceClassification",
+    "GMLPForTokenClassification",
     "GMLPModel",
     "GMLPPreTrainedModel",
     "from_g_mlp_pytorch_lm",
@@ -842,6 +844,67 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
         if self.config.problem_type is None:  # only once the labels passed the checks
             self.config.problem_type = self._inferred_problem_type = problem_type
         return loss
+
+
+class GMLPForTokenClassification(GMLPPreTrainedModel):
+    """Per-token classification (NER, POS tagging): ``classifier(dropout(h))`` at every position, as
+    transformers' ``BertForTokenClassification``.
+
+    The loss is the mean cross-entropy over the labelled real tokens: labels of -100 are ignored (as
+    ``DataCollatorForTokenClassification`` pads them) and so are labels at padded positions
+    (``attention_mask == 0``), whose outputs do not depend on the input and mean nothing.
+    """
+
+    def __init__(self, config: GMLPConfig) -> None:
+        super().__init__(config)
+        num_labels = config.num_labels
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+            raise ValueError(f"GMLPForTokenClassification needs config.num_labels >= 2, got {num_labels}")
+        self.num_labels = num_labels
+        self.gmlp = GMLPModel(config)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> TokenClassifierOutput | tuple[torch.Tensor, ...]:
+        """Logits ``(batch, seq_len, num_labels)``; with ``labels`` (class ids of any integer dtype, shape
+        ``(batch, seq_len)``, -100 = not a target) also the loss. Other arguments: :meth:`GMLPModel.forward`.
+
+        Raises:
+            ValueError: ``labels`` not an integer tensor of the input's shape, or with a class id outside
+                ``[0, num_labels)`` other than -100, or bad inputs.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        device = self.classifier.weight.device
+        labels = _labels_first(labels, input_ids, inputs_embeds, device, self.num_labels)
+        out = self.gmlp(
+            input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True,
+            output_attentions=output_attentions,
+        )
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = None
+        if labels is not None:
+            labels = _check_labels(labels, tuple(logits.shape[:2]), logits.device, None)  # range: checked
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask.to(labels.device) == 0, -100)
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1))
+        return _as_tuple(
+            TokenClassifierOutput(
+                loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+            ),
+            return_dict,
+        )
 
 
 class GMLPForQuestionAnswering(GMLPPreTrainedModel):
