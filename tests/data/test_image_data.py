@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gmlp.data.images import (
+    ImageSplit,
     fashion_mnist_root,
     load_digits_split,
     load_fashion_mnist,
@@ -109,3 +110,53 @@ def test_digits_refuses_a_data_root(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="data_root"):
         load_image_dataset("digits", "train", tmp_path)
     assert len(load_image_dataset("digits", "test")) == 297
+
+
+@pytest.mark.parametrize("name", ["x-idx3-ubyte", "x-idx3-ubyte.gz"])
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_read_idx_tells_compression_from_the_content_not_the_name(
+    tmp_path: Path, name: str, gzipped: bool
+) -> None:
+    """A ``.gz`` that a browser saved unpacked was 'not a gzipped file', and a gzipped file under the
+    unpacked name 'not a uint8 IDX file (magic 1f8b0800)': every pairing of name and content reads alike."""
+    data = torch.randint(0, 256, (3, 5, 2), dtype=torch.uint8)
+    _write_idx(tmp_path / "ref.gz", data)
+    raw = gzip.decompress((tmp_path / "ref.gz").read_bytes())
+    (tmp_path / name).write_bytes(gzip.compress(raw) if gzipped else raw)
+    assert torch.equal(read_idx(tmp_path / name), data)
+
+
+def test_read_idx_states_the_true_size_of_a_huge_header(tmp_path: Path) -> None:
+    """The expected size was a product in int64, which overflowed for large declared dimensions."""
+    dims = (2**32 - 1,) * 3
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(struct.pack(">HBB", 0, 0x08, 3) + struct.pack(">3I", *dims) + bytes(8))
+    with pytest.raises(ValueError, match=f"expected {16 + (2**32 - 1) ** 3} for shape"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("bad", [10, 255])
+def test_fashion_mnist_labels_outside_the_classes_are_refused_at_load(tmp_path: Path, bad: int) -> None:
+    """A label file with a value >= 10 loaded, and training failed later inside the loss (on CUDA, a
+    device-side assert)."""
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", torch.zeros(3, 28, 28, dtype=torch.uint8))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", torch.tensor([1, bad, 3], dtype=torch.uint8))
+    with pytest.raises(ValueError, match=rf"labels must be class indices in \[0, 10\).*got {bad}"):
+        load_fashion_mnist("test", tmp_path)
+
+
+def test_image_split_checks_label_values() -> None:
+    images = torch.zeros(3, 1, 2, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"in \[0, 2\).*got -1"):
+        ImageSplit(images, torch.tensor([0, -1, 1]), ("a", "b"))
+    with pytest.raises(ValueError, match="integer class indices, got torch.float32"):
+        ImageSplit(images, torch.tensor([0.0, 1.0, 1.0]), ("a", "b"))
+    assert ImageSplit(images, torch.tensor([0, 1, 1]), ("a", "b")).subset(2).labels.tolist() == [0, 1]
+
+
+def test_fashion_mnist_root_under_home_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data_root: ~/fmnist`` in a recipe reaches the code unexpanded (no shell): 'not found'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", torch.zeros(2, 28, 28, dtype=torch.uint8))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", torch.tensor([4, 5], dtype=torch.uint8))
+    assert load_fashion_mnist("test", "~").labels.tolist() == [4, 5]

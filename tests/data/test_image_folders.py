@@ -195,3 +195,107 @@ def test_hf_dataset_with_text_labels_names_the_row(tmp_path: Path) -> None:
     last = len(files) - 1
     with pytest.raises(ValueError, match=f"column 'label' must hold class indices.*row {last} holds 'cat'"):
         hf_source(str(tmp_path / "hf"), None, candidates=("train",))
+
+
+def _write_png(path: Path, value: int = 100) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((6, 6, 3), value, np.uint8)).save(path, format="PNG")
+
+
+def _plain_tree(base: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+    """An ImageFolder split (nested folders, upper-case extensions, other files); torchvision's listing."""
+    from torchvision.datasets import ImageFolder
+
+    for rel in ("cat/a.png", "cat/B.PNG", "cat/sub/c.png", "cat/sub/deeper/d.Png", "dog/e.png",
+                "dog/z/f.png", "emu/g.png"):
+        _write_png(base / rel)
+    (base / "dog" / "notes.txt").write_text("not an image")
+    (base / "emu" / "h.png.bak").write_bytes(b"")
+    reference = ImageFolder(str(base))
+    return tuple(reference.classes), reference.samples
+
+
+def test_folder_listing_matches_torchvision_without_hidden_entries(tmp_path: Path) -> None:
+    """Same classes, files and order as torchvision's ImageFolder on a plain tree; hidden entries change
+    nothing. A notebook's ``.ipynb_checkpoints`` folder used to become class 0 (every label shifted by one)
+    and macOS's ``._x.png`` files counted as corrupt images (fatal with --strict-images)."""
+    import os
+
+    base = tmp_path / "data" / "train"
+    classes, samples = _plain_tree(base)
+    source = image_folder_source(tmp_path / "data", "train")
+    assert (source.classes, source.samples) == (classes, samples) and len(source) == 7
+
+    _write_png(base / ".ipynb_checkpoints" / "a-checkpoint.png")  # a hidden class folder with an image
+    (base / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # macOS AppleDouble file
+    _write_png(base / "dog" / ".thumbs" / "e.png")  # a hidden sub-folder inside a class
+    (tmp_path / "data" / ".cache").mkdir()  # a hidden split folder
+    os.symlink("../../cat", base / "dog" / "z" / "back")  # dog/z/back -> cat: a link elsewhere is followed
+    source = image_folder_source(tmp_path / "data", "train")
+    linked = [(str(base / "dog" / "z" / "back" / rel), 1)
+              for rel in ("B.PNG", "a.png", "sub/c.png", "sub/deeper/d.Png")]
+    assert source.classes == classes and source.samples == samples[:6] + linked + samples[6:]
+    with pytest.raises(FileNotFoundError, match=r"\(found: train\)"):
+        image_folder_source(tmp_path / "data", "val")
+
+
+def test_folder_listing_does_not_follow_a_symlink_loop(tmp_path: Path) -> None:
+    """A link back up the tree (``cat/up -> ..``) listed each image once per level until the path resolution
+    gave up (~40 times), the other classes' images among them under this class's label."""
+    import os
+
+    base = tmp_path / "data" / "train"
+    classes, samples = _plain_tree(base)
+    os.symlink("..", base / "cat" / "sub" / "up")
+    source = image_folder_source(tmp_path / "data", "train")
+    assert (source.classes, source.samples) == (classes, samples)
+
+
+def test_collating_images_of_different_sizes_names_the_samples() -> None:
+    """torch.stack's own error gave the position among the readable samples, not in the batch."""
+    batch = [(torch.zeros(3, 4, 4), 0), None, (torch.zeros(3, 4, 4), 1), (torch.zeros(3, 5, 4), 2)]
+    with pytest.raises(ValueError, match=r"sample 0 of the batch is \(3, 4, 4\), sample 3 is \(3, 5, 4\)"):
+        collate_skipping(batch)
+    x, y, skipped = collate_skipping(batch[:3])
+    assert x.shape == (2, 3, 4, 4) and y.tolist() == [0, 1] and skipped == 1
+
+
+def test_eval_of_an_imagefolder_run_uses_its_own_train_and_val_splits(tmp_path: Path) -> None:
+    """``gmlp eval RUN`` numbered the classes from ``train/`` and looked for ``val``/``validation``/``test``
+    whatever splits the run named: a run trained on ``training/`` and validated on ``holdout/`` (which lacks
+    a class) was evaluated on ``test/`` with that split's own class numbering, and refused."""
+    import json
+
+    from gmlp import create_model
+    from gmlp.models.loading import save_model
+    from gmlp.train.vision_tools import evaluate_checkpoint
+
+    data = tmp_path / "data"
+    for split, classes in (("training", "abc"), ("holdout", "bc"), ("test", "a")):
+        for c in classes:
+            for i in range(2):
+                _write_png(data / split / c / f"{i}.png", value=60 * (ord(c) - 96))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_model(create_model("gmlp_micro4_28", num_classes=3, in_chans=1), run / "model.safetensors")
+    config = {"model": "gmlp_micro4_28", "dataset": "imagefolder", "data_root": str(data),
+              "train_split": "training", "val_split": "holdout"}
+    (run / "config.json").write_text(json.dumps(config))
+    result = evaluate_checkpoint(run, workers=0, batch_size=8, device="cpu")
+    assert result["split"] == "holdout" and result["count"] == 4
+    other = evaluate_checkpoint(run, split="test", workers=0, batch_size=8, device="cpu")
+    assert other["split"] == "test" and other["count"] == 2
+
+
+def test_a_data_root_under_home_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data_root: ~/data`` in a recipe reaches the code unexpanded (no shell): it 'did not exist'."""
+    import datasets
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _write_png(tmp_path / "imgs" / "train" / "cat" / "a.png")
+    assert len(image_folder_source("~/imgs", "train")) == 1
+    datasets.Dataset.from_dict({"image": [str(tmp_path / "imgs" / "train" / "cat" / "a.png")],
+                                "label": [0]}).save_to_disk(str(tmp_path / "hf"))
+    assert len(hf_source("~/hf", None, candidates=("train",))) == 1

@@ -9,6 +9,7 @@ skipped and counted by :func:`collate_skipping`, or raise :class:`CorruptImageEr
 from __future__ import annotations
 
 import io
+import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "TensorSource",
     "TransformedImages",
     "collate_skipping",
+    "folder_classes",
     "hf_source",
     "image_folder_source",
     "resolve_split",
@@ -143,6 +145,48 @@ def resolve_split(available: Sequence[str], wanted: str | None, candidates: Sequ
     raise FileNotFoundError(f"{where} has none of the splits {wanted_names} (found: {found})")
 
 
+def folder_classes(directory: str | Path) -> list[str]:
+    """The class folders of an ImageFolder split, sorted: its sub-folders (symlinks followed), leaving out
+    hidden ones (``.ipynb_checkpoints``, ``.git``), which torchvision's ``find_classes`` counts as classes.
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no (visible) sub-folder.
+    """
+    with os.scandir(directory) as entries:
+        classes = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"image folder {str(directory)!r} has no class sub-folders")
+    return classes
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or inside it (both real, absolute paths)."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _image_files(class_dir: Path, extensions: tuple[str, ...]) -> list[str]:
+    """The image files under ``class_dir``, in torchvision's ``make_dataset`` order (folders by path, files by
+    name; extensions matched in any case), without hidden files and folders (``._x.jpg`` of macOS, notebook
+    checkpoints) and without following a symlink back into its own ancestry (a loop listed every image
+    again at each level, and the other classes' images under this one)."""
+    listed = []
+    ancestry = {str(class_dir): (os.path.realpath(class_dir),)}  # real paths from class_dir down to a folder
+    for top, dirs, files in os.walk(class_dir, followlinks=True):
+        chain = ancestry.pop(top)
+        keep = []
+        for name in sorted(dirs):
+            real = os.path.realpath(os.path.join(top, name))
+            if name.startswith(".") or any(_is_within(seen, real) for seen in chain):
+                continue
+            ancestry[os.path.join(top, name)] = (*chain, real)
+            keep.append(name)
+        dirs[:] = keep
+        names = sorted(f for f in files if not f.startswith(".") and f.lower().endswith(extensions))
+        listed.append((top, names))
+    listed.sort()
+    return [os.path.join(top, name) for top, names in listed for name in names]
+
+
 def image_folder_source(
     root: str | Path,
     split: str | None,
@@ -150,7 +194,9 @@ def image_folder_source(
     *,
     candidates: Sequence[str] = (),
 ) -> FolderSource:
-    """The images of ``root/split`` (one sub-folder per class, as torchvision's ImageFolder).
+    """The images of ``root/split`` (one sub-folder per class, as torchvision's ImageFolder), in the same
+    order, except that hidden files and folders (names starting with ``.``) are left out and a symlink back
+    up the tree is not followed.
 
     Args:
         root: the dataset directory holding the split folders (e.g. ``train/`` and ``val/``).
@@ -162,20 +208,17 @@ def image_folder_source(
         FileNotFoundError: ``root`` or the split folder is missing, or a class folder holds no image.
         ValueError: the split has a class the training split lacks.
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    root = Path(root)
+    root = Path(root).expanduser()  # "~/data" from a recipe file, which no shell expanded
     if not root.is_dir():
         raise FileNotFoundError(
             f"image folder {str(root)!r} does not exist (expected {root}/train/<class>/*.jpg)"
         )
-    splits = sorted(p.name for p in root.iterdir() if p.is_dir())
+    splits = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.is_dir())
     split = resolve_split(splits, split, candidates, f"image folder {str(root)!r}")
     base = root / split
-    try:
-        classes, _ = find_classes(str(base))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"image folder {str(base)!r} has no class sub-folders ({err})") from err
+    classes = folder_classes(base)
     if class_names is not None:
         unknown = sorted(set(classes) - set(class_names))
         if unknown:
@@ -184,8 +227,8 @@ def image_folder_source(
     else:
         class_to_idx = {c: i for i, c in enumerate(classes)}
         class_names = classes
-    samples = make_dataset(str(base), {c: class_to_idx[c] for c in classes}, extensions=IMG_EXTENSIONS,
-                           allow_empty=True)
+    extensions = tuple(IMG_EXTENSIONS)
+    samples = [(path, class_to_idx[c]) for c in classes for path in _image_files(base / c, extensions)]
     counts = {c: 0 for c in classes}
     for _, label in samples:
         counts[class_names[label]] += 1
@@ -224,6 +267,8 @@ class HFSource(ImageSource):
 def _load_hf(name_or_path: str, split: str | None, candidates: Sequence[str]) -> tuple[Any, str]:
     import datasets
 
+    if name_or_path.startswith("~"):  # "~/data" from a recipe file, which no shell expanded (no hub name is)
+        name_or_path = os.path.expanduser(name_or_path)
     path = Path(name_or_path)
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         loaded = datasets.load_from_disk(str(path))  # a save_to_disk directory
@@ -359,8 +404,17 @@ class TransformedImages(Dataset):
 
 def collate_skipping(batch: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Stack the readable samples; returns ``(images, labels, number of skipped corrupt samples)``."""
-    good = [b for b in batch if b is not None]
+    good = [(i, b) for i, b in enumerate(batch) if b is not None]
     skipped = len(batch) - len(good)
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.long), skipped
+    first, (x0, _) = good[0]
+    odd = next(((i, x) for i, (x, _) in good if x.shape != x0.shape), None)
+    if odd is not None:
+        raise ValueError(
+            f"the images of a batch must share one shape to be stacked: sample {first} of the batch is "
+            f"{tuple(x0.shape)}, sample {odd[0]} is {tuple(odd[1].shape)}; the transform must crop or resize "
+            f"to one size (timm's create_transform does, to the model's input size)"
+        )
+    return (torch.stack([x for _, (x, _) in good]), torch.tensor([y for _, (_, y) in good], dtype=torch.long),
+            skipped)

@@ -7,6 +7,7 @@ straight from these tensors (no per-sample Python work), which keeps a 2-core CP
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -48,6 +49,15 @@ class ImageSplit:
             )
         if len(self.images) == 0:
             raise ValueError("the dataset split is empty")
+        if self.labels.is_floating_point() or self.labels.is_complex() or self.labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class indices, got {self.labels.dtype}")
+        low, high = int(self.labels.min()), int(self.labels.max())
+        if low < 0 or high >= len(self.classes):
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"labels must be class indices in [0, {len(self.classes)}) ({len(self.classes)} classes), "
+                f"got {bad}"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -62,12 +72,17 @@ class ImageSplit:
 
 
 def read_idx(path: str | Path) -> torch.Tensor:
-    """Read an IDX file (``.gz`` or plain) as a uint8 tensor of the shape its header declares."""
+    """Read an IDX file (gzipped or plain) as a uint8 tensor of the shape its header declares.
+
+    Compression is told from the content, not the name: a browser may save ``x.gz`` already unpacked, or
+    a gzipped file under the unpacked name.
+    """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
+        with open(path, "rb") as f:
             data = f.read()
+        if data[:2] == b"\x1f\x8b":  # the gzip magic number
+            data = gzip.decompress(data)
     except (OSError, EOFError) as err:
         raise ValueError(f"cannot read IDX file {str(path)!r}: {err}") from err
     if len(data) < 4:
@@ -79,7 +94,7 @@ def read_idx(path: str | Path) -> torch.Tensor:
     if len(data) < header:
         raise ValueError(f"IDX file {str(path)!r} is truncated ({len(data)} bytes, a {header}-byte header)")
     dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + int(torch.tensor(dims).prod().item())
+    expected = header + math.prod(dims)  # Python ints: a product of uint32 sizes can overflow int64
     if len(data) != expected:
         raise ValueError(
             f"IDX file {str(path)!r} has {len(data)} bytes, expected {expected} for shape {dims}"
@@ -88,8 +103,9 @@ def read_idx(path: str | Path) -> torch.Tensor:
 
 
 def fashion_mnist_root(root: str | Path | None = None) -> Path:
-    """Where the Fashion-MNIST IDX files are: ``root``, ``$GMLP_FASHION_MNIST``, or Debian's location."""
-    return Path(root or os.environ.get("GMLP_FASHION_MNIST") or _DEFAULT_FASHION_ROOT)
+    """Where the Fashion-MNIST IDX files are: ``root``, ``$GMLP_FASHION_MNIST``, or Debian's location (``~``
+    expanded: a recipe file's ``data_root`` passes through no shell)."""
+    return Path(root or os.environ.get("GMLP_FASHION_MNIST") or _DEFAULT_FASHION_ROOT).expanduser()
 
 
 def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> ImageSplit:

@@ -22,7 +22,9 @@ _MASK = 2**63
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The permutation of ``range(n)`` used in ``epoch`` (0-based)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 104_729 * epoch))
+    # modulo 2**64, the generator's seed range (it takes a negative seed modulo 2**64 too): a seed near
+    # 2**64 stopped the run with an overflow at the first epoch boundary; every other order is unchanged
+    return torch.randperm(n, generator=torch.Generator().manual_seed((seed + 104_729 * epoch) % 2**64))
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -233,13 +233,14 @@ def evaluate_checkpoint(
         split_name = split or "test"
     else:  # imagefolder or hf
         candidates = ("val", "validation", "test")
+        if split is None and same_data:  # the split the run validated on (its --val-split), else the first
+            split = run.get("val_split")  # of the candidates, as training chose it
         if dataset == "imagefolder":
-            root = Path(data_root)
+            root = Path(data_root).expanduser()
             classes = None
-            if split != "train" and (root / "train").is_dir():  # number the classes as training did
-                from torchvision.datasets.folder import find_classes
-
-                classes = find_classes(str(root / "train"))[0]
+            train_split = (run.get("train_split") if same_data else None) or "train"
+            if split != train_split and (root / train_split).is_dir():  # number the classes as training did
+                classes = folders.folder_classes(root / train_split)
             source = folders.image_folder_source(root, split, classes, candidates=candidates)
             split_name = source.root.name
         else:
