@@ -285,6 +285,25 @@ def test_drop_path_function() -> None:
     assert torch.all(z == z[:, :1])
 
 
+@given(p=st.sampled_from([1.0, 1, np.float32(1.0)]), batch=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_drop_path_of_one_drops_every_sample_without_nan(p, batch: int, seed: int) -> None:
+    """Survival probability 0 zeroes the branch of every sample (timm's drop_path); dividing by the
+    survival probability gave NaN outputs and NaN gradients before."""
+    torch.manual_seed(seed)
+    x = torch.randn(3, batch, 4, requires_grad=True)
+    y = drop_path(x, p, training=True)
+    assert torch.equal(y, torch.zeros_like(x))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
+def test_drop_path_function_names_a_bad_p(p: float) -> None:
+    with pytest.raises(ValueError, match=r"drop path probability p must be a number in \[0, 1\], got"):
+        drop_path(torch.ones(2, 3, 4), p, training=True)
+    assert drop_path(x := torch.ones(2, 3, 4), p, training=False) is x  # eval: the branch is never dropped
+
+
 def test_drop_path_module_refuses_bad_p() -> None:
     for p in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match="drop path probability"):

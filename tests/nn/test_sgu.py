@@ -119,6 +119,22 @@ def test_matrix_for_shorter_input_is_leading_block(
     torch.testing.assert_close(out, ref.reshape(m, 2, 4), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("toeplitz", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matrix_takes_numpy_ints_and_names_a_bad_n(toeplitz: bool, causal: bool) -> None:
+    """``matrix(n)`` is public (plots, users): a float or bool ``n`` gave torch's slicing/unfold errors (or,
+    for ``True``, silently the 1 x 1 matrix), now a ValueError naming ``n``; numpy ints are ints."""
+    proj = randomize_(TokenProjection(6, toeplitz=toeplitz, causal=causal, heads=2))
+    for n in range(1, 7):
+        torch.testing.assert_close(proj.matrix(np.int64(n)), proj.matrix(n), rtol=0, atol=0)
+    for bad in (2.0, True, False, "3", 2.5):
+        with pytest.raises(ValueError, match=r"n must be an int in \[1, seq_len=6\], got"):
+            proj.matrix(bad)  # type: ignore[arg-type]
+    for bad in (0, 7, np.int64(7)):
+        with pytest.raises(ValueError, match=r"n must be in \[1, seq_len=6\]"):
+            proj.matrix(bad)
+
+
 def test_toeplitz_matrix_refuses_too_long() -> None:
     proj = TokenProjection(4, toeplitz=True)
     with pytest.raises(ValueError, match="seq_len=4"):

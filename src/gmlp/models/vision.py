@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..nn import GMLPBlock, PatchEmbed
+from ..nn import GMLPBlock, PatchEmbed, TokenProjection
 from ..nn._checks import check_int, check_number
 from .registry import register_model
 
@@ -93,6 +93,12 @@ class GMLPVision(nn.Module):
         if pretrained_cfg is not None and not isinstance(pretrained_cfg, dict):
             raise TypeError(f"pretrained_cfg must be a dict or None, got {type(pretrained_cfg).__name__}")
         dim_ffn = int(round(mlp_ratio * embed_dim))
+        if dim_ffn < 1 or (variant == "sgu" and dim_ffn % 2):  # else the block names dim_ffn, not given here
+            even = ", and even for the split SGU (variant='sgu')" if variant == "sgu" else ""
+            raise ValueError(
+                f"mlp_ratio * embed_dim = {mlp_ratio!r} * {embed_dim} rounds to d_ffn = {dim_ffn}, which "
+                f"must be a positive int{even}"
+            )
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -148,7 +154,7 @@ class GMLPVision(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-            elif hasattr(module, "reset_parameters") and module.__class__.__name__ == "TokenProjection":
+            elif isinstance(module, TokenProjection):  # a subclass too (by name it was left uninitialised)
                 module.reset_parameters()
 
     # -- timm model API -----------------------------------------------------------------------------
@@ -273,19 +279,26 @@ def _defaults(kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:
 
 @register_model
 def gmlp_ti16_224(**kwargs: Any) -> GMLPVision:
-    """gMLP-Ti/16 (paper Table 1): depth 30, d_model 128, d_ffn 768; 5,867,328 parameters; survival 1.00."""
+    """gMLP-Ti/16 (paper Table 1): depth 30, d_model 128, d_ffn 768; 5,867,328 parameters; survival 1.00
+    (no stochastic depth)."""
     return _create("gmlp_ti16_224", **_defaults(kwargs, patch_size=16, embed_dim=128, depth=30, mlp_ratio=6))
 
 
 @register_model
 def gmlp_s16_224(**kwargs: Any) -> GMLPVision:
-    """gMLP-S/16 (paper Table 1): depth 30, d_model 256, d_ffn 1536; 19,422,656 parameters; survival 0.95."""
+    """gMLP-S/16 (paper Table 1): depth 30, d_model 256, d_ffn 1536; 19,422,656 parameters.
+
+    The paper trains it with survival probability 0.95: pass ``drop_path_rate=0.05`` (as
+    ``recipes/imagenet_gmlp_s.yaml`` does); the default here is 0, as in timm's model functions."""
     return _create("gmlp_s16_224", **_defaults(kwargs, patch_size=16, embed_dim=256, depth=30, mlp_ratio=6))
 
 
 @register_model
 def gmlp_b16_224(**kwargs: Any) -> GMLPVision:
-    """gMLP-B/16 (paper Table 1): depth 30, d_model 512, d_ffn 3072; 73,075,392 parameters; survival 0.80."""
+    """gMLP-B/16 (paper Table 1): depth 30, d_model 512, d_ffn 3072; 73,075,392 parameters.
+
+    The paper trains it with survival probability 0.80: pass ``drop_path_rate=0.2`` (as
+    ``recipes/imagenet_gmlp_b.yaml`` does); the default here is 0, as in timm's model functions."""
     return _create("gmlp_b16_224", **_defaults(kwargs, patch_size=16, embed_dim=512, depth=30, mlp_ratio=6))
 
 

@@ -10,6 +10,7 @@ import torch
 
 __all__ = [
     "as_int",
+    "autocast_enabled",
     "capturing",
     "check_flag",
     "check_int",
@@ -30,6 +31,15 @@ def host_checks_enabled(t: torch.Tensor) -> bool:
     """Whether a check that reads tensor values back to the host may run on ``t``: not while torch.compile
     traces (it would break the graph) nor while a CUDA graph is captured (a host sync aborts the capture)."""
     return not torch.compiler.is_compiling() and not capturing(t)
+
+
+def autocast_enabled(t: torch.Tensor) -> bool:
+    """Whether autocast is on for ``t``'s device type (False for a device autocast does not know, such as
+    ``meta``, where ``torch.is_autocast_enabled`` raises)."""
+    try:
+        return torch.is_autocast_enabled(t.device.type)
+    except RuntimeError:
+        return False
 
 
 def as_int(value: object) -> int | None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..kernels.cpu_linear import apply_linear
+from ..kernels.cpu_linear import apply_linear, forward_ad_active
 from ._checks import as_int, check_flag, check_mask, check_tokens
 
 __all__ = ["TinyAttention"]
@@ -55,12 +58,16 @@ class TinyAttention(nn.Module):
             x = x.masked_fill(~mask.t().unsqueeze(-1), 0.0)
         qkv = apply_linear(self.qkv, x).transpose(0, 1).unsqueeze(1)
         q, k, v = qkv.chunk(3, dim=-1)  # each (batch, 1, n, attn_dim)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        else:
-            keep = mask[:, None, None, :]
-            eye = torch.eye(n, dtype=torch.bool, device=x.device)
-            if self.causal:
-                keep = keep & torch.ones(n, n, dtype=torch.bool, device=x.device).tril_()
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | eye)
+        # forward-mode AD (torch.autograd.forward_ad, torch.func.jvp/jacfwd): the fused SDPA kernels (CPU
+        # flash attention among them) have no forward derivative and raise; the math backend has one
+        backend = sdpa_kernel(SDPBackend.MATH) if forward_ad_active() else contextlib.nullcontext()
+        with backend:
+            if mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            else:
+                keep = mask[:, None, None, :]
+                eye = torch.eye(n, dtype=torch.bool, device=x.device)
+                if self.causal:
+                    keep = keep & torch.ones(n, n, dtype=torch.bool, device=x.device).tril_()
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | eye)
         return apply_linear(self.out, out.squeeze(1).transpose(0, 1))

@@ -17,7 +17,7 @@ from ..kernels.sgu_triton import (
     spatial_gating,
     triton_enabled,
 )
-from ._checks import check_int, check_mask, check_number, check_tokens
+from ._checks import as_int, autocast_enabled, check_int, check_mask, check_number, check_tokens
 from ._inplace import may_update_in_place, plain_call
 from .attention import TinyAttention
 from .sgu import SpatialGatingUnit, TokenProjection
@@ -28,10 +28,20 @@ __all__ = ["DropPath", "GMLPBlock", "drop_path"]
 def drop_path(x: torch.Tensor, p: float, training: bool, batch_dim: int = 1) -> torch.Tensor:
     """Per-sample stochastic depth: zero a residual branch for a random subset of samples, rescale the rest.
 
-    ``batch_dim`` is 1 for the token-major layout used in :mod:`gmlp.nn`.
+    ``batch_dim`` is 1 for the token-major layout used in :mod:`gmlp.nn`. ``p`` is the drop probability
+    (1 - survival probability) in ``[0, 1]``; ``p = 1`` drops the branch of every sample (zeros, as timm's
+    ``drop_path``).
+
+    Raises:
+        ValueError: ``p`` is not a number in ``[0, 1]`` (checked only when the branch can be dropped, in
+            training).
     """
     if p == 0.0 or not training:
         return x
+    if not 0.0 <= p <= 1.0:  # also NaN; torch's own error would name bernoulli_'s argument 1 - p
+        raise ValueError(f"drop path probability p must be a number in [0, 1], got {p!r}")
+    if p == 1.0:  # no survivor: dividing by the survival probability 0 would give NaN
+        return x * 0.0
     shape = [1] * x.dim()
     shape[batch_dim] = x.shape[batch_dim]
     keep = x.new_empty(shape).bernoulli_(1.0 - p)
@@ -44,7 +54,10 @@ class DropPath(nn.Module):
     def __init__(self, p: float = 0.0, batch_dim: int = 1) -> None:
         super().__init__()
         self.p = check_number(p, "drop path probability p", high=1.0)
-        self.batch_dim = batch_dim
+        batch_dim_int = as_int(batch_dim)
+        if batch_dim_int is None:  # else only a training forward would fail, with a list-index error
+            raise TypeError(f"batch_dim must be an int (the batch axis of the input), got {batch_dim!r}")
+        self.batch_dim = batch_dim_int
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -94,9 +107,10 @@ class GMLPBlock(nn.Module):
         dim = check_int(dim, "dim")
         dim_ffn = check_int(dim_ffn, "dim_ffn")
         check_number(norm_eps, "norm_eps", low_open=True)
+        check_number(sgu_norm_eps, "sgu_norm_eps", low_open=True)  # the SGU's own error says "norm_eps"
         check_number(dropout, "dropout", high=1.0)
         self.dim = dim
-        self.seq_len = seq_len
+        self.seq_len = check_int(seq_len, "seq_len")  # a Python int, also for numpy's
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.fc1 = nn.Linear(dim, dim_ffn)
         self.sgu = SpatialGatingUnit(
@@ -122,6 +136,9 @@ class GMLPBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (seq, batch, dim); ``mask`` optional (batch, seq), True/1 = real token."""
         check_tokens(x, self.dim, self.seq_len, "x")
+        fc1_weight = getattr(self.fc1, "weight", None)
+        if isinstance(fc1_weight, torch.Tensor) and x.dtype != fc1_weight.dtype:
+            self._check_dtype(x, fc1_weight.dtype)
         mask = check_mask(mask, x.shape[1], x.shape[0])
         fused = triton_enabled(x) and fused_gating_enabled(x.shape[0] * x.shape[1] * self.fc1.out_features)
         h, x = self._pre_norm(x, fused and plain_call(self.norm, nn.LayerNorm))
@@ -131,6 +148,22 @@ class GMLPBlock(nn.Module):
         else:  # other variants, or an SGU that a hook, a subclass or a patched forward must see called
             z = self.sgu(apply_linear(self.fc1, h, "gelu"), mask, gate_bias)
         return self._residual(x, z)
+
+    def _check_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> None:
+        """A TypeError naming ``x`` where its dtype differs from ``fc1``'s ``dtype`` outside autocast: ``fc1``
+        would refuse ``norm(x)`` (torch's error, from the LayerNorm or the product, names neither). Only for a
+        plain LayerNorm and ``fc1`` (their output and input dtypes are then known): a wrapped one decides."""
+        if (
+            x.is_meta  # meta kernels take the pair: shape inference on meta keeps working
+            or autocast_enabled(x)
+            or not plain_call(self.norm, nn.LayerNorm)
+            or not is_plain_linear(self.fc1)
+        ):
+            return
+        raise TypeError(
+            f"x has dtype {x.dtype} but the block's parameters are {dtype}: convert the input "
+            f"(x.to({dtype})) or the block (.to({x.dtype})), or run under torch.autocast"
+        )
 
     def _residual(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``x + drop_path(dropout(fc2(z)))``. In inference, where dropout and drop path are identities,

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..kernels.cpu_linear import token_mix
 from ..kernels.toeplitz import toeplitz_matrix, toeplitz_mix_fft
-from ._checks import as_int, check_flag, check_int, check_mask, check_number, check_tokens
+from ._checks import as_int, autocast_enabled, check_flag, check_int, check_mask, check_number, check_tokens
 from ._inplace import may_update_in_place, plain_call
 
 __all__ = ["VARIANTS", "TokenProjection", "SpatialGatingUnit"]
@@ -99,8 +99,17 @@ class TokenProjection(nn.Module):
         """The dense token-mixing matrix for ``n`` tokens: ``(n, n)``, or ``(heads, n, n)``.
 
         Toeplitz weights are expanded, and the causal mask applied, so this is exactly the W the layer uses.
+
+        Raises:
+            ValueError: ``n`` is not an int (numpy's taken; not a bool or a float) in ``[1, seq_len]``.
         """
-        n = self.seq_len if n is None else n
+        if n is None:
+            n = self.seq_len
+        elif isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)):  # the forward passes (Sym)ints
+            index = as_int(n)
+            if index is None:
+                raise ValueError(f"n must be an int in [1, seq_len={self.seq_len}], got {n!r}")
+            n = index
         if not 1 <= n <= self.seq_len:
             raise ValueError(f"n must be in [1, seq_len={self.seq_len}], got {n}")
         device = self.weight.device
@@ -112,8 +121,13 @@ class TokenProjection(nn.Module):
         return w
 
     def uses_fft(self, n: int) -> bool:
-        """Whether an input of ``n`` tokens is mixed by FFT (Toeplitz, not causal, ``n >= fft_threshold``)."""
-        return self.fft_threshold is not None and not self.causal and n >= self.fft_threshold
+        """Whether an input of ``n`` tokens is mixed by FFT (Toeplitz, not causal, ``n >= fft_threshold``, not
+        in ``torch.jit.trace``: the FFT path's slice assignments fail under the tracer, whose sizes are
+        tensors, and traced graphs (TorchScript, ONNX) keep the portable dense product)."""
+        return (
+            self.fft_threshold is not None and not self.causal and n >= self.fft_threshold
+            and not torch.jit.is_tracing()
+        )  # fmt: skip
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mix tokens of ``z`` (seq, batch, channels); ``mask`` (batch, seq), True/1 = real token.
@@ -186,7 +200,7 @@ class SpatialGatingUnit(nn.Module):
         fft_threshold: int | None = None,
     ) -> None:
         super().__init__()
-        if variant not in VARIANTS:
+        if not isinstance(variant, str) or variant not in VARIANTS:  # a list: not "unhashable type"
             raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
         dim = check_int(dim, "dim")
         if variant == "sgu" and dim % 2:
@@ -204,6 +218,12 @@ class SpatialGatingUnit(nn.Module):
             )
         heads = heads_int
         if variant == "none":
+            # no projection to build, but its arguments are still checked (not dropped unseen)
+            check_flag(toeplitz, "toeplitz")
+            check_flag(causal, "causal")
+            check_number(init_std, "init_std")
+            if fft_threshold is not None:
+                check_int(fft_threshold, "fft_threshold")
             self.norm = None
             self.proj = None
         else:
@@ -231,6 +251,9 @@ class SpatialGatingUnit(nn.Module):
                 output of aMLP), shape ``(seq, batch, gate_dim)``.
         """
         check_tokens(z, self.dim, self.seq_len, "z")
+        norm_weight = getattr(self.norm, "weight", None)
+        if isinstance(norm_weight, torch.Tensor) and z.dtype != norm_weight.dtype:
+            self._check_dtype(z, norm_weight.dtype)
         mask = check_mask(mask, z.shape[1], z.shape[0])
         if self.variant == "none":
             if gate_bias is not None:
@@ -242,10 +265,23 @@ class SpatialGatingUnit(nn.Module):
                 is_tensor = isinstance(gate_bias, torch.Tensor)
                 got = tuple(gate_bias.shape) if is_tensor else type(gate_bias).__name__
                 raise ValueError(f"gate_bias must have shape (seq, batch, gate_dim) = {expected}, got {got}")
-            if gate_bias.dtype != z.dtype and not torch.is_autocast_enabled(z.device.type):
+            if gate_bias.dtype != z.dtype and not autocast_enabled(z):  # (meta: no autocast query)
                 raise ValueError(f"gate_bias must have z's dtype {z.dtype}, got {gate_bias.dtype}")
         z1, z2 = z.chunk(2, dim=-1) if self.variant == "sgu" else (z, z)  # chunk: backward is one cat
         return self.forward_normalized(z1, self.norm(z2), mask, gate_bias)
+
+    def _check_dtype(self, z: torch.Tensor, dtype: torch.dtype) -> None:
+        """A TypeError naming ``z`` where its dtype differs from the gate LayerNorm's ``dtype`` and the
+        LayerNorm would refuse the pair (torch's error names neither): outside autocast, unless ``z`` is
+        float16/bfloat16 and the LayerNorm float32, which LayerNorm takes (a norm kept in float32)."""
+        if z.is_meta or autocast_enabled(z) or not plain_call(self.norm, nn.LayerNorm):
+            return  # (meta kernels take the pair: shape inference on meta keeps working)
+        if dtype is torch.float32 and z.dtype in (torch.float16, torch.bfloat16):
+            return
+        raise TypeError(
+            f"z has dtype {z.dtype} but the gate LayerNorm's parameters are {dtype}: convert the input "
+            f"(z.to({dtype})) or the module (.to({z.dtype})), or run under torch.autocast"
+        )
 
     def forward_normalized(
         self,
