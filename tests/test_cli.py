@@ -196,3 +196,58 @@ def test_documented_commands_parse(monkeypatch: pytest.MonkeyPatch, capsys: pyte
         if argv[0] == "train":
             status = main([*argv, "--print-config"])
             assert status == 0, f"{doc}: `gmlp {' '.join(argv)}`: {capsys.readouterr().err}"
+
+
+def test_plot_commands_report_bad_inputs_as_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Each of these ended in a traceback (a ValueError, a CheckpointError, a JSONDecodeError) instead of a
+    one-line ``gmlp COMMAND: error: ...`` with exit status 2."""
+    from gmlp.utils.io import save_state_dict_file
+
+    weights = tmp_path / "m.safetensors"
+    save_state_dict_file({f"blocks.{b}.sgu.proj.weight": torch.randn(4, 4) for b in range(2)}, weights)
+    _usage_error(["plot-spatial", str(weights), "--layers", "5"], capsys, "layers [5] not in the checkpoint")
+    _usage_error(["plot-spatial", str(weights), "-o", str(tmp_path / "w.v2")], capsys, "not an image format")
+    _usage_error(["plot-spatial", str(weights), "-o", str(tmp_path)], capsys, "is a directory")
+    save_state_dict_file({"fc.weight": torch.ones(2, 2)}, tmp_path / "fc.safetensors")
+    _usage_error(["plot-spatial", str(tmp_path / "fc.safetensors")], capsys, "holds no spatial gating")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("")
+    _usage_error(["plot-metrics", str(metrics)], capsys, "holds no records")
+    metrics.write_text('{"epoch": 1, "note": "no numbers"}\n')
+    _usage_error(["plot-metrics", str(metrics)], capsys, "holds no numeric metrics")
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_unreadable_checkpoints_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A truncated or corrupt checkpoint (gmlp.CheckpointError) is reported as such by every command that
+    reads one; it was a traceback."""
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    model = ["--model", "gmlp_micro4_28"]
+    for argv in (["plot-spatial", str(bad)], ["export", str(bad), *model, "-o", str(tmp_path / "m.onnx")],
+                 ["eval", str(bad), *model, "--dataset", "digits", "--workers", "0"]):
+        _usage_error(argv, capsys, f"cannot read safetensors checkpoint {str(bad)!r}")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_reports_bad_arguments_as_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Unknown models, model arguments the model refuses, a head that does not fit and an output folder were
+    tracebacks (ValueError, RuntimeError, TypeError, IsADirectoryError); a --model-kwargs that does not fit
+    the weights, too (CheckpointError). Each is caught before anything is written."""
+    from gmlp import create_model, save_model
+
+    weights = tmp_path / "m.safetensors"
+    save_model(create_model("gmlp_micro4_28", num_classes=5), weights)
+    out = ["-o", str(tmp_path / "m.onnx")]
+    export = ["export", str(weights), "--model"]
+    _usage_error([*export, "gmlp_nope", *out], capsys, "unknown model 'gmlp_nope'; known models: ")
+    _usage_error([*export, "timm:nope_vit", *out], capsys, "unknown timm model 'nope_vit'")
+    micro = [*export, "gmlp_micro4_28"]
+    _usage_error([*micro, "--model-kwargs", "foo=1", *out], capsys, "unexpected keyword argument 'foo'")
+    _usage_error([*micro, "--model-kwargs", "heads=3", *out], capsys, "heads (3) must be a positive divisor")
+    _usage_error([*micro, "--model-kwargs", "depth=3", *out], capsys, "checkpoint does not fit the model")
+    _usage_error([*micro, "--num-classes", "10", *out], capsys, "an exported model needs the checkpoint's")
+    _usage_error([*micro, "-o", str(tmp_path)], capsys, "is a directory; give an .onnx file name")
+    assert not (tmp_path / "m.onnx").exists()

@@ -275,3 +275,74 @@ def test_vision_layout_of_a_text_model_says_why(tmp_path: Path) -> None:
     save_state_dict_file(state, tmp_path / "t.safetensors")
     with pytest.raises(ValueError, match="the checkpoint is a text model; pass text=True"):
         plot_spatial(tmp_path / "t.safetensors", tmp_path / "x.png", text=False)
+
+
+def test_plot_metrics_skips_lines_that_are_not_records(tmp_path: Path, drawn: list) -> None:
+    """A run killed while appending leaves a cut-short last line (the trainer itself skips such lines on
+    resume); plot-metrics raised a JSONDecodeError on it, and an AttributeError on a non-object line."""
+    good = [{"epoch": e, "step": 4 * e, "train_loss": 1.0 / e} for e in (1, 2, 3)]
+    text = "".join(json.dumps(r) + "\n" for r in good[:2]) + "[1, 2]\n" + json.dumps(good[2]) + "\n"
+    (tmp_path / "metrics.jsonl").write_text(text + '{"epoch": 4, "step": 16, "train_lo')
+    with pytest.warns(UserWarning, match=r"skipped 2 line\(s\) that are not JSON records \(line 3 first\)"):
+        out = plot_metrics(tmp_path, tmp_path / "m.png")
+    assert _is_png(out)
+    assert _series(drawn[-1])["train_loss"] == ([4, 8, 12], [1.0, 0.5, 1.0 / 3])
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "trai\n')
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="holds no records"):
+        plot_metrics(tmp_path, tmp_path / "m.png")
+
+
+def _spatial_checkpoint(path: Path) -> Path:
+    save_state_dict_file({f"blocks.{b}.sgu.proj.weight": torch.randn(4, 4) for b in range(2)}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["metrics", "spatial"])
+def test_plots_write_the_file_they_name_in_its_format(tmp_path: Path, kind: str) -> None:
+    """A name without a suffix gets ``.png`` (matplotlib appends it): the path returned (and printed by the
+    command) was the name given, a file that did not exist. A suffix names the format; one that is no image
+    format is refused before any work, naming the file."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0}) + "\n")
+    checkpoint = _spatial_checkpoint(tmp_path / "m.safetensors")
+
+    def plot(output: Path) -> Path:
+        if kind == "metrics":
+            return plot_metrics(tmp_path / "metrics.jsonl", output)
+        return plot_spatial(checkpoint, output)
+
+    assert plot(tmp_path / "curves") == tmp_path / "curves.png" and _is_png(tmp_path / "curves.png")
+    assert not (tmp_path / "curves").exists()
+    assert plot(tmp_path / "ü" / "曲线.pdf").read_bytes()[:5] == b"%PDF-"
+    with pytest.raises(ValueError, match=r"output '.*curves.v2': '.v2' is not an image format; .*\.png"):
+        plot(tmp_path / "curves.v2")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        plot(tmp_path / "folder")
+    written = {p.name for p in tmp_path.iterdir()}
+    assert written == {"curves.png", "folder", "metrics.jsonl", "m.safetensors", "ü"}
+
+
+def test_a_failed_plot_leaves_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plots are written atomically: a plot that fails while being written (disk full, a kill) used to leave
+    a truncated file in place of the previous one."""
+    from matplotlib.figure import Figure
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0}) + "\n")
+    checkpoint = _spatial_checkpoint(tmp_path / "m.safetensors")
+    real_savefig = Figure.savefig
+
+    def failing_savefig(self: Figure, fname: object, **kwargs: object) -> None:
+        real_savefig(self, fname, **kwargs)
+        with open(fname, "r+b") as f:  # type: ignore[arg-type]
+            f.truncate(10)
+        raise OSError("No space left on device")
+
+    for name, plot in (("m.png", lambda out: plot_metrics(tmp_path / "metrics.jsonl", out)),
+                       ("w.png", lambda out: plot_spatial(checkpoint, out))):
+        previous = plot(tmp_path / name).read_bytes()
+        monkeypatch.setattr(Figure, "savefig", failing_savefig)
+        with pytest.raises(OSError, match="No space left"):
+            plot(tmp_path / name)
+        monkeypatch.setattr(Figure, "savefig", real_savefig)
+        assert (tmp_path / name).read_bytes() == previous
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left

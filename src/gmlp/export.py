@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .utils.io import CheckpointError, atomic_write
+
 __all__ = ["export_checkpoint", "export_onnx", "verify_onnx"]
 
 
@@ -21,12 +23,15 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
                 opset: int | None = None) -> Path:
     """Write ``model`` (in eval mode) to ``path`` as ONNX with a dynamic batch axis; returns the path.
 
+    The file is written atomically: on any error the file that was at ``path`` (if any) is left as it was.
+
     Raises:
         ImportError: the exporter's dependencies (``onnx``, ``onnxscript``) are missing.
         ValueError: ``input_size`` is not ``(channels, height, width)``; or ``opset`` is given and the file
             could not be written in it (the exporter falls back to its own opset with only a log message;
-            the file is then removed). A model that refuses images of ``input_size`` (a gMLP built for
+            nothing is then written). A model that refuses images of ``input_size`` (a gMLP built for
             another size) raises its own error, before the exporter runs.
+        IsADirectoryError: ``path`` is a directory.
     """
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 1):
         raise ValueError(f"opset must be a positive int, got {opset!r}")
@@ -39,7 +44,6 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
             f"ONNX export needs the onnx and onnxscript packages (pip install onnx onnxscript): {err}"
         ) from err
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     example = torch.randn(2, *input_size)
@@ -51,18 +55,19 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
             model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
             dynamic_shapes=({0: batch},), opset_version=opset, external_data=False, verbose=False,
         )
-        program.save(str(path))
     finally:
         model.train(was_training)
-    if opset is not None:
-        imports = onnx.load(str(path)).opset_import
-        written = next((o.version for o in imports if o.domain in ("", "ai.onnx")), None)
-        if written != opset:
-            path.unlink()
-            raise ValueError(
-                f"opset {opset}: the exporter could not convert the model to it (it wrote opset {written}); "
-                f"choose another opset or leave it unset"
-            )
+    # atomically: a failed export (or opset check) leaves the file that was there, not a partial or wrong one
+    with atomic_write(path) as tmp:
+        program.save(str(tmp))
+        if opset is not None:
+            imports = onnx.load(str(tmp)).opset_import
+            written = next((o.version for o in imports if o.domain in ("", "ai.onnx")), None)
+            if written != opset:
+                raise ValueError(
+                    f"opset {opset}: the exporter could not convert the model to it (it wrote opset "
+                    f"{written}); choose another opset or leave it unset"
+                )
     return path
 
 
@@ -123,26 +128,43 @@ def export_checkpoint(
     else the weights. With ``verify`` (and onnxruntime installed) the outputs are compared with PyTorch's.
 
     Raises:
-        ValueError: no model name, or a checkpoint whose head does not fit ``num_classes`` (the export would
-            carry a freshly initialised head).
+        ConfigError: (a ``ValueError``: a usage error of ``gmlp export``) no model name, an unknown one,
+            ``output`` a directory, model arguments the model refuses, or a checkpoint whose head does not
+            fit ``num_classes`` (the export would carry a freshly initialised head).
+        CheckpointError: the weights are unreadable or do not fit the model.
     """
+    from .models import list_models
     from .train.recipe import ConfigError
     from .train.vision import model_input_size
     from .train.vision_tools import build_with_own_head, checkpoint_shapes, resolve_checkpoint
 
+    if Path(output).is_dir():
+        raise ConfigError(f"output {str(output)!r} is a directory; give an .onnx file name")
     weights, run = resolve_checkpoint(checkpoint)
     run = run or {}
     name = model or run.get("model")
     if name is None:  # a ConfigError (a ValueError): a usage error of `gmlp export`
         raise ConfigError(f"{str(checkpoint)!r} is not a training run: pass --model NAME")
+    if name.startswith("timm:"):
+        import timm
+
+        if not timm.is_model(name[5:]):
+            raise ConfigError(f"unknown timm model {name[5:]!r}")
+    elif name not in list_models():
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())} (or timm:NAME)")
     shapes = checkpoint_shapes(weights) if not name.startswith("timm:") else {}
     kwargs = dict(model_kwargs if model_kwargs is not None else (run.get("model_kwargs") or {}))
     explicit = {"img_size": img_size or shapes.get("img_size") or run.get("img_size"),
                 "in_chans": in_chans or shapes.get("in_chans"),
                 "num_classes": num_classes or shapes.get("num_classes")}
     why = "an exported model needs the checkpoint's own head (leave --num-classes out to take it)"
-    net = build_with_own_head(name, weights, why,
-                              **{**kwargs, **{k: v for k, v in explicit.items() if v is not None}}).eval()
+    try:
+        net = build_with_own_head(name, weights, why,
+                                  **{**kwargs, **{k: v for k, v in explicit.items() if v is not None}}).eval()
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as err:  # a head that does not fit, constructor arguments it refuses
+        raise ConfigError(str(err)) from err
     input_size = model_input_size(net)
     out = export_onnx(net, output, input_size, opset=opset)
     if verify:

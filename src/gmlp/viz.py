@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .utils.io import CheckpointError, load_state_dict_file
+from .utils.io import CheckpointError, atomic_write, load_state_dict_file
 
 __all__ = ["spatial_weights", "spatial_locality", "plot_spatial", "plot_metrics"]
 
@@ -160,10 +162,14 @@ def plot_spatial(
 
     Args:
         path: checkpoint file or directory.
-        output: PNG path to write.
+        output: image file to write, atomically: PNG, or the format its suffix names (``.pdf``, ``.svg``, ...;
+            ``.png`` is appended to a name without one).
         layers: block indices to draw (default: up to 6 spread over the depth).
         rows: rows (output tokens) per layer.
         text: force the text (True) or vision (False) layout.
+
+    Returns:
+        The path written.
     """
     import matplotlib
 
@@ -174,6 +180,7 @@ def plot_spatial(
         raise ValueError(f"rows must be an int >= 1, got {rows!r}")
     if layers is not None and not layers:
         raise ValueError("layers is empty: give at least one block index (or None for a spread)")
+    _image_path(output)  # a bad file name before any work
     path = Path(path)
     state, metadata = _read(path)
     causal = _is_causal(path)
@@ -190,7 +197,7 @@ def plot_spatial(
     if text is False and grid is None:
         text_model = _is_text(state) or _model_config(path) is not None
         why = "the checkpoint is a text model" if text_model else f"{n} tokens do not form a square grid"
-        raise ValueError(f"{why}; pass text=True")
+        raise ValueError(f"{why}; pass text=True (gmlp plot-spatial --kind text)")
     token_rows = torch.linspace(0, n - 1, rows).round().long().tolist()
     if grid is not None:
         fig, axes = plt.subplots(len(layers), rows, figsize=(1.6 * rows, 1.6 * len(layers)), squeeze=False)
@@ -220,12 +227,70 @@ def plot_spatial(
         axes[-1][0].set_xlabel("relative position j - i")
         axes[0][0].legend(fontsize=6, ncol=min(rows, 6))
         fig.suptitle("Rows of the learned spatial weights W as 1-D filters" + (" (causal)" if causal else ""))
-    fig.tight_layout()
+    return _save_figure(fig, output)
+
+
+def _image_path(output: str | Path) -> tuple[Path, str]:
+    """``(path, format)`` of a plot file: the format from the suffix (``.png``, ``.pdf``, ``.svg``, ...), and
+    ``.png`` appended to a name without one (as matplotlib does), so the path returned is the file written.
+
+    Raises:
+        ValueError: ``output`` is a directory, or its suffix is no image format matplotlib writes.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
-    return output
+    if output.is_dir():
+        raise ValueError(f"output {str(output)!r} is a directory; give an image file name")
+    if not output.suffix:
+        output = output.with_name(output.name + ".png")
+    fmt = output.suffix[1:].lower()
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if fmt not in formats:
+        raise ValueError(
+            f"output {str(output)!r}: {output.suffix!r} is not an image format; use a file name ending in "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
+    return output, fmt
+
+
+def _save_figure(fig: Any, output: str | Path) -> Path:
+    """Write ``fig`` atomically (a half-written plot never replaces the previous one) and close it; returns
+    the path written (see :func:`_image_path`)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        path, fmt = _image_path(output)
+        fig.tight_layout()
+        with atomic_write(path) as tmp:  # a temporary name: the format is given, not read from the suffix
+            fig.savefig(tmp, dpi=120, format=fmt)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a ``metrics.jsonl``, one per line; a line that is not one (cut short by a killed
+    run, or corrupt) is skipped with a warning."""
+    records, bad = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(number)
+    if bad:
+        warnings.warn(
+            f"{str(path)!r}: skipped {len(bad)} line(s) that are not JSON records (line {bad[0]} first)",
+            stacklevel=3,
+        )
+    return records
 
 
 def plot_metrics(metrics: str | Path, output: str | Path) -> Path:
@@ -234,7 +299,13 @@ def plot_metrics(metrics: str | Path, output: str | Path) -> Path:
 
     Records are grouped by their ``"split"`` (the text runs' ``train``/``validation``/``test``; the vision
     runs' records have none), and each metric of each split is its own line (e.g. ``validation loss``), drawn
-    against ``step``, or ``epoch`` where that split's records have no step.
+    against ``step``, or ``epoch`` where that split's records have no step. A line that is not a JSON record
+    (the last one of a killed run may be cut short) is skipped with a warning. ``output`` is written
+    atomically, as in :func:`plot_spatial`; returns the path written.
+
+    Raises:
+        FileNotFoundError: a folder without a ``metrics.jsonl``.
+        ValueError: no records, no numeric metric, or an ``output`` suffix that is no image format.
     """
     import matplotlib
 
@@ -246,7 +317,8 @@ def plot_metrics(metrics: str | Path, output: str | Path) -> Path:
         if not (metrics / "metrics.jsonl").is_file():
             raise FileNotFoundError(f"{str(metrics)!r} is a folder without a metrics.jsonl")
         metrics = metrics / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    _image_path(output)  # a bad file name before any work
+    records = _read_records(metrics)
     if not records:
         raise ValueError(f"{str(metrics)!r} holds no records")
     groups: dict[str | None, list[dict]] = {}
@@ -283,9 +355,4 @@ def plot_metrics(metrics: str | Path, output: str | Path) -> Path:
         if len(series) > 1 or series[0][0] != key:
             ax.legend(fontsize=6)
     axes[-1][0].set_xlabel(" / ".join(xkeys))
-    fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
-    return output
+    return _save_figure(fig, output)

@@ -77,3 +77,41 @@ def test_comparison_resumes_its_own_run(tmp_path: Path, monkeypatch: pytest.Monk
     assert calls[-1] == (True, True)
     compare._train(dataclasses.replace(config, seed=config.seed + 1))  # another comparison's run
     assert calls[-1] == (False, True)
+
+
+def test_comparison_resumes_when_only_run_free_settings_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """An interrupted comparison rerun with another --threads or --no-progress (settings that do not change
+    what a run computes; ``gmlp train --resume`` accepts them) threw both runs away and started afresh."""
+    from gmlp.train import compare
+    from gmlp.train.vision import VisionTrainConfig
+
+    config = VisionTrainConfig(output=str(tmp_path / "gmlp"), threads=1, progress=True)
+    checkpoint = types.SimpleNamespace(state={"config": json.loads(json.dumps(dataclasses.asdict(config)))})
+    calls: list[bool] = []
+    monkeypatch.setattr(compare, "latest_checkpoint", lambda out: Path(out) / "checkpoints" / "step-1")
+    monkeypatch.setattr(compare, "load_checkpoint", lambda out: checkpoint)
+    monkeypatch.setattr(compare, "train_vision", lambda cfg, resume: calls.append(resume))
+    compare._train(dataclasses.replace(config, threads=2, progress=False, workers=0))
+    assert calls[-1] is True
+    assert "afresh" not in capsys.readouterr().out
+    compare._train(dataclasses.replace(config, threads=2, epochs=config.epochs + 1))
+    assert calls[-1] is False
+    assert f"epochs: {config.epochs} -> {config.epochs + 1}); starting it afresh" in capsys.readouterr().out
+
+
+def test_a_gmlp_only_drop_path_schedule_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """timm's ViT takes no drop_path_schedule: with 'linear' the comparison trained the gMLP to the end and
+    then failed to build the ViT (TypeError)."""
+    from gmlp.train import compare
+    from gmlp.train.recipe import ConfigError
+
+    monkeypatch.setattr(compare, "train_vision", lambda cfg, resume: pytest.fail("trained"))
+    monkeypatch.setattr(compare, "load_data", lambda cfg: pytest.fail("loaded the data"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("drop_path_schedule: linear\ndrop_path_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="drop_path_schedule 'linear' is a gMLP setting"):
+        compare.run_comparison(tmp_path / "cmp", config=recipe, dataset="digits")

@@ -245,3 +245,27 @@ def test_verify_onnx_restores_training_mode(tmp_path: Path) -> None:
     path = export_onnx(model, tmp_path / "m.onnx", (1, 28, 28))
     assert verify_onnx(model, path, (1, 28, 28)) <= 1e-4
     assert model.training
+
+
+def test_a_failed_export_leaves_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ONNX file is written atomically: an export that fails while writing used to leave a partial file
+    in place of the previous one, and a refused opset deleted the previous file."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    import types
+
+    from gmlp.export import export_onnx
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"the previous export")
+
+    def save(target: str) -> None:
+        Path(target).write_bytes(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: types.SimpleNamespace(save=save))
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(create_model("gmlp_micro4_28", depth=1), path, (1, 28, 28))
+    assert path.read_bytes() == b"the previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file left
+

@@ -2,8 +2,9 @@
 
 Each sub-module of this package registers its sub-commands through ``register(subparsers)`` and sets a
 ``func`` default that takes the parsed ``argparse.Namespace``. A :class:`gmlp.train.recipe.ConfigError`
-(a setting the command cannot run with), a missing input file or a :class:`gmlp.data.text.TextDataError` (an
-unusable corpus) is printed as ``gmlp COMMAND: error: ...`` with exit status 2.
+(a setting the command cannot run with), a missing input file, a :class:`gmlp.data.text.TextDataError` (an
+unusable corpus) or a :class:`gmlp.utils.io.CheckpointError` (a checkpoint that is truncated, corrupt, or
+whose keys or shapes do not fit the model) is printed as ``gmlp COMMAND: error: ...`` with exit status 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from ..train.recipe import ConfigError
+from ..utils.io import CheckpointError
 
 __all__ = ["build_parser", "main"]
 
@@ -50,9 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # corpus, a checkpoint): a usage error, as argparse reports its own (no traceback)
         print(f"gmlp {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:  # an unusable corpus (gmlp.data.text, imported only by the text commands)
+    except ValueError as err:  # an unusable corpus (gmlp.data.text, imported only by the text commands), or
+        # a checkpoint that is unreadable or does not fit the model (gmlp.utils.io.CheckpointError)
         text_data = sys.modules.get("gmlp.data.text")
-        if text_data is None or not isinstance(err, text_data.TextDataError):
+        unusable = (CheckpointError,) + ((text_data.TextDataError,) if text_data is not None else ())
+        if not isinstance(err, unusable):
             raise
         print(f"gmlp {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from .vision import _positive_int
@@ -30,12 +32,27 @@ def _require_path(what: str, path: str) -> None:
         raise ConfigError(f"{what} not found: {path!r}")
 
 
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    """The plot functions' ``ValueError`` (a bad layer, output name or metrics file, an unreadable
+    checkpoint) and an output path that cannot be written, as usage errors rather than tracebacks."""
+    from ..train.recipe import ConfigError
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        raise ConfigError(str(err)) from err
+
+
 def _plot_spatial(args: argparse.Namespace) -> int:
     from ..viz import plot_spatial, spatial_locality
 
     _require_path("checkpoint", args.checkpoint)
     text = {"auto": None, "text": True, "vision": False}[args.kind]
-    out = plot_spatial(args.checkpoint, args.output, layers=args.layers, rows=args.rows, text=text)
+    with _usage_errors():
+        out = plot_spatial(args.checkpoint, args.output, layers=args.layers, rows=args.rows, text=text)
     print(f"wrote {out}")
     if text is not True:
         try:
@@ -51,7 +68,9 @@ def _plot_metrics(args: argparse.Namespace) -> int:
     from ..viz import plot_metrics
 
     _require_path("metrics", args.metrics)
-    print(f"wrote {plot_metrics(args.metrics, args.output)}")
+    with _usage_errors():
+        out = plot_metrics(args.metrics, args.output)
+    print(f"wrote {out}")
     return 0
 
 
@@ -61,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "checkpoint", help="model.safetensors, a run or checkpoint directory, or a save_pretrained dir"
     )
-    p.add_argument("--output", "-o", default="spatial_weights.png", help="PNG to write")
+    p.add_argument("--output", "-o", default="spatial_weights.png",
+                   help="image to write (PNG; .pdf, .svg, ... by suffix)")
     p.add_argument(
         "--layers", type=_layers, default=None, help="comma-separated block indices (default: spread)"
     )
@@ -78,5 +98,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "plot-metrics", help="plot the curves of a metrics.jsonl file (or run folder) to a PNG"
     )
     m.add_argument("metrics", help="metrics.jsonl of a training run, or the run folder holding it")
-    m.add_argument("--output", "-o", default="metrics.png")
+    m.add_argument("--output", "-o", default="metrics.png",
+                   help="image to write (PNG; .pdf, .svg, ... by suffix)")
     m.set_defaults(func=_plot_metrics)

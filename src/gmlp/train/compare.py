@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .recipe import load_recipe
-from .vision import VisionTrainConfig, build_model, load_data, train_vision
+from .recipe import ConfigError, load_recipe
+from .vision import _RESUME_FREE, VisionTrainConfig, build_model, load_data, train_vision
 
 __all__ = ["run_comparison", "size_vit"]
 
@@ -84,13 +84,22 @@ def _records(run: Path) -> list[dict[str, Any]]:
 
 
 def _train(config: VisionTrainConfig) -> None:
+    """Train one side of the comparison: resume the run in ``config.output`` if it was started with the same
+    settings (those that change what it computes: a rerun with another ``--threads`` or ``--no-progress``
+    still resumes), else start it afresh, replacing the run that is there (another comparison's)."""
     out = Path(config.output)
     resume = latest_checkpoint(out) is not None
     config = dataclasses.replace(config, overwrite=resume)  # without resume: replace the run that is there
     if resume:
-        saved = dict(load_checkpoint(out).state.get("config") or {}, overwrite=True)
+        saved = load_checkpoint(out).state.get("config") or {}
         # the saved settings went through JSON (tuples came back as lists): compare them that way
-        resume = saved == json.loads(json.dumps(dataclasses.asdict(config)))  # another comparison's: afresh
+        now = json.loads(json.dumps(dataclasses.asdict(config)))
+        changed = sorted(k for k in saved if k in now and k not in _RESUME_FREE and saved[k] != now[k])
+        resume = not changed
+        if changed:  # another comparison's run: afresh
+            print(f"note: {out} holds a run with other settings ("
+                  + ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+                  + "); starting it afresh", flush=True)
     train_vision(config, resume=resume)
 
 
@@ -121,6 +130,12 @@ def run_comparison(
     base = VisionTrainConfig(**settings)
     gmlp_cfg = dataclasses.replace(base, output=str(out / "gmlp"))
     gmlp_cfg.validate()
+    if gmlp_cfg.drop_path_schedule != "uniform":  # else the ViT would fail to build after the gMLP trained
+        raise ConfigError(
+            f"drop_path_schedule {gmlp_cfg.drop_path_schedule!r} is a gMLP setting that timm's ViT does not "
+            f"take (its drop-path rate always grows linearly with depth); compare-vit runs both models with "
+            f"one recipe: leave drop_path_schedule at 'uniform'"
+        )
 
     data = load_data(gmlp_cfg)
     torch.manual_seed(0)

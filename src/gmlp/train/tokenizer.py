@@ -50,6 +50,22 @@ def _batches(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
         yield batch
 
 
+def _canonical_unigram(tok: Any) -> Any:
+    """The trained Unigram model with its pieces in a canonical id order: by score (rounded to 1e-9), ties by
+    the piece itself, after the special tokens. The trainer orders pieces by score, but breaks ties (and
+    the last-digit noise of its sums) in hash-map order, which changes between runs: the same corpus gave
+    the same pieces under other ids."""
+    import json
+
+    from tokenizers import models
+
+    model = json.loads(tok.to_str())["model"]
+    vocab = [(piece, score) for piece, score in model["vocab"]]
+    n = len(SPECIAL_TOKENS)
+    rest = sorted(vocab[n:], key=lambda entry: (-round(entry[1], 9), entry[0]))
+    return models.Unigram(vocab[:n] + rest, model["unk_id"], model.get("byte_fallback", False))
+
+
 def train_tokenizer(
     texts: Iterable[str],
     *,
@@ -122,12 +138,12 @@ def train_tokenizer(
         trainer = trainers.UnigramTrainer(
             vocab_size=vocab_size, special_tokens=specials, unk_token="[UNK]", show_progress=show_progress
         )
-    seen = 0
+    seen = 0  # texts that are not blank
 
     def counted() -> Iterator[list[str]]:
         nonlocal seen
         for batch in _batches(texts):
-            seen += len(batch)
+            seen += sum(1 for text in batch if not isinstance(text, str) or text.strip())
             yield batch
 
     try:
@@ -140,7 +156,9 @@ def train_tokenizer(
             f"distinct character of the corpus besides the {len(specials)} special tokens; raise vocab_size"
         ) from err
     if seen == 0:
-        raise ValueError("cannot train a tokenizer on an empty corpus")
+        raise ValueError("cannot train a tokenizer on an empty corpus (it holds no text that is not blank)")
+    if kind == "unigram":
+        tok.model = _canonical_unigram(tok)
     if tok.get_vocab_size() > vocab_size:
         warnings.warn(
             f"the {kind} vocabulary has {tok.get_vocab_size()} tokens, more than vocab_size={vocab_size}: it "
@@ -211,8 +229,8 @@ def train_tokenizer_command(
     Returns the tokenizer.
 
     Raises:
-        ConfigError: a bad option (a ``ValueError``), named by its ``gmlp tokenizer`` flag, before any
-            text is read.
+        ConfigError: a bad option (a ``ValueError``), named by its ``gmlp tokenizer`` flag, or an ``output``
+            that is a file, before any text is read.
     """
     from ..data.text import load_text_splits
 
@@ -228,6 +246,8 @@ def train_tokenizer_command(
     if model_max_length < 1:
         raise ConfigError(f"--model-max-length must be >= 1, got {model_max_length}")
     check_corpus_options(valid_fraction=valid_fraction, max_documents=max_documents, max_chars=max_chars)
+    if Path(output).exists() and not Path(output).is_dir():
+        raise ConfigError(f"--output {str(output)!r} is a file; give a folder to save the tokenizer in")
 
     splits = load_text_splits(
         corpus,
