@@ -152,7 +152,7 @@ def export_checkpoint(
             raise ConfigError(f"unknown timm model {name[5:]!r}")
     elif name not in list_models():
         raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())} (or timm:NAME)")
-    shapes = checkpoint_shapes(weights) if not name.startswith("timm:") else {}
+    shapes = checkpoint_shapes(weights)  # (timm models too: a compare-vit ViT run exports without flags)
     kwargs = dict(model_kwargs if model_kwargs is not None else (run.get("model_kwargs") or {}))
     explicit = {"img_size": img_size or shapes.get("img_size") or run.get("img_size"),
                 "in_chans": in_chans or shapes.get("in_chans"),

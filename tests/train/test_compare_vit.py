@@ -59,6 +59,10 @@ def test_compare_on_digits_writes_a_results_table(tmp_path: Path, capsys: pytest
     assert (out / "spatial_weights.png").stat().st_size > 0
     assert (out / "gmlp" / "metrics.png").is_file() and (out / "vit" / "metrics.png").is_file()
     assert "test acc (final)" in capsys.readouterr().out
+    # the ViT run exports with the sizes read from its own weights (it needed --img-size, --in-chans and
+    # --num-classes before: a timm model's checkpoint shapes were not read)
+    onnx = tmp_path / "vit.onnx"
+    assert main(["export", str(out / "vit"), "-o", str(onnx)]) == 0 and onnx.stat().st_size > 0
 
 
 def test_comparison_resumes_its_own_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

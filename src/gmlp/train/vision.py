@@ -206,6 +206,8 @@ class VisionTrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.model.startswith("timm:") and self.drop_path_schedule != "uniform":
+            raise _timm_schedule_error(self.model, self.drop_path_schedule)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device cuda (--device): no CUDA device is available; use cpu (or auto)")
         if self.ema and self.strategy == "fsdp":
@@ -276,25 +278,74 @@ class VisionTrainConfig:
 # --- models --------------------------------------------------------------------------------------------
 
 
+def _timm_schedule_error(name: str, schedule: str) -> ConfigError:
+    return ConfigError(
+        f"drop_path_schedule {schedule!r} is a setting of the gmlp models, which timm model {name[5:]!r} "
+        f"does not take: a timm model spreads drop_path_rate over its blocks by its own rule (timm's ViT, "
+        f"DeiT, Swin, ConvNeXt, ResNet: growing linearly with depth; its MLP-Mixer and gMLP: uniform); leave "
+        f"drop_path_schedule at 'uniform' (unused for timm models)"
+    )
+
+
+def _create_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model`` of ``timm:NAME``. Arguments the model's constructor does not take are left out
+    where leaving them out changes nothing: ``img_size`` for size-agnostic (convolutional) models, whose
+    ``pretrained_cfg['input_size']`` records it instead (the transforms and ``model_input_size`` read it),
+    and ``drop_path_rate`` / ``drop_rate`` of 0.
+
+    Raises:
+        ConfigError: a drop rate above 0 that the model does not take.
+    """
+    import timm
+
+    kwargs = dict(kwargs)
+    size = kwargs.get("img_size")
+    if isinstance(size, (tuple, list)) and size[0] == size[1]:
+        kwargs["img_size"] = size[0]
+    left_out: dict[str, Any] = {}
+    while True:
+        try:
+            model = timm.create_model(name[5:], pretrained=False, **kwargs)
+            break
+        except TypeError as err:
+            key = next((k for k in ("img_size", "drop_path_rate", "drop_rate")
+                        if k in kwargs and f"unexpected keyword argument '{k}'" in str(err)), None)
+            if key is None:
+                raise
+            if key != "img_size" and kwargs[key] != 0:
+                raise ConfigError(f"{key} {kwargs[key]}: timm model {name[5:]!r} takes no {key}; set it to 0"
+                                  ) from err
+            left_out[key] = kwargs.pop(key)
+    if "img_size" in left_out:
+        size = left_out["img_size"]
+        h, w = (size, size) if isinstance(size, int) else size
+        chans = kwargs.get("in_chans", (model.pretrained_cfg.get("input_size") or (3,))[0])
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (int(chans), int(h), int(w))}
+    return model
+
+
 def build_model(name: str, pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
     """A gmlp model (``create_model``) or, with a ``timm:`` prefix, a timm one (``timm.create_model``).
 
     ``kwargs`` are constructor arguments (``num_classes``, ``img_size``, ``in_chans``, ``drop_path_rate``,
     ...); None values are left out (the model's default applies). ``drop_path_schedule`` and ``drop_rate``
-    at their defaults are not passed (timm models have no ``drop_path_schedule``).
+    at their defaults are not passed to gmlp models. timm models take no ``drop_path_schedule`` (their own
+    rule spreads ``drop_path_rate`` over the blocks): ``'uniform'`` is left out, another value refused; an
+    ``img_size`` a size-agnostic timm model does not take is recorded in its ``pretrained_cfg`` instead.
+
+    Raises:
+        ConfigError: ``drop_path_schedule`` other than ``'uniform'`` for a timm model, or a drop rate above
+            0 that a timm model does not take.
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if name.startswith("timm:") and kwargs.get("drop_path_schedule", "uniform") != "uniform":
+        raise _timm_schedule_error(name, kwargs["drop_path_schedule"])
     if kwargs.get("drop_path_schedule") == "uniform":
         del kwargs["drop_path_schedule"]
     if kwargs.get("drop_rate") == 0.0 and not name.startswith("timm:"):
         del kwargs["drop_rate"]
     if name.startswith("timm:"):
-        import timm
-
-        size = kwargs.get("img_size")
-        if isinstance(size, (tuple, list)) and size[0] == size[1]:
-            kwargs["img_size"] = size[0]
-        model = timm.create_model(name[5:], pretrained=False, **kwargs)
+        model = _create_timm(name, kwargs)
         model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name}
         if pretrained is not None:
             from ..models.loading import load_state_dict_checked, restore_normalisation

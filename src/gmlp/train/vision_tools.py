@@ -79,6 +79,9 @@ def checkpoint_shapes(path: str | Path) -> dict[str, Any]:
     g-mlp-pytorch files store the patch embedding flattened (``in_chans * p * p`` columns): they are read
     as 3 channels, else as 1 (no width fits both). The grid comes from the file's recorded ``grid_size``,
     else from a square token-mixing weight (``(n, n)``, or ``(heads, n, n)`` with several heads).
+
+    Weights of another layout are read as a timm model's (:func:`_timm_shapes`): a ViT trained by ``gmlp
+    train`` / ``compare-vit``, or any timm model whose architecture the file records.
     """
     from ..convert import to_gmlp
 
@@ -91,7 +94,7 @@ def checkpoint_shapes(path: str | Path) -> dict[str, Any]:
         except CheckpointError:
             continue
     if converted is None:
-        return {}  # not a gMLP layout (a timm ViT, ...): nothing to infer
+        return _timm_shapes(state, metadata)  # not a gMLP layout: a timm ViT, ...
     state = converted
     out: dict[str, Any] = {}
     stem = state.get("stem.proj.weight")
@@ -111,6 +114,46 @@ def checkpoint_shapes(path: str | Path) -> dict[str, Any]:
         out["num_classes"] = head.shape[0]
     elif "head.bias" not in state and any(k.startswith("blocks.") for k in state):
         out["num_classes"] = 0  # saved without a head (num_classes=0): a feature extractor
+    return out
+
+
+def _timm_shapes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any]:
+    """``in_chans``, ``num_classes`` and (ViT-style models) ``img_size`` of a timm model's weights.
+
+    The first convolution and the classifier are those the ``pretrained_cfg`` of the recorded architecture
+    (``gmlp train`` writes ``timm:NAME`` into every weights file) names, else ViT's (``patch_embed.proj``,
+    ``head``). The grid comes from a ``(1, tokens, dim)`` position embedding: the tokens after the class,
+    register and distillation tokens, or all of them (models that embed no position for those), whichever
+    count is square. Empty when the weights have neither layer."""
+    first, classifiers = "patch_embed.proj", ("head",)
+    arch = metadata.get("architecture", "")
+    if arch.startswith("timm:"):
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(arch[5:])
+        if cfg is not None:
+            first = cfg.first_conv or first
+            named = cfg.classifier or classifiers
+            classifiers = tuple(named) if isinstance(named, (tuple, list)) else (named,)
+    out: dict[str, Any] = {}
+    conv = state.get(f"{first}.weight")
+    if conv is None or conv.dim() != 4:
+        return out
+    out["in_chans"] = conv.shape[1]
+    head = state.get(f"{classifiers[0]}.weight")
+    if head is not None and head.dim() == 2:
+        out["num_classes"] = head.shape[0]
+    elif f"{classifiers[0]}.bias" not in state:
+        out["num_classes"] = 0  # saved without a head (num_classes=0): a feature extractor
+    pos = state.get("pos_embed")
+    if first == "patch_embed.proj" and pos is not None and pos.dim() == 3:
+        prefix = sum(state[k].shape[1] for k in ("cls_token", "reg_token", "dist_token")
+                     if k in state and state[k].dim() == 3)
+        for tokens in (pos.shape[1] - prefix, pos.shape[1]):
+            side = math.isqrt(max(tokens, 0))
+            if tokens > 0 and side * side == tokens:
+                out["img_size"] = (side * conv.shape[2], side * conv.shape[3])
+                break
     return out
 
 
@@ -200,7 +243,7 @@ def evaluate_checkpoint(
     kwargs = dict(model_kwargs if model_kwargs is not None else (run.get("model_kwargs") or {}))
     mean = run.get("mean") if same_data else None
     std = run.get("std") if same_data else None
-    shapes = checkpoint_shapes(weights) if not name.startswith("timm:") else {}
+    shapes = checkpoint_shapes(weights)
     dev = _pick_device(device, 0)
     env = DistEnv(device=dev)
 
