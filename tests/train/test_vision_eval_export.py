@@ -159,6 +159,8 @@ def test_eval_and_info_refuse_bad_sizes_as_usage_errors(
     assert "img_size 16: the digits images are 8x8 tensors" in capsys.readouterr().err
     assert main(["info", "gmlp_micro4_28", "--throughput", "--batch-size", "0"]) == 2
     assert "batch_size (of the throughput measurement) must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["info", "gmlp_micro4_28", "--batch-size", "0"]) == 2  # refused without --throughput too
+    assert "batch_size (of the throughput measurement) must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_onnx_export_refuses_an_opset_it_cannot_write(digits_run: Path, tmp_path: Path) -> None:

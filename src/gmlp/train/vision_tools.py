@@ -366,7 +366,7 @@ def model_info(name: str, *, img_size: int | None = None, in_chans: int | None =
     for arg, value, low in sizes:
         if value is not None and value < low:
             raise ConfigError(f"{arg} must be >= {low}, got {value}")
-    if throughput and batch_size < 1:
+    if batch_size < 1:  # also without --throughput: a bad value is refused, not ignored
         raise ConfigError(f"batch_size (of the throughput measurement) must be >= 1, got {batch_size}")
     if throughput:
         check_cuda_available(device)
