@@ -3,9 +3,10 @@
 Both loops run through :class:`accelerate.Accelerator` (device placement, DDP when launched with
 ``accelerate launch -m gmlp ...`` or ``torchrun``, gradient accumulation, bf16 autocast), write metrics to
 ``OUTPUT/metrics.jsonl`` and checkpoints through :mod:`gmlp.train.checkpoint`, and resume exactly:
-the data order depends only on ``(seed, epoch)`` and the MLM masks and dropout only on
-``(seed, step, rank, micro-batch)``, so a run stopped at any moment and resumed with ``--resume`` from its
-last checkpoint ends with the same weights as an uninterrupted run.
+the data order depends only on ``(seed, epoch)``, a sequence's MLM mask only on ``(seed, its position in the
+data stream)`` and dropout only on ``(seed, step, rank, micro-batch)``, so a run stopped at any moment and
+resumed with ``--resume`` from its last checkpoint ends with the same weights as an uninterrupted run, and
+(without dropout) N processes with ``--batch-size B`` train as one with ``--batch-size N*B``.
 
 Architectures (``arch``): ``gmlp`` (Toeplitz W, paper section 5), ``amlp`` (gMLP + one tiny attention head)
 and ``bert`` (transformers' BERT, the paper's baseline).
@@ -704,15 +705,35 @@ def _make_accelerator(opts: _TrainOptions) -> Any:
         raise ValueError(f"device must be auto, cpu or cuda, got {opts.device!r}")
     if opts.grad_accum < 1 or opts.batch_size < 1:
         raise ValueError("batch_size and grad_accum must be >= 1")
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    launched = _launched_world_size()
+    if launched <= 1:
         # Several runs in one process (tests, notebooks) may ask for different precisions: start afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(
-        cpu=opts.device == "cpu",
+    accelerator = Accelerator(
+        # --device auto is CUDA when there is one, else the CPU (as gmlp train): accelerate only joins the
+        # processes of torchrun / accelerate launch on a CPU when told cpu=True, and without it every process
+        # trained alone, all writing the same files
+        cpu=opts.device == "cpu" or (opts.device == "auto" and not torch.cuda.is_available()),
         mixed_precision=_resolve_precision(opts.precision, opts.device),
         gradient_accumulation_steps=opts.grad_accum,
         step_scheduler_with_optimizer=False,
     )
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but accelerate joined "
+            f"{accelerator.num_processes}: each process would train alone and write the same files; "
+            f"give --device cpu or cuda"
+        )
+    return accelerator
+
+
+def _launched_world_size() -> int:
+    """The number of processes torchrun / accelerate launch started (``WORLD_SIZE``; 1 without one)."""
+    value = os.environ.get("WORLD_SIZE", "").strip() or "1"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable WORLD_SIZE must be an integer >= 1, got {value!r}") from None
 
 
 class _StopRequest:
@@ -890,6 +911,15 @@ def _save_final(accelerator: Any, model: nn.Module, tokenizer: Any, out: Path) -
 # --- the shared training loop ----------------------------------------------------------------------------
 
 
+def _without_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (else ``model``), for evaluation: DDP's
+    forward broadcasts the buffers (BERT's position ids) from process 0, a collective that a process with no
+    evaluation batch (fewer examples than processes) never joined, so the others waited for it for good."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 @dataclass
 class _LoopResult:
     model: nn.Module
@@ -1053,7 +1083,7 @@ def _train_loop(
             if eval_due(done):
                 model.eval()
                 with torch.no_grad():
-                    last_eval = {"step": done, **evaluate(model, done)}
+                    last_eval = {"step": done, **evaluate(_without_ddp(model), done)}
                 model.train()
                 metrics.log(last_eval)
                 if accelerator.is_main_process:
@@ -1092,10 +1122,17 @@ def _sample_indices(seed: int, n: int, start: int, count: int) -> list[int]:
     return out
 
 
-def _micro_indices(opts: _TrainOptions, accelerator: Any, n: int, step: int, micro: int) -> list[int]:
+def _micro_offset(opts: _TrainOptions, accelerator: Any, step: int, micro: int) -> int:
+    """The position in the data stream (:func:`_sample_indices`) of this process's micro-batch ``micro`` of
+    ``step``: the step reads positions ``[step * G, (step + 1) * G)``, G the global batch, whatever the split
+    into processes and micro-batches."""
     world = accelerator.num_processes
     per_step = opts.batch_size * opts.grad_accum * world
-    offset = step * per_step + (micro * world + accelerator.process_index) * opts.batch_size
+    return step * per_step + (micro * world + accelerator.process_index) * opts.batch_size
+
+
+def _micro_indices(opts: _TrainOptions, accelerator: Any, n: int, step: int, micro: int) -> list[int]:
+    offset = _micro_offset(opts, accelerator, step, micro)
     return _sample_indices(opts.seed, n, offset, opts.batch_size)
 
 
@@ -1281,21 +1318,27 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     specials = never_masked_ids(tokenizer)
     vocab_size = len(tokenizer)
 
-    def masked(ids: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(seed % 2**63)
-        inputs, labels = mask_tokens(
-            ids,
-            mask_token_id=special["mask"],
-            vocab_size=vocab_size,
-            special_ids=specials,
-            mlm_probability=cfg.mlm_probability,
-            generator=g,
-        )
+    def masked(ids: torch.Tensor, seeds: Sequence[int]) -> dict[str, torch.Tensor]:
+        # each sequence masked with a generator of its own seed: the masks do not depend on how a step's
+        # sequences are split into processes and micro-batches (2 processes train as 1 with the global batch)
+        rows = [
+            mask_tokens(
+                ids[i : i + 1],
+                mask_token_id=special["mask"],
+                vocab_size=vocab_size,
+                special_ids=specials,
+                mlm_probability=cfg.mlm_probability,
+                generator=torch.Generator().manual_seed(seed % 2**63),
+            )
+            for i, seed in enumerate(seeds)
+        ]
+        inputs, labels = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
         return {"input_ids": inputs, "attention_mask": (ids != special["pad"]).long(), "labels": labels}
 
     def micro_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
-        idx = _micro_indices(cfg, accelerator, len(train_ids), step, micro)
-        return masked(train_ids[idx], step_seed(cfg.seed, "mask", step, accelerator.process_index, micro))
+        offset = _micro_offset(cfg, accelerator, step, micro)  # the sequences' positions in the data stream
+        idx = _sample_indices(cfg.seed, len(train_ids), offset, cfg.batch_size)
+        return masked(train_ids[idx], [step_seed(cfg.seed, "mask", offset + j) for j in range(len(idx))])
 
     def evaluate(model: nn.Module, step: int) -> dict[str, Any]:
         nll = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -1304,7 +1347,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         bs = cfg.batch_size
         n_batches = min(cfg.eval_batches, math.ceil(len(valid_ids) / bs))
         for b in range(accelerator.process_index, n_batches, accelerator.num_processes):
-            batch = masked(valid_ids[b * bs : (b + 1) * bs], step_seed(cfg.seed, "valid", b))
+            rows = range(b * bs, min((b + 1) * bs, len(valid_ids)))  # fixed masks, whatever the batch size
+            batch = masked(valid_ids[rows.start : rows.stop], [step_seed(cfg.seed, "valid", r) for r in rows])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             labels = batch["labels"]
             with accelerator.autocast():  # sparse prediction: the logits of the masked tokens only
@@ -1889,7 +1933,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         return summary
     summary["final"] = _save_final(accelerator, result.model, tokenizer, out)
     if qa or data.test_has_labels:
-        model = result.model
+        model = _without_ddp(result.model)
         model.eval()
         with torch.no_grad():
             test = {"step": result.step, **score(model, "test")}
