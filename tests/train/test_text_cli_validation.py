@@ -387,6 +387,9 @@ def test_resume_without_seq_len_is_not_a_changed_option(
         (["--preset", "amlp-base", "--hidden", "64", "--ffn", "256"], r".* leave --hidden, --ffn out .*"),
         (["--preset", "gmlp-ablation", "--arch", "amlp"], r"--arch amlp: --preset gmlp-ablation has no .*"),
         (["--preset", "gmlp-ablation", "--tiny-attn", "64"], r"--tiny-attn makes an aMLP: use --arch amlp"),
+        # a size equal to the built-in default is still a size given (it was taken for "left out")
+        (["--preset", "gmlp-ablation", "--layers", "4"], r".* leave --layers out .*"),
+        (["--preset", "amlp-base", "--hidden", "128", "--ffn", "768"], r".* leave --hidden, --ffn out .*"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
@@ -418,3 +421,24 @@ def test_preset_keeps_the_ablation_options() -> None:
     assert aMLP.tiny_attn_size == 64 and aMLP.num_hidden_layers == 36
     assert build(preset="amlp-base").tiny_attn_size == 64
     assert build(preset="amlp-large", arch="amlp", tiny_attn=32).tiny_attn_size == 32
+
+
+def test_sizes_left_out_are_the_defaults_and_not_changed_options_on_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--layers/--hidden/--ffn left out are 4/128/768 for a model without a preset; a run saved before they
+    defaulted to None (with 4/128/768 written out) resumes without a "changed options" warning."""
+    import json
+
+    if not pipelines.gmlp_available():
+        pytest.skip("gmlp.models.text not importable")
+    special = {"pad": 0, "cls": 1, "sep": 2, "mask": 3}
+    config = pipelines.build_model_config(pipelines.ModelOptions(), vocab_size=50, special_ids=special)
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (4, 128, 768)
+    state = {"options": {**pipelines._jsonable(vars(pipelines.PretrainConfig())), "layers": 4, "hidden": 128,
+                         "ffn": 768}}  # fmt: skip
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    pipelines._warn_changed_options(tmp_path, pipelines.PretrainConfig())
+    assert "changed options" not in capsys.readouterr().err
+    pipelines._warn_changed_options(tmp_path, pipelines.PretrainConfig(layers=6))
+    assert "layers: 4 -> 6" in capsys.readouterr().err

@@ -31,9 +31,12 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, dropout: float) -> None:
         "gmlp-ablation (sets --layers/--hidden/--ffn and the tiny attention; --sgu-variant, --no-toeplitz "
         "and --tiny-attn with --arch amlp still apply)",
     )
-    g.add_argument("--layers", type=int, default=4, help="number of blocks (default: 4)")
-    g.add_argument("--hidden", type=int, default=128, help="d_model (default: 128)")
-    g.add_argument("--ffn", type=int, default=768, help="d_ffn (default: 768 = 6 x d_model as in the paper)")
+    g.add_argument("--layers", type=int, default=None, help="number of blocks (default: 4, or the preset's)")
+    g.add_argument("--hidden", type=int, default=None, help="d_model (default: 128, or the preset's)")
+    g.add_argument(
+        "--ffn", type=int, default=None,
+        help="d_ffn (default: 768 = 6 x d_model as in the paper, or the preset's)",
+    )
     g.add_argument(
         "--seq-len",
         type=int,

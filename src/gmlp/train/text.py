@@ -57,6 +57,7 @@ __all__ = [
     "finetune",
     "gmlp_available",
     "linear_schedule",
+    "model_sizes",
     "mask_tokens",
     "never_masked_ids",
     "postprocess_qa",
@@ -82,9 +83,10 @@ class ModelOptions:
 
     arch: str = "gmlp"
     preset: str | None = None
-    layers: int = 4
-    hidden: int = 128
-    ffn: int = 768
+    # None: left out, NEW_MODEL_SIZES for a model built without --preset (a preset has its own sizes)
+    layers: int | None = None
+    hidden: int | None = None
+    ffn: int | None = None
     seq_len: int | None = None  # None: a loaded model's own length, NEW_MODEL_SEQ_LEN for a new one
     tiny_attn: int | None = None
     sgu_variant: str = "sgu"
@@ -309,7 +311,7 @@ def _validate_model_options(
     architecture-only options (and ``loaded_ignores``) must keep their defaults: they would be ignored."""
     if opts.arch not in ARCHS:
         raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {opts.arch!r}")
-    _require(opts, ("layers", "hidden", "ffn"), lambda v: v >= 1, ">= 1")
+    _require(opts, ("layers", "hidden", "ffn"), lambda v: v >= 1, ">= 1", optional=True)
     _require(opts, ("seq_len",), lambda v: v >= 3, ">= 3 (room for [CLS], a token and [SEP])", optional=True)
     _require(opts, ("tiny_attn", "heads", "model_vocab_size"), lambda v: v >= 1, ">= 1", optional=True)
     _require(opts, ("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")
@@ -332,12 +334,13 @@ def _validate_model_options(
                 "--tiny-attn sets aMLP's tiny attention: it needs --arch amlp, not --arch bert "
                 "(BERT's attention heads: --heads)"
             )
-        if opts.heads is not None and opts.hidden % opts.heads:
-            raise ConfigError(f"--heads must divide --hidden {opts.hidden}, got {opts.heads}")
-        heads = opts.heads or max(1, opts.hidden // 64)
-        if opts.hidden % heads:
+        _, hidden, _ = model_sizes(opts)
+        if opts.heads is not None and hidden % opts.heads:
+            raise ConfigError(f"--heads must divide --hidden {hidden}, got {opts.heads}")
+        heads = opts.heads or max(1, hidden // 64)
+        if hidden % heads:
             raise ConfigError(
-                f"--hidden {opts.hidden} is not divisible by the default --heads {heads} (--hidden / 64); "
+                f"--hidden {hidden} is not divisible by the default --heads {heads} (--hidden / 64); "
                 f"give --heads"
             )
         return
@@ -364,8 +367,7 @@ def _preset_arch(opts: ModelOptions) -> dict[str, Any]:
 
     if opts.preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {opts.preset!r}; known: {', '.join(PRESETS)}")
-    defaults = {f.name: f.default for f in fields(ModelOptions)}
-    sized = [_flag(name) for name in ("layers", "hidden", "ffn") if getattr(opts, name) != defaults[name]]
+    sized = [_flag(name) for name in NEW_MODEL_SIZES if getattr(opts, name) is not None]
     if sized:
         raise ValueError(
             f"--preset {opts.preset} sets the model's size: leave {', '.join(sized)} out (or give the sizes "
@@ -476,15 +478,16 @@ def build_model_config(
 
         if opts.preset:
             raise ValueError("--preset names a gMLP/aMLP model; for BERT give --layers/--hidden/--ffn")
-        heads = opts.heads or max(1, opts.hidden // 64)
-        if opts.hidden % heads:
-            raise ValueError(f"--hidden {opts.hidden} must be divisible by --heads {heads}")
+        layers, hidden, ffn = model_sizes(opts)
+        heads = opts.heads or max(1, hidden // 64)
+        if hidden % heads:
+            raise ValueError(f"--hidden {hidden} must be divisible by --heads {heads}")
         return BertConfig(
             vocab_size=vocab_size,
-            hidden_size=opts.hidden,
-            num_hidden_layers=opts.layers,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
             num_attention_heads=heads,
-            intermediate_size=opts.ffn,
+            intermediate_size=ffn,
             max_position_embeddings=seq_len_of_new_model(opts),
             hidden_dropout_prob=opts.dropout,
             attention_probs_dropout_prob=opts.dropout,
@@ -505,15 +508,16 @@ def build_model_config(
     )
     if opts.preset:
         return models.GMLPConfig.from_preset(opts.preset, **_preset_arch(opts), **common)
+    layers, hidden, ffn = model_sizes(opts)
     tiny = opts.tiny_attn
     if opts.arch == "amlp" and not tiny:
-        tiny = 64 if opts.hidden >= 256 else max(8, opts.hidden // 4)
+        tiny = 64 if hidden >= 256 else max(8, hidden // 4)
     if opts.arch == "gmlp" and tiny:
         raise ValueError("--tiny-attn makes an aMLP: use --arch amlp")
     return models.GMLPConfig(
-        hidden_size=opts.hidden,
-        intermediate_size=opts.ffn,
-        num_hidden_layers=opts.layers,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
         toeplitz=opts.toeplitz,
         tiny_attn_size=tiny,
         sgu_variant=opts.sgu_variant,
@@ -549,6 +553,19 @@ def never_masked_ids(tokenizer: Any) -> list[int]:
 
 #: ``--seq-len`` of a model built from scratch when none is given (a loaded model keeps its own length).
 NEW_MODEL_SEQ_LEN = 128
+
+#: ``--layers`` / ``--hidden`` / ``--ffn`` of a model built without ``--preset`` when left out.
+NEW_MODEL_SIZES = {"layers": 4, "hidden": 128, "ffn": 768}
+
+
+def model_sizes(opts: Any) -> tuple[int, int, int]:
+    """``(layers, hidden, ffn)`` of a model built from ``opts`` without a preset: each given value, else
+    :data:`NEW_MODEL_SIZES`'s."""
+    layers, hidden, ffn = (
+        NEW_MODEL_SIZES[name] if getattr(opts, name) is None else int(getattr(opts, name))
+        for name in NEW_MODEL_SIZES
+    )
+    return layers, hidden, ffn
 
 
 def seq_len_of_new_model(opts: Any) -> int:
@@ -881,6 +898,11 @@ def _warn_changed_options(checkpoint: Path, opts: Any, world_size: int | None = 
     now = _jsonable(asdict(opts))
     if now.get("seq_len") is None and "seq_len" in saved:  # left out: the resumed model's own length, which
         now["seq_len"] = saved["seq_len"]  # is the run's (a run saved with the old default 128 says 128)
+    if not now.get("preset"):  # a size left out is the default (what runs before the twentieth session saved)
+        for record in (saved, now):
+            for name, default in NEW_MODEL_SIZES.items():
+                if name in record and record[name] is None:
+                    record[name] = default
     changed = sorted(k for k in saved if k not in _RESUME_FREE and k in now and saved[k] != now[k])
     if world_size is not None and state.get("world_size", world_size) != world_size:
         saved, now = {**saved, "processes": state["world_size"]}, {**now, "processes": world_size}
