@@ -10,18 +10,16 @@ instead of hanging the suite.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from text_corpus import SENTENCES, documents, write_corpus
+from torchrun_helpers import kill_tree, torchrun_cmd
 
 from gmlp.train import text as pipelines
 from gmlp.train.text import FinetuneConfig, PretrainConfig, finetune, pretrain
@@ -37,32 +35,14 @@ PRETRAIN = ["pretrain", *TINY, "--arch", ARCH, "--steps", "4", "--log-every", "2
             "--eval-every", "2", "--valid-fraction", "0.2", "--grad-accum", "2"]
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(
-                int(stat.parent.name)
-            )
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=2 -m gmlp ARGS`` with the default ``--device auto``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gmlp",
-           *args]
+    cmd = torchrun_cmd(*args)
     proc = subprocess.Popen(cmd, env=ENV, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        for p in [proc.pid, *_descendants(proc.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"torchrun did not finish in {TIMEOUT}s (processes out of step?)\n{out[-2000:]}"
                     f"{err[-4000:]}")
@@ -114,7 +94,10 @@ def _assert_same_records(a: Path, b: Path) -> None:
     for x, y in zip(ra, rb, strict=True):
         assert x.keys() == y.keys()
         for k, v in x.items():
-            assert y[k] == (pytest.approx(v, rel=1e-5, abs=1e-7) if isinstance(v, float) else v), (k, x, y)
+            # a correlation of nearly constant predictions (a tiny model after 4 steps) magnifies the
+            # float32 differences of the two runs' weights: compare it to 1e-3
+            tol = dict(abs=1e-3) if k in ("pearson", "spearman") else dict(rel=1e-5, abs=1e-7)
+            assert y[k] == (pytest.approx(v, **tol) if isinstance(v, float) else v), (k, x, y)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -9,7 +9,6 @@ failure mode of FSDP when processes run different numbers of forward passes) fai
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import json
@@ -17,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrun_helpers import kill_tree, torchrun_cmd
 
 from gmlp.cli import main
 from gmlp.train import distributed
@@ -69,33 +68,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _torchrun_cmd(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gmlp",
-            "train", *args]
-
-
-def _descendants(pid: int) -> list[int]:
-    """All processes below ``pid`` (torchrun starts its workers in sessions of their own, so killing its
-    process group would not reach them)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and everything below it, all at once (as a node failure would)."""
-    for p in [pid, *_descendants(pid)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
+    return torchrun_cmd("train", *args)
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -105,7 +78,7 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"torchrun did not finish in {TIMEOUT}s (processes out of step?)\n"
                     f"{out[-3000:]}{err[-6000:]}")
@@ -263,9 +236,9 @@ def test_ddp_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, ddp_run: P
         while _latest_step(run) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before it could be killed:\n" + log.read_text()[-3000:]
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
     finally:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     step = load_checkpoint(run).state["step"]

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedTokenizerFast, pipeline
+from text_hf_helpers import VOCAB, WORDS, make_tokenizer, randomize, tiny_config
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, pipeline
 
 from gmlp.models.text import (
-    GMLPConfig,
     GMLPForCausalLM,
     GMLPForMaskedLM,
     GMLPForQuestionAnswering,
@@ -21,51 +20,6 @@ from gmlp.models.text import (
     GMLPForTokenClassification,
     GMLPModel,
 )
-from gmlp.nn import TokenProjection
-
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4, GMLPConfig's defaults
-WORDS = [
-    "the", "a", "cat", "dog", "sat", "on", "mat", "ran", "fast", "slow", "red", "blue", "big", "small",
-    "is", "was", "what", "and", "paris", "london", "capital", "of", "france", "england", "river",
-]
-VOCAB = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
-SEQ = 32
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", VOCAB["[CLS]"]), ("[SEP]", VOCAB["[SEP]"])],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=SEQ,
-    )
-
-
-def tiny_config(**overrides) -> GMLPConfig:
-    kwargs = dict(
-        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        max_position_embeddings=SEQ, tiny_attn_size=8,
-    )
-    kwargs.update(overrides)
-    return GMLPConfig(**kwargs)
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random W, b and head biases: a bug cannot hide behind the near-identity init."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, TokenProjection):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.3)
-                module.bias.copy_(1 + torch.randn(module.bias.shape, generator=gen) * 0.3)
-            elif isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-    return model.eval()
 
 HEADS = [GMLPModel, GMLPForMaskedLM, GMLPForSequenceClassification, GMLPForTokenClassification,
          GMLPForQuestionAnswering, GMLPForCausalLM]  # fmt: skip
@@ -297,13 +251,13 @@ TEXTS = [
 ]
 
 
-def _train(tmp_path, model, data, collator, metrics=None):
+def _train(tmp_path, model, data, collator, metrics=None, steps=15):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=6, per_device_eval_batch_size=4, max_steps=15,
-        learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(tmp_path), per_device_train_batch_size=6, per_device_eval_batch_size=4,
+        max_steps=steps, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
     )
     model.gradient_checkpointing_enable()
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=collator,
@@ -333,7 +287,7 @@ def test_trainer_trains_sequence_classification(tmp_path, kind: str) -> None:
         return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
 
     trainer = _train(tmp_path, model, data, DataCollatorWithPadding(tok),
-                     accuracy if kind == "single_label" else None)  # fmt: skip
+                     accuracy if kind == "single_label" else None, steps=40)  # fmt: skip
     metrics = trainer.evaluate()
     assert "eval_loss" in metrics
     if kind == "single_label":

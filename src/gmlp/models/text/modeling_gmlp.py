@@ -265,6 +265,13 @@ def _keep_positions(logits: torch.Tensor, logits_to_keep: Any) -> torch.Tensor:
     return logits if logits_to_keep == 0 else logits[:, -logits_to_keep:]
 
 
+def _head_dropout(config: GMLPConfig) -> nn.Dropout:
+    """The dropout of a classification head: ``config.classifier_dropout``, else ``hidden_dropout_prob``
+    (as BERT's heads)."""
+    p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+    return nn.Dropout(p)
+
+
 class GMLPPreTrainedModel(PreTrainedModel):
     """Base class of the gMLP text models: config class, weight init, sequence-length resizing."""
 
@@ -729,8 +736,7 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
         self.num_labels = num_labels
         self._inferred_problem_type: str | None = None  # what forward() stored in config.problem_type
         self.gmlp = GMLPModel(config)
-        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
+        self.dropout = _head_dropout(config)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
@@ -862,8 +868,7 @@ class GMLPForTokenClassification(GMLPPreTrainedModel):
             raise ValueError(f"GMLPForTokenClassification needs config.num_labels >= 2, got {num_labels}")
         self.num_labels = num_labels
         self.gmlp = GMLPModel(config)
-        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
+        self.dropout = _head_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.post_init()
 
