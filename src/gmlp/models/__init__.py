@@ -2,6 +2,14 @@
 
 from . import vision
 from .registry import create_model, is_model, list_models, register_model
-from .vision import GMLPVision
+from .vision import FeatureGetterNet, GMLPVision
 
-__all__ = ["GMLPVision", "create_model", "is_model", "list_models", "register_model", "vision"]
+__all__ = [
+    "FeatureGetterNet",
+    "GMLPVision",
+    "create_model",
+    "is_model",
+    "list_models",
+    "register_model",
+    "vision",
+]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,8 @@ def create_model(
     pretrained: bool | str | Path | None = None,
     *,
     checkpoint_path: str | Path | None = None,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model, optionally loading weights.
@@ -79,22 +81,40 @@ def create_model(
             hosted weights, and gmlp has none to download.
         checkpoint_path: timm's name for the same thing (a local checkpoint); give this or a path as
             ``pretrained``, not both.
+        features_only: return a feature extractor (:class:`gmlp.models.vision.FeatureGetterNet`) whose
+            forward gives the list of block maps ``(B, embed_dim, grid_h, grid_w)``, as timm's for ViT and
+            MLP-Mixer; the blocks after the last map, the final norm and the head are pruned.
+        out_indices: with ``features_only``, the blocks whose maps are returned: an int ``n`` = the last
+            ``n`` (None: 3, timm's default), or a list of block indices (negative ones count from the end).
         **kwargs: overrides of the model's constructor arguments (``num_classes``, ``img_size``,
             ``drop_path_rate``, ...); as in timm, one given as None keeps the model's default.
 
     Raises:
         ValueError: unknown model name (the message lists the known ones), ``pretrained=True``, an empty
-            path, a path given both ways, or a ``pretrained`` that is neither a bool nor a path.
+            path, a path given both ways, or a ``pretrained`` that is neither a bool nor a path;
+            ``out_indices`` without ``features_only`` or out of range.
+        TypeError: ``features_only`` not a bool.
     """
     if not isinstance(name, str) or name not in _MODEL_FNS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     path = _checkpoint_argument(pretrained, checkpoint_path)
+    if not isinstance(features_only, bool):
+        raise TypeError(f"features_only must be True or False, got {features_only!r}")
+    if out_indices is not None and not features_only:
+        raise ValueError(f"out_indices={out_indices!r} is only used with features_only=True")
     # as timm: arguments left at None (e.g. unset command-line options) keep the model's defaults
-    model = _MODEL_FNS[name](**{k: v for k, v in kwargs.items() if v is not None})
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if features_only:
+        kwargs.setdefault("num_classes", 0)  # the head is pruned: no checkpoint head to fit
+    model = _MODEL_FNS[name](**kwargs)
     if path is not None:
         from .loading import load_pretrained
 
         load_pretrained(model, path)
+    if features_only:
+        from .vision import FeatureGetterNet
+
+        return FeatureGetterNet(model, out_indices)
     return model
 
 

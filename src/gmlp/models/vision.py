@@ -7,7 +7,9 @@ mixing is one matrix product; :meth:`GMLPVision.forward_features` returns the us
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -15,10 +17,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..nn import GMLPBlock, PatchEmbed, TokenProjection
-from ..nn._checks import check_int, check_number
+from ..nn._checks import as_int, check_flag, check_int, check_number
+from ..nn.patch import to_2tuple
+from ..nn.resample import resample_spatial_bias, resample_spatial_weight
 from .registry import register_model
 
-__all__ = ["GMLPVision", "drop_path_rates"]
+__all__ = ["FeatureGetterNet", "FeatureInfo", "GMLPVision", "drop_path_rates", "feature_take_indices"]
 
 
 def drop_path_rates(rate: float, depth: int, schedule: str = "uniform") -> list[float]:
@@ -33,6 +37,39 @@ def drop_path_rates(rate: float, depth: int, schedule: str = "uniform") -> list[
     if schedule == "linear":
         return [rate * i / max(depth - 1, 1) for i in range(depth)]
     raise ValueError(f"drop_path_schedule must be 'uniform' or 'linear', got {schedule!r}")
+
+
+def feature_take_indices(
+    num_features: int, indices: int | Sequence[int] | None = None, name: str = "indices"
+) -> tuple[list[int], int]:
+    """The block indices to take and the largest of them, with timm's semantics.
+
+    ``None``: all ``num_features``; an int ``n``: the last ``n``; a list or tuple of ints: those indices, a
+    negative one counting from the end (``-1`` = the last block). ``name`` is the argument's name in errors.
+
+    Raises:
+        ValueError: an int outside ``[1, num_features]``, an index outside ``[-num_features,
+            num_features - 1]``, an empty sequence, or something else than None, an int or ints.
+    """
+    if indices is None:
+        indices = num_features
+    count = as_int(indices)
+    if count is not None:
+        if not 1 <= count <= num_features:
+            raise ValueError(
+                f"{name} as an int takes the last n blocks, n in [1, {num_features}], got {indices!r}"
+            )
+        take = list(range(num_features - count, num_features))
+        return take, take[-1]
+    items = list(indices) if isinstance(indices, Iterable) and not isinstance(indices, (str, bytes)) else None
+    ints = [as_int(i) for i in items] if items is not None else None
+    if not ints or any(i is None or not -num_features <= i < num_features for i in ints):
+        raise ValueError(
+            f"{name} must be None, an int (the last n blocks) or a non-empty list of block indices in "
+            f"[{-num_features}, {num_features - 1}] (negative ones count from the end), got {indices!r}"
+        )
+    take = [i + num_features if i < 0 else i for i in ints]  # type: ignore[operator]
+    return take, max(take)
 
 
 class GMLPVision(nn.Module):
@@ -125,6 +162,10 @@ class GMLPVision(nn.Module):
             )
             for p in drop_path_rates(drop_path_rate, depth, drop_path_schedule)
         )
+        reduction = max(self.patch_size)  # not hierarchical: every block's map is at the patch stride
+        self.feature_info = [
+            {"num_chs": embed_dim, "reduction": reduction, "module": f"blocks.{i}"} for i in range(depth)
+        ]
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -179,8 +220,10 @@ class GMLPVision(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Parameter names excluded from weight decay besides biases and norms (none)."""
-        return set()
+        """Parameter names to exclude from weight decay besides the 1-D ones (biases, norms): the spatial
+        biases of several SGU heads, ``(heads, tokens)``, which timm's layer-decay grouping (it looks at
+        ``ndim`` only) would otherwise decay."""
+        return {n for n, p in self.named_parameters() if n.endswith(".bias") and p.dim() > 1}
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -195,13 +238,150 @@ class GMLPVision(nn.Module):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        device, dtype = self.norm.weight.device, self.norm.weight.dtype
+        # the head takes the final norm's output (a pruned norm, nn.Identity, has no weight: the stem's)
+        like = getattr(self.norm, "weight", None)
+        like = like if isinstance(like, torch.Tensor) else self.stem.proj.weight
+        device, dtype = like.device, like.dtype
         if num_classes > 0:
             self.head = nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         else:
             self.head = nn.Identity()
+
+    @torch.jit.ignore
+    def set_input_size(
+        self, img_size: int | tuple[int, int] | None = None, patch_size: int | tuple[int, int] | None = None
+    ) -> None:
+        """Change the input image size in place (timm's model API).
+
+        gMLP's token-mixing W and b are tied to the token grid, so every block's W and b are resampled to
+        the new grid with :func:`gmlp.nn.resample_spatial_weight` / :func:`~gmlp.nn.resample_spatial_bias`,
+        exactly as ``create_model(name, img_size=..., pretrained=PATH)`` does with a checkpoint of this
+        model. ``pretrained_cfg["input_size"]`` follows. The resampled W and b are new parameters: build
+        the optimizer after this call. The stem (and so the patch size) is unchanged.
+
+        Args:
+            img_size: the new image size (int or (H, W)), divisible by the patch size; None keeps it.
+            patch_size: None or the current patch size (changing it is not supported).
+
+        Raises:
+            ValueError: ``img_size`` not a positive int or pair, or not divisible by the patch size;
+                ``patch_size`` other than None or the current one.
+        """
+        if patch_size is not None and to_2tuple(patch_size, "patch_size") != self.patch_size:
+            raise ValueError(
+                f"patch_size cannot be changed (it would need the stem's kernel resampled): pass None or the "
+                f"current {self.patch_size}, got {patch_size!r}"
+            )
+        if img_size is None:
+            return
+        size = to_2tuple(img_size, "img_size")
+        if any(i % p for i, p in zip(size, self.patch_size, strict=True)):
+            raise ValueError(f"img_size {size} must be divisible by patch_size {self.patch_size}")
+        old, grid = self.grid_size, (size[0] // self.patch_size[0], size[1] // self.patch_size[1])
+        n = grid[0] * grid[1]
+        if grid != old:
+            with torch.no_grad():
+                for block in self.blocks:
+                    proj = block.sgu.proj
+                    if proj is not None:  # (variant "none" mixes no tokens)
+                        if not isinstance(proj, TokenProjection) or proj.toeplitz:
+                            kind = " (Toeplitz)" if getattr(proj, "toeplitz", False) else ""
+                            raise TypeError(
+                                f"set_input_size resamples dense TokenProjection weights, got "
+                                f"{type(proj).__name__}{kind}"
+                            )
+                        w, b = proj.weight, proj.bias
+                        proj.weight = nn.Parameter(
+                            resample_spatial_weight(w.detach(), old, grid), requires_grad=w.requires_grad
+                        )
+                        proj.bias = nn.Parameter(
+                            resample_spatial_bias(b.detach(), old, grid), requires_grad=b.requires_grad
+                        )
+                        proj.seq_len = n
+                    block.sgu.seq_len = block.seq_len = n
+        self.stem.img_size, self.stem.grid_size, self.stem.num_patches = size, grid, n
+        self.img_size, self.grid_size = size, grid
+        self.pretrained_cfg["input_size"] = (self.in_chans, *size)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward returning the outputs of chosen blocks (timm's model API).
+
+        Args:
+            x: images ``(B, C, H, W)``.
+            indices: which blocks: None = all, an int ``n`` = the last ``n``, a list = those block indices
+                (negative ones count from the end). The maps come in block order, once each.
+            norm: apply the final LayerNorm to each map.
+            stop_early: run no block after the last one taken (the final features are then those of
+                that block, normalised).
+            output_fmt: ``"NCHW"``: ``(B, embed_dim, grid_h, grid_w)`` maps; ``"NLC"``: ``(B, tokens,
+                embed_dim)``.
+            intermediates_only: return only the list of maps.
+
+        Returns:
+            The list of maps, or ``(final features, maps)`` with the final features as
+            :meth:`forward_features` returns them (``(B, tokens, embed_dim)``, normalised).
+
+        Raises:
+            ValueError: bad ``indices`` (see :func:`feature_take_indices`) or ``output_fmt``.
+            TypeError: ``norm``, ``stop_early`` or ``intermediates_only`` not a bool.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        norm = check_flag(norm, "norm")
+        stop_early = check_flag(stop_early, "stop_early")
+        intermediates_only = check_flag(intermediates_only, "intermediates_only")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        maps = []
+        x = self.stem(x)  # token-major (tokens, batch, dim)
+        blocks = self.blocks[: last + 1] if stop_early else self.blocks
+        for i, block in enumerate(blocks):
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            if i in take:
+                maps.append(self.norm(x) if norm else x)
+        if output_fmt == "NCHW":
+            h, w = self.grid_size
+            maps = [y.permute(1, 2, 0).reshape(y.shape[1], y.shape[2], h, w).contiguous() for y in maps]
+        else:
+            maps = [y.transpose(0, 1).contiguous() for y in maps]
+        if intermediates_only:
+            return maps
+        return self.norm(x).transpose(0, 1), maps
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last one that ``indices`` takes (timm's model API).
+
+        Args:
+            indices: as in :meth:`forward_intermediates`.
+            prune_norm: replace the final LayerNorm by an identity.
+            prune_head: remove the classifier head and the pooling (``reset_classifier(0, "")``).
+
+        Returns:
+            The absolute indices taken (valid in the pruned model too).
+        """
+        prune_norm, prune_head = check_flag(prune_norm, "prune_norm"), check_flag(prune_head, "prune_head")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        self.feature_info = self.feature_info[: last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> normalized token-major features ``(tokens, batch, dim)``."""
@@ -237,6 +417,114 @@ class GMLPVision(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` -> logits ``(B, num_classes)``."""
         return self.forward_head(self.forward_features(x))
+
+
+class FeatureInfo:
+    """timm's ``feature_info`` of a features-only model: the maps' dicts (``num_chs``, ``reduction``,
+    ``module``, ``index``) and the indices taken, with the accessors ``channels()``, ``reduction()``,
+    ``module_name()``, ``get_dicts()`` (per taken map, or at the given indices)."""
+
+    def __init__(self, info: Sequence[dict[str, Any]], out_indices: Sequence[int]) -> None:
+        self.info = [{**d, "index": d.get("index", i)} for i, d in enumerate(copy.deepcopy(list(info)))]
+        self.out_indices = tuple(out_indices)
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
+        """``key`` of each taken map (``idx`` None), of map ``idx`` (an int) or of the maps ``idx``."""
+        if idx is None:
+            return [self.info[i][key] for i in self.out_indices]
+        if isinstance(idx, Sequence):
+            return [self.info[i][key] for i in idx]
+        return self.info[idx][key]
+
+    def get_dicts(self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None) -> Any:
+        """The dicts (restricted to ``keys``) of the taken maps, or at ``idx``."""
+        pick = (lambda d: d) if keys is None else (lambda d: {k: d[k] for k in keys})
+        if idx is None:
+            return [pick(self.info[i]) for i in self.out_indices]
+        if isinstance(idx, Sequence):
+            return [pick(self.info[i]) for i in idx]
+        return pick(self.info[idx])
+
+    def channels(self, idx: int | Sequence[int] | None = None) -> Any:
+        """Channels (``num_chs``) of the taken maps."""
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None) -> Any:
+        """Stride of the maps in pixels (the patch size: gMLP is not hierarchical)."""
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None) -> Any:
+        """Name of the block each map is taken after."""
+        return self.get("module", idx)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        return self.info[item]
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+
+class FeatureGetterNet(nn.Module):
+    """A features-only vision model: ``forward(images)`` returns the list of block maps that
+    :meth:`GMLPVision.forward_intermediates` gives for ``out_indices`` (what timm's ``FeatureGetterNet``
+    does for ViT and MLP-Mixer). ``create_model(name, features_only=True, out_indices=...)`` builds it.
+
+    Args:
+        model: the model to wrap (it is pruned in place with ``prune=True``).
+        out_indices: as ``indices`` of :meth:`GMLPVision.forward_intermediates`; None: the last 3 blocks
+            (timm's default for ViT and MLP-Mixer), or all of them if there are fewer.
+        output_fmt: ``"NCHW"`` (``(B, embed_dim, grid_h, grid_w)``) or ``"NLC"``.
+        norm: apply the final LayerNorm to every map.
+        prune: drop the blocks after the last map taken, the head, and the final norm unless ``norm``.
+
+    Attributes:
+        feature_info: a :class:`FeatureInfo` (``.channels()``, ``.reduction()``, ...).
+        pretrained_cfg: the model's, without ``num_classes``, ``classifier`` and ``global_pool``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        out_indices: int | Sequence[int] | None = None,
+        output_fmt: str = "NCHW",
+        norm: bool = False,
+        prune: bool = True,
+    ) -> None:
+        super().__init__()
+        if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):
+            raise TypeError(
+                f"model must have forward_intermediates and feature_info (a GMLPVision), got "
+                f"{type(model).__name__}"
+            )
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        norm, prune = check_flag(norm, "norm"), check_flag(prune, "prune")
+        if out_indices is None:
+            out_indices = min(3, len(model.blocks))
+        out_indices, _ = feature_take_indices(len(model.blocks), out_indices, "out_indices")
+        if prune:  # absolute indices from here on: negative ones would shift with the pruned blocks
+            out_indices = model.prune_intermediate_layers(out_indices, prune_norm=not norm)
+        self.model = model
+        self.out_indices = list(out_indices)
+        self.output_fmt = output_fmt
+        self.norm = norm
+        self.feature_info = FeatureInfo(model.feature_info, self.out_indices)
+        self.in_chans = getattr(model, "in_chans", None)
+        cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+        for key in ("num_classes", "classifier", "global_pool"):
+            cfg.pop(key, None)
+        self.pretrained_cfg = cfg
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of :attr:`pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Images ``(B, C, H, W)`` -> the maps of the blocks ``out_indices``, in block order."""
+        return self.model.forward_intermediates(
+            x, indices=self.out_indices, norm=self.norm, output_fmt=self.output_fmt, intermediates_only=True
+        )
 
 
 _DEFAULT_CFG: dict[str, Any] = {
