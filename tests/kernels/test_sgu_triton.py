@@ -871,3 +871,27 @@ def test_compile_keeps_kernels_only_when_asked(monkeypatch: pytest.MonkeyPatch) 
     assert traced({**opt_in, "GMLP_DISABLE_FUSED_GATING": "1"}) == (False, False)
     monkeypatch.setenv("GMLP_TRITON_UNDER_COMPILE", "1")
     assert not _kernels_under_compile_requested()  # not tracing
+
+
+@pytest.mark.parametrize(
+    ("fn", "names"),
+    [
+        (gelu_split_layernorm_reference, ("weight", "bias")),
+        (spatial_gating_reference, ("norm_weight", "norm_bias")),
+    ],
+)
+def test_reference_annotations_take_the_none_norm_parameters_their_callers_pass(fn: Callable, names) -> None:
+    """gelu_split_layernorm and spatial_gating take None LayerNorm parameters (``F.layer_norm``'s no scale /
+    no shift) and hand them to these public references on the reference path, which compute with them: the
+    annotations said ``Tensor`` only (a type checker flagged every such call)."""
+    import typing
+
+    hints = typing.get_type_hints(fn)
+    for name in names:
+        assert type(None) in typing.get_args(hints[name]), name
+    u = torch.randn(3, 2, 8, device=DEVICE)
+    w, b = torch.eye(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    z1, z2n = gelu_split_layernorm_reference(u, None, None, 1e-5)
+    plain = torch.nn.functional.layer_norm(torch.nn.functional.gelu(u)[..., 4:], (4,))  # no scale, no shift
+    torch.testing.assert_close(z2n, plain)
+    torch.testing.assert_close(spatial_gating_reference(u, None, None, 1e-5, w, b), z1 * z2n)

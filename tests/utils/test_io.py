@@ -303,3 +303,21 @@ def test_torch_compile_and_ddp_prefixes_are_removed(tmp_path: Path, prefixes: tu
         save_state_dict_file(compiled.state_dict(), tmp_path / "c.safetensors")
         loaded, _ = load_state_dict_file(tmp_path / "c.safetensors")
         model.load_state_dict(loaded)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {0: torch.ones(2)},
+        {"module.a": torch.ones(2), 1: torch.ones(1)},
+        {"state_dict": {(1, 2): torch.ones(1)}},
+    ],
+    ids=["int-keys", "mixed-keys", "wrapped-tuple-key"],
+)
+def test_a_dict_of_tensors_with_non_string_keys_is_not_a_state_dict(tmp_path: Path, content) -> None:
+    """The annotation promises ``dict[str, Tensor]``: other keys got an AttributeError from the prefix
+    stripping (``int.startswith``), not the CheckpointError of a file that holds no state dict."""
+    path = tmp_path / "odd.pth"
+    torch.save(content, path)
+    with pytest.raises(CheckpointError, match="odd.pth.*parameter names"):
+        load_state_dict_file(path)

@@ -61,7 +61,7 @@ def triton_available() -> bool:
 
 
 def gelu_split_layernorm_reference(
-    u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference path: ``a = GELU(u)``; ``z1, z2 = a.chunk(2, -1)``; returns ``(z1, LayerNorm(z2))``."""
     z1, z2 = F.gelu(u).chunk(2, dim=-1)
@@ -1071,8 +1071,8 @@ def gelu_split_layernorm(
 
 def spatial_gating_reference(
     u: torch.Tensor,
-    norm_weight: torch.Tensor,
-    norm_bias: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
     eps: float,
     weight: torch.Tensor,
     bias: torch.Tensor,

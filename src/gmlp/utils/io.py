@@ -130,7 +130,7 @@ def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: the file is truncated, corrupt, or holds no tensors.
+        CheckpointError: the file is truncated, corrupt, or holds no state dict (names to tensors).
     """
     path = Path(path)
     if path.is_dir():
@@ -159,9 +159,13 @@ def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
             if key in state and isinstance(state[key], dict):
                 state = state[key]
                 break
-    tensors_only = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    tensors_only = isinstance(state, dict) and all(  # (str keys: an int key is no parameter name)
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    )
     if not tensors_only or not state:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not hold a state dict of tensors (parameter names to tensors)"
+        )
     stripped = True
     while stripped:
         stripped = False

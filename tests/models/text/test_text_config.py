@@ -127,3 +127,13 @@ def test_config_round_trip(tmp_path) -> None:
                 "type_vocab_size", "tie_word_embeddings", "num_labels", "mask_token_id"):
         assert getattr(loaded, key) == getattr(config, key), key
     assert GMLPConfig.from_dict(config.to_dict()).to_dict()["sgu_heads"] == 2
+
+
+def test_eos_token_id_annotation_takes_the_list_the_config_accepts() -> None:
+    """``eos_token_id`` may list several stop tokens (validated and stored as such): the annotation said
+    ``int | None``, so a type checker refused ``GMLPConfig(eos_token_id=[5, 6])``."""
+    import typing
+
+    hint = typing.get_type_hints(GMLPConfig.__init__)["eos_token_id"]
+    assert set(typing.get_args(hint)) == {int, list[int], type(None)}
+    assert GMLPConfig(eos_token_id=[5, 6]).eos_token_id == [5, 6]

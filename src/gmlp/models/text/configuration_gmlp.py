@@ -171,7 +171,7 @@ class GMLPConfig(PretrainedConfig):
         sep_token_id: int | None = 3,
         mask_token_id: int | None = 4,
         bos_token_id: int | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         **kwargs: Any,
     ) -> None:
         _positive_int("vocab_size", vocab_size)
