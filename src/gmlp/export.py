@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from .nn._checks import as_int
 from .utils.io import CheckpointError, atomic_write
 
 __all__ = ["export_checkpoint", "export_onnx", "verify_onnx"]
@@ -77,9 +79,10 @@ def _check_input_size(input_size: object) -> tuple[int, int, int]:
         size = tuple(input_size)  # type: ignore[arg-type]
     except TypeError:
         size = ()
-    if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+    ints = tuple(as_int(v) for v in size)  # numpy ints too, as everywhere in the package; not bools
+    if len(ints) != 3 or not all(v is not None and v > 0 for v in ints):
         raise ValueError(f"input_size must be (channels, height, width), 3 positive ints; got {input_size!r}")
-    return size  # type: ignore[return-value]
+    return ints  # type: ignore[return-value]
 
 
 def verify_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, int],
@@ -102,7 +105,13 @@ def verify_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
             got = session.run(["logits"], {"images": x.numpy()})[0]
             if got.shape != expected.shape:
                 raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch {expected.shape} for batch {b}")
-            worst = max(worst, float(abs(got - expected).max()))
+            nan_got, nan_expected = np.isnan(got), np.isnan(expected)
+            if (nan_got != nan_expected).any():  # (max() skips a NaN difference: such a graph "verified")
+                raise RuntimeError(
+                    f"ONNX outputs are NaN at {int((nan_got != nan_expected).sum())} places where PyTorch's "
+                    f"are not (or the reverse), batch {b}"
+                )
+            worst = max(worst, float(np.abs(got - expected)[~nan_got].max(initial=0.0)))
     finally:
         model.train(was_training)
     if worst > atol:

@@ -249,6 +249,25 @@ def test_verify_onnx_restores_training_mode(tmp_path: Path) -> None:
     assert model.training
 
 
+def test_verify_onnx_fails_on_nan_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph whose outputs are NaN "verified" with a difference of 0 (max() skipped the NaN)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from gmlp.export import export_onnx, verify_onnx
+
+    model = create_model("gmlp_micro4_28")
+    path = export_onnx(model, tmp_path / "m.onnx", (np.int64(1), 28, 28))  # numpy sizes taken
+    real_run = ort.InferenceSession.run
+
+    def nan_run(self, names, feeds):  # noqa: ANN001, ANN202
+        return [np.full_like(out, np.nan) for out in real_run(self, names, feeds)]
+
+    monkeypatch.setattr(ort.InferenceSession, "run", nan_run)
+    with pytest.raises(RuntimeError, match="ONNX outputs are NaN at 10 places where PyTorch's are not"):
+        verify_onnx(model, path, (1, 28, 28))
+
+
 def test_a_failed_export_leaves_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The ONNX file is written atomically: an export that fails while writing used to leave a partial file
     in place of the previous one, and a refused opset deleted the previous file."""
