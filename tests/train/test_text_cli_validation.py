@@ -442,3 +442,8 @@ def test_sizes_left_out_are_the_defaults_and_not_changed_options_on_resume(
     assert "changed options" not in capsys.readouterr().err
     pipelines._warn_changed_options(tmp_path, pipelines.PretrainConfig(layers=6))
     assert "layers: 4 -> 6" in capsys.readouterr().err
+    # a --preset run saved them too (they were ignored): its resume is no change either
+    preset = {**state["options"], "preset": "gmlp-ablation"}
+    (tmp_path / "state.json").write_text(json.dumps({"options": preset}))
+    pipelines._warn_changed_options(tmp_path, pipelines.PretrainConfig(preset="gmlp-ablation"))
+    assert "changed options" not in capsys.readouterr().err

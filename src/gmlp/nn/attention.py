@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,16 +56,22 @@ class TinyAttention(nn.Module):
             x = x.masked_fill(~mask.t().unsqueeze(-1), 0.0)
         qkv = apply_linear(self.qkv, x).transpose(0, 1).unsqueeze(1)
         q, k, v = qkv.chunk(3, dim=-1)  # each (batch, 1, n, attn_dim)
-        # forward-mode AD (torch.autograd.forward_ad, torch.func.jvp/jacfwd): the fused SDPA kernels (CPU
-        # flash attention among them) have no forward derivative and raise; the math backend has one
-        backend = sdpa_kernel(SDPBackend.MATH) if forward_ad_active() else contextlib.nullcontext()
-        with backend:
-            if mask is None:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-            else:
-                keep = mask[:, None, None, :]
-                eye = torch.eye(n, dtype=torch.bool, device=x.device)
-                if self.causal:
-                    keep = keep & torch.ones(n, n, dtype=torch.bool, device=x.device).tril_()
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | eye)
+        if forward_ad_active():  # the fused SDPA kernels (CPU flash attention among them) have no forward
+            with sdpa_kernel(SDPBackend.MATH):  # derivative and raise under forward AD; the math one has
+                out = self._attend(q, k, v, mask, n)
+        else:
+            out = self._attend(q, k, v, mask, n)
         return apply_linear(self.out, out.squeeze(1).transpose(0, 1))
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, n: int
+    ) -> torch.Tensor:
+        """Softmax attention of ``q`` over ``k``/``v`` ``(batch, 1, n, attn_dim)``: padded keys (``mask``
+        ``(batch, n)``) never attended to, no later key when causal, every query attends to itself."""
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        keep = mask[:, None, None, :]
+        eye = torch.eye(n, dtype=torch.bool, device=q.device)
+        if self.causal:
+            keep = keep & torch.ones(n, n, dtype=torch.bool, device=q.device).tril_()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep | eye)

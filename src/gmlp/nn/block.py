@@ -136,9 +136,15 @@ class GMLPBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (seq, batch, dim); ``mask`` optional (batch, seq), True/1 = real token."""
         check_tokens(x, self.dim, self.seq_len, "x")
-        fc1_weight = getattr(self.fc1, "weight", None)
-        if isinstance(fc1_weight, torch.Tensor) and x.dtype != fc1_weight.dtype:
-            self._check_dtype(x, fc1_weight.dtype)
+        try:
+            return self._forward(x, mask)
+        except (RuntimeError, TypeError, ValueError) as err:  # (on the error path only: no per-call cost)
+            fc1_weight = getattr(self.fc1, "weight", None)
+            if isinstance(fc1_weight, torch.Tensor) and x.dtype != fc1_weight.dtype:
+                self._check_dtype(x, fc1_weight.dtype, err)
+            raise
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         mask = check_mask(mask, x.shape[1], x.shape[0])
         fused = triton_enabled(x) and fused_gating_enabled(x.shape[0] * x.shape[1] * self.fc1.out_features)
         h, x = self._pre_norm(x, fused and plain_call(self.norm, nn.LayerNorm))
@@ -149,10 +155,10 @@ class GMLPBlock(nn.Module):
             z = self.sgu(apply_linear(self.fc1, h, "gelu"), mask, gate_bias)
         return self._residual(x, z)
 
-    def _check_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> None:
-        """A TypeError naming ``x`` where its dtype differs from ``fc1``'s ``dtype`` outside autocast: ``fc1``
-        would refuse ``norm(x)`` (torch's error, from the LayerNorm or the product, names neither). Only for a
-        plain LayerNorm and ``fc1`` (their output and input dtypes are then known): a wrapped one decides."""
+    def _check_dtype(self, x: torch.Tensor, dtype: torch.dtype, err: Exception) -> None:
+        """A TypeError naming ``x`` (from ``err``, torch's error, which names neither) where its dtype differs
+        from ``fc1``'s ``dtype`` outside autocast, for which ``fc1`` refused ``norm(x)``. Only for a plain
+        LayerNorm and ``fc1`` (their output and input dtypes are then known): a wrapped one decides."""
         if (
             x.is_meta  # meta kernels take the pair: shape inference on meta keeps working
             or autocast_enabled(x)
@@ -163,7 +169,7 @@ class GMLPBlock(nn.Module):
         raise TypeError(
             f"x has dtype {x.dtype} but the block's parameters are {dtype}: convert the input "
             f"(x.to({dtype})) or the block (.to({x.dtype})), or run under torch.autocast"
-        )
+        ) from err
 
     def _residual(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``x + drop_path(dropout(fc2(z)))``. In inference, where dropout and drop path are identities,

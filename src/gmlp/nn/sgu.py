@@ -251,9 +251,17 @@ class SpatialGatingUnit(nn.Module):
                 output of aMLP), shape ``(seq, batch, gate_dim)``.
         """
         check_tokens(z, self.dim, self.seq_len, "z")
-        norm_weight = getattr(self.norm, "weight", None)
-        if isinstance(norm_weight, torch.Tensor) and z.dtype != norm_weight.dtype:
-            self._check_dtype(z, norm_weight.dtype)
+        try:
+            return self._forward(z, mask, gate_bias)
+        except (RuntimeError, TypeError, ValueError) as err:  # (on the error path only: no per-call cost)
+            norm_weight = getattr(self.norm, "weight", None)
+            if isinstance(norm_weight, torch.Tensor) and z.dtype != norm_weight.dtype:
+                self._check_dtype(z, norm_weight.dtype, err)
+            raise
+
+    def _forward(
+        self, z: torch.Tensor, mask: torch.Tensor | None, gate_bias: torch.Tensor | None
+    ) -> torch.Tensor:
         mask = check_mask(mask, z.shape[1], z.shape[0])
         if self.variant == "none":
             if gate_bias is not None:
@@ -270,10 +278,10 @@ class SpatialGatingUnit(nn.Module):
         z1, z2 = z.chunk(2, dim=-1) if self.variant == "sgu" else (z, z)  # chunk: backward is one cat
         return self.forward_normalized(z1, self.norm(z2), mask, gate_bias)
 
-    def _check_dtype(self, z: torch.Tensor, dtype: torch.dtype) -> None:
-        """A TypeError naming ``z`` where its dtype differs from the gate LayerNorm's ``dtype`` and the
-        LayerNorm would refuse the pair (torch's error names neither): outside autocast, unless ``z`` is
-        float16/bfloat16 and the LayerNorm float32, which LayerNorm takes (a norm kept in float32)."""
+    def _check_dtype(self, z: torch.Tensor, dtype: torch.dtype, err: Exception) -> None:
+        """A TypeError naming ``z`` (from ``err``, torch's error, which names neither) where its dtype differs
+        from the gate LayerNorm's ``dtype`` and the LayerNorm refused the pair: outside autocast, unless ``z``
+        is float16/bfloat16 and the LayerNorm float32, which LayerNorm takes (a norm kept in float32)."""
         if z.is_meta or autocast_enabled(z) or not plain_call(self.norm, nn.LayerNorm):
             return  # (meta kernels take the pair: shape inference on meta keeps working)
         if dtype is torch.float32 and z.dtype in (torch.float16, torch.bfloat16):
@@ -281,7 +289,7 @@ class SpatialGatingUnit(nn.Module):
         raise TypeError(
             f"z has dtype {z.dtype} but the gate LayerNorm's parameters are {dtype}: convert the input "
             f"(z.to({dtype})) or the module (.to({z.dtype})), or run under torch.autocast"
-        )
+        ) from err
 
     def forward_normalized(
         self,

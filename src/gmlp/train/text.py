@@ -898,11 +898,13 @@ def _warn_changed_options(checkpoint: Path, opts: Any, world_size: int | None = 
     now = _jsonable(asdict(opts))
     if now.get("seq_len") is None and "seq_len" in saved:  # left out: the resumed model's own length, which
         now["seq_len"] = saved["seq_len"]  # is the run's (a run saved with the old default 128 says 128)
-    if not now.get("preset"):  # a size left out is the default (what runs before the twentieth session saved)
+    # a size left out is the default without a preset, and the preset's with one: runs before the twentieth
+    # session saved the defaults (4 / 128 / 768) in either case
+    preset = now.get("preset")
+    for name, default in NEW_MODEL_SIZES.items():
         for record in (saved, now):
-            for name, default in NEW_MODEL_SIZES.items():
-                if name in record and record[name] is None:
-                    record[name] = default
+            if name in record and record[name] in (None, default if preset else None):
+                record[name] = None if preset else default
     changed = sorted(k for k in saved if k not in _RESUME_FREE and k in now and saved[k] != now[k])
     if world_size is not None and state.get("world_size", world_size) != world_size:
         saved, now = {**saved, "processes": state["world_size"]}, {**now, "processes": world_size}

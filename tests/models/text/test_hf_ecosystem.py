@@ -127,6 +127,28 @@ def test_config_output_attentions_is_the_default() -> None:
     with torch.no_grad():
         assert len(model(torch.tensor([[2, 7, 9]])).attentions) == model.config.num_hidden_layers
         assert model(torch.tensor([[2, 7, 9]]), output_attentions=False).attentions is None
+    # a gMLP saved with output_attentions=True in its config keeps working (no maps to give); only an
+    # explicit output_attentions=True is refused
+    plain = _model(GMLPForMaskedLM, output_attentions=True, tiny_attn_size=None)
+    with torch.no_grad():
+        assert plain(torch.tensor([[2, 7, 9]])).attentions is None
+
+
+def test_position_ids_are_checked_before_the_model_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(GMLPForCausalLM)
+    monkeypatch.setattr(model.gmlp, "forward", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(ValueError, match=r"position_ids\[0, 3\] is 0"):
+        model(torch.tensor([[5, 6, 7, 8, 9]]), position_ids=torch.tensor([[0, 1, 2, 0, 1]]))
+
+
+def test_logits_to_keep_takes_numpy_ints() -> None:
+    import numpy as np
+
+    model = _model(GMLPForCausalLM)
+    with torch.no_grad():
+        assert model(torch.tensor([[5, 6, 7, 8]]), logits_to_keep=np.int64(2)).logits.shape[1] == 2
+    with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+        model(torch.tensor([[5, 6, 7, 8]]), logits_to_keep=True)
 
 
 def test_attention_maps_carry_gradients() -> None:

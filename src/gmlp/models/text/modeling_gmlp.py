@@ -43,7 +43,7 @@ from transformers.utils import logging
 from ...convert import detect_format, from_g_mlp_pytorch
 from ...kernels.cpu_linear import apply_linear
 from ...nn import GMLPBlock, TinyAttention, TokenProjection
-from ...nn._checks import capturing, host_checks_enabled
+from ...nn._checks import as_int, capturing, host_checks_enabled
 from ...utils.io import CheckpointError
 from ..vision import drop_path_rates
 from .configuration_gmlp import GMLPConfig, _check_problem_type
@@ -257,12 +257,13 @@ def _keep_positions(logits: torch.Tensor, logits_to_keep: Any) -> torch.Tensor:
         logits_to_keep.dtype
     ):
         return logits[:, logits_to_keep.to(logits.device)]
-    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+    keep = None if isinstance(logits_to_keep, torch.Tensor) else as_int(logits_to_keep)  # numpy ints too
+    if keep is None or keep < 0:
         raise ValueError(
             "logits_to_keep must be an int >= 0 (0 = all positions, k = the last k) or a 1-D integer tensor "
             f"of positions, got {logits_to_keep!r}"
         )
-    return logits if logits_to_keep == 0 else logits[:, -logits_to_keep:]
+    return logits if keep == 0 else logits[:, -keep:]
 
 
 def _head_dropout(config: GMLPConfig) -> nn.Dropout:
@@ -533,11 +534,12 @@ class GMLPModel(GMLPPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = cfg.output_hidden_states
         return_dict = return_dict if return_dict is not None else cfg.return_dict
-        if output_attentions is None:
-            output_attentions = getattr(cfg, "output_attentions", False)
+        has_maps = any(block.tiny_attn is not None for block in self.blocks)
+        if output_attentions is None:  # the config's flag: a gMLP has no maps to give (as before it was read)
+            output_attentions = bool(getattr(cfg, "output_attentions", False)) and has_maps
         attentions: list[torch.Tensor] | None = None
         if output_attentions:
-            if not any(block.tiny_attn is not None for block in self.blocks):
+            if not has_maps:
                 raise ValueError(
                     "output_attentions=True needs the tiny attention of aMLP (config.tiny_attn_size set): a "
                     "gMLP without it has no attention maps to return"
@@ -1121,12 +1123,14 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         vocab = self.lm_head.out_features
         labels = _labels_first(labels, input_ids, inputs_embeds, self.lm_head.weight.device, vocab)
+        source = input_ids if input_ids is not None else inputs_embeds
+        if isinstance(source, torch.Tensor) and source.dim() >= 2:  # (before the model runs; bad inputs: its)
+            _check_position_ids(kwargs.get("position_ids"), attention_mask, tuple(source.shape[:2]))
         out = self.gmlp(
             input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True,
             output_attentions=output_attentions,
         )
         hidden = out.last_hidden_state
-        _check_position_ids(kwargs.get("position_ids"), attention_mask, tuple(hidden.shape[:2]))
         if labels is None:  # only the kept positions go through lm_head
             hidden = _keep_positions(hidden, keep)
         logits = apply_linear(self.lm_head, hidden)
