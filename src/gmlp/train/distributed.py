@@ -30,6 +30,7 @@ __all__ = [
     "all_reduce_sum",
     "assert_in_sync",
     "barrier",
+    "env_int",
     "fsdp_units",
     "full_model_state_dict",
     "full_state_dicts",
@@ -72,8 +73,12 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def _env_int(name: str, default: int, least: int) -> int:
-    """The launcher's integer variable ``name`` (``default`` when unset), at least ``least``."""
+def env_int(name: str, default: int, least: int) -> int:
+    """The launcher's integer variable ``name`` (``default`` when unset or blank), at least ``least``.
+
+    Raises:
+        ValueError: the value is not an integer >= ``least`` (the message names the variable).
+    """
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
         return default
@@ -91,9 +96,9 @@ def init_distributed(device: str = "auto") -> DistEnv:
             (with ``WORLD_SIZE`` > 1) or not below ``WORLD_SIZE``: such a process would wait for the others
             for good.
     """
-    world = _env_int("WORLD_SIZE", 1, least=1)
-    rank = _env_int("RANK", 0, least=0)
-    local_rank = _env_int("LOCAL_RANK", 0, least=0)
+    world = env_int("WORLD_SIZE", 1, least=1)
+    rank = env_int("RANK", 0, least=0)
+    local_rank = env_int("LOCAL_RANK", 0, least=0)
     if world > 1 and not os.environ.get("RANK", "").strip():  # every process would take rank 0
         raise ValueError(f"environment variable WORLD_SIZE is {world}, but RANK is not set (torchrun sets "
                          "both)")

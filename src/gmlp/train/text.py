@@ -722,7 +722,9 @@ def _make_accelerator(opts: _TrainOptions) -> Any:
         raise ValueError(f"device must be auto, cpu or cuda, got {opts.device!r}")
     if opts.grad_accum < 1 or opts.batch_size < 1:
         raise ValueError("batch_size and grad_accum must be >= 1")
-    launched = _launched_world_size()
+    from .distributed import env_int
+
+    launched = env_int("WORLD_SIZE", 1, least=1)  # the processes torchrun / accelerate launch started
     if launched <= 1:
         # Several runs in one process (tests, notebooks) may ask for different precisions: start afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -742,15 +744,6 @@ def _make_accelerator(opts: _TrainOptions) -> Any:
             f"give --device cpu or cuda"
         )
     return accelerator
-
-
-def _launched_world_size() -> int:
-    """The number of processes torchrun / accelerate launch started (``WORLD_SIZE``; 1 without one)."""
-    value = os.environ.get("WORLD_SIZE", "").strip() or "1"
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable WORLD_SIZE must be an integer >= 1, got {value!r}") from None
 
 
 class _StopRequest:

@@ -534,12 +534,14 @@ class GMLPModel(GMLPPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = cfg.output_hidden_states
         return_dict = return_dict if return_dict is not None else cfg.return_dict
-        has_maps = any(block.tiny_attn is not None for block in self.blocks)
+        def has_maps() -> bool:  # (asked only when maps are wanted: no per-call loop over the blocks)
+            return any(block.tiny_attn is not None for block in self.blocks)
+
         if output_attentions is None:  # the config's flag: a gMLP has no maps to give (as before it was read)
-            output_attentions = bool(getattr(cfg, "output_attentions", False)) and has_maps
+            output_attentions = bool(getattr(cfg, "output_attentions", False)) and has_maps()
         attentions: list[torch.Tensor] | None = None
         if output_attentions:
-            if not has_maps:
+            if not has_maps():
                 raise ValueError(
                     "output_attentions=True needs the tiny attention of aMLP (config.tiny_attn_size set): a "
                     "gMLP without it has no attention maps to return"
