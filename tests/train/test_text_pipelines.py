@@ -93,6 +93,49 @@ def test_masking_statistics() -> None:
     assert torch.equal(again[0], inputs) and torch.equal(again[1], labels)
 
 
+def test_seeded_masks_are_per_row_and_keep_the_statistics() -> None:
+    """With ``seeds`` each row is masked by a generator of its own seed: row i equals the row masked alone
+    with that generator, and reordering or regrouping the rows (other micro-batches, other processes) moves
+    the masks with them; the 15% / 80/10/10 rates hold over the batch."""
+    ids = torch.randint(10, 1000, (256, 512))
+    ids[:, 0], ids[:, -1] = 2, 3
+    seeds = [17 * i + 5 for i in range(256)]
+    kw = {"mask_token_id": 4, "vocab_size": 1000, "special_ids": [0, 2, 3]}
+    inputs, labels = mask_tokens(ids, seeds=seeds, **kw)
+    for i in (0, 1, 100, 255):
+        alone = mask_tokens(ids[i : i + 1], generator=torch.Generator().manual_seed(seeds[i]), **kw)
+        assert torch.equal(alone[0][0], inputs[i]) and torch.equal(alone[1][0], labels[i])
+    order = torch.randperm(256)
+    again = mask_tokens(ids[order], seeds=[seeds[i] for i in order.tolist()], **kw)
+    assert torch.equal(again[0], inputs[order]) and torch.equal(again[1], labels[order])
+    halves = [mask_tokens(ids[a:b], seeds=seeds[a:b], **kw) for a, b in ((0, 100), (100, 256))]
+    assert torch.equal(torch.cat([h[0] for h in halves]), inputs)
+    selected = labels != -100
+    assert not selected[:, 0].any() and not selected[:, -1].any()
+    assert torch.equal(labels[selected], ids[selected]) and torch.equal(inputs[~selected], ids[~selected])
+    assert abs(selected.float().sum() / (256 * 510) - 0.15) < 0.005
+    n = selected.sum()
+    assert abs(((inputs == 4) & selected).sum() / n - 0.8) < 0.01
+    assert abs(((inputs == ids) & selected).sum() / n - 0.1) < 0.01
+    assert len({tuple(r.tolist()) for r in selected[:8]}) == 8  # rows are not masked alike
+    # big seeds (step_seed gives 63 bits) are taken modulo 2**63, as torch.Generator.manual_seed needs
+    big, small = (mask_tokens(ids[:1], seeds=[seed], **kw)[1] for seed in (2**63 + 7, 7))
+    assert torch.equal(big, small)
+
+
+@pytest.mark.parametrize(
+    ("shape", "kwargs", "match"),
+    [
+        ((2, 8), {"seeds": [1, 2], "generator": torch.Generator()}, "seeds .* or generator, not both"),
+        ((2, 8), {"seeds": [1]}, "one seed per row of a 2-D input_ids, got 1 seeds for input_ids of shape"),
+        ((8,), {"seeds": [1]}, "got 1 seeds for input_ids of shape \\[8\\]"),
+    ],
+)
+def test_mask_tokens_names_bad_seeds(shape: tuple[int, ...], kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        mask_tokens(torch.randint(5, 100, shape), mask_token_id=4, vocab_size=100, **kwargs)
+
+
 def test_pretraining_never_masks_a_special_token_unk_included() -> None:
     """[UNK] is a special token, as [PAD]/[CLS]/[SEP]/[MASK]: never selected, as in
     DataCollatorForLanguageModeling."""

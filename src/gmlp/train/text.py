@@ -620,19 +620,28 @@ def mask_tokens(
     mask_replace_prob: float = 0.8,
     random_replace_prob: float = 0.1,
     generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking, as ``transformers.DataCollatorForLanguageModeling`` but with an explicit generator.
+    """BERT masking, as ``transformers.DataCollatorForLanguageModeling`` but with explicit randomness.
 
     Each non-special token is selected with probability ``mlm_probability``; a selected token becomes
     ``[MASK]`` with probability ``mask_replace_prob``, a random token with ``random_replace_prob`` and
     stays unchanged otherwise (80/10/10 by default).
+
+    The randomness comes from ``generator`` (the global one if neither is given) or, with ``seeds`` (one
+    integer per row of a 2-D ``input_ids``), from a generator of each row's own seed: then a row's masks
+    depend on its seed only, not on the other rows it is batched with, and row ``i`` is masked exactly as
+    ``mask_tokens(input_ids[i : i + 1], generator=torch.Generator().manual_seed(seeds[i] % 2**63))``.
+    Either way the draws are made on the CPU in float32, so a seed gives the same masks whatever the
+    default dtype or device.
 
     Returns:
         ``(inputs, labels)``: the corrupted ids and the targets (-100 where no prediction is made).
 
     Raises:
         ValueError: ``mlm_probability`` outside (0, 1), ``mask_replace_prob`` or ``random_replace_prob``
-            outside [0, 1] or summing to more than 1, or ``vocab_size`` below 1.
+            outside [0, 1] or summing to more than 1, ``vocab_size`` below 1, or ``seeds`` given together
+            with ``generator``, for ``input_ids`` that are not 2-D, or not one per row.
     """
     if not 0.0 < mlm_probability < 1.0:
         raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
@@ -646,28 +655,45 @@ def mask_tokens(
         )
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1 (random replacements are drawn from it), got {vocab_size}")
-    labels = input_ids.clone()
-    inputs = input_ids.clone()
-
-    def full(p: float) -> torch.Tensor:
-        # float32 whatever the default dtype: the same masks for a seed, and a ratio rounded up
-        # (0.2 / (1 - 0.8) = 1.0000000000000002) stays a valid probability
-        return torch.full(inputs.shape, min(float(p), 1.0), dtype=torch.float32)
-
-    prob = full(mlm_probability)
-    special = torch.zeros(inputs.shape, dtype=torch.bool)
-    for sid in special_ids:
-        special |= input_ids.cpu() == sid
-    prob.masked_fill_(special, 0.0)
-    selected = torch.bernoulli(prob, generator=generator).bool()
-    labels[~selected.to(labels.device)] = -100
-    replaced = torch.bernoulli(full(mask_replace_prob), generator=generator).bool() & selected
-    inputs[replaced.to(inputs.device)] = mask_token_id
+    shape = tuple(input_ids.shape)
+    if seeds is not None:
+        if generator is not None:
+            raise ValueError("give seeds (one generator per row) or generator, not both")
+        if input_ids.dim() != 2 or len(seeds) != shape[0]:
+            raise ValueError(
+                f"seeds must hold one seed per row of a 2-D input_ids, got {len(seeds)} seeds for "
+                f"input_ids of shape {list(shape)}"
+            )
+        # three uniforms (select, replace by [MASK], replace by a random word) and a word per position
+        draws = [_mask_draws(shape[1:], vocab_size, torch.Generator().manual_seed(int(seed) % 2**63))
+                 for seed in seeds]
+        if draws:
+            uniform, words = torch.stack([d[0] for d in draws], dim=1), torch.stack([d[1] for d in draws])
+        else:
+            uniform, words = _mask_draws(shape, vocab_size, None)  # no rows: nothing drawn
+    else:
+        uniform, words = _mask_draws(shape, vocab_size, generator)
+    ids = input_ids.cpu()
+    special = torch.isin(ids, torch.tensor(list(special_ids), dtype=ids.dtype)) if len(special_ids) else None
+    selected = uniform[0] < mlm_probability
+    if special is not None:
+        selected &= ~special
+    # the probabilities in float32, as the uniforms: a ratio rounded up (0.2 / (1 - 0.8) =
+    # 1.0000000000000002) still selects every remaining token
+    replaced = selected & (uniform[1] < torch.tensor(mask_replace_prob, dtype=torch.float32))
     rest = random_replace_prob / (1.0 - mask_replace_prob) if mask_replace_prob < 1.0 else 0.0
-    randomised = torch.bernoulli(full(rest), generator=generator).bool() & selected & ~replaced
-    words = torch.randint(vocab_size, inputs.shape, dtype=inputs.dtype, generator=generator)
-    inputs[randomised.to(inputs.device)] = words[randomised].to(inputs.device)
-    return inputs, labels
+    randomised = selected & ~replaced & (uniform[2] < torch.tensor(rest, dtype=torch.float32))
+    labels = ids.masked_fill(~selected, -100)
+    inputs = ids.masked_fill(replaced, mask_token_id)
+    inputs = torch.where(randomised, words.to(ids.dtype), inputs)
+    return inputs.to(input_ids.device), labels.to(input_ids.device)
+
+
+def _mask_draws(
+    shape: tuple[int, ...], vocab_size: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    uniform = torch.rand((3, *shape), dtype=torch.float32, generator=generator)
+    return uniform, torch.randint(vocab_size, shape, generator=generator)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -1338,18 +1364,14 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     def masked(ids: torch.Tensor, seeds: Sequence[int]) -> dict[str, torch.Tensor]:
         # each sequence masked with a generator of its own seed: the masks do not depend on how a step's
         # sequences are split into processes and micro-batches (2 processes train as 1 with the global batch)
-        rows = [
-            mask_tokens(
-                ids[i : i + 1],
-                mask_token_id=special["mask"],
-                vocab_size=vocab_size,
-                special_ids=specials,
-                mlm_probability=cfg.mlm_probability,
-                generator=torch.Generator().manual_seed(seed % 2**63),
-            )
-            for i, seed in enumerate(seeds)
-        ]
-        inputs, labels = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+        inputs, labels = mask_tokens(
+            ids,
+            mask_token_id=special["mask"],
+            vocab_size=vocab_size,
+            special_ids=specials,
+            mlm_probability=cfg.mlm_probability,
+            seeds=seeds,
+        )
         return {"input_ids": inputs, "attention_mask": (ids != special["pad"]).long(), "labels": labels}
 
     def micro_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
