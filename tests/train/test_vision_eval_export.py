@@ -61,6 +61,30 @@ def test_eval_of_a_run_reproduces_its_test_metrics(
         )
 
 
+def test_eval_uses_the_runs_precision_unless_told(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A CPU bf16 run was evaluated in fp32 by gmlp eval (its "auto" meant fp32 on a CPU): other numbers
+    than the run's own test metrics. Now the run's --precision is the default and --precision overrides it."""
+    out = tmp_path / "bf16"
+    train_vision(VisionTrainConfig(model="gmlp_micro4_28", dataset="digits", batch_size=64, epochs=1,
+                                   warmup_steps=2, progress=False, train_subset=256, threads=1,
+                                   precision="bf16", tensorboard=False, plot=False, output=str(out)))
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert main(["eval", str(out), "--workers", "0", "--json", str(tmp_path / "r.json")]) == 0
+    assert "297 images, bf16)" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["precision"] == "bf16"
+    assert result["top1"] == pytest.approx(last["test_accuracy"])
+    assert result["loss"] == pytest.approx(last["test_loss"], rel=1e-5)
+    fp32 = evaluate_checkpoint(out, workers=0, precision="fp32")
+    assert fp32["precision"] == "fp32" and fp32["loss"] != result["loss"]
+    assert evaluate_checkpoint(out, workers=0, precision="auto")["precision"] == "fp32"  # auto: fp32 on a CPU
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        evaluate_checkpoint(out, precision="fp16")
+    with pytest.raises(SystemExit):
+        main(["eval", str(out), "--precision", "fp16"])
+    assert "argument --precision: invalid choice: 'fp16'" in capsys.readouterr().err
+
+
 def _copy(src: Path, dst: Path) -> Path:
     dst.write_bytes(src.read_bytes())
     return dst

@@ -163,10 +163,11 @@ def _eval(args: argparse.Namespace) -> int:
         args.checkpoint, model=args.model, dataset=args.dataset, data_root=args.data_root, split=args.split,
         img_size=args.img_size, batch_size=args.batch_size, workers=args.workers, device=args.device,
         subset=args.subset, strict_images=args.strict_images, model_kwargs=args.model_kwargs,
-        ema=args.ema,
+        ema=args.ema, precision=args.precision,
     )
     line = (f"{result['model']} on {result['dataset']} [{result['split']}]: top-1 {result['top1']:.4f}  "
-            f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  ({result['count']} images")
+            f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  ({result['count']} images, "
+            f"{result['precision']}")
     if result.get("skipped_images"):
         line += f", {result['skipped_images']} corrupt skipped"
     print(line + ")")
@@ -240,6 +241,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--strict-images", action="store_true",
                     help="fail on a corrupt image instead of skipping it")
     ev.add_argument("--ema", action="store_true", help="evaluate the run's model_ema.safetensors")
+    ev.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                    help="auto (bf16 autocast on a CUDA GPU that has it, else fp32), fp32 or bf16 "
+                         "(default: the run's --precision, else auto)")
     ev.add_argument("--json", help="also write the result to this JSON file")
     ev.set_defaults(func=_eval)
 

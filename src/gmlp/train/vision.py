@@ -72,6 +72,7 @@ __all__ = ["TENSOR_DATASETS", "VisionTrainConfig", "build_model", "evaluate", "t
 
 TENSOR_DATASETS = ("fashion_mnist", "digits")
 PIL_DATASETS = ("imagefolder", "hf")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on a CUDA GPU that has it, else fp32
 #: Model constructor arguments that are settings of their own (a model_kwargs value would be overridden).
 _OWN_SETTINGS = ("drop_path_rate", "drop_path_schedule", "drop_rate")
 
@@ -202,7 +203,7 @@ class VisionTrainConfig:
             raise ConfigError(f"ema_decay must be < 1, got {self.ema_decay}")
         choices = {"drop_path_schedule": ("uniform", "linear"), "mixup_mode": ("batch", "pair", "elem"),
                    "remode": ("const", "rand", "pixel"), "device": ("auto", "cpu", "cuda"),
-                   "precision": ("auto", "fp32", "bf16"), "strategy": STRATEGIES}
+                   "precision": PRECISIONS, "strategy": STRATEGIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -444,9 +445,15 @@ def _augment(
 # --- evaluation ----------------------------------------------------------------------------------------
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """Whether ``precision`` (one of :data:`PRECISIONS`) means bf16 autocast on ``device``: ``bf16``, or
+    ``auto`` on a CUDA device that has bf16."""
     auto_bf16 = precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if precision == "bf16" or auto_bf16:
+    return precision == "bf16" or auto_bf16
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if uses_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

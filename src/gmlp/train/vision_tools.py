@@ -196,16 +196,21 @@ def evaluate_checkpoint(
     strict_images: bool = False,
     model_kwargs: dict[str, Any] | None = None,
     ema: bool = False,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Top-1 / top-5 accuracy and mean cross-entropy of a checkpoint on a dataset split.
 
     Unset arguments come from the run's ``config.json`` when the checkpoint belongs to a training run. A
     run that read Fashion-MNIST / digits through timm's PIL transforms (``auto_augment``) is evaluated
     through them too (resize and centre crop by the model's ``crop_pct``), as its training evaluated it.
+    ``precision`` (``auto``: bf16 autocast on a CUDA GPU that has it, else fp32; ``fp32``; ``bf16``)
+    defaults to the run's own ``--precision``, so a run is evaluated as its training evaluated it; the
+    result names the one used (``bf16`` or ``fp32``).
 
     Raises:
         ConfigError: ``batch_size``, ``subset`` or ``img_size`` below 1, ``workers`` below 0, an unknown
-            dataset, no ``model`` for a checkpoint outside a training run, ``device='cuda'`` without CUDA.
+            dataset or precision, no ``model`` for a checkpoint outside a training run, ``device='cuda'``
+            without CUDA.
         FileNotFoundError: no such checkpoint.
     """
     limits = (("batch_size", batch_size, 1), ("subset", subset, 1), ("workers", workers, 0),
@@ -217,6 +222,7 @@ def evaluate_checkpoint(
     from ..data.images import load_image_dataset
     from .vision import (
         PIL_DATASETS,
+        PRECISIONS,
         TENSOR_DATASETS,
         _evaluate_tensors,
         eval_loader,
@@ -224,11 +230,19 @@ def evaluate_checkpoint(
         model_input_size,
         norm_stats,
         pil_transforms,
+        uses_bf16,
     )
 
+    if precision is not None and precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     check_cuda_available(device)
     weights, run = resolve_checkpoint(checkpoint, ema=ema)
     run = run or {}
+    precision = precision or run.get("precision") or "auto"
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"the run's precision {precision!r} is not one of {', '.join(PRECISIONS)}: pass --precision"
+        )
     name = model or run.get("model")
     if name is None:
         raise ConfigError(f"{str(checkpoint)!r} is not a training run: pass --model NAME")
@@ -256,7 +270,7 @@ def evaluate_checkpoint(
         _, eval_tf = pil_transforms(net, VisionTrainConfig(), mean_t, std_t)
         pin = dev.type == "cuda"
         loader = eval_loader(source, eval_tf, chans, batch_size, workers, strict_images, None, pin)
-        return evaluate_loader(net, loader, dev, "auto", None)
+        return evaluate_loader(net, loader, dev, precision, None)
 
     if dataset in TENSOR_DATASETS:
         test = load_image_dataset(dataset, split or "test", data_root).subset(subset)
@@ -272,7 +286,7 @@ def evaluate_checkpoint(
         else:
             mean_t, std_t = norm_stats(net, chans, mean, std)
             m, s = (torch.tensor(v, device=dev).view(1, -1, 1, 1) for v in (mean_t, std_t))
-            result = _evaluate_tensors(net, test, batch_size, m, s, dev, "auto", env)
+            result = _evaluate_tensors(net, test, batch_size, m, s, dev, precision, env)
         split_name = split or "test"
     else:  # imagefolder or hf
         candidates = ("val", "validation", "test")
@@ -296,7 +310,7 @@ def evaluate_checkpoint(
         result = evaluate_pil(net, source)
     return {"model": name, "checkpoint": str(weights), "dataset": dataset, "split": str(split_name),
             "top1": result["accuracy"], "top5": result["top5"], "loss": result["loss"],
-            "count": result["count"],
+            "count": result["count"], "precision": "bf16" if uses_bf16(dev, precision) else "fp32",
             **({"skipped_images": result["skipped_images"]} if "skipped_images" in result else {})}
 
 
