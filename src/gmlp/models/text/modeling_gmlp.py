@@ -266,6 +266,29 @@ def _keep_positions(logits: torch.Tensor, logits_to_keep: Any) -> torch.Tensor:
     return logits if keep == 0 else logits[:, -keep:]
 
 
+def _token_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+    """Cross-entropy of ``logits`` ``(N, classes)`` against ``targets`` ``(N,)`` (-100 = ignored): the mean
+    over the targets, or with ``num_items_in_batch`` (what ``Trainer`` counts over all the micro-batches of
+    one optimizer step, as for transformers' own language models) their sum divided by it, so that
+    gradient accumulation gives the gradient of the whole batch however the targets fall in micro-batches.
+
+    Raises:
+        ValueError: ``num_items_in_batch`` is neither None, a positive number nor a tensor.
+    """
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, targets)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(logits.device)
+    elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) or (
+        num_items_in_batch <= 0
+    ):
+        raise ValueError(
+            "num_items_in_batch must be None, a positive number or a tensor (Trainer's count of the targets "
+            f"of one optimizer step), got {num_items_in_batch!r}"
+        )
+    return F.cross_entropy(logits, targets, reduction="sum") / num_items_in_batch
+
+
 def _head_dropout(config: GMLPConfig) -> nn.Dropout:
     """The dropout of a classification head: ``config.classifier_dropout``, else ``hidden_dropout_prob``
     (as BERT's heads)."""
@@ -281,7 +304,9 @@ class GMLPPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["GMLPBlock"]
-    # The losses are means over the batch; Trainer scales them for gradient accumulation itself.
+    # The per-example losses (sequence classification, QA) are means over the batch, which Trainer scales for
+    # gradient accumulation itself. The per-token heads (masked LM, causal LM, token classification) set
+    # this to True: they take Trainer's num_items_in_batch, as transformers' own language models do.
     accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -627,6 +652,7 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
     (Linear with bias, weight tied to the input embedding when ``tie_word_embeddings``)."""
 
     _tied_weights_keys = _tied_keys("decoder.weight")
+    accepts_loss_kwargs = True  # Trainer passes num_items_in_batch (exact gradient accumulation)
 
     def __init__(self, config: GMLPConfig) -> None:
         super().__init__(config)
@@ -652,6 +678,7 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         output_attentions: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
     ) -> MaskedLMOutput | tuple[torch.Tensor, ...]:
         """Logits ``(batch, seq_len, vocab_size)``; with ``labels`` (``(batch, seq_len)``, -100 = not
         predicted) also the mean cross-entropy over the predicted tokens. With ``config.sparse_prediction``
@@ -664,11 +691,14 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
 
         ``labels`` of any integer dtype are cast to int64. Labels at padded positions
         (``attention_mask == 0``) are ignored, like -100: the outputs there are unspecified.
+        ``num_items_in_batch`` (passed by ``Trainer``: the number of labelled tokens of all the micro-batches
+        of one optimizer step) makes the loss the sum over the labelled tokens divided by it instead of their
+        mean, so gradient accumulation gives the gradient of the whole batch.
 
         Raises:
             ValueError: ``labels`` is not an integer tensor of the input ids' shape, a label is outside
                 ``[0, vocab_size)`` and not -100, a sequence has more labelled tokens than
-                ``config.max_predictions_per_seq``, or bad inputs.
+                ``config.max_predictions_per_seq``, a bad ``num_items_in_batch``, or bad inputs.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         vocab = self.decoder.out_features
@@ -692,7 +722,7 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
                 keep = labels != -100
                 hidden, labels = hidden[keep], labels[keep]
             logits = apply_linear(self.decoder, hidden)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            loss = _token_loss(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), num_items_in_batch)
             if overflow is not None:  # labelled tokens were left out and nobody could check: no silent loss
                 loss = torch.where(overflow, torch.full_like(loss, float("nan")), loss)
         output = MaskedLMOutput(
@@ -865,6 +895,8 @@ class GMLPForTokenClassification(GMLPPreTrainedModel):
     (``attention_mask == 0``), whose outputs do not depend on the input and mean nothing.
     """
 
+    accepts_loss_kwargs = True  # Trainer passes num_items_in_batch (exact gradient accumulation)
+
     def __init__(self, config: GMLPConfig) -> None:
         super().__init__(config)
         num_labels = config.num_labels
@@ -886,13 +918,16 @@ class GMLPForTokenClassification(GMLPPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         output_attentions: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
     ) -> TokenClassifierOutput | tuple[torch.Tensor, ...]:
         """Logits ``(batch, seq_len, num_labels)``; with ``labels`` (class ids of any integer dtype, shape
-        ``(batch, seq_len)``, -100 = not a target) also the loss. Other arguments: :meth:`GMLPModel.forward`.
+        ``(batch, seq_len)``, -100 = not a target) also the loss. ``num_items_in_batch`` (passed by
+        ``Trainer``) divides the summed loss by that count instead of taking the mean, as in
+        :meth:`GMLPForMaskedLM.forward`. Other arguments: :meth:`GMLPModel.forward`.
 
         Raises:
             ValueError: ``labels`` not an integer tensor of the input's shape, or with a class id outside
-                ``[0, num_labels)`` other than -100, or bad inputs.
+                ``[0, num_labels)`` other than -100, a bad ``num_items_in_batch``, or bad inputs.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         device = self.classifier.weight.device
@@ -907,7 +942,7 @@ class GMLPForTokenClassification(GMLPPreTrainedModel):
             labels = _check_labels(labels, tuple(logits.shape[:2]), logits.device, None)  # range: checked
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask.to(labels.device) == 0, -100)
-            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1))
+            loss = _token_loss(logits.reshape(-1, self.num_labels), labels.reshape(-1), num_items_in_batch)
         return _as_tuple(
             TokenClassifierOutput(
                 loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
@@ -1003,7 +1038,8 @@ class GMLPForQuestionAnswering(GMLPPreTrainedModel):
 
 
 # Keyword arguments that generate() (4.x or 5.x) or Trainer may pass: the cache ones a cache-free gMLP
-# ignores; position_ids (checked to be the positions the model uses) and logits_to_keep (honoured).
+# ignores; position_ids (checked to be the positions the model uses), logits_to_keep and Trainer's
+# num_items_in_batch (both honoured).
 _IGNORED_GENERATION_KWARGS = frozenset(
     {"use_cache", "past_key_values", "cache", "cache_position", "position_ids", "logits_to_keep",
      "num_logits_to_keep", "num_items_in_batch"}
@@ -1023,6 +1059,7 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = _tied_keys("lm_head.weight")
+    accepts_loss_kwargs = True  # Trainer passes num_items_in_batch (exact gradient accumulation)
 
     def __init__(self, config: GMLPConfig) -> None:
         if not config.causal:
@@ -1108,14 +1145,18 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         deleted, what ``generate()`` computes) and refused otherwise: gMLP has no position embeddings, so
         it cannot honour packed sequences (``DataCollatorWithFlattening``) or shifted positions. The cache
         arguments (``use_cache``, ``past_key_values``, ``cache_position``) are accepted and ignored: there is
-        no cache, and the model always reads the whole sequence.
+        no cache, and the model always reads the whole sequence. ``num_items_in_batch`` (passed by
+        ``Trainer``: the number of targets of all the micro-batches of one optimizer step) makes the loss the
+        sum over the targets divided by it instead of their mean, so gradient accumulation gives the gradient
+        of the whole batch (Trainer counts ``labels[:, 1:] != -100``, which is exact for right-padded rows
+        whose padding is labelled -100; a left-padded row counts one target more than the model predicts).
 
         Raises:
             TypeError: an unknown keyword argument.
             ValueError: ``output_attentions=True`` for a gMLP without tiny attention (no attention maps to
-                return), ``position_ids`` other than the positions above, a bad ``logits_to_keep``,
-                ``labels`` not an integer tensor of the input ids' shape or with a label outside
-                ``[0, vocab_size)`` other than -100, or bad inputs.
+                return), ``position_ids`` other than the positions above, a bad ``logits_to_keep`` or
+                ``num_items_in_batch``, ``labels`` not an integer tensor of the input ids' shape or with a
+                label outside ``[0, vocab_size)`` other than -100, or bad inputs.
         """
         unknown = sorted(set(kwargs) - _IGNORED_GENERATION_KWARGS)
         if unknown:
@@ -1141,10 +1182,11 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
             labels = _check_labels(labels, tuple(logits.shape[:2]), logits.device, None)  # range: checked
             if attention_mask is None:
                 shifted = logits[:, :-1]
-                loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1))
+                shifted, targets = shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1)
             else:  # each row with its padding deleted (left and inner padding included)
-                targets = _next_token_targets(labels, attention_mask)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+                shifted = logits.reshape(-1, logits.shape[-1])
+                targets = _next_token_targets(labels, attention_mask).reshape(-1)
+            loss = _token_loss(shifted, targets, kwargs.get("num_items_in_batch"))
             logits = _keep_positions(logits, keep)
         output = CausalLMOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
