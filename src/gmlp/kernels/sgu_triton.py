@@ -903,10 +903,13 @@ torch.library.register_autograd(
 def triton_enabled(x: torch.Tensor) -> bool:
     """Whether :func:`gelu_split_layernorm` takes the Triton kernel for ``x`` by default: on CUDA, with
     Triton installed, ``GMLP_DISABLE_TRITON`` not ``1`` and no torch.compile tracing (inductor then fuses
-    the reference ops itself)."""
+    the reference ops itself), and not in float64: the kernels compute their statistics and the gating in
+    float32, so a ``model.double()`` would silently get float32 precision (and fail ``gradcheck``); float64
+    takes the plain ops, in float64 throughout."""
     return (
         _HAS_TRITON
         and x.is_cuda
+        and x.dtype is not torch.float64
         and os.environ.get("GMLP_DISABLE_TRITON") != "1"
         and not torch.compiler.is_compiling()
     )
@@ -916,9 +919,9 @@ def compiled_kernels_enabled(x: torch.Tensor) -> bool:
     """Whether a block that torch.compile is tracing keeps the fused gating, as the opaque custom ops
     ``gmlp::spatial_gating_fwd`` / ``_bwd`` that inductor fuses around (otherwise it traces the reference
     ops and generates its own kernels). Opt-in, ``GMLP_TRITON_UNDER_COMPILE=1`` (on an H200 it gained 0.4%
-    for gMLP-B/16 and 1.9% for the MLM over inductor's kernels); on CUDA with Triton, and not with
-    ``GMLP_DISABLE_TRITON=1`` or ``GMLP_DISABLE_FUSED_GATING=1``."""
-    return _HAS_TRITON and x.is_cuda and _kernels_under_compile_requested()
+    for gMLP-B/16 and 1.9% for the MLM over inductor's kernels); on CUDA with Triton, not in float64 (see
+    :func:`triton_enabled`), and not with ``GMLP_DISABLE_TRITON=1`` or ``GMLP_DISABLE_FUSED_GATING=1``."""
+    return _HAS_TRITON and x.is_cuda and x.dtype is not torch.float64 and _kernels_under_compile_requested()
 
 
 def _kernels_under_compile_requested() -> bool:

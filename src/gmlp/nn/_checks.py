@@ -12,6 +12,7 @@ __all__ = [
     "as_int",
     "autocast_enabled",
     "capturing",
+    "check_devices",
     "check_flag",
     "check_int",
     "check_mask",
@@ -139,3 +140,25 @@ def check_mask(
     if mask.dtype != torch.bool:
         mask = mask != 0
     return mask
+
+
+def check_devices(
+    x: torch.Tensor, name: str, param: object, err: Exception | None, module: str, **others: object
+) -> None:
+    """For an error path (no per-call cost), or before an op that torch would let through: a ValueError
+    naming the argument where ``err``, torch's error (or None), came from a tensor on another device, which
+    torch's message does not name: one of the tensors
+    ``others`` (by argument name: ``mask``, ``gate_bias``; None or a non-tensor is skipped) on another
+    device than ``x`` (called ``name``), or ``x`` on another device than the ``module``'s parameter
+    ``param``. Returns otherwise."""
+    for other, value in others.items():
+        if isinstance(value, torch.Tensor) and value.device != x.device:
+            raise ValueError(
+                f"{other} is on {value.device} but {name} is on {x.device}: move it "
+                f"({other}.to({name}.device))"
+            ) from err
+    if isinstance(param, torch.Tensor) and param.device != x.device:
+        raise ValueError(
+            f"{name} is on {x.device} but the {module}'s parameters are on {param.device}: move the input "
+            f"({name}.to({str(param.device)!r})) or the {module} (.to({str(x.device)!r}))"
+        ) from err

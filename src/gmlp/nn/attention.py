@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..kernels.cpu_linear import apply_linear, forward_ad_active
-from ._checks import as_int, check_flag, check_mask, check_tokens
+from ..kernels.cpu_linear import apply_linear, forward_ad_active, is_plain_linear
+from ._checks import as_int, autocast_enabled, check_devices, check_flag, check_mask, check_tokens
 
 __all__ = ["TinyAttention"]
 
@@ -48,8 +48,33 @@ class TinyAttention(nn.Module):
         return f"attn_dim={self.attn_dim}, causal={self.causal}"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` (seq, batch, dim) token-major; ``mask`` (batch, seq), True/1 = real token."""
+        """``x`` (seq, batch, dim) token-major; ``mask`` (batch, seq), True/1 = real token.
+
+        Raises:
+            TypeError: ``x`` is not floating-point, or (outside autocast) its dtype differs from the
+                parameters'; ``mask`` is a float tensor.
+            ValueError: bad shapes (see :func:`check_tokens`, :func:`check_mask`); ``x`` or ``mask`` on
+                another device than the parameters or ``x``.
+        """
         check_tokens(x, self.dim, None, "x")
+        try:
+            return self._forward(x, mask)
+        except (RuntimeError, TypeError, ValueError) as err:  # (on the error path only: no per-call cost)
+            weight = getattr(self.qkv, "weight", None)
+            plain = is_plain_linear(self.qkv)  # (a wrapped one may keep its weight elsewhere until called)
+            check_devices(x, "x", weight if plain else None, err, "attention", mask=mask)
+            if (
+                isinstance(weight, torch.Tensor) and x.dtype != weight.dtype and not x.is_meta
+                and not autocast_enabled(x) and plain
+            ):  # fmt: skip
+                raise TypeError(
+                    f"x has dtype {x.dtype} but the attention's parameters are {weight.dtype}: convert the "
+                    f"input (x.to({weight.dtype})) or the module (.to({x.dtype})), or run under "
+                    f"torch.autocast"
+                ) from err
+            raise
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         n, batch, _ = x.shape
         mask = check_mask(mask, batch, n)
         if mask is not None:  # padded keys/values are zeroed too, so not even NaN/inf padding can leak

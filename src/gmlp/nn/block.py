@@ -17,7 +17,15 @@ from ..kernels.sgu_triton import (
     spatial_gating,
     triton_enabled,
 )
-from ._checks import as_int, autocast_enabled, check_int, check_mask, check_number, check_tokens
+from ._checks import (
+    as_int,
+    autocast_enabled,
+    check_devices,
+    check_int,
+    check_mask,
+    check_number,
+    check_tokens,
+)
 from ._inplace import may_update_in_place, plain_call
 from .attention import TinyAttention
 from .sgu import SpatialGatingUnit, TokenProjection
@@ -140,6 +148,8 @@ class GMLPBlock(nn.Module):
             return self._forward(x, mask)
         except (RuntimeError, TypeError, ValueError) as err:  # (on the error path only: no per-call cost)
             fc1_weight = getattr(self.fc1, "weight", None)
+            # (a wrapped fc1, e.g. with offloading hooks, may keep its weight elsewhere until called)
+            check_devices(x, "x", fc1_weight if is_plain_linear(self.fc1) else None, err, "block", mask=mask)
             if isinstance(fc1_weight, torch.Tensor) and x.dtype != fc1_weight.dtype:
                 self._check_dtype(x, fc1_weight.dtype, err)
             raise

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import as_int, check_int
+from ._checks import as_int, autocast_enabled, check_devices, check_int
+from ._inplace import plain_call
 
 __all__ = ["PatchEmbed", "to_2tuple"]
 
@@ -75,4 +76,22 @@ class PatchEmbed(nn.Module):
                 f"create_model(name, img_size={size}, pretrained=...), which resamples W from the "
                 f"checkpoint's grid (gmlp.nn.resample_spatial_weight)"
             )
-        return self.proj(x).flatten(2).permute(2, 0, 1).contiguous()
+        weight = getattr(self.proj, "weight", None)
+        plain = plain_call(self.proj, nn.Conv2d)  # a wrapped stem (offloading hooks) places its own weight
+        if plain and isinstance(weight, torch.Tensor) and weight.device != x.device:  # (once per forward)
+            # torch's conv2d takes CPU images with a meta weight and returns uninitialised memory
+            check_devices(x, "images", weight, None, "model")
+        try:
+            y = self.proj(x)
+        except (RuntimeError, TypeError, ValueError) as err:  # (on the error path only: no per-call cost)
+            if (
+                isinstance(weight, torch.Tensor) and x.dtype != weight.dtype and not x.is_meta
+                and not autocast_enabled(x) and plain
+            ):  # fmt: skip
+                raise TypeError(
+                    f"images have dtype {x.dtype} but the model's parameters are {weight.dtype}: convert the "
+                    f"images (x.to({weight.dtype})) or the model (.to({x.dtype})), or run under "
+                    f"torch.autocast"
+                ) from err
+            raise
+        return y.flatten(2).permute(2, 0, 1).contiguous()

@@ -20,7 +20,16 @@ from torch import nn
 
 from ..kernels.cpu_linear import token_mix
 from ..kernels.toeplitz import toeplitz_matrix, toeplitz_mix_fft
-from ._checks import as_int, autocast_enabled, check_flag, check_int, check_mask, check_number, check_tokens
+from ._checks import (
+    as_int,
+    autocast_enabled,
+    check_devices,
+    check_flag,
+    check_int,
+    check_mask,
+    check_number,
+    check_tokens,
+)
 from ._inplace import may_update_in_place, plain_call
 
 __all__ = ["VARIANTS", "TokenProjection", "SpatialGatingUnit"]
@@ -134,7 +143,8 @@ class TokenProjection(nn.Module):
 
         Raises:
             ValueError: ``z`` is not 3-D, is longer than ``seq_len`` or has a channel count not divisible
-                by ``heads``; ``mask`` has the wrong shape or dtype (see :func:`check_mask`).
+                by ``heads``, or is on another device than the parameters; ``mask`` has the wrong shape or
+                dtype (see :func:`check_mask`) or is on another device than ``z``.
         """
         if not isinstance(z, torch.Tensor) or z.dim() != 3:
             got = f"shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
@@ -142,7 +152,14 @@ class TokenProjection(nn.Module):
         check_tokens(z, z.shape[-1], self.seq_len, "z")
         if self.heads > 1 and z.shape[-1] % self.heads:
             raise ValueError(f"z's channels ({z.shape[-1]}) must be divisible by heads ({self.heads})")
-        return self.mix(z, check_mask(mask, z.shape[1], z.shape[0]))
+        if z.device != self.weight.device:  # (torch's addmm takes a meta z with CPU W: garbage, no error)
+            check_devices(z, "z", self.weight, None, "module")
+        mask = check_mask(mask, z.shape[1], z.shape[0])
+        try:
+            return self.mix(z, mask)
+        except (RuntimeError, ValueError) as err:  # (on the error path only: no per-call cost)
+            check_devices(z, "z", self.weight, err, "module", mask=mask)
+            raise
 
     def mix(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`forward` without its input checks, for callers that have validated ``z`` and made
@@ -255,6 +272,10 @@ class SpatialGatingUnit(nn.Module):
             return self._forward(z, mask, gate_bias)
         except (RuntimeError, TypeError, ValueError) as err:  # (on the error path only: no per-call cost)
             norm_weight = getattr(self.norm, "weight", None)
+            # (variant "none" has no norm; a wrapped one may keep its weight elsewhere until called)
+            plain = self.norm is not None and plain_call(self.norm, nn.LayerNorm)
+            param = norm_weight if plain else None
+            check_devices(z, "z", param, err, "module", mask=mask, gate_bias=gate_bias)
             if isinstance(norm_weight, torch.Tensor) and z.dtype != norm_weight.dtype:
                 self._check_dtype(z, norm_weight.dtype, err)
             raise
