@@ -327,11 +327,14 @@ def iter_hf_text(
         raise TextDataError(
             f"cannot read {str(files)!r} as {name}: {type(reason).__name__}: {reason}"
         ) from err
-    if text_column not in ds.column_names:
-        raise TextDataError(
-            f"dataset {name!r} has no column {text_column!r}; available columns: {', '.join(ds.column_names)}"
-        )
     label = kwargs.get("data_files", name)
+    if text_column not in ds.column_names:
+        # a local file is named by its path (several table sources: which one lacks the column)
+        what = f"data file {str(files)!r}" if files is not None else f"dataset {name!r}"
+        raise TextDataError(
+            f"{what} has no column {text_column!r}; available columns: {', '.join(ds.column_names)} "
+            f"(choose one with --text-column)"
+        )
     for k, text in enumerate(ds[text_column]):
         if text is not None and str(text).strip():
             yield TextDocument(str(label), str(k), str(text).strip())

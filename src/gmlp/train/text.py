@@ -30,7 +30,7 @@ import time
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,9 @@ class PretrainConfig(ModelOptions, _TrainOptions):
             _check_model_folder("--init-from", self.init_from, hub_cache=True)
             if not self.tokenizer:
                 _init_tokenizer_dir(self.init_from)
+            length = _folder_max_len(self.init_from)
+            if length is not None:  # before the corpus is read (else checked once the config is loaded)
+                _max_len_of(length, self.seq_len)
 
 
 @dataclass
@@ -220,11 +223,15 @@ class FinetuneConfig(ModelOptions, _TrainOptions):
             optional=True,
         )
         _require(self, ("doc_stride",), lambda v: v >= 0, ">= 0", optional=True)
-        # the QA window (with --model and no --seq-len: once the model's length is read)
-        if self.task == "qa" and self.doc_stride is not None and (self.seq_len is not None or not self.model):
-            _check_doc_stride(self.doc_stride, seq_len_of_new_model(self), self.max_query_length)
+        length = None  # the tokens per sequence, where known before anything is read
         if self.model:
             _check_model_folder("--model", self.model)
+            own = _folder_max_len(self.model)  # --seq-len up to the loaded model's length (its W's size)
+            length = None if own is None else _max_len_of(own, self.seq_len)
+        elif not self.resume:  # a resumed run has its own config.json's length
+            length = seq_len_of_new_model(self)
+        if self.task == "qa" and self.doc_stride is not None and (length or self.seq_len):
+            _check_doc_stride(self.doc_stride, length or int(self.seq_len), self.max_query_length)
 
 
 class _MissingFolderError(ConfigError, FileNotFoundError):
@@ -431,6 +438,56 @@ def _init_tokenizer_dir(init_from: str) -> Path:
     )
 
 
+def _folder_max_len(path: str) -> int | None:
+    """``max_position_embeddings`` of the ``save_pretrained`` folder ``path`` (from its config.json), or
+    None where it cannot tell (a hub model, an unreadable file, a config without it)."""
+    try:
+        value = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+#: The options that name where a run's tokenizer and model come from, per command: a resumed run given
+#: none of them takes its own (:func:`_with_run_sources`).
+_RUN_SOURCES = {"pretrain": ("tokenizer",), "finetune": ("tokenizer", "model")}
+
+
+def _with_run_sources(cfg: Any, checkpoint: Path, kind: str, accelerator: Any) -> Any:
+    """``cfg`` with the options of ``_RUN_SOURCES[kind]`` that a resumed run leaves out taken from the run's
+    checkpoint (the options in its state.json), so that ``--resume`` without ``--tokenizer DIR`` (or
+    ``finetune --model DIR``) continues with DIR, as the docs say a resumed run does: it trained a new
+    tokenizer (other token ids for the restored embedding, or a vocabulary error) and built a default
+    model instead. The result is validated again (the folders must still exist; architecture flags are
+    refused with a loaded model)."""
+    try:
+        saved = json.loads((checkpoint / "state.json").read_text()).get("options")
+    except (OSError, ValueError, AttributeError):
+        return cfg
+    if not isinstance(saved, dict):
+        return cfg
+    taken = {
+        name: saved[name]
+        for name in _RUN_SOURCES[kind]
+        if getattr(cfg, name) is None and isinstance(saved.get(name), str) and saved[name]
+    }
+    if not taken:
+        return cfg
+    cfg = replace(cfg, **taken)
+    given = ", ".join(f"{_flag(name)} {value}" for name, value in taken.items())
+    try:
+        cfg.validate()
+    except _MissingFolderError as err:
+        raise _MissingFolderError(
+            f"the run in {cfg.output!r} was started with {err}; pass the flag with the folder's new place"
+        ) from None
+    except ConfigError as err:
+        raise ConfigError(f"resuming the run in {cfg.output!r}, started with {given}: {err}") from None
+    if accelerator.is_main_process:
+        print(f"[gmlp] --resume: continuing with the run's {given}", file=sys.stderr)
+    return cfg
+
+
 def config_from_namespace(cls: type, ns: Any) -> Any:
     """Build a :class:`PretrainConfig` / :class:`FinetuneConfig` from an ``argparse.Namespace``
     (attributes it lacks keep their defaults)."""
@@ -577,7 +634,11 @@ def _max_len(config: Any, requested: int | None) -> int:
     """The tokens per sequence for ``config``'s model: ``--seq-len`` if given, else the model's own length.
     A gMLP's spatial W covers ``max_position_embeddings`` tokens and cannot be extended, so a longer request
     is refused (it was silently cut to the model's length)."""
-    n = int(config.max_position_embeddings)
+    return _max_len_of(int(config.max_position_embeddings), requested)
+
+
+def _max_len_of(n: int, requested: int | None) -> int:
+    """:func:`_max_len` for a model of ``n`` positions."""
     if requested is None:
         return n
     if requested > n:
@@ -1131,7 +1192,8 @@ def _train_loop(
                 metrics.log(last_eval)
                 if accelerator.is_main_process:
                     shown = {k: v for k, v in last_eval.items() if isinstance(v, float)}
-                    bar.write(f"[{desc}] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+                    text = ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) or "nothing to score"
+                    bar.write(f"[{desc}] step {done}: {text}")  # (held-out blocks without a masked token)
             stop_now = stop.requested
             if accelerator.num_processes > 1:
                 flag = torch.tensor(float(stop_now), device=accelerator.device)
@@ -1283,6 +1345,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     accelerator = _make_accelerator(cfg)
     out = Path(cfg.output)
     resume_from = _prepare_output(out, cfg, accelerator, "pretrain")
+    if resume_from is not None:
+        cfg = _with_run_sources(cfg, resume_from, "pretrain", accelerator)
 
     splits = load_text_splits(
         cfg.corpus,
@@ -1412,7 +1476,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     has_valid = len(valid_ids) > 0 and cfg.eval_batches > 0
     if not has_valid and accelerator.is_main_process:
-        print("[gmlp] no held-out blocks: validation perplexity is skipped", file=sys.stderr)
+        why = "--eval-batches 0" if cfg.eval_batches == 0 else "no held-out blocks"
+        print(f"[gmlp] {why}: validation perplexity is skipped", file=sys.stderr)
     metrics = _MetricsLog(
         out / _METRICS,
         accelerator.is_main_process,
@@ -1767,6 +1832,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     accelerator = _make_accelerator(cfg)
     out = Path(cfg.output)
     resume_from = _prepare_output(out, cfg, accelerator, "finetune")
+    if resume_from is not None:
+        cfg = _with_run_sources(cfg, resume_from, "finetune", accelerator)
 
     if qa:
         data: Any = load_qa(
@@ -1823,8 +1890,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         tokenizer = _load_or_train_tokenizer(
             cfg, out, train_texts, accelerator, seq_len_of_new_model(cfg), reuse=resume_from is not None
         )
-        vocab = cfg.model_vocab_size or len(tokenizer)
-        config = build_model_config(cfg, vocab_size=vocab, special_ids=_special_ids(tokenizer), **extra)
+        if resume_from is not None and (out / "config.json").is_file():
+            # the run's own model (as pretraining resumes): the size flags need not be given again
+            config = AutoConfig.from_pretrained(str(out), local_files_only=True, **extra)
+        else:
+            vocab = cfg.model_vocab_size or len(tokenizer)
+            config = build_model_config(cfg, vocab_size=vocab, special_ids=_special_ids(tokenizer), **extra)
         check_vocab(tokenizer, config)
         _set_seed_for_init(cfg.seed)
         model = auto.from_config(config)
