@@ -6,7 +6,8 @@
 Checks, each against the plain reference path with fresh random inputs, forward and gradients:
 the fused Triton GELU+split+LayerNorm kernel (fp32 and bf16), the compute-dtype LayerNorm kernels, the
 fused whole-gating kernels (``spatial_gating``, fp32 and bf16, with a padding mask and a causal W), a
-GMLPBlock through either kernel path vs through the plain ops, the FFT Toeplitz path vs the dense GEMM, a
+GMLPBlock (a dense W; and the text models' Toeplitz W) through either kernel path vs through the plain ops,
+the FFT Toeplitz path vs the dense GEMM, a
 whole gMLP-S/16 training step under bf16 autocast (each kernel path vs plain ops), causality (gradients
 of earlier outputs w.r.t. later tokens are exactly zero) and padding invariance of the text model on the
 device, and (CUDA only) a training step captured as a CUDA graph against the same steps run eagerly.
@@ -145,9 +146,11 @@ def _paths() -> Iterator[str]:
                 os.environ[name] = value
 
 
-def check_block(device: torch.device, dim: int, ffn: int, n: int, batch: int) -> None:
-    """A block through either kernel path == the same block through the plain ops (fp32)."""
-    block = GMLPBlock(dim, ffn, n, attn_dim=32).to(device)
+def check_block(device: torch.device, dim: int, ffn: int, n: int, batch: int, toeplitz: bool = False) -> None:
+    """A block through either kernel path == the same block through the plain ops (fp32). ``toeplitz``: the
+    text models' block (a Toeplitz W, whose gradient flows back through the matrix built from it, and no
+    tiny attention), as the suite's MLM rows time it; else an aMLP block with a dense W."""
+    block = GMLPBlock(dim, ffn, n, attn_dim=None if toeplitz else 32, toeplitz=toeplitz).to(device)
     torch.nn.init.normal_(block.sgu.proj.weight, std=0.05)
     x = torch.randn(n, batch, dim, device=device, requires_grad=True)
     outs, grads = {}, {}
@@ -394,10 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         kernel_cases = [(5, 24), (3, 40)]
         gating_cases = [(12, 2, 24, False), (9, 3, 40, True)]
         block_case, fft_case, norm_case = (32, 64, 12, 2), (40, 64), (37, 48)
+        text_block_case = (32, 64, 13, 2)
     else:
         kernel_cases = [(4096, 768), (1000, 1536), (7, 3072)]
         gating_cases = [(196, 8, 1536, False), (512, 4, 1536, True)]
         block_case, fft_case, norm_case = (256, 1536, 196, 8), (1024, 8192), (50176, 512)
+        text_block_case = (512, 3072, 128, 4)  # gMLP-base's width, fewer tokens (its W is 2n - 1 numbers)
     checks: list[tuple[str, Callable[[], None]]] = []
     for rows, half in kernel_cases:
         for dtype in (torch.float32, torch.bfloat16):
@@ -418,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     checks += [
         (f"layer_norm fp32 -> bf16 {norm_case}", lambda: check_norm(device, *norm_case)),
         ("block: each kernel path == plain ops", lambda: check_block(device, *block_case)),
+        (
+            "block, Toeplitz W (the MLM's): each kernel path == plain ops",
+            lambda: check_block(device, *text_block_case, toeplitz=True),
+        ),
         (
             "compiled block, kernels kept == eager",
             lambda: check_compiled_kernels(device, *block_case, args.small),

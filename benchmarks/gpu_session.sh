@@ -12,13 +12,16 @@
 #           (bwd_prefetch, fwd_programs_per_sm, and the ninth session's fwd_prefetch and ln_split) and
 #           the suite runs on its best; new since the seventh
 #           session (eighth, not yet run on a GPU): the MLM with max_predictions_per_seq (static sparse
-#           prediction) eager and as a CUDA graph, and its graphed-training check (20 checks); the
+#           prediction) eager and as a CUDA graph, and its graphed-training check (20 checks; 21 with the
+#           twenty-first session's Toeplitz-block check); the
 #           "(fc1 bias folded)" training row (GMLP_FOLD_FC1_BIAS=1) and its path in the block and
 #           model-step checks. If it wins, make it the default. Eleventh session: the "(residual grad
 #           fused)" vision training row (GMLP_FUSE_RESIDUAL_GRAD=1) and its block check, likewise; and
 #           the "(token bias in GEMM)" vision rows (GMLP_TOKEN_BIAS_IN_GEMM=1), the old way of the new
 #           default (the token bias added in the gating kernels): if the default loses, revert it.
 #           Estimate: 250 s (seventh session's checks + suite) + up to 180 s of sweep + ~100 s of new rows.
+#           The steps' own limits add up to 870 s (240 checks, 210 sweep, 420 suite), past the call's 540:
+#           run.py writes gpu.json after each family, so a suite cut off keeps the families it finished.
 #   call 2: only if `status` still leaves >= 6 minutes after call 1 (the machine's start takes 2-3 of
 #           the 15): STEPS=compile COMPILE_FAMILY=text COMPILE_GRAPHS=1 (timeout_s ~330), right after, on
 #           the still-warm machine: the MLM compiled, and compiled + CUDA graph
@@ -47,7 +50,15 @@
 # Each step has its own time limit so that one stuck step cannot eat the session.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
-STEPS=${STEPS:-checks sweep suite block profile train crossover compile}
+ALL_STEPS="checks sweep suite block profile train crossover compile"
+STEPS=${STEPS:-$ALL_STEPS}
+# a misspelt step would otherwise run nothing and say nothing (the session's minutes spent for no file)
+for step in $STEPS; do
+    case " $ALL_STEPS " in
+        *" $step "*) ;;
+        *) echo "gpu_session.sh: unknown step '$step' in STEPS='$STEPS' (steps: $ALL_STEPS)" >&2; exit 2 ;;
+    esac
+done
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -100,8 +111,14 @@ if has sweep; then
         | tee -a "$OUT/sweep.txt"
 fi
 if has suite; then
+    : >"$OUT/suite.txt"
+    if [ "$checks" != 0 ]; then  # timed anyway (the machine is scarce), but never to be quoted unmarked
+        echo "WARNING: $checks correctness check(s) failed (checks.txt): these timings ran on paths that" \
+            "failed their check" | tee "$OUT/suite.txt"
+    fi
+    # run.py writes gpu.json after each family: a suite cut off by its limit keeps the families it finished
     timeout 420 $PY benchmarks/run.py --suite $suite --triton-config "$best" --json "$OUT/gpu.json" 2>&1 \
-        | tee "$OUT/suite.txt"
+        | tee -a "$OUT/suite.txt"
 fi
 if has block; then
     # shellcheck disable=SC2086
@@ -118,7 +135,9 @@ if has profile; then
         | grep -v '^USDT' | tee "$OUT/profile.txt"
 fi
 # the main job's training loop on the device (bf16 autocast, fused AdamW, checkpoints, evaluation), short
-if has train && [ -d .fm ]; then
+if has train && [ ! -d .fm ]; then
+    echo "SKIP  train: no .fm/ here (carry it: see the top of this script)" | tee "$OUT/train.txt"
+elif has train; then
     timeout 90 $PY -m gmlp train --data-root .fm --device $dev --epochs 1 --train-subset $subset \
         --test-subset 2000 --output "$TMP/gmlp-gpu-train" --no-progress 2>&1 | tee "$OUT/train.txt"
 fi
@@ -126,7 +145,9 @@ if has crossover; then
     # shellcheck disable=SC2086
     timeout 45 $PY benchmarks/toeplitz_crossover.py --device $dev --lengths $cross 2>&1 | tee -a "$OUT/profile.txt"
 fi
-if has compile && [ "${DRY:-0}" != 1 ]; then
+if has compile && [ "${DRY:-0}" = 1 ]; then
+    echo "SKIP  compile: not in a dry run (inductor on the CPU takes minutes)"
+elif has compile; then
     if [ "${COMPILE_FAMILY:-vision}" = text ]; then
         only=text; models="gmlp GMLPForMaskedLM,g-mlp-pytorch"
     else

@@ -1,17 +1,20 @@
 """Side-by-side throughput benchmark: gmlp vs timm gMLP, g-mlp-pytorch, timm ViT and transformers BERT.
 
 One process, one dtype, one thread count and one allocator setting for every model; models are timed
-in interleaved rounds (A B C, B C A, C A B, ...) so that drift of the machine hits all of them alike and no
-model always runs first, and the median of the rounds is reported. FLOPs are counted once per model and
-mode with ``torch.utils.flop_counter`` (the forward of that mode; TFLOP/s counts backward as twice the
-forward).
+in interleaved rounds, each in another order (A B D C, B C A D, C D B A, ...: see :func:`round_order`), so
+that drift of the machine hits all of them alike and no model always runs first or right after the same
+model, and the median of the rounds is reported. FLOPs are counted once per model and mode with
+``torch.utils.flop_counter`` (the forward of that mode, the CPU's fused attention included; TFLOP/s counts
+backward as twice the forward).
 
     python benchmarks/run.py --suite cpu            # the quick CPU suite (2 cores: ~5 minutes)
     python benchmarks/run.py --suite gpu            # one GPU, bf16 autocast, sized for ~10 minutes
     python benchmarks/run.py --suite smoke          # tiny sizes, a few seconds (used by the tests)
     python benchmarks/run.py --suite host --only text --threads 1   # host time per step (48 tiny layers)
 
-Prints a markdown table and writes ``--json`` with every number, the machine and the versions.
+Prints a markdown table and writes ``--json`` with every number, the machine, the versions and the settings,
+both after each family (``"complete": false`` until the last), so that a run cut off keeps what it measured;
+each row's ``of_probe`` is its TFLOP/s over the run's best GEMM-rate probe.
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cli_args import positive_int  # noqa: E402
 
 from gmlp.train.cuda_graph import CUDAGraphInference, CUDAGraphStep  # noqa: E402
 from gmlp.train.optim import fused_adamw  # noqa: E402
@@ -93,9 +99,8 @@ def timm_gmlp(dim: int, depth: int, img: int, patch: int) -> nn.Module:
 def vision_cases(
     size: str, batch: int, img: int = 224, patch: int = 16, ablate: tuple[str, ...] = ()
 ) -> list[Case]:
-    import timm
-    from g_mlp_pytorch import gMLPVision
-
+    """gMLP vision cases (ours, its ablations, timm's, g-mlp-pytorch's) and timm's ViT. The peers are imported
+    when built: a peer that is not installed is a ``FAILED`` line, not the end of the whole run."""
     from gmlp import create_model
 
     dims = {"ti": (128, 30), "s": (256, 30), "b": (512, 30), "smoke": (32, 2)}[size]
@@ -109,6 +114,16 @@ def vision_cases(
     }[size]
     over = {"embed_dim": dim, "depth": depth, "img_size": img, "patch_size": patch}
 
+    def g_mlp_pytorch_vision() -> nn.Module:
+        from g_mlp_pytorch import gMLPVision
+
+        return gMLPVision(image_size=img, patch_size=patch, num_classes=1000, dim=dim, depth=depth, ff_mult=6)
+
+    def vit_model() -> nn.Module:
+        import timm
+
+        return timm.create_model(vit, img_size=img, **({"depth": 2} if size == "smoke" else {}))
+
     def images(device: torch.device) -> tuple[torch.Tensor, ...]:
         return (torch.randn(batch, 3, img, img, device=device),)
 
@@ -120,22 +135,8 @@ def vision_cases(
     return [
         *ours,
         Case(f"timm {timm_name}", "vision", lambda: timm_gmlp(dim, depth, img, patch), images, ce),
-        Case(
-            "g-mlp-pytorch gMLPVision",
-            "vision",
-            lambda: gMLPVision(
-                image_size=img, patch_size=patch, num_classes=1000, dim=dim, depth=depth, ff_mult=6
-            ),
-            images,
-            ce,
-        ),
-        Case(
-            f"timm {vit}",
-            "vision",
-            lambda: timm.create_model(vit, img_size=img, **({"depth": 2} if size == "smoke" else {})),
-            images,
-            ce,
-        ),
+        Case("g-mlp-pytorch gMLPVision", "vision", g_mlp_pytorch_vision, images, ce),
+        Case(f"timm {vit}", "vision", vit_model, images, ce),
     ]
 
 
@@ -175,9 +176,8 @@ def text_cases(
     """MLM cases: every model trains on the same tokens with the same 15% of them labelled; ``sparse``
     adds ours with ``sparse_prediction`` (the decoder on the labelled tokens only; train mode);
     ``static_sparse`` adds ours with ``max_predictions_per_seq`` (twice the expected number of labelled
-    tokens: a fixed shape, so it also runs as a CUDA graph)."""
-    from g_mlp_pytorch import gMLP
-    from transformers import BertConfig, BertForMaskedLM
+    tokens: a fixed shape, so it also runs as a CUDA graph). The peers are imported when built (see
+    :func:`vision_cases`)."""
 
     def tokens(device: torch.device) -> tuple[torch.Tensor, ...]:
         g = torch.Generator().manual_seed(0)
@@ -214,30 +214,29 @@ def text_cases(
         cases += ablations(cases[0], tuple(label for label in ablate if label not in VISION_ONLY))
     except ImportError:  # the text models are optional in this benchmark
         pass
-    cases.append(
-        Case(
-            "g-mlp-pytorch gMLP",
-            "text",
-            lambda: MaskedLMStep(
-                gMLP(num_tokens=vocab, dim=dim, depth=layers, seq_len=seq, ff_mult=ffn // dim)
-            ),
-            tokens,
-            loss,
+
+    def g_mlp_pytorch_lm() -> nn.Module:
+        from g_mlp_pytorch import gMLP
+
+        return MaskedLMStep(gMLP(num_tokens=vocab, dim=dim, depth=layers, seq_len=seq, ff_mult=ffn // dim))
+
+    def bert_step() -> nn.Module:
+        from transformers import BertConfig, BertForMaskedLM
+
+        bert = BertConfig(
+            vocab_size=vocab,
+            hidden_size=max(64, dim * 3 // 2),
+            num_hidden_layers=max(1, round(layers / 4)),  # BERT-base: 12 layers of 768, gMLP-base 48 of 512
+            num_attention_heads=max(1, dim * 3 // 2 // 64),
+            intermediate_size=dim * 6,
+            max_position_embeddings=seq,
+            attn_implementation="sdpa",
+            hidden_dropout_prob=0.0,  # as every other model here (transformers' default 0.1 slows its step)
+            attention_probs_dropout_prob=0.0,
         )
-    )
-    bert_layers = max(1, round(layers / 4))  # BERT-base: 12 layers of 768 vs gMLP-base 48 of 512
-    bert = BertConfig(
-        vocab_size=vocab,
-        hidden_size=max(64, dim * 3 // 2),
-        num_hidden_layers=bert_layers,
-        num_attention_heads=max(1, dim * 3 // 2 // 64),
-        intermediate_size=dim * 6,
-        max_position_embeddings=seq,
-        attn_implementation="sdpa",
-        hidden_dropout_prob=0.0,  # as every other model here (transformers' default 0.1 slows BERT's step)
-        attention_probs_dropout_prob=0.0,
-    )
-    bert_step = lambda: MaskedLMStep(BertForMaskedLM(bert))
+        return MaskedLMStep(BertForMaskedLM(bert))
+
+    cases.append(Case("g-mlp-pytorch gMLP", "text", g_mlp_pytorch_lm, tokens, loss))
     cases.append(Case("transformers BertForMaskedLM", "text", bert_step, tokens, loss))
     return cases
 
@@ -255,10 +254,27 @@ def count_flops(model: nn.Module, inputs: tuple[Any, ...], train: bool = False) 
     from torch.utils.flop_counter import FlopCounterMode
 
     with environment({"GMLP_DISABLE_TRITON": "1"}), torch.set_grad_enabled(train), FlopCounterMode(
-        display=False
+        display=False, custom_mapping=_cpu_attention_flops()
     ) as counter:
         model(*inputs)
     return float(counter.get_total_flops())
+
+
+def _cpu_attention_flops() -> dict[Any, Callable[..., int]]:
+    """A FLOP formula for the CPU's fused attention op, which torch's counter leaves out (it has the CUDA
+    ones only): without it the attention products of BERT and ViT (``F.scaled_dot_product_attention``)
+    counted 0 on the CPU, and their GFLOP/sample and TFLOP/s read low (BERT-base at 512 tokens: 111.6
+    instead of 121.2 GFLOP per sequence), where ours (token mixing: a matrix product) counted whole."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return {}
+
+    def formula(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    return {op: formula}
 
 
 def resident_bytes(*objects: Any) -> int:
@@ -376,6 +392,27 @@ def ablation_labels(device: torch.device, mode: str, suite: str, compiled: bool 
     return ("plain ops",) if mode == "infer" else ()
 
 
+def round_order(n: int, r: int) -> list[int]:
+    """The order of ``n`` cases in timed round ``r``: a Williams design. Each round is the first one shifted
+    by ``r``, so over ``n`` rounds every case takes every position once (no case always runs first); the
+    first round interleaves the two ends (0, 1, n-1, 2, n-2, ...), so that over ``n`` rounds (``2n`` for an
+    odd ``n``, whose rounds from ``n`` on run reversed) every case runs right after every other case equally
+    often (once; twice for an odd ``n``).
+    A plain rotation (A B C D, B C D A, ...) kept B right after A in every round but the one it opened: the
+    cost a case leaves behind (caches, clocks, the allocator) fell on the same neighbour every time."""
+    if n < 1:
+        return []
+    first = [0]
+    low, high = 1, n - 1
+    while low <= high:
+        first.append(low)
+        if low != high:
+            first.append(high)
+        low, high = low + 1, high - 1
+    order = [(i + r) % n for i in first]
+    return order[::-1] if n % 2 and (r // n) % 2 else order
+
+
 def run_cases(
     cases: list[Case],
     mode: str,
@@ -474,10 +511,8 @@ def run_cases(
     if failed and device.type == "cuda":
         torch.cuda.empty_cache()
     for r in range(rounds):
-        # each round starts one case later, so no case always runs first (or right after the same case):
-        # with as many rounds as cases every case takes every position once
-        shift = r % max(1, len(states))
-        for case, _, _, step, _, _ in states[shift:] + states[:shift]:
+        # no case always runs first, nor always right after the same case (see round_order)
+        for case, _, _, step, _, _ in (states[i] for i in round_order(len(states), r)):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -515,30 +550,84 @@ def _report_failure(case: Case, mode: str, err: BaseException) -> None:
     traceback.print_exception(err, file=sys.stderr)
 
 
-def gemm_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """Measured dense matrix-product rate in TFLOP/s (the machine's practical peak for this dtype)."""
+def gemm_rate(
+    device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10, onednn: bool = False
+) -> float:
+    """Measured dense matrix-product rate in TFLOP/s (the machine's practical peak for this dtype): ``a @ b``
+    (BLAS on the CPU), or with ``onednn`` oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the one
+    our CPU inference path runs; float32 CPU tensors only)."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+    def product() -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "") if onednn else a @ b
+
     for _ in range(3):
-        a @ b
+        product()
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
-        a @ b
+        product()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    import timm
-    import transformers
+def probe_rates(device: torch.device, dtype: str, n: int) -> dict[str, float]:
+    """The GEMM-rate probes of a run, keyed as in its json's machine block: ``gemm_tflops_<dtype>``
+    (``a @ b``) and, on a CPU with oneDNN in fp32, ``gemm_tflops_fp32_onednn`` too: our inference products
+    run on oneDNN, which outran the BLAS probe on some CPUs (105% "of probe" in the fifth session), so a
+    fraction of the BLAS probe alone overstated how close to the machine's peak a model ran."""
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    rates = {f"gemm_tflops_{dtype}": gemm_rate(device, torch_dtype, n=n)}
+    from gmlp.kernels import cpu_linear
 
+    if device.type == "cpu" and dtype == "fp32" and cpu_linear._HAS_ONEDNN_LINEAR:
+        rates["gemm_tflops_fp32_onednn"] = gemm_rate(device, torch_dtype, n=n, onednn=True)
+    return rates
+
+
+def _version(package: str) -> str | None:
+    """The installed version of ``package`` (a distribution name), or None where it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` for uncommitted changes), or None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    git = ["git", "--no-optional-locks"]  # (reads only: no index refresh written back)
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "") if commit else None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """The machine block of a run's json: versions (torch, timm, transformers, g-mlp-pytorch, triton, the
+    checkout's commit), threads, CPU model and cores, the card with its compute capability and CUDA version,
+    the load average, and every ``GMLP_*`` variable set (they switch our paths: a row run under one would
+    otherwise pass for the default)."""
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "timm": timm.__version__,
-        "transformers": transformers.__version__,
+        "timm": _version("timm"),
+        "transformers": _version("transformers"),
+        "g-mlp-pytorch": _version("g-mlp-pytorch"),
+        "triton": _version("triton"),
+        "gmlp_commit": _git_commit(),
+        "gmlp_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("GMLP_")},
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -552,6 +641,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     info["loadavg_before"] = os.getloadavg()[0]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        info["cuda"] = torch.version.cuda
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # ATen's: which CPU kernels run
     return info
 
 
@@ -560,11 +652,18 @@ def _graphed(name: str) -> bool:
     return name.endswith("(CUDA graph)")
 
 
+def _ablation(name: str) -> bool:
+    """Whether a result row is one of :data:`ABLATIONS` (our model with a fast path switched off or
+    forced: a measurement of the library's choices, not a way users run it)."""
+    return any(name.endswith(f"({label})") for label in ABLATIONS)
+
+
 def table(results: list[Result]) -> str:
     """Markdown table; ratios are against each row of the same family and mode: ``gmlp speed-up`` is our
     default model's samples/s (the first gmlp row) over the row's, ``best gmlp speed-up`` (peers only) that
     of our fastest row run the same way (a "(CUDA graph)" peer against our graphed rows, an eager one
-    against our eager rows), e.g. the MLM with ``sparse_prediction``."""
+    against our eager rows), e.g. the MLM with ``sparse_prediction``. Ablation rows (:data:`ABLATIONS`) are
+    not candidates: the best of several timings of nearly the same code would pick its luckiest noise."""
     lines = [
         "| model | mode | batch | samples/s | ms/step | GFLOP/sample (fwd) | TFLOP/s | peak MiB "
         "| gmlp speed-up | best gmlp speed-up |",
@@ -574,7 +673,7 @@ def table(results: list[Result]) -> str:
         mine = [o for o in results if o.family == r.family and o.mode == r.mode and o.name.startswith("gmlp")]
         ours = mine[0] if mine else None
         ratio = f"{ours.samples_per_s / r.samples_per_s:.2f}x" if ours and ours is not r else "-"
-        alike = [o for o in mine if _graphed(o.name) == _graphed(r.name)]
+        alike = [o for o in mine if _graphed(o.name) == _graphed(r.name) and not _ablation(o.name)]
         best = max(alike, key=lambda o: o.samples_per_s) if alike and not r.name.startswith("gmlp") else None
         best_ratio = f"{best.samples_per_s / r.samples_per_s:.2f}x" if best else "-"
         mem = f"{r.peak_mem_mib:.0f}" if r.peak_mem_mib is not None else "-"
@@ -600,6 +699,9 @@ SUITES: dict[str, dict[str, Any]] = {
     "gpu": {
         "device": "cuda",
         "dtype": "bf16",
+        # a 2048^3 product is too short to reach a card's rate (0.3 ms for ten on an H200: 610-636 TFLOP/s
+        # read, where large products run faster), which overstated every row's fraction of the probe
+        "probe": 8192,
         "vision": ("b", 256, 256),
         "text": (48, 512, 3072, 512, 32, 32),
         "rounds": 5,
@@ -676,7 +778,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         action="store_true",
         help="with --compile: also capture each compiled model's step as a CUDA graph (CUDAGraphStep)",
     )
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
         "--triton-config",
         default=None,
@@ -701,9 +803,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
         info["triton_config"] = asdict(sgu_triton.set_launch_config(**json.loads(args.triton_config)))
     info["malloc_tuned"] = not args.no_malloc_tuning
-    info["gemm_tflops_fp32" if suite["dtype"] == "fp32" else "gemm_tflops_bf16"] = gemm_rate(
-        device, torch.float32 if suite["dtype"] == "fp32" else torch.bfloat16, n=suite.get("probe", 2048)
-    )
+    info["gemm_probe_n"] = suite.get("probe", 2048)
+    probes = probe_rates(device, suite["dtype"], info["gemm_probe_n"])
+    info.update(probes)
     print(json.dumps(info))
     ablate = not args.no_ablation
     if args.compile:  # the sparse-prediction MLM selects its labelled tokens: a data-dependent shape
@@ -739,6 +841,25 @@ def main(argv: list[str] | None = None) -> list[Result]:
         return out
 
     results: list[Result] = []
+    settings = {
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "suite": args.suite,
+        "dtype": suite["dtype"],
+        "compile": args.compile,
+        "compile_mode": args.compile_mode,
+        "rounds": suite["rounds"],
+        "steps": suite["steps"],
+        "warmup": suite["warmup"],
+    }
+
+    def report(rows: list[Result], complete: bool) -> None:
+        """Print ``rows`` (one family's, as it finishes; all at the end) and write the json with every row
+        so far: a run cut off by a time limit keeps what it measured."""
+        if rows:
+            print(table(rows), flush=True)
+        if args.json:
+            write_json(Path(args.json), info, settings, results, max(probes.values()), complete)
+
     for mode in args.modes.split(","):
         if args.only in (None, "vision"):
             size, b_inf, b_train = suite["vision"]
@@ -750,7 +871,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     **({"img": 32, "patch": 8} if args.suite in ("smoke", "host") else {}),
                 )
             )
-            results += run_family(cases, mode)
+            rows = run_family(cases, mode)
+            results += rows
+            report(rows, complete=False)
         if args.only in (None, "text"):
             layers, dim, ffn, seq, b_inf, b_train = suite["text"]
             cases = chosen(
@@ -766,23 +889,31 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     static_sparse=mode == "train" and not args.no_sparse and device.type == "cuda",
                 )
             )
-            results += run_family(cases, mode)
+            rows = run_family(cases, mode)
+            results += rows
+            report(rows, complete=False)
     info["loadavg_after"] = os.getloadavg()[0]
-    print(table(results))
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "machine": info,
-                    "suite": args.suite,
-                    "dtype": suite["dtype"],
-                    "compile": args.compile,
-                    "results": [asdict(r) for r in results],
-                },
-                indent=2,
-            )
-        )
+    print("\nAll results:")
+    report(results, complete=True)
     return results
+
+
+def write_json(
+    path: Path,
+    machine: dict[str, Any],
+    settings: dict[str, Any],
+    results: list[Result],
+    probe: float,
+    complete: bool,
+) -> None:
+    """Write a run's json (atomically: a run killed while writing leaves the previous version): the machine,
+    the settings, ``complete`` (False while families are still to run) and every result with ``of_probe``,
+    its TFLOP/s over the run's best GEMM-rate probe (``probe``, TFLOP/s)."""
+    rows = [{**asdict(r), "of_probe": r.achieved_tflops / probe if probe > 0 else None} for r in results]
+    data = {"machine": machine, **settings, "complete": complete, "results": rows}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def test_gpu_checks_dry_run_on_cpu(capsys: pytest.CaptureFixture) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert _load("gpu_checks").main(["--device", device, "--small"]) == 0
     out = capsys.readouterr().out
-    assert "FAIL" not in out and "15/15 checks passed" in out
+    assert "FAIL" not in out and "16/16 checks passed" in out
 
 
 def test_model_filter_and_plain_ops_ablation(tmp_path: Path) -> None:
@@ -605,7 +605,8 @@ def test_gpu_checks_fft_check_catches_a_wrong_gradient(monkeypatch: pytest.Monke
      ("cpu_matmul", ["--reps", "0"], "--reps: must be at least 1"),
      ("optimizer_step", ["--reps", "-1"], "--reps: must be at least 1"),
      ("elementwise_cost", ["--rounds", "0"], "--rounds: must be at least 1"),
-     ("saved_bytes", ["--batch", "0"], "--batch: must be at least 1")],
+     ("saved_bytes", ["--batch", "0"], "--batch: must be at least 1"),
+     ("run", ["--threads", "0"], "--threads: must be at least 1, got 0")],  # (0 ran on torch's default)
 )  # fmt: skip
 def test_benchmark_arguments_are_checked_before_any_work(
     capsys: pytest.CaptureFixture, script: str, args: list[str], message: str
@@ -619,3 +620,140 @@ def test_benchmark_arguments_are_checked_before_any_work(
         _load(script).main(args)
     assert info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_cpu_attention_is_counted_like_its_matrix_products() -> None:
+    """BERT's FLOPs with fused attention (``sdpa``, as the suite builds it) == with transformers' eager
+    attention, whose products the counter sees: on the CPU torch's counter has no formula for the fused op,
+    and BERT and ViT read up to 8% fewer FLOPs (and TFLOP/s) than they ran."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    run = _load("run")
+    inputs = (torch.randint(0, 100, (2, 16)),)
+    flops = []
+    for attn in ("sdpa", "eager"):
+        cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=128, max_position_embeddings=16,
+                         attn_implementation=attn)  # fmt: skip
+        model = BertForMaskedLM(cfg).eval()
+        flops.append([run.count_flops(model, inputs, train=train) for train in (False, True)])
+    assert flops[0] == flops[1], flops
+
+
+def test_rounds_balance_each_case_s_position_and_predecessor() -> None:
+    """Over n rounds every case runs once in every position and right after every other case once (2n
+    rounds, twice, for an odd n): a plain rotation kept B right after A in all rounds but one."""
+    from collections import Counter
+
+    run = _load("run")
+    for n in range(1, 10):
+        rounds = [run.round_order(n, r) for r in range(2 * n if n % 2 else n)]
+        assert all(sorted(order) == list(range(n)) for order in rounds)
+        assert all(sorted(order[k] for order in rounds[:n]) == list(range(n)) for k in range(n))
+        pairs = Counter((a, b) for order in rounds for a, b in zip(order, order[1:], strict=False))
+        assert set(pairs.values()) <= {1 if n % 2 == 0 else 2} and len(pairs) == n * (n - 1)
+    order: list[str] = []  # and run_cases times them in that order
+
+    class Named(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            order.append(self.label)
+            return super().forward(x)
+
+    def build(label: str) -> torch.nn.Module:
+        model = Named(1, 1)
+        model.label = label
+        return model
+
+    cases = [run.Case(c, "vision", lambda c=c: build(c), lambda device: (torch.ones(2, 1),)) for c in "ABCD"]
+    run.run_cases(cases, "infer", torch.device("cpu"), "fp32", rounds=4, steps=1, warmup=1)
+    timed = "".join(order[-16:])
+    assert timed == "ABDCBCADCDBADACB"
+    follows = Counter(timed[k : k + 4][j : j + 2] for k in range(0, 16, 4) for j in range(3))
+    assert len(follows) == 12 and set(follows.values()) == {1}
+
+
+def test_best_speed_up_is_never_an_ablation_row() -> None:
+    """A peer's "best gmlp speed-up" is our fastest row users can run (the default, sparse prediction), not
+    the luckiest of several timings of nearly the same code (seventh session, H200: the vision inference
+    "best" came from "(fused gating)", the MLM's from "(split kernel)")."""
+    run = _load("run")
+
+    def row(name: str, rate: float):
+        return run.Result(name, "vision", "infer", 2, rate, 1.0, 1.0, 1.0, None, [1.0])
+
+    results = [row("gmlp A", 10.0), *(row(f"gmlp A ({label})", 12.0) for label in run.ABLATIONS),
+               row("gmlp A (sparse prediction)", 11.0), row("peer", 5.0)]  # fmt: skip
+    last = run.table(results).splitlines()[-1]
+    assert last.endswith("| 2.00x | 2.20x |"), last
+
+
+def test_json_records_the_machine_and_settings_and_is_written_after_each_family(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The json names the versions (g-mlp-pytorch, triton too), the GMLP_* switches set, the timing settings
+    and each row's fraction of the run's best probe; it is written after each family, so a run cut off by a
+    time limit (gpu_session.sh's `timeout`) keeps the families it finished."""
+    run = _load("run")
+    out = tmp_path / "r.json"
+    monkeypatch.setenv("GMLP_DISABLE_CPU_FUSION", "1")
+
+    def cut_off(*args, **kwargs):
+        raise KeyboardInterrupt  # as if killed while the text family ran
+
+    monkeypatch.setattr(run, "text_cases", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--suite", "smoke", "--modes", "infer", "--models", "gmlp gmlp", "--no-ablation",
+                  "--json", str(out)])  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and [r["name"] for r in data["results"]] == ["gmlp gmlp_s16_224"]
+    machine = data["machine"]
+    assert machine["g-mlp-pytorch"] and machine["triton"] and machine["timm"] and machine["transformers"]
+    assert machine["gmlp_env"]["GMLP_DISABLE_CPU_FUSION"] == "1" and machine["cpu_capability"]
+    assert (data["rounds"], data["steps"], data["warmup"]) == (1, 1, 1) and data["compile_mode"] is None
+    probe = max(v for k, v in machine.items() if k.startswith("gemm_tflops"))
+    (result,) = data["results"]
+    assert result["of_probe"] == pytest.approx(result["achieved_tflops"] / probe)
+    # a card's probe: products long enough to reach its rate (2048^3 read 610-636 TFLOP/s on an H200)
+    assert run.SUITES["gpu"]["probe"] >= 8192 and machine["gemm_probe_n"] == run.SUITES["smoke"]["probe"]
+
+
+def test_a_missing_peer_costs_only_its_own_rows(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """g-mlp-pytorch not installed (the GPU machine without the carried wheel): a FAILED line for its rows,
+    the other models still timed (the import at the top of vision_cases ended the whole run)."""
+    run = _load("run")
+    monkeypatch.setitem(sys.modules, "g_mlp_pytorch", None)  # import raises ImportError
+    results = run.main(["--suite", "smoke", "--only", "vision", "--modes", "infer", "--no-ablation",
+                        "--models", "gmlp gmlp,g-mlp-pytorch"])  # fmt: skip
+    assert [r.name for r in results] == ["gmlp gmlp_s16_224"]
+    assert "FAILED g-mlp-pytorch gMLPVision (infer): ModuleNotFoundError" in capsys.readouterr().out
+
+
+def test_gpu_session_refuses_unknown_steps_and_says_what_it_skips(tmp_path: Path) -> None:
+    """A misspelt STEPS name is an error before anything runs (it ran nothing and said nothing); `train`
+    without the carried .fm/ says it skipped."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("bash and coreutils' timeout")
+    import subprocess
+
+    code, out = _session(tmp_path, "checks suiet")
+    assert code == 2 and not out.exists()
+    env = {**os.environ, "OUT": str(tmp_path / "o"), "STEPS": "suiet", "PYTHON": "false"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "unknown step 'suiet'" in proc.stderr
+    code, out = _session(tmp_path, "train")
+    assert code == 0 and (out / "train.txt").read_text().startswith("SKIP  train: no .fm/")
+
+
+def test_gpu_session_marks_timings_taken_after_a_failed_check(tmp_path: Path) -> None:
+    """The suite still runs after a failed check (the machine is scarce), but its output says so first."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("bash and coreutils' timeout")
+    failing = "PASS  a\\nFAIL  b\\n1/2 checks passed on cuda\\n"
+    code, out = _session(tmp_path, "checks suite", FAKE_CHECKS=failing)
+    assert code != 0 and (out / "suite.txt").read_text().startswith("WARNING: 1 correctness check(s) failed")
+    assert (out / "run-args.txt").exists()  # the suite ran
+    (tmp_path / "ok").mkdir()
+    passing = "PASS  a\\n1/1 checks passed on cuda\\n"
+    code, out = _session(tmp_path / "ok", "checks suite", FAKE_CHECKS=passing)
+    assert code == 0 and "WARNING" not in (out / "suite.txt").read_text()
