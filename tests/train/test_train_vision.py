@@ -198,7 +198,8 @@ def test_settings_the_run_would_ignore_are_refused(override: dict, message: str)
     same = {"model_kwargs": {"drop_path_rate": 0.1}, "drop_path_rate": 0.1}  # the same value twice: fine
     VisionTrainConfig(**{**TINY, **same}).validate()
     VisionTrainConfig(**{**TINY, "crop_scale": [0.08, 1.0]}).validate()  # the default, as a recipe gives it
-    VisionTrainConfig(**{**TINY, "crop_scale": (0.35, 1.0), "auto_augment": "rand-m9"}).validate()  # PIL
+    pil = {"crop_scale": (0.35, 1.0), "auto_augment": "rand-m9", "augment": True}  # PIL (which --no-augment
+    VisionTrainConfig(**{**TINY, **pil}).validate()  # with an auto_augment policy is refused)
 
 
 def test_matching_model_kwargs_and_img_size_are_accepted(tmp_path: Path) -> None:

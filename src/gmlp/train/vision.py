@@ -201,6 +201,12 @@ class VisionTrainConfig:
             raise ConfigError(f"max_steps must be >= 0, got {self.max_steps}")
         if not self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be < 1, got {self.ema_decay}")
+        interpolations = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming", "random")
+        if self.train_interpolation is not None and self.train_interpolation not in interpolations:
+            raise ConfigError(
+                f"train_interpolation must be one of {', '.join(interpolations)} (or unset: the model's), "
+                f"got {self.train_interpolation!r}"
+            )
         choices = {"drop_path_schedule": ("uniform", "linear"), "mixup_mode": ("batch", "pair", "elem"),
                    "remode": ("const", "rand", "pixel"), "device": ("auto", "cpu", "cuda"),
                    "precision": PRECISIONS, "strategy": STRATEGIES}
@@ -218,11 +224,14 @@ class VisionTrainConfig:
             )
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale must be 0 < min <= max <= 1, got {self.crop_scale}")
-        policies = ("rand", "augmix", "original", "v0", "3a")
-        if self.auto_augment is not None and not self.auto_augment.startswith(policies):
-            raise ConfigError(
-                f"auto_augment {self.auto_augment!r} is not a timm policy (e.g. rand-m9-mstd0.5-inc1)"
-            )
+        if self.auto_augment is not None:
+            _check_auto_augment(self.auto_augment)
+            if not self.augment:
+                raise ConfigError(
+                    f"auto_augment {self.auto_augment!r} with augment=False (--no-augment): timm's transform "
+                    f"without augmentation never runs the policy; drop --no-augment, or unset auto_augment "
+                    f"(--auto-augment none)"
+                )
         if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
             raise ConfigError(f"mean and std need the same length, got {self.mean} and {self.std}")
         if self.std is not None and any(not s > 0 for s in self.std):
@@ -277,6 +286,42 @@ class VisionTrainConfig:
 
 
 # --- models --------------------------------------------------------------------------------------------
+
+
+_AUTO_AUGMENT_EXAMPLES = (
+    "rand-m9-mstd0.5-inc1 (RandAugment), original or v0 (AutoAugment), augmix-m5-w4-d2, 3a"
+)
+
+
+def _check_auto_augment(policy: str) -> None:
+    """Refuse an ``auto_augment`` string that timm's ``create_transform`` would reject when the run starts
+    (with a bare ``AssertionError``, after the run's folder was written) or would partly ignore: timm skips
+    a section without a number (``rand-mx`` ran RandAugment at its default magnitude)."""
+    import re
+
+    from timm.data import auto_augment as aa
+
+    kind = next((k for k in ("rand", "augmix", "original", "v0", "3a") if policy.startswith(k)), None)
+    if kind is None:
+        raise ConfigError(f"auto_augment {policy!r} is not a timm policy (e.g. {_AUTO_AUGMENT_EXAMPLES})")
+    _, *sections = policy.split("-")
+    ignored = [s for s in sections if not re.search(r"\d", s) and not (kind == "rand" and s.startswith("t"))]
+    if ignored:
+        raise ConfigError(
+            f"auto_augment {policy!r}: section(s) {', '.join(map(repr, ignored))} hold no value, which timm "
+            f"would silently ignore (sections are a letter key and a number: m9, mstd0.5, inc1, n2; e.g. "
+            f"{_AUTO_AUGMENT_EXAMPLES})"
+        )
+    build = {"rand": aa.rand_augment_transform, "augmix": aa.augment_and_mix_transform}.get(
+        kind, aa.auto_augment_transform
+    )
+    try:
+        build(policy, {"translate_const": 100, "img_mean": (128, 128, 128)})
+    except (AssertionError, ValueError, KeyError, TypeError, IndexError) as err:
+        reason = str(err) or "timm cannot parse it"
+        raise ConfigError(
+            f"auto_augment {policy!r} is not a valid timm policy ({reason}); e.g. {_AUTO_AUGMENT_EXAMPLES}"
+        ) from None
 
 
 def _timm_schedule_error(name: str, schedule: str) -> ConfigError:
@@ -611,6 +656,35 @@ def load_data(config: VisionTrainConfig, *, train: bool = True) -> _Data:
     return _Data(len(train_src), train_src.classes, train_source=train_src, test_source=test_src)
 
 
+def _posterize_any_bits(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
+    """timm's ``posterize`` op, also for 0 bits kept: a black image, as older Pillow gave (and TensorFlow's
+    RandAugment, which timm follows). Pillow >= 12 refuses ``ImageOps.posterize(img, 0)`` with a ValueError,
+    which timm asks for at magnitude 10 of the increasing policies (``rand-m9-mstd0.5-inc1``: the magnitude
+    noise reaches 10 for ~2% of draws) and at low levels of AutoAugment ``v0``: the paper recipe crashed
+    within its first steps."""
+    if bits_to_keep <= 0:
+        from PIL import Image
+
+        return Image.new(img.mode, img.size)
+    from timm.data import auto_augment
+
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _posterize_to_zero_bits(transform: Any) -> None:
+    """Point the posterize ops of a timm train transform (RandAugment, AutoAugment, AugMix) at
+    :func:`_posterize_any_bits`, in place (this transform only; timm itself is left as it is)."""
+    from timm.data import auto_augment
+
+    for t in getattr(transform, "transforms", ()):
+        ops = list(getattr(t, "ops", None) or ())  # RandAugment, AugMixAugment
+        for sub_policy in getattr(t, "policy", None) or ():  # AutoAugment: a list of lists of ops
+            ops.extend(sub_policy)
+        for op in ops:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize_any_bits
+
+
 def pil_transforms(model: nn.Module, config: VisionTrainConfig, mean: tuple, std: tuple) -> tuple[Any, Any]:
     """timm's train and eval transforms for ``model`` (its pretrained_cfg: interpolation, crop_pct)."""
     from timm.data import create_transform, resolve_model_data_config
@@ -623,6 +697,7 @@ def pil_transforms(model: nn.Module, config: VisionTrainConfig, mean: tuple, std
         color_jitter=config.color_jitter, auto_augment=config.auto_augment, interpolation=interpolation,
         mean=mean, std=std, re_prob=0.0,
     )
+    _posterize_to_zero_bits(train_tf)
     eval_tf = create_transform(
         input_size, is_training=False, interpolation=cfg.get("interpolation", "bicubic"), mean=mean, std=std,
         crop_pct=cfg.get("crop_pct"), crop_mode=cfg.get("crop_mode"),
@@ -841,10 +916,6 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         raise ConfigError(
             f"batch_size ({config.batch_size}) is larger than the training set ({data.num_train} images)"
         )
-    if not resume:
-        _start_fresh(out, config.overwrite, env)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     device = env.device
     num_classes = len(data.classes)
     torch.manual_seed(config.seed)
@@ -861,7 +932,12 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
     elif config.img_size is not None:
         arch["img_size"] = config.img_size
     _check_model_kwargs(config.model_kwargs, arch)
-    model = build_model(config.model, **{**config.model_kwargs, **arch})
+    try:
+        model = build_model(config.model, **{**config.model_kwargs, **arch})
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # model_kwargs the constructor refuses: a usage error (as export)
+        raise ConfigError(f"model {config.model!r} with model_kwargs {config.model_kwargs!r}: {err}") from err
     chans = model_input_size(model)[0]
     model.to(device)
     mean_t, std_t = norm_stats(model, chans, config.mean, config.std)
@@ -872,6 +948,14 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         if not hasattr(model, "set_grad_checkpointing"):
             raise ValueError(f"grad_checkpointing: model {config.model!r} has no set_grad_checkpointing()")
         model.set_grad_checkpointing(True)
+    # timm's transforms, built before anything is written: they may still refuse a setting
+    transforms = pil_transforms(model, config, mean_t, std_t) if config.uses_pil else None
+    # only now, with every setting checked against the data and the model: --overwrite removes the old run
+    # here, so a usage error above leaves it in place
+    if not resume:
+        _start_fresh(out, config.overwrite, env)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     step, loss_sum, loss_count, skipped_total = 0, 0.0, 0, 0
     fingerprint = _fingerprint(config, env.world_size)
@@ -995,7 +1079,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
 
         from ..data.folders import TransformedImages, collate_skipping
 
-        train_tf, eval_tf = pil_transforms(raw_model, config, mean_t, std_t)
+        train_tf, eval_tf = transforms
         mode = "L" if chans == 1 else "RGB"
         pin = device.type == "cuda"
         train_ds = TransformedImages(data.train_source, train_tf, mode, strict=config.strict_images)

@@ -178,7 +178,12 @@ def _load_for_eval(name: str, weights: Path, num_classes: int, img_size: Any, in
     explicit = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
     why = f"evaluation needs the checkpoint's own head (the dataset has {num_classes} classes)"
     kwargs = {**model_kwargs, **{k: v for k, v in explicit.items() if v is not None}}
-    return build_with_own_head(name, weights, why, **kwargs).eval()
+    try:
+        return build_with_own_head(name, weights, why, **kwargs).eval()
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as err:  # a head that does not fit, constructor arguments it refuses: a
+        raise ConfigError(str(err)) from err  # usage error of `gmlp eval`, as of `gmlp export`
 
 
 def evaluate_checkpoint(
@@ -303,6 +308,11 @@ def evaluate_checkpoint(
         else:
             source = folders.hf_source(data_root, split, candidates=("validation", "val", "test"),
                                        image_key=run.get("image_key"), label_key=run.get("label_key"))
+            head, found = shapes.get("num_classes"), len(source.classes)
+            if head and found < head and source.classes == tuple(map(str, range(found))):
+                # integer labels without class names: the classes are 0..n-1 of the training split, which
+                # trained the head; this split may lack the highest labels (it gave one class per label seen)
+                source.classes = tuple(str(i) for i in range(head))
             split_name = source.name.rsplit("[", 1)[-1].rstrip("]")
         source = folders.subset_source(source, subset)
         size = img_size or run.get("img_size") or shapes.get("img_size")
