@@ -326,3 +326,22 @@ def test_timm_model_weights_file_restores_its_normalisation(tmp_path: Path) -> N
     again = build_model("timm:vit_tiny_patch16_224", pretrained=tmp_path / "vit.safetensors", **kwargs)
     assert norm_stats(again, 1) == ((0.286,), (0.353,))
     assert again.pretrained_cfg["architecture"] == "timm:vit_tiny_patch16_224"
+
+
+def test_create_model_without_img_size_warns_when_it_resamples(tmp_path: Path) -> None:
+    """A checkpoint trained at 8 px loaded by ``create_model(name, pretrained=path)`` was silently resampled
+    to the model's default 28 px grid (other outputs than the checkpoint's); now that warns, naming the
+    img_size that loads it as trained. An img_size given explicitly (the same or another) stays silent."""
+    path = tmp_path / "digits.safetensors"
+    trained = gmlp.create_model("gmlp_micro4_28", img_size=8, in_chans=1, num_classes=10).eval()
+    save_model(trained, path)
+    match = r"2x2 patch grid; .* \(a 7x7 grid\).* pass img_size=8 to create_model"
+    with pytest.warns(UserWarning, match=match):
+        gmlp.create_model("gmlp_micro4_28", pretrained=path, in_chans=1, num_classes=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = gmlp.create_model("gmlp_micro4_28", pretrained=path, in_chans=1, num_classes=10, img_size=8)
+        gmlp.create_model("gmlp_micro4_28", pretrained=path, in_chans=1, num_classes=10, img_size=28)
+        load_pretrained(gmlp.create_model("gmlp_micro4_28", in_chans=1, num_classes=10), path)  # the API
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(same.eval()(x), trained(x), rtol=0, atol=0)

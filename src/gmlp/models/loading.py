@@ -59,12 +59,14 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_pretrained(model: nn.Module, path: str | Path) -> None:
+def load_pretrained(model: nn.Module, path: str | Path, *, size_given: bool = True) -> None:
     """Load a checkpoint file (ours, timm's or g-mlp-pytorch's) into a vision model.
 
     - timm / g-mlp-pytorch layouts are converted (:mod:`gmlp.convert`);
     - spatial weights made for another patch grid are resampled to the model's grid
-      (:func:`gmlp.nn.resample_spatial_weight`), so a 224 px checkpoint loads into a 256 px model;
+      (:func:`gmlp.nn.resample_spatial_weight`), so a 224 px checkpoint loads into a 256 px model; with
+      ``size_given=False`` (``create_model`` without ``img_size``: the model is at its default size, not
+      at one the caller chose) that resampling warns, naming the ``img_size`` that loads them as trained;
     - a classifier head with another number of classes is dropped (the model keeps its fresh head), with
       a warning, as timm does when ``num_classes`` differs; so is a checkpoint without a head (saved with
       ``num_classes=0``) loaded into a model with one;
@@ -104,6 +106,9 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
                     warn = False
                 continue  # (a recorded grid with as many tokens but another shape is resampled)
             old = _grid_from(metadata, n_ckpt)
+            if not size_given:
+                _warn_resampled(path, model, old, grid)
+                size_given = True  # once, at the first spatial weight
             state[key] = resample_spatial_weight(state[key], old, grid)
             bias_key = key[: -len("weight")] + "bias"
             if bias_key in state:
@@ -143,6 +148,21 @@ def normalisation_metadata(mean: Sequence[float] | None, std: Sequence[float] | 
     ``"std"``: comma-separated floats; :func:`load_pretrained` restores them into ``pretrained_cfg``)."""
     pairs = (("mean", mean), ("std", std))
     return {key: ",".join(repr(float(v)) for v in values) for key, values in pairs if values is not None}
+
+
+def _warn_resampled(path: str | Path, model: nn.Module, old: tuple[int, int], grid: tuple[int, int]) -> None:
+    patch = getattr(model, "patch_size", None)
+    size = f"img_size={(old[0] * patch[0], old[1] * patch[1])}" if patch else "its image size"
+    if patch and old[0] * patch[0] == old[1] * patch[1]:
+        size = f"img_size={old[0] * patch[0]}"
+    warnings.warn(
+        f"{path} holds spatial weights for a {old[0]}x{old[1]} patch grid; the model is built at its "
+        f"default size (a {grid[0]}x{grid[1]} grid), so they were resampled and its outputs are not the "
+        f"checkpoint's: "
+        f"pass {size} to create_model to load them as trained (any img_size given explicitly resamples "
+        f"without this warning)",
+        stacklevel=4,
+    )
 
 
 def save_model(model: nn.Module, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -78,7 +78,9 @@ def create_model(
             state dict (``.pth``, ``.bin``, ``.safetensors``), converted on the fly. If the model is built
             for another image size than the checkpoint, the spatial weights are resampled. ``False`` or
             None: no weights (random initialisation), as in timm. ``True`` is refused: timm would download
-            hosted weights, and gmlp has none to download.
+            hosted weights, and gmlp has none to download. Without ``img_size`` the model is built at its
+            default size; a checkpoint made for another grid then loads resampled with a warning naming the
+            ``img_size`` that loads it as trained.
         checkpoint_path: timm's name for the same thing (a local checkpoint); give this or a path as
             ``pretrained``, not both.
         features_only: return a feature extractor (:class:`gmlp.models.vision.FeatureGetterNet`) whose
@@ -110,7 +112,7 @@ def create_model(
     if path is not None:
         from .loading import load_pretrained
 
-        load_pretrained(model, path)
+        load_pretrained(model, path, size_given="img_size" in kwargs)
     if features_only:
         from .vision import FeatureGetterNet
 
