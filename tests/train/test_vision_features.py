@@ -199,3 +199,22 @@ def test_resume_with_another_model_or_world_size_is_refused(tmp_path: Path) -> N
 def test_new_settings_are_checked(tmp_path: Path, override: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         train_vision(VisionTrainConfig(**{**DIGITS, **override}, output=str(tmp_path / "run")))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_strict_images_is_a_one_line_usage_error_of_gmlp_train(
+    tmp_path: Path, workers: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``gmlp train --strict-images`` stopping at a corrupt image printed a traceback (with DataLoader workers
+    two: the worker's, re-raised inside the main process's); now one ``gmlp train: error:`` line naming the
+    file, exit status 2."""
+    from gmlp.cli import main
+
+    root = _tree(tmp_path / "imgs")
+    argv = ["train", "--model", "gmlp_micro4_28", "--dataset", "imagefolder", "--data-root", str(root),
+            "--img-size", "12", "--batch-size", "19", "--epochs", "1", "--workers", str(workers),
+            "--no-progress", "--strict-images", "--output", str(tmp_path / "run"), "--no-plot"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gmlp train: error: ") and "zz_corrupt.png" in err[-1], err[-3:]
+    assert not any("Traceback" in line for line in err), err

@@ -3,14 +3,16 @@
 Each sub-module of this package registers its sub-commands through ``register(subparsers)`` and sets a
 ``func`` default that takes the parsed ``argparse.Namespace``. A :class:`gmlp.train.recipe.ConfigError`
 (a setting the command cannot run with), a missing input file, a :class:`gmlp.data.text.TextDataError` (an
-unusable corpus) or a :class:`gmlp.utils.io.CheckpointError` (a checkpoint that is truncated, corrupt, or
-whose keys or shapes do not fit the model) is printed as ``gmlp COMMAND: error: ...`` with exit status 2.
+unusable corpus), a :class:`gmlp.utils.io.CheckpointError` (a checkpoint that is truncated, corrupt, or
+whose keys or shapes do not fit the model) or a :class:`gmlp.data.folders.CorruptImageError` (an image that
+``--strict-images`` stops at) is printed as ``gmlp COMMAND: error: ...`` with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 
@@ -54,13 +56,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ValueError as err:  # an unusable corpus (gmlp.data.text, imported only by the text commands), or
         # a checkpoint that is unreadable or does not fit the model (gmlp.utils.io.CheckpointError)
-        text_data = sys.modules.get("gmlp.data.text")
-        unusable = (CheckpointError,) + ((text_data.TextDataError,) if text_data is not None else ())
+        # or an image that --strict-images stops at (gmlp.data.folders, imported by the vision commands)
+        unusable: tuple[type, ...] = (CheckpointError,)
+        for module, name in (("gmlp.data.text", "TextDataError"), ("gmlp.data.folders", "CorruptImageError")):
+            if module in sys.modules:
+                unusable += (getattr(sys.modules[module], name),)
         if not isinstance(err, unusable):
             raise
-        print(f"gmlp {args.command}: error: {err}", file=sys.stderr)
+        print(f"gmlp {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+def _message(err: BaseException) -> str:
+    """``err``'s message; for one re-raised from a DataLoader worker (whose message is the worker's whole
+    traceback), the original exception's own line."""
+    text = str(err)
+    if "Original Traceback" in text:  # the last "module.Name: message" line of the worker's traceback
+        found = re.findall(rf"^(?:[\w.]+\.)?{type(err).__name__}: (.*)$", text, re.M)
+        if found:
+            return found[-1]
+    return text
 
 
 if __name__ == "__main__":
