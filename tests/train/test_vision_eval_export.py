@@ -314,3 +314,22 @@ def test_a_failed_export_leaves_the_previous_file(tmp_path: Path, monkeypatch: p
     assert path.read_bytes() == b"the previous export"
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file left
 
+
+
+def test_eval_ema_of_an_unfinished_run_says_so(digits_run: Path, tmp_path: Path) -> None:
+    """--ema on a run killed before its end (EMA weights only in its checkpoints) asked "was the run trained
+    with --ema?"; now it says the run has not finished and how to finish it. A run trained without EMA says
+    that instead."""
+    import shutil
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(digits_run, unfinished)
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        (unfinished / name).unlink()
+    with pytest.raises(FileNotFoundError, match=r"model_ema.safetensors yet: the run has not finished"):
+        evaluate_checkpoint(unfinished, ema=True)
+    assert evaluate_checkpoint(unfinished)["count"] == 297  # its last checkpoint's model weights
+    config = json.loads((unfinished / "config.json").read_text())
+    (unfinished / "config.json").write_text(json.dumps({**config, "ema": False}))
+    with pytest.raises(FileNotFoundError, match=r"\(the run was trained without --ema\)"):
+        evaluate_checkpoint(unfinished, ema=True)

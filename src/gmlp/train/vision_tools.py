@@ -64,9 +64,19 @@ def resolve_checkpoint(path: str | Path, ema: bool = False) -> tuple[Path, dict[
         if cfg is None and (p / "state.json").is_file():  # a checkpoint directory
             cfg = json.loads((p / "state.json").read_text()).get("config")
         return p / name, cfg
-    if ema:
-        raise FileNotFoundError(f"{str(p)!r} holds no {name} (was the run trained with --ema?)")
     latest = latest_checkpoint(p)
+    if ema:
+        trained_with_ema = (_run_config(p / "config.json") or {}).get("ema")
+        if latest is not None and trained_with_ema:  # not finished: the EMA weights are in its checkpoints
+            raise FileNotFoundError(
+                f"{str(p)!r} holds no {name} yet: the run has not finished (`gmlp train --output {p} "
+                f"--resume` writes it at the end, from the EMA weights of its checkpoints); without --ema, "
+                f"gmlp eval reads its last checkpoint's model weights"
+            )
+        why = "was the run trained with --ema?"
+        if trained_with_ema is False:
+            why = "the run was trained without --ema"
+        raise FileNotFoundError(f"{str(p)!r} holds no {name} ({why})")
     if latest is None:
         raise FileNotFoundError(f"{str(p)!r} holds neither model.safetensors nor checkpoints/")
     return latest / "model.safetensors", json.loads((latest / "state.json").read_text()).get("config")
