@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from text_hf_helpers import VOCAB, WORDS, make_tokenizer, randomize, tiny_config
+from text_hf_helpers import VOCAB, WORDS, loading_options, make_tokenizer, randomize, tiny_config
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, pipeline
 
 from gmlp.models.text import (
@@ -225,7 +225,7 @@ def test_loading_options_give_identical_tied_models(tmp_path, options: dict, aut
     model = _model(cls).eval()
     ids = torch.randint(5, len(VOCAB), (2, 8))
     model.save_pretrained(tmp_path, safe_serialization=True)
-    loaded = auto.from_pretrained(tmp_path, **options).eval()
+    loaded = auto.from_pretrained(tmp_path, **loading_options(options)).eval()
     assert loaded.dtype == torch.float32
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
     with torch.no_grad():
@@ -234,7 +234,7 @@ def test_loading_options_give_identical_tied_models(tmp_path, options: dict, aut
 
 def test_dtype_auto_keeps_the_saved_dtype(tmp_path) -> None:
     _model(GMLPForMaskedLM).to(torch.bfloat16).save_pretrained(tmp_path)
-    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path, dtype="auto")
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path, **loading_options({"dtype": "auto"}))
     assert loaded.dtype == torch.bfloat16
     assert loaded(torch.tensor([[2, 7, 9]])).logits.dtype == torch.bfloat16
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from gmlp.models.text import (
     GMLPConfig,
@@ -307,6 +307,23 @@ def test_config_label_defaults_and_round_trip_unchanged(tmp_path) -> None:
     assert GMLPConfig.from_pretrained(tmp_path, num_labels=4).num_labels == 4
     with pytest.raises(ValueError, match=r"num_labels must be a positive int, got 0"):
         GMLPConfig.from_pretrained(tmp_path, num_labels=0)
+
+
+@pytest.mark.parametrize("num_labels", [0, -2, 2.5, True])
+@pytest.mark.parametrize("loader", [GMLPConfig, AutoConfig, AutoModelForSequenceClassification])
+def test_num_labels_override_is_checked_on_every_loading_path(tmp_path, loader, num_labels) -> None:
+    """A bad num_labels given to from_pretrained is refused however the config is loaded (transformers 4.x
+    set it as an attribute after the checks: 0 or -2 gave an empty label map); a good one still replaces
+    the saved label maps, as transformers does."""
+    config = tiny_config(num_labels=4, id2label={i: f"c{i}" for i in range(4)})
+    GMLPForSequenceClassification(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"num_labels must be a positive int, got {num_labels!r}"):
+        loader.from_pretrained(tmp_path, num_labels=num_labels)
+    model = loader is AutoModelForSequenceClassification
+    extra = {"ignore_mismatched_sizes": True} if model else {}  # the classifier is re-drawn for 3 labels
+    loaded = loader.from_pretrained(tmp_path, num_labels=3, **extra)
+    config = loaded.config if model else loaded
+    assert (config.num_labels, len(config.id2label)) == (3, 3)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import transformers
+from packaging.version import Version
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -17,6 +19,15 @@ WORDS = [
 ]
 VOCAB = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
 SEQ = 32
+
+# from_pretrained's dtype keyword: `dtype` from transformers 4.56 on (5.x warns about the old name), before
+# that `torch_dtype` (4.45-4.55 hand an unknown `dtype` to the model's __init__, a TypeError).
+DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def loading_options(options: dict) -> dict:
+    """``from_pretrained`` keyword arguments written with ``dtype``, for the installed transformers."""
+    return {DTYPE_KWARG if key == "dtype" else key: value for key, value in options.items()}
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:

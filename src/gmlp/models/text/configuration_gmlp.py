@@ -296,7 +296,12 @@ class GMLPConfig(PretrainedConfig):
         attributes, which would skip every check of ``__init__``: here those overrides join
         ``config_dict`` before the config is built (the same result for valid values). Other ``kwargs``
         (``return_unused_kwargs``, model loading options, ...) are handled by transformers as usual.
+        A ``num_labels`` override is checked here but left to transformers, which (4.x and 5.x alike)
+        rebuilds the label maps from it, also over the saved ones (passed into ``config_dict``, 4.x would
+        keep the saved maps instead).
         """
+        if "num_labels" in kwargs:  # transformers 4.x sets it as an attribute, unchecked
+            _positive_int("num_labels", kwargs["num_labels"])
         own = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"} | {"problem_type"}
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
         return super().from_dict({**config_dict, **overrides}, **kwargs)

@@ -1083,6 +1083,22 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:  # no key/value cache: generate() must not build one
         return False
 
+    def _assisted_decoding(self, *args: Any, **kwargs: Any) -> Any:
+        """``generate()``'s assisted decoding (``assistant_model``, ``prompt_lookup_num_tokens``,
+        ``assistant_early_exit``), refused the same way for every transformers version: it needs a key/value
+        cache that can be cut back after the draft tokens, and gMLP has none (transformers 5 refuses it
+        itself; 4.x crashed inside it with an ``AttributeError`` about ``past_key_values``, or a
+        ``TypeError`` from prompt lookup without an ``eos_token_id``).
+
+        Raises:
+            RuntimeError: always.
+        """
+        raise RuntimeError(
+            "Assisted decoding requires a cache, and GMLPForCausalLM has no key/value cache (every step "
+            "re-runs the whole prefix): generate without assistant_model, prompt_lookup_num_tokens or "
+            "assistant_early_exit"
+        )
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.Tensor,
