@@ -101,3 +101,21 @@ def test_an_output_that_is_a_file_is_refused_before_training(
     (tmp_path / "tok").write_text("")
     with pytest.raises(ConfigError, match=r"--output '.*tok' is a file; give a folder"):
         train_tokenizer_command(tmp_path / "tok", corpus=["offline"], vocab_size=50)
+
+
+def test_a_too_small_unigram_vocabulary_is_a_usage_error_of_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``gmlp tokenizer --kind unigram --vocab-size 20`` printed a traceback (exit status 1); now one
+    ``gmlp tokenizer: error:`` line naming --vocab-size, exit status 2."""
+    from gmlp.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(["a b c d e f g h i j k l m n o p q r s t u v w x y z 0 1 2 3 4"] * 5))
+    argv = ["tokenizer", "--kind", "unigram", "--vocab-size", "20", "--corpus", str(corpus),
+            "--valid-fraction", "0", "-o", str(tmp_path / "tok")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gmlp tokenizer: error: vocab_size=20 is too small"), err
+    assert "--vocab-size" in err[-1]
+    assert not any("Traceback" in line for line in err)

@@ -151,12 +151,13 @@ def train_tokenizer(
     except Exception as err:  # tokenizers raises a bare Exception
         if "not large enough to contain all chars" not in str(err):
             raise
-        raise ValueError(
+        raise ConfigError(  # (a ValueError: a usage error of the commands, naming --vocab-size)
             f"vocab_size={vocab_size} is too small for this corpus: a Unigram vocabulary must hold every "
-            f"distinct character of the corpus besides the {len(specials)} special tokens; raise vocab_size"
+            f"distinct character of the corpus besides the {len(specials)} special tokens; raise vocab_size "
+            f"(--vocab-size)"
         ) from err
     if seen == 0:
-        raise ValueError("cannot train a tokenizer on an empty corpus (it holds no text that is not blank)")
+        raise ConfigError("cannot train a tokenizer on an empty corpus (it holds no text that is not blank)")
     if kind == "unigram":
         tok.model = _canonical_unigram(tok)
     if tok.get_vocab_size() > vocab_size:
