@@ -13,6 +13,7 @@ __all__ = [
     "autocast_enabled",
     "capturing",
     "check_devices",
+    "check_input_dtype",
     "check_flag",
     "check_int",
     "check_mask",
@@ -162,3 +163,23 @@ def check_devices(
             f"{name} is on {x.device} but the {module}'s parameters are on {param.device}: move the input "
             f"({name}.to({str(param.device)!r})) or the {module} (.to({str(x.device)!r}))"
         ) from err
+
+
+def check_input_dtype(
+    x: torch.Tensor, weight: object, err: Exception, plain: bool, *, name: str = "x", owner: str = "module"
+) -> None:
+    """For an error path: a TypeError naming the input ``name`` (and ``owner``, whose parameters it met) where
+    torch's error ``err`` came from ``x``'s dtype differing from ``weight``'s outside autocast (torch names
+    neither). Only for a ``plain`` (unwrapped) first layer: a wrapped one decides its own dtypes; meta inputs
+    are left to torch (shape inference takes the pair). Returns otherwise."""
+    if (
+        not isinstance(weight, torch.Tensor) or x.dtype == weight.dtype or x.is_meta or autocast_enabled(x)
+        or not plain
+    ):  # fmt: skip
+        return
+    verb = "have" if name.endswith("s") else "has"
+    raise TypeError(
+        f"{name} {verb} dtype {x.dtype} but the {owner}'s parameters are {weight.dtype}: convert the "
+        f"{'input' if name == 'x' else name} (x.to({weight.dtype})) or the {owner} (.to({x.dtype})), or run "
+        f"under torch.autocast"
+    ) from err

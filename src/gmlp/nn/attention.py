@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels.cpu_linear import apply_linear, forward_ad_active, is_plain_linear
-from ._checks import as_int, autocast_enabled, check_devices, check_flag, check_mask, check_tokens
+from ._checks import as_int, check_devices, check_flag, check_input_dtype, check_mask, check_tokens
 
 __all__ = ["TinyAttention"]
 
@@ -63,15 +63,7 @@ class TinyAttention(nn.Module):
             weight = getattr(self.qkv, "weight", None)
             plain = is_plain_linear(self.qkv)  # (a wrapped one may keep its weight elsewhere until called)
             check_devices(x, "x", weight if plain else None, err, "attention", mask=mask)
-            if (
-                isinstance(weight, torch.Tensor) and x.dtype != weight.dtype and not x.is_meta
-                and not autocast_enabled(x) and plain
-            ):  # fmt: skip
-                raise TypeError(
-                    f"x has dtype {x.dtype} but the attention's parameters are {weight.dtype}: convert the "
-                    f"input (x.to({weight.dtype})) or the module (.to({x.dtype})), or run under "
-                    f"torch.autocast"
-                ) from err
+            check_input_dtype(x, weight, err, plain, owner="attention")
             raise
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -19,8 +19,8 @@ from ..kernels.sgu_triton import (
 )
 from ._checks import (
     as_int,
-    autocast_enabled,
     check_devices,
+    check_input_dtype,
     check_int,
     check_mask,
     check_number,
@@ -150,8 +150,7 @@ class GMLPBlock(nn.Module):
             fc1_weight = getattr(self.fc1, "weight", None)
             # (a wrapped fc1, e.g. with offloading hooks, may keep its weight elsewhere until called)
             check_devices(x, "x", fc1_weight if is_plain_linear(self.fc1) else None, err, "block", mask=mask)
-            if isinstance(fc1_weight, torch.Tensor) and x.dtype != fc1_weight.dtype:
-                self._check_dtype(x, fc1_weight.dtype, err)
+            self._check_dtype(x, fc1_weight, err)
             raise
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -165,21 +164,12 @@ class GMLPBlock(nn.Module):
             z = self.sgu(apply_linear(self.fc1, h, "gelu"), mask, gate_bias)
         return self._residual(x, z)
 
-    def _check_dtype(self, x: torch.Tensor, dtype: torch.dtype, err: Exception) -> None:
+    def _check_dtype(self, x: torch.Tensor, fc1_weight: object, err: Exception) -> None:
         """A TypeError naming ``x`` (from ``err``, torch's error, which names neither) where its dtype differs
-        from ``fc1``'s ``dtype`` outside autocast, for which ``fc1`` refused ``norm(x)``. Only for a plain
-        LayerNorm and ``fc1`` (their output and input dtypes are then known): a wrapped one decides."""
-        if (
-            x.is_meta  # meta kernels take the pair: shape inference on meta keeps working
-            or autocast_enabled(x)
-            or not plain_call(self.norm, nn.LayerNorm)
-            or not is_plain_linear(self.fc1)
-        ):
-            return
-        raise TypeError(
-            f"x has dtype {x.dtype} but the block's parameters are {dtype}: convert the input "
-            f"(x.to({dtype})) or the block (.to({x.dtype})), or run under torch.autocast"
-        ) from err
+        from ``fc1``'s outside autocast, for which ``fc1`` refused ``norm(x)``. Only for a plain LayerNorm and
+        ``fc1`` (their output and input dtypes are then known): a wrapped one decides."""
+        plain = plain_call(self.norm, nn.LayerNorm) and is_plain_linear(self.fc1)
+        check_input_dtype(x, fc1_weight, err, plain, owner="block")
 
     def _residual(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``x + drop_path(dropout(fc2(z)))``. In inference, where dropout and drop path are identities,

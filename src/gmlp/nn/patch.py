@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import as_int, autocast_enabled, check_devices, check_int
+from ._checks import as_int, check_devices, check_input_dtype, check_int
 from ._inplace import plain_call
 
 __all__ = ["PatchEmbed", "to_2tuple"]
@@ -84,14 +84,6 @@ class PatchEmbed(nn.Module):
         try:
             y = self.proj(x)
         except (RuntimeError, TypeError, ValueError) as err:  # (on the error path only: no per-call cost)
-            if (
-                isinstance(weight, torch.Tensor) and x.dtype != weight.dtype and not x.is_meta
-                and not autocast_enabled(x) and plain
-            ):  # fmt: skip
-                raise TypeError(
-                    f"images have dtype {x.dtype} but the model's parameters are {weight.dtype}: convert the "
-                    f"images (x.to({weight.dtype})) or the model (.to({x.dtype})), or run under "
-                    f"torch.autocast"
-                ) from err
+            check_input_dtype(x, weight, err, plain, name="images", owner="model")
             raise
         return y.flatten(2).permute(2, 0, 1).contiguous()
