@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from text_corpus import SENTENCES, documents, write_corpus
-from torchrun_helpers import kill_tree, torchrun_cmd
+from torchrun_helpers import launch, torchrun_cmd
 
 from gmlp.train import text as pipelines
 from gmlp.train.text import FinetuneConfig, PretrainConfig, finetune, pretrain
@@ -38,15 +38,8 @@ PRETRAIN = ["pretrain", *TINY, "--arch", ARCH, "--steps", "4", "--log-every", "2
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=2 -m gmlp ARGS`` with the default ``--device auto``."""
     cmd = torchrun_cmd(*args)
-    proc = subprocess.Popen(cmd, env=ENV, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {TIMEOUT}s (processes out of step?)\n{out[-2000:]}"
-                    f"{err[-4000:]}")
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-2000:]}\n--- stderr\n{err[-6000:]}"
+    code, out, err = launch(cmd, ENV, cwd, TIMEOUT)
+    assert code == 0, f"exit {code}\n{out[-2000:]}\n--- stderr\n{err[-6000:]}"
     return subprocess.CompletedProcess(cmd, 0, out, err)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun_helpers import kill_tree, torchrun_cmd
+from torchrun_helpers import kill_tree, launch, torchrun_cmd
 
 from gmlp.cli import main
 from gmlp.train import distributed
@@ -73,19 +73,11 @@ def _torchrun_cmd(args: list[str]) -> list[str]:
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Launch 2 processes; their output is also kept in ``cwd/torchrun-N.log``."""
-    proc = subprocess.Popen(_torchrun_cmd(args), env=ENV, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {TIMEOUT}s (processes out of step?)\n"
-                    f"{out[-3000:]}{err[-6000:]}")
+    cmd = _torchrun_cmd(args)
+    code, out, err = launch(cmd, ENV, cwd, TIMEOUT)
     n = len(list(cwd.glob("torchrun-*.log")))
     log = cwd / f"torchrun-{n}.log"
-    log.write_text(f"{args}\nexit {proc.returncode}\n{out}\n--- stderr\n{err}")
-    code = proc.returncode
+    log.write_text(f"{args}\nexit {code}\n{out}\n--- stderr\n{err}")
     if code != 0 and "done:" in out and TEARDOWN_ABORT in err:
         # Seen about once in ten launches here: the run finished and wrote everything, then a worker
         # aborted while the interpreter shut down (a joinable C++ thread destroyed). The results are
@@ -93,7 +85,7 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         warnings.warn(f"torchrun exited {code} after the run had finished: a worker aborted at interpreter "
                       f"teardown ({TEARDOWN_ABORT!r}); log: {log}", stacklevel=2)
         code = 0
-    return subprocess.CompletedProcess(proc.args, code, out, err)
+    return subprocess.CompletedProcess(cmd, code, out, err)
 
 
 def _output(proc: subprocess.CompletedProcess) -> str:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 def torchrun_cmd(*args: str) -> list[str]:
@@ -38,3 +41,17 @@ def kill_tree(pid: int) -> None:
     for p in [pid, *descendants(pid)]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
+
+
+def launch(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[int, str, str]:
+    """Run ``cmd`` (a torchrun launch) in ``cwd``: ``(exit status, stdout, stderr)``; past ``timeout`` seconds
+    its whole process tree is killed and the test fails with the tails of both outputs."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout}s (processes out of step?)\n{out[-3000:]}"
+                    f"{err[-6000:]}")
+    return proc.returncode, out, err
