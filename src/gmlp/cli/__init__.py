@@ -5,7 +5,9 @@ Each sub-module of this package registers its sub-commands through ``register(su
 (a setting the command cannot run with), a missing input file, a :class:`gmlp.data.text.TextDataError` (an
 unusable corpus), a :class:`gmlp.utils.io.CheckpointError` (a checkpoint that is truncated, corrupt, or
 whose keys or shapes do not fit the model) or a :class:`gmlp.data.folders.CorruptImageError` (an image that
-``--strict-images`` stops at) is printed as ``gmlp COMMAND: error: ...`` with exit status 2.
+``--strict-images`` stops at) is printed as ``gmlp COMMAND: error: ...`` with exit status 2. So is a missing
+optional package (one of :data:`OPTIONAL_PACKAGES`: ``timm``, ``transformers``, ``yaml``, ``onnx``, ...), with
+the ``pip install "gmlp[EXTRA]"`` that installs it, instead of a ``ModuleNotFoundError`` traceback.
 """
 
 from __future__ import annotations
@@ -19,10 +21,31 @@ from collections.abc import Sequence
 from ..train.recipe import ConfigError
 from ..utils.io import CheckpointError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["OPTIONAL_PACKAGES", "build_parser", "main", "missing_optional_package"]
 
 # Modules registering sub-commands, in help order.
 _COMMAND_MODULES = ("gmlp.cli.vision", "gmlp.cli.tools", "gmlp.cli.text")
+
+#: Top-level modules that commands import but the base install (torch, numpy, safetensors, tqdm) lacks:
+#: module name -> (the pip package that provides it, the extra of ``gmlp`` that installs it).
+OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
+    "timm": ("timm", "train"),
+    "transformers": ("transformers", "train"),
+    "tokenizers": ("tokenizers", "train"),
+    "accelerate": ("accelerate", "train"),
+    "datasets": ("datasets", "train"),
+    "huggingface_hub": ("huggingface-hub", "train"),
+    "matplotlib": ("matplotlib", "train"),
+    "yaml": ("pyyaml", "train"),
+    "rdata": ("rdata", "train"),
+    "torchvision": ("torchvision", "train"),
+    "tensorboard": ("tensorboard", "train"),
+    "PIL": ("pillow", "train"),
+    "sklearn": ("scikit-learn", "train"),
+    "onnx": ("onnx", "export"),
+    "onnxscript": ("onnxscript", "export"),
+    "onnxruntime": ("onnxruntime", "export"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +88,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"gmlp {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # a missing optional package: which one, and the extra that installs it
+        missing = missing_optional_package(err)
+        if missing is None:
+            raise
+        package, extra = OPTIONAL_PACKAGES[missing]
+        module = "" if package == missing else f" (module {missing!r})"
+        print(f"gmlp {args.command}: error: this needs the {package} package{module}, which is not "
+              f'installed: pip install "gmlp[{extra}]"', file=sys.stderr)
+        return 2
     return int(result or 0)
+
+
+def missing_optional_package(err: BaseException) -> str | None:
+    """The module of :data:`OPTIONAL_PACKAGES` whose absence caused ``err``, or None.
+
+    That is a ``ModuleNotFoundError`` for the module itself (not for a sub-module of an installed package:
+    that is a version mismatch, not a missing extra), found in ``err`` or along the exceptions it was raised
+    from: an ``ImportError``'s cause or context (an import error re-raised with a hint), another exception's
+    explicit cause only (``raise RuntimeError(...) from import_error``; an unrelated error raised while an
+    optional import's failure was being handled is not one).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ModuleNotFoundError) and current.name in OPTIONAL_PACKAGES:
+            return current.name
+        current = (current.__cause__ or current.__context__) if isinstance(current, ImportError) else (
+            current.__cause__
+        )
+    return None
 
 
 def _message(err: BaseException) -> str:

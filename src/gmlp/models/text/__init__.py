@@ -4,7 +4,20 @@ Importing this package registers the ``"gmlp"`` model type with ``AutoConfig``, 
 ``AutoModelForMaskedLM``, ``AutoModelForSequenceClassification``, ``AutoModelForTokenClassification``,
 ``AutoModelForQuestionAnswering`` and ``AutoModelForCausalLM``, so
 ``AutoModelForMaskedLM.from_pretrained(path)`` works on a saved gMLP.
+
+Needs ``transformers`` (the ``train`` extra: ``pip install "gmlp[train]"``); without it, importing this
+package raises a ``ModuleNotFoundError`` that says so.
 """
+
+try:
+    import transformers  # noqa: F401  (first, alone: its absence is a missing extra, not a bug here)
+except ModuleNotFoundError as _err:
+    if _err.name != "transformers":  # transformers is there but broken: its own error says why
+        raise
+    raise ModuleNotFoundError(
+        'gmlp.models.text needs the transformers package, which is not installed: pip install "gmlp[train]"',
+        name=_err.name,
+    ) from _err
 
 from transformers import (
     AutoConfig,
