@@ -75,6 +75,8 @@ def coerce_setting(name: str, value: Any, tp: Any) -> Any:
     accepted for a number, and a number never for a string (YAML ``1e-3`` without a dot reads as a string,
     so ``lr: 1e-3`` is accepted for a float). NaN is never accepted for a float (``nan``, ``.nan``): every
     comparison with it is false, so a check such as ``grad_clip > 0`` would silently read it as "off".
+    Nor is an infinity (``inf``, ``.inf``, ``-inf``): it passes range checks such as ``lr > 0`` and the run
+    then fails later with a NaN loss (no setting of a training config means anything at infinity).
     """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -104,6 +106,8 @@ def coerce_setting(name: str, value: Any, tp: Any) -> Any:
         if number is not None:
             if math.isnan(number):
                 raise ValueError(f"{name!r} must be a number, got {value!r} (not a number)")
+            if math.isinf(number):
+                raise ValueError(f"{name!r} must be a finite number, got {value!r}")
             return number
     elif tp is str:
         if isinstance(value, str):
