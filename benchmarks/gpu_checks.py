@@ -2,16 +2,19 @@
 
     python benchmarks/gpu_checks.py                 # CUDA (the lent H100/H200), full sizes
     TRITON_INTERPRET=1 python benchmarks/gpu_checks.py --device cpu --small   # dry run here (tests do this)
+    python benchmarks/gpu_checks.py --kernels-only --triton-config "$(cat best.json)"   # after kernel_sweep
 
 Checks, each against the plain reference path with fresh random inputs, forward and gradients:
 the fused Triton GELU+split+LayerNorm kernel (fp32 and bf16), the compute-dtype LayerNorm kernels, the
 fused whole-gating kernels (``spatial_gating``, fp32 and bf16, with a padding mask and a causal W), a
 GMLPBlock (a dense W; and the text models' Toeplitz W) through either kernel path vs through the plain ops,
-the FFT Toeplitz path vs the dense GEMM, a
+the Toeplitz W's diagonal-sum backward vs autograd's, the FFT Toeplitz path vs the dense GEMM, a
 whole gMLP-S/16 training step under bf16 autocast (each kernel path vs plain ops), causality (gradients
 of earlier outputs w.r.t. later tokens are exactly zero) and padding invariance of the text model on the
-device, and (CUDA only) a training step captured as a CUDA graph against the same steps run eagerly.
-Prints one line per check; exits 1 if any fails.
+device, and (CUDA only) a training step captured as a CUDA graph against the same steps run eagerly (also
+after warm-up batches without padding, with gradient clipping inside the graph).
+Prints one line per check; exits 1 if any fails. ``--triton-config`` runs them on other launch parameters
+of the fused kernels; ``--kernels-only`` runs the kernel, gating, LayerNorm and block checks only.
 """
 
 from __future__ import annotations
@@ -298,11 +301,19 @@ def check_sparse_prediction(device: torch.device) -> None:
         _close(b, a, 1e-4, 1e-6, "sparse gradients")
 
 
-def check_cuda_graph_step(device: torch.device, per_seq: int | None = None) -> None:
+def check_cuda_graph_step(
+    device: torch.device,
+    per_seq: int | None = None,
+    real_warmup: bool = False,
+    max_grad_norm: float | None = None,
+) -> None:
     """CUDAGraphStep == eager training: a padded MLM batch with sparse prediction (dense inside the graph;
     with ``per_seq``, ``max_predictions_per_seq``: sparse inside it too), bf16 autocast, a learning-rate
     schedule; per-step losses and the final parameters. Then CUDAGraphInference == eager inference of the
-    trained model, batch after batch."""
+    trained model, batch after batch. ``real_warmup``: the warm-up batches' masks are all real, which the
+    eager model drops (the unmasked kernels) while the capture keeps it: the capture must launch no kernel
+    variant the warm-up did not (a Triton kernel's first launch fails inside a capture). ``max_grad_norm``:
+    gradients clipped inside the graph, as eagerly."""
     from gmlp.kernels.sgu_triton import prefer_fused_gating
     from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
     from gmlp.train.cuda_graph import CUDAGraphInference, CUDAGraphStep
@@ -314,7 +325,8 @@ def check_cuda_graph_step(device: torch.device, per_seq: int | None = None) -> N
     for _ in range(7):
         ids = torch.randint(5, 1001, (4, 32), device=device)
         mask = torch.ones(4, 32, dtype=torch.long, device=device)
-        mask[1, 20:] = 0
+        if not (real_warmup and len(batches) < 2):  # (warmup_steps=2 below)
+            mask[1, 20:] = 0
         labels = torch.where((torch.rand(4, 32, device=device) < 0.3) & (mask == 1), ids, -100)
         batches.append((ids, mask, labels))
     losses, params = [], []
@@ -328,7 +340,7 @@ def check_cuda_graph_step(device: torch.device, per_seq: int | None = None) -> N
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
-        step = CUDAGraphStep(loss_fn, opt, warmup_steps=2) if graphed else None
+        step = CUDAGraphStep(loss_fn, opt, warmup_steps=2, max_grad_norm=max_grad_norm) if graphed else None
         run = []
         for batch in batches:
             if step is not None:
@@ -338,6 +350,8 @@ def check_cuda_graph_step(device: torch.device, per_seq: int | None = None) -> N
                     opt.zero_grad(set_to_none=True)
                     loss = loss_fn(*batch)
                     loss.backward()
+                    if max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
                     opt.step()
                 run.append(loss.detach().float())
             sched.step()
@@ -356,6 +370,33 @@ def check_cuda_graph_step(device: torch.device, per_seq: int | None = None) -> N
         _close(graphed_logits, eager_logits, 1e-4, 1e-4, "graphed logits")
     if not forward.captured:
         raise AssertionError("CUDAGraphInference never captured")
+
+
+def check_toeplitz_matrix(device: torch.device, n: int) -> None:
+    """The Toeplitz W's diagonal-sum backward (:func:`gmlp.kernels.toeplitz_matrix`, taken from
+    ``DIAGONAL_SUM_MIN_TOKENS`` tokens on: the MLM's 512) == autograd's ``unfold`` backward, one W and per
+    head, as long as its ``seq_len`` and shorter."""
+    from gmlp.kernels import toeplitz_matrix
+
+    for lead, seq_len in (((), n), ((3,), n), ((), n + 5)):
+        weight = torch.randn(*lead, 2 * seq_len - 1, device=device, requires_grad=True)
+        grad = torch.randn(*lead, n, n, device=device)
+        got, want = (
+            torch.autograd.grad(toeplitz_matrix(weight, n, seq_len, diagonal_sums=sums), weight, grad)[0]
+            for sums in (True, False)
+        )
+        scale = want.abs().max().item() + 1e-6
+        _close(got / scale, want / scale, 1e-5, 1e-5, f"Toeplitz W gradient {lead} n={n} seq_len={seq_len}")
+
+
+def check_other_gpu(device: torch.device) -> None:
+    """The fused kernels on a GPU other than the current one (a model on cuda:1, or the text models split
+    over GPUs by ``device_map``): Triton launches on the current device, so each entry point makes its
+    input's device current. The kernel, gating and LayerNorm checks on ``device`` with cuda:0 current."""
+    with torch.cuda.device(0):
+        check_kernel(device, 7, 40, torch.bfloat16)
+        check_gating(device, 12, 2, 40, torch.float32, True)
+        check_norm(device, 37, 48)
 
 
 def check_cuda_graph_capture_error(device: torch.device) -> None:
@@ -390,19 +431,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny sizes (for the Triton interpreter on CPU)")
+    parser.add_argument(
+        "--triton-config", default="", help="the fused kernels' launch parameters, JSON (kernel_sweep's best)"
+    )
+    parser.add_argument(
+        "--kernels-only", action="store_true", help="only the kernel, gating, LayerNorm and block checks"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.triton_config:
+        import json
+
+        from gmlp.kernels import sgu_triton
+
+        print(f"launch config: {sgu_triton.set_launch_config(**json.loads(args.triton_config))}")
     torch.manual_seed(0)
     if args.small:
         kernel_cases = [(5, 24), (3, 40)]
         gating_cases = [(12, 2, 24, False), (9, 3, 40, True)]
         block_case, fft_case, norm_case = (32, 64, 12, 2), (40, 64), (37, 48)
-        text_block_case = (32, 64, 13, 2)
+        text_block_case, toeplitz_n = (32, 64, 13, 2), 20
     else:
         kernel_cases = [(4096, 768), (1000, 1536), (7, 3072)]
         gating_cases = [(196, 8, 1536, False), (512, 4, 1536, True)]
         block_case, fft_case, norm_case = (256, 1536, 196, 8), (1024, 8192), (50176, 512)
         text_block_case = (512, 3072, 128, 4)  # gMLP-base's width, fewer tokens (its W is 2n - 1 numbers)
+        toeplitz_n = 512  # the MLM's length, past DIAGONAL_SUM_MIN_TOKENS (the check forces either way)
     checks: list[tuple[str, Callable[[], None]]] = []
     for rows, half in kernel_cases:
         for dtype in (torch.float32, torch.bfloat16):
@@ -427,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
             "block, Toeplitz W (the MLM's): each kernel path == plain ops",
             lambda: check_block(device, *text_block_case, toeplitz=True),
         ),
+    ]
+    if args.kernels_only:  # (after kernel_sweep.py, on its best launch parameters)
+        return _run(checks, device)
+    checks += [
+        (f"Toeplitz W diagonal-sum backward == unfold backward, n={toeplitz_n}",
+         lambda: check_toeplitz_matrix(device, toeplitz_n)),  # fmt: skip
         (
             "compiled block, kernels kept == eager",
             lambda: check_compiled_kernels(device, *block_case, args.small),
@@ -436,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         ("text: causality and padding on device", lambda: check_text_properties(device)),
         ("MLM sparse prediction == dense head", lambda: check_sparse_prediction(device)),
     ]
+    if device.type == "cuda" and torch.cuda.device_count() > 1:  # (the lent machines have one GPU)
+        other = torch.device("cuda:1")
+        checks.append(("kernels on cuda:1 with cuda:0 current", lambda: check_other_gpu(other)))
     if device.type == "cuda":  # CUDA graphs exist on CUDA only
         checks += [
             ("CUDA graph training and inference == eager", lambda: check_cuda_graph_step(device)),
@@ -443,8 +506,17 @@ def main(argv: list[str] | None = None) -> int:
                 "CUDA graph training, static sparse prediction == eager",
                 lambda: check_cuda_graph_step(device, per_seq=24),
             ),
+            (
+                "CUDA graph, warm-up masks all real, gradients clipped == eager",
+                lambda: check_cuda_graph_step(device, real_warmup=True, max_grad_norm=0.5),
+            ),
             ("CUDA graph of a syncing step: a clear error", lambda: check_cuda_graph_capture_error(device)),
         ]
+    return _run(checks, device)
+
+
+def _run(checks: list[tuple[str, Callable[[], None]]], device: torch.device) -> int:
+    """Run each check, print PASS or FAIL (with the traceback) and the tally; 1 if any failed."""
     failed = 0
     for name, fn in checks:
         try:

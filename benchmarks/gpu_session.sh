@@ -12,8 +12,8 @@
 #           (bwd_prefetch, fwd_programs_per_sm, and the ninth session's fwd_prefetch and ln_split) and
 #           the suite runs on its best; new since the seventh
 #           session (eighth, not yet run on a GPU): the MLM with max_predictions_per_seq (static sparse
-#           prediction) eager and as a CUDA graph, and its graphed-training check (20 checks; 21 with the
-#           twenty-first session's Toeplitz-block check); the
+#           prediction) eager and as a CUDA graph, and its graphed-training check (23 checks on one GPU since the
+#           twenty-second session's review); the
 #           "(fc1 bias folded)" training row (GMLP_FOLD_FC1_BIAS=1) and its path in the block and
 #           model-step checks. If it wins, make it the default. Eleventh session: the "(residual grad
 #           fused)" vision training row (GMLP_FUSE_RESIDUAL_GRAD=1) and its block check, likewise; and
@@ -81,13 +81,15 @@ else
 fi
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 checks=0
+checks_limit=180
+[ "${DRY:-0}" = 1 ] && checks_limit=300  # the Triton interpreter on a loaded 2-core CPU: ~150 s
 if has checks; then
     {
         nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
         $PY -c "import sys, torch, triton, timm, transformers; print(sys.version.split()[0], \
 torch.__version__, triton.__version__, timm.__version__, transformers.__version__)" 2>&1
         uptime
-        timeout 180 $PY benchmarks/gpu_checks.py --device $dev $small 2>&1
+        timeout "$checks_limit" $PY benchmarks/gpu_checks.py --device $dev $small 2>&1
         # shellcheck disable=SC2086
         timeout 60 $PY benchmarks/saved_bytes.py --device $dev $saved 2>&1
     } | tee "$OUT/checks.txt"
@@ -105,6 +107,18 @@ if has sweep; then
     timeout 180 $PY benchmarks/kernel_sweep.py --device $dev $shapes --best-json "$TMP/best.json" 2>&1 \
         | tee "$OUT/sweep.txt"
     [ -s "$TMP/best.json" ] && best=$(cat "$TMP/best.json")
+    # the sweep's best launch parameters on every kernel path (masked, folded bias) before the suite times them
+    # (not in the dry run, whose interpreted checks step already takes minutes)
+    if [ "$best" != '{}' ] && [ "${DRY:-0}" != 1 ]; then
+        # shellcheck disable=SC2086
+        timeout 120 $PY benchmarks/gpu_checks.py --device $dev $small --kernels-only --triton-config "$best" \
+            2>&1 | tee "$OUT/sweep_checks.txt" | tee -a "$OUT/sweep.txt"
+        checks=$((checks + $(grep -c '^FAIL' "$OUT/sweep_checks.txt")))
+        if ! grep -q '^[0-9][0-9]*/[0-9][0-9]* checks passed' "$OUT/sweep_checks.txt"; then
+            echo "FAIL  gpu_checks.py --kernels-only did not finish" | tee -a "$OUT/sweep.txt"
+            checks=$((checks + 1))
+        fi
+    fi
     # the Toeplitz W's two backwards (DIAGONAL_SUM_MIN_TOKENS, set from CPU timings; tenth session)
     # shellcheck disable=SC2086
     timeout 30 $PY benchmarks/toeplitz_crossover.py --device $dev --matrix --lengths $matrix 2>&1 \

@@ -511,7 +511,9 @@ def test_elementwise_cost_keeps_the_token_mixing_products_without_its_bias(
 FAKE_PYTHON = """#!/usr/bin/env bash
 # stands in for python: each benchmark script does what $FAKE_<NAME> says (the tests below set it)
 case "$*" in
+  *gpu_checks.py*--kernels-only*) printf '%b' "$FAKE_KERNEL_CHECKS"; exit 0 ;;
   *gpu_checks.py*) printf '%b' "$FAKE_CHECKS"; exit "${FAKE_CHECKS_RC:-0}" ;;
+  *kernel_sweep.py*) [ -z "${FAKE_BEST:-}" ] || echo "$FAKE_BEST" > "$TMPDIR/best.json" ;;
   *run.py*) echo "$@" > "$OUT/run-args.txt" ;;
 esac
 exit 0
@@ -561,6 +563,26 @@ def test_gpu_session_never_takes_an_earlier_sweeps_best(tmp_path: Path) -> None:
     code, out = _session(tmp_path, "sweep suite")
     assert code == 0
     assert "--triton-config {} " in (out / "run-args.txt").read_text()
+
+
+@pytest.mark.parametrize(
+    ("kernel_checks", "passed"),
+    [("PASS  a\\n1/1 checks passed on cuda\\n", True), ("FAIL  a\\n0/1 checks passed on cuda\\n", False),
+     ("PASS  a\\n", False)],  # the last one crashed or timed out
+    ids=["pass", "fail", "unfinished"],
+)  # fmt: skip
+def test_gpu_session_checks_the_sweeps_best_before_the_suite(
+    tmp_path: Path, kernel_checks: str, passed: bool
+) -> None:
+    """The kernels are checked again on the sweep's best launch parameters: a failure there fails the
+    session and marks the suite's timings, as a failure of the checks step does."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("bash and coreutils' timeout")
+    code, out = _session(tmp_path, "sweep suite", FAKE_BEST='{"fwd_rows": 2}',
+                         FAKE_KERNEL_CHECKS=kernel_checks)
+    assert "--triton-config {\"fwd_rows\": 2} " in (out / "run-args.txt").read_text()
+    assert (code == 0) == passed, (out / "sweep.txt").read_text()
+    assert ("WARNING" in (out / "suite.txt").read_text()) == (not passed)
 
 
 @pytest.mark.parametrize("broken", ["weight", "bias", "z"])

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .sgu_triton import _HAS_TRITON, _block_c, _bwd_split, _norm_affine, _warps, launch_config
+from .sgu_triton import _HAS_TRITON, _block_c, _bwd_split, _norm_affine, _on_device, _warps, launch_config
 
 if _HAS_TRITON:
     from .sgu_triton import _ln_input_grad, _ln_rows
@@ -169,5 +169,5 @@ def layer_norm(
     if not _HAS_TRITON:
         raise RuntimeError("use_triton=True but the triton package is not installed")
     weight, bias = _norm_affine(weight, bias, x.shape[-1], x, "layer_norm: x")
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False), _on_device(x):
         return _LayerNorm.apply(x, weight, bias, eps, out_dtype, return_residual)

@@ -519,6 +519,17 @@ def _warps(block_c: int) -> int:
     return min(16, max(4, block_c // 512))
 
 
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    """``t``'s CUDA device made the current one while the kernels launch. Triton launches a kernel on the
+    current device and its current stream, not on its arguments' device: for a model on another GPU than
+    the current one (``.to("cuda:1")``, or the text models split over GPUs by ``device_map``) it would hand
+    that GPU's pointers to a kernel on the current one ("cannot be accessed from Triton"). The backward
+    needs none: autograd runs it on a thread whose current device is the gradients'."""
+    if t.is_cuda and not torch.compiler.is_compiling() and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -966,7 +977,10 @@ def prefer_fused_gating() -> Iterator[None]:
     """Inside this block, :func:`fused_gating_enabled` says yes at every size (``GMLP_DISABLE_FUSED_GATING=1``
     still switches it off): for steps whose host launch cost does not count, such as a step replayed as a
     CUDA graph (:class:`gmlp.train.cuda_graph.CUDAGraphStep` runs its warm-up steps and its capture in it,
-    so that the kernels it captures are those its warm-up compiled). Capture alone also says yes."""
+    so that the kernels it captures are those its warm-up compiled). Capture alone also says yes. Here, and
+    while capturing, :func:`spatial_gating` without a mask also runs its masked kernel variant (with an
+    all-real mask), so that a warm-up whose masks were all real and dropped has compiled the variant that
+    a capture with the mask needs."""
     global _prefer_fused
     _prefer_fused += 1
     try:
@@ -990,11 +1004,15 @@ def fused_gating_enabled(elements: int | None = None) -> bool:
     """
     if os.environ.get("GMLP_DISABLE_FUSED_GATING") == "1":
         return False
-    if elements is None or _prefer_fused:
-        return True
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if elements is None or _graph_warmup_or_capture():
         return True
     return elements >= fused_gating_min_elements()
+
+
+def _graph_warmup_or_capture() -> bool:
+    """Inside :func:`prefer_fused_gating` (a CUDA graph's warm-up calls and capture, see
+    :class:`gmlp.train.cuda_graph.CUDAGraphStep`) or while a CUDA graph is being captured."""
+    return bool(_prefer_fused) or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def fold_fc1_bias_enabled() -> bool:
@@ -1066,9 +1084,10 @@ def gelu_split_layernorm(
         if not _HAS_TRITON:
             raise RuntimeError("use_triton=True but the triton package is not installed")
         weight, bias = _norm_affine(weight, bias, u.shape[-1] // 2, u, "gelu_split_layernorm: u")
-        if u_bias is not None:
-            return _GeluSplitLayerNorm.apply(u, weight, bias, eps, u_bias.contiguous())
-        return _GeluSplitLayerNorm.apply(u, weight, bias, eps)
+        with _on_device(u):
+            if u_bias is not None:
+                return _GeluSplitLayerNorm.apply(u, weight, bias, eps, u_bias.contiguous())
+            return _GeluSplitLayerNorm.apply(u, weight, bias, eps)
     return gelu_split_layernorm_reference(u if u_bias is None else u + u_bias.to(u.dtype), weight, bias, eps)
 
 
@@ -1175,7 +1194,13 @@ def spatial_gating(
     if u_bias is not None:
         u_bias = u_bias.contiguous()
     keep = None if mask is None else mask.t().reshape(-1).to(torch.float32)
+    if keep is None and not torch.compiler.is_compiling() and _graph_warmup_or_capture():
+        # a CUDA graph's warm-up and its capture launch the same kernel variants: a Triton kernel first
+        # launched inside a capture fails there (its module load is refused while the stream captures), and
+        # a caller may drop an all-real mask eagerly but keep it in the capture (gmlp's text models do)
+        keep = u.new_ones(u.shape[0] * u.shape[1], dtype=torch.float32)
     args = (u, norm_weight, norm_bias, eps, weight, bias, keep, gate_bias)
     if torch.compiler.is_compiling():  # opaque custom ops: inductor fuses around them
         return torch.ops.gmlp.spatial_gating_fwd(*args)[0]
-    return _SpatialGating.apply(*args) if u_bias is None else _SpatialGating.apply(*args, u_bias)
+    with _on_device(u):
+        return _SpatialGating.apply(*args) if u_bias is None else _SpatialGating.apply(*args, u_bias)

@@ -75,7 +75,10 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 _CAPTURE_FAILED = (
     "capturing the {what} as a CUDA graph failed (the original error is chained below). A captured step must "
     "not synchronise with the host: no .item()/.tolist()/print of tensors, no boolean-mask indexing or "
-    "other data-dependent shapes, no CPU tensors created from GPU values"
+    "other data-dependent shapes, no CPU tensors created from GPU values. Nor may it launch a kernel that "
+    "the warm-up calls did not (a Triton kernel is compiled and loaded at its first launch, which a capture "
+    "refuses: 'operation not permitted when stream is capturing'): the warm-up calls must take the code "
+    "paths of the captured one (the same masks, options and shapes)"
 )
 
 
