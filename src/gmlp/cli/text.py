@@ -8,7 +8,11 @@ Every option has an offline default: ``gmlp pretrain`` trains a small gMLP on th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import functools
 import json
+from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = ["register"]
@@ -142,6 +146,38 @@ def _add_train_arguments(
     t.add_argument("--vocab-size", type=int, default=8192, help="size of a trained tokenizer (default: 8192)")
 
 
+#: The errors of a file system that cannot take a write: no permission, read-only, full, over quota.
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def _write_errors() -> Iterator[None]:
+    """A file that cannot be written (a read-only folder, a full disk, no permission) as the one-line error
+    ``gmlp COMMAND: error: ...`` (exit status 2) instead of a traceback. What was written before stays:
+    checkpoints, ``final/`` and tokenizers are replaced atomically, so the last complete one is intact."""
+    from ..train.recipe import ConfigError
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        where = f": {str(err.filename)!r}" if err.filename else ""
+        raise ConfigError(
+            f"{err.strerror or err}{where}; what was saved before is intact (checkpoints are replaced "
+            f"atomically): free space or fix the permissions, then run again (--resume continues a run)"
+        ) from err
+
+
+def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        with _write_errors():
+            return command(args)
+
+    return run
+
+
 def _config(cls: type, args: argparse.Namespace) -> Any:
     from ..train.text import config_from_namespace
 
@@ -151,6 +187,7 @@ def _config(cls: type, args: argparse.Namespace) -> Any:
     return cfg
 
 
+@_guarded
 def _tokenizer(args: argparse.Namespace) -> int:
     from ..train.tokenizer import train_tokenizer_command
 
@@ -171,6 +208,7 @@ def _tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+@_guarded
 def _pretrain(args: argparse.Namespace) -> int:
     from ..train.text import PretrainConfig, pretrain
 
@@ -184,6 +222,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+@_guarded
 def _finetune(args: argparse.Namespace) -> int:
     from ..train.text import FinetuneConfig, finetune
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..utils.io import CheckpointError, atomic_write, load_state_dict_file, save_state_dict_file
+from ..utils.io import CheckpointError, atomic_write, load_state_dict_file, replace_dir, save_state_dict_file
 
 __all__ = ["Checkpoint", "latest_checkpoint", "load_checkpoint", "remove_run_files", "save_checkpoint",
            "write_json_atomic"]
@@ -105,14 +105,7 @@ def save_checkpoint(
             torch.save(optimizer_state, f)
         write_json_atomic(tmp / "state.json", {**state, "step": step})
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. after a resume): swap it out
-            old = root / f".{tag}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)  # (the same step saved again, e.g. after a resume: swapped out whole)
         _fsync_dir(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

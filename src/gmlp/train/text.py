@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.text import TextDataError, load_text_splits, pack_sequences
-from ..utils.io import CheckpointError
+from ..utils.io import CheckpointError, replace_dir
 from ..utils.malloc import tune_malloc
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_run_files, save_checkpoint
 from .optim import fused_adamw
@@ -881,8 +881,11 @@ class _MetricsLog:
                     if record.get("step", 0) <= resume_step and record.get("split") != "test":
                         kept.append(line)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(k + "\n" for k in kept))
-            os.replace(tmp, path)
+            try:
+                tmp.write_text("".join(k + "\n" for k in kept))
+                os.replace(tmp, path)
+            finally:  # (a full disk: the old file stays, and no partial copy beside it)
+                tmp.unlink(missing_ok=True)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -923,8 +926,17 @@ def _resume_step(checkpoint: Path) -> int:
 
 def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any, kind: str) -> Path | None:
     """Create the run folder; return the checkpoint to resume from (or None). Refuses to mix runs, and to
-    resume a run of another ``kind`` (before anything is written)."""
-    ckpt = latest_checkpoint(out)
+    resume a run of another ``kind`` (before anything is written). A run whose latest checkpoint is
+    missing or unreadable is an error that says so (``--overwrite`` discards it)."""
+    try:
+        ckpt = latest_checkpoint(out)
+    except CheckpointError as err:
+        if opts.resume or not opts.overwrite:
+            raise CheckpointError(f"{err}; pass --overwrite to discard the run in {str(out)!r}") from err
+        ckpt = out / "checkpoints"  # (a broken run is still a run to discard)
+    # what --overwrite removes without a checkpoint: the rest of a run whose removal was cut short (its
+    # latest.json goes first), or whose checkpoints were deleted (looked at before anything is removed)
+    leftovers = opts.overwrite and any((out / name).exists() for name in _RUN_FILES)
     accelerator.wait_for_everyone()  # before --overwrite removes what another process may still be reading
     if ckpt is not None and opts.resume:
         held = _run_kind(ckpt)
@@ -934,22 +946,33 @@ def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any, kind: str)
                 f"a run of the same command (give another --output)"
             )
         _resume_step(ckpt)  # an unreadable state.json: a clear error before anything is read
-    if ckpt is not None and not opts.resume:
+    if (ckpt is not None or leftovers) and not opts.resume:
         if not opts.overwrite:
             raise ConfigError(
                 f"--output {str(out)!r} already holds a run (checkpoint {ckpt.name}); pass --resume to "
                 f"continue it or --overwrite to start again"
             )
         if accelerator.is_main_process:
-            remove_run_files(out, ("checkpoints", "final", "tokenizer", _METRICS, "config.json"))
+            # latest.json first: a process killed while the rest goes leaves no checkpoint named
+            remove_run_files(out, _RUN_FILES)
         accelerator.wait_for_everyone()
         ckpt = None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None:  # the temporaries of a save that was killed (a finished run saves no more)
+            for stale in ckpt.parent.glob(".step-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            for stale in (*ckpt.parent.glob(".latest.json.*.tmp"), *out.glob(".test_metrics.json.*.tmp")):
+                stale.unlink(missing_ok=True)
         if opts.resume and ckpt is None:
             print(f"[gmlp] --resume: no checkpoint in {out}, starting a new run", file=sys.stderr)
     accelerator.wait_for_everyone()
     return ckpt if opts.resume else None
+
+
+#: What ``--overwrite`` removes of a previous run (in this order).
+_RUN_FILES = ("checkpoints/latest.json", "checkpoints", "final", "tokenizer", _METRICS, "config.json",
+              "test_metrics.json")
 
 
 #: Options that may change between a run and its resumption without changing its result.
@@ -998,6 +1021,17 @@ def _warn_changed_options(checkpoint: Path, opts: Any, world_size: int | None = 
         )
 
 
+def _save_config(config: Any, out: Path) -> None:
+    """``config.save_pretrained(out)``, with ``out/config.json`` replaced atomically: a resumed run writes it
+    again, and a process killed while writing it in place left an empty file that every later ``--resume``
+    failed on."""
+    tmp = out / ".config.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    config.save_pretrained(str(tmp))
+    os.replace(tmp / "config.json", out / "config.json")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _save_final(accelerator: Any, model: nn.Module, tokenizer: Any, out: Path) -> Path:
     final = out / "final"
     state = accelerator.get_state_dict(model)
@@ -1006,8 +1040,7 @@ def _save_final(accelerator: Any, model: nn.Module, tokenizer: Any, out: Path) -
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state)
         tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final
 
@@ -1207,6 +1240,11 @@ def _train_loop(
                 break
     bar.close()
     if not completed and stop.requested:
+        if accelerator.is_main_process:
+            print(
+                f"[gmlp] stopped at step {done}/{total_steps} with a checkpoint; --resume continues the run",
+                file=sys.stderr,
+            )
         raise KeyboardInterrupt
     return _LoopResult(model=model, step=done, completed=completed, last_eval=last_eval)
 
@@ -1295,8 +1333,7 @@ def _load_or_train_tokenizer(
             tmp = out / ".tokenizer.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tok.save_pretrained(str(tmp))
-            shutil.rmtree(tok_dir, ignore_errors=True)
-            os.replace(tmp, tok_dir)
+            replace_dir(tmp, tok_dir)
     return load_tokenizer(tok_dir)
 
 
@@ -1410,7 +1447,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     else:
         model = AutoModelForMaskedLM.from_config(config)
     if accelerator.is_main_process:
-        config.save_pretrained(str(out))
+        _save_config(config, out)
     # the decoder on the masked tokens only (gMLP/aMLP): same loss, most of the decoder's work saved
     sparse = cfg.sparse_prediction and hasattr(model.config, "sparse_prediction")
     if hasattr(model.config, "sparse_prediction"):
@@ -1929,7 +1966,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     steps_per_epoch = max(1, math.ceil(n_train / (cfg.batch_size * cfg.grad_accum * world)))
     total = cfg.steps if cfg.steps else max(1, int(round(cfg.epochs * steps_per_epoch)))
     if accelerator.is_main_process:
-        config.save_pretrained(str(out))
+        _save_config(config, out)
         print(
             f"[gmlp] finetune {config.model_type} ({cfg.task}): {n_train} training "
             f"{'features' if qa else 'examples'}, {steps_per_epoch} steps/epoch, {total} steps",

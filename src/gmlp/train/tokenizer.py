@@ -19,6 +19,7 @@ __all__ = [
     "TOKENIZER_KINDS",
     "check_corpus_options",
     "load_tokenizer",
+    "save_tokenizer",
     "train_tokenizer",
     "train_tokenizer_command",
 ]
@@ -192,6 +193,7 @@ def load_tokenizer(path: str | Path) -> Any:
 
     Raises:
         FileNotFoundError: the folder does not exist or holds no tokenizer.
+        ConfigError: the tokenizer does not load (its files are incomplete or corrupt); a ``ValueError``.
         ValueError: the tokenizer lacks one of the special tokens MLM and classification need.
     """
     from transformers import AutoTokenizer
@@ -201,7 +203,16 @@ def load_tokenizer(path: str | Path) -> Any:
         raise FileNotFoundError(
             f"no tokenizer in {str(path)!r} (expected tokenizer.json from save_pretrained)"
         )
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ImportError):
+        raise
+    except Exception as err:  # a truncated tokenizer.json, a folder with tokenizer_config.json alone, ...
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(
+            f"the tokenizer in {str(path)!r} does not load: it is incomplete or corrupt "
+            f"({type(err).__name__}: {first_line}); save it again (e.g. with gmlp tokenizer)"
+        ) from err
     missing = [
         n for n in ("cls_token", "sep_token", "pad_token", "mask_token") if getattr(tok, n, None) is None
     ]
@@ -266,6 +277,33 @@ def train_tokenizer_command(
         model_max_length=model_max_length,
         length=len(splits.train),
     )
-    Path(output).mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(output))
+    save_tokenizer(tok, output)
     return tok
+
+
+def save_tokenizer(tok: Any, output: str | Path) -> None:
+    """``tok.save_pretrained(output)`` such that a process killed at any moment never leaves a partial
+    tokenizer in ``output`` that a later ``--tokenizer output`` would load: the files are written to a
+    temporary folder beside it, then the folder is renamed into place (an existing ``output`` that holds only
+    tokenizer files is swapped whole; one with other files gets each tokenizer file replaced atomically,
+    ``tokenizer.json``, which loaders read first, last)."""
+    import os
+    import shutil
+
+    from ..utils.io import replace_dir
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # (what a killed run left)
+    tmp.mkdir()
+    try:
+        tok.save_pretrained(str(tmp))
+        names = {p.name for p in tmp.iterdir()}
+        if not output.exists() or {p.name for p in output.iterdir()} <= names:  # none, or only a tokenizer
+            replace_dir(tmp, output)
+        else:
+            for name in sorted(names, key=lambda n: n == "tokenizer.json"):
+                os.replace(tmp / name, output / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

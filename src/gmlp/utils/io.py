@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "atomic_write", "load_state_dict_file", "save_state_dict_file"]
+__all__ = ["CheckpointError", "atomic_write", "load_state_dict_file", "replace_dir", "save_state_dict_file"]
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile, wrapped in either order
@@ -67,6 +68,19 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def replace_dir(tmp: str | Path, dest: str | Path) -> None:
+    """Put the complete folder ``tmp`` in the place of ``dest`` (which may exist). A process killed at any
+    moment leaves ``dest`` complete, the old one or the new one, or absent (the old one then waits in
+    ``.NAME.old`` beside it), never partly removed, as removing the old folder first would."""
+    tmp, dest = Path(tmp), Path(dest)
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_state_dict_file(
