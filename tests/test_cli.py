@@ -89,6 +89,16 @@ def test_train_refuses_resume_with_overwrite(
     assert calls[-1][1] is True and calls[-1][0].overwrite is False
 
 
+def test_a_resume_with_other_settings_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A resume refused because the run was made with other settings is a one-line usage error (it was a
+    ValueError traceback with exit status 1)."""
+    run = ["train", "--dataset", "digits", "--model", "gmlp_micro4_28", "--output", str(tmp_path / "r"),
+           "--no-augment", "--no-progress", "--no-tensorboard", "--no-plot", "--threads", "1"]
+    assert main([*run, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    _usage_error([*run, "--resume", "--seed", "1"], capsys, "it was made with different settings seed=0 (now 1)")
+
+
 def test_print_config_refuses_settings_the_run_refuses(capsys: pytest.CaptureFixture) -> None:
     _usage_error(["train", "--epochs", "0", "--print-config"], capsys, "epochs must be >= 1, got 0")
     _usage_error(["train", "--dataset", "imagefolder", "--print-config"], capsys, "needs data_root")

@@ -778,7 +778,7 @@ def _check_fingerprint(saved: dict[str, Any], now: dict[str, Any], path: Path) -
         old, new = diff["strategy"]
         hints.append(f"it was written by a --strategy {old} run and this run uses --strategy {new} (their "
                      f"optimizer states are stored differently); resume with --strategy {old}")
-    raise ValueError(
+    raise ConfigError(
         f"cannot resume from {path}: it was made with different settings "
         + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in diff.items())
         + ("; " + "; ".join(hints) if hints else "")
