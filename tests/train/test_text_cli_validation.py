@@ -63,6 +63,11 @@ PRETRAIN_BAD = [
     (["--lr", "0"], "--lr", "> 0", "0.0"),
     (["--lr", "-1"], "--lr", "> 0", "-1.0"),
     (["--lr", "nan"], "--lr", "> 0", "nan"),
+    (["--lr", "inf"], "--lr", "finite", "inf"),  # (infinite values passed, then failed mid-run)
+    (["--adam-eps", "inf"], "--adam-eps", "finite", "inf"),
+    (["--weight-decay", "inf"], "--weight-decay", "finite", "inf"),
+    (["--warmup", "inf"], "--warmup", "finite", "inf"),
+    (["--clip-grad", "inf"], "--clip-grad", "finite", "inf"),
     (["--log-every", "0"], "--log-every", ">= 1", "0"),
     (["--save-every", "-1"], "--save-every", ">= 0", "-1"),
     (["--stop-after-steps", "0"], "--stop-after-steps", ">= 1", "0"),
@@ -249,7 +254,7 @@ def test_help_says_what_zero_means() -> None:
 def test_config_validate_is_public(tmp_path: Path) -> None:
     """Library users get the same checks (flags named as on the command line) as ConfigError, a ValueError;
     a missing folder is a FileNotFoundError too."""
-    with pytest.raises(ConfigError, match="--lr must be > 0, got 0"):
+    with pytest.raises(ConfigError, match="--lr must be > 0 and finite, got 0"):
         pipelines.PretrainConfig(lr=0).validate()
     with pytest.raises(ValueError, match=r"--epochs must be > 0.*, got -1"):
         pipelines.FinetuneConfig(epochs=-1).validate()

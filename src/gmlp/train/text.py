@@ -260,11 +260,13 @@ def _validate_train_options(opts: _TrainOptions) -> None:
     from .tokenizer import SPECIAL_TOKENS, TOKENIZER_KINDS
 
     _require(opts, ("batch_size", "grad_accum", "log_every", "keep_last"), lambda v: v >= 1, ">= 1")
-    _require(opts, ("lr", "adam_eps"), lambda v: v > 0, "> 0")
-    _require(opts, ("weight_decay",), lambda v: v >= 0, ">= 0")
-    _require(opts, ("warmup",), lambda v: v >= 0, ">= 0 (a fraction of the steps if < 1, else a step count)")
+    # (infinity passes a bare range check, then ends the run with a NaN loss or an int(inf) error)
+    _require(opts, ("lr", "adam_eps"), lambda v: 0 < v < math.inf, "> 0 and finite")
+    _require(opts, ("weight_decay",), lambda v: 0 <= v < math.inf, ">= 0 and finite")
+    _require(opts, ("warmup",), lambda v: 0 <= v < math.inf,
+             ">= 0 and finite (a fraction of the steps if < 1, else a step count)")
     _require(opts, ("save_every",), lambda v: v >= 0, ">= 0 (0 = only at the end)")
-    _require(opts, ("clip_grad",), lambda v: v >= 0, ">= 0 (0 = off)", optional=True)
+    _require(opts, ("clip_grad",), lambda v: 0 <= v < math.inf, ">= 0 and finite (0 = off)", optional=True)
     _require(opts, ("adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)")
     _require(opts, ("stop_after_steps",), lambda v: v >= 1, ">= 1", optional=True)
     specials = len(SPECIAL_TOKENS)
