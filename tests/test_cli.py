@@ -96,7 +96,8 @@ def test_a_resume_with_other_settings_is_a_usage_error(tmp_path: Path, capsys: p
            "--no-augment", "--no-progress", "--no-tensorboard", "--no-plot", "--threads", "1"]
     assert main([*run, "--max-steps", "1"]) == 0
     capsys.readouterr()
-    _usage_error([*run, "--resume", "--seed", "1"], capsys, "it was made with different settings seed=0 (now 1)")
+    message = "it was made with different settings seed=0 (now 1)"
+    _usage_error([*run, "--resume", "--seed", "1"], capsys, message)
 
 
 def test_print_config_refuses_settings_the_run_refuses(capsys: pytest.CaptureFixture) -> None:
