@@ -100,6 +100,23 @@ def test_a_resume_with_other_settings_is_a_usage_error(tmp_path: Path, capsys: p
     _usage_error([*run, "--resume", "--seed", "1"], capsys, message)
 
 
+def test_an_unreachable_hub_source_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A hub dataset that cannot be reached (offline, as datasets reports it) is one line that says what to
+    do, not a ConnectionError traceback."""
+    import datasets
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Couldn't reach 'food101' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", offline)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    argv = ["train", "--dataset", "hf", "--data-root", "food101", "--output", str(tmp_path / "r")]
+    _usage_error(argv, capsys, "Couldn't reach 'food101' on the Hub (OfflineModeIsEnabled) (this data source "
+                 "needs the Hugging Face Hub: give a local folder or file instead, or go online)")
+
+
 def test_print_config_refuses_settings_the_run_refuses(capsys: pytest.CaptureFixture) -> None:
     _usage_error(["train", "--epochs", "0", "--print-config"], capsys, "epochs must be >= 1, got 0")
     _usage_error(["train", "--dataset", "imagefolder", "--print-config"], capsys, "needs data_root")

@@ -77,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # corpus, a checkpoint): a usage error, as argparse reports its own (no traceback)
         print(f"gmlp {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except ConnectionError as err:  # a hub source (--data hf:..., --dataset hf) unreachable or offline
+        print(f"gmlp {args.command}: error: {_message(err)} (this data source needs the Hugging Face Hub: "
+              f"give a local folder or file instead, or go online)", file=sys.stderr)
+        return 2
     except ValueError as err:  # an unusable corpus (gmlp.data.text, imported only by the text commands), or
         # a checkpoint that is unreadable or does not fit the model (gmlp.utils.io.CheckpointError)
         # or an image that --strict-images stops at (gmlp.data.folders, imported by the vision commands)
