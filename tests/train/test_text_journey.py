@@ -189,3 +189,14 @@ def test_eval_batches_zero_says_so(
     pretrain(PretrainConfig(output=str(tmp_path / "run"), corpus=[str(corpus)], tokenizer=str(tok), **opts))
     err = capsys.readouterr().err
     assert "--eval-batches 0: validation perplexity is skipped" in err and "no held-out blocks" not in err
+
+
+def test_the_run_banner_names_amlp_for_a_gmlp_config_with_tiny_attention() -> None:
+    """``[gmlp] pretrain amlp: ...``, not the HF model type "gmlp" that aMLP shares with gMLP."""
+    from transformers import BertConfig
+
+    from gmlp.models.text import GMLPConfig
+
+    assert pipelines._arch_name(GMLPConfig(tiny_attn_size=8)) == "amlp"
+    assert pipelines._arch_name(GMLPConfig()) == "gmlp"
+    assert pipelines._arch_name(BertConfig()) == "bert"

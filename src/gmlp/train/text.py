@@ -1023,6 +1023,11 @@ def _warn_changed_options(checkpoint: Path, opts: Any, world_size: int | None = 
         )
 
 
+def _arch_name(config: Any) -> str:
+    """"amlp" for a gMLP config with tiny attention, else the config's ``model_type`` ("gmlp", "bert")."""
+    return "amlp" if getattr(config, "tiny_attn_size", None) else config.model_type
+
+
 def _save_config(config: Any, out: Path) -> None:
     """``config.save_pretrained(out)``, with ``out/config.json`` replaced atomically: a resumed run writes it
     again, and a process killed while writing it in place left an empty file that every later ``--resume``
@@ -1437,7 +1442,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         raise TextDataError("the training split produced no token blocks (is the corpus empty?)")
     if accelerator.is_main_process:
         print(
-            f"[gmlp] pretrain {config.model_type}: {len(splits.train)} train / {len(splits.validation)} "
+            f"[gmlp] pretrain {_arch_name(config)}: {len(splits.train)} train / {len(splits.validation)} "
             f"held-out documents -> {len(train_ids)} / {len(valid_ids)} blocks of {seq_len} tokens; "
             f"vocab {len(tokenizer)}",
             file=sys.stderr,
@@ -1970,7 +1975,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         _save_config(config, out)
         print(
-            f"[gmlp] finetune {config.model_type} ({cfg.task}): {n_train} training "
+            f"[gmlp] finetune {_arch_name(config)} ({cfg.task}): {n_train} training "
             f"{'features' if qa else 'examples'}, {steps_per_epoch} steps/epoch, {total} steps",
             file=sys.stderr,
         )
