@@ -14,10 +14,7 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from text_corpus import documents, write_corpus
+from torchrun_helpers import sigkill_after_checkpoint
 
 import gmlp.train.checkpoint as checkpoint
 from gmlp.cli import main
@@ -123,13 +121,6 @@ class _Accelerator:
         pass
 
 
-def _latest_step(run: Path) -> int:
-    try:
-        return json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return -1
-
-
 @pytest.mark.slow  # (a process of its own: ~10 s on a quiet 2-core machine, 30 s on a loaded one)
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(inputs: tuple[Path, Path], tmp_path: Path) -> None:
     """A resumed ``gmlp pretrain`` process SIGKILLed mid-run (it rewrote config.json at its start, and may
@@ -139,18 +130,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(inputs: tuple[Path, Pa
     args = lambda out: _args(inputs, out, steps=1000, save_every=3)  # noqa: E731  (still running when killed)
     assert main([*args(run), "--stop-after-steps", "2"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gmlp", *args(run), "--resume"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while _latest_step(run) < 5 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_after_checkpoint([*args(run), "--resume"], run, 5, env, poll=0.005)
     step = load_checkpoint(run).state["step"]
     stop = step + 5  # past the checkpoint, between two --log-every records
     assert main([*args(run), "--resume", "--stop-after-steps", str(stop - step)]) == 0

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_helpers import sigkill_after_checkpoint
 
 from gmlp.cli import main
 from gmlp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -48,32 +45,10 @@ ARGS = [
 ]
 
 
-def _latest_step(run: Path) -> int:
-    try:
-        return json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return -1
-
-
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     run = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gmlp", "train", *ARGS, "--output", str(run)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while _latest_step(run) < 7 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_after_checkpoint(["train", *ARGS, "--output", str(run)], run, 7, env)
     step = load_checkpoint(run).state["step"]
     stop = step + 7  # finish mid-epoch, a few steps past the checkpoint
     assert step >= 7

@@ -1,12 +1,14 @@
-"""Launching ``torchrun -m gmlp ...`` from tests, and killing what it started."""
+"""Launching ``gmlp`` processes (``torchrun -m gmlp ...`` among them) from tests, and killing them."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,31 @@ def launch(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tu
         pytest.fail(f"torchrun did not finish in {timeout}s (processes out of step?)\n{out[-3000:]}"
                     f"{err[-6000:]}")
     return proc.returncode, out, err
+
+
+def latest_step(run: Path) -> int:
+    """The step of the run's latest complete checkpoint (``checkpoints/latest.json``), or -1."""
+    try:
+        return json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return -1
+
+
+def sigkill_after_checkpoint(
+    args: list[str], run: Path, step: int, env: dict[str, str], poll: float = 0.01
+) -> None:
+    """Run ``python -m gmlp ARGS`` (writing to ``run``) and SIGKILL it, as a node failure would, once its
+    latest checkpoint has reached ``step``; the test fails if it ends first or takes over 120 s to get
+    there."""
+    proc = subprocess.Popen([sys.executable, "-m", "gmlp", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while latest_step(run) < step and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(poll)
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
