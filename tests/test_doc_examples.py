@@ -322,15 +322,15 @@ def test_documented_error_messages_are_printed(
 def test_fashion_mnist_recipe_is_the_defaults_written_out(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    """docs/vision_training.md: ``gmlp train --config recipes/fashion_mnist.yaml  # = gmlp train (the
-    defaults, written out)``: both resolve to the same settings."""
+    """docs/vision_training.md: ``gmlp train --config fashion_mnist  # = gmlp train (the defaults, written
+    out)``: both resolve to the same settings."""
     from gmlp.cli import main
 
-    assert "gmlp train --config recipes/fashion_mnist.yaml                  # = gmlp train (the defaults" in (
+    assert "gmlp train --config fashion_mnist                  # = gmlp train (the defaults" in (
         ROOT / "docs/vision_training.md"
     ).read_text()
     monkeypatch.chdir(ROOT)
-    assert main(["train", "--config", "recipes/fashion_mnist.yaml", "--print-config"]) == 0
+    assert main(["train", "--config", "fashion_mnist", "--print-config"]) == 0
     from_recipe = capsys.readouterr().out
     assert main(["train", "--print-config"]) == 0
     assert capsys.readouterr().out == from_recipe and "epochs: 6" in from_recipe

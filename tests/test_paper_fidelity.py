@@ -15,7 +15,7 @@ import torch
 
 from gmlp import create_model
 from gmlp.models.text import PRESETS, GMLPConfig, GMLPForMaskedLM
-from gmlp.train.recipe import load_recipe
+from gmlp.train.recipe import RECIPE_DIR, load_recipe
 from gmlp.train.vision import VisionTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_vision_init_starts_every_block_as_an_ffn() -> None:
 @pytest.mark.parametrize("size", sorted(TABLE1))
 def test_imagenet_recipe_builds_the_table1_model_with_its_survival_probability(size: str) -> None:
     name, _, _, _, params, _, survival = TABLE1[size]
-    cfg = VisionTrainConfig(**load_recipe(ROOT / "recipes" / f"imagenet_gmlp_{size}.yaml", VisionTrainConfig))
+    cfg = VisionTrainConfig(**load_recipe(RECIPE_DIR / f"imagenet_gmlp_{size}.yaml", VisionTrainConfig))
     assert cfg.model == name and cfg.img_size == 224
     assert cfg.drop_path_rate == pytest.approx(1.0 - survival)
     with torch.device("meta"):

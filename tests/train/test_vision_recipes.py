@@ -10,10 +10,10 @@ import torch
 import yaml
 
 from gmlp.cli import main
-from gmlp.train.recipe import ConfigError, RecipeError, load_recipe, merge_settings
+from gmlp.train.recipe import RECIPE_DIR, ConfigError, RecipeError, load_recipe, merge_settings
 from gmlp.train.vision import VisionTrainConfig
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = RECIPE_DIR
 
 
 def test_fashion_mnist_recipe_equals_the_defaults() -> None:
@@ -163,7 +163,7 @@ def test_a_flag_of_an_optional_setting_unsets_the_recipe_value(
 ) -> None:
     """`--auto-augment none` turns off a recipe's RandAugment (it was refused as "not a timm policy"), and
     any optional setting reads none/null as None; other values keep their type checks."""
-    recipe = Path(__file__).parents[2] / "recipes" / "imagenet_gmlp_s.yaml"
+    recipe = RECIPE_DIR / "imagenet_gmlp_s.yaml"
     argv = ["train", "--config", str(recipe), "--data-root", str(tmp_path), "--print-config"]
     assert main([*argv, "--auto-augment", "none", "--max-steps", "NULL", "--warmup-lr", "None"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)

@@ -18,8 +18,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from ..train.recipe import ConfigError
-from ..utils.io import CheckpointError
+from ..train.recipe import ConfigError  # torch-free: building the parser (``gmlp --help``) loads no torch
 
 __all__ = ["OPTIONAL_PACKAGES", "build_parser", "main", "missing_optional_package"]
 
@@ -84,8 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # an unusable corpus (gmlp.data.text, imported only by the text commands), or
         # a checkpoint that is unreadable or does not fit the model (gmlp.utils.io.CheckpointError)
         # or an image that --strict-images stops at (gmlp.data.folders, imported by the vision commands)
-        unusable: tuple[type, ...] = (CheckpointError,)
-        for module, name in (("gmlp.data.text", "TextDataError"), ("gmlp.data.folders", "CorruptImageError")):
+        # (each looked up only if its module was imported: it raised nothing otherwise, and importing
+        # gmlp.utils.io here would load torch for every command)
+        unusable: tuple[type, ...] = ()
+        for module, name in (("gmlp.utils.io", "CheckpointError"), ("gmlp.data.text", "TextDataError"),
+                             ("gmlp.data.folders", "CorruptImageError")):
             if module in sys.modules:
                 unusable += (getattr(sys.modules[module], name),)
         if not isinstance(err, unusable):

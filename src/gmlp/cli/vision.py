@@ -107,7 +107,7 @@ def _or_none(kind: type) -> Any:
 
 def _train_config(args: argparse.Namespace) -> Any:
     from ..train.recipe import load_recipe, merge_settings
-    from ..train.vision import VisionTrainConfig
+    from ..train.vision_config import VisionTrainConfig
 
     names = {f.name for f in dataclasses.fields(VisionTrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names}
@@ -201,6 +201,13 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_names() -> str:
+    """The packaged recipes' names, for ``--config``'s help (``fashion_mnist, imagenet_gmlp_b, ...``)."""
+    from ..train.recipe import packaged_recipes
+
+    return ", ".join(packaged_recipes())
+
+
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="model.safetensors, a training run or checkpoint directory, or a timm "
                                       "checkpoint (.pth/.bin/.safetensors, converted on the fly)")
@@ -212,7 +219,7 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train``, ``eval``, ``info``, ``export`` and ``compare-vit``."""
-    from ..train.vision import VisionTrainConfig
+    from ..train.vision_config import VisionTrainConfig  # torch-free (gmlp --help loads no torch)
 
     train = sub.add_parser(
         "train", help="train a vision gMLP (default: Fashion-MNIST, offline)",
@@ -220,7 +227,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "cores. Settings come from the flags, else the --config recipe file, else the defaults. "
                     "Multi-process: torchrun --nproc_per_node=N -m gmlp train ... (--batch-size is global).",
     )
-    train.add_argument("--config", metavar="FILE", help="YAML recipe (e.g. recipes/imagenet_gmlp_s.yaml)")
+    train.add_argument("--config", metavar="RECIPE",
+                       help=f"YAML recipe: a file, or the name of a packaged one ({_recipe_names()})")
     _add_config_arguments(train, VisionTrainConfig)
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output from its last checkpoint")
@@ -276,7 +284,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "spatial plots.",
     )
     cmp_.add_argument("--output", "-o", default="runs/compare_vit")
-    cmp_.add_argument("--config", help="recipe for both runs (default: the gmlp train defaults)")
+    cmp_.add_argument("--config", metavar="RECIPE",
+                      help=f"recipe for both runs: a YAML file, or the name of a packaged one "
+                           f"({_recipe_names()}; default: the gmlp train defaults)")
     cmp_.add_argument("--dataset", default=None, help="override the recipe's dataset (e.g. digits)")
     cmp_.add_argument("--model", default=None, help="gMLP model (default: the recipe's)")
     cmp_.add_argument("--epochs", type=int, default=None)

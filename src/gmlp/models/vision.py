@@ -577,7 +577,7 @@ def gmlp_s16_224(**kwargs: Any) -> GMLPVision:
     """gMLP-S/16 (paper Table 1): depth 30, d_model 256, d_ffn 1536; 19,422,656 parameters.
 
     The paper trains it with survival probability 0.95: pass ``drop_path_rate=0.05`` (as
-    ``recipes/imagenet_gmlp_s.yaml`` does); the default here is 0, as in timm's model functions."""
+    the packaged ``imagenet_gmlp_s`` recipe does); the default here is 0, as in timm's model functions."""
     return _create("gmlp_s16_224", **_defaults(kwargs, patch_size=16, embed_dim=256, depth=30, mlp_ratio=6))
 
 
@@ -586,7 +586,7 @@ def gmlp_b16_224(**kwargs: Any) -> GMLPVision:
     """gMLP-B/16 (paper Table 1): depth 30, d_model 512, d_ffn 3072; 73,075,392 parameters.
 
     The paper trains it with survival probability 0.80: pass ``drop_path_rate=0.2`` (as
-    ``recipes/imagenet_gmlp_b.yaml`` does); the default here is 0, as in timm's model functions."""
+    the packaged ``imagenet_gmlp_b`` recipe does); the default here is 0, as in timm's model functions."""
     return _create("gmlp_b16_224", **_defaults(kwargs, patch_size=16, embed_dim=512, depth=30, mlp_ratio=6))
 
 

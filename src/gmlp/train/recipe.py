@@ -4,6 +4,10 @@ A recipe file maps setting names (the dataclass's field names, ``lr``, ``batch_s
 accepted for underscores) to values. :func:`load_recipe` refuses unknown keys and values of the wrong type
 with an error naming the file and the key. :func:`merge_settings` layers the sources: explicit command-line
 flags over the file over the dataclass defaults.
+
+The recipes that ship with gmlp (:data:`RECIPE_DIR`: ``fashion_mnist``, ``imagenet_gmlp_{ti,s,b}``) are
+package data: :func:`resolve_recipe` finds one by its bare name (``gmlp train --config imagenet_gmlp_s``)
+from an installed package as from a checkout; a path to an existing file always wins.
 """
 
 from __future__ import annotations
@@ -18,14 +22,20 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "RECIPE_DIR",
     "ConfigError",
     "RecipeError",
     "check_cuda_available",
     "coerce_setting",
     "load_recipe",
     "merge_settings",
+    "packaged_recipes",
+    "resolve_recipe",
     "setting_types",
 ]
+
+#: The folder of the recipes that ship with the package (``src/gmlp/recipes``; package data of the wheel).
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 class ConfigError(ValueError):
@@ -127,19 +137,58 @@ def coerce_setting(name: str, value: Any, tp: Any) -> Any:
     raise ValueError(f"{name!r} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
+def packaged_recipes() -> dict[str, Path]:
+    """The recipes that ship with gmlp, sorted by name: ``{name: file}`` (``imagenet_gmlp_s`` ->
+    ``.../recipes/imagenet_gmlp_s.yaml``)."""
+    if not RECIPE_DIR.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml")) if p.is_file()}
+
+
+def resolve_recipe(config: str | Path) -> Path:
+    """The recipe file that ``config`` (``--config``) names.
+
+    A path to an existing file wins; else a bare name (no folder: ``imagenet_gmlp_s`` or
+    ``imagenet_gmlp_s.yaml``) names a packaged recipe (:func:`packaged_recipes`).
+
+    Raises:
+        FileNotFoundError: neither; the message lists the packaged recipes' names.
+    """
+    path = Path(config)
+    if path.is_file():
+        return path
+    text = str(config)
+    recipes = packaged_recipes()
+    names = ", ".join(recipes) or "none"
+    if text and Path(text).name == text and text not in (".", ".."):  # a bare name
+        name = text.removesuffix(".yaml")
+        if name in recipes:
+            return recipes[name]
+        close = difflib.get_close_matches(name, list(recipes), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise FileNotFoundError(
+            f"recipe file not found: {text!r}, and no packaged recipe has that name{hint}; packaged "
+            f"recipes: {names}"
+        )
+    raise FileNotFoundError(
+        f"recipe file not found: {str(path)!r} (or give a packaged recipe by name: {names})"
+    )
+
+
 def load_recipe(path: str | Path, config_cls: type) -> dict[str, Any]:
     """Read a YAML recipe and check it against ``config_cls``; returns ``{field: value}``.
 
+    ``path`` is a file, or the bare name of a packaged recipe (``imagenet_gmlp_s``): see
+    :func:`resolve_recipe`.
+
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file, nor a packaged recipe of that name.
         RecipeError: not YAML, not a mapping, an unknown key, a setting given twice (``batch_size`` and
             ``batch-size``), or a value of the wrong type.
     """
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe file not found: {str(path)!r}")
+    path = resolve_recipe(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
