@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def test_gpu_checks_dry_run_on_cpu(capsys: pytest.CaptureFixture) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert _load("gpu_checks").main(["--device", device, "--small"]) == 0
     out = capsys.readouterr().out
-    assert "FAIL" not in out and "16/16 checks passed" in out
+    passed = re.search(r"^(\d+)/\1 checks passed on", out, re.M)  # all of them
+    assert "FAIL" not in out and passed and int(passed[1]) >= 17, out[-2000:]
 
 
 def test_model_filter_and_plain_ops_ablation(tmp_path: Path) -> None:
