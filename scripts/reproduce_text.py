@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     tiny = max(16, d // 4)
     runs: dict[str, list[str]] = {}
     facts: dict[str, dict] = {}
-    for variant in ("sgu", "multiplicative", "additive", "linear"):
+    # "mixer": Table 3's MLP-Mixer row (2-layer token MLP, hidden size = the sequence length, full W1/W2:
+    # its ~2 n^2 spatial weights per layer are paid for with a smaller d_ffn)
+    for variant in ("sgu", "multiplicative", "additive", "linear", "mixer"):
         ffn = (
             args.ffn
             if variant == "sgu"

@@ -344,8 +344,8 @@ def test_bad_constructor_arguments() -> None:
         GMLPBlock(8, 16, 4, heads=3)
     with pytest.raises(ValueError, match="attn_dim"):
         GMLPBlock(8, 16, 4, variant="none", attn_dim=4)
-    with pytest.raises(ValueError, match="'mixer'"):
-        GMLPBlock(8, 16, 4, variant="mixer")
+    with pytest.raises(ValueError, match="'gated'"):  # ("mixer" is a variant now: Table 3's MLP-Mixer row)
+        GMLPBlock(8, 16, 4, variant="gated")
 
 
 # ---------------------------------------------------------------------------------------------------

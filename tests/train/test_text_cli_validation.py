@@ -86,6 +86,7 @@ PRETRAIN_BAD = [
     (["--arch", "gmlp", "--tiny-attn", "0"], "--tiny-attn", ">= 1", "0"),
     (["--arch", "amlp", "--tiny-attn", "-8"], "--tiny-attn", ">= 1", "-8"),
     (["--arch", "bert", "--heads", "0"], "--heads", ">= 1", "0"),
+    (["--arch", "bert", "--sgu-variant", "linear"], "--sgu-variant", "left out with --arch bert", "linear"),
     (["--arch", "bert", "--heads", "-2"], "--heads", ">= 1", "-2"),
     (["--arch", "bert", "--heads", "3"], "--heads", "divide --hidden 128", "3"),
     (["--layers", "0"], "--layers", ">= 1", "0"),
@@ -133,6 +134,7 @@ FINETUNE_BAD = [
     (["--stop-after-steps", "0"], "--stop-after-steps", ">= 1", "0"),
     (["--dropout", "1.5"], "--dropout", r"in \[0, 1\)", "1.5"),
     (["--arch", "bert", "--heads", "0"], "--heads", ">= 1", "0"),
+    (["--arch", "bert", "--sgu-variant", "linear"], "--sgu-variant", "left out with --arch bert", "linear"),
     (["--arch", "amlp", "--tiny-attn", "0"], "--tiny-attn", ">= 1", "0"),
 ]
 

@@ -57,8 +57,15 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, dropout: float) -> None:
     g.add_argument(
         "--sgu-variant",
         default="sgu",
-        choices=("sgu", "multiplicative", "additive", "linear", "none"),
-        help="gating function s(Z) (paper Table 3; default: sgu)",
+        choices=("sgu", "multiplicative", "additive", "linear", "none", "mixer"),
+        help="gating function s(Z) (paper Table 3; mixer = MLP-Mixer's 2-layer token MLP, no gating, "
+        "which ignores --toeplitz; default: sgu)",
+    )
+    g.add_argument(
+        "--token-mlp-dim",
+        type=int,
+        default=None,
+        help="hidden size of the --sgu-variant mixer token MLP (default: the sequence length)",
     )
     g.add_argument(
         "--toeplitz", action=_B, default=True, help="Toeplitz W (default: on, as the paper's NLP runs)"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..nn import GMLPBlock, PatchEmbed, TokenProjection
+from ..nn import GMLPBlock, PatchEmbed, TokenLinear, TokenProjection
 from ..nn._checks import as_int, check_flag, check_int, check_number
 from ..nn.patch import to_2tuple
 from ..nn.resample import resample_spatial_bias, resample_spatial_weight
@@ -195,8 +195,8 @@ class GMLPVision(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, TokenProjection):  # a subclass too (by name it was left uninitialised)
-                module.reset_parameters()
+            elif isinstance(module, (TokenProjection, TokenLinear)):  # a subclass too (by name it was left
+                module.reset_parameters()  # uninitialised); TokenLinear: variant "mixer"'s token MLP
 
     # -- timm model API -----------------------------------------------------------------------------
     @property
@@ -284,6 +284,11 @@ class GMLPVision(nn.Module):
         if grid != old:
             with torch.no_grad():
                 for block in self.blocks:
+                    if block.sgu.mix1 is not None:  # a token MLP's rows are not a grid of tokens to resample
+                        raise TypeError(
+                            "set_input_size cannot resample the token MLP of variant 'mixer' (W1's hidden "
+                            "rows are not tokens); build the model at the new img_size instead"
+                        )
                     proj = block.sgu.proj
                     if proj is not None:  # (variant "none" mixes no tokens)
                         if not isinstance(proj, TokenProjection) or proj.toeplitz:

@@ -8,7 +8,7 @@ from .attention import TinyAttention
 from .block import DropPath, GMLPBlock, drop_path
 from .patch import PatchEmbed
 from .resample import resample_spatial_bias, resample_spatial_weight
-from .sgu import VARIANTS, SpatialGatingUnit, TokenProjection
+from .sgu import VARIANTS, SpatialGatingUnit, TokenLinear, TokenProjection
 
 __all__ = [
     "VARIANTS",
@@ -17,6 +17,7 @@ __all__ = [
     "PatchEmbed",
     "SpatialGatingUnit",
     "TinyAttention",
+    "TokenLinear",
     "TokenProjection",
     "drop_path",
     "resample_spatial_bias",

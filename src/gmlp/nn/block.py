@@ -91,6 +91,8 @@ class GMLPBlock(nn.Module):
         dropout: dropout on the block output before the residual sum.
         norm_eps: epsilon of the block's pre-LayerNorm (1e-6, as timm).
         sgu_norm_eps: epsilon of the gate LayerNorm (1e-5, as timm and g-mlp-pytorch).
+        token_mlp_dim: hidden size of the ``variant="mixer"`` token MLP (None = ``seq_len``), see
+            :class:`gmlp.nn.SpatialGatingUnit`.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class GMLPBlock(nn.Module):
         sgu_norm_eps: float = 1e-5,
         init_std: float = 1e-6,
         fft_threshold: int | None = None,
+        token_mlp_dim: int | None = None,
     ) -> None:
         super().__init__()
         dim = check_int(dim, "dim")
@@ -131,9 +134,12 @@ class GMLPBlock(nn.Module):
             norm_eps=sgu_norm_eps,
             init_std=init_std,
             fft_threshold=fft_threshold,
+            token_mlp_dim=token_mlp_dim,
         )
-        if attn_dim is not None and variant == "none":
-            raise ValueError("attn_dim (tiny attention) needs a gate; it cannot be used with variant='none'")
+        if attn_dim is not None and variant in ("none", "mixer"):
+            raise ValueError(
+                f"attn_dim (tiny attention) needs a gate; it cannot be used with variant={variant!r}"
+            )
         self.tiny_attn = (
             TinyAttention(dim, attn_dim, self.sgu.gate_dim, causal=causal) if attn_dim is not None else None
         )

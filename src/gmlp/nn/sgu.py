@@ -16,6 +16,7 @@ them by zero, as in any PyTorch or Hugging Face model: padding should hold finit
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.cpu_linear import token_mix
@@ -32,7 +33,7 @@ from ._checks import (
 )
 from ._inplace import may_update_in_place, plain_call
 
-__all__ = ["VARIANTS", "TokenProjection", "SpatialGatingUnit"]
+__all__ = ["VARIANTS", "TokenLinear", "TokenProjection", "SpatialGatingUnit"]
 
 #: Variants of the gating function s(Z) from the paper's ablation (Table 3), with f(Z) = W LayerNorm(Z) + b.
 VARIANTS: dict[str, str] = {
@@ -41,6 +42,7 @@ VARIANTS: dict[str, str] = {
     "additive": "s(Z) = Z + f(Z)",
     "multiplicative": "s(Z) = Z * f(Z)",
     "sgu": "s(Z) = Z1 * f(Z2), Z split in halves along channels (spatial gating unit)",
+    "mixer": "s(Z) = W2 GELU(W1 LayerNorm(Z) + b1) + b2 (MLP-Mixer's 2-layer token MLP, no gating)",
 }
 
 
@@ -183,20 +185,96 @@ class TokenProjection(nn.Module):
         return out.reshape(n, batch, channels)
 
 
+class TokenLinear(nn.Module):
+    """One layer of the ``"mixer"`` variant's token MLP: ``out[i] = sum_j weight[i, j] z[j] + bias[i]`` along
+    the token axis (the first), shared by all channels, ``in_features -> out_features`` rows.
+
+    Unlike :class:`TokenProjection` W need not be square: ``mix1`` maps the ``n`` tokens to ``d_tok``
+    hidden rows, ``mix2`` maps them back. An input of ``m`` rows uses ``weight[:, :m]``; ``out`` (the number
+    of output rows, default all) uses ``weight[:out]`` and ``bias[:out]``, so a shorter sequence uses the
+    leading block of each, as the other variants' W.
+
+    Args:
+        in_features: input rows (``seq_len`` for ``mix1``, ``d_tok`` for ``mix2``).
+        out_features: output rows.
+        init_std: W is initialised from N(0, init_std).
+        bias_init: the constant b is initialised to.
+
+    Parameter shapes: ``weight`` (out_features, in_features), ``bias`` (out_features,).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, *, init_std: float, bias_init: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.in_features = check_int(in_features, "in_features")
+        self.out_features = check_int(out_features, "out_features")
+        self.init_std = check_number(init_std, "init_std")
+        self.bias_init = check_number(bias_init, "bias_init", low=-float("inf"), low_open=True)
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features))
+        self.bias = nn.Parameter(torch.empty(self.out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """W ~ N(0, init_std), b = bias_init."""
+        nn.init.normal_(self.weight, std=self.init_std)
+        nn.init.constant_(self.bias, self.bias_init)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def forward(self, z: torch.Tensor, out: int | None = None) -> torch.Tensor:
+        """``W[:out, :m] @ z + b[:out]`` for ``z`` of shape ``(m, *rest)``, ``m <= in_features``; returns
+        ``(out, *rest)`` (``out`` defaults to ``out_features``). Weights are cast to ``z``'s dtype.
+
+        Raises:
+            ValueError: ``z`` is not a tensor with at least one dimension and at most ``in_features`` rows,
+                or ``out`` is not in ``[1, out_features]``.
+        """
+        if not isinstance(z, torch.Tensor) or z.dim() < 1 or not 1 <= z.shape[0] <= self.in_features:
+            got = f"shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(
+                f"z must have 1 to in_features={self.in_features} rows (tokens first), got {got}"
+            )
+        rows = self.out_features if out is None else out
+        if not 1 <= rows <= self.out_features:
+            raise ValueError(f"out must be in [1, out_features={self.out_features}], got {out!r}")
+        m, rest = z.shape[0], z.shape[1:]
+        w = self.weight[:rows, :m].to(z.dtype)
+        b = self.bias[:rows].to(z.dtype)
+        return torch.addmm(b[:, None], w, z.reshape(m, -1)).view(rows, *rest)
+
+
 class SpatialGatingUnit(nn.Module):
     """The spatial gating unit s(Z) and the paper's ablation variants of it.
 
     For ``variant="sgu"`` (the paper's choice): ``Z1, Z2 = split(Z)`` (first half = multiplicative bypass,
     second half = gate input), ``s(Z) = Z1 * (W LayerNorm(Z2) + b)``, output width ``dim // 2``.
-    The other variants (``linear``, ``additive``, ``multiplicative``, ``none``) keep the width ``dim``;
-    see :data:`VARIANTS`.
+    The other variants (``linear``, ``additive``, ``multiplicative``, ``none``, ``mixer``) keep the width
+    ``dim``; see :data:`VARIANTS`.
+
+    ``variant="mixer"`` (Table 3's "MLP-Mixer (2-layer spatial MLP)" row) replaces the single projection
+    f by MLP-Mixer's token-mixing MLP, applied to every channel:
+    ``s(Z) = W2 GELU(W1 LayerNorm(Z) + b1) + b2`` with ``W1`` (d_tok, n) = ``mix1.weight``, ``b1`` =
+    ``mix1.bias``, ``W2`` (n, d_tok) = ``mix2.weight``, ``b2`` = ``mix2.bias`` (see :class:`TokenLinear`);
+    no gating and no residual inside s (the block's residual around ``fc2`` is the skip, as for
+    ``"linear"``). An input of ``m < n`` tokens uses ``W1[:, :m]``, ``W2[:m]`` and ``b2[:m]``; padded tokens
+    are zeroed after the LayerNorm, before W1, so real outputs equal those of the unpadded sequence.
+    Init: ``W1 ~ N(0, 1/sqrt(n))`` (unit-variance hidden pre-activations for a full sequence), ``b1 = 0``,
+    ``W2 ~ N(0, init_std)`` (near zero, as the SGU's W) and ``b2 = 1``, so ``s(Z)`` starts at ~1 as the
+    ``"linear"`` variant's f does (W1 is not near zero: with both layers near zero no weight would get a
+    gradient). It mixes every token with every other, so it refuses ``causal=True``; ``toeplitz``,
+    ``heads > 1``, ``fft_threshold`` and a ``gate_bias`` (tiny attention) are refused too.
 
     Args:
         dim: input channels (``d_ffn``); must be even for ``"sgu"``.
         seq_len: the largest number of tokens.
         variant: one of :data:`VARIANTS`.
-        toeplitz, causal, heads, init_std, fft_threshold: see :class:`TokenProjection`.
+        toeplitz, causal, heads, init_std, fft_threshold: see :class:`TokenProjection` (``init_std`` is W2's
+            for ``"mixer"``).
         norm_eps: epsilon of the gate LayerNorm (1e-5, torch's default, as in timm and g-mlp-pytorch).
+        token_mlp_dim: ``d_tok``, the hidden size of the ``"mixer"`` token MLP (None = ``seq_len``, i.e.
+            expansion 1; MLP-Mixer's own models use 0.5 to 4 times the token count). Only for ``"mixer"``.
 
     Attributes:
         out_features: width of the output (``dim // 2`` for ``"sgu"``, else ``dim``).
@@ -215,6 +293,7 @@ class SpatialGatingUnit(nn.Module):
         norm_eps: float = 1e-5,
         init_std: float = 1e-6,
         fft_threshold: int | None = None,
+        token_mlp_dim: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(variant, str) or variant not in VARIANTS:  # a list: not "unhashable type"
@@ -228,6 +307,16 @@ class SpatialGatingUnit(nn.Module):
         self.variant = variant
         self.gate_dim = dim // 2 if variant == "sgu" else dim
         self.out_features = self.gate_dim
+        self.mix1: TokenLinear | None = None
+        self.mix2: TokenLinear | None = None
+        if variant == "mixer":
+            self._build_mixer(toeplitz, causal, heads, norm_eps, init_std, fft_threshold, token_mlp_dim)
+            return
+        if token_mlp_dim is not None:
+            raise ValueError(
+                f"token_mlp_dim is the hidden size of variant 'mixer' only, got "
+                f"token_mlp_dim={token_mlp_dim!r} with variant={variant!r}"
+            )
         heads_int = as_int(heads)  # numpy ints are ints, as for the other sizes
         if heads_int is None or heads_int < 1 or self.gate_dim % heads_int:
             raise ValueError(
@@ -250,8 +339,37 @@ class SpatialGatingUnit(nn.Module):
                 fft_threshold=fft_threshold,
             )
 
+    def _build_mixer(
+        self, toeplitz: object, causal: object, heads: object, norm_eps: float, init_std: float,
+        fft_threshold: object, token_mlp_dim: object,
+    ) -> None:
+        """The LayerNorm and the two :class:`TokenLinear` layers of ``variant="mixer"``, after refusing the
+        options that do not apply to it."""
+        if check_flag(causal, "causal"):
+            raise ValueError(
+                "variant 'mixer' cannot be causal: its 2-layer token MLP mixes every token with every other; "
+                "use causal=False, or a single-projection variant (linear, additive, multiplicative, sgu) "
+                "for a causal model"
+            )
+        if check_flag(toeplitz, "toeplitz"):
+            raise ValueError("toeplitz=True constrains the single token projection W; variant 'mixer' has "
+                             "two full token layers (W1, W2): use toeplitz=False")
+        if as_int(heads) != 1:
+            raise ValueError(f"heads must be 1 for variant 'mixer' (one token MLP shared by all channels), "
+                             f"got {heads!r}")
+        if fft_threshold is not None:
+            raise ValueError(f"fft_threshold applies to Toeplitz projections only, not to variant 'mixer', "
+                             f"got {fft_threshold!r}")
+        hidden = self.seq_len if token_mlp_dim is None else check_int(token_mlp_dim, "token_mlp_dim")
+        init_std = check_number(init_std, "init_std")
+        self.norm = nn.LayerNorm(self.dim, eps=norm_eps)
+        self.proj = None
+        self.mix1 = TokenLinear(self.seq_len, hidden, init_std=self.seq_len**-0.5, bias_init=0.0)
+        self.mix2 = TokenLinear(hidden, self.seq_len, init_std=init_std, bias_init=1.0)
+
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, variant={self.variant!r}"
+        extra = f", token_mlp_dim={self.mix1.out_features}" if self.mix1 is not None else ""
+        return f"dim={self.dim}, variant={self.variant!r}{extra}"
 
     def forward(
         self,
@@ -288,6 +406,10 @@ class SpatialGatingUnit(nn.Module):
             if gate_bias is not None:
                 raise ValueError("variant 'none' has no gate: gate_bias (tiny attention) is not supported")
             return z
+        if self.variant == "mixer":
+            if gate_bias is not None:
+                raise ValueError("variant 'mixer' has no gate: gate_bias (tiny attention) is not supported")
+            return self._token_mlp(z, mask)
         if gate_bias is not None:
             expected = (z.shape[0], z.shape[1], self.gate_dim)
             if not isinstance(gate_bias, torch.Tensor) or tuple(gate_bias.shape) != expected:
@@ -298,6 +420,15 @@ class SpatialGatingUnit(nn.Module):
                 raise ValueError(f"gate_bias must have z's dtype {z.dtype}, got {gate_bias.dtype}")
         z1, z2 = z.chunk(2, dim=-1) if self.variant == "sgu" else (z, z)  # chunk: backward is one cat
         return self.forward_normalized(z1, self.norm(z2), mask, gate_bias)
+
+    def _token_mlp(self, z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``W2 GELU(W1 LayerNorm(z) + b1) + b2`` over the token axis (``variant="mixer"``), with padded
+        tokens zeroed before W1."""
+        zn = self.norm(z)
+        if mask is not None:
+            zn = zn.masked_fill(~mask.t().unsqueeze(-1), 0.0)
+        hidden = F.gelu(self.mix1(zn))
+        return self.mix2(hidden, zn.shape[0])
 
     def _check_dtype(self, z: torch.Tensor, dtype: torch.dtype, err: Exception) -> None:
         """A TypeError naming ``z`` (from ``err``, torch's error, which names neither) where its dtype differs

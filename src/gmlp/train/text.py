@@ -90,6 +90,7 @@ class ModelOptions:
     seq_len: int | None = None  # None: a loaded model's own length, NEW_MODEL_SEQ_LEN for a new one
     tiny_attn: int | None = None
     sgu_variant: str = "sgu"
+    token_mlp_dim: int | None = None  # --sgu-variant mixer's token-MLP hidden size (None: the seq length)
     heads: int | None = None
     dropout: float = 0.0
     toeplitz: bool = True
@@ -306,6 +307,7 @@ _ARCH_ONLY = (
     "ffn",
     "tiny_attn",
     "sgu_variant",
+    "token_mlp_dim",
     "toeplitz",
     "heads",
     "model_vocab_size",
@@ -322,7 +324,10 @@ def _validate_model_options(
         raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {opts.arch!r}")
     _require(opts, ("layers", "hidden", "ffn"), lambda v: v >= 1, ">= 1", optional=True)
     _require(opts, ("seq_len",), lambda v: v >= 3, ">= 3 (room for [CLS], a token and [SEP])", optional=True)
-    _require(opts, ("tiny_attn", "heads", "model_vocab_size"), lambda v: v >= 1, ">= 1", optional=True)
+    _require(
+        opts, ("tiny_attn", "heads", "model_vocab_size", "token_mlp_dim"), lambda v: v >= 1, ">= 1",
+        optional=True,
+    )
     _require(opts, ("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")
     if loaded_from:
         defaults = {f.name: f.default for f in fields(opts)}
@@ -335,6 +340,19 @@ def _validate_model_options(
                     f"the settings of that folder's config.json); leave {flag} out"
                 )
         return
+    if opts.arch == "amlp" and opts.sgu_variant in ("none", "mixer"):  # (else refused after the data load)
+        raise ConfigError(
+            f"--arch amlp adds a tiny attention to the gate, and --sgu-variant {opts.sgu_variant} has no "
+            f"gate: use --arch gmlp"
+        )
+    if opts.arch == "bert" and opts.sgu_variant != "sgu":  # (it was ignored)
+        raise ConfigError(f"--sgu-variant sets gMLP's gating and must be left out with --arch bert, got "
+                          f"{opts.sgu_variant}")
+    if opts.token_mlp_dim is not None and (opts.arch == "bert" or opts.sgu_variant != "mixer"):
+        raise ConfigError(
+            f"--token-mlp-dim sets the token MLP of --sgu-variant mixer: it needs --arch gmlp and "
+            f"--sgu-variant mixer, got --arch {opts.arch} --sgu-variant {opts.sgu_variant}"
+        )
     if opts.arch == "bert":
         if opts.preset:
             raise ConfigError("--preset names a gMLP/aMLP model; for BERT give --layers/--hidden/--ffn")
@@ -390,7 +408,16 @@ def _preset_arch(opts: ModelOptions) -> dict[str, Any]:
             f"--arch amlp: --preset {opts.preset} has no tiny attention; use an amlp-* preset or add it "
             f"with --tiny-attn (64 in the paper's base models)"
         )
-    return {"tiny_attn_size": tiny, "sgu_variant": opts.sgu_variant, "toeplitz": opts.toeplitz}
+    return {
+        "tiny_attn_size": tiny, "sgu_variant": opts.sgu_variant, "toeplitz": _toeplitz(opts),
+        "sgu_token_mlp_dim": opts.token_mlp_dim,
+    }
+
+
+def _toeplitz(opts: ModelOptions) -> bool:
+    """``--toeplitz``, or False for ``--sgu-variant mixer`` (no single projection W to constrain: its
+    config.json then says so, rather than an unused True)."""
+    return opts.toeplitz and opts.sgu_variant != "mixer"
 
 
 def _in_hub_cache(repo_id: str) -> bool:
@@ -577,9 +604,10 @@ def build_model_config(
         hidden_size=hidden,
         intermediate_size=ffn,
         num_hidden_layers=layers,
-        toeplitz=opts.toeplitz,
+        toeplitz=_toeplitz(opts),
         tiny_attn_size=tiny,
         sgu_variant=opts.sgu_variant,
+        sgu_token_mlp_dim=opts.token_mlp_dim,
         **common,
     )
 

@@ -72,6 +72,28 @@ def _check_problem_type(problem_type: Any) -> None:
         raise ValueError(f"problem_type must be None or one of {list(_PROBLEM_TYPES)}, got {problem_type!r}")
 
 
+def _check_mixer(
+    token_mlp_dim: Any, max_position_embeddings: int, sgu_heads: int, causal: Any, fft_threshold: Any
+) -> int:
+    """The checks of ``sgu_variant="mixer"``; its resolved token-MLP hidden size."""
+    if causal is True:
+        raise ValueError(
+            "sgu_variant='mixer' cannot be causal (its 2-layer token MLP mixes every token with every "
+            "other): use causal=False, or a single-projection variant for a causal model"
+        )
+    if sgu_heads != 1:
+        raise ValueError(f"sgu_heads must be 1 with sgu_variant='mixer' (one token MLP), got {sgu_heads}")
+    if fft_threshold is not None:
+        raise ValueError(
+            f"spatial_fft_threshold (FFT Toeplitz mixing) does not apply to sgu_variant='mixer'; it must be "
+            f"None, got {fft_threshold!r}"
+        )
+    if token_mlp_dim is None:
+        return max_position_embeddings
+    _positive_int("sgu_token_mlp_dim", token_mlp_dim)
+    return token_mlp_dim
+
+
 class GMLPConfig(PretrainedConfig):
     r"""Configuration of :class:`~gmlp.models.text.GMLPModel` and its task heads.
 
@@ -87,12 +109,21 @@ class GMLPConfig(PretrainedConfig):
         max_position_embeddings: ``n``, the largest number of tokens; the spatial W is n x n (or 2n-1
             Toeplitz entries) and b has n entries. There are no position embeddings: position lives in W.
         toeplitz: constrain W to be Toeplitz (``W[i, j] = w[i - j]``), as in all of the paper's NLP runs.
+            It concerns the single token projection of the ``sgu``/``multiplicative``/``additive``/``linear``
+            variants; ``sgu_variant="mixer"`` has no such W and its token MLP is always full (the setting is
+            then unused, so that the default True need not be turned off).
         tiny_attn_size: size of the single tiny-attention head (aMLP: 64 for base, 128 for large);
             None = plain gMLP.
         causal: causal token mixing (W masked to its lower triangle, causal tiny attention). Forced on by
             :class:`~gmlp.models.text.GMLPForCausalLM`.
         sgu_variant: gating function, one of :data:`gmlp.nn.VARIANTS` (``"sgu"`` is the paper's choice;
-            the others are its Table 3 ablations).
+            the others are its Table 3 ablations; ``"mixer"`` is the "MLP-Mixer (2-layer spatial MLP)" row,
+            :class:`gmlp.nn.SpatialGatingUnit`, which cannot be causal and takes neither tiny attention,
+            ``sgu_heads > 1`` nor ``spatial_fft_threshold``).
+        sgu_token_mlp_dim: ``d_tok``, the hidden size of the ``"mixer"`` variant's token MLP (W1 is
+            ``d_tok x n``, W2 ``n x d_tok``). None = ``max_position_embeddings`` (stored resolved, so a saved
+            config keeps it even where ``max_position_embeddings`` changes, e.g. by
+            ``resize_sequence_length``). Must be None for the other variants.
         sgu_heads: number of channel groups of the SGU, each with its own W and b (g-mlp-pytorch's ``heads``).
         hidden_dropout_prob: dropout on the embeddings and on each block's output.
         classifier_dropout: dropout in the sequence-classification head (None = ``hidden_dropout_prob``).
@@ -153,6 +184,7 @@ class GMLPConfig(PretrainedConfig):
         causal: bool = False,
         sgu_variant: str = "sgu",
         sgu_heads: int = 1,
+        sgu_token_mlp_dim: int | None = None,
         hidden_dropout_prob: float = 0.0,
         classifier_dropout: float | None = None,
         drop_path_rate: float = 0.0,
@@ -198,10 +230,20 @@ class GMLPConfig(PretrainedConfig):
             )
         if tiny_attn_size is not None:
             _positive_int("tiny_attn_size", tiny_attn_size)
-            if sgu_variant == "none":
+            if sgu_variant in ("none", "mixer"):
                 raise ValueError(
-                    "tiny_attn_size needs a gate to add to; it cannot be used with sgu_variant='none'"
+                    f"tiny_attn_size needs a gate to add to; it cannot be used with "
+                    f"sgu_variant={sgu_variant!r}"
                 )
+        if sgu_variant == "mixer":
+            sgu_token_mlp_dim = _check_mixer(
+                sgu_token_mlp_dim, max_position_embeddings, sgu_heads, causal, spatial_fft_threshold
+            )
+        elif sgu_token_mlp_dim is not None:
+            raise ValueError(
+                f"sgu_token_mlp_dim is the hidden size of sgu_variant='mixer' only; it must be None with "
+                f"sgu_variant={sgu_variant!r}, got {sgu_token_mlp_dim!r}"
+            )
         flags = (
             ("toeplitz", toeplitz), ("causal", causal), ("tie_word_embeddings", tie_word_embeddings),
             ("sparse_prediction", sparse_prediction),
@@ -262,6 +304,7 @@ class GMLPConfig(PretrainedConfig):
         self.causal = causal
         self.sgu_variant = sgu_variant
         self.sgu_heads = sgu_heads
+        self.sgu_token_mlp_dim = sgu_token_mlp_dim
         self.hidden_dropout_prob = hidden_dropout_prob
         self.classifier_dropout = classifier_dropout
         self.drop_path_rate = drop_path_rate

@@ -5,7 +5,8 @@ Classes: :class:`GMLPModel` (embeddings, blocks, final LayerNorm), :class:`GMLPF
 They are registered with the ``Auto*`` classes when :mod:`gmlp.models.text` is imported.
 
 Parameter names are flat: ``gmlp.embed``, ``gmlp.token_type_embed``,
-``gmlp.blocks.N.{norm,fc1,sgu.norm,sgu.proj,tiny_attn.qkv,tiny_attn.out,fc2}``, ``gmlp.norm``, then the head
+``gmlp.blocks.N.{norm,fc1,sgu.norm,sgu.proj,tiny_attn.qkv,tiny_attn.out,fc2}`` (``sgu.mix1``/``sgu.mix2``
+instead of ``sgu.proj`` for ``sgu_variant="mixer"``), ``gmlp.norm``, then the head
 (``decoder``, ``lm_head``, ``pooler``/``classifier``, ``qa_outputs``).
 
 Layout: inside the stack the activations are token-major ``(seq, batch, dim)`` (see :mod:`gmlp.nn.sgu`);
@@ -44,6 +45,7 @@ from ...convert import detect_format, from_g_mlp_pytorch
 from ...kernels.cpu_linear import apply_linear
 from ...nn import GMLPBlock, TinyAttention, TokenProjection
 from ...nn._checks import as_int, capturing, host_checks_enabled
+from ...nn.sgu import TokenLinear
 from ...utils.io import CheckpointError
 from ..vision import drop_path_rates
 from .configuration_gmlp import GMLPConfig, _check_problem_type
@@ -311,7 +313,8 @@ class GMLPPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Linear/Embedding weights ~ N(0, initializer_range), biases 0; LayerNorm 1/0; spatial W ~
-        N(0, spatial_init_std) and b = 1 (:meth:`gmlp.nn.TokenProjection.reset_parameters`)."""
+        N(0, spatial_init_std) and b = 1 (:meth:`gmlp.nn.TokenProjection.reset_parameters`); the
+        ``"mixer"`` token MLP's layers as :class:`gmlp.nn.SpatialGatingUnit` documents."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             _init.normal_(module.weight, mean=0.0, std=std)
@@ -322,7 +325,7 @@ class GMLPPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             _init.ones_(module.weight)
             _init.zeros_(module.bias)
-        elif isinstance(module, TokenProjection):
+        elif isinstance(module, (TokenProjection, TokenLinear)):
             # Under from_pretrained (transformers 5) torch's init functions are guarded, so this re-draws
             # only weights that were missing from the checkpoint.
             module.reset_parameters()
@@ -349,9 +352,10 @@ class GMLPPreTrainedModel(PreTrainedModel):
 
         Each spatial projection keeps exactly what an ``m``-token input uses: a Toeplitz W keeps the
         offsets ``-(m-1) .. m-1`` (its central ``2m - 1`` entries), a full W its leading ``m x m`` block,
-        and b keeps ``b[:m]``. So the resized model gives the same outputs as the original on every input of
-        at most ``m`` tokens, with a smaller W (``2m - 1`` instead of ``2n - 1`` entries, or ``m x m``
-        instead of ``n x n``). ``config.max_position_embeddings`` becomes ``m``.
+        and b keeps ``b[:m]``; the ``"mixer"`` token MLP keeps ``W1[:, :m]``, ``W2[:m]`` and ``b2[:m]`` (its
+        hidden size ``sgu_token_mlp_dim`` is unchanged). So the resized model gives the same outputs as the
+        original on every input of at most ``m`` tokens, with a smaller W (``2m - 1`` instead of ``2n - 1``
+        entries, or ``m x m`` instead of ``n x n``). ``config.max_position_embeddings`` becomes ``m``.
 
         The parameters are replaced by new tensors: build the optimizer after resizing.
 
@@ -368,6 +372,15 @@ class GMLPPreTrainedModel(PreTrainedModel):
         m = new_len
         for block in base.blocks:
             proj = block.sgu.proj
+            mix1, mix2 = getattr(block.sgu, "mix1", None), getattr(block.sgu, "mix2", None)
+            if mix1 is not None and mix2 is not None:  # (sgu_variant "mixer")
+                with torch.no_grad():
+                    cuts = ((mix1, mix1.weight[:, :m], mix1.bias), (mix2, mix2.weight[:m], mix2.bias[:m]))
+                    for layer, w, b in cuts:
+                        grad_w, grad_b = layer.weight.requires_grad, layer.bias.requires_grad
+                        layer.weight = nn.Parameter(w.contiguous().clone(), requires_grad=grad_w)
+                        layer.bias = nn.Parameter(b.contiguous().clone(), requires_grad=grad_b)
+                mix1.in_features = mix2.out_features = m
             if proj is not None:
                 with torch.no_grad():
                     w = proj.weight[..., n - m : n + m - 1] if proj.toeplitz else proj.weight[..., :m, :m]
@@ -400,7 +413,10 @@ class GMLPModel(GMLPPreTrainedModel):
         self.blocks = nn.ModuleList(
             GMLPBlock(
                 d, config.intermediate_size, config.max_position_embeddings,
-                variant=config.sgu_variant, toeplitz=config.toeplitz, causal=config.causal,
+                variant=config.sgu_variant, causal=config.causal,
+                # (toeplitz concerns the single projection W: "mixer" has none)
+                toeplitz=config.toeplitz and config.sgu_variant != "mixer",
+                token_mlp_dim=getattr(config, "sgu_token_mlp_dim", None),
                 heads=config.sgu_heads, attn_dim=config.tiny_attn_size, drop_path=p,
                 dropout=config.hidden_dropout_prob, norm_eps=config.layer_norm_eps,
                 sgu_norm_eps=config.sgu_norm_eps, init_std=config.spatial_init_std,
