@@ -59,6 +59,19 @@ def bert_params(layers: int, hidden: int, ffn: int, seq: int, vocab: int) -> int
         return _params(BertForMaskedLM(cfg))
 
 
+def mpnet_params(layers: int, hidden: int, ffn: int, seq: int, vocab: int) -> int:
+    """Parameters of ``--arch bert-relpos`` (Table 3's BERT + relative position bias: transformers' MPNet),
+    built by the config the pipeline builds."""
+    from transformers import MPNetForMaskedLM
+
+    from gmlp.train.text import PretrainConfig, build_model_config
+
+    opts = PretrainConfig(arch="bert-relpos", layers=layers, hidden=hidden, ffn=ffn, seq_len=seq)
+    cfg = build_model_config(opts, vocab_size=vocab, special_ids={"pad": 0, "cls": 2, "sep": 3, "mask": 4})
+    with torch.device("meta"):
+        return _params(MPNetForMaskedLM(cfg))
+
+
 def match_ffn(target: int, count, start: int) -> int:
     """The even d_ffn whose parameter count (``count(ffn)``) is closest to ``target``."""
     best = min(range(16, 4 * start, 2), key=lambda f: abs(count(f) - target))
@@ -127,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     ffn_b = match_ffn(target, lambda f: bert_params(L, d, f, n, vocab), args.ffn)
     runs["bert"] = ["--arch", "bert", "--ffn", str(ffn_b)]
     facts["bert"] = {"ffn": ffn_b, "params": bert_params(L, d, ffn_b, n, vocab)}
+    # Table 3's "BERT-base + relative position bias" (MPNet: BERT + a learned bucketed relative bias)
+    ffn_r = match_ffn(target, lambda f: mpnet_params(L, d, f, n, vocab), args.ffn)
+    runs["bert-relpos"] = ["--arch", "bert-relpos", "--ffn", str(ffn_r)]
+    facts["bert-relpos"] = {"ffn": ffn_r, "params": mpnet_params(L, d, ffn_r, n, vocab)}
     only = set(args.only.split(",")) if args.only else None
     common = [
         "--layers",
@@ -165,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         saved = json.loads((run / "repro.json").read_text()) if (run / "repro.json").exists() else {}
         facts[name].update({k: v for k, v in saved.items() if k == "seconds"})
         facts[name]["ppl"], facts[name]["step"] = _final_ppl(run)
-    for name in ("gmlp-sgu", "amlp", "bert"):
+    for name in ("gmlp-sgu", "amlp", "bert", "bert-relpos"):
         if only and name not in only or "ppl" not in facts[name]:
             continue
         ft = out / f"finetune-{name}"

@@ -24,9 +24,11 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, dropout: float) -> None:
     g = p.add_argument_group("model (when built from scratch)")
     g.add_argument(
         "--arch",
-        choices=("gmlp", "amlp", "bert"),
+        choices=("gmlp", "amlp", "bert", "bert-relpos"),
         default="gmlp",
-        help="gMLP, aMLP (gMLP + tiny attention) or the BERT baseline (default: gmlp)",
+        help="gMLP, aMLP (gMLP + tiny attention), the BERT baseline, or BERT + relative position bias "
+        "(Table 3; transformers' MPNet: BERT's encoder and MLM head with a learned bucketed relative "
+        "attention bias, no token types) (default: gmlp)",
     )
     g.add_argument(
         "--preset",
@@ -70,7 +72,9 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, dropout: float) -> None:
     g.add_argument(
         "--toeplitz", action=_B, default=True, help="Toeplitz W (default: on, as the paper's NLP runs)"
     )
-    g.add_argument("--heads", type=int, default=None, help="BERT attention heads (default: d_model / 64)")
+    g.add_argument(
+        "--heads", type=int, default=None, help="bert / bert-relpos attention heads (default: d_model / 64)"
+    )
     g.add_argument("--dropout", type=float, default=dropout, help=f"hidden dropout (default: {dropout})")
     g.add_argument(
         "--model-vocab-size",

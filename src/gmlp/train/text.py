@@ -8,8 +8,10 @@ data stream)`` and dropout only on ``(seed, step, rank, micro-batch)``, so a run
 resumed with ``--resume`` from its last checkpoint ends with the same weights as an uninterrupted run, and
 (without dropout) N processes with ``--batch-size B`` train as one with ``--batch-size N*B``.
 
-Architectures (``arch``): ``gmlp`` (Toeplitz W, paper section 5), ``amlp`` (gMLP + one tiny attention head)
-and ``bert`` (transformers' BERT, the paper's baseline).
+Architectures (``arch``): ``gmlp`` (Toeplitz W, paper section 5), ``amlp`` (gMLP + one tiny attention head),
+``bert`` (transformers' BERT, the paper's baseline) and ``bert-relpos`` (Table 3's "BERT-base + relative
+position bias": transformers' MPNet, which is BERT's post-LN encoder and MLM head with a learned T5-style
+bucketed relative attention bias shared by all layers, RoBERTa-style absolute positions and no token types).
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ __all__ = [
     "step_seed",
 ]
 
-ARCHS: tuple[str, ...] = ("gmlp", "amlp", "bert")
+ARCHS: tuple[str, ...] = ("gmlp", "amlp", "bert", "bert-relpos")
+#: The attention baselines (transformers models sized by ``--layers/--hidden/--ffn/--heads``, no preset).
+_BERT_ARCHS: tuple[str, ...] = ("bert", "bert-relpos")
 _METRICS = "metrics.jsonl"
 
 
@@ -167,9 +171,8 @@ class PretrainConfig(ModelOptions, _TrainOptions):
             _check_model_folder("--init-from", self.init_from, hub_cache=True)
             if not self.tokenizer:
                 _init_tokenizer_dir(self.init_from)
-            length = _folder_max_len(self.init_from)
-            if length is not None:  # before the corpus is read (else checked once the config is loaded)
-                _max_len_of(length, self.seq_len)
+            # before the corpus is read (else checked once the config is loaded)
+            _folder_max_len(self.init_from, self.seq_len)
 
 
 @dataclass
@@ -227,8 +230,8 @@ class FinetuneConfig(ModelOptions, _TrainOptions):
         length = None  # the tokens per sequence, where known before anything is read
         if self.model:
             _check_model_folder("--model", self.model)
-            own = _folder_max_len(self.model)  # --seq-len up to the loaded model's length (its W's size)
-            length = None if own is None else _max_len_of(own, self.seq_len)
+            # --seq-len up to the loaded model's length (its W's size)
+            length = _folder_max_len(self.model, self.seq_len)
         elif not self.resume:  # a resumed run has its own config.json's length
             length = seq_len_of_new_model(self)
         if self.task == "qa" and self.doc_stride is not None and (length or self.seq_len):
@@ -314,6 +317,12 @@ _ARCH_ONLY = (
 )
 
 
+_NO_CHECKPOINTING = (
+    "--grad-checkpointing: transformers' {name} ({arch}) has no activation checkpointing; leave "
+    "--grad-checkpointing out"
+)
+
+
 def _validate_model_options(
     opts: ModelOptions, *, loaded_from: str | None, loaded_ignores: Sequence[str] = ()
 ) -> None:
@@ -345,21 +354,24 @@ def _validate_model_options(
             f"--arch amlp adds a tiny attention to the gate, and --sgu-variant {opts.sgu_variant} has no "
             f"gate: use --arch gmlp"
         )
-    if opts.arch == "bert" and opts.sgu_variant != "sgu":  # (it was ignored)
-        raise ConfigError(f"--sgu-variant sets gMLP's gating and must be left out with --arch bert, got "
-                          f"{opts.sgu_variant}")
-    if opts.token_mlp_dim is not None and (opts.arch == "bert" or opts.sgu_variant != "mixer"):
+    if opts.arch in _BERT_ARCHS and opts.sgu_variant != "sgu":  # (it was ignored)
+        raise ConfigError(f"--sgu-variant sets gMLP's gating and must be left out with --arch {opts.arch}, "
+                          f"got {opts.sgu_variant}")
+    if opts.token_mlp_dim is not None and (opts.arch in _BERT_ARCHS or opts.sgu_variant != "mixer"):
         raise ConfigError(
             f"--token-mlp-dim sets the token MLP of --sgu-variant mixer: it needs --arch gmlp and "
             f"--sgu-variant mixer, got --arch {opts.arch} --sgu-variant {opts.sgu_variant}"
         )
-    if opts.arch == "bert":
+    if opts.arch in _BERT_ARCHS:
         if opts.preset:
-            raise ConfigError("--preset names a gMLP/aMLP model; for BERT give --layers/--hidden/--ffn")
+            raise ConfigError(
+                f"--preset names a gMLP/aMLP model; for --arch {opts.arch} give --layers/--hidden/--ffn, "
+                f"got --preset {opts.preset}"
+            )
         if opts.tiny_attn is not None:
             raise ConfigError(
-                "--tiny-attn sets aMLP's tiny attention: it needs --arch amlp, not --arch bert "
-                "(BERT's attention heads: --heads)"
+                f"--tiny-attn sets aMLP's tiny attention: it needs --arch amlp, not --arch {opts.arch} "
+                f"(BERT's attention heads: --heads)"
             )
         _, hidden, _ = model_sizes(opts)
         if opts.heads is not None and hidden % opts.heads:
@@ -370,10 +382,13 @@ def _validate_model_options(
                 f"--hidden {hidden} is not divisible by the default --heads {heads} (--hidden / 64); "
                 f"give --heads"
             )
+        if opts.arch == "bert-relpos" and getattr(opts, "grad_checkpointing", False):
+            raise ConfigError(_NO_CHECKPOINTING.format(name="MPNet", arch="--arch bert-relpos"))
         return
     if opts.heads is not None:
         raise ConfigError(
-            f"--heads sets BERT's attention heads: it needs --arch bert, not --arch {opts.arch}"
+            f"--heads sets BERT's attention heads: it needs --arch bert or bert-relpos, not --arch "
+            f"{opts.arch}"
         )
     if opts.preset:
         try:
@@ -467,14 +482,19 @@ def _init_tokenizer_dir(init_from: str) -> Path:
     )
 
 
-def _folder_max_len(path: str) -> int | None:
-    """``max_position_embeddings`` of the ``save_pretrained`` folder ``path`` (from its config.json), or
-    None where it cannot tell (a hub model, an unreadable file, a config without it)."""
+def _folder_max_len(path: str, requested: int | None) -> int | None:
+    """:func:`_max_len` for the model of the ``save_pretrained`` folder ``path`` (from its config.json:
+    ``max_position_embeddings``, less MPNet's position offset for a ``bert-relpos`` model), or None where it
+    cannot tell (a hub model, an unreadable file, a config without it)."""
     try:
-        value = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+        saved = json.loads((Path(path) / "config.json").read_text())
+        value = saved.get("max_position_embeddings")
+        offset = _MPNET_POSITION_OFFSET if saved.get("model_type") == "mpnet" else 0
     except (OSError, ValueError, AttributeError):
         return None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+    if not isinstance(value, int) or isinstance(value, bool) or value - offset < 1:
+        return None
+    return _max_len_of(value - offset, requested, offset=offset)
 
 
 #: The options that name where a run's tokenizer and model come from, per command: a resumed run given
@@ -546,7 +566,8 @@ def _import_gmlp() -> Any:
 def build_model_config(
     opts: ModelOptions, *, vocab_size: int, special_ids: dict[str, int], **extra: Any
 ) -> Any:
-    """A transformers config for ``opts.arch`` (``GMLPConfig`` or ``BertConfig``).
+    """A transformers config for ``opts.arch`` (``GMLPConfig``, ``BertConfig``, or ``MPNetConfig`` for
+    ``bert-relpos``: BERT's sizes with a relative attention bias, see :func:`_relpos_config`).
 
     Args:
         opts: the architecture options.
@@ -559,15 +580,21 @@ def build_model_config(
     """
     if opts.arch not in ARCHS:
         raise ValueError(f"unknown arch {opts.arch!r}; expected one of {', '.join(ARCHS)}")
-    if opts.arch == "bert":
+    if opts.arch in _BERT_ARCHS:
         from transformers import BertConfig
 
         if opts.preset:
-            raise ValueError("--preset names a gMLP/aMLP model; for BERT give --layers/--hidden/--ffn")
+            raise ValueError(f"--preset names a gMLP/aMLP model; for --arch {opts.arch} give "
+                             f"--layers/--hidden/--ffn")
         layers, hidden, ffn = model_sizes(opts)
         heads = opts.heads or max(1, hidden // 64)
         if hidden % heads:
             raise ValueError(f"--hidden {hidden} must be divisible by --heads {heads}")
+        if opts.arch == "bert-relpos":
+            return _relpos_config(
+                opts, vocab_size=vocab_size, special_ids=special_ids, layers=layers, hidden=hidden, ffn=ffn,
+                heads=heads, **extra,
+            )
         return BertConfig(
             vocab_size=vocab_size,
             hidden_size=hidden,
@@ -610,6 +637,83 @@ def build_model_config(
         sgu_token_mlp_dim=opts.token_mlp_dim,
         **common,
     )
+
+
+#: MPNet's position of the first token: its ``padding_idx`` (1, fixed in transformers' MPNetEmbeddings
+#: whatever ``pad_token_id`` says) + 1; pads take position ``padding_idx``. A model of ``n`` tokens needs
+#: ``max_position_embeddings = n + 2`` (RoBERTa's 514 for 512).
+_MPNET_POSITION_OFFSET = 2
+
+#: MPNet's relative buckets: ``MPNetEncoder.compute_position_bias`` always uses 32 buckets (16 per
+#: direction, distances 0..7 exact, then log-spaced up to 128, farther ones share the last bucket) whatever
+#: ``relative_attention_num_buckets`` says; the config must say 32 (fewer index past the bias table, more
+#: add unused rows).
+_MPNET_BUCKETS = 32
+
+
+def _relpos_config(
+    opts: ModelOptions, *, vocab_size: int, special_ids: dict[str, int], layers: int, hidden: int, ffn: int,
+    heads: int, **extra: Any,
+) -> Any:
+    """The ``MPNetConfig`` of ``--arch bert-relpos``: BERT's sizes, activation (GELU), layer-norm eps,
+    init range and dropout, plus MPNet's relative attention bias (:data:`_MPNET_BUCKETS` buckets, one
+    learned bias per bucket and head, shared by all layers); positions as :data:`_MPNET_POSITION_OFFSET`."""
+    from transformers import MPNetConfig
+
+    return MPNetConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        max_position_embeddings=seq_len_of_new_model(opts) + _MPNET_POSITION_OFFSET,
+        hidden_dropout_prob=opts.dropout,
+        attention_probs_dropout_prob=opts.dropout,
+        relative_attention_num_buckets=_MPNET_BUCKETS,
+        pad_token_id=special_ids["pad"],
+        bos_token_id=special_ids["cls"],
+        eos_token_id=special_ids["sep"],
+        **extra,
+    )
+
+
+def _position_offset(config: Any) -> int:
+    """How many of ``config.max_position_embeddings`` no token can use (MPNet's padding position and the
+    one below it, :data:`_MPNET_POSITION_OFFSET`; 0 for gMLP and BERT)."""
+    return _MPNET_POSITION_OFFSET if getattr(config, "model_type", None) == "mpnet" else 0
+
+
+def _prepare_mpnet(model: nn.Module, pad_id: int) -> nn.Module:
+    """A ``bert-relpos`` (MPNet) model made to train as BERT would with this package's tokenizers, whose
+    ``[PAD]`` is 0 and ``[UNK]`` 1: transformers' MPNet fixes its word embedding's ``padding_idx`` at 1 (the
+    id of RoBERTa's ``<pad>``), which gave ``[UNK]`` an embedding that never learns from its inputs.
+    Here ``[PAD]``'s row is the one without a gradient, as in BERT (the forward pass is unchanged). Its
+    positions come from the attention mask (:func:`_with_model_inputs`). Other models are returned as
+    they are."""
+    if getattr(model.config, "model_type", None) == "mpnet":
+        embeddings = model.get_input_embeddings()
+        if isinstance(embeddings, nn.Embedding):
+            embeddings.padding_idx = pad_id
+    return model
+
+
+def _mpnet_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """MPNet's positions from the attention mask rather than from the token ids (its own rule takes id 1,
+    our ``[UNK]``, as padding): real tokens count up from 2, padding sits at MPNet's padding position 1.
+    So a padded sequence (left or right) gives its tokens the positions of the unpadded one."""
+    mask = attention_mask.long()
+    return torch.cumsum(mask, dim=1) * mask + (_MPNET_POSITION_OFFSET - 1)
+
+
+def _with_model_inputs(batch: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """``batch`` as the model of ``config`` takes it: an MPNet (``bert-relpos``) model gets ``position_ids``
+    from the attention mask (:func:`_mpnet_position_ids`) and no ``token_type_ids`` (it has no token-type
+    embedding: its forward would swallow them unused); the others get ``batch`` unchanged."""
+    if getattr(config, "model_type", None) != "mpnet":
+        return batch
+    out = {k: v for k, v in batch.items() if k != "token_type_ids"}
+    out["position_ids"] = _mpnet_position_ids(batch["attention_mask"])
+    return out
 
 
 def check_vocab(tokenizer: Any, config: Any) -> None:
@@ -656,25 +760,32 @@ def model_sizes(opts: Any) -> tuple[int, int, int]:
 
 
 def seq_len_of_new_model(opts: Any) -> int:
-    """The sequence length (= ``max_position_embeddings``) of a model built from ``opts``."""
+    """The sequence length (= ``max_position_embeddings``, but for ``bert-relpos``'s offset) of a model
+    built from ``opts``."""
     return NEW_MODEL_SEQ_LEN if opts.seq_len is None else int(opts.seq_len)
 
 
 def _max_len(config: Any, requested: int | None) -> int:
     """The tokens per sequence for ``config``'s model: ``--seq-len`` if given, else the model's own length.
     A gMLP's spatial W covers ``max_position_embeddings`` tokens and cannot be extended, so a longer request
-    is refused (it was silently cut to the model's length)."""
-    return _max_len_of(int(config.max_position_embeddings), requested)
+    is refused (it was silently cut to the model's length). An MPNet (``bert-relpos``) model covers two
+    tokens fewer (:data:`_MPNET_POSITION_OFFSET`)."""
+    offset = _position_offset(config)
+    return _max_len_of(int(config.max_position_embeddings) - offset, requested, offset=offset)
 
 
-def _max_len_of(n: int, requested: int | None) -> int:
-    """:func:`_max_len` for a model of ``n`` positions."""
+def _max_len_of(n: int, requested: int | None, *, offset: int = 0) -> int:
+    """:func:`_max_len` for a model of ``n`` tokens (``n + offset`` position embeddings)."""
     if requested is None:
         return n
     if requested > n:
+        covers = (
+            f"its position embeddings cover {n} tokens" if offset
+            else f"its spatial W covers {n} tokens and cannot be extended"
+        )
         raise ConfigError(
-            f"--seq-len {requested} is longer than the model's max_position_embeddings={n} (its spatial W "
-            f"covers {n} tokens and cannot be extended): pass --seq-len {n} or less"
+            f"--seq-len {requested} is longer than the model's max_position_embeddings={n + offset} "
+            f"({covers}): pass --seq-len {n} or less"
         )
     return requested
 
@@ -1052,7 +1163,10 @@ def _warn_changed_options(checkpoint: Path, opts: Any, world_size: int | None = 
 
 
 def _arch_name(config: Any) -> str:
-    """"amlp" for a gMLP config with tiny attention, else the config's ``model_type`` ("gmlp", "bert")."""
+    """"amlp" for a gMLP config with tiny attention, "bert-relpos" for an MPNet config, else the config's
+    ``model_type`` ("gmlp", "bert")."""
+    if config.model_type == "mpnet":
+        return "bert-relpos"
     return "amlp" if getattr(config, "tiny_attn_size", None) else config.model_type
 
 
@@ -1125,6 +1239,9 @@ def _train_loop(
     and processes), as one large batch gives, not the mean of the micro-batches' means."""
     from tqdm.auto import tqdm
 
+    if opts.grad_checkpointing and not getattr(model, "supports_gradient_checkpointing", True):
+        # (transformers' own error came after the data was read, as a traceback)
+        raise ConfigError(_NO_CHECKPOINTING.format(name=type(model).__name__, arch=_arch_name(model.config)))
     if opts.grad_checkpointing:
         # recompute each block in backward (activations of about one block); transformers >= 5.x renamed it
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
@@ -1481,6 +1598,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         model = AutoModelForMaskedLM.from_pretrained(init_from, local_files_only=True)
     else:
         model = AutoModelForMaskedLM.from_config(config)
+    model = _prepare_mpnet(model, special["pad"])
     if accelerator.is_main_process:
         _save_config(config, out)
     # the decoder on the masked tokens only (gMLP/aMLP): same loss, most of the decoder's work saved
@@ -1508,7 +1626,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             mlm_probability=cfg.mlm_probability,
             seeds=seeds,
         )
-        return {"input_ids": inputs, "attention_mask": (ids != special["pad"]).long(), "labels": labels}
+        batch = {"input_ids": inputs, "attention_mask": (ids != special["pad"]).long(), "labels": labels}
+        return _with_model_inputs(batch, config)  # (bert-relpos: its positions)
 
     def micro_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
         offset = _micro_offset(cfg, accelerator, step, micro)  # the sequences' positions in the data stream
@@ -1973,6 +2092,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         model = auto.from_config(config)
     max_len = _max_len(config, cfg.seq_len)
     pad_id = tokenizer.pad_token_id
+    model = _prepare_mpnet(model, pad_id)
 
     # Features.
     if qa:
@@ -2021,7 +2141,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     def micro_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
         idx = _micro_indices(cfg, accelerator, n_train, step, micro)
-        batch = _pad_batch(rows_for("train", idx), pad_id)
+        batch = _with_model_inputs(_pad_batch(rows_for("train", idx), pad_id), config)
         if qa:
             batch["start_positions"] = torch.tensor([feats["train"].start[i] for i in idx])
             batch["end_positions"] = torch.tensor([feats["train"].end[i] for i in idx])
@@ -2036,7 +2156,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         results: list[tuple[int, Any]] = []
         for b in range(0, len(mine), cfg.eval_batch_size):
             idx = mine[b : b + cfg.eval_batch_size]
-            batch = {k: v.to(accelerator.device) for k, v in _pad_batch(rows_for(split, idx), pad_id).items()}
+            rows = _with_model_inputs(_pad_batch(rows_for(split, idx), pad_id), config)
+            batch = {k: v.to(accelerator.device) for k, v in rows.items()}
             with accelerator.autocast():
                 output = model(**batch)
             if qa:
