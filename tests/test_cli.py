@@ -115,6 +115,15 @@ def test_an_unreachable_hub_source_is_a_usage_error(
     argv = ["train", "--dataset", "hf", "--data-root", "food101", "--output", str(tmp_path / "r")]
     _usage_error(argv, capsys, "Couldn't reach 'food101' on the Hub (OfflineModeIsEnabled) (this data source "
                  "needs the Hugging Face Hub: give a local folder or file instead, or go online)")
+    # an OS-level connection error (errno set: a broken pipe, a reset socket) is no hub source: raised as is
+    from gmlp.cli import vision as vision_cli
+
+    def broken_pipe(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(vision_cli, "_info", broken_pipe)
+    with pytest.raises(BrokenPipeError):
+        main(["info", "gmlp_nano4_28"])
 
 
 def test_print_config_refuses_settings_the_run_refuses(capsys: pytest.CaptureFixture) -> None:

@@ -248,3 +248,14 @@ def test_top_level_names_resolve_lazily_as_the_eager_imports_did() -> None:
     for name in ("no_such_name", "_private", "__wrapped__"):
         with pytest.raises(AttributeError, match=name):
             getattr(gmlp, name)
+
+
+def test_lazy_attributes_that_are_not_there_are_attribute_errors() -> None:
+    """``getattr(gmlp, NAME, default)`` and ``hasattr`` answer, for names that are not sub-modules too (a
+    dotted name made ``find_spec`` import parent packages and raise ModuleNotFoundError)."""
+    import gmlp
+
+    assert getattr(gmlp, "nope.x", None) is None
+    assert not hasattr(gmlp, "no_such_module")
+    with pytest.raises(AttributeError, match="no attribute '_private'"):
+        gmlp._private  # noqa: B018

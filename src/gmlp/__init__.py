@@ -36,8 +36,11 @@ def __getattr__(name: str) -> Any:
     """Import a public name of :data:`__all__`, or a sub-package (``gmlp.models``), on first access."""
     if name in _LAZY:
         module = importlib.import_module(_LAZY[name])
-    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        module = importlib.import_module(f"{__name__}.{name}")  # as the eager imports made it an attribute
+    elif name.isidentifier() and not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+        try:  # as the eager imports made it an attribute
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:  # (hasattr(gmlp, "viz") without matplotlib: False, not an error)
+            raise AttributeError(f"module 'gmlp' has no attribute {name!r} ({err})") from err
     else:
         raise AttributeError(f"module 'gmlp' has no attribute {name!r}")
     value = module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)

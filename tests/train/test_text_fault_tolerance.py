@@ -391,3 +391,73 @@ def test_gmlp_tokenizer_cut_short_never_leaves_a_partial_tokenizer(
     assert main([*_args((corpus, broken), tmp_path / "run")]) == 2
     assert re.search(r"^gmlp pretrain: error: the tokenizer in '.*broken' does not load: it is incomplete or "
                      r"corrupt \(JSONDecodeError", capsys.readouterr().err, re.M)
+
+
+def test_overwrite_leaves_a_folder_that_holds_no_run_alone(tmp_path: Path) -> None:
+    """``--overwrite`` on a folder without a run's checkpoints or metrics removes nothing (a user's own
+    config.json or tokenizer/ there survived before the leftovers rule, and must again)."""
+    out = tmp_path / "mine"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "tokenizer.json").write_text("{}")
+    (out / "config.json").write_text("{}")
+    opts = pipelines.PretrainConfig(output=str(out), overwrite=True)
+    assert pipelines._prepare_output(out, opts, _Accelerator(), "pretrain") is None
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "tokenizer"]
+
+
+def test_overwrite_refuses_to_delete_the_runs_own_input(inputs: tuple[Path, Path], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A ``--tokenizer`` inside the run files ``--overwrite`` would remove is refused, and kept."""
+    run = tmp_path / "run"
+    assert main([*_args(inputs, run), "--stop-after-steps", "2"]) == 0
+    tok = run / "tokenizer"
+    shutil.copytree(inputs[1], tok)
+    corpus = str(inputs[0])
+    argv = ["pretrain", "--corpus", corpus, "--tokenizer", str(tok), *TINY, "--steps", "2",
+            "--output", str(run), "--overwrite"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "--overwrite would delete --tokenizer" in capsys.readouterr().err
+    assert (tok / "tokenizer.json").is_file() and latest_checkpoint(run) is not None
+
+
+def test_a_permission_error_outside_the_output_keeps_its_traceback(
+    inputs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EACCES on an input (a corpus that cannot be read) is no write error: it is raised as it is, not
+    reported as "what was saved before is intact"."""
+    def unreadable(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/elsewhere/corpus.txt")
+
+    monkeypatch.setattr(pipelines, "load_text_splits", unreadable)
+    with pytest.raises(PermissionError):
+        main(_args(inputs, tmp_path / "run"))
+
+
+def test_a_tokenizer_that_fails_for_another_reason_keeps_its_traceback(
+    inputs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a file that does not parse is "incomplete or corrupt"; a library error (AttributeError) is
+    raised as it is, not sent to rebuild a tokenizer that is fine."""
+    import transformers
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'get'")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
+    with pytest.raises(AttributeError):
+        load_tokenizer(inputs[1])
+
+
+def test_a_resume_removes_the_temporaries_of_killed_folder_saves(inputs: tuple[Path, Path],
+                                                                 tmp_path: Path) -> None:
+    """``.final.old`` (a kill between the two renames of a ``final/`` swap), ``.final.tmp``, ``.config.tmp``
+    and a swapped-out ``.step-*.old`` checkpoint are removed when the run resumes."""
+    run = tmp_path / "run"
+    assert main([*_args(inputs, run), "--stop-after-steps", "2"]) == 0
+    stale = (".final.old", ".final.tmp", ".config.tmp", ".tokenizer.old", "checkpoints/.step-00000001.old")
+    for name in stale:
+        (run / name).mkdir()
+        (run / name / "x").write_text("x")
+    assert main([*_args(inputs, run), "--resume", "--stop-after-steps", "1"]) == 0
+    assert not [str(p) for p in run.rglob(".*")]

@@ -73,15 +73,18 @@ def sigkill_after_checkpoint(
     """Run ``python -m gmlp ARGS`` (writing to ``run``) and SIGKILL it, as a node failure would, once its
     latest checkpoint has reached ``step``; the test fails if it ends first or takes over 120 s to get
     there."""
-    proc = subprocess.Popen([sys.executable, "-m", "gmlp", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while latest_step(run) < step and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(poll)
-        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    log = run.with_name(f"{run.name}.sigkill.log")  # a file, not a pipe nobody reads while polling
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gmlp", *args], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while latest_step(run) < step and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(poll)
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert latest_step(run) >= step, f"no checkpoint of step {step} within 120 s"
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -77,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gmlp {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ConnectionError as err:  # a hub source (--data hf:..., --dataset hf) unreachable or offline
+        if err.errno is not None:  # an OS error (a broken pipe, a reset socket, a torchrun peer): not that
+            raise
         print(f"gmlp {args.command}: error: {_message(err)} (this data source needs the Hugging Face Hub: "
               f"give a local folder or file instead, or go online)", file=sys.stderr)
         return 2

@@ -161,11 +161,18 @@ def _add_train_arguments(
 _WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
+#: Of those, the ones a read raises too: only a write error when the file is in the command's output.
+_ACCESS_ERRNOS = {errno.EACCES, errno.EPERM}
+
+
 @contextlib.contextmanager
-def _write_errors() -> Iterator[None]:
-    """A file that cannot be written (a read-only folder, a full disk, no permission) as the one-line error
-    ``gmlp COMMAND: error: ...`` (exit status 2) instead of a traceback. What was written before stays:
-    checkpoints, ``final/`` and tokenizers are replaced atomically, so the last complete one is intact."""
+def _write_errors(output: str | None, resumable: bool) -> Iterator[None]:
+    """A file under ``output`` that cannot be written (a read-only folder, a full disk, no permission) as
+    the one-line error ``gmlp COMMAND: error: ...`` (exit status 2) instead of a traceback. What was written
+    before stays: checkpoints, ``final/`` and tokenizers are replaced atomically, so the last complete one
+    is intact. A permission error on a file elsewhere (an input that cannot be read) keeps its traceback."""
+    from pathlib import Path
+
     from ..train.recipe import ConfigError
 
     try:
@@ -173,20 +180,31 @@ def _write_errors() -> Iterator[None]:
     except OSError as err:
         if err.errno not in _WRITE_ERRNOS:
             raise
+        if err.errno in _ACCESS_ERRNOS:
+            inside = output is not None and err.filename is not None and Path(str(err.filename)).resolve(
+            ).is_relative_to(Path(output).resolve())
+            if not inside:
+                raise
         where = f": {str(err.filename)!r}" if err.filename else ""
+        then = "run again (--resume continues a run)" if resumable else "run again"
         raise ConfigError(
-            f"{err.strerror or err}{where}; what was saved before is intact (checkpoints are replaced "
-            f"atomically): free space or fix the permissions, then run again (--resume continues a run)"
+            f"{err.strerror or err}{where}; what was saved before is intact (written files are replaced "
+            f"atomically): free space or fix the permissions, then {then}"
         ) from err
 
 
-def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    @functools.wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        with _write_errors():
-            return command(args)
+def _guarded(resumable: bool) -> Callable[[Callable[[argparse.Namespace], int]], Callable[..., int]]:
+    """A command whose write errors under its ``--output`` are one-line errors (:func:`_write_errors`)."""
 
-    return run
+    def wrap(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(command)
+        def run(args: argparse.Namespace) -> int:
+            with _write_errors(getattr(args, "output", None), resumable):
+                return command(args)
+
+        return run
+
+    return wrap
 
 
 def _config(cls: type, args: argparse.Namespace) -> Any:
@@ -198,7 +216,7 @@ def _config(cls: type, args: argparse.Namespace) -> Any:
     return cfg
 
 
-@_guarded
+@_guarded(resumable=False)
 def _tokenizer(args: argparse.Namespace) -> int:
     from ..train.tokenizer import train_tokenizer_command
 
@@ -219,7 +237,7 @@ def _tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guarded
+@_guarded(resumable=True)
 def _pretrain(args: argparse.Namespace) -> int:
     from ..train.text import PretrainConfig, pretrain
 
@@ -233,7 +251,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guarded
+@_guarded(resumable=True)
 def _finetune(args: argparse.Namespace) -> int:
     from ..train.text import FinetuneConfig, finetune
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.text import TextDataError, load_text_splits, pack_sequences
-from ..utils.io import CheckpointError, replace_dir
+from ..utils.io import CheckpointError, atomic_dir
 from ..utils.malloc import tune_malloc
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_run_files, save_checkpoint
 from .optim import fused_adamw
@@ -489,7 +489,7 @@ def _folder_max_len(path: str, requested: int | None) -> int | None:
     try:
         saved = json.loads((Path(path) / "config.json").read_text())
         value = saved.get("max_position_embeddings")
-        offset = _MPNET_POSITION_OFFSET if saved.get("model_type") == "mpnet" else 0
+        offset = _MPNET_POSITION_OFFSET if _is_relpos(saved) else 0
     except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value - offset < 1:
@@ -677,10 +677,17 @@ def _relpos_config(
     )
 
 
+def _is_relpos(config: Any) -> bool:
+    """Whether ``config`` (a transformers config, or the dict of a config.json) is a ``bert-relpos`` model's
+    (transformers' MPNet)."""
+    kind = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return kind == "mpnet"
+
+
 def _position_offset(config: Any) -> int:
     """How many of ``config.max_position_embeddings`` no token can use (MPNet's padding position and the
     one below it, :data:`_MPNET_POSITION_OFFSET`; 0 for gMLP and BERT)."""
-    return _MPNET_POSITION_OFFSET if getattr(config, "model_type", None) == "mpnet" else 0
+    return _MPNET_POSITION_OFFSET if _is_relpos(config) else 0
 
 
 def _prepare_mpnet(model: nn.Module, pad_id: int) -> nn.Module:
@@ -690,7 +697,7 @@ def _prepare_mpnet(model: nn.Module, pad_id: int) -> nn.Module:
     Here ``[PAD]``'s row is the one without a gradient, as in BERT (the forward pass is unchanged). Its
     positions come from the attention mask (:func:`_with_model_inputs`). Other models are returned as
     they are."""
-    if getattr(model.config, "model_type", None) == "mpnet":
+    if _is_relpos(model.config):
         embeddings = model.get_input_embeddings()
         if isinstance(embeddings, nn.Embedding):
             embeddings.padding_idx = pad_id
@@ -709,7 +716,7 @@ def _with_model_inputs(batch: dict[str, torch.Tensor], config: Any) -> dict[str,
     """``batch`` as the model of ``config`` takes it: an MPNet (``bert-relpos``) model gets ``position_ids``
     from the attention mask (:func:`_mpnet_position_ids`) and no ``token_type_ids`` (it has no token-type
     embedding: its forward would swallow them unused); the others get ``batch`` unchanged."""
-    if getattr(config, "model_type", None) != "mpnet":
+    if not _is_relpos(config):
         return batch
     out = {k: v for k, v in batch.items() if k != "token_type_ids"}
     out["position_ids"] = _mpnet_position_ids(batch["attention_mask"])
@@ -1076,8 +1083,13 @@ def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any, kind: str)
             raise CheckpointError(f"{err}; pass --overwrite to discard the run in {str(out)!r}") from err
         ckpt = out / "checkpoints"  # (a broken run is still a run to discard)
     # what --overwrite removes without a checkpoint: the rest of a run whose removal was cut short (its
-    # latest.json goes first), or whose checkpoints were deleted (looked at before anything is removed)
-    leftovers = opts.overwrite and any((out / name).exists() for name in _RUN_FILES)
+    # latest.json goes first), or whose checkpoints were deleted (looked at before anything is removed);
+    # only in a folder that shows a run (its checkpoints/ or metrics), never in one of the user's own
+    leftovers = (
+        opts.overwrite
+        and ((out / "checkpoints").exists() or (out / _METRICS).exists())
+        and any((out / name).exists() for name in _RUN_FILES)
+    )
     accelerator.wait_for_everyone()  # before --overwrite removes what another process may still be reading
     if ckpt is not None and opts.resume:
         held = _run_kind(ckpt)
@@ -1093,6 +1105,7 @@ def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any, kind: str)
                 f"--output {str(out)!r} already holds a run (checkpoint {ckpt.name}); pass --resume to "
                 f"continue it or --overwrite to start again"
             )
+        _refuse_removing_inputs(out, opts)
         if accelerator.is_main_process:
             # latest.json first: a process killed while the rest goes leaves no checkpoint named
             remove_run_files(out, _RUN_FILES)
@@ -1100,8 +1113,10 @@ def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any, kind: str)
         ckpt = None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if ckpt is not None:  # the temporaries of a save that was killed (a finished run saves no more)
-            for stale in ckpt.parent.glob(".step-*.tmp"):
+        if ckpt is not None:  # the temporaries of a save that was killed (a finished run saves no more;
+            # latest_checkpoint has put back a swapped-out checkpoint it needed)
+            for stale in (*ckpt.parent.glob(".step-*.tmp"), *ckpt.parent.glob(".step-*.old"),
+                          *(out / name for name in _STALE_DIRS)):
                 shutil.rmtree(stale, ignore_errors=True)
             for stale in (*ckpt.parent.glob(".latest.json.*.tmp"), *out.glob(".test_metrics.json.*.tmp")):
                 stale.unlink(missing_ok=True)
@@ -1109,6 +1124,23 @@ def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any, kind: str)
             print(f"[gmlp] --resume: no checkpoint in {out}, starting a new run", file=sys.stderr)
     accelerator.wait_for_everyone()
     return ckpt if opts.resume else None
+
+
+#: The temporaries of a killed run's folder saves (``atomic_dir``, ``_save_config``), removed on resume.
+_STALE_DIRS = (".final.tmp", ".final.old", ".tokenizer.tmp", ".tokenizer.old", ".config.tmp")
+
+
+def _refuse_removing_inputs(out: Path, opts: Any) -> None:
+    """Refuse an ``--overwrite`` that would remove one of the run's own inputs (``--tokenizer``,
+    ``--model``, ``--init-from`` inside ``--output``'s run files)."""
+    doomed = [(out / name).resolve() for name in _RUN_FILES]
+    for flag in ("tokenizer", "model", "init_from"):
+        given = getattr(opts, flag, None)
+        if given and any(Path(given).resolve().is_relative_to(d) for d in doomed):
+            raise ConfigError(
+                f"--overwrite would delete --{flag.replace('_', '-')} {given!r}, which lies in the run files "
+                f"of --output {str(out)!r}: copy it elsewhere or give another --output"
+            )
 
 
 #: What ``--overwrite`` removes of a previous run (in this order).
@@ -1165,7 +1197,7 @@ def _warn_changed_options(checkpoint: Path, opts: Any, world_size: int | None = 
 def _arch_name(config: Any) -> str:
     """"amlp" for a gMLP config with tiny attention, "bert-relpos" for an MPNet config, else the config's
     ``model_type`` ("gmlp", "bert")."""
-    if config.model_type == "mpnet":
+    if _is_relpos(config):
         return "bert-relpos"
     return "amlp" if getattr(config, "tiny_attn_size", None) else config.model_type
 
@@ -1176,20 +1208,20 @@ def _save_config(config: Any, out: Path) -> None:
     failed on."""
     tmp = out / ".config.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    config.save_pretrained(str(tmp))
-    os.replace(tmp / "config.json", out / "config.json")
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        config.save_pretrained(str(tmp))
+        os.replace(tmp / "config.json", out / "config.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save_final(accelerator: Any, model: nn.Module, tokenizer: Any, out: Path) -> Path:
     final = out / "final"
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        tmp = out / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state)
-        tokenizer.save_pretrained(str(tmp))
-        replace_dir(tmp, final)
+        with atomic_dir(final) as tmp:
+            accelerator.unwrap_model(model).save_pretrained(str(tmp), state_dict=state)
+            tokenizer.save_pretrained(str(tmp))
     accelerator.wait_for_everyone()
     return final
 
@@ -1459,7 +1491,7 @@ def _load_or_train_tokenizer(
     """``opts.tokenizer`` if given; else ``OUTPUT/tokenizer`` when resuming (``reuse``); else the tokenizer
     of the ``init_from`` model, or one trained on ``texts()``, saved as ``OUTPUT/tokenizer`` (main process;
     the others wait and load it)."""
-    from .tokenizer import load_tokenizer, train_tokenizer
+    from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
     if opts.tokenizer:
         _warn_unused_tokenizer_options(opts, "--tokenizer", accelerator)
@@ -1482,10 +1514,7 @@ def _load_or_train_tokenizer(
                     model_max_length=max_len,
                     length=len(corpus),
                 )
-            tmp = out / ".tokenizer.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tok.save_pretrained(str(tmp))
-            replace_dir(tmp, tok_dir)
+            save_tokenizer(tok, tok_dir)
     return load_tokenizer(tok_dir)
 
 

@@ -205,9 +205,11 @@ def load_tokenizer(path: str | Path) -> Any:
         )
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ImportError):
-        raise
-    except Exception as err:  # a truncated tokenizer.json, a folder with tokenizer_config.json alone, ...
+    except Exception as err:  # a truncated tokenizer.json (a JSONDecodeError, or the tokenizers library's
+        # bare Exception), a folder with tokenizer_config.json alone (a ValueError), ...; a library bug
+        # (AttributeError, TypeError, ...), an OSError or an ImportError keeps its own traceback
+        if not isinstance(err, (ValueError, KeyError)) and type(err) is not Exception:
+            raise
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
         raise ConfigError(
             f"the tokenizer in {str(path)!r} does not load: it is incomplete or corrupt "

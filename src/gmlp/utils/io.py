@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "atomic_write", "load_state_dict_file", "replace_dir", "save_state_dict_file"]
+__all__ = [
+    "CheckpointError",
+    "atomic_dir",
+    "atomic_write",
+    "load_state_dict_file",
+    "replace_dir",
+    "save_state_dict_file",
+]
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile, wrapped in either order
@@ -81,6 +88,22 @@ def replace_dir(tmp: str | Path, dest: str | Path) -> None:
         os.replace(dest, old)
     os.replace(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``dest`` (``.NAME.tmp``) to write a whole folder into; when
+    the block ends without an error it takes the place of ``dest`` (:func:`replace_dir`). The temporary
+    folder is removed either way, so a failed write leaves ``dest`` as it was and nothing beside it."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # (what a killed process left)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_state_dict_file(
