@@ -185,6 +185,25 @@ def test_architecture_options_of_another_arch_are_refused(
     _usage_error(argv, rf"{flag} .*--arch.*", tmp_path, capsys)
 
 
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["--arch", "amlp", "--sgu-variant", "mixer"], r"--arch amlp .* --sgu-variant mixer has no gate.*"),
+        (["--arch", "amlp", "--sgu-variant", "none"], r"--arch amlp .* --sgu-variant none has no gate.*"),
+        (["--token-mlp-dim", "8"], r"--token-mlp-dim .* needs --arch gmlp and --sgu-variant mixer.*"),
+    ],
+)
+def test_cli_refuses_mixer_misuse_before_the_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], pattern: str
+) -> None:
+    _usage_error(["pretrain", *argv], pattern, tmp_path, capsys)
+
+
+def test_cli_accepts_the_mixer_variant(tmp_path: Path) -> None:
+    with pytest.raises(_Reached):  # past the option checks, to the data
+        main(["pretrain", "--sgu-variant", "mixer", "--token-mlp-dim", "8", "--output", str(tmp_path / "r")])
+
+
 def test_unknown_preset_is_refused_before_the_data(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

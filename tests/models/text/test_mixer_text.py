@@ -3,14 +3,11 @@ resizing and ``gmlp pretrain --sgu-variant mixer``."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
-import gmlp.data.text as text_data
-from gmlp.cli import main
 from gmlp.models.text import GMLPConfig, GMLPForCausalLM, GMLPForMaskedLM, GMLPModel
 from gmlp.train import text as pipelines
 from gmlp.train.recipe import ConfigError
@@ -125,22 +122,7 @@ def test_mlm_trains_from_the_documented_init() -> None:
     assert sgu.mix2.weight.grad.abs().max() > 0
 
 
-# --- gmlp pretrain --sgu-variant mixer -------------------------------------------------------------
-
-
-class _Reached(Exception):
-    """The command got past option validation (to the data)."""
-
-
-@pytest.fixture
-def no_data(monkeypatch: pytest.MonkeyPatch) -> None:
-    def reached(*args: object, **kwargs: object) -> None:
-        raise _Reached
-
-    monkeypatch.setattr(pipelines, "load_text_splits", reached)
-    monkeypatch.setattr(text_data, "load_text_splits", reached)
-    monkeypatch.setattr(pipelines, "_make_accelerator", reached)
-    monkeypatch.setattr(pipelines, "_prepare_output", reached)
+# --- gmlp pretrain --sgu-variant mixer: the config built (command line: test_text_cli_validation.py) ---
 
 
 def _build(**kw: object) -> GMLPConfig:
@@ -161,26 +143,3 @@ def test_pretrain_options_build_a_mixer() -> None:
         _build(token_mlp_dim=64)
     with pytest.raises(ConfigError, match=r"--token-mlp-dim must be >= 1, got 0"):
         _build(sgu_variant="mixer", token_mlp_dim=0)
-
-
-@pytest.mark.parametrize(
-    ("argv", "pattern"),
-    [
-        (["--arch", "amlp", "--sgu-variant", "mixer"], r"--arch amlp .* --sgu-variant mixer has no gate.*"),
-        (["--arch", "amlp", "--sgu-variant", "none"], r"--arch amlp .* --sgu-variant none has no gate.*"),
-        (["--token-mlp-dim", "8"], r"--token-mlp-dim .* needs --arch gmlp and --sgu-variant mixer.*"),
-    ],
-)
-def test_cli_refuses_mixer_misuse_before_the_data(
-    no_data: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], pattern: str
-) -> None:
-    out = tmp_path / "run"
-    assert main(["pretrain", *argv, "--output", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert re.search(rf"^gmlp pretrain: error: {pattern}$", err, re.MULTILINE), err
-    assert "Traceback" not in err and not out.exists()
-
-
-def test_cli_accepts_the_mixer_variant(no_data: None, tmp_path: Path) -> None:
-    with pytest.raises(_Reached):  # past the option checks, to the data
-        main(["pretrain", "--sgu-variant", "mixer", "--token-mlp-dim", "8", "--output", str(tmp_path / "r")])
