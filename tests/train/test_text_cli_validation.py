@@ -87,6 +87,8 @@ PRETRAIN_BAD = [
     (["--arch", "amlp", "--tiny-attn", "-8"], "--tiny-attn", ">= 1", "-8"),
     (["--arch", "bert", "--heads", "0"], "--heads", ">= 1", "0"),
     (["--arch", "bert", "--sgu-variant", "linear"], "--sgu-variant", "left out with --arch bert", "linear"),
+    (["--arch", "bert", "--no-toeplitz"], "--no-toeplitz", "out with --arch bert", "--no-toeplitz"),
+    (["--arch", "bert-relpos", "--no-toeplitz"], "--no-toeplitz", "--arch bert-relpos", "--no-toeplitz"),
     (["--arch", "bert", "--heads", "-2"], "--heads", ">= 1", "-2"),
     (["--arch", "bert", "--heads", "3"], "--heads", "divide --hidden 128", "3"),
     (["--layers", "0"], "--layers", ">= 1", "0"),
@@ -135,6 +137,7 @@ FINETUNE_BAD = [
     (["--dropout", "1.5"], "--dropout", r"in \[0, 1\)", "1.5"),
     (["--arch", "bert", "--heads", "0"], "--heads", ">= 1", "0"),
     (["--arch", "bert", "--sgu-variant", "linear"], "--sgu-variant", "left out with --arch bert", "linear"),
+    (["--arch", "bert", "--no-toeplitz"], "--no-toeplitz", "out with --arch bert", "--no-toeplitz"),
     (["--arch", "amlp", "--tiny-attn", "0"], "--tiny-attn", ">= 1", "0"),
 ]
 

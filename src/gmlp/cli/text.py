@@ -70,7 +70,8 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, dropout: float) -> None:
         help="hidden size of the --sgu-variant mixer token MLP (default: the sequence length)",
     )
     g.add_argument(
-        "--toeplitz", action=_B, default=True, help="Toeplitz W (default: on, as the paper's NLP runs)"
+        "--toeplitz", action=_B, default=True,
+        help="Toeplitz W (gmlp/amlp; default: on, as the paper's NLP runs)",
     )
     g.add_argument(
         "--heads", type=int, default=None, help="bert / bert-relpos attention heads (default: d_model / 64)"

@@ -357,6 +357,9 @@ def _validate_model_options(
     if opts.arch in _BERT_ARCHS and opts.sgu_variant != "sgu":  # (it was ignored)
         raise ConfigError(f"--sgu-variant sets gMLP's gating and must be left out with --arch {opts.arch}, "
                           f"got {opts.sgu_variant}")
+    if opts.arch in _BERT_ARCHS and not opts.toeplitz:  # (it was ignored)
+        raise ConfigError(f"--no-toeplitz sets gMLP's spatial projection W and must be left out with --arch "
+                          f"{opts.arch} (it has none), got --no-toeplitz")
     if opts.token_mlp_dim is not None and (opts.arch in _BERT_ARCHS or opts.sgu_variant != "mixer"):
         raise ConfigError(
             f"--token-mlp-dim sets the token MLP of --sgu-variant mixer: it needs --arch gmlp and "
