@@ -269,6 +269,19 @@ def test_plot_spatial_names_bad_rows_and_layers(tmp_path: Path) -> None:
         plot_spatial(tmp_path / "m.safetensors", tmp_path / "x.png", layers=[])
 
 
+def test_rows_never_repeat_a_token(tmp_path: Path, drawn: list) -> None:
+    """A W with fewer output tokens than the default 6 rows draws each token once (it drew duplicates);
+    more rows than tokens, asked for, is refused."""
+    state = {f"blocks.{b}.sgu.proj.weight": torch.randn(4, 4) for b in range(2)}  # a 2x2 grid
+    save_state_dict_file(state, tmp_path / "m.safetensors")
+    plot_spatial(tmp_path / "m.safetensors", tmp_path / "x.png")
+    assert len(drawn[-1].axes) == 2 * 4  # two layers, each token once
+    plot_spatial(tmp_path / "m.safetensors", tmp_path / "x.png", rows=4, text=True)
+    assert sorted(k for k in _series(drawn[-1]) if k.startswith("row")) == [f"row {i}" for i in range(4)]
+    with pytest.raises(ValueError, match="rows must be <= 4, the output tokens of W; got 5"):
+        plot_spatial(tmp_path / "m.safetensors", tmp_path / "x.png", rows=5)
+
+
 def test_vision_layout_of_a_text_model_says_why(tmp_path: Path) -> None:
     n = 16  # a square token count: the refusal is not about the grid
     state = {"gmlp.blocks.0.sgu.proj.weight": torch.randn(2 * n - 1)}

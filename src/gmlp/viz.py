@@ -149,7 +149,7 @@ def plot_spatial(
     path: str | Path,
     output: str | Path,
     layers: list[int] | None = None,
-    rows: int = 6,
+    rows: int | None = None,
     text: bool | None = None,
 ) -> Path:
     """Draw rows of the learned W of chosen layers to a PNG.
@@ -165,7 +165,8 @@ def plot_spatial(
         output: image file to write, atomically: PNG, or the format its suffix names (``.pdf``, ``.svg``, ...;
             ``.png`` is appended to a name without one).
         layers: block indices to draw (default: up to 6 spread over the depth).
-        rows: rows (output tokens) per layer.
+        rows: rows (output tokens) per layer, spread evenly over the tokens (default: 6, or every token of
+            a W with fewer; more than W's tokens is refused).
         text: force the text (True) or vision (False) layout.
 
     Returns:
@@ -176,7 +177,7 @@ def plot_spatial(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise ValueError(f"rows must be an int >= 1, got {rows!r}")
     if layers is not None and not layers:
         raise ValueError("layers is empty: give at least one block index (or None for a spread)")
@@ -198,6 +199,10 @@ def plot_spatial(
         text_model = _is_text(state) or _model_config(path) is not None
         why = "the checkpoint is a text model" if text_model else f"{n} tokens do not form a square grid"
         raise ValueError(f"{why}; pass text=True (gmlp plot-spatial --kind text)")
+    if rows is None:
+        rows = min(6, n)
+    elif rows > n:  # (linspace repeated tokens)
+        raise ValueError(f"rows must be <= {n}, the output tokens of W; got {rows}")
     token_rows = torch.linspace(0, n - 1, rows).round().long().tolist()
     if grid is not None:
         fig, axes = plt.subplots(len(layers), rows, figsize=(1.6 * rows, 1.6 * len(layers)), squeeze=False)

@@ -78,7 +78,7 @@ def test_comparison_resumes_its_own_run(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(compare, "load_checkpoint", lambda out: checkpoint)
     monkeypatch.setattr(compare, "train_vision", lambda cfg, resume: calls.append((resume, cfg.overwrite)))
     compare._train(config)
-    assert calls[-1] == (True, True)
+    assert calls[-1] == (True, False)  # (train_vision refuses resume with overwrite)
     compare._train(dataclasses.replace(config, seed=config.seed + 1))  # another comparison's run
     assert calls[-1] == (False, True)
 

@@ -317,3 +317,13 @@ def test_resuming_a_folder_gmlp_train_did_not_write_is_refused(tmp_path: Path) -
     save_checkpoint(tmp_path / "text", 4, {"w": torch.zeros(1)}, {}, {"step": 4})  # as a text run writes it
     with pytest.raises(ValueError, match="gmlp train did not write it"):
         train_vision(VisionTrainConfig(**TINY, output=str(tmp_path / "text")), resume=True)
+
+
+def test_resume_with_overwrite_is_refused_in_the_python_api(tmp_path: Path) -> None:
+    """``train_vision(config(overwrite=True), resume=True)`` resumed and silently ignored the overwrite (the
+    command line refused the pair; the function did not)."""
+    config = VisionTrainConfig(model="gmlp_micro4_28", dataset="digits", epochs=1, overwrite=True,
+                               output=str(tmp_path / "run"), progress=False, tensorboard=False, plot=False)
+    with pytest.raises(ConfigError, match=r"resume=True continues .* config\.overwrite=True removes it"):
+        train_vision(config, resume=True)
+    assert not (tmp_path / "run").exists()

@@ -333,3 +333,32 @@ def test_eval_ema_of_an_unfinished_run_says_so(digits_run: Path, tmp_path: Path)
     (unfinished / "config.json").write_text(json.dumps({**config, "ema": False}))
     with pytest.raises(FileNotFoundError, match=r"\(the run was trained without --ema\)"):
         evaluate_checkpoint(unfinished, ema=True)
+
+
+@pytest.mark.parametrize(("data_root", "keys"), [(None, ("pic", "y")), ("other", (None, None))])
+def test_eval_passes_the_runs_columns_only_to_the_runs_hf_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_root: str | None, keys: tuple
+) -> None:
+    """A run trained on one HF dataset with explicit ``--image-key``/``--label-key`` named those columns to
+    any other HF dataset ``gmlp eval --data-root`` gave (which then had "no image column"); they belong to
+    the run's own dataset only."""
+    from gmlp.data import folders
+    from gmlp.utils.io import save_state_dict_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_state_dict_file(create_model("gmlp_micro4_28").state_dict(), run / "model.safetensors")
+    config = {"model": "gmlp_micro4_28", "dataset": "hf", "data_root": str(tmp_path / "mine"),
+              "image_key": "pic", "label_key": "y"}
+    (run / "config.json").write_text(json.dumps(config))
+    seen: dict = {}
+
+    def hf_source(root: str, split: str | None, **kwargs: object) -> None:
+        seen.update(root=root, keys=(kwargs.get("image_key"), kwargs.get("label_key")))
+        raise KeyboardInterrupt  # (stop here: the columns are what the test checks)
+
+    monkeypatch.setattr(folders, "hf_source", hf_source)
+    root = None if data_root is None else str(tmp_path / data_root)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_checkpoint(run, dataset="hf", data_root=root, workers=0)
+    assert seen == {"root": root or config["data_root"], "keys": keys}

@@ -85,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--layers", type=_layers, default=None, help="comma-separated block indices (default: spread)"
     )
-    p.add_argument("--rows", type=_positive_int, default=6, help="rows (output tokens) of W per layer")
+    p.add_argument("--rows", type=_positive_int, default=None,
+                   help="rows (output tokens) of W per layer (default: 6, or all of a smaller W)")
     p.add_argument(
         "--kind",
         choices=("auto", "vision", "text"),

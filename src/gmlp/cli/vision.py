@@ -56,6 +56,25 @@ _HELP = {
     "precision": "auto (bf16 autocast on a CUDA GPU that has it, else fp32), fp32 or bf16",
     "device": "auto, cpu or cuda",
     "grad_accum_steps": "micro-steps per optimizer step (the global batch stays batch_size)",
+    "augment": "training augmentation of the input pipeline: random shift and flip (in-memory data), or "
+               "random resized crop, flip, colour jitter and --auto-augment (PIL); mixup, cutmix and random "
+               "erasing are settings of their own",
+    "hflip": "horizontal flip probability (with augment)",
+    "crop_scale": "RandomResizedCrop area range (PIL pipeline, with augment)",
+    "color_jitter": "colour jitter strength (PIL pipeline, with augment; timm turns it off with "
+                    "--auto-augment, except 3a)",
+    "workers": "DataLoader processes of the PIL pipeline (the in-memory pipeline has none)",
+    "strict_images": "stop at a corrupt image instead of skipping it (PIL pipeline)",
+    "warmup_lr": "learning rate the warmup starts from (with warmup_steps > 0; unset: lr x 1e-3)",
+    "drop_path_schedule": "uniform or linear spread of drop_path_rate over the blocks (with "
+                          "drop_path_rate > 0)",
+    "mixup_prob": "probability of mixing a batch (with mixup or cutmix > 0)",
+    "mixup_switch_prob": "probability of cutmix instead of mixup (with both mixup and cutmix > 0)",
+    "mixup_mode": "batch, pair or elem (with mixup or cutmix > 0)",
+    "remode": "random erasing fill: const, rand or pixel (with reprob > 0)",
+    "recount": "random erasing regions per image (with reprob > 0)",
+    "ema_decay": "weight average decay (with --ema)",
+    "ema_warmup": "timm's EMA warmup of the decay (with --ema)",
     "overwrite": "start a new run in an --output that holds one, removing the old run's checkpoints, metrics "
                  "and weights (without it, such an --output is refused unless --resume is given)",
 }
@@ -139,26 +158,74 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(args: argparse.Namespace, *names: str) -> list[str]:
+    """``--flag VALUE`` of each of ``names`` (attributes of ``args``) that was given (is not None / False)."""
+    out = []
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value is not False:
+            flag = "--" + name.replace("_", "-")
+            shown = json.dumps(value) if isinstance(value, dict) else value
+            out.append(flag if value is True else f"{flag} {shown}")
+    return out
+
+
 def _info(args: argparse.Namespace) -> int:
     from ..models import list_models
+    from ..train.recipe import ConfigError
 
+    measure = ("batch_size", "device")
     if args.model is None:
+        given = _given(args, "img_size", "in_chans", "num_classes", "model_kwargs", "throughput", *measure)
+        if given:  # the list of models takes none of them
+            raise ConfigError(f"{', '.join(given)}: a setting of one model, and no model was named (gmlp "
+                              f"info alone lists the models); name one: gmlp info MODEL ...")
         print("\n".join(list_models()))
         return 0
+    if args.batch_size is not None and args.batch_size < 1:  # a bad value first (as model_info words it)
+        raise ConfigError(f"batch_size (of the throughput measurement) must be >= 1, got {args.batch_size}")
+    given = _given(args, *measure)
+    if given and not args.throughput:  # the size and GMACs do not depend on them
+        raise ConfigError(f"{', '.join(given)}: a setting of the throughput measurement, which runs only "
+                          f"with --throughput; add --throughput or leave it out")
     from ..train.vision_tools import model_info
 
     info = model_info(
         args.model, img_size=args.img_size, in_chans=args.in_chans, num_classes=args.num_classes,
-        throughput=args.throughput, batch_size=args.batch_size, device=args.device,
-        model_kwargs=args.model_kwargs,
+        throughput=args.throughput, batch_size=32 if args.batch_size is None else args.batch_size,
+        device=args.device or "auto", model_kwargs=args.model_kwargs,
     )
     print(info["summary"])
     return 0
 
 
+def _check_tensor_eval(args: argparse.Namespace) -> None:
+    """Refuse a ``--split`` or ``--data-root`` that the in-memory datasets cannot take (Fashion-MNIST has
+    the splits train and test; digits is scikit-learn's bundled copy): the loader raised a bare ValueError
+    (a traceback) for them."""
+    if args.split is None and args.data_root is None:
+        return
+    from ..train.recipe import ConfigError
+    from ..train.vision_config import TENSOR_DATASETS
+    from ..train.vision_tools import resolve_checkpoint
+
+    dataset = args.dataset
+    if dataset is None:  # the run's (evaluate_checkpoint reads it the same way)
+        _, run = resolve_checkpoint(args.checkpoint, ema=args.ema)
+        dataset = (run or {}).get("dataset") or "fashion_mnist"
+    if dataset not in TENSOR_DATASETS:
+        return
+    if args.split is not None and args.split not in ("train", "test"):
+        raise ConfigError(f"--split {args.split!r}: dataset {dataset!r} has the splits 'train' and 'test'")
+    if dataset == "digits" and args.data_root is not None:
+        raise ConfigError(f"--data-root {args.data_root!r}: dataset 'digits' is scikit-learn's bundled copy "
+                          f"and takes no data root; leave --data-root out")
+
+
 def _eval(args: argparse.Namespace) -> int:
     from ..train.vision_tools import evaluate_checkpoint
 
+    _check_tensor_eval(args)
     result = evaluate_checkpoint(
         args.checkpoint, model=args.model, dataset=args.dataset, data_root=args.data_root, split=args.split,
         img_size=args.img_size, batch_size=args.batch_size, workers=args.workers, device=args.device,
@@ -179,22 +246,39 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..export import export_checkpoint
+    import importlib.util
 
+    from ..export import export_checkpoint
+    from ..train.recipe import ConfigError
+
+    # export_checkpoint skips the check without a word when onnxruntime is missing: an explicit --verify
+    # is refused before anything is written, the default says that the file was not checked
+    verify = args.verify is not False
+    unchecked = verify and importlib.util.find_spec("onnxruntime") is None
+    if unchecked and args.verify:
+        raise ConfigError('--verify runs the exported file in onnxruntime, which is not installed: pip '
+                          'install "gmlp[export]" (or give --no-verify)')
     out = export_checkpoint(args.checkpoint, args.output, model=args.model, img_size=args.img_size,
                             in_chans=args.in_chans, num_classes=args.num_classes, opset=args.opset,
-                            verify=args.verify, model_kwargs=args.model_kwargs)
-    print(f"wrote {out}")
+                            verify=verify, model_kwargs=args.model_kwargs)
+    note = ' (not verified: onnxruntime is not installed; pip install "gmlp[export]")' if unchecked else ""
+    print(f"wrote {out}{note}")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
     from ..train.compare import run_comparison
 
+    progress = args.progress
+    if progress is None:  # not given: the recipe's progress (run_comparison would set its own default)
+        from ..train.recipe import load_recipe
+        from ..train.vision_config import VisionTrainConfig
+
+        progress = (load_recipe(args.config, VisionTrainConfig) if args.config else {}).get("progress", True)
     table = run_comparison(
         args.output, config=args.config, dataset=args.dataset, epochs=args.epochs, gmlp_model=args.model,
         vit_depth=args.vit_depth, vit_heads=args.vit_heads, train_subset=args.train_subset,
-        test_subset=args.test_subset, threads=args.threads, progress=args.progress,
+        test_subset=args.test_subset, threads=args.threads, progress=progress,
         batch_size=args.batch_size, seed=args.seed,
     )
     print(table)
@@ -262,8 +346,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.add_argument("--num-classes", type=int)
     info.add_argument("--model-kwargs", type=_parse_kwargs, default=None)
     info.add_argument("--throughput", action="store_true", help="also measure inference images/second")
-    info.add_argument("--batch-size", type=int, default=32, help="batch of the throughput measurement")
-    info.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    # None = not given: both belong to --throughput and are refused without it (they would change nothing)
+    info.add_argument("--batch-size", type=int, default=None,
+                      help="batch of the throughput measurement (with --throughput; default: 32)")
+    info.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                      help="device of the throughput measurement (with --throughput; default: auto)")
     info.set_defaults(func=_info)
 
     ex = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch axis)")
@@ -273,8 +360,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--in-chans", type=_positive_int, help="input channels (default: the checkpoint's)")
     ex.add_argument("--num-classes", type=_positive_int, help="classes (default: the checkpoint's head)")
     ex.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default: the exporter's)")
-    ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                    help="compare onnxruntime's outputs with PyTorch's (if onnxruntime is installed)")
+    ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                    help="compare onnxruntime's outputs with PyTorch's (default: if onnxruntime is "
+                         "installed; --verify without it is an error)")
     ex.set_defaults(func=_export)
 
     cmp_ = sub.add_parser(
@@ -298,5 +386,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--threads", type=int, default=None)
     cmp_.add_argument("--seed", type=int, default=None,
                       help="seed of both runs (init, data order, augmentation; default: the recipe's)")
-    cmp_.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    cmp_.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="progress bars (default: the recipe's, else on)")
     cmp_.set_defaults(func=_compare)

@@ -89,7 +89,6 @@ def _train(config: VisionTrainConfig) -> None:
     still resumes), else start it afresh, replacing the run that is there (another comparison's)."""
     out = Path(config.output)
     resume = latest_checkpoint(out) is not None
-    config = dataclasses.replace(config, overwrite=resume)  # without resume: replace the run that is there
     if resume:
         saved = load_checkpoint(out).state.get("config") or {}
         # the saved settings went through JSON (tuples came back as lists): compare them that way
@@ -100,7 +99,8 @@ def _train(config: VisionTrainConfig) -> None:
             print(f"note: {out} holds a run with other settings ("
                   + ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
                   + "); starting it afresh", flush=True)
-    train_vision(config, resume=resume)
+    # without resume: replace whatever is there (another comparison's run, or one stopped before a checkpoint)
+    train_vision(dataclasses.replace(config, overwrite=not resume), resume=resume)
 
 
 def run_comparison(

@@ -605,8 +605,15 @@ def train_vision(config: VisionTrainConfig, resume: bool = False) -> dict[str, A
     ``checkpoints/`` (atomic, resumable), ``config.json``, ``tensorboard/`` (if tensorboard is installed)
     and, at the end, ``model.safetensors`` (loadable with ``gmlp.create_model(name, pretrained=path)``),
     ``model_ema.safetensors`` (with ``ema``) and ``metrics.png``.
+
+    Raises:
+        ConfigError: an invalid config, or ``resume`` together with ``config.overwrite`` (one continues the
+            run in ``config.output``, the other removes it: the overwrite was silently ignored).
     """
     config.validate()
+    if resume and config.overwrite:
+        raise ConfigError("resume=True continues the run in config.output, config.overwrite=True removes it: "
+                          "give one of them")
     env = init_distributed(config.device)
     try:
         return _train(config, env, resume)

@@ -316,8 +316,11 @@ def evaluate_checkpoint(
             source = folders.image_folder_source(root, split, classes, candidates=candidates)
             split_name = source.root.name
         else:
+            # the run's --image-key/--label-key name columns of its own dataset, not of another --data-root
+            own = same_data and str(data_root) == str(run.get("data_root"))
             source = folders.hf_source(data_root, split, candidates=("validation", "val", "test"),
-                                       image_key=run.get("image_key"), label_key=run.get("label_key"))
+                                       image_key=run.get("image_key") if own else None,
+                                       label_key=run.get("label_key") if own else None)
             head, found = shapes.get("num_classes"), len(source.classes)
             if head and found < head and source.classes == tuple(map(str, range(found))):
                 # integer labels without class names: the classes are 0..n-1 of the training split, which
