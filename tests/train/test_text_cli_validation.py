@@ -144,6 +144,7 @@ FINETUNE_BAD = [
 
 TOKENIZER_BAD = [
     (["--min-frequency", "-1"], "--min-frequency", ">= 0", "-1"),
+    (["--kind", "unigram", "--min-frequency", "5"], "--min-frequency", "out with --kind unigram", "5"),
     (["--model-max-length", "0"], "--model-max-length", ">= 1", "0"),
     (["--vocab-size", "3"], "--vocab-size", "> 5", "3"),
     (["--max-chars", "0"], "--max-chars", ">= 1", "0"),
@@ -253,7 +254,8 @@ def test_missing_model_and_tokenizer_folders(tmp_path: Path, capsys: pytest.Capt
         ["pretrain", "--weight-decay", "0", "--warmup", "0", "--adam-beta1", "0", "--valid-fraction", "0"],
         ["pretrain", "--arch", "amlp", "--tiny-attn", "16", "--max-chars", "1", "--max-documents", "1"],
         ["pretrain", "--arch", "bert", "--heads", "4", "--hidden", "64"],
-        ["finetune", "--steps", "0", "--epochs", "0.5", "--clip-grad", "0", "--doc-stride", "0"],
+        ["finetune", "--steps", "0", "--epochs", "0.5", "--clip-grad", "0"],
+        ["finetune", "--task", "qa", "--train-file", "t.json", "--doc-stride", "0"],  # (a QA option)
         ["finetune", "--max-train-examples", "1", "--max-eval-examples", "1", "--eval-batch-size", "1"],
         ["tokenizer", "--min-frequency", "0", "--model-max-length", "1", "--vocab-size", "6"],
     ],

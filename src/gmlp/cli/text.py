@@ -71,7 +71,8 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, dropout: float) -> None:
     )
     g.add_argument(
         "--toeplitz", action=_B, default=True,
-        help="Toeplitz W (gmlp/amlp; default: on, as the paper's NLP runs)",
+        help="Toeplitz W (gmlp/amlp; --sgu-variant none has no W and mixer's token MLP is always full: both "
+        "ignore it; default: on, as the paper's NLP runs)",
     )
     g.add_argument(
         "--heads", type=int, default=None, help="bert / bert-relpos attention heads (default: d_model / 64)"
@@ -128,7 +129,11 @@ def _add_train_arguments(
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default: 2)")
     fresh = g.add_mutually_exclusive_group()  # a resumed run would silently ignore --overwrite
     fresh.add_argument(
-        "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue the run in --output from its last checkpoint, with its own model and tokenizer: the "
+        "model and tokenizer flags (--init-from too; not --seq-len, nor --dropout with finetune --model) "
+        "must be left out or repeat the run's values",
     )
     fresh.add_argument("--overwrite", action="store_true", help="discard a previous run in --output")
     g.add_argument(
@@ -301,7 +306,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tok.add_argument("--vocab-size", type=int, default=8192, help="default: 8192 (the paper: 32000)")
     tok.add_argument("--lowercase", action=_B, default=True, help="lowercase and strip accents (default: on)")
     tok.add_argument(
-        "--min-frequency", type=int, default=2, help="WordPiece: least count of a merged piece (default: 2)"
+        "--min-frequency", type=int, default=2,
+        help="WordPiece: least count of a merged piece (refused with --kind unigram; default: 2)"
     )
     tok.add_argument(
         "--model-max-length", type=int, default=512, help="recorded max sequence length, >= 1 (default: 512)"
@@ -334,7 +340,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--eval-every",
         type=int,
         default=200,
-        help="held-out perplexity every N steps, 0 = only at the end (default: 200)",
+        help="held-out perplexity every N steps, 0 = only at the end; none with --eval-batches 0 "
+        "(default: 200)",
     )
     g.add_argument(
         "--eval-batches",
@@ -371,17 +378,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--data",
         default=None,
         help="classification: tweets (default), tweets-binary, a file, a folder with train/dev/test "
-        "files, hf:NAME[:CONFIG]; qa: a SQuAD JSON file, a folder, hf:squad",
+        "files, hf:NAME[:CONFIG]; qa: a SQuAD JSON file, a folder, hf:squad (or --train-file instead)",
     )
-    g.add_argument("--train-file", default=None)
-    g.add_argument("--validation-file", default=None)
-    g.add_argument("--test-file", default=None)
-    g.add_argument("--text-column", default="sentence")
-    g.add_argument("--text-pair-column", default=None, help="second sentence of pair tasks (e.g. hypothesis)")
-    g.add_argument("--label-column", default="label")
-    g.add_argument("--num-labels", type=int, default=None, help="default: from the data; 1 = regression")
+    g.add_argument("--train-file", default=None, help="a training file, instead of --data")
+    g.add_argument("--validation-file", default=None, help="with --train-file: its dev file")
+    g.add_argument("--test-file", default=None, help="with --train-file: its test file")
     g.add_argument(
-        "--epochs", type=float, default=3.0, help="training epochs, may be fractional (default: 3)"
+        "--text-column", default="sentence",
+        help="classification files / hf: datasets (not the built-in tweets): text column (default: sentence)",
+    )
+    g.add_argument(
+        "--text-pair-column", default=None,
+        help="classification files / hf: datasets: second sentence of pair tasks (e.g. hypothesis)",
+    )
+    g.add_argument(
+        "--label-column", default="label",
+        help="classification files / hf: datasets: label column (default: label)",
+    )
+    g.add_argument(
+        "--num-labels", type=int, default=None, help="classification: default from the data; 1 = regression"
+    )
+    g.add_argument(
+        "--epochs", type=float, default=3.0,
+        help="training epochs, may be fractional; --steps N > 0 replaces it (default: 3)",
     )
     g.add_argument(
         "--steps",
@@ -392,13 +411,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--eval-batch-size", type=int, default=64, help="default: 64")
     g.add_argument("--max-train-examples", type=int, default=None, help="use the first N training examples")
     g.add_argument("--max-eval-examples", type=int, default=None, help="use the first N dev / test examples")
-    g.add_argument("--doc-stride", type=int, default=None, help="QA window overlap (default: seq_len / 4)")
-    g.add_argument("--max-query-length", type=int, default=64)
-    g.add_argument("--max-answer-length", type=int, default=30)
-    g.add_argument("--n-best", type=int, default=20)
+    g.add_argument(
+        "--doc-stride", type=int, default=None, help="qa: window overlap in tokens (default: seq_len / 4)"
+    )
+    g.add_argument("--max-query-length", type=int, default=64, help="qa: question tokens kept (default: 64)")
+    g.add_argument(
+        "--max-answer-length", type=int, default=30, help="qa: longest answer in tokens (default: 30)"
+    )
+    g.add_argument("--n-best", type=int, default=20, help="qa: best starts and ends searched (default: 20)")
     g.add_argument(
         "--null-threshold", type=float, default=0.0,
-        help="SQuAD v2: answer empty when the no-answer score minus the best span's exceeds it (BERT's "
+        help="qa, SQuAD v2: answer empty when the no-answer score minus the best span's exceeds it (BERT's "
              "null_score_diff_threshold; higher = fewer empty answers; default 0)",
     )
     fin.set_defaults(func=_finetune)

@@ -173,6 +173,7 @@ class PretrainConfig(ModelOptions, _TrainOptions):
                 _init_tokenizer_dir(self.init_from)
             # before the corpus is read (else checked once the config is loaded)
             _folder_max_len(self.init_from, self.seq_len)
+        _validate_resumed_options(self, "pretrain")
 
 
 @dataclass
@@ -227,6 +228,7 @@ class FinetuneConfig(ModelOptions, _TrainOptions):
             optional=True,
         )
         _require(self, ("doc_stride",), lambda v: v >= 0, ">= 0", optional=True)
+        _validate_task_options(self)
         length = None  # the tokens per sequence, where known before anything is read
         if self.model:
             _check_model_folder("--model", self.model)
@@ -236,6 +238,7 @@ class FinetuneConfig(ModelOptions, _TrainOptions):
             length = seq_len_of_new_model(self)
         if self.task == "qa" and self.doc_stride is not None and (length or self.seq_len):
             _check_doc_stride(self.doc_stride, length or int(self.seq_len), self.max_query_length)
+        _validate_resumed_options(self, "finetune")
 
 
 class _MissingFolderError(ConfigError, FileNotFoundError):
@@ -400,6 +403,143 @@ def _validate_model_options(
             raise ConfigError(str(err)) from None
     elif opts.arch == "gmlp" and opts.tiny_attn:
         raise ConfigError("--tiny-attn makes an aMLP: use --arch amlp")
+    if opts.sgu_variant == "sgu" and opts.ffn is not None and opts.ffn % 2:  # (a traceback after the data)
+        raise ConfigError(
+            f"--ffn must be even with --sgu-variant sgu (the gate splits d_ffn into two halves), got "
+            f"{opts.ffn}"
+        )
+
+
+#: The options of one finetuning task, each with what it sets: given with the other ``--task`` they were
+#: silently ignored.
+_TASK_ONLY: dict[str, dict[str, str]] = {
+    "qa": {
+        "doc_stride": "the overlap of QA windows",
+        "max_query_length": "the longest QA question",
+        "max_answer_length": "the longest QA answer",
+        "n_best": "the candidate starts and ends of a QA answer",
+        "null_threshold": "SQuAD v2's no-answer threshold",
+    },
+    "classification": {
+        "text_column": "the text column of classification data",
+        "text_pair_column": "the second-sentence column of classification data",
+        "label_column": "the label column of classification data",
+        "num_labels": "the number of classification labels",
+    },
+}
+
+#: The built-in classification sets (``--data`` left out is ``tweets``): they have their own columns.
+_BUILTIN_CLASSIFICATION = ("tweets", "tweets-binary")
+
+
+def _given(opts: Any, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` whose value in ``opts`` is not the field's default (the flag was given)."""
+    defaults = {f.name: f.default for f in fields(opts)}
+    return [name for name in names if getattr(opts, name) != defaults[name]]
+
+
+def _validate_task_options(opts: FinetuneConfig) -> None:
+    """Refuse the finetuning options the data and the task would silently ignore: those of the other
+    ``--task`` (:data:`_TASK_ONLY`), ``--data`` together with ``--train-file`` (the files replace it),
+    ``--validation-file`` / ``--test-file`` without ``--train-file`` (the splits come from ``--data``), and
+    the column options with the built-in tweet sets (their columns are fixed)."""
+    for task, names in _TASK_ONLY.items():
+        given = _given(opts, list(names)) if task != opts.task else []
+        if given:
+            name = given[0]
+            raise ConfigError(
+                f"{_flag(name)} sets {names[name]} and must be left out with --task {opts.task}, got "
+                f"{getattr(opts, name)}"
+            )
+    if opts.train_file is not None and opts.data is not None:
+        raise ConfigError(
+            f"--data and --train-file both name the training data: --train-file (with --validation-file / "
+            f"--test-file) replaces --data, which would be ignored; give one of them, got --data {opts.data} "
+            f"and --train-file {opts.train_file}"
+        )
+    source = opts.data or ("tweets" if opts.task == "classification" else None)
+    if opts.train_file is None:
+        for name in ("validation_file", "test_file"):
+            if getattr(opts, name) is not None:
+                where = f"--data {source}" if source else "--data"
+                raise ConfigError(
+                    f"{_flag(name)} needs --train-file: without it the splits come from {where} and "
+                    f"{_flag(name)} would be ignored, got {_flag(name)} {getattr(opts, name)}"
+                )
+        if opts.task == "classification" and source in _BUILTIN_CLASSIFICATION:
+            columns = _given(opts, ("text_column", "text_pair_column", "label_column"))
+            if columns:
+                name = columns[0]
+                raise ConfigError(
+                    f"{_flag(name)} names a column of a data file or an hf: dataset; the built-in --data "
+                    f"{source} has its own columns and would ignore it, got {getattr(opts, name)}"
+                )
+
+
+#: The options that only train a tokenizer (a run that loads or reuses one does not apply them).
+_TOKENIZER_TRAINING = ("vocab_size", "tokenizer_kind", "tokenizer_sample_chars")
+
+
+def _kept_on_resume(opts: Any, saved: dict[str, Any]) -> dict[str, str]:
+    """The options that a run resumed from a checkpoint does not apply, each with what the run keeps instead
+    (``saved``: the options the run was started with, from its state.json): the architecture of a model
+    built from scratch, its ``--dropout`` and ``pretrain --init-from``, since the model comes back from
+    ``OUTPUT/config.json`` and the checkpoint (``finetune --model`` rebuilds it from that folder, with
+    ``--dropout``); and the options that train a tokenizer, since the tokenizer comes back from
+    ``OUTPUT/tokenizer`` (or ``--tokenizer`` / ``--model``)."""
+    out = Path(opts.output)
+    kept: dict[str, str] = {}
+    loaded = getattr(opts, "model", None) or saved.get("model")
+    if not loaded and (out / "config.json").is_file():  # (pretrain --init-from: only for a new run)
+        names = (*_ARCH_ONLY, "dropout", *(("init_from",) if hasattr(opts, "init_from") else ()))
+        kept.update(dict.fromkeys(names, f"model ({out / 'config.json'} and its checkpoint)"))
+    tokenizer = opts.tokenizer or saved.get("tokenizer")
+    where = (
+        f"--tokenizer {tokenizer}" if tokenizer
+        else f"--model {loaded}" if loaded
+        else str(out / "tokenizer") if (out / "tokenizer" / "tokenizer.json").is_file()
+        else None  # (none to reuse: a new one is trained, with these options)
+    )
+    if where:
+        names = [n for n in _TOKENIZER_TRAINING if hasattr(opts, n)]
+        kept.update(dict.fromkeys(names, f"tokenizer ({where})"))
+    return kept
+
+
+def _validate_resumed_options(opts: Any, kind: str) -> None:
+    """With ``--resume`` and a checkpoint of a ``kind`` run in ``--output``: refuse the options that the
+    resumed run does not apply (:func:`_kept_on_resume`) given with another value than the run was started
+    with (they were ignored, while the changed-options warning said the result would differ). The same
+    value, as when a run's command line is given again with ``--resume``, passes. A missing or unreadable
+    checkpoint is left to :func:`_prepare_output`."""
+    if not opts.resume:
+        return
+    try:
+        checkpoint = latest_checkpoint(opts.output)
+        state = json.loads((checkpoint / "state.json").read_text()) if checkpoint is not None else None
+    except (CheckpointError, OSError, ValueError):
+        return
+    saved = state.get("options") if isinstance(state, dict) and state.get("kind") == kind else None
+    if not isinstance(saved, dict):
+        return
+    kept = _kept_on_resume(opts, saved)
+    for name in _given(opts, list(kept)):
+        value = getattr(opts, name)
+        if name in saved and saved[name] == value:
+            continue
+        flag = "--no-" + _flag(name)[2:] if value is False else _flag(name)
+        got = flag if isinstance(value, bool) else value
+        was = saved.get(name)
+        started = (
+            f"whose options do not record {_flag(name)}" if name not in saved
+            else f"started with {_flag(name) if was else '--no-' + _flag(name)[2:]}" if isinstance(was, bool)
+            else f"started without {_flag(name)}" if was is None
+            else f"started with {_flag(name)} {was}"
+        )
+        raise ConfigError(
+            f"{flag} has no effect with --resume: the run in {opts.output!r} ({started}) keeps its "
+            f"{kept[name]}; leave {flag} out, got {got}"
+        )
 
 
 def _preset_arch(opts: ModelOptions) -> dict[str, Any]:
@@ -1175,6 +1315,9 @@ def _warn_changed_options(checkpoint: Path, opts: Any, world_size: int | None = 
         return
     saved = state.get("options", {})
     now = _jsonable(asdict(opts))
+    for name in _kept_on_resume(opts, saved):  # not applied: the run's own (another value is refused)
+        if name in saved:
+            now[name] = saved[name]
     if now.get("seq_len") is None and "seq_len" in saved:  # left out: the resumed model's own length, which
         now["seq_len"] = saved["seq_len"]  # is the run's (a run saved with the old default 128 says 128)
     # a size left out is the default without a preset, and the preset's with one: runs before the twentieth
@@ -1467,14 +1610,15 @@ def _micro_indices(opts: _TrainOptions, accelerator: Any, n: int, step: int, mic
 
 
 def _warn_unused_tokenizer_options(opts: _TrainOptions, source: str, accelerator: Any) -> None:
-    """Warn (main process) that ``--vocab-size`` / ``--tokenizer-kind``, given other than their defaults,
-    have no effect: the tokenizer is not trained but comes from ``source`` (``--tokenizer``, ...)."""
-    defaults = {f.name: f.default for f in fields(_TrainOptions)}
-    given = [_flag(n) for n in ("vocab_size", "tokenizer_kind") if getattr(opts, n) != defaults[n]]
+    """Warn (main process) that ``--vocab-size`` / ``--tokenizer-kind`` / ``--tokenizer-sample-chars``
+    (:data:`_TOKENIZER_TRAINING`), given other than their defaults, have no effect: the tokenizer is not
+    trained but comes from ``source`` (``--tokenizer``, ...)."""
+    given = [_flag(n) for n in _given(opts, [n for n in _TOKENIZER_TRAINING if hasattr(opts, n)])]
     verb, pronoun = ("y", "they have") if len(given) > 1 else ("ies", "it has")
     if given and accelerator.is_main_process:
+        names = " and ".join(given) if len(given) < 3 else f"{', '.join(given[:-1])} and {given[-1]}"
         print(
-            f"[gmlp] warning: {' and '.join(given)} only appl{verb} to a tokenizer the command trains; the "
+            f"[gmlp] warning: {names} only appl{verb} to a tokenizer the command trains; the "
             f"tokenizer comes from {source}, so {pronoun} no effect",
             file=sys.stderr,
         )

@@ -257,6 +257,9 @@ def train_tokenizer_command(
         )
     if min_frequency < 0:
         raise ConfigError(f"--min-frequency must be >= 0, got {min_frequency}")
+    if kind == "unigram" and min_frequency != 2:  # (the Unigram trainer has none: it was ignored)
+        raise ConfigError(f"--min-frequency sets WordPiece's least count of a merged piece and must be left "
+                          f"out with --kind unigram, got {min_frequency}")
     if model_max_length < 1:
         raise ConfigError(f"--model-max-length must be >= 1, got {model_max_length}")
     check_corpus_options(valid_fraction=valid_fraction, max_documents=max_documents, max_chars=max_chars)
