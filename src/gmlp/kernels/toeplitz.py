@@ -175,8 +175,8 @@ def toeplitz_mix_fft(
         h[..., size - (n - 1) :] = kernel[..., : n - 1].to(work)
     h_f = torch.fft.rfft(h, dim=-1)  # (..., size // 2 + 1)
     zf = torch.fft.rfft(z.to(work), n=size, dim=0)  # (size // 2 + 1, batch, channels)
-    if heads == 1:
+    if weight.dim() == 1:
         out = zf * h_f[:, None, None]
-    else:
+    else:  # (heads, ...) weights, a heads axis of 1 too (h_f is then (1, F), not (F,))
         out = (zf.view(-1, batch, heads, channels // heads) * h_f.t()[:, None, :, None]).view(zf.shape)
     return torch.fft.irfft(out, n=size, dim=0)[:n].to(z.dtype)

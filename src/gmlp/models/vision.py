@@ -259,7 +259,9 @@ class GMLPVision(nn.Module):
         the new grid with :func:`gmlp.nn.resample_spatial_weight` / :func:`~gmlp.nn.resample_spatial_bias`,
         exactly as ``create_model(name, img_size=..., pretrained=PATH)`` does with a checkpoint of this
         model. ``pretrained_cfg["input_size"]`` follows. The resampled W and b are new parameters: build
-        the optimizer after this call. The stem (and so the patch size) is unchanged.
+        the optimizer after this call. The stem (and so the patch size) is unchanged. Resampling is lossy:
+        a change to another size and back does not restore W and b (nor the outputs); keep the state dict
+        (or reload the checkpoint) to return to a size exactly. A refused call changes nothing.
 
         Args:
             img_size: the new image size (int or (H, W)), divisible by the patch size; None keeps it.
@@ -268,6 +270,8 @@ class GMLPVision(nn.Module):
         Raises:
             ValueError: ``img_size`` not a positive int or pair, or not divisible by the patch size;
                 ``patch_size`` other than None or the current one.
+            TypeError: a block whose token mixing cannot be resampled (variant ``"mixer"``, a Toeplitz
+                projection or another module than :class:`gmlp.nn.TokenProjection`).
         """
         if patch_size is not None and to_2tuple(patch_size, "patch_size") != self.patch_size:
             raise ValueError(
@@ -282,6 +286,9 @@ class GMLPVision(nn.Module):
         old, grid = self.grid_size, (size[0] // self.patch_size[0], size[1] // self.patch_size[1])
         n = grid[0] * grid[1]
         if grid != old:
+            # every block's new W and b are made before any is set: a block refused (or failing to resample)
+            # half-way must leave the model as it was, not some blocks resampled and the grid unchanged
+            resampled: list[tuple[TokenProjection, nn.Parameter, nn.Parameter]] = []
             with torch.no_grad():
                 for block in self.blocks:
                     if block.sgu.mix1 is not None:  # a token MLP's rows are not a grid of tokens to resample
@@ -298,14 +305,17 @@ class GMLPVision(nn.Module):
                                 f"{type(proj).__name__}{kind}"
                             )
                         w, b = proj.weight, proj.bias
-                        proj.weight = nn.Parameter(
-                            resample_spatial_weight(w.detach(), old, grid), requires_grad=w.requires_grad
-                        )
-                        proj.bias = nn.Parameter(
-                            resample_spatial_bias(b.detach(), old, grid), requires_grad=b.requires_grad
-                        )
-                        proj.seq_len = n
-                    block.sgu.seq_len = block.seq_len = n
+                        weight = resample_spatial_weight(w.detach(), old, grid)
+                        bias = resample_spatial_bias(b.detach(), old, grid)
+                        resampled.append((
+                            proj,
+                            nn.Parameter(weight, requires_grad=w.requires_grad),
+                            nn.Parameter(bias, requires_grad=b.requires_grad),
+                        ))  # fmt: skip
+            for proj, weight, bias in resampled:
+                proj.weight, proj.bias, proj.seq_len = weight, bias, n
+            for block in self.blocks:
+                block.sgu.seq_len = block.seq_len = n
         self.stem.img_size, self.stem.grid_size, self.stem.num_patches = size, grid, n
         self.img_size, self.grid_size = size, grid
         self.pretrained_cfg["input_size"] = (self.in_chans, *size)
