@@ -124,7 +124,8 @@ class GMLPConfig(PretrainedConfig):
             ``d_tok x n``, W2 ``n x d_tok``). None = ``max_position_embeddings`` (stored resolved, so a saved
             config keeps it even where ``max_position_embeddings`` changes, e.g. by
             ``resize_sequence_length``). Must be None for the other variants.
-        sgu_heads: number of channel groups of the SGU, each with its own W and b (g-mlp-pytorch's ``heads``).
+        sgu_heads: number of channel groups of the SGU, each with its own W and b (g-mlp-pytorch's ``heads``);
+            it must divide :attr:`gate_dim` (for ``sgu_variant="none"`` too), and be 1 for ``"mixer"``.
         hidden_dropout_prob: dropout on the embeddings and on each block's output.
         classifier_dropout: dropout in the sequence-classification head (None = ``hidden_dropout_prob``).
         drop_path_rate: stochastic-depth probability of the blocks.
@@ -223,7 +224,8 @@ class GMLPConfig(PretrainedConfig):
                 f"got {intermediate_size}"
             )
         gate_dim = intermediate_size // 2 if sgu_variant == "sgu" else intermediate_size
-        if sgu_variant != "none" and gate_dim % sgu_heads:
+        # (also for "none", whose gating layer checks it too: else the model's build would fail)
+        if sgu_variant != "mixer" and gate_dim % sgu_heads:
             raise ValueError(
                 f"sgu_heads must divide the gate width ({gate_dim} channels for intermediate_size="
                 f"{intermediate_size}, sgu_variant={sgu_variant!r}), got {sgu_heads}"

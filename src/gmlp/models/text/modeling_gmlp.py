@@ -621,16 +621,23 @@ class GMLPModel(GMLPPreTrainedModel):
                 t = _gather_tokens(t, inverse)
             return t.transpose(0, 1).contiguous()
 
+        def record_map(module: TinyAttention, x: torch.Tensor, block_mask: torch.Tensor | None) -> None:
+            probs = _attention_probs(module, x, block_mask)
+            if inverse is not None:  # back to the input's positions, queries and keys
+                back = inverse[:, None, :, None].expand_as(probs)
+                probs = probs.gather(2, back).gather(3, back.transpose(2, 3))
+            attentions.append(probs)
+
+        # Eager mode reads each tiny attention's input as the block passes it, with a forward hook (this call
+        # only). torch.compile cannot trace a hook's registration (a graph break; an error with
+        # fullgraph=True): there the maps are computed from block.norm(h), which is what the block's tiny
+        # attention sees while compiling (no fused pre-norm kernel then).
+        compiling = torch.compiler.is_compiling()
         hooks = []
-        if attentions is not None:  # read each tiny attention's input as the block passes it (this call only)
+        if attentions is not None and not compiling:
 
             def record(module: TinyAttention, args: tuple[Any, ...], kwargs: dict[str, Any], _: Any) -> None:
-                block_mask = args[1] if len(args) > 1 else kwargs.get("mask")
-                probs = _attention_probs(module, args[0], block_mask)
-                if inverse is not None:  # back to the input's positions, queries and keys
-                    back = inverse[:, None, :, None].expand_as(probs)
-                    probs = probs.gather(2, back).gather(3, back.transpose(2, 3))
-                attentions.append(probs)
+                record_map(module, args[0], args[1] if len(args) > 1 else kwargs.get("mask"))
 
             hooks = [
                 block.tiny_attn.register_forward_hook(record, with_kwargs=True)
@@ -643,6 +650,8 @@ class GMLPModel(GMLPPreTrainedModel):
             for index, block in enumerate(self.blocks):
                 if hidden_states is not None:
                     hidden_states += (to_batch_major(h),)
+                if attentions is not None and compiling and block.tiny_attn is not None:
+                    record_map(block.tiny_attn, block.norm(h), mask)
                 if checkpointing and index % self.checkpoint_every_n_layers == 0:
                     h = self._gradient_checkpointing_func(block.__call__, h, mask)
                 else:
@@ -1072,12 +1081,21 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
     ``generate()`` works without a key/value cache: every step re-runs the model on the whole prefix (the
     token mixing of gMLP has no cache in this implementation), so sequences can grow up to
     ``max_position_embeddings`` tokens. Left-padded batches are fine (see the module docstring).
+
+    Raises:
+        ValueError: a config with ``sgu_variant="mixer"``, which cannot mix tokens causally.
     """
 
     _tied_weights_keys = _tied_keys("lm_head.weight")
     accepts_loss_kwargs = True  # Trainer passes num_items_in_batch (exact gradient accumulation)
 
     def __init__(self, config: GMLPConfig) -> None:
+        if config.sgu_variant == "mixer":  # (else the copy with causal=True fails deep in gmlp.nn)
+            raise ValueError(
+                "GMLPForCausalLM needs causal token mixing, and sgu_variant 'mixer' cannot be causal (its "
+                "2-layer token MLP mixes every token with every other): use a single-projection variant "
+                "(sgu, linear, additive, multiplicative) or 'none' for a causal LM"
+            )
         if not config.causal:
             logger.warning(
                 "GMLPForCausalLM needs causal token mixing: using a copy of the config with causal=True"
