@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig
@@ -137,3 +139,26 @@ def test_eos_token_id_annotation_takes_the_list_the_config_accepts() -> None:
     hint = typing.get_type_hints(GMLPConfig.__init__)["eos_token_id"]
     assert set(typing.get_args(hint)) == {int, list[int], type(None)}
     assert GMLPConfig(eos_token_id=[5, 6]).eos_token_id == [5, 6]
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("hiden_size", "hidden_size"), ("toeplitz_w", "toeplitz"),
+                                             ("sgu_varient", "sgu_variant"), ("tiny_attn", "tiny_attn_size")])
+def test_a_misspelt_argument_is_named_with_its_likely_meaning(typo: str, meant: str) -> None:
+    """``GMLPConfig(hiden_size=64)`` kept the typo as an unused attribute and built the default width without
+    a word (PretrainedConfig stores unknown keyword arguments): a near miss of an argument now warns."""
+    with pytest.warns(UserWarning, match=rf"unknown argument {typo!r} .*did you mean {meant!r}"):
+        GMLPConfig(**{typo: 3})
+
+
+def test_saved_configs_and_transformers_own_arguments_do_not_warn(tmp_path: Path) -> None:
+    """Only near misses of GMLPConfig's own arguments warn: transformers' keys (``architectures``, ...),
+    other unknown keys and a saved config's round trip stay quiet."""
+    import warnings
+
+    config = GMLPConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                        max_position_embeddings=8, num_labels=3, architectures=["GMLPModel"], my_note="x")
+    config.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GMLPConfig.from_pretrained(tmp_path)
+        GMLPConfig(output_hidden_states=True, problem_type="regression", id2label={0: "a"}, comment="x")

@@ -6,7 +6,10 @@ transformers 4.45+ and 5.x (it uses the classic ``__init__`` form that both acce
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
+import warnings
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -92,6 +95,33 @@ def _check_mixer(
         return max_position_embeddings
     _positive_int("sgu_token_mlp_dim", token_mlp_dim)
     return token_mlp_dim
+
+
+@functools.cache
+def _known_arguments() -> tuple[frozenset[str], tuple[str, ...]]:
+    """(the keys transformers' own ``PretrainedConfig`` knows, :class:`GMLPConfig`'s own arguments)."""
+    own = tuple(p for p in inspect.signature(GMLPConfig.__init__).parameters if p not in ("self", "kwargs"))
+    return frozenset(PretrainedConfig().to_dict()) | {"architectures", "auto_map"}, own
+
+
+def _warn_near_misses(kwargs: dict[str, Any]) -> None:
+    """Warn about a keyword argument that is no argument of :class:`GMLPConfig` nor of transformers'
+    ``PretrainedConfig`` but close to one of GMLPConfig's (``hiden_size``): PretrainedConfig keeps unknown
+    arguments as attributes, so the typo would silently leave the real argument at its default. Other
+    unknown keys (notes, keys of newer versions) are left alone, as transformers does."""
+    base, own = _known_arguments()
+    for key in kwargs:
+        if key in base or key.startswith("_"):
+            continue
+        close = difflib.get_close_matches(key, own, n=1, cutoff=0.75)
+        close = close or [name for name in own if name.startswith(key + "_")][:1]  # (tiny_attn)
+        if close:
+            warnings.warn(
+                f"GMLPConfig got an unknown argument {key!r} (kept as an attribute, with no effect); did you "
+                f"mean {close[0]!r}?",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 class GMLPConfig(PretrainedConfig):
@@ -216,6 +246,7 @@ class GMLPConfig(PretrainedConfig):
         if "num_labels" in kwargs:  # PretrainedConfig derives id2label from it: check before it does
             _positive_int("num_labels", kwargs["num_labels"])
         _check_problem_type(kwargs.get("problem_type"))
+        _warn_near_misses(kwargs)
         if sgu_variant not in VARIANTS:
             raise ValueError(f"sgu_variant must be one of {sorted(VARIANTS)}, got {sgu_variant!r}")
         if sgu_variant == "sgu" and intermediate_size % 2:
