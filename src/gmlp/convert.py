@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .nn._checks import check_int
 from .utils.io import CheckpointError
 
 __all__ = ["detect_format", "from_timm", "from_g_mlp_pytorch", "to_gmlp"]
@@ -100,7 +101,12 @@ def from_g_mlp_pytorch(
     dict does not record their shape); a model with rectangular patches is refused when it is passed
     itself, as its flattened stem would otherwise be reshaped wrongly without an error. So are models
     made with ``shift_tokens`` or a gate ``act`` (not stored in a state dict either; gmlp has neither).
+
+    Raises:
+        ValueError: ``in_chans`` not a positive int.
+        CheckpointError: a layout or a model this converter cannot convert faithfully.
     """
+    in_chans = check_int(in_chans, "in_chans")
     if isinstance(state_dict, nn.Module):
         embed = getattr(state_dict, "to_patch_embed", None)
         sizes = getattr(embed[0], "axes_lengths", None) if isinstance(embed, nn.Sequential) else None
@@ -108,6 +114,16 @@ def from_g_mlp_pytorch(
             raise CheckpointError(
                 f"g-mlp-pytorch model with rectangular patches (p1={sizes.get('p1')}, p2={sizes.get('p2')}): "
                 f"gmlp's patch stem takes square patches only"
+            )
+        stem = embed[1] if isinstance(embed, nn.Sequential) and len(embed) > 1 else None
+        patch = sizes.get("p1") if isinstance(sizes, dict) else None
+        flat = getattr(stem, "in_features", None)
+        if isinstance(patch, int) and patch > 0 and isinstance(flat, int) and flat != in_chans * patch**2:
+            # (a bare state dict cannot tell: 12 channels of 2x2 patches read as 3 channels of 4x4 ones)
+            raise CheckpointError(
+                f"g-mlp-pytorch model with {patch}x{patch} patches of {flat // (patch * patch)} channels "
+                f"(to_patch_embed.1 takes {flat} values), converted with in_chans={in_chans}: pass its "
+                f"in_chans={flat // (patch * patch)}"
             )
         for name, module in state_dict.named_modules():
             if getattr(module, "shifts", (0,)) not in ((0,), ()):
@@ -181,7 +197,13 @@ def to_gmlp(state_dict: Mapping[str, torch.Tensor] | nn.Module, in_chans: int = 
     """Convert any supported layout (a state dict or a module) to ours (ours passes through unchanged).
 
     A g-mlp-pytorch module is converted with the checks that need the module itself (see
-    :func:`from_g_mlp_pytorch`)."""
+    :func:`from_g_mlp_pytorch`); ``in_chans`` is used for g-mlp-pytorch vision checkpoints only (the others
+    record it in the stem's weight), and checked for all.
+
+    Raises:
+        ValueError: ``in_chans`` not a positive int.
+    """
+    in_chans = check_int(in_chans, "in_chans")
     source, state_dict = state_dict, _as_state_dict(state_dict)
     fmt = detect_format(state_dict)
     if fmt == "timm":

@@ -24,8 +24,8 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def is_model(name: str) -> bool:
-    """True if ``name`` is a registered model."""
-    return name in _MODEL_FNS
+    """True if ``name`` is a registered model (False for anything but a str, a list included)."""
+    return isinstance(name, str) and name in _MODEL_FNS
 
 
 def _patterns(value: Any, arg: str) -> list[str]:
@@ -53,8 +53,13 @@ def list_models(
         pretrained: only models with hosted pretrained weights, as in timm: gmlp has none, so ``True``
             gives an empty list (load local checkpoints with ``create_model(name, pretrained=PATH)``).
         exclude_filters: pattern(s) of names to leave out.
+
+    Raises:
+        TypeError: a filter not a pattern or a list of them, ``pretrained`` not a bool.
     """
     include, exclude = _patterns(filter, "filter"), _patterns(exclude_filters, "exclude_filters")
+    if not isinstance(pretrained, bool):  # a str such as "no" would be truthy
+        raise TypeError(f"pretrained must be True or False, got {pretrained!r}")
     if pretrained:
         return []
     names = [n for n in _MODEL_FNS if not include or any(fnmatch.fnmatchcase(n, f) for f in include)]
@@ -85,16 +90,21 @@ def create_model(
             ``pretrained``, not both.
         features_only: return a feature extractor (:class:`gmlp.models.vision.FeatureGetterNet`) whose
             forward gives the list of block maps ``(B, embed_dim, grid_h, grid_w)``, as timm's for ViT and
-            MLP-Mixer; the blocks after the last map, the final norm and the head are pruned.
+            MLP-Mixer; the blocks after the last map, the final norm and the head are pruned, so the head's
+            arguments are refused with it (``num_classes`` other than 0, ``global_pool`` other than ``""``,
+            ``drop_rate`` other than 0).
         out_indices: with ``features_only``, the blocks whose maps are returned: an int ``n`` = the last
             ``n`` (None: 3, timm's default), or a list of block indices (negative ones count from the end).
         **kwargs: overrides of the model's constructor arguments (``num_classes``, ``img_size``,
-            ``drop_path_rate``, ...); as in timm, one given as None keeps the model's default.
+            ``drop_path_rate``, ...); as in timm, one given as None keeps the model's default. A ``mean`` or
+            ``std`` given in ``pretrained_cfg`` or timm's ``pretrained_cfg_overlay`` wins over the one a
+            checkpoint records (which the loading otherwise puts into ``pretrained_cfg``).
 
     Raises:
         ValueError: unknown model name (the message lists the known ones), ``pretrained=True``, an empty
             path, a path given both ways, or a ``pretrained`` that is neither a bool nor a path;
-            ``out_indices`` without ``features_only`` or out of range.
+            ``out_indices`` without ``features_only`` or out of range; a head argument with
+            ``features_only``.
         TypeError: ``features_only`` not a bool.
     """
     if not isinstance(name, str) or name not in _MODEL_FNS:
@@ -107,12 +117,26 @@ def create_model(
     # as timm: arguments left at None (e.g. unset command-line options) keep the model's defaults
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if features_only:
+        for arg, pruned in (("num_classes", 0), ("global_pool", ""), ("drop_rate", 0)):
+            if arg in kwargs and kwargs[arg] != pruned:  # (a bad type is then refused by the model)
+                raise ValueError(
+                    f"{arg}={kwargs[arg]!r} has no effect with features_only=True: the feature extractor's "
+                    f"classifier head (pooling, dropout and linear layer) is pruned; leave {arg} out"
+                )
         kwargs.setdefault("num_classes", 0)  # the head is pruned: no checkpoint head to fit
+    given_cfg = {key for arg in ("pretrained_cfg", "pretrained_cfg_overlay")
+                 if isinstance(kwargs.get(arg), dict) for key in kwargs[arg]}  # fmt: skip
     model = _MODEL_FNS[name](**kwargs)
     if path is not None:
         from .loading import load_pretrained
 
+        cfg = getattr(model, "pretrained_cfg", None)
+        cfg = cfg if isinstance(cfg, dict) else {}
+        # the caller's normalisation over the checkpoint's (which the loading restores): else ignored
+        kept = {k: cfg[k] for k in ("mean", "std") if k in given_cfg and k in cfg}
         load_pretrained(model, path, size_given="img_size" in kwargs)
+        if kept:
+            model.pretrained_cfg.update(kept)
     if features_only:
         from .vision import FeatureGetterNet
 

@@ -8,6 +8,7 @@ mixing is one matrix product; :meth:`GMLPVision.forward_features` returns the us
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -30,13 +31,69 @@ def drop_path_rates(rate: float, depth: int, schedule: str = "uniform") -> list[
 
     ``"uniform"``: every block drops with ``rate`` (the paper quotes one survival probability; timm does
     this). ``"linear"``: from 0 at the first block to ``rate`` at the last (DeiT/Swin style).
+
+    Raises:
+        ValueError: ``rate`` not a number in ``[0, 1)``, ``depth`` not a positive int, or an unknown
+            ``schedule``.
     """
     check_number(rate, "drop_path_rate", high=1.0)
+    depth = check_int(depth, "depth")
     if schedule == "uniform":
         return [rate] * depth
     if schedule == "linear":
         return [rate * i / max(depth - 1, 1) for i in range(depth)]
     raise ValueError(f"drop_path_schedule must be 'uniform' or 'linear', got {schedule!r}")
+
+
+#: ``pretrained_cfg`` keys that tell timm where to read or download weights: gmlp reads none of them
+_WEIGHT_SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "custom_load")
+
+
+def _checked_cfg(cfg: object, name: str) -> dict[str, Any]:
+    """``cfg`` (a ``pretrained_cfg`` or ``pretrained_cfg_overlay``) as a dict ({} for None).
+
+    Raises:
+        TypeError: ``cfg`` is neither a dict nor None.
+        ValueError: it names a weight source (``file``, ``url``, ``hf_hub_id``, ...), which timm would load
+            and gmlp would ignore.
+    """
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise TypeError(f"{name} must be a dict or None, got {type(cfg).__name__}")
+    for key in _WEIGHT_SOURCE_KEYS:
+        if cfg.get(key):
+            raise ValueError(
+                f"{name}[{key!r}]={cfg[key]!r}: timm would load weights from it; gmlp loads none from "
+                f"pretrained_cfg: pass the checkpoint as create_model(name, pretrained=PATH) (or "
+                f"checkpoint_path=PATH)"
+            )
+    return cfg
+
+
+def _check_cfg_sizes(cfg: dict[str, Any], name: str, num_classes: int, input_size: tuple[int, ...]) -> None:
+    """A ValueError where ``cfg`` records another ``num_classes`` or ``input_size`` than the model's: timm
+    takes these as the model's defaults; here the model's arguments set them, and the cfg only records
+    them (silently overwritten, the cfg's value would be ignored)."""
+    given = cfg.get("num_classes")
+    if given is not None and given != num_classes:
+        raise ValueError(
+            f"{name}['num_classes']={given!r} but the model is built with num_classes={num_classes}: pass "
+            f"num_classes={given!r} as an argument (the model's arguments set its sizes; pretrained_cfg "
+            f"only records them)"
+        )
+    given = cfg.get("input_size")
+    if given is not None:
+        try:
+            same = tuple(given) == tuple(input_size)
+        except TypeError:
+            same = False
+        if not same:
+            raise ValueError(
+                f"{name}['input_size']={given!r} but the model is built for input_size={tuple(input_size)} "
+                f"(in_chans, height, width): pass img_size= and in_chans= as arguments (the model's "
+                f"arguments set its sizes; pretrained_cfg only records them)"
+            )
 
 
 def feature_take_indices(
@@ -94,6 +151,10 @@ class GMLPVision(nn.Module):
         norm_eps, sgu_norm_eps: LayerNorm epsilons; the defaults (1e-6, 1e-5) are timm's, so converted
             timm weights give timm's outputs.
         init_std: std of the near-zero init of the spatial weights.
+        pretrained_cfg: timm's metadata (``mean``, ``std``, ``interpolation``, ``crop_pct``, ...) over the
+            defaults, as :attr:`pretrained_cfg`. Its ``num_classes`` and ``input_size`` are the model's
+            (another value is refused: pass the arguments), and weight sources (``file``, ``url``,
+            ``hf_hub_id``, ...) are refused: load weights with ``create_model(name, pretrained=PATH)``.
     """
 
     def __init__(
@@ -127,8 +188,7 @@ class GMLPVision(nn.Module):
         check_number(mlp_ratio, "mlp_ratio", low_open=True)
         for name, value in (("drop_rate", drop_rate), ("proj_drop_rate", proj_drop_rate)):
             check_number(value, name, high=1.0)
-        if pretrained_cfg is not None and not isinstance(pretrained_cfg, dict):
-            raise TypeError(f"pretrained_cfg must be a dict or None, got {type(pretrained_cfg).__name__}")
+        given_cfg = _checked_cfg(pretrained_cfg, "pretrained_cfg")
         dim_ffn = int(round(mlp_ratio * embed_dim))
         if dim_ffn < 1 or (variant == "sgu" and dim_ffn % 2):  # else the block names dim_ffn, not given here
             even = ", and even for the split SGU (variant='sgu')" if variant == "sgu" else ""
@@ -170,7 +230,8 @@ class GMLPVision(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         cfg = dict(_DEFAULT_CFG)
-        cfg.update(pretrained_cfg or {})
+        _check_cfg_sizes(given_cfg, "pretrained_cfg", num_classes, (in_chans, *self.img_size))
+        cfg.update(given_cfg)
         cfg["input_size"] = (in_chans, *self.img_size)
         cfg["num_classes"] = num_classes
         self.pretrained_cfg = cfg
@@ -210,13 +271,24 @@ class GMLPVision(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Parameter groups for layer-wise learning-rate decay (timm convention)."""
+        """Parameter groups for layer-wise learning-rate decay (timm convention). ``coarse`` (timm's switch
+        between per-block and per-stage groups) gives the same groups: a flat stack's stages are its blocks,
+        as for timm's own gMLP.
+
+        Raises:
+            TypeError: ``coarse`` not a bool.
+        """
+        check_flag(coarse, "coarse")
         return {"stem": r"^stem", "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in the backward pass to save memory."""
-        self.grad_checkpointing = enable
+        """Recompute block activations in the backward pass to save memory (in training only).
+
+        Raises:
+            TypeError: ``enable`` not a bool (a string such as ``"no"`` would be truthy).
+        """
+        self.grad_checkpointing = check_flag(enable, "enable")
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -417,7 +489,10 @@ class GMLPVision(nn.Module):
 
         Raises:
             ValueError: ``x`` is not ``(B, tokens, embed_dim)`` (e.g. already pooled features).
+            TypeError: ``pre_logits`` not a bool.
         """
+        if pre_logits is not False and pre_logits is not True:  # (a str such as "no" would be truthy)
+            raise TypeError(f"pre_logits must be True or False, got {pre_logits!r}")
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
@@ -563,17 +638,62 @@ _FASHION_MNIST_CFG: dict[str, Any] = {
 }
 
 
+#: timm's create_model arguments that gmlp's models do not take, with why (a plain "unexpected keyword
+#: argument" would not say what to do instead)
+_TIMM_ONLY_ARGUMENTS: dict[str, str] = {
+    "scriptable": "timm's layer-config switch selects layer implementations; gmlp's layers have one each",
+    "exportable": "timm's layer-config switch selects layer implementations; gmlp's layers have one each, "
+    "which gmlp.export.export_onnx exports as built",
+    "no_jit": "timm's layer-config switch selects layer implementations; gmlp's layers have one each",
+    "cache_dir": "gmlp downloads no weights: pass a local checkpoint as pretrained=PATH",
+    "pretrained_strict": "gmlp loads checkpoints strictly (a head for another num_classes is dropped with "
+    "a warning, as in timm)",
+    "feature_cfg": "features_only takes out_indices; for output_fmt or norm wrap the model yourself: "
+    "gmlp.models.FeatureGetterNet(model, out_indices, output_fmt=..., norm=...)",
+    "feature_cls": "features_only always builds gmlp.models.FeatureGetterNet (timm's 'getter')",
+    "output_fmt": "for a features_only model wrap it yourself: gmlp.models.FeatureGetterNet(model, "
+    "out_indices, output_fmt=...); forward_intermediates takes output_fmt",
+}
+
+
+def _check_arguments(arch: str, kwargs: dict[str, Any]) -> None:
+    """A TypeError naming an argument GMLPVision does not take (with what to do instead for timm's), and
+    what it takes; timm's layer-config switches given as False are dropped (they change nothing here)."""
+    for name in ("scriptable", "exportable", "no_jit"):
+        if kwargs.get(name) is False:
+            del kwargs[name]
+    accepted = set(inspect.signature(GMLPVision).parameters) | {"pretrained_cfg_overlay"}
+    for name, value in kwargs.items():
+        if name not in accepted:
+            why = _TIMM_ONLY_ARGUMENTS.get(name)
+            detail = f" ({why})" if why else ""
+            raise TypeError(
+                f"{arch} got an unexpected argument {name}={value!r}{detail}; it takes "
+                f"{', '.join(sorted(accepted))} (and create_model's pretrained, checkpoint_path, "
+                f"features_only, out_indices)"
+            )
+
+
 def _create(arch: str, cfg: dict[str, Any] | None = None, **kwargs: Any) -> GMLPVision:
-    """``GMLPVision(**kwargs)`` with ``pretrained_cfg`` made of ``cfg``, the given one and the architecture
-    name (``arch``, not ``variant``: that is GMLPVision's gating-function argument)."""
-    given = kwargs.pop("pretrained_cfg", None) or {}
-    if not isinstance(given, dict):
-        raise TypeError(f"pretrained_cfg must be a dict or None, got {type(given).__name__}")
-    pretrained_cfg = {**(cfg or {}), **given}
-    pretrained_cfg["architecture"] = arch
-    if "img_size" in kwargs:
-        pretrained_cfg.pop("input_size", None)
-    return GMLPVision(pretrained_cfg=pretrained_cfg, **kwargs)
+    """``GMLPVision(**kwargs)`` with ``pretrained_cfg`` made of ``cfg``, the given one, timm's
+    ``pretrained_cfg_overlay`` (merged over it, as in timm) and the architecture name (``arch``, not
+    ``variant``: that is GMLPVision's gating-function argument).
+
+    Raises:
+        TypeError: an argument GMLPVision does not take (see :func:`_check_arguments`), a cfg not a dict.
+        ValueError: a cfg with a weight source or with sizes the model's arguments contradict.
+    """
+    _check_arguments(arch, kwargs)
+    given = _checked_cfg(kwargs.pop("pretrained_cfg", None), "pretrained_cfg")
+    overlay = _checked_cfg(kwargs.pop("pretrained_cfg_overlay", None), "pretrained_cfg_overlay")
+    # the built-in cfg's sizes are the defaults' (GMLPVision records the actual ones); the given ones are
+    # checked against the model
+    builtin = {k: v for k, v in (cfg or {}).items() if k not in ("num_classes", "input_size")}
+    model = GMLPVision(pretrained_cfg={**builtin, **given}, **kwargs)
+    _check_cfg_sizes(overlay, "pretrained_cfg_overlay", model.num_classes, model.pretrained_cfg["input_size"])
+    model.pretrained_cfg.update(overlay)
+    model.pretrained_cfg["architecture"] = arch
+    return model
 
 
 def _defaults(kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:

@@ -42,14 +42,23 @@ def drop_path(x: torch.Tensor, p: float, training: bool, batch_dim: int = 1) -> 
 
     Raises:
         ValueError: ``p`` is not a number in ``[0, 1]`` (checked only when the branch can be dropped, in
-            training).
+            training), or ``batch_dim`` is not an axis of ``x``.
+        TypeError: ``training`` is not a bool (a string such as ``"no"`` would be truthy).
     """
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be True or False, got {training!r}")
     if p == 0.0 or not training:
         return x
-    if not 0.0 <= p <= 1.0:  # also NaN; torch's own error would name bernoulli_'s argument 1 - p
+    try:  # also NaN; torch's own error would name bernoulli_'s argument 1 - p
+        ok = not isinstance(p, bool) and 0.0 <= p <= 1.0
+    except TypeError:  # a str, None, ...
+        ok = False
+    if not ok:
         raise ValueError(f"drop path probability p must be a number in [0, 1], got {p!r}")
     if p == 1.0:  # no survivor: dividing by the survival probability 0 would give NaN
         return x * 0.0
+    if as_int(batch_dim) is None or not -x.dim() <= batch_dim < x.dim():
+        raise ValueError(f"batch_dim must be an axis of x (shape {tuple(x.shape)}), got {batch_dim!r}")
     shape = [1] * x.dim()
     shape[batch_dim] = x.shape[batch_dim]
     keep = x.new_empty(shape).bernoulli_(1.0 - p)

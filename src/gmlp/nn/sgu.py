@@ -229,14 +229,21 @@ class TokenLinear(nn.Module):
 
         Raises:
             ValueError: ``z`` is not a tensor with at least one dimension and at most ``in_features`` rows,
-                or ``out`` is not in ``[1, out_features]``.
+                or ``out`` is not an int (numpy's taken; not a bool or a float) in ``[1, out_features]``.
+            TypeError: ``z`` is not floating-point (the weights cast to an integer dtype would be zeros).
         """
         if not isinstance(z, torch.Tensor) or z.dim() < 1 or not 1 <= z.shape[0] <= self.in_features:
             got = f"shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(
                 f"z must have 1 to in_features={self.in_features} rows (tokens first), got {got}"
             )
+        if not z.is_floating_point():
+            raise TypeError(f"z must be a floating-point tensor, got dtype {z.dtype}")
         rows = self.out_features if out is None else out
+        if isinstance(rows, bool) or not isinstance(rows, (int, torch.SymInt)):  # the SGU passes (Sym)ints
+            rows = as_int(out)
+            if rows is None:
+                raise ValueError(f"out must be an int in [1, out_features={self.out_features}], got {out!r}")
         if not 1 <= rows <= self.out_features:
             raise ValueError(f"out must be in [1, out_features={self.out_features}], got {out!r}")
         m, rest = z.shape[0], z.shape[1:]

@@ -88,6 +88,8 @@ def test_defaults_are_gmlp_base() -> None:
         ({"sgu_heads": 0}, r"sgu_heads must be a positive int, got 0"),
         ({"tiny_attn_size": 0}, r"tiny_attn_size must be a positive int, got 0"),
         ({"tiny_attn_size": 8, "sgu_variant": "none"}, r"tiny_attn_size needs a gate"),
+        ({"sgu_heads": 2, "sgu_variant": "none"}, r"sgu_heads must be 1 with sgu_variant='none'.*got 2"),
+        ({"spatial_fft_threshold": 8, "sgu_variant": "none"}, r"apply to sgu_variant='none'.*got 8"),
         ({"hidden_size": 0}, r"hidden_size must be a positive int, got 0"),
         ({"vocab_size": 12.5}, r"vocab_size must be a positive int, got 12.5"),
         ({"num_hidden_layers": -1}, r"num_hidden_layers must be a positive int, got -1"),

@@ -97,6 +97,35 @@ def _check_mixer(
     return token_mlp_dim
 
 
+# Arguments of BertConfig (and similar configs) that gMLP has no counterpart for: kept as attributes by
+# PretrainedConfig, with no effect, so a value that would change a BERT model gets a warning saying why.
+# (is_decoder and add_cross_attention are refused instead, see _check_decoder_flags.)
+_BERT_ONLY: dict[str, str] = {
+    "num_attention_heads": "gMLP has no multi-head attention (aMLP adds one tiny head of tiny_attn_size)",
+    "attention_probs_dropout_prob": "gMLP has no attention dropout (hidden_dropout_prob is its dropout)",
+    "hidden_act": "the channel activation of a gMLP block is always GELU",
+    "position_embedding_type": "gMLP has no position embeddings: position lives in the spatial W",
+}
+# values of those that describe what gMLP does anyway: no warning
+_BERT_SAME = {("hidden_act", "gelu"), ("position_embedding_type", None)}
+
+
+def _check_decoder_flags(kwargs: dict[str, Any], causal: Any) -> None:
+    """Refuse BERT's decoder flags where they would ask for what gMLP does not do: ``is_decoder=True`` makes
+    a BERT model causal (here that is ``causal=True``; without it the model would silently see every token),
+    ``add_cross_attention=True`` adds cross-attention, which gMLP has not."""
+    if kwargs.get("is_decoder") is True and causal is not True:
+        raise ValueError(
+            "is_decoder=True (BERT's switch to causal attention) is not read by gMLP: use causal=True for "
+            "causal token mixing, got is_decoder=True with causal=False"
+        )
+    if kwargs.get("add_cross_attention") is True:
+        raise ValueError(
+            "add_cross_attention=True is not supported: gMLP has no cross-attention (it cannot be the "
+            "decoder of an EncoderDecoderModel), got add_cross_attention=True"
+        )
+
+
 @functools.cache
 def _known_arguments() -> tuple[frozenset[str], tuple[str, ...]]:
     """(the keys transformers' own ``PretrainedConfig`` knows, :class:`GMLPConfig`'s own arguments)."""
@@ -110,7 +139,16 @@ def _warn_near_misses(kwargs: dict[str, Any]) -> None:
     arguments as attributes, so the typo would silently leave the real argument at its default. Other
     unknown keys (notes, keys of newer versions) are left alone, as transformers does."""
     base, own = _known_arguments()
-    for key in kwargs:
+    for key, value in kwargs.items():
+        if key in _BERT_ONLY:
+            if (key, value) not in _BERT_SAME:
+                warnings.warn(
+                    f"GMLPConfig got {key}={value!r}, an argument of BERT that gMLP does not have: "
+                    f"{_BERT_ONLY[key]}; it is kept as an attribute, with no effect",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            continue
         if key in base or key.startswith("_"):
             continue
         close = difflib.get_close_matches(key, own, n=1, cutoff=0.75)
@@ -155,7 +193,7 @@ class GMLPConfig(PretrainedConfig):
             config keeps it even where ``max_position_embeddings`` changes, e.g. by
             ``resize_sequence_length``). Must be None for the other variants.
         sgu_heads: number of channel groups of the SGU, each with its own W and b (g-mlp-pytorch's ``heads``);
-            it must divide :attr:`gate_dim` (for ``sgu_variant="none"`` too), and be 1 for ``"mixer"``.
+            it must divide :attr:`gate_dim`, and be 1 for ``"mixer"`` and ``"none"`` (no token mixing).
         hidden_dropout_prob: dropout on the embeddings and on each block's output.
         classifier_dropout: dropout in the sequence-classification head (None = ``hidden_dropout_prob``).
         drop_path_rate: stochastic-depth probability of the blocks.
@@ -193,6 +231,11 @@ class GMLPConfig(PretrainedConfig):
             ``id2label``, ``problem_type``, ...). ``num_labels``, where given, must be a positive int
             (transformers would turn ``-2`` into an empty label map); ``problem_type`` must be None or
             one of ``"regression"``, ``"single_label_classification"``, ``"multi_label_classification"``.
+            BERT's ``is_decoder=True`` is refused unless ``causal=True`` (use ``causal``; alone it would
+            leave the model bidirectional) and ``add_cross_attention=True`` always (gMLP has no
+            cross-attention). BERT arguments gMLP has no counterpart for (``num_attention_heads``,
+            ``attention_probs_dropout_prob``, ``hidden_act`` other than ``"gelu"``,
+            ``position_embedding_type``) are kept as attributes with a warning that they have no effect.
 
     Raises:
         ValueError: an argument is out of range; the message names it, its value and what is expected.
@@ -246,6 +289,7 @@ class GMLPConfig(PretrainedConfig):
         if "num_labels" in kwargs:  # PretrainedConfig derives id2label from it: check before it does
             _positive_int("num_labels", kwargs["num_labels"])
         _check_problem_type(kwargs.get("problem_type"))
+        _check_decoder_flags(kwargs, causal)
         _warn_near_misses(kwargs)
         if sgu_variant not in VARIANTS:
             raise ValueError(f"sgu_variant must be one of {sorted(VARIANTS)}, got {sgu_variant!r}")
@@ -261,6 +305,16 @@ class GMLPConfig(PretrainedConfig):
                 f"sgu_heads must divide the gate width ({gate_dim} channels for intermediate_size="
                 f"{intermediate_size}, sgu_variant={sgu_variant!r}), got {sgu_heads}"
             )
+        if sgu_variant == "none":  # no token mixing: a setting of it would be silently ignored
+            if sgu_heads != 1:
+                raise ValueError(
+                    f"sgu_heads must be 1 with sgu_variant='none' (no token mixing), got {sgu_heads}"
+                )
+            if spatial_fft_threshold is not None:
+                raise ValueError(
+                    f"spatial_fft_threshold (FFT Toeplitz mixing) does not apply to sgu_variant='none' (no "
+                    f"token mixing); it must be None, got {spatial_fft_threshold!r}"
+                )
         if tiny_attn_size is not None:
             _positive_int("tiny_attn_size", tiny_attn_size)
             if sgu_variant in ("none", "mixer"):
@@ -366,7 +420,8 @@ class GMLPConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
         """:meth:`transformers.PretrainedConfig.from_dict`, with the overrides in ``kwargs`` that are
-        :class:`GMLPConfig` arguments (or ``problem_type``) validated like the saved values.
+        :class:`GMLPConfig` arguments (or ``problem_type``, ``is_decoder``, ``add_cross_attention``)
+        validated like the saved values.
 
         transformers builds the config from ``config_dict`` and then *sets* the remaining ``kwargs`` as
         attributes, which would skip every check of ``__init__``: here those overrides join
@@ -378,7 +433,8 @@ class GMLPConfig(PretrainedConfig):
         """
         if "num_labels" in kwargs:  # transformers 4.x sets it as an attribute, unchecked
             _positive_int("num_labels", kwargs["num_labels"])
-        own = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"} | {"problem_type"}
+        own = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        own |= {"problem_type", "is_decoder", "add_cross_attention"}  # (BERT's decoder flags: refused)
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
         return super().from_dict({**config_dict, **overrides}, **kwargs)
 

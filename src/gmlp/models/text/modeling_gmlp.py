@@ -127,15 +127,21 @@ def _check_labels(
 
 
 def _labels_first(
-    labels: Any, input_ids: Any, inputs_embeds: Any, device: torch.device, num_classes: int
+    labels: Any,
+    input_ids: Any,
+    inputs_embeds: Any,
+    device: torch.device,
+    num_classes: int,
+    classes: str = "vocab_size",
 ) -> Any:
     """Token ``labels`` checked (:func:`_check_labels`) before the model runs, against the shape of the
     ids or embeddings: on a GPU the range check's read-back then waits for the previous step only, not for
-    this step's forward. Returned unchanged when the inputs are not tensors (the model reports those)."""
+    this step's forward. Returned unchanged when the inputs are not tensors (the model reports those).
+    ``classes`` names ``num_classes`` in the message (``num_labels`` for token classification)."""
     source = input_ids if input_ids is not None else inputs_embeds
     if labels is None or not isinstance(source, torch.Tensor) or source.dim() < 2:
         return labels
-    return _check_labels(labels, tuple(source.shape[:2]), device, num_classes)
+    return _check_labels(labels, tuple(source.shape[:2]), device, num_classes, classes=classes)
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -252,6 +258,53 @@ def _check_position_ids(position_ids: Any, attention_mask: Any, shape: tuple[int
         )
 
 
+def _check_no_cache(
+    past_key_values: Any, cache_position: Any, n: int, *, name: str = "past_key_values"
+) -> None:
+    """Accept the cache arguments of transformers' causal LMs only where they change nothing; a
+    ``ValueError`` otherwise.
+
+    :class:`GMLPForCausalLM` has no key/value cache: it always reads the whole sequence in ``input_ids``. A
+    ``past_key_values`` that holds tokens (a cache of an earlier call, with ``input_ids`` the new tokens only)
+    would be dropped silently and the new tokens read as a sequence of their own; so only None or an empty
+    cache (``get_seq_length() == 0``, or an empty tuple) is accepted. ``cache_position`` likewise: only the
+    positions of a cache-free call, ``0 .. seq_len - 1`` (``n`` = seq_len), are accepted; the values are not
+    read while torch.compile traces or a CUDA graph is captured. ``name`` words the message (``cache``: the
+    same argument under another name).
+    """
+    if past_key_values is not None:
+        what = type(past_key_values).__name__
+        if hasattr(past_key_values, "get_seq_length"):
+            held = int(past_key_values.get_seq_length())
+            what += f" holding {held} tokens"
+        elif isinstance(past_key_values, (tuple, list)):  # (the legacy form: one entry per layer)
+            held = len(past_key_values)
+            what += f" of {held} layers"
+        else:
+            held = -1
+        if held != 0:
+            raise ValueError(
+                f"{name} must be None (or an empty cache): GMLPForCausalLM has no key/value cache and "
+                f"always reads the whole sequence, so pass every token so far as input_ids instead; got "
+                f"{what}"
+            )
+    if cache_position is None:
+        return
+    expected = f"the positions 0 .. seq_len - 1 = 0 .. {n - 1} of a call without a cache"
+    if (
+        not isinstance(cache_position, torch.Tensor) or cache_position.dim() != 1
+        or not _is_integer(cache_position.dtype) or cache_position.shape[0] != n
+    ):
+        raise ValueError(f"cache_position must be None or {expected}, got {_describe(cache_position)}")
+    if host_checks_enabled(cache_position):
+        arange = torch.arange(n, device=cache_position.device)
+        if not torch.equal(cache_position.to(arange.dtype), arange):
+            raise ValueError(
+                f"cache_position must be None or {expected} (GMLPForCausalLM has no key/value cache: pass "
+                f"every token so far as input_ids), got {cache_position.tolist()}"
+            )
+
+
 def _keep_positions(logits: torch.Tensor, logits_to_keep: Any) -> torch.Tensor:
     """transformers' ``logits_to_keep`` applied to ``logits`` (or hidden states) ``(batch, seq_len, ...)``:
     0 = every position, an int k = the last k positions, a 1-D integer tensor = those positions."""
@@ -346,6 +399,39 @@ class GMLPPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, GMLPModel):
                 module.checkpoint_every_n_layers = every
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """transformers' ``resize_token_embeddings`` (the input embedding, the tied or untied output layer and
+        its bias, ``config.vocab_size``), refusing a vocabulary that would leave one of the config's special
+        token ids outside it: the saved config would then fail to load (and ``generate``, pipelines and
+        collators would use an id the model cannot embed).
+
+        Raises:
+            ValueError: ``pad_token_id``, ``cls_token_id``, ``sep_token_id``, ``mask_token_id``,
+                ``bos_token_id`` or an ``eos_token_id`` is >= the new size; set it first (to None or a
+                smaller id).
+        """
+        size = as_int(new_num_tokens) if new_num_tokens is not None else None
+        multiple = as_int(pad_to_multiple_of) if pad_to_multiple_of is not None else None
+        if size is not None and size > 0 and (pad_to_multiple_of is None or (multiple and multiple > 0)):
+            if multiple:
+                size = -(-size // multiple) * multiple
+            for name in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id", "bos_token_id",
+                         "eos_token_id"):  # fmt: skip
+                value = getattr(self.config, name, None)
+                for token in value if isinstance(value, (list, tuple)) else [value]:
+                    if isinstance(token, int) and token >= size:
+                        raise ValueError(
+                            f"resize_token_embeddings to {size} tokens would leave config.{name}={value!r} "
+                            f"outside the vocabulary [0, {size}); set config.{name} to None or a smaller id "
+                            f"first"
+                        )
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
 
     def resize_sequence_length(self, new_len: int) -> None:
         """Cut a model built for ``n = max_position_embeddings`` tokens to ``new_len = m <= n`` tokens.
@@ -504,12 +590,16 @@ class GMLPModel(GMLPPreTrainedModel):
                     f"attention_mask must have shape (batch, seq_len) = ({batch}, {n}) like the input, "
                     f"got {_describe(attention_mask)}"
                 )
-            floating = attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex
-            if checking and floating and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-                raise ValueError(
-                    "attention_mask must hold 0 (padding) and 1 (real token) only; a float mask with other "
-                    "values (an additive bias?) is not supported"
-                )
+            # (any value but 0 would else count as a real token: a packed batch's segment ids 1, 2, ... would
+            # silently be mixed into one sequence)
+            if checking and attention_mask.dtype != torch.bool:
+                bad = (attention_mask != 0) & (attention_mask != 1)
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"attention_mask must hold 0 (padding) and 1 (real token) only, got "
+                        f"{attention_mask[bad][0].item()!r}; a float mask with other values (an additive "
+                        f"bias?) or the segment ids of packed sequences (1, 2, ...) are not supported"
+                    )
             mask = attention_mask != 0
         if token_type_ids is not None:
             if (
@@ -549,7 +639,8 @@ class GMLPModel(GMLPPreTrainedModel):
             input_ids: ``(batch, seq_len)`` token ids in ``[0, vocab_size)``,
                 ``seq_len <= max_position_embeddings``; any integer dtype (uint8, int16, ... are cast to
                 int64).
-            attention_mask: ``(batch, seq_len)``, 1 = real token, 0 = padding (bool, int, or float 0/1).
+            attention_mask: ``(batch, seq_len)``, 1 = real token, 0 = padding (bool, or int or float holding
+                0 and 1 only: other values are refused, not read as "real token").
             token_type_ids: ``(batch, seq_len)`` segment ids in ``[0, type_vocab_size)``, of any integer
                 dtype or bool; None = all 0.
             inputs_embeds: ``(batch, seq_len, hidden_size)`` instead of ``input_ids``, of the dtype of the
@@ -568,8 +659,9 @@ class GMLPModel(GMLPPreTrainedModel):
 
         Raises:
             ValueError: bad shapes or dtypes (float ids, ``inputs_embeds`` of another dtype than the model),
-                token or type ids out of range, sequence longer than ``max_position_embeddings``,
-                ``output_attentions`` for a gMLP without tiny attention (it has no attention maps).
+                token or type ids out of range, sequence longer than ``max_position_embeddings``, an
+                ``attention_mask`` with values other than 0 and 1, ``output_attentions`` for a gMLP without
+                tiny attention (it has no attention maps).
         """
         cfg = self.config
         if output_hidden_states is None:
@@ -956,7 +1048,7 @@ class GMLPForTokenClassification(GMLPPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         device = self.classifier.weight.device
-        labels = _labels_first(labels, input_ids, inputs_embeds, device, self.num_labels)
+        labels = _labels_first(labels, input_ids, inputs_embeds, device, self.num_labels, "num_labels")
         out = self.gmlp(
             input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True,
             output_attentions=output_attentions,
@@ -979,7 +1071,8 @@ class GMLPForTokenClassification(GMLPPreTrainedModel):
 class GMLPForQuestionAnswering(GMLPPreTrainedModel):
     """Extractive question answering (SQuAD): a Linear layer maps each final hidden state to a start and
     an end logit. With ``start_positions``/``end_positions`` the loss is the mean of the two cross-entropies
-    (positions outside the sequence are ignored, as in BERT)."""
+    (positions past the end of the sequence are ignored, as in BERT; negative ones are refused, where BERT
+    clamps them to 0)."""
 
     def __init__(self, config: GMLPConfig) -> None:
         super().__init__(config)
@@ -1000,14 +1093,16 @@ class GMLPForQuestionAnswering(GMLPPreTrainedModel):
         output_attentions: bool | None = None,
     ) -> QuestionAnsweringModelOutput | tuple[torch.Tensor, ...]:
         """``start_logits`` and ``end_logits`` ``(batch, seq_len)``; with both position tensors (token
-        indices of any integer dtype, shape ``(batch,)`` or ``(batch, 1)``) also the loss. Padded positions
+        indices of any integer dtype, shape ``(batch,)`` or ``(batch, 1)``; an index >= ``seq_len`` = the
+        example is ignored, a negative one is refused) also the loss. Padded positions
         (``attention_mask == 0``) get the lowest logit of the dtype, so they are never an answer and take no
         part in the loss (a padded row has the loss of the unpadded one). Other arguments:
         :meth:`GMLPModel.forward`.
 
         Raises:
             ValueError: only one of ``start_positions`` and ``end_positions`` given, a position tensor of
-                the wrong type, shape or dtype, a position on a padded token, or bad inputs.
+                the wrong type, shape or dtype, a negative position (BERT would clamp it to 0 and train on
+                the first token), a position on a padded token, or bad inputs.
         """
         if (start_positions is None) != (end_positions is None):
             given, missing = (
@@ -1034,12 +1129,22 @@ class GMLPForQuestionAnswering(GMLPPreTrainedModel):
             start, end = (
                 _check_labels(
                     positions, (batch,), start_logits.device, None, name=name, layout="(batch,)",
-                    note="of token indices (outside the sequence = example ignored)",
-                ).clamp(0, ignored)
+                    note="of token indices (>= seq_len = example ignored)",
+                )
                 for name, positions in (
                     ("start_positions", start_positions), ("end_positions", end_positions)
                 )
             )
+            if host_checks_enabled(start):  # BERT clamps a negative index to 0: a silent [CLS] target
+                for name, position in (("start_positions", start), ("end_positions", end)):
+                    if bool((position < 0).any()):
+                        row = int((position < 0).to(torch.int32).argmax())
+                        raise ValueError(
+                            f"{name} of example {row} is {int(position[row])}; token indices must be >= 0 "
+                            f"(an index >= seq_len={ignored} means no answer and is ignored; SQuAD 2.0's "
+                            f"unanswerable questions point at 0, the [CLS] token)"
+                        )
+            start, end = start.clamp(0, ignored), end.clamp(0, ignored)
             if padded is not None and host_checks_enabled(start):
                 for name, position in (("start_positions", start), ("end_positions", end)):
                     inside = position.clamp(max=ignored - 1)[:, None]
@@ -1062,8 +1167,9 @@ class GMLPForQuestionAnswering(GMLPPreTrainedModel):
         )
 
 
-# Keyword arguments that generate() (4.x or 5.x) or Trainer may pass: the cache ones a cache-free gMLP
-# ignores; position_ids (checked to be the positions the model uses), logits_to_keep and Trainer's
+# Keyword arguments that generate() (4.x or 5.x) or Trainer may pass: the cache ones, which a cache-free gMLP
+# accepts where they change nothing (use_cache; past_key_values/cache None or empty; cache_position None or
+# 0 .. seq_len - 1), position_ids (checked to be the positions the model uses), logits_to_keep and Trainer's
 # num_items_in_batch (both honoured).
 _IGNORED_GENERATION_KWARGS = frozenset(
     {"use_cache", "past_key_values", "cache", "cache_position", "position_ids", "logits_to_keep",
@@ -1146,11 +1252,15 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         are passed on, so ones that do not match ``input_ids`` get :meth:`forward`'s error.
         ``output_hidden_states`` and ``output_attentions`` (which transformers 5 hands over here) are passed
         on: hidden states are returned, and attention maps of aMLP's tiny attention (refused by
-        :meth:`forward` for a gMLP without it).
+        :meth:`forward` for a gMLP without it). ``position_ids`` given to ``generate`` (extended by
+        transformers each step) are checked as :meth:`forward` checks them: only the positions the model uses
+        anyway (``0 ..`` in each row with its padding deleted) are accepted, since gMLP has no position
+        embeddings to give them another meaning.
 
         Raises:
             ValueError: the sequence grew past ``max_position_embeddings`` (``max_new_tokens`` or
-                ``max_length`` too large for the prompt); the message says how many tokens fit.
+                ``max_length`` too large for the prompt); the message says how many tokens fit. Or
+                ``position_ids`` other than the positions above.
         """
         n, length = self.config.max_position_embeddings, input_ids.shape[-1]
         if length > n:  # the model's own error would advise truncating the tokenizer's input
@@ -1160,6 +1270,15 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
                 f"there is no key/value cache to go beyond it): ask for at most {n} tokens in all, with "
                 f"max_length <= {n} or max_new_tokens <= {n} - prompt length"
             )
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:  # generate(position_ids=...): not passed on, so checked here
+            two_d = isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2
+            k = position_ids.shape[-1] if two_d else 0
+            if 0 < k < length:  # (a transformers version that does not extend them: their prompt part)
+                prefix = None if attention_mask is None else attention_mask[:, :k]
+                _check_position_ids(position_ids, prefix, (input_ids.shape[0], k))
+            else:
+                _check_position_ids(position_ids, attention_mask, tuple(input_ids.shape))
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:  # generate() extends them each step; a bad shape: forward() names it
             inputs["token_type_ids"] = token_type_ids
@@ -1194,8 +1313,11 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         are the positions the model uses anyway (``0 .. seq_len - 1`` in each row with its padding
         deleted, what ``generate()`` computes) and refused otherwise: gMLP has no position embeddings, so
         it cannot honour packed sequences (``DataCollatorWithFlattening``) or shifted positions. The cache
-        arguments (``use_cache``, ``past_key_values``, ``cache_position``) are accepted and ignored: there is
-        no cache, and the model always reads the whole sequence. ``num_items_in_batch`` (passed by
+        arguments are accepted where they change nothing: there is no cache, and the model always reads the
+        whole sequence in ``input_ids``. ``use_cache`` is ignored (no cache is returned); ``past_key_values``
+        must be None or an empty cache and ``cache_position`` None or ``0 .. seq_len - 1``: a cache holding
+        earlier tokens (``input_ids`` then being the new tokens only) is refused, not silently dropped.
+        ``num_items_in_batch`` (passed by
         ``Trainer``: the number of targets of all the micro-batches of one optimizer step) makes the loss the
         sum over the targets divided by it instead of their mean, so gradient accumulation gives the gradient
         of the whole batch (Trainer counts ``labels[:, 1:] != -100``, which is exact for right-padded rows
@@ -1204,7 +1326,8 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         Raises:
             TypeError: an unknown keyword argument.
             ValueError: ``output_attentions=True`` for a gMLP without tiny attention (no attention maps to
-                return), ``position_ids`` other than the positions above, a bad ``logits_to_keep`` or
+                return), ``position_ids`` other than the positions above, a non-empty ``past_key_values``, a
+                ``cache_position`` other than ``0 .. seq_len - 1``, a bad ``logits_to_keep`` or
                 ``num_items_in_batch``, ``labels`` not an integer tensor of the input ids' shape or with a
                 label outside ``[0, vocab_size)`` other than -100, or bad inputs.
         """
@@ -1219,6 +1342,9 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         source = input_ids if input_ids is not None else inputs_embeds
         if isinstance(source, torch.Tensor) and source.dim() >= 2:  # (before the model runs; bad inputs: its)
             _check_position_ids(kwargs.get("position_ids"), attention_mask, tuple(source.shape[:2]))
+            for name in ("past_key_values", "cache"):  # (None or empty: they would change nothing)
+                _check_no_cache(kwargs.get(name), None, source.shape[1], name=name)
+            _check_no_cache(None, kwargs.get("cache_position"), source.shape[1])
         out = self.gmlp(
             input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True,
             output_attentions=output_attentions,
