@@ -282,7 +282,7 @@ def test_export_reports_bad_arguments_as_usage_errors(tmp_path: Path, capsys: py
     _usage_error([*export, "gmlp_nope", *out], capsys, "unknown model 'gmlp_nope'; known models: ")
     _usage_error([*export, "timm:nope_vit", *out], capsys, "unknown timm model 'nope_vit'")
     micro = [*export, "gmlp_micro4_28"]
-    _usage_error([*micro, "--model-kwargs", "foo=1", *out], capsys, "unexpected keyword argument 'foo'")
+    _usage_error([*micro, "--model-kwargs", "foo=1", *out], capsys, "unexpected argument foo=1")
     _usage_error([*micro, "--model-kwargs", "heads=3", *out], capsys, "heads (3) must be a positive divisor")
     _usage_error([*micro, "--model-kwargs", "depth=3", *out], capsys, "checkpoint does not fit the model")
     _usage_error([*micro, "--num-classes", "10", *out], capsys, "an exported model needs the checkpoint's")

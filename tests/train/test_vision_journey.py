@@ -92,7 +92,7 @@ def _listing(folder: Path) -> dict[str, int]:
         ({"img_size": 28}, "the digits images are 8x8 tensors"),
         ({"model_kwargs": {"num_classes": 3}}, "the dataset sets these"),
         ({"mean": (0.1, 0.2)}, "--mean has 2 values"),
-        ({"model_kwargs": {"foo": 1}}, "unexpected keyword argument 'foo'"),  # a TypeError traceback before
+        ({"model_kwargs": {"foo": 1}}, "unexpected argument foo=1"),  # a TypeError traceback before
         ({"model_kwargs": {"depth": 0}}, "depth must be an int >= 1, got 0"),
     ],
 )
