@@ -230,6 +230,11 @@ def test_resume_left_out_flags_are_not_changed_options(
         pipelines._warn_changed_options(ckpt, cls(output=str(out), resume=True, lr=0.5, seq_len=8))
         err = capsys.readouterr().err
         assert "lr: " in err and "seq_len: 16 -> 8" in err and "layers" not in err
+        # a kept option at its default (left out, or given so: argparse cannot tell) is not silently the
+        # run's: a note names what the resumed run keeps (the sizes left out are None: no note for them)
+        note = next(line for line in err.splitlines() if "resumed run keeps its own" in line)
+        assert all(kept in note for kept in ("--arch amlp", "--dropout 0.05", "--tokenizer-kind unigram"))
+        assert "--layers" not in note and "--hidden" not in note
 
 
 RUN_OPTIONS = st.fixed_dictionaries({

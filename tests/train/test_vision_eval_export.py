@@ -182,9 +182,9 @@ def test_eval_and_info_refuse_bad_sizes_as_usage_errors(
     assert main(["eval", str(digits_run), "--img-size", "16"]) == 2  # digits are 8x8 tensors: not resized
     assert "img_size 16: the digits images are 8x8 tensors" in capsys.readouterr().err
     assert main(["info", "gmlp_micro4_28", "--throughput", "--batch-size", "0"]) == 2
-    assert "batch_size (of the throughput measurement) must be >= 1, got 0" in capsys.readouterr().err
+    assert "--batch-size (of the throughput measurement) must be >= 1, got 0" in capsys.readouterr().err
     assert main(["info", "gmlp_micro4_28", "--batch-size", "0"]) == 2  # refused without --throughput too
-    assert "batch_size (of the throughput measurement) must be >= 1, got 0" in capsys.readouterr().err
+    assert "--batch-size (of the throughput measurement) must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_onnx_export_refuses_an_opset_it_cannot_write(digits_run: Path, tmp_path: Path) -> None:
@@ -335,7 +335,10 @@ def test_eval_ema_of_an_unfinished_run_says_so(digits_run: Path, tmp_path: Path)
         evaluate_checkpoint(unfinished, ema=True)
 
 
-@pytest.mark.parametrize(("data_root", "keys"), [(None, ("pic", "y")), ("other", (None, None))])
+@pytest.mark.parametrize(
+    ("data_root", "keys"),
+    [(None, ("pic", "y")), ("other", (None, None)), ("./mine", ("pic", "y")), ("x/../mine", ("pic", "y"))],
+)
 def test_eval_passes_the_runs_columns_only_to_the_runs_hf_dataset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_root: str | None, keys: tuple
 ) -> None:
@@ -358,7 +361,8 @@ def test_eval_passes_the_runs_columns_only_to_the_runs_hf_dataset(
         raise KeyboardInterrupt  # (stop here: the columns are what the test checks)
 
     monkeypatch.setattr(folders, "hf_source", hf_source)
-    root = None if data_root is None else str(tmp_path / data_root)
+    monkeypatch.chdir(tmp_path)  # (the same folder spelled another way keeps the run's columns)
+    root = str(tmp_path / "other") if data_root == "other" else data_root
     with pytest.raises(KeyboardInterrupt):
         evaluate_checkpoint(run, dataset="hf", data_root=root, workers=0)
     assert seen == {"root": root or config["data_root"], "keys": keys}

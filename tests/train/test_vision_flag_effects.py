@@ -99,7 +99,7 @@ INERT = [
     ({"remode": "const"}, "remode='const' (--remode): a setting of random erasing", {"reprob": 0.25}),
     ({"recount": 3}, "recount=3 (--recount)", {"reprob": 0.25}),
     ({"drop_path_schedule": "linear"}, "drop_path_schedule='linear'", {"drop_path_rate": 0.1}),
-    ({"warmup_lr": 1e-4, "warmup_steps": 0}, "warmup_lr=0.0001: the learning rate the warmup starts from",
+    ({"warmup_lr": 1e-4, "warmup_steps": 0}, "warmup_lr=0.0001 (--warmup-lr): the learning rate the warmup",
      {"warmup_steps": 5}),
     ({"hflip": 0.2}, "hflip=0.2 (--hflip): a setting of the training augmentation", {"augment": True}),
     ({**FOLDER, "hflip": 0.9}, "hflip=0.9", {"augment": True}),
@@ -154,7 +154,8 @@ def test_the_refused_settings_really_change_nothing() -> None:
 @pytest.mark.parametrize(
     "off",
     [["--no-ema"], ["--mixup", "0", "--cutmix", "0"], ["--mixup", "0"], ["--reprob", "0"],
-     ["--drop-path-rate", "0"], ["--auto-augment", "none"], ["--auto-augment", "none", "--no-augment"]],
+     ["--drop-path-rate", "0"], ["--auto-augment", "none"], ["--auto-augment", "none", "--no-augment"],
+     ["--warmup-steps", "0"]],
 )
 def test_a_flag_that_turns_a_recipe_feature_off_is_accepted(
     recipe: str, off: list[str], capsys: pytest.CaptureFixture
@@ -165,11 +166,18 @@ def test_a_flag_that_turns_a_recipe_feature_off_is_accepted(
     capsys.readouterr()
 
 
-def test_warmup_steps_0_with_a_recipe_warmup_lr_names_the_way_out(capsys: pytest.CaptureFixture) -> None:
+def test_a_recipe_setting_a_flag_switches_off_is_moot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The imagenet recipes' warmup_lr with --warmup-steps 0 was refused as if the user had set it: a recipe's
+    setting of a part a flag switches off goes back to its default. The same setting given as a flag, or a
+    recipe that contradicts itself, is still refused."""
     argv = ["train", "--config", "imagenet_gmlp_s", "--data-root", "/data", "--warmup-steps", "0"]
-    _usage_error([*argv, "--print-config"], capsys, "warmup_lr=1e-06", "(--warmup-lr none)")
-    assert main([*argv, "--warmup-lr", "none", "--print-config"]) == 0
+    assert main([*argv, "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["warmup_lr"] is None
+    _usage_error([*argv, "--warmup-lr", "1e-5", "--print-config"], capsys, "warmup_lr=1e-05", "warmup_steps")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"warmup_steps": 0, "warmup_lr": 1e-6}))
+    _usage_error(["train", "--config", str(recipe), "--lr", "0.01", "--print-config"], capsys,
+                 "warmup_lr=1e-06", "warmup_steps is 0")
 
 
 # --- the saved run config is what ran ----------------------------------------------------------------------
@@ -292,12 +300,24 @@ def test_compare_vit_keeps_the_recipe_progress_setting(
 ) -> None:
     from gmlp.train import compare
 
+    class Reached(Exception):
+        pass
+
     seen: list[bool] = []
-    monkeypatch.setattr(compare, "run_comparison", lambda output, **kw: seen.append(kw["progress"]) or "t")
+
+    def load_data(config: Any) -> None:  # the runs' settings, as run_comparison built them
+        seen.append(config.progress)
+        raise Reached
+
+    monkeypatch.setattr(compare, "load_data", load_data)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("progress: false\n")
     for argv in (["--config", str(recipe)], ["--config", str(recipe), "--progress"], [],
                  ["--no-progress"]):
-        assert main(["compare-vit", "-o", str(tmp_path / "o"), *argv]) == 0
+        with pytest.raises(Reached):
+            main(["compare-vit", "-o", str(tmp_path / "o"), *argv])
     assert seen == [False, True, True, False]
+    with pytest.raises(Reached):  # the Python API too (its progress=True default overrode the recipe)
+        compare.run_comparison(tmp_path / "o", config=recipe)
+    assert seen[-1] is False
     capsys.readouterr()

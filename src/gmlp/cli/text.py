@@ -307,7 +307,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tok.add_argument("--lowercase", action=_B, default=True, help="lowercase and strip accents (default: on)")
     tok.add_argument(
         "--min-frequency", type=int, default=2,
-        help="WordPiece: least count of a merged piece (refused with --kind unigram; default: 2)"
+        help="WordPiece: least count of a merged piece (another value than 2 is refused with --kind unigram; "
+        "default: 2)",
     )
     tok.add_argument(
         "--model-max-length", type=int, default=512, help="recorded max sequence length, >= 1 (default: 512)"

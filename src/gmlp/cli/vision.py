@@ -125,13 +125,28 @@ def _or_none(kind: type) -> Any:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from ..train.recipe import load_recipe, merge_settings
+    from ..train.recipe import ConfigError, load_recipe, merge_settings
     from ..train.vision_config import VisionTrainConfig
 
     names = {f.name for f in dataclasses.fields(VisionTrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names}
     file_settings = load_recipe(args.config, VisionTrainConfig) if args.config else {}
-    return merge_settings(VisionTrainConfig, file_settings, flags)
+    config = merge_settings(VisionTrainConfig, file_settings, flags)
+    if file_settings and flags:
+        # a recipe's setting of a part that a command-line flag switches off (its warmup_lr with
+        # --warmup-steps 0) is moot: back to its default, not refused as inert (a recipe's own
+        # contradictions, and a flag's, still are)
+        try:
+            recipe_only = merge_settings(VisionTrainConfig, file_settings, {})
+            recipe_inert = {n for n, _ in recipe_only.inert_settings()}
+        except (ConfigError, TypeError, ValueError):
+            recipe_inert = set()
+        moot = {n for n, _ in config.inert_settings()
+                if n in file_settings and n not in flags and n not in recipe_inert}
+        if moot:
+            defaults = {f.name: f.default for f in dataclasses.fields(VisionTrainConfig)}
+            config = dataclasses.replace(config, **{n: defaults[n] for n in moot})
+    return config
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -183,7 +198,7 @@ def _info(args: argparse.Namespace) -> int:
         print("\n".join(list_models()))
         return 0
     if args.batch_size is not None and args.batch_size < 1:  # a bad value first (as model_info words it)
-        raise ConfigError(f"batch_size (of the throughput measurement) must be >= 1, got {args.batch_size}")
+        raise ConfigError(f"--batch-size (of the throughput measurement) must be >= 1, got {args.batch_size}")
     given = _given(args, *measure)
     if given and not args.throughput:  # the size and GMACs do not depend on them
         raise ConfigError(f"{', '.join(given)}: a setting of the throughput measurement, which runs only "
@@ -269,16 +284,10 @@ def _export(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from ..train.compare import run_comparison
 
-    progress = args.progress
-    if progress is None:  # not given: the recipe's progress (run_comparison would set its own default)
-        from ..train.recipe import load_recipe
-        from ..train.vision_config import VisionTrainConfig
-
-        progress = (load_recipe(args.config, VisionTrainConfig) if args.config else {}).get("progress", True)
     table = run_comparison(
         args.output, config=args.config, dataset=args.dataset, epochs=args.epochs, gmlp_model=args.model,
         vit_depth=args.vit_depth, vit_heads=args.vit_heads, train_subset=args.train_subset,
-        test_subset=args.test_subset, threads=args.threads, progress=progress,
+        test_subset=args.test_subset, threads=args.threads, progress=args.progress,
         batch_size=args.batch_size, seed=args.seed,
     )
     print(table)

@@ -124,6 +124,7 @@ def create_model(
                     f"classifier head (pooling, dropout and linear layer) is pruned; leave {arg} out"
                 )
         kwargs.setdefault("num_classes", 0)  # the head is pruned: no checkpoint head to fit
+    _sizes_from_cfg(kwargs)
     given_cfg = {key for arg in ("pretrained_cfg", "pretrained_cfg_overlay")
                  if isinstance(kwargs.get(arg), dict) for key in kwargs[arg]}  # fmt: skip
     model = _MODEL_FNS[name](**kwargs)
@@ -142,6 +143,33 @@ def create_model(
 
         return FeatureGetterNet(model, out_indices)
     return model
+
+
+def _sizes_from_cfg(kwargs: dict[str, Any]) -> None:
+    """As timm: a ``pretrained_cfg`` (or ``pretrained_cfg_overlay``, over it) that records ``num_classes``
+    or ``input_size`` (C, H, W) gives the defaults of ``num_classes``, ``in_chans`` and ``img_size`` where
+    those arguments are left out (given ones win; the model records its actual sizes in its cfg).
+
+    Raises:
+        ValueError: an ``input_size`` that is not three positive ints.
+    """
+    cfgs = [kwargs.get(a) for a in ("pretrained_cfg", "pretrained_cfg_overlay")]
+    merged = {k: v for cfg in cfgs if isinstance(cfg, dict) for k, v in cfg.items()}  # (else: model's error)
+    if merged.get("num_classes") is not None:
+        kwargs.setdefault("num_classes", merged["num_classes"])
+    size = merged.get("input_size")
+    if size is None:
+        return
+    try:
+        chans, height, width = (int(v) for v in size)
+        ok = min(chans, height, width) >= 1 and all(float(v) == int(v) for v in size)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"pretrained_cfg's input_size must be (in_chans, height, width), three ints >= 1, "
+                         f"got {size!r}")
+    kwargs.setdefault("in_chans", chans)
+    kwargs.setdefault("img_size", (height, width))
 
 
 def _checkpoint_argument(pretrained: Any, checkpoint_path: Any) -> str | Path | None:

@@ -45,55 +45,17 @@ def drop_path_rates(rate: float, depth: int, schedule: str = "uniform") -> list[
     raise ValueError(f"drop_path_schedule must be 'uniform' or 'linear', got {schedule!r}")
 
 
-#: ``pretrained_cfg`` keys that tell timm where to read or download weights: gmlp reads none of them
-_WEIGHT_SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "custom_load")
-
-
 def _checked_cfg(cfg: object, name: str) -> dict[str, Any]:
     """``cfg`` (a ``pretrained_cfg`` or ``pretrained_cfg_overlay``) as a dict ({} for None).
 
     Raises:
         TypeError: ``cfg`` is neither a dict nor None.
-        ValueError: it names a weight source (``file``, ``url``, ``hf_hub_id``, ...), which timm would load
-            and gmlp would ignore.
     """
     if cfg is None:
         return {}
     if not isinstance(cfg, dict):
         raise TypeError(f"{name} must be a dict or None, got {type(cfg).__name__}")
-    for key in _WEIGHT_SOURCE_KEYS:
-        if cfg.get(key):
-            raise ValueError(
-                f"{name}[{key!r}]={cfg[key]!r}: timm would load weights from it; gmlp loads none from "
-                f"pretrained_cfg: pass the checkpoint as create_model(name, pretrained=PATH) (or "
-                f"checkpoint_path=PATH)"
-            )
     return cfg
-
-
-def _check_cfg_sizes(cfg: dict[str, Any], name: str, num_classes: int, input_size: tuple[int, ...]) -> None:
-    """A ValueError where ``cfg`` records another ``num_classes`` or ``input_size`` than the model's: timm
-    takes these as the model's defaults; here the model's arguments set them, and the cfg only records
-    them (silently overwritten, the cfg's value would be ignored)."""
-    given = cfg.get("num_classes")
-    if given is not None and given != num_classes:
-        raise ValueError(
-            f"{name}['num_classes']={given!r} but the model is built with num_classes={num_classes}: pass "
-            f"num_classes={given!r} as an argument (the model's arguments set its sizes; pretrained_cfg "
-            f"only records them)"
-        )
-    given = cfg.get("input_size")
-    if given is not None:
-        try:
-            same = tuple(given) == tuple(input_size)
-        except TypeError:
-            same = False
-        if not same:
-            raise ValueError(
-                f"{name}['input_size']={given!r} but the model is built for input_size={tuple(input_size)} "
-                f"(in_chans, height, width): pass img_size= and in_chans= as arguments (the model's "
-                f"arguments set its sizes; pretrained_cfg only records them)"
-            )
 
 
 def feature_take_indices(
@@ -152,9 +114,10 @@ class GMLPVision(nn.Module):
             timm weights give timm's outputs.
         init_std: std of the near-zero init of the spatial weights.
         pretrained_cfg: timm's metadata (``mean``, ``std``, ``interpolation``, ``crop_pct``, ...) over the
-            defaults, as :attr:`pretrained_cfg`. Its ``num_classes`` and ``input_size`` are the model's
-            (another value is refused: pass the arguments), and weight sources (``file``, ``url``,
-            ``hf_hub_id``, ...) are refused: load weights with ``create_model(name, pretrained=PATH)``.
+            defaults, as :attr:`pretrained_cfg`. Its ``num_classes`` and ``input_size`` are replaced by the
+            model's (:func:`gmlp.create_model` takes them as the defaults of the arguments left out, as
+            timm does); weight sources (``file``, ``url``, ``hf_hub_id``) are kept as metadata, as timm
+            keeps them without ``pretrained=True``: load weights with ``create_model(name, pretrained=PATH)``.
     """
 
     def __init__(
@@ -230,7 +193,6 @@ class GMLPVision(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         cfg = dict(_DEFAULT_CFG)
-        _check_cfg_sizes(given_cfg, "pretrained_cfg", num_classes, (in_chans, *self.img_size))
         cfg.update(given_cfg)
         cfg["input_size"] = (in_chans, *self.img_size)
         cfg["num_classes"] = num_classes
@@ -681,18 +643,16 @@ def _create(arch: str, cfg: dict[str, Any] | None = None, **kwargs: Any) -> GMLP
 
     Raises:
         TypeError: an argument GMLPVision does not take (see :func:`_check_arguments`), a cfg not a dict.
-        ValueError: a cfg with a weight source or with sizes the model's arguments contradict.
     """
     _check_arguments(arch, kwargs)
     given = _checked_cfg(kwargs.pop("pretrained_cfg", None), "pretrained_cfg")
     overlay = _checked_cfg(kwargs.pop("pretrained_cfg_overlay", None), "pretrained_cfg_overlay")
-    # the built-in cfg's sizes are the defaults' (GMLPVision records the actual ones); the given ones are
-    # checked against the model
-    builtin = {k: v for k, v in (cfg or {}).items() if k not in ("num_classes", "input_size")}
-    model = GMLPVision(pretrained_cfg={**builtin, **given}, **kwargs)
-    _check_cfg_sizes(overlay, "pretrained_cfg_overlay", model.num_classes, model.pretrained_cfg["input_size"])
+    # a cfg's sizes are recorded as the model's actual ones (create_model takes a given cfg's sizes as the
+    # defaults of the arguments left out, as timm does)
+    model = GMLPVision(pretrained_cfg={**(cfg or {}), **given}, **kwargs)
+    sizes = {k: model.pretrained_cfg[k] for k in ("num_classes", "input_size")}
     model.pretrained_cfg.update(overlay)
-    model.pretrained_cfg["architecture"] = arch
+    model.pretrained_cfg.update(sizes, architecture=arch)
     return model
 
 

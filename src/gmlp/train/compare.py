@@ -115,18 +115,21 @@ def run_comparison(
     train_subset: int | None = None,
     test_subset: int | None = None,
     threads: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     batch_size: int | None = None,
     seed: int | None = None,
 ) -> str:
-    """Train the gMLP and the parameter-matched ViT; write ``results.md`` and plots; return the table."""
+    """Train the gMLP and the parameter-matched ViT; write ``results.md`` and plots; return the table.
+
+    The settings come from ``config`` (a recipe), with the arguments given (not None) over it; ``progress``
+    None keeps the recipe's (else on)."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     settings = load_recipe(config, VisionTrainConfig) if config else {}
     overrides = {"dataset": dataset, "epochs": epochs, "model": gmlp_model, "train_subset": train_subset,
-                 "test_subset": test_subset, "threads": threads, "batch_size": batch_size, "seed": seed}
+                 "test_subset": test_subset, "threads": threads, "batch_size": batch_size, "seed": seed,
+                 "progress": progress}
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    settings["progress"] = progress
     base = VisionTrainConfig(**settings)
     gmlp_cfg = dataclasses.replace(base, output=str(out / "gmlp"))
     gmlp_cfg.validate()

@@ -1315,9 +1315,15 @@ def _warn_changed_options(checkpoint: Path, opts: Any, world_size: int | None = 
         return
     saved = state.get("options", {})
     now = _jsonable(asdict(opts))
+    kept = []
     for name in _kept_on_resume(opts, saved):  # not applied: the run's own (another value is refused)
         if name in saved:
+            if now.get(name) is not None and saved[name] != now[name]:  # (a default: left out, or given so)
+                kept.append(f"{_flag(name)} {saved[name]}")
             now[name] = saved[name]
+    if kept:  # (a flag given at its default value cannot be told from one left out: say what runs)
+        print(f"[gmlp] note: the resumed run keeps its own {', '.join(kept)} (its model and tokenizer come "
+              f"back from the checkpoint)", file=sys.stderr)
     if now.get("seq_len") is None and "seq_len" in saved:  # left out: the resumed model's own length, which
         now["seq_len"] = saved["seq_len"]  # is the run's (a run saved with the old default 128 says 128)
     # a size left out is the default without a preset, and the preset's with one: runs before the twentieth

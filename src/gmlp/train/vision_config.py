@@ -209,54 +209,63 @@ class VisionTrainConfig:
         self._check_inert_settings()
 
     def _check_inert_settings(self) -> None:
-        """Refuse a setting that another setting leaves without effect (it would be silently ignored): a
-        value other than its default (or, where one exists, the value that matches what runs: 0 = off) for
-        a part of the run that is switched off."""
+        """Refuse a setting that another setting leaves without effect (it would be silently ignored):
+        :meth:`inert_settings`, the first group of them."""
+        inert = self.inert_settings()
+        if inert:
+            why = inert[0][1]
+            found = [f"{n}={getattr(self, n)!r} (--{n.replace('_', '-')})" for n, w in inert if w == why]
+            raise ConfigError(f"{', '.join(found)}: {why}")
+
+    def inert_settings(self) -> list[tuple[str, str]]:
+        """``(setting, why)`` for each setting that another setting leaves without effect: a value other
+        than its default (or, where one exists, the value that matches what runs: 0 = off) for a part of
+        the run that is switched off."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        out: list[tuple[str, str]] = []
 
-        def changed(*names: str, off: dict[str, Any] | None = None) -> list[str]:
-            return [f"{n}={getattr(self, n)!r} (--{n.replace('_', '-')})" for n in names
-                    if _as_tuple(getattr(self, n)) != _as_tuple(defaults[n])
-                    and not (off and n in off and getattr(self, n) == off[n])]
+        def check(names: tuple[str, ...], why: str, off: dict[str, Any] | None = None) -> None:
+            out.extend((n, why) for n in names
+                       if _as_tuple(getattr(self, n)) != _as_tuple(defaults[n])
+                       and not (off and n in off and getattr(self, n) == off[n]))
 
-        def refuse(found: list[str], why: str) -> None:
-            if found:
-                raise ConfigError(f"{', '.join(found)}: {why}")
-
-        refuse(changed("ema_decay", "ema_warmup") if not self.ema else [],
-               "a setting of the weight average (EMA), which ema=False does not keep; turn it on (--ema), or "
-               "leave this at its default")
-        refuse(changed("mixup_prob", "mixup_switch_prob", "mixup_mode") if self.mixup == self.cutmix == 0
-               else [],
-               "a setting of mixup/cutmix, which mixup=0 and cutmix=0 turn off; set --mixup and/or --cutmix "
-               "above 0, or leave this at its default")
-        refuse(changed("mixup_switch_prob") if (self.mixup > 0) != (self.cutmix > 0) else [],
-               f"the chance of cutmix instead of mixup, which only counts when both are on (mixup="
-               f"{self.mixup}, cutmix={self.cutmix}); leave it at its default")
-        refuse(changed("remode", "recount") if self.reprob == 0 else [],
-               "a setting of random erasing, which reprob=0 turns off; set --reprob above 0, or leave this "
-               "at its default")
-        refuse(changed("drop_path_schedule") if self.drop_path_rate == 0 else [],
-               "how drop_path_rate is spread over the blocks, and drop_path_rate is 0 (no stochastic depth); "
-               "set --drop-path-rate above 0, or leave this at its default")
-        if self.warmup_lr is not None and self.warmup_steps == 0:
-            raise ConfigError(
-                f"warmup_lr={self.warmup_lr!r}: the learning rate the warmup starts from, and warmup_steps "
-                f"is 0 (no warmup); set --warmup-steps above 0, or unset warmup_lr (--warmup-lr none)"
-            )
+        if not self.ema:
+            check(("ema_decay", "ema_warmup"),
+                  "a setting of the weight average (EMA), which ema=False does not keep; turn it on (--ema), "
+                  "or leave this at its default")
+        if self.mixup == self.cutmix == 0:
+            check(("mixup_prob", "mixup_switch_prob", "mixup_mode"),
+                  "a setting of mixup/cutmix, which mixup=0 and cutmix=0 turn off; set --mixup and/or "
+                  "--cutmix above 0, or leave this at its default")
+        elif (self.mixup > 0) != (self.cutmix > 0):
+            check(("mixup_switch_prob",),
+                  f"the chance of cutmix instead of mixup, which only counts when both are on (mixup="
+                  f"{self.mixup}, cutmix={self.cutmix}); leave it at its default")
+        if self.reprob == 0:
+            check(("remode", "recount"),
+                  "a setting of random erasing, which reprob=0 turns off; set --reprob above 0, or leave "
+                  "this at its default")
+        if self.drop_path_rate == 0:
+            check(("drop_path_schedule",),
+                  "how drop_path_rate is spread over the blocks, and drop_path_rate is 0 (no stochastic "
+                  "depth); set --drop-path-rate above 0, or leave this at its default")
+        if self.warmup_steps == 0:
+            check(("warmup_lr",), "the learning rate the warmup starts from, and warmup_steps is 0 (no "
+                  "warmup); set --warmup-steps above 0, or unset warmup_lr (--warmup-lr none)")
         if not self.augment:
-            found = changed("hflip", off={"hflip": 0.0})
+            why = ("a setting of the training augmentation, which augment=False (--no-augment) turns off; "
+                   "drop --no-augment, or leave this at its default")
+            check(("hflip",), why, off={"hflip": 0.0})
             if self.uses_pil:  # (the in-memory pipeline refuses these already, augment or not)
-                found += changed("crop_scale", "color_jitter", off={"color_jitter": 0.0})
+                check(("crop_scale", "color_jitter"), why, off={"color_jitter": 0.0})
                 if self.train_interpolation == "random":  # timm's transform without augmentation: bilinear
-                    found.append("train_interpolation='random' (--train-interpolation)")
-            refuse(found, "a setting of the training augmentation, which augment=False (--no-augment) turns "
-                          "off; drop --no-augment, or leave this at its default")
+                    out.append(("train_interpolation", why))
         elif self.auto_augment is not None and "3a" not in self.auto_augment:
-            refuse(changed("color_jitter", off={"color_jitter": 0.0}),
-                   f"timm turns colour jitter off when auto_augment is set ({self.auto_augment!r}; only the "
-                   f"'3a' policy keeps it); leave color_jitter at its default, or unset auto_augment "
-                   f"(--auto-augment none)")
+            check(("color_jitter",),
+                  f"timm turns colour jitter off when auto_augment is set ({self.auto_augment!r}; only the "
+                  f"'3a' policy keeps it); leave color_jitter at its default, or unset auto_augment "
+                  f"(--auto-augment none)", off={"color_jitter": 0.0})
+        return out
 
     def _check_unused_settings(self) -> None:
         """Refuse settings this run's data pipeline never reads (they would be silently ignored)."""

@@ -43,6 +43,16 @@ def _run_config(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def _same_root(a: Any, b: Any) -> bool:
+    """Whether two ``--data-root`` values name the same data: equal, or paths to the same folder
+    (``data/x``, ``./data/x`` and its absolute path)."""
+    if a is None or b is None:
+        return False
+    if str(a) == str(b):
+        return True
+    return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
+
+
 def resolve_checkpoint(path: str | Path, ema: bool = False) -> tuple[Path, dict[str, Any] | None]:
     """``(weights file, training settings or None)`` for a weights file, a run directory or a checkpoint
     directory. ``ema`` picks a run's ``model_ema.safetensors``.
@@ -317,7 +327,7 @@ def evaluate_checkpoint(
             split_name = source.root.name
         else:
             # the run's --image-key/--label-key name columns of its own dataset, not of another --data-root
-            own = same_data and str(data_root) == str(run.get("data_root"))
+            own = same_data and _same_root(data_root, run.get("data_root"))
             source = folders.hf_source(data_root, split, candidates=("validation", "val", "test"),
                                        image_key=run.get("image_key") if own else None,
                                        label_key=run.get("label_key") if own else None)

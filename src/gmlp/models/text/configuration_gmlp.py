@@ -298,13 +298,6 @@ class GMLPConfig(PretrainedConfig):
                 f"intermediate_size must be even with sgu_variant='sgu' (it is split into two halves), "
                 f"got {intermediate_size}"
             )
-        gate_dim = intermediate_size // 2 if sgu_variant == "sgu" else intermediate_size
-        # (also for "none", whose gating layer checks it too: else the model's build would fail)
-        if sgu_variant != "mixer" and gate_dim % sgu_heads:
-            raise ValueError(
-                f"sgu_heads must divide the gate width ({gate_dim} channels for intermediate_size="
-                f"{intermediate_size}, sgu_variant={sgu_variant!r}), got {sgu_heads}"
-            )
         if sgu_variant == "none":  # no token mixing: a setting of it would be silently ignored
             if sgu_heads != 1:
                 raise ValueError(
@@ -315,6 +308,12 @@ class GMLPConfig(PretrainedConfig):
                     f"spatial_fft_threshold (FFT Toeplitz mixing) does not apply to sgu_variant='none' (no "
                     f"token mixing); it must be None, got {spatial_fft_threshold!r}"
                 )
+        gate_dim = intermediate_size // 2 if sgu_variant == "sgu" else intermediate_size
+        if sgu_variant != "mixer" and gate_dim % sgu_heads:
+            raise ValueError(
+                f"sgu_heads must divide the gate width ({gate_dim} channels for intermediate_size="
+                f"{intermediate_size}, sgu_variant={sgu_variant!r}), got {sgu_heads}"
+            )
         if tiny_attn_size is not None:
             _positive_int("tiny_attn_size", tiny_attn_size)
             if sgu_variant in ("none", "mixer"):

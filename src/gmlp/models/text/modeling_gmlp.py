@@ -576,30 +576,34 @@ class GMLPModel(GMLPPreTrainedModel):
                 f"(tokenizer(..., truncation=True, max_length={cfg.max_position_embeddings}))"
             )
         checking = host_checks_enabled(input_ids if input_ids is not None else inputs_embeds)
-        if input_ids is not None and checking:
-            bad = (input_ids < 0) | (input_ids >= cfg.vocab_size)
-            if bool(bad.any()):
+        if attention_mask is not None and (
+            not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, n)
+        ):
+            raise ValueError(
+                f"attention_mask must have shape (batch, seq_len) = ({batch}, {n}) like the input, "
+                f"got {_describe(attention_mask)}"
+            )
+        if checking:  # the value checks, read back to the host once
+            bad_ids = None if input_ids is None else (input_ids < 0) | (input_ids >= cfg.vocab_size)
+            # (any mask value but 0 would else count as a real token: a packed batch's segment ids 1, 2, ...
+            # would silently be mixed into one sequence)
+            bad_mask = None
+            if attention_mask is not None and attention_mask.dtype != torch.bool:
+                bad_mask = (attention_mask != 0) & (attention_mask != 1)
+            flags = [b.any() for b in (bad_ids, bad_mask) if b is not None]
+            if flags and any(torch.stack(flags).tolist()):
+                if bad_ids is not None and bool(bad_ids.any()):
+                    raise ValueError(
+                        f"input_ids contains token id {int(input_ids[bad_ids][0])} outside "
+                        f"[0, vocab_size={cfg.vocab_size})"
+                    )
                 raise ValueError(
-                    f"input_ids contains token id {int(input_ids[bad][0])} outside "
-                    f"[0, vocab_size={cfg.vocab_size})"
+                    f"attention_mask must hold 0 (padding) and 1 (real token) only, got "
+                    f"{attention_mask[bad_mask][0].item()!r}; a float mask with other values (an additive "
+                    f"bias?) or the segment ids of packed sequences (1, 2, ...) are not supported"
                 )
         mask = None
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, n):
-                raise ValueError(
-                    f"attention_mask must have shape (batch, seq_len) = ({batch}, {n}) like the input, "
-                    f"got {_describe(attention_mask)}"
-                )
-            # (any value but 0 would else count as a real token: a packed batch's segment ids 1, 2, ... would
-            # silently be mixed into one sequence)
-            if checking and attention_mask.dtype != torch.bool:
-                bad = (attention_mask != 0) & (attention_mask != 1)
-                if bool(bad.any()):
-                    raise ValueError(
-                        f"attention_mask must hold 0 (padding) and 1 (real token) only, got "
-                        f"{attention_mask[bad][0].item()!r}; a float mask with other values (an additive "
-                        f"bias?) or the segment ids of packed sequences (1, 2, ...) are not supported"
-                    )
             mask = attention_mask != 0
         if token_type_ids is not None:
             if (
