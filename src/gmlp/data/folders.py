@@ -8,6 +8,7 @@ skipped and counted by :func:`collate_skipping`, or raise :class:`CorruptImageEr
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -105,11 +106,25 @@ def _to_8_bit(img: Any) -> Any:
 
 
 def _open_image(opener: Callable[[], Any]) -> Any:
-    from PIL import Image
+    """The decoded image, turned upright by its EXIF orientation tag (as image viewers and ``datasets``'
+    ``Image`` feature show it: a phone photo is stored sideways with a tag saying so)."""
+    from PIL import Image, ImageOps
 
     img = opener()
-    img.load()  # decode now: a truncated or corrupt file fails here, not later inside a transform
-    return img if isinstance(img, Image.Image) else Image.open(img)
+    try:
+        img.load()  # decode now: a truncated or corrupt file fails here, not later inside a transform
+    except BaseException:
+        img.close()  # a corrupt file is skipped: do not leave its handle open until garbage collection
+        raise
+    img = img if isinstance(img, Image.Image) else Image.open(img)
+    try:
+        orientation = img.getexif().get(0x0112, 1)  # the EXIF Orientation tag; 1 = upright
+    except Exception:  # unreadable EXIF: the pixels are fine, keep them as stored
+        orientation = 1
+    if orientation != 1:
+        with contextlib.suppress(Exception):  # a malformed tag: as stored, not skipped as corrupt
+            img = ImageOps.exif_transpose(img)
+    return img
 
 
 class FolderSource(ImageSource):
@@ -318,8 +333,11 @@ def hf_source(
     labels = []
     for row, value in enumerate(ds[label_key]):
         try:
-            labels.append(int(value))
-        except (TypeError, ValueError):
+            label = int(value)
+            if isinstance(value, float) and value != label:  # int(1.5) == 1: no class index
+                raise ValueError(value)
+            labels.append(label)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(
                 f"dataset {name_or_path!r} split {split_name!r}: label column {label_key!r} must hold class "
                 f"indices (a ClassLabel or integers); row {row} holds {value!r}"
@@ -386,10 +404,13 @@ class TransformedImages(Dataset):
         try:
             img = self.source.load(index)
             img = _to_8_bit(img).convert(self.mode)
-        except CorruptImageError:
-            if self.strict:
+        except CorruptImageError as err:
+            if not self.strict:
+                return None
+            what = self.source.describe(index)
+            if what in str(err):
                 raise
-            return None
+            raise CorruptImageError(f"{what}: {err}") from err  # a mode-F image's message named no file
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
             if self.strict:
                 raise CorruptImageError(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .text import TextDataError, data_home
+from .text import TextDataError, data_home, decode_utf8
 
 __all__ = [
     "TWEET_LABELS",
@@ -193,7 +193,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: no such file.
-        TextDataError: empty file, not UTF-8, unknown extension, or unparsable JSON.
+        TextDataError: empty file, not UTF-8 (the line of the first bad byte is named), unknown extension,
+            unparsable JSON, or a CSV/TSV row with more (non-empty) fields than the header (an unquoted
+            delimiter in a text moved the label to another column).
     """
     path = Path(path)
     if not path.is_file():
@@ -203,19 +205,12 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         raise TextDataError(
             f"{str(path)!r}: unsupported file type {suffix!r}; expected one of {', '.join(_TABLE_EXTS)}"
         )
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise TextDataError(f"{str(path)!r} is not valid UTF-8 (offset {err.start})") from err
+    text = decode_utf8(path, path.read_bytes())
     if not text.strip():
         raise TextDataError(f"data file {str(path)!r} is empty")
     try:
-        if suffix == ".csv":
-            records: list[Any] = list(csv.DictReader(io.StringIO(text, newline="")))
-        elif suffix == ".tsv":
-            records = list(
-                csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
-            )
+        if suffix in (".csv", ".tsv"):
+            records: list[Any] = _read_delimited(text, path)
         elif suffix == ".jsonl":
             # lines end at "\n" only: str.splitlines would also cut at U+2028, U+0085... inside a JSON string
             records = [json.loads(line) for line in text.split("\n") if line.strip()]
@@ -229,6 +224,30 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     if not records:
         raise TextDataError(f"data file {str(path)!r} holds no records")
     return records
+
+
+def _read_delimited(text: str, path: Path) -> list[dict[str, Any]]:
+    """The rows of a CSV (``"`` quoting) or TSV (GLUE style: no quoting) file, whatever their size."""
+    tsv = path.suffix.lower() == ".tsv"
+    options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # the default 128 KiB refused a longer (valid) cell
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""), **options)
+        records = []
+        for k, row in enumerate(reader):
+            extra = row.pop(None, None)  # cells beyond the header's columns
+            if extra and any(str(cell).strip() for cell in extra):
+                n = len(reader.fieldnames or ())
+                raise TextDataError(
+                    f"{str(path)!r}, record {k} (ending on line {reader.line_num}): {n} columns in the "
+                    f"header, {n + len(extra)} in the row; a text holding the delimiter must be quoted"
+                    + (" (a TSV is read unquoted, as GLUE's: it cannot hold a tab)" if tsv else "")
+                )
+            records.append(row)
+        return records
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _check_columns(records: list[dict[str, Any]], columns: Sequence[str], where: str) -> None:
@@ -267,7 +286,17 @@ def _parse_label(value: Any, *, regression: bool, where: str) -> int | float | s
         try:
             return int(value)
         except ValueError:
+            pass
+        try:  # "1.0", as pandas writes an integer column that held a missing value: the id 1, as JSON's 1.0
+            number = float(value)
+        except ValueError:
             return value
+        return int(number) if number.is_integer() else value
+    if value is None:
+        raise TextDataError(
+            f"{where}: no label (a JSON null, or a row with fewer cells than the header); every record of a "
+            f"labelled split needs one"
+        )
     raise TextDataError(f"{where}: label {value!r} is neither a class id nor a label name")
 
 
@@ -311,27 +340,32 @@ def load_classification_files(
         else:
             _check_columns(records, [label_column], where)
     from_train = ["train"]  # the splits read from the training file: its labels are the label vocabulary
+    # each record's index in its file, for the messages (a record split off the training file had been
+    # named by its place in the split, not in the file)
+    index = {name: list(range(len(records))) for name, records in splits.items()}
     if "validation" not in splits or "test" not in splits:
         order = list(range(len(splits["train"])))
         random.Random(TWEET_SPLIT_SEED).shuffle(order)
         n = max(1, len(order) // 10)
         records = splits["train"]
         if "validation" not in splits:
-            splits["validation"] = [records[i] for i in order[:n]]
+            splits["validation"], index["validation"] = [records[i] for i in order[:n]], order[:n]
             order = order[n:]
             from_train.append("validation")
         if "test" not in splits:
-            splits["test"] = [records[i] for i in order[:n]]
+            splits["test"], index["test"] = [records[i] for i in order[:n]], order[:n]
             order = order[n:]
             from_train.append("test")
-        splits["train"] = [records[i] for i in sorted(order)]
+        splits["train"], index["train"] = [records[i] for i in sorted(order)], sorted(order)
 
     raw: dict[str, list[tuple[str, str | None, Any]]] = {}
+    places: dict[str, list[str]] = {}
     for name, records in splits.items():
         where = str({"train": train, "validation": validation or train, "test": test or train}[name])
+        places[name] = [f"{where}, record {i}" for i in index[name]]
         rows = []
         labelled = name != "test" or test_has_labels
-        for k, r in enumerate(records):
+        for k, r in zip(index[name], records, strict=True):
             absent = [c for c in (*cols, *([label_column] if labelled else [])) if c not in r]
             if absent:  # JSON records need not share the first record's keys
                 raise TextDataError(
@@ -341,13 +375,18 @@ def load_classification_files(
             text = r[text_column]
             pair = r[text_pair_column] if text_pair_column else None
             if text is None or (text_pair_column and pair is None):
-                raise TextDataError(f"{where}: record {k} has an empty text column")
+                raise TextDataError(
+                    f"{where}: record {k} has an empty text column (a JSON null, or a row with fewer cells "
+                    f"than the header)"
+                )
             label: Any = None
             if labelled:
                 label = _parse_label(r[label_column], regression=regression, where=f"{where}, record {k}")
             rows.append((str(text), None if pair is None else str(pair), label))
         raw[name] = rows
-    data = _finish_labels(raw, num_labels, label_names, test_has_labels, regression, from_train=from_train)
+    data = _finish_labels(
+        raw, num_labels, label_names, test_has_labels, regression, from_train=from_train, places=places
+    )
     if not data.train:  # the records are sound (checked above), but all went to validation / test
         n = sum(len(raw[s]) for s in from_train)
         raise TextDataError(
@@ -365,10 +404,16 @@ def _finish_labels(
     regression: bool,
     *,
     from_train: Sequence[str] = ("train",),
+    places: dict[str, list[str]] | None = None,
 ) -> ClassificationData:
     """Class ids of the labels of ``raw``. The label vocabulary (names, or ``num_labels`` from the largest
     id) is that of the training file, split off records included (``from_train``: the splits read from it);
-    a test file's own labels are only checked against it."""
+    a test file's own labels are only checked against it. ``places[split][k]`` names row ``k`` of a split
+    in the messages (default ``"SPLIT record k"``)."""
+
+    def place(split: str, k: int) -> str:
+        return places[split][k] if places else f"{split} record {k}"
+
     names = list(label_names) if label_names else None
     labelled = [
         lab
@@ -386,6 +431,14 @@ def _finish_labels(
                 f"one or the other, or pass the label names in class-id order"
             )
         names = sorted({str(lab) for lab in train_labels})  # the label vocabulary is the training set's
+    if not regression and names is None:  # class ids in training: a label name elsewhere has no id
+        for split, rows in raw.items():
+            k, name = next(((k, lab) for k, (*_, lab) in enumerate(rows) if isinstance(lab, str)), (0, None))
+            if name is not None:
+                raise TextDataError(
+                    f"{place(split, k)}: label name {name!r}, but the training labels are class ids; use "
+                    f"one or the other, or pass the label names in class-id order"
+                )
     if regression:
         num_labels = 1
     elif num_labels is None:
@@ -404,13 +457,13 @@ def _finish_labels(
                 value = float(lab)
             elif isinstance(lab, str):
                 if names is None or lab not in names:
-                    raise TextDataError(f"{split} record {k}: unknown label {lab!r}; known labels: {names}")
+                    raise TextDataError(f"{place(split, k)}: unknown label {lab!r}; known labels: {names}")
                 value = names.index(lab)
             else:
                 value = int(lab)
                 if not 0 <= value < num_labels:
                     raise TextDataError(
-                        f"{split} record {k}: label {value} is outside [0, num_labels={num_labels})"
+                        f"{place(split, k)}: label {value} is outside [0, num_labels={num_labels})"
                     )
             examples.append(ClassificationExample(text, value, pair))
         out[split] = examples
@@ -572,26 +625,37 @@ def _squad_field(obj: Any, key: str, where: str, default: Any, kind: type | tupl
     return value
 
 
+def _occurrences(context: str, text: str, most: int = 5) -> str:
+    """Where ``text`` occurs in ``context`` (the first ``most`` offsets), for a message."""
+    found: list[int] = []
+    at = context.find(text)
+    while at >= 0 and len(found) < most:
+        found.append(at)
+        at = context.find(text, at + 1)
+    return f"it occurs at offset(s) {found}" if found else "it does not occur in the context"
+
+
 def load_squad_json(path: str | Path) -> list[QAExample]:
     """Questions of a SQuAD v1.1 / v2.0 JSON file (``{"data": [{"title", "paragraphs": [{"context",
     "qas": [{"id", "question", "answers": [{"text", "answer_start"}], "is_impossible"}]}]}]}``).
 
     Raises:
         FileNotFoundError: no such file.
-        TextDataError: not SQuAD format, or an answer does not occur at its ``answer_start``.
+        TextDataError: not SQuAD format, an answer does not occur at its ``answer_start`` (a character offset
+            >= 0; the message says where the text does occur), or two questions share an ``id`` (the
+            predictions and scores are keyed by it: one of them went unscored).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SQuAD file not found: {str(path)!r}")
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as err:
-        raise TextDataError(f"{str(path)!r} is not valid UTF-8 (offset {err.start})") from err
+        obj = json.loads(decode_utf8(path, path.read_bytes()))
     except json.JSONDecodeError as err:
         raise TextDataError(f"{str(path)!r} is not valid JSON: {err}") from err
     if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
         raise TextDataError(f"{str(path)!r} is not SQuAD format (expected a top-level 'data' list)")
     out: list[QAExample] = []
+    seen: dict[str, str] = {}  # question id -> where it is
     for a, article in enumerate(obj["data"]):
         where = f"{str(path)!r}, data[{a}]"
         title = str(_squad_field(article, "title", where, "", object))
@@ -600,6 +664,12 @@ def load_squad_json(path: str | Path) -> list[QAExample]:
             for q, qa in enumerate(_squad_field(para, "qas", f"{where}.paragraphs[{p}]", [], list)):
                 at = f"{where}.paragraphs[{p}].qas[{q}]"
                 qid = str(_squad_field(qa, "id", at, None, (str, int)))
+                if qid in seen:
+                    raise TextDataError(
+                        f"{at}: question id {qid!r} is also the id of {seen[qid]}; the ids must be unique "
+                        f"(the predictions and scores are keyed by them)"
+                    )
+                seen[qid] = at.split(", ", 1)[-1]
                 question = _squad_field(qa, "question", at, None, str)
                 answers = []
                 if not qa.get("is_impossible", False):
@@ -610,9 +680,11 @@ def load_squad_json(path: str | Path) -> list[QAExample]:
                             if not start.strip().isdigit():
                                 raise TextDataError(f"{at}.answers[{n}]: answer_start {start!r} is no offset")
                             start = int(start)
-                        if context[start : start + len(text)] != text:
+                        if start < 0 or context[start : start + len(text)] != text:
+                            hint = _occurrences(context, text)
                             raise TextDataError(
-                                f"{path}: question {qid!r}: answer {text!r} is not at offset {start}"
+                                f"{path}: question {qid!r}: answer {text!r} is not at offset {start} "
+                                f"({hint}; answer_start counts characters of the context from 0)"
                             )
                         answers.append((text, start))
                 out.append(QAExample(qid, question, context, tuple(answers), title))

@@ -44,6 +44,7 @@ __all__ = [
     "TextDocument",
     "TextSplits",
     "data_home",
+    "decode_utf8",
     "heldout_bucket",
     "iter_austen",
     "iter_documents",
@@ -127,24 +128,82 @@ def _require(name: str) -> None:
         )
 
 
+def _utf8_message(path: str | Path, byte: int, offset: int, line: int, column: int) -> TextDataError:
+    return TextDataError(
+        f"{str(path)!r} is not valid UTF-8 (byte 0x{byte:02x} at offset {offset}, line {line}, column "
+        f"{column}); convert it first, e.g. `iconv -f latin1 -t utf-8`"
+    )
+
+
+def _gzip_error(path: str | Path) -> TextDataError:
+    return TextDataError(f"{str(path)!r} is gzip-compressed, which is not read here; unpack it (gunzip)")
+
+
+def decode_utf8(path: str | Path, raw: bytes) -> str:
+    """``raw`` (the bytes of ``path``) decoded as UTF-8, a leading BOM dropped.
+
+    Raises:
+        TextDataError: not UTF-8: the message names the file, the first bad byte, its offset, line and
+            column (in bytes), or says that the file is gzip-compressed.
+    """
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # "utf-8-sig" counts its error offsets after a BOM
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        if raw[:2] == b"\x1f\x8b":  # the gzip magic number
+            raise _gzip_error(path) from err
+        start = bom + err.start
+        line_start = raw.rfind(b"\n", 0, start) + 1
+        line = raw.count(b"\n", 0, start) + 1
+        raise _utf8_message(path, raw[start], start, line, start - line_start + 1) from err
+
+
+def _check_utf8_file(path: str | Path, chunk_size: int = 1 << 22) -> None:
+    """:func:`decode_utf8`'s check of a file of any size, read in chunks (HF ``datasets`` reads JSON and CSV
+    text unchecked: a bad byte raised a bare ``UnicodeDecodeError`` while the rows were iterated)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # of the first byte given to decoder.decode (its buffered bytes of the last chunk included)
+    line, column = 1, 1  # of that byte
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"  # the gzip magic number
+        f.seek(0)
+        while True:
+            chunk = f.read(chunk_size)
+            pending = decoder.getstate()[0]
+            data = pending + chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                if gzipped:
+                    raise _gzip_error(path) from err
+                newlines = data.count(b"\n", 0, err.start)
+                line_start = data.rfind(b"\n", 0, err.start) + 1
+                col = column + err.start if newlines == 0 else err.start - line_start + 1
+                raise _utf8_message(path, data[err.start], offset + err.start, line + newlines, col) from err
+            if not chunk:
+                return
+            kept = len(decoder.getstate()[0])  # an incomplete character at the end, decoded with the next
+            done = data[: len(data) - kept]
+            newlines = done.count(b"\n")
+            column = column + len(done) if newlines == 0 else len(done) - done.rfind(b"\n")
+            line += newlines
+            offset += len(done)
+
+
 def read_text_file(path: str | Path) -> str:
     """Read a UTF-8 text file (a BOM is dropped), with errors that name the file.
 
     Raises:
         FileNotFoundError: no such file.
-        TextDataError: the file is empty (or only whitespace) or is not valid UTF-8.
+        TextDataError: the file is empty (or only whitespace), is not valid UTF-8 (the first bad byte's
+            offset and line are named) or is gzip-compressed.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text file not found: {str(path)!r}")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise TextDataError(
-            f"{str(path)!r} is not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-            f"convert it first, e.g. `iconv -f latin1 -t utf-8`"
-        ) from err
+    text = decode_utf8(path, path.read_bytes())
     if not text.strip():
         raise TextDataError(f"text file {str(path)!r} is empty")
     return text
@@ -280,8 +339,15 @@ def iter_moby_dick(data_dir: str | Path | None = None) -> Iterator[TextDocument]
 # --- user sources ----------------------------------------------------------------------------------------
 
 
+def _hidden(relative: Path) -> bool:
+    """Whether a path inside a folder is hidden or in a hidden folder (``.ipynb_checkpoints/x-checkpoint.txt``
+    copies, macOS ``._x.txt`` resource forks (binary), ``.git``, ``.venv``)."""
+    return any(part.startswith(".") for part in relative.parts)
+
+
 def iter_text_path(path: str | Path) -> Iterator[TextDocument]:
-    """Documents of a local text file (its blank-line separated paragraphs) or of a folder of text files.
+    """Documents of a local text file (its blank-line separated paragraphs) or of a folder of text files
+    (hidden files and folders, whose names start with ``.``, left out).
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -289,7 +355,10 @@ def iter_text_path(path: str | Path) -> Iterator[TextDocument]:
     """
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(_TEXT_SUFFIXES))
+        files = sorted(
+            p for p in path.rglob("*")
+            if p.is_file() and p.name.lower().endswith(_TEXT_SUFFIXES) and not _hidden(p.relative_to(path))
+        )
         if not files:
             raise TextDataError(f"folder {str(path)!r} holds no text files ({', '.join(_TEXT_SUFFIXES)})")
         for file in files:
@@ -305,17 +374,21 @@ def iter_text_path(path: str | Path) -> Iterator[TextDocument]:
 def iter_hf_text(
     name: str, config: str | None = None, *, split: str = "train", text_column: str = "text", **kwargs: Any
 ) -> Iterator[TextDocument]:
-    """Rows of a HF ``datasets`` dataset (hub name, or a builder such as ``"json"`` with ``data_files=``).
+    """Rows of a HF ``datasets`` dataset (hub name, or a builder such as ``"json"`` with ``data_files=``; a
+    JSON file holding ``{"data": [records]}`` is read from its ``data`` list).
 
     Raises:
         TextDataError: the dataset has no ``text_column`` (the message lists its columns); a local
-            ``data_files`` file is empty or unreadable (the message names it).
+            ``data_files`` file is empty, unreadable or (JSON, CSV) not UTF-8 (the message names it).
     """
     from datasets import load_dataset
 
     files = kwargs.get("data_files")
-    if isinstance(files, (str, os.PathLike)) and Path(files).is_file() and Path(files).stat().st_size == 0:
-        raise TextDataError(f"data file {str(files)!r} is empty")
+    if isinstance(files, (str, os.PathLike)) and Path(files).is_file():
+        if Path(files).stat().st_size == 0:
+            raise TextDataError(f"data file {str(files)!r} is empty")
+        if name in ("json", "csv"):
+            _check_utf8_file(files)
     try:
         ds = load_dataset(name, config, split=split, **kwargs)
     except Exception as err:
@@ -328,6 +401,10 @@ def iter_hf_text(
             f"cannot read {str(files)!r} as {name}: {type(reason).__name__}: {reason}"
         ) from err
     label = kwargs.get("data_files", name)
+    if name == "json" and files is not None and "field" not in kwargs and text_column not in ds.column_names \
+            and "data" in ds.column_names and len(ds) == 1:  # {"data": [records], ...}: SQuAD's layout
+        yield from iter_hf_text(name, config, split=split, text_column=text_column, field="data", **kwargs)
+        return
     if text_column not in ds.column_names:
         # a local file is named by its path (several table sources: which one lacks the column)
         what = f"data file {str(files)!r}" if files is not None else f"dataset {name!r}"
