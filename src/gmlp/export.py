@@ -31,13 +31,15 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
         ImportError: the exporter's dependencies (``onnx``, ``onnxscript``) are missing.
         ValueError: ``input_size`` is not ``(channels, height, width)``; or ``opset`` is given and the file
             could not be written in it (the exporter falls back to its own opset with only a log message;
-            nothing is then written). A model that refuses images of ``input_size`` (a gMLP built for
-            another size) raises its own error, before the exporter runs.
+            nothing is then written); or the model's parameters are not float32 (``model.half()``: export
+            ``model.float()``) or are on the meta device (no weights). A model that refuses images of
+            ``input_size`` (a gMLP built for another size) raises its own error, before the exporter runs.
         IsADirectoryError: ``path`` is a directory.
     """
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 1):
         raise ValueError(f"opset must be a positive int, got {opset!r}")
     input_size = _check_input_size(input_size)
+    device = _check_exportable(model)
     try:
         import onnx
         import onnxscript  # noqa: F401
@@ -48,7 +50,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
     path = Path(path)
     was_training = model.training
     model.eval()
-    example = torch.randn(2, *input_size)
+    example = torch.randn(2, *input_size, device=device)  # (where the weights are: the graph is the same)
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
         with torch.no_grad():  # the model's own error for an input it does not take, not the exporter's
@@ -71,6 +73,25 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
                     f"{written}); choose another opset or leave it unset"
                 )
     return path
+
+
+def _check_exportable(model: nn.Module) -> torch.device:
+    """The device of ``model``'s weights, where the example images go; a ValueError for weights that
+    :func:`export_onnx` cannot write into its float32 graph (the model's own error would tell to convert
+    the images, which export_onnx makes itself)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if any(t.is_meta for t in tensors):
+        raise ValueError(
+            "the model's parameters are on the meta device (built without weights): load weights or "
+            "materialise it (model.to_empty(device='cpu') and init) before export_onnx"
+        )
+    other = sorted({str(t.dtype) for t in tensors if t.dtype != torch.float32})
+    if other:
+        raise ValueError(
+            f"export_onnx writes a float32 graph (float32 images in, float32 logits out), but the model's "
+            f"parameters are {', '.join(other)}: export model.float()"
+        )
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 def _check_input_size(input_size: object) -> tuple[int, int, int]:

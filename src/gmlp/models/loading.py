@@ -38,7 +38,17 @@ def _grid_from(metadata: dict[str, str], n: int) -> tuple[int, int]:
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """``model.load_state_dict(strict=True)``, but with an error that names the offending keys."""
+    """``model.load_state_dict(strict=True)``, but with an error that names the offending keys.
+
+    A model with tensors on the meta device (built with ``device="meta"`` or under ``torch.device("meta")``)
+    takes the checkpoint's tensors themselves (``assign=True``, converted to the model's dtypes), as
+    transformers' ``from_pretrained`` does for a model made without memory: copying into meta tensors would
+    do nothing, and leave the model without weights.
+
+    Raises:
+        CheckpointError: missing, unexpected or misshapen keys; or a meta model given meta tensors (which
+            hold no values) in ``state_dict``.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -56,6 +66,16 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatches (first: {mismatched[:5]})")
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(parts))
+    if any(t.is_meta for t in own.values()):
+        empty = [k for k, v in state_dict.items() if v.is_meta]
+        if empty:
+            raise CheckpointError(
+                f"the model is on the meta device and {len(empty)} tensors to load are meta tensors too, "
+                f"without values (first: {empty[:5]}); load real tensors"
+            )
+        state_dict = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -71,7 +91,9 @@ def load_pretrained(model: nn.Module, path: str | Path, *, size_given: bool = Tr
       a warning, as timm does when ``num_classes`` differs; so is a checkpoint without a head (saved with
       ``num_classes=0``) loaded into a model with one;
     - the input normalisation recorded in the file goes into ``model.pretrained_cfg`` once the weights are
-      loaded (a load that fails leaves the model as it was).
+      loaded (a load that fails leaves the model as it was);
+    - a model on the meta device (``create_model(name, device="meta", pretrained=PATH)``) takes the file's
+      tensors, in the model's dtypes (:func:`load_state_dict_checked`), and a head kept fresh is zeros.
 
     Raises:
         FileNotFoundError, CheckpointError: unreadable file, or keys/shapes that do not fit.
@@ -125,12 +147,20 @@ def load_pretrained(model: nn.Module, path: str | Path, *, size_given: bool = Tr
             f"freshly initialised head",
             stacklevel=3,
         )
-        state["head.weight"], state["head.bias"] = head.weight.detach().clone(), head.bias.detach().clone()
+        state["head.weight"], state["head.bias"] = _fresh(head.weight), _fresh(head.bias)
     elif not isinstance(head, nn.Linear):
         state.pop("head.weight", None)
         state.pop("head.bias", None)
     load_state_dict_checked(model, state)
     restore_normalisation(model, metadata)  # only once the weights are in: a failed load changes nothing
+
+
+def _fresh(param: torch.Tensor) -> torch.Tensor:
+    """A copy of the model's freshly initialised head tensor ``param``, to load in place of the checkpoint's;
+    zeros (GMLPVision's head init) where the model is on the meta device and ``param`` has no values."""
+    if param.is_meta:  # (on the CPU, as the file's tensors: also under a torch.device("meta") context)
+        return torch.zeros(param.shape, dtype=param.dtype, device="cpu")
+    return param.detach().clone()
 
 
 def restore_normalisation(model: nn.Module, metadata: dict[str, str]) -> None:

@@ -96,9 +96,11 @@ def create_model(
         out_indices: with ``features_only``, the blocks whose maps are returned: an int ``n`` = the last
             ``n`` (None: 3, timm's default), or a list of block indices (negative ones count from the end).
         **kwargs: overrides of the model's constructor arguments (``num_classes``, ``img_size``,
-            ``drop_path_rate``, ...); as in timm, one given as None keeps the model's default. A ``mean`` or
-            ``std`` given in ``pretrained_cfg`` or timm's ``pretrained_cfg_overlay`` wins over the one a
-            checkpoint records (which the loading otherwise puts into ``pretrained_cfg``).
+            ``drop_path_rate``, ...); as in timm, one given as None keeps the model's default. timm's
+            ``device`` and ``dtype`` too: ``device="meta"`` allocates nothing, and with a checkpoint the
+            model takes the file's tensors (in ``dtype``, if given) instead of initialising its own. A
+            ``mean`` or ``std`` given in ``pretrained_cfg`` or timm's ``pretrained_cfg_overlay`` wins over
+            the one a checkpoint records (which the loading otherwise puts into ``pretrained_cfg``).
 
     Raises:
         ValueError: unknown model name (the message lists the known ones), ``pretrained=True``, an empty

@@ -7,6 +7,7 @@ mixing is one matrix product; :meth:`GMLPVision.forward_features` returns the us
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -56,6 +57,33 @@ def _checked_cfg(cfg: object, name: str) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise TypeError(f"{name} must be a dict or None, got {type(cfg).__name__}")
     return cfg
+
+
+def _checked_factory(
+    device: object, dtype: object
+) -> tuple[torch.device | None, torch.dtype | None]:
+    """timm's ``device`` and ``dtype`` arguments of the model functions (:func:`_create`) checked (None
+    kept).
+
+    Raises:
+        ValueError: ``device`` is not a ``torch.device`` or a device string.
+        TypeError: ``dtype`` is not a floating-point ``torch.dtype`` (parameters are floats).
+    """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(
+            f"dtype must be None or a floating-point torch.dtype (torch.bfloat16, ...), got {dtype!r}"
+        )
+    if device is None:
+        return None, dtype
+    try:
+        if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+            raise TypeError
+        return torch.device(device), dtype
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"device must be None, a torch.device or a device string ('cpu', 'cuda:0', 'meta'), got "
+            f"{device!r}"
+        ) from None
 
 
 def feature_take_indices(
@@ -603,7 +631,9 @@ _FASHION_MNIST_CFG: dict[str, Any] = {
 #: timm's create_model arguments that gmlp's models do not take, with why (a plain "unexpected keyword
 #: argument" would not say what to do instead)
 _TIMM_ONLY_ARGUMENTS: dict[str, str] = {
-    "scriptable": "timm's layer-config switch selects layer implementations; gmlp's layers have one each",
+    "scriptable": "timm's layer-config switch selects layer implementations; gmlp's layers have one each, "
+    "which torch.jit.script cannot compile: use torch.jit.trace, torch.export.export or "
+    "gmlp.export.export_onnx",
     "exportable": "timm's layer-config switch selects layer implementations; gmlp's layers have one each, "
     "which gmlp.export.export_onnx exports as built",
     "no_jit": "timm's layer-config switch selects layer implementations; gmlp's layers have one each",
@@ -624,7 +654,7 @@ def _check_arguments(arch: str, kwargs: dict[str, Any]) -> None:
     for name in ("scriptable", "exportable", "no_jit"):
         if kwargs.get(name) is False:
             del kwargs[name]
-    accepted = set(inspect.signature(GMLPVision).parameters) | {"pretrained_cfg_overlay"}
+    accepted = set(inspect.signature(GMLPVision).parameters) | {"pretrained_cfg_overlay", "device", "dtype"}
     for name, value in kwargs.items():
         if name not in accepted:
             why = _TIMM_ONLY_ARGUMENTS.get(name)
@@ -641,15 +671,26 @@ def _create(arch: str, cfg: dict[str, Any] | None = None, **kwargs: Any) -> GMLP
     ``pretrained_cfg_overlay`` (merged over it, as in timm) and the architecture name (``arch``, not
     ``variant``: that is GMLPVision's gating-function argument).
 
+    timm's ``device`` and ``dtype`` (which ``timm.create_model`` passes to its models): the model is built
+    and initialised on ``device`` directly (on ``"meta"`` nothing is allocated: then ``to_empty`` and
+    ``init_weights``, or a checkpoint, see :func:`gmlp.models.loading.load_state_dict_checked`), then
+    converted to ``dtype`` (initialised in float32).
+
     Raises:
-        TypeError: an argument GMLPVision does not take (see :func:`_check_arguments`), a cfg not a dict.
+        TypeError: an argument GMLPVision does not take (see :func:`_check_arguments`), a cfg not a dict,
+            a ``dtype`` that is not a floating-point ``torch.dtype``.
+        ValueError: a ``device`` that is not a device.
     """
+    device, dtype = _checked_factory(kwargs.pop("device", None), kwargs.pop("dtype", None))
     _check_arguments(arch, kwargs)
     given = _checked_cfg(kwargs.pop("pretrained_cfg", None), "pretrained_cfg")
     overlay = _checked_cfg(kwargs.pop("pretrained_cfg_overlay", None), "pretrained_cfg_overlay")
     # a cfg's sizes are recorded as the model's actual ones (create_model takes a given cfg's sizes as the
     # defaults of the arguments left out, as timm does)
-    model = GMLPVision(pretrained_cfg={**(cfg or {}), **given}, **kwargs)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = GMLPVision(pretrained_cfg={**(cfg or {}), **given}, **kwargs)
+    if dtype is not None:
+        model.to(dtype=dtype)
     sizes = {k: model.pretrained_cfg[k] for k in ("num_classes", "input_size")}
     model.pretrained_cfg.update(overlay)
     model.pretrained_cfg.update(sizes, architecture=arch)
