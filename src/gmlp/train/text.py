@@ -1390,6 +1390,13 @@ def _without_ddp(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def _kept_checkpoint(step: int | None) -> str:
+    """What a run stopped for a non-finite value leaves behind, for its error message."""
+    if step is None:
+        return "no checkpoint was written"
+    return f"the last checkpoint (step {step}) is kept as it was and --resume continues from it"
+
+
 @dataclass
 class _LoopResult:
     model: nn.Module
@@ -1437,7 +1444,13 @@ def _train_loop(
         eps=opts.adam_eps,
         fused=fused_adamw(accelerator.device),  # one kernel for the whole update
     )
-    scheduler = linear_schedule(optimizer, _warmup_steps(opts.warmup, total_steps), total_steps)
+    warmup_steps = _warmup_steps(opts.warmup, total_steps)
+    scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
+    if warmup_steps > total_steps and accelerator.is_main_process:  # (as gmlp train warns)
+        print(f"warning: --warmup {opts.warmup:g} is {warmup_steps} steps, more than the run's "
+              f"{total_steps}: the learning rate never reaches --lr ({opts.lr:g}) and never decays; lower "
+              f"--warmup",
+              file=sys.stderr, flush=True)
     start = 0
     last_eval: dict[str, Any] = {}
     restored_loss, restored_steps = 0.0, 0
@@ -1467,6 +1480,20 @@ def _train_loop(
     model.train()
 
     def save(step: int) -> None:
+        nonlocal last_saved
+        check_finite(step)
+        # a non-finite gradient in a step whose loss was finite (unclipped: no norm was looked at) leaves
+        # non-finite weights that no loss has shown yet: never written over the last good checkpoint
+        local = [getattr(p, "to_local", p.detach)().detach() for p in model.parameters()]  # (DTensor shards)
+        bad = torch.stack([~torch.isfinite(t).all() for t in local]).any().float()
+        if world > 1:
+            bad = accelerator.reduce(bad, "sum")
+        if bad.item():
+            raise FloatingPointError(
+                f"the weights are not finite after step {step}/{total_steps} (a non-finite gradient"
+                f"{'' if opts.clip_grad else '; --clip-grad is off'}): the run stops without saving them; "
+                f"{_kept_checkpoint(last_saved)}; lower --lr ({opts.lr:g})"
+            )
         state = accelerator.get_state_dict(model)
         loss_sum = accelerator.reduce(window_loss.clone(), "mean").item()
         if accelerator.is_main_process:
@@ -1485,6 +1512,30 @@ def _train_loop(
                 keep_last=opts.keep_last,
             )
         accelerator.wait_for_everyone()
+        last_saved = step
+
+    def check_finite(done: int) -> None:
+        """Stop at the first step whose loss or gradient norm was not finite (``bad_step``, kept on the
+        device and read back only here: every step on the CPU, where that costs nothing, else where the run
+        logs, evaluates or saves), before anything of that step or later is logged or saved."""
+        first = int(bad_step.item())
+        if world > 1:  # every process stops together (the gradients are shared: all see it within a step)
+            flag = accelerator.reduce(torch.tensor(float(first >= 0), device=accelerator.device), "sum")
+            if flag.item() and first < 0:
+                raise FloatingPointError(
+                    f"another process's training loss or gradient norm was not finite by step {done}/"
+                    f"{total_steps}: the run stops without saving; {_kept_checkpoint(last_saved)}"
+                )
+        if first < 0:
+            return
+        loss_value, norm_value = (float(v) for v in bad_values.tolist())
+        norm = f", gradient norm {norm_value:g}" if opts.clip_grad else ""
+        advice = f"lower --lr ({opts.lr:g})" + ("" if opts.clip_grad else " or set --clip-grad (now off)")
+        raise FloatingPointError(
+            f"the training loss or gradient norm was not finite at step {first}/{total_steps} (loss "
+            f"{loss_value:g}{norm}): "
+            f"the run stops without saving; {_kept_checkpoint(last_saved)}; {advice}"
+        )
 
     bar = tqdm(
         total=total_steps,
@@ -1500,6 +1551,11 @@ def _train_loop(
     world = accelerator.num_processes
     done = start
     completed = True
+    last_saved: int | None = start if resume_from is not None else None
+    # the first step (1-based) whose loss or gradient norm was not finite, -1 while none; its loss and norm
+    bad_step = torch.full((), -1, dtype=torch.int64, device=accelerator.device)
+    bad_values = torch.zeros(2, dtype=torch.float32, device=accelerator.device)
+    read_each_step = accelerator.device.type == "cpu"
     with _StopRequest() as stop:
         for step in range(start, total_steps):
             cpu_batches = [micro_batch(step, micro) for micro in range(opts.grad_accum)]
@@ -1512,6 +1568,8 @@ def _train_loop(
                 # backward() divides by grad_accum and DDP averages over the processes: undo both
                 weights = [c * opts.grad_accum * world / total if total else 0.0 for c in counts]
                 has_targets = total > 0  # else no loss to log (a mean over nothing)
+            step_loss = torch.zeros((), device=accelerator.device)
+            grad_norm: Any = None
             for micro, cpu_batch in enumerate(cpu_batches):
                 if tokens_per_batch is not None:
                     window_tokens += tokens_per_batch(cpu_batch)
@@ -1525,16 +1583,29 @@ def _train_loop(
                         loss = loss * weights[micro]
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and opts.clip_grad:
-                        accelerator.clip_grad_norm_(model.parameters(), opts.clip_grad)
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), opts.clip_grad)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.detach().float() / opts.grad_accum
+                step_loss += loss.detach().float() / opts.grad_accum
+            finite = torch.isfinite(step_loss)
+            norm = torch.zeros((), device=accelerator.device)
+            if isinstance(grad_norm, torch.Tensor):  # (a clipped NaN norm scales every gradient to NaN)
+                norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # (FSDP)
+                norm = norm.detach().float().to(accelerator.device)
+                finite = finite & torch.isfinite(norm)
+            first = (bad_step < 0) & ~finite  # on the device: no host sync
+            bad_step = torch.where(first, step + 1, bad_step)
+            bad_values = torch.where(first, torch.stack([step_loss, norm]), bad_values)
             scheduler.step()
             done = step + 1
             window_steps += 1
             loss_steps += has_targets
             bar.update(1)
-            if done % max(1, opts.log_every) == 0 or done == total_steps:
+            log_due = done % max(1, opts.log_every) == 0 or done == total_steps
+            if read_each_step or log_due or eval_due(done):
+                check_finite(done)
+            if log_due:
                 mean_loss = math.nan  # (no step of the window had a target)
                 if loss_steps:
                     mean_loss = accelerator.reduce(window_loss, "mean").item() / loss_steps
@@ -1558,6 +1629,13 @@ def _train_loop(
                 with torch.no_grad():
                     last_eval = {"step": done, **evaluate(_without_ddp(model), done)}
                 model.train()
+                held_out = last_eval.get("loss")  # (pretraining's; finite weights can still overflow)
+                if isinstance(held_out, float) and not math.isfinite(held_out):
+                    raise FloatingPointError(
+                        f"the validation loss is {held_out} at step {done}/{total_steps} (the model's "
+                        f"outputs are not finite): the run stops without saving; "
+                        f"{_kept_checkpoint(last_saved)}; lower --lr ({opts.lr:g})"
+                    )
                 metrics.log(last_eval)
                 if accelerator.is_main_process:
                     shown = {k: v for k, v in last_eval.items() if isinstance(v, float)}

@@ -575,6 +575,13 @@ def _check_fingerprint(saved: dict[str, Any], now: dict[str, Any], path: Path) -
     )
 
 
+def _kept_checkpoint(step: int | None) -> str:
+    """What a run stopped for a non-finite value leaves behind, for its error message."""
+    if step is None:
+        return "no checkpoint was written"
+    return f"the last checkpoint (step {step}) is kept as it was and --resume continues from it"
+
+
 def _oom_message(err: BaseException, step: int, micro: int, config: VisionTrainConfig, env: DistEnv) -> str:
     accum = config.grad_accum_steps
     return (
@@ -896,8 +903,20 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
                                  config.precision, env)
 
     def checkpoint() -> None:
+        nonlocal last_saved
         flush_loss()  # the saved loss sum must hold every step its count does (CUDA flushes lazily)
-        total_loss, total_skipped = all_reduce_sum(env, [loss_sum, skipped_total])
+        # a non-finite gradient in a step whose loss was finite (unclipped: no norm was looked at) leaves
+        # non-finite weights that no loss has shown yet: never written over the last good checkpoint
+        nets = [raw_model] + ([ema.module] if ema is not None else [])
+        local = [getattr(p, "to_local", p.detach)().detach() for net in nets for p in net.parameters()]
+        bad = float(torch.stack([~torch.isfinite(t).all() for t in local]).any())
+        total_loss, total_skipped, bad = all_reduce_sum(env, [loss_sum, skipped_total, bad])
+        if bad:
+            raise FloatingPointError(
+                f"the weights are not finite after step {step} (a non-finite gradient"
+                f"{'' if config.grad_clip > 0 else '; grad_clip is off'}): the run stops without saving "
+                f"them; {_kept_checkpoint(last_saved)}; lower lr ({config.lr:g})"
+            )
         if fsdp:  # gathered from all processes onto process 0: the same full-model checkpoint as DDP writes
             model_state, optimizer_state = full_state_dicts(model, optimizer)
         if not main:
@@ -912,10 +931,13 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
             opt_state["ema"] = ema.module.state_dict()
         save_checkpoint(out, step, model_state, opt_state, state, keep_last=config.keep_last,
                         metadata={"architecture": config.model, **normalisation_metadata(mean_t, std_t)})
+        last_saved = step
 
     last_metrics: dict[str, Any] = {}
     pending = torch.zeros((), dtype=torch.float64, device=device)  # losses not yet added to loss_sum
+    pending_norm = torch.zeros((), dtype=torch.float64, device=device)  # their steps' gradient norms, summed
     pending_count = 0
+    last_saved: int | None = step if resume else None  # the newest checkpoint this run may rely on
     check_each_step = _flush_losses_every_step(device)
     # Corrupt images (PIL pipeline) leave micro-batches short. With one micro-batch per step the loss is the
     # mean over its readable images already; with several (processes x accumulation steps) each image's loss
@@ -928,12 +950,20 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
     epoch_start = time.perf_counter()
 
     def flush_loss() -> float:
-        nonlocal loss_sum, pending, pending_count
-        value = pending.item()
-        if pending_count and not np.isfinite(value):
-            raise FloatingPointError(f"loss is {value} near step {step}; lower lr or enable grad_clip")
+        nonlocal loss_sum, pending, pending_norm, pending_count
+        value, norm = torch.stack([pending, pending_norm]).tolist()  # (one host read-back)
+        if pending_count and not (np.isfinite(value) and np.isfinite(norm)):
+            # read back every step on the CPU (the step is exact), every log_every steps on a GPU
+            where = f"at step {step}" if pending_count == 1 else f"in steps {step - pending_count + 1}-{step}"
+            what = f"loss {value:g}" + (f", gradient norm {norm:g}" if config.grad_clip > 0 else "")
+            advice = f"lower lr ({config.lr:g})" + ("" if config.grad_clip > 0 else " or enable grad_clip")
+            raise FloatingPointError(
+                f"the training loss or gradient norm was not finite {where} ({what}): the run stops without "
+                f"saving; {_kept_checkpoint(last_saved)}; {advice}"
+            )
         loss_sum += value
         pending = torch.zeros_like(pending)
+        pending_norm = torch.zeros_like(pending_norm)
         pending_count = 0
         return value
 
@@ -1006,8 +1036,9 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
                 torch._foreach_mul_(grads, config.batch_size / total.clamp(min=1.0))  # x 1.0 if none skipped
             elif 0 < step_images != config.batch_size:
                 torch._foreach_mul_(grads, config.batch_size / step_images)
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if config.grad_clip > 0:  # (a NaN norm scales every gradient to NaN: stopped at the next read-back)
+            norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).detach()
+            pending_norm += norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # (FSDP: a DTensor)
         optimizer.step()
         step += 1
         if ema is not None:
@@ -1035,6 +1066,12 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
             if not fsdp:  # FSDP processes hold different shards, no replicas to compare
                 assert_in_sync(env, raw_model)
             test = run_eval(model)
+            if not np.isfinite(test["loss"]):  # finite weights whose outputs overflow: not a model to keep
+                raise FloatingPointError(
+                    f"the test loss is {test['loss']} after epoch {step // steps_per_epoch} (step {step}; "
+                    f"the model's outputs are not finite): the run stops without saving; "
+                    f"{_kept_checkpoint(last_saved)}; lower lr ({config.lr:g})"
+                )
             last_metrics = {
                 "epoch": step // steps_per_epoch, "step": step,
                 "train_loss": total_loss / max(loss_count * env.world_size, 1),
