@@ -242,7 +242,7 @@ def test_input_on_another_device_than_the_parameters_is_named() -> None:
     block = GMLPBlock(8, 16, 6, attn_dim=4)
     with pytest.raises(ValueError, match=r"x is on meta but the block's parameters are on cpu"):
         block(torch.randn(6, 2, 8, device="meta"))
-    with pytest.raises(ValueError, match=r"x is on cpu but the block's parameters are on meta"):
+    with pytest.raises(ValueError, match=r"x is on cpu but the block.s parameters are on meta, which holds"):
         copy.deepcopy(block).to("meta")(torch.randn(6, 2, 8))
     # conv2d takes CPU images with a meta weight and returns a CPU tensor of uninitialised memory
     with pytest.raises(ValueError, match=r"images is on cpu but the model's parameters are on meta"):

@@ -342,7 +342,8 @@ def fused_linear(
 
     Raises:
         ValueError: ``activation`` is not one of None, ``"gelu"``, or ``use_onednn=True`` where the oneDNN
-            path cannot run (or with shapes other than those above). Elsewhere, shapes that do not fit
+            path cannot run (or with shapes other than those above); ``weight`` is on the meta device and
+            ``x`` is not (``F.linear`` would return uninitialised memory). Elsewhere, shapes that do not fit
             raise ``F.linear``'s error.
     """
     if activation not in ACTIVATIONS:
@@ -369,7 +370,12 @@ def fused_linear(
             f"{'available' if _HAS_ONEDNN_LINEAR else 'missing'}, bf16 autocast {_autocast_bf16()}, oneDNN "
             f"bf16 {'available' if _HAS_ONEDNN_BF16 else 'missing'}"
         )
-    if not use_onednn:
+    if not use_onednn:  # (the oneDNN path has taken CPU tensors only)
+        if weight.is_meta and not x.is_meta:  # F.linear takes them and returns uninitialised memory
+            raise ValueError(
+                f"weight is on meta but x is on {x.device}: a parameter on meta holds no values (load or "
+                f"initialise it, or run x on meta too for shapes only)"
+            )
         return fused_linear_reference(x, weight, bias, activation)
     if _autocast_bf16():  # what autocast does for F.linear: every operand in bf16, a bf16 result
         x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)

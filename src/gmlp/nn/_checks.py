@@ -7,6 +7,9 @@ import numbers
 import operator
 
 import torch
+from torch import nn
+
+from ._inplace import plain_call
 
 __all__ = [
     "as_int",
@@ -15,6 +18,7 @@ __all__ = [
     "check_devices",
     "check_input_dtype",
     "check_flag",
+    "check_parameter_devices",
     "check_int",
     "check_mask",
     "check_number",
@@ -159,10 +163,39 @@ def check_devices(
                 f"({other}.to({name}.device))"
             ) from err
     if isinstance(param, torch.Tensor) and param.device != x.device:
+        if param.is_meta:  # (.to() cannot give a meta tensor values)
+            raise ValueError(
+                f"{name} is on {x.device} but the {module}'s parameters are on meta, which holds no values: "
+                f"load them (a checkpoint) or materialise and initialise them (to_empty, then init_weights)"
+            ) from err
         raise ValueError(
             f"{name} is on {x.device} but the {module}'s parameters are on {param.device}: move the input "
             f"({name}.to({str(param.device)!r})) or the {module} (.to({str(x.device)!r}))"
         ) from err
+
+
+def check_parameter_devices(
+    x: torch.Tensor, name: str, module: nn.Module, err: Exception | None, owner: str
+) -> None:
+    """For an error path: a ValueError naming the parameter of ``module`` (by its dotted name) that is on
+    another device than ``x``, where torch's error ``err`` (``"Tensor on device meta is not on the expected
+    device cpu!"``) names none; for a parameter on ``meta`` (a model built on the meta device whose
+    checkpoint did not fill it) it says so. Submodules that are not called plainly (a hook, e.g.
+    accelerate's offloading, or an instance ``forward``) place their own parameters at call time and are
+    skipped with everything below them. Returns otherwise."""
+    stack = [("", module)]
+    while stack:
+        prefix, sub = stack.pop()
+        if not plain_call(sub, type(sub)):
+            continue
+        for pname, param in sub.named_parameters(prefix=prefix.rstrip("."), recurse=False):
+            if param.device != x.device:
+                empty = " (a parameter on meta holds no values: load or initialise it)" * param.is_meta
+                raise ValueError(
+                    f"{name} is on {x.device} but the {owner}'s parameter {pname} is on {param.device}"
+                    f"{empty}: put the input and all the {owner}'s parameters on one device"
+                ) from err
+        stack.extend((f"{prefix}{child}.", m) for child, m in reversed(list(sub.named_children())))
 
 
 def check_input_dtype(

@@ -53,10 +53,15 @@ class TinyAttention(nn.Module):
         Raises:
             TypeError: ``x`` is not floating-point, or (outside autocast) its dtype differs from the
                 parameters'; ``mask`` is a float tensor.
-            ValueError: bad shapes (see :func:`check_tokens`, :func:`check_mask`); ``x`` or ``mask`` on
-                another device than the parameters or ``x``.
+            ValueError: bad shapes (see :func:`check_tokens`, :func:`check_mask`); ``x`` on another device
+                than the parameters (of ``qkv`` or ``out``), ``mask`` on another device than ``x``.
         """
         check_tokens(x, self.dim, None, "x")
+        for layer in (self.qkv, self.out):  # (a wrapped one, e.g. offloading hooks, places its own weight)
+            weight = getattr(layer, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.device != x.device and is_plain_linear(layer):
+                # F.linear without a bias takes CPU x with a meta weight and returns uninitialised memory
+                check_devices(x, "x", weight, None, "attention")
         try:
             return self._forward(x, mask)
         except (RuntimeError, TypeError, ValueError) as err:  # (on the error path only: no per-call cost)

@@ -24,6 +24,7 @@ from ._checks import (
     check_int,
     check_mask,
     check_number,
+    check_parameter_devices,
     check_tokens,
 )
 from ._inplace import may_update_in_place, plain_call
@@ -165,6 +166,7 @@ class GMLPBlock(nn.Module):
             fc1_weight = getattr(self.fc1, "weight", None)
             # (a wrapped fc1, e.g. with offloading hooks, may keep its weight elsewhere until called)
             check_devices(x, "x", fc1_weight if is_plain_linear(self.fc1) else None, err, "block", mask=mask)
+            check_parameter_devices(x, "x", self, err, "block")  # e.g. one left on meta by a checkpoint
             self._check_dtype(x, fc1_weight, err)
             raise
 

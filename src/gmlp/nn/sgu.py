@@ -29,6 +29,7 @@ from ._checks import (
     check_int,
     check_mask,
     check_number,
+    check_parameter_devices,
     check_tokens,
 )
 from ._inplace import may_update_in_place, plain_call
@@ -161,6 +162,7 @@ class TokenProjection(nn.Module):
             return self.mix(z, mask)
         except (RuntimeError, ValueError) as err:  # (on the error path only: no per-call cost)
             check_devices(z, "z", self.weight, err, "module", mask=mask)
+            check_parameter_devices(z, "z", self, err, "module")  # the bias
             raise
 
     def mix(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,6 +182,8 @@ class TokenProjection(nn.Module):
         if self.heads == 1:
             out = token_mix(w, z.reshape(n, batch * channels), b)  # oneDNN on the CPU, else addmm
             return out.view(n, batch, channels)
+        if w.is_meta and not z.is_meta:  # (einsum takes them and returns uninitialised memory, no error)
+            raise ValueError(f"the weight is on meta but z is on {z.device}: it holds no values")
         zh = z.reshape(n, batch, self.heads, channels // self.heads)
         out = torch.einsum("hij,jbhc->ibhc", w, zh) + b.t()[:, None, :, None]
         return out.reshape(n, batch, channels)
@@ -229,7 +233,8 @@ class TokenLinear(nn.Module):
 
         Raises:
             ValueError: ``z`` is not a tensor with at least one dimension and at most ``in_features`` rows,
-                or ``out`` is not an int (numpy's taken; not a bool or a float) in ``[1, out_features]``.
+                is on another device than the parameters, or ``out`` is not an int (numpy's taken; not a bool
+                or a float) in ``[1, out_features]``.
             TypeError: ``z`` is not floating-point (the weights cast to an integer dtype would be zeros).
         """
         if not isinstance(z, torch.Tensor) or z.dim() < 1 or not 1 <= z.shape[0] <= self.in_features:
@@ -239,6 +244,8 @@ class TokenLinear(nn.Module):
             )
         if not z.is_floating_point():
             raise TypeError(f"z must be a floating-point tensor, got dtype {z.dtype}")
+        if z.device != self.weight.device:  # (torch's addmm takes a meta z with CPU W: garbage, no error)
+            check_devices(z, "z", self.weight, None, "module")
         rows = self.out_features if out is None else out
         if isinstance(rows, bool) or not isinstance(rows, (int, torch.SymInt)):  # the SGU passes (Sym)ints
             rows = as_int(out)
@@ -401,6 +408,7 @@ class SpatialGatingUnit(nn.Module):
             plain = self.norm is not None and plain_call(self.norm, nn.LayerNorm)
             param = norm_weight if plain else None
             check_devices(z, "z", param, err, "module", mask=mask, gate_bias=gate_bias)
+            check_parameter_devices(z, "z", self, err, "module")  # e.g. one left on meta by a checkpoint
             if isinstance(norm_weight, torch.Tensor) and z.dtype != norm_weight.dtype:
                 self._check_dtype(z, norm_weight.dtype, err)
             raise
