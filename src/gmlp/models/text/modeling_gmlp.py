@@ -149,6 +149,18 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 0, index.t().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def _kept_first(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a bool ``keep`` ``(batch, n)``: ``order`` ``(batch, n)``, each row's kept positions first and then
+    the others, each group in its order (what a stable ``argsort(~keep)`` gives), and ``dest``, its inverse
+    (where each position moves to: ``order.gather(1, dest)`` is ``arange(n)`` in every row). Made with a
+    cumulative sum and one scatter, no sort: exportable to ONNX (which has no stable sort) and cheaper."""
+    kept = keep.to(torch.int64)
+    before = kept.cumsum(1) - kept  # kept positions before each one
+    index = torch.arange(keep.shape[1], device=keep.device).expand_as(before)
+    dest = torch.where(keep, before, kept.sum(1, keepdim=True) + index - before)
+    return torch.empty_like(dest).scatter_(1, dest, index), dest
+
+
 def _next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The causal LM's targets ``(batch, seq_len)`` for a padded batch, each row taken with its padding
     deleted, as the model sees it: a real token's target is the label of the next real token (-100 after
@@ -158,7 +170,7 @@ def _next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> t
     """
     ignore = torch.full_like(labels[:, :1], -100)
     keep = (attention_mask != 0).to(labels.device)
-    order = torch.argsort((~keep).to(torch.int32), dim=1, stable=True)  # real tokens first, in order
+    order, _ = _kept_first(keep)  # real tokens first, in order
     compact = labels.gather(1, order).masked_fill(~keep.gather(1, order), -100)
     return torch.empty_like(labels).scatter_(1, order, torch.cat([compact[:, 1:], ignore], dim=1))
 
@@ -177,8 +189,7 @@ def _select_predictions(
     """
     k = min(per_seq, labels.shape[1])
     keep = labels != -100
-    # a stable sort of "unlabelled" puts each row's labelled positions first, in order
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]
+    order = _kept_first(keep)[0][:, :k]  # each row's labelled positions first, in order
     picked = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     picked_labels = labels.gather(1, order)
     counts = keep.sum(dim=1)
@@ -707,8 +718,7 @@ class GMLPModel(GMLPPreTrainedModel):
             elif not eager or bool((mask[:, 1:] & ~mask[:, :-1]).any()):
                 # A real token after a pad (left or inner padding): move the real tokens to the front, in
                 # order, so that each keeps the position it has in the unpadded sequence.
-                order = torch.argsort((~mask).to(torch.int32), dim=1, stable=True)
-                inverse = torch.argsort(order, dim=1)
+                order, inverse = _kept_first(mask)
                 mask = torch.gather(mask, 1, order)
                 h = _gather_tokens(h, order)
 
