@@ -288,3 +288,22 @@ def test_export_reports_bad_arguments_as_usage_errors(tmp_path: Path, capsys: py
     _usage_error([*micro, "--num-classes", "10", *out], capsys, "an exported model needs the checkpoint's")
     _usage_error([*micro, "-o", str(tmp_path)], capsys, "is a directory; give an .onnx file name")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_run_stopped_at_a_non_finite_loss_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A training run that stops at a non-finite loss says where in one line with exit status 1 (it was a
+    traceback whose last line held the same message)."""
+    import gmlp.train.vision as vision
+
+    message = "the training loss or gradient norm was not finite at step 3 (loss nan): the run stops"
+
+    def stopped(config: Any, resume: bool = False) -> dict[str, Any]:
+        raise FloatingPointError(message)
+
+    monkeypatch.setattr(vision, "train_vision", stopped)
+    assert main(["train", "--dataset", "digits", "--output", str(tmp_path / "r")]) == 1
+    assert capsys.readouterr().err.strip() == f"gmlp train: error: {message}"
+    _usage_error(["train", "--dataset", "digits", "--output", str(tmp_path / "r"), "--max-steps", "0"], capsys,
+                 "max_steps must be >= 1 (None: the whole schedule), got 0")

@@ -106,18 +106,18 @@ def test_spatial_locality_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 @pytest.fixture
 def drawn(monkeypatch: pytest.MonkeyPatch):
-    """The figures the plot functions draw (kept open by intercepting ``plt.close``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The figures the plot functions draw (recorded as ``gmlp.viz._save_figure`` writes them)."""
+    from gmlp import viz
 
     figures: list = []
-    monkeypatch.setattr(plt, "close", figures.append)
-    yield figures
-    monkeypatch.undo()
-    for fig in figures:
-        plt.close(fig)
+    real = viz._save_figure
+
+    def recording(fig, output):
+        figures.append(fig)
+        return real(fig, output)
+
+    monkeypatch.setattr(viz, "_save_figure", recording)
+    return figures
 
 
 def _series(fig) -> dict[str, tuple[list, list]]:

@@ -172,11 +172,6 @@ def plot_spatial(
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise ValueError(f"rows must be an int >= 1, got {rows!r}")
     if layers is not None and not layers:
@@ -205,7 +200,7 @@ def plot_spatial(
         raise ValueError(f"rows must be <= {n}, the output tokens of W; got {rows}")
     token_rows = torch.linspace(0, n - 1, rows).round().long().tolist()
     if grid is not None:
-        fig, axes = plt.subplots(len(layers), rows, figsize=(1.6 * rows, 1.6 * len(layers)), squeeze=False)
+        fig, axes = _figure(1.6 * rows, 1.6 * len(layers), len(layers), rows)
         for r, layer in enumerate(layers):
             for c, i in enumerate(token_rows):
                 ax = axes[r][c]
@@ -220,7 +215,7 @@ def plot_spatial(
                     ax.set_title(f"token {i}", fontsize=8)
         fig.suptitle("Rows of the learned spatial weights W, reshaped to the patch grid")
     else:
-        fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.8 * len(layers)), squeeze=False)
+        fig, axes = _figure(8, 1.8 * len(layers), len(layers), 1)
         for r, layer in enumerate(layers):
             ax = axes[r][0]
             for i in token_rows:
@@ -260,18 +255,28 @@ def _image_path(output: str | Path) -> tuple[Path, str]:
     return output, fmt
 
 
-def _save_figure(fig: Any, output: str | Path) -> Path:
-    """Write ``fig`` atomically (a half-written plot never replaces the previous one) and close it; returns
-    the path written (see :func:`_image_path`)."""
-    import matplotlib.pyplot as plt
+def _figure(width: float, height: float, nrows: int, ncols: int, **kwargs: Any) -> tuple[Any, Any]:
+    """``(figure, 2-D array of axes)``: a figure of its own on an Agg canvas, outside ``matplotlib.pyplot``.
 
-    try:
-        path, fmt = _image_path(output)
-        fig.tight_layout()
-        with atomic_write(path) as tmp:  # a temporary name: the format is given, not read from the suffix
-            fig.savefig(tmp, dpi=120, format=fmt)
-    finally:
-        plt.close(fig)
+    pyplot would need ``matplotlib.use("Agg")``, which switches the caller's backend (a notebook's inline
+    one, an interactive window's) for the rest of the process, and it would register the figure with
+    pyplot's figure manager, shared with the caller.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+
+
+def _save_figure(fig: Any, output: str | Path) -> Path:
+    """Write ``fig`` atomically (a half-written plot never replaces the previous one); returns the path
+    written (see :func:`_image_path`)."""
+    path, fmt = _image_path(output)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:  # a temporary name: the format is given, not read from the suffix
+        fig.savefig(tmp, dpi=120, format=fmt)
     return path
 
 
@@ -312,11 +317,6 @@ def plot_metrics(metrics: str | Path, output: str | Path) -> Path:
         FileNotFoundError: a folder without a ``metrics.jsonl``.
         ValueError: no records, no numeric metric, or an ``output`` suffix that is no image format.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics = Path(metrics)
     if metrics.is_dir():
         if not (metrics / "metrics.jsonl").is_file():
@@ -350,7 +350,7 @@ def plot_metrics(metrics: str | Path, output: str | Path) -> Path:
             )
     if not panels:
         raise ValueError(f"{str(metrics)!r} holds no numeric metrics")
-    fig, axes = plt.subplots(len(panels), 1, figsize=(6, 2 * len(panels)), squeeze=False, sharex=True)
+    fig, axes = _figure(6, 2 * len(panels), len(panels), 1, sharex=True)
     xkeys: dict[str, None] = {}
     for ax, (key, series) in zip(axes[:, 0], panels.items(), strict=True):
         for label, xkey, xs, ys in series:

@@ -96,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"gmlp {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a training run stopped at a non-finite loss (gmlp.train): what and
+        # where is in the message, and the last checkpoint is kept (a traceback would say nothing more)
+        print(f"gmlp {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:  # a missing optional package: which one, and the extra that installs it
         missing = missing_optional_package(err)
         if missing is None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..utils.state import restoring_process_state
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .recipe import ConfigError, load_recipe
 from .vision import _RESUME_FREE, VisionTrainConfig, build_model, load_data, train_vision
@@ -103,6 +104,7 @@ def _train(config: VisionTrainConfig) -> None:
     train_vision(dataclasses.replace(config, overwrite=not resume), resume=resume)
 
 
+@restoring_process_state()  # the runs seed the global generators and may set the thread count
 def run_comparison(
     output: str | Path,
     *,
@@ -122,7 +124,8 @@ def run_comparison(
     """Train the gMLP and the parameter-matched ViT; write ``results.md`` and plots; return the table.
 
     The settings come from ``config`` (a recipe), with the arguments given (not None) over it; ``progress``
-    None keeps the recipe's (else on)."""
+    None keeps the recipe's (else on). The caller's random generators (torch, NumPy, ``random``) and thread
+    count are as they were when this returns (:func:`gmlp.utils.state.restoring_process_state`)."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     settings = load_recipe(config, VisionTrainConfig) if config else {}
@@ -194,7 +197,8 @@ def run_comparison(
         f"# gMLP vs ViT on {gmlp_cfg.dataset} (same recipe, {gmlp_cfg.epochs} epoch(s), seed {gmlp_cfg.seed})"
         f"\n\n{table}\n\n"
         f"ViT parameters matched to the gMLP's ({vit_params:,} vs {_count(gmlp_net):,}). "
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.\n\n"
+        f"Machine: {platform.machine()}, {gmlp_cfg.threads or torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}.\n\n"
         + (f"![spatial weights]({spatial.name})  " if spatial else "")
         + "Curves: gmlp/metrics.png, vit/metrics.png.\n\n"
         f"Recipe:\n\n```json\n{json.dumps(recipe, indent=1, sort_keys=True)}\n```\n"

@@ -45,14 +45,16 @@ STRATEGIES = ("ddp", "fsdp")
 
 @dataclass
 class DistEnv:
-    """Where this process stands: ``rank`` of ``world_size`` processes, its device, and whether it started
-    the process group (and so must destroy it)."""
+    """Where this process stands: ``rank`` of ``world_size`` processes, its device, whether it started
+    the process group (and so must destroy it), and the caller's current CUDA device (``prior_cuda_device``,
+    which :func:`shutdown` makes current again; None where :func:`init_distributed` did not change it)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     owns_group: bool = False
+    prior_cuda_device: int | None = None
 
     @property
     def distributed(self) -> bool:
@@ -105,10 +107,12 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if world > 1 and rank >= world:
         raise ValueError(f"environment variable RANK must be below WORLD_SIZE ({world}), got {rank}")
     dev = _pick_device(device, local_rank)
+    prior = None
     if dev.type == "cuda":
+        prior = torch.cuda.current_device()
         torch.cuda.set_device(dev)
     if world <= 1:
-        return DistEnv(device=dev)
+        return DistEnv(device=dev, prior_cuda_device=prior if prior != dev.index else None)
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -116,11 +120,13 @@ def init_distributed(device: str = "auto") -> DistEnv:
                                 device_id=dev if dev.type == "cuda" else None)
         owns = True
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
-                   owns_group=owns)
+                   owns_group=owns, prior_cuda_device=prior if prior != dev.index else None)
 
 
 def shutdown(env: DistEnv) -> None:
-    """Destroy the process group if :func:`init_distributed` created it.
+    """Destroy the process group if :func:`init_distributed` created it, and make the CUDA device that was
+    current before :func:`init_distributed` current again (a run called from the user's own process leaves
+    ``torch.cuda.current_device()`` as it found it).
 
     Objects that still hold the group (a DistributedDataParallel reducer or FSDP state kept alive by a
     reference cycle) are collected first: otherwise they die during interpreter shutdown, and a gloo worker
@@ -130,6 +136,8 @@ def shutdown(env: DistEnv) -> None:
     if env.owns_group and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+    if env.prior_cuda_device is not None:
+        torch.cuda.set_device(env.prior_cuda_device)
 
 
 def barrier(env: DistEnv) -> None:

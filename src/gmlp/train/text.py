@@ -44,6 +44,7 @@ from torch import nn
 from ..data.text import TextDataError, load_text_splits, pack_sequences
 from ..utils.io import CheckpointError, atomic_dir
 from ..utils.malloc import tune_malloc
+from ..utils.state import restoring_process_state
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_run_files, save_checkpoint
 from .optim import fused_adamw
 from .recipe import ConfigError, check_cuda_available
@@ -1773,8 +1774,30 @@ def _set_seed_for_init(seed: int) -> None:
 # --- pretraining -----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _restoring_accelerate_state() -> Iterator[None]:
+    """On exit, accelerate's process-wide state (``PartialState``, ``AcceleratorState``, ``GradientState``)
+    as it was on entry: a run resets and sets it (:func:`_make_accelerator`), after which the caller's own
+    ``Accelerator(...)`` with other settings was refused ("AcceleratorState has already been initialized")."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    saved = [(cls, dict(cls._shared_state)) for cls in (PartialState, AcceleratorState, GradientState)]
+    try:
+        yield
+    finally:
+        for cls, state in saved:
+            cls._shared_state.clear()
+            cls._shared_state.update(state)
+
+
+@restoring_process_state()
+@_restoring_accelerate_state()
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Masked-language-model pretraining (BERT protocol, no NSP); see the module docstring.
+
+    The caller's random generators (torch, NumPy, ``random``), torch's thread count and accelerate's state
+    are as they were when this returns (the run seeds and sets its own); glibc's allocator stays tuned for
+    the rest of the process (:func:`gmlp.utils.malloc.tune_malloc`; ``GMLP_NO_MALLOC_TUNING=1`` opts out).
 
     Writes ``OUTPUT/tokenizer`` (when one is trained), ``OUTPUT/config.json``, ``OUTPUT/checkpoints``,
     ``OUTPUT/metrics.jsonl`` and, at the end, ``OUTPUT/final`` (model and tokenizer, ``save_pretrained``).
@@ -2257,6 +2280,8 @@ def _pad_batch(rows: dict[str, list[list[int]]], pad_id: int) -> dict[str, torch
     return out
 
 
+@restoring_process_state()
+@_restoring_accelerate_state()
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Finetune on sentence (pair) classification / regression or SQuAD-format span QA.
 
@@ -2264,6 +2289,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     folder with its tokenizer; task heads are new) or is built from scratch from the architecture options
     (a tokenizer is then trained on the training texts unless ``cfg.tokenizer`` is given). Dev metrics are
     logged after every epoch, test metrics at the end (also written to ``OUTPUT/test_metrics.json``).
+
+    The caller's random generators (torch, NumPy, ``random``), torch's thread count and accelerate's state
+    are as they were when this returns (the run seeds and sets its own); glibc's allocator stays tuned for
+    the rest of the process (:func:`gmlp.utils.malloc.tune_malloc`; ``GMLP_NO_MALLOC_TUNING=1`` opts out).
 
     Returns:
         ``{"step", "completed", "final", "validation", "test"}``.

@@ -45,6 +45,7 @@ from ..data.sampling import StepBatches, step_seed
 from ..models import create_model
 from ..models.loading import normalisation_metadata, save_model
 from ..utils.malloc import tune_malloc
+from ..utils.state import import_timm_optim, restoring_process_state
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -605,8 +606,13 @@ def _tensorboard(config: VisionTrainConfig, out: Path, purge_step: int | None) -
     return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 
 
+@restoring_process_state()  # the run seeds the global generators and may set the thread count
 def train_vision(config: VisionTrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train an image classifier as configured; returns the final test metrics and run facts.
+
+    The caller's random generators (torch, NumPy, ``random``) and torch's thread count are as they were when
+    this returns (the run seeds and sets its own); glibc's allocator stays tuned for the rest of the process
+    (:func:`gmlp.utils.malloc.tune_malloc`; ``GMLP_NO_MALLOC_TUNING=1`` opts out).
 
     Writes into ``config.output`` (process 0 only): ``metrics.jsonl`` (one record per epoch),
     ``checkpoints/`` (atomic, resumable), ``config.json``, ``tensorboard/`` (if tensorboard is installed)
@@ -796,7 +802,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
     steps_per_epoch = plan.steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
 
-    from timm.optim import create_optimizer_v2
+    create_optimizer_v2 = import_timm_optim().create_optimizer_v2  # (without its process-wide settings)
     from timm.scheduler import CosineLRScheduler
 
     from .optim import fused_adamw

@@ -149,8 +149,8 @@ class VisionTrainConfig:
         for name in ("hflip", "mixup_prob", "mixup_switch_prob", "reprob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise ConfigError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.max_steps is not None and self.max_steps < 1:  # (0 wrote an untrained model, no checkpoint)
+            raise ConfigError(f"max_steps must be >= 1 (None: the whole schedule), got {self.max_steps}")
         if not self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be < 1, got {self.ema_decay}")
         interpolations = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming", "random")

@@ -358,35 +358,44 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     x = torch.zeros(1, *input_size, device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    model.train(was_training)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:  # (also when the model refuses the input)
+        model.train(was_training)
     return counter.get_total_flops() // 2
 
 
 @torch.no_grad()
 def measure_throughput(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 32,
                        seconds: float = 3.0, device: torch.device | None = None) -> float:
-    """Inference images per second (eval mode; bf16 autocast on CUDA) over about ``seconds``."""
+    """Inference images per second (eval mode; bf16 autocast on CUDA) over about ``seconds``.
+
+    The model is put back in the mode (train or eval) it was in, and the input comes from a generator of its
+    own (the caller's random stream is left alone)."""
     from .vision import _autocast
 
     device = device or next(model.parameters()).device
+    was_training = model.training
     model.eval()
-    x = torch.randn(batch_size, *input_size, device=device)
+    x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    with _autocast(device, "auto"):
-        for _ in range(2):
-            model(x)
-        sync()
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds or n < 3:
-            model(x)
-            n += 1
-        sync()
+    try:
+        with _autocast(device, "auto"):
+            for _ in range(2):
+                model(x)
+            sync()
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds or n < 3:
+                model(x)
+                n += 1
+            sync()
+    finally:
+        model.train(was_training)
     return n * batch_size / (time.perf_counter() - start)
 
 

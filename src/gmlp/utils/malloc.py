@@ -44,6 +44,10 @@ def tune_malloc(
     """Raise glibc's mmap/trim thresholds and (``disable_mmap``) serve every allocation from the heap, once
     per process. Returns False where glibc is not in use.
 
+    The setting is the whole process's and stays after the training run that made it returns (glibc has no
+    call that reads it back, so it is not restored): a caller that trains from its own process keeps the
+    larger heap for its own allocations too.
+
     Does nothing if the user already set ``MALLOC_MMAP_THRESHOLD_`` or ``GMLP_NO_MALLOC_TUNING=1``; leaves
     the trim threshold alone if ``MALLOC_TRIM_THRESHOLD_`` is set and the mmap count if ``MALLOC_MMAP_MAX_``
     is set (each also when set as its ``GLIBC_TUNABLES`` alias, e.g. ``glibc.malloc.mmap_max``).

@@ -1,0 +1,72 @@
+"""Process-wide settings a training run changes, handed back to the caller as they were.
+
+A run seeds the global random generators (so that it is reproducible) and may set torch's intra-op thread
+count (``threads``). From the command line that is the whole process; called from a user's own process or
+notebook, it would change the caller's random streams and thread count for good:
+:func:`restoring_process_state` puts them back when the run returns (or raises). :func:`import_timm_optim`
+imports ``timm.optim`` without the torch settings its first import changes for the whole process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import random
+import sys
+from collections.abc import Iterator
+from types import ModuleType
+
+import numpy as np
+import torch
+
+__all__ = ["import_timm_optim", "restoring_process_state"]
+
+
+@contextlib.contextmanager
+def restoring_process_state() -> Iterator[None]:
+    """On exit (by a return or an exception), restore what was in force on entry:
+
+    - torch's intra-op thread count (``torch.set_num_threads``);
+    - the state of torch's CPU generator (``torch.manual_seed``), of the CUDA generators of the devices when
+      CUDA was initialised before entry (one initialised inside keeps the state the block left), of NumPy's
+      global generator (``np.random.seed``) and of Python's ``random``.
+
+    Inside, anything may be set or seeded: the block's own random numbers do not depend on what the caller
+    drew before (where the block seeds), and the caller's stream goes on after the block as if it had not run.
+    """
+    threads = torch.get_num_threads()
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def import_timm_optim() -> ModuleType:
+    """``timm.optim``, imported without the process-wide torch settings its first import makes.
+
+    ``timm/optim/kron.py`` (imported with ``timm.optim``, for its Kron optimizer) sets
+    ``torch._dynamo.config.cache_size_limit`` (``recompile_limit``, 8 by default) to 1,000,000, so that the
+    caller's ``torch.compile``'d functions recompile for every new shape instead of falling back to eager
+    after 8, and, where ``opt_einsum`` is installed, ``torch.backends.opt_einsum.strategy`` to ``"auto-hq"``.
+    Both are put back as they were. (A caller who imported ``timm.optim`` before keeps what timm set.)
+    """
+    if "timm.optim" in sys.modules:
+        return sys.modules["timm.optim"]
+    import torch._dynamo.config as dynamo_config  # (timm.optim imports it too)
+    import torch.backends.opt_einsum as opt_einsum
+
+    limit, strategy = dynamo_config.recompile_limit, opt_einsum.strategy
+    try:
+        return importlib.import_module("timm.optim")
+    finally:
+        dynamo_config.recompile_limit = limit
+        if opt_einsum.strategy != strategy:
+            with contextlib.suppress(ValueError):  # (refused where opt_einsum is not available)
+                opt_einsum.strategy = strategy
