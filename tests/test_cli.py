@@ -305,5 +305,5 @@ def test_a_run_stopped_at_a_non_finite_loss_is_one_line(
     monkeypatch.setattr(vision, "train_vision", stopped)
     assert main(["train", "--dataset", "digits", "--output", str(tmp_path / "r")]) == 1
     assert capsys.readouterr().err.strip() == f"gmlp train: error: {message}"
-    _usage_error(["train", "--dataset", "digits", "--output", str(tmp_path / "r"), "--max-steps", "0"], capsys,
-                 "max_steps must be >= 1 (None: the whole schedule), got 0")
+    argv = ["train", "--dataset", "digits", "--output", str(tmp_path / "r"), "--max-steps", "0"]
+    _usage_error(argv, capsys, "max_steps must be >= 1 (None: the whole schedule), got 0")
