@@ -263,6 +263,9 @@ def vision_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     with _threads(1), pytest.MonkeyPatch.context() as mp:
         for name in [m for m in sys.modules if m == "timm.optim" or m.startswith("timm.optim.")]:
             mp.delitem(sys.modules, name)  # (put back on exit)
+        # the fresh import rebinds the package's attribute too: put back on exit, else a later test's
+        # `import timm.optim` (the attribute) and the run's (sys.modules) are two modules
+        mp.setattr(sys.modules["timm"], "optim", sys.modules["timm"].optim)
         dynamo_config.recompile_limit = 8
         _seed_all(5)
         expected = _draws()
@@ -331,6 +334,7 @@ def finetune_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                        hidden=16, ffn=32, seq_len=16, batch_size=4, device="cpu",
                                        progress=False, save_every=0))
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # as in a new process (earlier tests set it)
     _seed_all(9)
     expected = _draws()
     _seed_all(9)

@@ -115,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def missing_optional_package(err: BaseException) -> str | None:
     """The module of :data:`OPTIONAL_PACKAGES` whose absence caused ``err``, or None.
 
-    That is a ``ModuleNotFoundError`` for the module itself (not for a sub-module of an installed package:
+    That is a ``ModuleNotFoundError`` for the module itself, or for a sub-module of one blocked by ``None`` in
+    ``sys.modules`` (not for a sub-module of an installed package:
     that is a version mismatch, not a missing extra), found in ``err`` or along the exceptions it was raised
     from: an ``ImportError``'s cause or context (an import error re-raised with a hint), another exception's
     explicit cause only (``raise RuntimeError(...) from import_error``; an unrelated error raised while an
@@ -127,6 +128,10 @@ def missing_optional_package(err: BaseException) -> str | None:
         seen.add(id(current))
         if isinstance(current, ModuleNotFoundError) and current.name in OPTIONAL_PACKAGES:
             return current.name
+        top = (getattr(current, "name", None) or "").partition(".")[0]
+        if isinstance(current, ModuleNotFoundError) and top in OPTIONAL_PACKAGES and top in sys.modules \
+                and sys.modules[top] is None:  # blocked (None in sys.modules): a sub-module's import names
+            return top  # itself ("No module named 'x.y'; 'x' is not a package"), not the package
         current = (current.__cause__ or current.__context__) if isinstance(current, ImportError) else (
             current.__cause__
         )

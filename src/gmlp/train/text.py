@@ -1779,15 +1779,18 @@ def _restoring_accelerate_state() -> Iterator[None]:
     """On exit, accelerate's process-wide state (``PartialState``, ``AcceleratorState``, ``GradientState``)
     as it was on entry: a run resets and sets it (:func:`_make_accelerator`), after which the caller's own
     ``Accelerator(...)`` with other settings was refused ("AcceleratorState has already been initialized")."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    def classes() -> tuple[Any, ...]:  # (none before accelerate is imported: its state is then empty)
+        module = sys.modules.get("accelerate.state")
+        names = ("PartialState", "AcceleratorState", "GradientState")
+        return () if module is None else tuple(getattr(module, name) for name in names)
 
-    saved = [(cls, dict(cls._shared_state)) for cls in (PartialState, AcceleratorState, GradientState)]
-    try:
+    saved = {cls: dict(cls._shared_state) for cls in classes()}  # (not imported here: the run names a
+    try:  # missing package, after its own option checks)
         yield
     finally:
-        for cls, state in saved:
+        for cls in classes():
             cls._shared_state.clear()
-            cls._shared_state.update(state)
+            cls._shared_state.update(saved.get(cls, {}))
 
 
 @restoring_process_state()
