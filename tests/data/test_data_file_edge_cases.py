@@ -384,3 +384,18 @@ def test_squad_with_bom_and_bad_bytes(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes().replace(b"mat", b"m\xe9t"))
     with pytest.raises(TextDataError, match=r"s\.json' is not valid UTF-8 \(byte 0xe9 .*line 1"):
         load_squad_json(path)
+
+
+def test_a_validation_class_id_the_training_file_lacks_is_refused_unless_num_labels_says_so(
+    tmp_path: Path,
+) -> None:
+    """The label vocabulary is the training file's, for ids as for names: a validation id beyond the training
+    ids made num_labels larger (a class never trained) while the same id in a test file was an error."""
+    train, dev = tmp_path / "train.csv", tmp_path / "dev.csv"
+    train.write_text("sentence,label\na,0\nb,1\nc,0\n")
+    dev.write_text("sentence,label\nd,2\ne,1\n")
+    with pytest.raises(TextDataError, match=r"record 0.*: label 2 is outside \[0, num_labels=2\) \(the "
+                       r"training labels' largest id \+ 1: give num_labels"):
+        load_classification_files(train, dev)
+    data = load_classification_files(train, dev, num_labels=3)
+    assert data.num_labels == 3 and [e.label for e in data.validation] == [2, 1]

@@ -408,8 +408,8 @@ def _finish_labels(
 ) -> ClassificationData:
     """Class ids of the labels of ``raw``. The label vocabulary (names, or ``num_labels`` from the largest
     id) is that of the training file, split off records included (``from_train``: the splits read from it);
-    a test file's own labels are only checked against it. ``places[split][k]`` names row ``k`` of a split
-    in the messages (default ``"SPLIT record k"``)."""
+    the validation and test files' own labels are only checked against it. ``places[split][k]`` names row
+    ``k`` of a split in the messages (default ``"SPLIT record k"``)."""
 
     def place(split: str, k: int) -> str:
         return places[split][k] if places else f"{split} record {k}"
@@ -439,10 +439,11 @@ def _finish_labels(
                     f"{place(split, k)}: label name {name!r}, but the training labels are class ids; use "
                     f"one or the other, or pass the label names in class-id order"
                 )
+    inferred = num_labels is None and not regression
     if regression:
         num_labels = 1
-    elif num_labels is None:
-        num_labels = len(names) if names else max((int(lab) for lab in labelled), default=0) + 1
+    elif num_labels is None:  # the training labels' (a validation id beyond them was a class never trained)
+        num_labels = len(names) if names else max((int(lab) for lab in train_labels), default=0) + 1
     if names is not None and len(names) > num_labels:
         raise TextDataError(f"{len(names)} label names ({', '.join(names)}) but num_labels={num_labels}")
     if not regression and num_labels < 2:
@@ -462,8 +463,10 @@ def _finish_labels(
             else:
                 value = int(lab)
                 if not 0 <= value < num_labels:
+                    hint = (" (the training labels' largest id + 1: give num_labels (--num-labels) for "
+                            "classes the training split lacks)") if inferred else ""
                     raise TextDataError(
-                        f"{place(split, k)}: label {value} is outside [0, num_labels={num_labels})"
+                        f"{place(split, k)}: label {value} is outside [0, num_labels={num_labels}){hint}"
                     )
             examples.append(ClassificationExample(text, value, pair))
         out[split] = examples
