@@ -173,9 +173,14 @@ def from_g_mlp_pytorch(
         module, param = m.groups()
         if module == "to_patch_embed.1":
             if param == "weight":
+                if value.dim() != 2:  # (a corrupt file: unpacking its shape failed with a bare ValueError)
+                    raise CheckpointError(
+                        f"to_patch_embed.1.weight has shape {tuple(value.shape)}; g-mlp-pytorch stores it as "
+                        f"(dim, in_chans * patch * patch), a linear layer's weight"
+                    )
                 dim, flat = value.shape
                 p = round((flat / in_chans) ** 0.5)
-                if p * p * in_chans != flat:
+                if p < 1 or p * p * in_chans != flat:
                     raise CheckpointError(
                         f"to_patch_embed.1.weight {tuple(value.shape)} does not fit in_chans={in_chans} "
                         f"square patches; pass the source model's in_chans"

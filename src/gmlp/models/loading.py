@@ -23,9 +23,64 @@ __all__ = [
 ]
 
 
-def _grid_from(metadata: dict[str, str], n: int) -> tuple[int, int]:
-    if "grid_size" in metadata:
-        h, w = (int(v) for v in metadata["grid_size"].split(","))
+def _recorded_grid(metadata: dict[str, str], path: str | Path) -> tuple[int, int] | None:
+    """The patch grid a weights file records (``grid_size``: ``"H,W"``, as :func:`save_model` writes it), or
+    None where it records none.
+
+    Raises:
+        CheckpointError: a ``grid_size`` that is not two ints >= 1 (a corrupt or crafted file).
+    """
+    if "grid_size" not in metadata:
+        return None
+    text = metadata["grid_size"]
+    parts = text.split(",")
+    if len(parts) == 2 and all(p.strip().isascii() and p.strip().isdigit() for p in parts):
+        h, w = int(parts[0]), int(parts[1])
+        if h >= 1 and w >= 1:
+            return h, w
+    raise CheckpointError(
+        f"{path}: its metadata grid_size must be two ints >= 1, 'H,W' (the patch grid its spatial weights "
+        f"were made for), got {text[:100]!r}; the file is corrupt or was not written by gmlp"
+    )
+
+
+def _read_normalisation(metadata: dict[str, str], path: str | Path) -> dict[str, tuple[float, ...]]:
+    """The input normalisation a weights file records (``mean``, ``std``: :func:`normalisation_metadata`),
+    checked: finite numbers, std > 0, as many of each.
+
+    Raises:
+        CheckpointError: a value that is not that (a corrupt or crafted file), naming the key and value.
+    """
+    out: dict[str, tuple[float, ...]] = {}
+    for key in ("mean", "std"):
+        if key not in metadata:
+            continue
+        text = metadata[key]
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        positive = key == "std"
+        if not values or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+            kind = "numbers > 0" if positive else "finite numbers"
+            raise CheckpointError(
+                f"{path}: its metadata {key} must be comma-separated {kind} (the input normalisation the "
+                f"weights were trained with), got {text[:100]!r}; the file is corrupt or was not written by "
+                f"gmlp"
+            )
+        out[key] = values
+    if len(out) == 2 and len(out["mean"]) != len(out["std"]):
+        mean, std = metadata["mean"][:100], metadata["std"][:100]
+        raise CheckpointError(
+            f"{path}: its metadata mean and std need one value per input channel each, got "
+            f"{len(out['mean'])} and {len(out['std'])} ({mean!r}, {std!r})"
+        )
+    return out
+
+
+def _grid_from(recorded: tuple[int, int] | None, n: int) -> tuple[int, int]:
+    if recorded is not None:
+        h, w = recorded
         if h * w == n:
             return h, w
     side = math.isqrt(n)
@@ -99,6 +154,7 @@ def load_pretrained(model: nn.Module, path: str | Path, *, size_given: bool = Tr
         FileNotFoundError, CheckpointError: unreadable file, or keys/shapes that do not fit.
     """
     state, metadata = load_state_dict_file(path)
+    normalisation = _read_normalisation(metadata, path)  # (checked before anything is loaded)
     state = to_gmlp(state, in_chans=getattr(model, "in_chans", 3))
     text_keys = any(k.startswith("gmlp.") for k in state)
     if text_keys and not any(k.startswith("gmlp.") for k in model.state_dict()):
@@ -109,8 +165,9 @@ def load_pretrained(model: nn.Module, path: str | Path, *, size_given: bool = Tr
     grid = getattr(model, "grid_size", None)
     if grid is not None:
         n_model = grid[0] * grid[1]
-        same_grid = metadata.get("grid_size", f"{grid[0]},{grid[1]}") == f"{grid[0]},{grid[1]}"
-        warn = grid[0] != grid[1] and "grid_size" not in metadata  # once, at the first spatial weight
+        recorded = _recorded_grid(metadata, path)
+        same_grid = recorded is None or recorded == (grid[0], grid[1])
+        warn = grid[0] != grid[1] and recorded is None  # once, at the first spatial weight
         for key in [k for k in state if k.endswith("sgu.proj.weight")]:
             n_ckpt = state[key].shape[-1]
             if n_ckpt == n_model and same_grid:
@@ -127,7 +184,7 @@ def load_pretrained(model: nn.Module, path: str | Path, *, size_given: bool = Tr
                     )
                     warn = False
                 continue  # (a recorded grid with as many tokens but another shape is resampled)
-            old = _grid_from(metadata, n_ckpt)
+            old = _grid_from(recorded, n_ckpt)
             if not size_given:
                 _warn_resampled(path, model, old, grid)
                 size_given = True  # once, at the first spatial weight
@@ -152,7 +209,7 @@ def load_pretrained(model: nn.Module, path: str | Path, *, size_given: bool = Tr
         state.pop("head.weight", None)
         state.pop("head.bias", None)
     load_state_dict_checked(model, state)
-    restore_normalisation(model, metadata)  # only once the weights are in: a failed load changes nothing
+    _set_normalisation(model, normalisation)  # only once the weights are in: a failed load changes nothing
 
 
 def _fresh(param: torch.Tensor) -> torch.Tensor:
@@ -165,12 +222,19 @@ def _fresh(param: torch.Tensor) -> torch.Tensor:
 
 def restore_normalisation(model: nn.Module, metadata: dict[str, str]) -> None:
     """Put the input normalisation recorded in a weights file's ``metadata`` (:func:`normalisation_metadata`)
-    into ``model.pretrained_cfg``, for gmlp and timm models alike."""
+    into ``model.pretrained_cfg``, for gmlp and timm models alike.
+
+    Raises:
+        CheckpointError: a ``mean`` or ``std`` that is not comma-separated finite numbers (std > 0, as many
+            as mean); ``model`` is then left as it was.
+    """
+    _set_normalisation(model, _read_normalisation(metadata, "checkpoint"))
+
+
+def _set_normalisation(model: nn.Module, normalisation: dict[str, tuple[float, ...]]) -> None:
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict):
-        for key in ("mean", "std"):
-            if key in metadata:
-                cfg[key] = tuple(float(v) for v in metadata[key].split(","))
+        cfg.update(normalisation)
 
 
 def normalisation_metadata(mean: Sequence[float] | None, std: Sequence[float] | None) -> dict[str, str]:

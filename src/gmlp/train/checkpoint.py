@@ -30,7 +30,14 @@ from typing import Any
 
 import torch
 
-from ..utils.io import CheckpointError, atomic_write, load_state_dict_file, replace_dir, save_state_dict_file
+from ..utils.io import (
+    CheckpointError,
+    _code_running_pickle_error,
+    atomic_write,
+    load_state_dict_file,
+    replace_dir,
+    save_state_dict_file,
+)
 
 __all__ = ["Checkpoint", "latest_checkpoint", "load_checkpoint", "remove_run_files", "save_checkpoint",
            "write_json_atomic"]
@@ -127,10 +134,14 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
 
 def remove_run_files(run_dir: str | Path, names: tuple[str, ...]) -> None:
     """Delete the files and folders ``names`` of a run folder (those missing are skipped): what a run
-    started again with ``--overwrite`` removes of the previous one, and nothing else."""
+    started again with ``--overwrite`` removes of the previous one, and nothing else. A symbolic link among
+    them (e.g. ``checkpoints`` kept on another disk) is removed itself: what it points to is never followed
+    into, nor deleted."""
     for name in names:
         path = Path(run_dir) / name
-        if path.is_dir():
+        if path.is_symlink():  # (before is_dir, which follows it: rmtree refuses a link, with an OSError)
+            path.unlink()
+        elif path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
@@ -144,8 +155,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     try:
         record = json.loads(latest.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{latest} is corrupt: {err}") from err
+    except (ValueError, RecursionError) as err:  # (JSONDecodeError, UnicodeDecodeError; deep nesting)
+        raise CheckpointError(f"{latest} is corrupt: {type(err).__name__}: {str(err)[:200]}") from err
     tag = record.get("tag") if isinstance(record, dict) else None
     if not isinstance(tag, str) or not _TAG.fullmatch(tag):
         # (a tag is also never a path: "../x" would lead a resume out of the run folder)
@@ -186,6 +197,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except FileNotFoundError as err:
         raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: it has no optimizer.pt") from err
     except Exception as err:  # corrupt bytes fail torch.load in many ways (UnpicklingError, RuntimeError..)
+        malicious = _code_running_pickle_error(path / "optimizer.pt", err)
+        if malicious is not None:  # (not "corrupt": torch's message would then advise weights_only=False)
+            raise malicious from err
         if "Unsupported global" in str(err):  # sound, but not tensors alone: not a file these functions wrote
             raise CheckpointError(
                 f"cannot read {str(path / 'optimizer.pt')!r} safely: besides tensors it holds Python "
@@ -198,10 +212,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         ) from err
     try:
         state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as err:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+    except (OSError, ValueError, RecursionError) as err:  # (JSONDecodeError and UnicodeDecodeError are
+        # ValueErrors; a crafted file nested thousands of levels deep fails with a RecursionError)
         raise CheckpointError(
             f"checkpoint {str(path)!r} is truncated or corrupt: its state.json does not load "
-            f"({type(err).__name__}: {err})"
+            f"({type(err).__name__}: {str(err)[:200]})"
         ) from err
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its state.json gives no step")

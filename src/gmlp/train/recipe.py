@@ -175,6 +175,32 @@ def resolve_recipe(config: str | Path) -> Path:
     )
 
 
+#: The most values (scalars, lists, mappings and their keys) a recipe may hold, a YAML alias counted at each
+#: place it is used: a few lines of nested aliases (``&a [1, 1, ...]``, ``&b [*a, *a, ...]``, ...) make a
+#: structure of billions of values that copying the settings (``dataclasses.asdict``, ``config.json``)
+#: would spend minutes and all memory on; no real recipe comes near this.
+_MAX_RECIPE_VALUES = 100_000
+
+
+def _check_recipe_size(raw: Any, path: Path) -> None:
+    """Refuse a recipe that expands to more than ``_MAX_RECIPE_VALUES`` values (or holds itself, through
+    a recursive alias), counted without recursion and stopping at the limit."""
+    stack, count = [raw], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > _MAX_RECIPE_VALUES:
+            raise RecipeError(
+                f"{path}: the recipe holds more than {_MAX_RECIPE_VALUES:,} values (counting each use of a "
+                f"YAML alias), or a structure that contains itself; a recipe is a short mapping of settings"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
 def load_recipe(path: str | Path, config_cls: type) -> dict[str, Any]:
     """Read a YAML recipe and check it against ``config_cls``; returns ``{field: value}``.
 
@@ -184,7 +210,8 @@ def load_recipe(path: str | Path, config_cls: type) -> dict[str, Any]:
     Raises:
         FileNotFoundError: no such file, nor a packaged recipe of that name.
         RecipeError: not YAML, not a mapping, an unknown key, a setting given twice (``batch_size`` and
-            ``batch-size``), or a value of the wrong type.
+            ``batch-size``), or a value of the wrong type; nested too deeply for the YAML parser, or more
+            than 100,000 values (YAML aliases expanded).
     """
     import yaml
 
@@ -193,6 +220,10 @@ def load_recipe(path: str | Path, config_cls: type) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    except RecursionError as err:  # (PyYAML's composer recurses once per level of nesting)
+        raise RecipeError(f"{path}: nested too deeply to read (thousands of levels); a recipe is a short "
+                          f"mapping of settings") from err
+    _check_recipe_size(raw, path)
     if raw is None:
         return {}
     if not isinstance(raw, dict):

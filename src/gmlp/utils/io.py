@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -77,17 +78,28 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def _remove_entry(path: Path) -> None:
+    """Remove ``path`` if it is there: a folder with all it holds, a file, or a symbolic link itself (never
+    what the link points to; ``shutil.rmtree`` refuses a link, and with ``ignore_errors`` left it there)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def replace_dir(tmp: str | Path, dest: str | Path) -> None:
     """Put the complete folder ``tmp`` in the place of ``dest`` (which may exist). A process killed at any
     moment leaves ``dest`` complete, the old one or the new one, or absent (the old one then waits in
-    ``.NAME.old`` beside it), never partly removed, as removing the old folder first would."""
+    ``.NAME.old`` beside it), never partly removed, as removing the old folder first would. A ``dest`` that
+    is a symbolic link is replaced itself (the folder it points to is left as it is)."""
     tmp, dest = Path(tmp), Path(dest)
     old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
+    _remove_entry(old)
+    if dest.exists() or dest.is_symlink():
         os.replace(dest, old)
     os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_entry(old)
 
 
 @contextlib.contextmanager
@@ -97,7 +109,7 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     folder is removed either way, so a failed write leaves ``dest`` as it was and nothing beside it."""
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # (what a killed process left)
+    _remove_entry(tmp)  # (what a killed process left)
     tmp.mkdir(parents=True)
     try:
         yield tmp
@@ -125,10 +137,32 @@ def save_state_dict_file(
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+#: What torch's weights-only unpickler says of a pickle that would call a function of a module it blocks
+#: outright (``os``, ``subprocess``, ``builtins.eval``, ...): a file made to run code, not a corrupt one.
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL (\S+) whose module (\S+) is blocked")
+
+
+def _code_running_pickle_error(path: str | Path, err: BaseException) -> CheckpointError | None:
+    """A CheckpointError for a torch file that ``torch.load(weights_only=True)`` refused because loading it
+    would call a function of a blocked module (a file made to run code when unpickled), else None. Its
+    message warns against ``weights_only=False``, which torch's own message suggests."""
+    found = _BLOCKED_GLOBAL.search(str(err))
+    if found is None:
+        return None
+    return CheckpointError(
+        f"refusing to read torch checkpoint {str(path)!r}: loading it would call {found.group(1)} (module "
+        f"{found.group(2)}), which no file of weights needs: the file is made to run code when it is loaded. "
+        f"Do not load it with weights_only=False"
+    )
+
+
 def _guarded(path: Path, what: str, fn: Callable[[], object]) -> object:
     try:
         return fn()
     except Exception as err:  # corrupt bytes fail the readers in many ways (UnpicklingError, IndexError, ...)
+        malicious = _code_running_pickle_error(path, err)
+        if malicious is not None:
+            raise malicious from err
         if "Unsupported global" in str(err):  # a sound file holding objects besides tensors (not bad bytes)
             raise CheckpointError(
                 f"cannot read torch checkpoint {str(path)!r} safely: besides tensors it holds Python objects "
