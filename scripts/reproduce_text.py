@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     from transformers import AutoTokenizer
 
-    vocab = len(AutoTokenizer.from_pretrained(tok))
+    vocab = len(AutoTokenizer.from_pretrained(tok, trust_remote_code=False))
     L, d, n = args.layers, args.hidden, args.seq_len
     target = gmlp_params(L, d, args.ffn, n, vocab, "sgu", None)
     tiny = max(16, d // 4)

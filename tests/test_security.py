@@ -296,3 +296,57 @@ def test_pil_decompression_bomb_limit_is_kept() -> None:
     import gmlp.train.vision  # noqa: F401
 
     assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS <= 2**28
+
+
+def test_a_tokenizer_folder_naming_custom_code_loads_without_running_it(tmp_path: Path) -> None:
+    """A ``tokenizer_config.json`` whose ``auto_map`` names a Python file of the folder: transformers asks
+    whether to run it (a terminal) or refuses (none), which load_tokenizer reported as a corrupt folder; the
+    tokenizer now loads from its standard files and the folder's code never runs."""
+    pytest.importorskip("transformers")
+    from gmlp.train.tokenizer import load_tokenizer, train_tokenizer
+
+    folder, ran = tmp_path / "tok", tmp_path / "ran"
+    tok = train_tokenizer(["the whale swam", "a gating unit"] * 5, vocab_size=40, model_max_length=16)
+    tok.save_pretrained(str(folder))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["custom.CustomTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "custom.py").write_text(
+        f"import pathlib\npathlib.Path({str(ran)!r}).mkdir()\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    tok = load_tokenizer(folder)
+    assert not ran.exists()
+    assert type(tok).__module__.startswith("transformers.") and tok("the whale")["input_ids"]
+
+
+def test_save_tokenizer_replaces_a_leftover_temporary_that_is_a_symlink(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from gmlp.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    (tmp_path / ".tok.tmp").symlink_to(target, target_is_directory=True)
+    tok = train_tokenizer(["the whale swam", "a gating unit"] * 5, vocab_size=40, model_max_length=16)
+    save_tokenizer(tok, tmp_path / "tok")
+    assert load_tokenizer(tmp_path / "tok").vocab_size == tok.vocab_size
+    assert (target / "keep.txt").read_text() == "x" and not (tmp_path / ".tok.tmp").exists()
+
+
+def test_a_recorded_grid_is_checked_against_the_spatial_weights(tmp_path: Path) -> None:
+    """``gmlp eval``/``export`` read a weights file's sizes from it: a malformed ``grid_size`` was a bare
+    ValueError, and one contradicting the weights was trusted (a model of any size was built)."""
+    from gmlp.train.vision_tools import checkpoint_shapes
+
+    model = create_model("gmlp_micro4_28", num_classes=3)
+    path = tmp_path / "m.safetensors"
+    save_model(model, path)
+    assert checkpoint_shapes(path)["img_size"] == (28, 28)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    bad = (("a,b", "grid_size must be two ints"), ("70,70", "does not fit its spatial weights"))
+    for grid, message in bad:
+        save_file(state, str(path), metadata={"grid_size": grid})
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint_shapes(path)

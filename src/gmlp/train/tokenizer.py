@@ -189,7 +189,8 @@ def train_tokenizer(
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """Load a tokenizer saved with ``save_pretrained`` (a local folder; nothing is downloaded).
+    """Load a tokenizer saved with ``save_pretrained`` (a local folder; nothing is downloaded). Custom code a
+    folder names (``auto_map`` in its ``tokenizer_config.json``) is never run: the standard files load.
 
     Raises:
         FileNotFoundError: the folder does not exist or holds no tokenizer.
@@ -204,7 +205,9 @@ def load_tokenizer(path: str | Path) -> Any:
             f"no tokenizer in {str(path)!r} (expected tokenizer.json from save_pretrained)"
         )
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # (a tokenizer_config.json's auto_map names Python files of the folder: never run; the tokenizer
+        # loads from its standard files, as a folder without them)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as err:  # a truncated tokenizer.json (a JSONDecodeError, or the tokenizers library's
         # bare Exception), a folder with tokenizer_config.json alone (a ValueError), ...; a library bug
         # (AttributeError, TypeError, ...), an OSError or an ImportError keeps its own traceback
@@ -293,14 +296,13 @@ def save_tokenizer(tok: Any, output: str | Path) -> None:
     tokenizer files is swapped whole; one with other files gets each tokenizer file replaced atomically,
     ``tokenizer.json``, which loaders read first, last)."""
     import os
-    import shutil
 
-    from ..utils.io import replace_dir
+    from ..utils.io import _remove_entry, replace_dir
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # (what a killed run left)
+    _remove_entry(tmp)  # (what a killed run left; a symbolic link itself, not what it points to)
     tmp.mkdir()
     try:
         tok.save_pretrained(str(tmp))
@@ -311,4 +313,4 @@ def save_tokenizer(tok: Any, output: str | Path) -> None:
             for name in sorted(names, key=lambda n: n == "tokenizer.json"):
                 os.replace(tmp / name, output / name)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_entry(tmp)

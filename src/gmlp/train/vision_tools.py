@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.loading import _recorded_grid
 from ..utils.io import CheckpointError, load_state_dict_file
 from .checkpoint import latest_checkpoint
 from .distributed import DistEnv, _pick_device
@@ -122,8 +123,14 @@ def checkpoint_shapes(path: str | Path) -> dict[str, Any]:
         out["in_chans"] = stem.shape[1]
         patch = stem.shape[2:]
         proj = next((v for k, v in state.items() if k.endswith("sgu.proj.weight")), None)
-        if "grid_size" in metadata:
-            gh, gw = (int(v) for v in metadata["grid_size"].split(","))
+        grid = _recorded_grid(metadata, path)  # (checked: a crafted "a,b" or "1,2,3" is a CheckpointError)
+        if grid is not None:
+            gh, gw = grid
+            if proj is not None and proj.dim() in (2, 3) and proj.shape[-1] != gh * gw:
+                raise CheckpointError(
+                    f"{path}: its metadata grid_size {gh},{gw} ({gh * gw} tokens) does not fit its spatial "
+                    f"weights, which mix {proj.shape[-1]} tokens; the file is corrupt"
+                )
             out["img_size"] = (gh * patch[0], gw * patch[1])
         elif proj is not None and proj.dim() in (2, 3) and proj.shape[-1] == proj.shape[-2]:
             side = math.isqrt(proj.shape[-1])
