@@ -1406,6 +1406,13 @@ class _LoopResult:
     last_eval: dict[str, Any]
 
 
+def _reads_each_step(device: torch.device) -> bool:
+    """Whether the training loop reads its non-finite flag back to the host after every optimizer step (on
+    the CPU, where that costs nothing) or only where it logs, evaluates or saves (on a GPU, where a
+    read-back waits for the device)."""
+    return device.type == "cpu"
+
+
 def _train_loop(
     *,
     accelerator: Any,
@@ -1518,7 +1525,11 @@ def _train_loop(
     def check_finite(done: int) -> None:
         """Stop at the first step whose loss or gradient norm was not finite (``bad_step``, kept on the
         device and read back only here: every step on the CPU, where that costs nothing, else where the run
-        logs, evaluates or saves), before anything of that step or later is logged or saved."""
+        logs, evaluates or saves), before anything of that step or later is logged or saved. Once a step: a
+        save right after a logged or evaluated step does not read the flag again (it cannot have changed)."""
+        nonlocal checked
+        if checked == done:
+            return
         first = int(bad_step.item())
         if world > 1:  # every process stops together (the gradients are shared: all see it within a step)
             flag = accelerator.reduce(torch.tensor(float(first >= 0), device=accelerator.device), "sum")
@@ -1528,6 +1539,7 @@ def _train_loop(
                     f"{total_steps}: the run stops without saving; {_kept_checkpoint(last_saved)}"
                 )
         if first < 0:
+            checked = done
             return
         loss_value, norm_value = (float(v) for v in bad_values.tolist())
         norm = f", gradient norm {norm_value:g}" if opts.clip_grad else ""
@@ -1556,7 +1568,8 @@ def _train_loop(
     # the first step (1-based) whose loss or gradient norm was not finite, -1 while none; its loss and norm
     bad_step = torch.full((), -1, dtype=torch.int64, device=accelerator.device)
     bad_values = torch.zeros(2, dtype=torch.float32, device=accelerator.device)
-    read_each_step = accelerator.device.type == "cpu"
+    read_each_step = _reads_each_step(accelerator.device)
+    checked: int | None = None  # the last step check_finite found finite (it reads the flag once a step)
     with _StopRequest() as stop:
         for step in range(start, total_steps):
             cpu_batches = [micro_batch(step, micro) for micro in range(opts.grad_accum)]

@@ -955,9 +955,15 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
     bar = None
     epoch_start = time.perf_counter()
 
-    def flush_loss() -> float:
+    def flush_loss(shown: torch.Tensor | None = None) -> float | None:
+        """Add the pending losses to ``loss_sum`` after checking them (and their gradient norms); return the
+        value of ``shown`` (a loss to log), read back with them. No read-back where nothing is pending and
+        nothing is shown (a checkpoint or an epoch's end right after a logged step)."""
         nonlocal loss_sum, pending, pending_norm, pending_count
-        value, norm = torch.stack([pending, pending_norm]).tolist()  # (one host read-back)
+        if not pending_count and shown is None:
+            return None
+        reads = [pending, pending_norm] + ([shown.to(pending.dtype)] if shown is not None else [])
+        value, norm, *rest = torch.stack(reads).tolist()  # (one host read-back)
         if pending_count and not (np.isfinite(value) and np.isfinite(norm)):
             # read back every step on the CPU (the step is exact), every log_every steps on a GPU
             where = f"at step {step}" if pending_count == 1 else f"in steps {step - pending_count + 1}-{step}"
@@ -971,7 +977,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         pending = torch.zeros_like(pending)
         pending_norm = torch.zeros_like(pending_norm)
         pending_count = 0
-        return value
+        return rest[0] if rest else None
 
     while step < stop_at:
         epoch, i = divmod(step, steps_per_epoch)
@@ -1053,13 +1059,13 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         pending_count += 1
         loss_count += 1
         bar.update(1)
-        if check_each_step or step % config.log_every == 0:
-            flush_loss()
-        if step % config.log_every == 0:
+        logging = step % config.log_every == 0
+        shown = flush_loss(step_loss if logging else None) if check_each_step or logging else None
+        if logging:  # (shown: step_loss, read back with the pending losses)
             lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{step_loss.item():.3f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{shown:.3f}", lr=f"{lr:.2e}")
             if writer is not None:
-                writer.add_scalar("train/loss", step_loss.item(), step)
+                writer.add_scalar("train/loss", shown, step)
                 writer.add_scalar("train/lr", lr, step)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step % steps_per_epoch:
             checkpoint()

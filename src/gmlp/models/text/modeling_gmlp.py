@@ -195,10 +195,10 @@ def _select_predictions(
     counts = keep.sum(dim=1)
     overflow = None
     if host_checks_enabled(labels):
-        worst = int(counts.argmax())
-        if int(counts[worst]) > k:
+        worst, most = torch.stack([counts.argmax(), counts.max()]).tolist()  # (one host read-back)
+        if most > k:
             raise ValueError(
-                f"labels: sequence {worst} has {int(counts[worst])} labelled tokens (labels != -100), more "
+                f"labels: sequence {worst} has {most} labelled tokens (labels != -100), more "
                 f"than max_predictions_per_seq={per_seq} of the config allows; raise it or label fewer tokens"
             )
     else:
@@ -541,10 +541,12 @@ class GMLPModel(GMLPPreTrainedModel):
         attention_mask: torch.Tensor | None,
         token_type_ids: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Validate the inputs; return ``(input_ids, token_type_ids, mask)``: the ids of an integer dtype
-        that ``nn.Embedding`` does not take (uint8, int8, int16, ...) or bool token types cast to int64,
-        ``mask`` bool or None."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, tuple[bool, bool] | None]:
+        """Validate the inputs; return ``(input_ids, token_type_ids, mask, layout)``: the ids of an integer
+        dtype that ``nn.Embedding`` does not take (uint8, int8, int16, ...) or bool token types cast to
+        int64, ``mask`` bool or None, and ``layout`` ``(all real, a real token after a pad)`` of ``mask``,
+        read back with the value checks (one host read-back for all of them), or None where it was not
+        read (no mask, or the values may not be read: torch.compile, CUDA graph capture)."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -594,48 +596,59 @@ class GMLPModel(GMLPPreTrainedModel):
                 f"attention_mask must have shape (batch, seq_len) = ({batch}, {n}) like the input, "
                 f"got {_describe(attention_mask)}"
             )
-        if checking:  # the value checks, read back to the host once
+        mask = None if attention_mask is None else attention_mask != 0
+        types_ok = token_type_ids is None or (
+            isinstance(token_type_ids, torch.Tensor) and tuple(token_type_ids.shape) == (batch, n)
+            and not (token_type_ids.dtype.is_floating_point or token_type_ids.dtype.is_complex)
+        )
+        if token_type_ids is not None and types_ok and token_type_ids.dtype not in (torch.int32, torch.int64):
+            token_type_ids = token_type_ids.long()
+        layout = None
+        if checking:  # the value checks and the mask's layout, read back to the host once
             bad_ids = None if input_ids is None else (input_ids < 0) | (input_ids >= cfg.vocab_size)
             # (any mask value but 0 would else count as a real token: a packed batch's segment ids 1, 2, ...
             # would silently be mixed into one sequence)
             bad_mask = None
             if attention_mask is not None and attention_mask.dtype != torch.bool:
                 bad_mask = (attention_mask != 0) & (attention_mask != 1)
-            flags = [b.any() for b in (bad_ids, bad_mask) if b is not None]
-            if flags and any(torch.stack(flags).tolist()):
-                if bad_ids is not None and bool(bad_ids.any()):
-                    raise ValueError(
-                        f"input_ids contains token id {int(input_ids[bad_ids][0])} outside "
-                        f"[0, vocab_size={cfg.vocab_size})"
-                    )
+            types = cfg.type_vocab_size
+            bad_types = None
+            if token_type_ids is not None and types_ok:
+                bad_types = (token_type_ids < 0) | (token_type_ids >= max(types, 1))
+            flags = {name: b.any() for name, b in (("ids", bad_ids), ("mask", bad_mask), ("types", bad_types))
+                     if b is not None}
+            if mask is not None and host_checks_enabled(mask):  # (what forward() looks at to skip work)
+                flags["all_real"] = mask.all()
+                flags["inner"] = (mask[:, 1:] & ~mask[:, :-1]).any()
+            read = {}
+            if flags:
+                device = next(iter(flags.values())).device
+                values = torch.stack([f.to(device) for f in flags.values()]).tolist()
+                read = dict(zip(flags, values, strict=True))
+            if read.get("ids"):
+                raise ValueError(
+                    f"input_ids contains token id {int(input_ids[bad_ids][0])} outside "
+                    f"[0, vocab_size={cfg.vocab_size})"
+                )
+            if read.get("mask"):
                 raise ValueError(
                     f"attention_mask must hold 0 (padding) and 1 (real token) only, got "
                     f"{attention_mask[bad_mask][0].item()!r}; a float mask with other values (an additive "
                     f"bias?) or the segment ids of packed sequences (1, 2, ...) are not supported"
                 )
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask != 0
-        if token_type_ids is not None:
-            if (
-                not isinstance(token_type_ids, torch.Tensor) or tuple(token_type_ids.shape) != (batch, n)
-                or token_type_ids.dtype.is_floating_point or token_type_ids.dtype.is_complex
-            ):
+            if read.get("types"):
                 raise ValueError(
-                    f"token_type_ids must be an integer or bool tensor of shape (batch, seq_len) = "
-                    f"({batch}, {n}), got {_describe(token_type_ids)}"
+                    f"token_type_ids contains type {int(token_type_ids[bad_types][0])} outside [0, "
+                    f"type_vocab_size={types})" + (" (the model has no token types)" if types == 0 else "")
                 )
-            if token_type_ids.dtype not in (torch.int32, torch.int64):
-                token_type_ids = token_type_ids.long()
-            if checking:
-                size = cfg.type_vocab_size
-                bad = (token_type_ids < 0) | (token_type_ids >= max(size, 1))
-                if bool(bad.any()):
-                    raise ValueError(
-                        f"token_type_ids contains type {int(token_type_ids[bad][0])} outside [0, "
-                        f"type_vocab_size={size})" + (" (the model has no token types)" if size == 0 else "")
-                    )
-        return input_ids, token_type_ids, mask
+            if "all_real" in read:
+                layout = (bool(read["all_real"]), bool(read["inner"]))
+        if not types_ok:
+            raise ValueError(
+                f"token_type_ids must be an integer or bool tensor of shape (batch, seq_len) = "
+                f"({batch}, {n}), got {_describe(token_type_ids)}"
+            )
+        return input_ids, token_type_ids, mask, layout
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(
@@ -695,7 +708,7 @@ class GMLPModel(GMLPPreTrainedModel):
                     "gMLP without it has no attention maps to return"
                 )
             attentions = []
-        input_ids, token_type_ids, mask = self._check_inputs(
+        input_ids, token_type_ids, mask, layout = self._check_inputs(
             input_ids, attention_mask, token_type_ids, inputs_embeds
         )
 
@@ -710,12 +723,13 @@ class GMLPModel(GMLPPreTrainedModel):
 
         inverse = None
         if mask is not None:
-            # Eager mode looks at the mask (one host sync) to skip work; torch.compile and CUDA graph
-            # capture always take the general path, which needs no data-dependent branch.
+            # Eager mode looks at the mask (read back with the input checks) to skip work; torch.compile and
+            # CUDA graph capture always take the general path, which needs no data-dependent branch.
             eager = host_checks_enabled(mask)
-            if eager and bool(mask.all()):
+            all_real, inner = layout if layout is not None else (eager and bool(mask.all()), None)
+            if eager and all_real:
                 mask = None
-            elif not eager or bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+            elif not eager or (inner if inner is not None else bool((mask[:, 1:] & ~mask[:, :-1]).any())):
                 # A real token after a pad (left or inner padding): move the real tokens to the front, in
                 # order, so that each keeps the position it has in the unpadded sequence.
                 order, inverse = _kept_first(mask)
@@ -849,9 +863,12 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
             if self.config.sparse_prediction and per_seq is not None:
                 hidden, labels, overflow = _select_predictions(hidden, labels, per_seq)
             elif self.config.sparse_prediction and not capturing(labels):
-                # the labelled tokens exactly (a data-dependent shape: not inside a CUDA graph)
-                keep = labels != -100
-                hidden, labels = hidden[keep], labels[keep]
+                # the labelled tokens exactly (a data-dependent shape: not inside a CUDA graph), found once
+                # (one host read-back; boolean indexing would read the mask back for each tensor indexed and
+                # again in backward); the rows of hidden[labels != -100] in the same order
+                keep = (labels != -100).flatten().nonzero().squeeze(1)
+                hidden = hidden.flatten(0, 1).index_select(0, keep)
+                labels = labels.flatten().index_select(0, keep)
             logits = apply_linear(self.decoder, hidden)
             loss = _token_loss(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), num_items_in_batch)
             if overflow is not None:  # labelled tokens were left out and nobody could check: no silent loss
@@ -1149,22 +1166,29 @@ class GMLPForQuestionAnswering(GMLPPreTrainedModel):
                     ("start_positions", start_positions), ("end_positions", end_positions)
                 )
             )
-            if host_checks_enabled(start):  # BERT clamps a negative index to 0: a silent [CLS] target
-                for name, position in (("start_positions", start), ("end_positions", end)):
-                    if bool((position < 0).any()):
-                        row = int((position < 0).to(torch.int32).argmax())
+            checks = host_checks_enabled(start)
+            named = (("start_positions", start), ("end_positions", end))
+            start, end = start.clamp(0, ignored), end.clamp(0, ignored)
+            if checks:  # both checks of both tensors, read back to the host once
+                negative = [position < 0 for _, position in named]
+                on_pad = []
+                if padded is not None:
+                    for position in (start, end):
+                        inside = position.clamp(max=ignored - 1)[:, None]
+                        on_pad.append((position < ignored) & padded.gather(1, inside)[:, 0])
+                flags = torch.stack([f.any() for f in negative + on_pad]).tolist()
+                for (name, position), bad, found in zip(named, negative, flags[:2], strict=True):
+                    if found:  # BERT clamps a negative index to 0: a silent [CLS] target
+                        row = int(bad.to(torch.int32).argmax())
                         raise ValueError(
                             f"{name} of example {row} is {int(position[row])}; token indices must be >= 0 "
                             f"(an index >= seq_len={ignored} means no answer and is ignored; SQuAD 2.0's "
                             f"unanswerable questions point at 0, the [CLS] token)"
                         )
-            start, end = start.clamp(0, ignored), end.clamp(0, ignored)
-            if padded is not None and host_checks_enabled(start):
-                for name, position in (("start_positions", start), ("end_positions", end)):
-                    inside = position.clamp(max=ignored - 1)[:, None]
-                    on_pad = (position < ignored) & padded.gather(1, inside)[:, 0]
-                    if bool(on_pad.any()):
-                        row = int(on_pad.to(torch.int32).argmax())
+                for index, bad in enumerate(on_pad):  # (none without padding)
+                    if flags[2 + index]:
+                        name, position = named[index][0], (start, end)[index]
+                        row = int(bad.to(torch.int32).argmax())
                         raise ValueError(
                             f"{name} of example {row} is {int(position[row])}, a padded position "
                             f"(attention_mask == 0 there); an answer must lie on real tokens (an index >= "
