@@ -350,3 +350,25 @@ def test_a_recorded_grid_is_checked_against_the_spatial_weights(tmp_path: Path) 
         save_file(state, str(path), metadata={"grid_size": grid})
         with pytest.raises(CheckpointError, match=message):
             checkpoint_shapes(path)
+
+
+def test_a_model_folder_naming_custom_code_loads_without_running_it(tmp_path: Path) -> None:
+    """``finetune --model`` / ``pretrain --init-from`` load a folder whose ``config.json`` has an ``auto_map``
+    naming a Python file of the folder: gmlp's classes load it (its ``model_type``), the file never runs (a
+    guard: transformers takes a registered class without asking; the commands now also say so explicitly)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from gmlp.models.text import GMLPConfig, GMLPForMaskedLM
+    from gmlp.train.text import _LOCAL_ONLY
+
+    folder, ran = tmp_path / "model", tmp_path / "ran"
+    GMLPForMaskedLM(GMLPConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, intermediate_size=16,
+                               max_position_embeddings=8)).save_pretrained(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom.Config", "AutoModelForMaskedLM": "custom.Model"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "custom.py").write_text(f"import pathlib\npathlib.Path({str(ran)!r}).mkdir()\n")
+    assert isinstance(AutoConfig.from_pretrained(str(folder), **_LOCAL_ONLY), GMLPConfig)
+    assert isinstance(AutoModelForMaskedLM.from_pretrained(str(folder), **_LOCAL_ONLY), GMLPForMaskedLM)
+    assert not ran.exists()

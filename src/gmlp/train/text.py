@@ -1391,6 +1391,12 @@ def _without_ddp(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+#: How the commands load a model folder (``--model``, ``--init-from``, a run's own ``config.json``): from
+#: the folder alone (nothing is downloaded), and without running the Python files its ``auto_map`` may name
+#: (the classes come from the folder's ``model_type``, registered by gmlp or transformers).
+_LOCAL_ONLY: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+
+
 def _kept_checkpoint(step: int | None) -> str:
     """What a run stopped for a non-finite value leaves behind, for its error message."""
     if step is None:
@@ -1855,11 +1861,11 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     )
     special = _special_ids(tokenizer)
     if resume_from is not None and (out / "config.json").is_file():
-        config = AutoConfig.from_pretrained(str(out), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(out), **_LOCAL_ONLY)
         init_from = None
     elif cfg.init_from:
         _check_model_folder("--init-from", cfg.init_from, hub_cache=True)  # --resume without a checkpoint
-        config = AutoConfig.from_pretrained(cfg.init_from, local_files_only=True)
+        config = AutoConfig.from_pretrained(cfg.init_from, **_LOCAL_ONLY)
         init_from = cfg.init_from
     else:
         vocab = cfg.model_vocab_size or len(tokenizer)
@@ -1894,7 +1900,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     _set_seed_for_init(cfg.seed)
     if init_from:
-        model = AutoModelForMaskedLM.from_pretrained(init_from, local_files_only=True)
+        model = AutoModelForMaskedLM.from_pretrained(init_from, **_LOCAL_ONLY)
     else:
         model = AutoModelForMaskedLM.from_config(config)
     model = _prepare_mpnet(model, special["pad"])
@@ -2372,7 +2378,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
         _warn_unused_tokenizer_options(cfg, "--tokenizer" if cfg.tokenizer else "--model", accelerator)
         tokenizer = load_tokenizer(cfg.tokenizer or model_dir)
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, **extra)
+        config = AutoConfig.from_pretrained(str(model_dir), **_LOCAL_ONLY, **extra)
         for name in (
             "hidden_dropout_prob",
             "attention_probs_dropout_prob",
@@ -2381,14 +2387,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 setattr(config, name, cfg.dropout)
         check_vocab(tokenizer, config)
         _set_seed_for_init(cfg.seed)
-        model = auto.from_pretrained(str(model_dir), config=config, local_files_only=True)
+        model = auto.from_pretrained(str(model_dir), config=config, **_LOCAL_ONLY)
     else:
         tokenizer = _load_or_train_tokenizer(
             cfg, out, train_texts, accelerator, seq_len_of_new_model(cfg), reuse=resume_from is not None
         )
         if resume_from is not None and (out / "config.json").is_file():
             # the run's own model (as pretraining resumes): the size flags need not be given again
-            config = AutoConfig.from_pretrained(str(out), local_files_only=True, **extra)
+            config = AutoConfig.from_pretrained(str(out), **_LOCAL_ONLY, **extra)
         else:
             vocab = cfg.model_vocab_size or len(tokenizer)
             config = build_model_config(cfg, vocab_size=vocab, special_ids=_special_ids(tokenizer), **extra)
