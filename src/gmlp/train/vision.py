@@ -185,12 +185,13 @@ def build_model(name: str, pretrained: str | Path | None = None, **kwargs: Any) 
         model = _create_timm(name, kwargs)
         model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name}
         if pretrained is not None:
-            from ..models.loading import load_state_dict_checked, restore_normalisation
+            from ..models.loading import _read_normalisation, _set_normalisation, load_state_dict_checked
             from ..utils.io import load_state_dict_file
 
             state, metadata = load_state_dict_file(pretrained)
+            normalisation = _read_normalisation(metadata, pretrained)  # (checked first, the file named)
             load_state_dict_checked(model, state)
-            restore_normalisation(model, metadata)  # gmlp eval of a compare-vit ViT: its mean/std, not timm's
+            _set_normalisation(model, normalisation)  # (gmlp eval of a compare-vit ViT: its mean/std)
         return model
     return create_model(name, pretrained=pretrained, **kwargs)
 
