@@ -131,16 +131,18 @@ def test_pretrain_stops_at_a_non_finite_step_and_keeps_the_last_good_checkpoint(
     with monkeypatch.context() as m:
         m.setattr(pipelines, "_prepare_mpnet", _poisoning(pipelines._prepare_mpnet, kind, at))
         with pytest.raises(FloatingPointError, match=message) as err:
-            pretrain(_pretrain_cfg(corpus, tok, run, clip_grad=clip))
+            pretrain(_pretrain_cfg(corpus, tok, run, clip_grad=clip, log_every=1))
     assert "the last checkpoint (step 2) is kept as it was" in str(err.value)
     assert _latest_step(run) == 2 and _finite(load_checkpoint(run).model)
     assert not (run / "final").exists()
-    log = run / "metrics.jsonl"
-    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    assert all(math.isfinite(r["loss"]) for r in records)  # nothing of a NaN step was logged
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps[:2] == [1, 2] and all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    if kind == "loss":  # (a NaN gradient under a finite loss: that loss is logged before a save finds it)
+        assert at not in steps
 
-    pretrain(_pretrain_cfg(corpus, tok, run, clip_grad=clip, resume=True))
-    pretrain(_pretrain_cfg(corpus, tok, tmp_path / "straight", clip_grad=clip))
+    pretrain(_pretrain_cfg(corpus, tok, run, clip_grad=clip, log_every=1, resume=True))
+    pretrain(_pretrain_cfg(corpus, tok, tmp_path / "straight", clip_grad=clip, log_every=1))
     a, b = (load_file(str(r / "final" / "model.safetensors")) for r in (run, tmp_path / "straight"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -173,6 +175,24 @@ def test_finetune_stops_at_a_nan_loss(
     assert _latest_step(out) is None and not (out / "final").exists()
 
 
+def test_finetune_stops_at_non_finite_validation_outputs(
+    tmp_path: Path, corpus_and_tok: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finetuning scores its dev split by the logits' argmax (no loss): infinite logits were scored as
+    classes (an accuracy of 0.5), the run reported itself completed and wrote final/."""
+    _, tok = corpus_and_tok
+    data = tmp_path / "d.csv"
+    data.write_text("sentence,label\n" + "".join(f"{s},{i % 2}\n" for i, s in enumerate(SENTENCES * 2)))
+    monkeypatch.setattr(pipelines, "_prepare_mpnet", _poisoning(pipelines._prepare_mpnet, "outputs", None))
+    out = tmp_path / "ft"
+    with pytest.raises(FloatingPointError, match=r"outputs on the validation split are not finite at step "
+                                                 r"\d+/\d+: the run stops without saving; no checkpoint"):
+        finetune(FinetuneConfig(**TINY, arch=ARCH, train_file=str(data), validation_file=str(data),
+                                test_file=str(data), steps=3, tokenizer=str(tok), output=str(out),
+                                save_every=0))
+    assert _latest_step(out) is None and not (out / "final").exists()
+
+
 def test_pretrain_warns_when_the_warmup_outlasts_the_run(
     tmp_path: Path, corpus_and_tok: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -184,6 +204,23 @@ def test_pretrain_warns_when_the_warmup_outlasts_the_run(
     assert "warning: --warmup 5 is 5 steps, more than the run's 2: the learning rate never reaches" in err
     pretrain(_pretrain_cfg(corpus, tok, tmp_path / "run2", steps=2, save_every=0, warmup=2))
     assert "warning: --warmup" not in capsys.readouterr().err  # (2 of 2: the last step trains at --lr)
+
+
+def test_a_resumed_run_takes_the_learning_rate_given_now(
+    tmp_path: Path, corpus_and_tok: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The message of a non-finite stop says to resume with a lower --lr; the optimizer's and scheduler's
+    states brought back the run's own lr over it (the resumed steps replayed the old schedule while a
+    warning said the result would differ). Unchanged options still resume bit for bit (the test above)."""
+    corpus, tok = corpus_and_tok
+    run = tmp_path / "run"
+    pretrain(_pretrain_cfg(corpus, tok, run, lr=1e-3, log_every=1, warmup=0, stop_after_steps=2))
+    pretrain(_pretrain_cfg(corpus, tok, run, lr=1e-5, log_every=1, warmup=0, resume=True))
+    assert "lr" in capsys.readouterr().err  # the warning names the changed option
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+           if "lr" in r}
+    # linear decay over 4 steps, logged after each step: lr x (4 - step) / 4
+    assert lrs == pytest.approx({1: 1e-3 * 0.75, 2: 1e-3 * 0.5, 3: 1e-5 * 0.25, 4: 0.0})
 
 
 # --- vision: gmlp train --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -416,3 +417,49 @@ def test_launcher_variables_of_one_process(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("WORLD_SIZE", " 1 ")
     monkeypatch.setenv("RANK", "")
     assert distributed.init_distributed("cpu") == DistEnv()
+
+
+_ONE_RANK_NAN = """
+import math, os, sys
+import gmlp.train.vision as vision
+from gmlp.cli import main
+
+build = vision.build_model
+
+
+def poisoned(*args, **kwargs):
+    model = build(*args, **kwargs)
+    calls = [0]
+
+    def hook(module, inputs, output):
+        if module.training:
+            calls[0] += 1
+            if os.environ["RANK"] == "1" and calls[0] == 3:
+                return output * math.nan
+        return None
+
+    model.register_forward_hook(hook)
+    return model
+
+
+vision.build_model = poisoned
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_nan_loss_on_one_process_stops_every_process(tmp_path: Path) -> None:
+    """Without clipping (no shared gradient norm) a NaN loss on process 1 alone raised there only: process 0
+    went on into the next step's all-reduce and waited for a peer that was gone. Every process now stops at
+    that step with the reason, and nothing of it is saved."""
+    script = tmp_path / "one_rank_nan.py"
+    script.write_text(_ONE_RANK_NAN)
+    args = [*ARGS[: ARGS.index("--grad-clip")], *ARGS[ARGS.index("--grad-clip") + 2:], "--grad-clip", "0",
+            "--checkpoint-every", "2", "--output", str(tmp_path / "run")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "train", *args]
+    rc, _, err = launch(cmd, ENV, tmp_path, TIMEOUT)
+    assert rc != 0
+    assert "the training loss or gradient norm was not finite at step 3 (loss nan)" in err, err[-3000:]
+    assert "another process's training loss or gradient norm was not finite at step 3" in err, err[-3000:]
+    assert "the last checkpoint (step 2) is kept" in err
+    assert load_checkpoint(tmp_path / "run").state["step"] == 2

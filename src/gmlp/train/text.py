@@ -1478,8 +1478,16 @@ def _train_loop(
                 f"gmlp pretrain / finetune"
             )
         model.load_state_dict(ckpt.model)
+        given = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt.optimizer["optimizer"])
         scheduler.load_state_dict(ckpt.optimizer["scheduler"])
+        # the states bring back the run's moments and step count, and also its lr, weight decay, betas and
+        # eps, over which a changed --lr (...) that the warning above names was silently lost: the options
+        # given now apply from the next step on (unchanged ones give the same values, bit for bit)
+        scheduler.base_lrs = [opts.lr] * len(optimizer.param_groups)
+        for group, hyper, factor in zip(optimizer.param_groups, given, scheduler.lr_lambdas, strict=True):
+            group.update(hyper, initial_lr=opts.lr, lr=opts.lr * factor(scheduler.last_epoch))
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         start = int(ckpt.state["step"])
         last_eval = dict(ckpt.state.get("last_eval", {}))
         # the training-loss window logged next began before the checkpoint (a step not a multiple of
@@ -1647,7 +1655,13 @@ def _train_loop(
             if eval_due(done):
                 model.eval()
                 with torch.no_grad():
-                    last_eval = {"step": done, **evaluate(_without_ddp(model), done)}
+                    try:
+                        last_eval = {"step": done, **evaluate(_without_ddp(model), done)}
+                    except FloatingPointError as err:  # (finetuning's scores: of the outputs, not a loss)
+                        raise FloatingPointError(
+                            f"{err} at step {done}/{total_steps}: the run stops without saving; "
+                            f"{_kept_checkpoint(last_saved)}; lower --lr ({opts.lr:g})"
+                        ) from None
                 model.train()
                 held_out = last_eval.get("loss")  # (pretraining's; finite weights can still overflow)
                 if isinstance(held_out, float) and not math.isfinite(held_out):
@@ -2487,7 +2501,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         return sorted(results, key=lambda t: t[0])
 
     def score(model: nn.Module, split: str) -> dict[str, Any]:
-        results = predict(model, split)
+        results = predict(model, split)  # (the same on every process)
+        values = np.asarray([x for _, r in results for x in (r[0] + r[1] if qa else r)], dtype=np.float64)
+        if not np.isfinite(values).all():  # (argmax of NaN logits scored as a class: a plausible accuracy)
+            raise FloatingPointError(f"the model's outputs on the {split} split are not finite")
         examples = getattr(data, split)
         if qa:
             f = feats[split]

@@ -927,6 +927,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         if fsdp:  # gathered from all processes onto process 0: the same full-model checkpoint as DDP writes
             model_state, optimizer_state = full_state_dicts(model, optimizer)
         if not main:
+            last_saved = step  # (process 0 writes it: the others' messages name it too)
             return
         if not fsdp:
             model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
@@ -965,9 +966,18 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
             return None
         reads = [pending, pending_norm] + ([shown.to(pending.dtype)] if shown is not None else [])
         value, norm, *rest = torch.stack(reads).tolist()  # (one host read-back)
-        if pending_count and not (np.isfinite(value) and np.isfinite(norm)):
+        mine = bool(pending_count) and not (np.isfinite(value) and np.isfinite(norm))
+        bad = mine
+        if env.distributed and pending_count:  # (every process flushes at the same steps) all stop together:
+            bad = all_reduce_sum(env, [float(mine)])[0] > 0  # one alone would leave the others waiting
+        if bad:
             # read back every step on the CPU (the step is exact), every log_every steps on a GPU
             where = f"at step {step}" if pending_count == 1 else f"in steps {step - pending_count + 1}-{step}"
+            if not mine:
+                raise FloatingPointError(
+                    f"another process's training loss or gradient norm was not finite {where}: the run stops "
+                    f"without saving; {_kept_checkpoint(last_saved)}; lower lr ({config.lr:g})"
+                )
             what = f"loss {value:g}" + (f", gradient norm {norm:g}" if config.grad_clip > 0 else "")
             advice = f"lower lr ({config.lr:g})" + ("" if config.grad_clip > 0 else " or enable grad_clip")
             raise FloatingPointError(
