@@ -314,6 +314,7 @@ def finetune_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     thread; and whether the caller can then start an ``Accelerator`` of its own with other settings."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
+    import torch._inductor.config  # noqa: F401  (its import sets TORCHINDUCTOR_CACHE_DIR: not gmlp's doing)
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -357,7 +358,9 @@ def finetune_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "accelerator_error": accelerator_error}
 
 
-@pytest.mark.parametrize("what", ["threads", "grad", "signals", "dtype", "cwd", "path", "deterministic"])
+@pytest.mark.parametrize(
+    "what", ["threads", "grad", "signals", "dtype", "cwd", "path", "env", "deterministic"]
+)
 def test_finetune_leaves_the_process_settings_alone(finetune_run: dict[str, Any], what: str) -> None:
     """Among them the SIGINT/SIGTERM handlers it installs while it trains."""
     assert finetune_run["after"][what] == finetune_run["before"][what]

@@ -87,7 +87,8 @@ def test_remove_run_files_removes_a_symlink_itself_not_its_target(tmp_path: Path
     run = tmp_path / "run"
     run.mkdir()
     os.symlink(outside, run / "tensorboard")
-    remove_run_files(run, ("tensorboard", "missing"))
+    with pytest.warns(UserWarning, match=r"tensorboard is a symbolic link \(to .*outside\): --overwrite"):
+        remove_run_files(run, ("tensorboard", "missing"))  # (said: the run's files now go elsewhere)
     assert not os.path.lexists(run / "tensorboard")
     if kind == "folder":
         assert (outside / "keep.txt").read_text() == "x"

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from gmlp.data import text as T
 from gmlp.data.folders import CorruptImageError, TransformedImages, hf_source, image_folder_source
-from gmlp.data.sentiment import load_classification_files, load_squad_json, read_records
+from gmlp.data.sentiment import load_classification_files, load_qa, load_squad_json, read_records
 from gmlp.data.text import TextDataError
 
 PIL = pytest.importorskip("PIL")
@@ -173,6 +173,16 @@ def test_gzip_text_file_is_named_as_such(tmp_path: Path) -> None:
     path.write_bytes(gzip.compress(b"hello\n\nworld\n"))
     with pytest.raises(TextDataError, match=r"corpus\.txt\.gz.*gzip-compressed.*gunzip"):
         list(T.iter_documents([str(path)]))
+
+
+def test_compressed_json_and_csv_corpora_are_read_by_datasets(tmp_path: Path) -> None:
+    """HF ``datasets`` unpacks a ``.jsonl.gz`` / ``.csv.gz`` data file itself: the UTF-8 check before it must
+    not refuse one as a gzip'd text file."""
+    pytest.importorskip("datasets")
+    path = tmp_path / "c.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "hello there"}\n{"text": "general kenobi"}\n'))
+    docs = list(T.iter_hf_text("json", data_files=str(path), text_column="text"))
+    assert [d.text for d in docs] == ["hello there", "general kenobi"]
 
 
 def _reference_position(raw: bytes) -> tuple[int, int, int] | None:
@@ -375,6 +385,12 @@ def test_duplicate_question_ids_are_refused(tmp_path: Path) -> None:
     path = _squad(tmp_path / "s.json", [_qa("cat", 4, "q1"), _qa("mat", 19, "q1")])
     with pytest.raises(TextDataError, match=r"qas\[1\]: question id 'q1' is also the id of .*qas\[0\]"):
         load_squad_json(path)
+    # a file only trained on (augmented data repeats ids) is not scored: its ids need not be unique
+    dev = _squad(tmp_path / "dev.json", [_qa("cat", 4, "d1")])
+    data = load_qa(train_file=str(path), validation_file=str(dev))
+    assert [e.id for e in data.train] == ["q1", "q1"] and [e.id for e in data.validation] == ["d1"]
+    with pytest.raises(TextDataError, match="question id 'q1' is also the id of"):
+        load_qa(train_file=str(path))  # (the training questions are then the ones scored)
 
 
 def test_squad_with_bom_and_bad_bytes(tmp_path: Path) -> None:
@@ -399,3 +415,15 @@ def test_a_validation_class_id_the_training_file_lacks_is_refused_unless_num_lab
         load_classification_files(train, dev)
     data = load_classification_files(train, dev, num_labels=3)
     assert data.num_labels == 3 and [e.label for e in data.validation] == [2, 1]
+
+
+def test_half_star_ratings_are_label_names_whole_ones_included(tmp_path: Path) -> None:
+    """Whole-number texts ("1.0", "2") are class ids, except in a column whose training labels hold other
+    numbers too ("1.5"): there all are names (the column was refused as mixing ids and names)."""
+    train = _csv(tmp_path / "train.csv", ["a,1.0", "b,1.5", "c,2", "d,2.5", "e,1.5"])
+    dev = _csv(tmp_path / "dev.csv", ["f,2", "g,1.0"])
+    data = load_classification_files(train, dev, dev)
+    assert data.label_names == ["1.0", "1.5", "2", "2.5"] and data.num_labels == 4
+    assert [e.label for e in data.train] == [0, 1, 2, 3, 1] and [e.label for e in data.validation] == [2, 0]
+    ids = load_classification_files(_csv(tmp_path / "ids.csv", ["a,0", "b,1.0", "c,2"]), dev, dev)
+    assert ids.label_names is None and [e.label for e in ids.train] == [0, 1, 2]

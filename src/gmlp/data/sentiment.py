@@ -260,6 +260,25 @@ def _check_columns(records: list[dict[str, Any]], columns: Sequence[str], where:
         )
 
 
+class _NumberText(int):
+    """A class id read from a text cell holding a whole number (``"1"``, ``"1.0"``), with that text: in a
+    column whose training labels also hold other numbers (``"1.5"``: half-star ratings) all are names."""
+
+    text: str
+
+    def __new__(cls, number: int, text: str) -> _NumberText:
+        self = super().__new__(cls, number)
+        self.text = text
+        return self
+
+
+def _is_number_text(label: Any) -> bool:
+    try:
+        return isinstance(label, str) and math.isfinite(float(label))
+    except ValueError:
+        return False
+
+
 def _parse_label(value: Any, *, regression: bool, where: str) -> int | float | str:
     if isinstance(value, str):
         value = value.strip()
@@ -284,14 +303,14 @@ def _parse_label(value: Any, *, regression: bool, where: str) -> int | float | s
         return int(value)
     if isinstance(value, str):
         try:
-            return int(value)
+            return _NumberText(int(value), value)
         except ValueError:
             pass
         try:  # "1.0", as pandas writes an integer column that held a missing value: the id 1, as JSON's 1.0
             number = float(value)
         except ValueError:
             return value
-        return int(number) if number.is_integer() else value
+        return _NumberText(int(number), value) if number.is_integer() else value
     if value is None:
         raise TextDataError(
             f"{where}: no label (a JSON null, or a row with fewer cells than the header); every record of a "
@@ -414,6 +433,10 @@ def _finish_labels(
     def place(split: str, k: int) -> str:
         return places[split][k] if places else f"{split} record {k}"
 
+    if not regression and any(_is_number_text(lab) for split in from_train for *_, lab in raw[split]):
+        # "1.5" among the training labels: "1.0" and "2" beside it are label names too, not class ids
+        raw = {split: [(t, p, lab.text if isinstance(lab, _NumberText) else lab) for t, p, lab in rows]
+               for split, rows in raw.items()}
     names = list(label_names) if label_names else None
     labelled = [
         lab
@@ -638,15 +661,16 @@ def _occurrences(context: str, text: str, most: int = 5) -> str:
     return f"it occurs at offset(s) {found}" if found else "it does not occur in the context"
 
 
-def load_squad_json(path: str | Path) -> list[QAExample]:
+def load_squad_json(path: str | Path, *, unique_ids: bool = True) -> list[QAExample]:
     """Questions of a SQuAD v1.1 / v2.0 JSON file (``{"data": [{"title", "paragraphs": [{"context",
     "qas": [{"id", "question", "answers": [{"text", "answer_start"}], "is_impossible"}]}]}]}``).
+    ``unique_ids=False`` for a file that is trained on only (augmented data may repeat ids).
 
     Raises:
         FileNotFoundError: no such file.
         TextDataError: not SQuAD format, an answer does not occur at its ``answer_start`` (a character offset
-            >= 0; the message says where the text does occur), or two questions share an ``id`` (the
-            predictions and scores are keyed by it: one of them went unscored).
+            >= 0; the message says where the text does occur), or (``unique_ids``) two questions share an
+            ``id`` (the predictions and scores are keyed by it: one of them went unscored).
     """
     path = Path(path)
     if not path.is_file():
@@ -667,7 +691,7 @@ def load_squad_json(path: str | Path) -> list[QAExample]:
             for q, qa in enumerate(_squad_field(para, "qas", f"{where}.paragraphs[{p}]", [], list)):
                 at = f"{where}.paragraphs[{p}].qas[{q}]"
                 qid = str(_squad_field(qa, "id", at, None, (str, int)))
-                if qid in seen:
+                if qid in seen and unique_ids:
                     raise TextDataError(
                         f"{at}: question id {qid!r} is also the id of {seen[qid]}; the ids must be unique "
                         f"(the predictions and scores are keyed by them)"
@@ -729,7 +753,7 @@ def load_qa(
         train_file, validation_file = trains[0], devs[0]
         test_file = tests[0] if tests else None
     if train_file is not None:
-        train = load_squad_json(train_file)
+        train = load_squad_json(train_file, unique_ids=validation_file is None)  # (scored only without one)
         dev = load_squad_json(validation_file) if validation_file is not None else train
         test = load_squad_json(test_file) if test_file is not None else dev
     elif source and source.startswith("hf:"):

@@ -158,6 +158,15 @@ def decode_utf8(path: str | Path, raw: bytes) -> str:
         raise _utf8_message(path, raw[start], start, line, start - line_start + 1) from err
 
 
+#: The first bytes of the compressed files HF ``datasets`` reads as they are: gzip, bzip2, xz, zstd, zip.
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"PK\x03\x04")
+
+
+def _compressed(path: str | Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(6).startswith(_COMPRESSED_MAGIC)
+
+
 def _check_utf8_file(path: str | Path, chunk_size: int = 1 << 22) -> None:
     """:func:`decode_utf8`'s check of a file of any size, read in chunks (HF ``datasets`` reads JSON and CSV
     text unchecked: a bad byte raised a bare ``UnicodeDecodeError`` while the rows were iterated)."""
@@ -167,8 +176,6 @@ def _check_utf8_file(path: str | Path, chunk_size: int = 1 << 22) -> None:
     offset = 0  # of the first byte given to decoder.decode (its buffered bytes of the last chunk included)
     line, column = 1, 1  # of that byte
     with open(path, "rb") as f:
-        gzipped = f.read(2) == b"\x1f\x8b"  # the gzip magic number
-        f.seek(0)
         while True:
             chunk = f.read(chunk_size)
             pending = decoder.getstate()[0]
@@ -176,8 +183,6 @@ def _check_utf8_file(path: str | Path, chunk_size: int = 1 << 22) -> None:
             try:
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as err:
-                if gzipped:
-                    raise _gzip_error(path) from err
                 newlines = data.count(b"\n", 0, err.start)
                 line_start = data.rfind(b"\n", 0, err.start) + 1
                 col = column + err.start if newlines == 0 else err.start - line_start + 1
@@ -387,7 +392,7 @@ def iter_hf_text(
     if isinstance(files, (str, os.PathLike)) and Path(files).is_file():
         if Path(files).stat().st_size == 0:
             raise TextDataError(f"data file {str(files)!r} is empty")
-        if name in ("json", "csv"):
+        if name in ("json", "csv") and not _compressed(files):  # (datasets unpacks .gz/.bz2/.xz/.zst itself)
             _check_utf8_file(files)
     try:
         ds = load_dataset(name, config, split=split, **kwargs)

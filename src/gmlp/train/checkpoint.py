@@ -24,6 +24,7 @@ import re
 import shutil
 import stat
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,11 @@ def remove_run_files(run_dir: str | Path, names: tuple[str, ...]) -> None:
     for name in names:
         path = Path(run_dir) / name
         if path.is_symlink():  # (before is_dir, which follows it: rmtree refuses a link, with an OSError)
+            warnings.warn(
+                f"{path} is a symbolic link (to {os.readlink(path)}): --overwrite removes the link and "
+                f"leaves what it points to as it is; the new run writes a {name} of its own there",
+                stacklevel=2,
+            )
             path.unlink()
         elif path.is_dir():
             shutil.rmtree(path)

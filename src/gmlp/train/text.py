@@ -1582,7 +1582,8 @@ def _train_loop(
     # the first step (1-based) whose loss or gradient norm was not finite, -1 while none; its loss and norm
     bad_step = torch.full((), -1, dtype=torch.int64, device=accelerator.device)
     bad_values = torch.zeros(2, dtype=torch.float32, device=accelerator.device)
-    read_each_step = _reads_each_step(accelerator.device)
+    # (several processes: at the log, evaluation and save steps only, as on a GPU; each read is a collective)
+    read_each_step = _reads_each_step(accelerator.device) and accelerator.num_processes == 1
     checked: int | None = None  # the last step check_finite found finite (it reads the flag once a step)
     with _StopRequest() as stop:
         for step in range(start, total_steps):
