@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from text_corpus import SENTENCES, documents, write_corpus
+from text_corpus import SENTENCES, corpus_and_tokenizer
 from torch import nn
 
 import gmlp.kernels.cpu_linear as cpu_linear
@@ -217,13 +217,7 @@ TEXT_DEPTH = 2
 
 @pytest.fixture(scope="module")
 def corpus_and_tok(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from gmlp.train.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("text")
-    corpus = write_corpus(root / "corpus.txt")
-    tok = root / "tok"
-    train_tokenizer(documents(), vocab_size=150, model_max_length=32).save_pretrained(str(tok))
-    return corpus, tok
+    return corpus_and_tokenizer(tmp_path_factory.mktemp("text"))
 
 
 @pytest.mark.parametrize(

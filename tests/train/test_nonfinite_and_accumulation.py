@@ -16,13 +16,12 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from text_corpus import SENTENCES, documents, write_corpus
+from text_corpus import SENTENCES, corpus_and_tokenizer
 
 from gmlp.train import text as pipelines
 from gmlp.train import vision
 from gmlp.train.checkpoint import latest_checkpoint, load_checkpoint
 from gmlp.train.text import FinetuneConfig, PretrainConfig, finetune, pretrain
-from gmlp.train.tokenizer import train_tokenizer
 from gmlp.train.vision import VisionTrainConfig, train_vision
 
 ARCH = "gmlp" if pipelines.gmlp_available() else "bert"
@@ -97,11 +96,7 @@ def _latest_step(run: Path) -> int | None:
 
 @pytest.fixture(scope="module")
 def corpus_and_tok(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("text")
-    corpus = write_corpus(root / "corpus.txt")
-    tok = root / "tok"
-    train_tokenizer(documents(), vocab_size=150, model_max_length=32).save_pretrained(str(tok))
-    return corpus, tok
+    return corpus_and_tokenizer(tmp_path_factory.mktemp("text"))
 
 
 def _pretrain_cfg(corpus: Path, tok: Path, out: Path, **kw: Any) -> PretrainConfig:

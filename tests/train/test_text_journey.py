@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from text_corpus import SENTENCES, documents, write_corpus
+from text_corpus import SENTENCES, corpus_and_tokenizer
 
 from gmlp.data.text import TextDataError, load_text_splits
 from gmlp.train import text as pipelines
 from gmlp.train.checkpoint import latest_checkpoint
 from gmlp.train.recipe import ConfigError
 from gmlp.train.text import FinetuneConfig, PretrainConfig, finetune, pretrain
-from gmlp.train.tokenizer import train_tokenizer
 
 TINY = dict(layers=2, hidden=32, ffn=64, seq_len=32, batch_size=4, progress=False)
 ARCH = "gmlp" if pipelines.gmlp_available() else "bert"
@@ -28,10 +27,7 @@ needs_gmlp = pytest.mark.skipif(not pipelines.gmlp_available(), reason="gmlp.mod
 
 @pytest.fixture
 def corpus_and_tok(tmp_path: Path) -> tuple[Path, Path]:
-    corpus = write_corpus(tmp_path / "corpus.txt")
-    tok = tmp_path / "tok"
-    train_tokenizer(documents(), vocab_size=150, model_max_length=32).save_pretrained(str(tok))
-    return corpus, tok
+    return corpus_and_tokenizer(tmp_path)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from text_corpus import SENTENCES, documents, write_corpus
+from text_corpus import SENTENCES, corpus_and_tokenizer
 
 from gmlp.train import text as pipelines
 from gmlp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gmlp.train.recipe import ConfigError
 from gmlp.train.text import FinetuneConfig, PretrainConfig, finetune, pretrain
-from gmlp.train.tokenizer import train_tokenizer
 from gmlp.utils.io import CheckpointError
 
 TINY = dict(layers=2, hidden=32, ffn=64, seq_len=32, batch_size=4, progress=False)
@@ -26,11 +25,7 @@ ARCH = "gmlp" if pipelines.gmlp_available() else "bert"
 
 @pytest.fixture
 def corpus_and_tok(tmp_path: Path) -> tuple[Path, Path]:
-    corpus = write_corpus(tmp_path / "corpus.txt")
-    docs = documents()
-    tok = tmp_path / "tok"  # one tokenizer for every run (WordPiece ties: huggingface/tokenizers#1794)
-    train_tokenizer(docs, vocab_size=150, model_max_length=32).save_pretrained(str(tok))
-    return corpus, tok
+    return corpus_and_tokenizer(tmp_path)
 
 
 def _pretrain_cfg(corpus: Path, tok: Path, out: Path, **kw: object) -> PretrainConfig:

@@ -23,3 +23,15 @@ def write_corpus(path: Path) -> Path:
     """:func:`documents` as a plain-text corpus (blank lines between documents) at ``path``."""
     path.write_text("\n\n".join(documents()))
     return path
+
+
+def corpus_and_tokenizer(root: Path) -> tuple[Path, Path]:
+    """``(corpus, tokenizer folder)`` in ``root``: :func:`write_corpus` and a WordPiece tokenizer of 150 ids
+    trained on :func:`documents` (one tokenizer for every run of a test: WordPiece ties,
+    huggingface/tokenizers#1794)."""
+    from gmlp.train.tokenizer import train_tokenizer
+
+    corpus = write_corpus(root / "corpus.txt")
+    tok = root / "tok"
+    train_tokenizer(documents(), vocab_size=150, model_max_length=32).save_pretrained(str(tok))
+    return corpus, tok
