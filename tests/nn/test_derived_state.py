@@ -19,7 +19,6 @@ The fast paths (oneDNN on the CPU) are compared with ``GMLP_DISABLE_CPU_FUSION=1
 from __future__ import annotations
 
 import gc
-import os
 import re
 import sys
 import weakref
@@ -28,6 +27,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from fusion_switch import cpu_fusion
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -67,20 +67,6 @@ CONFIGS: dict[str, dict[str, object]] = {
 def _diagonal_sums_at_any_length(monkeypatch: pytest.MonkeyPatch) -> None:
     """The Toeplitz expansion takes its custom autograd function at these tiny lengths too."""
     monkeypatch.setattr(toeplitz_mod, "DIAGONAL_SUM_MIN_TOKENS", 1)
-
-
-@contextmanager
-def cpu_fusion(enabled: bool) -> Iterator[None]:
-    """The oneDNN fast path on (as the suite runs it) or off (the plain ops) while the block runs."""
-    old = os.environ.get("GMLP_DISABLE_CPU_FUSION")
-    os.environ["GMLP_DISABLE_CPU_FUSION"] = "0" if enabled else "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["GMLP_DISABLE_CPU_FUSION"]
-        else:
-            os.environ["GMLP_DISABLE_CPU_FUSION"] = old
 
 
 def make_block(config: str, seed: int = 0) -> GMLPBlock:

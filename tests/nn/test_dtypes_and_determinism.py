@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+from fusion_switch import cpu_fusion
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,19 +49,6 @@ def _deterministic() -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(before)
-
-
-@contextlib.contextmanager
-def _cpu_fusion(on: bool) -> Iterator[None]:
-    before = os.environ.get("GMLP_DISABLE_CPU_FUSION")
-    os.environ["GMLP_DISABLE_CPU_FUSION"] = "0" if on else "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["GMLP_DISABLE_CPU_FUSION"]
-        else:
-            os.environ["GMLP_DISABLE_CPU_FUSION"] = before
 
 
 # -- 1. float64 ---------------------------------------------------------------------------------------
@@ -163,7 +150,7 @@ def test_autocast_fast_path_agrees_with_autocast_ops(autocast: torch.dtype, trai
     x, mask = torch.randn(12, 3, 16), _mask(3, 12)
     results = []
     for fusion in (True, False):
-        with _cpu_fusion(fusion), torch.set_grad_enabled(train):
+        with cpu_fusion(fusion), torch.set_grad_enabled(train):
             if train:
                 results.append(_outputs(block, x, mask, autocast))
             else:
