@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import operator
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -375,17 +376,34 @@ class TensorSource(ImageSource):
         return Image.fromarray(img.permute(1, 2, 0).numpy(), "RGB")
 
 
-def _seed_all(seed: int) -> None:
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU generator seeded by ``seed`` inside; their states put back on exit.
+
+    Put back: with ``num_workers=0`` the transform runs in the training process, whose own random streams
+    (dropout, mixup, a user's loop) then went on from the last sample's seed, so that they, and the results,
+    depended on the number of workers. Only the CPU generator is seeded (``torch.manual_seed`` also reseeded
+    every CUDA generator of the training process): the transforms draw on the CPU."""
+    states = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.default_generator.set_state(states[2])
 
 
 class TransformedImages(Dataset):
     """``source`` images converted to ``mode`` ("L" or "RGB") and transformed.
 
     Items are addressed by an index or an ``(index, seed)`` pair; with a seed, Python's, NumPy's and
-    torch's generators are seeded before the transform runs. A corrupt image gives ``None`` (skipped by
+    torch's (CPU) generators are seeded for the transform and put back after it, so an item depends on its
+    index and seed alone, and loading it in the caller's process (``num_workers=0``) leaves the caller's
+    random streams as they were, as loading it in a worker process does. An index outside ``[-len, len)``
+    raises ``IndexError``. A corrupt image gives ``None`` (skipped by
     :func:`collate_skipping`) or, with ``strict``, raises :class:`CorruptImageError` naming the file.
     """
 
@@ -401,6 +419,18 @@ class TransformedImages(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | None:
         index, seed = key if isinstance(key, tuple) else (key, None)
+        # checked before loading: an index past the end (a sampler built for another dataset) raised an
+        # IndexError inside the source, which was taken for a corrupt image: skipped and counted (or, with
+        # strict, reported as "corrupt image sample N"), and `list(dataset)` / `for x in dataset` never ended
+        try:
+            index = operator.index(index)
+        except TypeError:
+            raise TypeError(
+                f"TransformedImages index must be an integer or an (index, seed) pair, got {key!r}"
+            ) from None
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for a dataset of {len(self)} images")
+        index %= len(self)  # a negative index counts from the end, as for a list
         try:
             img = self.source.load(index)
             img = _to_8_bit(img).convert(self.mode)
@@ -418,9 +448,10 @@ class TransformedImages(Dataset):
                     f"(run without --strict-images to skip and count such files)"
                 ) from err
             return None
-        if seed is not None:
-            _seed_all(seed)
-        return self.transform(img), self.source.labels[index]
+        if seed is None:
+            return self.transform(img), self.source.labels[index]
+        with _seeded(seed):
+            return self.transform(img), self.source.labels[index]
 
 
 def collate_skipping(batch: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import operator
 import os
 import struct
 from dataclasses import dataclass
@@ -139,17 +140,31 @@ def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> 
 def load_digits_split(split: str = "train", test_size: int = 297, seed: int = 0) -> ImageSplit:
     """scikit-learn's bundled 8x8 digits (1,797 images, no download), as a fixed seeded train/test split.
 
-    Pixel values 0..16 are scaled to 0..255.
+    Pixel values 0..16 are scaled to 0..255. ``test_size`` (the images of the test split) must leave the
+    split asked for non-empty: ``0 <= test_size < 1797`` for ``"train"``, ``1 <= test_size <= 1797`` for
+    ``"test"``.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    total = len(digits.target)
+    low, high = (1, total) if split == "test" else (0, total - 1)
+    # a negative size sliced from the end (test_size=-5: a test split of 1792 images, a train split of 5)
+    try:
+        size = None if isinstance(test_size, bool) else operator.index(test_size)  # (NumPy ints too)
+    except TypeError:
+        size = None
+    if size is None or not low <= size <= high:
+        raise ValueError(
+            f"test_size must be an integer in [{low}, {high}] (the {total} digits split into test and train; "
+            f"the {split} split must not be empty), got {test_size!r}"
+        )
     images = torch.from_numpy(digits.images).mul(255.0 / 16.0).round().clamp(0, 255).to(torch.uint8)
     labels = torch.from_numpy(digits.target).long()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    idx = order[:test_size] if split == "test" else order[test_size:]
+    idx = order[:size] if split == "test" else order[size:]
     return ImageSplit(images[idx].unsqueeze(1).contiguous(), labels[idx], tuple(str(i) for i in range(10)))
 
 
