@@ -327,3 +327,26 @@ def test_resume_with_overwrite_is_refused_in_the_python_api(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r"resume=True continues .* config\.overwrite=True removes it"):
         train_vision(config, resume=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_training_set_of_unreadable_images_is_an_error_not_a_trained_model(tmp_path: Path) -> None:
+    """Every training image corrupt (or unreadable for want of permission): the epoch trained on nothing,
+    logged a training loss of 0 and wrote model.safetensors; now the run stops at the epoch's end."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                path = root / split / c / f"{i}.png"
+                if split == "train":
+                    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 8)
+                else:
+                    Image.new("RGB", (28, 28), (40 * i, 80, 120)).save(path)
+    cfg = VisionTrainConfig(model="gmlp_micro4_28", dataset="imagefolder", data_root=str(root), epochs=1,
+                            batch_size=4, warmup_steps=0, augment=False, progress=False, threads=1, workers=0,
+                            tensorboard=False, plot=False, output=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"every training image of epoch 1 was unreadable \(8 skipped"):
+        train_vision(cfg)
+    assert not (tmp_path / "run" / "model.safetensors").exists()

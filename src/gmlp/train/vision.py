@@ -769,6 +769,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         out.mkdir(parents=True, exist_ok=True)
 
     step, loss_sum, loss_count, skipped_total = 0, 0.0, 0, 0
+    epoch_read = 0  # readable training images of this process in this epoch (PIL pipeline)
     fingerprint = _fingerprint(config, env.world_size)
     metrics_path = out / "metrics.jsonl"
     ckpt = None
@@ -1018,6 +1019,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
             else:
                 x, y, skipped = next(batches)
                 skipped_total += skipped
+                epoch_read += len(y)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             _seed_all(_micro_seed(sseed, env.rank, m))
             if mixup_fn is not None and len(y) % 2:  # a skipped corrupt image left an odd batch
@@ -1085,7 +1087,13 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
             bar = None
         if step % steps_per_epoch == 0:  # epoch finished
             flush_loss()
-            total_loss, total_skipped = all_reduce_sum(env, [loss_sum, skipped_total])
+            total_loss, total_skipped, total_read = all_reduce_sum(env, [loss_sum, skipped_total, epoch_read])
+            if batches is not None and total_read == 0:  # (a loss of 0 over no image: a "trained" model)
+                raise ConfigError(
+                    f"every training image of epoch {step // steps_per_epoch} was unreadable "
+                    f"({int(total_skipped)} skipped as corrupt): check --data-root and the files' "
+                    f"permissions, or run with --strict-images to stop at the first one with its error"
+                )
             if not fsdp:  # FSDP processes hold different shards, no replicas to compare
                 assert_in_sync(env, raw_model)
             test = run_eval(model)
@@ -1125,7 +1133,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
                     f"({m_['epoch_seconds']:.0f}s)",
                     flush=True,
                 )
-            loss_sum, loss_count, skipped_total = 0.0, 0, 0
+            loss_sum, loss_count, skipped_total, epoch_read = 0.0, 0, 0, 0
         if step % steps_per_epoch == 0 or step == stop_at:
             checkpoint()
     if bar is not None:
