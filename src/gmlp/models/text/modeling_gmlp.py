@@ -22,6 +22,7 @@ token ids. Outputs at padded positions are unspecified.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -1207,12 +1208,14 @@ class GMLPForQuestionAnswering(GMLPPreTrainedModel):
 
 # Keyword arguments that generate() (4.x or 5.x) or Trainer may pass: the cache ones, which a cache-free gMLP
 # accepts where they change nothing (use_cache; past_key_values/cache None or empty; cache_position None or
-# 0 .. seq_len - 1), position_ids (checked to be the positions the model uses), logits_to_keep and Trainer's
-# num_items_in_batch (both honoured).
+# 0 .. seq_len - 1), position_ids (checked to be the positions the model uses) and Trainer's
+# num_items_in_batch (honoured). (logits_to_keep and num_logits_to_keep are named arguments of forward().)
 _IGNORED_GENERATION_KWARGS = frozenset(
-    {"use_cache", "past_key_values", "cache", "cache_position", "position_ids", "logits_to_keep",
-     "num_logits_to_keep", "num_items_in_batch"}
+    {"use_cache", "past_key_values", "cache", "cache_position", "position_ids", "num_items_in_batch"}
 )
+# The names generate() gives "compute the last position's logits only": logits_to_keep (transformers after
+# 4.48) and num_logits_to_keep (4.45 - 4.48). It passes one (= 1) when forward() names it in its signature.
+_KEEP_KWARGS = ("logits_to_keep", "num_logits_to_keep")
 
 
 class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
@@ -1222,9 +1225,11 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
     ``causal=False`` it uses a copy with ``causal=True`` (``model.config.causal`` is True, so it is saved
     that way) and leaves the caller's config unchanged.
 
-    ``generate()`` works without a key/value cache: every step re-runs the model on the whole prefix (the
-    token mixing of gMLP has no cache in this implementation), so sequences can grow up to
-    ``max_position_embeddings`` tokens. Left-padded batches are fine (see the module docstring).
+    ``generate()`` works without a key/value cache: every step re-runs the blocks on the whole prefix (the
+    token mixing of gMLP has no cache in this implementation; ``lm_head`` runs on the last position only),
+    so the model reads at most ``max_position_embeddings`` tokens: a longer prompt is refused before the
+    first step. Padded batches are fine, the padding on either side (see
+    :meth:`prepare_inputs_for_generation`).
 
     Raises:
         ValueError: a config with ``sgu_variant="mixer"``, which cannot mix tokens causally.
@@ -1277,11 +1282,48 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
             "assistant_early_exit"
         )
 
+    def _validate_generated_length(
+        self, generation_config: Any, input_ids_length: int, has_default_max_length: bool
+    ) -> None:
+        """``generate()``'s length check (same signature on transformers 4.45 to 5.x), with gMLP's limit: the
+        spatial W covers ``max_position_embeddings`` (n) tokens and there is no cache to go beyond, so a
+        prompt longer than n is refused here, before any step, naming both lengths and how to truncate. A
+        ``max_length`` (prompt + ``max_new_tokens``) above n + 1 warns before the first step: the
+        model reads at most n tokens (the last of n + 1 tokens is predicted from n), so unless a stop token
+        or a stopping criterion ends every sequence first, generation raises when it passes n + 1 tokens.
+
+        Raises:
+            ValueError: the prompt (``input_ids``, padding included) is longer than
+                ``max_position_embeddings``; or transformers' own length errors.
+        """
+        n = self.config.max_position_embeddings
+        if input_ids_length > n:
+            raise ValueError(
+                f"generate() got a prompt of {input_ids_length} tokens (input_ids.shape[1], padding "
+                f"included), more than max_position_embeddings={n}, the most this gMLP takes (its spatial W "
+                f"covers {n} tokens and there is no key/value cache to go beyond it): truncate the prompt to "
+                f"at most {n} tokens (tokenizer(..., truncation=True, max_length={n}); the text-generation "
+                f"pipeline takes truncation=True or handle_long_generation='hole')"
+            )
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        max_length = getattr(generation_config, "max_length", None)
+        if max_length is not None and max_length > n + 1:
+            warnings.warn(
+                f"generate() may make up to {max_length} tokens (the prompt's {input_ids_length} and up to "
+                f"{max_length - input_ids_length} new ones), but this gMLP reads at most "
+                f"max_position_embeddings={n} tokens (no key/value cache): unless a stop token ends every "
+                f"sequence first, it raises when a sequence passes {n + 1} tokens; ask for at most {n} "
+                f"tokens in all, with max_length <= {n} or max_new_tokens <= {n - input_ids_length}",
+                UserWarning,
+                stacklevel=2,
+            )
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """The whole prefix at every step (no cache). Generation starts from ``input_ids`` only
@@ -1293,7 +1335,11 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         :meth:`forward` for a gMLP without it). ``position_ids`` given to ``generate`` (extended by
         transformers each step) are checked as :meth:`forward` checks them: only the positions the model uses
         anyway (``0 ..`` in each row with its padding deleted) are accepted, since gMLP has no position
-        embeddings to give them another meaning.
+        embeddings to give them another meaning. Rows with padding after a real token (right- or
+        inner-padded prompts) are handed to the model with their real tokens moved to the end (in order),
+        so the last position, whose logits ``generate()`` reads, is the last real token: such a prompt
+        generates what it generates alone, as a left-padded one does (the hidden states and attention maps
+        of those rows are then in that left-padded layout).
 
         Raises:
             ValueError: the sequence grew past ``max_position_embeddings`` (``max_new_tokens`` or
@@ -1308,8 +1354,8 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
                 f"there is no key/value cache to go beyond it): ask for at most {n} tokens in all, with "
                 f"max_length <= {n} or max_new_tokens <= {n} - prompt length"
             )
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None:  # generate(position_ids=...): not passed on, so checked here
+        if position_ids is not None:  # generate(position_ids=...): not passed on, so checked here (named in
+            # the signature: transformers 4.45's generate() refused it as "not used by the model")
             two_d = isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2
             k = position_ids.shape[-1] if two_d else 0
             if 0 < k < length:  # (a transformers version that does not extend them: their prompt part)
@@ -1317,11 +1363,25 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
                 _check_position_ids(position_ids, prefix, (input_ids.shape[0], k))
             else:
                 _check_position_ids(position_ids, attention_mask, tuple(input_ids.shape))
+        if (
+            isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+            and attention_mask.shape == input_ids.shape
+        ):  # (a mask of another shape: forward() names it)
+            # generate() reads the logits of the last position, which in a right- or inner-padded row is a
+            # pad (an unspecified output: that row's first new token was garbage). With the real tokens
+            # moved to the end of the row, in order, the last position is the last real token, and the
+            # outputs at real tokens are exactly those of the row (padding is deleted wherever it is).
+            # Left-padded and unpadded rows are unchanged (the pads first, then the real tokens, each in
+            # order); no host read.
+            order, _ = _kept_first(attention_mask == 0)
+            input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+            if isinstance(token_type_ids, torch.Tensor) and token_type_ids.shape == order.shape:
+                token_type_ids = token_type_ids.gather(1, order)
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:  # generate() extends them each step; a bad shape: forward() names it
             inputs["token_type_ids"] = token_type_ids
-        for flag in ("output_hidden_states", "output_attentions"):
-            if kwargs.get(flag) is not None:
+        for flag in ("output_hidden_states", "output_attentions", *_KEEP_KWARGS):
+            if kwargs.get(flag) is not None:  # (logits_to_keep = 1: lm_head runs on the last position only)
                 inputs[flag] = kwargs[flag]
         return inputs
 
@@ -1335,6 +1395,8 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         output_attentions: bool | None = None,
+        logits_to_keep: int | torch.Tensor | None = None,
+        num_logits_to_keep: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutput | tuple[torch.Tensor, ...]:
         """Next-token logits ``(batch, seq_len, vocab_size)``; with ``labels`` (``(batch, seq_len)``, usually
@@ -1346,11 +1408,13 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         :meth:`GMLPModel.forward`.
 
         Keyword arguments of transformers' causal LMs: ``logits_to_keep`` (or ``num_logits_to_keep``) as
-        there: 0 = all positions, an int k = the logits of the last k positions only, a 1-D integer tensor =
-        those positions (the loss still covers every position). ``position_ids`` are accepted where they
-        are the positions the model uses anyway (``0 .. seq_len - 1`` in each row with its padding
-        deleted, what ``generate()`` computes) and refused otherwise: gMLP has no position embeddings, so
-        it cannot honour packed sequences (``DataCollatorWithFlattening``) or shifted positions. The cache
+        there: 0 or None = all positions, an int k = the logits of the last k positions only, a 1-D integer
+        tensor = those positions (the loss still covers every position). Both are named in the signature, so
+        ``generate()`` passes 1 and each step runs ``lm_head`` on the last position only, not the whole
+        prefix. ``position_ids`` are accepted where they are the positions the model uses anyway (``0 ..
+        seq_len - 1`` in each row with its padding deleted, what ``generate()`` computes) and refused
+        otherwise: gMLP has no position embeddings, so it cannot honour packed sequences
+        (``DataCollatorWithFlattening``) or shifted positions. The cache
         arguments are accepted where they change nothing: there is no cache, and the model always reads the
         whole sequence in ``input_ids``. ``use_cache`` is ignored (no cache is returned); ``past_key_values``
         must be None or an empty cache and ``cache_position`` None or ``0 .. seq_len - 1``: a cache holding
@@ -1372,7 +1436,7 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         unknown = sorted(set(kwargs) - _IGNORED_GENERATION_KWARGS)
         if unknown:
             raise TypeError(f"GMLPForCausalLM.forward() got unexpected keyword arguments {unknown}")
-        keep = kwargs.get("logits_to_keep", kwargs.get("num_logits_to_keep", 0))
+        keep = logits_to_keep if logits_to_keep is not None else num_logits_to_keep
         keep = 0 if keep is None else keep
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         vocab = self.lm_head.out_features
