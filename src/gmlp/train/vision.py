@@ -1090,9 +1090,10 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
             total_loss, total_skipped, total_read = all_reduce_sum(env, [loss_sum, skipped_total, epoch_read])
             if batches is not None and total_read == 0:  # (a loss of 0 over no image: a "trained" model)
                 raise ConfigError(
-                    f"every training image of epoch {step // steps_per_epoch} was unreadable "
-                    f"({int(total_skipped)} skipped as corrupt): check --data-root and the files' "
-                    f"permissions, or run with --strict-images to stop at the first one with its error"
+                    f"every training image read in epoch {step // steps_per_epoch} (since its start, or "
+                    f"since the resume) was unreadable ({int(total_skipped)} skipped as corrupt): check "
+                    f"--data-root and the files' permissions, or run with --strict-images to stop at the "
+                    f"first one with its error"
                 )
             if not fsdp:  # FSDP processes hold different shards, no replicas to compare
                 assert_in_sync(env, raw_model)

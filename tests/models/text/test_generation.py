@@ -93,8 +93,8 @@ def test_a_prompt_longer_than_the_window_is_refused_before_any_step(lengths: dic
     calls: list[int] = []
     handle = _MODEL.register_forward_hook(lambda *_: calls.append(1))
     try:
-        match = (rf"prompt of {SEQ + 1} tokens .*more than max_position_embeddings={SEQ}.*truncate the "
-                 rf"prompt to at most {SEQ} tokens")
+        match = (rf"prompt of {SEQ + 1} tokens .*more than max_position_embeddings={SEQ}.*keep the prompt's "
+                 rf"last {SEQ} \+ 1 - max_new_tokens tokens at most .*truncation_side='left'")
         with pytest.raises(ValueError, match=match):
             _MODEL.generate(torch.full((2, SEQ + 1), 7), do_sample=False, **lengths)
     finally:
@@ -109,7 +109,7 @@ def test_a_max_length_past_the_window_warns_before_the_first_step() -> None:
     free = _MODEL.generate(prompt, max_new_tokens=3, do_sample=False)
     eos = int(free[0, 6])
     with pytest.warns(UserWarning, match=rf"up to {SEQ + 6} tokens \(the prompt's 4 and up to {SEQ + 2} new "
-                      rf"ones\).*max_position_embeddings={SEQ}.*max_new_tokens <= {SEQ - 4}"):  # fmt: skip
+                      rf"ones\).*max_position_embeddings={SEQ}.*max_new_tokens <= {SEQ - 3}"):  # fmt: skip
         stopped = _MODEL.generate(prompt, max_new_tokens=SEQ + 2, do_sample=False, eos_token_id=eos)
     assert torch.equal(stopped, free)
 

@@ -1301,9 +1301,10 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"generate() got a prompt of {input_ids_length} tokens (input_ids.shape[1], padding "
                 f"included), more than max_position_embeddings={n}, the most this gMLP takes (its spatial W "
-                f"covers {n} tokens and there is no key/value cache to go beyond it): truncate the prompt to "
-                f"at most {n} tokens (tokenizer(..., truncation=True, max_length={n}); the text-generation "
-                f"pipeline takes truncation=True or handle_long_generation='hole')"
+                f"covers {n} tokens and there is no key/value cache to go beyond it): keep the prompt's last "
+                f"{n} + 1 - max_new_tokens tokens at most (n + 1 tokens in all: the last is predicted from "
+                f"n), e.g. tokenizer(..., truncation=True, max_length=...) with truncation_side='left', or "
+                f"the text-generation pipeline's handle_long_generation='hole'"
             )
         super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
         max_length = getattr(generation_config, "max_length", None)
@@ -1312,10 +1313,10 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
                 f"generate() may make up to {max_length} tokens (the prompt's {input_ids_length} and up to "
                 f"{max_length - input_ids_length} new ones), but this gMLP reads at most "
                 f"max_position_embeddings={n} tokens (no key/value cache): unless a stop token ends every "
-                f"sequence first, it raises when a sequence passes {n + 1} tokens; ask for at most {n} "
-                f"tokens in all, with max_length <= {n} or max_new_tokens <= {n - input_ids_length}",
+                f"sequence first, it raises when a sequence passes {n + 1} tokens; ask for at most {n + 1} "
+                f"tokens in all, with max_length <= {n + 1} or max_new_tokens <= {n + 1 - input_ids_length}",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
 
     def prepare_inputs_for_generation(
