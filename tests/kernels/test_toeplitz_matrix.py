@@ -30,7 +30,7 @@ def _diagonal_oracle(grad: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 @given(
     seq_len=st.integers(1, 24),
-    frac=st.floats(0.0, 1.0),
+    frac=st.floats(0.0, 1.0, allow_subnormal=False),
     heads=st.sampled_from([None, 1, 3]),
     seed=st.integers(0, 2**16),
 )
