@@ -170,14 +170,19 @@ def test_a_variant_of_another_type_is_named(variant: object) -> None:
         (dict(causal="yes"), TypeError, "causal must be True or False, got 'yes'"),
         (dict(toeplitz=1), TypeError, "toeplitz must be True or False, got 1"),
         (dict(init_std=-1.0), ValueError, r"init_std must be a number in \[0, inf\)"),
-        (dict(fft_threshold=0), ValueError, "fft_threshold must be an int >= 1, got 0"),
+        (dict(toeplitz=True), ValueError, "variant 'none' has no token projection.*got toeplitz=True"),
+        (dict(heads=2), ValueError, "variant 'none' has no token projection.*heads=2"),
+        (dict(toeplitz=True, fft_threshold=4), ValueError, "no token projection.*fft_threshold=4"),
     ],
 )
 def test_variant_none_still_checks_the_projection_arguments(kwargs, error, message) -> None:
-    """variant='none' builds no projection; its arguments were dropped unseen, whatever they were."""
+    """variant='none' builds no projection; its arguments were dropped unseen, whatever they were, and
+    settings of the projection it does not have (toeplitz, heads, fft_threshold) were silently ignored."""
     with pytest.raises(error, match=message):
         SpatialGatingUnit(16, 6, variant="none", **kwargs)
-    SpatialGatingUnit(16, 6, variant="none", causal=True, toeplitz=True, init_std=0.0)  # good ones still work
+    with pytest.raises(ValueError, match="heads=2"):
+        GMLPBlock(8, 16, 6, variant="none", heads=2)
+    SpatialGatingUnit(16, 6, variant="none", causal=True, init_std=0.0)  # good ones still work
 
 
 def test_drop_path_module_checks_batch_dim() -> None:

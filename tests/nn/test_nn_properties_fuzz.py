@@ -57,8 +57,10 @@ def block_configs(draw, causal: bool | None = None, max_len: int = 40) -> dict[s
     if variant == "mixer":
         cfg["token_mlp_dim"] = draw(st.none() | st.integers(1, 7))
         return cfg
-    cfg["toeplitz"] = draw(st.booleans())
     cfg["causal"] = draw(st.booleans()) if causal is None else causal
+    if variant == "none":  # no token projection: its settings are refused
+        return cfg
+    cfg["toeplitz"] = draw(st.booleans())
     # heads leave at least 3 channels per head: each head's slice goes through the gate LayerNorm's mean
     cfg["heads"] = draw(st.sampled_from([h for h in range(1, gate + 1) if gate % h == 0 and gate // h >= 3]))
     if cfg["toeplitz"] and draw(st.booleans()):

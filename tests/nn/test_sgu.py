@@ -271,6 +271,8 @@ def test_sgu_padding_equals_unpadded_run(
     torch.manual_seed(seed)
     dim = 8
     n = max(lengths) + extra
+    if variant == "none":  # no token projection to configure
+        toeplitz, heads = False, 1
     sgu = SpatialGatingUnit(dim, 10, variant=variant, toeplitz=toeplitz, causal=causal, heads=heads)
     randomize_(sgu)
     mask = right_padding_mask(lengths, n)

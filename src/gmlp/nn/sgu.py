@@ -338,12 +338,16 @@ class SpatialGatingUnit(nn.Module):
             )
         heads = heads_int
         if variant == "none":
-            # no projection to build, but its arguments are still checked (not dropped unseen)
-            check_flag(toeplitz, "toeplitz")
+            # no projection to build, but its arguments are still checked (not dropped unseen); the
+            # settings of the token projection would be silently ignored, so they are refused
+            if check_flag(toeplitz, "toeplitz") or heads != 1 or fft_threshold is not None:
+                raise ValueError(
+                    f"variant 'none' has no token projection: toeplitz, heads and fft_threshold do not apply "
+                    f"(expected False, 1 and None), got toeplitz={toeplitz!r}, heads={heads!r}, "
+                    f"fft_threshold={fft_threshold!r}"
+                )
             check_flag(causal, "causal")
             check_number(init_std, "init_std")
-            if fft_threshold is not None:
-                check_int(fft_threshold, "fft_threshold")
             self.norm = None
             self.proj = None
         else:

@@ -513,7 +513,7 @@ class GMLPModel(GMLPPreTrainedModel):
                 d, config.intermediate_size, config.max_position_embeddings,
                 variant=config.sgu_variant, causal=config.causal,
                 # (toeplitz concerns the single projection W: "mixer" has none)
-                toeplitz=config.toeplitz and config.sgu_variant != "mixer",
+                toeplitz=config.toeplitz and config.sgu_variant not in ("mixer", "none"),
                 token_mlp_dim=getattr(config, "sgu_token_mlp_dim", None),
                 heads=config.sgu_heads, attn_dim=config.tiny_attn_size, drop_path=p,
                 dropout=config.hidden_dropout_prob, norm_eps=config.layer_norm_eps,
