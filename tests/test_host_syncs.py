@@ -174,7 +174,7 @@ _LABELS = _IDS.masked_fill(torch.arange(N) % 2 == 0, -100)  # 4 labelled tokens 
 #   token labels (range), before the model runs: 1
 #   exact sparse prediction (the labelled rows: a data-dependent shape): 1
 #   max_predictions_per_seq (a row's labelled tokens counted): 1
-#   sequence classification / QA targets (range), after the model: 1
+#   QA targets (range), after the model: 1; sequence-classification labels (range), before the model: 1
 _CASES: dict[str, tuple[Callable[[], torch.nn.Module], dict[str, torch.Tensor], int, int]] = {
     "mlm": (lambda: GMLPForMaskedLM(_config()), {"labels": _LABELS}, 2, 1),
     "mlm_sparse": (lambda: GMLPForMaskedLM(_config(sparse_prediction=True)), {"labels": _LABELS}, 3, 1),

@@ -136,13 +136,16 @@ def _labels_first(
     classes: str = "vocab_size",
 ) -> Any:
     """Token ``labels`` checked (:func:`_check_labels`) before the model runs, against the shape of the
-    ids or embeddings: on a GPU the range check's read-back then waits for the previous step only, not for
-    this step's forward. Returned unchanged when the inputs are not tensors (the model reports those).
-    ``classes`` names ``num_classes`` in the message (``num_labels`` for token classification)."""
+    ids or embeddings, then moved to ``device``. The range check runs where the labels are: labels still on
+    the CPU are read there (no read-back from the GPU at all), and on a GPU the read-back waits for the
+    previous step only, not for this step's forward. Returned unchanged when the inputs are not tensors (the
+    model reports those). ``classes`` names ``num_classes`` in the message (``num_labels`` for token
+    classification)."""
     source = input_ids if input_ids is not None else inputs_embeds
     if labels is None or not isinstance(source, torch.Tensor) or source.dim() < 2:
         return labels
-    return _check_labels(labels, tuple(source.shape[:2]), device, num_classes, classes=classes)
+    where = labels.device if isinstance(labels, torch.Tensor) else device
+    return _check_labels(labels, tuple(source.shape[:2]), where, num_classes, classes=classes).to(device)
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -893,7 +896,11 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
     - ``"single_label_classification"`` (cross-entropy): class ids in ``[0, num_labels)`` of any integer
       dtype (cast to int64), shape ``(batch,)`` or ``(batch, 1)``; -100 = example ignored.
     - ``"multi_label_classification"`` (BCE with logits): targets in ``[0, 1]`` of shape
-      ``(batch, num_labels)``, float, integer or bool (cast to the logits' dtype).
+      ``(batch, num_labels)``, float, integer or bool (integer and bool ones cast to the logits' dtype).
+
+    Float labels (regression, multi-label) are compared with the logits in the dtype torch promotes both to,
+    as in BERT: float32 labels of a bf16 model, or under bf16 autocast, are not rounded to bf16. Labels are
+    checked before the model runs, so a bad one costs no forward pass.
 
     When ``config.problem_type`` is None, the first call with labels infers it as transformers does
     (``num_labels == 1``: regression; integer labels: single-label; float or bool labels: multi-label) and
@@ -945,6 +952,13 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
                 than -100, multi-label targets outside ``[0, 1]``, or bad inputs.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        # The labels are checked before the model runs (a bad label costs no forward) and where they are:
+        # labels still on the CPU are read there, and on a GPU the range check's read-back waits for the
+        # previous step only, not for this step's forward. (Inputs that are not tensors: the model says so.)
+        source = input_ids if input_ids is not None else inputs_embeds
+        checked = None
+        if labels is not None and isinstance(source, torch.Tensor) and source.dim() >= 2:
+            checked = self._checked_labels(labels, source.shape[0])
         out = self.gmlp(
             input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states, True,
             output_attentions=output_attentions,
@@ -959,7 +973,11 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
             token = h[torch.arange(h.shape[0], device=h.device), index.to(h.device)]
         pooled = torch.tanh(self.pooler(self.dropout(token)))
         logits = self.classifier(self.dropout(pooled))
-        loss = None if labels is None else self._loss(logits, labels)
+        loss = None
+        if labels is not None:
+            if checked is None:  # (not reached: the model refused the inputs)
+                checked = self._checked_labels(labels, logits.shape[0])
+            loss = self._loss(logits, checked)
         return _as_tuple(
             SequenceClassifierOutput(
                 loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
@@ -967,10 +985,17 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
             return_dict,
         )
 
-    def _loss(self, logits: torch.Tensor, labels: Any) -> torch.Tensor:
-        """The loss of ``logits`` ``(batch, num_labels)`` for ``labels``, after checking them against
-        ``config.problem_type`` (inferred and stored when None, see the class docstring)."""
-        batch, k = logits.shape
+    def _checked_labels(self, labels: Any, batch: int) -> tuple[str, torch.Tensor]:
+        """``(problem_type, labels)``: ``labels`` checked against ``config.problem_type`` (inferred when None,
+        see the class docstring, but not stored here) for a batch of ``batch`` examples, on their own device
+        (nothing is read back from another one), reshaped to ``(batch,)`` (class ids as int64, regression
+        with one label) or ``(batch, num_labels)``.
+
+        Raises:
+            ValueError: labels of the wrong type, shape or dtype for the problem type, class ids outside
+                ``[0, num_labels)`` other than -100, multi-label targets outside ``[0, 1]``.
+        """
+        k = self.num_labels
         if not isinstance(labels, torch.Tensor):
             raise ValueError(
                 "labels must be a torch.Tensor of shape (batch,) (class ids, or regression values) or "
@@ -995,41 +1020,52 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
         context = f"config.problem_type={problem_type!r} ({origin})"
 
         if problem_type == "single_label_classification":
-            labels = _check_labels(
-                labels, (batch,), logits.device, k, layout="(batch,)", classes="num_labels",
+            return problem_type, _check_labels(
+                labels, (batch,), labels.device, k, layout="(batch,)", classes="num_labels",
                 note=f"of class ids (-100 = example ignored) for {context}",
             )
-            loss = CrossEntropyLoss()(logits, labels)
-        else:
-            regression = problem_type == "regression"
-            column = regression and k == 1
-            shape = (batch,) if column else (batch, k)
-            dtype_ok = (
-                labels.dtype.is_floating_point or _is_integer(labels.dtype)
-                or (labels.dtype == torch.bool and not regression)
+        regression = problem_type == "regression"
+        column = regression and k == 1
+        shape = (batch,) if column else (batch, k)
+        dtype_ok = (
+            labels.dtype.is_floating_point or _is_integer(labels.dtype)
+            or (labels.dtype == torch.bool and not regression)
+        )
+        shape_ok = tuple(labels.shape) == shape or (column and tuple(labels.shape) == (batch, 1))
+        if not (dtype_ok and shape_ok):
+            accepted = f"(batch,) = {shape} or (batch, 1)" if column else f"(batch, num_labels) = {shape}"
+            what = "(integer labels are cast)" if regression else (
+                "of 0/1 or probability targets (integer and bool labels are cast)"
             )
-            shape_ok = tuple(labels.shape) == shape or (column and tuple(labels.shape) == (batch, 1))
-            if not (dtype_ok and shape_ok):
-                accepted = f"(batch,) = {shape} or (batch, 1)" if column else f"(batch, num_labels) = {shape}"
-                what = "(integer labels are cast)" if regression else (
-                    "of 0/1 or probability targets (integer and bool labels are cast)"
-                )
+            raise ValueError(
+                f"labels must be a float tensor of shape {accepted} {what} for {context}, "
+                f"got {_describe(labels)}"
+            )
+        labels = labels.reshape(shape)
+        if not regression and labels.dtype != torch.bool and host_checks_enabled(labels):
+            bad = (labels < 0) | (labels > 1)
+            if bool(bad.any()):
                 raise ValueError(
-                    f"labels must be a float tensor of shape {accepted} {what} for {context}, "
-                    f"got {_describe(labels)}"
+                    f"labels contains {labels[bad][0].item()} outside [0, 1]: multi-label targets are 0/1 or "
+                    f"probabilities ({context})"
                 )
-            target = labels.reshape(shape).to(device=logits.device, dtype=logits.dtype)
-            if regression:
-                loss = MSELoss()(logits.reshape(shape), target)
-            else:
-                if host_checks_enabled(target):
-                    bad = (target < 0) | (target > 1)
-                    if bool(bad.any()):
-                        raise ValueError(
-                            f"labels contains {float(target[bad][0])} outside [0, 1]: multi-label targets "
-                            f"are 0/1 or probabilities ({context})"
-                        )
-                loss = BCEWithLogitsLoss()(logits, target)
+        return problem_type, labels
+
+    def _loss(self, logits: torch.Tensor, checked: tuple[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of ``logits`` ``(batch, num_labels)`` for the labels :meth:`_checked_labels` returned;
+        stores an inferred problem type in ``config.problem_type``. Float targets are compared in the dtype
+        torch promotes the logits and labels to (as BERT's losses do): float32 labels of a bf16 model (or
+        under bf16 autocast) are not rounded to bf16. Integer and bool targets take the logits' dtype."""
+        problem_type, labels = checked
+        if problem_type == "single_label_classification":
+            loss = CrossEntropyLoss()(logits, labels.to(logits.device))
+        else:
+            dtype = logits.dtype
+            if labels.dtype.is_floating_point:
+                dtype = torch.promote_types(dtype, labels.dtype)
+            target = labels.to(device=logits.device, dtype=dtype)
+            loss_fct = MSELoss() if problem_type == "regression" else BCEWithLogitsLoss()
+            loss = loss_fct(logits.reshape(target.shape).to(dtype), target)
         if self.config.problem_type is None:  # only once the labels passed the checks
             self.config.problem_type = self._inferred_problem_type = problem_type
         return loss
@@ -1408,19 +1444,19 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         nothing, so left- or inner-padded rows get exactly the loss of the unpadded rows. Other arguments:
         :meth:`GMLPModel.forward`.
 
-        Keyword arguments of transformers' causal LMs: ``logits_to_keep`` (or ``num_logits_to_keep``) as
-        there: 0 or None = all positions, an int k = the logits of the last k positions only, a 1-D integer
-        tensor = those positions (the loss still covers every position). Both are named in the signature, so
-        ``generate()`` passes 1 and each step runs ``lm_head`` on the last position only, not the whole
-        prefix. ``position_ids`` are accepted where they are the positions the model uses anyway (``0 ..
-        seq_len - 1`` in each row with its padding deleted, what ``generate()`` computes) and refused
-        otherwise: gMLP has no position embeddings, so it cannot honour packed sequences
-        (``DataCollatorWithFlattening``) or shifted positions. The cache
-        arguments are accepted where they change nothing: there is no cache, and the model always reads the
-        whole sequence in ``input_ids``. ``use_cache`` is ignored (no cache is returned); ``past_key_values``
-        must be None or an empty cache and ``cache_position`` None or ``0 .. seq_len - 1``: a cache holding
-        earlier tokens (``input_ids`` then being the new tokens only) is refused, not silently dropped.
-        ``num_items_in_batch`` (passed by
+        As in transformers' causal LMs, the loss of half-precision (bf16, fp16) logits is computed in float32
+        (and returned as float32). Keyword arguments of transformers' causal LMs: ``logits_to_keep`` (or
+        ``num_logits_to_keep``) as there: 0 or None = all positions, an int k = the logits of the last k
+        positions only, a 1-D integer tensor = those positions (the loss still covers every position). Both
+        are named in the signature, so ``generate()`` passes 1 and each step runs ``lm_head`` on the last
+        position only, not the whole prefix. ``position_ids`` are accepted where they are the positions the
+        model uses anyway (``0 .. seq_len - 1`` in each row with its padding deleted, what ``generate()``
+        computes) and refused otherwise: gMLP has no position embeddings, so it cannot honour packed sequences
+        (``DataCollatorWithFlattening``) or shifted positions. The cache arguments are accepted where they
+        change nothing: there is no cache, and the model always reads the whole sequence in ``input_ids``.
+        ``use_cache`` is ignored (no cache is returned); ``past_key_values`` must be None or an empty cache
+        and ``cache_position`` None or ``0 .. seq_len - 1``: a cache holding earlier tokens (``input_ids``
+        then being the new tokens only) is refused, not silently dropped. ``num_items_in_batch`` (passed by
         ``Trainer``: the number of targets of all the micro-batches of one optimizer step) makes the loss the
         sum over the targets divided by it instead of their mean, so gradient accumulation gives the gradient
         of the whole batch (Trainer counts ``labels[:, 1:] != -100``, which is exact for right-padded rows
@@ -1465,6 +1501,8 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
             else:  # each row with its padding deleted (left and inner padding included)
                 shifted = logits.reshape(-1, logits.shape[-1])
                 targets = _next_token_targets(labels, attention_mask).reshape(-1)
+            if shifted.dtype in (torch.float16, torch.bfloat16):  # the loss in float32, as transformers'
+                shifted = shifted.float()  # causal LMs compute it (ForCausalLMLoss upcasts the logits)
             loss = _token_loss(shifted, targets, kwargs.get("num_items_in_batch"))
             logits = _keep_positions(logits, keep)
         output = CausalLMOutput(
