@@ -729,7 +729,10 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         )
     device = env.device
     num_classes = len(data.classes)
-    torch.manual_seed(config.seed)
+    # modulo 2**64, the generator's seed range (it reads a negative seed modulo 2**64 too, so every seed that
+    # worked inits as before): a seed outside [-2**63, 2**64) stopped the run with a bare 'Overflow when
+    # unpacking long long' traceback (the data order and the step seeds already take any integer)
+    torch.manual_seed(config.seed % 2**64)
     arch: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": config.drop_path_rate,
                             "drop_path_schedule": config.drop_path_schedule, "drop_rate": config.drop_rate}
     if data.train_tensors is not None:  # in-memory images: the model takes their size and channels
