@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .utils.io import CheckpointError, atomic_write, load_state_dict_file
+from .utils.io import CheckpointError, atomic_write, load_state_dict_file, read_jsonl_records
 
 __all__ = ["spatial_weights", "spatial_locality", "plot_spatial", "plot_metrics"]
 
@@ -280,29 +279,6 @@ def _save_figure(fig: Any, output: str | Path) -> Path:
     return path
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a ``metrics.jsonl``, one per line; a line that is not one (cut short by a killed
-    run, or corrupt) is skipped with a warning."""
-    records, bad = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            bad.append(number)
-    if bad:
-        warnings.warn(
-            f"{str(path)!r}: skipped {len(bad)} line(s) that are not JSON records (line {bad[0]} first)",
-            stacklevel=3,
-        )
-    return records
-
-
 def plot_metrics(metrics: str | Path, output: str | Path) -> Path:
     """Plot every numeric series of a ``metrics.jsonl`` file (or of a run folder's) to a PNG, one panel per
     metric.
@@ -323,7 +299,7 @@ def plot_metrics(metrics: str | Path, output: str | Path) -> Path:
             raise FileNotFoundError(f"{str(metrics)!r} is a folder without a metrics.jsonl")
         metrics = metrics / "metrics.jsonl"
     _image_path(output)  # a bad file name before any work
-    records = _read_records(metrics)
+    records = [record for _, record in read_jsonl_records(metrics, stacklevel=2)]
     if not records:
         raise ValueError(f"{str(metrics)!r} holds no records")
     groups: dict[str | None, list[dict]] = {}

@@ -165,7 +165,10 @@ def _train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(config))), sort_keys=False), end="")
         return 0
-    result = train_vision(config, resume=args.resume)
+    from .text import _write_errors
+
+    with _write_errors(config.output, resumable=True):  # a full disk, a read-only folder: one line
+        result = train_vision(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         accuracy = result.get("test_accuracy")
         scored = "not evaluated (stopped mid-epoch)" if accuracy is None else f"test accuracy {accuracy:.4f}"

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..utils.io import read_jsonl_records
 from ..utils.state import restoring_process_state
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .recipe import ConfigError, load_recipe
@@ -81,7 +82,7 @@ def _records(run: Path) -> list[dict[str, Any]]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in read_jsonl_records(path, stacklevel=3)]
 
 
 def _train(config: VisionTrainConfig) -> None:

@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.text import TextDataError, load_text_splits, pack_sequences
-from ..utils.io import CheckpointError, atomic_dir
+from ..utils.io import CheckpointError, append_line, atomic_dir, read_jsonl_records
 from ..utils.malloc import tune_malloc
 from ..utils.state import restoring_process_state
-from .checkpoint import latest_checkpoint, load_checkpoint, remove_run_files, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, remove_run_files, run_lock, save_checkpoint
 from .optim import fused_adamw
 from .recipe import ConfigError, check_cuda_available
 
@@ -1152,6 +1152,25 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
+def _holding_output(run: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
+    """``run(cfg)`` holding ``cfg.output`` (:func:`gmlp.train.checkpoint.run_lock`, process 0 only): a second
+    run into the same folder is refused at once, instead of both writing it over each other."""
+
+    @functools.wraps(run)
+    def holding(cfg: Any) -> dict[str, Any]:
+        cfg.validate()  # (a bad option is refused before the folder is made)
+        with run_lock(cfg.output, enabled=int(os.environ.get("RANK", "0")) == 0):
+            return run(cfg)
+
+    return holding
+
+
+def _record_step(record: dict[str, Any], missing: float) -> float:
+    """The ``step`` of a metrics record; ``missing`` where it has none (or not a number)."""
+    step = record.get("step")
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else missing
+
+
 class _MetricsLog:
     """``metrics.jsonl`` (main process only). On resume, records after the checkpoint's step are dropped
     (they are recomputed), and so are test records (written after the last checkpoint, and written again
@@ -1166,12 +1185,10 @@ class _MetricsLog:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            kept = []
-            for line in path.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    record = json.loads(line)
-                    if record.get("step", 0) <= resume_step and record.get("split") != "test":
-                        kept.append(line)
+            kept = [  # (a line that is no record, e.g. one cut short by a kill, is dropped with a warning)
+                line for line, record in read_jsonl_records(path)
+                if _record_step(record, 0) <= resume_step and record.get("split") != "test"
+            ]
             tmp = path.with_suffix(".tmp")
             try:
                 tmp.write_text("".join(k + "\n" for k in kept))
@@ -1181,8 +1198,7 @@ class _MetricsLog:
 
     def log(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
+            append_line(self.path, json.dumps(record, sort_keys=True))  # (whole, or not at all)
 
 
 _KINDS = {"pretrain": "a pretraining", "finetune": "a finetuning", "vision": "a vision (gmlp train)"}
@@ -1829,6 +1845,7 @@ def _restoring_accelerate_state() -> Iterator[None]:
 
 @restoring_process_state()
 @_restoring_accelerate_state()
+@_holding_output
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Masked-language-model pretraining (BERT protocol, no NSP); see the module docstring.
 
@@ -2319,6 +2336,7 @@ def _pad_batch(rows: dict[str, list[list[int]]], pad_id: int) -> dict[str, torch
 
 @restoring_process_state()
 @_restoring_accelerate_state()
+@_holding_output
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Finetune on sentence (pair) classification / regression or SQuAD-format span QA.
 
@@ -2581,8 +2599,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def iter_metrics(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` file."""
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+    """Records of a ``metrics.jsonl`` file; a line that is not one (cut short by a killed run) is skipped
+    with a warning."""
+    for _, record in read_jsonl_records(path, stacklevel=3):
+        yield record

@@ -297,7 +297,7 @@ def save_tokenizer(tok: Any, output: str | Path) -> None:
     ``tokenizer.json``, which loaders read first, last)."""
     import os
 
-    from ..utils.io import _remove_entry, replace_dir
+    from ..utils.io import _remove_entry, _write_error, replace_dir
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -312,5 +312,10 @@ def save_tokenizer(tok: Any, output: str | Path) -> None:
         else:
             for name in sorted(names, key=lambda n: n == "tokenizer.json"):
                 os.replace(tmp / name, output / name)
+    except Exception as err:  # a full disk: the tokenizers library's OSError names no file
+        clear = _write_error(err, tmp, output)
+        if clear is None or (isinstance(err, OSError) and str(err) == str(clear)):
+            raise
+        raise clear from err
     finally:
         _remove_entry(tmp)

@@ -44,12 +44,14 @@ from ..data.images import ImageSplit, load_image_dataset
 from ..data.sampling import StepBatches, step_seed
 from ..models import create_model
 from ..models.loading import normalisation_metadata, save_model
+from ..utils.io import append_line
 from ..utils.malloc import tune_malloc
 from ..utils.state import import_timm_optim, restoring_process_state
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     remove_run_files,
+    run_lock,
     save_checkpoint,
     write_json_atomic,
 )
@@ -530,13 +532,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric records written after ``step`` (they belong to work the resumed run redoes)."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
-            if line.strip() and json.loads(line)["step"] <= step:
-                kept.append(line)
-    from ..utils.io import atomic_write
+    from ..utils.io import atomic_write, read_jsonl_records
 
+    # (a line that is no record with a step, e.g. one cut short by a kill, is dropped with a warning)
+    kept = [line for line, record in read_jsonl_records(path)
+            if isinstance(record.get("step"), int) and record["step"] <= step]
     with atomic_write(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
 
@@ -630,7 +630,8 @@ def train_vision(config: VisionTrainConfig, resume: bool = False) -> dict[str, A
                           "give one of them")
     env = init_distributed(config.device)
     try:
-        return _train(config, env, resume)
+        with run_lock(config.output, enabled=env.is_main):  # a second run into this folder is refused
+            return _train(config, env, resume)
     finally:
         shutdown(env)
 
@@ -1120,8 +1121,7 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
             if config.uses_pil:
                 last_metrics["skipped_images"] = int(total_skipped) + test.get("skipped_images", 0)
             if main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last_metrics) + "\n")
+                append_line(metrics_path, json.dumps(last_metrics))  # (whole, or not at all)
                 if writer is not None:
                     for key in ("train_loss", "test_accuracy", "test_loss", "test_top5", "ema_test_accuracy"):
                         if key in last_metrics:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
 import shutil
 import stat
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = [
     "CheckpointError",
+    "append_line",
+    "read_jsonl_records",
     "atomic_dir",
     "atomic_write",
     "load_state_dict_file",
@@ -45,6 +50,45 @@ def _new_temp_file(path: Path) -> tuple[Path, int]:
         return tmp, stat.S_IMODE(os.stat(tmp).st_mode)
 
 
+#: How safetensors (Rust) reports an OS error: "... I/O error: No space left on device (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _os_error_of(err: BaseException) -> OSError | None:
+    """The OS error (with an errno) that made a write fail: ``err`` itself, one it was raised from or while
+    handling (``torch.save`` to a file object wraps a full disk's ``OSError`` in a ``RuntimeError``
+    "unexpected pos ..."), or the errno in the message of a safetensors ``SafetensorError``; None when there
+    is none."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        found = _RUST_OS_ERROR.search(str(current))
+        if found is not None:
+            number = int(found.group(1))
+            return OSError(number, os.strerror(number))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _write_error(err: BaseException, written: Path | str, named: Path | str) -> OSError | None:
+    """``err``, a failed write of ``written`` (a temporary name), as an ``OSError`` of the same errno (so the
+    same subclass: ``PermissionError`` for EACCES) that names ``named``, the file or folder it was to become,
+    instead of the temporary's name or none (a full disk's ``OSError`` from ``write`` has no file name), or
+    instead of torch's or safetensors' own error, which hides the errno. None where ``err`` holds no OS error,
+    or one about another file (an input read while writing): that is raised as it is."""
+    found = _os_error_of(err)
+    if found is None:
+        return None
+    filename = None if found.filename is None else os.fspath(found.filename)
+    if filename is not None and not (filename == os.fspath(written)
+                                     or filename.startswith(os.fspath(written) + os.sep)):
+        return None
+    return OSError(found.errno, found.strerror or os.strerror(found.errno), os.fspath(named))
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
@@ -54,28 +98,102 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
 
     Raises:
         IsADirectoryError: ``path`` is a directory.
+        OSError: the file system refused the write (a full disk, a read-only folder, no permission): an
+            ``OSError`` of its errno that names ``path``, whichever writer failed (a full disk fails
+            ``torch.save`` with a ``RuntimeError`` and safetensors with a ``SafetensorError``, which hold the
+            errno only in their chain or message). No temporary file is left beside ``path``.
     """
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory, not a file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path, mode = _new_temp_file(path)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        with contextlib.suppress(FileNotFoundError):  # keep the mode of the file being replaced
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        os.chmod(tmp_path, mode)  # (also where the body's writer made the file anew, 0600 as mkstemp does)
-        os.replace(tmp_path, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path, mode = _new_temp_file(path)
+    except OSError as err:  # (the temporary's name would say nothing of the file the user asked for)
+        if err.filename is not None and not Path(os.fspath(err.filename)).name.endswith(".tmp"):
+            raise  # (about the folder: named)
+        raise OSError(err.errno, err.strerror, str(path)) from err
+    try:
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileNotFoundError):  # keep the mode of the file being replaced
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+            os.chmod(tmp_path, mode)  # (also where the body's writer made it anew, 0600 as mkstemp does)
+            os.replace(tmp_path, path)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except Exception as err:
+            clear = _write_error(err, tmp_path, path)
+            if clear is None or (isinstance(err, OSError) and str(err) == str(clear)):
+                raise
+            raise clear from err
     finally:
-        if tmp_path.exists():
+        with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append ``line`` and a newline to the text file ``path`` (made if missing), whole or not at all (e.g. a
+    record of a ``metrics.jsonl``).
+
+    A write the file system refuses part way (a full disk) is cut back off, so the file never ends in part of
+    a line, and the ``OSError`` names ``path`` (``write``'s own names no file). A file that already ends in
+    part of one (a process killed while writing it) gets the line on a line of its own: the part stays a
+    line that readers skip, and does not spoil this one.
+
+    Raises:
+        OSError: the file system refused the write; the file is as it was.
+    """
+    path = Path(path)
+    data = (line + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
+    try:
+        start = os.fstat(fd).st_size
+        if start and os.pread(fd, 1, start - 1) != b"\n":
+            data = b"\n" + data
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise OSError(err.errno, err.strerror, str(path)) from err
+    finally:
+        os.close(fd)
+
+
+def read_jsonl_records(path: str | Path, stacklevel: int = 2) -> list[tuple[str, dict[str, Any]]]:
+    """The JSON objects of a ``.jsonl`` file (e.g. a ``metrics.jsonl``), one per line, each with its line as
+    written. A line that is not one (cut short by a killed run, corrupt, not UTF-8, or JSON but not an
+    object) is skipped with a warning naming the file and the first such line; blank lines are skipped
+    silently. ``stacklevel`` is the warning's, as for :func:`warnings.warn`."""
+    records, bad = [], []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if isinstance(record, dict):
+            records.append((line, record))
+        else:
+            bad.append(number)
+    if bad:
+        warnings.warn(
+            f"{str(path)!r}: skipped {len(bad)} line(s) that are not JSON records (line {bad[0]} first)",
+            stacklevel=stacklevel + 1,
+        )
+    return records
 
 
 def _remove_entry(path: Path) -> None:
@@ -112,8 +230,14 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     _remove_entry(tmp)  # (what a killed process left)
     tmp.mkdir(parents=True)
     try:
-        yield tmp
-        replace_dir(tmp, dest)
+        try:
+            yield tmp
+            replace_dir(tmp, dest)
+        except Exception as err:  # a full disk while saving: an OSError naming dest (as atomic_write)
+            clear = _write_error(err, tmp, dest)
+            if clear is None or (isinstance(err, OSError) and str(err) == str(clear)):
+                raise
+            raise clear from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
