@@ -8,6 +8,7 @@ Needs ``onnx`` and ``onnxscript`` (torch's exporter); the check needs ``onnxrunt
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,10 @@ def verify_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
                     f"ONNX outputs are NaN at {int((nan_got != nan_expected).sum())} places where PyTorch's "
                     f"are not (or the reverse), batch {b}"
                 )
-            worst = max(worst, float(np.abs(got - expected)[~nan_got].max(initial=0.0)))
+            with np.errstate(invalid="ignore"):
+                diff = np.abs(got - expected)
+            diff[got == expected] = 0.0  # (an inf in both: inf - inf is NaN, and max() then lost the batch)
+            worst = max(worst, float(diff[~nan_got].max(initial=0.0)))
     finally:
         model.train(was_training)
     if worst > atol:
@@ -155,13 +159,18 @@ def export_checkpoint(
     """Load a checkpoint (see :func:`gmlp.train.vision_tools.resolve_checkpoint`) and export it to ONNX.
 
     Model name, image size, channels and classes come from the arguments, else the run's ``config.json``,
-    else the weights. With ``verify`` (and onnxruntime installed) the outputs are compared with PyTorch's.
+    else the weights. With ``verify`` (and onnxruntime installed) the outputs are compared with PyTorch's
+    before the file is put in place: ``output`` is replaced only by a file that passed the check, and any
+    failure (of the export, the opset, the check) leaves the file that was there.
 
     Raises:
-        ConfigError: (a ``ValueError``: a usage error of ``gmlp export``) no model name, an unknown one,
-            ``output`` a directory, model arguments the model refuses, or a checkpoint whose head does not
-            fit ``num_classes`` (the export would carry a freshly initialised head).
+        ConfigError: (a ``ValueError``: a usage error of ``gmlp export``) no model name, an unknown one, a
+            text model's checkpoint (``gmlp export`` exports vision models), ``output`` a directory or
+            under a file, or not writable, model arguments the model refuses, a checkpoint whose head does
+            not fit ``num_classes`` (the export would carry a freshly initialised head), or an ``opset``
+            the exporter cannot write.
         CheckpointError: the weights are unreadable or do not fit the model.
+        RuntimeError: the check found outputs that differ from PyTorch's (nothing is written).
     """
     from .models import list_models
     from .train.recipe import ConfigError
@@ -170,9 +179,21 @@ def export_checkpoint(
 
     if Path(output).is_dir():
         raise ConfigError(f"output {str(output)!r} is a directory; give an .onnx file name")
+    # (before the export's work: the write would fail only at its end, with a traceback)
+    folder = next((p for p in Path(output).absolute().parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ConfigError(
+            f"output {str(output)!r} cannot be written: {str(folder)!r} is a file, not a folder"
+        )
     weights, run = resolve_checkpoint(checkpoint)
     run = run or {}
     name = model or run.get("model")
+    if name is None and _holds_text_model(weights):  # ("pass --model NAME" would lead to a second refusal)
+        raise ConfigError(
+            f"{str(checkpoint)!r} holds a text model (gmlp.models.text), and gmlp export exports vision "
+            f"models; export a text model in Python with torch.onnx.export(model, (input_ids, "
+            f"attention_mask), dynamo=True)"
+        )
     if name is None:  # a ConfigError (a ValueError): a usage error of `gmlp export`
         raise ConfigError(f"{str(checkpoint)!r} is not a training run: pass --model NAME")
     if name.startswith("timm:"):
@@ -196,11 +217,45 @@ def export_checkpoint(
     except (ValueError, TypeError) as err:  # a head that does not fit, constructor arguments it refuses
         raise ConfigError(str(err)) from err
     input_size = model_input_size(net)
-    out = export_onnx(net, output, input_size, opset=opset)
     if verify:
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
-            return out
-        verify_onnx(net, out, input_size)
-    return out
+            verify = False
+    # The check runs on the new file before it replaces ``output``: a file that failed it used to be left in
+    # place of the previous export (an error, and a wrong model where a good one was).
+    try:
+        with atomic_write(output) as tmp:
+            export_onnx(net, tmp, input_size, opset=opset)
+            if verify:
+                try:
+                    verify_onnx(net, tmp, input_size)
+                except RuntimeError as err:
+                    raise RuntimeError(f"{err}; {str(output)!r} was not written") from err
+    except (ConfigError, CheckpointError):
+        raise
+    except ValueError as err:  # an opset the exporter cannot write: a usage error, not a traceback
+        raise ConfigError(str(err)) from err
+    except OSError as err:  # a folder that cannot be written (permissions, a full disk): one line, named
+        raise ConfigError(f"cannot write {str(output)!r}: {err}") from err
+    return Path(output)
+
+
+def _holds_text_model(weights: Path) -> bool:
+    """Whether ``weights`` is a text model's (:mod:`gmlp.models.text`): its ``config.json`` says
+    ``model_type: gmlp``, or its safetensors keys start with ``gmlp.``."""
+    config = weights.parent / "config.json"
+    try:
+        if json.loads(config.read_text()).get("model_type") == "gmlp":
+            return True
+    except (OSError, ValueError, AttributeError):  # no config, not JSON, not a dict
+        pass
+    if weights.suffix != ".safetensors":
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            return any(key.startswith("gmlp.") for key in f.keys())  # noqa: SIM118 (not a dict)
+    except Exception:  # unreadable: the loader says so, with its own message
+        return False

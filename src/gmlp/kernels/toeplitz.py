@@ -44,8 +44,19 @@ def toeplitz_matrix_reference(weight: torch.Tensor, n: int, seq_len: int) -> tor
     """``W[..., i, j] = weight[..., i - j + seq_len - 1]`` for ``i, j < n``: the windows of ``weight.unfold``
     for rows ``seq_len - n .. seq_len - 1``, reversed (a view and one flip; autograd's backward)."""
     _check_lengths(weight, n, seq_len)
+    if torch.jit.is_tracing() or _exporting():
+        # an index gather: a traced graph (TorchScript ONNX) that onnxruntime runs, and a graph whose ``n``
+        # torch.export may keep dynamic (unfold's window needs a constant)
+        i = torch.arange(n, device=weight.device)
+        return weight[..., i[:, None] - i[None, :] + (seq_len - 1)]
     start = seq_len - n
     return weight.unfold(-1, n, 1)[..., start : start + n, :].flip(-1)
+
+
+def _exporting() -> bool:
+    """Whether ``torch.export`` is tracing (False on a torch without ``torch.compiler.is_exporting``)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting()) if is_exporting is not None else False
 
 
 def _diagonal_sums(grad: torch.Tensor, seq_len: int) -> torch.Tensor:

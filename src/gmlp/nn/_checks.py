@@ -35,8 +35,10 @@ def capturing(t: torch.Tensor) -> bool:
 
 def host_checks_enabled(t: torch.Tensor) -> bool:
     """Whether a check that reads tensor values back to the host may run on ``t``: not while torch.compile
-    traces (it would break the graph) nor while a CUDA graph is captured (a host sync aborts the capture)."""
-    return not torch.compiler.is_compiling() and not capturing(t)
+    traces (it would break the graph), nor while a CUDA graph is captured (a host sync aborts the capture),
+    nor while ``torch.jit.trace`` (or ``torch.onnx.export(dynamo=False)``) records (the trace would keep the
+    branch its example took: a trace made with an unpadded mask ignored padding)."""
+    return not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not capturing(t)
 
 
 def autocast_enabled(t: torch.Tensor) -> bool:

@@ -93,7 +93,8 @@ class TinyAttention(nn.Module):
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         keep = mask[:, None, None, :]
-        eye = torch.eye(n, dtype=torch.bool, device=q.device)
+        i = torch.arange(n, device=q.device)
+        eye = i[:, None] == i[None, :]  # (not a bool torch.eye: onnxruntime has no bool EyeLike)
         if self.causal:
             keep = keep & torch.ones(n, n, dtype=torch.bool, device=q.device).tril_()
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep | eye)

@@ -224,7 +224,8 @@ def _attention_probs(module: TinyAttention, x: torch.Tensor, mask: torch.Tensor 
     if module.causal:
         allowed = allowed.tril()
     if mask is not None:
-        allowed = (allowed & mask[:, None, :]) | torch.eye(n, dtype=torch.bool, device=x.device)
+        i = torch.arange(n, device=x.device)  # (not a bool torch.eye: onnxruntime has no bool EyeLike)
+        allowed = (allowed & mask[:, None, :]) | (i[:, None] == i[None, :])
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.softmax(scores.float(), dim=-1).to(scores.dtype).unsqueeze(1)
 
