@@ -5,6 +5,15 @@ count (``threads``). From the command line that is the whole process; called fro
 notebook, it would change the caller's random streams and thread count for good:
 :func:`restoring_process_state` puts them back when the run returns (or raises). :func:`import_timm_optim`
 imports ``timm.optim`` without the torch settings its first import changes for the whole process.
+
+Threads: the generators are the whole process's, not a thread's. Blocks of :func:`restoring_process_state`
+entered from several threads take turns (a process-wide lock, held for the whole block: a run started
+while another thread's run is in progress waits for it to return), so that each run's seeded streams are its
+own and each caller gets its streams back. Code outside such a block (a serving thread that samples with
+the global generator while another thread trains) is not held back: its draws and the run's then come from
+one stream, and when the run returns that stream is rewound to where it was at the run's start. Give such
+threads their own ``torch.Generator`` (and ``np.random.Generator``). Model inference in eval mode draws no
+random numbers and is unaffected.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import contextlib
 import importlib
 import random
 import sys
+import threading
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -20,6 +30,13 @@ import numpy as np
 import torch
 
 __all__ = ["import_timm_optim", "restoring_process_state"]
+
+#: Held for the whole of a :func:`restoring_process_state` block (re-entrant: a run that calls another run in
+#: its own thread, as ``run_comparison`` calls ``train_vision``, does not wait for itself).
+_PROCESS_STATE_LOCK = threading.RLock()
+#: Held by :func:`import_timm_optim` while it imports and restores: a second thread does not save (and then
+#: "restore") the settings that the first thread's import is changing.
+_TIMM_IMPORT_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -33,19 +50,29 @@ def restoring_process_state() -> Iterator[None]:
 
     Inside, anything may be set or seeded: the block's own random numbers do not depend on what the caller
     drew before (where the block seeds), and the caller's stream goes on after the block as if it had not run.
+
+    Blocks entered from several threads take turns: one waits until another thread's block has exited (a
+    process-wide re-entrant lock; a block nested in the same thread does not wait). Without it, two runs
+    started at once seeded and drew from the same global streams (neither was reproducible), and the one
+    that returned last "restored" what the other had left in the streams. Code that is not inside such a
+    block is not held back: see the module docstring. A block must not wait for a block in another thread
+    (that one would wait for it in turn). (torch's thread count is the calling thread's, and the default of
+    threads started later, in torch's OpenMP builds: the count set inside is restored for the thread that
+    set it.)
     """
-    threads = torch.get_num_threads()
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=cuda):
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+    with _PROCESS_STATE_LOCK:
+        threads = torch.get_num_threads()
+        py_state = random.getstate()
+        np_state = np.random.get_state()
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
 
 def import_timm_optim() -> ModuleType:
@@ -56,17 +83,22 @@ def import_timm_optim() -> ModuleType:
     caller's ``torch.compile``'d functions recompile for every new shape instead of falling back to eager
     after 8, and, where ``opt_einsum`` is installed, ``torch.backends.opt_einsum.strategy`` to ``"auto-hq"``.
     Both are put back as they were. (A caller who imported ``timm.optim`` before keeps what timm set.)
-    """
-    if "timm.optim" in sys.modules:
-        return sys.modules["timm.optim"]
-    import torch._dynamo.config as dynamo_config  # (timm.optim imports it too)
-    import torch.backends.opt_einsum as opt_einsum
 
-    limit, strategy = dynamo_config.recompile_limit, opt_einsum.strategy
-    try:
-        return importlib.import_module("timm.optim")
-    finally:
-        dynamo_config.recompile_limit = limit
-        if opt_einsum.strategy != strategy:
-            with contextlib.suppress(ValueError):  # (refused where opt_einsum is not available)
-                opt_einsum.strategy = strategy
+    Safe from several threads at once: one imports and restores while the others wait, then get the module
+    (before, a second thread got the module half-imported, without ``create_optimizer_v2``, or saved the
+    recompile limit that the first thread's import had just raised and "restored" it for good).
+    """
+    with _TIMM_IMPORT_LOCK:
+        if "timm.optim" in sys.modules:  # (import_module: waits for an import another thread has begun)
+            return importlib.import_module("timm.optim")
+        import torch._dynamo.config as dynamo_config  # (timm.optim imports it too)
+        import torch.backends.opt_einsum as opt_einsum
+
+        limit, strategy = dynamo_config.recompile_limit, opt_einsum.strategy
+        try:
+            return importlib.import_module("timm.optim")
+        finally:
+            dynamo_config.recompile_limit = limit
+            if opt_einsum.strategy != strategy:
+                with contextlib.suppress(ValueError):  # (refused where opt_einsum is not available)
+                    opt_einsum.strategy = strategy

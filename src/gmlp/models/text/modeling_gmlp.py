@@ -22,6 +22,7 @@ token ids. Outputs at padded positions are unspecified.
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 from typing import Any
 
@@ -760,9 +761,15 @@ class GMLPModel(GMLPPreTrainedModel):
         compiling = torch.compiler.is_compiling()
         hooks = []
         if attentions is not None and not compiling:
+            # The modules are shared: a call in another thread (a server's thread pool, nn.DataParallel's
+            # replicas) fires these hooks too, also while torch adds or removes them (then before it records
+            # that they take keyword arguments: (module, args, output)): only this call's maps are kept.
+            caller = threading.get_ident()
 
-            def record(module: TinyAttention, args: tuple[Any, ...], kwargs: dict[str, Any], _: Any) -> None:
-                record_map(module, args[0], args[1] if len(args) > 1 else kwargs.get("mask"))
+            def record(module: TinyAttention, args: tuple[Any, ...], *rest: Any) -> None:
+                if threading.get_ident() == caller:  # (here always with the keyword arguments)
+                    record_map(module, args[0], args[1] if len(args) > 1 else rest[0].get("mask"))
+
 
             hooks = [
                 block.tiny_attn.register_forward_hook(record, with_kwargs=True)
