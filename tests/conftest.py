@@ -10,6 +10,7 @@ import contextlib
 import os
 import random
 import shutil
+import sys
 from collections.abc import Iterator
 
 # Without a GPU, Triton kernels run in Triton's interpreter; the switch is read when a kernel is defined,
@@ -24,6 +25,9 @@ os.environ["GMLP_ONEDNN_MIN_FLOPS"] = "0"
 # ... and on a CPU without AVX-512, where it is off by default (slower there), it is switched on for the same
 # reason; a run with GMLP_DISABLE_CPU_FUSION=1 tests the plain ops instead.
 os.environ.setdefault("GMLP_DISABLE_CPU_FUSION", "0")
+# A transformers pipeline called on a list sets TOKENIZERS_PARALLELISM=false for the rest of the process where
+# it is unset: set here, every test of a process runs with the same value whatever ran before it.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import pytest
@@ -42,6 +46,63 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gmlp"))
 # One intra-op thread per test process: the tensors are tiny, and `scripts/test.sh` runs one pytest worker
 # per core (pytest-xdist), which beats two threads contending inside one process.
 torch.set_num_threads(1)
+
+
+# A subnormal double and one, as names (a product of two literals is folded when the file is compiled): their
+# product is 0 only while the CPU flushes subnormal results to zero or reads subnormal inputs as zero (the
+# MXCSR FTZ/DAZ bits that `torch.set_flush_denormal(True)` or code built with -ffast-math sets). The bits
+# belong to the thread (and to threads it starts later), and torch has no getter for them.
+_SUBNORMAL, _ONE = 5e-324, 1.0
+
+
+def _process_float_state() -> dict[str, object]:
+    """The process-wide numerics a test could leave changed for the later tests of its process (about 2 us):
+    subnormal flushing, torch's default dtype, float32 matmul precision, deterministic algorithms, intra-op
+    threads, grad mode, and torch.compile's recompile limit (None until ``torch._dynamo`` is loaded)."""
+    dynamo = sys.modules.get("torch._dynamo.config")
+    return {
+        "flush_denormal": _SUBNORMAL * _ONE == 0.0,
+        "default_dtype": torch.get_default_dtype(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic_algorithms": (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ),
+        "num_threads": torch.get_num_threads(),
+        "grad_enabled": torch.is_grad_enabled(),
+        "recompile_limit": None if dynamo is None else dynamo.recompile_limit,
+    }
+
+
+_PROCESS_FLOAT_STATE = _process_float_state()  # what every test starts from, and must hand back
+
+
+def _restore_process_float_state(state: dict[str, object]) -> None:
+    torch.set_flush_denormal(bool(state["flush_denormal"]))
+    torch.set_default_dtype(state["default_dtype"])
+    torch.set_float32_matmul_precision(state["float32_matmul_precision"])
+    deterministic, warn_only = state["deterministic_algorithms"]
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_num_threads(state["num_threads"])
+    torch.set_grad_enabled(state["grad_enabled"])
+    if state["recompile_limit"] is not None:
+        sys.modules["torch._dynamo.config"].recompile_limit = state["recompile_limit"]
+
+
+@pytest.fixture(autouse=True)
+def _process_float_state_handed_back() -> Iterator[None]:
+    """After each test (and its fixtures, of any scope, set up for it), the process's numerics
+    (:func:`_process_float_state`) must be what the session started with: if not, the test errors at teardown
+    naming what changed, and the state is put back. In a single-process run a later test would otherwise run
+    under it (a test that left subnormals flushed made a later hypothesis float strategy refuse to draw)."""
+    yield
+    now, expected = _process_float_state(), dict(_PROCESS_FLOAT_STATE)
+    if expected["recompile_limit"] is None and now["recompile_limit"] is not None:  # loaded since: torch's
+        expected["recompile_limit"] = sys.modules["torch._dynamo.config"]._config["recompile_limit"].default
+    changed = {k: (expected[k], now[k]) for k in expected if expected[k] != now[k]}
+    if changed:
+        _restore_process_float_state(expected)
+        pytest.fail(f"the test left process-wide state changed (put back now), (expected, found): {changed}")
 
 
 @pytest.fixture(autouse=True)

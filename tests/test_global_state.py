@@ -22,7 +22,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gmlp.utils.state import restoring_process_state
+from gmlp.utils.state import import_timm_optim, restoring_process_state
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,11 +238,18 @@ def test_a_single_process_cuda_run_hands_back_the_callers_current_cuda_device(
 # --- gmlp.train.vision.train_vision -----------------------------------------------------------------------
 
 
+# A subnormal double and one, as names (a product of literals is folded at compile time): their product is
+# 0 only while the thread flushes subnormals (the FTZ/DAZ bits `torch.set_flush_denormal` sets; no getter)
+_SUBNORMAL, _ONE = 5e-324, 1.0
+
+
 def _state() -> dict[str, Any]:
     sig = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     return {"threads": torch.get_num_threads(), "grad": torch.is_grad_enabled(), "signals": sig,
             "dtype": torch.get_default_dtype(), "cwd": os.getcwd(), "path": list(sys.path),
-            "env": dict(os.environ), "deterministic": torch.are_deterministic_algorithms_enabled()}
+            "env": dict(os.environ), "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "flush_denormal": _SUBNORMAL * _ONE == 0.0,
+            "matmul_precision": torch.get_float32_matmul_precision()}
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +258,9 @@ def vision_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     the caller before and after it. ``timm.optim`` is imported afresh by the run (as in a new process, where
     the first import is the one that changes torch.compile's config), with the caller's recompile limit 8."""
     import sklearn.datasets  # noqa: F401  (its import sets KMP_* variables: not gmlp's doing)
-    import timm.optim  # noqa: F401  (imports torch._inductor, which sets TORCHINDUCTOR_CACHE_DIR)
+    # (imports torch._inductor, which sets TORCHINDUCTOR_CACHE_DIR; a plain first `import timm.optim` here
+    # would also set the recompile limit to 1,000,000 for good: the `limit` read below)
+    import_timm_optim()
     import torch._dynamo.config as dynamo_config
 
     from gmlp.train.vision import VisionTrainConfig, train_vision
@@ -281,7 +290,8 @@ def vision_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"before": before, "after": after}
 
 
-@pytest.mark.parametrize("what", ["grad", "signals", "dtype", "cwd", "path", "env", "deterministic"])
+@pytest.mark.parametrize("what", ["grad", "signals", "dtype", "cwd", "path", "env", "deterministic",
+                                  "flush_denormal", "matmul_precision"])
 def test_train_vision_leaves_the_process_settings_alone(vision_run: dict[str, Any], what: str) -> None:
     assert vision_run["after"][what] == vision_run["before"][what]
 
@@ -359,7 +369,8 @@ def finetune_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "what", ["threads", "grad", "signals", "dtype", "cwd", "path", "env", "deterministic"]
+    "what", ["threads", "grad", "signals", "dtype", "cwd", "path", "env", "deterministic", "flush_denormal",
+             "matmul_precision"]
 )
 def test_finetune_leaves_the_process_settings_alone(finetune_run: dict[str, Any], what: str) -> None:
     """Among them the SIGINT/SIGTERM handlers it installs while it trains."""

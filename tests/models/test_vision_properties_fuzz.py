@@ -46,7 +46,7 @@ def vision_configs(draw, variants: list[str] | None = None) -> dict[str, Any]:
         "num_classes": draw(st.integers(0, 4)), "embed_dim": embed, "depth": draw(st.integers(1, 2)),
         "mlp_ratio": ffn / embed, "variant": variant, "global_pool": draw(st.sampled_from(["avg", ""])),
     }  # fmt: skip
-    if variant != "mixer":
+    if variant not in ("mixer", "none"):  # (no token projection: no heads)
         divisors = [h for h in range(1, gate + 1) if gate % h == 0 and gate // h >= 3]
         cfg["heads"] = draw(st.sampled_from(divisors))
     if variant not in ("none", "mixer") and draw(st.booleans()):

@@ -141,9 +141,10 @@ def test_lr_schedule_per_optimizer_update_matches_timm_s_warmup_and_cosine(
     """The lr of each optimizer update (not micro-step) is timm's CosineLRScheduler value for that update:
     linear warmup from warmup_lr over warmup_steps, then cosine over the whole run (warmup included, timm's
     warmup_prefix=False) towards min_lr."""
-    import timm.optim
+    from gmlp.utils.state import import_timm_optim
 
-    real = timm.optim.create_optimizer_v2
+    timm_optim = import_timm_optim()  # (a plain first `import timm.optim` changes torch.compile's config)
+    real = timm_optim.create_optimizer_v2
     seen: list[list[float]] = []
 
     def recording(*args, **kwargs):
@@ -157,7 +158,7 @@ def test_lr_schedule_per_optimizer_update_matches_timm_s_warmup_and_cosine(
         opt.step = recorded_step
         return opt
 
-    monkeypatch.setattr(timm.optim, "create_optimizer_v2", recording)
+    monkeypatch.setattr(timm_optim, "create_optimizer_v2", recording)
     lr, min_lr, warmup_lr, warmup = 1e-2, 1e-4, 1e-3, 3
     cfg = VisionTrainConfig(model="gmlp_micro4_28", output=str(tmp_path / "run"), grad_accum_steps=2,
                             **{**DIGITS, "epochs": 2, "train_subset": 128, "warmup_steps": warmup, "lr": lr,
