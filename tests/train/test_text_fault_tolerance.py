@@ -389,8 +389,9 @@ def test_gmlp_tokenizer_cut_short_never_leaves_a_partial_tokenizer(
     (broken / "tokenizer.json").write_text((out / "tokenizer.json").read_text()[:500])
     capsys.readouterr()
     assert main([*_args((corpus, broken), tmp_path / "run")]) == 2
+    # (transformers 5 parses tokenizer.json with json; 4.x: tokenizers raises a bare Exception)
     assert re.search(r"^gmlp pretrain: error: the tokenizer in '.*broken' does not load: it is incomplete or "
-                     r"corrupt \(JSONDecodeError", capsys.readouterr().err, re.M)
+                     r"corrupt \((JSONDecodeError|Exception): ", capsys.readouterr().err, re.M)
 
 
 def test_overwrite_leaves_a_folder_that_holds_no_run_alone(tmp_path: Path) -> None:

@@ -90,6 +90,27 @@ def test_grad_accum_averages_over_masked_tokens_not_micro_batches(
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_grad_accum_is_not_undone_by_a_dataloader_another_loop_left_in_accelerate() -> None:
+    """transformers' Trainer (accelerate < 1.4) left its unfinished dataloader, at its end, in accelerate's
+    process-wide GradientState: in a later run accumulate() synchronised, and the optimizer stepped, on every
+    micro-batch (--grad-accum 2 trained as two steps of batch B, not one of 2B)."""
+    from accelerate.state import GradientState
+
+    class EndedLoader:  # a prepared dataloader broken off at its last batch (max_steps)
+        end_of_dataloader = True
+        remainder = -1
+
+    stale = EndedLoader()
+    with pipelines._restoring_accelerate_state():
+        GradientState()._add_dataloader(stale)
+        accelerator = pipelines._make_accelerator(PretrainConfig(grad_accum=2, device="cpu"))
+        syncs = []
+        for _ in range(4):
+            with accelerator.accumulate(torch.nn.Linear(1, 1)):
+                syncs.append(accelerator.sync_gradients)
+    assert syncs == [False, True, False, True]
+
+
 def _fake_run(out: Path, optimizer_state: dict) -> Path:
     return save_checkpoint(out, 1, {"w": torch.zeros(2)}, optimizer_state, {"kind": "pretrain"})
 

@@ -54,9 +54,13 @@ def size_vit(
     base = {"patch_size": patch_size, "depth": depth, "num_heads": heads, "global_pool": "token"}
 
     def params(width: int, ratio: float) -> int:
-        with torch.device("meta"):  # no memory, no init work: only the count
-            model = build_model(VIT_NAME, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
-                                embed_dim=width, mlp_ratio=ratio, **base)
+        kwargs = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans, "embed_dim": width,
+                  "mlp_ratio": ratio, **base}  # fmt: skip
+        try:
+            with torch.device("meta"):  # no memory, no init work: only the count
+                model = build_model(VIT_NAME, **kwargs)
+        except RuntimeError:  # timm < 1.0.21 calls .item() in the ViT constructor: a meta tensor refuses
+            model = build_model(VIT_NAME, **kwargs)
         return _count(model)
 
     lo, hi = 1, 1  # parameters grow monotonically with width: bracket, bisect, then take the nearer end

@@ -289,6 +289,16 @@ def test_resize_token_embeddings_refuses_to_cut_off_a_special_token(size, multip
     assert model.get_input_embeddings().weight.shape == before
 
 
+def test_config_keeps_every_special_token_id_through_save_and_load(tmp_path) -> None:
+    """transformers 4.x's PretrainedConfig.__init__ reset sep_token_id to None (so did every saved config)."""
+    ids = {"pad_token_id": 1, "cls_token_id": 2, "sep_token_id": 3, "mask_token_id": 4, "bos_token_id": 5,
+           "eos_token_id": 6}  # fmt: skip
+    config = tiny_config(**ids)
+    config.save_pretrained(tmp_path)
+    for loaded in (config, GMLPConfig.from_pretrained(tmp_path)):
+        assert {name: getattr(loaded, name) for name in ids} == ids
+
+
 def test_resize_token_embeddings_keeps_a_model_that_saves_and_loads(tmp_path) -> None:
     model = _model("mlm")
     model.resize_token_embeddings(13, pad_to_multiple_of=4)  # 16 > every special id (0..4), every input id

@@ -407,11 +407,12 @@ class GMLPConfig(PretrainedConfig):
         self.sparse_prediction = sparse_prediction
         self.max_predictions_per_seq = max_predictions_per_seq
         # transformers 4.x sets these from its own keyword arguments (and would overwrite attributes set
-        # here), 5.x stores them as extra attributes: passing them on works for both.
+        # here: sep_token_id with None), 5.x stores them as extra attributes: passing them on works for both.
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
+            sep_token_id=sep_token_id,
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )

@@ -22,6 +22,7 @@ token ids. Outputs at padded positions are unspecified.
 from __future__ import annotations
 
 import copy
+import inspect
 import threading
 import warnings
 from typing import Any
@@ -73,6 +74,11 @@ logger = logging.get_logger(__name__)
 # transformers 5 declares tied weights as {target: source}; 4.x as a list of the tied (target) keys and ties
 # through get_output_embeddings()/get_input_embeddings().
 _TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+# transformers >= 4.46 initialises new embedding rows from the old rows' mean (``mean_resizing``); 4.45 has
+# no such argument (its new rows come from ``_init_weights``).
+_MEAN_RESIZING = "mean_resizing" in inspect.signature(PreTrainedModel.resize_token_embeddings).parameters
 
 
 def _tied_keys(target: str) -> dict[str, str] | list[str]:
@@ -426,7 +432,8 @@ class GMLPPreTrainedModel(PreTrainedModel):
         """transformers' ``resize_token_embeddings`` (the input embedding, the tied or untied output layer and
         its bias, ``config.vocab_size``), refusing a vocabulary that would leave one of the config's special
         token ids outside it: the saved config would then fail to load (and ``generate``, pipelines and
-        collators would use an id the model cannot embed).
+        collators would use an id the model cannot embed). ``mean_resizing`` is ignored on transformers
+        4.45, which has no such option.
 
         Raises:
             ValueError: ``pad_token_id``, ``cls_token_id``, ``sep_token_id``, ``mask_token_id``,
@@ -448,7 +455,8 @@ class GMLPPreTrainedModel(PreTrainedModel):
                             f"outside the vocabulary [0, {size}); set config.{name} to None or a smaller id "
                             f"first"
                         )
-        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        extra = {"mean_resizing": mean_resizing} if _MEAN_RESIZING else {}  # (transformers 4.45: none)
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, **extra)
 
     def resize_sequence_length(self, new_len: int) -> None:
         """Cut a model built for ``n = max_position_embeddings`` tokens to ``new_len = m <= n`` tokens.
@@ -769,7 +777,6 @@ class GMLPModel(GMLPPreTrainedModel):
             def record(module: TinyAttention, args: tuple[Any, ...], *rest: Any) -> None:
                 if threading.get_ident() == caller:  # (here always with the keyword arguments)
                     record_map(module, args[0], args[1] if len(args) > 1 else rest[0].get("mask"))
-
 
             hooks = [
                 block.tiny_attn.register_forward_hook(record, with_kwargs=True)
