@@ -149,12 +149,12 @@ class _Logits(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def _causal_lm() -> _Logits:
+def _causal_lm(max_len: int = 8) -> _Logits:
     from gmlp.models.text import GMLPConfig, GMLPForCausalLM
 
     torch.manual_seed(0)
     config = GMLPConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, intermediate_size=32,
-                        max_position_embeddings=8, causal=True, tiny_attn_size=8)
+                        max_position_embeddings=max_len, causal=True, tiny_attn_size=8)
     model = GMLPForCausalLM(config).eval()
     with torch.no_grad():  # (W near zero and b = 1 at init: nothing would be mixed across tokens)
         for p in model.parameters():
@@ -239,15 +239,18 @@ def test_torchscript_onnx_of_a_toeplitz_amlp_runs_in_onnxruntime_with_padding() 
         np.testing.assert_allclose(got[real], want[real], atol=1e-4)
 
 
-def test_torch_export_keeps_the_sequence_length_of_a_toeplitz_model_dynamic() -> None:
+@pytest.mark.parametrize("max_len", [8, 300])
+def test_torch_export_keeps_the_sequence_length_of_a_toeplitz_model_dynamic(max_len: int) -> None:
     """``torch.export`` with a dynamic sequence axis: unfold's window specialised ``n`` to the example's
-    length ("specialized it to be a constant"); the exported program now runs shorter and longer inputs."""
-    wrapped = _causal_lm()
+    length ("specialized it to be a constant"), and from 256 tokens on (the diagonal-sum backward's
+    threshold) the range of ``n`` was split ("Constraints violated"); the exported program now runs shorter
+    and longer inputs, up to ``max_position_embeddings``."""
+    wrapped = _causal_lm(max_len)
     gen = torch.Generator().manual_seed(3)
     ids, mask = _padded(2, 6, gen)
-    batch, n = torch.export.Dim("batch", min=1, max=16), torch.export.Dim("n", min=2, max=8)
+    batch, n = torch.export.Dim("batch", min=1, max=16), torch.export.Dim("n", min=2, max=max_len)
     program = torch.export.export(wrapped, (ids, mask), dynamic_shapes=({0: batch, 1: n}, {0: batch, 1: n}))
-    for size, length in ((1, 3), (4, 8), (2, 2)):
+    for size, length in ((1, 3), (4, min(max_len, 280)), (2, 2)):
         ids, mask = _padded(size, length, gen)
         with torch.no_grad():
             want = wrapped(ids, mask)

@@ -276,11 +276,14 @@ def _seeded_run(seed: int, entered: threading.Event | None, proceed: threading.E
         out[seed] = (first, *rest)
 
 
-def test_restoring_process_state_blocks_from_two_threads_take_turns() -> None:
+def test_restoring_process_state_blocks_from_two_threads_take_turns(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Two runs (``train_vision``, ``finetune``, ...) started from two threads at once: the second seeded the
     global generators while the first was drawing from them (neither run was reproducible), and the one that
     exited last "restored" the streams to what the other had left in them. Now the second waits until the
-    first has exited: each run draws what it draws alone, and the caller's streams go on as if neither ran."""
+    first has exited, saying so: each run draws what it draws alone, and the caller's streams go on as if
+    neither ran."""
     serial: dict[int, Any] = {}
     for seed in (1, 2):
         _seeded_run(seed, None, None, serial)
@@ -310,6 +313,7 @@ def test_restoring_process_state_blocks_from_two_threads_take_turns() -> None:
     assert torch.equal(torch.get_rng_state(), caller[0])
     assert (np.random.get_state()[1] == caller[1]).all()
     assert random.getstate() == caller[2]
+    assert capsys.readouterr().err.count("waiting for a run in another thread") == 1
 
 
 def test_restoring_process_state_nested_in_one_thread_does_not_wait_for_itself() -> None:

@@ -273,6 +273,62 @@ def test_a_run_folder_whose_holder_died_is_free(tmp_path: Path) -> None:
         assert json.loads((out / ".gmlp-run.lock").read_text())["pid"] == os.getpid()
 
 
+def test_a_lock_file_another_user_left_does_not_keep_the_folder(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock file left by another user's run killed with -9 (theirs, mode 0644: this user cannot open it
+    for writing) used to refuse the folder for good with EACCES; flock needs only a read-only open."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".gmlp-run.lock").write_text('{"pid": 1, "host": "elsewhere", "started": "then"}\n')
+    real_open = os.open
+
+    def as_another_user(path, flags, *args):  # (the tests run as root, which permissions do not stop)
+        if str(path).endswith(".gmlp-run.lock") and flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", as_another_user)
+    with run_lock(out), pytest.raises(ConfigError, match="in use by another run"), run_lock(out):
+        pass
+
+
+def test_every_process_of_a_distributed_run_stops_when_process_0_cannot_hold_it(tmp_path: Path) -> None:
+    """Only process 0 takes the lock: when it was refused, it raised alone and the others went on to wait for
+    it in a collective (until the launcher or a timeout ended them). Now every process raises."""
+    import socket
+
+    out = tmp_path / "run"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = (
+        "import sys\n"
+        "from gmlp.train import vision\n"
+        "from gmlp.train.distributed import init_distributed, shutdown\n"
+        "from gmlp.train.recipe import ConfigError\n"
+        "env = init_distributed('cpu')\n"
+        "try:\n"
+        f"    with vision._holding_output({str(out)!r}, env):\n"
+        "        print('held', flush=True)\n"
+        "except ConfigError as err:\n"
+        "    print('refused:', err, flush=True)\n"
+        "finally:\n"
+        "    shutdown(env)\n"
+    )
+    with run_lock(out):  # another run holds the folder
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+                     "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            )
+            for rank in (0, 1)
+        ]
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert "in use by another run" in outputs[0]
+    assert outputs[1].startswith("refused: process 0 could not take the output folder"), outputs[1]
+
+
 def test_an_output_that_cannot_be_a_run_folder_is_refused_up_front(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A file, a folder under a file: a ConfigError naming the path; a folder that cannot be written: the
@@ -419,8 +475,7 @@ def test_a_full_disk_mid_run_is_one_line_from_gmlp_pretrain(tmp_path: Path,
     one-line error, and torch's ``RuntimeError`` for a full disk went out as a traceback."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("SIGXFSZ is ignored from the main thread only")
-    sys.path.insert(0, str(Path(__file__).parent))
-    from text_corpus import corpus_and_tokenizer
+    from text_corpus import corpus_and_tokenizer  # (tests/train is on the path, as for the other files)
 
     from gmlp.cli import main
 

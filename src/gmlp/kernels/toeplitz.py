@@ -113,12 +113,14 @@ def toeplitz_matrix(
     """
     if diagonal_sums is None:  # only where a backward will run; traced graphs keep portable ops
         diagonal_sums = (
-            n >= DIAGONAL_SUM_MIN_TOKENS
-            and torch.is_grad_enabled()
+            torch.is_grad_enabled()
             and weight.requires_grad
             and not torch.jit.is_tracing()
+            and not _exporting()
             and not torch._C._are_functorch_transforms_active()  # grad/vmap/jacrev: need setup_context
             and not forward_ad_active()  # forward AD: the function has no jvp
+            # last: under torch.export a test of the symbolic n would split its range at this threshold
+            and n >= DIAGONAL_SUM_MIN_TOKENS
         )
     if not diagonal_sums:
         return toeplitz_matrix_reference(weight, n, seq_len)

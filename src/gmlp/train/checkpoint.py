@@ -365,9 +365,17 @@ def run_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
         fcntl = None  # type: ignore[assignment]
     fd = -1
     try:
+        writable = True
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            if fcntl is None:
+            try:  # (0o666 and the umask: another user of a shared run folder may take it after this run)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:
+                if not path.is_file():
+                    raise
+                # left by a run of another user killed with -9: flock needs no write access
+                fd, writable = os.open(path, os.O_RDONLY), False
+            if fcntl is None:  # (no flock: the folder is not held; nothing is written either)
+                writable = False
                 break
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -392,10 +400,11 @@ def run_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
                 break
             os.close(fd)
             fd = -1
-        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (record + "\n").encode(), 0)
+        if writable:
+            started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (record + "\n").encode(), 0)
     except OSError as err:
         if fd >= 0:
             os.close(fd)

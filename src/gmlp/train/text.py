@@ -1095,7 +1095,7 @@ def _resolve_precision(precision: str, device: str) -> str:
 
 def _make_accelerator(opts: _TrainOptions) -> Any:
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, GradientState
 
     if opts.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {opts.device!r}")
@@ -1107,6 +1107,9 @@ def _make_accelerator(opts: _TrainOptions) -> Any:
     if launched <= 1:
         # Several runs in one process (tests, notebooks) may ask for different precisions: start afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
+    # and the gradient-sync state: a Trainer (accelerate < 1.4) leaves its unfinished dataloader there, at its
+    # end, so accumulate() synchronised -- and stepped the optimizer -- on every micro-batch (no accumulation)
+    GradientState._reset_state()
     accelerator = Accelerator(
         # --device auto is CUDA when there is one, else the CPU (as gmlp train): accelerate only joins the
         # processes of torchrun / accelerate launch on a CPU when told cpu=True, and without it every process
@@ -1159,7 +1162,11 @@ def _holding_output(run: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dic
     @functools.wraps(run)
     def holding(cfg: Any) -> dict[str, Any]:
         cfg.validate()  # (a bad option is refused before the folder is made)
-        with run_lock(cfg.output, enabled=int(os.environ.get("RANK", "0")) == 0):
+        from .distributed import env_int
+
+        # (the other processes of a torchrun / accelerate launch job are stopped by the launcher when process
+        # 0 is refused: they have no process group yet to hear it through)
+        with run_lock(cfg.output, enabled=env_int("RANK", 0, least=0) == 0):
             return run(cfg)
 
     return holding
@@ -1860,7 +1867,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         ``{"step", "completed", "final" (path or None), "validation" (last held-out metrics)}``.
 
     Raises:
-        ConfigError: a bad option (:meth:`PretrainConfig.validate`), before anything is read or written.
+        ConfigError: a bad option (:meth:`PretrainConfig.validate`), before anything is read or written; an
+            ``output`` that another run holds, or that is (or is under) a file.
+        OSError: an ``output`` that cannot be written (naming it).
     """
     cfg.validate()
     from transformers import AutoConfig, AutoModelForMaskedLM
@@ -2393,7 +2402,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         ``{"step", "completed", "final", "validation", "test"}``.
 
     Raises:
-        ConfigError: a bad option (:meth:`FinetuneConfig.validate`), before anything is read or written.
+        ConfigError: a bad option (:meth:`FinetuneConfig.validate`), before anything is read or written; an
+            ``output`` that another run holds, or that is (or is under) a file.
+        OSError: an ``output`` that cannot be written (naming it).
     """
     cfg.validate()
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification

@@ -30,6 +30,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -623,6 +624,9 @@ def train_vision(config: VisionTrainConfig, resume: bool = False) -> dict[str, A
     Raises:
         ConfigError: an invalid config, or ``resume`` together with ``config.overwrite`` (one continues the
             run in ``config.output``, the other removes it: the overwrite was silently ignored).
+        ConfigError: ``config.output`` held by another run (:func:`gmlp.train.checkpoint.run_lock`), or a
+            file, or under one.
+        OSError: ``config.output`` cannot be written (naming it).
     """
     config.validate()
     if resume and config.overwrite:
@@ -630,10 +634,29 @@ def train_vision(config: VisionTrainConfig, resume: bool = False) -> dict[str, A
                           "give one of them")
     env = init_distributed(config.device)
     try:
-        with run_lock(config.output, enabled=env.is_main):  # a second run into this folder is refused
+        with _holding_output(config.output, env):  # a second run into this folder is refused
             return _train(config, env, resume)
     finally:
         shutdown(env)
+
+
+@contextlib.contextmanager
+def _holding_output(output: str, env: DistEnv) -> Iterator[None]:
+    """Process 0 holds the run folder (:func:`gmlp.train.checkpoint.run_lock`) while the block runs; when it
+    cannot (the folder is in use, a file, or not writable), every process raises, not process 0 alone while
+    the others wait for it in a collective."""
+    refused: Exception | None = None
+    with contextlib.ExitStack() as stack:
+        if env.is_main:
+            try:
+                stack.enter_context(run_lock(output))
+            except (ConfigError, OSError) as err:
+                refused = err
+        if all_reduce_max(env, float(refused is not None)) and refused is None:
+            raise ConfigError(f"process 0 could not take the output folder {output!r} (its error says why)")
+        if refused is not None:
+            raise refused
+        yield
 
 
 #: What a run writes into its folder (``overwrite`` removes these, and nothing else).
@@ -1158,10 +1181,14 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
 
                 plot_metrics(metrics_path, out / "metrics.png")
             except ImportError as err:  # matplotlib missing: the run itself succeeded
+                if not (err.name or "").startswith("matplotlib"):  # (not one of gmlp's own imports)
+                    raise
                 print(f"note: no metrics.png ({err})", file=sys.stderr)
     if not last_metrics and main and metrics_path.exists():  # resumed at the end: the run's last record
-        lines = metrics_path.read_text().splitlines()
-        last_metrics = json.loads(lines[-1]) if lines else {}
+        from ..utils.io import read_jsonl_records
+
+        records = read_jsonl_records(metrics_path)  # (a line cut short by a kill: skipped, with a warning)
+        last_metrics = records[-1][1] if records else {}
     if last_metrics.get("step") != step:  # stopped mid-epoch: the last evaluation is of an earlier step
         last_metrics = {}
     return {**last_metrics, "step": step, "params": params}

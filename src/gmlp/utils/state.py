@@ -60,7 +60,11 @@ def restoring_process_state() -> Iterator[None]:
     threads started later, in torch's OpenMP builds: the count set inside is restored for the thread that
     set it.)
     """
-    with _PROCESS_STATE_LOCK:
+    if not _PROCESS_STATE_LOCK.acquire(blocking=False):  # (not silently: say why nothing happens)
+        print("[gmlp] waiting for a run in another thread of this process to return (runs in one process "
+              "take turns: they share its random generators)", file=sys.stderr, flush=True)
+        _PROCESS_STATE_LOCK.acquire()
+    try:
         threads = torch.get_num_threads()
         py_state = random.getstate()
         np_state = np.random.get_state()
@@ -73,6 +77,8 @@ def restoring_process_state() -> Iterator[None]:
             np.random.set_state(np_state)
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
+    finally:
+        _PROCESS_STATE_LOCK.release()
 
 
 def import_timm_optim() -> ModuleType:
