@@ -297,7 +297,7 @@ def save_tokenizer(tok: Any, output: str | Path) -> None:
     ``tokenizer.json``, which loaders read first, last)."""
     import os
 
-    from ..utils.io import _remove_entry, _write_error, replace_dir
+    from ..utils.io import _remove_entry, naming_write_errors, replace_dir
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -305,17 +305,13 @@ def save_tokenizer(tok: Any, output: str | Path) -> None:
     _remove_entry(tmp)  # (what a killed run left; a symbolic link itself, not what it points to)
     tmp.mkdir()
     try:
-        tok.save_pretrained(str(tmp))
-        names = {p.name for p in tmp.iterdir()}
-        if not output.exists() or {p.name for p in output.iterdir()} <= names:  # none, or only a tokenizer
-            replace_dir(tmp, output)
-        else:
-            for name in sorted(names, key=lambda n: n == "tokenizer.json"):
-                os.replace(tmp / name, output / name)
-    except Exception as err:  # a full disk: the tokenizers library's OSError names no file
-        clear = _write_error(err, tmp, output)
-        if clear is None or (isinstance(err, OSError) and str(err) == str(clear)):
-            raise
-        raise clear from err
+        with naming_write_errors(tmp, output):  # a full disk: the tokenizers library's OSError names no file
+            tok.save_pretrained(str(tmp))
+            names = {p.name for p in tmp.iterdir()}
+            if not output.exists() or {p.name for p in output.iterdir()} <= names:  # none, or a tokenizer
+                replace_dir(tmp, output)
+            else:
+                for name in sorted(names, key=lambda n: n == "tokenizer.json"):
+                    os.replace(tmp / name, output / name)
     finally:
         _remove_entry(tmp)

@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 __all__ = [
     "CheckpointError",
     "append_line",
-    "read_jsonl_records",
     "atomic_dir",
     "atomic_write",
     "load_state_dict_file",
+    "naming_write_errors",
+    "read_jsonl_records",
     "replace_dir",
     "save_state_dict_file",
 ]
@@ -90,6 +91,19 @@ def _write_error(err: BaseException, written: Path | str, named: Path | str) -> 
 
 
 @contextlib.contextmanager
+def naming_write_errors(written: Path | str, named: Path | str) -> Iterator[None]:
+    """Raise an error of the block that holds an OS error about ``written`` (a temporary) as the ``OSError``
+    :func:`_write_error` makes of it, naming ``named``; other errors as they are."""
+    try:
+        yield
+    except Exception as err:
+        clear = _write_error(err, written, named)
+        if clear is None or (isinstance(err, OSError) and str(err) == str(clear)):
+            raise
+        raise clear from err
+
+
+@contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
 
@@ -114,7 +128,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
             raise  # (about the folder: named)
         raise OSError(err.errno, err.strerror, str(path)) from err
     try:
-        try:
+        with naming_write_errors(tmp_path, path):
             yield tmp_path
             with open(tmp_path, "rb+") as f:
                 os.fsync(f.fileno())
@@ -127,11 +141,6 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        except Exception as err:
-            clear = _write_error(err, tmp_path, path)
-            if clear is None or (isinstance(err, OSError) and str(err) == str(clear)):
-                raise
-            raise clear from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -230,14 +239,9 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     _remove_entry(tmp)  # (what a killed process left)
     tmp.mkdir(parents=True)
     try:
-        try:
+        with naming_write_errors(tmp, dest):  # a full disk while saving: an OSError naming dest
             yield tmp
             replace_dir(tmp, dest)
-        except Exception as err:  # a full disk while saving: an OSError naming dest (as atomic_write)
-            clear = _write_error(err, tmp, dest)
-            if clear is None or (isinstance(err, OSError) and str(err) == str(clear)):
-                raise
-            raise clear from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
