@@ -55,6 +55,26 @@ def test_image_folder_classes_labels_and_val_numbering(tmp_path: Path) -> None:
     assert val.root.name == "val" and len(val) == 6
 
 
+def test_a_class_folder_in_another_unicode_normal_form_is_the_same_class(tmp_path: Path) -> None:
+    """A validation split copied from macOS names "café" as e + combining accent (NFD), the training split
+    as one character (NFC): the same class, not "a class the training split lacks"."""
+    import unicodedata
+
+    root = make_tree(tmp_path / "imgs", {"train": 2, "val": 1}, corrupt=False)
+    composed, decomposed = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+    assert composed != decomposed
+    (root / "train" / "class1").rename(root / "train" / composed)
+    (root / "val" / "class1").rename(root / "val" / decomposed)
+    train = image_folder_source(root, "train")
+    val = image_folder_source(root, "val", train.classes)
+    assert train.classes == (composed, "class0", "class2")  # sorted: "c" + "a" < "c" + "l"
+    expected = {c: i for i, c in enumerate(train.classes)}
+    for path, label in val.samples:
+        name = Path(path).parent.name
+        assert label == expected[unicodedata.normalize("NFC", name)], (name, label)
+    assert sorted(set(val.labels)) == [0, 1, 2]
+
+
 def test_missing_or_empty_folders_name_the_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere"):
         image_folder_source(tmp_path / "nowhere", "train")

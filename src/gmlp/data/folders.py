@@ -8,11 +8,13 @@ skipped and counted by :func:`collate_skipping`, or raise :class:`CorruptImageEr
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import operator
 import os
 import random
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -255,19 +257,25 @@ def image_folder_source(
     base = root / split
     classes = folder_classes(base)
     if class_names is not None:
-        unknown = sorted(set(classes) - set(class_names))
+        class_to_idx = {c: i for i, c in enumerate(class_names)}
+        # a folder name in another Unicode normal form (macOS writes "é" as e + accent, NFD; most other
+        # systems as one character, NFC) is the same class when it matches exactly one training class so
+        composed = collections.Counter(unicodedata.normalize("NFC", c) for c in class_names)
+        by_nfc = {unicodedata.normalize("NFC", c): i for i, c in enumerate(class_names)}
+        for c in classes:
+            nfc = unicodedata.normalize("NFC", c)
+            if c not in class_to_idx and composed[nfc] == 1:
+                class_to_idx[c] = by_nfc[nfc]
+        unknown = sorted(set(classes) - set(class_to_idx))
         if unknown:
             raise ValueError(f"{str(base)!r} has classes the training split lacks: {unknown[:10]}")
-        class_to_idx = {c: i for i, c in enumerate(class_names)}
     else:
         class_to_idx = {c: i for i, c in enumerate(classes)}
         class_names = classes
     extensions = tuple(IMG_EXTENSIONS)
-    samples = [(path, class_to_idx[c]) for c in classes for path in _image_files(base / c, extensions)]
-    counts = {c: 0 for c in classes}
-    for _, label in samples:
-        counts[class_names[label]] += 1
-    empty = [c for c, k in counts.items() if k == 0]
+    files = {c: _image_files(base / c, extensions) for c in classes}
+    samples = [(path, class_to_idx[c]) for c in classes for path in files[c]]
+    empty = [c for c in classes if not files[c]]
     if empty:
         raise FileNotFoundError(
             f"class folder {str(base / empty[0])!r} holds no images ({len(empty)} empty class folders; "
