@@ -59,6 +59,31 @@ def _checked_cfg(cfg: object, name: str) -> dict[str, Any]:
     return cfg
 
 
+def _fit_channels(cfg: dict[str, Any], in_chans: int) -> None:
+    """Give ``cfg``'s ``mean`` and ``std`` one value per input channel (in place), as
+    :func:`gmlp.train.vision.norm_stats` does: ``in_chans == 1`` takes the average of several values,
+    another count the values repeated cyclically (as timm's ``adapt_input_conv`` repeats the RGB filters).
+    One value (for every channel, as ``Normalize`` broadcasts it) or one per channel is kept, and so is
+    anything that is not a sequence of numbers (metadata the caller gave; timm reads what it reads).
+
+    A model built with ``in_chans=1`` kept the default RGB ``(0.5, 0.5, 0.5)`` while its ``input_size``
+    said one channel: timm's ``create_transform(**resolve_data_config({}, model=m))`` then failed on every
+    image ("output with shape [1, H, W] doesn't match the broadcast shape [3, H, W]").
+    """
+    for key in ("mean", "std"):
+        values = cfg.get(key)
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            continue
+        if len(values) in (0, 1, in_chans) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
+            continue
+        if in_chans == 1:
+            cfg[key] = (sum(float(v) for v in values) / len(values),)
+        else:
+            cfg[key] = tuple(float(values[i % len(values)]) for i in range(in_chans))
+
+
 def _checked_factory(
     device: object, dtype: object
 ) -> tuple[torch.device | None, torch.dtype | None]:
@@ -144,8 +169,11 @@ class GMLPVision(nn.Module):
         pretrained_cfg: timm's metadata (``mean``, ``std``, ``interpolation``, ``crop_pct``, ...) over the
             defaults, as :attr:`pretrained_cfg`. Its ``num_classes`` and ``input_size`` are replaced by the
             model's (:func:`gmlp.create_model` takes them as the defaults of the arguments left out, as
-            timm does); weight sources (``file``, ``url``, ``hf_hub_id``) are kept as metadata, as timm
-            keeps them without ``pretrained=True``: load weights with ``create_model(name, pretrained=PATH)``.
+            timm does; :meth:`reset_classifier` and :meth:`set_input_size` keep them up to date); a ``mean``
+            or ``std`` of several values but not one per channel is fitted to ``in_chans`` (averaged for one
+            channel, repeated cyclically for more), so timm's transforms fit the model; weight sources
+            (``file``, ``url``, ``hf_hub_id``) are kept as metadata, as timm keeps them without
+            ``pretrained=True``: load weights with ``create_model(name, pretrained=PATH)``.
     """
 
     def __init__(
@@ -224,6 +252,7 @@ class GMLPVision(nn.Module):
         cfg.update(given_cfg)
         cfg["input_size"] = (in_chans, *self.img_size)
         cfg["num_classes"] = num_classes
+        _fit_channels(cfg, in_chans)
         self.pretrained_cfg = cfg
         self.init_weights()
 
@@ -248,6 +277,19 @@ class GMLPVision(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, (TokenProjection, TokenLinear)):  # a subclass too (by name it was left
                 module.reset_parameters()  # uninitialised); TokenLinear: variant "mixer"'s token MLP
+
+    def __prepare_scriptable__(self) -> GMLPVision:
+        """Refuse ``torch.jit.script`` at once, with what to use instead (it calls this first).
+
+        Raises:
+            NotImplementedError: always (TorchScript cannot compile the layers, which validate their inputs
+                in ``try`` blocks; its own error named a ``try`` deep inside the stem).
+        """
+        raise NotImplementedError(
+            f"torch.jit.script cannot compile {type(self).__name__} (gmlp's layers use Python that "
+            f"TorchScript does not support); use torch.jit.trace(model, images), torch.export.export or "
+            f"gmlp.export.export_onnx, or torch.compile for speed"
+        )
 
     # -- timm model API -----------------------------------------------------------------------------
     @property
@@ -293,7 +335,9 @@ class GMLPVision(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh (zero-initialised) one for ``num_classes`` (0 = remove)."""
+        """Replace the head with a fresh (zero-initialised) one for ``num_classes`` (0 = remove);
+        ``pretrained_cfg["num_classes"]`` follows. The new head's parameters are ordinary tensors even when
+        this is called under ``torch.inference_mode()`` (the model can still be trained afterwards)."""
         num_classes = check_int(num_classes, "num_classes", 0)
         if global_pool is not None:
             if global_pool not in ("avg", ""):
@@ -305,11 +349,16 @@ class GMLPVision(nn.Module):
         like = like if isinstance(like, torch.Tensor) else self.stem.proj.weight
         device, dtype = like.device, like.dtype
         if num_classes > 0:
-            self.head = nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype)
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+            # (parameters made under inference_mode are inference tensors, which autograd refuses to save:
+            # a later training step would fail with "Inference tensors cannot be saved for backward")
+            with torch.inference_mode(False), torch.no_grad():
+                self.head = nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype)
+                nn.init.zeros_(self.head.weight)
+                nn.init.zeros_(self.head.bias)
         else:
             self.head = nn.Identity()
+        if isinstance(self.pretrained_cfg, dict):  # (the model's actual sizes, as at construction)
+            self.pretrained_cfg["num_classes"] = num_classes
 
     @torch.jit.ignore
     def set_input_size(
@@ -320,10 +369,11 @@ class GMLPVision(nn.Module):
         gMLP's token-mixing W and b are tied to the token grid, so every block's W and b are resampled to
         the new grid with :func:`gmlp.nn.resample_spatial_weight` / :func:`~gmlp.nn.resample_spatial_bias`,
         exactly as ``create_model(name, img_size=..., pretrained=PATH)`` does with a checkpoint of this
-        model. ``pretrained_cfg["input_size"]`` follows. The resampled W and b are new parameters: build
-        the optimizer after this call. The stem (and so the patch size) is unchanged. Resampling is lossy:
-        a change to another size and back does not restore W and b (nor the outputs); keep the state dict
-        (or reload the checkpoint) to return to a size exactly. A refused call changes nothing.
+        model. ``pretrained_cfg["input_size"]`` follows. The resampled W and b are new parameters (ordinary
+        tensors, also when called under ``torch.inference_mode()``): build the optimizer after this call.
+        The stem (and so the patch size) is unchanged. Resampling is lossy: a change to another size and
+        back does not restore W and b (nor the outputs); keep the state dict (or reload the checkpoint) to
+        return to a size exactly. A refused call changes nothing.
 
         Args:
             img_size: the new image size (int or (H, W)), divisible by the patch size; None keeps it.
@@ -351,7 +401,9 @@ class GMLPVision(nn.Module):
             # every block's new W and b are made before any is set: a block refused (or failing to resample)
             # half-way must leave the model as it was, not some blocks resampled and the grid unchanged
             resampled: list[tuple[TokenProjection, nn.Parameter, nn.Parameter]] = []
-            with torch.no_grad():
+            # ordinary tensors under inference_mode too: inference tensors as parameters would make a later
+            # training step fail ("Inference tensors cannot be saved for backward")
+            with torch.inference_mode(False), torch.no_grad():
                 for block in self.blocks:
                     if block.sgu.mix1 is not None:  # a token MLP's rows are not a grid of tokens to resample
                         raise TypeError(
@@ -694,6 +746,7 @@ def _create(arch: str, cfg: dict[str, Any] | None = None, **kwargs: Any) -> GMLP
     sizes = {k: model.pretrained_cfg[k] for k in ("num_classes", "input_size")}
     model.pretrained_cfg.update(overlay)
     model.pretrained_cfg.update(sizes, architecture=arch)
+    _fit_channels(model.pretrained_cfg, model.in_chans)  # (an overlay's mean/std too)
     return model
 
 

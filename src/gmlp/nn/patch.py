@@ -53,6 +53,19 @@ class PatchEmbed(nn.Module):
         dim = check_int(dim, "dim")
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
 
+    def __prepare_scriptable__(self) -> PatchEmbed:
+        """Refuse ``torch.jit.script`` (of this layer or a model holding it) at once, with what to use
+        instead; TorchScript's own error named the ``try`` of :meth:`forward`.
+
+        Raises:
+            NotImplementedError: always.
+        """
+        raise NotImplementedError(
+            "torch.jit.script cannot compile gmlp's PatchEmbed (the stem of gmlp's vision models: it uses "
+            "Python that TorchScript does not support); use torch.jit.trace, torch.export.export or "
+            "gmlp.export.export_onnx, or torch.compile for speed"
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (batch, in_chans, H, W) -> tokens (num_patches, batch, dim), contiguous."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
