@@ -341,7 +341,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                     help="DataLoader worker processes")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    ev.add_argument("--subset", type=int, help="evaluate the first N images only")
+    # (--test-subset: gmlp train's name for it, which eval refused as an unrecognized argument)
+    ev.add_argument("--subset", "--test-subset", dest="subset", type=int,
+                    help="evaluate the first N images only (the run's own numbers: its --test-subset)")
     ev.add_argument("--strict-images", action="store_true",
                     help="fail on a corrupt image instead of skipping it")
     ev.add_argument("--ema", action="store_true", help="evaluate the run's model_ema.safetensors")

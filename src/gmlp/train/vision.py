@@ -69,6 +69,7 @@ from .distributed import (
     shard_model,
     shutdown,
 )
+from .interrupt import StopRequest, ignore_stop_signals
 from .recipe import ConfigError
 from .vision_config import (  # the settings live in a torch-free module (for the CLI); re-exported here
     PIL_DATASETS,  # noqa: F401 (re-exported: gmlp.train.vision_tools imports it from here)
@@ -511,7 +512,7 @@ def eval_loader(source: Any, transform: Any, chans: int, batch_size: int, worker
     if env is not None and env.distributed:
         ds = Subset(ds, list(range(env.rank, len(source), env.world_size)))
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin,
-                      collate_fn=collate_skipping)
+                      collate_fn=collate_skipping, worker_init_fn=ignore_stop_signals if workers else None)
 
 
 # --- training ------------------------------------------------------------------------------------------
@@ -634,8 +635,9 @@ def train_vision(config: VisionTrainConfig, resume: bool = False) -> dict[str, A
                           "give one of them")
     env = init_distributed(config.device)
     try:
-        with _holding_output(config.output, env):  # a second run into this folder is refused
-            return _train(config, env, resume)
+        # (the stack: the SIGINT/SIGTERM handlers the training loop installs, put back however it ends)
+        with _holding_output(config.output, env), contextlib.ExitStack() as handlers:
+            return _train(config, env, resume, handlers)  # (a second run into this folder is refused)
     finally:
         shutdown(env)
 
@@ -739,7 +741,9 @@ def _check_batch_split(config: VisionTrainConfig, world_size: int) -> None:
         )
 
 
-def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, Any]:  # noqa: C901
+def _train(  # noqa: C901
+    config: VisionTrainConfig, env: DistEnv, resume: bool, handlers: contextlib.ExitStack
+) -> dict[str, Any]:
     tune_malloc()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -924,7 +928,8 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         train_ds = TransformedImages(data.train_source, train_tf, mode, strict=config.strict_images)
         loader = DataLoader(train_ds, batch_sampler=plan, num_workers=config.workers, pin_memory=pin,
                             collate_fn=collate_skipping, persistent_workers=False,
-                            prefetch_factor=4 if config.workers else None)
+                            prefetch_factor=4 if config.workers else None,
+                            worker_init_fn=ignore_stop_signals if config.workers else None)
         batches = iter(loader)
         test_loader = eval_loader(data.test_source, eval_tf, chans, config.eval_batch_size, config.workers,
                                   config.strict_images, env, pin)
@@ -938,6 +943,12 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
                                  config.precision, env)
 
     def checkpoint() -> None:
+        """Save a checkpoint of ``step`` (every process takes part; process 0 writes). A second stop signal
+        lets it finish (:meth:`StopRequest.shielded`)."""
+        with stop.shielded():
+            save_checkpoint_now()
+
+    def save_checkpoint_now() -> None:
         nonlocal last_saved
         flush_loss()  # the saved loss sum must hold every step its count does (CUDA flushes lazily)
         # a non-finite gradient in a step whose loss was finite (unclipped: no norm was looked at) leaves
@@ -945,7 +956,9 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         nets = [raw_model] + ([ema.module] if ema is not None else [])
         local = [getattr(p, "to_local", p.detach)().detach() for net in nets for p in net.parameters()]
         bad = float(torch.stack([~torch.isfinite(t).all() for t in local]).any())
-        total_loss, total_skipped, bad = all_reduce_sum(env, [loss_sum, skipped_total, bad])
+        total_loss, total_skipped, bad, stops = all_reduce_sum(
+            env, [loss_sum, skipped_total, bad, float(stop.requested)])
+        agree_on_stop(stops)
         if bad:
             raise FloatingPointError(
                 f"the weights are not finite after step {step} (a non-finite gradient"
@@ -975,6 +988,13 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
     pending_count = 0
     last_saved: int | None = step if resume else None  # the newest checkpoint this run may rely on
     check_each_step = _flush_losses_every_step(device)
+    # SIGINT/SIGTERM (from here until train_vision returns): stop after the step in progress, with a
+    # checkpoint. Several processes must stop at the same step: each one's request travels with the
+    # all-reduces the loop makes anyway (flush_loss: every step on the CPU, every log_every steps on a GPU;
+    # checkpoints; epoch ends), and stop_agreed, set from their sums only, is the same on every process
+    stop = handlers.enter_context(StopRequest())
+    stop_agreed = False
+    interrupted = False
     # Corrupt images (PIL pipeline) leave micro-batches short. With one micro-batch per step the loss is the
     # mean over its readable images already; with several (processes x accumulation steps) each image's loss
     # is weighted by 1 / micro and the gradient rescaled to the mean over the step's readable images, as one
@@ -984,6 +1004,11 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
     model.train()
     bar = None
     epoch_start = time.perf_counter()
+
+    def agree_on_stop(requests: float) -> None:
+        """Note the sum of the processes' stop requests, from an all-reduce that every process made."""
+        nonlocal stop_agreed
+        stop_agreed = stop_agreed or requests > 0
 
     def flush_loss(shown: torch.Tensor | None = None) -> float | None:
         """Add the pending losses to ``loss_sum`` after checking them (and their gradient norms); return the
@@ -997,7 +1022,9 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
         mine = bool(pending_count) and not (np.isfinite(value) and np.isfinite(norm))
         bad = mine
         if env.distributed and pending_count:  # (every process flushes at the same steps) all stop together:
-            bad = all_reduce_sum(env, [float(mine)])[0] > 0  # one alone would leave the others waiting
+            bads, stops = all_reduce_sum(env, [float(mine), float(stop.requested)])  # one alone would leave
+            bad = bads > 0  # the others waiting
+            agree_on_stop(stops)
         if bad:
             # read back every step on the CPU (the step is exact), every log_every steps on a GPU
             where = f"at step {step}" if pending_count == 1 else f"in steps {step - pending_count + 1}-{step}"
@@ -1114,7 +1141,9 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
             bar = None
         if step % steps_per_epoch == 0:  # epoch finished
             flush_loss()
-            total_loss, total_skipped, total_read = all_reduce_sum(env, [loss_sum, skipped_total, epoch_read])
+            total_loss, total_skipped, total_read, stops = all_reduce_sum(
+                env, [loss_sum, skipped_total, epoch_read, float(stop.requested)])
+            agree_on_stop(stops)
             if batches is not None and total_read == 0:  # (a loss of 0 over no image: a "trained" model)
                 raise ConfigError(
                     f"every training image read in epoch {step // steps_per_epoch} (since its start, or "
@@ -1163,16 +1192,34 @@ def _train(config: VisionTrainConfig, env: DistEnv, resume: bool) -> dict[str, A
             loss_sum, loss_count, skipped_total, epoch_read = 0.0, 0, 0, 0
         if step % steps_per_epoch == 0 or step == stop_at:
             checkpoint()
+        # a stop signal: the step is done; save it (unless just saved) and stop. One process reads its own
+        # flag each step (free); several act on stop_agreed (the same on all; no collective of its own)
+        if (stop_agreed if env.distributed else stop.requested) and step < stop_at:
+            if last_saved != step:
+                checkpoint()
+            interrupted = True
+            break
     if bar is not None:
         bar.close()
+    if interrupted:
+        barrier(env)  # no process ends (torchrun would then SIGTERM the rest) before process 0 has saved
+        if writer is not None:
+            writer.close()
+        if main:
+            epoch, i = divmod(step, steps_per_epoch)
+            where = f"{i}/{steps_per_epoch} steps into epoch {epoch + 1}" if i else f"after epoch {epoch}"
+            print(f"[gmlp] stopped at step {step}/{total_steps} ({where}) with a checkpoint; --resume "
+                  f"continues the run", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
     final_state = full_model_state_dict(model) if fsdp else None  # every process takes part
     if main:
         for net in (raw_model, ema.module if ema is not None else None):  # record the run's normalisation
             if net is not None and isinstance(getattr(net, "pretrained_cfg", None), dict):
                 net.pretrained_cfg = {**net.pretrained_cfg, "mean": mean_t, "std": std_t}
-        save_model(raw_model, out / "model.safetensors", state_dict=final_state)
-        if ema is not None:
-            save_model(ema.module, out / "model_ema.safetensors")
+        with stop.shielded():  # (a second signal now: the file is written first)
+            save_model(raw_model, out / "model.safetensors", state_dict=final_state)
+            if ema is not None:
+                save_model(ema.module, out / "model_ema.safetensors")
         if writer is not None:
             writer.close()
         if config.plot and metrics_path.exists() and metrics_path.read_text().strip():
