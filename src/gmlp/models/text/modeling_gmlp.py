@@ -48,6 +48,7 @@ from ...convert import detect_format, from_g_mlp_pytorch
 from ...kernels.cpu_linear import apply_linear
 from ...nn import GMLPBlock, TinyAttention, TokenProjection
 from ...nn._checks import as_int, capturing, host_checks_enabled
+from ...nn._inplace import plain_call
 from ...nn.sgu import TokenLinear
 from ...utils.io import CheckpointError
 from ..vision import drop_path_rates
@@ -143,16 +144,20 @@ def _labels_first(
     classes: str = "vocab_size",
 ) -> Any:
     """Token ``labels`` checked (:func:`_check_labels`) before the model runs, against the shape of the
-    ids or embeddings, then moved to ``device``. The range check runs where the labels are: labels still on
-    the CPU are read there (no read-back from the GPU at all), and on a GPU the read-back waits for the
-    previous step only, not for this step's forward. Returned unchanged when the inputs are not tensors (the
-    model reports those). ``classes`` names ``num_classes`` in the message (``num_labels`` for token
-    classification)."""
+    ids or embeddings, then moved to ``device`` (left where they are if that is the meta device: a head
+    whose weight an offloading hook holds elsewhere between calls). The range check runs where the labels
+    are: labels still on the CPU are read there (no read-back from the GPU at all), and on a GPU the
+    read-back waits for the previous step only, not for this step's forward. Returned unchanged when the
+    inputs are not tensors (the model reports those). ``classes`` names ``num_classes`` in the message
+    (``num_labels`` for token classification)."""
     source = input_ids if input_ids is not None else inputs_embeds
     if labels is None or not isinstance(source, torch.Tensor) or source.dim() < 2:
         return labels
     where = labels.device if isinstance(labels, torch.Tensor) else device
-    return _check_labels(labels, tuple(source.shape[:2]), where, num_classes, classes=classes).to(device)
+    checked = _check_labels(labels, tuple(source.shape[:2]), where, num_classes, classes=classes)
+    # a head offloaded by accelerate (device_map with "disk" or CPU offload) keeps its weight on the meta
+    # device between calls: the labels then stay where they are (the callers move them to the logits)
+    return checked if device.type == "meta" else checked.to(device)
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -225,7 +230,9 @@ def _attention_probs(module: TinyAttention, x: torch.Tensor, mask: torch.Tensor 
     n = x.shape[0]
     if mask is not None:
         x = x.masked_fill(~mask.t().unsqueeze(-1), 0.0)
-    q, k, _ = F.linear(x, module.qkv.weight).transpose(0, 1).chunk(3, dim=-1)  # each (batch, seq, attn)
+    # apply_linear: the product TinyAttention computes; a wrapped or hooked qkv (a LoRA layer, accelerate's
+    # offloading hook, whose weight is on the meta device between calls) is called, not read
+    q, k, _ = apply_linear(module.qkv, x).transpose(0, 1).chunk(3, dim=-1)  # each (batch, seq, attn)
     scores = (q @ k.transpose(1, 2)) / module.attn_dim**0.5
     allowed = torch.ones(n, n, dtype=torch.bool, device=x.device)
     if module.causal:
@@ -728,8 +735,13 @@ class GMLPModel(GMLPPreTrainedModel):
 
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if self.token_type_embed is not None:
-            if token_type_ids is None:
-                x = x + self.token_type_embed.weight[0]
+            if token_type_ids is None:  # type 0 everywhere, broadcast over (batch, seq)
+                if plain_call(self.token_type_embed, nn.Embedding):
+                    x = x + self.token_type_embed.weight[0]
+                else:  # called, not read: accelerate's offloading hooks bring the weight in (from disk, say)
+                    # for a call only, and a wrapper (a LoRA layer) acts on calls
+                    zero = torch.zeros((1, 1), dtype=torch.long, device=x.device)
+                    x = x + self.token_type_embed(zero).to(x.device)
             else:
                 x = x + self.token_type_embed(token_type_ids)
         x = self.dropout(x)
@@ -750,15 +762,17 @@ class GMLPModel(GMLPPreTrainedModel):
                 mask = torch.gather(mask, 1, order)
                 h = _gather_tokens(h, order)
 
+        # (.to: a device_map over several GPUs leaves the last blocks' outputs on another device than the
+        # embedding's, where the index is; a no-op otherwise)
         def to_batch_major(t: torch.Tensor) -> torch.Tensor:
             if inverse is not None:
-                t = _gather_tokens(t, inverse)
+                t = _gather_tokens(t, inverse.to(t.device))
             return t.transpose(0, 1).contiguous()
 
         def record_map(module: TinyAttention, x: torch.Tensor, block_mask: torch.Tensor | None) -> None:
             probs = _attention_probs(module, x, block_mask)
             if inverse is not None:  # back to the input's positions, queries and keys
-                back = inverse[:, None, :, None].expand_as(probs)
+                back = inverse.to(probs.device)[:, None, :, None].expand_as(probs)
                 probs = probs.gather(2, back).gather(3, back.transpose(2, 3))
             attentions.append(probs)
 
