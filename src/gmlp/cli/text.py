@@ -359,6 +359,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=5_000_000,
         help="train a new tokenizer on an even sample of about N characters (default: 5e6)",
     )
+    g.add_argument(
+        "--token-cache",
+        default=None,
+        metavar="DIR",
+        help="keep the tokenized, packed corpus in DIR, keyed by the corpus files' contents, the split "
+        "options, the tokenizer and --seq-len, so a later start (--resume, another run) with the same "
+        "inputs reads no corpus; a folder every process sees (default: OUTPUT/cache)",
+    )
+    g.add_argument(
+        "--no-token-cache",
+        dest="cache_tokens",
+        action="store_false",
+        help="tokenize the corpus at every start, in every process (no cache)",
+    )
     pre.set_defaults(func=_pretrain)
 
     fin = sub.add_parser(

@@ -59,6 +59,7 @@ __all__ = [
     "read_r_lazyload",
     "read_text_file",
     "resolve_sources",
+    "source_files",
     "split_documents",
 ]
 
@@ -350,6 +351,17 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
+def _folder_text_files(path: Path) -> list[Path]:
+    """The text files :func:`iter_text_path` reads of the folder ``path``, in its order."""
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.name.lower().endswith(_TEXT_SUFFIXES) and not _hidden(p.relative_to(path))
+    )
+    if not files:
+        raise TextDataError(f"folder {str(path)!r} holds no text files ({', '.join(_TEXT_SUFFIXES)})")
+    return files
+
+
 def iter_text_path(path: str | Path) -> Iterator[TextDocument]:
     """Documents of a local text file (its blank-line separated paragraphs) or of a folder of text files
     (hidden files and folders, whose names start with ``.``, left out).
@@ -360,13 +372,7 @@ def iter_text_path(path: str | Path) -> Iterator[TextDocument]:
     """
     path = Path(path)
     if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*")
-            if p.is_file() and p.name.lower().endswith(_TEXT_SUFFIXES) and not _hidden(p.relative_to(path))
-        )
-        if not files:
-            raise TextDataError(f"folder {str(path)!r} holds no text files ({', '.join(_TEXT_SUFFIXES)})")
-        for file in files:
+        for file in _folder_text_files(path):
             for k, para in enumerate(_paragraphs(read_text_file(file))):
                 yield TextDocument(str(path), f"{file.relative_to(path)}:{k}", para)
     elif path.is_file():
@@ -465,11 +471,46 @@ def iter_documents(
             elif path.exists():
                 yield from iter_text_path(path)
             else:
-                known = ", ".join([*OFFLINE_SOURCES, *SOURCE_ALIASES])
-                raise FileNotFoundError(
-                    f"text source {source!r} is neither a known corpus ({known}), 'hf:NAME[:CONFIG]', nor an "
-                    f"existing file or folder"
-                )
+                raise _unknown_source(source)
+
+
+def _unknown_source(source: str) -> FileNotFoundError:
+    known = ", ".join([*OFFLINE_SOURCES, *SOURCE_ALIASES])
+    return FileNotFoundError(
+        f"text source {source!r} is neither a known corpus ({known}), 'hf:NAME[:CONFIG]', nor an existing "
+        f"file or folder"
+    )
+
+
+def source_files(source: str) -> tuple[str, Path, list[Path]] | None:
+    """What :func:`iter_documents` reads of one resolved source (see :func:`resolve_sources`): ``(kind,
+    root, files)``, the files in the order they are read (``kind`` tells how: ``pydocs``, ``wordnet``,
+    ``austen``, ``mobydick``, ``text``, ``table:json`` / ``csv`` / ``parquet``; the files' names relative to
+    ``root`` order a folder). None for ``hf:`` sources (a hub dataset: no local files to tell it by).
+
+    Raises:
+        FileNotFoundError: as :func:`iter_documents` (offline data not fetched, a path that does not exist).
+        TextDataError: a folder that holds no text files.
+    """
+    if source in OFFLINE_SOURCES:
+        _require(source)
+        if source == "pydocs":
+            return source, PYTHON_DOCS_DIR, sorted(PYTHON_DOCS_DIR.rglob("*.rst.txt"))
+        if source == "wordnet":
+            return source, WORDNET_DIR, [WORDNET_DIR / f"data.{p}" for p in ("noun", "verb", "adj", "adv")]
+        rdx = _source_path(source)
+        return source, rdx.parent, [rdx, rdx.with_suffix(".rdb")]
+    if source.startswith("hf:"):
+        return None
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in _TABLE_SUFFIXES and path.is_file():
+        return f"table:{_TABLE_SUFFIXES[suffix]}", path.parent, [path]
+    if path.is_dir():
+        return "text", path, _folder_text_files(path)
+    if path.is_file():
+        return "text", path.parent, [path]
+    raise _unknown_source(source)
 
 
 def heldout_bucket(text: str) -> float:

@@ -19,15 +19,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
 import re
 import shutil
-import signal
 import string
 import sys
-import threading
 import time
 import unicodedata
 from collections import Counter
@@ -41,11 +40,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.text import TextDataError, load_text_splits, pack_sequences
+from ..data.text import TextDataError, TextSplits, load_text_splits, pack_sequences
+from ..data.token_cache import (
+    TokenBlocks,
+    cache_key,
+    corpus_fingerprint,
+    encode_texts,
+    entry_dir,
+    load_or_build,
+    read_entry,
+)
 from ..utils.io import CheckpointError, append_line, atomic_dir, read_jsonl_records
 from ..utils.malloc import tune_malloc
 from ..utils.state import restoring_process_state
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_run_files, run_lock, save_checkpoint
+from .interrupt import StopRequest
 from .optim import fused_adamw
 from .recipe import ConfigError, check_cuda_available
 
@@ -148,12 +157,24 @@ class PretrainConfig(ModelOptions, _TrainOptions):
     eval_every: int = 200
     eval_batches: int = 20
     init_from: str | None = None
+    # the packed token blocks cached on disk (gmlp.data.token_cache): in token_cache, or OUTPUT/cache if None
+    token_cache: str | None = None
+    cache_tokens: bool = True
 
     def validate(self) -> None:
         """Raise :class:`~gmlp.train.recipe.ConfigError` (a ``ValueError``; also a ``FileNotFoundError``
         for a missing folder) naming the flag of the first bad option; :func:`pretrain` calls it before it
         creates, reads or builds anything."""
         from .tokenizer import check_corpus_options
+
+        if self.token_cache is not None and not self.cache_tokens:
+            raise ConfigError(
+                f"--token-cache names a cache folder and --no-token-cache turns the cache off: give one of "
+                f"them, got --token-cache {self.token_cache}"
+            )
+        cache = self.token_cache
+        if cache is not None and (not str(cache).strip() or Path(cache).expanduser().is_file()):
+            raise ConfigError(f"--token-cache must name a folder, got {self.token_cache!r}")
 
         _validate_train_options(self)
         # pretraining does not replace a loaded model's dropout (finetune --model does)
@@ -1128,47 +1149,42 @@ def _make_accelerator(opts: _TrainOptions) -> Any:
     return accelerator
 
 
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop checks it between optimizer steps, saves and stops."""
+def _holding_output(run: Callable[[Any, Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
+    """``run(cfg, accelerator)`` holding ``cfg.output`` (:func:`gmlp.train.checkpoint.run_lock`, process 0
+    only): a second run into the same folder is refused at once, instead of both writing it over each other.
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second signal: stop right away
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            f"\n[gmlp] signal {signum}: stopping after this step (checkpoint); again to abort",
-            file=sys.stderr,
-        )
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _holding_output(run: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
-    """``run(cfg)`` holding ``cfg.output`` (:func:`gmlp.train.checkpoint.run_lock`, process 0 only): a second
-    run into the same folder is refused at once, instead of both writing it over each other."""
+    The accelerator (:func:`_make_accelerator`, which joins the processes of a torchrun / accelerate launch
+    job into their process group) is made first, so that when process 0 cannot take the folder (in use, a
+    file, not writable) every process raises: the refusal is all-reduced, as ``gmlp train`` does. Before, the
+    lock came first and the other processes, with no process group yet to hear of it, went on to wait for
+    process 0 in the group's rendezvous until the launcher tore them down (or, started without an elastic
+    agent, until its timeout: 30 minutes)."""
 
     @functools.wraps(run)
     def holding(cfg: Any) -> dict[str, Any]:
         cfg.validate()  # (a bad option is refused before the folder is made)
-        from .distributed import env_int
+        accelerator = _make_accelerator(cfg)
+        refused: Exception | None = None
+        with contextlib.ExitStack() as stack:
+            if accelerator.is_main_process:
+                try:
+                    stack.enter_context(run_lock(cfg.output))
+                except (ConfigError, OSError) as err:
+                    refused = err
+            if accelerator.num_processes > 1:
+                flag = torch.tensor([float(refused is not None)], device=accelerator.device)
+                if accelerator.reduce(flag, "sum").item() > 0 and refused is None:
+                    raise ConfigError(
+                        f"process 0 could not take the output folder {str(cfg.output)!r} (its error says why)"
+                    )
+            if refused is not None:
+                raise refused
+            return run(cfg, accelerator)
 
-        # (the other processes of a torchrun / accelerate launch job are stopped by the launcher when process
-        # 0 is refused: they have no process group yet to hear it through)
-        with run_lock(cfg.output, enabled=env_int("RANK", 0, least=0) == 0):
-            return run(cfg)
-
+    # the public signature: (cfg), not the wrapped run's (cfg, accelerator)
+    holding.__signature__ = inspect.signature(run).replace(  # type: ignore[attr-defined]
+        parameters=list(inspect.signature(run).parameters.values())[:1]
+    )
     return holding
 
 
@@ -1327,6 +1343,8 @@ _RESUME_FREE = {
     "keep_last",
     "device",
     "eval_batch_size",
+    "token_cache",
+    "cache_tokens",
 }
 
 
@@ -1608,7 +1626,7 @@ def _train_loop(
     # (several processes: at the log, evaluation and save steps only, as on a GPU; each read is a collective)
     read_each_step = _reads_each_step(accelerator.device) and accelerator.num_processes == 1
     checked: int | None = None  # the last step check_finite found finite (it reads the flag once a step)
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         for step in range(start, total_steps):
             cpu_batches = [micro_batch(step, micro) for micro in range(opts.grad_accum)]
             weights, has_targets = [1.0] * opts.grad_accum, True
@@ -1706,7 +1724,8 @@ def _train_loop(
             limit = opts.stop_after_steps is not None and done - start >= opts.stop_after_steps
             limit, stop_now = limit and done < total_steps, stop_now and done < total_steps  # the end: finish
             if (opts.save_every and done % opts.save_every == 0) or done == total_steps or stop_now or limit:
-                save(done)
+                with stop.shielded():  # (a second signal: aborts once the checkpoint is written)
+                    save(done)
             if stop_now or limit:
                 completed = False
                 break
@@ -1788,23 +1807,71 @@ def _load_or_train_tokenizer(
     if init_from and not reuse:
         _warn_unused_tokenizer_options(opts, "--init-from", accelerator)
     tok_dir = out / "tokenizer"
-    with accelerator.main_process_first():
-        if accelerator.is_main_process and not (reuse and (tok_dir / "tokenizer.json").is_file()):
-            if init_from:
-                tok = load_tokenizer(_init_tokenizer_dir(init_from))
-            else:
-                corpus = list(texts())
-                if sample_chars is not None and sum(map(len, corpus)) > sample_chars:
-                    corpus = _even_sample(corpus, sample_chars)
-                tok = train_tokenizer(
-                    corpus,
-                    kind=opts.tokenizer_kind,
-                    vocab_size=opts.vocab_size,
-                    model_max_length=max_len,
-                    length=len(corpus),
-                )
-            save_tokenizer(tok, tok_dir)
+
+    def make() -> None:
+        if reuse and (tok_dir / "tokenizer.json").is_file():
+            return
+        if init_from:
+            tok = load_tokenizer(_init_tokenizer_dir(init_from))
+        else:
+            corpus = list(texts())
+            if sample_chars is not None and sum(map(len, corpus)) > sample_chars:
+                corpus = _even_sample(corpus, sample_chars)
+            tok = train_tokenizer(
+                corpus,
+                kind=opts.tokenizer_kind,
+                vocab_size=opts.vocab_size,
+                model_max_length=max_len,
+                length=len(corpus),
+            )
+        save_tokenizer(tok, tok_dir)
+
+    _main_process_first(accelerator, "the tokenizer", make)
     return load_tokenizer(tok_dir)
+
+
+#: How long the other processes wait for process 0 to train the tokenizer or build the token cache (a large
+#: corpus tokenizes for hours; NCCL's own collectives time out after 10 minutes, hence a gloo group).
+_MAIN_FIRST_TIMEOUT_S = 24 * 3600
+
+
+def _main_process_first(
+    accelerator: Any, what: str, work: Callable[[], Any], share: Callable[[Any], Any] = lambda result: None
+) -> tuple[Any, Any]:
+    """``work()`` in process 0 while the other processes wait: ``(result, shared)``, ``result`` being what
+    ``work()`` returned (None in the other processes) and ``shared`` process 0's ``share(result)`` (a small
+    picklable value) in every process.
+
+    An error of ``work`` is raised in every process (in the others as a ``RuntimeError`` naming it), where
+    ``accelerator.main_process_first()`` left the others waiting for process 0 in a barrier until the
+    launcher stopped them. They wait over a gloo group of their own with a long timeout
+    (:data:`_MAIN_FIRST_TIMEOUT_S`): tokenizing a large corpus outlasts NCCL's 10 minutes.
+    """
+    if accelerator.num_processes == 1:
+        result = work()
+        return result, share(result)
+    import datetime
+
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_MAIN_FIRST_TIMEOUT_S))
+    result, failure, box = None, None, [None, None]
+    try:
+        if accelerator.is_main_process:
+            try:
+                result = work()
+                box = [None, share(result)]
+            except Exception as err:
+                failure = err
+                box = [f"{type(err).__name__}: {err}", None]
+        dist.broadcast_object_list(box, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        raise RuntimeError(f"process 0 failed to prepare {what}: {box[0]}")
+    return result, box[1]
 
 
 def _even_sample(texts: Sequence[str], max_chars: int) -> list[str]:
@@ -1814,14 +1881,92 @@ def _even_sample(texts: Sequence[str], max_chars: int) -> list[str]:
     return list(texts[::stride])
 
 
-def _encode(tokenizer: Any, texts: Sequence[str], chunk: int = 2000) -> list[np.ndarray]:
-    """Token ids of each text (no special tokens), as compact int32 arrays, encoded in parallel chunks."""
-    backend = tokenizer.backend_tokenizer
-    out: list[np.ndarray] = []
-    for i in range(0, len(texts), chunk):
-        batch = backend.encode_batch(list(texts[i : i + chunk]), add_special_tokens=False)
-        out.extend(np.asarray(e.ids, dtype=np.int32) for e in batch)
-    return out
+_encode = encode_texts  # (token ids of each text, no special tokens; gmlp.data.token_cache)
+
+
+def _rows(blocks: np.ndarray, idx: Sequence[int] | range) -> torch.Tensor:
+    """Rows ``idx`` of the token blocks (an int64 array in memory, or a read-only int32 memory map of the
+    token cache) as a new int64 tensor of their own: the masking writes to its input's copy, never to the
+    blocks, and a memory map is read only where its rows are asked for."""
+    sliced = isinstance(idx, range) and idx.step == 1  # (a slice: a view, copied below)
+    picked = blocks[idx.start : idx.stop] if sliced else blocks[list(idx)]  # type: ignore[union-attr]
+    return torch.from_numpy(np.array(picked, dtype=np.int64))
+
+
+def _pack_blocks(tokenizer: Any, special: dict[str, int], seq_len: int, splits: TextSplits) -> TokenBlocks:
+    """The corpus tokenized and packed into ``[CLS] ... [SEP]`` blocks of ``seq_len`` tokens (both splits).
+
+    Raises:
+        TextDataError: the training split gives no block.
+    """
+    ids = {"cls_id": special["cls"], "sep_id": special["sep"], "pad_id": special["pad"]}
+    train, _ = pack_sequences(_encode(tokenizer, splits.train), seq_len, **ids)
+    valid, _ = pack_sequences(_encode(tokenizer, splits.validation), seq_len, **ids)
+    if len(train) == 0:
+        raise TextDataError("the training split produced no token blocks (is the corpus empty?)")
+    return TokenBlocks(train.numpy(), valid.numpy(), len(splits.train), len(splits.validation))
+
+
+def _token_blocks(
+    cfg: PretrainConfig,
+    out: Path,
+    tokenizer: Any,
+    special: dict[str, int],
+    seq_len: int,
+    read_corpus: Callable[[], TextSplits],
+    accelerator: Any,
+) -> TokenBlocks:
+    """The packed token blocks of the run, from the token cache (``--token-cache DIR``, default
+    ``OUTPUT/cache``; :mod:`gmlp.data.token_cache`) when it holds them, else built (and stored there).
+
+    Process 0 looks the entry up, or builds and writes it, while the others wait; then they map the same
+    files (one copy in memory for all). An error of process 0 there is raised in every process. Without
+    the cache (``--no-token-cache``, an ``hf:`` source, or a folder that cannot be written) every process
+    builds its own blocks from the corpus.
+    """
+    if not cfg.cache_tokens:
+        return _pack_blocks(tokenizer, special, seq_len, read_corpus())
+    cache_dir = Path(cfg.token_cache).expanduser() if cfg.token_cache else out / "cache"
+
+    def look_up_or_build() -> tuple[TokenBlocks | None, str | None]:
+        corpus = corpus_fingerprint(cfg.corpus)
+        if corpus is None:
+            print("[gmlp] token cache off: a corpus with an hf: source is not cached", file=sys.stderr)
+            return None, None
+        key, inputs = cache_key(
+            corpus=corpus, tokenizer=tokenizer, special_ids=special, seq_len=seq_len,
+            valid_fraction=cfg.valid_fraction, max_documents=cfg.max_documents, max_chars=cfg.max_chars,
+            text_column=cfg.text_column,
+        )
+        start = time.perf_counter()
+        blocks, hit = load_or_build(
+            cache_dir, key, lambda: _pack_blocks(tokenizer, special, seq_len, read_corpus()),
+            inputs=inputs, prune=cfg.token_cache is None,
+        )
+        stored = isinstance(blocks.train, np.memmap)  # (else the folder could not be written)
+        what = "hit" if hit else f"built in {time.perf_counter() - start:.1f} s"
+        where = entry_dir(cache_dir, key)
+        print(f"[gmlp] token cache {what}: {where}{'' if stored else ' (kept in memory)'}", file=sys.stderr)
+        return blocks, key if stored else None
+
+    done, key = _main_process_first(accelerator, "the token blocks", look_up_or_build, lambda r: r[1])
+    if accelerator.is_main_process and done[0] is not None:
+        return done[0]
+    if key is None:  # (not cached: every process builds its own)
+        return _pack_blocks(tokenizer, special, seq_len, read_corpus())
+    try:
+        found = read_entry(cache_dir, key, verify=False)  # (process 0 verified it just now)
+    except Exception as err:  # (TokenCacheError: e.g. replaced under us)
+        found, why = None, f"{err}"
+    else:
+        why = "it is not there"
+    if found is None:
+        raise RuntimeError(
+            f"process {accelerator.process_index} cannot read the token cache entry process 0 wrote in "
+            f"{str(cache_dir)!r} ({why}): --token-cache must be a folder every process sees (a shared file "
+            f"system), or give --no-token-cache"
+        )
+    return found
 
 
 def _set_seed_for_init(seed: int) -> None:
@@ -1853,7 +1998,7 @@ def _restoring_accelerate_state() -> Iterator[None]:
 @restoring_process_state()
 @_restoring_accelerate_state()
 @_holding_output
-def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+def pretrain(cfg: PretrainConfig, accelerator: Any) -> dict[str, Any]:
     """Masked-language-model pretraining (BERT protocol, no NSP); see the module docstring.
 
     The caller's random generators (torch, NumPy, ``random``), torch's thread count and accelerate's state
@@ -1861,7 +2006,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     the rest of the process (:func:`gmlp.utils.malloc.tune_malloc`; ``GMLP_NO_MALLOC_TUNING=1`` opts out).
 
     Writes ``OUTPUT/tokenizer`` (when one is trained), ``OUTPUT/config.json``, ``OUTPUT/checkpoints``,
-    ``OUTPUT/metrics.jsonl`` and, at the end, ``OUTPUT/final`` (model and tokenizer, ``save_pretrained``).
+    ``OUTPUT/metrics.jsonl`` and, at the end, ``OUTPUT/final`` (model and tokenizer, ``save_pretrained``);
+    the packed token blocks go to the token cache (``OUTPUT/cache`` or ``cfg.token_cache``; none with
+    ``cache_tokens=False``), which a later start with the same corpus, tokenizer and settings reads instead
+    of the corpus (:mod:`gmlp.data.token_cache`).
 
     Returns:
         ``{"step", "completed", "final" (path or None), "validation" (last held-out metrics)}``.
@@ -1871,29 +2019,29 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             ``output`` that another run holds, or that is (or is under) a file.
         OSError: an ``output`` that cannot be written (naming it).
     """
-    cfg.validate()
     from transformers import AutoConfig, AutoModelForMaskedLM
 
     with contextlib.suppress(ImportError):
         import gmlp.models.text  # noqa: F401  (Auto-class registration)
     tune_malloc()  # the MLM's logits are far above glibc's mmap threshold (gmlp.utils.malloc)
-    accelerator = _make_accelerator(cfg)
     out = Path(cfg.output)
     resume_from = _prepare_output(out, cfg, accelerator, "pretrain")
     if resume_from is not None:
         cfg = _with_run_sources(cfg, resume_from, "pretrain", accelerator)
 
-    splits = load_text_splits(
+    # read when first needed (once): to train a tokenizer, or to build the token blocks; not at all when a
+    # tokenizer is reused and the blocks come from the token cache
+    read_corpus = functools.cache(lambda: load_text_splits(
         cfg.corpus,
         valid_fraction=cfg.valid_fraction,
         max_documents=cfg.max_documents,
         max_chars=cfg.max_chars,
         text_column=cfg.text_column,
-    )
+    ))
     tokenizer = _load_or_train_tokenizer(
         cfg,
         out,
-        lambda: splits.train,
+        lambda: read_corpus().train,
         accelerator,
         seq_len_of_new_model(cfg),
         reuse=resume_from is not None,
@@ -1915,30 +2063,16 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     check_vocab(tokenizer, config)
     seq_len = _max_len(config, cfg.seq_len)
 
-    train_ids, _ = pack_sequences(
-        _encode(tokenizer, splits.train),
-        seq_len,
-        cls_id=special["cls"],
-        sep_id=special["sep"],
-        pad_id=special["pad"],
-    )
-    valid_ids, _ = pack_sequences(
-        _encode(tokenizer, splits.validation),
-        seq_len,
-        cls_id=special["cls"],
-        sep_id=special["sep"],
-        pad_id=special["pad"],
-    )
-    if len(train_ids) == 0:
-        raise TextDataError("the training split produced no token blocks (is the corpus empty?)")
+    blocks = _token_blocks(cfg, out, tokenizer, special, seq_len, read_corpus, accelerator)
+    read_corpus.cache_clear()  # the corpus text (about its size again in memory): the run needs the blocks
+    train_ids, valid_ids = blocks.train, blocks.validation  # [blocks, seq_len] arrays (maybe memory maps)
     if accelerator.is_main_process:
         print(
-            f"[gmlp] pretrain {_arch_name(config)}: {len(splits.train)} train / {len(splits.validation)} "
-            f"held-out documents -> {len(train_ids)} / {len(valid_ids)} blocks of {seq_len} tokens; "
-            f"vocab {len(tokenizer)}",
+            f"[gmlp] pretrain {_arch_name(config)}: {blocks.train_documents} train / "
+            f"{blocks.validation_documents} held-out documents -> {len(train_ids)} / {len(valid_ids)} blocks "
+            f"of {seq_len} tokens; vocab {len(tokenizer)}",
             file=sys.stderr,
         )
-    splits = None  # the corpus text (about its size again in memory): the run needs only the token blocks
 
     _set_seed_for_init(cfg.seed)
     if init_from:
@@ -1979,7 +2113,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     def micro_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
         offset = _micro_offset(cfg, accelerator, step, micro)  # the sequences' positions in the data stream
         idx = _sample_indices(cfg.seed, len(train_ids), offset, cfg.batch_size)
-        return masked(train_ids[idx], [step_seed(cfg.seed, "mask", offset + j) for j in range(len(idx))])
+        seeds = [step_seed(cfg.seed, "mask", offset + j) for j in range(len(idx))]
+        return masked(_rows(train_ids, idx), seeds)
 
     def evaluate(model: nn.Module, step: int) -> dict[str, Any]:
         nll = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -1989,7 +2124,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         n_batches = min(cfg.eval_batches, math.ceil(len(valid_ids) / bs))
         for b in range(accelerator.process_index, n_batches, accelerator.num_processes):
             rows = range(b * bs, min((b + 1) * bs, len(valid_ids)))  # fixed masks, whatever the batch size
-            batch = masked(valid_ids[rows.start : rows.stop], [step_seed(cfg.seed, "valid", r) for r in rows])
+            batch = masked(
+                _rows(valid_ids, rows), [step_seed(cfg.seed, "valid", r) for r in rows]
+            )
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             labels = batch["labels"]
             with accelerator.autocast():  # sparse prediction: the logits of the masked tokens only
@@ -2386,7 +2523,7 @@ def _pad_batch(rows: dict[str, Sequence[Sequence[int]]], pad_id: int) -> dict[st
 @restoring_process_state()
 @_restoring_accelerate_state()
 @_holding_output
-def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+def finetune(cfg: FinetuneConfig, accelerator: Any) -> dict[str, Any]:
     """Finetune on sentence (pair) classification / regression or SQuAD-format span QA.
 
     The model comes from ``cfg.model`` (a folder saved by ``gmlp pretrain`` or any ``save_pretrained``
@@ -2406,7 +2543,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             ``output`` that another run holds, or that is (or is under) a file.
         OSError: an ``output`` that cannot be written (naming it).
     """
-    cfg.validate()
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
     from ..data.sentiment import load_classification, load_qa
@@ -2415,7 +2551,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         import gmlp.models.text  # noqa: F401  (Auto-class registration)
     qa = cfg.task == "qa"
     tune_malloc()
-    accelerator = _make_accelerator(cfg)
     out = Path(cfg.output)
     resume_from = _prepare_output(out, cfg, accelerator, "finetune")
     if resume_from is not None:
