@@ -42,11 +42,15 @@ def _check_lengths(weight: torch.Tensor, n: int, seq_len: int) -> None:
 
 def toeplitz_matrix_reference(weight: torch.Tensor, n: int, seq_len: int) -> torch.Tensor:
     """``W[..., i, j] = weight[..., i - j + seq_len - 1]`` for ``i, j < n``: the windows of ``weight.unfold``
-    for rows ``seq_len - n .. seq_len - 1``, reversed (a view and one flip; autograd's backward)."""
+    for rows ``seq_len - n .. seq_len - 1``, reversed (a view and one flip; autograd's backward). Under
+    ``torch.jit.trace``, ``torch.export`` and ``torch.compile``: the same values by an index gather."""
     _check_lengths(weight, n, seq_len)
-    if torch.jit.is_tracing() or _exporting():
+    if torch.jit.is_tracing() or _exporting() or torch.compiler.is_compiling():
         # an index gather: a traced graph (TorchScript ONNX) that onnxruntime runs, and a graph whose ``n``
-        # torch.export may keep dynamic (unfold's window needs a constant)
+        # torch.export or torch.compile may keep dynamic (unfold's window needs a constant: under
+        # torch.compile each sequence length was a recompile, and past dynamo's recompile limit (8) the
+        # new lengths ran uncompiled). The same values; inductor lowers both this gather's backward and
+        # unfold's to one accumulating index_put (a scatter-add), so compiled code does the same work.
         i = torch.arange(n, device=weight.device)
         return weight[..., i[:, None] - i[None, :] + (seq_len - 1)]
     start = seq_len - n
@@ -179,7 +183,9 @@ def toeplitz_mix_fft(
     kernel = weight[..., centre - (n - 1) : centre + n]  # offsets -(n-1) .. n-1
     if causal:
         kernel = torch.cat([torch.zeros_like(kernel[..., : n - 1]), kernel[..., n - 1 :]], dim=-1)
-    size = _fft_size(n)
+    # compiling: the size for seq_len tokens (also >= 2n - 1), so that a symbolic n is not specialised by
+    # the search (one recompile per sequence length); equal for n = seq_len, the same values up to rounding
+    size = _fft_size(seq_len if torch.compiler.is_compiling() else n)
     work = torch.promote_types(z.dtype, torch.float32)  # float64 stays float64; half types go up
     # circular layout: offset k >= 0 at index k, offset k < 0 at index size + k
     h = torch.zeros(*kernel.shape[:-1], size, dtype=work, device=z.device)
