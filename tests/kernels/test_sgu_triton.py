@@ -197,6 +197,34 @@ def test_fused_gating_threshold_setting(monkeypatch: pytest.MonkeyPatch) -> None
             fused_gating_min_elements()
 
 
+def test_prefer_fused_gating_holds_for_its_own_thread_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA graph's warm-up (inside prefer_fused_gating) in one thread must not send another thread's
+    eager blocks down the fused path at every size."""
+    import threading
+
+    from gmlp.kernels.sgu_triton import fused_gating_enabled, prefer_fused_gating
+
+    monkeypatch.delenv("GMLP_DISABLE_FUSED_GATING", raising=False)
+    monkeypatch.setenv("GMLP_FUSED_GATING_MIN_ELEMENTS", "100")
+    entered, leave = threading.Event(), threading.Event()
+
+    def warm_up() -> None:
+        with prefer_fused_gating():
+            assert fused_gating_enabled(1)
+            entered.set()
+            leave.wait(10)
+
+    other = threading.Thread(target=warm_up)
+    other.start()
+    try:
+        assert entered.wait(10)
+        assert not fused_gating_enabled(1)  # this thread is in no prefer_fused_gating block
+        assert fused_gating_enabled(100)
+    finally:
+        leave.set()
+        other.join(10)
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     n=st.integers(1, 19),

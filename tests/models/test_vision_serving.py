@@ -224,7 +224,9 @@ def test_jit_script_is_refused_at_once_with_what_to_use_instead() -> None:
     alternatives (it is a RuntimeError, as TorchScript's errors mostly are)."""
     model = _model()
     wrapper = nn.Sequential(model)
-    for obj, name in ((model, "GMLPVision"), (model.stem, "PatchEmbed"), (wrapper, "GMLPVision")):
+    cases = ((model, "GMLPVision"), (model.stem, "PatchEmbed"), (wrapper, "GMLPVision"),
+             (model.blocks[0], "GMLPBlock"), (model.blocks[0].sgu, "SpatialGatingUnit"))
+    for obj, name in cases:
         with pytest.raises(NotImplementedError, match=rf"script cannot compile .*{name}.*torch.jit.trace"):
             torch.jit.script(obj)
     with pytest.raises(RuntimeError, match="torch.export.export"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -969,7 +970,9 @@ def fused_gating_min_elements() -> int:
     return value
 
 
-_prefer_fused = 0  # nesting depth of prefer_fused_gating()
+# nesting depth of prefer_fused_gating() in each thread (a CUDA graph's warm-up in one thread must not send
+# another thread's eager blocks down the fused path at every size)
+_prefer_fused = threading.local()
 
 
 @contextlib.contextmanager
@@ -981,12 +984,11 @@ def prefer_fused_gating() -> Iterator[None]:
     while capturing, :func:`spatial_gating` without a mask also runs its masked kernel variant (with an
     all-real mask), so that a warm-up whose masks were all real and dropped has compiled the variant that
     a capture with the mask needs."""
-    global _prefer_fused
-    _prefer_fused += 1
+    _prefer_fused.depth = getattr(_prefer_fused, "depth", 0) + 1
     try:
         yield
     finally:
-        _prefer_fused -= 1
+        _prefer_fused.depth -= 1
 
 
 def fused_gating_enabled(elements: int | None = None) -> bool:
@@ -1012,7 +1014,9 @@ def fused_gating_enabled(elements: int | None = None) -> bool:
 def _graph_warmup_or_capture() -> bool:
     """Inside :func:`prefer_fused_gating` (a CUDA graph's warm-up calls and capture, see
     :class:`gmlp.train.cuda_graph.CUDAGraphStep`) or while a CUDA graph is being captured."""
-    return bool(_prefer_fused) or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    if getattr(_prefer_fused, "depth", 0):
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def fold_fc1_bias_enabled() -> bool:

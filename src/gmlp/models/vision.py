@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..nn import GMLPBlock, PatchEmbed, TokenLinear, TokenProjection
-from ..nn._checks import as_int, check_flag, check_int, check_number
+from ..nn._checks import NotScriptable, as_int, check_flag, check_int, check_number
 from ..nn.patch import to_2tuple
 from ..nn.resample import resample_spatial_bias, resample_spatial_weight
 from .registry import register_model
@@ -144,7 +144,7 @@ def feature_take_indices(
     return take, max(take)
 
 
-class GMLPVision(nn.Module):
+class GMLPVision(NotScriptable, nn.Module):
     """gMLP image classifier: patch stem, ``depth`` gMLP blocks, final LayerNorm, mean pool, linear head.
 
     Args:
@@ -277,19 +277,6 @@ class GMLPVision(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, (TokenProjection, TokenLinear)):  # a subclass too (by name it was left
                 module.reset_parameters()  # uninitialised); TokenLinear: variant "mixer"'s token MLP
-
-    def __prepare_scriptable__(self) -> GMLPVision:
-        """Refuse ``torch.jit.script`` at once, with what to use instead (it calls this first).
-
-        Raises:
-            NotImplementedError: always (TorchScript cannot compile the layers, which validate their inputs
-                in ``try`` blocks; its own error named a ``try`` deep inside the stem).
-        """
-        raise NotImplementedError(
-            f"torch.jit.script cannot compile {type(self).__name__} (gmlp's layers use Python that "
-            f"TorchScript does not support); use torch.jit.trace(model, images), torch.export.export or "
-            f"gmlp.export.export_onnx, or torch.compile for speed"
-        )
 
     # -- timm model API -----------------------------------------------------------------------------
     @property

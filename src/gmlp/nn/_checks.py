@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from torch import nn
 from ._inplace import plain_call
 
 __all__ = [
+    "NotScriptable",
     "as_int",
     "autocast_enabled",
     "capturing",
@@ -25,6 +27,21 @@ __all__ = [
     "check_tokens",
     "host_checks_enabled",
 ]
+
+
+class NotScriptable:
+    """A module mixin: ``torch.jit.script`` of the module (or of a model holding it; TorchScript calls
+    ``__prepare_scriptable__`` on every submodule first) is refused at once with what to use instead. gmlp's
+    layers check their inputs in Python that TorchScript cannot compile, and its own error named a ``try``
+    deep inside a layer."""
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        """Raises ``NotImplementedError``, naming ``torch.jit.trace``, ``torch.export`` and ONNX export."""
+        raise NotImplementedError(
+            f"torch.jit.script cannot compile {type(self).__name__} (gmlp's layers use Python that "
+            f"TorchScript does not support); use torch.jit.trace(model, example_inputs), "
+            f"torch.export.export or gmlp.export.export_onnx, or torch.compile for speed"
+        )
 
 
 def capturing(t: torch.Tensor) -> bool:

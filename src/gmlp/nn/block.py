@@ -18,6 +18,7 @@ from ..kernels.sgu_triton import (
     triton_enabled,
 )
 from ._checks import (
+    NotScriptable,
     as_int,
     check_devices,
     check_input_dtype,
@@ -84,7 +85,7 @@ class DropPath(nn.Module):
         return drop_path(x, self.p, self.training, self.batch_dim)
 
 
-class GMLPBlock(nn.Module):
+class GMLPBlock(NotScriptable, nn.Module):
     """One gMLP (or aMLP) block, token-major ``(seq, batch, dim)``.
 
     ``x + drop_path(dropout(fc2(s(GELU(fc1(norm(x)))))))`` with ``s`` the :class:`SpatialGatingUnit`;

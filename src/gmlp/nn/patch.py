@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import as_int, check_devices, check_input_dtype, check_int
+from ._checks import NotScriptable, as_int, check_devices, check_input_dtype, check_int
 from ._inplace import plain_call
 
 __all__ = ["PatchEmbed", "to_2tuple"]
@@ -28,7 +28,7 @@ def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     return pair[0], pair[1]  # type: ignore[return-value]
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(NotScriptable, nn.Module):
     """Conv ``patch x patch`` stride ``patch`` stem; returns tokens ``(grid_h * grid_w, batch, dim)``.
 
     Tokens are in row-major grid order (the order of timm's ``flatten(2)``). The parameter names
@@ -52,19 +52,6 @@ class PatchEmbed(nn.Module):
         self.in_chans = in_chans = check_int(in_chans, "in_chans")
         dim = check_int(dim, "dim")
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
-
-    def __prepare_scriptable__(self) -> PatchEmbed:
-        """Refuse ``torch.jit.script`` (of this layer or a model holding it) at once, with what to use
-        instead; TorchScript's own error named the ``try`` of :meth:`forward`.
-
-        Raises:
-            NotImplementedError: always.
-        """
-        raise NotImplementedError(
-            "torch.jit.script cannot compile gmlp's PatchEmbed (the stem of gmlp's vision models: it uses "
-            "Python that TorchScript does not support); use torch.jit.trace, torch.export.export or "
-            "gmlp.export.export_onnx, or torch.compile for speed"
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (batch, in_chans, H, W) -> tokens (num_patches, batch, dim), contiguous."""

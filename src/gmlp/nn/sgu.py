@@ -22,6 +22,7 @@ from torch import nn
 from ..kernels.cpu_linear import token_mix
 from ..kernels.toeplitz import toeplitz_matrix, toeplitz_mix_fft
 from ._checks import (
+    NotScriptable,
     as_int,
     autocast_enabled,
     check_devices,
@@ -259,7 +260,7 @@ class TokenLinear(nn.Module):
         return torch.addmm(b[:, None], w, z.reshape(m, -1)).view(rows, *rest)
 
 
-class SpatialGatingUnit(nn.Module):
+class SpatialGatingUnit(NotScriptable, nn.Module):
     """The spatial gating unit s(Z) and the paper's ablation variants of it.
 
     For ``variant="sgu"`` (the paper's choice): ``Z1, Z2 = split(Z)`` (first half = multiplicative bypass,
