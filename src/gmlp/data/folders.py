@@ -87,10 +87,17 @@ def subset_source(source: ImageSource, n: int | None) -> ImageSource:
     return SubsetSource(source, n)
 
 
+# file formats whose PIL mode "I" always holds values on a 0..65535 scale: 16-bit PNGs (mode "I" in older
+# Pillow versions, "I;16" now) and 9- to 16-bit PGM/PPM files (Pillow scales their maxval to 65535)
+_SIXTEEN_BIT_FORMATS = ("PNG", "PPM")
+
+
 def _to_8_bit(img: Any) -> Any:
-    """16-bit greyscale images (PIL modes ``I;16*``, and ``I`` holding values above 255) scaled to 8 bits:
-    PIL's own ``convert`` clips every value above 255, which turns a 16-bit photo almost white. Float images
-    (mode ``F``) are refused: their range is unknown."""
+    """16-bit greyscale images (PIL modes ``I;16*``, ``I`` read from a PNG or PGM file, and other ``I`` images
+    holding values above 255) scaled to 8 bits: PIL's own ``convert`` clips every value above 255, which
+    turns a 16-bit photo almost white. A dark 16-bit PGM/PNG (every value <= 255 of 65535) stays dark: only an
+    ``I`` image of another origin (a 32-bit TIFF, an in-memory array) with values <= 255 is taken as 8-bit
+    values. Float images (mode ``F``) are refused: their range is unknown."""
     from PIL import Image
 
     mode = img.mode
@@ -102,9 +109,10 @@ def _to_8_bit(img: Any) -> Any:
     import numpy as np
 
     arr = np.asarray(img).astype(np.float64)
-    if mode == "I" and arr.max() <= 255:  # 32-bit storage of 8-bit values: PIL's convert keeps them right
+    sixteen = mode.startswith("I;16") or getattr(img, "format", None) in _SIXTEEN_BIT_FORMATS
+    if not sixteen and arr.max() <= 255:  # 32-bit storage of 8-bit values: PIL's convert keeps them right
         return img
-    top = 65535.0 if mode.startswith("I;16") or arr.max() <= 65535 else float(arr.max())
+    top = 65535.0 if sixteen or arr.max() <= 65535 else float(arr.max())
     return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
 
 
@@ -126,8 +134,43 @@ def _open_image(opener: Callable[[], Any]) -> Any:
         orientation = 1
     if orientation != 1:
         with contextlib.suppress(Exception):  # a malformed tag: as stored, not skipped as corrupt
-            img = ImageOps.exif_transpose(img)
+            upright = ImageOps.exif_transpose(img)
+            if upright.format is None:  # a new image: keep the file format (_to_8_bit reads it)
+                upright.format = img.format
+            img = upright
     return img
+
+
+def _convert(img: Any, mode: str) -> Any:
+    """``img`` in ``mode`` ("L" or "RGB") with the pixels of torchvision's ``pil_loader`` + ``convert``:
+    alpha dropped (not composited: a transparent pixel keeps its stored colour), CMYK, palette and 1-bit
+    images converted by PIL; 16-bit images scaled first (:func:`_to_8_bit`). A palette image with per-entry
+    transparency goes through RGBA, which gives the same pixels without PIL's warning ("Palette images with
+    Transparency expressed in bytes should be converted to RGBA images") for each such file. A mode PIL
+    turns into RGB but not straight into L (a CIELab TIFF) goes through RGB, as ``pil_loader`` does."""
+    img = _to_8_bit(img)
+    if img.mode == "P" and isinstance(img.info.get("transparency"), bytes):
+        img = img.convert("RGBA")
+    try:
+        return img.convert(mode)
+    except ValueError:  # "conversion from LAB to L not supported" (it was skipped as a corrupt image)
+        if mode != "L":
+            raise
+        return img.convert("RGB").convert("L")
+
+
+def _pil_limits() -> tuple[bool, int | None]:
+    """This process's PIL settings that decide whether a file is readable: ``ImageFile.LOAD_TRUNCATED_IMAGES``
+    and ``Image.MAX_IMAGE_PIXELS``."""
+    from PIL import Image, ImageFile
+
+    return bool(ImageFile.LOAD_TRUNCATED_IMAGES), Image.MAX_IMAGE_PIXELS
+
+
+def _set_pil_limits(limits: tuple[bool, int | None]) -> None:
+    from PIL import Image, ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = limits
 
 
 class FolderSource(ImageSource):
@@ -159,9 +202,13 @@ class FolderSource(ImageSource):
         return os.fsdecode(self._paths[start : int(self._ends[index])])
 
     def load(self, index: int) -> Any:
+        """The image of sample ``index``, decoded (the first frame of a multi-frame file) and upright; the
+        file is closed on return (PIL kept a multi-frame file open, an MPO phone photo or a TIFF stack,
+        until the image was garbage-collected), as torchvision's ``pil_loader`` does."""
         from PIL import Image
 
-        return _open_image(lambda: Image.open(self.path(index)))
+        with open(self.path(index), "rb") as f:
+            return _open_image(lambda: Image.open(f))
 
     def describe(self, index: int) -> str:
         return repr(self.path(index))
@@ -300,7 +347,8 @@ class HFSource(ImageSource):
         if isinstance(item, dict) and item.get("bytes"):
             return _open_image(lambda: Image.open(io.BytesIO(item["bytes"])))
         if isinstance(item, dict) and item.get("path"):
-            return _open_image(lambda: Image.open(item["path"]))
+            with open(item["path"], "rb") as f:  # closed on return (a multi-frame file stayed open)
+                return _open_image(lambda: Image.open(f))
         raise CorruptImageError(f"{self.describe(index)} holds no image bytes or path")
 
     def describe(self, index: int) -> str:
@@ -432,6 +480,13 @@ class TransformedImages(Dataset):
     random streams as they were, as loading it in a worker process does. An index outside ``[-len, len)``
     raises ``IndexError``. A corrupt image gives ``None`` (skipped by
     :func:`collate_skipping`) or, with ``strict``, raises :class:`CorruptImageError` naming the file.
+
+    What counts as corrupt follows PIL's settings of the caller's process, which gmlp never changes there: a
+    truncated file is corrupt unless ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is set, an image of more than
+    twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is corrupt (``DecompressionBombError``; above it, PIL warns).
+    A worker process started by "spawn" or "forkserver" (macOS, Windows, Python 3.14's Linux default) began
+    with PIL's defaults, which decided otherwise than ``num_workers=0``: the dataset carries the settings
+    of the process that pickled it there and sets them in that worker before its first image.
     """
 
     def __init__(
@@ -440,6 +495,12 @@ class TransformedImages(Dataset):
         if mode not in ("L", "RGB"):
             raise ValueError(f"mode must be 'L' or 'RGB', got {mode!r}")
         self.source, self.transform, self.mode, self.strict = source, transform, mode, strict
+        self._pil_limits: tuple[bool, int | None] | None = None  # to set in a spawned worker (pickled)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_pil_limits"] = _pil_limits()  # this process's: a spawned worker starts with PIL's defaults
+        return state
 
     def __len__(self) -> int:
         return len(self.source)
@@ -458,9 +519,14 @@ class TransformedImages(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} is out of range for a dataset of {len(self)} images")
         index %= len(self)  # a negative index counts from the end, as for a list
+        if getattr(self, "_pil_limits", None) is not None:  # (getattr: a dataset pickled by an older gmlp)
+            from torch.utils.data import get_worker_info
+
+            if get_worker_info() is not None:  # a DataLoader worker: its PIL settings, not the caller's
+                _set_pil_limits(self._pil_limits)
+            self._pil_limits = None
         try:
-            img = self.source.load(index)
-            img = _to_8_bit(img).convert(self.mode)
+            img = _convert(self.source.load(index), self.mode)
         except CorruptImageError as err:
             if not self.strict:
                 return None
