@@ -113,6 +113,8 @@ def test_device_auto_on_a_cpu_joins_the_launched_processes(monkeypatch: pytest.M
     assert seen[-1]["cpu"] is True
     # and a launcher's processes that accelerate did not join are an error, not N independent runs
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")  # (a launch without them is refused earlier: test_launch_environment.py)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     with pytest.raises(RuntimeError, match=r"started 2 processes \(WORLD_SIZE=2\) but accelerate joined 1"):
         pipelines._make_accelerator(PretrainConfig())
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .recipe import ConfigError
+
 __all__ = [
     "STRATEGIES",
+    "AccelerateSettings",
     "DistEnv",
+    "accelerate_settings",
     "all_reduce_max",
     "all_reduce_sum",
     "assert_in_sync",
@@ -35,6 +40,7 @@ __all__ = [
     "full_model_state_dict",
     "full_state_dicts",
     "init_distributed",
+    "launcher_ranks",
     "load_full_optimizer_state",
     "shard_model",
     "shutdown",
@@ -79,33 +85,176 @@ def env_int(name: str, default: int, least: int) -> int:
     """The launcher's integer variable ``name`` (``default`` when unset or blank), at least ``least``.
 
     Raises:
-        ValueError: the value is not an integer >= ``least`` (the message names the variable).
+        ConfigError: (a ``ValueError``) the value is not an integer >= ``least`` (the message names the
+            variable).
     """
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
         return default
     value = int(raw) if re.fullmatch(r"\s*[+-]?[0-9]+\s*", raw) else None
     if value is None or value < least:
-        raise ValueError(f"environment variable {name} must be an integer >= {least}, got {raw!r}")
+        raise ConfigError(f"environment variable {name} must be an integer >= {least}, got {raw!r}")
     return value
+
+
+def _env_set(name: str) -> bool:
+    return bool(os.environ.get(name, "").strip())
+
+
+def launcher_ranks(*, need_port: bool = True) -> tuple[int, int, int]:
+    """``(world_size, rank, local_rank)`` from the variables ``torchrun`` / ``accelerate launch`` set, checked
+    for what a process group cannot start with, before it is joined (a process that joined with them waited
+    for the others for good, or failed deep inside ``torch.distributed``).
+
+    ``need_port``: ``MASTER_PORT`` is required with ``MASTER_ADDR`` (``torch.distributed``'s ``env://``;
+    accelerate defaults it to 29500).
+
+    Raises:
+        ConfigError: (a ``ValueError``) ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` or ``LOCAL_WORLD_SIZE`` is
+            not an integer; ``RANK`` is missing (with ``WORLD_SIZE`` > 1) or not below ``WORLD_SIZE``;
+            ``LOCAL_RANK`` is not below ``LOCAL_WORLD_SIZE``, or that is above ``WORLD_SIZE``;
+            ``MASTER_ADDR`` (or ``MASTER_PORT``) is missing with ``WORLD_SIZE`` > 1.
+    """
+    world = env_int("WORLD_SIZE", 1, least=1)
+    rank = env_int("RANK", 0, least=0)
+    local_rank = env_int("LOCAL_RANK", 0, least=0)
+    local_world = env_int("LOCAL_WORLD_SIZE", 0, least=1)  # (0: not set)
+    if world <= 1:
+        return 1, 0, local_rank
+    if not _env_set("RANK"):  # every process would take rank 0
+        raise ConfigError(f"environment variable WORLD_SIZE is {world}, but RANK is not set (torchrun sets "
+                          "both)")
+    if rank >= world:
+        raise ConfigError(f"environment variable RANK must be below WORLD_SIZE ({world}), got {rank}")
+    if local_world and local_world > world:
+        raise ConfigError(f"environment variable LOCAL_WORLD_SIZE must be at most WORLD_SIZE ({world}), got "
+                          f"{local_world}")
+    if local_world and local_rank >= local_world:
+        raise ConfigError(f"environment variable LOCAL_RANK must be below LOCAL_WORLD_SIZE ({local_world}), "
+                          f"got {local_rank}")
+    for name in ("MASTER_ADDR", "MASTER_PORT") if need_port else ("MASTER_ADDR",):
+        if not _env_set(name):
+            raise ConfigError(
+                f"environment variable WORLD_SIZE is {world}, but {name} is not set: the processes cannot "
+                f"find process 0 (torchrun and accelerate launch set it)"
+            )
+    return world, rank, local_rank
+
+
+# --- accelerate launch's settings --------------------------------------------------------------------------
+
+_TRUE = ("1", "true", "yes", "y", "t", "on")
+_FALSE = ("0", "false", "no", "n", "f", "off", "")
+_PRECISIONS = ("no", "fp16", "bf16", "fp8")
+#: the variables of accelerate's engines that gmlp does not use: (variable, accelerate launch's flag)
+_UNSUPPORTED_ENGINES = (
+    ("ACCELERATE_USE_FSDP", "--use_fsdp"),
+    ("ACCELERATE_USE_DEEPSPEED", "--use_deepspeed"),
+    ("ACCELERATE_USE_MEGATRON_LM", "--use_megatron_lm"),
+)
+
+
+def _env_flag(name: str) -> bool:
+    raw = os.environ.get(name, "")
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise ConfigError(f"environment variable {name} must be true or false, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class AccelerateSettings:
+    """What ``accelerate launch`` (its flags or its config file) asked for, through the ``ACCELERATE_*``
+    variables it sets. ``None``: not set. ``accelerate launch`` always sets ``mixed_precision`` (``"no"``
+    unless told otherwise), ``dynamo_backend`` (``"NO"``), ``dynamo_mode`` (``"default"``) and ``use_cpu``."""
+
+    mixed_precision: str | None = None  # no, fp16, bf16 or fp8
+    dynamo_backend: str | None = None  # upper case (INDUCTOR, ...); None also for NO
+    dynamo_mode: str | None = None
+    dynamo_options: tuple[str, ...] = ()  # the ACCELERATE_DYNAMO_USE_* variables set to true
+    use_cpu: bool = False
+    grad_accum: int | None = None
+    engines: tuple[tuple[str, str], ...] = ()  # (variable, launch flag) of FSDP / DeepSpeed / Megatron-LM
+
+    def precision_text(self) -> str:
+        return f"ACCELERATE_MIXED_PRECISION={self.mixed_precision}"
+
+    def dynamo_text(self) -> str:
+        return f"ACCELERATE_DYNAMO_BACKEND={(self.dynamo_backend or 'no').lower()}"
+
+
+def accelerate_settings() -> AccelerateSettings:
+    """The ``ACCELERATE_*`` variables that change how a model trains, read as accelerate reads them.
+
+    Raises:
+        ConfigError: one of them has a value accelerate cannot read (naming it).
+    """
+    raw = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if raw and raw not in _PRECISIONS:
+        raise ConfigError(f"environment variable ACCELERATE_MIXED_PRECISION must be one of "
+                          f"{', '.join(_PRECISIONS)}, got {os.environ['ACCELERATE_MIXED_PRECISION']!r}")
+    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "").strip().upper()
+    mode = os.environ.get("ACCELERATE_DYNAMO_MODE", "").strip()
+    options: tuple[str, ...] = ()
+    if backend not in ("", "NO"):
+        names = [f"ACCELERATE_DYNAMO_USE_{n}" for n in ("FULLGRAPH", "DYNAMIC", "REGIONAL_COMPILATION")]
+        options = tuple(name for name in names if _env_flag(name))
+    accum = env_int("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", 0, least=1)
+    return AccelerateSettings(
+        mixed_precision=raw or None,
+        dynamo_backend=None if backend in ("", "NO") else backend,
+        dynamo_mode=mode or None,
+        dynamo_options=options,
+        use_cpu=_env_flag("ACCELERATE_USE_CPU"),
+        grad_accum=accum or None,
+        engines=tuple((name, flag) for name, flag in _UNSUPPORTED_ENGINES if _env_flag(name)),
+    )
+
+
+def _refuse_engines(settings: AccelerateSettings, command: str, instead: str) -> None:
+    if settings.engines:
+        name, flag = settings.engines[0]
+        raise ConfigError(
+            f"environment variable {name} is {os.environ[name]!r} (accelerate launch {flag}, or its config "
+            f"file): {command} cannot train through that engine{instead}; launch without it"
+        )
+
+
+def _warn_unread_accelerate_settings(settings: AccelerateSettings) -> None:
+    """``gmlp train`` runs its own loop, not accelerate's: what ``accelerate launch`` was told that it does
+    not read, named with the ``gmlp train`` flag that sets it (a warning: the flags decide)."""
+    unread = []
+    if settings.mixed_precision not in (None, "no"):
+        unread.append((settings.precision_text(), "--precision"))
+    if settings.dynamo_backend is not None:
+        unread.append((settings.dynamo_text(), "--compile"))
+    if settings.use_cpu:
+        unread.append(("ACCELERATE_USE_CPU=true", "--device cpu"))
+    if settings.grad_accum is not None:
+        unread.append((f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={settings.grad_accum}", "--grad-accum-steps"))
+    for text, flag in unread:
+        print(f"warning: gmlp train does not read accelerate launch's settings: {text} is ignored; {flag} "
+              f"sets it", file=sys.stderr, flush=True)
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
     """Read the launcher's environment and join (or start) the process group; single process otherwise.
 
+    ``accelerate launch``'s settings (``ACCELERATE_*``) are not read: one that asks for something (mixed
+    precision, compilation, the CPU, accumulation) is named in a warning on process 0, with the ``gmlp train``
+    flag that sets it; FSDP, DeepSpeed or Megatron-LM through accelerate is refused.
+
     Raises:
-        ValueError: ``WORLD_SIZE``, ``RANK`` or ``LOCAL_RANK`` is not an integer, or ``RANK`` is missing
-            (with ``WORLD_SIZE`` > 1) or not below ``WORLD_SIZE``: such a process would wait for the others
-            for good.
+        ConfigError: (a ``ValueError``) a launcher variable :func:`launcher_ranks` refuses; an
+            ``ACCELERATE_*`` variable that accelerate cannot read, or that asks for FSDP, DeepSpeed or
+            Megatron-LM.
     """
-    world = env_int("WORLD_SIZE", 1, least=1)
-    rank = env_int("RANK", 0, least=0)
-    local_rank = env_int("LOCAL_RANK", 0, least=0)
-    if world > 1 and not os.environ.get("RANK", "").strip():  # every process would take rank 0
-        raise ValueError(f"environment variable WORLD_SIZE is {world}, but RANK is not set (torchrun sets "
-                         "both)")
-    if world > 1 and rank >= world:
-        raise ValueError(f"environment variable RANK must be below WORLD_SIZE ({world}), got {rank}")
+    world, rank, local_rank = launcher_ranks()
+    settings = accelerate_settings()
+    _refuse_engines(settings, "gmlp train", " (--strategy fsdp shards the model with FSDP2)")
+    if rank == 0:
+        _warn_unread_accelerate_settings(settings)
     dev = _pick_device(device, local_rank)
     prior = None
     if dev.type == "cuda":

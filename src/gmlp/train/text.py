@@ -1114,17 +1114,112 @@ def _resolve_precision(precision: str, device: str) -> str:
     return "no" if precision in ("fp32", "no") else "bf16"
 
 
+def _env_text(name: str) -> str:
+    return f"environment variable {name} is {os.environ.get(name, '')!r}"
+
+
+def _from_launcher(opts: _TrainOptions) -> tuple[dict[str, Any], list[str]]:
+    """What ``accelerate launch``'s settings (its ``ACCELERATE_*`` variables) change in ``opts``:
+    ``(changed options, lines to print)``.
+
+    A setting whose option was left at its default is honoured, as the option it stands for (so that it is
+    recorded with the run's options): ``ACCELERATE_MIXED_PRECISION=bf16`` is ``--precision bf16``,
+    ``ACCELERATE_USE_CPU`` is ``--device cpu``, ``ACCELERATE_DYNAMO_BACKEND=inductor`` is ``--compile``. An
+    explicit ``--precision`` wins over ``ACCELERATE_MIXED_PRECISION`` (with a warning). Before, accelerate
+    read some of them behind the options' back (a compiled model saved with ``_orig_mod.`` keys, optimizer
+    steps skipped for an accumulation the loop did not do) and the rest were silently ignored.
+
+    Raises:
+        ConfigError: a setting gmlp cannot honour (fp16 or fp8, another compiler back-end or mode, FSDP,
+            DeepSpeed or Megatron-LM) or one that contradicts an option (``ACCELERATE_USE_CPU`` with
+            ``--device cuda``, ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS`` other than ``--grad-accum``).
+    """
+    from .distributed import _refuse_engines, accelerate_settings
+
+    env = accelerate_settings()
+    _refuse_engines(env, "gmlp pretrain / finetune", " (they train with DDP)")
+    changed: dict[str, Any] = {}
+    said: list[str] = []
+    if env.use_cpu:
+        if opts.device == "cuda":
+            raise ConfigError(f"{_env_text('ACCELERATE_USE_CPU')} (accelerate launch --cpu) and --device "
+                              f"cuda asks for a GPU: give one of them")
+        if opts.device == "auto":
+            changed["device"] = "cpu"
+            said.append("ACCELERATE_USE_CPU=true: --device cpu")
+    if env.grad_accum is not None and env.grad_accum != opts.grad_accum:
+        raise ConfigError(
+            f"{_env_text('ACCELERATE_GRADIENT_ACCUMULATION_STEPS')} but --grad-accum is {opts.grad_accum}: "
+            f"give --grad-accum {env.grad_accum} (the micro-batches of each optimizer step) and leave the "
+            f"variable out"
+        )
+    mixed = env.mixed_precision
+    if mixed is not None and opts.precision == "auto":
+        if mixed in ("fp16", "fp8"):
+            raise ConfigError(
+                f"{_env_text('ACCELERATE_MIXED_PRECISION')} (accelerate launch --mixed_precision {mixed}, or "
+                f"its config file): gmlp pretrain / finetune train in bf16 or fp32 only; launch with "
+                f"--mixed_precision bf16 or no, or give --precision bf16 or fp32 (which wins over it)"
+            )
+        if mixed == "bf16":
+            changed["precision"] = "bf16"
+            said.append(f"{env.precision_text()}: --precision bf16")
+        elif _resolve_precision("auto", changed.get("device", opts.device)) == "bf16":
+            said.append(f"{env.precision_text()} (accelerate launch's default) leaves --precision auto's "
+                        f"bf16 autocast on; --precision fp32 turns it off")
+    elif mixed not in (None, "no") and mixed != _resolve_precision(opts.precision, opts.device):
+        # (no: accelerate launch's default, which cannot be told from an asked-for no)
+        said.append(f"warning: {env.precision_text()} is ignored: --precision {opts.precision} wins")
+    if env.dynamo_backend is not None:
+        if env.dynamo_backend != "INDUCTOR":
+            unusable = "ACCELERATE_DYNAMO_BACKEND"
+        elif env.dynamo_mode not in (None, "default"):
+            unusable = "ACCELERATE_DYNAMO_MODE"
+        else:
+            unusable = env.dynamo_options[0] if env.dynamo_options else ""
+        if unusable:
+            raise ConfigError(
+                f"{_env_text(unusable)} (accelerate launch's --dynamo_* settings, or its config file): gmlp "
+                f"pretrain / finetune compile only as --compile does (inductor, default mode, the model in "
+                f"place); launch with --dynamo_backend no (or inductor alone) and give --compile"
+            )
+        if not opts.compile:
+            changed["compile"] = True
+            said.append(f"{env.dynamo_text()}: --compile")
+    return changed, [line if line.startswith("warning:") else f"[gmlp] from accelerate launch: {line}"
+                     for line in said]
+
+
 def _make_accelerator(opts: _TrainOptions) -> Any:
+    """The run's :class:`accelerate.Accelerator`, set from ``opts`` (and :func:`_from_launcher`'s changes):
+    accelerate's own reading of its ``ACCELERATE_*`` variables is shut out (mixed precision, accumulation
+    steps and compilation are passed explicitly).
+
+    Raises:
+        ConfigError: a launcher variable that :func:`gmlp.train.distributed.launcher_ranks` or
+            :func:`_from_launcher` refuses, or ``LOCAL_RANK`` in one process without ``MASTER_ADDR``.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import GradientAccumulationPlugin
 
     if opts.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {opts.device!r}")
     if opts.grad_accum < 1 or opts.batch_size < 1:
         raise ValueError("batch_size and grad_accum must be >= 1")
-    from .distributed import env_int
+    from .distributed import launcher_ranks
 
-    launched = env_int("WORLD_SIZE", 1, least=1)  # the processes torchrun / accelerate launch started
+    # the processes torchrun / accelerate launch started (accelerate defaults MASTER_PORT to 29500)
+    launched, _, _ = launcher_ranks(need_port=False)
+    if launched <= 1 and os.environ.get("LOCAL_RANK", "").strip() and not os.environ.get("MASTER_ADDR"):
+        # (accelerate starts a process group wherever LOCAL_RANK is set, and torch failed deep inside)
+        raise ConfigError(
+            f"{_env_text('LOCAL_RANK')}, so accelerate starts a process group, but MASTER_ADDR is not set: "
+            f"launch with torchrun or accelerate launch (which set both), or unset LOCAL_RANK for one process"
+        )
+    changed = _from_launcher(opts)[0]
+    if changed:
+        opts = replace(opts, **changed)
     if launched <= 1:
         # Several runs in one process (tests, notebooks) may ask for different precisions: start afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -1137,7 +1232,12 @@ def _make_accelerator(opts: _TrainOptions) -> Any:
         # trained alone, all writing the same files
         cpu=opts.device == "cpu" or (opts.device == "auto" and not torch.cuda.is_available()),
         mixed_precision=_resolve_precision(opts.precision, opts.device),
-        gradient_accumulation_steps=opts.grad_accum,
+        # (a plugin: ACCELERATE_GRADIENT_ACCUMULATION_STEPS overrode a plain gradient_accumulation_steps)
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=opts.grad_accum),
+        # --compile compiles the model in place; accelerate's torch.compile wrapper
+        # (ACCELERATE_DYNAMO_BACKEND) saved the final model with "_orig_mod." keys, which from_pretrained
+        # does not load
+        dynamo_backend="no",
         step_scheduler_with_optimizer=False,
     )
     if launched > 1 and accelerator.num_processes != launched:
@@ -1163,7 +1263,13 @@ def _holding_output(run: Callable[[Any, Any], dict[str, Any]]) -> Callable[[Any]
     @functools.wraps(run)
     def holding(cfg: Any) -> dict[str, Any]:
         cfg.validate()  # (a bad option is refused before the folder is made)
+        changed, said = _from_launcher(cfg)
+        if changed:
+            cfg = replace(cfg, **changed)  # (recorded with the run's options)
         accelerator = _make_accelerator(cfg)
+        if accelerator.is_main_process:
+            for line in said:
+                print(line, file=sys.stderr, flush=True)
         refused: Exception | None = None
         with contextlib.ExitStack() as stack:
             if accelerator.is_main_process:
