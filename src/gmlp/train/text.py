@@ -1285,7 +1285,10 @@ def _holding_output(run: Callable[[Any, Any], dict[str, Any]]) -> Callable[[Any]
                     )
             if refused is not None:
                 raise refused
-            return run(cfg, accelerator)
+            try:
+                return run(cfg, accelerator)
+            finally:  # (a notebook's process: the data orders of this run, 8 bytes per example each, go)
+                _epoch_order.cache_clear()
 
     # the public signature: (cfg), not the wrapped run's (cfg, accelerator)
     holding.__signature__ = inspect.signature(run).replace(  # type: ignore[attr-defined]
