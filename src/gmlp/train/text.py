@@ -250,6 +250,7 @@ class FinetuneConfig(ModelOptions, _TrainOptions):
             optional=True,
         )
         _require(self, ("doc_stride",), lambda v: v >= 0, ">= 0", optional=True)
+        _require(self, ("null_threshold",), lambda v: not math.isnan(v), "a number (not NaN)")
         _validate_task_options(self)
         length = None  # the tokens per sequence, where known before anything is read
         if self.model:
@@ -962,11 +963,25 @@ def _max_len_of(n: int, requested: int | None, *, offset: int = 0) -> int:
     return requested
 
 
-def _check_doc_stride(stride: int, seq_len: int, max_query_length: int) -> tuple[int, int]:
+def default_doc_stride(seq_len: int, max_query_length: int) -> int:
+    """The QA windows' overlap when ``--doc-stride`` is not given: a quarter of ``seq_len``, less where the
+    window would not hold the question, three special tokens and more context than that."""
+    room = seq_len - min(max_query_length, seq_len // 2) - 4
+    return max(0, min(max(1, seq_len // 4), room))
+
+
+def _check_doc_stride(
+    stride: int, seq_len: int, max_query_length: int, *, given: bool = True
+) -> tuple[int, int]:
     """The QA window's stride and question length for ``seq_len`` tokens, or a ConfigError naming
     ``--doc-stride`` (the window must hold the question, three special tokens and more context than the
-    stride)."""
+    stride); ``given=False``: the stride is the default, and the error names ``--seq-len``."""
     max_query = min(max_query_length, seq_len // 2)
+    if not given and stride >= seq_len - max_query - 3:
+        raise ConfigError(
+            f"--seq-len {seq_len} leaves no room for context in a QA window (question up to {max_query} "
+            f"tokens, 3 special tokens): give a longer --seq-len"
+        )
     if stride >= seq_len - max_query - 3:
         raise ConfigError(
             f"--doc-stride {stride} is too large for --seq-len {seq_len} (question up to {max_query} tokens, "
@@ -2337,10 +2352,12 @@ def squad_metrics(predictions: dict[str, str], references: dict[str, Sequence[st
     """SQuAD ``exact_match`` and ``f1`` (percent): each prediction scored against its best gold answer;
     a question with no gold answer (v2.0) expects the empty prediction.
 
+    Predictions of questions without a reference are ignored (as by the official script).
+
     Raises:
         KeyError: a reference question has no prediction.
         TypeError: a question's gold answers are one string instead of a sequence of strings (scored
-            as its characters they would give no match).
+            as its characters they would give no match), or a prediction or gold answer is not a string.
     """
     if not references:
         return {"exact_match": 0.0, "f1": 0.0, "count": 0}
@@ -2353,6 +2370,15 @@ def squad_metrics(predictions: dict[str, str], references: dict[str, Sequence[st
                 f"the gold answers of question {qid!r} must be a list of strings, got the string {golds!r} "
                 f"(pass [{golds!r}])"
             )
+        prediction = predictions[qid]
+        if not isinstance(prediction, str):
+            raise TypeError(f"the prediction of question {qid!r} must be a string, got {prediction!r}")
+        for gold in golds:
+            if not isinstance(gold, str):
+                raise TypeError(
+                    f"the gold answers of question {qid!r} must be strings, got {gold!r} (an answer's text, "
+                    f"not its (text, answer_start) pair)"
+                )
         golds = [g for g in golds if squad_normalize(g)] or [""]
         em += max(squad_exact_match(predictions[qid], g) for g in golds)
         f1 += max(squad_f1(predictions[qid], g) for g in golds)
@@ -2478,11 +2504,19 @@ def _compact_rows(ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]] |
 
 
 def _truncate_question(tokenizer: Any, question: str, max_tokens: int) -> str:
+    """``question`` without leading whitespace, cut after its ``max_tokens``-th token, or earlier where the
+    cut text tokenizes to more tokens than that (a SentencePiece-style lone "▁" first token spans the first
+    character: a one-token cut came back as two, and a question longer than :func:`_check_doc_stride` allows
+    for made the tokenizer panic on the stride)."""
     question = question.lstrip()
     enc = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
     if len(enc["input_ids"]) <= max_tokens:
         return question
-    return question[: enc["offset_mapping"][max_tokens - 1][1]]
+    for keep in range(max_tokens, 0, -1):
+        cut = question[: enc["offset_mapping"][keep - 1][1]]
+        if len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= max_tokens:
+            return cut
+    return ""
 
 
 def _context_span(context: str, start: int, end: int) -> tuple[int, int]:
@@ -2509,6 +2543,28 @@ def _qa_features(
     for first in range(0, len(examples), _ENCODE_CHUNK):
         _add_qa_features(feats, tokenizer, examples, first, max_len, stride, max_query, keep_offsets)
     return feats
+
+
+def _labelled_answer(ex: Any) -> tuple[str, int] | None:
+    """The answer a training window is labelled with: the first one with text (an empty or blank answer
+    text has no span: it gave a start after the end); None for none.
+
+    Raises:
+        TextDataError: its ``answer_start`` does not point at its text in the context (it labelled the tokens
+            that happened to be there), naming the question.
+    """
+    for text, char_start in ex.answers:
+        if not text.strip():
+            continue
+        if char_start < 0 or ex.context[char_start : char_start + len(text)] != text:
+            found = ex.context.find(text)
+            where = f"it occurs at offset {found}" if found >= 0 else "it does not occur in the context"
+            raise TextDataError(
+                f"question {ex.id!r}: answer {text!r} is not at offset {char_start} ({where}; answer_start "
+                f"counts characters of the context from 0)"
+            )
+        return text, char_start
+    return None
 
 
 def _add_qa_features(
@@ -2538,8 +2594,9 @@ def _add_qa_features(
         ctx = [k for k, s in enumerate(seq) if s == 1]
         offsets = [_context_span(ex.context, *o) if s == 1 else (0, 0) for o, s in zip(raw, seq, strict=True)]
         start = end = 0  # [CLS]: no answer in this window
-        if ex.answers and ctx:
-            text, char_start = ex.answers[0]
+        answer = _labelled_answer(ex)
+        if answer is not None and ctx:
+            text, char_start = answer
             char_end = char_start + len(text)
             if offsets[ctx[0]][0] <= char_start and offsets[ctx[-1]][1] >= char_end:
                 start = next(k for k in ctx if offsets[k][1] > char_start)
@@ -2565,19 +2622,25 @@ def postprocess_qa(
 ) -> dict[str, str]:
     """Answer text per question id from the start/end logits of its features (doc-stride windows).
 
-    The best span (start <= end, length <= ``max_answer_length`` tokens, inside the context) over all
-    windows of a question is taken; with ``version_2`` the empty answer wins when the ``[CLS]`` score
-    (minimum over windows) minus the best span's score exceeds ``null_threshold``: the sign of BERT's
-    ``null_score_diff_threshold`` and of transformers' ``postprocess_qa_predictions``, so a threshold
-    tuned with either carries over (higher = fewer empty answers).
+    The best span (start <= end, length <= ``max_answer_length`` tokens, inside the context, among each
+    window's ``n_best`` starts and ends) over all windows of a question is taken, its text the context's own
+    characters; a token that two overlapping windows hold may win with its logits from either (as in
+    transformers' ``postprocess_qa_predictions``; BERT's reference script takes a start only from the
+    window where the token has the most context on both sides). With ``version_2`` the empty answer wins
+    when the ``[CLS]`` score (minimum over windows) minus the best span's score exceeds ``null_threshold``:
+    the sign of BERT's ``null_score_diff_threshold`` and of transformers' ``postprocess_qa_predictions``,
+    so a threshold tuned with either carries over (higher = fewer empty answers).
 
     Raises:
-        ValueError: ``n_best`` or ``max_answer_length`` below 1, or ``example_index``, ``offsets``,
+        ValueError: ``n_best`` or ``max_answer_length`` below 1, a NaN ``null_threshold`` (no comparison
+            with it holds: SQuAD v2 would never answer empty), or ``example_index``, ``offsets``,
             ``start_logits`` and ``end_logits`` of different lengths (one entry per feature).
     """
     for name, value in (("n_best", n_best), ("max_answer_length", max_answer_length)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if math.isnan(null_threshold):
+        raise ValueError(f"null_threshold must be a number, got {null_threshold}")
     lengths = {
         "example_index": len(example_index),
         "offsets": len(offsets),
@@ -2735,8 +2798,9 @@ def finetune(cfg: FinetuneConfig, accelerator: Any) -> dict[str, Any]:
 
     # Features.
     if qa:
-        stride = cfg.doc_stride if cfg.doc_stride is not None else max(1, max_len // 4)
-        stride, max_query = _check_doc_stride(stride, max_len, cfg.max_query_length)
+        given = cfg.doc_stride is not None
+        stride = cfg.doc_stride if given else default_doc_stride(max_len, cfg.max_query_length)
+        stride, max_query = _check_doc_stride(stride, max_len, cfg.max_query_length, given=given)
         feats = {
             s: _qa_features(
                 tokenizer, getattr(data, s), max_len, stride, max_query, keep_offsets=s != "train"
