@@ -783,3 +783,14 @@ def test_gpu_session_marks_timings_taken_after_a_failed_check(tmp_path: Path) ->
     passing = "PASS  a\\n1/1 checks passed on cuda\\n"
     code, out = _session(tmp_path / "ok", "checks suite", FAKE_CHECKS=passing)
     assert code == 0 and "WARNING" not in (out / "suite.txt").read_text()
+
+
+def test_loader_throughput_smoke(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/loader_throughput.py makes its synthetic ImageFolder and times gmlp's loader and
+    torchvision's, giving a ratio per cell."""
+    args = ["--smoke", "--cache", str(tmp_path), "--transforms", "train-ra,eval"]
+    results = _load("loader_throughput").main(args)
+    assert [(r["transform"], r["workers"]) for r in results] == [("train-ra", 0), ("eval", 0)]
+    assert all(r["gmlp"] > 0 and r["torchvision"] > 0 and r["ratio"] > 0 for r in results)
+    out = capsys.readouterr().out
+    assert "| train-ra | 0 |" in out and "load average" in out
