@@ -239,7 +239,11 @@ def _tokenizer(args: argparse.Namespace) -> int:
         max_chars=args.max_chars,
         text_column=args.text_column,
     )
-    print(f"saved a {args.kind} tokenizer with {len(tok)} tokens to {args.output}")
+    # (a small corpus fills fewer than --vocab-size: say so, a model's vocab_size follows the tokenizer's)
+    fewer = ""
+    if len(tok) < args.vocab_size:
+        fewer = f" (fewer than --vocab-size {args.vocab_size}: the corpus gives no more)"
+    print(f"saved a {args.kind} tokenizer with {len(tok)} tokens{fewer} to {args.output}")
     return 0
 
 

@@ -7,6 +7,8 @@ The special tokens are ``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]`` 3, ``[MA
 
 from __future__ import annotations
 
+import numbers
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -27,6 +29,24 @@ __all__ = [
 #: Special tokens in id order.
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TOKENIZER_KINDS: tuple[str, ...] = ("wordpiece", "unigram")
+
+#: Control and format characters a Unigram tokenizer drops (BERT's normaliser drops them for WordPiece), but
+#: not whitespace nor the zero-width (non-)joiners U+200C/U+200D of emoji sequences and Persian/Indic text.
+_CONTROL = r"[\p{Cc}\p{Cf}&&[^\s\x{200C}\x{200D}]]"
+#: The longest run of non-space characters the trainers see: longer ones (text without spaces, base64, a
+#: minified line) are cut into runs of this length for training only (the Unigram trainer crashed the process
+#: with a segmentation fault on a 2M-character run, WordPiece's took minutes; SentencePiece skips sentences
+#: over 4192 bytes). Encoding is not affected.
+_MAX_TRAINING_RUN = 4096
+_LONG_RUN = re.compile(rf"\S{{{_MAX_TRAINING_RUN + 1},}}")
+
+
+def _cut_long_runs(text: str) -> str:
+    """``text`` with every run of more than :data:`_MAX_TRAINING_RUN` non-space characters cut by spaces."""
+    if not isinstance(text, str) or len(text) <= _MAX_TRAINING_RUN:
+        return text
+    n = _MAX_TRAINING_RUN
+    return _LONG_RUN.sub(lambda m: " ".join(m[0][i : i + n] for i in range(0, len(m[0]), n)), text)
 
 
 def check_corpus_options(*, valid_fraction: float, max_documents: int | None, max_chars: int | None) -> None:
@@ -82,8 +102,10 @@ def train_tokenizer(
 
     Args:
         texts: training texts (any iterable; consumed once).
-        kind: ``"wordpiece"`` (BERT normaliser and pre-tokeniser, ``##`` continuation pieces) or
-            ``"unigram"`` (SentencePiece-style, ``▁`` word starts, as the paper's 32K vocabulary).
+        kind: ``"wordpiece"`` (BERT normaliser and pre-tokeniser, ``##`` continuation pieces; NFC first when
+            cased) or ``"unigram"`` (SentencePiece-style, ``▁`` word starts, as the paper's 32K vocabulary:
+            NFKC, control and format characters dropped, each whitespace run one space, none at the ends).
+            Runs of more than 4096 characters without a space are cut for training only.
         vocab_size: target vocabulary size, special tokens included (a small corpus may give fewer; a
             WordPiece vocabulary keeps every character of the corpus, so one with more distinct characters
             gives more, with a warning).
@@ -94,18 +116,34 @@ def train_tokenizer(
         show_progress: show the trainer's progress bar.
 
     Raises:
-        TypeError: ``texts`` is a single string (it would be read one character per text).
+        TypeError: ``texts`` is a single string (it would be read one character per text), or
+            ``vocab_size``, ``min_frequency`` or ``model_max_length`` is not an int.
         ValueError: unknown ``kind``, a vocabulary smaller than the special tokens (or, for Unigram, than
             the corpus's distinct characters), a negative ``min_frequency``, a ``model_max_length`` below 1,
             or an empty corpus.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be an iterable of texts (e.g. a list of str), not a single string")
     if kind not in TOKENIZER_KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(TOKENIZER_KINDS)}")
+    for name, value in (("vocab_size", vocab_size), ("min_frequency", min_frequency),
+                        ("model_max_length", model_max_length)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):  # ("8192" compared to an int,
+            # 8192.0 failed in the trainer, neither naming the argument; 512.0 was saved as a float)
+            raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    vocab_size, min_frequency, model_max_length = int(vocab_size), int(min_frequency), int(model_max_length)
     if vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(
             f"vocab_size must be larger than the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}"
@@ -117,9 +155,10 @@ def train_tokenizer(
     specials = list(SPECIAL_TOKENS)
     if kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(
-            clean_text=True, lowercase=lowercase, strip_accents=lowercase
-        )
+        bert = normalizers.BertNormalizer(clean_text=True, lowercase=lowercase, strip_accents=lowercase)
+        # cased: NFC first, so decomposed input ("e" + U+0301, as macOS file names and some corpora write
+        # "é") gets the ids of the composed form, not [UNK] (lowercasing decomposes and drops the marks)
+        tok.normalizer = bert if lowercase else normalizers.Sequence([normalizers.NFC(), bert])
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
         trainer: Any = trainers.WordPieceTrainer(
@@ -132,7 +171,15 @@ def train_tokenizer(
         tok = Tokenizer(models.Unigram())
         # lowercase also strips accents, as BERT's normaliser does for WordPiece (NFD, drop the marks, NFC)
         strip = [normalizers.Lowercase(), normalizers.NFD(), normalizers.StripAccents(), normalizers.NFC()]
-        steps = [normalizers.NFKC()] + (strip if lowercase else [])
+        # as SentencePiece's nmt_nfkc with remove_extra_whitespaces: control and format characters dropped
+        # (zero-width joiners kept: emoji sequences, Persian), each whitespace run (newlines, tabs) one space,
+        # none at either end (newlines were glued into pieces, "and\n", and space runs gave lone "▁" tokens)
+        clean = [
+            normalizers.Replace(Regex(_CONTROL), ""),
+            normalizers.Replace(Regex(r"\s+"), " "),
+            normalizers.Strip(),
+        ]
+        steps = [normalizers.NFKC(), *clean] + (strip if lowercase else [])
         tok.normalizer = normalizers.Sequence(steps)
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
@@ -145,7 +192,7 @@ def train_tokenizer(
         nonlocal seen
         for batch in _batches(texts):
             seen += sum(1 for text in batch if not isinstance(text, str) or text.strip())
-            yield batch
+            yield [_cut_long_runs(text) for text in batch]
 
     try:
         tok.train_from_iterator(counted(), trainer=trainer, length=length)
@@ -289,12 +336,23 @@ def train_tokenizer_command(
     return tok
 
 
+#: Files transformers reads as (part of) a tokenizer. Those of an earlier tokenizer in the output folder that
+#: a new save does not write are removed: a stale ``special_tokens_map.json`` (transformers 4 wrote one) set
+#: the loaded tokenizer's special tokens, a stale ``added_tokens.json`` added tokens.
+_TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+})
+
+
 def save_tokenizer(tok: Any, output: str | Path) -> None:
     """``tok.save_pretrained(output)`` such that a process killed at any moment never leaves a partial
     tokenizer in ``output`` that a later ``--tokenizer output`` would load: the files are written to a
     temporary folder beside it, then the folder is renamed into place (an existing ``output`` that holds only
     tokenizer files is swapped whole; one with other files gets each tokenizer file replaced atomically,
-    ``tokenizer.json``, which loaders read first, last)."""
+    ``tokenizer.json``, which loaders read first, last, and loses the files of an earlier tokenizer that the
+    new one does not write, such as ``special_tokens_map.json`` or ``added_tokens.json``, which transformers
+    would read with it)."""
     import os
 
     from ..utils.io import _remove_entry, naming_write_errors, replace_dir
@@ -308,10 +366,14 @@ def save_tokenizer(tok: Any, output: str | Path) -> None:
         with naming_write_errors(tmp, output):  # a full disk: the tokenizers library's OSError names no file
             tok.save_pretrained(str(tmp))
             names = {p.name for p in tmp.iterdir()}
-            if not output.exists() or {p.name for p in output.iterdir()} <= names:  # none, or a tokenizer
-                replace_dir(tmp, output)
+            if not output.exists() or {p.name for p in output.iterdir()} <= names | _TOKENIZER_FILES:
+                replace_dir(tmp, output)  # none, or a tokenizer (stale files of an older one go with it)
             else:
                 for name in sorted(names, key=lambda n: n == "tokenizer.json"):
+                    if name == "tokenizer.json":  # (stale files first: they would be read with the new one)
+                        for stale in sorted(_TOKENIZER_FILES - names):
+                            if (output / stale).is_file() or (output / stale).is_symlink():
+                                (output / stale).unlink()
                     os.replace(tmp / name, output / name)
     finally:
         _remove_entry(tmp)
