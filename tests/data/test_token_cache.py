@@ -329,6 +329,14 @@ def _two_processes(rank: int, init_file: str, results: str) -> None:
         pipelines._main_process_first(accelerator, "the token blocks", lambda: 1 / 0)
     except Exception as err:  # noqa: BLE001  (the test compares the errors)
         out["error"] = [type(err).__name__, str(err)]
+
+    def bad_corpus() -> None:
+        raise T.TextDataError("corpus 'typo.txt' does not exist")
+
+    try:  # a usage error: the same type in every process (the CLI's one line, exit 2, not a traceback)
+        pipelines._main_process_first(accelerator, "the token blocks", bad_corpus)
+    except Exception as err:  # noqa: BLE001
+        out["usage"] = [type(err).__name__, str(err)]
     dist.destroy_process_group()
     Path(results, f"{rank}.json").write_text(json.dumps(out))
 
@@ -353,3 +361,24 @@ def test_an_error_of_process_0_is_raised_in_every_process(tmp_path: Path) -> Non
     assert got[0]["error"] == ["ZeroDivisionError", "division by zero"]
     want = "process 0 failed to prepare the token blocks: ZeroDivisionError: division by zero"
     assert got[1]["error"] == ["RuntimeError", want]
+    assert got[0]["usage"] == got[1]["usage"] == ["TextDataError", "corpus 'typo.txt' does not exist"]
+
+
+def test_a_write_cut_short_leaves_no_entry_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while the second array is written: the first (train.npy, the large one) was left in the
+    cache, taking the space the run's checkpoints need; now the entry folder goes, the run keeps its blocks
+    in memory with one warning."""
+    blocks = C.TokenBlocks(np.arange(32).reshape(4, 8), np.arange(16).reshape(2, 8), 4, 2)
+    real, calls = C._compact, []
+
+    def compact(array: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(array)
+
+    monkeypatch.setattr(C, "_compact", compact)
+    warned: list[str] = []
+    got, hit = C.load_or_build(tmp_path, "bb" * 32, lambda: blocks, warn=warned.append)
+    assert not hit and got is blocks and len(warned) == 1 and "not written" in warned[0]
+    assert not C.entry_dir(tmp_path, "bb" * 32).exists()

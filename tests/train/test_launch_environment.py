@@ -294,12 +294,28 @@ def test_gmlp_train_names_the_accelerate_settings_it_does_not_read(
     assert capsys.readouterr().err == ""
     _setenv(monkeypatch, {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_DYNAMO_BACKEND": "inductor",
                           "ACCELERATE_USE_CPU": "true", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"})
-    distributed.init_distributed("cpu")
+    distributed.init_distributed("auto")
     lines = capsys.readouterr().err.splitlines()
     assert [re.sub(r".*: (\S+) is ignored; (.*) sets it$", r"\1 \2", line) for line in lines] == [
         "ACCELERATE_MIXED_PRECISION=bf16 --precision", "ACCELERATE_DYNAMO_BACKEND=inductor --compile",
         "ACCELERATE_USE_CPU=true --device cpu", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2 --grad-accum-steps",
     ]
+    # flags that ask for the same: nothing to say (a warning that --device cpu was ignored was false)
+    distributed.init_distributed("cpu", {"precision": "bf16", "compile": True, "grad_accum_steps": 2})
+    assert capsys.readouterr().err == ""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "1")
     with pytest.raises(ConfigError, match=r"ACCELERATE_USE_FSDP is '1' .*--strategy fsdp"):
         distributed.init_distributed("cpu")
+
+
+def test_a_group_the_caller_started_needs_no_master_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Python caller who started the process group itself (a tcp:// or file:// init_method) has no
+    MASTER_ADDR / MASTER_PORT to give: nothing is joined then, so nothing is refused."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set"):
+        distributed.launcher_ranks()
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    assert distributed.launcher_ranks() == (2, 1, 0)

@@ -165,7 +165,7 @@ def test_a_second_signal_aborts_at_once(
 
 
 def test_a_second_signal_during_a_checkpoint_save_lets_it_finish(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], own_handlers: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], own_handlers: None
 ) -> None:
     """Two signals while the epoch-end checkpoint is being written (torchrun's SIGTERM after the user's):
     the checkpoint is completed, then the run aborts."""
@@ -180,7 +180,8 @@ def test_a_second_signal_during_a_checkpoint_save_lets_it_finish(
     with monkeypatch.context() as m:
         m.setattr(vision, "save_checkpoint", save_checkpoint)
         assert main(["train", *ARGS, "--epochs", "2", "--output", str(run)]) == 130
-    err = capsys.readouterr().err
+    # (capfd: the signal handler writes to file descriptor 2 itself, not through sys.stderr)
+    err = capfd.readouterr().err
     assert "aborting once the checkpoint being written is complete" in err, err
     ckpt = load_checkpoint(run)
     assert ckpt.state["step"] == 5 and ckpt.model.keys() == load_state_dict_file(
@@ -255,10 +256,12 @@ def test_a_sigterm_that_reaches_the_dataloader_workers_too_still_stops_cleanly(
     before it could finish its step and save. The workers now leave the signal to the main process."""
     run = tmp_path / "run"
     real = vision.step_seed
+    # (children this process had before, e.g. compile workers of earlier tests: not the run's to signal)
+    earlier = set(descendants(os.getpid()))
 
     def step_seed(seed: int, step: int) -> int:
         if step == 2:
-            workers = descendants(os.getpid())
+            workers = [pid for pid in descendants(os.getpid()) if pid not in earlier]
             assert workers  # (the training DataLoader's worker)
             for pid in [*workers, os.getpid()]:
                 os.kill(pid, signal.SIGTERM)

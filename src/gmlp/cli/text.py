@@ -431,7 +431,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-train-examples", type=int, default=None, help="use the first N training examples")
     g.add_argument("--max-eval-examples", type=int, default=None, help="use the first N dev / test examples")
     g.add_argument(
-        "--doc-stride", type=int, default=None, help="qa: window overlap in tokens (default: seq_len / 4)"
+        "--doc-stride", type=int, default=None,
+        help="qa: window overlap in tokens (default: seq_len / 4, less where a window would hold no more "
+        "context)",
     )
     g.add_argument("--max-query-length", type=int, default=64, help="qa: question tokens kept (default: 64)")
     g.add_argument(

@@ -343,7 +343,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     # (--test-subset: gmlp train's name for it, which eval refused as an unrecognized argument)
     ev.add_argument("--subset", "--test-subset", dest="subset", type=int,
-                    help="evaluate the first N images only (the run's own numbers: its --test-subset)")
+                    help="evaluate N images only: the first N of an in-memory dataset, N at even steps "
+                         "through a folder or HF dataset (as gmlp train's --test-subset)")
     ev.add_argument("--strict-images", action="store_true",
                     help="fail on a corrupt image instead of skipping it")
     ev.add_argument("--ema", action="store_true", help="evaluate the run's model_ema.safetensors")

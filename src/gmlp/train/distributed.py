@@ -17,6 +17,7 @@ import gc
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,7 +133,9 @@ def launcher_ranks(*, need_port: bool = True) -> tuple[int, int, int]:
     if local_world and local_rank >= local_world:
         raise ConfigError(f"environment variable LOCAL_RANK must be below LOCAL_WORLD_SIZE ({local_world}), "
                           f"got {local_rank}")
-    for name in ("MASTER_ADDR", "MASTER_PORT") if need_port else ("MASTER_ADDR",):
+    # (a group the caller started already, with a tcp:// or file:// init_method, needs no address)
+    names = () if dist.is_available() and dist.is_initialized() else ("MASTER_ADDR", "MASTER_PORT")
+    for name in names if need_port else names[:1]:
         if not _env_set(name):
             raise ConfigError(
                 f"environment variable WORLD_SIZE is {world}, but {name} is not set: the processes cannot "
@@ -221,29 +224,35 @@ def _refuse_engines(settings: AccelerateSettings, command: str, instead: str) ->
         )
 
 
-def _warn_unread_accelerate_settings(settings: AccelerateSettings) -> None:
+def _warn_unread_accelerate_settings(
+    settings: AccelerateSettings, device: str, flags: Mapping[str, Any]
+) -> None:
     """``gmlp train`` runs its own loop, not accelerate's: what ``accelerate launch`` was told that it does
-    not read, named with the ``gmlp train`` flag that sets it (a warning: the flags decide)."""
+    not read, named with the ``gmlp train`` flag that sets it (a warning: the flags decide), unless the run's
+    own flags (``device``; ``flags``: ``precision``, ``compile``, ``grad_accum_steps``) ask for the same."""
     unread = []
-    if settings.mixed_precision not in (None, "no"):
+    if settings.mixed_precision not in (None, "no", flags.get("precision")):
         unread.append((settings.precision_text(), "--precision"))
-    if settings.dynamo_backend is not None:
+    compiled = settings.dynamo_backend == "INDUCTOR" and flags.get("compile")
+    if settings.dynamo_backend is not None and not compiled:
         unread.append((settings.dynamo_text(), "--compile"))
-    if settings.use_cpu:
+    if settings.use_cpu and device != "cpu":
         unread.append(("ACCELERATE_USE_CPU=true", "--device cpu"))
-    if settings.grad_accum is not None:
+    if settings.grad_accum is not None and settings.grad_accum != flags.get("grad_accum_steps"):
         unread.append((f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={settings.grad_accum}", "--grad-accum-steps"))
     for text, flag in unread:
         print(f"warning: gmlp train does not read accelerate launch's settings: {text} is ignored; {flag} "
               f"sets it", file=sys.stderr, flush=True)
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
+def init_distributed(device: str = "auto", flags: Mapping[str, Any] | None = None) -> DistEnv:
     """Read the launcher's environment and join (or start) the process group; single process otherwise.
 
     ``accelerate launch``'s settings (``ACCELERATE_*``) are not read: one that asks for something (mixed
-    precision, compilation, the CPU, accumulation) is named in a warning on process 0, with the ``gmlp train``
-    flag that sets it; FSDP, DeepSpeed or Megatron-LM through accelerate is refused.
+    precision, compilation, the CPU, accumulation) that the run's own ``device`` and ``flags``
+    (``precision``, ``compile``, ``grad_accum_steps``: the ``gmlp train`` settings) do not is named in a
+    warning on process 0, with the ``gmlp train`` flag that sets it; FSDP, DeepSpeed or Megatron-LM through
+    accelerate is refused.
 
     Raises:
         ConfigError: (a ``ValueError``) a launcher variable :func:`launcher_ranks` refuses; an
@@ -254,7 +263,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     settings = accelerate_settings()
     _refuse_engines(settings, "gmlp train", " (--strategy fsdp shards the model with FSDP2)")
     if rank == 0:
-        _warn_unread_accelerate_settings(settings)
+        _warn_unread_accelerate_settings(settings, device, flags or {})
     dev = _pick_device(device, local_rank)
     prior = None
     if dev.type == "cuda":

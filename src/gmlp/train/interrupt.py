@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +21,15 @@ __all__ = ["STOP_SIGNALS", "StopRequest", "ignore_stop_signals"]
 
 #: The signals that ask a run to stop (Ctrl-C; a scheduler's or torchrun's termination request).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _say(message: str) -> None:
+    """``message`` to standard error from a signal handler: straight to file descriptor 2, not through
+    ``sys.stderr``, whose buffered writer a progress bar may be inside when the signal arrives (Python
+    then raised "reentrant call inside BufferedWriter" in the training loop, which stopped without a
+    checkpoint)."""
+    with contextlib.suppress(OSError):
+        os.write(2, message.encode("utf-8", "replace"))
 
 
 class StopRequest:
@@ -55,13 +63,11 @@ class StopRequest:
         if self.requested:  # a second signal: stop right away (once a save in progress is written)
             if self._shield:
                 self._abort_pending = True
-                print(f"\n[gmlp] signal {signum}: aborting once the checkpoint being written is complete",
-                      file=sys.stderr, flush=True)
+                _say(f"\n[gmlp] signal {signum}: aborting once the checkpoint being written is complete\n")
                 return
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
-        print(f"\n[gmlp] signal {signum}: stopping after this step (checkpoint); again to abort",
-              file=sys.stderr, flush=True)
+        _say(f"\n[gmlp] signal {signum}: stopping after this step (checkpoint); again to abort\n")
 
     @contextlib.contextmanager
     def shielded(self) -> Iterator[None]:

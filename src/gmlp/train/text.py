@@ -259,8 +259,11 @@ class FinetuneConfig(ModelOptions, _TrainOptions):
             length = _folder_max_len(self.model, self.seq_len)
         elif not self.resume:  # a resumed run has its own config.json's length
             length = seq_len_of_new_model(self)
-        if self.task == "qa" and self.doc_stride is not None and (length or self.seq_len):
-            _check_doc_stride(self.doc_stride, length or int(self.seq_len), self.max_query_length)
+        if self.task == "qa" and (length or self.seq_len):
+            n = length or int(self.seq_len)
+            given = self.doc_stride is not None
+            stride = self.doc_stride if given else default_doc_stride(n, self.max_query_length)
+            _check_doc_stride(stride, n, self.max_query_length, given=given)
         _validate_resumed_options(self, "finetune")
 
 
@@ -1987,15 +1990,27 @@ def _main_process_first(
                 box = [None, share(result)]
             except Exception as err:
                 failure = err
-                box = [f"{type(err).__name__}: {err}", None]
+                box = [(type(err).__name__, f"{err}"), None]
         dist.broadcast_object_list(box, src=0, group=group)
     finally:
         dist.destroy_process_group(group)
     if failure is not None:
         raise failure
     if box[0] is not None:
-        raise RuntimeError(f"process 0 failed to prepare {what}: {box[0]}")
+        kind, message = box[0]
+        if kind in _USAGE_ERRORS:  # (a bad option or input: the same one-line usage error in every process)
+            raise _USAGE_ERRORS[kind](message)
+        raise RuntimeError(f"process 0 failed to prepare {what}: {kind}: {message}")
     return result, box[1]
+
+
+#: Errors of process 0 that the other processes raise as the same type (the CLI prints them as one-line
+#: usage errors, exit status 2), instead of a RuntimeError naming them.
+_USAGE_ERRORS: dict[str, type[Exception]] = {
+    "ConfigError": ConfigError,
+    "TextDataError": TextDataError,
+    "FileNotFoundError": FileNotFoundError,
+}
 
 
 def _even_sample(texts: Sequence[str], max_chars: int) -> list[str]:
@@ -2074,21 +2089,28 @@ def _token_blocks(
         return blocks, key if stored else None
 
     done, key = _main_process_first(accelerator, "the token blocks", look_up_or_build, lambda r: r[1])
-    if accelerator.is_main_process and done[0] is not None:
-        return done[0]
-    if key is None:  # (not cached: every process builds its own)
+    if key is None:  # (not cached: every process builds its own; process 0 has them already)
+        if accelerator.is_main_process and done[0] is not None:
+            return done[0]
         return _pack_blocks(tokenizer, special, seq_len, read_corpus())
-    try:
-        found = read_entry(cache_dir, key, verify=False)  # (process 0 verified it just now)
-    except Exception as err:  # (TokenCacheError: e.g. replaced under us)
-        found, why = None, f"{err}"
-    else:
-        why = "it is not there"
+    found, why = (done[0] if accelerator.is_main_process else None), "it is not there"
     if found is None:
-        raise RuntimeError(
-            f"process {accelerator.process_index} cannot read the token cache entry process 0 wrote in "
-            f"{str(cache_dir)!r} ({why}): --token-cache must be a folder every process sees (a shared file "
-            f"system), or give --no-token-cache"
+        try:
+            found = read_entry(cache_dir, key, verify=False)  # (process 0 verified it just now)
+        except Exception as err:  # (TokenCacheError: e.g. replaced under us)
+            why = f"{err}"
+    # every process hears whether every one could read it (one that raised alone left the others waiting
+    # in their next collective)
+    failed = found is None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(failed)], device=accelerator.device)
+        failed = accelerator.reduce(flag, "sum").item() > 0
+    if failed:
+        who = f"process {accelerator.process_index}" if found is None else "another process"
+        raise ConfigError(
+            f"{who} cannot read the token cache entry process 0 wrote in {str(cache_dir)!r}"
+            f"{f' ({why})' if found is None else ''}: --token-cache must be a folder every process sees (a "
+            f"shared file system), or give --no-token-cache"
         )
     return found
 

@@ -633,7 +633,8 @@ def train_vision(config: VisionTrainConfig, resume: bool = False) -> dict[str, A
     if resume and config.overwrite:
         raise ConfigError("resume=True continues the run in config.output, config.overwrite=True removes it: "
                           "give one of them")
-    env = init_distributed(config.device)
+    env = init_distributed(config.device, {"precision": config.precision, "compile": config.compile,
+                                           "grad_accum_steps": config.grad_accum_steps})
     try:
         # (the stack: the SIGINT/SIGTERM handlers the training loop installs, put back however it ends)
         with _holding_output(config.output, env), contextlib.ExitStack() as handlers:
