@@ -1281,6 +1281,8 @@ def _holding_output(run: Callable[[Any, Any], dict[str, Any]]) -> Callable[[Any]
     @functools.wraps(run)
     def holding(cfg: Any) -> dict[str, Any]:
         cfg.validate()  # (a bad option is refused before the folder is made)
+        import transformers  # noqa: F401  (every text run needs it: a missing one is named before accelerate)
+
         changed, said = _from_launcher(cfg)
         if changed:
             cfg = replace(cfg, **changed)  # (recorded with the run's options)
