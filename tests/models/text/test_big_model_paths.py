@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from text_hf_helpers import VOCAB, randomize, tiny_config
 from transformers import AutoModel
 
@@ -54,6 +55,13 @@ def _same(a: object, b: object) -> bool:
     return isinstance(b, tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
 
 
+#: transformers 4.x refuses to offload a whole model to disk through from_pretrained (it points to
+#: accelerate's disk_offload) and takes no "disk" budget in max_memory
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+OFFLOAD_ALL = pytest.mark.skipif(not TRANSFORMERS_5, reason="whole-model disk offload needs transformers 5")
+
+
+@OFFLOAD_ALL
 @pytest.mark.parametrize("types", [2, 0], ids=["token_types", "no_token_types"])
 @pytest.mark.parametrize("cls", [GMLPModel, GMLPForMaskedLM, GMLPForCausalLM, GMLPForTokenClassification])
 def test_disk_offloaded_sharded_model_gives_the_in_memory_outputs(tmp_path, cls: type, types: int) -> None:
@@ -83,6 +91,7 @@ def test_disk_offloaded_sharded_model_gives_the_in_memory_outputs(tmp_path, cls:
             assert _same(a, b), kwargs
 
 
+@OFFLOAD_ALL
 def test_generate_with_a_disk_offloaded_causal_lm(tmp_path) -> None:
     """Greedy generation of an offloaded causal LM (no token types needed) is the in-memory model's."""
     model = _model(GMLPForCausalLM)
@@ -128,10 +137,12 @@ def test_missing_keys_are_initialised_as_from_config(tmp_path, variant: dict) ->
     loaded, info = GMLPForMaskedLM.from_pretrained(tmp_path, config=config, output_loading_info=True)
     fresh = GMLPForMaskedLM(copy.deepcopy(config)).state_dict()
     state, saved = loaded.state_dict(), small.state_dict()
-    assert set(info["missing_keys"]) == set(fresh) - {"gmlp." + k for k in saved}  # (the lacking ones, only)
+    # (transformers 4.x names them without the base model's prefix)
+    missing = {k if k in state else "gmlp." + k for k in info["missing_keys"]}
+    assert missing == set(fresh) - {"gmlp." + k for k in saved}  # (the lacking ones, only)
     for key, value in saved.items():
         assert torch.equal(state["gmlp." + key], value), key
-    for key in info["missing_keys"]:
+    for key in missing:
         got, want = state[key], fresh[key]
         assert got.shape == want.shape and bool(torch.isfinite(got).all()), key
         if bool((want == want.flatten()[0]).all()):  # a constant init
@@ -141,6 +152,8 @@ def test_missing_keys_are_initialised_as_from_config(tmp_path, variant: dict) ->
             assert 0.5 < got.std().item() / want.std().item() < 2, key
 
 
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4.x's init_weights skips the modules that "
+                    "post_init marked initialised")
 def test_meta_init_then_init_weights_initialises_everything() -> None:
     """``with torch.device("meta")``, ``to_empty`` and ``init_weights()`` give every tensor its init (no
     buffer or parameter left empty), and the tying is back."""
