@@ -842,8 +842,10 @@ def _spatial_gating_fwd_op(
     gate_bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`spatial_gating`'s fused forward as an opaque op for torch.compile: ``s`` and, for the
-    backward op, ``mean``, ``rstd``, ``z2n`` and ``gate`` (new tensors, none aliasing an input)."""
-    out = _gating_forward(u, norm_weight, norm_bias, eps, weight, bias, keep, gate_bias)
+    backward op, ``mean``, ``rstd``, ``z2n`` and ``gate`` (new tensors, none aliasing an input). Launched on
+    ``u``'s GPU (:func:`_on_device`): a compiled graph sets no current device for an opaque op."""
+    with _on_device(u):
+        out = _gating_forward(u, norm_weight, norm_bias, eps, weight, bias, keep, gate_bias)
     s, mean, rstd, z2n, gate = out[0], out[2], out[3], out[4], out[6]
     return s, mean, rstd, z2n, gate  # gate without the token bias: the backward op adds it again
 
@@ -876,10 +878,12 @@ def _spatial_gating_bwd_op(
     n, batch, width = u.shape
     n_pad = z2n.shape[0]
     w_pad = weight if n_pad == n else F.pad(weight, (0, n_pad - n, 0, n_pad - n))
-    du, dnw, dnb, dweight, dbias, dgate, _ = _gating_backward(
-        ds, u.reshape(n * batch, width), norm_weight, mean, rstd, keep, z2n, w_pad.contiguous(), gate, n,
-        token_bias=bias.contiguous(),
-    )
+    u2d = u.reshape(n * batch, width).contiguous()  # dense rows of 2C, as the forward op read them
+    with _on_device(u):
+        du, dnw, dnb, dweight, dbias, dgate, _ = _gating_backward(
+            ds, u2d, norm_weight, mean, rstd, keep, z2n, w_pad.contiguous(), gate, n,
+            token_bias=bias.contiguous(),
+        )
     # dweight is a slice of the padded product when n is not aligned: contiguous, as the fake promises
     return du.view(n, batch, width), dnw, dnb, dweight.contiguous(), dbias, dgate  # type: ignore[union-attr,return-value]
 
@@ -973,6 +977,11 @@ def fused_gating_min_elements() -> int:
 # nesting depth of prefer_fused_gating() in each thread (a CUDA graph's warm-up in one thread must not send
 # another thread's eager blocks down the fused path at every size)
 _prefer_fused = threading.local()
+# (device index, stream handle) -> nesting depth of _prefer_fused_on_stream(): work queued on these streams
+# prefers the fused gating in every thread (autograd runs the backward of CUDA ops, and with it the forward
+# that a checkpointed block recomputes, in its own thread of the device, with the forward's stream current)
+_prefer_streams: dict[tuple[int, int], int] = {}
+_prefer_streams_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -983,12 +992,34 @@ def prefer_fused_gating() -> Iterator[None]:
     so that the kernels it captures are those its warm-up compiled). Capture alone also says yes. Here, and
     while capturing, :func:`spatial_gating` without a mask also runs its masked kernel variant (with an
     all-real mask), so that a warm-up whose masks were all real and dropped has compiled the variant that
-    a capture with the mask needs."""
+    a capture with the mask needs. It holds in the calling thread only (another thread's blocks keep the size
+    threshold); the graphed callables also mark their warm-up stream, so that autograd's device thread (the
+    backward, and a checkpointed block's recomputed forward) takes the same path."""
     _prefer_fused.depth = getattr(_prefer_fused, "depth", 0) + 1
     try:
         yield
     finally:
         _prefer_fused.depth -= 1
+
+
+@contextlib.contextmanager
+def _prefer_fused_on_stream(stream: torch.cuda.Stream) -> Iterator[None]:
+    """:func:`prefer_fused_gating` for the work queued on ``stream`` (a CUDA graph's private warm-up stream),
+    whichever thread queues it: the calling thread, and autograd's thread of the device, which runs the
+    backward of the warm-up's CUDA ops with ``stream`` current. A block recomputed there (gradient
+    checkpointing) must take the path its forward took: another path saves other tensors (non-reentrant
+    checkpoints raise) or first launches its backward kernels inside the capture (refused)."""
+    key = (stream.device_index, stream.cuda_stream)
+    with _prefer_streams_lock:
+        _prefer_streams[key] = _prefer_streams.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        with _prefer_streams_lock:
+            if _prefer_streams[key] == 1:
+                del _prefer_streams[key]
+            else:
+                _prefer_streams[key] -= 1
 
 
 def fused_gating_enabled(elements: int | None = None) -> bool:
@@ -1013,10 +1044,17 @@ def fused_gating_enabled(elements: int | None = None) -> bool:
 
 def _graph_warmup_or_capture() -> bool:
     """Inside :func:`prefer_fused_gating` (a CUDA graph's warm-up calls and capture, see
-    :class:`gmlp.train.cuda_graph.CUDAGraphStep`) or while a CUDA graph is being captured."""
+    :class:`gmlp.train.cuda_graph.CUDAGraphStep`), on a stream of :func:`_prefer_fused_on_stream` (the
+    warm-up's, also in autograd's device thread) or while a CUDA graph is being captured."""
     if getattr(_prefer_fused, "depth", 0):
         return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if not torch.cuda.is_available():
+        return False
+    if _prefer_streams:
+        current = torch.cuda.current_stream()
+        if (current.device_index, current.cuda_stream) in _prefer_streams:
+            return True
+    return torch.cuda.is_current_stream_capturing()
 
 
 def fold_fc1_bias_enabled() -> bool:

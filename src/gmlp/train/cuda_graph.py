@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..kernels.sgu_triton import prefer_fused_gating
+from ..kernels.sgu_triton import _prefer_fused_on_stream, prefer_fused_gating
 
 __all__ = ["CUDAGraphInference", "CUDAGraphStep", "make_capturable"]
 
@@ -134,8 +134,12 @@ class _Graphed:
         return self._stream
 
     def _eager(self, body: Callable[[tuple[torch.Tensor, ...]], Any], batch: tuple[torch.Tensor, ...]) -> Any:
-        """A warm-up call: ``body(batch)`` on the side stream (as capture requires), then back in order."""
-        with torch.cuda.stream(self._side_stream(batch[0].device)):
+        """A warm-up call: ``body(batch)`` on the side stream (as capture requires), then back in order. The
+        stream prefers the fused gating in every thread, as the capture does: autograd runs the backward (and
+        a checkpointed block's recomputed forward) in its device thread, outside the caller's
+        :func:`prefer_fused_gating`."""
+        stream = self._side_stream(batch[0].device)
+        with torch.cuda.stream(stream), _prefer_fused_on_stream(stream):
             out = body(batch)
         torch.cuda.current_stream().wait_stream(self._stream)  # type: ignore[arg-type]
         return out
