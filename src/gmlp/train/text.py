@@ -1299,10 +1299,14 @@ def _holding_output(run: Callable[[Any, Any], dict[str, Any]]) -> Callable[[Any]
                     refused = err
             if accelerator.num_processes > 1:
                 flag = torch.tensor([float(refused is not None)], device=accelerator.device)
-                if accelerator.reduce(flag, "sum").item() > 0 and refused is None:
-                    raise ConfigError(
-                        f"process 0 could not take the output folder {str(cfg.output)!r} (its error says why)"
-                    )
+                if accelerator.reduce(flag, "sum").item() > 0:
+                    # every process stops here: the group goes first (torch 2.11's gloo aborted the process
+                    # at exit, "terminate called without an active exception", with it still up)
+                    with contextlib.suppress(Exception):
+                        torch.distributed.destroy_process_group()
+                    if refused is None:
+                        raise ConfigError(f"process 0 could not take the output folder {str(cfg.output)!r} "
+                                          f"(its error says why)")
             if refused is not None:
                 raise refused
             try:
