@@ -1763,14 +1763,11 @@ def _train_loop(
         for step in range(start, total_steps):
             cpu_batches = [micro_batch(step, micro) for micro in range(opts.grad_accum)]
             weights, has_targets = [1.0] * opts.grad_accum, True
-            agreed_stop = None  # several processes: the stop requests, summed with the target counts
             if targets_per_batch is not None:
                 counts = [targets_per_batch(b) for b in cpu_batches]
                 total = float(sum(counts))
-                if world > 1:  # (one collective and host read a step for both, not two)
-                    both = torch.tensor([total, float(stop.requested)], device=accelerator.device)
-                    total, requests = accelerator.reduce(both, "sum").tolist()
-                    agreed_stop = requests > 0
+                if world > 1:
+                    total = accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum").item()
                 # backward() divides by grad_accum and DDP averages over the processes: undo both
                 weights = [c * opts.grad_accum * world / total if total else 0.0 for c in counts]
                 has_targets = total > 0  # else no loss to log (a mean over nothing)
@@ -1854,9 +1851,7 @@ def _train_loop(
                     text = ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) or "nothing to score"
                     bar.write(f"[{desc}] step {done}: {text}")  # (held-out blocks without a masked token)
             stop_now = stop.requested
-            if agreed_stop is not None:  # (heard with this step's target counts: the same on every process)
-                stop_now = agreed_stop
-            elif accelerator.num_processes > 1:
+            if accelerator.num_processes > 1:
                 flag = torch.tensor(float(stop_now), device=accelerator.device)
                 stop_now = bool(accelerator.reduce(flag, "sum").item() > 0)
             limit = opts.stop_after_steps is not None and done - start >= opts.stop_after_steps
