@@ -379,6 +379,12 @@ def test_a_write_cut_short_leaves_no_entry_behind(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(C, "_compact", compact)
     warned: list[str] = []
-    got, hit = C.load_or_build(tmp_path, "bb" * 32, lambda: blocks, warn=warned.append)
+    got, hit = C.load_or_build(tmp_path, "bb" * 32, lambda: blocks, prune=True, warn=warned.append)
     assert not hit and got is blocks and len(warned) == 1 and "not written" in warned[0]
     assert not C.entry_dir(tmp_path, "bb" * 32).exists()
+    # a shared folder (no pruning): the entry may be another run's, finished meanwhile; left, and an entry
+    # without its meta.json is no entry to a reader
+    calls.clear()
+    got, hit = C.load_or_build(tmp_path / "shared", "bb" * 32, lambda: blocks, warn=warned.append)
+    assert not hit and got is blocks and len(warned) == 2
+    assert C.read_entry(tmp_path / "shared", "bb" * 32) is None

@@ -297,7 +297,8 @@ def load_or_build(
     try:
         write_entry(cache_dir, key, blocks, inputs)
     except OSError as err:
-        shutil.rmtree(entry, ignore_errors=True)  # (a train.npy written before a full disk: many GB, useless)
+        if prune:  # (a train.npy written before a full disk: many GB, useless; a shared folder's entry may be
+            shutil.rmtree(entry, ignore_errors=True)  # another run's, whole: left as it is)
         warn(f"token cache {str(entry)!r} not written ({err}); the blocks stay in memory")
         return blocks, False
     if prune:

@@ -982,8 +982,9 @@ def _check_doc_stride(
     max_query = min(max_query_length, seq_len // 2)
     if not given and stride >= seq_len - max_query - 3:
         raise ConfigError(
-            f"--seq-len {seq_len} leaves no room for context in a QA window (question up to {max_query} "
-            f"tokens, 3 special tokens): give a longer --seq-len"
+            f"a QA window of {seq_len} tokens (--seq-len, or the model's length) leaves no room for context "
+            f"(question up to {max_query} tokens, 3 special tokens): give a longer --seq-len or a smaller "
+            f"--max-query-length"
         )
     if stride >= seq_len - max_query - 3:
         raise ConfigError(
@@ -1227,8 +1228,10 @@ def _make_accelerator(opts: _TrainOptions) -> Any:
         raise ValueError("batch_size and grad_accum must be >= 1")
     from .distributed import launcher_ranks
 
-    # the processes torchrun / accelerate launch started (accelerate defaults MASTER_PORT to 29500)
-    launched, _, _ = launcher_ranks(need_port=False)
+    # the processes torchrun / accelerate launch started (accelerate defaults MASTER_PORT to 29500 for CPU
+    # processes only: a GPU run needs it given)
+    cpu_run = opts.device == "cpu" or (opts.device == "auto" and not torch.cuda.is_available())
+    launched, _, _ = launcher_ranks(need_port=not cpu_run)
     if launched <= 1 and os.environ.get("LOCAL_RANK", "").strip() and not os.environ.get("MASTER_ADDR"):
         # (accelerate starts a process group wherever LOCAL_RANK is set, and torch failed deep inside)
         raise ConfigError(
@@ -1996,7 +1999,10 @@ def _main_process_first(
                 box = [None, share(result)]
             except Exception as err:
                 failure = err
-                box = [(type(err).__name__, f"{err}"), None]
+                # (the nearest class the other processes raise as it: a subclass, e.g. a recipe's ConfigError)
+                kind = next((c.__name__ for c in type(err).__mro__ if c.__name__ in _USAGE_ERRORS),
+                            type(err).__name__)
+                box = [(kind, f"{err}"), None]
         dist.broadcast_object_list(box, src=0, group=group)
     finally:
         dist.destroy_process_group(group)
@@ -2016,6 +2022,7 @@ _USAGE_ERRORS: dict[str, type[Exception]] = {
     "ConfigError": ConfigError,
     "TextDataError": TextDataError,
     "FileNotFoundError": FileNotFoundError,
+    "ConnectionError": ConnectionError,
 }
 
 
