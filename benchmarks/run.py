@@ -614,6 +614,15 @@ def _git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "") if commit else None
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """The machine block of a run's json: versions (torch, timm, transformers, g-mlp-pytorch, triton, the
     checkout's commit), threads, CPU model and cores, the card with its compute capability and CUDA version,
@@ -629,14 +638,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "gmlp_commit": _git_commit(),
         "gmlp_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("GMLP_")},
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
     info["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info["loadavg_before"] = os.getloadavg()[0]
     if device.type == "cuda":

@@ -23,6 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gmlp.utils.state import import_timm_optim, restoring_process_state
+from tiny_text import tiny_classification_files
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -329,15 +330,9 @@ def finetune_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from accelerate.state import AcceleratorState
 
     from gmlp.train.text import FinetuneConfig, finetune
-    from gmlp.train.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("text")
-    sentences = ["the whale swam past the ship", "emma walked to the village", "a gating unit mixes tokens",
-                 "the captain hunted the whale"]
-    tok = root / "tok"
-    train_tokenizer(sentences * 3, vocab_size=80, model_max_length=16).save_pretrained(str(tok))
-    data = root / "d.csv"
-    data.write_text("sentence,label\n" + "".join(f"{s},{i % 2}\n" for i, s in enumerate(sentences * 2)))
+    tok, data = tiny_classification_files(root)
 
     def run(name: str) -> dict[str, Any]:
         return finetune(FinetuneConfig(output=str(root / name), train_file=str(data),

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from gmlp.nn import GMLPBlock, TokenProjection
+from tiny_text import tiny_classification_files
 
 
 def _live_objects() -> tuple[int, int]:
@@ -259,14 +260,7 @@ def test_finetune_called_again_and_again_leaves_nothing_behind(tmp_path: Path) -
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from gmlp.train.text import FinetuneConfig, _epoch_order, finetune
-    from gmlp.train.tokenizer import train_tokenizer
-
-    sentences = ["the whale swam past the ship", "emma walked to the village", "a gating unit mixes tokens",
-                 "the captain hunted the whale"]
-    tok = tmp_path / "tok"
-    train_tokenizer(sentences * 3, vocab_size=80, model_max_length=16).save_pretrained(str(tok))
-    data = tmp_path / "d.csv"
-    data.write_text("sentence,label\n" + "".join(f"{s},{i % 2}\n" for i, s in enumerate(sentences * 2)))
+    tok, data = tiny_classification_files(tmp_path)
     calls = []
     for i in range(3):
         finetune(FinetuneConfig(output=str(tmp_path / f"run{i}"), train_file=str(data),

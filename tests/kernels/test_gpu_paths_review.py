@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from device_helpers import recording_on_device
 
 import gmlp.nn.block as block_module
 from gmlp.kernels import norm_triton, sgu_triton, spatial_gating, triton_available
@@ -166,13 +167,7 @@ def test_every_forward_launch_runs_on_its_input_s_device(monkeypatch: pytest.Mon
     thread of that device)."""
     current: list[torch.Tensor] = []
 
-    @contextlib.contextmanager
-    def on_device(t: torch.Tensor) -> Iterator[None]:
-        current.append(t)
-        try:
-            yield
-        finally:
-            current.pop()
+    on_device = recording_on_device(current)
 
     monkeypatch.setattr(sgu_triton, "_on_device", on_device)
     monkeypatch.setattr(norm_triton, "_on_device", on_device)

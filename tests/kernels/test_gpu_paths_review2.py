@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from device_helpers import recording_on_device
 from torch.utils.checkpoint import checkpoint
 
 import gmlp.nn.block as block_module
@@ -169,13 +170,7 @@ def test_the_compile_custom_ops_launch_on_their_input_s_device(monkeypatch: pyte
     opaque op on another GPU."""
     current: list[torch.Tensor] = []
 
-    @contextlib.contextmanager
-    def on_device(t: torch.Tensor) -> Iterator[None]:
-        current.append(t)
-        try:
-            yield
-        finally:
-            current.pop()
+    on_device = recording_on_device(current)
 
     monkeypatch.setattr(sgu_triton, "_on_device", on_device)
     launches: list[tuple[str, bool]] = []
