@@ -294,11 +294,11 @@ def test_gmlp_train_names_the_accelerate_settings_it_does_not_read(
     assert capsys.readouterr().err == ""
     _setenv(monkeypatch, {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_DYNAMO_BACKEND": "inductor",
                           "ACCELERATE_USE_CPU": "true", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"})
-    distributed.init_distributed("auto")
+    distributed.init_distributed("cpu", {"precision": "auto"})
     lines = capsys.readouterr().err.splitlines()
     assert [re.sub(r".*: (\S+) is ignored; (.*) sets it$", r"\1 \2", line) for line in lines] == [
         "ACCELERATE_MIXED_PRECISION=bf16 --precision", "ACCELERATE_DYNAMO_BACKEND=inductor --compile",
-        "ACCELERATE_USE_CPU=true --device cpu", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2 --grad-accum-steps",
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2 --grad-accum-steps",
     ]
     # flags that ask for the same: nothing to say (a warning that --device cpu was ignored was false)
     distributed.init_distributed("cpu", {"precision": "bf16", "compile": True, "grad_accum_steps": 2})
@@ -306,6 +306,27 @@ def test_gmlp_train_names_the_accelerate_settings_it_does_not_read(
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "1")
     with pytest.raises(ConfigError, match=r"ACCELERATE_USE_FSDP is '1' .*--strategy fsdp"):
         distributed.init_distributed("cpu")
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_the_warnings_judge_the_device_picked_and_what_precision_auto_means_there(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], has_bf16: bool
+) -> None:
+    """``--precision auto`` is bf16 on a CUDA device with bf16, and ``--device auto`` is the CPU on a machine
+    without CUDA: ``ACCELERATE_MIXED_PRECISION=bf16`` / ``ACCELERATE_USE_CPU=true`` were said to be ignored
+    although the run did just that (the warning read the flags' words, not the run's device)."""
+    _setenv(monkeypatch, {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_USE_CPU": "true"})
+    monkeypatch.setattr(distributed.torch.cuda, "is_bf16_supported", lambda *a, **k: has_bf16)
+    capsys.readouterr()
+    distributed._warn_unread_accelerate_settings(
+        distributed.accelerate_settings(), distributed.torch.device("cuda", 0), {"precision": "auto"}
+    )
+    said = [re.sub(r".*: (\S+) is ignored; .*", r"\1", line) for line in capsys.readouterr().err.splitlines()]
+    assert said == ([] if has_bf16 else ["ACCELERATE_MIXED_PRECISION=bf16"]) + ["ACCELERATE_USE_CPU=true"]
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    distributed.init_distributed("auto", {"precision": "auto"})  # (auto: the CPU here)
+    assert capsys.readouterr().err == ""
 
 
 def test_a_group_the_caller_started_needs_no_master_address(monkeypatch: pytest.MonkeyPatch) -> None:

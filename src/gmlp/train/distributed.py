@@ -225,18 +225,23 @@ def _refuse_engines(settings: AccelerateSettings, command: str, instead: str) ->
 
 
 def _warn_unread_accelerate_settings(
-    settings: AccelerateSettings, device: str, flags: Mapping[str, Any]
+    settings: AccelerateSettings, device: torch.device, flags: Mapping[str, Any]
 ) -> None:
     """``gmlp train`` runs its own loop, not accelerate's: what ``accelerate launch`` was told that it does
-    not read, named with the ``gmlp train`` flag that sets it (a warning: the flags decide), unless the run's
-    own flags (``device``; ``flags``: ``precision``, ``compile``, ``grad_accum_steps``) ask for the same."""
+    not read, named with the ``gmlp train`` flag that sets it (a warning: the flags decide), unless the run
+    does the same anyway: on its ``device`` (the one picked, not ``auto``), with its ``flags``
+    (``precision``, ``compile``, ``grad_accum_steps``). ``--precision auto`` is bf16 on a CUDA device that
+    has it (the warning that ``ACCELERATE_MIXED_PRECISION=bf16`` was ignored was false there)."""
     unread = []
-    if settings.mixed_precision not in (None, "no", flags.get("precision")):
+    precision = flags.get("precision")
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        precision = "bf16"
+    if settings.mixed_precision not in (None, "no", precision):
         unread.append((settings.precision_text(), "--precision"))
     compiled = settings.dynamo_backend == "INDUCTOR" and flags.get("compile")
     if settings.dynamo_backend is not None and not compiled:
         unread.append((settings.dynamo_text(), "--compile"))
-    if settings.use_cpu and device != "cpu":
+    if settings.use_cpu and device.type != "cpu":
         unread.append(("ACCELERATE_USE_CPU=true", "--device cpu"))
     if settings.grad_accum is not None and settings.grad_accum != flags.get("grad_accum_steps"):
         unread.append((f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={settings.grad_accum}", "--grad-accum-steps"))
@@ -262,9 +267,9 @@ def init_distributed(device: str = "auto", flags: Mapping[str, Any] | None = Non
     world, rank, local_rank = launcher_ranks()
     settings = accelerate_settings()
     _refuse_engines(settings, "gmlp train", " (--strategy fsdp shards the model with FSDP2)")
-    if rank == 0:
-        _warn_unread_accelerate_settings(settings, device, flags or {})
     dev = _pick_device(device, local_rank)
+    if rank == 0:
+        _warn_unread_accelerate_settings(settings, dev, flags or {})
     prior = None
     if dev.type == "cuda":
         prior = torch.cuda.current_device()
