@@ -282,7 +282,8 @@ def _add_corpus_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["offline"],
         help="sources: offline (= pydocs wordnet austen mobydick), books, a text file or folder, a "
-        ".json/.jsonl/.csv/.parquet file, hf:NAME[:CONFIG] (default: offline)",
+        ".json/.jsonl/.csv/.parquet file, a save_to_disk folder, hf:NAME[:CONFIG] (the HF cache, else "
+        "the Hub) or hf:PATH (a local data folder); of HF datasets, the train split (default: offline)",
     )
     g.add_argument("--text-column", default="text", help="text column of table / HF sources (default: text)")
     g.add_argument(
@@ -397,7 +398,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--data",
         default=None,
         help="classification: tweets (default), tweets-binary, a file, a folder with train/dev/test "
-        "files, hf:NAME[:CONFIG]; qa: a SQuAD JSON file, a folder, hf:squad (or --train-file instead)",
+        "files, a save_to_disk folder, hf:NAME[:CONFIG] (the HF cache, else the Hub) or hf:PATH (a local "
+        "data folder); qa: a SQuAD JSON file, a folder, hf:squad, a save_to_disk folder (or --train-file "
+        "instead)",
     )
     g.add_argument("--train-file", default=None, help="a training file, instead of --data")
     g.add_argument("--validation-file", default=None, help="with --train-file: its dev file")

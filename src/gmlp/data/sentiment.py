@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .text import TextDataError, data_home, decode_utf8
+from .text import TextDataError, check_text_column, data_home, decode_utf8, is_saved_dataset, load_hf_splits
 
 __all__ = [
     "TWEET_LABELS",
@@ -515,58 +515,102 @@ def _find_split_file(folder: Path, split: str) -> Path | None:
     return None
 
 
+def _hf_split(splits: dict[str, Any], split: str) -> str | None:
+    """The name under which ``splits`` (of an ``hf:`` source) holds ``split`` (``dev``, ``validation_matched``
+    ... for ``validation``), or None."""
+    aliases = _SPLIT_NAMES[split]
+    return next((a for a in (*aliases, f"{aliases[0]}_matched") if a in splits), None)
+
+
 def _load_hf_classification(
-    name: str,
-    config: str | None,
+    source: str,
     text_column: str,
     text_pair_column: str | None,
     label_column: str,
     num_labels: int | None,
     label_names: Sequence[str] | None,
 ) -> ClassificationData:
-    from datasets import load_dataset
+    """A classification task of an ``hf:`` source or ``save_to_disk`` folder (:func:`load_hf_splits`).
 
-    ds = load_dataset(name, config)
-    splits: dict[str, Any] = {}
-    for split, aliases in _SPLIT_NAMES.items():
-        for alias in (*aliases, f"{aliases[0]}_matched"):
-            if alias in ds:
-                splits[split] = ds[alias]
-                break
-    if "train" not in splits:
-        raise TextDataError(f"dataset {name!r} has no train split (splits: {', '.join(ds)})")
+    Its ``train``, ``validation`` (or ``dev``, ``valid``, ``val``, ``validation_matched``) and ``test``
+    splits; without a validation split, 10% of the training rows are split off as validation and, without a
+    test split, 10% more as test (the fixed seed of the files); a test split without labels (GLUE's, all -1)
+    is replaced by the validation split. A ``ClassLabel`` label column gives the label names.
+    """
+    import datasets
+
+    ds = load_hf_splits(source)
+    found = {split: _hf_split(ds, split) for split in _SPLIT_NAMES}
+    if found["train"] is None:
+        raise TextDataError(f"{source} has no train split (splits: {', '.join(ds) or 'none'})")
     regression = num_labels == 1
-    cols = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
-    feature = splits["train"].features.get(label_column)
-    if label_names is None and feature is not None and hasattr(feature, "names"):
+    feature = ds[found["train"]].features.get(label_column)
+    if label_names is None and isinstance(feature, datasets.ClassLabel):
         label_names = list(feature.names)
     raw: dict[str, list[tuple[str, str | None, Any]]] = {}
+    places: dict[str, list[str]] = {}
     test_has_labels = True
-    for split, d in splits.items():
-        missing = [c for c in cols if c not in d.column_names]
-        if missing:
+    for split, alias in found.items():
+        if alias is None:
+            continue
+        d, where = ds[alias], f"{source} ({alias} split)"
+        check_text_column(d, text_column, where, "--text-column")
+        if text_pair_column:
+            check_text_column(d, text_pair_column, where, "--text-pair-column")
+        if label_column not in d.column_names:
+            if split == "test":  # a test split without labels: replaced by the validation split below
+                test_has_labels = False
+                continue
             raise TextDataError(
-                f"dataset {name!r} ({split}): no column {missing}; available: {d.column_names}"
+                f"{where} has no column {label_column!r}; available columns: {', '.join(d.column_names)} "
+                f"(choose one with --label-column)"
             )
-        labels = d[label_column]
-        if split == "test" and all(lab == -1 for lab in labels):  # GLUE hides its test labels
+        labels = list(d[label_column])
+        if split == "test" and labels and all(lab == -1 for lab in labels):  # GLUE hides its test labels
             test_has_labels = False
-        texts, pairs = d[text_column], d[text_pair_column] if text_pair_column else [None] * len(d)
-        raw[split] = [
-            (str(t), None if p is None else str(p), None if not test_has_labels and split == "test" else lab)
-            for t, p, lab in zip(texts, pairs, labels, strict=True)
-        ]
-    if "validation" not in raw:
-        raise TextDataError(f"dataset {name!r} has no validation split (splits: {', '.join(ds)})")
+            continue
+        texts = d[text_column]
+        pairs = d[text_pair_column] if text_pair_column else [None] * len(d)
+        split_names = label_names if not regression else None
+        rows, where_rows = [], []
+        for k, (t, p, lab) in enumerate(zip(texts, pairs, labels, strict=True)):
+            at = f"{where}, row {k}"
+            if t is None or (text_pair_column and p is None):
+                column = text_column if t is None else text_pair_column
+                raise TextDataError(f"{at}: no text in column {column!r} (None); every row needs one")
+            value = _parse_label(lab, regression=regression, where=at)
+            if split_names is not None and type(value) is int and 0 <= value < len(split_names):
+                value = split_names[value]  # a ClassLabel id: its name (the label names' order is the ids')
+            rows.append((t, p, value))
+            where_rows.append(at)
+        if not rows:
+            raise TextDataError(f"{where} holds no rows")
+        raw[split], places[split] = rows, where_rows
+    from_train = ["train"]  # the splits the training rows were split into (their labels: the vocabulary)
+    if "validation" not in raw:  # as a lone training file: 10% (fixed seed) as validation, 10% as test
+        order = list(range(len(raw["train"])))
+        random.Random(TWEET_SPLIT_SEED).shuffle(order)
+        n = max(1, len(order) // 10)
+        parts = {"validation": order[:n]}
+        if "test" not in raw and test_has_labels:
+            parts["test"] = order[n : 2 * n]
+        parts["train"] = sorted(order[n * len(parts) :])
+        rows, where_rows = raw["train"], places["train"]
+        for split, idx in parts.items():
+            raw[split], places[split] = [rows[i] for i in idx], [where_rows[i] for i in idx]
+        from_train += [s for s in parts if s != "train"]
+        if not raw["train"]:
+            raise TextDataError(
+                f"{source} ({found['train']} split) holds {len(order)} row(s) and no validation split: too "
+                f"few to split off validation and test rows and keep some for training"
+            )
     if "test" not in raw or not test_has_labels:
-        raw["test"] = list(raw["validation"])  # GLUE: report the dev set as the final score
+        raw["test"], places["test"] = list(raw["validation"]), places["validation"]  # GLUE: the dev score
         test_has_labels = True
-    if not regression and label_names is not None:
-        raw = {
-            s: [(t, p, label_names[lab] if isinstance(lab, int) and lab >= 0 else lab) for t, p, lab in rows]
-            for s, rows in raw.items()
-        }
-    return _finish_labels(raw, num_labels, label_names, test_has_labels, regression)
+    return _finish_labels(
+        raw, num_labels, label_names if not regression else None, test_has_labels, regression,
+        from_train=from_train, places=places,
+    )
 
 
 def load_classification(
@@ -584,8 +628,12 @@ def load_classification(
     """Load a classification task.
 
     ``source``: ``tweets`` (3 classes) / ``tweets-binary`` (offline), a data file (split 80/10/10), a folder
-    with ``train.*``, ``dev.*``/``validation.*`` and ``test.*`` files (csv, tsv, json, jsonl), or
-    ``hf:NAME[:CONFIG]`` (e.g. ``hf:glue:sst2``; needs internet). Explicit ``train_file`` etc. override it.
+    with ``train.*``, ``dev.*``/``validation.*`` and ``test.*`` files (csv, tsv, json, jsonl), a folder
+    written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or ``hf:NAME[:CONFIG]`` /
+    ``hf:PATH`` (e.g. ``hf:glue:sst2``: from the HF cache when it is there, else downloaded; or a local folder
+    of data files, read as ``datasets.load_dataset(PATH)`` reads it; see :func:`_load_hf_classification` for
+    the splits).
+    Explicit ``train_file`` etc. override it.
     """
     if train_file is not None:
         return load_classification_files(
@@ -603,10 +651,9 @@ def load_classification(
         if num_labels is not None and num_labels != data.num_labels:
             raise TextDataError(f"{source} has {data.num_labels} labels, but num_labels={num_labels}")
         return data
-    if source.startswith("hf:"):
-        name, _, config = source[3:].partition(":")
+    if source.startswith("hf:") or is_saved_dataset(source):
         return _load_hf_classification(
-            name, config or None, text_column, text_pair_column, label_column, num_labels, label_names
+            source, text_column, text_pair_column, label_column, num_labels, label_names
         )
     path = Path(source).expanduser()
     if path.is_dir():
@@ -633,8 +680,8 @@ def load_classification(
             label_names=label_names,
         )
     raise FileNotFoundError(
-        f"classification data {source!r} is neither 'tweets', 'tweets-binary', 'hf:NAME[:CONFIG]', nor an "
-        f"existing file or folder"
+        f"classification data {source!r} is neither 'tweets', 'tweets-binary', 'hf:NAME[:CONFIG]', "
+        f"'hf:PATH', nor an existing file or folder"
     )
 
 
@@ -723,17 +770,41 @@ def load_squad_json(path: str | Path, *, unique_ids: bool = True) -> list[QAExam
     return out
 
 
-def _qa_from_hf(d: Any) -> list[QAExample]:
-    return [
-        QAExample(
-            str(r["id"]),
-            r["question"],
-            r["context"],
-            tuple(zip(r["answers"]["text"], (int(s) for s in r["answers"]["answer_start"]), strict=True)),
-            r.get("title", ""),
+_QA_COLUMNS = ("id", "question", "context", "answers")
+
+
+def _qa_from_hf(d: Any, where: str) -> list[QAExample]:
+    """The questions of a SQuAD-layout ``datasets.Dataset`` (columns ``id``, ``question``, ``context``,
+    ``answers`` = ``{"text": [...], "answer_start": [...]}``, optional ``title``), ``where`` naming it."""
+    missing = [c for c in _QA_COLUMNS if c not in d.column_names]
+    if missing:
+        raise TextDataError(
+            f"{where} is not SQuAD format: no column {', '.join(map(repr, missing))}; available columns: "
+            f"{', '.join(d.column_names)} (needed: {', '.join(_QA_COLUMNS)}; answers = {{text, "
+            f"answer_start}})"
         )
-        for r in d
-    ]
+    out = []
+    for k, r in enumerate(d):
+        at = f"{where}, row {k}"
+        for key in ("question", "context"):
+            if not isinstance(r[key], str):
+                raise TextDataError(f"{at}: {key!r} must be a string, got {r[key]!r}")
+        answers = r["answers"]
+        if not isinstance(answers, dict) or not {"text", "answer_start"} <= set(answers) \
+                or len(answers["text"] or ()) != len(answers["answer_start"] or ()):
+            raise TextDataError(
+                f"{at}: 'answers' must be {{'text': [...], 'answer_start': [...]}} (lists of one length), "
+                f"got {answers!r}"
+            )
+        try:
+            starts = answers["answer_start"] or ()
+            spans = tuple((str(t), int(a)) for t, a in zip(answers["text"] or (), starts, strict=True))
+        except (TypeError, ValueError) as err:
+            raise TextDataError(f"{at}: an answer_start of {answers!r} is no offset") from err
+        out.append(QAExample(str(r["id"]), r["question"], r["context"], spans, r.get("title") or ""))
+    if not out:
+        raise TextDataError(f"{where} holds no questions")
+    return out
 
 
 def load_qa(
@@ -744,9 +815,13 @@ def load_qa(
     test_file: str | Path | None = None,
 ) -> QAData:
     """Load a SQuAD-format task: local JSON files (``train_file``, ``validation_file``, ``test_file``; the
-    test set defaults to the dev set), a folder holding ``train*.json`` and ``dev*.json``, or
-    ``hf:squad`` / ``hf:squad_v2`` (needs internet)."""
-    if train_file is None and source and not source.startswith("hf:") and os.path.isdir(source):
+    test set defaults to the dev set), a folder holding ``train*.json`` and ``dev*.json``, or an HF dataset in
+    SQuAD layout: ``hf:squad`` / ``hf:squad_v2`` (from the HF cache when it is there, else downloaded),
+    ``hf:PATH`` of a local folder of data files, or a ``save_to_disk`` folder (``hf:PATH`` or ``PATH``); its
+    ``train``, ``validation`` (or ``dev``...) and ``test`` splits, the test split defaulting to the validation
+    split and that to the training split (with a warning, as for files)."""
+    if train_file is None and source and not source.startswith("hf:") and os.path.isdir(source) \
+            and not is_saved_dataset(source):
         folder = Path(source)
         trains = sorted(folder.glob("train*.json"))
         devs = sorted(folder.glob("dev*.json")) or sorted(folder.glob("valid*.json"))
@@ -759,19 +834,21 @@ def load_qa(
         train = load_squad_json(train_file, unique_ids=validation_file is None)  # (scored only without one)
         dev = load_squad_json(validation_file) if validation_file is not None else train
         test = load_squad_json(test_file) if test_file is not None else dev
-    elif source and source.startswith("hf:"):
-        from datasets import load_dataset
-
-        name, _, config = source[3:].partition(":")
-        ds = load_dataset(name, config or None)
-        train, dev = _qa_from_hf(ds["train"]), _qa_from_hf(ds["validation"])
-        test = dev
+    elif source and (source.startswith("hf:") or is_saved_dataset(source)):
+        ds = load_hf_splits(source)
+        found = {split: _hf_split(ds, split) for split in _SPLIT_NAMES}
+        if found["train"] is None:
+            raise TextDataError(f"{source} has no train split (splits: {', '.join(ds) or 'none'})")
+        read = lambda split: _qa_from_hf(ds[found[split]], f"{source} ({found[split]} split)")  # noqa: E731
+        train = read("train")
+        dev = read("validation") if found["validation"] is not None else train
+        test = read("test") if found["test"] is not None else dev
     elif source is not None and Path(source).is_file():
         train = dev = test = load_squad_json(source)
     else:
         raise FileNotFoundError(
             "question answering needs SQuAD data: --train-file/--validation-file JSON, a folder with "
-            f"train*.json and dev*.json, or hf:squad (got {source!r})"
+            f"train*.json and dev*.json, hf:squad, or a save_to_disk folder (got {source!r})"
         )
     if dev is train:
         scores = "the validation and test scores are" if test is train else "the validation score is"

@@ -12,8 +12,13 @@ Offline sources (fetched by ``scripts/fetch_text_data.sh``; see ``docs/text_trai
 
 ``offline`` names all four, ``books`` the last two. Other sources: a text file (split into paragraphs at
 blank lines) or a folder of them (``*.txt``, ``*.text``, ``*.md``, ``*.rst``, searched recursively), a
-``.json``/``.jsonl``/``.csv``/``.parquet`` file read with HF ``datasets`` (its ``text`` column), and
-``hf:NAME`` or ``hf:NAME:CONFIG`` for a dataset of the Hugging Face hub (needs internet).
+``.json``/``.jsonl``/``.csv``/``.parquet`` file read with HF ``datasets`` (its ``text`` column), a folder
+written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, and ``hf:NAME`` or ``hf:NAME:CONFIG``
+(read with ``datasets.load_dataset``: a hub dataset, from the HF cache when it is there, so it works
+offline with ``HF_DATASETS_OFFLINE=1`` once cached; or a local folder of parquet/json/csv/arrow files;
+``hf:PATH`` of a ``save_to_disk`` folder is read with ``datasets.load_from_disk``). Of a dataset with
+splits, the ``train`` split is read (the held-out split below is cut from it; the dataset's own validation
+and test splits are not read).
 
 The held-out split is deterministic: a document is held out when the hash of its text falls below
 ``valid_fraction`` (so it does not depend on the order, the number of sources or the machine).
@@ -43,6 +48,7 @@ __all__ = [
     "TextDataError",
     "TextDocument",
     "TextSplits",
+    "check_text_column",
     "data_home",
     "decode_utf8",
     "heldout_bucket",
@@ -53,6 +59,8 @@ __all__ = [
     "iter_python_docs",
     "iter_text_path",
     "iter_wordnet_glosses",
+    "is_saved_dataset",
+    "load_hf_splits",
     "load_text_splits",
     "missing_offline_sources",
     "pack_sequences",
@@ -382,16 +390,188 @@ def iter_text_path(path: str | Path) -> Iterator[TextDocument]:
         raise FileNotFoundError(f"text source not found: {str(path)!r} is neither a file nor a folder")
 
 
+#: The files ``Dataset.save_to_disk`` (``state.json``) and ``DatasetDict.save_to_disk``
+#: (``dataset_dict.json``) write into their folder (:func:`gmlp.data.folders.hf_source` tells one so too).
+_SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def is_saved_dataset(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    path = Path(path).expanduser()
+    return path.is_dir() and any((path / marker).is_file() for marker in _SAVED_DATASET_MARKERS)
+
+
+def _hf_spec(source: str) -> tuple[str, str | None]:
+    """``(name or path, config)`` of ``hf:NAME[:CONFIG]`` / ``hf:PATH`` (a local folder whose name holds a
+    ``:`` is taken whole) or of a bare path."""
+    spec = source[3:] if source.startswith("hf:") else source
+    if spec.startswith("~"):  # "~/data" from a recipe file, which no shell expanded (no hub name is)
+        spec = os.path.expanduser(spec)
+    if Path(spec).exists():
+        return spec, None
+    name, _, config = spec.partition(":")
+    if name.startswith("~"):
+        name = os.path.expanduser(name)
+    return name, config or None
+
+
+def _offline_setting() -> str | None:
+    """The environment variable that puts HF ``datasets`` offline (``HF_DATASETS_OFFLINE=1``...), if set."""
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in _TRUE:
+            return f"{var}={os.environ[var]}"
+    return None
+
+
+def _empty_saved_splits(path: Path) -> list[str]:
+    """The splits of a ``save_to_disk`` folder whose ``state.json`` lists no data file (0 rows)."""
+    import json
+
+    states = [path / "state.json"] if (path / "state.json").is_file() else sorted(path.glob("*/state.json"))
+    empty = []
+    for state in states:
+        try:
+            if not json.loads(state.read_text(encoding="utf-8")).get("_data_files"):
+                empty.append(state.parent.name if state.parent != path else "train")
+        except (OSError, ValueError, AttributeError):
+            continue
+    return empty
+
+
+def load_hf_splits(source: str) -> dict[str, Any]:
+    """The splits (name -> ``datasets.Dataset``) of an ``hf:`` source or of a ``save_to_disk`` folder.
+
+    ``source``: ``hf:NAME[:CONFIG]`` (``datasets.load_dataset(NAME, CONFIG)``: a hub dataset, read from the
+    HF cache when it is there, so offline too; or a local folder of data files, as ``load_dataset(PATH)``
+    reads it), or ``hf:PATH`` / ``PATH`` of a folder written by ``Dataset.save_to_disk`` (one split, named
+    ``train``) or ``DatasetDict.save_to_disk`` (read with ``datasets.load_from_disk``).
+
+    Raises:
+        FileNotFoundError: a local path (``/``, ``./``, ``../``, ``~``) that does not exist, or a local folder
+            that holds no data files.
+        ConnectionError: a hub dataset that is neither in the HF cache nor reachable; the message names the
+            source and, when offline mode is on, the setting (``HF_DATASETS_OFFLINE=1``) that keeps it from
+            being downloaded.
+        TextDataError: a local dataset that cannot be read (the message names it and why).
+    """
+    import datasets
+
+    name, config = _hf_spec(source)
+    path = Path(name)
+    if is_saved_dataset(path):
+        if config is not None:
+            raise TextDataError(
+                f"{source}: {name!r} is a save_to_disk folder, which has no config {config!r}"
+            )
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as err:  # a damaged folder (a missing arrow file, bad JSON...), or an empty split
+            empty = _empty_saved_splits(path)
+            if empty:  # (save_to_disk writes no arrow file for 0 rows, and load_from_disk fails on it)
+                raise TextDataError(
+                    f"{source}: the save_to_disk folder {name!r} holds no rows (split(s) "
+                    f"{', '.join(empty)} empty)"
+                ) from err
+            raise TextDataError(
+                f"{source}: cannot read the save_to_disk folder {name!r}: {type(err).__name__}: {err}"
+            ) from err
+        return {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
+    local = path.exists()
+    if not local and name.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"{source}: folder {name!r} does not exist")
+    try:
+        loaded = datasets.load_dataset(name, config)
+    except ConnectionError as err:  # not cached, and offline or the hub unreachable
+        if getattr(err, "errno", None) is not None:  # an OS error (a reset socket...): not that
+            raise
+        what = f"dataset {name!r}" + (f" (config {config!r})" if config else "")
+        setting = _offline_setting()
+        if setting is not None:
+            raise ConnectionError(
+                f"{source}: {what} is not in the local Hugging Face cache, and {setting} keeps it from being "
+                f"downloaded"
+            ) from err
+        raise ConnectionError(
+            f"{source}: {what} is not cached and the Hub cannot be reached ({err})"
+        ) from err
+    except FileNotFoundError as err:
+        if not local:  # a hub dataset that does not exist (online): its own message
+            raise
+        raise FileNotFoundError(f"{source}: {err}") from err
+    except Exception as err:
+        if not local:
+            raise
+        if "corresponds to no data" in str(err):  # ('Instruction "train" corresponds to no data!')
+            raise TextDataError(f"{source}: a split of {name!r} holds no rows ({err})") from err
+        raise TextDataError(f"{source}: cannot read {name!r}: {type(err).__name__}: {err}") from err
+    return {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
+
+
+def check_text_column(ds: Any, column: str, where: str, flag: str = "--text-column") -> None:
+    """Refuse a ``datasets.Dataset`` whose ``column`` is missing or holds no strings (a list column, numbers):
+    their ``str()`` (``"['a', 'b']"``, ``"3"``) was silently taken as the text.
+
+    Raises:
+        TextDataError: naming ``where``, the column, its type and ``flag``.
+    """
+    import datasets
+
+    if column not in ds.column_names:
+        raise TextDataError(
+            f"{where} has no column {column!r}; available columns: {', '.join(ds.column_names)} "
+            f"(choose one with {flag})"
+        )
+    feature = ds.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null")):
+        kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+        raise TextDataError(
+            f"{where}: column {column!r} holds {kind} values ({feature}), not text; {flag} must name a "
+            f"column of strings"
+        )
+
+
+def _iter_hf_dataset(ds: Any, text_column: str, label: str) -> Iterator[TextDocument]:
+    """The non-empty texts of ``ds[text_column]`` (None and blank values left out)."""
+    check_text_column(ds, text_column, label)
+    found = False
+    for k, text in enumerate(ds[text_column]):
+        if text is not None and text.strip():
+            found = True
+            yield TextDocument(label, str(k), text.strip())
+    if not found:
+        raise TextDataError(
+            f"{label}: column {text_column!r} holds no text ({len(ds)} rows, all empty or None)"
+        )
+
+
+def _iter_hf_source(source: str, text_column: str, split: str = "train") -> Iterator[TextDocument]:
+    """The documents of an ``hf:`` source or ``save_to_disk`` folder: its ``split`` (``train``)."""
+    splits = load_hf_splits(source)
+    if split not in splits:
+        raise TextDataError(
+            f"{source} has no {split!r} split (splits: {', '.join(splits) or 'none'}); the corpus is read "
+            f"from the {split!r} split"
+        )
+    yield from _iter_hf_dataset(splits[split], text_column, source)
+
+
 def iter_hf_text(
     name: str, config: str | None = None, *, split: str = "train", text_column: str = "text", **kwargs: Any
 ) -> Iterator[TextDocument]:
-    """Rows of a HF ``datasets`` dataset (hub name, or a builder such as ``"json"`` with ``data_files=``; a
-    JSON file holding ``{"data": [records]}`` is read from its ``data`` list).
+    """Rows of a HF ``datasets`` dataset (hub name, local data folder or ``save_to_disk`` folder, see
+    :func:`load_hf_splits`; or a builder such as ``"json"`` with ``data_files=``; a JSON file holding
+    ``{"data": [records]}`` is read from its ``data`` list).
 
     Raises:
-        TextDataError: the dataset has no ``text_column`` (the message lists its columns); a local
-            ``data_files`` file is empty, unreadable or (JSON, CSV) not UTF-8 (the message names it).
+        TextDataError: the dataset has no ``text_column`` (the message lists its columns), it holds no
+            strings (a list column, numbers) or no text at all, there is no ``split``; a local ``data_files``
+            file is empty, unreadable or (JSON, CSV) not UTF-8 (the message names it).
+        FileNotFoundError, ConnectionError: see :func:`load_hf_splits`.
     """
+    if not kwargs:
+        yield from _iter_hf_source(f"hf:{name}" + (f":{config}" if config else ""), text_column, split)
+        return
     from datasets import load_dataset
 
     files = kwargs.get("data_files")
@@ -416,16 +596,10 @@ def iter_hf_text(
             and "data" in ds.column_names and len(ds) == 1:  # {"data": [records], ...}: SQuAD's layout
         yield from iter_hf_text(name, config, split=split, text_column=text_column, field="data", **kwargs)
         return
-    if text_column not in ds.column_names:
-        # a local file is named by its path (several table sources: which one lacks the column)
-        what = f"data file {str(files)!r}" if files is not None else f"dataset {name!r}"
-        raise TextDataError(
-            f"{what} has no column {text_column!r}; available columns: {', '.join(ds.column_names)} "
-            f"(choose one with --text-column)"
-        )
-    for k, text in enumerate(ds[text_column]):
-        if text is not None and str(text).strip():
-            yield TextDocument(str(label), str(k), str(text).strip())
+    # a local file is named by its path (several table sources: which one lacks the column)
+    what = f"data file {str(files)!r}" if files is not None else f"dataset {name!r}"
+    for doc in _iter_hf_dataset(ds, text_column, what):
+        yield TextDocument(str(label), doc.name, doc.text)
 
 
 def resolve_sources(sources: SourceSpec) -> list[str]:
@@ -458,9 +632,8 @@ def iter_documents(
             yield from iter_austen()
         elif source == "mobydick":
             yield from iter_moby_dick()
-        elif source.startswith("hf:"):
-            name, _, config = source[3:].partition(":")
-            yield from iter_hf_text(name, config or None, text_column=text_column)
+        elif source.startswith("hf:") or is_saved_dataset(source):
+            yield from _iter_hf_source(source, text_column)
         else:
             path = Path(source).expanduser()
             suffix = path.suffix.lower()
@@ -477,16 +650,18 @@ def iter_documents(
 def _unknown_source(source: str) -> FileNotFoundError:
     known = ", ".join([*OFFLINE_SOURCES, *SOURCE_ALIASES])
     return FileNotFoundError(
-        f"text source {source!r} is neither a known corpus ({known}), 'hf:NAME[:CONFIG]', nor an existing "
-        f"file or folder"
+        f"text source {source!r} is neither a known corpus ({known}), 'hf:NAME[:CONFIG]', 'hf:PATH', nor an "
+        f"existing file or folder"
     )
 
 
 def source_files(source: str) -> tuple[str, Path, list[Path]] | None:
     """What :func:`iter_documents` reads of one resolved source (see :func:`resolve_sources`): ``(kind,
     root, files)``, the files in the order they are read (``kind`` tells how: ``pydocs``, ``wordnet``,
-    ``austen``, ``mobydick``, ``text``, ``table:json`` / ``csv`` / ``parquet``; the files' names relative to
-    ``root`` order a folder). None for ``hf:`` sources (a hub dataset: no local files to tell it by).
+    ``austen``, ``mobydick``, ``text``, ``table:json`` / ``csv`` / ``parquet``, ``hf:disk`` (a
+    ``save_to_disk`` folder) / ``hf:folder[:CONFIG]`` (a local folder read by ``load_dataset``): every file of
+    the folder but hidden ones, a superset of what is read; the files' names relative to ``root`` order a
+    folder). None for ``hf:NAME`` hub datasets (no local files to tell them by).
 
     Raises:
         FileNotFoundError: as :func:`iter_documents` (offline data not fetched, a path that does not exist).
@@ -500,8 +675,14 @@ def source_files(source: str) -> tuple[str, Path, list[Path]] | None:
             return source, WORDNET_DIR, [WORDNET_DIR / f"data.{p}" for p in ("noun", "verb", "adj", "adv")]
         rdx = _source_path(source)
         return source, rdx.parent, [rdx, rdx.with_suffix(".rdb")]
-    if source.startswith("hf:"):
-        return None
+    if source.startswith("hf:") or is_saved_dataset(source):
+        name, config = _hf_spec(source)
+        path = Path(name)
+        if not path.is_dir() or (config is not None and is_saved_dataset(path)):
+            return None  # a hub dataset (or a data file: load_dataset reads one by its builder's rules)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        kind = "hf:disk" if is_saved_dataset(path) else "hf:folder" + (f":{config}" if config else "")
+        return kind, path, files
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if suffix in _TABLE_SUFFIXES and path.is_file():

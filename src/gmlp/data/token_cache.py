@@ -12,8 +12,12 @@ settings (``valid_fraction``, ``max_documents``, ``max_chars``, ``text_column``)
 serialization (its ``tokenizer.json``: normalizer, pre-tokenizer, model, vocabulary, added tokens,
 truncation, padding) and the ``[CLS]`` / ``[SEP]`` / ``[PAD]`` ids, ``seq_len``, :data:`FORMAT_VERSION`,
 the gmlp version and the source code of the corpus readers and packer (:mod:`gmlp.data.text`) and of this
-module. A changed input is another key, so it never meets a stale entry. ``hf:`` sources (hub datasets)
-have no local files to tell them by: a corpus with one is not cached.
+module. A changed input is another key, so it never meets a stale entry. A local ``hf:`` source, a
+``save_to_disk`` folder or a folder of data files read by ``datasets.load_dataset``, is keyed by every file
+of the folder (hidden ones left out, as ``datasets`` leaves them out), with the ``:CONFIG`` it names: a
+superset of what is read, so an edit anywhere is a miss, never a stale hit. An ``hf:NAME`` hub dataset has
+no local files to tell it by (the HF cache holds whatever revision was downloaded last): a corpus with one
+is not cached.
 
 **Entry** ``DIR/tokens-<key>/``: ``train.npy`` and ``validation.npy`` (``[blocks, seq_len]``, int32: token ids
 fit, half of :func:`~gmlp.data.text.pack_sequences`' int64) and ``meta.json``, each written atomically
@@ -105,7 +109,8 @@ def _update(h: Any, *parts: str | bytes) -> None:
 
 def corpus_fingerprint(sources: SourceSpec) -> str | None:
     """A blake2b digest of the contents of every file the ``sources`` read (in reading order, with their
-    names relative to the source's folder); None when a source is an ``hf:`` dataset (no local files).
+    names relative to the source's folder); None when a source is an ``hf:NAME`` hub dataset (no local
+    files; a local ``hf:PATH`` folder or ``save_to_disk`` folder is hashed whole).
 
     Raises:
         FileNotFoundError, TextDataError: as :func:`gmlp.data.text.load_text_splits` for a missing source.
