@@ -70,7 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        # (one write: under PYTHONUNBUFFERED print's text and newline are two, which another process's
+        # line sharing the log can split)
+        sys.stderr.write("interrupted\n")
+        sys.stderr.flush()
         return 130
     except (ConfigError, FileNotFoundError) as err:  # a bad setting or a missing input file (a recipe, a
         # corpus, a checkpoint): a usage error, as argparse reports its own (no traceback)

@@ -75,6 +75,11 @@ _HELP = {
     "recount": "random erasing regions per image (with reprob > 0)",
     "ema_decay": "weight average decay (with --ema)",
     "ema_warmup": "timm's EMA warmup of the decay (with --ema)",
+    "progress": "progress output on stderr: a bar on a terminal, one line per --log-every steps in a log "
+                "file or pipe (also off with TQDM_DISABLE=1; the epoch lines are printed either way)",
+    "log_every": "steps between progress lines / TensorBoard train/loss points",
+    "checkpoint_every": "also write a checkpoint every N steps (0: at epoch ends and the end only)",
+    "keep_last": "checkpoints kept: older ones are deleted once a newer one is complete",
     "overwrite": "start a new run in an --output that holds one, removing the old run's checkpoints, metrics "
                  "and weights (without it, such an --output is refused unless --resume is given)",
 }

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import io
+import json
 import operator
 import os
 import random
+import time
 import unicodedata
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -243,11 +248,27 @@ def folder_classes(directory: str | Path) -> list[str]:
     Raises:
         FileNotFoundError: ``directory`` holds no (visible) sub-folder.
     """
-    with os.scandir(directory) as entries:
-        classes = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    return _split_classes(str(directory), None)
+
+
+def _split_classes(base: str, stamps: list[tuple[str, int, int, int]] | None) -> list[str]:
+    """:func:`folder_classes` of ``base``, adding to ``stamps`` (when given) what :func:`_scan_class` adds."""
+    classes, links = [], []
+    with os.scandir(base) as entries:
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                classes.append(e.name)
+            elif e.is_symlink():
+                links.append(e.name)
     if not classes:
-        raise FileNotFoundError(f"image folder {str(directory)!r} has no class sub-folders")
-    return classes
+        raise FileNotFoundError(f"image folder {base!r} has no class sub-folders")
+    if stamps is not None:
+        st = os.stat(base)
+        stamps.append((".", st.st_dev, st.st_ino, st.st_mtime_ns))
+        stamps.extend((name, -1, -1, -1) for name in links)
+    return sorted(classes)
 
 
 def _is_within(path: str, folder: str) -> bool:
@@ -255,27 +276,217 @@ def _is_within(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def _image_files(class_dir: Path, extensions: tuple[str, ...]) -> list[str]:
-    """The image files under ``class_dir``, in torchvision's ``make_dataset`` order (folders by path, files by
-    name; extensions matched in any case), without hidden files and folders (``._x.jpg`` of macOS, notebook
-    checkpoints) and without following a symlink back into its own ancestry (a loop listed every image
-    again at each level, and the other classes' images under this one)."""
-    listed = []
-    ancestry = {str(class_dir): (os.path.realpath(class_dir),)}  # real paths from class_dir down to a folder
-    for top, dirs, files in os.walk(class_dir, followlinks=True):
-        chain = ancestry.pop(top)
-        keep = []
-        for name in sorted(dirs):
-            real = os.path.realpath(os.path.join(top, name))
-            if name.startswith(".") or any(_is_within(seen, real) for seen in chain):
+#: Bumped when the scan's rules change: a folder list written by another version is not read.
+_SCAN_VERSION = 1
+#: A folder modified this recently (ns) when its listing was read may change again within the same mtime
+#: tick (1-2 s on some file systems) unseen: no folder list is written then.
+_RACY_NS = 2_000_000_000
+#: How long the other processes wait for process 0's scan (``shared``): a network file system took minutes.
+_SCAN_TIMEOUT_S = 24 * 3600
+
+
+def _list_folder(top: str, extensions: tuple[str, ...]) -> tuple[list[str], list[str], list[str]]:
+    """``(images, sub-folders, other symlinks)`` of ``top``: visible names only, from the listing itself.
+
+    No file is stat-ed or opened: an entry named like an image (extension in any case) that is a symlink is
+    taken as an image without following it (a symlink farm, ImageNet's usual layout, cost one ``stat`` per
+    image, a network round trip each); a broken one fails when loaded, as any unreadable file (skipped and
+    counted, or with ``strict`` an error naming it). Only a symlink with another name is followed to see
+    whether it is a folder (``other symlinks``: those that are not)."""
+    images, dirs, links = [], [], []
+    with os.scandir(top) as entries:
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
                 continue
-            ancestry[os.path.join(top, name)] = (*chain, real)
-            keep.append(name)
-        dirs[:] = keep
-        names = sorted(f for f in files if not f.startswith(".") and f.lower().endswith(extensions))
-        listed.append((top, names))
-    listed.sort()
-    return [os.path.join(top, name) for top, names in listed for name in names]
+            try:
+                if name.lower().endswith(extensions):
+                    # the file type from the listing (d_type): no system call, unless a symlink (taken as
+                    # an image file) or a file system that gives no type
+                    if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                        images.append(name)
+                    else:
+                        dirs.append(name)
+                elif entry.is_dir():  # a stat only for a symlink
+                    dirs.append(name)
+                elif entry.is_symlink():
+                    links.append(name)
+            except OSError:  # vanished while listed
+                continue
+    return images, dirs, links
+
+
+def _scan_class(
+    base: str, name: str, extensions: tuple[str, ...], stamps: list[tuple[str, int, int, int]] | None
+) -> list[str]:
+    """The image files under ``base/name``, relative to ``base``, in torchvision's ``make_dataset`` order
+    (folders by path, files by name; extensions matched in any case), without hidden files and folders
+    (``._x.jpg`` of macOS, notebook checkpoints) and without following a symlink back into its own ancestry
+    (a loop listed every image again at each level, and the other classes' images under this one).
+
+    ``stamps``: where to add ``(folder, device, inode, mtime)`` of each folder read and ``(link, -1, -1, -1)``
+    of each symlink that is no folder (what :func:`_folder_list_current` checks)."""
+    class_dir = os.path.join(base, name)
+    listed = []
+    # (folder, its path relative to base, the real paths from class_dir down to it)
+    pending = [(class_dir, name, (os.path.realpath(class_dir),))]
+    while pending:
+        top, rel, chain = pending.pop()
+        if stamps is not None:
+            st = os.stat(top)
+            stamps.append((rel, st.st_dev, st.st_ino, st.st_mtime_ns))
+        images, dirs, links = _list_folder(top, extensions)
+        if stamps is not None:
+            stamps.extend((f"{rel}/{n}", -1, -1, -1) for n in links)
+        for sub in dirs:
+            path = os.path.join(top, sub)
+            real = os.path.realpath(path)
+            if not any(_is_within(seen, real) for seen in chain):
+                pending.append((path, f"{rel}/{sub}", (*chain, real)))
+        listed.append((rel, sorted(images)))
+    listed.sort()  # (by folder: the order of their full paths, which all start with base + "/")
+    return [f"{rel}/{image}" for rel, images in listed for image in images]
+
+
+@dataclass
+class _SplitScan:
+    """What a scan of one split folder found: its class folders (sorted) and, per class, the image paths
+    relative to the split folder joined by NUL (one string per class: cheap to pickle, broadcast and
+    store)."""
+
+    split: str
+    classes: list[str]
+    files: list[str]
+
+    def paths(self, base: str, index: int) -> list[str]:
+        joined, prefix = self.files[index], os.path.join(base, "")  # (os.path.join(base, rel) of each)
+        return [prefix + rel for rel in joined.split("\0")] if joined else []
+
+
+def _folder_list_file(cache_dir: Path, real_base: str, extensions: tuple[str, ...]) -> Path:
+    key = json.dumps([_SCAN_VERSION, real_base, sorted(extensions)])  # (ASCII: json escapes the rest)
+    return cache_dir / f"imagefolder-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def _folder_list_current(real_base: str, stamps: Sequence[Sequence[Any]]) -> bool:
+    """Whether every folder of a stored list still has the device, inode and modification time it had (a
+    file added, removed or renamed in it changes its mtime; a folder swapped for another, its inode), and
+    each symlink that was no folder still is none."""
+    for rel, dev, ino, mtime in stamps:
+        path = os.path.join(real_base, rel)
+        if dev == -1:
+            if os.path.isdir(path):
+                return False
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        if (st.st_dev, st.st_ino, st.st_mtime_ns) != (dev, ino, mtime):
+            return False
+    return True
+
+
+def _read_folder_list(file: Path, real_base: str, extensions: tuple[str, ...]) -> _SplitScan | None:
+    """The stored scan in ``file`` when it was made of ``real_base`` and the tree has not changed since."""
+    try:
+        stored = json.loads(file.read_text(encoding="utf-8"))
+        if (stored["version"], stored["base"], stored["extensions"]) != (_SCAN_VERSION, real_base,
+                                                                          sorted(extensions)):
+            return None
+        if not _folder_list_current(real_base, stored["stamps"]):
+            return None
+        return _SplitScan(stored["split"], list(stored["classes"]), list(stored["files"]))
+    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or not ours: scan again
+        return None
+
+
+def _write_folder_list(file: Path, real_base: str, extensions: tuple[str, ...], scan: _SplitScan,
+                       stamps: list[tuple[str, int, int, int]]) -> None:
+    """``scan`` stored in ``file`` (written to a temporary file, then renamed: a reader sees the old file or
+    the whole new one); a failure to write is a warning, the run goes on with its own scan."""
+    text = json.dumps({"version": _SCAN_VERSION, "base": real_base, "extensions": sorted(extensions),
+                       "split": scan.split, "classes": scan.classes, "files": scan.files, "stamps": stamps})
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="ascii")
+        os.replace(tmp, file)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        warnings.warn(f"image folder list not stored in {str(file)!r}: {err}", stacklevel=3)
+
+
+def _scan_split(root: Path, split: str | None, candidates: Sequence[str], extensions: tuple[str, ...],
+                cache_dir: Path | None) -> _SplitScan:
+    """The split folder of ``root`` and its classes and images, from ``cache_dir``'s stored list when that
+    is still current (a stale one is scanned again and replaced)."""
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"image folder {str(root)!r} does not exist (expected {root}/train/<class>/*.jpg)"
+        )
+    splits = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.is_dir())
+    split = resolve_split(splits, split, candidates, f"image folder {str(root)!r}")
+    base = str(root / split)
+    stamps: list[tuple[str, int, int, int]] | None = None
+    if cache_dir is not None:
+        real_base = os.path.realpath(base)
+        file = _folder_list_file(cache_dir, real_base, extensions)
+        stored = _read_folder_list(file, real_base, extensions)
+        if stored is not None:
+            return _SplitScan(split, stored.classes, stored.files)
+        stamps = []
+        started = time.time_ns()
+    classes = _split_classes(base, stamps)
+    files = ["\0".join(_scan_class(base, c, extensions, stamps)) for c in classes]
+    scan = _SplitScan(split, classes, files)
+    if stamps is not None and all(mtime < started - _RACY_NS for _, _, _, mtime in stamps):
+        _write_folder_list(file, real_base, extensions, scan, stamps)
+    return scan
+
+
+_SHARED_ERRORS: dict[str, type[Exception]] = {
+    "FileNotFoundError": FileNotFoundError,
+    "NotADirectoryError": NotADirectoryError,
+    "PermissionError": PermissionError,
+    "ValueError": ValueError,
+}
+
+
+def _scan_once(scan: Callable[[], _SplitScan]) -> _SplitScan:
+    """``scan()`` in process 0 of the ``torch.distributed`` group, its result (or its error) sent to every
+    process over a gloo group of their own (no GPU memory; a long timeout: a scan of a network file system
+    outlasts NCCL's 10 minutes). Just ``scan()`` without a group of several processes."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return scan()
+    import datetime
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_SCAN_TIMEOUT_S))
+    failure: BaseException | None = None
+    box: list[Any] = [None, None]
+    try:
+        if dist.get_rank() == 0:
+            try:
+                box = [scan(), None]
+            except Exception as err:
+                failure = err
+                kind = next((c.__name__ for c in type(err).__mro__ if c.__name__ in _SHARED_ERRORS),
+                            type(err).__name__)
+                box = [None, (kind, str(err))]
+        dist.broadcast_object_list(box, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    if failure is not None:
+        raise failure
+    if box[1] is not None:
+        kind, message = box[1]
+        if kind in _SHARED_ERRORS:  # (a missing or wrong folder: the same error in every process)
+            raise _SHARED_ERRORS[kind](message)
+        raise RuntimeError(f"process 0 failed to scan the image folder: {kind}: {message}")
+    return box[0]
 
 
 def image_folder_source(
@@ -284,16 +495,30 @@ def image_folder_source(
     class_names: Sequence[str] | None = None,
     *,
     candidates: Sequence[str] = (),
+    shared: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> FolderSource:
     """The images of ``root/split`` (one sub-folder per class, as torchvision's ImageFolder), in the same
     order, except that hidden files and folders (names starting with ``.``) are left out and a symlink back
     up the tree is not followed.
+
+    The scan reads each folder's listing and nothing else: no image is opened or stat-ed. Symlinked class
+    folders and sub-folders are followed; a symlink named like an image is taken as one without following
+    it, so a broken link is listed, and fails when loaded like any unreadable file (skipped and counted, or
+    an error naming it with ``strict``).
 
     Args:
         root: the dataset directory holding the split folders (e.g. ``train/`` and ``val/``).
         split: the split folder, or None for the first of ``candidates`` that exists.
         class_names: the training classes, to give a validation split the training label numbering (its
             classes must be among them); None = this split's own sorted class folders.
+        shared: every process of the ``torch.distributed`` group calls this (a collective): process 0 scans
+            and sends the list to the others (one scan per run instead of one per process; the same list,
+            in the same order, everywhere). Without a group of several processes, a plain scan.
+        cache_dir: a folder to keep the list in, reused by a later call while the tree is unchanged (every
+            folder's modification time and inode are checked: O(folders), not O(files)); a tree changed
+            since is scanned again. A folder modified within 2 s of the scan is not stored (a change within
+            the same mtime tick could go unseen). None: scan every time.
 
     Raises:
         FileNotFoundError: ``root`` or the split folder is missing, or a class folder holds no image.
@@ -302,14 +527,15 @@ def image_folder_source(
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     root = Path(root).expanduser()  # "~/data" from a recipe file, which no shell expanded
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"image folder {str(root)!r} does not exist (expected {root}/train/<class>/*.jpg)"
-        )
-    splits = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.is_dir())
-    split = resolve_split(splits, split, candidates, f"image folder {str(root)!r}")
-    base = root / split
-    classes = folder_classes(base)
+    extensions = tuple(IMG_EXTENSIONS)
+    cache = None if cache_dir is None else Path(cache_dir).expanduser()
+
+    def scan() -> _SplitScan:
+        return _scan_split(root, split, candidates, extensions, cache)
+
+    found = _scan_once(scan) if shared else scan()
+    base = root / found.split
+    classes = found.classes
     if class_names is not None:
         class_to_idx = {c: i for i, c in enumerate(class_names)}
         # a folder name in another Unicode normal form (macOS writes "é" as e + accent, NFD; most other
@@ -326,15 +552,13 @@ def image_folder_source(
     else:
         class_to_idx = {c: i for i, c in enumerate(classes)}
         class_names = classes
-    extensions = tuple(IMG_EXTENSIONS)
-    files = {c: _image_files(base / c, extensions) for c in classes}
-    samples = [(path, class_to_idx[c]) for c in classes for path in files[c]]
-    empty = [c for c in classes if not files[c]]
+    empty = [c for c, joined in zip(classes, found.files, strict=True) if not joined]
     if empty:
         raise FileNotFoundError(
             f"class folder {str(base / empty[0])!r} holds no images ({len(empty)} empty class folders; "
             f"extensions read: {', '.join(IMG_EXTENSIONS)})"
         )
+    samples = [(path, class_to_idx[c]) for k, c in enumerate(classes) for path in found.paths(str(base), k)]
     return FolderSource(samples, class_names, base)
 
 

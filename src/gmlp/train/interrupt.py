@@ -41,6 +41,13 @@ class StopRequest:
     A process forked while the handlers are installed (a DataLoader worker) inherits them; there they do
     nothing, so that a signal sent to the whole process group (Ctrl-C in a terminal) is the main process's
     to act on.
+
+    Putting the handlers back is not cut short by a signal: every one is put back even when a signal arrives
+    meanwhile (Ctrl-C pressed again as an aborted run unwinds), and a signal that arrives while they are put
+    back is passed on to the handler put back for it (the caller's ``KeyboardInterrupt``), not dropped.
+    Before, such a signal raised in the middle, and the handler of the other signal stayed installed for the
+    rest of the process (a later SIGTERM then raised ``KeyboardInterrupt`` instead of reaching the caller's
+    handler).
     """
 
     def __init__(self) -> None:
@@ -50,15 +57,25 @@ class StopRequest:
         self._pid = os.getpid()
         self._shield = 0  # depth of shielded() blocks
         self._abort_pending = False
+        self._closing = False  # in __exit__: a signal is noted (in _late), not acted on
+        self._late: list[int] = []  # signals that arrived while the handlers were put back
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handle)
+            self._closing, self._late = False, []
+            try:
+                for sig in STOP_SIGNALS:
+                    self._old[sig] = signal.signal(sig, self._handle)
+            except BaseException:  # (a signal's handler raised midway: none of ours stays installed)
+                self._put_back()
+                raise
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:  # a forked child (DataLoader worker): the parent decides
+            return
+        if self._closing:  # the handlers are being put back: passed on to the caller's when they are
+            self._late.append(signum)
             return
         if self.requested:  # a second signal: stop right away (once a save in progress is written)
             if self._shield:
@@ -83,10 +100,37 @@ class StopRequest:
             raise KeyboardInterrupt
 
     def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            # (None: a handler not installed from Python, which cannot be put back; the default instead)
-            signal.signal(sig, signal.SIG_DFL if old is None else old)
+        if not self._old:
+            return
+        self._put_back()
+        late, self._late = self._late, []
+        for sig in dict.fromkeys(late):  # (once each: the caller's handler sees what it would have seen)
+            signal.raise_signal(sig)
+
+    def _put_back(self) -> None:
+        """Put the handlers that were installed before back, in the reverse order (SIGINT, the one pressed
+        again and again, last). Meanwhile ours note a signal (for :meth:`__exit__` to pass on) instead of
+        raising; a handler of the caller's already put back that raises (``signal.signal`` runs the handlers
+        of pending signals first, and then installs nothing) does not keep the rest from being put back: its
+        exception is raised when they are."""
+        self._closing = True
+        pending = list(self._old.items())[::-1]
         self._old.clear()
+        error: BaseException | None = None
+        try:
+            for sig, old in pending:
+                # (None: a handler not installed from Python, which cannot be put back; the default instead)
+                handler = signal.SIG_DFL if old is None else old
+                for _ in range(3):  # (again after an exception: the signal it came from has been handled)
+                    try:
+                        signal.signal(sig, handler)
+                        break
+                    except BaseException as err:  # noqa: PERF203  (a KeyboardInterrupt too)
+                        error = error or err
+        finally:
+            self._closing = False
+        if error is not None:
+            raise error
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

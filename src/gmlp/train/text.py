@@ -50,8 +50,15 @@ from ..data.token_cache import (
     load_or_build,
     read_entry,
 )
-from ..utils.io import CheckpointError, append_line, atomic_dir, read_jsonl_records
+from ..utils.io import (
+    CheckpointError,
+    append_line,
+    atomic_dir,
+    atomic_write,
+    read_jsonl_records,
+)
 from ..utils.malloc import tune_malloc
+from ..utils.progress import progress_bar
 from ..utils.state import restoring_process_state
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_run_files, run_lock, save_checkpoint
 from .interrupt import StopRequest
@@ -1348,12 +1355,8 @@ class _MetricsLog:
                 line for line, record in read_jsonl_records(path)
                 if _record_step(record, 0) <= resume_step and record.get("split") != "test"
             ]
-            tmp = path.with_suffix(".tmp")
-            try:
+            with atomic_write(path) as tmp:  # (synced, then replaces it; a full disk: the old stays)
                 tmp.write_text("".join(k + "\n" for k in kept))
-                os.replace(tmp, path)
-            finally:  # (a full disk: the old file stays, and no partial copy beside it)
-                tmp.unlink(missing_ok=True)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -1619,8 +1622,6 @@ def _train_loop(
     may hold different numbers of them (MLM: the masked tokens): each micro-batch's loss is then weighted
     so that a step's gradient and logged loss are the mean over all of the step's terms (all micro-batches
     and processes), as one large batch gives, not the mean of the micro-batches' means."""
-    from tqdm.auto import tqdm
-
     if opts.grad_checkpointing and not getattr(model, "supports_gradient_checkpointing", True):
         # (transformers' own error came after the data was read, as a traceback)
         raise ConfigError(_NO_CHECKPOINTING.format(name=type(model).__name__, arch=_arch_name(model.config)))
@@ -1741,13 +1742,10 @@ def _train_loop(
             f"the run stops without saving; {_kept_checkpoint(last_saved)}; {advice}"
         )
 
-    bar = tqdm(
-        total=total_steps,
-        initial=start,
-        desc=desc,
-        dynamic_ncols=True,
-        disable=not (opts.progress and accelerator.is_main_process),
-    )
+    # a tqdm bar on a terminal; in a log file (Slurm, nohup) a line per log interval instead of its redraws;
+    # bar.write (the evaluation lines) flushes stdout either way
+    bar = progress_bar(total_steps, initial=start, desc=desc,
+                       enabled=opts.progress and accelerator.is_main_process)
     rank = accelerator.process_index
     window_loss = torch.full((), restored_loss, device=accelerator.device)
     loss_steps = restored_steps  # the steps in window_loss (the speed counters below: this invocation's)
@@ -1762,6 +1760,12 @@ def _train_loop(
     # (several processes: at the log, evaluation and save steps only, as on a GPU; each read is a collective)
     read_each_step = _reads_each_step(accelerator.device) and accelerator.num_processes == 1
     checked: int | None = None  # the last step check_finite found finite (it reads the flag once a step)
+    # Several processes agree on a stop request (a signal may reach one of them only) with an all-reduce, a
+    # host sync on a GPU. Where each step all-reduces its target count first (MLM), the request travels in
+    # that collective, and one seen there stops the run before the step does anything: the same step as an
+    # end-of-step reduce of the step before, one collective and host read a step instead of two.
+    folded = targets_per_batch is not None and world > 1
+    stopped = False  # a stop request that every process has heard (one process: its own)
     with StopRequest() as stop:
         for step in range(start, total_steps):
             cpu_batches = [micro_batch(step, micro) for micro in range(opts.grad_accum)]
@@ -1769,8 +1773,15 @@ def _train_loop(
             if targets_per_batch is not None:
                 counts = [targets_per_batch(b) for b in cpu_batches]
                 total = float(sum(counts))
-                if world > 1:
-                    total = accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum").item()
+                if folded:
+                    both = torch.tensor([total, float(stop.requested)], device=accelerator.device)
+                    total, requests = accelerator.reduce(both, "sum").tolist()
+                    if requests > 0:  # asked during step `done` (or before): stop after it, not after this
+                        stopped, completed = True, False
+                        if last_saved != done:  # (a resumed run stopped before its first step: it stands)
+                            with stop.shielded():  # (a second signal: aborts once the checkpoint is written)
+                                save(done)
+                        break
                 # backward() divides by grad_accum and DDP averages over the processes: undo both
                 weights = [c * opts.grad_accum * world / total if total else 0.0 for c in counts]
                 has_targets = total > 0  # else no loss to log (a mean over nothing)
@@ -1853,12 +1864,16 @@ def _train_loop(
                     shown = {k: v for k, v in last_eval.items() if isinstance(v, float)}
                     text = ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) or "nothing to score"
                     bar.write(f"[{desc}] step {done}: {text}")  # (held-out blocks without a masked token)
-            stop_now = stop.requested
-            if accelerator.num_processes > 1:
-                flag = torch.tensor(float(stop_now), device=accelerator.device)
-                stop_now = bool(accelerator.reduce(flag, "sum").item() > 0)
             limit = opts.stop_after_steps is not None and done - start >= opts.stop_after_steps
-            limit, stop_now = limit and done < total_steps, stop_now and done < total_steps  # the end: finish
+            limit = limit and done < total_steps  # (the end: the run finishes)
+            if folded and not limit and done < total_steps:
+                stop_now = False  # (heard with the next step's target counts, before that step does anything)
+            else:  # (folded: a run that stops here learns now if it was also asked to, for its exit status)
+                stop_now = stop.requested
+                if world > 1:
+                    flag = torch.tensor(float(stop_now), device=accelerator.device)
+                    stop_now = bool(accelerator.reduce(flag, "sum").item() > 0)
+            stopped = stop_now
             if (opts.save_every and done % opts.save_every == 0) or done == total_steps or stop_now or limit:
                 with stop.shielded():  # (a second signal: aborts once the checkpoint is written)
                     save(done)
@@ -1866,7 +1881,7 @@ def _train_loop(
                 completed = False
                 break
     bar.close()
-    if not completed and stop.requested:
+    if not completed and stopped:  # (every process: also those that saw no signal)
         if accelerator.is_main_process:
             print(
                 f"[gmlp] stopped at step {done}/{total_steps} with a checkpoint; --resume continues the run",
@@ -2073,8 +2088,8 @@ def _token_blocks(
 
     Process 0 looks the entry up, or builds and writes it, while the others wait; then they map the same
     files (one copy in memory for all). An error of process 0 there is raised in every process. Without
-    the cache (``--no-token-cache``, an ``hf:`` source, or a folder that cannot be written) every process
-    builds its own blocks from the corpus.
+    the cache (``--no-token-cache``, an ``hf:NAME`` hub dataset, or a folder that cannot be written) every
+    process builds its own blocks from the corpus.
     """
     if not cfg.cache_tokens:
         return _pack_blocks(tokenizer, special, seq_len, read_corpus())
@@ -2083,7 +2098,8 @@ def _token_blocks(
     def look_up_or_build() -> tuple[TokenBlocks | None, str | None]:
         corpus = corpus_fingerprint(cfg.corpus)
         if corpus is None:
-            print("[gmlp] token cache off: a corpus with an hf: source is not cached", file=sys.stderr)
+            print("[gmlp] token cache off: a corpus with an hf:NAME hub dataset is not cached (local hf: "
+                  "folders are)", file=sys.stderr)
             return None, None
         key, inputs = cache_key(
             corpus=corpus, tokenizer=tokenizer, special_ids=special, seq_len=seq_len,

@@ -39,7 +39,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.images import ImageSplit, load_image_dataset
 from ..data.sampling import StepBatches, step_seed
@@ -47,6 +46,7 @@ from ..models import create_model
 from ..models.loading import normalisation_metadata, save_model
 from ..utils.io import append_line
 from ..utils.malloc import tune_malloc
+from ..utils.progress import progress_bar
 from ..utils.state import import_timm_optim, restoring_process_state
 from .checkpoint import (
     latest_checkpoint,
@@ -439,9 +439,11 @@ def load_data(config: VisionTrainConfig, *, train: bool = True) -> _Data:
             data.train_source, data.test_source = folders.TensorSource(train_t), folders.TensorSource(test_t)
         return data
     if config.dataset == "imagefolder":
-        train_src = folders.image_folder_source(config.data_root, config.train_split, candidates=("train",))
+        # (several processes: process 0 scans the tree and sends the lists to the others, one scan per run)
+        train_src = folders.image_folder_source(config.data_root, config.train_split, candidates=("train",),
+                                                shared=True)
         test_src = folders.image_folder_source(config.data_root, config.val_split, train_src.classes,
-                                               candidates=("val", "validation", "test"))
+                                               candidates=("val", "validation", "test"), shared=True)
     else:
         keys = {"image_key": config.image_key, "label_key": config.label_key}
         train_src = folders.hf_source(config.data_root, config.train_split, candidates=("train",), **keys)
@@ -936,6 +938,8 @@ def _train(  # noqa: C901
                                   config.strict_images, env, pin)
 
     writer = _tensorboard(config, out, step if resume else None) if main else None
+    if writer is not None:  # (closed however the run ends: a failed run left its writer thread and file open)
+        handlers.callback(writer.close)
 
     def run_eval(m: nn.Module) -> dict[str, float]:
         if test_loader is not None:
@@ -1050,9 +1054,10 @@ def _train(  # noqa: C901
         epoch, i = divmod(step, steps_per_epoch)
         if bar is None:
             epoch_start = time.perf_counter()
-            bar = tqdm(total=min(steps_per_epoch, stop_at - epoch * steps_per_epoch), initial=i,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (config.progress and main),
-                       leave=False, dynamic_ncols=True)
+            # (a tqdm bar on a terminal; in a log file, a line per log interval instead of its redraws)
+            bar = progress_bar(min(steps_per_epoch, stop_at - epoch * steps_per_epoch), initial=i,
+                               desc=f"epoch {epoch + 1}/{config.epochs}", enabled=config.progress and main,
+                               leave=False)
         sseed = step_seed(config.seed, step)
         scheduler.step_update(step)
         optimizer.zero_grad(set_to_none=True)
@@ -1239,4 +1244,10 @@ def _train(  # noqa: C901
         last_metrics = records[-1][1] if records else {}
     if last_metrics.get("step") != step:  # stopped mid-epoch: the last evaluation is of an earlier step
         last_metrics = {}
+    if stop.requested:  # a signal in the last step, the final evaluation or save: the run is complete, and
+        # its caller stops too (a notebook cell training one model after another does not go on to the next)
+        if main:
+            print(f"[gmlp] stopped at the end of the run (signal {stop.signum}); its outputs are complete",
+                  file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
     return {**last_metrics, "step": step, "params": params}
