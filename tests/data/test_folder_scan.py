@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from forked_pair import run_two_forked
 from gmlp.data import folders
 from gmlp.data.folders import image_folder_source
 
@@ -176,17 +177,8 @@ def _two_processes(rank: int, init_file: str, data: str, results: str) -> None:
 def test_processes_share_one_scan(tmp_path: Path) -> None:
     """With ``shared``, process 0 scans and the others receive its list: each process scanned the whole
     tree itself (8 per node, all on one file server); the lists (and so the samplers' order) are the same."""
-    import torch.multiprocessing as mp
-
     data = _farm(tmp_path, classes=3, per_class=4)
-    context = mp.start_processes(_two_processes, args=(str(tmp_path / "init"), str(data), str(tmp_path)),
-                                 nprocs=2, join=False, start_method="fork")  # (fork: no second torch import)
-    deadline = time.monotonic() + 60
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the processes did not end: one waits for the other")
+    run_two_forked(_two_processes, (str(tmp_path / "init"), str(data), str(tmp_path)))
     got = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert got[0]["scanned"] == ["c0", "c1", "c2", "c0", "c1", "c2"] and got[1]["scanned"] == []
     assert got[0]["train"] == got[1]["train"] and got[0]["val"] == got[1]["val"]

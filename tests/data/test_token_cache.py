@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from forked_pair import run_two_forked
 from gmlp.data import text as T
 from gmlp.data import token_cache as C
 from gmlp.train import text as pipelines
@@ -345,16 +345,7 @@ def test_an_error_of_process_0_is_raised_in_every_process(tmp_path: Path) -> Non
     """The token blocks (and a trained tokenizer) are made by process 0 while the others wait: a failure
     there (a corpus that does not read, a tokenizer that does not train) left the others waiting in a
     barrier (``main_process_first``) until the launcher stopped them; now each raises, naming the error."""
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(_two_processes, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                                 join=False, start_method="fork")  # (fork: no second import of torch)
-    deadline = time.monotonic() + 60
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the processes did not end: one waits for the other")
+    run_two_forked(_two_processes, (str(tmp_path / "init"), str(tmp_path)))
     got = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert got[0]["ok"] == ["built", "built, shared"] and got[1]["ok"] == [None, "built, shared"]
     assert got[0]["ran"] == [0] and got[1]["ran"] == []

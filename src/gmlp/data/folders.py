@@ -281,8 +281,6 @@ _SCAN_VERSION = 1
 #: A folder modified this recently (ns) when its listing was read may change again within the same mtime
 #: tick (1-2 s on some file systems) unseen: no folder list is written then.
 _RACY_NS = 2_000_000_000
-#: How long the other processes wait for process 0's scan (``shared``): a network file system took minutes.
-_SCAN_TIMEOUT_S = 24 * 3600
 
 
 def _list_folder(top: str, extensions: tuple[str, ...]) -> tuple[list[str], list[str], list[str]]:
@@ -456,37 +454,12 @@ _SHARED_ERRORS: dict[str, type[Exception]] = {
 
 def _scan_once(scan: Callable[[], _SplitScan]) -> _SplitScan:
     """``scan()`` in process 0 of the ``torch.distributed`` group, its result (or its error) sent to every
-    process over a gloo group of their own (no GPU memory; a long timeout: a scan of a network file system
-    outlasts NCCL's 10 minutes). Just ``scan()`` without a group of several processes."""
-    import torch.distributed as dist
+    process (:func:`gmlp.utils.distributed.process_zero_first`: over a gloo group of their own, no GPU
+    memory, a long timeout: a scan of a network file system outlasts NCCL's 10 minutes). Just ``scan()``
+    without a group of several processes."""
+    from ..utils.distributed import process_zero_first
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return scan()
-    import datetime
-
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_SCAN_TIMEOUT_S))
-    failure: BaseException | None = None
-    box: list[Any] = [None, None]
-    try:
-        if dist.get_rank() == 0:
-            try:
-                box = [scan(), None]
-            except Exception as err:
-                failure = err
-                kind = next((c.__name__ for c in type(err).__mro__ if c.__name__ in _SHARED_ERRORS),
-                            type(err).__name__)
-                box = [None, (kind, str(err))]
-        dist.broadcast_object_list(box, src=0, group=group)
-    finally:
-        dist.destroy_process_group(group)
-    if failure is not None:
-        raise failure
-    if box[1] is not None:
-        kind, message = box[1]
-        if kind in _SHARED_ERRORS:  # (a missing or wrong folder: the same error in every process)
-            raise _SHARED_ERRORS[kind](message)
-        raise RuntimeError(f"process 0 failed to scan the image folder: {kind}: {message}")
-    return box[0]
+    return process_zero_first(scan, what="scan the image folder", errors=_SHARED_ERRORS)[1]
 
 
 def image_folder_source(

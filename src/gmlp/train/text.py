@@ -50,6 +50,7 @@ from ..data.token_cache import (
     load_or_build,
     read_entry,
 )
+from ..utils.distributed import process_zero_first
 from ..utils.io import (
     CheckpointError,
     append_line,
@@ -1981,54 +1982,17 @@ def _load_or_train_tokenizer(
     return load_tokenizer(tok_dir)
 
 
-#: How long the other processes wait for process 0 to train the tokenizer or build the token cache (a large
-#: corpus tokenizes for hours; NCCL's own collectives time out after 10 minutes, hence a gloo group).
-_MAIN_FIRST_TIMEOUT_S = 24 * 3600
-
-
 def _main_process_first(
     accelerator: Any, what: str, work: Callable[[], Any], share: Callable[[Any], Any] = lambda result: None
 ) -> tuple[Any, Any]:
-    """``work()`` in process 0 while the other processes wait: ``(result, shared)``, ``result`` being what
-    ``work()`` returned (None in the other processes) and ``shared`` process 0's ``share(result)`` (a small
-    picklable value) in every process.
-
-    An error of ``work`` is raised in every process (in the others as a ``RuntimeError`` naming it), where
-    ``accelerator.main_process_first()`` left the others waiting for process 0 in a barrier until the
-    launcher stopped them. They wait over a gloo group of their own with a long timeout
-    (:data:`_MAIN_FIRST_TIMEOUT_S`): tokenizing a large corpus outlasts NCCL's 10 minutes.
+    """``work()`` in process 0 while the other processes wait
+    (:func:`gmlp.utils.distributed.process_zero_first`, with the text commands' usage errors): ``(result,
+    shared)``. ``accelerator.main_process_first()`` left
+    the others waiting for process 0 in a barrier, after an error of ``work`` too, until the launcher
+    stopped them; and NCCL's collectives time out after 10 minutes, which tokenizing a large corpus outlasts.
     """
-    if accelerator.num_processes == 1:
-        result = work()
-        return result, share(result)
-    import datetime
-
-    import torch.distributed as dist
-
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_MAIN_FIRST_TIMEOUT_S))
-    result, failure, box = None, None, [None, None]
-    try:
-        if accelerator.is_main_process:
-            try:
-                result = work()
-                box = [None, share(result)]
-            except Exception as err:
-                failure = err
-                # (the nearest class the other processes raise as it: a subclass, e.g. a recipe's ConfigError)
-                kind = next((c.__name__ for c in type(err).__mro__ if c.__name__ in _USAGE_ERRORS),
-                            type(err).__name__)
-                box = [(kind, f"{err}"), None]
-        dist.broadcast_object_list(box, src=0, group=group)
-    finally:
-        dist.destroy_process_group(group)
-    if failure is not None:
-        raise failure
-    if box[0] is not None:
-        kind, message = box[0]
-        if kind in _USAGE_ERRORS:  # (a bad option or input: the same one-line usage error in every process)
-            raise _USAGE_ERRORS[kind](message)
-        raise RuntimeError(f"process 0 failed to prepare {what}: {kind}: {message}")
-    return result, box[1]
+    del accelerator  # (the group it started is torch.distributed's default group)
+    return process_zero_first(work, what=f"prepare {what}", errors=_USAGE_ERRORS, share=share)
 
 
 #: Errors of process 0 that the other processes raise as the same type (the CLI prints them as one-line
