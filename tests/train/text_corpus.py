@@ -27,8 +27,8 @@ def write_corpus(path: Path) -> Path:
 
 def corpus_and_tokenizer(root: Path) -> tuple[Path, Path]:
     """``(corpus, tokenizer folder)`` in ``root``: :func:`write_corpus` and a WordPiece tokenizer of 150 ids
-    trained on :func:`documents` (one tokenizer for every run of a test: WordPiece ties,
-    huggingface/tokenizers#1794)."""
+    trained on :func:`documents` (trained once per test; training is reproducible since the twenty-seventh
+    session)."""
     from gmlp.train.tokenizer import train_tokenizer
 
     corpus = write_corpus(root / "corpus.txt")

@@ -71,20 +71,89 @@ def _batches(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
         yield batch
 
 
+#: Decimals a trained Unigram score keeps. The trainer sums its EM statistics in hash-map and thread order, so
+#: the same corpus gives scores that differ in their last digits from run to run (up to 4e-11 seen): rounded,
+#: they are the same unless one falls within that noise of a rounding boundary (about 1 training in 1,000 on
+#: 1.5 M characters and 4,000 pieces). A score kept to 1e-5 changes no segmentation but near-exact ties.
+_UNIGRAM_SCORE_DECIMALS = 5
+#: The step between the scores the Unigram trainer gives the characters it appends to the vocabulary (those
+#: its EM dropped): the lowest score, plus 0.0001 for each one before, in hash-map order.
+_UNIGRAM_PENALTY_STEP = 1e-4
+
+#: Python's ``str.split()`` splits at these characters, which BERT's normaliser deletes instead (controls).
+_BERT_DELETED_SPACES = str.maketrans(dict.fromkeys("\x0b\x0c\x1c\x1d\x1e\x1f\x85"))
+
+
 def _canonical_unigram(tok: Any) -> Any:
-    """The trained Unigram model with its pieces in a canonical id order: by score (rounded to 1e-9), ties by
-    the piece itself, after the special tokens. The trainer orders pieces by score, but breaks ties (and
-    the last-digit noise of its sums) in hash-map order, which changes between runs: the same corpus gave
-    the same pieces under other ids."""
+    """The trained Unigram model in a canonical form: scores rounded to :data:`_UNIGRAM_SCORE_DECIMALS`,
+    pieces in id order by score, ties by the piece itself, after the special tokens, and the characters the
+    trainer appends with penalty scores given those scores in the characters' order. The trainer orders pieces
+    by score, but breaks ties, sums its EM statistics and hands out the penalty scores in hash-map and thread
+    order, which change between runs: the same corpus gave the same pieces under other ids and scores that
+    differed in their last digits (another ``tokenizer.json``, so another token-cache key)."""
     import json
 
     from tokenizers import models
 
     model = json.loads(tok.to_str())["model"]
-    vocab = [(piece, score) for piece, score in model["vocab"]]
+    vocab = [(piece, float(score)) for piece, score in model["vocab"]]
     n = len(SPECIAL_TOKENS)
-    rest = sorted(vocab[n:], key=lambda entry: (-round(entry[1], 9), entry[0]))
+    rest = vocab[n:]
+    if rest:  # the appended characters: one character each, scores lowest + k * 0.0001 for k = 0, 1, ...
+        lowest = min(score for _, score in rest)
+        steps = {i: (score - lowest) / _UNIGRAM_PENALTY_STEP for i, (piece, score) in enumerate(rest)
+                 if len(piece) == 1}
+        steps = {i: round(k) for i, k in steps.items() if abs(k - round(k)) < 1e-6}
+        by_step = sorted(steps, key=steps.__getitem__)
+        if [steps[i] for i in by_step] == list(range(len(by_step))) and len(by_step) > 1:
+            scores = [rest[i][1] for i in by_step]  # the lowest first, given to the characters in their order
+            for i, score in zip(sorted(by_step, key=lambda i: rest[i][0]), scores, strict=True):
+                rest[i] = (rest[i][0], score)
+    rest = [(piece, round(score, _UNIGRAM_SCORE_DECIMALS) + 0.0) for piece, score in rest]
+    rest.sort(key=lambda entry: (-entry[1], entry[0]))
     return models.Unigram(vocab[:n] + rest, model["unk_id"], model.get("byte_fallback", False))
+
+
+def _wordpiece_continuations(texts: Sequence[str], tok: Any) -> list[str]:
+    """The continuation pieces (``##`` + one character) the WordPiece trainer makes of ``texts``, sorted.
+
+    The trainer numbers them in hash-map order, which changes between runs, and breaks ties between merges of
+    equal count by those numbers: the same corpus gave other pieces. Given as special tokens, they are
+    numbered in the given order instead. Found by the trainer itself (so by its rules) on the distinct
+    whitespace-separated chunks of ``texts``, which a BERT normaliser and pre-tokeniser treat as they treat
+    them in their text: about a fifth of the time of the training."""
+    from tokenizers import Tokenizer, models, trainers
+
+    chunks: set[str] = set()
+    for text in texts:
+        if isinstance(text, str):
+            chunks.update(text.translate(_BERT_DELETED_SPACES).split())
+    probe = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    probe.normalizer, probe.pre_tokenizer = tok.normalizer, tok.pre_tokenizer
+    trainer = trainers.WordPieceTrainer(vocab_size=1, min_frequency=0, show_progress=False)
+    probe.train_from_iterator(_batches(list(chunks)), trainer=trainer)  # (any order: a set)
+    return sorted(t for t in probe.get_vocab() if t.startswith("##") and len(t) == 3)
+
+
+def _canonical_wordpiece(tok: Any, continuations: Sequence[str]) -> Any:
+    """``tok`` trained with :data:`SPECIAL_TOKENS` + ``continuations`` as its special tokens, as if it had
+    been trained with :data:`SPECIAL_TOKENS` alone: the continuations are ordinary pieces again (after the
+    single characters, as the trainer places them) and not added tokens."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    state = json.loads(tok.to_str())
+    vocab = sorted(state["model"]["vocab"], key=state["model"]["vocab"].__getitem__)
+    n, k = len(SPECIAL_TOKENS), len(continuations)
+    if vocab[n : n + k] != list(continuations):
+        raise RuntimeError("the WordPiece trainer did not number its continuation pieces as given")
+    rest = vocab[n + k :]
+    chars = [t for t in rest if len(t) == 1]  # (the trainer's alphabet, first; merged pieces are longer)
+    order = vocab[:n] + chars + list(continuations) + [t for t in rest if len(t) != 1]
+    state["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    state["added_tokens"] = [a for a in state["added_tokens"] if a["content"] in SPECIAL_TOKENS]
+    return Tokenizer.from_str(json.dumps(state, ensure_ascii=False))
 
 
 def train_tokenizer(
@@ -161,10 +230,12 @@ def train_tokenizer(
         tok.normalizer = bert if lowercase else normalizers.Sequence([normalizers.NFC(), bert])
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
+        texts = [_cut_long_runs(text) for text in texts]  # (read twice)
+        continuations = _wordpiece_continuations(texts, tok)
         trainer: Any = trainers.WordPieceTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
-            special_tokens=specials,
+            special_tokens=specials + continuations,  # (numbered in this order: see _wordpiece_continuations)
             show_progress=show_progress,
         )
     else:
@@ -208,6 +279,8 @@ def train_tokenizer(
         raise ConfigError("cannot train a tokenizer on an empty corpus (it holds no text that is not blank)")
     if kind == "unigram":
         tok.model = _canonical_unigram(tok)
+    else:
+        tok = _canonical_wordpiece(tok, continuations)
     if tok.get_vocab_size() > vocab_size:
         warnings.warn(
             f"the {kind} vocabulary has {tok.get_vocab_size()} tokens, more than vocab_size={vocab_size}: it "
