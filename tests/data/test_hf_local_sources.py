@@ -274,3 +274,34 @@ def test_a_dataset_not_in_squad_layout_names_the_missing_columns(tmp_path: Path)
     path = _saved(tmp_path / "ds", Dataset.from_dict({"question": ["q"], "text": ["c"]}))
     with pytest.raises(T.TextDataError, match=r"not SQuAD format: no column 'id', 'context', 'answers'"):
         S.load_qa(f"hf:{path}")
+
+
+def test_a_split_slice_is_read_as_load_dataset_reads_it(tmp_path: Path) -> None:
+    """``iter_hf_text(..., split="train[:2]")`` (datasets' slice syntax) read two rows until the splits were
+    looked up by name (then: "has no 'train[:2]' split")."""
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    Dataset.from_dict({"text": ["one a", "two b", "three c"]}).to_parquet(str(folder / "train.parquet"))
+    assert [d.text for d in T.iter_hf_text(str(folder), split="train[:2]")] == ["one a", "two b"]
+
+
+def test_hf_of_a_file_says_to_give_it_without_hf(tmp_path: Path) -> None:
+    """``hf:FILE`` gave datasets' "Couldn't find any data file at FILE", of a file that is there."""
+    file = tmp_path / "c.parquet"
+    Dataset.from_dict({"text": ["a b"]}).to_parquet(str(file))
+    with pytest.raises(T.TextDataError, match=r"is a file; give the file without hf:"):
+        list(T.iter_documents([f"hf:{file}"]))
+
+
+def test_a_hidden_qa_test_split_is_scored_as_the_validation_split(tmp_path: Path) -> None:
+    """A SQuAD v1-style dataset whose test split hides its answers (all empty) was scored as if every test
+    question were unanswerable (about 0 EM/F1 in test_metrics.json); as GLUE's -1 labels, the validation
+    split's score instead, with a warning."""
+    answered = {k: v[:-1] for k, v in _squad(4).items()}  # (no unanswerable question: v1)
+    hidden = {**_squad(3, 10), "answers": [{"text": [], "answer_start": []}] * 3}
+    path = _saved(tmp_path / "dd", DatasetDict({"train": Dataset.from_dict(answered),
+                                                "validation": Dataset.from_dict(answered),
+                                                "test": Dataset.from_dict(hidden)}))
+    with pytest.warns(UserWarning, match=r"the test split holds no answers \(hidden\)"):
+        data = S.load_qa(f"hf:{path}")
+    assert data.test == data.validation and not data.version_2

@@ -11,6 +11,7 @@ instead of killing pytest.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -195,6 +196,38 @@ def test_ctrl_c_in_the_last_step_of_finetune_still_reaches_the_caller(
             tokenizer=str(tok), layers=1, hidden=16, ffn=32, seq_len=16, batch_size=4, device="cpu",
             progress=False, save_every=0))
     assert _handlers() == [_caller, _caller]
+
+
+def test_ctrl_c_during_the_last_checkpoint_of_finetune_stops_it_and_resume_finishes(
+    caller_handlers: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C while the last step's checkpoint is written (shielded: the save finishes) was noted ("stopping
+    after this step"), then dropped: the loop had decided before the save, and the call wrote ``final/`` and
+    returned. Now it stops there like any other stop (no ``final/``), and ``--resume`` finishes the run."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from gmlp.train import text as pipelines
+    from tiny_text import tiny_classification_files
+
+    tok, data = tiny_classification_files(tmp_path)
+    real = pipelines.save_checkpoint
+
+    def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipelines, "save_checkpoint", save_checkpoint)
+    cfg = pipelines.FinetuneConfig(
+        output=str(tmp_path / "run"), train_file=str(data), validation_file=str(data), steps=2,
+        tokenizer=str(tok), layers=1, hidden=16, ffn=32, seq_len=16, batch_size=4, device="cpu",
+        progress=False, save_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        pipelines.finetune(cfg)
+    assert not (tmp_path / "run" / "final").exists()
+    assert _handlers() == [_caller, _caller]
+    monkeypatch.setattr(pipelines, "save_checkpoint", real)
+    pipelines.finetune(dataclasses.replace(cfg, resume=True))
+    assert (tmp_path / "run" / "final").is_dir()
 
 
 def _tensorboard_threads() -> list[threading.Thread]:

@@ -232,3 +232,26 @@ def test_tokenizer_training_options_with_a_given_tokenizer_warn(
     assert "--tokenizer-kind" not in err
     pretrain(_pretrain_cfg(corpus, tok, tmp_path / "plain", steps=1, eval_batches=0))
     assert "only appl" not in capsys.readouterr().err
+
+
+def test_resume_refuses_another_global_batch_and_continues_the_same_one_otherwise_split(
+    tmp_path: Path, corpus_and_tok: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Step N reads examples N x G to (N + 1) x G of the data order (G = --batch-size x --grad-accum x
+    processes): a resume with another G repeated or skipped examples after only the generic changed-options
+    warning; now it is refused, naming both. The same G otherwise split continues to the uninterrupted
+    run's weights (to rounding: the gradients are summed in another order), with a note instead of the
+    warning."""
+    corpus, tok = corpus_and_tok
+    full, run = tmp_path / "full", tmp_path / "run"
+    pretrain(_pretrain_cfg(corpus, tok, full))
+    pretrain(_pretrain_cfg(corpus, tok, run, stop_after_steps=2))
+    with pytest.raises(ConfigError, match=r"global batch of 2 \(--batch-size 2 x --grad-accum 1 x 1 "
+                                          r"process\(es\)\): the run was made with 4"):
+        pretrain(_pretrain_cfg(corpus, tok, run, batch_size=2, resume=True))
+    capsys.readouterr()
+    pretrain(_pretrain_cfg(corpus, tok, run, batch_size=2, grad_accum=2, resume=True))
+    err = capsys.readouterr().err
+    assert "the same global batch, data and masks" in err and "changed options" not in err
+    a, b = _weights(full), _weights(run)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)

@@ -58,7 +58,7 @@ WORKER = textwrap.dedent('''
     from gmlp.train import text as pipelines
 
     args, out = json.loads(sys.argv[1]), sys.argv[2]
-    rank = int(os.environ["RANK"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     events, kill = [], [None]  # kill: ("forward" | "data", step) of the scenario running
 
     real_all_reduce, real_offset, real_seed = dist.all_reduce, pipelines._micro_offset, pipelines.step_seed
@@ -74,10 +74,10 @@ WORKER = textwrap.dedent('''
                 os.kill(os.getpid(), signal.SIGTERM)
         return real_offset(opts, accelerator, step, micro)
 
-    def step_seed(seed, *keys):
-        if keys[0] == "dropout" and keys[3] == 0:
+    def step_seed(seed, *keys):  # ("dropout", step, 0, micro * world + rank)
+        if keys[0] == "dropout" and keys[3] == rank:
             events.append(f"F{keys[1]}")  # (the step's first forward)
-        if rank == 1 and keys[0] == "dropout" and kill[0] == ("forward", keys[1]) and keys[3] == 1:
+        if rank == 1 and keys[0] == "dropout" and kill[0] == ("forward", keys[1]) and keys[3] == world + 1:
             os.kill(os.getpid(), signal.SIGTERM)  # (mid-step: in its second micro-batch)
         return real_seed(seed, *keys)
 

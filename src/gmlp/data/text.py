@@ -480,6 +480,9 @@ def load_hf_splits(source: str) -> dict[str, Any]:
     local = path.exists()
     if not local and name.startswith(("/", "./", "../", "~")):
         raise FileNotFoundError(f"{source}: folder {name!r} does not exist")
+    if path.is_file():  # (datasets: "Couldn't find any data file at ...", of a file that is there)
+        raise TextDataError(f"{source}: hf: takes a hub dataset name or a folder, and {name!r} is a file; "
+                            f"give the file without hf: (.json/.jsonl/.csv/.parquet are read with datasets)")
     try:
         loaded = datasets.load_dataset(name, config)
     except ConnectionError as err:  # not cached, and offline or the hub unreachable
@@ -569,7 +572,7 @@ def iter_hf_text(
             file is empty, unreadable or (JSON, CSV) not UTF-8 (the message names it).
         FileNotFoundError, ConnectionError: see :func:`load_hf_splits`.
     """
-    if not kwargs:
+    if not kwargs and re.fullmatch(r"[\w.-]+", split):  # (a slice, "train[:5]", is load_dataset's to read)
         yield from _iter_hf_source(f"hf:{name}" + (f":{config}" if config else ""), text_column, split)
         return
     from datasets import load_dataset

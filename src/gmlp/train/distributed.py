@@ -13,18 +13,21 @@ state on process 0 for checkpoints, and :func:`load_full_optimizer_state` shards
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import run_lock
 from .recipe import ConfigError
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "fsdp_units",
     "full_model_state_dict",
     "full_state_dicts",
+    "holding_output",
     "init_distributed",
     "launcher_ranks",
     "load_full_optimizer_state",
@@ -301,6 +305,49 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
     if env.prior_cuda_device is not None:
         torch.cuda.set_device(env.prior_cuda_device)
+
+
+@contextlib.contextmanager
+def holding_output(
+    output: str | Path,
+    is_main: bool,
+    any_refused: Callable[[bool], bool] | None,
+    *,
+    destroy_group: bool = False,
+) -> Iterator[None]:
+    """Process 0 (``is_main``) holds the run folder ``output`` (:func:`gmlp.train.checkpoint.run_lock`) while
+    the block runs; when it cannot (the folder is in use, a file, or not writable), every process raises, not
+    process 0 alone while the others wait for it in a collective.
+
+    ``any_refused(refused)``: whether any process was refused, given whether this one was (a collective that
+    every process calls; ``None`` in a single process, where nothing is reduced). Process 0 raises its own
+    error (a ConfigError or OSError naming the folder), the others a ConfigError saying that process 0 could
+    not take ``output``. ``destroy_group``: when a process was refused, destroy the default process group on
+    every process before raising (its errors suppressed); otherwise the caller does (torch 2.11's gloo
+    aborted the process at exit, "terminate called without an active exception", with the group still up).
+
+    Raises:
+        ConfigError: ``output`` is held by another run, or is (or is under) a file (process 0); process 0
+            could not take ``output`` (the other processes).
+        OSError: ``output`` cannot be written, naming it (process 0).
+    """
+    refused: Exception | None = None
+    with contextlib.ExitStack() as stack:
+        if is_main:
+            try:
+                stack.enter_context(run_lock(output))
+            except (ConfigError, OSError) as err:
+                refused = err
+        if any_refused is not None and any_refused(refused is not None):
+            if destroy_group:  # every process stops here: the group goes first
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group()
+            if refused is None:
+                raise ConfigError(f"process 0 could not take the output folder {output!r} "
+                                  f"(its error says why)")
+        if refused is not None:
+            raise refused
+        yield
 
 
 def barrier(env: DistEnv) -> None:

@@ -30,7 +30,7 @@ import sys
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ from ..utils.io import (
 from ..utils.malloc import tune_malloc
 from ..utils.progress import progress_bar
 from ..utils.state import restoring_process_state
-from .checkpoint import latest_checkpoint, load_checkpoint, remove_run_files, run_lock, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, remove_run_files, save_checkpoint
 from .interrupt import StopRequest
 from .optim import fused_adamw
 from .recipe import ConfigError, check_cuda_available
@@ -1279,8 +1279,9 @@ def _make_accelerator(opts: _TrainOptions) -> Any:
 
 
 def _holding_output(run: Callable[[Any, Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
-    """``run(cfg, accelerator)`` holding ``cfg.output`` (:func:`gmlp.train.checkpoint.run_lock`, process 0
-    only): a second run into the same folder is refused at once, instead of both writing it over each other.
+    """``run(cfg, accelerator)`` holding ``cfg.output`` (process 0 only:
+    :func:`gmlp.train.distributed.holding_output`): a second run into the same folder is refused at once,
+    instead of both writing it over each other.
 
     The accelerator (:func:`_make_accelerator`, which joins the processes of a torchrun / accelerate launch
     job into their process group) is made first, so that when process 0 cannot take the folder (in use, a
@@ -1301,25 +1302,15 @@ def _holding_output(run: Callable[[Any, Any], dict[str, Any]]) -> Callable[[Any]
         if accelerator.is_main_process:
             for line in said:
                 print(line, file=sys.stderr, flush=True)
-        refused: Exception | None = None
-        with contextlib.ExitStack() as stack:
-            if accelerator.is_main_process:
-                try:
-                    stack.enter_context(run_lock(cfg.output))
-                except (ConfigError, OSError) as err:
-                    refused = err
-            if accelerator.num_processes > 1:
-                flag = torch.tensor([float(refused is not None)], device=accelerator.device)
-                if accelerator.reduce(flag, "sum").item() > 0:
-                    # every process stops here: the group goes first (torch 2.11's gloo aborted the process
-                    # at exit, "terminate called without an active exception", with it still up)
-                    with contextlib.suppress(Exception):
-                        torch.distributed.destroy_process_group()
-                    if refused is None:
-                        raise ConfigError(f"process 0 could not take the output folder {str(cfg.output)!r} "
-                                          f"(its error says why)")
-            if refused is not None:
-                raise refused
+        from .distributed import holding_output
+
+        def any_refused(refused: bool) -> bool:
+            flag = torch.tensor([float(refused)], device=accelerator.device)
+            return accelerator.reduce(flag, "sum").item() > 0
+
+        # (a refusal destroys the process group on every process before they raise)
+        with holding_output(str(cfg.output), accelerator.is_main_process,
+                            any_refused if accelerator.num_processes > 1 else None, destroy_group=True):
             try:
                 return run(cfg, accelerator)
             finally:  # (a notebook's process: the data orders of this run, 8 bytes per example each, go)
@@ -1422,6 +1413,7 @@ def _prepare_output(out: Path, opts: _TrainOptions, accelerator: Any, kind: str)
                 f"a run of the same command (give another --output)"
             )
         _resume_step(ckpt)  # an unreadable state.json: a clear error before anything is read
+        _check_global_batch(ckpt, opts, accelerator.num_processes)
     if (ckpt is not None or leftovers) and not opts.resume:
         if not opts.overwrite:
             raise ConfigError(
@@ -1488,6 +1480,33 @@ _RESUME_FREE = {
 }
 
 
+def _global_batch(options: Mapping[str, Any], world_size: int) -> int:
+    return int(options.get("batch_size", 0)) * int(options.get("grad_accum") or 1) * world_size
+
+
+def _check_global_batch(checkpoint: Path, opts: Any, world_size: int) -> None:
+    """Refuse to resume with another global batch (``--batch-size`` x ``--grad-accum`` x processes): step N
+    of the run read examples N x G to (N + 1) x G of its data order, so another G repeats or skips examples
+    (it was only the generic changed-options warning). The same G otherwise split is continued."""
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    saved = state.get("options", {})
+    if "batch_size" not in saved or "world_size" not in state:  # (a checkpoint that does not say)
+        return
+    old, new = _global_batch(saved, state["world_size"]), _global_batch(asdict(opts), world_size)
+    if old != new:
+        raise ConfigError(
+            f"cannot resume {str(checkpoint)!r} with a global batch of {new} (--batch-size "
+            f"{opts.batch_size} x --grad-accum {opts.grad_accum} x {world_size} process(es)): the run was "
+            f"made with {old} (--batch-size {saved['batch_size']} x --grad-accum "
+            f"{saved.get('grad_accum') or 1} x {state['world_size']}); step N read examples N x {old} to "
+            f"(N + 1) x {old} of its data order, so another global batch would repeat or skip examples; give "
+            f"--batch-size and --grad-accum whose product with the number of processes is {old}"
+        )
+
+
 def _warn_changed_options(checkpoint: Path, opts: Any, world_size: int | None = None) -> None:
     """Warn when a resumed run is given options other than those it was started with, or (``world_size``)
     runs on another number of processes (the global batch and the data each step reads change)."""
@@ -1519,6 +1538,15 @@ def _warn_changed_options(checkpoint: Path, opts: Any, world_size: int | None = 
     if world_size is not None and state.get("world_size", world_size) != world_size:
         saved, now = {**saved, "processes": state["world_size"]}, {**now, "processes": world_size}
         changed.append("processes")
+    shape = [k for k in ("batch_size", "grad_accum", "processes") if k in changed]
+    if shape and world_size is not None and "batch_size" in saved \
+            and _global_batch(saved, state.get("world_size", world_size)) == _global_batch(now, world_size):
+        # the same global batch otherwise split (checked in _check_global_batch): the same data and masks
+        was = " x ".join(f"{k} {saved.get(k, world_size if k == 'processes' else 1)}" for k in shape)
+        print(f"[gmlp] note: resuming with {' x '.join(f'{k} {now[k]}' for k in shape)} instead of {was}: "
+              f"the same global batch, data and masks; the gradients are summed in another order (last-bit "
+              f"differences)", file=sys.stderr)
+        changed = [k for k in changed if k not in shape]
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
         print(
@@ -1777,7 +1805,9 @@ def _train_loop(
                 if folded:
                     both = torch.tensor([total, float(stop.requested)], device=accelerator.device)
                     total, requests = accelerator.reduce(both, "sum").tolist()
-                    if requests > 0:  # asked during step `done` (or before): stop after it, not after this
+                    # asked during step `done` (or before): stop after it, not after this one; a new run first
+                    # trains a step, as one process does (no checkpoint of step 0)
+                    if requests > 0 and (done > start or last_saved == done):
                         stopped, completed = True, False
                         if last_saved != done:  # (a resumed run stopped before its first step: it stands)
                             with stop.shielded():  # (a second signal: aborts once the checkpoint is written)
@@ -1792,7 +1822,9 @@ def _train_loop(
                 if tokens_per_batch is not None:
                     window_tokens += tokens_per_batch(cpu_batch)
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in cpu_batch.items()}
-                torch.manual_seed(step_seed(opts.seed, "dropout", step, rank, micro))
+                # (keyed by the micro-batch's place in the global batch: 2 processes draw as 1 process x 2
+                # accumulation steps, so a run resumed on another number of processes continues the draws)
+                torch.manual_seed(step_seed(opts.seed, "dropout", step, 0, micro * world + rank))
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     if weights[micro] == 0.0:  # no targets: a NaN mean, adding nothing (backward still runs)
@@ -1881,13 +1913,18 @@ def _train_loop(
             if stop_now or limit:
                 completed = False
                 break
+        if completed and done == total_steps:  # (a signal during the last save: heard now, on every process)
+            late = stop.requested
+            if world > 1:
+                flag = torch.tensor(float(late), device=accelerator.device)
+                late = bool(accelerator.reduce(flag, "sum").item() > 0)
+            stopped, completed = late, not late
     bar.close()
     if not completed and stopped:  # (every process: also those that saw no signal)
-        if accelerator.is_main_process:
-            print(
-                f"[gmlp] stopped at step {done}/{total_steps} with a checkpoint; --resume continues the run",
-                file=sys.stderr,
-            )
+        if accelerator.is_main_process:  # (one write: a line another process's output cannot split)
+            sys.stderr.write(f"[gmlp] stopped at step {done}/{total_steps} with a checkpoint; --resume "
+                             f"continues the run\n")
+            sys.stderr.flush()
         raise KeyboardInterrupt
     return _LoopResult(model=model, step=done, completed=completed, last_eval=last_eval)
 

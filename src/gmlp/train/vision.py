@@ -18,8 +18,10 @@ block); checkpoints hold the full model either way.
 
 Determinism: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)`` and every random choice
 inside step ``s`` (augmentation, mixup, erasing, dropout, stochastic depth) is seeded by ``(seed, s)`` (and
-the sample's position, process and micro-step). A run resumed from a checkpoint therefore continues exactly
-as the uninterrupted run would have.
+the sample's position, or the micro-batch's place in the global batch). A run resumed from a checkpoint
+therefore continues exactly as the uninterrupted run would have; one resumed on another number of processes
+or accumulation steps (the same global batch) continues with the same data and, where processes x
+accumulation steps is the same, the same random draws (the gradients summed in another order).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import json
 import random
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,6 @@ from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     remove_run_files,
-    run_lock,
     save_checkpoint,
     write_json_atomic,
 )
@@ -64,6 +64,7 @@ from .distributed import (
     barrier,
     full_model_state_dict,
     full_state_dicts,
+    holding_output,
     init_distributed,
     load_full_optimizer_state,
     shard_model,
@@ -547,38 +548,127 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 _FINGERPRINT_DEFAULTS: dict[str, Any] = {"world_size": 1, "grad_accum_steps": 1, "model_kwargs": {},
                                          "strategy": "ddp"}
+#: Fingerprint entries of the data that checkpoints before they were recorded lack (then not compared).
+_FINGERPRINT_DATA = ("num_train", "classes")
+#: Fingerprint entries a resumed run may change, with a warning (:func:`_resume_change_warnings`): the
+#: global batch, the data order and each sample's augmentation stay those of the saved run.
+_FINGERPRINT_ELASTIC = ("world_size", "grad_accum_steps", "epochs")
 
 
-def _fingerprint(config: VisionTrainConfig, world_size: int) -> dict[str, Any]:
+def _fingerprint(config: VisionTrainConfig, world_size: int, data: _Data | None = None) -> dict[str, Any]:
     fp = {"model": config.model, "dataset": config.dataset, "batch_size": config.batch_size,
           "train_subset": config.train_subset, "epochs": config.epochs, "seed": config.seed,
           "world_size": world_size, "grad_accum_steps": config.grad_accum_steps,
           "model_kwargs": config.model_kwargs}
     if world_size > 1:  # one process trains the plain model whatever the strategy
         fp["strategy"] = config.strategy
+    if data is not None:  # what the run trains on: another folder or hub dataset that differs is refused
+        fp.update(num_train=int(data.num_train), classes=[str(c) for c in data.classes])
     return fp
 
 
-def _check_fingerprint(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
-    diff = {k: (saved.get(k, _FINGERPRINT_DEFAULTS.get(k)), v) for k, v in now.items()
-            if saved.get(k, _FINGERPRINT_DEFAULTS.get(k)) != v}
+def _optimizer_layout(fp: dict[str, Any]) -> str:
+    """How a run of fingerprint ``fp`` saves its optimizer state: "fsdp" (keyed by parameter name, gathered
+    from the shards) or "ddp" (``optimizer.state_dict()``, keyed by index: one process, or DDP)."""
+    several = fp.get("world_size", _FINGERPRINT_DEFAULTS["world_size"]) > 1
+    return fp.get("strategy", _FINGERPRINT_DEFAULTS["strategy"]) if several else "ddp"
+
+
+def _short_list(names: list[Any]) -> str:
+    shown = ", ".join(map(repr, names[:5])) + (", ..." if len(names) > 5 else "")
+    return f"{len(names)} [{shown}]"
+
+
+def _check_fingerprint(saved: dict[str, Any], now: dict[str, Any], path: Path) -> dict[str, tuple[Any, Any]]:
+    """Refuse to resume the run of fingerprint ``saved`` with one of fingerprint ``now`` where continuing
+    would be silently wrong (another model, data, batch size or seed; an optimizer state this run cannot
+    load), naming each setting with both values. Returns the differences a resumed run may have
+    (:data:`_FINGERPRINT_ELASTIC`: another number of processes or accumulation steps, another ``epochs``),
+    ``{name: (saved, now)}``."""
+    def was(k: str) -> Any:
+        return saved.get(k, _FINGERPRINT_DEFAULTS.get(k))
+
+    diff = {k: (was(k), v) for k, v in now.items() if k != "strategy" and was(k) != v
+            and not (k in _FINGERPRINT_DATA and k not in saved)}
+    elastic = {k: diff.pop(k) for k in _FINGERPRINT_ELASTIC if k in diff}
+    old_layout, new_layout = _optimizer_layout(saved), _optimizer_layout(now)
+    if old_layout != new_layout:
+        diff["strategy"] = (saved.get("strategy", "ddp"), now.get("strategy", "ddp"))
     if not diff:
-        return
+        return elastic
     hints = []
     if "model" in diff:
         hints.append(f"the checkpoint holds a {diff['model'][0]!r} model, not {diff['model'][1]!r}")
-    if "world_size" in diff:
-        hints.append(f"it was written by {diff['world_size'][0]} process(es) and this run has "
-                     f"{diff['world_size'][1]} (world size); relaunch with the same --nproc_per_node")
+    if "batch_size" in diff:
+        old = diff["batch_size"][0]
+        hints.append(f"step N of the run trained on images N x {old} to (N + 1) x {old} of its epoch's "
+                     f"order: another global batch would skip or repeat images; resume with --batch-size "
+                     f"{old} (more --grad-accum-steps or processes split it into smaller micro-batches)")
+    if "seed" in diff:
+        hints.append("the data order of each epoch and every random draw follow the seed; resume with "
+                     f"--seed {diff['seed'][0]}")
+    if "num_train" in diff or "classes" in diff or "train_subset" in diff or "dataset" in diff:
+        hints.append("the run was trained on other data (check --dataset, --data-root, --train-split and "
+                     "--train-subset)")
     if "strategy" in diff:
         old, new = diff["strategy"]
-        hints.append(f"it was written by a --strategy {old} run and this run uses --strategy {new} (their "
-                     f"optimizer states are stored differently); resume with --strategy {old}")
+        if saved.get("world_size", 1) > 1 and now.get("world_size", 1) > 1:
+            hints.append(f"it was written by a --strategy {old} run and this run uses --strategy {new} "
+                         f"(their optimizer states are stored differently); resume with --strategy {old}")
+        else:
+            who = {"fsdp": "FSDP", "ddp": "DDP or one process"}
+            hints.append(f"its optimizer state was written by {who[old_layout]}, stored differently from "
+                         f"what this run ({who[new_layout]}) loads; resume with --strategy {old_layout}"
+                         + (" on several processes" if old_layout == "fsdp" else ""))
+
+    def shown(k: str, old: Any, new: Any) -> str:
+        if k == "classes":
+            return f"classes={_short_list(old)} (now {_short_list(new)})"
+        return f"{k}={old!r} (now {new!r})"
+
     raise ConfigError(
         f"cannot resume from {path}: it was made with different settings "
-        + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in diff.items())
+        + ", ".join(shown(k, old, new) for k, (old, new) in diff.items())
         + ("; " + "; ".join(hints) if hints else "")
     )
+
+
+def _resume_change_warnings(
+    changes: dict[str, tuple[Any, Any]], saved: dict[str, Any], step: int, steps_per_epoch: int,
+    config: VisionTrainConfig,
+) -> list[str]:
+    """The warnings of a resumed run for the changes :func:`_check_fingerprint` allows; a ConfigError for an
+    ``epochs`` that ends before the checkpoint's step."""
+    out = []
+    if "epochs" in changes:
+        old, new = changes["epochs"]
+        if step > new * steps_per_epoch:
+            raise ConfigError(
+                f"cannot resume from step {step} with epochs {new} ({new * steps_per_epoch} steps): the run "
+                f"(epochs {old}) is past that already; give --epochs {old} (or more), or start a new run"
+            )
+        out.append(
+            f"epochs {old} -> {new}: the warmup + cosine learning-rate schedule is recomputed over "
+            f"{new * steps_per_epoch} steps instead of {old * steps_per_epoch}, so the learning rate from "
+            f"step {step} on is not the saved run's (nor that of an uninterrupted {new}-epoch run)"
+        )
+    if "world_size" in changes or "grad_accum_steps" in changes:
+        old_w = new_w = saved.get("world_size", 1)
+        old_a = new_a = saved.get("grad_accum_steps", 1)
+        if "world_size" in changes:
+            new_w = changes["world_size"][1]
+        if "grad_accum_steps" in changes:
+            new_a = changes["grad_accum_steps"][1]
+        line = (f"{new_w} process(es) x {new_a} accumulation step(s) instead of {old_w} x {old_a}: the "
+                f"global batch ({config.batch_size}), the data order and each image's augmentation are the "
+                f"saved run's, but the gradients are summed in another order (results differ in the last "
+                f"bits)")
+        if new_w * new_a != old_w * old_a:
+            line += (f", and the micro-batches hold {config.batch_size // (new_w * new_a)} images instead "
+                     f"of {config.batch_size // (old_w * old_a)}, so the random draws made per micro-batch "
+                     f"(mixup/cutmix, random erasing, dropout, drop path) differ")
+        out.append(line)
+    return out
 
 
 def _kept_checkpoint(step: int | None) -> str:
@@ -645,23 +735,11 @@ def train_vision(config: VisionTrainConfig, resume: bool = False) -> dict[str, A
         shutdown(env)
 
 
-@contextlib.contextmanager
-def _holding_output(output: str, env: DistEnv) -> Iterator[None]:
-    """Process 0 holds the run folder (:func:`gmlp.train.checkpoint.run_lock`) while the block runs; when it
-    cannot (the folder is in use, a file, or not writable), every process raises, not process 0 alone while
-    the others wait for it in a collective."""
-    refused: Exception | None = None
-    with contextlib.ExitStack() as stack:
-        if env.is_main:
-            try:
-                stack.enter_context(run_lock(output))
-            except (ConfigError, OSError) as err:
-                refused = err
-        if all_reduce_max(env, float(refused is not None)) and refused is None:
-            raise ConfigError(f"process 0 could not take the output folder {output!r} (its error says why)")
-        if refused is not None:
-            raise refused
-        yield
+def _holding_output(output: str, env: DistEnv) -> contextlib.AbstractContextManager[None]:
+    """Process 0 holds the run folder (:func:`gmlp.train.distributed.holding_output`) while the block runs;
+    when it cannot (the folder is in use, a file, or not writable), every process raises, not process 0 alone
+    while the others wait for it in a collective. The process group is left to :func:`shutdown`."""
+    return holding_output(output, env.is_main, lambda refused: bool(all_reduce_max(env, float(refused))))
 
 
 #: What a run writes into its folder (``overwrite`` removes these, and nothing else).
@@ -694,10 +772,17 @@ _RESUME_FREE = {"output", "progress", "log_every", "tensorboard", "plot", "check
                 "grad_checkpointing"}
 
 
-def _warn_changed_settings(saved: dict[str, Any], config: VisionTrainConfig, path: Path) -> None:
-    """Warn (stderr) when a resumed run is given settings other than those it was started with."""
+def _warn_changed_settings(
+    saved: dict[str, Any], config: VisionTrainConfig, path: Path, allowed: list[str] | None = None
+) -> None:
+    """Warn (stderr) when a resumed run is given settings other than those it was started with; ``allowed``:
+    the warnings of the run-shape changes a resume may make (:func:`_resume_change_warnings`), one line each.
+    """
     now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as in the checkpoint
-    changed = sorted(k for k in saved if k not in _RESUME_FREE and k in now and saved[k] != now[k])
+    changed = sorted(k for k in saved if k not in _RESUME_FREE and k not in _FINGERPRINT_ELASTIC and k in now
+                     and saved[k] != now[k])
+    for line in allowed or []:
+        print(f"warning: resuming {path} with {line}", file=sys.stderr, flush=True)
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
         print(f"warning: resuming {path} with changed settings ({diffs}); the result will differ from an "
@@ -804,7 +889,7 @@ def _train(  # noqa: C901
 
     step, loss_sum, loss_count, skipped_total = 0, 0.0, 0, 0
     epoch_read = 0  # readable training images of this process in this epoch (PIL pipeline)
-    fingerprint = _fingerprint(config, env.world_size)
+    fingerprint = _fingerprint(config, env.world_size, data)
     metrics_path = out / "metrics.jsonl"
     ckpt = None
     if resume:  # the weights go in before FSDP shards them; the optimizer state after it is built
@@ -814,7 +899,10 @@ def _train(  # noqa: C901
                 f"cannot resume from {ckpt.path}: gmlp train did not write it (it has no run fingerprint; a "
                 f"gmlp pretrain / finetune run?)"
             )
-        _check_fingerprint(ckpt.state["fingerprint"], fingerprint, ckpt.path)
+        saved_fp = ckpt.state["fingerprint"]
+        changes = _check_fingerprint(saved_fp, fingerprint, ckpt.path)
+        warnings_ = _resume_change_warnings(changes, saved_fp, ckpt.state["step"],
+                                            data.num_train // config.batch_size, config)
         if "ema" in ckpt.optimizer and not config.ema:
             raise ConfigError(
                 f"cannot resume from {ckpt.path} without ema: it holds EMA weights, which would be dropped; "
@@ -826,7 +914,7 @@ def _train(  # noqa: C901
                 f"without --ema); resume without --ema"
             )
         if main:
-            _warn_changed_settings(ckpt.state.get("config", {}), config, ckpt.path)
+            _warn_changed_settings(ckpt.state.get("config", {}), config, ckpt.path, warnings_)
         from ..models.loading import load_state_dict_checked
 
         load_state_dict_checked(model, ckpt.model)
@@ -890,14 +978,23 @@ def _train(  # noqa: C901
                                label_smoothing=config.label_smoothing)
 
     if ckpt is not None:
+        # the state brings back the moments and step counts, and also the saved run's weight decay, betas
+        # and eps, over which a changed --weight-decay / --betas / --eps (named in the warning above) was
+        # silently lost: the settings given now apply (unchanged ones are the same values)
+        given = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         if fsdp:
             load_full_optimizer_state(model, optimizer, ckpt.optimizer["optimizer"])
         else:
             optimizer.load_state_dict(ckpt.optimizer["optimizer"])
+        for group, hyper in zip(optimizer.param_groups, given, strict=True):
+            group.update(hyper)
         if ema is not None:  # (a checkpoint without EMA weights was refused above)
             ema.module.load_state_dict(ckpt.optimizer["ema"])
         step, loss_count = ckpt.state["step"], ckpt.state["loss_count"]
         loss_sum = ckpt.state["loss_sum"] if main else 0.0  # the checkpoint holds the sum over processes
+        saved_world = saved_fp.get("world_size", 1)
+        if main and saved_world != env.world_size:  # (the sum over another number of them: the epoch's
+            loss_sum *= env.world_size / saved_world  # train_loss divides by this run's)
         skipped_total = ckpt.state.get("skipped_images", 0) if main else 0
         if main:
             _truncate_metrics(metrics_path, step)
@@ -1081,7 +1178,9 @@ def _train(  # noqa: C901
                 skipped_total += skipped
                 epoch_read += len(y)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            _seed_all(_micro_seed(sseed, env.rank, m))
+            # by the micro-batch's place in the global batch (chunk m x processes + rank), not by rank and
+            # micro-step apart: 2 processes draw as 1 process with 2 accumulation steps (a resume may switch)
+            _seed_all(_micro_seed(sseed, 0, m * env.world_size + env.rank))
             if mixup_fn is not None and len(y) % 2:  # a skipped corrupt image left an odd batch
                 x, y = x[:-1], y[:-1]
             sync = m == config.grad_accum_steps - 1 or not env.distributed  # reduce gradients now?
@@ -1214,8 +1313,9 @@ def _train(  # noqa: C901
         if main:
             epoch, i = divmod(step, steps_per_epoch)
             where = f"{i}/{steps_per_epoch} steps into epoch {epoch + 1}" if i else f"after epoch {epoch}"
-            print(f"[gmlp] stopped at step {step}/{total_steps} ({where}) with a checkpoint; --resume "
-                  f"continues the run", file=sys.stderr, flush=True)
+            sys.stderr.write(f"[gmlp] stopped at step {step}/{total_steps} ({where}) with a checkpoint; "
+                             f"--resume continues the run\n")  # (one write: no other line splits it)
+            sys.stderr.flush()
         raise KeyboardInterrupt
     final_state = full_model_state_dict(model) if fsdp else None  # every process takes part
     if main:
@@ -1244,10 +1344,12 @@ def _train(  # noqa: C901
         last_metrics = records[-1][1] if records else {}
     if last_metrics.get("step") != step:  # stopped mid-epoch: the last evaluation is of an earlier step
         last_metrics = {}
-    if stop.requested:  # a signal in the last step, the final evaluation or save: the run is complete, and
-        # its caller stops too (a notebook cell training one model after another does not go on to the next)
-        if main:
-            print(f"[gmlp] stopped at the end of the run (signal {stop.signum}); its outputs are complete",
-                  file=sys.stderr, flush=True)
+    # a signal in the last step, the final evaluation or save: the run is complete, and its caller stops too
+    # (a notebook cell training one model after another does not go on to the next). Every process hears it
+    # (one collective, after process 0's save: none ends, and torchrun tears the rest down, before that)
+    if all_reduce_max(env, float(stop.requested)) > 0:
+        if main:  # (one write: a line another process's output cannot split)
+            sys.stderr.write("[gmlp] stopped at the end of the run; its outputs are complete\n")
+            sys.stderr.flush()
         raise KeyboardInterrupt
     return {**last_metrics, "step": step, "params": params}
