@@ -89,7 +89,7 @@ def test_a_local_data_folder_is_read_as_load_dataset_reads_it(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    "values, kind", [([["a b", "c"], ["d"]], "List"), ([1, 2], "int64"), ([1.5, 2.0], "float64")]
+    "values, kind", [([["a b", "c"], ["d"]], "(List|Sequence)"), ([1, 2], "int64"), ([1.5, 2.0], "float64")]
 )
 def test_a_text_column_of_lists_or_numbers_is_refused_not_stringified(
     tmp_path: Path, values: list[Any], kind: str
@@ -212,7 +212,7 @@ def test_an_unlabelled_test_split_is_replaced_by_the_validation_split(tmp_path: 
         ({"sentence": ["a", None, "c"], "label": [0, 1, 0]},
          r"\(train split\), row 1: no text in column 'sentence'"),
         ({"sentence": ["a", "b", "c"], "label": [0, None, 1]}, r"\(train split\), row 1: no label"),
-        ({"sentence": [["a"], ["b"]], "label": [0, 1]}, r"column 'sentence' holds List values"),
+        ({"sentence": [["a"], ["b"]], "label": [0, 1]}, r"column 'sentence' holds (List|Sequence) values"),
         ({"sentence": ["a", "b", "c"], "gold": [0, 1, 0]},
          r"no column 'label'; available columns: sentence, gold"),
         ({"sentence": ["a", "b", "c"], "label": [0.0, 1.5, 2.0]}, r"row 1: label 1.5 is neither"),  # as JSON
@@ -235,8 +235,9 @@ def test_an_empty_dataset_is_refused_as_holding_no_rows(tmp_path: Path) -> None:
     folder = tmp_path / "pq"
     folder.mkdir()
     empty.to_parquet(str(folder / "train.parquet"))
-    with pytest.raises(T.TextDataError, match=r"holds no rows \(split\(s\) train, validation empty\)"):
-        S.load_classification(f"hf:{path}")  # (datasets' own error: IndexError: list index out of range)
+    # (datasets 4: load_from_disk fails, IndexError; datasets 2: it loads, and the split holds no rows)
+    with pytest.raises(T.TextDataError, match=r"holds no rows( \(split\(s\) train, validation empty\))?$"):
+        S.load_classification(f"hf:{path}")
     with pytest.raises(T.TextDataError, match=r"pq'? holds no rows"):
         S.load_classification(f"hf:{folder}")
     with pytest.raises(T.TextDataError, match=r"holds no rows"):
