@@ -144,6 +144,13 @@ def _add_train_arguments(
     )
     g.add_argument("--progress", action=_B, default=True, help="progress bar (default: on)")
     g.add_argument(
+        "--tensorboard",
+        action=_B,
+        default=None,
+        help="the metrics.jsonl records also as TensorBoard scalars in OUTPUT/tensorboard (default: when the "
+        "tensorboard package is installed; --tensorboard requires it)",
+    )
+    g.add_argument(
         "--grad-checkpointing",
         action="store_true",
         help="recompute each block's activations in backward: less memory, ~30%% more compute",
@@ -213,12 +220,145 @@ def _guarded(resumable: bool) -> Callable[[Callable[[argparse.Namespace], int]],
     return wrap
 
 
-def _config(cls: type, args: argparse.Namespace) -> Any:
-    from ..train.text import config_from_namespace
+#: The namespace attribute that holds the built-in defaults of a text command's flags (the flags themselves
+#: default to "not given", so that a ``--config`` recipe's values apply unless a flag overrides them).
+_DEFAULTS = "_flag_defaults"
 
-    cfg = config_from_namespace(cls, args)
+#: Fields of the text configs that a recipe may not set, with the reason.
+_NOT_IN_RECIPES = {
+    "resume": "--resume continues the run in --output, a decision of each command line (give it as a flag)",
+    "recipe": "it records the --config file the options came from",
+}
+
+#: A flag given on the command line makes these recipe settings moot (they name the same thing another way):
+#: they go back to their defaults instead of being refused as a contradiction that the user did not write.
+_MOOT = {
+    "data": ("train_file", "validation_file", "test_file"),
+    "train_file": ("data",),
+    "token_cache": ("cache_tokens",),
+    "cache_tokens": ("token_cache",),
+}
+
+
+def _suppress_defaults(parser: argparse.ArgumentParser) -> None:
+    """Make every option of a text command (but ``--help`` and ``--config``) default to "not given", keeping
+    the built-in defaults in the namespace's :data:`_DEFAULTS` (put back by :func:`_text_config`)."""
+    defaults = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest not in ("help", "config") and action.default is not (
+            argparse.SUPPRESS
+        ):
+            defaults[action.dest] = action.default
+            action.default = argparse.SUPPRESS
+    parser.set_defaults(**{_DEFAULTS: defaults})
+
+
+def _recipe_names() -> str:
+    """The packaged text recipes' names, for ``--config``'s help."""
+    from ..train.recipe import TEXT_RECIPE_DIR, packaged_recipes
+
+    return ", ".join(packaged_recipes(TEXT_RECIPE_DIR)) or "none"
+
+
+def _text_config(
+    cls: type, args: argparse.Namespace, command: str
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The config of ``gmlp pretrain`` / ``finetune``: a flag given on the command line, else the ``--config``
+    recipe's value, else the built-in default; ``(config, the recipe's settings, the flags given)``. The
+    namespace gets every option back (the resolved value of each setting, the default of any other flag)."""
+    from dataclasses import fields
+
+    from ..train.recipe import TEXT_RECIPE_DIR, load_recipe, resolve_recipe
+    from ..train.text import FinetuneConfig, PretrainConfig
+    from ..train.vision_config import VisionTrainConfig
+
+    names = {f.name for f in fields(cls)}
+    defaults = getattr(args, _DEFAULTS, {})
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    file_settings: dict[str, Any] = {}
+    recipe = None
+    if getattr(args, "config", None):
+        path = resolve_recipe(args.config, TEXT_RECIPE_DIR)
+        commands = {"gmlp pretrain": PretrainConfig, "gmlp finetune": FinetuneConfig, "gmlp train":
+                    VisionTrainConfig}
+        others = {name: other for name, other in commands.items() if other is not cls}
+        file_settings = load_recipe(path, cls, command=command, others=others, not_settings=_NOT_IN_RECIPES,
+                                    recipe_dir=TEXT_RECIPE_DIR)
+        recipe = str(path.resolve())
+        for name, moot in _MOOT.items():
+            if name in flags:
+                for other in moot:
+                    if other not in flags:
+                        file_settings.pop(other, None)
+    merged = {**file_settings, **flags}
+    if recipe is not None:
+        merged["recipe"] = recipe
+    cfg = cls(**merged)
     if getattr(cfg, "clip_grad", None) == 0:
         cfg.clip_grad = None
+    for dest, default in defaults.items():
+        setattr(args, dest, getattr(cfg, dest) if dest in names else getattr(args, dest, default))
+    return cfg, file_settings, flags
+
+
+def _check_text_config(cfg: Any, file_settings: dict[str, Any], flags: dict[str, Any]) -> None:
+    """With a ``--config`` recipe (or ``--print-config``): validate ``cfg`` up front, an error about a setting
+    that the recipe gave naming the recipe; refuse the recipe's ``overwrite: true`` with ``--resume``."""
+    import re
+
+    from ..train.recipe import ConfigError
+
+    if cfg.resume and file_settings.get("overwrite"):  # (a resumed run would silently ignore it)
+        raise ConfigError(
+            f"--resume continues the run in --output, the recipe {cfg.recipe}'s overwrite: true removes it: "
+            f"give one of them (leave --resume out, or overwrite out of the recipe)"
+        )
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        named = re.match(r"--(?:no-)?([a-z0-9-]+)", str(err))
+        name = named.group(1).replace("-", "_") if named else None
+        if name in file_settings and name not in flags:
+            given = f"{name}: {file_settings[name]!r}"
+            raise type(err)(f"{err} (set by the recipe {cfg.recipe}: {given})") from err
+        raise
+
+
+def _note_run_recipe(cfg: Any) -> None:
+    """``--resume`` without ``--config`` of a run started with one: say so (a resume takes its settings from
+    the command line, so the recipe's are not applied; changed ones are warned about or refused next)."""
+    import os
+    import sys
+
+    if not cfg.resume or cfg.recipe is not None or int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        from ..train.checkpoint import latest_checkpoint
+
+        checkpoint = latest_checkpoint(cfg.output)
+        options = json.loads((checkpoint / "state.json").read_text()).get("options") if checkpoint else None
+        recipe = options.get("recipe") if isinstance(options, dict) else None
+    except Exception:  # noqa: BLE001 - an unreadable run is reported by the command itself
+        return
+    if isinstance(recipe, str) and recipe:
+        print(f"[gmlp] note: the run in {cfg.output!r} was started with --config {recipe}; a resume takes "
+              f"its settings from the command line: give --config again (with the same flags) to continue it "
+              f"with them", file=sys.stderr)
+
+
+def _run_text(cls: type, args: argparse.Namespace, command: str) -> Any:
+    """The config of a text command (:func:`_text_config`), checked; None after ``--print-config``."""
+    cfg, file_settings, flags = _text_config(cls, args, command)
+    if cfg.recipe is not None or getattr(args, "print_config", False):
+        _check_text_config(cfg, file_settings, flags)
+    if getattr(args, "print_config", False):
+        import dataclasses
+
+        import yaml
+
+        print(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False), end="")
+        return None
+    _note_run_recipe(cfg)
     return cfg
 
 
@@ -247,11 +387,16 @@ def _tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guarded(resumable=True)
 def _pretrain(args: argparse.Namespace) -> int:
-    from ..train.text import PretrainConfig, pretrain
+    from ..train.text import PretrainConfig
 
-    result = pretrain(_config(PretrainConfig, args))
+    cfg = _run_text(PretrainConfig, args, "gmlp pretrain")
+    if cfg is None:  # --print-config
+        return 0
+    from ..train.text import pretrain
+
+    with _write_errors(cfg.output, resumable=True):
+        result = pretrain(cfg)
     if not result.get("main_process", True):
         return 0
     val = result.get("validation") or {}
@@ -261,11 +406,16 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guarded(resumable=True)
 def _finetune(args: argparse.Namespace) -> int:
-    from ..train.text import FinetuneConfig, finetune
+    from ..train.text import FinetuneConfig
 
-    result = finetune(_config(FinetuneConfig, args))
+    cfg = _run_text(FinetuneConfig, args, "gmlp finetune")
+    if cfg is None:  # --print-config
+        return 0
+    from ..train.text import finetune
+
+    with _write_errors(cfg.output, resumable=True):
+        result = finetune(cfg)
     if not result.get("main_process", True):
         return 0
     state = "done" if result["completed"] else "stopped"
@@ -294,6 +444,21 @@ def _add_corpus_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-documents", type=int, default=None, help="read at most N >= 1 documents")
     g.add_argument("--max-chars", type=int, default=None, help="read about N >= 1 characters at most")
+
+
+def _add_recipe_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    g = p.add_argument_group("recipe")
+    g.add_argument(
+        "--config",
+        metavar="RECIPE",
+        help=f"YAML recipe of {command} settings (keys: the flags' names, dashes or underscores): a file, or "
+        f"the name of a packaged one ({_recipe_names()}); a flag given overrides the recipe's value",
+    )
+    g.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved settings (flags over the recipe over the defaults) and exit, each checked",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -329,6 +494,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "decay, held-out perplexity, resumable checkpoints). Multi-GPU: accelerate launch -m gmlp "
         "pretrain ...",
     )
+    _add_recipe_arguments(pre, "pretrain")
     _add_model_arguments(pre, dropout=0.0)
     _add_train_arguments(pre, output="runs/pretrain", batch=32, lr=7e-4, warmup=0.06, save_every=200)
     _add_corpus_arguments(pre)
@@ -387,6 +553,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "classification / "
         "regression (GLUE-style files, hf:glue:NAME, offline tweets) or span QA (SQuAD JSON).",
     )
+    _add_recipe_arguments(fin, "finetune")
     _add_model_arguments(fin, dropout=0.1)
     _add_train_arguments(fin, output="runs/finetune", batch=32, lr=1e-4, warmup=0.1, save_every=0)
     g = fin.add_argument_group("task")
@@ -449,3 +616,5 @@ def register(sub: argparse._SubParsersAction) -> None:
              "null_score_diff_threshold; higher = fewer empty answers; default 0)",
     )
     fin.set_defaults(func=_finetune)
+    for parser in (pre, fin):  # last: every flag of the command defaults to "not given"
+        _suppress_defaults(parser)

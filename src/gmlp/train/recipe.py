@@ -5,9 +5,11 @@ accepted for underscores) to values. :func:`load_recipe` refuses unknown keys an
 with an error naming the file and the key. :func:`merge_settings` layers the sources: explicit command-line
 flags over the file over the dataclass defaults.
 
-The recipes that ship with gmlp (:data:`RECIPE_DIR`: ``fashion_mnist``, ``imagenet_gmlp_{ti,s,b}``) are
-package data: :func:`resolve_recipe` finds one by its bare name (``gmlp train --config imagenet_gmlp_s``)
-from an installed package as from a checkout; a path to an existing file always wins.
+The recipes that ship with gmlp (:data:`RECIPE_DIR`: ``fashion_mnist``, ``imagenet_gmlp_{ti,s,b}`` for
+``gmlp train``; ``mlm_ablation``, ``mlm_full_base`` for ``gmlp pretrain``; ``glue_sst2``, ``glue_mnli``,
+``squad`` for ``gmlp finetune``) are package data: :func:`resolve_recipe` finds one by its bare name
+(``gmlp train --config imagenet_gmlp_s``) from an installed package as from a checkout; a path to an existing
+file always wins.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "RECIPE_DIR",
+    "TEXT_RECIPE_DIR",
     "ConfigError",
     "RecipeError",
     "check_cuda_available",
@@ -36,6 +40,8 @@ __all__ = [
 
 #: The folder of the recipes that ship with the package (``src/gmlp/recipes``; package data of the wheel).
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+#: The folder of the text commands' recipes (``gmlp pretrain`` / ``gmlp finetune --config NAME``).
+TEXT_RECIPE_DIR = RECIPE_DIR / "text"
 
 
 class ConfigError(ValueError):
@@ -73,6 +79,8 @@ def _type_name(tp: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"list of {_type_name(args[0])}"
         return f"list of {len(args)} " + "/".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}" if typing.get_args(tp) else "list"
     if origin is dict:
         return "mapping"
     return getattr(tp, "__name__", str(tp))
@@ -81,10 +89,12 @@ def _type_name(tp: Any) -> str:
 def coerce_setting(name: str, value: Any, tp: Any) -> Any:
     """``value`` checked against (and minimally converted to) type ``tp``; ValueError names ``name``.
 
-    Conversions: an int is accepted for a float; a list of the right length for a tuple. A bool is never
-    accepted for a number, and a number never for a string (YAML ``1e-3`` without a dot reads as a string,
-    so ``lr: 1e-3`` is accepted for a float). NaN is never accepted for a float (``nan``, ``.nan``): every
-    comparison with it is false, so a check such as ``grad_clip > 0`` would silently read it as "off".
+    Conversions: an int is accepted for a float; a list of the right length for a tuple; a non-empty list
+    for a list (``corpus: [books]``; a bare string is refused, not read as a list of characters). A bool is
+    never accepted for a number, and a number never for a string (YAML ``1e-3`` without a dot reads as a
+    string, so ``lr: 1e-3`` is accepted for a float). NaN is never accepted for a float (``nan``,
+    ``.nan``): every comparison with it is false, so a check such as ``grad_clip > 0`` would silently read it
+    as "off".
     Nor is an infinity (``inf``, ``.inf``, ``-inf``): it passes range checks such as ``lr > 0`` and the run
     then fails later with a NaN loss (no setting of a training config means anything at infinity).
     """
@@ -129,6 +139,10 @@ def coerce_setting(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             pairs = enumerate(zip(value, args, strict=True))
             return tuple(coerce_setting(f"{name}[{i}]", v, a) for i, (v, a) in pairs)
+    elif origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (list, tuple)) and value:
+            return [coerce_setting(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
     elif origin is dict:
         if isinstance(value, dict) and all(isinstance(k, str) for k in value):
             return dict(value)
@@ -137,19 +151,20 @@ def coerce_setting(name: str, value: Any, tp: Any) -> Any:
     raise ValueError(f"{name!r} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
-def packaged_recipes() -> dict[str, Path]:
+def packaged_recipes(recipe_dir: Path = RECIPE_DIR) -> dict[str, Path]:
     """The recipes that ship with gmlp, sorted by name: ``{name: file}`` (``imagenet_gmlp_s`` ->
-    ``.../recipes/imagenet_gmlp_s.yaml``)."""
-    if not RECIPE_DIR.is_dir():
+    ``.../recipes/imagenet_gmlp_s.yaml``); ``recipe_dir``: :data:`RECIPE_DIR` (``gmlp train``) or
+    :data:`TEXT_RECIPE_DIR` (``gmlp pretrain`` / ``gmlp finetune``)."""
+    if not recipe_dir.is_dir():
         return {}
-    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml")) if p.is_file()}
+    return {p.stem: p for p in sorted(recipe_dir.glob("*.yaml")) if p.is_file()}
 
 
-def resolve_recipe(config: str | Path) -> Path:
+def resolve_recipe(config: str | Path, recipe_dir: Path = RECIPE_DIR) -> Path:
     """The recipe file that ``config`` (``--config``) names.
 
     A path to an existing file wins; else a bare name (no folder: ``imagenet_gmlp_s`` or
-    ``imagenet_gmlp_s.yaml``) names a packaged recipe (:func:`packaged_recipes`).
+    ``imagenet_gmlp_s.yaml``) names a packaged recipe of ``recipe_dir`` (:func:`packaged_recipes`).
 
     Raises:
         FileNotFoundError: neither; the message lists the packaged recipes' names.
@@ -158,7 +173,7 @@ def resolve_recipe(config: str | Path) -> Path:
     if path.is_file():
         return path
     text = str(config)
-    recipes = packaged_recipes()
+    recipes = packaged_recipes(recipe_dir)
     names = ", ".join(recipes) or "none"
     if text and Path(text).name == text and text not in (".", ".."):  # a bare name
         name = text.removesuffix(".yaml")
@@ -201,11 +216,23 @@ def _check_recipe_size(raw: Any, path: Path) -> None:
             stack.extend(node)
 
 
-def load_recipe(path: str | Path, config_cls: type) -> dict[str, Any]:
+def load_recipe(
+    path: str | Path,
+    config_cls: type,
+    *,
+    command: str | None = None,
+    others: Mapping[str, type] | None = None,
+    not_settings: Mapping[str, str] | None = None,
+    recipe_dir: Path = RECIPE_DIR,
+) -> dict[str, Any]:
     """Read a YAML recipe and check it against ``config_cls``; returns ``{field: value}``.
 
-    ``path`` is a file, or the bare name of a packaged recipe (``imagenet_gmlp_s``): see
+    ``path`` is a file, or the bare name of a packaged recipe of ``recipe_dir`` (``imagenet_gmlp_s``): see
     :func:`resolve_recipe`.
+
+    ``command`` (``gmlp pretrain``) and ``others`` (``{"gmlp finetune": FinetuneConfig, ...}``) make the
+    error for a key of another command's config name that command; ``not_settings`` maps fields of
+    ``config_cls`` that a recipe may not set (``resume``: a decision of each command line) to the reason.
 
     Raises:
         FileNotFoundError: no such file, nor a packaged recipe of that name.
@@ -215,7 +242,7 @@ def load_recipe(path: str | Path, config_cls: type) -> dict[str, Any]:
     """
     import yaml
 
-    path = resolve_recipe(path)
+    path = resolve_recipe(path, recipe_dir)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -228,7 +255,8 @@ def load_recipe(path: str | Path, config_cls: type) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of setting: value, got {type(raw).__name__}")
-    types_ = setting_types(config_cls)
+    not_settings = not_settings or {}
+    types_ = {n: t for n, t in setting_types(config_cls).items() if n not in not_settings}
     out: dict[str, Any] = {}
     given_as: dict[str, Any] = {}
     for key, value in raw.items():
@@ -236,10 +264,19 @@ def load_recipe(path: str | Path, config_cls: type) -> dict[str, Any]:
         if name in given_as:  # batch_size and batch-size: one would silently replace the other
             raise RecipeError(f"{path}: key {key!r} sets {name!r}, already set by key {given_as[name]!r}")
         given_as[name] = key
+        if name in not_settings:
+            raise RecipeError(f"{path}: key {key!r} is not a recipe setting: {not_settings[name]}")
         if name not in types_:
+            known = ", ".join(sorted(types_))
+            elsewhere = [cmd for cmd, cls in (others or {}).items() if name in setting_types(cls)]
+            if elsewhere:
+                raise RecipeError(
+                    f"{path}: key {key!r} is a setting of {' and '.join(elsewhere)}, not of "
+                    f"{command or config_cls.__name__}; known keys: {known}"
+                )
             close = difflib.get_close_matches(name, list(types_), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RecipeError(f"{path}: unknown key {key!r}{hint}; known keys: {', '.join(sorted(types_))}")
+            raise RecipeError(f"{path}: unknown key {key!r}{hint}; known keys: {known}")
         try:
             out[name] = coerce_setting(name, value, types_[name])
         except ValueError as err:

@@ -146,6 +146,12 @@ class _TrainOptions:
     vocab_size: int = 8192
     grad_checkpointing: bool = False
     compile: bool = False
+    # OUTPUT/tensorboard event files of the metrics.jsonl records: None writes them when tensorboard is
+    # installed, True requires it, False writes none (gmlp train's --tensorboard / --no-tensorboard)
+    tensorboard: bool | None = None
+    # the --config recipe file the command line read options from (resolved path), recorded with the run's
+    # options in each checkpoint's state.json; informational: setting it reads nothing
+    recipe: str | None = None
 
 
 @dataclass
@@ -1330,29 +1336,76 @@ def _record_step(record: dict[str, Any], missing: float) -> float:
 
 
 class _MetricsLog:
-    """``metrics.jsonl`` (main process only). On resume, records after the checkpoint's step are dropped
+    """``metrics.jsonl`` and, with a TensorBoard ``writer``, the same records as scalars in
+    ``OUTPUT/tensorboard`` (main process only). On resume, records after the checkpoint's step are dropped
     (they are recomputed), and so are test records (written after the last checkpoint, and written again
-    when a finished run is resumed), so the file reads as one uninterrupted run."""
+    when a finished run is resumed), so the file reads as one uninterrupted run. The event files read the
+    same: TensorBoard hides their points from the checkpoint's step on (``purge_step``), and the records
+    kept at that step are written again.
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+    A context manager: the writer (a thread and an open file) is closed however the run ends."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, tensorboard: bool | None = False
+                 ) -> None:
         self.path = path
         self.enabled = enabled
+        self.writer: Any = None
         if not enabled:
+            if tensorboard:  # (a missing package: every process stops, not process 0 alone)
+                from .tensorboard import require_tensorboard
+
+                require_tensorboard()
             return
         path.parent.mkdir(parents=True, exist_ok=True)
+        kept: list[tuple[str, dict[str, Any]]] = []
         if resume_step is None:
             path.write_text("")
         elif path.exists():
             kept = [  # (a line that is no record, e.g. one cut short by a kill, is dropped with a warning)
-                line for line, record in read_jsonl_records(path)
+                (line, record) for line, record in read_jsonl_records(path)
                 if _record_step(record, 0) <= resume_step and record.get("split") != "test"
             ]
             with atomic_write(path) as tmp:  # (synced, then replaces it; a full disk: the old stays)
-                tmp.write_text("".join(k + "\n" for k in kept))
+                tmp.write_text("".join(k + "\n" for k, _ in kept))
+        from .tensorboard import open_writer
+
+        self.writer = open_writer(path.parent / "tensorboard", tensorboard, resume_step)
+        try:
+            for _, record in kept:
+                if _record_step(record, -1) == resume_step:  # (hidden by the purge, and not logged again)
+                    self._add(record)
+            self.flush()
+        except BaseException:
+            self.close()
+            raise
 
     def log(self, record: dict[str, Any]) -> None:
         if self.enabled:
             append_line(self.path, json.dumps(record, sort_keys=True))  # (whole, or not at all)
+            self._add(record)
+            self.flush()
+
+    def _add(self, record: dict[str, Any]) -> None:
+        step = record.get("step")
+        if self.writer is not None and isinstance(step, int) and not isinstance(step, bool):
+            from .tensorboard import add_record
+
+            add_record(self.writer, record, step, str(record.get("split", "metrics")))
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()  # (a live TensorBoard shows each record as metrics.jsonl has it)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def __enter__(self) -> _MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 _KINDS = {"pretrain": "a pretraining", "finetune": "a finetuning", "vision": "a vision (gmlp train)"}
@@ -1460,15 +1513,17 @@ def _refuse_removing_inputs(out: Path, opts: Any) -> None:
 
 #: What ``--overwrite`` removes of a previous run (in this order).
 _RUN_FILES = ("checkpoints/latest.json", "checkpoints", "final", "tokenizer", _METRICS, "config.json",
-              "test_metrics.json")
+              "test_metrics.json", "tensorboard")
 
 
 #: Options that may change between a run and its resumption without changing its result.
 _RESUME_FREE = {
+    "recipe",  # (where the options came from: the options themselves are compared)
     "resume",
     "overwrite",
     "stop_after_steps",
     "progress",
+    "tensorboard",
     "output",
     "log_every",
     "save_every",
@@ -2182,7 +2237,8 @@ def pretrain(cfg: PretrainConfig, accelerator: Any) -> dict[str, Any]:
     the rest of the process (:func:`gmlp.utils.malloc.tune_malloc`; ``GMLP_NO_MALLOC_TUNING=1`` opts out).
 
     Writes ``OUTPUT/tokenizer`` (when one is trained), ``OUTPUT/config.json``, ``OUTPUT/checkpoints``,
-    ``OUTPUT/metrics.jsonl`` and, at the end, ``OUTPUT/final`` (model and tokenizer, ``save_pretrained``);
+    ``OUTPUT/metrics.jsonl`` (its records also as TensorBoard scalars in ``OUTPUT/tensorboard``, see
+    ``cfg.tensorboard``) and, at the end, ``OUTPUT/final`` (model and tokenizer, ``save_pretrained``);
     the packed token blocks go to the token cache (``OUTPUT/cache`` or ``cfg.token_cache``; none with
     ``cache_tokens=False``), which a later start with the same corpus, tokenizer and settings reads instead
     of the corpus (:mod:`gmlp.data.token_cache`).
@@ -2333,23 +2389,25 @@ def pretrain(cfg: PretrainConfig, accelerator: Any) -> dict[str, Any]:
         out / _METRICS,
         accelerator.is_main_process,
         None if resume_from is None else _resume_step(resume_from),
+        cfg.tensorboard,
     )
     run_state = {"kind": "pretrain", "options": _jsonable(asdict(cfg)), "model_type": config.model_type}
-    result = _train_loop(
-        accelerator=accelerator,
-        model=model,
-        opts=cfg,
-        total_steps=cfg.steps,
-        micro_batch=micro_batch,
-        evaluate=evaluate,
-        eval_due=lambda s: has_valid and ((cfg.eval_every and s % cfg.eval_every == 0) or s == cfg.steps),
-        resume_from=resume_from,
-        run_state=run_state,
-        metrics=metrics,
-        desc="pretrain",
-        tokens_per_batch=lambda b: int(b["attention_mask"].sum().item()),
-        targets_per_batch=lambda b: int((b["labels"] != -100).sum().item()),  # the loss: mean over these
-    )
+    with metrics:  # (its TensorBoard writer closed however the run ends: an error, a stop)
+        result = _train_loop(
+            accelerator=accelerator,
+            model=model,
+            opts=cfg,
+            total_steps=cfg.steps,
+            micro_batch=micro_batch,
+            evaluate=evaluate,
+            eval_due=lambda s: has_valid and ((cfg.eval_every and s % cfg.eval_every == 0) or s == cfg.steps),
+            resume_from=resume_from,
+            run_state=run_state,
+            metrics=metrics,
+            desc="pretrain",
+            tokens_per_batch=lambda b: int(b["attention_mask"].sum().item()),
+            targets_per_batch=lambda b: int((b["labels"] != -100).sum().item()),  # the loss: mean over these
+        )
     if sparse:  # the saved model returns dense logits, as a masked LM is expected to
         accelerator.unwrap_model(result.model).config.sparse_prediction = False
     final = _save_final(accelerator, result.model, tokenizer, out) if result.completed else None
@@ -2753,7 +2811,8 @@ def finetune(cfg: FinetuneConfig, accelerator: Any) -> dict[str, Any]:
     The model comes from ``cfg.model`` (a folder saved by ``gmlp pretrain`` or any ``save_pretrained``
     folder with its tokenizer; task heads are new) or is built from scratch from the architecture options
     (a tokenizer is then trained on the training texts unless ``cfg.tokenizer`` is given). Dev metrics are
-    logged after every epoch, test metrics at the end (also written to ``OUTPUT/test_metrics.json``).
+    logged after every epoch, test metrics at the end (also written to ``OUTPUT/test_metrics.json``), to
+    ``OUTPUT/metrics.jsonl`` and as TensorBoard scalars to ``OUTPUT/tensorboard`` (see ``cfg.tensorboard``).
 
     The caller's random generators (torch, NumPy, ``random``), torch's thread count and accelerate's state
     are as they were when this returns (the run seeds and sets its own); glibc's allocator stays tuned for
@@ -2973,45 +3032,47 @@ def finetune(cfg: FinetuneConfig, accelerator: Any) -> dict[str, Any]:
         out / _METRICS,
         accelerator.is_main_process,
         None if resume_from is None else _resume_step(resume_from),
+        cfg.tensorboard,
     )
     run_state = {"kind": "finetune", "options": _jsonable(asdict(cfg)), "model_type": config.model_type}
-    result = _train_loop(
-        accelerator=accelerator,
-        model=model,
-        opts=cfg,
-        total_steps=total,
-        micro_batch=micro_batch,
-        evaluate=evaluate,
-        eval_due=lambda s: s % steps_per_epoch == 0 or s == total,
-        resume_from=resume_from,
-        run_state=run_state,
-        metrics=metrics,
-        desc=f"finetune-{cfg.task}",
-    )
-    summary: dict[str, Any] = {
-        "step": result.step,
-        "completed": result.completed,
-        "final": None,
-        "validation": result.last_eval,
-        "test": None,
-        "main_process": accelerator.is_main_process,
-    }
-    if not result.completed:
-        return summary
-    summary["final"] = _save_final(accelerator, result.model, tokenizer, out)
-    if qa or data.test_has_labels:
-        model = _without_ddp(result.model)
-        model.eval()
-        with torch.no_grad():
-            test = {"step": result.step, **score(model, "test")}
-        metrics.log(test)
-        summary["test"] = test
-        if accelerator.is_main_process:
-            from .checkpoint import write_json_atomic
+    with metrics:  # (its TensorBoard writer closed however the run ends: an error, a stop)
+        result = _train_loop(
+            accelerator=accelerator,
+            model=model,
+            opts=cfg,
+            total_steps=total,
+            micro_batch=micro_batch,
+            evaluate=evaluate,
+            eval_due=lambda s: s % steps_per_epoch == 0 or s == total,
+            resume_from=resume_from,
+            run_state=run_state,
+            metrics=metrics,
+            desc=f"finetune-{cfg.task}",
+        )
+        summary: dict[str, Any] = {
+            "step": result.step,
+            "completed": result.completed,
+            "final": None,
+            "validation": result.last_eval,
+            "test": None,
+            "main_process": accelerator.is_main_process,
+        }
+        if not result.completed:
+            return summary
+        summary["final"] = _save_final(accelerator, result.model, tokenizer, out)
+        if qa or data.test_has_labels:
+            model = _without_ddp(result.model)
+            model.eval()
+            with torch.no_grad():
+                test = {"step": result.step, **score(model, "test")}
+            metrics.log(test)
+            summary["test"] = test
+            if accelerator.is_main_process:
+                from .checkpoint import write_json_atomic
 
-            write_json_atomic(out / "test_metrics.json", test)
-            shown = {k: round(v, 4) for k, v in test.items() if isinstance(v, float)}
-            print(f"[gmlp] test: {shown}", file=sys.stderr)
+                write_json_atomic(out / "test_metrics.json", test)
+                shown = {k: round(v, 4) for k, v in test.items() if isinstance(v, float)}
+                print(f"[gmlp] test: {shown}", file=sys.stderr)
     return summary
 
 

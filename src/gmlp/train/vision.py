@@ -689,16 +689,9 @@ def _oom_message(err: BaseException, step: int, micro: int, config: VisionTrainC
 
 
 def _tensorboard(config: VisionTrainConfig, out: Path, purge_step: int | None) -> Any:
-    if config.tensorboard is False:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        if config.tensorboard:
-            msg = "--tensorboard needs the tensorboard package (pip install tensorboard)"
-            raise ImportError(msg) from None
-        return None
-    return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
+    from .tensorboard import open_writer
+
+    return open_writer(out / "tensorboard", config.tensorboard, purge_step)
 
 
 @restoring_process_state()  # the run seeds the global generators and may set the thread count
@@ -1034,7 +1027,8 @@ def _train(  # noqa: C901
         test_loader = eval_loader(data.test_source, eval_tf, chans, config.eval_batch_size, config.workers,
                                   config.strict_images, env, pin)
 
-    writer = _tensorboard(config, out, step if resume else None) if main else None
+    # (a resume's first new point is at step + 1: purged at `step`, the checkpoint's own points were hidden)
+    writer = _tensorboard(config, out, step + 1 if resume else None) if main else None
     if writer is not None:  # (closed however the run ends: a failed run left its writer thread and file open)
         handlers.callback(writer.close)
 
